@@ -1,0 +1,279 @@
+//! The VILA / LongVILA vision-language model (Chen et al., LongVILA, ICLR 2025):
+//! SigLIP frames -> projector -> visual tokens spliced into the Qwen2 input embeddings
+//! at placeholder ids -> causal LM.
+//!
+//! Placeholders are expanded before the model sees the ids (one placeholder id per
+//! visual token, an optional separator after each frame; see
+//! [`expand_visual_placeholders`]), so the sequence length is known before any frame is
+//! encoded: the sequence-parallel layer can shard ids, labels and positions up front.
+
+pub mod config;
+pub mod projector;
+pub mod text;
+pub mod vision;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+pub use config::{
+    ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
+};
+pub use projector::Projector;
+pub use text::{Qwen2, TextOutput, default_position_ids};
+pub use vision::SiglipVision;
+
+use crate::error::ModelError;
+
+/// Label value that is never trained on (as PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The whole model; sub-module names match VILA's checkpoint folders.
+#[derive(Module, Debug)]
+pub struct Vlm {
+    pub vision_tower: SiglipVision,
+    pub mm_projector: Projector,
+    pub llm: Qwen2,
+    #[module(skip)]
+    pub vision_feature: VisionFeature,
+    #[module(skip)]
+    pub placeholder_token_id: u32,
+}
+
+/// Visual input of a batch: frames of every sample, in the order their placeholders
+/// appear in the flattened `[batch, seq]` ids.
+#[derive(Debug, Clone)]
+pub enum VisualInput {
+    /// No images or videos in this batch.
+    None,
+    /// Pixels, `[frames, channels, height, width]`, normalised for the encoder.
+    Pixels(Tensor<4>),
+    /// Already-projected visual tokens `[frames, tokens_per_frame, text_hidden]`
+    /// (cached embeddings reused across rollouts, or encoded on other ranks).
+    Embeddings(Tensor<3>),
+}
+
+/// One forward pass's inputs.
+#[derive(Debug, Clone)]
+pub struct VlmInput {
+    /// `[batch, seq]` token ids with placeholders already expanded.
+    pub input_ids: Tensor<2, Int>,
+    /// `[batch, seq]` RoPE positions.
+    pub position_ids: Tensor<2, Int>,
+    pub visual: VisualInput,
+}
+
+impl VlmConfig {
+    pub fn init(&self, device: &Device) -> Vlm {
+        Vlm {
+            vision_tower: self.vision.init(device),
+            mm_projector: self.projector.init(device),
+            llm: self.text.init(device),
+            vision_feature: self.vision_feature,
+            placeholder_token_id: self.placeholder_token_id,
+        }
+    }
+}
+
+impl Vlm {
+    /// Encodes and projects frames.
+    ///
+    /// # Shapes
+    /// - pixels: `[frames, channels, height, width]`
+    /// - output: `[frames, tokens_per_frame, text_hidden]`
+    pub fn encode_frames(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let [_, _, height, width] = pixels.dims();
+        let grid = vision::patch_grid(height, width, self.vision_tower.embeddings.patch_size);
+        let features = self.vision_tower.forward(pixels, self.vision_feature);
+        self.mm_projector.forward(features, grid)
+    }
+
+    /// Text embeddings with visual tokens written over the placeholder positions.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, text_hidden]`
+    pub fn embed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        visual: VisualInput,
+    ) -> Result<Tensor<3>, ModelError> {
+        let text = self.llm.embed(input_ids.clone());
+        let visual_tokens = match visual {
+            VisualInput::None => None,
+            VisualInput::Pixels(pixels) => Some(self.encode_frames(pixels)),
+            VisualInput::Embeddings(tokens) => Some(tokens),
+        };
+        splice_visual_tokens(text, &input_ids, visual_tokens, self.placeholder_token_id)
+    }
+
+    /// Logits for a batch.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input: VlmInput) -> Result<Tensor<3>, ModelError> {
+        let embeds = self.embed(input.input_ids, input.visual)?;
+        Ok(self
+            .llm
+            .forward_embeds(embeds, input.position_ids, false)
+            .logits)
+    }
+
+    /// Mean next-token loss of a batch. Labels at placeholder positions are ignored
+    /// whatever the caller wrote there.
+    ///
+    /// # Shapes
+    /// - labels: `[batch, seq]`, aligned with the input ids (shifted inside)
+    pub fn loss(&self, input: VlmInput, labels: Tensor<2, Int>) -> Result<Tensor<1>, ModelError> {
+        let placeholder = input
+            .input_ids
+            .clone()
+            .equal_elem(self.placeholder_token_id as i64);
+        let labels = labels.mask_fill(placeholder, IGNORE_INDEX);
+        let logits = self.forward(input)?;
+        Ok(causal_lm_loss(logits, labels))
+    }
+}
+
+/// Replaces the rows of `text` at placeholder ids by the visual tokens, in order.
+///
+/// Errors when the number of placeholders differs from the number of visual tokens.
+///
+/// # Shapes
+/// - text: `[batch, seq, hidden]`
+/// - visual: `[frames, tokens_per_frame, hidden]`
+pub fn splice_visual_tokens(
+    text: Tensor<3>,
+    input_ids: &Tensor<2, Int>,
+    visual: Option<Tensor<3>>,
+    placeholder: u32,
+) -> Result<Tensor<3>, ModelError> {
+    let [batch, seq, hidden] = text.dims();
+    let ids = input_ids
+        .clone()
+        .try_into_vec_as::<i64>()
+        .map_err(|e| ModelError::Input(format!("cannot read input ids: {e:?}")))?;
+    let slots = ids.iter().filter(|&&t| t == placeholder as i64).count();
+    let visual_rows = visual.as_ref().map_or(0, |v| {
+        let [f, t, _] = v.dims();
+        f * t
+    });
+    if slots != visual_rows {
+        return Err(ModelError::Input(format!(
+            "the input ids hold {slots} visual placeholders (id {placeholder}) but the visual input \
+             has {visual_rows} tokens; expand each <image>/<video> to tokens_per_frame placeholders \
+             per frame"
+        )));
+    }
+    let Some(visual) = visual else {
+        return Ok(text);
+    };
+    let [_, _, vh] = visual.dims();
+    if vh != hidden {
+        return Err(ModelError::Input(format!(
+            "visual tokens are {vh} wide but the text embeddings are {hidden} wide"
+        )));
+    }
+    // Row r of the output reads row r of the text, or row (batch*seq + k) of the
+    // concatenation when r is the k-th placeholder. `select` is differentiable, so the
+    // gradient reaches both the embedding table and the vision tower.
+    let mut next = batch * seq;
+    let index: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| {
+            if t == placeholder as i64 {
+                next += 1;
+                (next - 1) as i64
+            } else {
+                r as i64
+            }
+        })
+        .collect();
+    let device = text.device();
+    let table = Tensor::cat(
+        vec![
+            text.reshape([batch * seq, hidden]),
+            visual.reshape([visual_rows, hidden]),
+        ],
+        0,
+    );
+    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [batch * seq]), &device);
+    Ok(table.select(0, index).reshape([batch, seq, hidden]))
+}
+
+/// Mean cross entropy of next-token prediction over supervised targets.
+///
+/// `logits[:, t]` predicts `labels[:, t + 1]`; targets equal to [`IGNORE_INDEX`] do not
+/// count. Returns 0 when nothing is supervised. Use [`causal_lm_loss_sum`] when the
+/// normalising count must be global (sequence/data parallel).
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; labels: `[batch, seq]`; output: `[1]`
+pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let (sum, count) = causal_lm_loss_sum(logits, labels);
+    sum.div_scalar(count.max(1) as f64)
+}
+
+/// Summed next-token cross entropy and the number of supervised targets.
+pub fn causal_lm_loss_sum(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
+    let [b, s, v] = logits.dims();
+    if s < 2 {
+        return (Tensor::zeros([1], &logits.device()), 0);
+    }
+    let logits = logits.slice([0..b, 0..s - 1, 0..v]);
+    let targets = labels.slice([0..b, 1..s]);
+    token_cross_entropy_sum(logits, targets)
+}
+
+/// Summed cross entropy of already-aligned logits/targets and the supervised count.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; targets: `[batch, seq]`
+pub fn token_cross_entropy_sum(logits: Tensor<3>, targets: Tensor<2, Int>) -> (Tensor<1>, usize) {
+    let [b, s, _] = logits.dims();
+    let ignored = targets.clone().equal_elem(IGNORE_INDEX);
+    let count = b * s - ignored.clone().int().sum().into_scalar::<i64>() as usize;
+    let safe_targets = targets.mask_fill(ignored.clone(), 0);
+    let log_probs = burn::tensor::activation::log_softmax(logits, 2);
+    let picked = log_probs
+        .gather(2, safe_targets.unsqueeze_dim::<3>(2))
+        .reshape([b, s]);
+    let picked = picked.mask_fill(ignored, 0.0);
+    (picked.sum().neg(), count)
+}
+
+/// Expands each `media_token` of `ids` into `frames x (tokens_per_frame placeholders
+/// [+ separator])`, VILA's layout of a video in the token stream.
+///
+/// `frames[i]` is the number of frames of the i-th media token. Errors when the counts
+/// of media tokens and entries of `frames` differ.
+pub fn expand_visual_placeholders(
+    ids: &[u32],
+    media_token: u32,
+    frames: &[usize],
+    tokens_per_frame: usize,
+    placeholder: u32,
+    separator: Option<u32>,
+) -> Result<Vec<u32>, ModelError> {
+    let media = ids.iter().filter(|&&t| t == media_token).count();
+    if media != frames.len() {
+        return Err(ModelError::Input(format!(
+            "{media} media tokens (id {media_token}) in the prompt but frame counts for {}",
+            frames.len()
+        )));
+    }
+    let mut out =
+        Vec::with_capacity(ids.len() + frames.iter().sum::<usize>() * (tokens_per_frame + 1));
+    let mut next_media = frames.iter();
+    for &t in ids {
+        if t != media_token {
+            out.push(t);
+            continue;
+        }
+        let n = *next_media.next().expect("counted above");
+        for _ in 0..n {
+            out.extend(std::iter::repeat_n(placeholder, tokens_per_frame));
+            out.extend(separator);
+        }
+    }
+    Ok(out)
+}

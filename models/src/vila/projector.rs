@@ -1,0 +1,100 @@
+//! Vision-to-language projectors of VILA (`llava/model/multimodal_projector`).
+//!
+//! `mlp_downsample` (LongVILA's choice) concatenates each 2x2 block of patch features
+//! (space-to-depth, zero-padding an odd grid: 27x27 -> 28x28 -> 196 tokens for SigLIP
+//! so400m-384), then applies LayerNorm, Linear, GELU, Linear. The token order follows
+//! VILA's `DownSampleBlock.flat_square` exactly (column-block major), because trained
+//! checkpoints depend on it. `mlp2x_gelu` is Linear, GELU, Linear on every patch.
+//!
+//! GELU here is the exact (erf) form, as `torch.nn.GELU()` in VILA.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Tensor};
+
+use super::config::{ProjectorConfig, ProjectorKind};
+
+/// Projector module; `norm` exists for `mlp_downsample` only.
+#[derive(Module, Debug)]
+pub struct Projector {
+    pub norm: Option<LayerNorm>,
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+    #[module(skip)]
+    pub kind: ProjectorKind,
+}
+
+impl ProjectorConfig {
+    pub fn init(&self, device: &Device) -> Projector {
+        let (norm, input) = match self.kind {
+            ProjectorKind::MlpDownsample => {
+                let d = self.vision_hidden * 4;
+                let norm = LayerNormConfig::new(d)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device);
+                (Some(norm), d)
+            }
+            ProjectorKind::Mlp2xGelu => (None, self.vision_hidden),
+        };
+        Projector {
+            norm,
+            linear_1: LinearConfig::new(input, self.text_hidden).init(device),
+            linear_2: LinearConfig::new(self.text_hidden, self.text_hidden).init(device),
+            kind: self.kind,
+        }
+    }
+}
+
+impl Projector {
+    /// Projects the patch features of each frame to LLM embeddings.
+    ///
+    /// # Shapes
+    /// - features: `[frames, grid_h * grid_w, vision_hidden]` (row-major patches)
+    /// - output: `[frames, tokens_per_frame, text_hidden]`
+    pub fn forward(&self, features: Tensor<3>, grid: (usize, usize)) -> Tensor<3> {
+        let x = match self.kind {
+            ProjectorKind::MlpDownsample => {
+                let x = space_to_depth_2x2(features, grid);
+                self.norm
+                    .as_ref()
+                    .expect("mlp_downsample projector has a LayerNorm")
+                    .forward(x)
+            }
+            ProjectorKind::Mlp2xGelu => features,
+        };
+        self.linear_2.forward(gelu(self.linear_1.forward(x)))
+    }
+}
+
+/// VILA's `flat_square`: pads odd sides with zeros, then merges 2x2 patch blocks.
+///
+/// Output token `(j, i)` (index `j * rows/2 + i`, i.e. column blocks outermost) holds
+/// the channels of patches `[(2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)]` (row, col).
+///
+/// # Shapes
+/// - features: `[frames, rows * cols, c]`
+/// - output: `[frames, ceil(rows/2) * ceil(cols/2), 4c]`
+pub fn space_to_depth_2x2(features: Tensor<3>, (rows, cols): (usize, usize)) -> Tensor<3> {
+    let [frames, tokens, c] = features.dims();
+    assert_eq!(
+        tokens,
+        rows * cols,
+        "projector: {tokens} patch tokens do not form a {rows}x{cols} grid"
+    );
+    let mut x = features.reshape([frames, rows, cols, c]);
+    let (mut a, mut b) = (rows, cols);
+    if a % 2 == 1 {
+        let pad = Tensor::zeros([frames, 1, b, c], &x.device());
+        x = Tensor::cat(vec![x, pad], 1);
+        a += 1;
+    }
+    if b % 2 == 1 {
+        let pad = Tensor::zeros([frames, a, 1, c], &x.device());
+        x = Tensor::cat(vec![x, pad], 2);
+        b += 1;
+    }
+    x.reshape([frames, a, b / 2, 2 * c])
+        .swap_dims(1, 2)
+        .reshape([frames, (b / 2) * (a / 2), 4 * c])
+}

@@ -1,0 +1,281 @@
+//! Qwen2 decoder-only LLM, as `Qwen2ForCausalLM` in Hugging Face transformers:
+//! RMSNorm, rotate-half RoPE over per-token position ids, grouped-query attention with
+//! biased q/k/v projections, SwiGLU MLP, tied or untied LM head.
+//!
+//! Field names mirror the Hugging Face parameter names so checkpoints map one to one.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor};
+
+use super::config::TextConfig;
+use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
+
+/// Rotary position embedding tables for a batch of position ids.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[batch, 1, seq, head_dim]`
+    pub cos: Tensor<4>,
+    /// `[batch, 1, seq, head_dim]`
+    pub sin: Tensor<4>,
+}
+
+impl Rope {
+    /// `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq`, duplicated over both halves.
+    ///
+    /// # Shapes
+    /// - position_ids: `[batch, seq]`
+    pub fn new(position_ids: Tensor<2, Int>, head_dim: usize, theta: f64) -> Self {
+        let device = position_ids.device();
+        let [batch, seq] = position_ids.dims();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::<1>::from_floats(inv_freq.as_slice(), &device).reshape([1, 1, half]);
+        let positions = position_ids.float().reshape([batch, seq, 1]);
+        let angles = positions * inv_freq; // [B, S, half]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(1);
+        Rope {
+            cos: angles.clone().cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// # Shapes
+    /// - x, output: `[batch, heads, seq, head_dim]`
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        x.clone() * self.cos.clone() + rotate_half(x) * self.sin.clone()
+    }
+}
+
+/// `[x1, x2] -> [-x2, x1]` over the last dimension.
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+#[derive(Module, Debug)]
+pub struct Qwen2Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub attention: AttentionImpl,
+}
+
+impl Qwen2Attention {
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        let [b, s, hidden] = x.dims();
+        let d = hidden / self.num_heads;
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let out = attend(
+            self.attention,
+            AttentionInput {
+                q,
+                k,
+                v,
+                mask: AttentionMask::Causal,
+                scale: (d as f64).powf(-0.5),
+            },
+        );
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, self.num_heads * d]))
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Qwen2Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Qwen2Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Qwen2DecoderLayer {
+    pub self_attn: Qwen2Attention,
+    pub mlp: Qwen2Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl Qwen2DecoderLayer {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+/// The decoder stack (`Qwen2Model`).
+#[derive(Module, Debug)]
+pub struct Qwen2Model {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<Qwen2DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// `Qwen2ForCausalLM`: the stack plus the LM head (`None` when tied to the embeddings).
+#[derive(Module, Debug)]
+pub struct Qwen2 {
+    pub model: Qwen2Model,
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub rope_theta: f64,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+/// What [`Qwen2::forward_embeds`] returns.
+#[derive(Debug, Clone)]
+pub struct TextOutput {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<3>,
+    /// With `keep_hidden`: the input of every layer, then the final normed states
+    /// (the layout of transformers' `output_hidden_states`), each `[batch, seq, hidden]`.
+    pub hidden_states: Vec<Tensor<3>>,
+}
+
+impl TextConfig {
+    /// # Panics
+    /// On an impossible head split; validate user configs with [`TextConfig::validate`] first.
+    pub fn init(&self, device: &Device) -> Qwen2 {
+        if let Err(e) = self.validate() {
+            panic!("invalid text config: {e}");
+        }
+        let h = self.hidden_size;
+        let d = self.head_dim();
+        let kv = self.num_kv_heads * d;
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let norm = || {
+            RmsNormConfig::new(h)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device)
+        };
+        let layers = (0..self.num_layers)
+            .map(|_| Qwen2DecoderLayer {
+                self_attn: Qwen2Attention {
+                    q_proj: linear(h, self.num_heads * d, true),
+                    k_proj: linear(h, kv, true),
+                    v_proj: linear(h, kv, true),
+                    o_proj: linear(self.num_heads * d, h, false),
+                    num_heads: self.num_heads,
+                    num_kv_heads: self.num_kv_heads,
+                    attention: self.attention,
+                },
+                mlp: Qwen2Mlp {
+                    gate_proj: linear(h, self.intermediate_size, false),
+                    up_proj: linear(h, self.intermediate_size, false),
+                    down_proj: linear(self.intermediate_size, h, false),
+                },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+            })
+            .collect();
+        Qwen2 {
+            model: Qwen2Model {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, h).init(device),
+                layers,
+                norm: norm(),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| linear(h, self.vocab_size, false)),
+            rope_theta: self.rope_theta,
+            head_dim: d,
+        }
+    }
+}
+
+impl Qwen2 {
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn embed(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.model.embed_tokens.forward(input_ids)
+    }
+
+    /// Runs the decoder on input embeddings.
+    ///
+    /// # Shapes
+    /// - embeds: `[batch, seq, hidden]`
+    /// - position_ids: `[batch, seq]` (any per-token positions: packed or shifted sequences)
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<3>,
+        position_ids: Tensor<2, Int>,
+        keep_hidden: bool,
+    ) -> TextOutput {
+        let rope = Rope::new(position_ids, self.head_dim, self.rope_theta);
+        let mut hidden_states = Vec::new();
+        let mut x = embeds;
+        for layer in &self.model.layers {
+            if keep_hidden {
+                hidden_states.push(x.clone());
+            }
+            x = layer.forward(x, &rope);
+        }
+        let x = self.model.norm.forward(x);
+        if keep_hidden {
+            hidden_states.push(x.clone());
+        }
+        TextOutput {
+            logits: self.lm_head(x),
+            hidden_states,
+        }
+    }
+
+    /// Token ids to logits.
+    ///
+    /// # Shapes
+    /// - input_ids, position_ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, position_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_embeds(self.embed(input_ids), position_ids, false)
+            .logits
+    }
+
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let table = self.model.embed_tokens.weight.val(); // [vocab, hidden]
+                hidden.matmul(table.transpose().unsqueeze_dim(0))
+            }
+        }
+    }
+}
+
+/// Position ids `0..seq` for every row.
+///
+/// # Shapes
+/// - output: `[batch, seq]`
+pub fn default_position_ids(batch: usize, seq: usize, device: &Device) -> Tensor<2, Int> {
+    Tensor::<1, Int>::arange(0..seq as i64, device)
+        .unsqueeze_dim::<2>(0)
+        .repeat_dim(0, batch)
+}

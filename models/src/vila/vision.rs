@@ -1,0 +1,237 @@
+//! SigLIP vision transformer (Zhai et al. 2023), as `SiglipVisionModel` in Hugging Face
+//! transformers: non-overlapping patch embedding, learned position embeddings (bicubic
+//! interpolation to other grids), pre-norm encoder layers with a GELU(tanh) MLP and a
+//! post-layernorm. VILA feeds the projector with the output of layer -2 instead of the
+//! post-normed last layer; [`VisionFeature`] selects which.
+//!
+//! Field names mirror the Hugging Face parameter names so checkpoints map one to one.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu_approximate;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor};
+
+use super::config::{VisionConfig, VisionFeature};
+use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
+
+/// Patch and position embeddings.
+#[derive(Module, Debug)]
+pub struct SiglipEmbeddings {
+    /// `[hidden, channels, patch, patch]` convolution with stride `patch`.
+    pub patch_embedding: Conv2d,
+    /// `[grid_side^2, hidden]` learned positions of the training resolution.
+    pub position_embedding: Embedding,
+    #[module(skip)]
+    pub patch_size: usize,
+    #[module(skip)]
+    pub grid_side: usize,
+}
+
+impl SiglipEmbeddings {
+    /// # Shapes
+    /// - pixels: `[frames, channels, height, width]` (height, width multiples of the patch size)
+    /// - output: `[frames, (height / patch) * (width / patch), hidden]`
+    pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let [_, _, height, width] = pixels.dims();
+        assert!(
+            height % self.patch_size == 0 && width % self.patch_size == 0,
+            "image size {height}x{width} is not a multiple of the patch size {}",
+            self.patch_size
+        );
+        let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
+        let [frames, hidden, gh, gw] = patches.dims();
+        let patches = patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2);
+        patches + self.positions(gh, gw).unsqueeze_dim(0)
+    }
+
+    /// Position embeddings for a `gh x gw` grid.
+    ///
+    /// # Shapes
+    /// - output: `[gh * gw, hidden]`
+    pub fn positions(&self, gh: usize, gw: usize) -> Tensor<2> {
+        let table = self.position_embedding.weight.val();
+        if gh == self.grid_side && gw == self.grid_side {
+            return table;
+        }
+        let [_, hidden] = table.dims();
+        let side = self.grid_side;
+        let grid = table.reshape([1, side, side, hidden]).permute([0, 3, 1, 2]);
+        let mut options = InterpolateOptions::new(InterpolateMode::Bicubic);
+        options.align_corners = false;
+        options.output_size = Some([gh, gw]);
+        interpolate(grid, options)
+            .permute([0, 2, 3, 1])
+            .reshape([gh * gw, hidden])
+    }
+}
+
+/// Multi-head self-attention of one encoder layer.
+#[derive(Module, Debug)]
+pub struct SiglipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub attention: AttentionImpl,
+}
+
+impl SiglipAttention {
+    /// # Shapes
+    /// - x, output: `[frames, tokens, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [frames, tokens, hidden] = x.dims();
+        let head_dim = hidden / self.num_heads;
+        let heads = |t: Tensor<3>| {
+            t.reshape([frames, tokens, self.num_heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let out = attend(
+            self.attention,
+            AttentionInput {
+                q: heads(self.q_proj.forward(x.clone())),
+                k: heads(self.k_proj.forward(x.clone())),
+                v: heads(self.v_proj.forward(x)),
+                mask: AttentionMask::Full,
+                scale: (head_dim as f64).powf(-0.5),
+            },
+        );
+        let out = out.swap_dims(1, 2).reshape([frames, tokens, hidden]);
+        self.out_proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl SiglipMlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu_approximate(self.fc1.forward(x)))
+    }
+}
+
+/// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Module, Debug)]
+pub struct SiglipEncoderLayer {
+    pub self_attn: SiglipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: SiglipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl SiglipEncoderLayer {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipEncoder {
+    pub layers: Vec<SiglipEncoderLayer>,
+}
+
+/// The SigLIP vision tower (`SiglipVisionModel` without the pooling head).
+#[derive(Module, Debug)]
+pub struct SiglipVision {
+    pub embeddings: SiglipEmbeddings,
+    pub encoder: SiglipEncoder,
+    pub post_layernorm: LayerNorm,
+}
+
+impl VisionConfig {
+    pub fn init(&self, device: &Device) -> SiglipVision {
+        let h = self.hidden_size;
+        let ln = || {
+            LayerNormConfig::new(h)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let layers = (0..self.num_layers)
+            .map(|_| SiglipEncoderLayer {
+                self_attn: SiglipAttention {
+                    q_proj: linear(h, h),
+                    k_proj: linear(h, h),
+                    v_proj: linear(h, h),
+                    out_proj: linear(h, h),
+                    num_heads: self.num_heads,
+                    attention: self.attention,
+                },
+                layer_norm1: ln(),
+                mlp: SiglipMlp {
+                    fc1: linear(h, self.intermediate_size),
+                    fc2: linear(self.intermediate_size, h),
+                },
+                layer_norm2: ln(),
+            })
+            .collect();
+        let side = self.grid_side();
+        SiglipVision {
+            embeddings: SiglipEmbeddings {
+                patch_embedding: Conv2dConfig::new(
+                    [self.num_channels, h],
+                    [self.patch_size, self.patch_size],
+                )
+                .with_stride([self.patch_size, self.patch_size])
+                .init(device),
+                position_embedding: EmbeddingConfig::new(side * side, h).init(device),
+                patch_size: self.patch_size,
+                grid_side: side,
+            },
+            encoder: SiglipEncoder { layers },
+            post_layernorm: ln(),
+        }
+    }
+}
+
+impl SiglipVision {
+    pub fn num_layers(&self) -> usize {
+        self.encoder.layers.len()
+    }
+
+    /// Encodes frames and returns the selected features.
+    ///
+    /// # Shapes
+    /// - pixels: `[frames, channels, height, width]`, normalised as the encoder expects
+    /// - output: `[frames, patches, hidden]`
+    pub fn forward(&self, pixels: Tensor<4>, feature: VisionFeature) -> Tensor<3> {
+        let layers = self.layers_to_run(feature);
+        let mut x = self.embeddings.forward(pixels);
+        for layer in &self.encoder.layers[..layers] {
+            x = layer.forward(x);
+        }
+        match feature {
+            VisionFeature::Last => self.post_layernorm.forward(x),
+            VisionFeature::Layer(_) => x,
+        }
+    }
+
+    /// How many encoder layers a feature needs (`Layer(-2)` skips the last one).
+    pub fn layers_to_run(&self, feature: VisionFeature) -> usize {
+        let n = self.num_layers();
+        match feature {
+            VisionFeature::Last => n,
+            VisionFeature::Layer(k) => {
+                assert!(
+                    k < 0 && (-k) as usize <= n,
+                    "vision feature layer {k} is out of range for {n} layers (use -1..=-{n})"
+                );
+                n + 1 - (-k) as usize
+            }
+        }
+    }
+}
+
+/// Returns the patch grid `(rows, cols)` of an input size.
+pub fn patch_grid(height: usize, width: usize, patch_size: usize) -> (usize, usize) {
+    (height / patch_size, width / patch_size)
+}

@@ -1,0 +1,236 @@
+//! Checkpoint I/O: sharded bf16 round trips, both transformers config layouts, VILA
+//! layout round trips, and the errors a user sees for broken checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use longview_models::ModelError;
+use longview_models::hf::{
+    HfQwen2Config, HfSiglipVisionConfig, SaveOptions, checkpoint_files, load_qwen2, load_vila,
+    save_qwen2, save_vila,
+};
+use longview_models::vila::{VisualInput, VlmInput};
+use longview_tests::{Reference, assert_close, device, fixture};
+
+/// A fresh temporary folder, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("longview-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sharded_bf16_checkpoint_matches_reference_and_round_trips() {
+    let device = device();
+    let source = fixture("qwen2_bf16_sharded");
+    assert!(
+        checkpoint_files(&source).unwrap().len() > 1,
+        "fixture must be sharded"
+    );
+    let (model, config) = load_qwen2(&source, &device).unwrap();
+    let r = Reference::open("qwen2_bf16_sharded");
+    let ids = r.int::<2>("input_ids", &device);
+    let positions = r.int::<2>("position_ids", &device);
+    let logits = model.forward(ids.clone(), positions.clone());
+    // Reference: transformers on the same bf16 weights upcast to f32.
+    assert_close(
+        "bf16 sharded logits",
+        logits.clone(),
+        r.float("logits", &device),
+        1e-5,
+    );
+
+    // save (bf16, sharded) -> load -> same outputs, bit for bit (bf16 -> f32 -> bf16 is exact).
+    let out = TempDir::new("bf16-roundtrip");
+    let options = SaveOptions {
+        dtype: DType::BF16,
+        max_shard_bytes: Some(40 * 1024),
+    };
+    save_qwen2(&model, &config, &out.0, options).unwrap();
+    let files = checkpoint_files(&out.0).unwrap();
+    assert!(files.len() > 1, "expected several shards, got {files:?}");
+    assert!(out.0.join("model.safetensors.index.json").exists());
+    let (reloaded, reloaded_config) = load_qwen2(&out.0, &device).unwrap();
+    assert_eq!(reloaded_config, config);
+    assert_close(
+        "bf16 round trip",
+        reloaded.forward(ids, positions),
+        logits,
+        0.0,
+    );
+}
+
+#[test]
+fn vila_layout_round_trips_in_f32() {
+    let device = device();
+    let (model, config) = load_vila(&fixture("vila"), &device).unwrap();
+    let r = Reference::open("vila");
+    let input = VlmInput {
+        input_ids: r.int("input_ids", &device),
+        position_ids: r.int("position_ids", &device),
+        visual: VisualInput::Pixels(r.float("pixel_values", &device)),
+    };
+    let before = model.forward(input.clone()).unwrap();
+    let out = TempDir::new("vila-roundtrip");
+    let options = SaveOptions {
+        dtype: DType::F32,
+        max_shard_bytes: None,
+    };
+    save_vila(&model, &config, &out.0, options).unwrap();
+    for part in ["llm", "vision_tower", "mm_projector"] {
+        assert!(
+            out.0.join(part).join("model.safetensors").exists(),
+            "{part}"
+        );
+        assert!(out.0.join(part).join("config.json").exists(), "{part}");
+    }
+    let (reloaded, reloaded_config) = load_vila(&out.0, &device).unwrap();
+    assert_eq!(reloaded_config, config);
+    assert_close(
+        "VILA round trip",
+        reloaded.forward(input).unwrap(),
+        before,
+        0.0,
+    );
+}
+
+#[test]
+fn transformers_4x_and_5x_configs_agree() {
+    let v5 = fixture("qwen2/config.json");
+    let v4 = fixture("config_4x/qwen2_config.json");
+    let text5 = HfQwen2Config::read(&v5).unwrap().into_config(&v5).unwrap();
+    let text4 = HfQwen2Config::read(&v4).unwrap().into_config(&v4).unwrap();
+    assert_eq!(text4, text5);
+    assert_eq!(text5.rope_theta, 10_000.0);
+
+    let s5 = fixture("siglip/config.json");
+    let s4 = fixture("config_4x/siglip_config.json");
+    let vis5 = HfSiglipVisionConfig::read(&s5)
+        .unwrap()
+        .into_config(&s5)
+        .unwrap();
+    let vis4 = HfSiglipVisionConfig::read(&s4)
+        .unwrap()
+        .into_config(&s4)
+        .unwrap();
+    assert_eq!(vis4, vis5);
+}
+
+fn error_text(result: Result<impl Sized, ModelError>) -> String {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn broken_checkpoints_give_errors_naming_file_and_key() {
+    let device = device();
+
+    // Missing folder.
+    let text = error_text(load_qwen2(Path::new("/nonexistent/ckpt"), &device));
+    assert!(text.contains("/nonexistent/ckpt"), "{text}");
+
+    // Folder without weights.
+    let dir = TempDir::new("no-weights");
+    std::fs::copy(fixture("qwen2/config.json"), dir.0.join("config.json")).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(text.contains("no model.safetensors"), "{text}");
+
+    // A missing tensor: drop q_proj of layer 1 from a copy of the checkpoint.
+    let dir = TempDir::new("missing-tensor");
+    copy_dir(&fixture("qwen2"), &dir.0);
+    rewrite_safetensors(&dir.0.join("model.safetensors"), |key, shape| {
+        (key != "model.layers.1.self_attn.q_proj.weight").then_some(shape)
+    });
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(
+        text.contains("model.layers.1.self_attn.q_proj.weight"),
+        "{text}"
+    );
+    assert!(text.contains(&dir.0.display().to_string()), "{text}");
+
+    // A shape mismatch: a config that disagrees with the weights.
+    let dir = TempDir::new("shape-mismatch");
+    copy_dir(&fixture("qwen2"), &dir.0);
+    let config_path = dir.0.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["intermediate_size"] = 128.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(text.contains("mlp"), "{text}");
+    assert!(text.contains("model.safetensors"), "{text}");
+    assert!(text.contains("96") && text.contains("128"), "{text}");
+
+    // Unknown architecture.
+    config["model_type"] = "llama".into();
+    config["intermediate_size"] = 96.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(
+        text.contains("unknown architecture") && text.contains("llama"),
+        "{text}"
+    );
+
+    // Impossible head split.
+    config["model_type"] = "qwen2".into();
+    config["num_key_value_heads"] = 3.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(text.contains("num_key_value_heads (3)"), "{text}");
+
+    // Unsupported RoPE scaling is refused, not ignored.
+    config["num_key_value_heads"] = 2.into();
+    config["rope_parameters"] =
+        serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(text.contains("rope_type `yarn`"), "{text}");
+}
+
+/// Rewrites a safetensors file keeping only the tensors `keep` returns a shape for.
+fn rewrite_safetensors(path: &Path, keep: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (key, view) in st.tensors() {
+        if let Some(shape) = keep(&key, view.shape().to_vec()) {
+            kept.push((key, view.dtype(), shape, view.data().to_vec()));
+        }
+    }
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
