@@ -85,6 +85,35 @@ fn sharded_bf16_checkpoint_matches_reference_and_round_trips() {
 }
 
 #[test]
+fn f16_checkpoint_round_trips_within_f16_precision() {
+    let device = device();
+    let (model, config) = load_qwen2(&fixture("qwen2"), &device).unwrap();
+    let r = Reference::open("qwen2");
+    let ids = r.int::<2>("input_ids", &device);
+    let positions = r.int::<2>("position_ids", &device);
+    let out = TempDir::new("f16-roundtrip");
+    let options = SaveOptions {
+        dtype: DType::F16,
+        max_shard_bytes: None,
+    };
+    save_qwen2(&model, &config, &out.0, options).unwrap();
+    let written = std::fs::read(out.0.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&written).unwrap();
+    assert_eq!(
+        st.tensor("model.norm.weight").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
+    let (reloaded, _) = load_qwen2(&out.0, &device).unwrap();
+    // f16 keeps 11 significant bits: weights move by up to 2^-11 relative.
+    assert_close(
+        "f16 round trip logits",
+        reloaded.forward(ids.clone(), positions.clone()),
+        model.forward(ids, positions),
+        5e-3,
+    );
+}
+
+#[test]
 fn vila_layout_round_trips_in_f32() {
     let device = device();
     let (model, config) = load_vila(&fixture("vila"), &device).unwrap();

@@ -9,7 +9,7 @@
 
 use burn::config::Config;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, DType, Tensor};
 
 /// Which attention implementation the model calls.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -117,5 +117,116 @@ fn reference_attention(input: AttentionInput) -> Tensor<4> {
             scores.mask_fill(blocked, f32::NEG_INFINITY)
         }
     };
-    softmax(scores, 3).matmul(v)
+    // Softmax statistics in f32 whatever the input dtype (as flash kernels do).
+    let dtype = v.dtype();
+    softmax(scores.cast(DType::F32), 3).cast(dtype).matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    /// Attention computed element by element in f64, straight from the definition.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: [usize; 6],
+        causal: bool,
+        scale: f64,
+    ) -> Vec<f32> {
+        let [b, hq, hkv, sq, sk, d] = dims;
+        let groups = hq / hkv;
+        let mut out = vec![0f32; b * hq * sq * d];
+        for bi in 0..b {
+            for h in 0..hq {
+                let kvh = h / groups;
+                for i in 0..sq {
+                    let qi = |c: usize| q[((bi * hq + h) * sq + i) * d + c] as f64;
+                    let visible: Vec<usize> = (0..sk)
+                        .filter(|&j| !causal || j as i64 <= i as i64 + sk as i64 - sq as i64)
+                        .collect();
+                    let scores: Vec<f64> = visible
+                        .iter()
+                        .map(|&j| {
+                            (0..d)
+                                .map(|c| qi(c) * k[((bi * hkv + kvh) * sk + j) * d + c] as f64)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for c in 0..d {
+                        let value: f64 = visible
+                            .iter()
+                            .zip(&weights)
+                            .map(|(&j, w)| w * v[((bi * hkv + kvh) * sk + j) * d + c] as f64)
+                            .sum();
+                        out[((bi * hq + h) * sq + i) * d + c] = (value / total) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check(dims: [usize; 6], causal: bool) {
+        let device = Device::flex();
+        let [b, hq, hkv, sq, sk, d] = dims;
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, hq, sq, d], dist, &device);
+        let k = Tensor::<4>::random([b, hkv, sk, d], dist, &device);
+        let v = Tensor::<4>::random([b, hkv, sk, d], dist, &device);
+        let data = |t: &Tensor<4>| t.clone().try_into_vec_as::<f32>().unwrap();
+        let expected = naive(&data(&q), &data(&k), &data(&v), dims, causal, 0.37);
+        let mask = if causal {
+            AttentionMask::Causal
+        } else {
+            AttentionMask::Full
+        };
+        let out = attend(
+            AttentionImpl::Reference,
+            AttentionInput {
+                q,
+                k,
+                v,
+                mask,
+                scale: 0.37,
+            },
+        );
+        let actual = out.try_into_vec_as::<f32>().unwrap();
+        let worst = actual
+            .iter()
+            .zip(&expected)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0f32, f32::max);
+        // f32 softmax/matmul against an f64 loop: round-off level.
+        assert!(
+            worst < 1e-5,
+            "{dims:?} causal={causal}: max abs error {worst}"
+        );
+    }
+
+    #[test]
+    fn reference_matches_definition_mha_gqa_mqa_and_ragged() {
+        check([2, 4, 4, 5, 5, 8], true); // MHA
+        check([1, 6, 2, 7, 7, 4], true); // GQA, groups of 3
+        check([1, 4, 1, 3, 3, 6], false); // MQA, full mask
+        check([1, 4, 2, 3, 9, 5], true); // Sq < Sk: queries aligned to the end (KV cache)
+        check([2, 2, 1, 6, 4, 3], false); // Sq > Sk, full mask
+    }
+
+    #[test]
+    fn causal_mask_blocks_exactly_the_future() {
+        let mask = causal_block_mask(2, 4, &Device::flex());
+        let values = mask.try_into_vec_as::<bool>().unwrap();
+        // query 0 sits at key position 2, query 1 at 3.
+        assert_eq!(
+            values,
+            vec![false, false, false, true, false, false, false, false]
+        );
+    }
 }

@@ -1,1 +1,92 @@
-fn main() {}
+//! `longview`: the command-line front end. `cargo xtask <command>` runs this binary
+//! with the right cargo features; it can also be run directly (`longview --help`).
+
+mod bench;
+mod demo;
+mod synthetic;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, FloatDType};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "longview",
+    version,
+    about = "Long-video vision-language models in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build a model, run forward and backward on a generated video batch, then a few
+    /// AdamW steps, and print a summary (the default job until training lands).
+    Demo(demo::DemoArgs),
+    /// Forward+backward throughput (tokens/s) of a named model size.
+    Bench(bench::BenchArgs),
+}
+
+/// Where tensors live.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// `cpu` (burn-flex, always built) or `cuda` / `cuda:N` (needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Default float dtype of the device: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seed of the parameter initialisation and the generated inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl DeviceArgs {
+    /// The device with autodiff enabled and its default float dtype configured.
+    pub fn device(&self) -> Result<Device> {
+        let mut device = match self.device.as_str() {
+            "cpu" => Device::flex(),
+            name if name == "cuda" || name.starts_with("cuda:") => cuda_device(name)?,
+            other => bail!("--device `{other}`: expected `cpu`, `cuda` or `cuda:N`"),
+        };
+        let dtype = match self.dtype.as_str() {
+            "f32" => FloatDType::F32,
+            "bf16" => FloatDType::BF16,
+            "f16" => FloatDType::F16,
+            other => bail!("--dtype `{other}`: expected f32, bf16 or f16"),
+        };
+        device
+            .configure(burn::tensor::DeviceConfig::default().float_dtype(dtype))
+            .with_context(|| format!("cannot use dtype {} on {}", self.dtype, self.device))?;
+        device.seed(self.seed);
+        Ok(device.autodiff())
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(name: &str) -> Result<Device> {
+    let index = match name.strip_prefix("cuda:") {
+        Some(i) => i
+            .parse::<usize>()
+            .with_context(|| format!("--device `{name}`: `{i}` is not a GPU index"))?,
+        None => 0,
+    };
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(name: &str) -> Result<Device> {
+    bail!(
+        "--device `{name}`: this binary was built without the `cuda` feature (use `cargo xtask bench --cuda` or `cargo xtask package`)"
+    )
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}

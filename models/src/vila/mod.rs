@@ -13,7 +13,7 @@ pub mod text;
 pub mod vision;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 pub use config::{
     ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
@@ -233,7 +233,7 @@ pub fn token_cross_entropy_sum(logits: Tensor<3>, targets: Tensor<2, Int>) -> (T
     let ignored = targets.clone().equal_elem(IGNORE_INDEX);
     let count = b * s - ignored.clone().int().sum().into_scalar::<i64>() as usize;
     let safe_targets = targets.mask_fill(ignored.clone(), 0);
-    let log_probs = burn::tensor::activation::log_softmax(logits, 2);
+    let log_probs = burn::tensor::activation::log_softmax(logits.cast(DType::F32), 2);
     let picked = log_probs
         .gather(2, safe_targets.unsqueeze_dim::<3>(2))
         .reshape([b, s]);
@@ -276,4 +276,127 @@ pub fn expand_visual_placeholders(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn placeholders_expand_per_frame_with_separators() {
+        let ids = [1, 9, 2, 9, 3];
+        let out = expand_visual_placeholders(&ids, 9, &[2, 1], 3, 7, Some(8)).unwrap();
+        assert_eq!(out, vec![1, 7, 7, 7, 8, 7, 7, 7, 8, 2, 7, 7, 7, 8, 3]);
+        let out = expand_visual_placeholders(&ids, 9, &[1, 1], 2, 7, None).unwrap();
+        assert_eq!(out, vec![1, 7, 7, 2, 7, 7, 3]);
+        let err = expand_visual_placeholders(&ids, 9, &[1], 2, 7, None).unwrap_err();
+        assert!(err.to_string().contains("2 media tokens"), "{err}");
+    }
+
+    #[test]
+    fn splice_puts_visual_rows_at_placeholders_in_order() {
+        let device = Device::flex();
+        let text = Tensor::<3>::from_data(
+            TensorData::new((0..12).map(|v| v as f32).collect::<Vec<_>>(), [2, 3, 2]),
+            &device,
+        );
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![5i64, 0, 5, 0, 1, 5], [2, 3]),
+            &device,
+        );
+        let visual = Tensor::<3>::from_data(
+            TensorData::new(vec![-1f32, -2., -3., -4., -5., -6.], [3, 1, 2]),
+            &device,
+        );
+        let out = splice_visual_tokens(text, &ids, Some(visual), 5).unwrap();
+        let out = out.try_into_vec_as::<f32>().unwrap();
+        assert_eq!(
+            out,
+            vec![-1., -2., 2., 3., -3., -4., 6., 7., 8., 9., -5., -6.]
+        );
+    }
+
+    #[test]
+    fn splice_rejects_a_placeholder_count_mismatch() {
+        let device = Device::flex();
+        let text = Tensor::<3>::zeros([1, 3, 2], &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![5i64, 5, 0], [1, 3]), &device);
+        let visual = Tensor::<3>::zeros([1, 3, 2], &device);
+        let err = splice_visual_tokens(text, &ids, Some(visual), 5).unwrap_err();
+        assert!(
+            err.to_string().contains("2 visual placeholders")
+                && err.to_string().contains("3 tokens"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn loss_is_mean_over_supervised_next_tokens() {
+        let device = Device::flex();
+        let logits = Tensor::<3>::random([2, 4, 5], Distribution::Normal(0.0, 2.0), &device);
+        let labels = vec![IGNORE_INDEX, 3, IGNORE_INDEX, 1, 2, 0, 4, IGNORE_INDEX];
+        let loss: f32 = causal_lm_loss(
+            logits.clone(),
+            Tensor::<2, Int>::from_data(TensorData::new(labels.clone(), [2, 4]), &device),
+        )
+        .into_scalar();
+        let l = logits.try_into_vec_as::<f32>().unwrap();
+        let (mut total, mut count) = (0f64, 0);
+        for b in 0..2 {
+            for t in 0..3 {
+                let target = labels[b * 4 + t + 1];
+                if target == IGNORE_INDEX {
+                    continue;
+                }
+                let row = &l[(b * 4 + t) * 5..(b * 4 + t + 1) * 5];
+                let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+                total += lse - row[target as usize] as f64;
+                count += 1;
+            }
+        }
+        let expected = total / count as f64;
+        assert!(
+            (loss as f64 - expected).abs() < 1e-5 * expected.abs().max(1.0),
+            "{loss} vs {expected}"
+        );
+        let none = Tensor::<2, Int>::full([2, 4], IGNORE_INDEX, &device);
+        let zero: f32 = causal_lm_loss(
+            Tensor::random([2, 4, 5], Distribution::Default, &device),
+            none,
+        )
+        .into_scalar();
+        assert_eq!(zero, 0.0, "no supervised token gives a zero loss, not NaN");
+    }
+
+    #[test]
+    fn named_sizes_have_the_published_shapes() {
+        let c = VlmConfig::longvila_7b();
+        assert_eq!(
+            (
+                c.vision.hidden_size,
+                c.vision.num_layers,
+                c.vision.head_dim()
+            ),
+            (1152, 27, 72)
+        );
+        assert_eq!(c.vision.grid_side(), 27);
+        assert_eq!(
+            c.tokens_per_frame(),
+            196,
+            "27x27 padded to 28x28, 2x2 merged"
+        );
+        assert_eq!(
+            (c.text.hidden_size, c.text.num_heads, c.text.num_kv_heads),
+            (3584, 28, 4)
+        );
+        c.text.validate().unwrap();
+        let c = VlmConfig::longvila_1_5b();
+        assert_eq!(
+            (c.text.hidden_size, c.text.num_heads, c.text.num_kv_heads),
+            (1536, 12, 2)
+        );
+        assert!(c.text.tie_word_embeddings);
+        assert_eq!(VlmConfig::debug().tokens_per_frame(), 9);
+    }
 }

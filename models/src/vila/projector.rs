@@ -98,3 +98,52 @@ pub fn space_to_depth_2x2(features: Tensor<3>, (rows, cols): (usize, usize)) -> 
         .swap_dims(1, 2)
         .reshape([frames, (b / 2) * (a / 2), 4 * c])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    /// The space-to-depth of an odd 3x5 grid against the index formula of the docs.
+    #[test]
+    fn space_to_depth_follows_vila_order_and_pads_odd_grids() {
+        let device = Device::flex();
+        let (rows, cols, c) = (3usize, 5usize, 2usize);
+        let values: Vec<f32> = (0..rows * cols * c).map(|i| i as f32 + 1.0).collect();
+        let x = Tensor::<3>::from_data(
+            TensorData::new(values.clone(), [1, rows * cols, c]),
+            &device,
+        );
+        let out = space_to_depth_2x2(x, (rows, cols));
+        assert_eq!(out.dims(), [1, 2 * 3, 4 * c]);
+        let out = out.try_into_vec_as::<f32>().unwrap();
+        let patch = |r: usize, col: usize, ch: usize| {
+            if r < rows && col < cols {
+                values[(r * cols + col) * c + ch]
+            } else {
+                0.0
+            }
+        };
+        let (a2, b2) = (2, 3); // padded 4x6 -> 2 row blocks, 3 column blocks
+        for j in 0..b2 {
+            for i in 0..a2 {
+                let token = j * a2 + i;
+                let sources = [
+                    (2 * i, 2 * j),
+                    (2 * i, 2 * j + 1),
+                    (2 * i + 1, 2 * j),
+                    (2 * i + 1, 2 * j + 1),
+                ];
+                for (s, (r, col)) in sources.iter().enumerate() {
+                    for ch in 0..c {
+                        assert_eq!(
+                            out[token * 4 * c + s * c + ch],
+                            patch(*r, *col, ch),
+                            "token {token} slot {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
 use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
@@ -33,8 +33,14 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
-        let inv_freq = Tensor::<1>::from_floats(inv_freq.as_slice(), &device).reshape([1, 1, half]);
-        let positions = position_ids.float().reshape([batch, seq, 1]);
+        // Angles in f32 whatever the model dtype: bf16 cannot even represent positions > 256.
+        let inv_freq =
+            Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32))
+                .reshape([1, 1, half]);
+        let positions = position_ids
+            .float()
+            .cast(DType::F32)
+            .reshape([batch, seq, 1]);
         let angles = positions * inv_freq; // [B, S, half]
         let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(1);
         Rope {
@@ -46,7 +52,8 @@ impl Rope {
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        x.clone() * self.cos.clone() + rotate_half(x) * self.sin.clone()
+        let dtype = x.dtype();
+        x.clone() * self.cos.clone().cast(dtype) + rotate_half(x) * self.sin.clone().cast(dtype)
     }
 }
 

@@ -1,0 +1,146 @@
+//! Forward+backward throughput of a named model size on generated inputs.
+//!
+//! Reports LLM tokens/s and an estimated model FLOP rate: linear layers count
+//! 6 x params x tokens (forward 2, backward 4), attention 4 x seq^2 x width per layer
+//! forward (halved for causal LLM attention) and twice that backward. The timer stops
+//! after `Device::sync`, and warm-up iterations (JIT compilation, autotuning) are not
+//! timed.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::module::Module;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::demo::named_config;
+use crate::{DeviceArgs, synthetic};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Model size: debug, 1.5b or 7b.
+    #[arg(long, default_value = "debug")]
+    pub size: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Frames per sample (each frame adds tokens_per_frame + 1 LLM tokens).
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// Text tokens per sample besides the visual ones (half of them supervised).
+    #[arg(long, default_value_t = 64)]
+    pub text_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Also write the result as one JSON line to this file (appended).
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let config = named_config(&args.size)?;
+    let device = args.device.device()?;
+    let model = config.init(&device);
+    let answer = args.text_tokens / 2;
+    let batch = synthetic::batch(
+        &config,
+        args.batch,
+        args.frames,
+        args.text_tokens - answer,
+        answer,
+        args.device.seed,
+        &device,
+    )?;
+    let tokens = args.batch * batch.seq_len;
+    let patches = batch.frames * config.vision.grid_side().pow(2);
+
+    let step = || -> Result<()> {
+        let loss = model.loss(batch.input.clone(), batch.labels.clone())?;
+        let _grads = loss.backward();
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+        Ok(())
+    };
+    let bar = ProgressBar::new((args.warmup + args.iters) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len}").expect("valid template"),
+    );
+    bar.set_message("warm-up");
+    for _ in 0..args.warmup {
+        step()?;
+        bar.inc(1);
+    }
+    bar.set_message("timed");
+    let start = Instant::now();
+    for _ in 0..args.iters {
+        step()?;
+        bar.inc(1);
+    }
+    let seconds = start.elapsed().as_secs_f64() / args.iters.max(1) as f64;
+    bar.finish_and_clear();
+
+    let t = &config.text;
+    let v = &config.vision;
+    let embed = t.vocab_size * t.hidden_size;
+    let llm_matmul_params = model.llm.num_params() - if t.tie_word_embeddings { 0 } else { embed };
+    let vision_params = model.vision_tower.num_params() + model.mm_projector.num_params();
+    let llm_attn = 4.0
+        * (batch.seq_len as f64).powi(2)
+        * t.hidden_size as f64
+        * t.num_layers as f64
+        * 0.5
+        * args.batch as f64;
+    let vis_attn = 4.0
+        * (v.grid_side().pow(2) as f64).powi(2)
+        * v.hidden_size as f64
+        * v.num_layers as f64
+        * batch.frames as f64;
+    let flops = 6.0
+        * (llm_matmul_params as f64 * tokens as f64 + vision_params as f64 * patches as f64)
+        + 3.0 * (llm_attn + vis_attn);
+    let memory = device.memory_pool_usage().map(|m| m.bytes_reserved);
+
+    let result = json!({
+        "size": args.size, "device": args.device.device, "dtype": args.device.dtype,
+        "batch": args.batch, "frames": batch.frames, "seq_len": batch.seq_len,
+        "llm_tokens": tokens, "seconds_per_step": seconds,
+        "tokens_per_second": tokens as f64 / seconds,
+        "tflops": flops / seconds / 1e12,
+        "reserved_bytes": memory,
+    });
+    println!("{TABLE_HEADER}");
+    println!(
+        "| {} | {} | {} | {}x{} | {} | {:.3} | {:.0} | {:.2} | {} |",
+        args.size,
+        args.device.device,
+        args.device.dtype,
+        args.batch,
+        batch.seq_len,
+        batch.frames,
+        seconds,
+        tokens as f64 / seconds,
+        flops / seconds / 1e12,
+        memory.map_or("n/a".to_string(), |b| format!(
+            "{:.1} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )),
+    );
+    if let Some(path) = args.json {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        writeln!(file, "{result}")?;
+    }
+    Ok(())
+}
+
+/// Header of the table rows printed by `bench`.
+pub const TABLE_HEADER: &str = "| size | device | dtype | batch x seq | frames | s/step | tokens/s | est. TFLOP/s | reserved |\n|---|---|---|---|---|---|---|---|---|";
