@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks to build longview.
 #
-#   bash xtask/setup.sh          # CPU build: checks the toolchain (nothing to install)
+#   bash xtask/setup.sh          # FFmpeg 5.1 development packages (the data crate links
+#                                # the system FFmpeg through ffmpeg-next; bindgen needs clang)
 #   bash xtask/setup.sh --cuda   # + the LLVM 23.1 bundle that cubecl-cuda's build wants
 #
 # cubecl-llvm's build script (tracel-llvm-bundler) looks for an LLVM bundle in
@@ -22,19 +23,29 @@ done
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
 command -v cc >/dev/null || { echo "setup.sh: no C compiler; run: apt-get install -y build-essential" >&2; exit 1; }
 
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "setup.sh: please install: $*" >&2; exit 1
+  fi
+}
+
+ffmpeg_packages="libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev pkg-config clang libclang-dev"
+if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null || ! [ -e /usr/lib/llvm-14/lib/libclang.so ] && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+  echo "setup.sh: installing FFmpeg development packages and clang (apt)"
+  apt_install $ffmpeg_packages
+fi
+
 if [ "$want_cuda" = 1 ]; then
   bundle="${XDG_DATA_HOME:-$HOME/.local/share}/tracel/tracel-llvm-23.1.0-4"
   if [ -f "$bundle/.tracel-llvm-installed" ] && [ -x "$bundle/bin/llvm-config" ]; then
     echo "setup.sh: LLVM bundle already in $bundle"
   else
     command -v python3 >/dev/null || { echo "setup.sh: python3 is needed for the LLVM bundle" >&2; exit 1; }
-    if ! command -v unzip >/dev/null; then
-      if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq unzip >/dev/null
-      else
-        echo "setup.sh: unzip is missing: sudo apt-get install unzip" >&2; exit 1
-      fi
-    fi
+    command -v unzip >/dev/null || apt_install unzip
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     echo "setup.sh: downloading the LLVM 23.1 static SDK from PyPI (about 92 MB)"
