@@ -34,7 +34,10 @@ apt_install() {
 }
 
 ffmpeg_packages="libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev pkg-config clang libclang-dev"
-if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null || ! [ -e /usr/lib/llvm-14/lib/libclang.so ] && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+need_ffmpeg=0
+pkg-config --exists libavcodec libavformat libavutil libswscale libswresample libavfilter libavdevice 2>/dev/null || need_ffmpeg=1
+ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so* >/dev/null 2>&1 || need_ffmpeg=1
+if [ "$need_ffmpeg" = 1 ]; then
   echo "setup.sh: installing FFmpeg development packages and clang (apt)"
   apt_install $ffmpeg_packages
 fi
