@@ -169,6 +169,28 @@ fn transformers_4x_and_5x_configs_agree() {
     assert_eq!(vis4, vis5);
 }
 
+#[test]
+fn siglip_so400m_config_parses_to_the_named_size() {
+    // The shape of google/siglip-so400m-patch14-384's vision config (384 px, 14 px patches).
+    let dir = TempDir::new("so400m-config");
+    let path = dir.0.join("config.json");
+    std::fs::write(
+        &path,
+        r#"{"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+            "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14}"#,
+    )
+    .unwrap();
+    let config = HfSiglipVisionConfig::read(&path)
+        .unwrap()
+        .into_config(&path)
+        .unwrap();
+    assert_eq!(
+        config,
+        longview_models::vila::VisionConfig::siglip_so400m_384()
+    );
+    assert_eq!(config.grid_side(), 27);
+}
+
 fn error_text(result: Result<impl Sized, ModelError>) -> String {
     match result {
         Ok(_) => panic!("expected an error"),

@@ -10,13 +10,17 @@ pub enum DataError {
     NotAVideo { path: PathBuf, reason: String },
     #[error("the video has no frames")]
     Empty,
-    #[error("asked for {asked} frames but the video has {available} (choose ShortVideo::Repeat or ::Truncate to allow this)")]
+    #[error(
+        "asked for {asked} frames but the video has {available} (choose ShortVideo::Repeat or ::Truncate to allow this)"
+    )]
     TooFewFrames { asked: usize, available: usize },
     #[error("invalid sampling: {0}")]
     Sampling(String),
     /// The stream broke before every requested frame was decoded. `decoded` frames
     /// (in request order) were fine; nothing is repeated or invented to fill the gap.
-    #[error("{path}: corrupt or truncated video: decoded {decoded} of {requested} requested frames, then: {reason}")]
+    #[error(
+        "{path}: corrupt or truncated video: decoded {decoded} of {requested} requested frames, then: {reason}"
+    )]
     Corrupt {
         path: PathBuf,
         decoded: usize,
@@ -48,10 +52,12 @@ impl DataError {
     /// Attaches a file name to an error that does not carry one yet.
     pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
         match self {
-            DataError::Empty | DataError::TooFewFrames { .. } | DataError::Sampling(_) => DataError::InFile {
-                path: path.into(),
-                source: Box::new(self),
-            },
+            DataError::Empty | DataError::TooFewFrames { .. } | DataError::Sampling(_) => {
+                DataError::InFile {
+                    path: path.into(),
+                    source: Box::new(self),
+                }
+            }
             other => other,
         }
     }

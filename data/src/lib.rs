@@ -9,4 +9,7 @@ pub mod video;
 
 pub use error::DataError;
 pub use preprocess::{Normalization, Preprocess};
-pub use video::{DecodeOptions, FrameBatch, FrameMeta, Sampling, ShortVideo, VideoInfo, decode, decode_all, probe};
+pub use video::{
+    DecodeOptions, FrameBatch, FrameMeta, Sampling, ShortVideo, VideoInfo, decode, decode_all,
+    probe,
+};

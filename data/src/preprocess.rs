@@ -42,7 +42,10 @@ impl Preprocess {
     /// appended to `out`.
     pub fn normalize_rgb(&self, rgb: &[u8], stride: usize, out: &mut Vec<f32>) {
         let (w, h) = (self.width as usize, self.height as usize);
-        assert!(rgb.len() >= stride * (h - 1) + 3 * w, "RGB buffer smaller than {w}x{h}");
+        assert!(
+            rgb.len() >= stride * (h - 1) + 3 * w,
+            "RGB buffer smaller than {w}x{h}"
+        );
         let start = out.len();
         out.resize(start + 3 * w * h, 0.0);
         let planes = &mut out[start..];
@@ -66,12 +69,23 @@ mod tests {
 
     #[test]
     fn siglip_normalisation_maps_0_255_to_minus1_1_planar() {
-        let p = Preprocess { width: 2, height: 1, norm: Normalization::SIGLIP };
+        let p = Preprocess {
+            width: 2,
+            height: 1,
+            norm: Normalization::SIGLIP,
+        };
         // two pixels (0, 255, 51), (255, 0, 102) with a padded stride of 8 bytes
         let rgb = [0u8, 255, 51, 255, 0, 102, 9, 9];
         let mut out = Vec::new();
         p.normalize_rgb(&rgb, 8, &mut out);
-        let expected = [-1.0, 1.0, 1.0, -1.0, 51.0 / 127.5 - 1.0, 102.0 / 127.5 - 1.0];
+        let expected = [
+            -1.0,
+            1.0,
+            1.0,
+            -1.0,
+            51.0 / 127.5 - 1.0,
+            102.0 / 127.5 - 1.0,
+        ];
         for (a, e) in out.iter().zip(expected) {
             assert!((a - e).abs() < 1e-6, "{out:?}");
         }

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use ffmpeg_next as ff;
 use ff::{Dictionary, Packet, Rational, codec, encoder, format, frame};
+use ffmpeg_next as ff;
 
 use crate::error::DataError;
-pub use crate::synthetic_frames::{needle_frames, read_barcode, shows_needle, BARCODE_BITS};
+pub use crate::synthetic_frames::{BARCODE_BITS, needle_frames, read_barcode, shows_needle};
 use crate::synthetic_frames::{YuvPlanes, draw_frame};
 
 /// A needle: `text` (digits) shown on frame `frame`.
@@ -76,7 +76,10 @@ impl SyntheticVideo {
             .or_else(|| encoder::find(codec::Id::H264))
             .ok_or_else(|| fail("finding an H.264 encoder")(ff::Error::EncoderNotFound))?;
         let mut output = format::output(path).map_err(fail("creating the output"))?;
-        let global_header = output.format().flags().contains(format::Flags::GLOBAL_HEADER);
+        let global_header = output
+            .format()
+            .flags()
+            .contains(format::Flags::GLOBAL_HEADER);
         let mut enc = codec::context::Context::new_with_codec(codec)
             .encoder()
             .video()
@@ -117,7 +120,9 @@ impl SyntheticVideo {
                     36,
                 ) as *mut i32;
                 if matrix.is_null() {
-                    return Err(fail("adding rotation metadata")(ff::Error::Other { errno: ff::error::ENOMEM }));
+                    return Err(fail("adding rotation metadata")(ff::Error::Other {
+                        errno: ff::error::ENOMEM,
+                    }));
                 }
                 // A matrix that rotates the coded frame clockwise by `rotation` for display.
                 ff::ffi::av_display_rotation_set(matrix, self.rotation as f64);
@@ -125,7 +130,9 @@ impl SyntheticVideo {
         }
         output.write_header().map_err(fail("writing the header"))?;
         let stream_tb = output.stream(stream_index).expect("added").time_base();
-        let drain = |enc: &mut encoder::video::Encoder, output: &mut format::context::Output| -> Result<(), ff::Error> {
+        let drain = |enc: &mut encoder::video::Encoder,
+                     output: &mut format::context::Output|
+         -> Result<(), ff::Error> {
             let mut packet = Packet::empty();
             while enc.receive_packet(&mut packet).is_ok() {
                 packet.set_stream(stream_index);
@@ -136,7 +143,11 @@ impl SyntheticVideo {
         };
         for i in 0..self.frames {
             let mut frame = frame::Video::new(format::Pixel::YUV420P, self.width, self.height);
-            let needle = self.needles.iter().find(|n| n.frame == i).map(|n| n.text.as_str());
+            let needle = self
+                .needles
+                .iter()
+                .find(|n| n.frame == i)
+                .map(|n| n.text.as_str());
             {
                 let (ys, us, vs) = (frame.stride(0), frame.stride(1), frame.stride(2));
                 // Split the frame's buffer into its three planes.
@@ -168,7 +179,9 @@ impl SyntheticVideo {
         }
         enc.send_eof().map_err(fail("flushing the encoder"))?;
         drain(&mut enc, &mut output).map_err(fail("writing packets"))?;
-        output.write_trailer().map_err(fail("writing the trailer"))?;
+        output
+            .write_trailer()
+            .map_err(fail("writing the trailer"))?;
         Ok(())
     }
 }

@@ -72,7 +72,11 @@ pub fn draw_frame(planes: &mut YuvPlanes<'_>, index: usize, needle: Option<&str>
 /// Large red digits centred below the barcode band.
 fn draw_needle(planes: &mut YuvPlanes<'_>, text: &str, band: usize) {
     let (w, h) = (planes.width, planes.height);
-    let digits: Vec<usize> = text.chars().filter_map(|c| c.to_digit(10)).map(|d| d as usize).collect();
+    let digits: Vec<usize> = text
+        .chars()
+        .filter_map(|c| c.to_digit(10))
+        .map(|d| d as usize)
+        .collect();
     if digits.is_empty() {
         return;
     }

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use longview_data::synthetic::{Needle, SyntheticVideo, read_barcode, shows_needle};
-use longview_data::video::{DecodeOptions, FrameBatch, Sampling, ShortVideo, decode, decode_all, probe};
+use longview_data::video::{
+    DecodeOptions, FrameBatch, Sampling, ShortVideo, decode, decode_all, probe,
+};
 use longview_data::{DataError, Normalization, Preprocess};
 
 struct TempDir(PathBuf);
@@ -48,7 +50,9 @@ fn rgb_of(batch: &FrameBatch, i: usize, w: usize, h: usize) -> Vec<u8> {
     let mut rgb = vec![0u8; 3 * plane];
     for p in 0..plane {
         for c in 0..3 {
-            rgb[3 * p + c] = ((frame[c * plane + p] + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+            rgb[3 * p + c] = ((frame[c * plane + p] + 1.0) * 127.5)
+                .round()
+                .clamp(0.0, 255.0) as u8;
         }
     }
     rgb
@@ -76,11 +80,20 @@ fn uniform_sampling_returns_exactly_the_requested_frames() {
     assert_eq!(info.keyframe_pts.len(), 13, "GOP 12 over 150 frames");
     // Decode at the native size and resized to 160x160 (the scaler's job).
     for (w, h) in [(320usize, 240usize), (160, 160)] {
-        let (_, batch) = decode_all(&path, &Sampling::Uniform { count: 11 }, &options(w as u32, h as u32)).unwrap();
+        let (_, batch) = decode_all(
+            &path,
+            &Sampling::Uniform { count: 11 },
+            &options(w as u32, h as u32),
+        )
+        .unwrap();
         let expected: Vec<usize> = longview_data::video::uniform_indices(150, 11);
         let indices: Vec<usize> = batch.frames.iter().map(|f| f.index).collect();
         assert_eq!(indices, expected);
-        assert_eq!(barcodes(&batch, w, h), expected, "decoded pixels show other frames ({w}x{h})");
+        assert_eq!(
+            barcodes(&batch, w, h),
+            expected,
+            "decoded pixels show other frames ({w}x{h})"
+        );
         for f in &batch.frames {
             assert!((f.seconds - f.index as f64 / 30.0).abs() < 1e-9);
         }
@@ -91,10 +104,20 @@ fn uniform_sampling_returns_exactly_the_requested_frames() {
 fn fps_and_timestamp_sampling_pick_the_frames_shown_at_those_times() {
     let dir = TempDir::new("fps");
     let path = write(&dir, "v.mkv", SyntheticVideo::new(128, 96, 25, 100, 10));
-    let (_, batch) = decode_all(&path, &Sampling::Fps { fps: 2.0, max: 64 }, &options(128, 96)).unwrap();
+    let (_, batch) = decode_all(
+        &path,
+        &Sampling::Fps { fps: 2.0, max: 64 },
+        &options(128, 96),
+    )
+    .unwrap();
     let expected: Vec<usize> = (0..8).map(|i| (i as f64 * 12.5).round() as usize).collect();
     assert_eq!(barcodes(&batch, 128, 96), expected);
-    let (_, batch) = decode_all(&path, &Sampling::Timestamps(vec![3.99, 0.0, 1.02]), &options(128, 96)).unwrap();
+    let (_, batch) = decode_all(
+        &path,
+        &Sampling::Timestamps(vec![3.99, 0.0, 1.02]),
+        &options(128, 96),
+    )
+    .unwrap();
     assert_eq!(barcodes(&batch, 128, 96), vec![0, 25, 99]);
 }
 
@@ -105,21 +128,33 @@ fn dense_requests_decode_forward_and_sparse_ones_seek() {
     // Every other frame: denser than the GOP, so no seek at all.
     let every_other: Vec<f64> = (0..150).map(|i| (2 * i) as f64 / 30.0 + 1e-6).collect();
     let mut seen = Vec::new();
-    let (_, stats) = decode(&path, &Sampling::Timestamps(every_other), &options(96, 64), |b| {
-        seen.extend(barcodes(&b, 96, 64))
-    })
+    let (_, stats) = decode(
+        &path,
+        &Sampling::Timestamps(every_other),
+        &options(96, 64),
+        |b| seen.extend(barcodes(&b, 96, 64)),
+    )
     .unwrap();
     assert_eq!(seen, (0..150).map(|i| 2 * i).collect::<Vec<_>>());
     assert_eq!(stats.seeks, 0, "{stats:?}");
     assert!(stats.decoded_frames <= 300, "{stats:?}");
     // Four frames far apart: seek to each one's keyframe, decode at most a GOP each.
-    let (_, stats) = decode(&path, &Sampling::Timestamps(vec![1.5, 4.2, 7.7, 9.9]), &options(96, 64), |b| {
-        assert_eq!(barcodes(&b, 96, 64), vec![45, 126, 231, 297]);
-    })
+    let (_, stats) = decode(
+        &path,
+        &Sampling::Timestamps(vec![1.5, 4.2, 7.7, 9.9]),
+        &options(96, 64),
+        |b| {
+            assert_eq!(barcodes(&b, 96, 64), vec![45, 126, 231, 297]);
+        },
+    )
     .unwrap();
     assert_eq!(stats.returned_frames, 4);
     assert!(stats.seeks >= 3, "{stats:?}");
-    assert!(stats.decoded_frames <= 4 * 30 + 8, "decoded {} frames for 4", stats.decoded_frames);
+    assert!(
+        stats.decoded_frames <= 4 * 30 + 8,
+        "decoded {} frames for 4",
+        stats.decoded_frames
+    );
 }
 
 #[test]
@@ -127,25 +162,45 @@ fn short_videos_follow_the_chosen_policy() {
     let dir = TempDir::new("short");
     let path = write(&dir, "v.mp4", SyntheticVideo::new(64, 64, 30, 5, 5));
     let (_, batch) = decode_all(&path, &Sampling::Uniform { count: 9 }, &options(64, 64)).unwrap();
-    assert_eq!(barcodes(&batch, 64, 64), vec![0, 0, 1, 2, 2, 2, 3, 4, 4], "numpy's round(linspace)");
+    assert_eq!(
+        barcodes(&batch, 64, 64),
+        vec![0, 0, 1, 2, 2, 2, 3, 4, 4],
+        "numpy's round(linspace)"
+    );
     let mut opts = options(64, 64);
     opts.short_video = ShortVideo::Truncate;
     let (_, batch) = decode_all(&path, &Sampling::Uniform { count: 9 }, &opts).unwrap();
     assert_eq!(barcodes(&batch, 64, 64), vec![0, 1, 2, 3, 4]);
     opts.short_video = ShortVideo::Error;
-    let err = decode_all(&path, &Sampling::Uniform { count: 9 }, &opts).unwrap_err().to_string();
-    assert!(err.contains("v.mp4") && err.contains("asked for 9 frames") && err.contains("has 5"), "{err}");
+    let err = decode_all(&path, &Sampling::Uniform { count: 9 }, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("v.mp4") && err.contains("asked for 9 frames") && err.contains("has 5"),
+        "{err}"
+    );
 }
 
 #[test]
 fn needles_appear_on_their_frames_only() {
     let dir = TempDir::new("needle");
     let needles = vec![
-        Needle { frame: 10, text: "42".into() },
-        Needle { frame: 47, text: "7".into() },
+        Needle {
+            frame: 10,
+            text: "42".into(),
+        },
+        Needle {
+            frame: 47,
+            text: "7".into(),
+        },
     ];
-    let path = write(&dir, "v.mp4", SyntheticVideo::new(160, 120, 30, 60, 15).with_needles(needles));
-    let (_, batch) = decode_all(&path, &Sampling::Uniform { count: 60 }, &options(160, 120)).unwrap();
+    let path = write(
+        &dir,
+        "v.mp4",
+        SyntheticVideo::new(160, 120, 30, 60, 15).with_needles(needles),
+    );
+    let (_, batch) =
+        decode_all(&path, &Sampling::Uniform { count: 60 }, &options(160, 120)).unwrap();
     let with_needle: Vec<usize> = (0..60)
         .filter(|&i| shows_needle(&rgb_of(&batch, i, 160, 120), 480, 160, 120))
         .collect();
@@ -156,7 +211,11 @@ fn needles_appear_on_their_frames_only() {
 fn rotation_metadata_is_honoured() {
     let dir = TempDir::new("rotation");
     let plain = write(&dir, "plain.mp4", SyntheticVideo::new(64, 32, 30, 3, 3));
-    let rotated = write(&dir, "rot.mp4", SyntheticVideo::new(64, 32, 30, 3, 3).with_rotation(90));
+    let rotated = write(
+        &dir,
+        "rot.mp4",
+        SyntheticVideo::new(64, 32, 30, 3, 3).with_rotation(90),
+    );
     let info = probe(&rotated).unwrap();
     assert_eq!(info.rotation, 90);
     assert_eq!(info.display_size(), (32, 64));
@@ -188,12 +247,18 @@ fn bad_inputs_give_clear_errors() {
 
     let missing = dir.file("missing.mp4");
     let err = expect_err(decode_all(&missing, &one, &opts));
-    assert!(matches!(err, DataError::NotFound { .. }) && err.to_string().contains("missing.mp4"), "{err}");
+    assert!(
+        matches!(err, DataError::NotFound { .. }) && err.to_string().contains("missing.mp4"),
+        "{err}"
+    );
 
     let text = dir.file("notes.mp4");
     std::fs::write(&text, "this is not a video, just text\n".repeat(50)).unwrap();
     let err = expect_err(decode_all(&text, &one, &opts));
-    assert!(matches!(err, DataError::NotAVideo { .. }) && err.to_string().contains("notes.mp4"), "{err}");
+    assert!(
+        matches!(err, DataError::NotAVideo { .. }) && err.to_string().contains("notes.mp4"),
+        "{err}"
+    );
 
     let empty = dir.file("empty.mp4");
     std::fs::write(&empty, b"").unwrap();
@@ -217,11 +282,17 @@ fn bad_inputs_give_clear_errors() {
         delivered.extend(barcodes(&b, 64, 64))
     }));
     match &err {
-        DataError::Corrupt { decoded, requested, .. } => {
+        DataError::Corrupt {
+            decoded, requested, ..
+        } => {
             assert_eq!(*requested, 12);
             assert!(*decoded > 0 && *decoded < 12, "{err}");
             let expected = longview_data::video::uniform_indices(declared, 12);
-            assert_eq!(delivered, expected[..*decoded].to_vec(), "frames before the damage, none repeated");
+            assert_eq!(
+                delivered,
+                expected[..*decoded].to_vec(),
+                "frames before the damage, none repeated"
+            );
         }
         other => panic!("expected Corrupt, got {other}"),
     }

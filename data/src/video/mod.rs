@@ -15,10 +15,10 @@ pub mod sampling;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use ffmpeg_next as ff;
 use ff::codec::packet::side_data::Type as SideDataType;
 use ff::software::scaling::{Context as Scaler, Flags};
 use ff::{Error as FfError, Packet, format, frame, media};
+use ffmpeg_next as ff;
 
 use crate::error::DataError;
 use crate::preprocess::Preprocess;
@@ -301,19 +301,25 @@ pub fn decode(
         pixels: Vec::new(),
     };
     let batch_size = options.batch_size.max(1);
-    let result = decode_indices(&info, &indices, options, &mut stats, |meta, rgb, stride, pre| {
-        pre.normalize_rgb(rgb, stride, &mut batch.pixels);
-        batch.frames.push(meta);
-        if batch.frames.len() == batch_size {
-            sink(std::mem::replace(
-                &mut batch,
-                FrameBatch {
-                    frames: Vec::new(),
-                    pixels: Vec::new(),
-                },
-            ));
-        }
-    });
+    let result = decode_indices(
+        &info,
+        &indices,
+        options,
+        &mut stats,
+        |meta, rgb, stride, pre| {
+            pre.normalize_rgb(rgb, stride, &mut batch.pixels);
+            batch.frames.push(meta);
+            if batch.frames.len() == batch_size {
+                sink(std::mem::replace(
+                    &mut batch,
+                    FrameBatch {
+                        frames: Vec::new(),
+                        pixels: Vec::new(),
+                    },
+                ));
+            }
+        },
+    );
     if !batch.frames.is_empty() {
         sink(batch);
     }
@@ -357,16 +363,24 @@ fn decode_indices(
     };
     let (mut input, index) = open(path)?;
     let params = input.stream(index).expect("probed stream").parameters();
-    let mut context = ff::codec::context::Context::from_parameters(params).map_err(ff_err("decoder parameters"))?;
+    let mut context = ff::codec::context::Context::from_parameters(params)
+        .map_err(ff_err("decoder parameters"))?;
     context.set_threading(ff::threading::Config {
         kind: ff::threading::Type::Frame,
         count: options.threads,
         ..Default::default()
     });
-    let mut decoder = context.decoder().video().map_err(ff_err("opening the decoder"))?;
+    let mut decoder = context
+        .decoder()
+        .video()
+        .map_err(ff_err("opening the decoder"))?;
     let pre = options.preprocess;
     let rotated = info.rotation % 180 == 90;
-    let (scale_w, scale_h) = if rotated { (pre.height, pre.width) } else { (pre.width, pre.height) };
+    let (scale_w, scale_h) = if rotated {
+        (pre.height, pre.width)
+    } else {
+        (pre.width, pre.height)
+    };
     let mut scaler: Option<Scaler> = None;
     let mut decoded = frame::Video::empty();
     let mut rgb = frame::Video::empty();
@@ -385,7 +399,13 @@ fn decode_indices(
     while next < indices.len() {
         if indices[next] >= info.frames {
             let reason = info.damaged.clone().unwrap_or_default();
-            return Err(corrupt(next, format!("frame {} lies beyond the readable stream: {reason}", indices[next])));
+            return Err(corrupt(
+                next,
+                format!(
+                    "frame {} lies beyond the readable stream: {reason}",
+                    indices[next]
+                ),
+            ));
         }
         let target = info.frame_pts[indices[next]];
         let keyframe = info.keyframe_at_or_before(target);
@@ -399,10 +419,20 @@ fn decode_indices(
         };
         if must_seek {
             let ret = unsafe {
-                ff::ffi::avformat_seek_file(input.as_mut_ptr(), index as i32, i64::MIN, keyframe, keyframe, 0)
+                ff::ffi::avformat_seek_file(
+                    input.as_mut_ptr(),
+                    index as i32,
+                    i64::MIN,
+                    keyframe,
+                    keyframe,
+                    0,
+                )
             };
             if ret < 0 {
-                return Err(corrupt(next, format!("seek to pts {keyframe} failed: {}", FfError::from(ret))));
+                return Err(corrupt(
+                    next,
+                    format!("seek to pts {keyframe} failed: {}", FfError::from(ret)),
+                ));
             }
             decoder.flush();
             stats.seeks += 1;
@@ -413,7 +443,9 @@ fn decode_indices(
             match decoder.receive_frame(&mut decoded) {
                 Ok(()) => {
                     stats.decoded_frames += 1;
-                    let Some(pts) = decoded.timestamp() else { continue };
+                    let Some(pts) = decoded.timestamp() else {
+                        continue;
+                    };
                     last_pts = Some(pts);
                     if pts < target {
                         continue;
@@ -421,25 +453,46 @@ fn decode_indices(
                     if pts > target {
                         return Err(corrupt(
                             next,
-                            format!("frame {} (pts {target}) was never decoded; the decoder went on to pts {pts}", indices[next]),
+                            format!(
+                                "frame {} (pts {target}) was never decoded; the decoder went on to pts {pts}",
+                                indices[next]
+                            ),
                         ));
                     }
                     // Convert once, emit for every request of this frame.
                     let scaler = match &mut scaler {
                         Some(s) => s,
                         None => scaler.insert(
-                            Scaler::get(decoded.format(), decoded.width(), decoded.height(), format::Pixel::RGB24, scale_w, scale_h, Flags::BILINEAR)
-                                .map_err(ff_err("creating the scaler"))?,
+                            Scaler::get(
+                                decoded.format(),
+                                decoded.width(),
+                                decoded.height(),
+                                format::Pixel::RGB24,
+                                scale_w,
+                                scale_h,
+                                Flags::BILINEAR,
+                            )
+                            .map_err(ff_err("creating the scaler"))?,
                         ),
                     };
                     scaler.run(&decoded, &mut rgb).map_err(ff_err("scaling"))?;
                     let (data, stride) = if rotated || info.rotation == 180 {
-                        rotate_rgb(rgb.data(0), rgb.stride(0), scale_w as usize, scale_h as usize, info.rotation, &mut rotated_buf);
+                        rotate_rgb(
+                            rgb.data(0),
+                            rgb.stride(0),
+                            scale_w as usize,
+                            scale_h as usize,
+                            info.rotation,
+                            &mut rotated_buf,
+                        );
                         (rotated_buf.as_slice(), 3 * pre.width as usize)
                     } else {
                         (rgb.data(0), rgb.stride(0))
                     };
-                    while next < indices.len() && indices[next] < info.frames && info.frame_pts[indices[next]] == pts {
+                    while next < indices.len()
+                        && indices[next] < info.frames
+                        && info.frame_pts[indices[next]] == pts
+                    {
                         let meta = FrameMeta {
                             index: indices[next],
                             pts,
@@ -452,13 +505,25 @@ fn decode_indices(
                     break 'feed;
                 }
                 Err(FfError::Eof) => {
-                    return Err(corrupt(next, format!("the stream ended before frame {} (pts {target})", indices[next])));
+                    return Err(corrupt(
+                        next,
+                        format!(
+                            "the stream ended before frame {} (pts {target})",
+                            indices[next]
+                        ),
+                    ));
                 }
                 Err(FfError::Other { errno }) if errno == ff::error::EAGAIN => {}
                 Err(e) => return Err(corrupt(next, format!("decoding failed: {e}"))),
             }
             if at_eof {
-                return Err(corrupt(next, format!("the stream ended before frame {} (pts {target})", indices[next])));
+                return Err(corrupt(
+                    next,
+                    format!(
+                        "the stream ended before frame {} (pts {target})",
+                        indices[next]
+                    ),
+                ));
             }
             match packet.read(&mut input) {
                 Ok(()) => {
@@ -468,7 +533,12 @@ fn decode_indices(
                     match decoder.send_packet(&packet) {
                         Ok(()) => {}
                         Err(FfError::Other { errno }) if errno == ff::error::EAGAIN => {}
-                        Err(e) => return Err(corrupt(next, format!("bad packet at pts {:?}: {e}", packet.pts()))),
+                        Err(e) => {
+                            return Err(corrupt(
+                                next,
+                                format!("bad packet at pts {:?}: {e}", packet.pts()),
+                            ));
+                        }
                     }
                 }
                 Err(FfError::Eof) => {

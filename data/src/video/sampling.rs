@@ -54,7 +54,11 @@ pub fn uniform_indices(n: usize, count: usize) -> Vec<usize> {
     (0..count)
         .map(|i| {
             // numpy: start + i * step, with the last sample set exactly to stop.
-            let x = if i == count - 1 { last } else { i as f64 * step };
+            let x = if i == count - 1 {
+                last
+            } else {
+                i as f64 * step
+            };
             round_half_even(x) as usize
         })
         .collect()
@@ -65,21 +69,31 @@ impl Sampling {
     /// possible with [`ShortVideo::Repeat`]).
     ///
     /// `frames` is the video's frame count and `fps` its average frame rate.
-    pub fn indices(&self, frames: usize, fps: f64, short: ShortVideo) -> Result<Vec<usize>, DataError> {
+    pub fn indices(
+        &self,
+        frames: usize,
+        fps: f64,
+        short: ShortVideo,
+    ) -> Result<Vec<usize>, DataError> {
         if frames == 0 {
             return Err(DataError::Empty);
         }
         let indices = match self {
             Sampling::Uniform { count } => {
                 if *count == 0 {
-                    return Err(DataError::Sampling("Uniform { count: 0 }: ask for at least one frame".into()));
+                    return Err(DataError::Sampling(
+                        "Uniform { count: 0 }: ask for at least one frame".into(),
+                    ));
                 }
                 if *count > frames {
                     match short {
                         ShortVideo::Repeat => uniform_indices(frames, *count),
                         ShortVideo::Truncate => (0..frames).collect(),
                         ShortVideo::Error => {
-                            return Err(DataError::TooFewFrames { asked: *count, available: frames });
+                            return Err(DataError::TooFewFrames {
+                                asked: *count,
+                                available: frames,
+                            });
                         }
                     }
                 } else {
@@ -88,10 +102,14 @@ impl Sampling {
             }
             Sampling::Fps { fps: every, max } => {
                 if !(every.is_finite() && *every > 0.0) || *max == 0 {
-                    return Err(DataError::Sampling(format!("Fps {{ fps: {every}, max: {max} }}: fps must be > 0 and max >= 1")));
+                    return Err(DataError::Sampling(format!(
+                        "Fps {{ fps: {every}, max: {max} }}: fps must be > 0 and max >= 1"
+                    )));
                 }
                 if !(fps.is_finite() && fps > 0.0) {
-                    return Err(DataError::Sampling(format!("the video reports frame rate {fps}; use Uniform sampling")));
+                    return Err(DataError::Sampling(format!(
+                        "the video reports frame rate {fps}; use Uniform sampling"
+                    )));
                 }
                 let duration = frames as f64 / fps;
                 let wanted = ((duration * every).floor() as usize).max(1);
@@ -146,23 +164,40 @@ mod tests {
     fn short_video_policies() {
         let s = Sampling::Uniform { count: 8 };
         assert_eq!(s.indices(3, 30.0, ShortVideo::Repeat).unwrap().len(), 8);
-        assert_eq!(s.indices(3, 30.0, ShortVideo::Truncate).unwrap(), vec![0, 1, 2]);
+        assert_eq!(
+            s.indices(3, 30.0, ShortVideo::Truncate).unwrap(),
+            vec![0, 1, 2]
+        );
         let err = s.indices(3, 30.0, ShortVideo::Error).unwrap_err();
-        assert!(err.to_string().contains("8") && err.to_string().contains("3"), "{err}");
-        assert!(matches!(s.indices(0, 30.0, ShortVideo::Repeat), Err(DataError::Empty)));
+        assert!(
+            err.to_string().contains("8") && err.to_string().contains("3"),
+            "{err}"
+        );
+        assert!(matches!(
+            s.indices(0, 30.0, ShortVideo::Repeat),
+            Err(DataError::Empty)
+        ));
     }
 
     #[test]
     fn fps_and_timestamps() {
         // 10 s at 30 fps, one frame a second: frames 0, 30, ..., 270.
-        let idx = Sampling::Fps { fps: 1.0, max: 100 }.indices(300, 30.0, ShortVideo::Repeat).unwrap();
+        let idx = Sampling::Fps { fps: 1.0, max: 100 }
+            .indices(300, 30.0, ShortVideo::Repeat)
+            .unwrap();
         assert_eq!(idx, (0..10).map(|i| i * 30).collect::<Vec<_>>());
         // Capped: 4 frames spread over the video.
-        let idx = Sampling::Fps { fps: 1.0, max: 4 }.indices(300, 30.0, ShortVideo::Repeat).unwrap();
+        let idx = Sampling::Fps { fps: 1.0, max: 4 }
+            .indices(300, 30.0, ShortVideo::Repeat)
+            .unwrap();
         assert_eq!(idx, vec![0, 100, 199, 299]);
-        let idx = Sampling::Timestamps(vec![2.0, 0.5]).indices(300, 30.0, ShortVideo::Repeat).unwrap();
+        let idx = Sampling::Timestamps(vec![2.0, 0.5])
+            .indices(300, 30.0, ShortVideo::Repeat)
+            .unwrap();
         assert_eq!(idx, vec![15, 60]);
-        let err = Sampling::Timestamps(vec![11.0]).indices(300, 30.0, ShortVideo::Repeat).unwrap_err();
+        let err = Sampling::Timestamps(vec![11.0])
+            .indices(300, 30.0, ShortVideo::Repeat)
+            .unwrap_err();
         assert!(err.to_string().contains("11s"), "{err}");
     }
 }

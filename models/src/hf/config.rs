@@ -279,11 +279,11 @@ impl HfSiglipVisionConfig {
                 ),
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || self.image_size < self.patch_size {
             return Err(ModelError::config(
                 path,
                 format!(
-                    "image_size {} is not a multiple of patch_size {}",
+                    "image_size {} must be at least patch_size {} (> 0)",
                     self.image_size, self.patch_size
                 ),
             ));

@@ -32,15 +32,11 @@ pub struct SiglipEmbeddings {
 
 impl SiglipEmbeddings {
     /// # Shapes
-    /// - pixels: `[frames, channels, height, width]` (height, width multiples of the patch size)
-    /// - output: `[frames, (height / patch) * (width / patch), hidden]`
+    /// - pixels: `[frames, channels, height, width]`
+    /// - output: `[frames, floor(height / patch) * floor(width / patch), hidden]`
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let [_, _, height, width] = pixels.dims();
-        assert!(
-            height % self.patch_size == 0 && width % self.patch_size == 0,
-            "image size {height}x{width} is not a multiple of the patch size {}",
-            self.patch_size
-        );
+        // Like the strided convolution of the reference, a size that is not a multiple
+        // of the patch drops the remainder (SigLIP so400m: 384 px / 14 px = 27 patches).
         let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
         let [frames, hidden, gh, gw] = patches.dims();
         let patches = patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2);
@@ -234,4 +230,25 @@ impl SiglipVision {
 /// Returns the patch grid `(rows, cols)` of an input size.
 pub fn patch_grid(height: usize, width: usize, patch_size: usize) -> (usize, usize) {
     (height / patch_size, width / patch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vila::config::VisionConfig;
+
+    #[test]
+    fn sizes_that_are_not_patch_multiples_drop_the_remainder() {
+        // As SigLIP so400m: 384 px with 14 px patches gives 27 x 27 patches.
+        let config = VisionConfig::new(16, 32, 2, 2, 44, 8);
+        assert_eq!(config.grid_side(), 5);
+        let device = Device::flex();
+        let model = config.init(&device);
+        let pixels = Tensor::<4>::zeros([2, 3, 44, 44], &device);
+        assert_eq!(
+            model.forward(pixels, VisionFeature::Last).dims(),
+            [2, 25, 16]
+        );
+        assert_eq!(VisionConfig::siglip_so400m_384().grid_side(), 27);
+    }
 }
