@@ -1,7 +1,7 @@
 //! Checkpoint I/O: sharded bf16 round trips, both transformers config layouts, VILA
 //! layout round trips, and the errors a user sees for broken checkpoints.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::DType;
 use longview_models::ModelError;
@@ -10,25 +10,7 @@ use longview_models::hf::{
     save_qwen2, save_vila,
 };
 use longview_models::vila::{VisualInput, VlmInput};
-use longview_tests::{Reference, assert_close, device, fixture};
-
-/// A fresh temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("longview-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use longview_tests::{Reference, TempDir, assert_close, device, fixture};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

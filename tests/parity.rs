@@ -12,7 +12,7 @@ use longview_models::hf::{KeyMap, load_into, load_qwen2, load_siglip, load_vila}
 use longview_models::vila::{
     ProjectorConfig, ProjectorKind, VisionFeature, VisualInput, VlmInput, causal_lm_loss,
 };
-use longview_tests::{Reference, assert_close, device, fixture};
+use longview_tests::{Reference, TempDir, assert_close, device, fixture};
 
 const FWD_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-5;
@@ -260,22 +260,20 @@ fn siglip_4x_layout_loads_the_same_weights() {
     let device = device();
     let (model_5x, config) = load_siglip(&fixture("siglip"), &device).unwrap();
     // The same tensors under transformers 4.x's `vision_model.` prefix.
-    let dir = std::env::temp_dir().join(format!("longview-siglip4x-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("siglip4x");
     std::fs::copy(
         fixture("config_4x/siglip_4x.safetensors"),
-        dir.join("model.safetensors"),
+        dir.0.join("model.safetensors"),
     )
     .unwrap();
     let mut model_4x = config.init(&device);
     load_into(
         &mut model_4x,
-        &dir,
+        &dir.0,
         KeyMap::Siglip,
         burn::tensor::DType::F32,
     )
     .unwrap();
-    std::fs::remove_dir_all(&dir).ok();
     let r = Reference::open("siglip");
     let pixels = r.float::<4>("pixel_values", &device);
     assert_close(

@@ -8,7 +8,8 @@
 //! normalised, reporting seconds, frames decoded, seeks and the process's peak
 //! resident memory for each N (peak reset before each run through
 //! /proc/self/clear_refs). benchmarks/video_reference.py measures PyAV, torchcodec
-//! and decord on the same file for the comparison column.
+//! and decord on the same file for the comparison column; `ffmpeg -i FILE -f null -`
+//! times a sequential decoding pass.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -101,30 +102,4 @@ fn main() {
         );
         std::hint::black_box(checksum);
     }
-    // Baseline: decode every frame once (what a sequential pass costs), scaling only
-    // the frames a 1024-frame uniform sample keeps.
-    reset_peak_rss();
-    let info = longview_data::probe(&path).unwrap();
-    let every: Vec<f64> = (0..info.frames)
-        .map(|i| (i as f64 + 0.5) / info.fps)
-        .collect();
-    let t = Instant::now();
-    let (_, stats) = decode(
-        &path,
-        &Sampling::Timestamps(every),
-        &DecodeOptions {
-            batch_size: 256,
-            ..options
-        },
-        |_| {},
-    )
-    .unwrap();
-    println!(
-        "| longview sequential (all frames, scaled) | {} | {:.2} | {} | {} | {:.0} |",
-        info.frames,
-        t.elapsed().as_secs_f64(),
-        stats.decoded_frames,
-        stats.seeks,
-        peak_rss_mib()
-    );
 }

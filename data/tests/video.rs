@@ -40,6 +40,7 @@ fn options(width: u32, height: u32) -> DecodeOptions {
         batch_size: 4,
         threads: 2,
         short_video: ShortVideo::Repeat,
+        seek_skip_frames: longview_data::video::SEEK_SKIP_FRAMES,
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! [`probe`] demuxes the video stream once (no decoding) to learn every frame's
 //! presentation timestamp and where the keyframes are. [`decode`] then walks the
-//! requested frames in order and decodes forward through a GOP when the next target
-//! is in the GOP being decoded, and seeks to the target's keyframe only when the
-//! target lies beyond the next keyframe: a dense request never seeks per frame, a
-//! sparse one never decodes whole GOPs it does not need. Every returned frame is
+//! requested frames in order: it decodes forward while the next target is in the GOP
+//! being decoded, and seeks to the target's keyframe only when that keyframe lies
+//! beyond the decoder's position and the seek skips more than
+//! [`DecodeOptions::seek_skip_frames`] frames. A dense request therefore never seeks per frame and never decodes a GOP
+//! prefix twice; a sparse one skips the GOPs it does not need. Every returned frame is
 //! checked against the timestamp asked for. Frames are converted and resized by the
 //! decoder's scaler straight to the encoder's input size, normalised, and handed out
 //! in batches so long videos never sit in memory as f32.
@@ -23,6 +24,11 @@ use ffmpeg_next as ff;
 use crate::error::DataError;
 use crate::preprocess::Preprocess;
 pub use sampling::{Sampling, ShortVideo, uniform_indices};
+
+/// Default of [`DecodeOptions::seek_skip_frames`]. Measured on a 2-core machine with a
+/// 640x360 H.264 file (benchmarks/video_sampling.md): a seek plus decoder flush cost
+/// about as much as decoding 35 frames.
+pub const SEEK_SKIP_FRAMES: usize = 32;
 
 /// What [`probe`] learns about a video.
 #[derive(Debug, Clone)]
@@ -62,13 +68,6 @@ impl VideoInfo {
         } else {
             (self.width, self.height)
         }
-    }
-
-    /// Number of keyframes with `after < pts <= upto`.
-    fn keyframes_in(&self, after: i64, upto: i64) -> usize {
-        let lo = self.keyframe_pts.partition_point(|&k| k <= after);
-        let hi = self.keyframe_pts.partition_point(|&k| k <= upto);
-        hi.saturating_sub(lo)
     }
 
     /// Pts of the keyframe at or before `pts`.
@@ -250,6 +249,8 @@ pub struct DecodeOptions {
     /// FFmpeg decoder threads (0: one per core).
     pub threads: usize,
     pub short_video: ShortVideo,
+    /// Decode forward through up to this many unwanted frames rather than seek.
+    pub seek_skip_frames: usize,
 }
 
 impl Default for DecodeOptions {
@@ -259,6 +260,7 @@ impl Default for DecodeOptions {
             batch_size: 64,
             threads: 0,
             short_video: ShortVideo::Repeat,
+            seek_skip_frames: SEEK_SKIP_FRAMES,
         }
     }
 }
@@ -409,14 +411,18 @@ fn decode_indices(
         }
         let target = info.frame_pts[indices[next]];
         let keyframe = info.keyframe_at_or_before(target);
-        // Seek only when a whole GOP can be skipped: at least two keyframes lie between
-        // the decoder's position and the target. Otherwise decoding forward costs at
-        // most the rest of the current GOP, less than flushing the frame-threaded
-        // decoder. A fresh decoder stands before the first frame.
-        let must_seek = match last_pts {
-            None => info.keyframes_in(info.frame_pts[0] - 1, target) >= 2,
-            Some(pos) => pos >= target || info.keyframes_in(pos, target) >= 2,
+        // Seek only to a keyframe beyond the decoder's position (so no GOP prefix is
+        // ever decoded twice, whatever the density of the request), and only when
+        // that skips more than `seek_skip_frames` frames: below that, decoding forward
+        // is cheaper than flushing the frame-threaded decoder. A fresh decoder stands
+        // before the first frame.
+        let position = match last_pts {
+            None => -1,
+            Some(pos) => info.frame_pts.partition_point(|&p| p <= pos) as i64 - 1,
         };
+        let keyframe_index = info.frame_pts.partition_point(|&p| p < keyframe) as i64;
+        let must_seek = keyframe_index - position - 1 > options.seek_skip_frames as i64
+            || last_pts.is_some_and(|pos| pos >= target);
         if must_seek {
             let ret = unsafe {
                 ff::ffi::avformat_seek_file(
