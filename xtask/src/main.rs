@@ -17,12 +17,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// The default job (no GPU, no downloads): debug VLM, generated video batch,
-    /// forward/backward and a few AdamW steps. Extra arguments go to `longview demo`.
+    /// forward/backward and a few AdamW steps. Extra arguments (`--help` too) go to
+    /// `longview demo`.
+    #[command(disable_help_flag = true)]
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Forward+backward throughput (release build). Extra arguments go to `longview bench`.
+    /// Forward+backward throughput (release build). Extra arguments (`--help` too) go
+    /// to `longview bench`.
+    #[command(disable_help_flag = true)]
     Bench {
         /// Build with the CUDA backend (needs `scripts/setup.sh --cuda` once).
         #[arg(long)]

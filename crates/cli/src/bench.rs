@@ -43,8 +43,13 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let config = named_config(&args.size)?;
+    if args.batch == 0 || args.iters == 0 {
+        anyhow::bail!("--batch and --iters must be at least 1");
+    }
     let device = args.device.device()?;
     let model = config.init(&device);
+    // Weights and gradients, plus headroom for activations.
+    crate::check_cpu_memory(&args.device, model.num_params(), 3)?;
     let answer = args.text_tokens / 2;
     let batch = synthetic::batch(
         &config,

@@ -29,6 +29,7 @@ pub struct DemoArgs {
     /// AdamW steps after the first forward/backward.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// AdamW learning rate.
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
 }
@@ -43,8 +44,13 @@ fn millions(n: usize) -> String {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let config = named_config(&args.size)?;
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let device = args.device.device()?;
     let mut model = config.init(&device);
+    // Weights, gradients and two AdamW moments.
+    crate::check_cpu_memory(&args.device, model.num_params(), 4)?;
     let (v, t) = (&config.vision, &config.text);
     println!(
         "longview demo: {} VLM on {} ({})",

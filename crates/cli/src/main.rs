@@ -65,6 +65,39 @@ impl DeviceArgs {
     }
 }
 
+/// Refuses a CPU run whose parameters, gradients and optimizer state cannot fit in
+/// the memory available now (`copies` full-size copies of the parameters at the
+/// device dtype), instead of letting the allocator abort mid-run.
+pub fn check_cpu_memory(args: &DeviceArgs, params: usize, copies: usize) -> Result<()> {
+    if args.device != "cpu" {
+        return Ok(());
+    }
+    let bytes_per = match args.dtype.as_str() {
+        "f32" => 4,
+        _ => 2,
+    };
+    let needed = (params * bytes_per * copies) as f64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available_kib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok());
+    if let Some(kib) = available_kib {
+        let available = kib * 1024.0;
+        if needed > available {
+            bail!(
+                "{:.1}M parameters need about {:.1} GiB ({copies} copies at {}) but {:.1} GiB of memory is available: use a smaller --size or a GPU",
+                params as f64 / 1e6,
+                needed / (1u64 << 30) as f64,
+                args.dtype,
+                available / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(name: &str) -> Result<Device> {
     let index = match name.strip_prefix("cuda:") {
