@@ -130,6 +130,31 @@ fn vila_layout_round_trips_in_f32() {
 }
 
 #[test]
+fn vila_placeholder_id_falls_back_to_the_tokenizer_image_token() {
+    let device = device();
+    let dir = TempDir::new("vila-tokenizer");
+    copy_dir(&fixture("vila"), &dir.0);
+    let config_path = dir.0.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("image_token_id");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_vila(&dir.0, &device));
+    assert!(
+        text.contains("image_token_id") && text.contains("tokenizer_config.json"),
+        "{text}"
+    );
+    std::fs::write(
+        dir.0.join("llm/tokenizer_config.json"),
+        r#"{"added_tokens_decoder": {"151643": {"content": "<|endoftext|>"}, "151646": {"content": "<image>"}}}"#,
+    )
+    .unwrap();
+    let (model, config) = load_vila(&dir.0, &device).unwrap();
+    assert_eq!(config.placeholder_token_id, 151_646);
+    assert_eq!(model.placeholder_token_id, 151_646);
+}
+
+#[test]
 fn transformers_4x_and_5x_configs_agree() {
     let v5 = fixture("qwen2/config.json");
     let v4 = fixture("config_4x/qwen2_config.json");

@@ -376,12 +376,10 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
         KeyMap::Projector(vila.projector),
         DType::F32,
     )?;
-    let placeholder = vila.placeholder_token_id.ok_or_else(|| {
-        ModelError::config(
-            dir.join("config.json"),
-            "missing `image_token_id` (the visual placeholder id)",
-        )
-    })?;
+    let placeholder = match vila.placeholder_token_id {
+        Some(id) => id,
+        None => image_token_from_tokenizer(dir)?,
+    };
     let config = VlmConfig::new(vision, projector_config, text, placeholder)
         .with_vision_feature(vila.vision_feature);
     let model = Vlm {
@@ -392,6 +390,37 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
         placeholder_token_id: placeholder,
     };
     Ok((model, config))
+}
+
+/// The id of the `<image>` token VILA adds to its tokenizer, from
+/// `llm/tokenizer_config.json` (`added_tokens_decoder`), for checkpoints whose
+/// `config.json` has no `image_token_id`.
+fn image_token_from_tokenizer(dir: &Path) -> Result<u32, ModelError> {
+    let path = dir.join("llm").join("tokenizer_config.json");
+    let missing = || {
+        ModelError::config(
+            dir.join("config.json"),
+            format!(
+                "no `image_token_id`, and no `<image>` token in {} (the visual placeholder id is needed)",
+                path.display()
+            ),
+        )
+    };
+    if !path.exists() {
+        return Err(missing());
+    }
+    let value = read_json(&path)?;
+    value
+        .get("added_tokens_decoder")
+        .and_then(Value::as_object)
+        .and_then(|tokens| {
+            tokens.iter().find_map(|(id, token)| {
+                (token.get("content").and_then(Value::as_str) == Some("<image>"))
+                    .then(|| id.parse::<u32>().ok())
+                    .flatten()
+            })
+        })
+        .ok_or_else(missing)
 }
 
 /// Saves a Qwen2 model as a Hugging Face folder.
