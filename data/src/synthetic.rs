@@ -135,6 +135,11 @@ impl SyntheticVideo {
          -> Result<(), ff::Error> {
             let mut packet = Packet::empty();
             while enc.receive_packet(&mut packet).is_ok() {
+                // Without a duration the MP4 muxer's edit list ends at the last
+                // packet's start, and demuxers then discard that frame.
+                if packet.duration() == 0 {
+                    packet.set_duration(1);
+                }
                 packet.set_stream(stream_index);
                 packet.rescale_ts(time_base, stream_tb);
                 packet.write_interleaved(output)?;
@@ -184,4 +189,110 @@ impl SyntheticVideo {
             .map_err(fail("writing the trailer"))?;
         Ok(())
     }
+}
+
+/// One question about a generated haystack video (a row of the JSONL file).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HaystackSample {
+    /// Video file name, relative to the JSONL file's folder.
+    pub video: String,
+    pub frames: usize,
+    /// Frame showing the needle, and its relative depth in the video.
+    pub needle_frame: usize,
+    pub depth: f64,
+    pub question: String,
+    /// Needle-in-a-haystack answer: the digits shown.
+    pub answer: String,
+    /// Multiple-choice variant: options "A. ..", "B. .." and the correct letter.
+    pub options: Vec<String>,
+    pub choice: String,
+}
+
+/// What [`write_haystack_set`] generates: one video per (depth, seed) pair.
+#[derive(Debug, Clone)]
+pub struct HaystackSpec {
+    pub width: u32,
+    pub height: u32,
+    pub fps: i32,
+    pub frames: usize,
+    pub gop: u32,
+    /// Needle depths, LongVILA's grid is {0, .2, .4, .6, .8, 1}.
+    pub depths: Vec<f64>,
+    /// Videos per depth (each with another needle number).
+    pub per_depth: usize,
+    pub seed: u64,
+}
+
+/// Writes the videos and `haystack.jsonl` into `dir`; returns the rows.
+pub fn write_haystack_set(
+    dir: impl AsRef<Path>,
+    spec: &HaystackSpec,
+) -> Result<Vec<HaystackSample>, DataError> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|source| DataError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let mut state = spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut rows = Vec::new();
+    for (d, &depth) in spec.depths.iter().enumerate() {
+        for k in 0..spec.per_depth {
+            let number = 10 + (next() % 90) as u32; // two digits
+            let frame = needle_frames(spec.frames, &[depth])[0];
+            let name = format!("haystack-d{d}-{k}.mp4");
+            SyntheticVideo::new(spec.width, spec.height, spec.fps, spec.frames, spec.gop)
+                .with_needles(vec![Needle {
+                    frame,
+                    text: number.to_string(),
+                }])
+                .write(dir.join(&name))?;
+            // Four distinct two-digit options, the answer at a random letter.
+            let mut options = vec![number];
+            while options.len() < 4 {
+                let other = 10 + (next() % 90) as u32;
+                if !options.contains(&other) {
+                    options.push(other);
+                }
+            }
+            let correct = (next() % 4) as usize;
+            options.swap(0, correct);
+            let letters = ["A", "B", "C", "D"];
+            rows.push(HaystackSample {
+                video: name,
+                frames: spec.frames,
+                needle_frame: frame,
+                depth,
+                question: "What number appears in the video? Answer with the number only.".into(),
+                answer: number.to_string(),
+                options: options
+                    .iter()
+                    .zip(letters)
+                    .map(|(o, l)| format!("{l}. {o}"))
+                    .collect(),
+                choice: letters[correct].into(),
+            });
+        }
+    }
+    let path = dir.join("haystack.jsonl");
+    let mut text = String::new();
+    for row in &rows {
+        text.push_str(&serde_json::to_string(row).expect("rows serialise"));
+        text.push('\n');
+    }
+    let tmp = dir.join(".haystack.jsonl.tmp");
+    std::fs::write(&tmp, text).map_err(|source| DataError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|source| DataError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(rows)
 }

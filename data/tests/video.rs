@@ -299,3 +299,55 @@ fn bad_inputs_give_clear_errors() {
     }
     assert!(err.to_string().contains("cut.mkv"), "{err}");
 }
+
+#[test]
+fn haystack_set_writes_videos_and_matching_questions() {
+    use longview_data::synthetic::{HaystackSample, HaystackSpec, write_haystack_set};
+    let dir = TempDir::new("haystack");
+    let spec = HaystackSpec {
+        width: 160,
+        height: 120,
+        fps: 10,
+        frames: 21,
+        gop: 5,
+        depths: vec![0.0, 0.5, 1.0],
+        per_depth: 1,
+        seed: 7,
+    };
+    let rows = write_haystack_set(&dir.0, &spec).unwrap();
+    let text = std::fs::read_to_string(dir.file("haystack.jsonl")).unwrap();
+    let parsed: Vec<HaystackSample> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parsed, rows);
+    assert_eq!(
+        rows.iter().map(|r| r.needle_frame).collect::<Vec<_>>(),
+        vec![0, 10, 20]
+    );
+    for row in &rows {
+        let letter_index = ["A", "B", "C", "D"]
+            .iter()
+            .position(|l| *l == row.choice)
+            .unwrap();
+        assert_eq!(
+            row.options[letter_index],
+            format!("{}. {}", row.choice, row.answer)
+        );
+        // The needle is on the recorded frame and on no other.
+        // Every encoded frame is shown (the writer gives packets a duration, so the
+        // MP4 edit list does not cut the last frame).
+        let info = probe(dir.file(&row.video)).unwrap();
+        assert_eq!(info.frames, 21, "{info:?}");
+        let (_, batch) = decode_all(
+            dir.file(&row.video),
+            &Sampling::Uniform { count: 21 },
+            &options(160, 120),
+        )
+        .unwrap();
+        let shown: Vec<usize> = (0..21)
+            .filter(|&i| shows_needle(&rgb_of(&batch, i, 160, 120), 480, 160, 120))
+            .collect();
+        assert_eq!(shown, vec![row.needle_frame], "{}", row.video);
+    }
+}

@@ -168,6 +168,12 @@ pub fn probe(path: impl AsRef<Path>) -> Result<VideoInfo, DataError> {
         let Some(pts) = packet.pts().or(packet.dts()) else {
             continue;
         };
+        // Packets the demuxer marks as discard (an MP4 edit list cutting the end)
+        // are decoded but never shown: they are not frames of the video.
+        let flags = unsafe { (*ff::packet::Ref::as_ptr(&packet)).flags };
+        if flags & ff::ffi::AV_PKT_FLAG_DISCARD as i32 != 0 {
+            continue;
+        }
         frame_pts.push(pts);
         if packet.is_key() {
             keyframe_pts.push(pts);
