@@ -47,6 +47,11 @@ fn main() {
         .map(|s| s.parse().expect("--frames N,M"))
         .collect();
     let threads: usize = arg("--threads", "0").parse().expect("--threads N");
+    let workers: usize = arg("--workers", "0").parse().expect("--workers N");
+    let seek_skip: Option<usize> = match arg("--seek-skip", "auto").as_str() {
+        "auto" => None,
+        n => Some(n.parse().expect("--seek-skip N|auto")),
+    };
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-videos");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("haystack-{minutes}min-640x360-30fps-gop{gop}.mp4"));
@@ -62,19 +67,22 @@ fn main() {
         eprintln!("generated in {:.1}s", t.elapsed().as_secs_f64());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = Instant::now();
+    let info = longview_data::video::probe(&path).unwrap();
     println!(
-        "video: {} ({cores} cores, decoder threads {})",
+        "video: {} ({cores} cores, workers {workers}, decoder threads {threads}, seek skip {seek_skip:?}; 0 = auto); probe {:.3} s from {:?}",
         path.display(),
-        if threads == 0 {
-            "auto".into()
-        } else {
-            threads.to_string()
-        }
+        t.elapsed().as_secs_f64(),
+        info.source
     );
-    println!("| method | frames | seconds | frames decoded | seeks | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| method | frames | seconds | frames decoded | seeks | segments / workers | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let options = DecodeOptions {
         threads,
+        workers,
+        seek_skip_frames: seek_skip,
         ..DecodeOptions::default()
     };
     for &count in &counts {
@@ -95,9 +103,11 @@ fn main() {
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(received, count);
         println!(
-            "| longview keyframe-aware | {count} | {secs:.2} | {} | {} | {:.0} |",
+            "| longview | {count} | {secs:.2} | {} | {} | {} / {} | {:.0} |",
             stats.decoded_frames,
             stats.seeks,
+            stats.segments,
+            stats.workers,
             peak_rss_mib()
         );
         std::hint::black_box(checksum);

@@ -10,6 +10,6 @@ pub mod video;
 pub use error::DataError;
 pub use preprocess::{Normalization, Preprocess};
 pub use video::{
-    DecodeOptions, FrameBatch, FrameMeta, Sampling, ShortVideo, VideoInfo, decode, decode_all,
-    probe,
+    DecodeOptions, FrameBatch, FrameMeta, ProbeSource, Sampling, ShortVideo, VideoInfo, decode,
+    decode_all, probe, probe_by_demuxing,
 };

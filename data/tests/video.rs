@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use longview_data::synthetic::{Needle, SyntheticVideo, read_barcode, shows_needle};
 use longview_data::video::{
-    DecodeOptions, FrameBatch, Sampling, ShortVideo, decode, decode_all, probe,
+    DecodeOptions, FrameBatch, ProbeSource, Sampling, ShortVideo, decode, decode_all, probe,
+    probe_by_demuxing,
 };
 use longview_data::{DataError, Normalization, Preprocess};
 
@@ -38,9 +39,12 @@ fn options(width: u32, height: u32) -> DecodeOptions {
             norm: Normalization::SIGLIP,
         },
         batch_size: 4,
-        threads: 2,
+        threads: 0,
+        // Three segment decoders, so every test below also exercises the parallel
+        // path and its in-order delivery.
+        workers: 3,
         short_video: ShortVideo::Repeat,
-        seek_skip_frames: longview_data::video::SEEK_SKIP_FRAMES,
+        seek_skip_frames: None,
     }
 }
 
@@ -126,6 +130,12 @@ fn fps_and_timestamp_sampling_pick_the_frames_shown_at_those_times() {
 fn dense_requests_decode_forward_and_sparse_ones_seek() {
     let dir = TempDir::new("seek");
     let path = write(&dir, "v.mp4", SyntheticVideo::new(96, 64, 30, 300, 30));
+    // One frame-threaded decoder, to see its choices.
+    let options = |w, h| DecodeOptions {
+        workers: 1,
+        threads: 2,
+        ..options(w, h)
+    };
     // Every other frame: denser than the GOP, so no seek at all.
     let every_other: Vec<f64> = (0..150).map(|i| (2 * i) as f64 / 30.0 + 1e-6).collect();
     let mut seen = Vec::new();
@@ -156,6 +166,86 @@ fn dense_requests_decode_forward_and_sparse_ones_seek() {
         "decoded {} frames for 4",
         stats.decoded_frames
     );
+}
+
+#[test]
+fn parallel_segments_deliver_the_same_frames_in_order() {
+    let dir = TempDir::new("parallel");
+    let path = write(&dir, "v.mp4", SyntheticVideo::new(96, 64, 30, 900, 25));
+    let strategies = [
+        Sampling::Uniform { count: 100 },
+        Sampling::Uniform { count: 900 },
+        Sampling::Uniform { count: 7 },
+        Sampling::Fps {
+            fps: 3.0,
+            max: 1000,
+        },
+        Sampling::Timestamps(vec![29.0, 0.5, 0.5, 12.34, 12.35]),
+    ];
+    for sampling in &strategies {
+        let single = DecodeOptions {
+            workers: 1,
+            ..options(96, 64)
+        };
+        let (_, one) = decode_all(&path, sampling, &single).unwrap();
+        for workers in [2, 5] {
+            let parallel = DecodeOptions {
+                workers,
+                ..options(96, 64)
+            };
+            let mut batches = Vec::new();
+            let (_, stats) = decode(&path, sampling, &parallel, |b| batches.push(b)).unwrap();
+            let frames: Vec<_> = batches.iter().flat_map(|b| b.frames.clone()).collect();
+            let pixels: Vec<f32> = batches.iter().flat_map(|b| b.pixels.clone()).collect();
+            assert_eq!(frames, one.frames, "{sampling:?} with {workers} workers");
+            assert!(pixels == one.pixels, "{sampling:?}: pixels differ");
+            assert!(
+                batches[..batches.len() - 1]
+                    .iter()
+                    .all(|b| b.frames.len() == 4),
+                "full batches except the last"
+            );
+            if one.frames.len() >= 100 {
+                assert!(stats.segments > 1 && stats.workers > 1, "{stats:?}");
+            }
+            // Segments never decode a frame twice: no more than the whole video.
+            assert!(stats.decoded_frames <= 900, "{stats:?}");
+        }
+        let expected: Vec<usize> = one.frames.iter().map(|f| f.index).collect();
+        assert_eq!(barcodes(&one, 96, 64), expected, "{sampling:?}");
+    }
+}
+
+#[test]
+fn probe_reads_the_mp4_index_and_agrees_with_demuxing() {
+    let dir = TempDir::new("index");
+    for (name, gop) in [("a.mp4", 12), ("b.mov", 1), ("c.mkv", 12)] {
+        let path = write(&dir, name, SyntheticVideo::new(64, 48, 24, 97, gop));
+        let fast = probe(&path).unwrap();
+        let slow = probe_by_demuxing(&path).unwrap();
+        let expected = if name.ends_with(".mkv") {
+            ProbeSource::Demux
+        } else {
+            ProbeSource::ContainerIndex
+        };
+        assert_eq!(fast.source, expected, "{name}");
+        assert_eq!(slow.source, ProbeSource::Demux);
+        assert_eq!(fast.frame_pts, slow.frame_pts, "{name}");
+        assert_eq!(fast.keyframe_pts, slow.keyframe_pts, "{name}");
+        assert_eq!(fast.frames, 97);
+        assert_eq!(
+            (fast.fps, fast.declared_frames),
+            (slow.fps, slow.declared_frames)
+        );
+    }
+    // An MP4 whose samples run past the end of the file is not trusted to the index.
+    let full = write(&dir, "full.mp4", SyntheticVideo::new(64, 48, 24, 97, 12));
+    let bytes = std::fs::read(&full).unwrap();
+    let cut = dir.file("cut.mp4");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    if let Ok(info) = probe(&cut) {
+        assert_eq!(info.source, ProbeSource::Demux, "{info:?}");
+    }
 }
 
 #[test]
