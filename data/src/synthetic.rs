@@ -66,7 +66,11 @@ impl SyntheticVideo {
                 source,
             }
         };
-        if self.width % 2 != 0 || self.height % 2 != 0 || self.frames == 0 || self.fps <= 0 {
+        if !self.width.is_multiple_of(2)
+            || !self.height.is_multiple_of(2)
+            || self.frames == 0
+            || self.fps <= 0
+        {
             return Err(DataError::Sampling(format!(
                 "synthetic video {}x{} with {} frames at {} fps: sizes must be even, frames and fps positive",
                 self.width, self.height, self.frames, self.fps

@@ -200,13 +200,18 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
         None if use_index => input = open(path)?.0,
         None => {}
     }
-    while source == ProbeSource::Demux {
+    let mut at_end = false;
+    while source == ProbeSource::Demux && !at_end {
         match packet.read(&mut input) {
             Ok(()) => {}
-            Err(FfError::Eof) => break,
+            Err(FfError::Eof) => {
+                at_end = true;
+                continue;
+            }
             Err(e) => {
                 damaged = Some(e.to_string());
-                break;
+                at_end = true;
+                continue;
             }
         }
         if packet.stream() != index {
@@ -218,7 +223,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
         // Packets the demuxer marks as discard (an MP4 edit list cutting the end)
         // are decoded but never shown: they are not frames of the video.
         let flags = unsafe { (*ff::packet::Ref::as_ptr(&packet)).flags };
-        if flags & ff::ffi::AV_PKT_FLAG_DISCARD as i32 != 0 {
+        if flags & ff::ffi::AV_PKT_FLAG_DISCARD != 0 {
             continue;
         }
         frame_pts.push(pts);
@@ -343,7 +348,7 @@ fn frames_from_index(
             continue;
         }
         let flags = unsafe { (*ff::packet::Ref::as_ptr(&packet)).flags };
-        if flags & ff::ffi::AV_PKT_FLAG_DISCARD as i32 != 0 {
+        if flags & ff::ffi::AV_PKT_FLAG_DISCARD != 0 {
             continue;
         }
         let key_expected = keyframe_pts.binary_search(&frame_pts[checked]).is_ok();
@@ -540,7 +545,6 @@ pub fn decode(
             &mut deliver,
         )
     };
-    drop(deliver);
     if !batch.frames.is_empty() {
         sink(batch);
     }
@@ -583,7 +587,7 @@ fn plan_segments(
         return Vec::new();
     }
     if workers <= 1 {
-        return vec![0..indices.len()];
+        return std::iter::once(0..indices.len()).collect();
     }
     let readable = |i: usize| i.min(info.frames.saturating_sub(1));
     let mut costs = Vec::with_capacity(indices.len());
