@@ -3,6 +3,7 @@
 //! template, dataset readers, and synthetic haystack videos.
 
 pub mod error;
+pub mod image;
 pub mod preprocess;
 pub mod synthetic;
 mod synthetic_frames;
@@ -10,6 +11,7 @@ pub mod text;
 pub mod video;
 
 pub use error::DataError;
+pub use image::{load_image, preprocess_image, read_image};
 pub use preprocess::{Normalization, Preprocess};
 pub use text::{ChatTemplate, EncodedChat, Media, Message, Role, TextTokenizer};
 pub use video::{
