@@ -2,6 +2,7 @@
 //! preprocessing to the vision encoder's input, still images, tokenizers and the chat
 //! template, dataset readers, and synthetic haystack videos.
 
+pub mod dataset;
 pub mod error;
 pub mod image;
 pub mod preprocess;

@@ -411,6 +411,19 @@ fn haystack_set_writes_videos_and_matching_questions() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(parsed, rows);
+    // The dataset reader finds every row and its video.
+    let read = longview_data::dataset::read_haystack(
+        dir.file("haystack.jsonl"),
+        &longview_data::dataset::ReadOptions {
+            check_media: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(read.skipped.is_empty(), "{}", read.summary());
+    let samples: Vec<HaystackSample> = read.samples().map(|(_, s)| s.clone()).collect();
+    assert_eq!(samples, rows);
+    assert!(read.samples().all(|(path, s)| *path == dir.file(&s.video)));
     assert_eq!(
         rows.iter().map(|r| r.needle_frame).collect::<Vec<_>>(),
         vec![0, 10, 20]

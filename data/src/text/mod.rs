@@ -7,4 +7,4 @@ pub use chat::{
     ChatTemplate, EncodedChat, IGNORE_INDEX, IMAGE_MARKER, Media, MediaSpan, Message, Rendered,
     Role, VIDEO_MARKER,
 };
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{Offsets, TextTokenizer};

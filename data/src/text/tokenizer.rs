@@ -12,6 +12,9 @@ use crate::error::DataError;
 /// `<|im_start|>`, `<|im_end|>` and `<image>`.
 const DEBUG_TOKENIZER: &str = include_str!("../../assets/debug-tokenizer.json");
 
+/// Byte range `[start, end)` of the text each token covers.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A tokenizer plus where it came from (for error messages).
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -118,7 +121,7 @@ impl TextTokenizer {
     pub fn encode_with_offsets(
         &self,
         text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), DataError> {
+    ) -> Result<(Vec<u32>, Offsets), DataError> {
         let encoding = self
             .inner
             .encode(text, false)
