@@ -118,10 +118,7 @@ impl TextTokenizer {
     }
 
     /// Ids and the byte range of `text` each one covers.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Offsets), DataError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets), DataError> {
         let encoding = self
             .inner
             .encode(text, false)

@@ -470,8 +470,9 @@ impl DecodeStats {
 /// order. Returns the probe result and counters.
 ///
 /// The request is cut at keyframes into segments that decoders work on in parallel
-/// ([`DecodeOptions::workers`]); each decoder resizes and normalises its own frames,
-/// and at most a few frames per decoder wait to be handed to `sink`, so memory stays
+/// ([`DecodeOptions::workers`]); each decoder resizes its frames in its own scaler,
+/// at most a few RGB frames per decoder wait in a queue, and the calling thread
+/// normalises them straight into the batch it hands to `sink`, so memory stays
 /// bounded whatever the number of frames.
 ///
 /// Errors: missing file, not a video, zero frames, too few frames (per
@@ -497,8 +498,11 @@ pub fn decode(
         .map_err(|e| e.in_file(path))?;
     let batch_size = options.batch_size.max(1);
     let mut batch = FrameBatch::new();
-    let mut deliver = |meta: FrameMeta, pixels: &[f32]| {
-        batch.pixels.extend_from_slice(pixels);
+    let pre = options.preprocess;
+    // Frames arrive as packed RGB and are normalised straight into the batch (one
+    // pass over the f32 data, no intermediate copy).
+    let mut deliver = |meta: FrameMeta, rgb: &[u8], stride: usize| {
+        pre.normalize_rgb(rgb, stride, &mut batch.pixels);
         batch.frames.push(meta);
         if batch.frames.len() == batch_size {
             sink(std::mem::replace(&mut batch, FrameBatch::new()));
@@ -521,15 +525,9 @@ pub fn decode(
         workers,
         ..DecodeStats::default()
     };
-    let pre = options.preprocess;
     let result = if workers == 1 {
         let mut decoder = SegmentDecoder::open(&info, &pre, threads, seek_skip)?;
-        let mut pixels = Vec::with_capacity(pre.frame_len());
-        let result = decoder.run(&indices, |meta, rgb, stride| {
-            pixels.clear();
-            pre.normalize_rgb(rgb, stride, &mut pixels);
-            deliver(meta, &pixels);
-        });
+        let result = decoder.run(&indices, &mut deliver);
         stats.add(&decoder.stats);
         result
     } else {
@@ -625,7 +623,8 @@ fn plan_segments(
 }
 
 enum SegmentMsg {
-    Frame(FrameMeta, Vec<f32>),
+    /// Packed RGB rows (`3 * width` bytes each).
+    Frame(FrameMeta, Vec<u8>),
     Done,
     Failed(DataError),
 }
@@ -643,7 +642,7 @@ fn decode_parallel(
     threads: usize,
     seek_skip: usize,
     stats: &mut DecodeStats,
-    deliver: &mut impl FnMut(FrameMeta, &[f32]),
+    deliver: &mut impl FnMut(FrameMeta, &[u8], usize),
 ) -> Result<(), DataError> {
     let (senders, receivers): (Vec<_>, Vec<_>) = segments
         .iter()
@@ -679,9 +678,12 @@ fn decode_parallel(
                                 if disconnected {
                                     return;
                                 }
-                                let mut pixels = Vec::with_capacity(pre.frame_len());
-                                pre.normalize_rgb(rgb, stride, &mut pixels);
-                                disconnected = tx.send(SegmentMsg::Frame(meta, pixels)).is_err();
+                                let row = 3 * pre.width as usize;
+                                let mut packed = Vec::with_capacity(row * pre.height as usize);
+                                for y in 0..pre.height as usize {
+                                    packed.extend_from_slice(&rgb[y * stride..y * stride + row]);
+                                }
+                                disconnected = tx.send(SegmentMsg::Frame(meta, packed)).is_err();
                             });
                         let last = match result {
                             Ok(()) => SegmentMsg::Done,
@@ -699,7 +701,7 @@ fn decode_parallel(
         'segments: for (k, rx) in receivers.iter().enumerate() {
             loop {
                 match rx.recv() {
-                    Ok(SegmentMsg::Frame(meta, pixels)) => deliver(meta, &pixels),
+                    Ok(SegmentMsg::Frame(meta, rgb)) => deliver(meta, &rgb, 3 * pre.width as usize),
                     Ok(SegmentMsg::Done) => break,
                     Ok(SegmentMsg::Failed(e)) => {
                         outcome = Err(match e {
