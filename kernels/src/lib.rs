@@ -1,0 +1,12 @@
+//! CubeCL kernels of longview. Today: flash attention (forward with log-sum-exp,
+//! FlashAttention-2 style backward) for `[B, H, S, D]` tensors with grouped-query
+//! heads, causal masks at arbitrary global offsets of the query and key blocks (what
+//! ring attention steps need), packed variable-length sequences, and the merge of
+//! partial `(O, LSE)` results. Runtime-agnostic: the host functions take a cubecl
+//! [`Client`](cubecl::client::Client) of any runtime (wgpu in CI, CUDA on GPUs).
+
+pub mod flash;
+
+pub use flash::{
+    AttnError, DeviceTensor, FlashOptions, flash_backward, flash_forward, merge_partials,
+};
