@@ -5,6 +5,8 @@
 //! partial `(O, LSE)` results. Runtime-agnostic: the host functions take a cubecl
 //! [`Client`](cubecl::client::Client) of any runtime (wgpu in CI, CUDA on GPUs).
 
+#[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
+pub mod burn_op;
 pub mod flash;
 
 pub use flash::{

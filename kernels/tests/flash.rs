@@ -237,6 +237,8 @@ fn forward_and_backward_match_the_f64_reference() {
         Case::new(1, 2, 2, 70, 70, 72).with(|o| o.causal(true)),
         // Ring step, partly visible block: queries at 40..70, keys at 0..50.
         Case::new(1, 8, 2, 30, 50, 80).with(|o| o.causal(true).offsets(40, 0)),
+        // Two batches, head dim 128, ring offset.
+        Case::new(2, 2, 2, 30, 50, 128).with(|o| o.causal(true).offsets(25, 0)),
         // Ring step, whole key block visible (queries after every key).
         Case::new(1, 4, 1, 20, 50, 64).with(|o| o.causal(true).offsets(100, 0)),
         // Ring step, whole key block masked (keys after every query): O = 0, LSE = NO_KEYS.

@@ -1,0 +1,292 @@
+//! Flash attention as a Burn autodiff op: one call gives O (tracked: its backward runs
+//! the flash backward kernels from the stored LSE, never materialising the score
+//! matrix) and LSE (for callers that merge partial results, e.g. ring attention).
+//!
+//! Burn 0.22's `#[backend_extension]` routes the call to the CubeCL backend (any
+//! cubecl runtime: CUDA, wgpu) or, on an autodiff device, to the hand-written
+//! `Autodiff<B, C>` implementation below, which records the backward step.
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::{AutodiffBackend, Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Shape, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+
+use crate::flash::{self, AttnError, DeviceTensor, FlashOptions};
+
+#[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
+pub trait FlashAttentionBackend: burn::backend::Backend {
+    /// `(O, LSE)`; shapes already checked by [`flash_attention`].
+    fn flash_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dQ, dK, dV)`.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+fn view(t: &CubeTensor) -> DeviceTensor {
+    DeviceTensor {
+        handle: t.handle.clone(),
+        shape: t.meta.shape().to_vec(),
+        strides: t.meta.strides().to_vec(),
+    }
+}
+
+fn wrap(like: &CubeTensor, t: DeviceTensor, dtype: DType) -> CubeTensor {
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(t.shape),
+        t.handle,
+        dtype,
+    )
+}
+
+fn options(scale: f32, causal: bool, q_offset: usize, k_offset: usize) -> FlashOptions {
+    FlashOptions {
+        scale,
+        causal,
+        q_offset,
+        k_offset,
+        cu_seqlens: None,
+    }
+}
+
+const CHECKED: &str = "flash attention inputs are checked before the op runs";
+
+impl FlashAttentionBackend for CubeBackend {
+    fn flash_attention_forward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (CubeTensor, CubeTensor) {
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let client = q.client.clone();
+        let opts = options(scale, causal, q_offset, k_offset);
+        let (o, lse) = match q.dtype {
+            DType::F32 => flash::flash_forward::<f32>(&client, &view(&q), &view(&k), &view(&v), &opts),
+            DType::F16 => flash::flash_forward::<half::f16>(&client, &view(&q), &view(&k), &view(&v), &opts),
+            DType::BF16 => flash::flash_forward::<half::bf16>(&client, &view(&q), &view(&k), &view(&v), &opts),
+            other => panic!("flash attention: unsupported dtype {other:?}"),
+        }
+        .expect(CHECKED);
+        (wrap(&q, o, q.dtype), wrap(&q, lse, DType::F32))
+    }
+
+    fn flash_attention_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        d_o: CubeTensor,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let [q, k, v, o, lse, d_o] = [q, k, v, o, lse, d_o].map(into_contiguous);
+        let client = q.client.clone();
+        let opts = options(scale, causal, q_offset, k_offset);
+        let args = (view(&q), view(&k), view(&v), view(&o), view(&lse), view(&d_o));
+        let (dq, dk, dv) = match q.dtype {
+            DType::F32 => flash::flash_backward::<f32>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
+            DType::F16 => flash::flash_backward::<half::f16>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
+            DType::BF16 => flash::flash_backward::<half::bf16>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
+            other => panic!("flash attention: unsupported dtype {other:?}"),
+        }
+        .expect(CHECKED);
+        (wrap(&q, dq, q.dtype), wrap(&k, dk, k.dtype), wrap(&v, dv, v.dtype))
+    }
+}
+
+impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for Autodiff<B, C> {
+    fn flash_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct FlashBackward;
+
+        impl<B: FlashAttentionBackend> Backward<B, 3> for FlashBackward {
+            /// q, k, v, o, lse and the options: the backward never reruns the forward.
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                (f32, bool, usize, usize),
+            );
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let d_o = grads.consume::<B>(&ops.node);
+                let (q, k, v, o, lse, (scale, causal, q_offset, k_offset)) = ops.state;
+                let (dq, dk, dv) =
+                    B::flash_attention_backward(q, k, v, o, lse, d_o, scale, causal, q_offset, k_offset);
+                if let Some(node) = node_q {
+                    grads.register::<B>(node.id, dq);
+                }
+                if let Some(node) = node_k {
+                    grads.register::<B>(node.id, dk);
+                }
+                if let Some(node) = node_v {
+                    grads.register::<B>(node.id, dv);
+                }
+            }
+        }
+
+        // compute_bound: keep O and LSE, never recompute the attention forward.
+        match FlashBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (o, lse) = B::flash_attention_forward(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    scale,
+                    causal,
+                    q_offset,
+                    k_offset,
+                );
+                let state = (q, k, v, o.clone(), lse.clone(), (scale, causal, q_offset, k_offset));
+                (prep.finish(state, o), <Self as AutodiffBackend>::from_inner(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (o, lse) = B::flash_attention_forward(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    scale,
+                    causal,
+                    q_offset,
+                    k_offset,
+                );
+                (prep.finish(o), <Self as AutodiffBackend>::from_inner(lse))
+            }
+        }
+    }
+
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::flash_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            scale,
+            causal,
+            q_offset,
+            k_offset,
+        );
+        (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
+    }
+}
+
+/// Whether `device` runs CubeCL kernels (CUDA, wgpu), i.e. whether
+/// [`flash_attention`] can run there.
+pub fn supported(device: &burn::tensor::Device) -> bool {
+    matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Cube(_))
+}
+
+/// Flash attention on Burn tensors: q `[B, Hq, Sq, D]`, k/v `[B, Hkv, Sk, D]`.
+/// Returns O `[B, Hq, Sq, D]` (differentiable in q, k, v) and LSE `[B, Hq, Sq]` (f32,
+/// not differentiable). Packed sequences are not available through this op yet.
+pub fn flash_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    options: &FlashOptions,
+) -> Result<(Tensor<4>, Tensor<3>), AttnError> {
+    if !supported(&q.device()) {
+        return Err(AttnError::Options(format!(
+            "flash attention needs a CubeCL device (cuda, wgpu), not {:?}",
+            q.device()
+        )));
+    }
+    if options.cu_seqlens.is_some() {
+        return Err(AttnError::Options(
+            "packed sequences are not available through the Burn op yet".into(),
+        ));
+    }
+    let [b, hq, sq, d] = q.dims();
+    let [bk, hkv, sk, dk] = k.dims();
+    if v.dims() != [bk, hkv, sk, dk] || bk != b || dk != d || hkv == 0 || hq % hkv != 0 {
+        return Err(AttnError::Shape(format!(
+            "q {:?}, k {:?}, v {:?}: need q [B, Hq, Sq, D], k = v [B, Hkv, Sk, D] with Hkv dividing Hq",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if d == 0 || d > flash::MAX_HEAD_DIM || sq == 0 || sk == 0 {
+        return Err(AttnError::Shape(format!(
+            "head_dim {d} (1 to {}) and non-empty sequences (Sq {sq}, Sk {sk}) required",
+            flash::MAX_HEAD_DIM
+        )));
+    }
+    if !options.scale.is_finite() || options.scale <= 0.0 {
+        return Err(AttnError::Options(format!("scale {} must be positive", options.scale)));
+    }
+    let (o, lse) = <Dispatch as FlashAttentionBackend>::flash_attention_forward(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        options.scale,
+        options.causal,
+        options.q_offset,
+        options.k_offset,
+    );
+    Ok((Tensor::from_dispatch(o), Tensor::from_dispatch(lse)))
+}

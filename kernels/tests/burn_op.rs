@@ -1,0 +1,123 @@
+//! The Burn autodiff op on a wgpu device (lavapipe in CI) against the same attention
+//! written with plain Burn tensor ops (repeat kv heads, matmul, mask, softmax) on the
+//! same device: O, LSE and the gradients of q, k, v.
+
+use burn::tensor::{Device, DeviceKind, Distribution, Tensor, TensorData};
+use longview_kernels::FlashOptions;
+use longview_kernels::burn_op::{flash_attention, supported};
+
+fn device() -> Device {
+    Device::wgpu(DeviceKind::DefaultDevice).autodiff()
+}
+
+fn values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / scale)
+        .fold(0.0f32, f32::max);
+    assert!(worst <= tol, "{name}: relative error {worst:.2e} > {tol:.0e}");
+}
+
+/// Attention from plain tensor ops: returns (O, LSE).
+fn reference(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    opts: &FlashOptions,
+) -> (Tensor<4>, Tensor<3>) {
+    let [b, hq, sq, d] = q.dims();
+    let [_, hkv, sk, _] = k.dims();
+    let g = hq / hkv;
+    // With one query head per kv head the repeat is skipped: on the wgpu backend the
+    // gradient through `unsqueeze_dim(2).repeat_dim(2, 1).reshape(..)` followed by
+    // `swap_dims` + `matmul` came out wrong (dK off by 13-57% here), while this
+    // reference without the no-op repeat and the f64 checks of tests/flash.rs agree
+    // with the kernels to 1e-7.
+    let repeat = |t: Tensor<4>| {
+        if g == 1 {
+            t
+        } else {
+            t.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, hq, sk, d])
+        }
+    };
+    let scores = q.matmul(repeat(k).swap_dims(2, 3)) * opts.scale;
+    let mut bias = vec![0f32; sq * sk];
+    for i in 0..sq {
+        for j in 0..sk {
+            if opts.causal && opts.k_offset + j > opts.q_offset + i {
+                bias[i * sk + j] = -1e30;
+            }
+        }
+    }
+    let bias = Tensor::<2>::from_data(TensorData::new(bias, [sq, sk]), &scores.device())
+        .reshape([1, 1, sq, sk]);
+    let scores = scores + bias;
+    let max = scores.clone().max_dim(3);
+    let exp = (scores - max.clone()).exp();
+    let sum = exp.clone().sum_dim(3);
+    let lse = (max + sum.clone().log()).reshape([b, hq, sq]);
+    let o = (exp / sum).matmul(repeat(v));
+    (o, lse)
+}
+
+#[test]
+fn burn_op_matches_plain_tensor_attention_forward_and_backward() {
+    let device = device();
+    assert!(supported(&device));
+    for (hq, hkv, sq, sk, d, causal, q_offset) in [
+        (4, 2, 37, 53, 64, false, 0),
+        (4, 1, 40, 40, 72, true, 0),
+        (2, 2, 30, 50, 128, true, 25),
+        (2, 2, 30, 50, 64, false, 0),
+    ] {
+        let opts = FlashOptions::new(d).causal(causal).offsets(q_offset, 0);
+        let leaf = |shape: [usize; 4]| {
+            Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device).require_grad()
+        };
+        let q = leaf([2, hq, sq, d]);
+        let k = leaf([2, hkv, sk, d]);
+        let v = leaf([2, hkv, sk, d]);
+        let w = Tensor::<4>::random([2, hq, sq, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let (o, lse) = flash_attention(q.clone(), k.clone(), v.clone(), &opts).unwrap();
+        let (o_ref, lse_ref) = reference(q.clone(), k.clone(), v.clone(), &opts);
+        let label = format!("Hq {hq} Hkv {hkv} Sq {sq} Sk {sk} D {d} causal {causal} offset {q_offset}");
+        assert_close(&format!("O {label}"), &values(o.clone()), &values(o_ref.clone()), 2e-5);
+        assert_close(
+            &format!("LSE {label}"),
+            &lse.into_data().try_to_vec::<f32>().unwrap(),
+            &lse_ref.into_data().try_to_vec::<f32>().unwrap(),
+            2e-5,
+        );
+        let grads = (o * w.clone()).sum().backward();
+        let grads_ref = (o_ref * w).sum().backward();
+        for (name, t) in [("dQ", &q), ("dK", &k), ("dV", &v)] {
+            assert_close(
+                &format!("{name} {label}"),
+                &values(t.grad(&grads).unwrap()),
+                &values(t.grad(&grads_ref).unwrap()),
+                5e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn burn_op_refuses_what_it_cannot_do() {
+    let flex = Device::flex();
+    let t = Tensor::<4>::zeros([1, 2, 4, 8], &flex);
+    let err = flash_attention(t.clone(), t.clone(), t, &FlashOptions::new(8)).unwrap_err();
+    assert!(err.to_string().contains("needs a CubeCL device"), "{err}");
+    let device = device();
+    let q = Tensor::<4>::zeros([1, 3, 4, 8], &device);
+    let kv = Tensor::<4>::zeros([1, 2, 4, 8], &device);
+    let err = flash_attention(q, kv.clone(), kv, &FlashOptions::new(8)).unwrap_err();
+    assert!(err.to_string().contains("Hkv dividing Hq"), "{err}");
+}
+
