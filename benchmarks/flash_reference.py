@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """torch scaled_dot_product_attention on the shapes of `cargo bench -p longview-kernels
---bench flash` (bf16, [B, H, S, D]), flash and cuDNN backends, forward and
+--bin flash_bench` (bf16, [B, H, S, D]), flash and cuDNN backends, forward and
 forward+backward, TFLOP/s with FlashAttention's convention (forward 4 B H S^2 D, halved
 when causal; backward 2.5x the forward). Run on the GPU machine:
 

@@ -12,7 +12,9 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::backend::{AutodiffBackend, Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor};
+use burn::backend::{
+    AutodiffBackend, Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor,
+};
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -93,9 +95,15 @@ impl FlashAttentionBackend for CubeBackend {
         let client = q.client.clone();
         let opts = options(scale, causal, q_offset, k_offset);
         let (o, lse) = match q.dtype {
-            DType::F32 => flash::flash_forward::<f32>(&client, &view(&q), &view(&k), &view(&v), &opts),
-            DType::F16 => flash::flash_forward::<half::f16>(&client, &view(&q), &view(&k), &view(&v), &opts),
-            DType::BF16 => flash::flash_forward::<half::bf16>(&client, &view(&q), &view(&k), &view(&v), &opts),
+            DType::F32 => {
+                flash::flash_forward::<f32>(&client, &view(&q), &view(&k), &view(&v), &opts)
+            }
+            DType::F16 => {
+                flash::flash_forward::<half::f16>(&client, &view(&q), &view(&k), &view(&v), &opts)
+            }
+            DType::BF16 => {
+                flash::flash_forward::<half::bf16>(&client, &view(&q), &view(&k), &view(&v), &opts)
+            }
             other => panic!("flash attention: unsupported dtype {other:?}"),
         }
         .expect(CHECKED);
@@ -117,15 +125,32 @@ impl FlashAttentionBackend for CubeBackend {
         let [q, k, v, o, lse, d_o] = [q, k, v, o, lse, d_o].map(into_contiguous);
         let client = q.client.clone();
         let opts = options(scale, causal, q_offset, k_offset);
-        let args = (view(&q), view(&k), view(&v), view(&o), view(&lse), view(&d_o));
+        let args = (
+            view(&q),
+            view(&k),
+            view(&v),
+            view(&o),
+            view(&lse),
+            view(&d_o),
+        );
         let (dq, dk, dv) = match q.dtype {
-            DType::F32 => flash::flash_backward::<f32>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
-            DType::F16 => flash::flash_backward::<half::f16>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
-            DType::BF16 => flash::flash_backward::<half::bf16>(&client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts),
+            DType::F32 => flash::flash_backward::<f32>(
+                &client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts,
+            ),
+            DType::F16 => flash::flash_backward::<half::f16>(
+                &client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts,
+            ),
+            DType::BF16 => flash::flash_backward::<half::bf16>(
+                &client, &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &opts,
+            ),
             other => panic!("flash attention: unsupported dtype {other:?}"),
         }
         .expect(CHECKED);
-        (wrap(&q, dq, q.dtype), wrap(&k, dk, k.dtype), wrap(&v, dv, v.dtype))
+        (
+            wrap(&q, dq, q.dtype),
+            wrap(&k, dk, k.dtype),
+            wrap(&v, dv, v.dtype),
+        )
     }
 }
 
@@ -153,12 +178,18 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
                 (f32, bool, usize, usize),
             );
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [node_q, node_k, node_v] = ops.parents;
                 let d_o = grads.consume::<B>(&ops.node);
                 let (q, k, v, o, lse, (scale, causal, q_offset, k_offset)) = ops.state;
-                let (dq, dk, dv) =
-                    B::flash_attention_backward(q, k, v, o, lse, d_o, scale, causal, q_offset, k_offset);
+                let (dq, dk, dv) = B::flash_attention_backward(
+                    q, k, v, o, lse, d_o, scale, causal, q_offset, k_offset,
+                );
                 if let Some(node) = node_q {
                     grads.register::<B>(node.id, dq);
                 }
@@ -188,8 +219,18 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
                     q_offset,
                     k_offset,
                 );
-                let state = (q, k, v, o.clone(), lse.clone(), (scale, causal, q_offset, k_offset));
-                (prep.finish(state, o), <Self as AutodiffBackend>::from_inner(lse))
+                let state = (
+                    q,
+                    k,
+                    v,
+                    o.clone(),
+                    lse.clone(),
+                    (scale, causal, q_offset, k_offset),
+                );
+                (
+                    prep.finish(state, o),
+                    <Self as AutodiffBackend>::from_inner(lse),
+                )
             }
             OpsKind::UnTracked(prep) => {
                 let (o, lse) = B::flash_attention_forward(
@@ -230,14 +271,21 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
             q_offset,
             k_offset,
         );
-        (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
     }
 }
 
 /// Whether `device` runs CubeCL kernels (CUDA, wgpu), i.e. whether
 /// [`flash_attention`] can run there.
 pub fn supported(device: &burn::tensor::Device) -> bool {
-    matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Cube(_))
+    matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        DispatchDevice::Cube(_)
+    )
 }
 
 /// Flash attention on Burn tensors: q `[B, Hq, Sq, D]`, k/v `[B, Hkv, Sk, D]`.
@@ -277,7 +325,10 @@ pub fn flash_attention(
         )));
     }
     if !options.scale.is_finite() || options.scale <= 0.0 {
-        return Err(AttnError::Options(format!("scale {} must be positive", options.scale)));
+        return Err(AttnError::Options(format!(
+            "scale {} must be positive",
+            options.scale
+        )));
     }
     let (o, lse) = <Dispatch as FlashAttentionBackend>::flash_attention_forward(
         q.into_dispatch(),

@@ -22,7 +22,10 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
         .zip(want)
         .map(|(g, w)| (g - w).abs() / scale)
         .fold(0.0f32, f32::max);
-    assert!(worst <= tol, "{name}: relative error {worst:.2e} > {tol:.0e}");
+    assert!(
+        worst <= tol,
+        "{name}: relative error {worst:.2e} > {tol:.0e}"
+    );
 }
 
 /// Attention from plain tensor ops: returns (O, LSE).
@@ -44,7 +47,9 @@ fn reference(
         if g == 1 {
             t
         } else {
-            t.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, hq, sk, d])
+            t.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, g)
+                .reshape([b, hq, sk, d])
         }
     };
     let scores = q.matmul(repeat(k).swap_dims(2, 3)) * opts.scale;
@@ -87,8 +92,14 @@ fn burn_op_matches_plain_tensor_attention_forward_and_backward() {
         let w = Tensor::<4>::random([2, hq, sq, d], Distribution::Uniform(-1.0, 1.0), &device);
         let (o, lse) = flash_attention(q.clone(), k.clone(), v.clone(), &opts).unwrap();
         let (o_ref, lse_ref) = reference(q.clone(), k.clone(), v.clone(), &opts);
-        let label = format!("Hq {hq} Hkv {hkv} Sq {sq} Sk {sk} D {d} causal {causal} offset {q_offset}");
-        assert_close(&format!("O {label}"), &values(o.clone()), &values(o_ref.clone()), 2e-5);
+        let label =
+            format!("Hq {hq} Hkv {hkv} Sq {sq} Sk {sk} D {d} causal {causal} offset {q_offset}");
+        assert_close(
+            &format!("O {label}"),
+            &values(o.clone()),
+            &values(o_ref.clone()),
+            2e-5,
+        );
         assert_close(
             &format!("LSE {label}"),
             &lse.into_data().try_to_vec::<f32>().unwrap(),
@@ -120,4 +131,3 @@ fn burn_op_refuses_what_it_cannot_do() {
     let err = flash_attention(q, kv.clone(), kv, &FlashOptions::new(8)).unwrap_err();
     assert!(err.to_string().contains("Hkv dividing Hq"), "{err}");
 }
-

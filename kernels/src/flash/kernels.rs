@@ -81,6 +81,35 @@ fn key_hi(
     hi
 }
 
+/// Stages rows `[first, first + rows)` of a `[.., len, head_dim]` tensor slice starting
+/// at element `base` into `dst` as f32 times `scale` (rows past `len` read as 0). All
+/// units of the cube take part, `step` (the cube size) elements apart.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows<F: Float>(
+    src: &Tensor<F>,
+    base: usize,
+    first: usize,
+    len: usize,
+    scale: f32,
+    dst: &mut Shared<[f32]>,
+    #[comptime] rows: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] step: usize,
+) {
+    let mut idx = UNIT_POS_X as usize;
+    while idx < comptime!(rows * head_dim) {
+        let r = first + idx / head_dim;
+        let d = idx % head_dim;
+        let mut x = 0.0f32;
+        if r < len {
+            x = f32::cast_from(src[base + r * src.stride(2) + d * src.stride(3)]) * scale;
+        }
+        dst[idx] = x;
+        idx += step;
+    }
+}
+
 /// O and LSE. Cube: `block_q` units (one query row each); grid:
 /// `(ceil(Sq / block_q), B * Hq)`.
 #[cube(launch)]
@@ -151,21 +180,12 @@ pub fn flash_forward_kernel<F: Float>(
     let mut tile = block_lo - block_lo % block_k;
     while tile < block_hi {
         // Stage K and V rows [tile, tile + block_k) in shared memory.
-        let mut idx = UNIT_POS_X as usize;
-        while idx < comptime!(block_k * head_dim) {
-            let j = idx / head_dim;
-            let d = idx % head_dim;
-            let key = tile + j;
-            let mut kx = 0.0f32;
-            let mut vx = 0.0f32;
-            if key < sk {
-                kx = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
-                vx = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
-            }
-            k_s[idx] = kx;
-            v_s[idx] = vx;
-            idx += block_q;
-        }
+        stage_rows(
+            k, k_base, tile, sk, 1.0f32, &mut k_s, block_k, head_dim, block_q,
+        );
+        stage_rows(
+            v, v_base, tile, sk, 1.0f32, &mut v_s, block_k, head_dim, block_q,
+        );
         sync_cube();
         // Scores of this row against the tile, and their maximum.
         let mut tile_max = f32::new(NO_KEYS);
@@ -325,21 +345,12 @@ pub fn flash_dq_kernel<F: Float>(
     let mut v_s = Shared::<[f32]>::new_slice(comptime!(block_k * head_dim));
     let mut tile = block_lo - block_lo % block_k;
     while tile < block_hi {
-        let mut idx = UNIT_POS_X as usize;
-        while idx < comptime!(block_k * head_dim) {
-            let j = idx / head_dim;
-            let d = idx % head_dim;
-            let key = tile + j;
-            let mut kx = 0.0f32;
-            let mut vx = 0.0f32;
-            if key < sk {
-                kx = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
-                vx = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
-            }
-            k_s[idx] = kx;
-            v_s[idx] = vx;
-            idx += block_q;
-        }
+        stage_rows(
+            k, k_base, tile, sk, 1.0f32, &mut k_s, block_k, head_dim, block_q,
+        );
+        stage_rows(
+            v, v_base, tile, sk, 1.0f32, &mut v_s, block_k, head_dim, block_q,
+        );
         sync_cube();
         for j in 0..block_k {
             let key = tile + j;
@@ -455,21 +466,12 @@ pub fn flash_dkdv_kernel<F: Float>(
         let g_head = b * d_o.stride(0) + h * d_o.stride(1);
         let mut tile = block_lo - block_lo % block_q;
         while tile < block_hi {
-            let mut idx = UNIT_POS_X as usize;
-            while idx < comptime!(block_q * head_dim) {
-                let i = idx / head_dim;
-                let d = idx % head_dim;
-                let qi = tile + i;
-                let mut qx = 0.0f32;
-                let mut gx = 0.0f32;
-                if qi < sq {
-                    qx = f32::cast_from(q[q_head + qi * q.stride(2) + d * q.stride(3)]) * scale;
-                    gx = f32::cast_from(d_o[g_head + qi * d_o.stride(2) + d * d_o.stride(3)]);
-                }
-                q_s[idx] = qx;
-                g_s[idx] = gx;
-                idx += block_k;
-            }
+            stage_rows(
+                q, q_head, tile, sq, scale, &mut q_s, block_q, head_dim, block_k,
+            );
+            stage_rows(
+                d_o, g_head, tile, sq, 1.0f32, &mut g_s, block_q, head_dim, block_k,
+            );
             let mut r = UNIT_POS_X as usize;
             while r < block_q {
                 let qi = tile + r;

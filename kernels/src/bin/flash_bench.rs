@@ -1,6 +1,8 @@
-//! Flash-attention throughput and large-size correctness on a GPU. Run (GPU machine):
+//! Flash-attention throughput and large-size correctness on a GPU. Build here, run on
+//! the GPU machine:
 //!
-//!     cargo bench -p longview-kernels --features cuda --bench flash -- [--quick]
+//!     cargo build --release -p longview-kernels --no-default-features --features cuda --bin flash_bench
+//!     flash_bench [--quick] [--128k]
 //!
 //! For each scenario: forward and forward+backward wall time (device synchronised
 //! before the clock stops; one warm-up call first), TFLOP/s with FlashAttention's
@@ -31,10 +33,14 @@ fn client() -> Client {
 }
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
         })
         .collect()
@@ -45,7 +51,15 @@ fn sync(client: &Client) {
 }
 
 /// O and LSE in f64 for B = 1, Hq = Hkv, causal.
-fn reference(q: &[f32], k: &[f32], v: &[f32], h: usize, s: usize, d: usize, scale: f64) -> (Vec<f64>, Vec<f64>) {
+fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    h: usize,
+    s: usize,
+    d: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let mut o = vec![0.0; h * s * d];
     let mut lse = vec![0.0; h * s];
     for hh in 0..h {
@@ -54,7 +68,10 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], h: usize, s: usize, d: usize, scal
             let scores: Vec<f64> = (0..=i)
                 .map(|j| {
                     let kb = (hh * s + j) * d;
-                    (0..d).map(|x| q[base + x] as f64 * k[kb + x] as f64).sum::<f64>() * scale
+                    (0..d)
+                        .map(|x| q[base + x] as f64 * k[kb + x] as f64)
+                        .sum::<f64>()
+                        * scale
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -97,14 +114,28 @@ fn check_large(client: &Client) {
     let h16 = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f32(v)).collect() };
     let tb = |x: &[f32]| DeviceTensor::from_slice(client, &h16(x), &shape);
     let (o, lse) = flash_forward::<bf16>(client, &tb(&q), &tb(&k), &tb(&v), &opts).unwrap();
-    let o: Vec<f32> = o.to_vec::<bf16>(client).unwrap().iter().map(|x| x.to_f32()).collect();
+    let o: Vec<f32> = o
+        .to_vec::<bf16>(client)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
     let e_o = max_rel(&o, &o_ref);
     let e_l = max_rel(&lse.to_vec::<f32>(client).unwrap(), &lse_ref);
     println!("check bf16 B1 H2 S1024 D128 causal: O rel err {e_o:.2e}, LSE rel err {e_l:.2e}");
     assert!(e_o <= 3e-2 && e_l <= 3e-2, "bf16 check failed");
 }
 
-fn bench(client: &Client, name: &str, b: usize, h: usize, s: usize, d: usize, causal: bool, reps: usize) {
+fn bench(
+    client: &Client,
+    name: &str,
+    b: usize,
+    h: usize,
+    s: usize,
+    d: usize,
+    causal: bool,
+    reps: usize,
+) {
     let shape = [b, h, s, d];
     let n = b * h * s * d;
     let mk = |seed| {
@@ -113,7 +144,8 @@ fn bench(client: &Client, name: &str, b: usize, h: usize, s: usize, d: usize, ca
     };
     let (q, k, v, g) = (mk(1), mk(2), mk(3), mk(4));
     let opts = FlashOptions::new(d).causal(causal);
-    let fwd_flops = 4.0 * (b * h) as f64 * (s as f64) * (s as f64) * d as f64 / if causal { 2.0 } else { 1.0 };
+    let fwd_flops =
+        4.0 * (b * h) as f64 * (s as f64) * (s as f64) * d as f64 / if causal { 2.0 } else { 1.0 };
     // Warm-up (kernel compilation).
     let (o, lse) = flash_forward::<bf16>(client, &q, &k, &v, &opts).unwrap();
     let _ = flash_backward::<bf16>(client, &q, &k, &v, &o, &lse, &g, &opts).unwrap();
@@ -150,7 +182,16 @@ fn main() {
     let long: &[usize] = if quick { &[8192] } else { &[8192, 32768] };
     for &s in long {
         for causal in [true, false] {
-            bench(&client, "LLM", 1, 16, s, 128, causal, if s > 8192 { 1 } else { 3 });
+            bench(
+                &client,
+                "LLM",
+                1,
+                16,
+                s,
+                128,
+                causal,
+                if s > 8192 { 1 } else { 3 },
+            );
         }
     }
     bench(&client, "SigLIP (16 frames)", 16, 16, 729, 72, false, 3);
