@@ -15,9 +15,10 @@ pub mod sampling;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, SyncSender};
 
 use ff::codec::packet::side_data::Type as SideDataType;
 use ff::software::scaling::{Context as Scaler, Flags};
@@ -648,6 +649,10 @@ fn decode_parallel(
         .iter()
         .map(|_| mpsc::sync_channel::<SegmentMsg>(SEGMENT_QUEUE))
         .unzip();
+    // The worker that takes a segment owns its sender, so a worker that dies mid-way
+    // disconnects the queue the caller is reading instead of leaving it waiting.
+    let senders: Vec<Mutex<Option<SyncSender<SegmentMsg>>>> =
+        senders.into_iter().map(|tx| Mutex::new(Some(tx))).collect();
     let next_segment = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -661,7 +666,12 @@ fn decode_parallel(
                         if k >= segments.len() || stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let tx = &senders[k];
+                        let tx = senders[k]
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .take()
+                            .expect("each segment is taken once");
+                        let tx = &tx;
                         let decoder = match &mut decoder {
                             Some(d) => d,
                             None => match SegmentDecoder::open(info, pre, threads, seek_skip) {
