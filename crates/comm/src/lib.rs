@@ -1,0 +1,134 @@
+//! Collectives for longview's parallel layers.
+//!
+//! [`Communicator`] is the one interface the sequence-parallel code (`longview-parallel`)
+//! and the trainer talk to. It follows NCCL's model: every rank of a group calls the
+//! same collectives in the same order; point-to-point [`Communicator::send`] is posted
+//! without waiting for the receiver (so the next ring block can be in flight while the
+//! current one is computed) and [`Communicator::recv`] waits for it.
+//!
+//! Implementations:
+//! - [`local::LocalWorld`]: ranks are threads of one process exchanging host copies of
+//!   the tensors. It has the same semantics as the NCCL backend and is what every
+//!   sequence-parallel test runs on in CI (no GPU). Reductions add in rank order in f32,
+//!   so every rank gets a bit-identical result.
+//! - NCCL (one process per GPU through cudarc): not built yet.
+//!
+//! Failure is an error, never a hang: a rank that stops or panics, a receive that waits
+//! longer than the group's timeout, and ranks calling different collectives all end
+//! the waiting ranks with a [`CommError`] naming the ranks and the operation.
+
+pub mod local;
+
+use burn::tensor::{Device, Tensor};
+
+pub use local::{LocalComm, LocalWorld};
+
+/// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+/// Why a collective failed. Every variant names the calling rank.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error(
+        "rank {rank}: gave up after {waited_s:.1} s waiting for rank {peer} in {op} \
+         (the peer is alive but never sent; ranks probably called different collectives \
+         or a different number of them)"
+    )]
+    Timeout {
+        rank: usize,
+        peer: usize,
+        op: String,
+        waited_s: f64,
+    },
+    #[error(
+        "rank {rank}: rank {peer} left the group (it stopped or panicked) while {op} was waiting for it"
+    )]
+    PeerGone {
+        rank: usize,
+        peer: usize,
+        op: String,
+    },
+    #[error(
+        "rank {rank}: collective mismatch: this rank is in {expected} but rank {peer} sent {found}"
+    )]
+    Mismatch {
+        rank: usize,
+        peer: usize,
+        expected: String,
+        found: String,
+    },
+    #[error("rank {rank}: {op}: {reason}")]
+    InvalidArgument {
+        rank: usize,
+        op: String,
+        reason: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, CommError>;
+
+/// A group of ranks that exchange tensors. Ranks are numbered `0..world_size()` inside
+/// the group; sub-groups made by [`Communicator::split`] number their members again
+/// from 0.
+pub trait Communicator: Send + Sized {
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Posts `tensor` to rank `to` and returns without waiting for the receiver.
+    fn send<const D: usize>(&self, tensor: &Tensor<D>, to: usize) -> Result<()>;
+    /// Waits for the next tensor rank `from` sent to this rank; it lands on `device`.
+    fn recv<const D: usize>(&self, from: usize, device: &Device) -> Result<Tensor<D>>;
+
+    /// Every rank gets the element-wise reduction of all ranks' tensors (same shape on
+    /// every rank).
+    fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>>;
+    /// Every rank gets all ranks' tensors concatenated along `dim`, in rank order.
+    fn all_gather<const D: usize>(&self, tensor: Tensor<D>, dim: usize) -> Result<Tensor<D>>;
+    /// The reduction of all ranks' tensors, split into `world_size` equal parts along
+    /// `dim`; rank `r` gets part `r`.
+    fn reduce_scatter<const D: usize>(
+        &self,
+        tensor: Tensor<D>,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<Tensor<D>>;
+    /// Every rank gets rank `root`'s tensor; the others pass a tensor of the same shape
+    /// (its values are ignored), as NCCL's in-place broadcast.
+    fn broadcast<const D: usize>(&self, tensor: Tensor<D>, root: usize) -> Result<Tensor<D>>;
+    /// `parts[j]` goes to rank `j`; the result's element `i` is what rank `i` sent here.
+    fn all_to_all<const D: usize>(&self, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>>;
+
+    /// Splits the group into disjoint sub-groups. Every rank passes the same partition
+    /// (each rank in exactly one group; a group's order numbers its members) and gets
+    /// the sub-group it belongs to. Sub-groups have their own channels: their traffic
+    /// never mixes with the parent's.
+    fn split(&self, groups: &[Vec<usize>]) -> Result<Self>;
+}
+
+/// Checks that `groups` partitions `0..world`; the error names the offending rank.
+pub fn check_partition(world: usize, groups: &[Vec<usize>]) -> std::result::Result<(), String> {
+    let mut seen = vec![false; world];
+    for group in groups {
+        if group.is_empty() {
+            return Err("a sub-group is empty".into());
+        }
+        for &r in group {
+            if r >= world {
+                return Err(format!("rank {r} is out of range for a group of {world}"));
+            }
+            if std::mem::replace(&mut seen[r], true) {
+                return Err(format!("rank {r} appears in more than one sub-group"));
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(format!("rank {missing} is in no sub-group"));
+    }
+    Ok(())
+}

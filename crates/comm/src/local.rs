@@ -1,0 +1,430 @@
+//! The in-process communicator: ranks are threads, messages are host copies of tensors.
+//!
+//! Each (group, sender, receiver) triple has its own FIFO mailbox, so as long as ranks
+//! call operations in the same order (NCCL's rule) messages pair up without tags. Every
+//! message still carries the name of the operation that sent it and its position in
+//! the sender's sequence of operations, so ranks that call different collectives get
+//! a [`CommError::Mismatch`] instead of silently combining unrelated tensors.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::{CommError, Communicator, ReduceOp, Result, check_partition};
+
+/// How long a receive waits for a live peer before giving up, unless set with
+/// [`LocalWorld::communicators_with_timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How often a waiting receive checks whether its peer is still alive.
+const POLL: Duration = Duration::from_millis(20);
+
+struct Message {
+    /// `"<op>#<sequence number>"` of the sending rank.
+    tag: String,
+    data: TensorData,
+}
+
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<Message>>,
+    arrived: Condvar,
+}
+
+struct Shared {
+    /// Keyed by (group id, sender's global rank, receiver's global rank).
+    mailboxes: Mutex<HashMap<(u64, usize, usize), Arc<Mailbox>>>,
+    alive: Vec<AtomicBool>,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn mailbox(&self, group: u64, from: usize, to: usize) -> Arc<Mailbox> {
+        let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        boxes.entry((group, from, to)).or_default().clone()
+    }
+}
+
+/// Marks its global rank as gone when the last communicator of that rank (the world
+/// communicator and every sub-group made from it) is dropped, e.g. while a panicking
+/// rank thread unwinds. Waiting peers then fail with [`CommError::PeerGone`].
+struct RankLife {
+    shared: Arc<Shared>,
+    global_rank: usize,
+}
+
+impl Drop for RankLife {
+    fn drop(&mut self) {
+        self.shared.alive[self.global_rank].store(false, Ordering::SeqCst);
+        // Wake every waiter so it notices promptly instead of at its next poll.
+        let boxes = self
+            .shared
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for mailbox in boxes.values() {
+            mailbox.arrived.notify_all();
+        }
+    }
+}
+
+/// Creates the communicators of an in-process group.
+pub struct LocalWorld;
+
+impl LocalWorld {
+    /// One communicator per rank, in rank order; hand each to its own thread.
+    pub fn communicators(world_size: usize) -> Vec<LocalComm> {
+        Self::communicators_with_timeout(world_size, DEFAULT_TIMEOUT)
+    }
+
+    /// As [`LocalWorld::communicators`], with the longest a receive waits for a live peer.
+    pub fn communicators_with_timeout(world_size: usize, timeout: Duration) -> Vec<LocalComm> {
+        assert!(world_size > 0, "a group needs at least one rank");
+        let shared = Arc::new(Shared {
+            mailboxes: Mutex::new(HashMap::new()),
+            alive: (0..world_size).map(|_| AtomicBool::new(true)).collect(),
+            timeout,
+        });
+        let members: Arc<[usize]> = (0..world_size).collect();
+        (0..world_size)
+            .map(|rank| LocalComm {
+                life: Arc::new(RankLife {
+                    shared: shared.clone(),
+                    global_rank: rank,
+                }),
+                group: 0,
+                members: members.clone(),
+                rank,
+                sequence: AtomicU64::new(0),
+            })
+            .collect()
+    }
+}
+
+/// One rank's end of an in-process group. See [`Communicator`].
+pub struct LocalComm {
+    life: Arc<RankLife>,
+    group: u64,
+    /// Global rank of each member, in group order.
+    members: Arc<[usize]>,
+    rank: usize,
+    /// Operations this rank has started in this group (the same on every rank that
+    /// follows the rules).
+    sequence: AtomicU64,
+}
+
+impl std::fmt::Debug for LocalComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalComm")
+            .field("rank", &self.rank)
+            .field("global_ranks", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalComm {
+    fn shared(&self) -> &Shared {
+        &self.life.shared
+    }
+
+    fn begin(&self, op: &str) -> String {
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{op}#{n}")
+    }
+
+    fn invalid(&self, op: &str, reason: impl Into<String>) -> CommError {
+        CommError::InvalidArgument {
+            rank: self.rank,
+            op: op.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
+        if peer < self.members.len() {
+            Ok(())
+        } else {
+            Err(self.invalid(
+                op,
+                format!(
+                    "rank {peer} is out of range for a group of {}",
+                    self.members.len()
+                ),
+            ))
+        }
+    }
+
+    fn post(&self, tag: &str, data: TensorData, to: usize) {
+        let mailbox = self
+            .shared()
+            .mailbox(self.group, self.members[self.rank], self.members[to]);
+        let mut queue = mailbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.push_back(Message {
+            tag: tag.to_owned(),
+            data,
+        });
+        mailbox.arrived.notify_all();
+    }
+
+    fn take(&self, tag: &str, from: usize) -> Result<TensorData> {
+        let shared = self.shared();
+        let peer_global = self.members[from];
+        let mailbox = shared.mailbox(self.group, peer_global, self.members[self.rank]);
+        let start = Instant::now();
+        let mut queue = mailbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(message) = queue.pop_front() {
+                if message.tag != tag {
+                    return Err(CommError::Mismatch {
+                        rank: self.rank,
+                        peer: from,
+                        expected: tag.to_owned(),
+                        found: message.tag,
+                    });
+                }
+                return Ok(message.data);
+            }
+            if !shared.alive[peer_global].load(Ordering::SeqCst) {
+                return Err(CommError::PeerGone {
+                    rank: self.rank,
+                    peer: from,
+                    op: tag.to_owned(),
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= shared.timeout {
+                return Err(CommError::Timeout {
+                    rank: self.rank,
+                    peer: from,
+                    op: tag.to_owned(),
+                    waited_s: waited.as_secs_f64(),
+                });
+            }
+            queue = mailbox
+                .arrived
+                .wait_timeout(queue, POLL.min(shared.timeout - waited))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn take_tensor<const D: usize>(
+        &self,
+        tag: &str,
+        from: usize,
+        device: &Device,
+    ) -> Result<Tensor<D>> {
+        let data = self.take(tag, from)?;
+        if data.rank() != D {
+            return Err(self.invalid(
+                tag,
+                format!(
+                    "rank {from} sent a tensor of rank {} (shape {:?}), this rank expects rank {D}",
+                    data.rank(),
+                    data.shape().to_vec()
+                ),
+            ));
+        }
+        let dtype = data.dtype();
+        Ok(Tensor::from_data(data, (device, dtype)))
+    }
+
+    /// Sends `tensor` to every other rank and returns all ranks' tensors in rank order.
+    fn exchange<const D: usize>(&self, tag: &str, tensor: Tensor<D>) -> Result<Vec<Tensor<D>>> {
+        let device = tensor.device();
+        let data = tensor.to_data();
+        for peer in (0..self.members.len()).filter(|&p| p != self.rank) {
+            self.post(tag, data.clone(), peer);
+        }
+        let mut all = Vec::with_capacity(self.members.len());
+        for peer in 0..self.members.len() {
+            if peer == self.rank {
+                all.push(tensor.clone());
+            } else {
+                all.push(self.take_tensor(tag, peer, &device)?);
+            }
+        }
+        Ok(all)
+    }
+
+    fn check_same_shape<const D: usize>(&self, tag: &str, tensors: &[Tensor<D>]) -> Result<()> {
+        let mine = tensors[self.rank].dims();
+        for (peer, t) in tensors.iter().enumerate() {
+            if t.dims() != mine {
+                return Err(self.invalid(
+                    tag,
+                    format!(
+                        "rank {peer} passed shape {:?}, this rank {mine:?}; shapes must match",
+                        t.dims()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reduces in rank order in f32 and returns the input dtype, so every rank computes
+/// the same bits whatever the order messages arrived in.
+fn reduce<const D: usize>(tensors: Vec<Tensor<D>>, op: ReduceOp) -> Tensor<D> {
+    let dtype = tensors[0].dtype();
+    let mut parts = tensors.into_iter().map(|t| t.cast(DType::F32));
+    let first = parts.next().expect("a group has at least one rank");
+    let total = parts.fold(first, |acc, t| match op {
+        ReduceOp::Sum => acc.add(t),
+        ReduceOp::Max => acc.max_pair(t),
+    });
+    total.cast(dtype)
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn send<const D: usize>(&self, tensor: &Tensor<D>, to: usize) -> Result<()> {
+        self.check_peer("send", to)?;
+        self.post("send/recv", tensor.to_data(), to);
+        Ok(())
+    }
+
+    fn recv<const D: usize>(&self, from: usize, device: &Device) -> Result<Tensor<D>> {
+        self.check_peer("recv", from)?;
+        self.take_tensor("send/recv", from, device)
+    }
+
+    fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>> {
+        let tag = self.begin("all_reduce");
+        let all = self.exchange(&tag, tensor)?;
+        self.check_same_shape(&tag, &all)?;
+        Ok(reduce(all, op))
+    }
+
+    fn all_gather<const D: usize>(&self, tensor: Tensor<D>, dim: usize) -> Result<Tensor<D>> {
+        let tag = self.begin("all_gather");
+        if dim >= D {
+            return Err(self.invalid(&tag, format!("dim {dim} out of range for rank {D}")));
+        }
+        let all = self.exchange(&tag, tensor)?;
+        Ok(Tensor::cat(all, dim))
+    }
+
+    fn reduce_scatter<const D: usize>(
+        &self,
+        tensor: Tensor<D>,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<Tensor<D>> {
+        let tag = self.begin("reduce_scatter");
+        let world = self.members.len();
+        if dim >= D || !tensor.dims()[dim].is_multiple_of(world) {
+            return Err(self.invalid(
+                &tag,
+                format!(
+                    "dim {dim} of shape {:?} must exist and be divisible by the {world} ranks",
+                    tensor.dims()
+                ),
+            ));
+        }
+        let parts = tensor.chunk(world, dim);
+        let mine = self.route(&tag, parts)?;
+        self.check_same_shape(&tag, &mine)?;
+        Ok(reduce(mine, op))
+    }
+
+    fn broadcast<const D: usize>(&self, tensor: Tensor<D>, root: usize) -> Result<Tensor<D>> {
+        let tag = self.begin("broadcast");
+        self.check_peer(&tag, root)?;
+        if self.rank == root {
+            let data = tensor.to_data();
+            for peer in (0..self.members.len()).filter(|&p| p != root) {
+                self.post(&tag, data.clone(), peer);
+            }
+            Ok(tensor)
+        } else {
+            let received: Tensor<D> = self.take_tensor(&tag, root, &tensor.device())?;
+            if received.dims() != tensor.dims() {
+                return Err(self.invalid(
+                    &tag,
+                    format!(
+                        "root {root} broadcast shape {:?}, this rank's buffer is {:?}",
+                        received.dims(),
+                        tensor.dims()
+                    ),
+                ));
+            }
+            Ok(received)
+        }
+    }
+
+    fn all_to_all<const D: usize>(&self, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>> {
+        let tag = self.begin("all_to_all");
+        if parts.len() != self.members.len() {
+            return Err(self.invalid(
+                &tag,
+                format!(
+                    "got {} parts for a group of {} ranks (one part per rank)",
+                    parts.len(),
+                    self.members.len()
+                ),
+            ));
+        }
+        self.route(&tag, parts)
+    }
+
+    fn split(&self, groups: &[Vec<usize>]) -> Result<Self> {
+        let tag = self.begin("split");
+        check_partition(self.members.len(), groups).map_err(|reason| self.invalid(&tag, reason))?;
+        let (index, group) = groups
+            .iter()
+            .enumerate()
+            .find(|(_, g)| g.contains(&self.rank))
+            .expect("checked: every rank is in a group");
+        // Same on every member: derived from the parent group, this split's position in
+        // the parent's sequence of operations, and the member list.
+        let mut hasher = DefaultHasher::new();
+        (self.group, &tag, index, group).hash(&mut hasher);
+        let members: Arc<[usize]> = group.iter().map(|&r| self.members[r]).collect();
+        Ok(LocalComm {
+            life: self.life.clone(),
+            group: hasher.finish(),
+            rank: group.iter().position(|&r| r == self.rank).expect("member"),
+            members,
+            sequence: AtomicU64::new(0),
+        })
+    }
+}
+
+impl LocalComm {
+    /// Sends `parts[j]` to rank `j` and returns what every rank sent here, in rank order.
+    fn route<const D: usize>(&self, tag: &str, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>> {
+        let device = parts[self.rank].device();
+        let mut own = None;
+        for (peer, part) in parts.into_iter().enumerate() {
+            if peer == self.rank {
+                own = Some(part);
+            } else {
+                self.post(tag, part.into_data(), peer);
+            }
+        }
+        let mut own = own;
+        (0..self.members.len())
+            .map(|peer| {
+                if peer == self.rank {
+                    Ok(own.take().expect("own part"))
+                } else {
+                    self.take_tensor(tag, peer, &device)
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,137 @@
+//! Attention over one (query block, key block) pair, returning the softmax statistics
+//! that let partial results be merged (FlashAttention-2's forward/backward with LSE,
+//! ALGORITHMS.md section 1), and the merge itself.
+//!
+//! These are plain tensor ops with f32 statistics and accumulation whatever the input
+//! dtype; they materialise one `[B, Hq, Sq, Sk]` block of scores, which is what the
+//! CPU runs and the equivalence tests need. On GPUs the CubeCL flash kernels of
+//! `longview-kernels` compute the same (O, LSE) and gradients without the score block.
+
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::{DType, Tensor};
+
+/// Inputs of one block attention.
+///
+/// # Shapes
+/// - `q`: `[batch, q_heads, q_len, head_dim]`
+/// - `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`, `kv_heads` dividing `q_heads`
+///   (query head `h` reads kv head `h / (q_heads / kv_heads)`).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub q: Tensor<4>,
+    pub k: Tensor<4>,
+    pub v: Tensor<4>,
+    /// Query `i` sees key `j` when `j <= i + kv_len - q_len` (the blocks end at the same
+    /// position); every key otherwise. Causal blocks need `q_len <= kv_len`.
+    pub causal: bool,
+    pub scale: f64,
+}
+
+/// Repeats each kv head `groups` times (f32 copies: this is the reference path).
+fn expand_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, h, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, h, groups, s, d])
+        .reshape([b, h * groups, s, d])
+}
+
+/// Sums the gradients of the `groups` query heads that share each kv head.
+fn sum_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, h, s, d] = x.dims();
+    x.reshape([b, h / groups, groups, s, d])
+        .sum_dim(2)
+        .reshape([b, h / groups, s, d])
+}
+
+fn scores(block: &Block) -> (Tensor<4>, usize) {
+    let [b, hq, sq, _] = block.q.dims();
+    let [_, hkv, sk, _] = block.k.dims();
+    assert!(
+        hkv > 0 && hq % hkv == 0,
+        "block attention: kv heads ({hkv}) must divide query heads ({hq})"
+    );
+    let groups = hq / hkv;
+    let q = block.q.clone().cast(DType::F32);
+    let k = expand_heads(block.k.clone().cast(DType::F32), groups);
+    let s = q.matmul(k.swap_dims(2, 3)).mul_scalar(block.scale);
+    let s = if block.causal {
+        assert!(
+            sq <= sk,
+            "causal block attention needs q_len ({sq}) <= kv_len ({sk})"
+        );
+        let offset = sk as i64 - sq as i64;
+        let blocked = Tensor::<2, burn::tensor::Bool>::tril_mask([sq, sk], offset, &s.device())
+            .unsqueeze_dims::<4>(&[0, 1])
+            .expand([b, hq, sq, sk]);
+        s.mask_fill(blocked, f32::NEG_INFINITY)
+    } else {
+        s
+    };
+    (s, groups)
+}
+
+/// `(O, LSE)`: O in f32 `[batch, q_heads, q_len, head_dim]`, LSE in f32
+/// `[batch, q_heads, q_len]` (natural log of the softmax denominator, scale included).
+pub fn forward(block: &Block) -> (Tensor<4>, Tensor<3>) {
+    let [b, hq, sq, _] = block.q.dims();
+    let (s, groups) = scores(block);
+    let max = s.clone().max_dim(3);
+    let p = (s - max.clone()).exp();
+    let total = p.clone().sum_dim(3);
+    let lse = (max + total.clone().log()).reshape([b, hq, sq]);
+    let v = expand_heads(block.v.clone().cast(DType::F32), groups);
+    ((p / total).matmul(v), lse)
+}
+
+/// `rowsum(dO * O)` in f32, `[batch, q_heads, q_len]`: the `D` of the FlashAttention-2
+/// backward, computed once from the final output.
+pub fn delta(o: Tensor<4>, d_o: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, _] = o.dims();
+    (o.cast(DType::F32) * d_o.cast(DType::F32))
+        .sum_dim(3)
+        .reshape([b, h, s])
+}
+
+/// `(dQ, dK, dV)` in f32 for one block, given the LSE and `delta` of the FINAL output
+/// (all blocks merged) and the upstream gradient `d_o` of those query rows.
+pub fn backward(
+    block: &Block,
+    lse: Tensor<3>,
+    delta: Tensor<3>,
+    d_o: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let (s, groups) = scores(block);
+    // P recomputed from the stored statistics; masked scores are -inf, so P is 0 there.
+    let p = (s - lse.unsqueeze_dim::<4>(3)).exp();
+    let d_o = d_o.cast(DType::F32);
+    let q = block.q.clone().cast(DType::F32);
+    let k = expand_heads(block.k.clone().cast(DType::F32), groups);
+    let v = expand_heads(block.v.clone().cast(DType::F32), groups);
+    let d_v = p.clone().swap_dims(2, 3).matmul(d_o.clone());
+    let d_p = d_o.matmul(v.swap_dims(2, 3));
+    let d_s = p * (d_p - delta.unsqueeze_dim::<4>(3));
+    let d_q = d_s.clone().matmul(k).mul_scalar(block.scale);
+    let d_k = d_s.swap_dims(2, 3).matmul(q).mul_scalar(block.scale);
+    (d_q, sum_heads(d_k, groups), sum_heads(d_v, groups))
+}
+
+/// Merges two partial results over disjoint key sets of the same query rows, in the
+/// logsigmoid form that cannot overflow:
+/// `L = L1 - logsigmoid(L1 - L2)`, `O = O1 - sigmoid(L2 - L1) * (O1 - O2)` (f32).
+pub fn merge(
+    (o1, l1): (Tensor<4>, Tensor<3>),
+    (o2, l2): (Tensor<4>, Tensor<3>),
+) -> (Tensor<4>, Tensor<3>) {
+    let o1 = o1.cast(DType::F32);
+    let o2 = o2.cast(DType::F32);
+    let weight2 = sigmoid(l2.clone() - l1.clone()).unsqueeze_dim::<4>(3);
+    let o = o1.clone() - weight2 * (o1 - o2);
+    let l = l1.clone() - log_sigmoid(l1 - l2);
+    (o, l)
+}

@@ -1,0 +1,295 @@
+//! Ring attention (context parallelism over P ranks), forward and backward, plain or
+//! zigzag load-balanced for causal masks. ALGORITHMS.md section 2; the structure of
+//! zhuzilin/ring-flash-attention, written from the algorithm.
+//!
+//! Forward: at step `s` rank `r` holds the K/V block of rank `(r - s) mod P` and
+//! merges that block's partial (O, LSE) into its own. The K/V block for step `s + 1`
+//! is posted to the next rank before step `s` is computed, so on an asynchronous
+//! backend the transfer overlaps the compute.
+//!
+//! Backward: dQ accumulates locally; dK/dV (f32) travel with their K/V block on a
+//! second ring, collecting each rank's contribution, and arrive home after P hops.
+//!
+//! Zigzag (rank `r` holds chunks `r` and `2P-1-r` of `2P`, [`SeqLayout::Zigzag`]):
+//! step 0 is causal attention over the local pair; a block from an earlier rank is
+//! seen whole by all local queries through its first half only; a block from a later
+//! rank is seen whole by the second half of the local queries only. Every
+//! off-diagonal step costs half a block, on every rank.
+//!
+//! [`SeqLayout::Zigzag`]: crate::layout::SeqLayout::Zigzag
+
+use burn::tensor::{DType, Tensor};
+use longview_comm::Communicator;
+
+use crate::block::{self, Block};
+use crate::{ParallelError, Result};
+
+/// How a causal sequence is spread over the ring (non-causal attention ignores it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingBalance {
+    /// Contiguous shards ([`crate::layout::SeqLayout::Contiguous`]): rank `P-1` does P
+    /// blocks of work, rank 0 one.
+    Plain,
+    /// Zigzag shards ([`crate::layout::SeqLayout::Zigzag`]): equal work on every rank.
+    Zigzag,
+}
+
+/// Ring attention settings; the same on every rank.
+#[derive(Debug, Clone, Copy)]
+pub struct RingAttention {
+    pub balance: RingBalance,
+    pub causal: bool,
+    /// Multiplies `q k^T`; usually `1 / sqrt(head_dim)`.
+    pub scale: f64,
+}
+
+/// What one ring step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The block lies wholly in the future of every local query.
+    Skip,
+    /// All local queries against all received keys.
+    Whole { causal: bool },
+    /// All local queries against the first half of the received keys, unmasked.
+    KeysFirstHalf,
+    /// The second half of the local queries against all received keys, unmasked.
+    QueriesSecondHalf,
+}
+
+impl RingAttention {
+    fn part(&self, step: usize, source: usize, rank: usize) -> Part {
+        if step == 0 {
+            return Part::Whole {
+                causal: self.causal,
+            };
+        }
+        if !self.causal {
+            return Part::Whole { causal: false };
+        }
+        match (self.balance, source < rank) {
+            (RingBalance::Plain, true) => Part::Whole { causal: false },
+            (RingBalance::Plain, false) => Part::Skip,
+            (RingBalance::Zigzag, true) => Part::KeysFirstHalf,
+            (RingBalance::Zigzag, false) => Part::QueriesSecondHalf,
+        }
+    }
+
+    fn check(&self, q: &Tensor<4>, k: &Tensor<4>) -> Result<usize> {
+        let [b, hq, n, d] = q.dims();
+        let [bk, hkv, nk, dk] = k.dims();
+        if (b, n, d) != (bk, nk, dk) || hkv == 0 || hq % hkv != 0 {
+            return Err(ParallelError::Shape {
+                what: "ring attention",
+                reason: format!(
+                    "q is {:?} and k is {:?}: batch, local length and head dim must agree \
+                     and kv heads must divide query heads",
+                    q.dims(),
+                    k.dims()
+                ),
+            });
+        }
+        if self.causal && self.balance == RingBalance::Zigzag && n % 2 != 0 {
+            return Err(ParallelError::Shape {
+                what: "zigzag ring attention",
+                reason: format!("the local length {n} must be even (two chunks per rank)"),
+            });
+        }
+        Ok(n / 2)
+    }
+
+    /// This rank's `(O, LSE)`: O in q's dtype `[batch, q_heads, local_len, head_dim]`,
+    /// LSE in f32 `[batch, q_heads, local_len]`.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, q_heads, local_len, head_dim]`, this rank's shard
+    /// - `k`, `v`: `[batch, kv_heads, local_len, head_dim]`
+    pub fn forward<C: Communicator>(
+        &self,
+        comm: &C,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
+        let half = self.check(&q, &k)?;
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        let device = q.device();
+        let dtype = q.dtype();
+        let (mut k_cur, mut v_cur) = (k, v);
+        let mut acc: Option<(Tensor<4>, Tensor<3>)> = None;
+        for step in 0..world {
+            if step + 1 < world {
+                comm.send(&k_cur, next)?;
+                comm.send(&v_cur, next)?;
+            }
+            let source = (rank + world - step) % world;
+            let block = |q: Tensor<4>, k: Tensor<4>, causal| Block {
+                q,
+                k,
+                v: v_cur.clone(),
+                causal,
+                scale: self.scale,
+            };
+            acc = match self.part(step, source, rank) {
+                Part::Skip => acc,
+                Part::Whole { causal } => {
+                    let part = block::forward(&block(q.clone(), k_cur.clone(), causal));
+                    Some(match acc {
+                        None => part,
+                        Some(acc) => block::merge(acc, part),
+                    })
+                }
+                Part::KeysFirstHalf => {
+                    let mut b = block(q.clone(), k_cur.clone().narrow(2, 0, half), false);
+                    b.v = b.v.narrow(2, 0, half);
+                    let part = block::forward(&b);
+                    Some(block::merge(acc.expect("step 0 ran"), part))
+                }
+                Part::QueriesSecondHalf => {
+                    let (o, l) = acc.expect("step 0 ran");
+                    let part = block::forward(&block(
+                        q.clone().narrow(2, half, half),
+                        k_cur.clone(),
+                        false,
+                    ));
+                    let (o2, l2) = block::merge(
+                        (
+                            o.clone().narrow(2, half, half),
+                            l.clone().narrow(2, half, half),
+                        ),
+                        part,
+                    );
+                    Some((
+                        Tensor::cat(vec![o.narrow(2, 0, half), o2], 2),
+                        Tensor::cat(vec![l.narrow(2, 0, half), l2], 2),
+                    ))
+                }
+            };
+            if step + 1 < world {
+                k_cur = comm.recv(prev, &device)?;
+                v_cur = comm.recv(prev, &device)?;
+            }
+        }
+        let (o, lse) = acc.expect("step 0 always computes");
+        Ok((o.cast(dtype), lse))
+    }
+
+    /// This rank's `(dQ, dK, dV)` in the dtypes of q, k, v, from the forward's O and LSE
+    /// and the upstream gradient `d_o`; the attention forward is not recomputed.
+    pub fn backward<C: Communicator>(
+        &self,
+        comm: &C,
+        (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        let delta = block::delta(o, d_o.clone());
+        self.backward_with_delta(comm, (q, k, v), lse, delta, d_o)
+    }
+
+    /// [`RingAttention::backward`] with `delta = rowsum(dO * O)` already computed (the
+    /// Ulysses layers compute it before their all-to-all instead of moving O).
+    pub(crate) fn backward_with_delta<C: Communicator>(
+        &self,
+        comm: &C,
+        (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+        lse: Tensor<3>,
+        delta: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        let half = self.check(&q, &k)?;
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        let device = q.device();
+        let dtypes = (q.dtype(), k.dtype(), v.dtype());
+        let mut d_q = Tensor::<4>::zeros(q.dims(), (&device, DType::F32));
+        let mut d_k = Tensor::<4>::zeros(k.dims(), (&device, DType::F32));
+        let mut d_v = Tensor::<4>::zeros(v.dims(), (&device, DType::F32));
+        let (mut k_cur, mut v_cur) = (k, v);
+        let n = q.dims()[2];
+        for step in 0..world {
+            if step + 1 < world {
+                comm.send(&k_cur, next)?;
+                comm.send(&v_cur, next)?;
+            }
+            let source = (rank + world - step) % world;
+            match self.part(step, source, rank) {
+                Part::Skip => {}
+                Part::Whole { causal } => {
+                    let block = Block {
+                        q: q.clone(),
+                        k: k_cur.clone(),
+                        v: v_cur.clone(),
+                        causal,
+                        scale: self.scale,
+                    };
+                    let (dq, dk, dv) =
+                        block::backward(&block, lse.clone(), delta.clone(), d_o.clone());
+                    d_q = d_q + dq;
+                    d_k = d_k + dk;
+                    d_v = d_v + dv;
+                }
+                Part::KeysFirstHalf => {
+                    let block = Block {
+                        q: q.clone(),
+                        k: k_cur.clone().narrow(2, 0, half),
+                        v: v_cur.clone().narrow(2, 0, half),
+                        causal: false,
+                        scale: self.scale,
+                    };
+                    let (dq, dk, dv) =
+                        block::backward(&block, lse.clone(), delta.clone(), d_o.clone());
+                    d_q = d_q + dq;
+                    d_k = add_rows(d_k, dk, 0);
+                    d_v = add_rows(d_v, dv, 0);
+                }
+                Part::QueriesSecondHalf => {
+                    let block = Block {
+                        q: q.clone().narrow(2, half, half),
+                        k: k_cur.clone(),
+                        v: v_cur.clone(),
+                        causal: false,
+                        scale: self.scale,
+                    };
+                    let (dq, dk, dv) = block::backward(
+                        &block,
+                        lse.clone().narrow(2, half, half),
+                        delta.clone().narrow(2, half, half),
+                        d_o.clone().narrow(2, half, n - half),
+                    );
+                    d_q = add_rows(d_q, dq, half);
+                    d_k = d_k + dk;
+                    d_v = d_v + dv;
+                }
+            }
+            // Same order on both ends of every link: this step's K/V, then the gradients.
+            if step + 1 < world {
+                k_cur = comm.recv(prev, &device)?;
+                v_cur = comm.recv(prev, &device)?;
+            }
+            if world > 1 {
+                comm.send(&d_k, next)?;
+                comm.send(&d_v, next)?;
+                d_k = comm.recv(prev, &device)?;
+                d_v = comm.recv(prev, &device)?;
+            }
+        }
+        Ok((d_q.cast(dtypes.0), d_k.cast(dtypes.1), d_v.cast(dtypes.2)))
+    }
+}
+
+/// `acc` with `part` added to its rows `from..from + part_len` (sequence dim 2).
+fn add_rows(acc: Tensor<4>, part: Tensor<4>, from: usize) -> Tensor<4> {
+    let len = part.dims()[2];
+    let total = acc.dims()[2];
+    let mut pieces = Vec::with_capacity(3);
+    if from > 0 {
+        pieces.push(acc.clone().narrow(2, 0, from));
+    }
+    pieces.push(acc.clone().narrow(2, from, len) + part);
+    if from + len < total {
+        pieces.push(acc.narrow(2, from + len, total - from - len));
+    }
+    Tensor::cat(pieces, 2)
+}
