@@ -20,6 +20,7 @@
 //! CubeCL flash kernels (`longview-kernels`) compute the same quantities and plug in
 //! there on GPU devices.
 
+pub mod autodiff;
 pub mod block;
 pub mod layout;
 pub mod ring;
