@@ -1,11 +1,16 @@
 //! The one attention entry point of every model in longview.
 //!
 //! Model code builds an [`AttentionInput`] and calls [`attend`]; which implementation
-//! runs is chosen by [`AttentionImpl`] in the model configuration. Today the only
-//! implementation is [`AttentionImpl::Reference`], plain tensor ops that materialise
-//! the score matrix (the numerical reference every kernel is tested against). The
-//! CubeCL flash kernels and the sequence-parallel variants (ring, zigzag, Ulysses,
-//! 2D) plug in here as further variants without touching model code.
+//! runs is chosen by [`AttentionImpl`] in the model configuration:
+//! [`AttentionImpl::Reference`], plain tensor ops that materialise the score matrix
+//! (the numerical reference every kernel is tested against), or
+//! [`AttentionImpl::Sharded`], the sequence-parallel attention (ring, zigzag, Ulysses,
+//! 2D from `longview-parallel`) that the parallel layer installs on the rank's thread
+//! with [`install_sharded_attention`]. Model code stays single-device code: it never
+//! sees a communicator, only its shard of the sequence (and matching position ids).
+
+use std::cell::RefCell;
+use std::sync::Arc;
 
 use burn::config::Config;
 use burn::tensor::activation::softmax;
@@ -18,6 +23,40 @@ pub enum AttentionImpl {
     /// Memory is quadratic in the sequence length: meant for tests, the debug model
     /// and short inputs.
     Reference,
+    /// The [`ShardedAttention`] installed on the calling thread
+    /// ([`install_sharded_attention`]); q, k, v are this rank's shard of the sequence.
+    Sharded,
+}
+
+/// An attention over a sequence sharded across ranks (implemented by
+/// `longview-parallel`). Called with this rank's q, k, v shards; returns this rank's
+/// output shard, tracked for autodiff when the inputs are.
+pub trait ShardedAttention: Send + Sync {
+    fn attend(&self, input: AttentionInput) -> Tensor<4>;
+}
+
+thread_local! {
+    static SHARDED: RefCell<Option<Arc<dyn ShardedAttention>>> = const { RefCell::new(None) };
+}
+
+/// Makes `attention` what [`AttentionImpl::Sharded`] calls on this thread until the
+/// returned guard is dropped (the previous one, if any, is restored then).
+pub fn install_sharded_attention(attention: Arc<dyn ShardedAttention>) -> ShardedGuard {
+    let previous = SHARDED.with(|slot| slot.borrow_mut().replace(attention));
+    ShardedGuard { previous }
+}
+
+/// Restores the previously installed sharded attention when dropped.
+#[must_use = "the sharded attention is uninstalled when the guard is dropped"]
+pub struct ShardedGuard {
+    previous: Option<Arc<dyn ShardedAttention>>,
+}
+
+impl Drop for ShardedGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        SHARDED.with(|slot| *slot.borrow_mut() = previous);
+    }
 }
 
 /// Which query/key pairs may attend to each other.
@@ -53,6 +92,18 @@ pub struct AttentionInput {
 pub fn attend(implementation: AttentionImpl, input: AttentionInput) -> Tensor<4> {
     match implementation {
         AttentionImpl::Reference => reference_attention(input),
+        AttentionImpl::Sharded => {
+            let installed = SHARDED.with(|slot| slot.borrow().clone());
+            // A configuration error the trainer checks before the first step; reaching
+            // this means a model configured for sequence parallelism ran outside it.
+            let attention = installed.unwrap_or_else(|| {
+                panic!(
+                    "the model is configured with AttentionImpl::Sharded but no sequence-parallel \
+                     attention is installed on this thread (longview_parallel::model::install)"
+                )
+            });
+            attention.attend(input)
+        }
     }
 }
 

@@ -125,7 +125,12 @@ where
         // died, a timeout) ends this rank, which its peers then see as a departure.
         let (d_q, d_k, d_v) = scheme
             .0
-            .backward((t(q), t(k), t(v)), t(o), Tensor::<3>::from_primitive::<B>(lse), t(d_o))
+            .backward(
+                (t(q), t(k), t(v)),
+                t(o),
+                Tensor::<3>::from_primitive::<B>(lse),
+                t(d_o),
+            )
             .unwrap_or_else(|e| panic!("sequence-parallel attention backward failed: {e}"));
         for (node, grad) in [(node_q, d_q), (node_k, d_k), (node_v, d_v)] {
             if let Some(node) = node {
@@ -192,8 +197,12 @@ where
         Ok(out) => out,
         Err(e) => return Some(Err(e)),
     };
-    let o = o.try_into_primitive::<B>().expect("outputs live on the inputs' backend");
-    let lse = lse.try_into_primitive::<B>().expect("outputs live on the inputs' backend");
+    let o = o
+        .try_into_primitive::<B>()
+        .expect("outputs live on the inputs' backend");
+    let lse = lse
+        .try_into_primitive::<B>()
+        .expect("outputs live on the inputs' backend");
     let o = match prep {
         OpsKind::Tracked(prep) => {
             let state = (q, k, v, o.clone(), lse.clone(), Scheme(attention.clone()));

@@ -23,6 +23,7 @@
 pub mod autodiff;
 pub mod block;
 pub mod layout;
+pub mod model;
 pub mod ring;
 pub mod two_d;
 pub mod ulysses;

@@ -54,9 +54,8 @@ fn reference(b: usize, hq: usize, hkv: usize, n: usize, d: usize, scale: f64) ->
     let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &ad).require_grad();
     let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
     let g = hq / hkv;
-    let repeat = |t: Tensor<4>| {
-        Tensor::cat((0..hq).map(|h| t.clone().narrow(1, h / g, 1)).collect(), 1)
-    };
+    let repeat =
+        |t: Tensor<4>| Tensor::cat((0..hq).map(|h| t.clone().narrow(1, h / g, 1)).collect(), 1);
     let mut bias = vec![0f32; n * n];
     for i in 0..n {
         for j in i + 1..n {
@@ -66,7 +65,9 @@ fn reference(b: usize, hq: usize, hkv: usize, n: usize, d: usize, scale: f64) ->
     let bias = Tensor::<2>::from_data(TensorData::new(bias, [n, n]), &ad).reshape([1, 1, n, n]);
     let scores = ql.clone().matmul(repeat(kl.clone()).swap_dims(2, 3)) * scale + bias;
     let o = burn::tensor::activation::softmax(scores, 3).matmul(repeat(vl.clone()));
-    let grads = (o.clone() * Tensor::from_data(d_o.to_data(), &ad)).sum().backward();
+    let grads = (o.clone() * Tensor::from_data(d_o.to_data(), &ad))
+        .sum()
+        .backward();
     let plain = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &Device::flex());
     Reference {
         grads: [&ql, &kl, &vl].map(|t| plain(t.grad(&grads).unwrap())),
@@ -79,7 +80,10 @@ fn worst(got: Tensor<4>, want: Tensor<4>) -> f32 {
     let got: Vec<f32> = got.into_data().iter::<f32>().collect();
     let want: Vec<f32> = want.into_data().iter::<f32>().collect();
     let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
-    got.iter().zip(&want).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max)
+    got.iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0f32, f32::max)
 }
 
 fn check(
@@ -101,9 +105,10 @@ fn check(
                     let r = comm.rank();
                     let ad = Device::flex().autodiff();
                     let cut = |t: &Tensor<4>| shard(t.clone(), 2, layout, r, world).unwrap();
-                    let [q, k, v, d_o] = reference.inputs.each_ref().map(|t| {
-                        Tensor::<4>::from_data(cut(t).into_data(), &ad)
-                    });
+                    let [q, k, v, d_o] = reference
+                        .inputs
+                        .each_ref()
+                        .map(|t| Tensor::<4>::from_data(cut(t).into_data(), &ad));
                     let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
                     let counted = Arc::new(Counted {
                         inner: make(comm),
@@ -114,7 +119,8 @@ fn check(
                         distributed_attention(counted.clone(), q.clone(), k.clone(), v.clone())
                             .unwrap();
                     let grads = (o.clone() * d_o).sum().backward();
-                    let plain = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &Device::flex());
+                    let plain =
+                        |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &Device::flex());
                     let errors = [
                         worst(plain(o), cut(&reference.o)),
                         worst(plain(q.grad(&grads).unwrap()), cut(&reference.grads[0])),
@@ -129,12 +135,22 @@ fn check(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank panicked"))
+            .collect()
     });
     for (rank, (errors, calls)) in results.into_iter().enumerate() {
-        assert_eq!(calls, (1, 1), "{label} rank {rank}: (forward, backward) calls");
+        assert_eq!(
+            calls,
+            (1, 1),
+            "{label} rank {rank}: (forward, backward) calls"
+        );
         for (name, e) in ["O", "dQ", "dK", "dV"].iter().zip(errors) {
-            assert!(e <= 2e-5, "{label} rank {rank}: {name} relative error {e:.2e} > 2e-5");
+            assert!(
+                e <= 2e-5,
+                "{label} rank {rank}: {name} relative error {e:.2e} > 2e-5"
+            );
         }
     }
 }
@@ -175,15 +191,21 @@ fn autodiff_through_every_scheme_matches_single_device_gradients() {
             },
         );
     }
-    check("2D U=2 R=2", 4, SeqLayout::TwoD { ulysses: 2 }, (1, 4, 2, 32, 8), |comm| {
-        Box::new(WithComm {
-            comm: TwoDGroups::new(&comm, 2).unwrap(),
-            attention: TwoDAttention {
-                causal: true,
-                scale: 0.3,
-            },
-        })
-    });
+    check(
+        "2D U=2 R=2",
+        4,
+        SeqLayout::TwoD { ulysses: 2 },
+        (1, 4, 2, 32, 8),
+        |comm| {
+            Box::new(WithComm {
+                comm: TwoDGroups::new(&comm, 2).unwrap(),
+                attention: TwoDAttention {
+                    causal: true,
+                    scale: 0.3,
+                },
+            })
+        },
+    );
 }
 
 #[test]

@@ -270,7 +270,7 @@ impl HfSiglipVisionConfig {
                 ),
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::config(
                 path,
                 format!(

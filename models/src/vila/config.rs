@@ -142,19 +142,19 @@ impl TextConfig {
 
     /// Checks the head arithmetic; every constructor path calls this.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "hidden_size ({}) must be a multiple of num_attention_heads ({})",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_key_value_heads ({}) must divide num_attention_heads ({})",
                 self.num_kv_heads, self.num_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head dim {} must be even for rotate-half RoPE",
                 self.head_dim()

@@ -216,6 +216,15 @@ impl TextConfig {
 }
 
 impl Qwen2 {
+    /// The same model calling `attention` in every layer (e.g.
+    /// [`AttentionImpl::Sharded`] on the ranks of a sequence-parallel group).
+    pub fn with_attention(mut self, attention: AttentionImpl) -> Self {
+        for layer in &mut self.model.layers {
+            layer.self_attn.attention = attention;
+        }
+        self
+    }
+
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
