@@ -19,6 +19,7 @@
 
 pub mod local;
 
+use burn::tensor::kind::Basic;
 use burn::tensor::{Device, Tensor};
 
 pub use local::{LocalComm, LocalWorld};
@@ -80,16 +81,21 @@ pub trait Communicator: Send + Sized {
     /// Number of ranks in the group.
     fn world_size(&self) -> usize;
 
-    /// Posts `tensor` to rank `to` and returns without waiting for the receiver.
-    fn send<const D: usize>(&self, tensor: &Tensor<D>, to: usize) -> Result<()>;
+    /// Posts `tensor` (float, int or bool) to rank `to` and returns without waiting for
+    /// the receiver.
+    fn send<const D: usize, K: Basic>(&self, tensor: &Tensor<D, K>, to: usize) -> Result<()>;
     /// Waits for the next tensor rank `from` sent to this rank; it lands on `device`.
-    fn recv<const D: usize>(&self, from: usize, device: &Device) -> Result<Tensor<D>>;
+    fn recv<const D: usize, K: Basic>(&self, from: usize, device: &Device) -> Result<Tensor<D, K>>;
 
     /// Every rank gets the element-wise reduction of all ranks' tensors (same shape on
     /// every rank).
     fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>>;
     /// Every rank gets all ranks' tensors concatenated along `dim`, in rank order.
-    fn all_gather<const D: usize>(&self, tensor: Tensor<D>, dim: usize) -> Result<Tensor<D>>;
+    fn all_gather<const D: usize, K: Basic>(
+        &self,
+        tensor: Tensor<D, K>,
+        dim: usize,
+    ) -> Result<Tensor<D, K>>;
     /// The reduction of all ranks' tensors, split into `world_size` equal parts along
     /// `dim`; rank `r` gets part `r`.
     fn reduce_scatter<const D: usize>(

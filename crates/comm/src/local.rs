@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use burn::tensor::kind::Basic;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::{CommError, Communicator, ReduceOp, Result, check_partition};
@@ -213,12 +214,12 @@ impl LocalComm {
         }
     }
 
-    fn take_tensor<const D: usize>(
+    fn take_tensor<const D: usize, K: Basic>(
         &self,
         tag: &str,
         from: usize,
         device: &Device,
-    ) -> Result<Tensor<D>> {
+    ) -> Result<Tensor<D, K>> {
         let data = self.take(tag, from)?;
         if data.rank() != D {
             return Err(self.invalid(
@@ -235,7 +236,11 @@ impl LocalComm {
     }
 
     /// Sends `tensor` to every other rank and returns all ranks' tensors in rank order.
-    fn exchange<const D: usize>(&self, tag: &str, tensor: Tensor<D>) -> Result<Vec<Tensor<D>>> {
+    fn exchange<const D: usize, K: Basic>(
+        &self,
+        tag: &str,
+        tensor: Tensor<D, K>,
+    ) -> Result<Vec<Tensor<D, K>>> {
         let device = tensor.device();
         let data = tensor.to_data();
         for peer in (0..self.members.len()).filter(|&p| p != self.rank) {
@@ -291,13 +296,13 @@ impl Communicator for LocalComm {
         self.members.len()
     }
 
-    fn send<const D: usize>(&self, tensor: &Tensor<D>, to: usize) -> Result<()> {
+    fn send<const D: usize, K: Basic>(&self, tensor: &Tensor<D, K>, to: usize) -> Result<()> {
         self.check_peer("send", to)?;
         self.post("send/recv", tensor.to_data(), to);
         Ok(())
     }
 
-    fn recv<const D: usize>(&self, from: usize, device: &Device) -> Result<Tensor<D>> {
+    fn recv<const D: usize, K: Basic>(&self, from: usize, device: &Device) -> Result<Tensor<D, K>> {
         self.check_peer("recv", from)?;
         self.take_tensor("send/recv", from, device)
     }
@@ -309,7 +314,11 @@ impl Communicator for LocalComm {
         Ok(reduce(all, op))
     }
 
-    fn all_gather<const D: usize>(&self, tensor: Tensor<D>, dim: usize) -> Result<Tensor<D>> {
+    fn all_gather<const D: usize, K: Basic>(
+        &self,
+        tensor: Tensor<D, K>,
+        dim: usize,
+    ) -> Result<Tensor<D, K>> {
         let tag = self.begin("all_gather");
         if dim >= D {
             return Err(self.invalid(&tag, format!("dim {dim} out of range for rank {D}")));

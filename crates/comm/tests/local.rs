@@ -223,7 +223,7 @@ fn a_peer_that_never_sends_times_out() {
                 std::thread::sleep(Duration::from_millis(600));
                 return None;
             }
-            Some(comm.recv::<2>(1, &Device::flex()))
+            Some(comm.recv::<2, burn::tensor::Float>(1, &Device::flex()))
         },
     );
     match &results[0] {

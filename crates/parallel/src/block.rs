@@ -8,7 +8,7 @@
 //! `longview-kernels` compute the same (O, LSE) and gradients without the score block.
 
 use burn::tensor::activation::{log_sigmoid, sigmoid};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 
 /// Inputs of one block attention.
 ///
@@ -25,6 +25,10 @@ pub struct Block {
     /// position); every key otherwise. Causal blocks need `q_len <= kv_len`.
     pub causal: bool,
     pub scale: f64,
+    /// Packed variable-length batches: the sequence (document) id of every query and
+    /// every key, `[batch, q_len]` and `[batch, kv_len]`; a query sees only keys of its
+    /// own sequence. Rows that see no key of the block get O = 0 and LSE = -inf.
+    pub segments: Option<(Tensor<2, Int>, Tensor<2, Int>)>,
 }
 
 /// Repeats each kv head `groups` times (f32 copies: this is the reference path).
@@ -66,12 +70,20 @@ fn scores(block: &Block) -> (Tensor<4>, usize) {
             "causal block attention needs q_len ({sq}) <= kv_len ({sk})"
         );
         let offset = sk as i64 - sq as i64;
-        let blocked = Tensor::<2, burn::tensor::Bool>::tril_mask([sq, sk], offset, &s.device())
+        let blocked = Tensor::<2, Bool>::tril_mask([sq, sk], offset, &s.device())
             .unsqueeze_dims::<4>(&[0, 1])
             .expand([b, hq, sq, sk]);
         s.mask_fill(blocked, f32::NEG_INFINITY)
     } else {
         s
+    };
+    let s = match &block.segments {
+        Some((q_seg, k_seg)) => {
+            let q_seg = q_seg.clone().reshape([b, 1, sq, 1]).expand([b, hq, sq, sk]);
+            let k_seg = k_seg.clone().reshape([b, 1, 1, sk]).expand([b, hq, sq, sk]);
+            s.mask_fill(q_seg.not_equal(k_seg), f32::NEG_INFINITY)
+        }
+        None => s,
     };
     (s, groups)
 }
@@ -82,11 +94,14 @@ pub fn forward(block: &Block) -> (Tensor<4>, Tensor<3>) {
     let [b, hq, sq, _] = block.q.dims();
     let (s, groups) = scores(block);
     let max = s.clone().max_dim(3);
+    // Rows with every key masked: shift by 0 so that p = 0, total = 0, LSE = -inf, O = 0.
+    let empty = max.clone().equal_elem(f32::NEG_INFINITY);
+    let max = max.mask_fill(empty, 0.0);
     let p = (s - max.clone()).exp();
     let total = p.clone().sum_dim(3);
     let lse = (max + total.clone().log()).reshape([b, hq, sq]);
     let v = expand_heads(block.v.clone().cast(DType::F32), groups);
-    ((p / total).matmul(v), lse)
+    ((p / total.clamp_min(f32::MIN_POSITIVE)).matmul(v), lse)
 }
 
 /// `rowsum(dO * O)` in f32, `[batch, q_heads, q_len]`: the `D` of the FlashAttention-2
@@ -124,14 +139,29 @@ pub fn backward(
 /// Merges two partial results over disjoint key sets of the same query rows, in the
 /// logsigmoid form that cannot overflow:
 /// `L = L1 - logsigmoid(L1 - L2)`, `O = O1 - sigmoid(L2 - L1) * (O1 - O2)` (f32).
+/// A side whose rows saw no key (LSE = -inf, packed sequences) leaves the other as is.
 pub fn merge(
     (o1, l1): (Tensor<4>, Tensor<3>),
     (o2, l2): (Tensor<4>, Tensor<3>),
 ) -> (Tensor<4>, Tensor<3>) {
     let o1 = o1.cast(DType::F32);
     let o2 = o2.cast(DType::F32);
-    let weight2 = sigmoid(l2.clone() - l1.clone()).unsqueeze_dim::<4>(3);
-    let o = o1.clone() - weight2 * (o1 - o2);
-    let l = l1.clone() - log_sigmoid(l1 - l2);
+    let dims = o1.dims();
+    let dead1 = l1.clone().equal_elem(f32::NEG_INFINITY);
+    let dead2 = l2.clone().equal_elem(f32::NEG_INFINITY);
+    // Finite stand-ins keep -inf - -inf (NaN) out of the formula; the selects below put
+    // the right values back for those rows.
+    let (f1, f2) = (
+        l1.clone().mask_fill(dead1.clone(), 0.0),
+        l2.clone().mask_fill(dead2.clone(), 0.0),
+    );
+    let weight2 = sigmoid(f2.clone() - f1.clone()).unsqueeze_dim::<4>(3);
+    let o = o1.clone() - weight2 * (o1.clone() - o2.clone());
+    let l = f1.clone() - log_sigmoid(f1 - f2);
+    let rows = |m: Tensor<3, Bool>| m.unsqueeze_dim::<4>(3).expand(dims);
+    let o = o
+        .mask_where(rows(dead1.clone()), o2)
+        .mask_where(rows(dead2.clone()), o1);
+    let l = l.mask_where(dead1, l2).mask_where(dead2, l1);
     (o, l)
 }

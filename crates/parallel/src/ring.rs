@@ -18,7 +18,7 @@
 //!
 //! [`SeqLayout::Zigzag`]: crate::layout::SeqLayout::Zigzag
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use longview_comm::Communicator;
 
 use crate::block::{self, Block};
@@ -74,7 +74,12 @@ impl RingAttention {
         }
     }
 
-    fn check(&self, q: &Tensor<4>, k: &Tensor<4>) -> Result<usize> {
+    fn check(
+        &self,
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        segments: Option<&Tensor<2, Int>>,
+    ) -> Result<usize> {
         let [b, hq, n, d] = q.dims();
         let [bk, hkv, nk, dk] = k.dims();
         if (b, n, d) != (bk, nk, dk) || hkv == 0 || hq % hkv != 0 {
@@ -88,6 +93,17 @@ impl RingAttention {
                 ),
             });
         }
+        if let Some(seg) = segments
+            && seg.dims() != [b, n]
+        {
+            return Err(ParallelError::Shape {
+                what: "ring attention",
+                reason: format!(
+                    "sequence ids are {:?}, expected [batch, local_len] = [{b}, {n}]",
+                    seg.dims()
+                ),
+            });
+        }
         if self.causal && self.balance == RingBalance::Zigzag && n % 2 != 0 {
             return Err(ParallelError::Shape {
                 what: "zigzag ring attention",
@@ -95,6 +111,45 @@ impl RingAttention {
             });
         }
         Ok(n / 2)
+    }
+
+    /// The block attention of one step, and where its rows and keys sit in the local
+    /// query shard and the received K/V block: `(block, first query row, keys are the
+    /// first half only)`; `None` when the step has nothing to compute.
+    #[allow(clippy::too_many_arguments)]
+    fn step_block(
+        &self,
+        part: Part,
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        q_segments: Option<&Tensor<2, Int>>,
+        k_segments: Option<&Tensor<2, Int>>,
+        half: usize,
+    ) -> Option<(Block, usize, bool)> {
+        let n = q.dims()[2];
+        let (causal, q_from, keys_first_half) = match part {
+            Part::Skip => return None,
+            Part::Whole { causal } => (causal, 0, false),
+            Part::KeysFirstHalf => (false, 0, true),
+            Part::QueriesSecondHalf => (false, half, false),
+        };
+        let k_len = if keys_first_half { half } else { n };
+        let segments = q_segments.zip(k_segments).map(|(qs, ks)| {
+            (
+                qs.clone().narrow(1, q_from, n - q_from),
+                ks.clone().narrow(1, 0, k_len),
+            )
+        });
+        let block = Block {
+            q: q.clone().narrow(2, q_from, n - q_from),
+            k: k.clone().narrow(2, 0, k_len),
+            v: v.clone().narrow(2, 0, k_len),
+            causal,
+            scale: self.scale,
+            segments,
+        };
+        Some((block, q_from, keys_first_half))
     }
 
     /// This rank's `(O, LSE)`: O in q's dtype `[batch, q_heads, local_len, head_dim]`,
@@ -110,64 +165,72 @@ impl RingAttention {
         k: Tensor<4>,
         v: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<3>)> {
-        let half = self.check(&q, &k)?;
+        self.forward_packed(comm, q, k, v, None)
+    }
+
+    /// [`RingAttention::forward`] for packed variable-length batches: `segments`
+    /// (`[batch, local_len]`, this rank's shard, laid out like q) holds the sequence id
+    /// of every token; tokens attend only within their own sequence.
+    pub fn forward_packed<C: Communicator>(
+        &self,
+        comm: &C,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
+        let half = self.check(&q, &k, segments.as_ref())?;
         let (world, rank) = (comm.world_size(), comm.rank());
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
         let device = q.device();
         let dtype = q.dtype();
-        let (mut k_cur, mut v_cur) = (k, v);
+        let (mut k_cur, mut v_cur, mut seg_cur) = (k, v, segments.clone());
         let mut acc: Option<(Tensor<4>, Tensor<3>)> = None;
         for step in 0..world {
             if step + 1 < world {
                 comm.send(&k_cur, next)?;
                 comm.send(&v_cur, next)?;
+                if let Some(seg) = &seg_cur {
+                    comm.send(seg, next)?;
+                }
             }
-            let source = (rank + world - step) % world;
-            let block = |q: Tensor<4>, k: Tensor<4>, causal| Block {
-                q,
-                k,
-                v: v_cur.clone(),
-                causal,
-                scale: self.scale,
-            };
-            acc = match self.part(step, source, rank) {
-                Part::Skip => acc,
-                Part::Whole { causal } => {
-                    let part = block::forward(&block(q.clone(), k_cur.clone(), causal));
-                    Some(match acc {
-                        None => part,
-                        Some(acc) => block::merge(acc, part),
-                    })
-                }
-                Part::KeysFirstHalf => {
-                    let mut b = block(q.clone(), k_cur.clone().narrow(2, 0, half), false);
-                    b.v = b.v.narrow(2, 0, half);
-                    let part = block::forward(&b);
-                    Some(block::merge(acc.expect("step 0 ran"), part))
-                }
-                Part::QueriesSecondHalf => {
-                    let (o, l) = acc.expect("step 0 ran");
-                    let part = block::forward(&block(
-                        q.clone().narrow(2, half, half),
-                        k_cur.clone(),
-                        false,
-                    ));
-                    let (o2, l2) = block::merge(
+            let part = self.part(step, (rank + world - step) % world, rank);
+            let planned = self.step_block(
+                part,
+                &q,
+                &k_cur,
+                &v_cur,
+                segments.as_ref(),
+                seg_cur.as_ref(),
+                half,
+            );
+            if let Some((block, q_from, _)) = planned {
+                let partial = block::forward(&block);
+                acc = Some(match acc {
+                    None => partial,
+                    Some((o, l)) if q_from > 0 => {
+                        let rows = o.dims()[2] - q_from;
+                        let (o2, l2) = block::merge(
+                            (
+                                o.clone().narrow(2, q_from, rows),
+                                l.clone().narrow(2, q_from, rows),
+                            ),
+                            partial,
+                        );
                         (
-                            o.clone().narrow(2, half, half),
-                            l.clone().narrow(2, half, half),
-                        ),
-                        part,
-                    );
-                    Some((
-                        Tensor::cat(vec![o.narrow(2, 0, half), o2], 2),
-                        Tensor::cat(vec![l.narrow(2, 0, half), l2], 2),
-                    ))
-                }
-            };
+                            Tensor::cat(vec![o.narrow(2, 0, q_from), o2], 2),
+                            Tensor::cat(vec![l.narrow(2, 0, q_from), l2], 2),
+                        )
+                    }
+                    Some(acc) => block::merge(acc, partial),
+                });
+            }
             if step + 1 < world {
                 k_cur = comm.recv(prev, &device)?;
                 v_cur = comm.recv(prev, &device)?;
+                if seg_cur.is_some() {
+                    seg_cur = Some(comm.recv(prev, &device)?);
+                }
             }
         }
         let (o, lse) = acc.expect("step 0 always computes");
@@ -179,17 +242,31 @@ impl RingAttention {
     pub fn backward<C: Communicator>(
         &self,
         comm: &C,
-        (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
         o: Tensor<4>,
         lse: Tensor<3>,
         d_o: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
-        let delta = block::delta(o, d_o.clone());
-        self.backward_with_delta(comm, (q, k, v), lse, delta, d_o)
+        self.backward_packed(comm, qkv, o, lse, d_o, None)
     }
 
-    /// [`RingAttention::backward`] with `delta = rowsum(dO * O)` already computed (the
-    /// Ulysses layers compute it before their all-to-all instead of moving O).
+    /// [`RingAttention::backward`] for packed batches (`segments` as in
+    /// [`RingAttention::forward_packed`]).
+    pub fn backward_packed<C: Communicator>(
+        &self,
+        comm: &C,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        let delta = block::delta(o, d_o.clone());
+        self.backward_with_delta(comm, qkv, lse, delta, d_o, segments)
+    }
+
+    /// The backward with `delta = rowsum(dO * O)` already computed (the Ulysses layers
+    /// compute it before their all-to-all instead of moving O).
     pub(crate) fn backward_with_delta<C: Communicator>(
         &self,
         comm: &C,
@@ -197,8 +274,9 @@ impl RingAttention {
         lse: Tensor<3>,
         delta: Tensor<3>,
         d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
-        let half = self.check(&q, &k)?;
+        let half = self.check(&q, &k, segments.as_ref())?;
         let (world, rank) = (comm.world_size(), comm.rank());
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
         let device = q.device();
@@ -206,67 +284,45 @@ impl RingAttention {
         let mut d_q = Tensor::<4>::zeros(q.dims(), (&device, DType::F32));
         let mut d_k = Tensor::<4>::zeros(k.dims(), (&device, DType::F32));
         let mut d_v = Tensor::<4>::zeros(v.dims(), (&device, DType::F32));
-        let (mut k_cur, mut v_cur) = (k, v);
-        let n = q.dims()[2];
+        let (mut k_cur, mut v_cur, mut seg_cur) = (k, v, segments.clone());
         for step in 0..world {
             if step + 1 < world {
                 comm.send(&k_cur, next)?;
                 comm.send(&v_cur, next)?;
-            }
-            let source = (rank + world - step) % world;
-            match self.part(step, source, rank) {
-                Part::Skip => {}
-                Part::Whole { causal } => {
-                    let block = Block {
-                        q: q.clone(),
-                        k: k_cur.clone(),
-                        v: v_cur.clone(),
-                        causal,
-                        scale: self.scale,
-                    };
-                    let (dq, dk, dv) =
-                        block::backward(&block, lse.clone(), delta.clone(), d_o.clone());
-                    d_q = d_q + dq;
-                    d_k = d_k + dk;
-                    d_v = d_v + dv;
-                }
-                Part::KeysFirstHalf => {
-                    let block = Block {
-                        q: q.clone(),
-                        k: k_cur.clone().narrow(2, 0, half),
-                        v: v_cur.clone().narrow(2, 0, half),
-                        causal: false,
-                        scale: self.scale,
-                    };
-                    let (dq, dk, dv) =
-                        block::backward(&block, lse.clone(), delta.clone(), d_o.clone());
-                    d_q = d_q + dq;
-                    d_k = add_rows(d_k, dk, 0);
-                    d_v = add_rows(d_v, dv, 0);
-                }
-                Part::QueriesSecondHalf => {
-                    let block = Block {
-                        q: q.clone().narrow(2, half, half),
-                        k: k_cur.clone(),
-                        v: v_cur.clone(),
-                        causal: false,
-                        scale: self.scale,
-                    };
-                    let (dq, dk, dv) = block::backward(
-                        &block,
-                        lse.clone().narrow(2, half, half),
-                        delta.clone().narrow(2, half, half),
-                        d_o.clone().narrow(2, half, n - half),
-                    );
-                    d_q = add_rows(d_q, dq, half);
-                    d_k = d_k + dk;
-                    d_v = d_v + dv;
+                if let Some(seg) = &seg_cur {
+                    comm.send(seg, next)?;
                 }
             }
-            // Same order on both ends of every link: this step's K/V, then the gradients.
+            let part = self.part(step, (rank + world - step) % world, rank);
+            let planned = self.step_block(
+                part,
+                &q,
+                &k_cur,
+                &v_cur,
+                segments.as_ref(),
+                seg_cur.as_ref(),
+                half,
+            );
+            if let Some((block, q_from, _)) = planned {
+                let rows = q.dims()[2] - q_from;
+                let (dq, dk, dv) = block::backward(
+                    &block,
+                    lse.clone().narrow(2, q_from, rows),
+                    delta.clone().narrow(2, q_from, rows),
+                    d_o.clone().narrow(2, q_from, rows),
+                );
+                d_q = add_rows(d_q, dq, q_from);
+                d_k = add_rows(d_k, dk, 0);
+                d_v = add_rows(d_v, dv, 0);
+            }
+            // Same order on both ends of every link: this step's K/V (and sequence ids),
+            // then the gradients.
             if step + 1 < world {
                 k_cur = comm.recv(prev, &device)?;
                 v_cur = comm.recv(prev, &device)?;
+                if seg_cur.is_some() {
+                    seg_cur = Some(comm.recv(prev, &device)?);
+                }
             }
             if world > 1 {
                 comm.send(&d_k, next)?;

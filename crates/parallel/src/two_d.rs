@@ -9,7 +9,7 @@
 //! (Splitting first and pairing second, as the public VILA code does, hands the ring
 //! token sets that are not zigzag pairs.)
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use longview_comm::Communicator;
 
 use crate::layout::SeqLayout;
@@ -69,8 +69,12 @@ struct Ring<'a, C> {
 }
 
 impl<C: Communicator> HeadShardAttention for Ring<'_, C> {
-    fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
-        self.ring.forward(self.comm, q, k, v)
+    fn forward(
+        &self,
+        (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
+        self.ring.forward_packed(self.comm, q, k, v, segments)
     }
 
     fn backward(
@@ -79,9 +83,10 @@ impl<C: Communicator> HeadShardAttention for Ring<'_, C> {
         lse: Tensor<3>,
         delta: Tensor<3>,
         d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
         self.ring
-            .backward_with_delta(self.comm, qkv, lse, delta, d_o)
+            .backward_with_delta(self.comm, qkv, lse, delta, d_o, segments)
     }
 }
 
@@ -109,14 +114,26 @@ impl TwoDAttention {
         k: Tensor<4>,
         v: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<3>)> {
+        self.forward_packed(groups, q, k, v, None)
+    }
+
+    /// [`TwoDAttention::forward`] for packed batches: `segments` (`[batch, local_len]`,
+    /// this rank's [`SeqLayout::TwoD`] shard) holds each token's sequence id.
+    pub fn forward_packed<C: Communicator>(
+        &self,
+        groups: &TwoDGroups<C>,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
         // Inside a node the pieces of the pair are contiguous.
         ulysses::forward_with(
             &groups.ulysses,
             SeqLayout::Contiguous,
             &self.inner(groups),
-            q,
-            k,
-            v,
+            (q, k, v),
+            segments,
         )
     }
 
@@ -129,6 +146,19 @@ impl TwoDAttention {
         lse: Tensor<3>,
         d_o: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        self.backward_packed(groups, qkv, o, lse, d_o, None)
+    }
+
+    /// [`TwoDAttention::backward`] for packed batches.
+    pub fn backward_packed<C: Communicator>(
+        &self,
+        groups: &TwoDGroups<C>,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
         let dtypes = (qkv.0.dtype(), qkv.1.dtype(), qkv.2.dtype());
         let (d_q, d_k, d_v) = ulysses::backward_with(
             &groups.ulysses,
@@ -138,6 +168,7 @@ impl TwoDAttention {
             o,
             lse,
             d_o,
+            segments,
         )?;
         Ok((d_q.cast(dtypes.0), d_k.cast(dtypes.1), d_v.cast(dtypes.2)))
     }

@@ -6,7 +6,7 @@
 //! heads each kv head is replicated `P / kv_heads` times before the exchange and the
 //! replicas' gradients are summed after it.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use longview_comm::Communicator;
 
 use crate::block::{self, Block};
@@ -93,6 +93,17 @@ pub fn heads_to_sequence<C: Communicator, const D: usize>(
     Ok(Tensor::cat(comm.all_to_all(parts)?, 1))
 }
 
+/// The whole `[batch, len]` sequence-id tensor from every rank's `[batch, local_len]`
+/// shard (for packed batches: the ids are per token, not per head).
+pub fn gather_sequence<C: Communicator>(
+    comm: &C,
+    x: Tensor<2, Int>,
+    layout: SeqLayout,
+) -> Result<Tensor<2, Int>> {
+    let gathered = comm.all_gather(x, 1)?;
+    unshard(gathered.chunk(comm.world_size(), 1), 1, layout)
+}
+
 /// Ulysses attention settings; the same on every rank.
 #[derive(Debug, Clone, Copy)]
 pub struct UlyssesAttention {
@@ -106,13 +117,19 @@ pub struct UlyssesAttention {
 /// Per-head-shard work inside a Ulysses exchange: plain attention for
 /// [`UlyssesAttention`], a zigzag ring for 2D attention.
 pub(crate) trait HeadShardAttention {
-    fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)>;
+    /// `segments`: the sequence ids of the gathered tokens (packed batches).
+    fn forward(
+        &self,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)>;
     fn backward(
         &self,
         qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
         lse: Tensor<3>,
         delta: Tensor<3>,
         d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)>;
 }
 
@@ -122,13 +139,18 @@ struct Local {
 }
 
 impl HeadShardAttention for Local {
-    fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
+    fn forward(
+        &self,
+        (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
         Ok(block::forward(&Block {
             q,
             k,
             v,
             causal: self.causal,
             scale: self.scale,
+            segments: segments.map(|s| (s.clone(), s)),
         }))
     }
 
@@ -138,6 +160,7 @@ impl HeadShardAttention for Local {
         lse: Tensor<3>,
         delta: Tensor<3>,
         d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
         let block = Block {
             q,
@@ -145,6 +168,7 @@ impl HeadShardAttention for Local {
             v,
             causal: self.causal,
             scale: self.scale,
+            segments: segments.map(|s| (s.clone(), s)),
         };
         Ok(block::backward(&block, lse, delta, d_o))
     }
@@ -154,9 +178,8 @@ pub(crate) fn forward_with<C: Communicator>(
     comm: &C,
     layout: SeqLayout,
     inner: &impl HeadShardAttention,
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+    (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+    segments: Option<Tensor<2, Int>>,
 ) -> Result<(Tensor<4>, Tensor<3>)> {
     let [_, q_heads, _, _] = q.dims();
     let kv_heads = k.dims()[1];
@@ -167,7 +190,10 @@ pub(crate) fn forward_with<C: Communicator>(
     let q = sequence_to_heads(comm, q, layout)?;
     let k = sequence_to_heads(comm, replicate_heads(k, copies), layout)?;
     let v = sequence_to_heads(comm, replicate_heads(v, copies), layout)?;
-    let (o, lse) = inner.forward(q, k, v)?;
+    let segments = segments
+        .map(|s| gather_sequence(comm, s, layout))
+        .transpose()?;
+    let (o, lse) = inner.forward((q, k, v), segments)?;
     Ok((
         heads_to_sequence(comm, o.cast(dtype), layout)?,
         heads_to_sequence(comm, lse, layout)?,
@@ -183,6 +209,7 @@ pub(crate) fn backward_with<C: Communicator>(
     o: Tensor<4>,
     lse: Tensor<3>,
     d_o: Tensor<4>,
+    segments: Option<Tensor<2, Int>>,
 ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
     let [_, q_heads, _, _] = q.dims();
     let kv_heads = k.dims()[1];
@@ -197,7 +224,10 @@ pub(crate) fn backward_with<C: Communicator>(
     let q = sequence_to_heads(comm, q, layout)?;
     let k = sequence_to_heads(comm, replicate_heads(k, copies), layout)?;
     let v = sequence_to_heads(comm, replicate_heads(v, copies), layout)?;
-    let (d_q, d_k, d_v) = inner.backward((q, k, v), lse, delta, d_o)?;
+    let segments = segments
+        .map(|s| gather_sequence(comm, s, layout))
+        .transpose()?;
+    let (d_q, d_k, d_v) = inner.backward((q, k, v), lse, delta, d_o, segments)?;
     Ok((
         heads_to_sequence(comm, d_q, layout)?,
         sum_replicas(heads_to_sequence(comm, d_k, layout)?, copies),
@@ -218,11 +248,24 @@ impl UlyssesAttention {
         k: Tensor<4>,
         v: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<3>)> {
+        self.forward_packed(comm, q, k, v, None)
+    }
+
+    /// [`UlyssesAttention::forward`] for packed batches: `segments` (`[batch,
+    /// local_len]`, this rank's shard) holds each token's sequence id.
+    pub fn forward_packed<C: Communicator>(
+        &self,
+        comm: &C,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
         let inner = Local {
             causal: self.causal,
             scale: self.scale,
         };
-        forward_with(comm, self.layout, &inner, q, k, v)
+        forward_with(comm, self.layout, &inner, (q, k, v), segments)
     }
 
     /// This rank's `(dQ, dK, dV)` from the forward's O and LSE and the gradient `d_o`.
@@ -234,11 +277,33 @@ impl UlyssesAttention {
         lse: Tensor<3>,
         d_o: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        self.backward_packed(comm, qkv, o, lse, d_o, None)
+    }
+
+    /// [`UlyssesAttention::backward`] for packed batches.
+    pub fn backward_packed<C: Communicator>(
+        &self,
+        comm: &C,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
         let inner = Local {
             causal: self.causal,
             scale: self.scale,
         };
-        let (d_q, d_k, d_v) = backward_with(comm, self.layout, &inner, qkv.clone(), o, lse, d_o)?;
+        let (d_q, d_k, d_v) = backward_with(
+            comm,
+            self.layout,
+            &inner,
+            qkv.clone(),
+            o,
+            lse,
+            d_o,
+            segments,
+        )?;
         Ok((
             d_q.cast(qkv.0.dtype()),
             d_k.cast(qkv.1.dtype()),

@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use longview_comm::{Communicator, LocalComm, LocalWorld};
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::ring::{RingAttention, RingBalance};
@@ -29,10 +29,31 @@ struct Case {
     d_q: Tensor<4>,
     d_k: Tensor<4>,
     d_v: Tensor<4>,
+    /// Packed batches: every token's sequence id, `[b, n]`.
+    segments: Option<Tensor<2, Int>>,
 }
 
 /// Single-device attention and its gradients.
 fn reference(dims: Dims, causal: bool, scale: f64) -> Case {
+    reference_packed(dims, causal, scale, None)
+}
+
+/// Sequence ids for packed rows of the given sequence lengths (each row sums to n).
+fn sequence_ids(lengths: &[Vec<usize>]) -> Vec<Vec<i64>> {
+    lengths
+        .iter()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .flat_map(|(id, &len)| std::iter::repeat_n(id as i64, len))
+                .collect()
+        })
+        .collect()
+}
+
+/// As [`reference`], for packed batches: `lengths[b]` are the sequence lengths of row
+/// `b`; a token attends only within its sequence.
+fn reference_packed(dims: Dims, causal: bool, scale: f64, lengths: Option<&[Vec<usize>]>) -> Case {
     let [b, hq, hkv, n, d] = dims;
     let device = Device::flex().autodiff();
     let dist = Distribution::Normal(0.0, 1.0);
@@ -49,15 +70,20 @@ fn reference(dims: Dims, causal: bool, scale: f64) -> Case {
         Tensor::cat(heads, 1)
     };
     let scores = q.clone().matmul(repeat(k.clone()).swap_dims(2, 3)) * scale;
-    let mut bias = vec![0f32; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            if causal && j > i {
-                bias[i * n + j] = f32::NEG_INFINITY;
+    let ids = lengths.map(sequence_ids);
+    let mut bias = vec![0f32; b * n * n];
+    for row in 0..b {
+        for i in 0..n {
+            for j in 0..n {
+                let other_sequence = ids.as_ref().is_some_and(|ids| ids[row][i] != ids[row][j]);
+                if (causal && j > i) || other_sequence {
+                    bias[(row * n + i) * n + j] = f32::NEG_INFINITY;
+                }
             }
         }
     }
-    let bias = Tensor::<2>::from_data(TensorData::new(bias, [n, n]), &device).reshape([1, 1, n, n]);
+    let bias =
+        Tensor::<3>::from_data(TensorData::new(bias, [b, n, n]), &device).reshape([b, 1, n, n]);
     let scores = scores + bias;
     let max = scores.clone().max_dim(3).detach();
     let exp = (scores - max.clone()).exp();
@@ -76,11 +102,18 @@ fn reference(dims: Dims, causal: bool, scale: f64) -> Case {
         d_o: inner(d_o),
         o: inner(o),
         lse: Tensor::from_data(lse.into_data(), &Device::flex()),
+        segments: ids.map(|ids| {
+            let flat: Vec<i64> = ids.into_iter().flatten().collect();
+            Tensor::from_data(TensorData::new(flat, [b, n]), &Device::flex())
+        }),
     }
 }
 
 /// One rank's results: (O, LSE, dQ, dK, dV).
 type RankOut = (Tensor<4>, Tensor<3>, Tensor<4>, Tensor<4>, Tensor<4>);
+
+/// One rank's inputs: (q, k, v, dO) shards and its shard of the sequence ids.
+type RankIn = ([Tensor<4>; 4], Option<Tensor<2, Int>>);
 
 /// Runs `work` on every rank of an in-process group, one thread each.
 fn on_ranks<T: Send>(world: usize, work: impl Fn(LocalComm) -> T + Sync) -> Vec<T> {
@@ -119,14 +152,19 @@ fn run_scheme(
     world: usize,
     layout: SeqLayout,
     dtype: DType,
-    scheme: impl Fn(&LocalComm, [Tensor<4>; 4]) -> RankOut + Sync,
+    scheme: impl Fn(&LocalComm, RankIn) -> RankOut + Sync,
 ) -> [f32; 5] {
     let cut = |t: &Tensor<4>, r| shard(t.clone(), 2, layout, r, world).unwrap();
-    let inputs: Vec<Mutex<Option<[Tensor<4>; 4]>>> = (0..world)
+    let inputs: Vec<Mutex<Option<RankIn>>> = (0..world)
         .map(|r| {
-            Mutex::new(Some(
+            let segments = case
+                .segments
+                .as_ref()
+                .map(|s| shard(s.clone(), 1, layout, r, world).unwrap());
+            Mutex::new(Some((
                 [&case.q, &case.k, &case.v, &case.d_o].map(|t| cut(t, r).cast(dtype)),
-            ))
+                segments,
+            )))
         })
         .collect();
     let outputs = on_ranks(world, |comm| {
@@ -168,16 +206,18 @@ fn ring(
     balance: RingBalance,
     causal: bool,
     scale: f64,
-) -> impl Fn(&LocalComm, [Tensor<4>; 4]) -> RankOut + Sync {
-    move |comm, [q, k, v, d_o]| {
+) -> impl Fn(&LocalComm, RankIn) -> RankOut + Sync {
+    move |comm, ([q, k, v, d_o], segments)| {
         let attn = RingAttention {
             balance,
             causal,
             scale,
         };
-        let (o, lse) = attn.forward(comm, q.clone(), k.clone(), v.clone()).unwrap();
+        let (o, lse) = attn
+            .forward_packed(comm, q.clone(), k.clone(), v.clone(), segments.clone())
+            .unwrap();
         let (d_q, d_k, d_v) = attn
-            .backward(comm, (q, k, v), o.clone(), lse.clone(), d_o)
+            .backward_packed(comm, (q, k, v), o.clone(), lse.clone(), d_o, segments)
             .unwrap();
         (o, lse, d_q, d_k, d_v)
     }
@@ -225,20 +265,13 @@ fn ulysses_equals_single_device_including_kv_head_replication() {
             for causal in [true, false] {
                 let case = reference(dims, causal, 0.3);
                 for layout in [SeqLayout::Contiguous, SeqLayout::Zigzag] {
-                    let errors =
-                        run_scheme(&case, world, layout, DType::F32, |comm, [q, k, v, d_o]| {
-                            let attn = UlyssesAttention {
-                                layout,
-                                causal,
-                                scale: 0.3,
-                            };
-                            let (o, lse) =
-                                attn.forward(comm, q.clone(), k.clone(), v.clone()).unwrap();
-                            let (d_q, d_k, d_v) = attn
-                                .backward(comm, (q, k, v), o.clone(), lse.clone(), d_o)
-                                .unwrap();
-                            (o, lse, d_q, d_k, d_v)
-                        });
+                    let errors = run_scheme(
+                        &case,
+                        world,
+                        layout,
+                        DType::F32,
+                        ulysses(layout, causal, 0.3),
+                    );
                     assert_within(
                         &format!("Ulysses {layout} P={world} {dims:?} causal={causal}"),
                         errors,
@@ -250,21 +283,90 @@ fn ulysses_equals_single_device_including_kv_head_replication() {
     }
 }
 
+fn ulysses(
+    layout: SeqLayout,
+    causal: bool,
+    scale: f64,
+) -> impl Fn(&LocalComm, RankIn) -> RankOut + Sync {
+    move |comm, ([q, k, v, d_o], segments)| {
+        let attn = UlyssesAttention {
+            layout,
+            causal,
+            scale,
+        };
+        let (o, lse) = attn
+            .forward_packed(comm, q.clone(), k.clone(), v.clone(), segments.clone())
+            .unwrap();
+        let (d_q, d_k, d_v) = attn
+            .backward_packed(comm, (q, k, v), o.clone(), lse.clone(), d_o, segments)
+            .unwrap();
+        (o, lse, d_q, d_k, d_v)
+    }
+}
+
 fn two_d(
     causal: bool,
     scale: f64,
     ulysses: usize,
-) -> impl Fn(&LocalComm, [Tensor<4>; 4]) -> RankOut + Sync {
-    move |comm, [q, k, v, d_o]| {
+) -> impl Fn(&LocalComm, RankIn) -> RankOut + Sync {
+    move |comm, ([q, k, v, d_o], segments)| {
         let groups = TwoDGroups::new(comm, ulysses).unwrap();
         let attn = TwoDAttention { causal, scale };
         let (o, lse) = attn
-            .forward(&groups, q.clone(), k.clone(), v.clone())
+            .forward_packed(&groups, q.clone(), k.clone(), v.clone(), segments.clone())
             .unwrap();
         let (d_q, d_k, d_v) = attn
-            .backward(&groups, (q, k, v), o.clone(), lse.clone(), d_o)
+            .backward_packed(&groups, (q, k, v), o.clone(), lse.clone(), d_o, segments)
             .unwrap();
         (o, lse, d_q, d_k, d_v)
+    }
+}
+
+/// Packed batches: ragged sequences whose boundaries fall inside zigzag chunks and
+/// shards; a block of one rank may hold no key of a query's sequence (O = 0, LSE =
+/// -inf partials that the merge must skip).
+#[test]
+fn packed_sequences_stay_apart_under_every_scheme() {
+    let lengths = vec![vec![5, 20, 1, 30, 8], vec![33, 31]];
+    for causal in [true, false] {
+        let case = reference_packed([2, 8, 2, 64, 8], causal, 0.3, Some(&lengths));
+        for world in [1, 2, 4, 8] {
+            for (balance, layout) in [
+                (RingBalance::Plain, SeqLayout::Contiguous),
+                (RingBalance::Zigzag, SeqLayout::Zigzag),
+            ] {
+                let errors =
+                    run_scheme(&case, world, layout, DType::F32, ring(balance, causal, 0.3));
+                assert_within(
+                    &format!("packed ring {balance:?} P={world} causal={causal}"),
+                    errors,
+                    F32_TOLERANCE,
+                );
+            }
+            for layout in [SeqLayout::Contiguous, SeqLayout::Zigzag] {
+                let errors = run_scheme(
+                    &case,
+                    world,
+                    layout,
+                    DType::F32,
+                    ulysses(layout, causal, 0.3),
+                );
+                assert_within(
+                    &format!("packed Ulysses {layout} P={world} causal={causal}"),
+                    errors,
+                    F32_TOLERANCE,
+                );
+            }
+        }
+        for (u, r) in [(2, 2), (2, 4), (4, 2)] {
+            let layout = SeqLayout::TwoD { ulysses: u };
+            let errors = run_scheme(&case, u * r, layout, DType::F32, two_d(causal, 0.3, u));
+            assert_within(
+                &format!("packed 2D U={u} R={r} causal={causal}"),
+                errors,
+                F32_TOLERANCE,
+            );
+        }
     }
 }
 

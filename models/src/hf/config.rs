@@ -270,7 +270,9 @@ impl HfSiglipVisionConfig {
                 ),
             ));
         }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(ModelError::config(
                 path,
                 format!(
