@@ -36,6 +36,21 @@ enum Task {
     },
     /// Build the CUDA release binary and compress it into dist/ for a GPU machine.
     Package,
+    /// Start N local processes of a command with torchrun's variables (RANK,
+    /// WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), one per GPU;
+    /// output lines are prefixed with the rank, and when one rank fails the others are
+    /// stopped. Example: `cargo xtask launch --nproc 4 -- target/release/longview ...`.
+    Launch {
+        /// Processes to start.
+        #[arg(long)]
+        nproc: usize,
+        /// Rank 0's rendezvous port (default: a free port).
+        #[arg(long, default_value_t = 0)]
+        master_port: u16,
+        /// The command (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Training (the five LongVILA stages): not implemented yet.
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -100,6 +115,25 @@ fn main() -> ExitCode {
             run(cmd)
         }
         Task::Package => package(),
+        Task::Launch {
+            nproc,
+            master_port,
+            command,
+        } => {
+            let options = longview_launch::LaunchOptions {
+                nproc,
+                master_port,
+                command: command.into_iter().map(Into::into).collect(),
+            };
+            match longview_launch::launch_local(&options) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+                Err(e) => {
+                    eprintln!("xtask: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Task::Train { .. } => not_yet("train"),
         Task::Eval { .. } => not_yet("eval"),
     }

@@ -1,0 +1,106 @@
+use crate::LaunchError;
+
+/// This process's place in a multi-process job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    /// Rank on this node: the GPU index to use.
+    pub local_rank: usize,
+    /// Processes on this node.
+    pub local_world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+const MASTER_HINT: &str = "set it to rank 0's host and a free port (torchrun sets both; under \
+                           SLURM use e.g. MASTER_ADDR=$(scontrol show hostnames \
+                           $SLURM_JOB_NODELIST | head -n1) MASTER_PORT=29500)";
+
+impl ProcessEnv {
+    /// Reads the process environment; `None` when neither torchrun's nor SLURM's
+    /// variables are present (a single-process run).
+    pub fn from_env() -> Result<Option<Self>, LaunchError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`ProcessEnv::from_env`], reading variables through `get` (for tests).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, LaunchError> {
+        let number = |name: &'static str| -> Result<Option<usize>, LaunchError> {
+            get(name)
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<usize>()
+                        .map_err(|_| LaunchError::Variable {
+                            name,
+                            value: value.clone(),
+                            reason: "expected a non-negative integer".into(),
+                        })
+                })
+                .transpose()
+        };
+        let (rank, world_size, local_rank, local_world_size) = if get("RANK").is_some() {
+            let rank = number("RANK")?.expect("checked");
+            let world = number("WORLD_SIZE")?.ok_or_else(|| LaunchError::Missing {
+                name: "WORLD_SIZE",
+                hint: "RANK is set, so the number of processes is needed too".into(),
+            })?;
+            let local_rank = number("LOCAL_RANK")?.unwrap_or(rank);
+            let local_world = number("LOCAL_WORLD_SIZE")?.unwrap_or(world);
+            (rank, world, local_rank, local_world)
+        } else if get("SLURM_PROCID").is_some() {
+            let rank = number("SLURM_PROCID")?.expect("checked");
+            let world = number("SLURM_NTASKS")?.ok_or_else(|| LaunchError::Missing {
+                name: "SLURM_NTASKS",
+                hint: "SLURM_PROCID is set; run the job with srun so SLURM sets both".into(),
+            })?;
+            let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
+            // "4" or "4(x2)": tasks on each node.
+            let per_node = get("SLURM_NTASKS_PER_NODE")
+                .and_then(|v| v.split('(').next().and_then(|n| n.trim().parse().ok()))
+                .unwrap_or(world);
+            (rank, world, local_rank, per_node)
+        } else {
+            return Ok(None);
+        };
+        if world_size == 0 || rank >= world_size {
+            return Err(LaunchError::Variable {
+                name: "RANK",
+                value: rank.to_string(),
+                reason: format!("must be below the world size {world_size}"),
+            });
+        }
+        if local_world_size == 0 || local_rank >= local_world_size {
+            return Err(LaunchError::Variable {
+                name: "LOCAL_RANK",
+                value: local_rank.to_string(),
+                reason: format!("must be below the local world size {local_world_size}"),
+            });
+        }
+        let master_addr = get("MASTER_ADDR").ok_or_else(|| LaunchError::Missing {
+            name: "MASTER_ADDR",
+            hint: MASTER_HINT.into(),
+        })?;
+        let port = get("MASTER_PORT").ok_or_else(|| LaunchError::Missing {
+            name: "MASTER_PORT",
+            hint: MASTER_HINT.into(),
+        })?;
+        let master_port = port
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| LaunchError::Variable {
+                name: "MASTER_PORT",
+                value: port.clone(),
+                reason: "expected a TCP port (1-65535)".into(),
+            })?;
+        Ok(Some(ProcessEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+        }))
+    }
+}
