@@ -87,6 +87,18 @@ pub trait Communicator: Send + Sized {
     /// Waits for the next tensor rank `from` sent to this rank; it lands on `device`.
     fn recv<const D: usize, K: Basic>(&self, from: usize, device: &Device) -> Result<Tensor<D, K>>;
 
+    /// Starts a ring shift: `tensor` goes to rank `to` while a tensor of the same shape
+    /// and dtype comes from rank `from`; [`Shift::wait`] returns it. Every rank of the
+    /// ring calls this at the same step, so the transfers pair up (NCCL's grouped
+    /// send/recv); the caller computes between start and wait, which lets an
+    /// asynchronous backend overlap the transfer with the compute.
+    fn start_shift<const D: usize, K: Basic>(
+        &self,
+        tensor: &Tensor<D, K>,
+        to: usize,
+        from: usize,
+    ) -> Result<Shift<'_, D, K>>;
+
     /// Every rank gets the element-wise reduction of all ranks' tensors (same shape on
     /// every rank).
     fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>>;
@@ -115,6 +127,26 @@ pub trait Communicator: Send + Sized {
     /// the sub-group it belongs to. Sub-groups have their own channels: their traffic
     /// never mixes with the parent's.
     fn split(&self, groups: &[Vec<usize>]) -> Result<Self>;
+}
+
+/// A ring shift in flight ([`Communicator::start_shift`]).
+#[must_use = "a started shift must be waited for"]
+pub struct Shift<'a, const D: usize, K: Basic> {
+    finish: Box<dyn FnOnce() -> Result<Tensor<D, K>> + 'a>,
+}
+
+impl<'a, const D: usize, K: Basic> Shift<'a, D, K> {
+    /// Wraps the completion of a shift (for implementations of [`Communicator`]).
+    pub fn new(finish: impl FnOnce() -> Result<Tensor<D, K>> + 'a) -> Self {
+        Shift {
+            finish: Box::new(finish),
+        }
+    }
+
+    /// Waits for the incoming tensor.
+    pub fn wait(self) -> Result<Tensor<D, K>> {
+        (self.finish)()
+    }
 }
 
 /// Checks that `groups` partitions `0..world`; the error names the offending rank.

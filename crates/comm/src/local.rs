@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::kind::Basic;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::{CommError, Communicator, ReduceOp, Result, check_partition};
+use crate::{CommError, Communicator, ReduceOp, Result, Shift, check_partition};
 
 /// How long a receive waits for a live peer before giving up, unless set with
 /// [`LocalWorld::communicators_with_timeout`].
@@ -305,6 +305,33 @@ impl Communicator for LocalComm {
     fn recv<const D: usize, K: Basic>(&self, from: usize, device: &Device) -> Result<Tensor<D, K>> {
         self.check_peer("recv", from)?;
         self.take_tensor("send/recv", from, device)
+    }
+
+    fn start_shift<const D: usize, K: Basic>(
+        &self,
+        tensor: &Tensor<D, K>,
+        to: usize,
+        from: usize,
+    ) -> Result<Shift<'_, D, K>> {
+        let tag = self.begin("shift");
+        self.check_peer(&tag, to)?;
+        self.check_peer(&tag, from)?;
+        let (dims, dtype, device) = (tensor.dims(), tensor.dtype(), tensor.device());
+        self.post(&tag, tensor.to_data(), to);
+        Ok(Shift::new(move || {
+            let received: Tensor<D, K> = self.take_tensor(&tag, from, &device)?;
+            if received.dims() != dims || received.dtype() != dtype {
+                return Err(self.invalid(
+                    &tag,
+                    format!(
+                        "rank {from} shifted a {:?} {:?} tensor, this rank a {dims:?} {dtype:?} one",
+                        received.dims(),
+                        received.dtype()
+                    ),
+                ));
+            }
+            Ok(received)
+        }))
     }
 
     fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>> {

@@ -233,3 +233,29 @@ fn a_peer_that_never_sends_times_out() {
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+#[test]
+fn ring_shifts_pair_up_and_check_shapes() {
+    let results = on_ranks(LocalWorld::communicators(4), |comm| {
+        let (r, p) = (comm.rank(), comm.world_size());
+        let first = comm.start_shift(&input(r), (r + 1) % p, (r + p - 1) % p).unwrap();
+        let second = comm
+            .start_shift(&(input(r) * 3.0), (r + 1) % p, (r + p - 1) % p)
+            .unwrap();
+        (r, first.wait().unwrap(), second.wait().unwrap())
+    });
+    for (r, a, b) in results {
+        let from = (r + 3) % 4;
+        assert_eq!(values(a), values(input(from)));
+        assert_eq!(values(b), values(input(from) * 3.0));
+    }
+    let errors = on_ranks(LocalWorld::communicators(2), |comm| {
+        let shape = if comm.rank() == 0 { [2, 3] } else { [3, 2] };
+        let t = Tensor::<2>::zeros(shape, &Device::flex());
+        let other = 1 - comm.rank();
+        comm.start_shift(&t, other, other).unwrap().wait().unwrap_err().to_string()
+    });
+    for e in errors {
+        assert!(e.contains("shifted a [") && e.contains("tensor, this rank a"), "{e}");
+    }
+}

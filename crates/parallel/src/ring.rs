@@ -18,8 +18,8 @@
 //!
 //! [`SeqLayout::Zigzag`]: crate::layout::SeqLayout::Zigzag
 
-use burn::tensor::{DType, Int, Tensor};
-use longview_comm::Communicator;
+use burn::tensor::{DType, Float, Int, Tensor};
+use longview_comm::{Communicator, Shift};
 
 use crate::block::{self, Block};
 use crate::{ParallelError, Result};
@@ -182,18 +182,23 @@ impl RingAttention {
         let half = self.check(&q, &k, segments.as_ref())?;
         let (world, rank) = (comm.world_size(), comm.rank());
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
-        let device = q.device();
         let dtype = q.dtype();
         let (mut k_cur, mut v_cur, mut seg_cur) = (k, v, segments.clone());
         let mut acc: Option<(Tensor<4>, Tensor<3>)> = None;
         for step in 0..world {
-            if step + 1 < world {
-                comm.send(&k_cur, next)?;
-                comm.send(&v_cur, next)?;
-                if let Some(seg) = &seg_cur {
-                    comm.send(seg, next)?;
-                }
-            }
+            // The next step's block is in flight while this one is computed.
+            let incoming = if step + 1 < world {
+                Some(Incoming::start(
+                    comm,
+                    &k_cur,
+                    &v_cur,
+                    seg_cur.as_ref(),
+                    next,
+                    prev,
+                )?)
+            } else {
+                None
+            };
             let part = self.part(step, (rank + world - step) % world, rank);
             let planned = self.step_block(
                 part,
@@ -225,12 +230,8 @@ impl RingAttention {
                     Some(acc) => block::merge(acc, partial),
                 });
             }
-            if step + 1 < world {
-                k_cur = comm.recv(prev, &device)?;
-                v_cur = comm.recv(prev, &device)?;
-                if seg_cur.is_some() {
-                    seg_cur = Some(comm.recv(prev, &device)?);
-                }
+            if let Some(incoming) = incoming {
+                (k_cur, v_cur, seg_cur) = incoming.wait()?;
             }
         }
         let (o, lse) = acc.expect("step 0 always computes");
@@ -286,13 +287,19 @@ impl RingAttention {
         let mut d_v = Tensor::<4>::zeros(v.dims(), (&device, DType::F32));
         let (mut k_cur, mut v_cur, mut seg_cur) = (k, v, segments.clone());
         for step in 0..world {
-            if step + 1 < world {
-                comm.send(&k_cur, next)?;
-                comm.send(&v_cur, next)?;
-                if let Some(seg) = &seg_cur {
-                    comm.send(seg, next)?;
-                }
-            }
+            // The next step's block is in flight while this one is computed.
+            let incoming = if step + 1 < world {
+                Some(Incoming::start(
+                    comm,
+                    &k_cur,
+                    &v_cur,
+                    seg_cur.as_ref(),
+                    next,
+                    prev,
+                )?)
+            } else {
+                None
+            };
             let part = self.part(step, (rank + world - step) % world, rank);
             let planned = self.step_block(
                 part,
@@ -315,23 +322,55 @@ impl RingAttention {
                 d_k = add_rows(d_k, dk, 0);
                 d_v = add_rows(d_v, dv, 0);
             }
-            // Same order on both ends of every link: this step's K/V (and sequence ids),
-            // then the gradients.
-            if step + 1 < world {
-                k_cur = comm.recv(prev, &device)?;
-                v_cur = comm.recv(prev, &device)?;
-                if seg_cur.is_some() {
-                    seg_cur = Some(comm.recv(prev, &device)?);
-                }
+            if let Some(incoming) = incoming {
+                (k_cur, v_cur, seg_cur) = incoming.wait()?;
             }
+            // The gradients of the block follow it to the next rank (and reach its owner
+            // after P hops).
             if world > 1 {
-                comm.send(&d_k, next)?;
-                comm.send(&d_v, next)?;
-                d_k = comm.recv(prev, &device)?;
-                d_v = comm.recv(prev, &device)?;
+                let d_k_next = comm.start_shift(&d_k, next, prev)?;
+                let d_v_next = comm.start_shift(&d_v, next, prev)?;
+                d_k = d_k_next.wait()?;
+                d_v = d_v_next.wait()?;
             }
         }
         Ok((d_q.cast(dtypes.0), d_k.cast(dtypes.1), d_v.cast(dtypes.2)))
+    }
+}
+
+/// A K/V block (and its sequence ids) on its way from the previous rank.
+struct Incoming<'a> {
+    k: Shift<'a, 4, Float>,
+    v: Shift<'a, 4, Float>,
+    segments: Option<Shift<'a, 2, Int>>,
+}
+
+type Received = (Tensor<4>, Tensor<4>, Option<Tensor<2, Int>>);
+
+impl<'a> Incoming<'a> {
+    fn start<C: Communicator>(
+        comm: &'a C,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        segments: Option<&Tensor<2, Int>>,
+        next: usize,
+        prev: usize,
+    ) -> Result<Self> {
+        Ok(Incoming {
+            k: comm.start_shift(k, next, prev)?,
+            v: comm.start_shift(v, next, prev)?,
+            segments: segments
+                .map(|s| comm.start_shift(s, next, prev))
+                .transpose()?,
+        })
+    }
+
+    fn wait(self) -> Result<Received> {
+        Ok((
+            self.k.wait()?,
+            self.v.wait()?,
+            self.segments.map(Shift::wait).transpose()?,
+        ))
     }
 }
 
