@@ -11,13 +11,17 @@
 //!   the tensors. It has the same semantics as the NCCL backend and is what every
 //!   sequence-parallel test runs on in CI (no GPU). Reductions add in rank order in f32,
 //!   so every rank gets a bit-identical result.
-//! - NCCL (one process per GPU through cudarc): not built yet.
+//! - [`nccl::NcclComm`] (feature `nccl`): one process per GPU through cudarc's NCCL
+//!   bindings, on Burn's CubeCL CUDA tensors; started by `cargo xtask launch` or
+//!   torchrun/SLURM.
 //!
 //! Failure is an error, never a hang: a rank that stops or panics, a receive that waits
 //! longer than the group's timeout, and ranks calling different collectives all end
 //! the waiting ranks with a [`CommError`] naming the ranks and the operation.
 
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use burn::tensor::kind::Basic;
 use burn::tensor::{Device, Tensor};

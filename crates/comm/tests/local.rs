@@ -238,7 +238,9 @@ fn a_peer_that_never_sends_times_out() {
 fn ring_shifts_pair_up_and_check_shapes() {
     let results = on_ranks(LocalWorld::communicators(4), |comm| {
         let (r, p) = (comm.rank(), comm.world_size());
-        let first = comm.start_shift(&input(r), (r + 1) % p, (r + p - 1) % p).unwrap();
+        let first = comm
+            .start_shift(&input(r), (r + 1) % p, (r + p - 1) % p)
+            .unwrap();
         let second = comm
             .start_shift(&(input(r) * 3.0), (r + 1) % p, (r + p - 1) % p)
             .unwrap();
@@ -253,9 +255,16 @@ fn ring_shifts_pair_up_and_check_shapes() {
         let shape = if comm.rank() == 0 { [2, 3] } else { [3, 2] };
         let t = Tensor::<2>::zeros(shape, &Device::flex());
         let other = 1 - comm.rank();
-        comm.start_shift(&t, other, other).unwrap().wait().unwrap_err().to_string()
+        comm.start_shift(&t, other, other)
+            .unwrap()
+            .wait()
+            .unwrap_err()
+            .to_string()
     });
     for e in errors {
-        assert!(e.contains("shifted a [") && e.contains("tensor, this rank a"), "{e}");
+        assert!(
+            e.contains("shifted a [") && e.contains("tensor, this rank a"),
+            "{e}"
+        );
     }
 }

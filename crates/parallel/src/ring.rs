@@ -113,9 +113,9 @@ impl RingAttention {
         Ok(n / 2)
     }
 
-    /// The block attention of one step, and where its rows and keys sit in the local
-    /// query shard and the received K/V block: `(block, first query row, keys are the
-    /// first half only)`; `None` when the step has nothing to compute.
+    /// The block attention of one step and the first local query row it covers (its
+    /// keys always start at the received block's first row); `None` when the step has
+    /// nothing to compute.
     #[allow(clippy::too_many_arguments)]
     fn step_block(
         &self,
@@ -126,7 +126,7 @@ impl RingAttention {
         q_segments: Option<&Tensor<2, Int>>,
         k_segments: Option<&Tensor<2, Int>>,
         half: usize,
-    ) -> Option<(Block, usize, bool)> {
+    ) -> Option<(Block, usize)> {
         let n = q.dims()[2];
         let (causal, q_from, keys_first_half) = match part {
             Part::Skip => return None,
@@ -149,7 +149,7 @@ impl RingAttention {
             scale: self.scale,
             segments,
         };
-        Some((block, q_from, keys_first_half))
+        Some((block, q_from))
     }
 
     /// This rank's `(O, LSE)`: O in q's dtype `[batch, q_heads, local_len, head_dim]`,
@@ -209,7 +209,7 @@ impl RingAttention {
                 seg_cur.as_ref(),
                 half,
             );
-            if let Some((block, q_from, _)) = planned {
+            if let Some((block, q_from)) = planned {
                 let partial = block::forward(&block);
                 acc = Some(match acc {
                     None => partial,
@@ -310,7 +310,7 @@ impl RingAttention {
                 seg_cur.as_ref(),
                 half,
             );
-            if let Some((block, q_from, _)) = planned {
+            if let Some((block, q_from)) = planned {
                 let rows = q.dims()[2] - q_from;
                 let (dq, dk, dv) = block::backward(
                     &block,

@@ -1,0 +1,597 @@
+//! The NCCL communicator: one process per GPU (torchrun's convention, the one that
+//! scales to several nodes), tensors on Burn's CubeCL CUDA backend.
+//!
+//! NCCL runs on a stream of its own in the CUDA primary context that cubecl also uses,
+//! directly on cubecl's buffers (`Client::get_resource` gives the device address).
+//! Ordering: before an operation the calling thread's cubecl stream is synchronised
+//! (the inputs are written); collectives then wait for NCCL's stream before returning.
+//! A ring shift returns right after queueing its grouped send/recv, so the next block
+//! travels while the caller computes; [`Shift::wait`] synchronises NCCL's stream.
+//!
+//! Rank 0 creates NCCL's unique id and hands it to the others through
+//! [`longview_launch::share_from_rank0`] (`MASTER_ADDR:MASTER_PORT`). Sub-groups get
+//! their own NCCL communicators: each group's first member creates an id, all ranks
+//! exchange ids with one all-gather, and the members initialise together.
+//!
+//! NCCL itself has no timeout: a rank that dies leaves its peers blocked inside NCCL.
+//! The launcher (`cargo xtask launch`, or torchrun) stops every rank when one exits.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::backend::{BackendTensor, Cube, DispatchKindConversion, DispatchTensor};
+use burn::tensor::kind::Basic;
+use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::nccl::{result as nccl, sys};
+use longview_launch::{ProcessEnv, share_from_rank0};
+
+use crate::{CommError, Communicator, ReduceOp, Result, Shift, check_partition};
+
+type CudaServer = <cubecl::cuda::CudaRuntime as cubecl_runtime::runtime::Runtime>::Server;
+
+/// One rank's NCCL communicator (world or sub-group).
+pub struct NcclComm {
+    comm: RawComm,
+    rank: usize,
+    world_size: usize,
+    /// Members' ranks in the parent group that created this one (for messages).
+    device: Device,
+    stream: Arc<CudaStream>,
+    _context: Arc<CudaContext>,
+}
+
+/// `ncclComm_t` is a handle NCCL allows any thread to use (not concurrently: the
+/// communicator is used from its owner's thread only).
+struct RawComm(sys::ncclComm_t);
+unsafe impl Send for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is destroyed once.
+        unsafe {
+            let _ = nccl::comm_destroy(self.0);
+        }
+    }
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComm")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend_error(rank: usize, op: &str, reason: impl std::fmt::Display) -> CommError {
+    CommError::InvalidArgument {
+        rank,
+        op: op.into(),
+        reason: reason.to_string(),
+    }
+}
+
+fn nccl_type(dtype: DType) -> Option<sys::ncclDataType_t> {
+    use sys::ncclDataType_t::*;
+    Some(match dtype {
+        DType::F32 => ncclFloat32,
+        DType::F16 => ncclFloat16,
+        DType::BF16 => ncclBfloat16,
+        DType::F64 => ncclFloat64,
+        DType::I32 => ncclInt32,
+        DType::I64 => ncclInt64,
+        DType::U32 => ncclUint32,
+        DType::U64 => ncclUint64,
+        DType::I8 => ncclInt8,
+        DType::U8 => ncclUint8,
+        other if other.size() == 1 => ncclUint8,
+        other if other.size() == 4 => ncclUint32,
+        _ => return None,
+    })
+}
+
+/// Which tensor kind a CubeCL primitive came from, to rebuild the same kind.
+#[derive(Clone, Copy)]
+enum Kind {
+    Float,
+    Int,
+    Bool,
+}
+
+/// A contiguous tensor pinned in place with its device address.
+struct Pinned {
+    tensor: CubeTensor,
+    kind: Kind,
+    /// cubecl's binding of the buffer: while held, the allocation stays where `ptr`
+    /// points.
+    _binding: Box<dyn std::any::Any + Send>,
+    ptr: u64,
+}
+
+impl Pinned {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    fn count(&self) -> usize {
+        self.tensor.meta.shape().num_elements()
+    }
+}
+
+impl NcclComm {
+    /// The world communicator of a torchrun/SLURM job (`None` for a single process):
+    /// binds GPU `LOCAL_RANK` and fetches NCCL's unique id from rank 0 (waiting up to
+    /// `timeout` for the other ranks to start).
+    pub fn from_env(timeout: Duration) -> Result<Option<Self>> {
+        let env = ProcessEnv::from_env().map_err(|e| backend_error(0, "init", e))?;
+        env.map(|env| Self::init(&env, timeout)).transpose()
+    }
+
+    /// Joins the job described by `env`.
+    pub fn init(env: &ProcessEnv, timeout: Duration) -> Result<Self> {
+        let fail = |e: &dyn std::fmt::Display| backend_error(env.rank, "init", e);
+        let context = CudaContext::new(env.local_rank).map_err(|e| fail(&e))?;
+        let stream = context.new_stream().map_err(|e| fail(&e))?;
+        let id_bytes = if env.rank == 0 {
+            let id = nccl::get_uniqueid()
+                .map_err(|e| fail(&format!("{e:?} (is libnccl.so on LD_LIBRARY_PATH?)")))?;
+            let bytes: Vec<u8> = id.internal.iter().map(|&b| b as u8).collect();
+            share_from_rank0(env, Some(&bytes), timeout).map_err(|e| fail(&e))?
+        } else {
+            share_from_rank0(env, None, timeout).map_err(|e| fail(&e))?
+        };
+        let comm = init_rank(&id_bytes, env.rank, env.world_size).map_err(|e| fail(&e))?;
+        Ok(NcclComm {
+            comm,
+            rank: env.rank,
+            world_size: env.world_size,
+            device: Device::cuda(env.local_rank),
+            stream,
+            _context: context,
+        })
+    }
+
+    /// The CUDA device of this rank.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn fail(&self, op: &str, reason: impl std::fmt::Display) -> CommError {
+        backend_error(self.rank, op, reason)
+    }
+
+    fn pin<const D: usize, K: Basic>(&self, op: &str, tensor: Tensor<D, K>) -> Result<Pinned> {
+        let dispatch: DispatchTensor = tensor.into_dispatch();
+        let (tensor, kind) =
+            match <DispatchTensor as DispatchKindConversion<Cube>>::try_into_backend(dispatch) {
+                Ok(BackendTensor::Float(t)) => (t, Kind::Float),
+                Ok(BackendTensor::Int(t)) => (t, Kind::Int),
+                Ok(BackendTensor::Bool(t)) => (t, Kind::Bool),
+                Ok(_) => return Err(self.fail(op, "quantized tensors are not supported")),
+                Err(e) => {
+                    return Err(self.fail(
+                        op,
+                        format!(
+                            "NCCL needs CUDA tensors without autodiff tracking (.inner()): {e}"
+                        ),
+                    ));
+                }
+            };
+        if nccl_type(tensor.dtype).is_none() {
+            return Err(self.fail(op, format!("dtype {:?} has no NCCL type", tensor.dtype)));
+        }
+        let tensor = into_contiguous(tensor);
+        self.pinned(op, tensor, kind)
+    }
+
+    /// A new contiguous buffer like `like` with `shape`, pinned.
+    fn alloc(&self, op: &str, like: &Pinned, shape: &[usize]) -> Result<Pinned> {
+        let bytes = shape.iter().product::<usize>() * like.tensor.dtype.size();
+        let client = like.tensor.client.clone();
+        let handle = client.empty(bytes.max(1));
+        let tensor = CubeTensor::new_contiguous(
+            client,
+            like.tensor.device.clone(),
+            Shape::from(shape.to_vec()),
+            handle,
+            like.tensor.dtype,
+        );
+        self.pinned(op, tensor, like.kind)
+    }
+
+    fn pinned(&self, op: &str, tensor: CubeTensor, kind: Kind) -> Result<Pinned> {
+        let resource = tensor
+            .client
+            .get_resource::<CudaServer>(tensor.handle.clone())
+            .map_err(|e| self.fail(op, format!("{e:?}")))?;
+        // The address includes the handle's offset into its memory page.
+        let ptr = resource.resource().ptr;
+        Ok(Pinned {
+            tensor,
+            kind,
+            _binding: Box::new(resource),
+            ptr,
+        })
+    }
+
+    /// Waits for cubecl's work on this thread (the inputs) before NCCL reads them.
+    fn sync_inputs(&self, op: &str, pinned: &Pinned) -> Result<()> {
+        cubecl::future::block_on(pinned.tensor.client.sync())
+            .map_err(|e| self.fail(op, format!("{e:?}")))
+    }
+
+    fn finish(&self, op: &str) -> Result<()> {
+        self.stream.synchronize().map_err(|e| self.fail(op, e))
+    }
+
+    fn raw_stream(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    fn check<T>(
+        &self,
+        op: &str,
+        result: std::result::Result<T, cudarc::nccl::result::NcclError>,
+    ) -> Result<()> {
+        result
+            .map(|_| ())
+            .map_err(|e| self.fail(op, format!("NCCL error {e:?}")))
+    }
+}
+
+fn unpin<const D: usize, K: Basic>(pinned: Pinned) -> Tensor<D, K> {
+    let Pinned { tensor, kind, .. } = pinned;
+    let backend = match kind {
+        Kind::Float => BackendTensor::Float(tensor),
+        Kind::Int => BackendTensor::Int(tensor),
+        Kind::Bool => BackendTensor::Bool(tensor),
+    };
+    Tensor::from_dispatch(<DispatchTensor as DispatchKindConversion<Cube>>::from_backend(backend))
+}
+
+fn init_rank(id_bytes: &[u8], rank: usize, world: usize) -> std::result::Result<RawComm, String> {
+    if id_bytes.len() != 128 {
+        return Err(format!(
+            "NCCL unique id has {} bytes, expected 128",
+            id_bytes.len()
+        ));
+    }
+    let mut id = sys::ncclUniqueId { internal: [0; 128] };
+    for (dst, &src) in id.internal.iter_mut().zip(id_bytes) {
+        *dst = src as _;
+    }
+    let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+    // SAFETY: `comm` is a valid out-pointer; NCCL blocks until all ranks have joined.
+    unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
+        .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
+    Ok(RawComm(comm))
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn send<const D: usize, K: Basic>(&self, _tensor: &Tensor<D, K>, _to: usize) -> Result<()> {
+        Err(self.fail(
+            "send",
+            "NCCL transfers must be paired: use start_shift or all_to_all (an unpaired NCCL send \
+             blocks until its receiver posts, which deadlocks a ring)",
+        ))
+    }
+
+    fn recv<const D: usize, K: Basic>(
+        &self,
+        _from: usize,
+        _device: &Device,
+    ) -> Result<Tensor<D, K>> {
+        Err(self.fail(
+            "recv",
+            "NCCL transfers must be paired: use start_shift or all_to_all",
+        ))
+    }
+
+    fn start_shift<const D: usize, K: Basic>(
+        &self,
+        tensor: &Tensor<D, K>,
+        to: usize,
+        from: usize,
+    ) -> Result<Shift<'_, D, K>> {
+        let op = "shift";
+        let send = self.pin(op, tensor.clone())?;
+        let shape = send.tensor.meta.shape().to_vec();
+        let recv = self.alloc(op, &send, &shape)?;
+        self.sync_inputs(op, &send)?;
+        let dtype = nccl_type(send.tensor.dtype).expect("checked in pin");
+        let stream = self.raw_stream();
+        // SAFETY: both buffers are pinned (kept alive until `wait`), sized for `count`
+        // elements of `dtype`, and in the context NCCL's communicator uses.
+        unsafe {
+            self.check(op, nccl::group_start())?;
+            self.check(
+                op,
+                nccl::send(
+                    send.ptr() as *const c_void,
+                    send.count(),
+                    dtype,
+                    to as i32,
+                    self.comm.0,
+                    stream,
+                ),
+            )?;
+            self.check(
+                op,
+                nccl::recv(
+                    recv.ptr() as *mut c_void,
+                    recv.count(),
+                    dtype,
+                    from as i32,
+                    self.comm.0,
+                    stream,
+                ),
+            )?;
+            self.check(op, nccl::group_end())?;
+        }
+        Ok(Shift::new(move || {
+            self.finish(op)?;
+            drop(send);
+            Ok(unpin(recv))
+        }))
+    }
+
+    fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>> {
+        let name = "all_reduce";
+        let input = self.pin(name, tensor)?;
+        let shape = input.tensor.meta.shape().to_vec();
+        let output = self.alloc(name, &input, &shape)?;
+        self.sync_inputs(name, &input)?;
+        let red = match op {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
+        };
+        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
+        // SAFETY: pinned buffers of `count` elements each.
+        unsafe {
+            self.check(
+                name,
+                nccl::all_reduce(
+                    input.ptr() as *const c_void,
+                    output.ptr() as *mut c_void,
+                    input.count(),
+                    dtype,
+                    red,
+                    self.comm.0,
+                    self.raw_stream(),
+                ),
+            )?;
+        }
+        self.finish(name)?;
+        Ok(unpin(output))
+    }
+
+    fn all_gather<const D: usize, K: Basic>(
+        &self,
+        tensor: Tensor<D, K>,
+        dim: usize,
+    ) -> Result<Tensor<D, K>> {
+        let name = "all_gather";
+        if dim >= D {
+            return Err(self.fail(name, format!("dim {dim} out of range for rank {D}")));
+        }
+        let input = self.pin(name, tensor)?;
+        let mut shape = input.tensor.meta.shape().to_vec();
+        shape[0] *= self.world_size;
+        let output = self.alloc(name, &input, &shape)?;
+        self.sync_inputs(name, &input)?;
+        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
+        // SAFETY: the output holds world_size x count elements.
+        unsafe {
+            self.check(
+                name,
+                nccl::all_gather(
+                    input.ptr() as *const c_void,
+                    output.ptr() as *mut c_void,
+                    input.count(),
+                    dtype,
+                    self.comm.0,
+                    self.raw_stream(),
+                ),
+            )?;
+        }
+        self.finish(name)?;
+        let gathered: Tensor<D, K> = unpin(output);
+        // NCCL concatenates along the outermost dim; move the rank blocks to `dim`.
+        Ok(if dim == 0 {
+            gathered
+        } else {
+            Tensor::cat(gathered.chunk(self.world_size, 0), dim)
+        })
+    }
+
+    fn reduce_scatter<const D: usize>(
+        &self,
+        tensor: Tensor<D>,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<Tensor<D>> {
+        let name = "reduce_scatter";
+        if dim >= D || !tensor.dims()[dim].is_multiple_of(self.world_size) {
+            return Err(self.fail(
+                name,
+                format!(
+                    "dim {dim} of shape {:?} must exist and be divisible by the {} ranks",
+                    tensor.dims(),
+                    self.world_size
+                ),
+            ));
+        }
+        // NCCL scatters along the outermost dim.
+        let input = self.pin(name, tensor.swap_dims(0, dim))?;
+        let mut shape = input.tensor.meta.shape().to_vec();
+        shape[0] /= self.world_size;
+        let output = self.alloc(name, &input, &shape)?;
+        self.sync_inputs(name, &input)?;
+        let red = match op {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
+        };
+        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
+        // SAFETY: the output holds count / world_size elements.
+        unsafe {
+            self.check(
+                name,
+                nccl::reduce_scatter(
+                    input.ptr() as *const c_void,
+                    output.ptr() as *mut c_void,
+                    output.count(),
+                    dtype,
+                    red,
+                    self.comm.0,
+                    self.raw_stream(),
+                ),
+            )?;
+        }
+        self.finish(name)?;
+        let scattered: Tensor<D> = unpin(output);
+        Ok(scattered.swap_dims(0, dim))
+    }
+
+    fn broadcast<const D: usize>(&self, tensor: Tensor<D>, root: usize) -> Result<Tensor<D>> {
+        let name = "broadcast";
+        if root >= self.world_size {
+            return Err(self.fail(
+                name,
+                format!("root {root} out of range for {} ranks", self.world_size),
+            ));
+        }
+        let input = self.pin(name, tensor)?;
+        let shape = input.tensor.meta.shape().to_vec();
+        let output = self.alloc(name, &input, &shape)?;
+        self.sync_inputs(name, &input)?;
+        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
+        // SAFETY: pinned buffers of `count` elements each.
+        unsafe {
+            self.check(
+                name,
+                nccl::broadcast(
+                    input.ptr() as *const c_void,
+                    output.ptr() as *mut c_void,
+                    input.count(),
+                    dtype,
+                    root as i32,
+                    self.comm.0,
+                    self.raw_stream(),
+                ),
+            )?;
+        }
+        self.finish(name)?;
+        Ok(unpin(output))
+    }
+
+    fn all_to_all<const D: usize>(&self, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>> {
+        let name = "all_to_all";
+        if parts.len() != self.world_size {
+            return Err(self.fail(
+                name,
+                format!(
+                    "got {} parts for a group of {} ranks (one part per rank)",
+                    parts.len(),
+                    self.world_size
+                ),
+            ));
+        }
+        let sends = parts
+            .into_iter()
+            .map(|p| self.pin(name, p))
+            .collect::<Result<Vec<_>>>()?;
+        // Every rank sends part j to rank j; what arrives from rank i has the shape of
+        // this rank's part i (equal shards, as the in-process group checks).
+        let recvs = sends
+            .iter()
+            .map(|s| self.alloc(name, s, &s.tensor.meta.shape().to_vec()))
+            .collect::<Result<Vec<_>>>()?;
+        self.sync_inputs(name, &sends[0])?;
+        let stream = self.raw_stream();
+        // SAFETY: every buffer is pinned and sized for its count.
+        unsafe {
+            self.check(name, nccl::group_start())?;
+            for (peer, (send, recv)) in sends.iter().zip(&recvs).enumerate() {
+                let dtype = nccl_type(send.tensor.dtype).expect("checked in pin");
+                self.check(
+                    name,
+                    nccl::send(
+                        send.ptr() as *const c_void,
+                        send.count(),
+                        dtype,
+                        peer as i32,
+                        self.comm.0,
+                        stream,
+                    ),
+                )?;
+                self.check(
+                    name,
+                    nccl::recv(
+                        recv.ptr() as *mut c_void,
+                        recv.count(),
+                        dtype,
+                        peer as i32,
+                        self.comm.0,
+                        stream,
+                    ),
+                )?;
+            }
+            self.check(name, nccl::group_end())?;
+        }
+        self.finish(name)?;
+        drop(sends);
+        Ok(recvs.into_iter().map(unpin).collect())
+    }
+
+    fn split(&self, groups: &[Vec<usize>]) -> Result<Self> {
+        let name = "split";
+        check_partition(self.world_size, groups).map_err(|r| self.fail(name, r))?;
+        let group = groups
+            .iter()
+            .find(|g| g.contains(&self.rank))
+            .expect("checked: every rank is in a group");
+        let leader = group[0];
+        // Each group's first member creates an id; one all-gather hands every rank all
+        // ids (128 bytes each, as i32 values for the transfer).
+        let mine: Vec<i32> = if leader == self.rank {
+            let id = nccl::get_uniqueid().map_err(|e| self.fail(name, format!("{e:?}")))?;
+            id.internal.iter().map(|&b| b as u8 as i32).collect()
+        } else {
+            vec![0; 128]
+        };
+        let ids =
+            Tensor::<1, Int>::from_data(TensorData::new(mine, [128]), (&self.device, DType::I32));
+        let all = self.all_gather(ids, 0)?;
+        let all: Vec<i32> = all
+            .into_data()
+            .convert::<i32>()
+            .try_into_vec::<i32>()
+            .map_err(|e| self.fail(name, format!("{e:?}")))?;
+        let bytes: Vec<u8> = all[leader * 128..(leader + 1) * 128]
+            .iter()
+            .map(|&v| v as u8)
+            .collect();
+        let rank = group.iter().position(|&r| r == self.rank).expect("member");
+        let comm = init_rank(&bytes, rank, group.len()).map_err(|e| self.fail(name, e))?;
+        Ok(NcclComm {
+            comm,
+            rank,
+            world_size: group.len(),
+            device: self.device.clone(),
+            stream: self.stream.clone(),
+            _context: self._context.clone(),
+        })
+    }
+}

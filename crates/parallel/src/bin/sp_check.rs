@@ -1,0 +1,352 @@
+//! Sequence-parallel attention over NCCL on real GPUs: every collective against
+//! host-computed values, then ring (plain, zigzag), Ulysses and 2D attention, forward
+//! and backward, against single-GPU attention on the same inputs (each rank compares
+//! its shard; f32 and bf16).
+//!
+//! `sp_check --nproc 4` starts 4 ranks on this machine (one per GPU) like
+//! `cargo xtask launch`; under torchrun/SLURM run it once per rank without `--nproc`.
+//! The single-GPU reference is this crate's block attention over the whole sequence
+//! (checked against autodiff attention on the CPU in `tests/equivalence.rs`).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use longview_comm::nccl::NcclComm;
+use longview_comm::{Communicator, ReduceOp};
+use longview_launch::{LaunchOptions, launch_local};
+use longview_parallel::block::{self, Block};
+use longview_parallel::layout::{SeqLayout, shard};
+use longview_parallel::ring::{RingAttention, RingBalance};
+use longview_parallel::two_d::{TwoDAttention, TwoDGroups};
+use longview_parallel::ulysses::UlyssesAttention;
+
+struct Args {
+    nproc: Option<usize>,
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        nproc: None,
+        tokens: 2048,
+        heads: 8,
+        kv_heads: 2,
+        dim: 64,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> Result<usize, String> {
+            it.next()
+                .ok_or(format!("{name} needs a value"))?
+                .parse()
+                .map_err(|_| format!("{name} needs a number"))
+        };
+        match flag.as_str() {
+            "--nproc" => args.nproc = Some(value("--nproc")?),
+            "--tokens" => args.tokens = value("--tokens")?,
+            "--heads" => args.heads = value("--heads")?,
+            "--kv-heads" => args.kv_heads = value("--kv-heads")?,
+            "--dim" => args.dim = value("--dim")?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Deterministic values in [-1, 1) (xorshift), the same on every rank.
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(seed: u64, shape: [usize; 4], device: &Device) -> Tensor<4> {
+    let n = shape.iter().product();
+    Tensor::from_data(
+        TensorData::new(values(seed, n), shape),
+        (device, DType::F32),
+    )
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().iter::<f32>().collect()
+}
+
+fn relative_error<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
+    let (got, want) = (host(got), host(want));
+    let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0f32, f32::max)
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn check(&mut self, comm: &NcclComm, what: &str, error: f32, tolerance: f32) {
+        // The worst error over the ranks, printed once by rank 0.
+        let worst = comm
+            .all_reduce(
+                Tensor::<1>::from_data(TensorData::new(vec![error], [1]), comm.device()),
+                ReduceOp::Max,
+            )
+            .map(|t| host(t)[0])
+            .unwrap_or(f32::INFINITY);
+        let ok = worst <= tolerance;
+        if !ok {
+            self.failures += 1;
+        }
+        if comm.rank() == 0 {
+            println!(
+                "{} {what}: worst relative error over ranks {worst:.2e} (tolerance {tolerance:.0e})",
+                if ok { "PASS" } else { "FAIL" }
+            );
+        }
+    }
+}
+
+fn collectives(comm: &NcclComm, report: &mut Report) -> Result<(), String> {
+    let (r, p) = (comm.rank(), comm.world_size());
+    let device = comm.device().clone();
+    let mine = |r: usize| {
+        Tensor::<2>::from_data(
+            TensorData::new(
+                (0..6).map(|i| (100 * r + i) as f32).collect::<Vec<_>>(),
+                [2, 3],
+            ),
+            &device,
+        )
+    };
+    let e = |x| format!("{x}");
+    let sum = comm.all_reduce(mine(r), ReduceOp::Sum).map_err(e)?;
+    let want: Tensor<2> = (0..p).map(mine).reduce(|a, b| a + b).unwrap();
+    report.check(
+        comm,
+        "all_reduce sum",
+        relative_error(sum, want.clone()),
+        0.0,
+    );
+    let gathered = comm.all_gather(mine(r), 1).map_err(e)?;
+    let want_gather = Tensor::cat((0..p).map(mine).collect(), 1);
+    report.check(
+        comm,
+        "all_gather (dim 1)",
+        relative_error(gathered, want_gather),
+        0.0,
+    );
+    let wide = Tensor::cat((0..p).map(|_| mine(r)).collect(), 1);
+    let scattered = comm.reduce_scatter(wide, 1, ReduceOp::Sum).map_err(e)?;
+    report.check(
+        comm,
+        "reduce_scatter (dim 1)",
+        relative_error(scattered, want),
+        0.0,
+    );
+    let b = comm.broadcast(mine(r), p - 1).map_err(e)?;
+    report.check(comm, "broadcast", relative_error(b, mine(p - 1)), 0.0);
+    let parts = (0..p).map(|j| mine(r) * (j as f32 + 1.0)).collect();
+    let routed = comm.all_to_all(parts).map_err(e)?;
+    let worst = routed
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| relative_error(t, mine(i) * (r as f32 + 1.0)))
+        .fold(0f32, f32::max);
+    report.check(comm, "all_to_all", worst, 0.0);
+    let shifted = comm
+        .start_shift(&mine(r).cast(DType::BF16), (r + 1) % p, (r + p - 1) % p)
+        .map_err(e)?
+        .wait()
+        .map_err(e)?;
+    let want = mine((r + p - 1) % p).cast(DType::BF16);
+    report.check(
+        comm,
+        "ring shift (bf16)",
+        relative_error(shifted, want),
+        0.0,
+    );
+    Ok(())
+}
+
+type Shards = [Tensor<4>; 4];
+type Out = (Tensor<4>, Tensor<3>, Tensor<4>, Tensor<4>, Tensor<4>);
+
+fn attention(comm: &NcclComm, args: &Args, report: &mut Report) -> Result<(), String> {
+    let (r, p) = (comm.rank(), comm.world_size());
+    let device = comm.device().clone();
+    let (n, h, hkv, d) = (args.tokens, args.heads, args.kv_heads, args.dim);
+    let scale = (d as f64).powf(-0.5);
+    let q = tensor(1, [1, h, n, d], &device);
+    let k = tensor(2, [1, hkv, n, d], &device);
+    let v = tensor(3, [1, hkv, n, d], &device);
+    let d_o = tensor(4, [1, h, n, d], &device);
+    let full = Block {
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        causal: true,
+        scale,
+        segments: None,
+    };
+    let (o_ref, lse_ref) = block::forward(&full);
+    let delta = block::delta(o_ref.clone(), d_o.clone());
+    let (dq_ref, dk_ref, dv_ref) = block::backward(&full, lse_ref.clone(), delta, d_o.clone());
+    let e = |x| format!("{x}");
+    for dtype in [DType::F32, DType::BF16] {
+        let tolerance = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        let mut run = |name: &str,
+                       layout: SeqLayout,
+                       scheme: &dyn Fn(Shards) -> Result<Out, String>|
+         -> Result<(), String> {
+            let cut = |t: &Tensor<4>| shard(t.clone(), 2, layout, r, p).map_err(e);
+            let inputs = [cut(&q)?, cut(&k)?, cut(&v)?, cut(&d_o)?].map(|t| t.cast(dtype));
+            let start = Instant::now();
+            let (o, lse, dq, dk, dv) = scheme(inputs)?;
+            let seconds = start.elapsed().as_secs_f64();
+            let errors = [
+                relative_error(o, cut(&o_ref)?),
+                relative_error(lse, shard(lse_ref.clone(), 2, layout, r, p).map_err(e)?),
+                relative_error(dq, cut(&dq_ref)?),
+                relative_error(dk, cut(&dk_ref)?),
+                relative_error(dv, cut(&dv_ref)?),
+            ];
+            for (what, err) in ["O", "LSE", "dQ", "dK", "dV"].iter().zip(errors) {
+                report.check(
+                    comm,
+                    &format!("{name} {dtype:?} P={p} {what}"),
+                    err,
+                    tolerance,
+                );
+            }
+            if r == 0 {
+                println!(
+                    "     {name} {dtype:?}: fwd+bwd {seconds:.3} s on rank 0 (reference block attention, not the flash kernels)"
+                );
+            }
+            Ok(())
+        };
+        for (balance, layout) in [
+            (RingBalance::Plain, SeqLayout::Contiguous),
+            (RingBalance::Zigzag, SeqLayout::Zigzag),
+        ] {
+            let ring = RingAttention {
+                balance,
+                causal: true,
+                scale,
+            };
+            run(&format!("ring {balance:?}"), layout, &|[q, k, v, d_o]| {
+                let (o, lse) = ring
+                    .forward(comm, q.clone(), k.clone(), v.clone())
+                    .map_err(e)?;
+                let (dq, dk, dv) = ring
+                    .backward(comm, (q, k, v), o.clone(), lse.clone(), d_o)
+                    .map_err(e)?;
+                Ok((o, lse, dq, dk, dv))
+            })?;
+        }
+        let ulysses = UlyssesAttention {
+            layout: SeqLayout::Zigzag,
+            causal: true,
+            scale,
+        };
+        run("Ulysses", SeqLayout::Zigzag, &|[q, k, v, d_o]| {
+            let (o, lse) = ulysses
+                .forward(comm, q.clone(), k.clone(), v.clone())
+                .map_err(e)?;
+            let (dq, dk, dv) = ulysses
+                .backward(comm, (q, k, v), o.clone(), lse.clone(), d_o)
+                .map_err(e)?;
+            Ok((o, lse, dq, dk, dv))
+        })?;
+        if p >= 4 && p % 2 == 0 {
+            let groups = TwoDGroups::new(comm, 2).map_err(e)?;
+            let two_d = TwoDAttention {
+                causal: true,
+                scale,
+            };
+            run("2D U=2", groups.layout(), &|[q, k, v, d_o]| {
+                let (o, lse) = two_d
+                    .forward(&groups, q.clone(), k.clone(), v.clone())
+                    .map_err(e)?;
+                let (dq, dk, dv) = two_d
+                    .backward(&groups, (q, k, v), o.clone(), lse.clone(), d_o)
+                    .map_err(e)?;
+                Ok((o, lse, dq, dk, dv))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!(
+                "sp_check: {e}\nusage: sp_check [--nproc N] [--tokens N] [--heads H] [--kv-heads K] [--dim D]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(nproc) = args.nproc
+        && std::env::var_os("RANK").is_none()
+    {
+        let mut command: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let at = command.iter().position(|a| a == "--nproc").expect("given");
+        command.drain(at..at + 2);
+        command[0] = std::env::current_exe().expect("own path").into();
+        let options = LaunchOptions {
+            nproc,
+            master_port: 0,
+            command,
+        };
+        return match launch_local(&options) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+            Err(e) => {
+                eprintln!("sp_check: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let comm = match NcclComm::from_env(Duration::from_secs(120)) {
+        Ok(Some(comm)) => comm,
+        Ok(None) => {
+            eprintln!(
+                "sp_check: no RANK/WORLD_SIZE: start it with --nproc N, cargo xtask launch or torchrun"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("sp_check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut report = Report { failures: 0 };
+    let result =
+        collectives(&comm, &mut report).and_then(|()| attention(&comm, &args, &mut report));
+    if let Err(e) = result {
+        eprintln!("sp_check rank {}: {e}", comm.rank());
+        return ExitCode::FAILURE;
+    }
+    if comm.rank() == 0 {
+        println!("{} failures", report.failures);
+    }
+    if report.failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
