@@ -17,7 +17,7 @@
 //! The launcher (`cargo xtask launch`, or torchrun) stops every rank when one exits.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use burn::backend::{BackendTensor, Cube, DispatchKindConversion, DispatchTensor};
@@ -35,7 +35,9 @@ type CudaServer = <cubecl::cuda::CudaRuntime as cubecl_runtime::runtime::Runtime
 
 /// One rank's NCCL communicator (world or sub-group).
 pub struct NcclComm {
-    comm: RawComm,
+    /// Locked for the length of every NCCL call or group, so that the communicator can
+    /// be shared (autodiff keeps it in its graph) without interleaved groups.
+    comm: Mutex<RawComm>,
     rank: usize,
     world_size: usize,
     /// Members' ranks in the parent group that created this one (for messages).
@@ -146,7 +148,7 @@ impl NcclComm {
         };
         let comm = init_rank(&id_bytes, env.rank, env.world_size).map_err(|e| fail(&e))?;
         Ok(NcclComm {
-            comm,
+            comm: Mutex::new(comm),
             rank: env.rank,
             world_size: env.world_size,
             device: Device::cuda(env.local_rank),
@@ -226,6 +228,10 @@ impl NcclComm {
 
     fn finish(&self, op: &str) -> Result<()> {
         self.stream.synchronize().map_err(|e| self.fail(op, e))
+    }
+
+    fn raw_comm(&self) -> MutexGuard<'_, RawComm> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn raw_stream(&self) -> sys::cudaStream_t {
@@ -314,6 +320,7 @@ impl Communicator for NcclComm {
         let stream = self.raw_stream();
         // SAFETY: both buffers are pinned (kept alive until `wait`), sized for `count`
         // elements of `dtype`, and in the context NCCL's communicator uses.
+        let comm = self.raw_comm();
         unsafe {
             self.check(op, nccl::group_start())?;
             self.check(
@@ -323,7 +330,7 @@ impl Communicator for NcclComm {
                     send.count(),
                     dtype,
                     to as i32,
-                    self.comm.0,
+                    comm.0,
                     stream,
                 ),
             )?;
@@ -334,7 +341,7 @@ impl Communicator for NcclComm {
                     recv.count(),
                     dtype,
                     from as i32,
-                    self.comm.0,
+                    comm.0,
                     stream,
                 ),
             )?;
@@ -368,7 +375,7 @@ impl Communicator for NcclComm {
                     input.count(),
                     dtype,
                     red,
-                    self.comm.0,
+                    self.raw_comm().0,
                     self.raw_stream(),
                 ),
             )?;
@@ -401,7 +408,7 @@ impl Communicator for NcclComm {
                     output.ptr() as *mut c_void,
                     input.count(),
                     dtype,
-                    self.comm.0,
+                    self.raw_comm().0,
                     self.raw_stream(),
                 ),
             )?;
@@ -454,7 +461,7 @@ impl Communicator for NcclComm {
                     output.count(),
                     dtype,
                     red,
-                    self.comm.0,
+                    self.raw_comm().0,
                     self.raw_stream(),
                 ),
             )?;
@@ -487,7 +494,7 @@ impl Communicator for NcclComm {
                     input.count(),
                     dtype,
                     root as i32,
-                    self.comm.0,
+                    self.raw_comm().0,
                     self.raw_stream(),
                 ),
             )?;
@@ -521,6 +528,7 @@ impl Communicator for NcclComm {
         self.sync_inputs(name, &sends[0])?;
         let stream = self.raw_stream();
         // SAFETY: every buffer is pinned and sized for its count.
+        let comm = self.raw_comm();
         unsafe {
             self.check(name, nccl::group_start())?;
             for (peer, (send, recv)) in sends.iter().zip(&recvs).enumerate() {
@@ -532,7 +540,7 @@ impl Communicator for NcclComm {
                         send.count(),
                         dtype,
                         peer as i32,
-                        self.comm.0,
+                        comm.0,
                         stream,
                     ),
                 )?;
@@ -543,7 +551,7 @@ impl Communicator for NcclComm {
                         recv.count(),
                         dtype,
                         peer as i32,
-                        self.comm.0,
+                        comm.0,
                         stream,
                     ),
                 )?;
@@ -586,7 +594,7 @@ impl Communicator for NcclComm {
         let rank = group.iter().position(|&r| r == self.rank).expect("member");
         let comm = init_rank(&bytes, rank, group.len()).map_err(|e| self.fail(name, e))?;
         Ok(NcclComm {
-            comm,
+            comm: Mutex::new(comm),
             rank,
             world_size: group.len(),
             device: self.device.clone(),

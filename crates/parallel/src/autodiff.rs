@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{
@@ -160,14 +162,26 @@ pub fn distributed_attention(
     if !q.is_autodiff() {
         return attention.forward(q, k, v);
     }
-    if let Some(result) = tracked::<Flex, NoCheckpointing>(&attention, &q, &k, &v) {
-        return result;
+    // The autodiff wrapper's type names the inner backend and the checkpointing
+    // strategy: try the ones this build has.
+    let attempts = [
+        tracked::<Flex, NoCheckpointing>,
+        tracked::<Flex, BalancedCheckpointing>,
+        #[cfg(feature = "cuda")]
+        tracked::<burn::backend::Cube, NoCheckpointing>,
+        #[cfg(feature = "cuda")]
+        tracked::<burn::backend::Cube, BalancedCheckpointing>,
+    ];
+    for attempt in attempts {
+        if let Some(result) = attempt(&attention, &q, &k, &v) {
+            return result;
+        }
     }
     Err(ParallelError::Shape {
         what: "sequence-parallel attention",
         reason: format!(
-            "autodiff through the sequence-parallel op is implemented for the CPU (flex) \
-             backend so far; these tensors are on {:?}",
+            "autodiff through the sequence-parallel op is built for the CPU (flex) backend \
+             and, with the `cuda` feature, Burn's CubeCL CUDA backend; these tensors are on {:?}",
             q.device()
         ),
     })

@@ -31,8 +31,8 @@ pub struct Block {
     pub segments: Option<(Tensor<2, Int>, Tensor<2, Int>)>,
 }
 
-/// Repeats each kv head `groups` times (f32 copies: this is the reference path).
-fn expand_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
+/// Repeats each kv head `groups` times (`[B, H, S, D]` -> `[B, H * groups, S, D]`).
+pub(crate) fn expand_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;
     }
@@ -42,8 +42,9 @@ fn expand_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
         .reshape([b, h * groups, s, d])
 }
 
-/// Sums the gradients of the `groups` query heads that share each kv head.
-fn sum_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
+/// Sums the gradients of the `groups` query heads that share each kv head
+/// (`[B, H * groups, S, D]` -> `[B, H, S, D]`).
+pub(crate) fn sum_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;
     }

@@ -48,26 +48,6 @@ fn kv_replicas(kv_heads: usize, degree: usize) -> usize {
     }
 }
 
-fn replicate_heads(x: Tensor<4>, copies: usize) -> Tensor<4> {
-    if copies == 1 {
-        return x;
-    }
-    let [b, h, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, h, copies, s, d])
-        .reshape([b, h * copies, s, d])
-}
-
-fn sum_replicas(x: Tensor<4>, copies: usize) -> Tensor<4> {
-    if copies == 1 {
-        return x;
-    }
-    let [b, h, s, d] = x.dims();
-    x.reshape([b, h / copies, copies, s, d])
-        .sum_dim(2)
-        .reshape([b, h / copies, s, d])
-}
-
 /// `[B, H, n, ...]` sequence shards (laid out by `layout` over the group) ->
 /// `[B, H / P, n * P, ...]`, the whole sequence in global order for this rank's heads.
 pub fn sequence_to_heads<C: Communicator, const D: usize>(
@@ -188,8 +168,8 @@ pub(crate) fn forward_with<C: Communicator>(
     let copies = kv_replicas(kv_heads, degree);
     let dtype = q.dtype();
     let q = sequence_to_heads(comm, q, layout)?;
-    let k = sequence_to_heads(comm, replicate_heads(k, copies), layout)?;
-    let v = sequence_to_heads(comm, replicate_heads(v, copies), layout)?;
+    let k = sequence_to_heads(comm, block::expand_heads(k, copies), layout)?;
+    let v = sequence_to_heads(comm, block::expand_heads(v, copies), layout)?;
     let segments = segments
         .map(|s| gather_sequence(comm, s, layout))
         .transpose()?;
@@ -222,16 +202,16 @@ pub(crate) fn backward_with<C: Communicator>(
     let lse = sequence_to_heads(comm, lse, layout)?;
     let d_o = sequence_to_heads(comm, d_o, layout)?;
     let q = sequence_to_heads(comm, q, layout)?;
-    let k = sequence_to_heads(comm, replicate_heads(k, copies), layout)?;
-    let v = sequence_to_heads(comm, replicate_heads(v, copies), layout)?;
+    let k = sequence_to_heads(comm, block::expand_heads(k, copies), layout)?;
+    let v = sequence_to_heads(comm, block::expand_heads(v, copies), layout)?;
     let segments = segments
         .map(|s| gather_sequence(comm, s, layout))
         .transpose()?;
     let (d_q, d_k, d_v) = inner.backward((q, k, v), lse, delta, d_o, segments)?;
     Ok((
         heads_to_sequence(comm, d_q, layout)?,
-        sum_replicas(heads_to_sequence(comm, d_k, layout)?, copies),
-        sum_replicas(heads_to_sequence(comm, d_v, layout)?, copies),
+        block::sum_heads(heads_to_sequence(comm, d_k, layout)?, copies),
+        block::sum_heads(heads_to_sequence(comm, d_v, layout)?, copies),
     ))
 }
 

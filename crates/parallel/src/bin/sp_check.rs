@@ -9,12 +9,14 @@
 //! (checked against autodiff attention on the CPU in `tests/equivalence.rs`).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use longview_comm::nccl::NcclComm;
 use longview_comm::{Communicator, ReduceOp};
 use longview_launch::{LaunchOptions, launch_local};
+use longview_parallel::autodiff::{WithComm, distributed_attention};
 use longview_parallel::block::{self, Block};
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::ring::{RingAttention, RingBalance};
@@ -286,6 +288,42 @@ fn attention(comm: &NcclComm, args: &Args, report: &mut Report) -> Result<(), St
                 Ok((o, lse, dq, dk, dv))
             })?;
         }
+    }
+
+    // The same zigzag ring as one autodiff op on the CUDA autodiff device: Burn's
+    // backward must give the reference gradients (f32).
+    let op_comm = comm.split(&[(0..p).collect()]).map_err(|x| x.to_string())?;
+    let scheme = Arc::new(WithComm {
+        comm: op_comm,
+        attention: RingAttention {
+            balance: RingBalance::Zigzag,
+            causal: true,
+            scale,
+        },
+    });
+    let ad = device.clone().autodiff();
+    let cut = |t: &Tensor<4>| shard(t.clone(), 2, SeqLayout::Zigzag, r, p).map_err(e);
+    let leaf = |t: &Tensor<4>| -> Result<Tensor<4>, String> {
+        Ok(Tensor::from_data(cut(t)?.into_data(), &ad).require_grad())
+    };
+    let (q_l, k_l, v_l) = (leaf(&q)?, leaf(&k)?, leaf(&v)?);
+    let d_o_l = Tensor::<4>::from_data(cut(&d_o)?.into_data(), &ad);
+    let (o, _lse) =
+        distributed_attention(scheme, q_l.clone(), k_l.clone(), v_l.clone()).map_err(e)?;
+    let grads = (o * d_o_l).sum().backward();
+    for (what, leaf, want) in [
+        ("dQ", &q_l, &dq_ref),
+        ("dK", &k_l, &dk_ref),
+        ("dV", &v_l, &dv_ref),
+    ] {
+        let got = leaf.grad(&grads).ok_or(format!("no gradient for {what}"))?;
+        let got = Tensor::<4>::from_data(got.into_data(), &device);
+        report.check(
+            comm,
+            &format!("autodiff op, zigzag ring F32 P={p} {what}"),
+            relative_error(got, cut(want)?),
+            1e-4,
+        );
     }
     Ok(())
 }
