@@ -23,6 +23,14 @@ pub enum AttentionImpl {
     /// Memory is quadratic in the sequence length: meant for tests, the debug model
     /// and short inputs.
     Reference,
+    /// longview's CubeCL flash-attention kernels (`longview-kernels`): O and its
+    /// gradients without the score matrix, memory linear in the sequence length. Needs
+    /// tensors on a CubeCL device (CUDA, wgpu) and a build with the `flash-cuda` or
+    /// `flash-wgpu` feature ([`flash_available`] says whether both hold); anything
+    /// else panics with the reason. Not the default yet: on GPUs the kernels are still
+    /// far slower than the reference's tensor-core matmuls at short lengths
+    /// (`benchmarks/flash_attention.md`).
+    Flash,
     /// The [`ShardedAttention`] installed on the calling thread
     /// ([`install_sharded_attention`]); q, k, v are this rank's shard of the sequence.
     Sharded,
@@ -92,6 +100,7 @@ pub struct AttentionInput {
 pub fn attend(implementation: AttentionImpl, input: AttentionInput) -> Tensor<4> {
     match implementation {
         AttentionImpl::Reference => reference_attention(input),
+        AttentionImpl::Flash => flash::attend(input),
         AttentionImpl::Sharded => {
             let installed = SHARDED.with(|slot| slot.borrow().clone());
             // A configuration error the trainer checks before the first step; reaching
@@ -104,6 +113,54 @@ pub fn attend(implementation: AttentionImpl, input: AttentionInput) -> Tensor<4>
             });
             attention.attend(input)
         }
+    }
+}
+
+/// Whether [`AttentionImpl::Flash`] can run on `device` in this build.
+pub fn flash_available(device: &burn::tensor::Device) -> bool {
+    flash::available(device)
+}
+
+#[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+mod flash {
+    use super::{AttentionInput, AttentionMask};
+    use burn::tensor::Tensor;
+    use longview_kernels::FlashOptions;
+    use longview_kernels::burn_op::{flash_attention, supported};
+
+    pub fn available(device: &burn::tensor::Device) -> bool {
+        supported(device)
+    }
+
+    pub fn attend(input: AttentionInput) -> Tensor<4> {
+        let [_, _, sq, d] = input.q.dims();
+        let sk = input.k.dims()[2];
+        let causal = input.mask == AttentionMask::Causal;
+        // The reference's causal mask aligns the query block to the end of the keys.
+        let mut options = FlashOptions::new(d)
+            .causal(causal)
+            .offsets(if causal { sk.saturating_sub(sq) } else { 0 }, 0);
+        options.scale = input.scale as f32;
+        let (o, _lse) = flash_attention(input.q, input.k, input.v, &options)
+            .unwrap_or_else(|e| panic!("AttentionImpl::Flash: {e}"));
+        o
+    }
+}
+
+#[cfg(not(any(feature = "flash-cuda", feature = "flash-wgpu")))]
+mod flash {
+    use super::AttentionInput;
+    use burn::tensor::Tensor;
+
+    pub fn available(_device: &burn::tensor::Device) -> bool {
+        false
+    }
+
+    pub fn attend(_input: AttentionInput) -> Tensor<4> {
+        panic!(
+            "AttentionImpl::Flash: this build has no flash kernels (enable longview-models' \
+             `flash-cuda` or `flash-wgpu` feature)"
+        )
     }
 }
 

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::demo::named_config;
 use crate::{DeviceArgs, synthetic};
+use longview_models::attention::{AttentionImpl, flash_available};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -39,14 +40,30 @@ pub struct BenchArgs {
     /// Also write the result as one JSON line to this file (appended).
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Attention of the vision encoder and the LLM: `reference` (tensor ops) or
+    /// `flash` (longview's CubeCL kernels; CUDA builds only).
+    #[arg(long, default_value = "reference")]
+    pub attention: String,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let config = named_config(&args.size)?;
+    let mut config = named_config(&args.size)?;
     if args.batch == 0 || args.iters == 0 {
         anyhow::bail!("--batch and --iters must be at least 1");
     }
     let device = args.device.device()?;
+    let attention = match args.attention.as_str() {
+        "reference" => AttentionImpl::Reference,
+        "flash" if flash_available(&device) => AttentionImpl::Flash,
+        "flash" => anyhow::bail!(
+            "--attention flash needs a CUDA device and a build with `--features cuda` \
+             (this run: {:?})",
+            args.device.device
+        ),
+        other => anyhow::bail!("--attention `{other}`: expected reference or flash"),
+    };
+    config.vision.attention = attention;
+    config.text.attention = attention;
     let model = config.init(&device);
     // Weights and gradients, plus headroom for activations.
     crate::check_cpu_memory(&args.device, model.num_params(), 3)?;
