@@ -124,6 +124,9 @@ pub trait Communicator: Send + Sized {
     /// (its values are ignored), as NCCL's in-place broadcast.
     fn broadcast<const D: usize>(&self, tensor: Tensor<D>, root: usize) -> Result<Tensor<D>>;
     /// `parts[j]` goes to rank `j`; the result's element `i` is what rank `i` sent here.
+    /// What arrives from rank `i` must have the shape and dtype of `parts[i]` (equal
+    /// shards, as Ulysses uses it): NCCL sizes its receive buffers from them; the
+    /// in-process group happens to accept any shapes.
     fn all_to_all<const D: usize>(&self, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>>;
 
     /// Splits the group into disjoint sub-groups. Every rank passes the same partition
