@@ -452,7 +452,6 @@ impl LocalComm {
                 self.post(tag, part.into_data(), peer);
             }
         }
-        let mut own = own;
         (0..self.members.len())
             .map(|peer| {
                 if peer == self.rank {

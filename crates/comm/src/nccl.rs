@@ -40,7 +40,7 @@ pub struct NcclComm {
     comm: Mutex<RawComm>,
     rank: usize,
     world_size: usize,
-    /// Members' ranks in the parent group that created this one (for messages).
+    /// The CUDA device of this rank (`LOCAL_RANK`).
     device: Device,
     stream: Arc<CudaStream>,
     _context: Arc<CudaContext>,

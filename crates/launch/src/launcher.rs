@@ -108,7 +108,7 @@ pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
                 Ok(Some(status)) => {
                     *slot = None;
                     if !status.success() && failure.is_none() {
-                        // A signal has no code: report 1 like a shell would not; keep it nonzero.
+                        // Killed by a signal: there is no exit code; report 1 so failure stays visible.
                         failure = Some((rank, status.code().unwrap_or(1)));
                     }
                 }
