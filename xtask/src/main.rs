@@ -51,12 +51,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
-    /// Training (the five LongVILA stages): not implemented yet.
+    /// Train from a TOML config (configs/); with no arguments, the debug VLM on
+    /// generated needle-in-a-haystack videos on the CPU. Extra arguments (`--help` too)
+    /// go to `longview train`.
+    #[command(disable_help_flag = true)]
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Evaluation (needle-in-a-haystack, multiple choice): not implemented yet.
+    /// Score a saved model (default: the default train run's) on the
+    /// needle-in-a-haystack grid. Extra arguments (`--help` too) go to `longview eval`.
+    #[command(disable_help_flag = true)]
     Eval {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -85,15 +90,6 @@ fn run(mut cmd: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn not_yet(what: &str) -> ExitCode {
-    eprintln!(
-        "xtask: `{what}` is not implemented yet. The model, checkpoint I/O and `cargo xtask demo` \
-         exist; training/evaluation land with the end-to-end issue (data pipeline, attention \
-         kernels and sequence parallelism first)."
-    );
-    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -134,8 +130,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Task::Train { .. } => not_yet("train"),
-        Task::Eval { .. } => not_yet("eval"),
+        Task::Train { args } => {
+            // The dev profile (dependencies at opt-level 3) shares its build with `cargo test`.
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "-p", "longview-cli", "--", "train"])
+                .args(args);
+            run(cmd)
+        }
+        Task::Eval { args } => {
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "-p", "longview-cli", "--", "eval"])
+                .args(args);
+            run(cmd)
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod synthetic;
+mod train;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, FloatDType};
@@ -27,6 +29,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Forward+backward throughput (tokens/s) of a named model size.
     Bench(bench::BenchArgs),
+    /// Train from a TOML config (default: the debug VLM on generated
+    /// needle-in-a-haystack videos), with checkpoints, metrics and --resume.
+    Train(train::TrainArgs),
+    /// Score a saved model on the needle-in-a-haystack grid (table, JSON, heatmap).
+    Eval(eval::EvalArgs),
 }
 
 /// Where tensors live.
@@ -121,5 +128,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

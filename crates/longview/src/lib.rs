@@ -1,0 +1,213 @@
+//! longview for Rust applications: load a checkpoint, embed a video, ask a question.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use longview::{Sampling, Vlm};
+//!
+//! # fn main() -> Result<(), longview::Error> {
+//! // A run folder (`cargo xtask train` writes runs/debug-haystack), a checkpoint
+//! // folder, or a VILA model folder.
+//! let vlm = Vlm::load("runs/debug-haystack", &Device::flex())?;
+//! let video = vlm.embed_video("talk.mp4", &Sampling::Uniform { count: 64 })?;
+//! println!("{} frames, pooled vector of {}", video.frames, video.pooled.len());
+//! let answer = vlm.ask(&video, "What number appears in the video?", 8)?;
+//! # Ok(()) }
+//! ```
+//!
+//! The video is encoded once ([`Vlm::embed_video`]); every question about it reuses the
+//! visual tokens. Answers are greedy. Generation recomputes the whole sequence for
+//! every new token (no KV cache yet), which is fine for short answers.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use longview_data::{
+    ChatTemplate, DecodeOptions, Media, Message, Normalization, Preprocess, TextTokenizer,
+    decode_all,
+};
+use longview_models::vila::default_position_ids;
+use longview_models::{VisualInput, VlmConfig, VlmInput};
+
+pub use longview_data::Sampling;
+
+/// Everything that can go wrong, with the file or value named.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] longview_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] longview_data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] longview_train::TrainError),
+    #[error("{0}")]
+    Request(String),
+}
+
+/// A loaded vision-language model with its tokenizer and chat template.
+pub struct Vlm {
+    model: longview_models::Vlm,
+    config: VlmConfig,
+    tokenizer: TextTokenizer,
+    template: ChatTemplate,
+    device: Device,
+    dir: PathBuf,
+}
+
+/// A video's visual tokens, ready for any number of questions.
+#[derive(Debug, Clone)]
+pub struct VideoEmbedding {
+    /// `[frames, tokens_per_frame, llm_hidden]`: what the LLM reads.
+    pub tokens: Tensor<3>,
+    pub frames: usize,
+    /// Source frame index of every embedded frame.
+    pub frame_indices: Vec<usize>,
+    /// Mean of all visual tokens: one vector per video (for search or clustering).
+    pub pooled: Vec<f32>,
+}
+
+impl Vlm {
+    /// Loads a run folder (its latest checkpoint), a checkpoint folder or a VILA model
+    /// folder (`config.json`, `llm/` with `tokenizer.json`, `vision_tower/`,
+    /// `mm_projector/`).
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, Error> {
+        let loaded = longview_train::eval::load(path.as_ref(), device)?;
+        Ok(Vlm {
+            model: loaded.model,
+            config: loaded.config,
+            tokenizer: loaded.tokenizer,
+            template: ChatTemplate::qwen2(),
+            device: device.clone(),
+            dir: loaded.dir,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &VlmConfig {
+        &self.config
+    }
+
+    /// The model folder that was loaded.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The underlying Burn module (for custom forward passes).
+    pub fn model(&self) -> &longview_models::Vlm {
+        &self.model
+    }
+
+    /// Decodes the frames `sampling` picks at the encoder's resolution and encodes them.
+    pub fn embed_video(
+        &self,
+        path: impl AsRef<Path>,
+        sampling: &Sampling,
+    ) -> Result<VideoEmbedding, Error> {
+        let side = self.config.vision.image_size;
+        let options = DecodeOptions {
+            preprocess: Preprocess {
+                width: side as u32,
+                height: side as u32,
+                norm: Normalization::SIGLIP,
+            },
+            ..DecodeOptions::default()
+        };
+        let (_, batch) = decode_all(path.as_ref(), sampling, &options)?;
+        let frames = batch.frames.len();
+        if frames == 0 {
+            return Err(Error::Request(format!(
+                "{}: the sampling picked no frames",
+                path.as_ref().display()
+            )));
+        }
+        let pixels = Tensor::<4>::from_data(
+            TensorData::new(batch.pixels, [frames, 3, side, side]),
+            &self.device,
+        );
+        let tokens = self.model.encode_frames(pixels);
+        let [_, per_frame, hidden] = tokens.dims();
+        let pooled = tokens
+            .clone()
+            .reshape([frames * per_frame, hidden])
+            .mean_dim(0)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::Request(format!("reading the pooled vector: {e:?}")))?;
+        Ok(VideoEmbedding {
+            tokens,
+            frames,
+            frame_indices: batch.frames.iter().map(|f| f.index).collect(),
+            pooled,
+        })
+    }
+
+    /// The prompt ids of `question` about `video` (chat template, visual tokens
+    /// expanded, assistant turn opened).
+    pub fn prompt(&self, video: &VideoEmbedding, question: &str) -> Result<Vec<u32>, Error> {
+        let encoded = self.template.encode(
+            &self.tokenizer,
+            &[Message::user(format!("<video>\n{question}"))],
+            &[Media::Video {
+                frames: video.frames,
+            }],
+            video.tokens.dims()[1],
+            true,
+        )?;
+        Ok(encoded.ids)
+    }
+
+    /// Greedy answer of at most `max_new_tokens` tokens (stops at `<|im_end|>`).
+    pub fn ask(
+        &self,
+        video: &VideoEmbedding,
+        question: &str,
+        max_new_tokens: usize,
+    ) -> Result<String, Error> {
+        let ids = self.generate(video, question, max_new_tokens)?;
+        Ok(self.tokenizer.decode(&ids, true)?)
+    }
+
+    /// Greedy token ids after the prompt (without the stop token).
+    pub fn generate(
+        &self,
+        video: &VideoEmbedding,
+        question: &str,
+        max_new_tokens: usize,
+    ) -> Result<Vec<u32>, Error> {
+        let mut ids = self.prompt(video, question)?;
+        let stops: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| self.tokenizer.token_id(t))
+            .collect();
+        let prompt_len = ids.len();
+        for _ in 0..max_new_tokens {
+            let len = ids.len();
+            let input = VlmInput {
+                input_ids: Tensor::<2, Int>::from_data(
+                    TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, len]),
+                    &self.device,
+                ),
+                position_ids: default_position_ids(1, len, &self.device),
+                visual: VisualInput::Embeddings(video.tokens.clone()),
+            };
+            let logits = self.model.forward(input)?;
+            let vocab = logits.dims()[2];
+            let last: Tensor<3, Int> = logits.slice([0..1, len - 1..len, 0..vocab]).argmax(2);
+            let next = last
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .map_err(|e| Error::Request(format!("reading the next token: {e:?}")))?[0]
+                as u32;
+            if stops.contains(&next) {
+                break;
+            }
+            ids.push(next);
+        }
+        Ok(ids[prompt_len..].to_vec())
+    }
+}

@@ -1,0 +1,321 @@
+//! Resumable checkpoints.
+//!
+//! ```text
+//! <out>/checkpoints/
+//!   step-000100/
+//!     model/            VILA layout (config.json, llm/, vision_tower/, mm_projector/), f32
+//!     optimizer.bpk     AdamW moments (burnpack, keyed by parameter id)
+//!     param_ids.json    module path -> parameter id, so the moments find their tensors
+//!     trainer.json      step, data position, seed, losses so far, the run's config
+//!   latest              the name of the newest complete checkpoint
+//! ```
+//!
+//! A checkpoint is written into `.step-NNNNNN.partial/`, every file is synced, and the
+//! folder is renamed into place; only then is `latest` replaced (write + rename). A crash
+//! at any point leaves the previous `latest` intact; leftover `.partial` folders are
+//! removed by the next run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{DType, Device, Tensor};
+use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
+use longview_models::{Vlm, VlmConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// Bumped when the checkpoint layout changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Trainer bookkeeping saved with every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Samples consumed from the data stream (the next one is at this position).
+    pub samples_seen: usize,
+    pub tokens_seen: u64,
+    /// Seed of the run (initialisation and data order).
+    pub seed: u64,
+    /// Mean loss of every completed step.
+    pub losses: Vec<f32>,
+    /// Seconds spent training so far.
+    pub elapsed_s: f64,
+    /// The run's config (TOML) when the checkpoint was written.
+    pub config: String,
+}
+
+/// Folder holding a run's checkpoints.
+pub fn root(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// The newest complete checkpoint under `out`, if any.
+pub fn latest(out: &Path) -> Result<Option<PathBuf>, TrainError> {
+    let pointer = root(out).join("latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).map_err(TrainError::io(&pointer))?;
+    let dir = root(out).join(name.trim());
+    if !dir.join("trainer.json").exists() {
+        return Err(TrainError::checkpoint(
+            &pointer,
+            format!(
+                "points at `{}`, which is not a complete checkpoint",
+                name.trim()
+            ),
+        ));
+    }
+    Ok(Some(dir))
+}
+
+/// Removes `.partial` folders a crashed run left behind; returns their names.
+pub fn clean_partial(out: &Path) -> Result<Vec<String>, TrainError> {
+    let root = root(out);
+    let mut removed = Vec::new();
+    if !root.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(&root).map_err(TrainError::io(&root))? {
+        let entry = entry.map_err(TrainError::io(&root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".partial") {
+            std::fs::remove_dir_all(entry.path()).map_err(TrainError::io(entry.path()))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Writes a checkpoint of `step` atomically, points `latest` at it and keeps the
+/// newest `keep` checkpoints. Returns its folder.
+#[allow(clippy::too_many_arguments)]
+pub fn save(
+    out: &Path,
+    model: &Vlm,
+    config: &VlmConfig,
+    optimizer: &ModuleOptimizer,
+    state: &TrainerState,
+    tokenizer_json: &str,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = root(out);
+    std::fs::create_dir_all(&root).map_err(TrainError::io(&root))?;
+    let name = format!("step-{:06}", state.step);
+    let partial = root.join(format!(".{name}.partial"));
+    let done = root.join(&name);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(TrainError::io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(TrainError::io(&partial))?;
+
+    let model_dir = partial.join("model");
+    save_vila(
+        model,
+        config,
+        &model_dir,
+        SaveOptions {
+            dtype: DType::F32,
+            max_shard_bytes: Some(5 << 30),
+        },
+    )?;
+    let tokenizer = model_dir.join("llm").join("tokenizer.json");
+    std::fs::write(&tokenizer, tokenizer_json).map_err(TrainError::io(&tokenizer))?;
+    let optim = partial.join("optimizer.bpk");
+    optimizer
+        .save(&optim)
+        .map_err(|e| TrainError::checkpoint(&optim, format!("writing the optimizer state: {e}")))?;
+    write_json(&partial.join("param_ids.json"), &param_ids(model))?;
+    write_json(&partial.join("trainer.json"), state)?;
+    sync_tree(&partial)?;
+
+    if done.exists() {
+        // A resumed run writing the same step again: replace the old copy.
+        std::fs::remove_dir_all(&done).map_err(TrainError::io(&done))?;
+    }
+    std::fs::rename(&partial, &done).map_err(TrainError::io(&done))?;
+    sync_dir(&root)?;
+    let pointer = root.join("latest");
+    let tmp = root.join(".latest.tmp");
+    std::fs::write(&tmp, &name).map_err(TrainError::io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, &pointer).map_err(TrainError::io(&pointer))?;
+    sync_dir(&root)?;
+    prune(&root, &name, keep)?;
+    Ok(done)
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    pub model: Vlm,
+    pub config: VlmConfig,
+    pub optimizer: ModuleOptimizer,
+    pub state: TrainerState,
+}
+
+/// Loads a checkpoint folder: weights with their original parameter ids, the
+/// optimizer state (into `optimizer`, freshly configured) and the trainer state.
+pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<Loaded, TrainError> {
+    let state: TrainerState = read_json(&dir.join("trainer.json"))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(TrainError::checkpoint(
+            dir.join("trainer.json"),
+            format!(
+                "format_version {} (this build reads {FORMAT_VERSION})",
+                state.format_version
+            ),
+        ));
+    }
+    let (model, config) = load_vila(&dir.join("model"), device)?;
+    let ids_path = dir.join("param_ids.json");
+    let ids: BTreeMap<String, u64> = read_json(&ids_path)?;
+    let model = restore_param_ids(model, &ids).map_err(|m| TrainError::checkpoint(&ids_path, m))?;
+    let optim = dir.join("optimizer.bpk");
+    let optimizer = optimizer
+        .load(&optim)
+        .map_err(|e| TrainError::checkpoint(&optim, format!("reading the optimizer state: {e}")))?;
+    Ok(Loaded {
+        model,
+        config,
+        optimizer,
+        state,
+    })
+}
+
+/// Module path (`llm.layers.0.self_attn.q_proj.weight`) to parameter id.
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+    struct Collect {
+        path: Vec<String>,
+        ids: BTreeMap<String, u64>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.ids.insert(self.path.join("."), param.id.val());
+        }
+    }
+    let mut collect = Collect {
+        path: Vec::new(),
+        ids: BTreeMap::new(),
+    };
+    module.visit(&mut collect);
+    collect.ids
+}
+
+/// Gives every float parameter the id recorded for its path; every parameter must be
+/// in `ids` and every entry must be used.
+pub fn restore_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> Result<M, String> {
+    struct Restore<'a> {
+        path: Vec<String>,
+        ids: &'a BTreeMap<String, u64>,
+        used: usize,
+        missing: Vec<String>,
+    }
+    impl ModuleMapper for Restore<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let path = self.path.join(".");
+            match self.ids.get(&path) {
+                Some(&id) => {
+                    self.used += 1;
+                    let (_, value, mapper) = param.consume();
+                    Param::from_mapped_value(ParamId::from(id), value, mapper)
+                }
+                None => {
+                    self.missing.push(path);
+                    param
+                }
+            }
+        }
+    }
+    let mut restore = Restore {
+        path: Vec::new(),
+        ids,
+        used: 0,
+        missing: Vec::new(),
+    };
+    let module = module.map(&mut restore);
+    if !restore.missing.is_empty() {
+        return Err(format!(
+            "no id for {} parameter(s), e.g. `{}`: the checkpoint belongs to another model shape",
+            restore.missing.len(),
+            restore.missing[0]
+        ));
+    }
+    if restore.used != ids.len() {
+        return Err(format!(
+            "{} ids but the model has {} parameters: the checkpoint belongs to another model shape",
+            ids.len(),
+            restore.used
+        ));
+    }
+    Ok(module)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).expect("checkpoint metadata serialises");
+    std::fs::write(path, text).map_err(TrainError::io(path))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::checkpoint(path, format!("unreadable: {e}")))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(TrainError::io(dir))
+}
+
+/// fsyncs every file and folder under `dir`.
+fn sync_tree(dir: &Path) -> Result<(), TrainError> {
+    for entry in std::fs::read_dir(dir).map_err(TrainError::io(dir))? {
+        let path = entry.map_err(TrainError::io(dir))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(TrainError::io(&path))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Deletes the oldest `step-*` folders beyond `keep`, never `current`.
+fn prune(root: &Path, current: &str, keep: usize) -> Result<(), TrainError> {
+    let mut steps: Vec<String> = std::fs::read_dir(root)
+        .map_err(TrainError::io(root))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for name in steps.into_iter().take(excess) {
+        if name != current {
+            let path = root.join(&name);
+            std::fs::remove_dir_all(&path).map_err(TrainError::io(&path))?;
+        }
+    }
+    Ok(())
+}

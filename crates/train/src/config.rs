@@ -1,0 +1,333 @@
+//! Run configuration: one TOML file per run (`configs/*.toml`), every field with a
+//! default, unknown keys refused, and every value checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// A whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub data: DataConfig,
+}
+
+/// Length, batch and bookkeeping of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Folder of checkpoints, metrics and the resolved config.
+    pub out: PathBuf,
+    /// Seed of the initial weights and the data order.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Samples in one micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches summed into one optimizer step.
+    pub grad_accum: usize,
+    /// Write a checkpoint every this many steps (and always after the last one).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept on disk (oldest deleted first); at least 1.
+    pub keep_checkpoints: usize,
+    /// Score the held-out needle set every this many steps (0: only at the end).
+    pub eval_every: usize,
+}
+
+/// Which LongVILA stage a run is; decides what trains unless `trainable` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// (1) Only the projector trains.
+    ProjectorAlignment,
+    /// (2) Projector and LLM train; the vision encoder stays frozen.
+    Pretrain,
+    /// (3) Short-video supervised fine-tuning, all weights.
+    ShortSft,
+    /// (4) LLM context extension on long text (LoRA on q/k/v/o, embeddings, norms).
+    ContextExtension,
+    /// (5) Long-video supervised fine-tuning, all weights.
+    LongVideoSft,
+    /// LongVILA-R1's chain-of-thought SFT, all weights.
+    CotSft,
+}
+
+/// A part of the VLM that can train or stay frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Part {
+    Vision,
+    Projector,
+    Llm,
+}
+
+impl Stage {
+    /// The parts LongVILA trains in this stage.
+    pub fn default_trainable(self) -> Vec<Part> {
+        match self {
+            Stage::ProjectorAlignment => vec![Part::Projector],
+            Stage::Pretrain => vec![Part::Projector, Part::Llm],
+            Stage::ContextExtension => vec![Part::Llm],
+            Stage::ShortSft | Stage::LongVideoSft | Stage::CotSft => {
+                vec![Part::Vision, Part::Projector, Part::Llm]
+            }
+        }
+    }
+}
+
+/// The model to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Named shape for random initialisation: `debug`, `1.5b` or `7b`. The debug
+    /// model's vocabulary follows the embedded debug tokenizer.
+    pub size: String,
+    /// Start from this VILA-layout checkpoint folder instead of random weights.
+    pub init_from: Option<PathBuf>,
+    pub stage: Stage,
+    /// Overrides the stage's trainable parts.
+    pub trainable: Option<Vec<Part>>,
+}
+
+/// AdamW, the learning-rate schedule and clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup from 0 to `lr` over this many steps.
+    pub warmup_steps: usize,
+    /// Cosine decay from `lr` to `lr * min_lr_ratio` at the last step.
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Scale all gradients together so their global L2 norm is at most this (0: off).
+    pub clip_grad_norm: f64,
+}
+
+/// Where samples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataKind {
+    /// Generated needle-in-a-haystack videos (two-digit numbers on one frame).
+    Haystack,
+}
+
+/// The training and held-out data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub kind: DataKind,
+    /// Where generated videos are cached (default: `<out>/data`).
+    pub cache: Option<PathBuf>,
+    /// Frames of the longest training videos and of the held-out videos (every frame
+    /// is fed to the model).
+    pub frames: usize,
+    /// Training haystacks come in lengths `min_frames`, doubling, up to `frames`, in equal
+    /// shares: short haystacks teach reading the needle, long ones finding it.
+    pub min_frames: usize,
+    /// Training videos (needles at random depths).
+    pub train_videos: usize,
+    /// Held-out videos per depth of LongVILA's grid {0, .2, .4, .6, .8, 1}.
+    pub eval_per_depth: usize,
+    /// Video size in pixels (default: the vision encoder's input size).
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            out: PathBuf::from("runs/debug-haystack"),
+            seed: 0,
+            steps: 300,
+            batch_size: 4,
+            grad_accum: 1,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            eval_every: 0,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            size: "debug".into(),
+            init_from: None,
+            stage: Stage::LongVideoSft,
+            trainable: None,
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 3e-3,
+            warmup_steps: 20,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip_grad_norm: 1.0,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            kind: DataKind::Haystack,
+            cache: None,
+            frames: 32,
+            min_frames: 1,
+            train_videos: 96,
+            eval_per_depth: 4,
+            width: None,
+            height: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads and checks a TOML file; errors name the file, the key and the value.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TrainError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks TOML text (`source` names it in errors).
+    pub fn from_toml(text: &str, source: &str) -> Result<Self, TrainError> {
+        let config: TrainConfig = toml::from_str(text).map_err(|e| TrainError::Config {
+            source_name: source.into(),
+            message: e.to_string(),
+        })?;
+        config.validate(source)?;
+        Ok(config)
+    }
+
+    /// The config as TOML (what a run writes next to its checkpoints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// Parts that train in this run.
+    pub fn trainable(&self) -> Vec<Part> {
+        self.model
+            .trainable
+            .clone()
+            .unwrap_or_else(|| self.model.stage.default_trainable())
+    }
+
+    /// Checks every value; `source` names the file in the error.
+    pub fn validate(&self, source: &str) -> Result<(), TrainError> {
+        let bad = |key: &str, message: String| {
+            Err(TrainError::Config {
+                source_name: source.into(),
+                message: format!("`{key}`: {message}"),
+            })
+        };
+        let (r, o, d) = (&self.run, &self.optim, &self.data);
+        if r.steps == 0 {
+            return bad("run.steps", "must be at least 1".into());
+        }
+        if r.batch_size == 0 {
+            return bad("run.batch_size", "must be at least 1".into());
+        }
+        if r.grad_accum == 0 {
+            return bad("run.grad_accum", "must be at least 1".into());
+        }
+        if r.checkpoint_every == 0 {
+            return bad("run.checkpoint_every", "must be at least 1".into());
+        }
+        if r.keep_checkpoints == 0 {
+            return bad("run.keep_checkpoints", "must be at least 1".into());
+        }
+        if longview_models::VlmConfig::named(&self.model.size).is_none() {
+            return bad(
+                "model.size",
+                format!("`{}` is not debug, 1.5b or 7b", self.model.size),
+            );
+        }
+        if self.model.stage == Stage::ContextExtension {
+            return bad(
+                "model.stage",
+                "context-extension (LoRA on long text) is not implemented yet".into(),
+            );
+        }
+        if self.trainable().is_empty() {
+            return bad(
+                "model.trainable",
+                "names no part: nothing would train".into(),
+            );
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return bad("optim.lr", format!("{} must be positive", o.lr));
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return bad(
+                "optim.min_lr_ratio",
+                format!("{} must be in [0, 1]", o.min_lr_ratio),
+            );
+        }
+        if o.warmup_steps > r.steps {
+            return bad(
+                "optim.warmup_steps",
+                format!("{} exceeds run.steps ({})", o.warmup_steps, r.steps),
+            );
+        }
+        for (key, value) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return bad(key, format!("{value} must be in [0, 1)"));
+            }
+        }
+        if o.eps.is_nan() || o.eps <= 0.0 {
+            return bad("optim.eps", format!("{} must be positive", o.eps));
+        }
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+            return bad(
+                "optim.weight_decay",
+                format!("{} must be >= 0", o.weight_decay),
+            );
+        }
+        if o.clip_grad_norm.is_nan() || o.clip_grad_norm < 0.0 {
+            return bad(
+                "optim.clip_grad_norm",
+                format!("{} must be >= 0 (0 turns clipping off)", o.clip_grad_norm),
+            );
+        }
+        if d.frames == 0 {
+            return bad("data.frames", "must be at least 1".into());
+        }
+        if d.min_frames == 0 || d.min_frames > d.frames {
+            return bad(
+                "data.min_frames",
+                format!("{} must be in 1..=data.frames ({})", d.min_frames, d.frames),
+            );
+        }
+        if d.train_videos == 0 {
+            return bad("data.train_videos", "must be at least 1".into());
+        }
+        for (key, value) in [("data.width", d.width), ("data.height", d.height)] {
+            if let Some(v) = value
+                && (v < 16 || v % 2 != 0)
+            {
+                return bad(key, format!("{v} must be even and at least 16"));
+            }
+        }
+        Ok(())
+    }
+}

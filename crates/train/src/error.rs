@@ -1,0 +1,45 @@
+//! Errors of training and evaluation; each names the file, key or step concerned.
+
+use std::path::PathBuf;
+
+use longview_data::DataError;
+use longview_models::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {source_name}: {message}")]
+    Config {
+        source_name: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(
+        "step {step}: the loss is {loss} (diverged); lower optim.lr or set optim.clip_grad_norm, \
+         and resume from the last checkpoint with --resume"
+    )]
+    Diverged { step: usize, loss: f32 },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+        let path = path.into();
+        move |source| TrainError::Io { path, source }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl ToString) -> TrainError {
+        TrainError::Checkpoint {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Evaluation of a saved model: the needle-in-a-haystack grid (haystack length x
+//! needle depth) with LongVILA's teacher-forced exact-match scoring, written as a
+//! table, JSON and a heatmap PNG.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use longview_data::TextTokenizer;
+use longview_models::hf::checkpoint::load_vila;
+use longview_models::{Vlm, VlmConfig};
+use serde::Serialize;
+
+use crate::data::{Encoder, haystack};
+use crate::error::TrainError;
+use crate::needle;
+
+/// Finds the model folder from a run folder (its latest checkpoint), a checkpoint
+/// folder (`model/` inside) or a VILA model folder itself.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, TrainError> {
+    if !path.exists() {
+        return Err(TrainError::checkpoint(path, "does not exist"));
+    }
+    if path.join("config.json").exists() && path.join("llm").exists() {
+        return Ok(path.into());
+    }
+    if path.join("model").join("config.json").exists() {
+        return Ok(path.join("model"));
+    }
+    if let Some(latest) = crate::checkpoint::latest(path)? {
+        return Ok(latest.join("model"));
+    }
+    Err(TrainError::checkpoint(
+        path,
+        "is neither a run folder (checkpoints/latest), a checkpoint folder (model/) nor a \
+         VILA model folder (config.json, llm/, vision_tower/, mm_projector/)",
+    ))
+}
+
+/// A model loaded for evaluation, with its tokenizer.
+pub struct EvalModel {
+    pub model: Vlm,
+    pub config: VlmConfig,
+    pub tokenizer: TextTokenizer,
+    pub dir: PathBuf,
+}
+
+/// Loads the model and tokenizer `path` resolves to.
+pub fn load(path: &Path, device: &Device) -> Result<EvalModel, TrainError> {
+    let dir = resolve_model_dir(path)?;
+    let (model, config) = load_vila(&dir, device)?;
+    let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
+    Ok(EvalModel {
+        model,
+        config,
+        tokenizer,
+        dir,
+    })
+}
+
+/// Accuracy of every (depth, haystack length) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct NeedleGrid {
+    pub frames: Vec<usize>,
+    pub depths: Vec<f64>,
+    /// `cells[d][f]` = (correct, total) for depth `d` and length `frames[f]`.
+    pub cells: Vec<Vec<(usize, usize)>>,
+    pub correct: usize,
+    pub total: usize,
+    pub chance: f64,
+}
+
+impl NeedleGrid {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+
+    /// Markdown table: depths down, haystack lengths across.
+    pub fn table(&self) -> String {
+        let mut out = String::from("| depth |");
+        for f in &self.frames {
+            out.push_str(&format!(" {f} frames |"));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---|".repeat(self.frames.len()));
+        out.push('\n');
+        for (d, depth) in self.depths.iter().enumerate() {
+            out.push_str(&format!("| {depth:.1} |"));
+            for (c, t) in &self.cells[d] {
+                out.push_str(&format!(" {c}/{t} |"));
+            }
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "\nmean accuracy {:.1}% ({}/{}), chance {:.1}%\n",
+            100.0 * self.accuracy(),
+            self.correct,
+            self.total,
+            100.0 * self.chance
+        ));
+        out
+    }
+
+    /// A heatmap: one 48 px square per cell, depth 0 at the top, lengths left to right,
+    /// red (0%) through yellow to green (100%).
+    pub fn write_heatmap(&self, path: &Path) -> Result<(), TrainError> {
+        const CELL: u32 = 48;
+        let (w, h) = (
+            self.frames.len() as u32 * CELL,
+            self.depths.len() as u32 * CELL,
+        );
+        let mut img = image::RgbImage::new(w.max(1), h.max(1));
+        for (d, row) in self.cells.iter().enumerate() {
+            for (f, &(c, t)) in row.iter().enumerate() {
+                let a = c as f64 / t.max(1) as f64;
+                let (r, g) = if a < 0.5 {
+                    (255.0, 510.0 * a)
+                } else {
+                    (510.0 * (1.0 - a), 255.0)
+                };
+                let color = image::Rgb([r as u8, g as u8, 64]);
+                for y in 0..CELL {
+                    for x in 0..CELL {
+                        let border = x == 0 || y == 0;
+                        img.put_pixel(
+                            f as u32 * CELL + x,
+                            d as u32 * CELL + y,
+                            if border {
+                                image::Rgb([255, 255, 255])
+                            } else {
+                                color
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        img.save(path)
+            .map_err(|e| TrainError::checkpoint(path, format!("writing the heatmap: {e}")))
+    }
+}
+
+/// Scores `per_depth` generated videos for every haystack length in `frames` and every
+/// depth of LongVILA's grid {0, .2, .4, .6, .8, 1}; videos are cached under `cache`.
+pub fn needle_grid(
+    model: &EvalModel,
+    frames: &[usize],
+    per_depth: usize,
+    seed: u64,
+    cache: &Path,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<NeedleGrid, TrainError> {
+    let side = model.config.vision.image_size as u32;
+    let encoder = Encoder {
+        tokenizer: &model.tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: &model.config,
+        width: side,
+        height: side,
+    };
+    let depths: Vec<f64> = (0..=5).map(|i| i as f64 / 5.0).collect();
+    let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
+    let (mut correct, mut total) = (0, 0);
+    for (f, &n) in frames.iter().enumerate() {
+        let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
+        let report = needle::score(&model.model, &data.eval, &model.tokenizer, device)?;
+        for (depth, c, t) in report.per_depth {
+            let d = depths
+                .iter()
+                .position(|x| (x - depth).abs() < 1e-9)
+                .expect("haystack eval depths are the LongVILA grid");
+            cells[d][f] = (c, t);
+        }
+        correct += report.correct;
+        total += report.total;
+        log(&format!(
+            "{n} frames: {}/{} ({:.1}%)",
+            report.correct,
+            report.total,
+            100.0 * report.correct as f64 / report.total.max(1) as f64
+        ));
+    }
+    Ok(NeedleGrid {
+        frames: frames.to_vec(),
+        depths,
+        cells,
+        correct,
+        total,
+        chance: 1.0 / 90.0,
+    })
+}

@@ -1,0 +1,23 @@
+//! longview's training and evaluation.
+//!
+//! - [`config`]: the TOML run config (stages, optimizer, data), checked up front.
+//! - [`data`]: generated needle-in-a-haystack videos decoded with FFmpeg, the chat
+//!   template around them, and batching.
+//! - [`trainer`]: the loop (accumulation, global-norm clipping, AdamW, warmup +
+//!   cosine), metrics, progress, and resume.
+//! - [`checkpoint`]: atomic checkpoints in VILA layout plus optimizer and trainer state.
+//! - [`needle`]: LongVILA's teacher-forced needle scoring; [`eval`]: the depth x
+//!   length grid of a saved model, as a table, JSON and heatmap.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod needle;
+pub mod trainer;
+
+pub use config::{DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig};
+pub use error::TrainError;
+pub use needle::NeedleReport;
+pub use trainer::{TrainOptions, TrainSummary, learning_rate, train};

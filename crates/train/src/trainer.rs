@@ -1,0 +1,548 @@
+//! The training loop: micro-batches summed into one step with the loss normalised by
+//! the step's supervised-token count, global-norm clipping, AdamW under a warmup +
+//! cosine schedule, JSONL metrics, a progress bar, and atomic checkpoints that
+//! `resume` continues bit for bit.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use longview_data::TextTokenizer;
+use longview_models::hf::checkpoint::load_vila;
+use longview_models::vila::causal_lm_loss_sum;
+use longview_models::{Vlm, VlmConfig};
+use serde::Serialize;
+
+use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
+use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
+use crate::data::{Encoder, HaystackData, Sample, collate, haystack, stream_index};
+use crate::error::TrainError;
+use crate::needle::{self, NeedleReport};
+
+/// How a run is started.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in `run.out` (error if there is none).
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (the schedule still spans
+    /// `run.steps`); used to test interruption and resume.
+    pub stop_after: Option<usize>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            resume: false,
+            stop_after: None,
+            progress: true,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Mean loss of every step since the run began (resumed steps included).
+    pub losses: Vec<f32>,
+    pub first_step: usize,
+    pub last_step: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub checkpoint: Option<PathBuf>,
+    /// Held-out needle accuracy after the last step (when the data has a held-out set).
+    pub eval: Option<NeedleReport>,
+    pub train_samples: usize,
+    pub params: usize,
+    pub trainable_params: usize,
+}
+
+/// Learning rate of step `step` (0-based): linear warmup to `lr`, then cosine decay to
+/// `lr * min_lr_ratio` at the last step.
+pub fn learning_rate(optim: &OptimConfig, step: usize, total: usize) -> f64 {
+    if step < optim.warmup_steps {
+        return optim.lr * (step + 1) as f64 / optim.warmup_steps as f64;
+    }
+    let span = total.saturating_sub(optim.warmup_steps + 1).max(1);
+    let progress = ((step - optim.warmup_steps) as f64 / span as f64).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
+}
+
+/// The tokenizer of a run: the `init_from` checkpoint's, else the embedded debug one.
+pub fn tokenizer(config: &TrainConfig) -> Result<TextTokenizer, TrainError> {
+    match &config.model.init_from {
+        Some(dir) => Ok(TextTokenizer::from_checkpoint_dir(dir)?),
+        None => Ok(TextTokenizer::debug()),
+    }
+}
+
+/// The model shape of a randomly initialised run: the named size, with the visual
+/// placeholder set to the tokenizer's `<image>` id (and, for `debug`, the vocabulary
+/// sized to the tokenizer).
+pub fn model_config(
+    config: &TrainConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<VlmConfig, TrainError> {
+    let mut vlm = VlmConfig::named(&config.model.size).ok_or_else(|| TrainError::Config {
+        source_name: "model".into(),
+        message: format!(
+            "`model.size`: `{}` is not debug, 1.5b or 7b",
+            config.model.size
+        ),
+    })?;
+    if config.model.size == "debug" {
+        vlm.text.vocab_size = tokenizer.vocab_size();
+    }
+    vlm.placeholder_token_id = tokenizer.require("<image>")?;
+    if vlm.placeholder_token_id as usize >= vlm.text.vocab_size {
+        return Err(TrainError::Config {
+            source_name: "model".into(),
+            message: format!(
+                "the tokenizer's <image> id {} is outside the model's vocabulary of {}",
+                vlm.placeholder_token_id, vlm.text.vocab_size
+            ),
+        });
+    }
+    Ok(vlm)
+}
+
+fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
+    let Vlm {
+        mut vision_tower,
+        mut mm_projector,
+        mut llm,
+        vision_feature,
+        placeholder_token_id,
+    } = model;
+    if !trainable.contains(&Part::Vision) {
+        vision_tower = vision_tower.no_grad();
+    }
+    if !trainable.contains(&Part::Projector) {
+        mm_projector = mm_projector.no_grad();
+    }
+    if !trainable.contains(&Part::Llm) {
+        llm = llm.no_grad();
+    }
+    Vlm {
+        vision_tower,
+        mm_projector,
+        llm,
+        vision_feature,
+        placeholder_token_id,
+    }
+}
+
+fn optimizer(optim: &OptimConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(optim.beta1 as f32)
+        .with_beta_2(optim.beta2 as f32)
+        .with_epsilon(optim.eps as f32)
+        .with_weight_decay(optim.weight_decay as f32)
+        .init()
+}
+
+/// Global L2 norm of all gradients (one device sync).
+pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f32 {
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let s = (g.clone() * g).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut norm = Norm { grads, sum: None };
+    model.visit(&mut norm);
+    norm.sum.map_or(0.0, |s| s.into_scalar::<f32>().sqrt())
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f32) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f32,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads
+                    .register::<D>(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    model.visit(&mut Scale { grads, factor });
+}
+
+fn count_params(model: &Vlm) -> (usize, usize) {
+    struct Count {
+        all: usize,
+        trainable: usize,
+    }
+    impl ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.lazy_shape().num_elements();
+            self.all += n;
+            if param.is_require_grad() {
+                self.trainable += n;
+            }
+        }
+    }
+    let mut count = Count {
+        all: 0,
+        trainable: 0,
+    };
+    model.visit(&mut count);
+    (count.all, count.trainable)
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Serialize)]
+struct Metrics {
+    step: usize,
+    loss: f32,
+    lr: f64,
+    grad_norm: f32,
+    tokens: usize,
+    tokens_per_s: f64,
+    elapsed_s: f64,
+    rss_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    needle_accuracy: Option<f64>,
+}
+
+/// Resident memory of this process (Linux), MiB.
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Keeps `metrics.jsonl` to the steps a resumed run has already done, so the file is
+/// one continuous curve.
+fn truncate_metrics(path: &Path, done: usize) -> Result<(), TrainError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| (s as usize) <= done)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).map_err(TrainError::io(path))
+}
+
+/// Runs (or resumes) a training run; `log` receives human-readable lines.
+pub fn train(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainSummary, TrainError> {
+    config.validate("(in memory)")?;
+    let out = &config.run.out;
+    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    for name in checkpoint::clean_partial(out)? {
+        log(&format!(
+            "removed the unfinished checkpoint {name} of an interrupted run"
+        ));
+    }
+    let latest = checkpoint::latest(out)?;
+    match (&latest, options.resume) {
+        (Some(dir), false) => {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                message: "the run folder already has checkpoints: pass --resume to continue it, \
+                          or choose another run.out / --out"
+                    .into(),
+            });
+        }
+        (None, true) => {
+            return Err(TrainError::Checkpoint {
+                path: checkpoint::root(out),
+                message: "--resume given but there is no complete checkpoint to resume from".into(),
+            });
+        }
+        _ => {}
+    }
+
+    let tokenizer = tokenizer(config)?;
+    let tokenizer_json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| TrainError::Config {
+            source_name: tokenizer.source().into(),
+            message: format!("cannot serialise the tokenizer: {e}"),
+        })?;
+    let trainable = config.trainable();
+    let (model, vlm_config, mut optim, mut state) = match &latest {
+        Some(dir) => {
+            let loaded = checkpoint::load(dir, optimizer(&config.optim), device)?;
+            if loaded.state.seed != config.run.seed {
+                return Err(TrainError::checkpoint(
+                    dir,
+                    format!(
+                        "was written with run.seed {} but the config says {}: the data order would differ",
+                        loaded.state.seed, config.run.seed
+                    ),
+                ));
+            }
+            log(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                loaded.state.step
+            ));
+            (loaded.model, loaded.config, loaded.optimizer, loaded.state)
+        }
+        None => {
+            let (model, vlm_config) = match &config.model.init_from {
+                Some(dir) => load_vila(dir, device)?,
+                None => {
+                    let vlm_config = model_config(config, &tokenizer)?;
+                    device.seed(config.run.seed);
+                    (vlm_config.init(device), vlm_config)
+                }
+            };
+            let state = TrainerState {
+                format_version: FORMAT_VERSION,
+                step: 0,
+                samples_seen: 0,
+                tokens_seen: 0,
+                seed: config.run.seed,
+                losses: Vec::new(),
+                elapsed_s: 0.0,
+                config: config.to_toml(),
+            };
+            (model, vlm_config, optimizer(&config.optim), state)
+        }
+    };
+    let mut model = freeze(model, &trainable);
+    let (params, trainable_params) = count_params(&model);
+    std::fs::write(out.join("config.toml"), config.to_toml())
+        .map_err(TrainError::io(out.join("config.toml")))?;
+
+    let data = match config.data.kind {
+        DataKind::Haystack => {
+            let side = vlm_config.vision.image_size as u32;
+            let encoder = Encoder {
+                tokenizer: &tokenizer,
+                template: longview_data::ChatTemplate::qwen2(),
+                model: &vlm_config,
+                width: config.data.width.unwrap_or(side),
+                height: config.data.height.unwrap_or(side),
+            };
+            let cache = config
+                .data
+                .cache
+                .clone()
+                .unwrap_or_else(|| out.join("data"));
+            log(&format!(
+                "data: {} haystack videos of {:?} frames for training, {} per depth held out ({})",
+                config.data.train_videos,
+                crate::data::train_lengths(config.data.min_frames, config.data.frames),
+                config.data.eval_per_depth,
+                cache.display()
+            ));
+            haystack(
+                &encoder,
+                &cache,
+                config.data.frames,
+                config.data.min_frames,
+                config.data.train_videos,
+                config.data.eval_per_depth,
+                config.run.seed,
+            )?
+        }
+    };
+    let HaystackData { train, eval, .. } = data;
+
+    let metrics_path = out.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, state.step)?;
+    let mut metrics = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(TrainError::io(&metrics_path))?;
+
+    let total = config.run.steps;
+    let first_step = state.step;
+    let last = options
+        .stop_after
+        .map_or(total, |n| (first_step + n).min(total));
+    let bar = if options.progress {
+        ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(first_step as u64);
+    let timer = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut tokens_this_run = 0u64;
+    let mut last_checkpoint = None;
+    let per_step = config.run.batch_size * config.run.grad_accum;
+
+    for step in first_step..last {
+        // The step's micro-batches, and its supervised-token count for normalisation.
+        let micro: Vec<Vec<&Sample>> = (0..config.run.grad_accum)
+            .map(|m| {
+                (0..config.run.batch_size)
+                    .map(|b| {
+                        let pos = state.samples_seen + m * config.run.batch_size + b;
+                        &train[stream_index(config.run.seed, train.len(), pos)]
+                    })
+                    .collect()
+            })
+            .collect();
+        let supervised: usize = micro.iter().flatten().map(|s| s.supervised()).sum();
+        let mut accumulator = GradientsAccumulator::<Vlm>::new();
+        let mut loss_value = 0.0f32;
+        let mut step_tokens = 0usize;
+        for samples in &micro {
+            let batch = collate(samples, device);
+            step_tokens += batch.tokens;
+            let logits = model.forward(batch.input)?;
+            let (sum, _) = causal_lm_loss_sum(logits, batch.labels);
+            let loss = sum.div_scalar(supervised.max(1) as f32);
+            loss_value += loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        if !loss_value.is_finite() {
+            bar.abandon();
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: loss_value,
+            });
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = global_grad_norm(&model, &grads);
+        if config.optim.clip_grad_norm > 0.0 && grad_norm > config.optim.clip_grad_norm as f32 {
+            scale_grads(
+                &model,
+                &mut grads,
+                config.optim.clip_grad_norm as f32 / grad_norm,
+            );
+        }
+        let lr = learning_rate(&config.optim, step, total);
+        model = optim.step(lr, model, grads);
+
+        state.step = step + 1;
+        state.samples_seen += per_step;
+        state.tokens_seen += step_tokens as u64;
+        state.losses.push(loss_value);
+        tokens_this_run += step_tokens as u64;
+        let run_s = timer.elapsed().as_secs_f64();
+        state.elapsed_s = elapsed_before + run_s;
+        let tokens_per_s = tokens_this_run as f64 / run_s.max(1e-9);
+
+        let needle_accuracy = if config.run.eval_every > 0
+            && state.step % config.run.eval_every == 0
+            && state.step != total
+            && !eval.is_empty()
+        {
+            let report = needle::score(&model, &eval, &tokenizer, device)?;
+            bar.println(format!(
+                "step {}: held-out needle accuracy {:.1}%",
+                state.step,
+                100.0 * report.accuracy()
+            ));
+            Some(report.accuracy())
+        } else {
+            None
+        };
+        let rss = rss_mib();
+        let line = Metrics {
+            step: state.step,
+            loss: loss_value,
+            lr,
+            grad_norm,
+            tokens: step_tokens,
+            tokens_per_s,
+            elapsed_s: state.elapsed_s,
+            rss_mib: rss,
+            needle_accuracy,
+        };
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(&line).expect("metrics serialise")
+        )
+        .map_err(TrainError::io(&metrics_path))?;
+        bar.set_message(format!(
+            "loss {loss_value:.4} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s{}",
+            rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m))
+        ));
+        bar.set_position(state.step as u64);
+
+        if state.step % config.run.checkpoint_every == 0 || state.step == last {
+            metrics.flush().map_err(TrainError::io(&metrics_path))?;
+            let dir = checkpoint::save(
+                out,
+                &model,
+                &vlm_config,
+                &optim,
+                &state,
+                &tokenizer_json,
+                config.run.keep_checkpoints,
+            )?;
+            last_checkpoint = Some(dir);
+        }
+    }
+    bar.finish_and_clear();
+    let eval_report = if state.step == total && !eval.is_empty() {
+        Some(needle::score(&model, &eval, &tokenizer, device)?)
+    } else {
+        None
+    };
+    if let Some(report) = &eval_report {
+        let path = out.join("needle.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(report).expect("report serialises"),
+        )
+        .map_err(TrainError::io(&path))?;
+    }
+    let run_s = timer.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        losses: state.losses.clone(),
+        first_step,
+        last_step: state.step,
+        tokens_per_s: tokens_this_run as f64 / run_s.max(1e-9),
+        elapsed_s: run_s,
+        checkpoint: last_checkpoint,
+        eval: eval_report,
+        train_samples: train.len(),
+        params,
+        trainable_params,
+    })
+}

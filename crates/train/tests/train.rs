@@ -1,0 +1,350 @@
+//! Training-loop tests on the CPU backend: interrupted-and-resumed runs equal
+//! uninterrupted ones, checkpoints survive crashes, configs fail with the key named,
+//! clipping and the schedule do what they promise, and needle scoring reads the right
+//! positions.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use longview_data::TextTokenizer;
+use longview_models::vila::causal_lm_loss_sum;
+use longview_train::data::{Encoder, collate, haystack};
+use longview_train::trainer::{global_grad_norm, model_config, scale_grads};
+use longview_train::{OptimConfig, TrainConfig, TrainError, TrainOptions, learning_rate, train};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("longview-train-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// A run small enough for a unit test: 8-frame videos, 6 of them, 2 micro-batches of 2.
+fn tiny(out: &Path, cache: &Path) -> TrainConfig {
+    let mut config = TrainConfig::default();
+    config.run.out = out.into();
+    config.run.steps = 6;
+    config.run.batch_size = 2;
+    config.run.grad_accum = 2;
+    config.run.checkpoint_every = 2;
+    config.run.keep_checkpoints = 2;
+    config.optim.warmup_steps = 2;
+    config.optim.clip_grad_norm = 0.5;
+    config.data.frames = 8;
+    config.data.min_frames = 4;
+    config.data.train_videos = 6;
+    config.data.eval_per_depth = 1;
+    config.data.cache = Some(cache.into());
+    config
+}
+
+fn quiet() -> impl FnMut(&str) {
+    |_: &str| {}
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
+    let tmp = TempDir::new("resume");
+    let cache = tmp.0.join("cache");
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+
+    let whole = tiny(&tmp.0.join("whole"), &cache);
+    let straight = train(&whole, &options, &device(), &mut quiet()).unwrap();
+    assert_eq!(straight.losses.len(), 6);
+    assert!(straight.losses.iter().all(|l| l.is_finite()));
+
+    // Stop after 3 steps (a checkpoint is written at the stop), then resume twice:
+    // once with an unfinished checkpoint lying around as a crash would leave it.
+    let split = tiny(&tmp.0.join("split"), &cache);
+    let first = train(
+        &split,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..options.clone()
+        },
+        &device(),
+        &mut quiet(),
+    )
+    .unwrap();
+    assert_eq!(first.last_step, 3);
+    let partial = split.run.out.join("checkpoints/.step-000004.partial");
+    std::fs::create_dir_all(partial.join("model")).unwrap();
+    std::fs::write(partial.join("trainer.json"), "{ truncated").unwrap();
+
+    let err = train(&split, &options, &device(), &mut quiet()).unwrap_err();
+    assert!(
+        err.to_string().contains("--resume"),
+        "a second run into a folder with checkpoints must ask for --resume: {err}"
+    );
+    assert!(
+        !partial.exists(),
+        "the crashed run's partial checkpoint is removed"
+    );
+
+    let mut logs = Vec::new();
+    let resumed = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..options.clone()
+        },
+        &device(),
+        &mut |l: &str| logs.push(l.to_string()),
+    )
+    .unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("resuming") && l.contains("step 3")),
+        "{logs:?}"
+    );
+    assert_eq!(resumed.first_step, 3);
+    assert_eq!(resumed.losses.len(), 6);
+    for (step, (a, b)) in straight.losses.iter().zip(&resumed.losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "step {}: uninterrupted {a} vs resumed {b}",
+            step + 1
+        );
+    }
+    // The metrics file is one curve of 6 steps.
+    let metrics = std::fs::read_to_string(split.run.out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // Only the newest two checkpoints are kept, and `latest` names the last.
+    let mut kept: Vec<String> = std::fs::read_dir(split.run.out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, vec!["step-000004", "step-000006"]);
+    let latest = std::fs::read_to_string(split.run.out.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-000006");
+    // The held-out set was scored at the end: 6 depths x 1 video.
+    let report = resumed.eval.expect("scored at the last step");
+    assert_eq!(report.total, 6);
+    assert_eq!(report.per_depth.len(), 6);
+
+    // `latest` pointing at a missing folder is an error naming it, not a fresh start.
+    std::fs::write(split.run.out.join("checkpoints/latest"), "step-000099").unwrap();
+    let err = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..options.clone()
+        },
+        &device(),
+        &mut quiet(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("step-000099"), "{err}");
+}
+
+#[test]
+fn configs_fail_with_the_key_and_value_named() {
+    let cases = [
+        ("[optim]\nlr = -1.0\n", "optim.lr"),
+        ("[run]\nsteps = 0\n", "run.steps"),
+        ("[run]\nbatch_size = 0\n", "run.batch_size"),
+        ("[optim]\nwarmup_steps = 500\n", "optim.warmup_steps"),
+        ("[model]\nsize = \"13b\"\n", "13b"),
+        (
+            "[model]\nstage = \"context-extension\"\n",
+            "not implemented",
+        ),
+        ("[model]\nstage = \"fine-tune\"\n", "fine-tune"),
+        ("[model]\ntrainable = []\n", "model.trainable"),
+        ("[data]\nwidth = 15\n", "data.width"),
+        ("[run]\nstpes = 3\n", "stpes"),
+        ("[optim]\nlr = \"fast\"\n", "lr"),
+    ];
+    for (text, needle) in cases {
+        let err = TrainConfig::from_toml(text, "bad.toml").unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("bad.toml") && message.contains(needle),
+            "{text:?}: expected the message to name `{needle}`: {message}"
+        );
+    }
+    // Every shipped config parses.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 5,
+        "expected the stage configs in configs/, found {seen}"
+    );
+    let missing = TrainConfig::from_file("no/such/config.toml").unwrap_err();
+    assert!(matches!(missing, TrainError::Io { .. }));
+    assert!(missing.to_string().contains("no/such/config.toml"));
+}
+
+#[test]
+fn the_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor() {
+    let optim = OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 10,
+        min_lr_ratio: 0.1,
+        ..OptimConfig::default()
+    };
+    let total = 110;
+    for step in 0..10 {
+        let expected = 1e-3 * (step + 1) as f64 / 10.0;
+        assert!((learning_rate(&optim, step, total) - expected).abs() < 1e-15);
+    }
+    // Cosine over steps 10..=109 (99 intervals): peak, a middle step, floor.
+    assert!((learning_rate(&optim, 10, total) - 1e-3).abs() < 1e-15);
+    let mid = 1e-4 + 0.9e-3 * 0.5 * (1.0 + (std::f64::consts::PI * 49.0 / 99.0).cos());
+    assert!((learning_rate(&optim, 59, total) - mid).abs() < 1e-12);
+    // Exactly half-way between peak and floor lies at 49.5 intervals: between 59 and 60.
+    let half = 1e-4 + 0.9e-3 * 0.5;
+    assert!(learning_rate(&optim, 59, total) > half && learning_rate(&optim, 60, total) < half);
+    assert!((learning_rate(&optim, 109, total) - 1e-4).abs() < 1e-15);
+    for step in 10..109 {
+        assert!(learning_rate(&optim, step + 1, total) <= learning_rate(&optim, step, total));
+    }
+}
+
+/// Every gradient on the host, as f64.
+fn host_grads<M: Module>(model: &M, grads: &GradientsParams) -> Vec<f64> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<f64>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let data = g.into_data().convert::<f32>();
+                self.out
+                    .extend(data.as_slice::<f32>().unwrap().iter().map(|&x| x as f64));
+            }
+        }
+    }
+    let mut c = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+#[test]
+fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
+    let tmp = TempDir::new("clip");
+    let tokenizer = TextTokenizer::debug();
+    let config = TrainConfig::default();
+    let vlm = model_config(&config, &tokenizer).unwrap();
+    let device = device();
+    let model = vlm.init(&device);
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: &vlm,
+        width: 40,
+        height: 40,
+    };
+    let data = haystack(&encoder, &tmp.0, 4, 4, 2, 0, 7).unwrap();
+    let batch = collate(&[&data.train[0], &data.train[1]], &device);
+    let (sum, count) = causal_lm_loss_sum(model.forward(batch.input).unwrap(), batch.labels);
+    assert_eq!(count, batch.supervised);
+    let mut grads = GradientsParams::from_grads(sum.backward(), &model);
+
+    let host = host_grads(&model, &grads);
+    let reference = host.iter().map(|g| g * g).sum::<f64>().sqrt();
+    let norm = global_grad_norm(&model, &grads) as f64;
+    assert!(
+        (norm - reference).abs() <= 1e-4 * reference,
+        "global norm {norm} vs host {reference}"
+    );
+    scale_grads(&model, &mut grads, 0.25);
+    let scaled = host_grads(&model, &grads);
+    assert_eq!(scaled.len(), host.len());
+    for (a, b) in host.iter().zip(&scaled) {
+        assert!((a * 0.25 - b).abs() <= 1e-6 * a.abs().max(1e-6));
+    }
+}
+
+#[test]
+fn needle_scoring_reads_the_answer_positions() {
+    let tmp = TempDir::new("needle");
+    let tokenizer = TextTokenizer::debug();
+    let config = TrainConfig::default();
+    let vlm = model_config(&config, &tokenizer).unwrap();
+    let device = device();
+    let model = vlm.init(&device);
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: &vlm,
+        width: 40,
+        height: 40,
+    };
+    let data = haystack(&encoder, &tmp.0, 4, 4, 1, 1, 3).unwrap();
+    assert_eq!(data.eval.len(), 6);
+    let sample = &data.eval[2];
+    // The answer's tokens follow the prompt and are supervised.
+    let answer_ids = tokenizer.encode(&sample.answer).unwrap();
+    assert_eq!(
+        &sample.ids[sample.prompt_len..sample.prompt_len + answer_ids.len()],
+        &answer_ids[..]
+    );
+    assert!(
+        sample.labels[..sample.prompt_len]
+            .iter()
+            .all(|&l| l == -100)
+    );
+
+    // Reference: full logits on the host, argmax of rows prompt_len-1.. by hand.
+    let batch = collate(&[sample], &device);
+    let logits = model.forward(batch.input).unwrap();
+    let [_, seq, vocab] = logits.dims();
+    let host = logits.into_data().convert::<f32>();
+    let host = host.as_slice::<f32>().unwrap();
+    let mut expected = Vec::new();
+    for k in 0..answer_ids.len() {
+        let row = sample.prompt_len - 1 + k;
+        assert!(row < seq);
+        let slice = &host[row * vocab..(row + 1) * vocab];
+        let best = (0..vocab)
+            .max_by(|&a, &b| slice[a].total_cmp(&slice[b]).then(b.cmp(&a)))
+            .unwrap();
+        expected.push(best as u32);
+    }
+    let expected = tokenizer.decode(&expected, true).unwrap();
+    let got =
+        longview_train::needle::teacher_forced_answer(&model, sample, &tokenizer, &device).unwrap();
+    assert_eq!(got, expected);
+}
