@@ -15,10 +15,16 @@ pub struct EvalArgs {
     /// A run folder (its latest checkpoint), a checkpoint folder, or a VILA model folder.
     #[arg(long, default_value = "runs/debug-haystack")]
     pub checkpoint: PathBuf,
-    /// What to evaluate: `needle` (haystack length x depth grid).
+    /// What to evaluate: `needle` (haystack length x depth grid) or `choice`
+    /// (VideoMME-style multiple-choice JSONL given by --data).
     #[arg(long, default_value = "needle")]
     pub task: String,
-    /// Haystack lengths (frames), comma separated.
+    /// The JSONL file of `--task choice` (`question`, `options`, `answer` letter,
+    /// `video` or `videoID`; videos relative to the file).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Haystack lengths (frames), comma separated; for `choice`, the first value is the
+    /// number of frames sampled uniformly from every video.
     #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     pub frames: Vec<usize>,
     /// Videos per (length, depth) cell.
@@ -30,15 +36,19 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.task != "needle" {
-        bail!(
-            "--task `{}`: only `needle` is implemented (multiple choice and open-ended generation are not yet)",
-            args.task
-        );
-    }
     if args.frames.is_empty() || args.frames.contains(&0) || args.per_depth == 0 {
         bail!("--frames needs positive lengths and --per-depth at least 1");
     }
+    let choice_data = match args.task.as_str() {
+        "needle" => None,
+        "choice" => match &args.data {
+            Some(path) => Some(path.clone()),
+            None => bail!("--task choice needs --data FILE.jsonl (VideoMME-style rows)"),
+        },
+        other => bail!(
+            "--task `{other}`: expected `needle` or `choice` (open-ended generation is not yet an eval task)"
+        ),
+    };
     let device = args.device.device()?;
     let model = longview_train::eval::load(&args.checkpoint, &device)?;
     let out = args
@@ -46,6 +56,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.checkpoint.join("eval"));
     std::fs::create_dir_all(&out)?;
+    if let Some(path) = choice_data {
+        return choice(&args, &model, &path, &out, &device);
+    }
     println!(
         "longview eval: needle in a haystack, {} ({} frames x 6 depths x {} videos)",
         model.dir.display(),
@@ -78,5 +91,56 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "  wrote {}, needle.json and needle.png",
         out.join("needle.md").display()
     );
+    Ok(())
+}
+
+fn choice(
+    args: &EvalArgs,
+    model: &longview_train::eval::EvalModel,
+    path: &std::path::Path,
+    out: &std::path::Path,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let rows = longview_data::dataset::read_multiple_choice(
+        path,
+        &longview_data::dataset::ReadOptions::default(),
+    )?;
+    println!(
+        "longview eval: multiple choice, {} ({}; {} frames a video)",
+        model.dir.display(),
+        rows.summary(),
+        args.frames[0]
+    );
+    let samples: Vec<_> = rows.samples().cloned().collect();
+    if samples.is_empty() {
+        bail!("{}: no usable rows", path.display());
+    }
+    let report = longview_train::eval::multiple_choice(
+        model,
+        &samples,
+        args.frames[0],
+        device,
+        &mut |line| println!("  {line}"),
+    )?;
+    std::fs::write(
+        out.join("choice.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let chance = samples
+        .iter()
+        .map(|s| 1.0 / s.options.len() as f64)
+        .sum::<f64>()
+        / samples.len() as f64;
+    println!(
+        "  accuracy {:.1}% ({}/{}), chance {:.1}%",
+        100.0 * report.accuracy(),
+        report.correct,
+        report.total,
+        100.0 * chance
+    );
+    for (duration, c, t) in &report.per_duration {
+        println!("  {duration:<8} {c}/{t}");
+    }
+    println!("  wrote {}", out.join("choice.json").display());
     Ok(())
 }

@@ -4,8 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
 use clap::Args;
-use longview_train::{TrainConfig, TrainOptions};
+use longview_comm::{Communicator, LocalWorld};
+use longview_models::hf::load_vila;
+use longview_train::mmsp::MmSp;
+use longview_train::trainer::train_with;
+use longview_train::{TrainConfig, TrainError, TrainOptions, TrainSummary};
 
 use crate::DeviceArgs;
 
@@ -28,6 +33,11 @@ pub struct TrainArgs {
     /// Overrides data.frames.
     #[arg(long)]
     pub frames: Option<usize>,
+    /// Data x sequence parallelism on in-process ranks (threads on this machine), e.g.
+    /// `2x2`: MM-SP inside each group of `SP` ranks, `DP` groups splitting the batch.
+    /// (Multi-GPU NCCL training is not wired in yet.)
+    #[arg(long, value_name = "DPxSP")]
+    pub parallel: Option<String>,
     /// Continue from the newest checkpoint in the run folder.
     #[arg(long)]
     pub resume: bool,
@@ -98,8 +108,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
         stop_after: None,
         progress: !args.no_progress,
     };
-    let summary =
-        longview_train::train(&config, &options, &device, &mut |line| println!("  {line}"))?;
+    let summary = match &args.parallel {
+        None => {
+            longview_train::train(&config, &options, &device, &mut |line| println!("  {line}"))?
+        }
+        Some(spec) => {
+            let (dp, sp) = parse_parallel(spec)?;
+            if !config.run.batch_size.is_multiple_of(dp) {
+                bail!(
+                    "--parallel {spec}: run.batch_size {} must be a multiple of the {dp} data-parallel groups",
+                    config.run.batch_size
+                );
+            }
+            if args.device.device != "cpu" {
+                bail!(
+                    "--parallel runs in-process ranks on the CPU; multi-GPU training is not wired in yet"
+                );
+            }
+            println!("  parallel  {dp} data-parallel x {sp} sequence-parallel in-process ranks");
+            parallel(&config, &options, dp, sp)?
+        }
+    };
     let losses = &summary.losses;
     let window = 10.min(losses.len()).max(1);
     let head: f32 = losses.iter().take(window).sum::<f32>() / window as f32;
@@ -137,4 +166,65 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!("the loss did not fall ({head:.4} -> {tail:.4}): training is broken");
     }
     Ok(())
+}
+
+fn parse_parallel(spec: &str) -> Result<(usize, usize)> {
+    let parsed = spec
+        .split_once(['x', 'X'])
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    match parsed {
+        Some((dp, sp)) if dp >= 1 && sp >= 1 => Ok((dp, sp)),
+        _ => bail!("--parallel `{spec}`: expected DPxSP with positive numbers, e.g. 1x2 or 2x2"),
+    }
+}
+
+/// One thread per rank over the in-process communicator; rank 0 reports.
+fn parallel(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    dp: usize,
+    sp: usize,
+) -> Result<TrainSummary> {
+    let tokenizer = longview_train::trainer::tokenizer(config)?;
+    let head_dim = match &config.model.init_from {
+        Some(dir) => load_vila(dir, &Device::flex())?.1.text.head_dim(),
+        None => longview_train::trainer::model_config(config, &tokenizer)?
+            .text
+            .head_dim(),
+    };
+    let comms = LocalWorld::communicators(dp * sp);
+    let results: Vec<Result<TrainSummary, TrainError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || {
+                    let rank = comm.rank();
+                    let runner = MmSp::new(comm, sp, head_dim)?;
+                    let device = Device::flex().autodiff();
+                    let mut log = |line: &str| {
+                        if rank == 0 {
+                            println!("  {line}")
+                        }
+                    };
+                    train_with(config, options, &device, &mut log, &runner)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
+            })
+            .collect()
+    });
+    let mut first = None;
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(summary) if rank == 0 => first = Some(summary),
+            Ok(_) => {}
+            Err(e) => bail!("rank {rank}: {e}"),
+        }
+    }
+    Ok(first.expect("rank 0 reports"))
 }

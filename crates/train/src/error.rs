@@ -23,6 +23,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    #[error("parallel training: {0}")]
+    Parallel(String),
     #[error(
         "step {step}: the loss is {loss} (diverged); lower optim.lr or set optim.clip_grad_norm, \
          and resume from the last checkpoint with --resume"

@@ -189,3 +189,147 @@ pub fn needle_grid(
         chance: 1.0 / 90.0,
     })
 }
+
+/// Multiple-choice accuracy, overall and per VideoMME duration class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChoiceReport {
+    pub correct: usize,
+    pub total: usize,
+    /// `(duration, correct, total)` for rows that give a duration.
+    pub per_duration: Vec<(String, usize, usize)>,
+    /// The letter chosen for every row, in order.
+    pub chosen: Vec<char>,
+}
+
+impl ChoiceReport {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// The option letter the model ranks highest after `sample`'s prompt: one forward
+/// pass over video + question + options + LongVILA's "Respond with only the letter"
+/// instruction, then the largest next-token logit among the option letters' tokens.
+pub fn choose(
+    model: &EvalModel,
+    sample: &longview_data::dataset::ChoiceSample,
+    frames: usize,
+    device: &Device,
+) -> Result<char, TrainError> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use longview_data::{DecodeOptions, Media, Message, Normalization, Preprocess, Sampling};
+    let letters: Vec<char> = ('A'..='Z').take(sample.options.len()).collect();
+    let mut letter_ids = Vec::with_capacity(letters.len());
+    for letter in &letters {
+        match model.tokenizer.encode(&letter.to_string())?.as_slice() {
+            [id] => letter_ids.push(*id as usize),
+            other => {
+                return Err(TrainError::Config {
+                    source_name: model.tokenizer.source().into(),
+                    message: format!(
+                        "option letter {letter} is {} tokens, not one: cannot rank options",
+                        other.len()
+                    ),
+                });
+            }
+        }
+    }
+    let side = model.config.vision.image_size;
+    let options = DecodeOptions {
+        preprocess: Preprocess {
+            width: side as u32,
+            height: side as u32,
+            norm: Normalization::SIGLIP,
+        },
+        ..DecodeOptions::default()
+    };
+    let (_, batch) = longview_data::decode_all(
+        &sample.video,
+        &Sampling::Uniform { count: frames },
+        &options,
+    )?;
+    let got = batch.frames.len();
+    let encoded = longview_data::ChatTemplate::qwen2().encode(
+        &model.tokenizer,
+        &[Message::user(sample.prompt())],
+        &[Media::Video { frames: got }],
+        model.config.tokens_per_frame(),
+        true,
+    )?;
+    let len = encoded.ids.len();
+    let input = longview_models::VlmInput {
+        input_ids: Tensor::<2, Int>::from_data(
+            TensorData::new(encoded.ids.iter().map(|&t| t as i64).collect(), [1, len]),
+            device,
+        ),
+        position_ids: longview_models::vila::default_position_ids(1, len, device),
+        visual: longview_models::VisualInput::Pixels(Tensor::from_data(
+            TensorData::new(batch.pixels, [got, 3, side, side]),
+            device,
+        )),
+    };
+    let logits = model.model.forward(input)?;
+    let vocab = logits.dims()[2];
+    let last = logits
+        .slice([0..1, len - 1..len, 0..vocab])
+        .into_data()
+        .convert::<f32>();
+    let last = last
+        .as_slice::<f32>()
+        .map_err(|e| TrainError::Config {
+            source_name: "logits".into(),
+            message: format!("{e:?}"),
+        })?
+        .to_vec();
+    let best = (0..letters.len())
+        .max_by(|&a, &b| {
+            last[letter_ids[a]]
+                .total_cmp(&last[letter_ids[b]])
+                .then(b.cmp(&a))
+        })
+        .expect("at least two options");
+    Ok(letters[best])
+}
+
+/// Scores VideoMME-style rows (see `longview_data::dataset::read_multiple_choice`),
+/// sampling `frames` frames uniformly from every video.
+pub fn multiple_choice(
+    model: &EvalModel,
+    rows: &[longview_data::dataset::ChoiceSample],
+    frames: usize,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<ChoiceReport, TrainError> {
+    let mut report = ChoiceReport {
+        correct: 0,
+        total: 0,
+        per_duration: Vec::new(),
+        chosen: Vec::new(),
+    };
+    for (i, row) in rows.iter().enumerate() {
+        let letter = choose(model, row, frames, device)?;
+        let ok = letter == row.answer;
+        report.correct += usize::from(ok);
+        report.total += 1;
+        report.chosen.push(letter);
+        if let Some(duration) = &row.duration {
+            match report
+                .per_duration
+                .iter_mut()
+                .find(|(d, _, _)| d == duration)
+            {
+                Some(entry) => {
+                    entry.1 += usize::from(ok);
+                    entry.2 += 1;
+                }
+                None => report
+                    .per_duration
+                    .push((duration.clone(), usize::from(ok), 1)),
+            }
+        }
+        if (i + 1) % 50 == 0 {
+            log(&format!("{}/{} rows scored", i + 1, rows.len()));
+        }
+    }
+    Ok(report)
+}

@@ -5,6 +5,7 @@
 //!   template around them, and batching.
 //! - [`trainer`]: the loop (accumulation, global-norm clipping, AdamW, warmup +
 //!   cosine), metrics, progress, and resume.
+//! - [`tensorboard`]: scalar event files TensorBoard reads.
 //! - [`checkpoint`]: atomic checkpoints in VILA layout plus optimizer and trainer state.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring; [`eval`]: the depth x
 //!   length grid of a saved model, as a table, JSON and heatmap.
@@ -14,7 +15,9 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod mmsp;
 pub mod needle;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig};

@@ -257,20 +257,91 @@ fn truncate_metrics(path: &Path, done: usize) -> Result<(), TrainError> {
     std::fs::write(path, kept).map_err(TrainError::io(path))
 }
 
-/// Runs (or resumes) a training run; `log` receives human-readable lines.
+/// Computes one optimizer step: the global mean loss and this rank's gradients of it
+/// (complete, i.e. already summed over ranks where the work is split).
+pub trait StepRunner {
+    /// `micro`: the step's micro-batches (the global batch, the same on every rank);
+    /// `supervised`: the step's global supervised-token count.
+    fn step(
+        &self,
+        model: &Vlm,
+        micro: &[Vec<&Sample>],
+        supervised: usize,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError>;
+
+    /// Whether this rank writes checkpoints, metrics, event files and the progress bar.
+    fn writes(&self) -> bool {
+        true
+    }
+
+    /// Makes every rank start from the same weights.
+    fn sync_model(&self, model: Vlm) -> Result<Vlm, TrainError> {
+        Ok(model)
+    }
+
+    /// Waits until every rank has called it (the writer prepares shared files first).
+    fn barrier(&self) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// Everything on one device: micro-batches summed, each normalised by the step's
+/// supervised-token count.
+pub struct SingleDevice;
+
+impl StepRunner for SingleDevice {
+    fn step(
+        &self,
+        model: &Vlm,
+        micro: &[Vec<&Sample>],
+        supervised: usize,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        let mut accumulator = GradientsAccumulator::<Vlm>::new();
+        let mut loss_value = 0.0f32;
+        for samples in micro {
+            let batch = collate(samples, device);
+            let logits = model.forward(batch.input)?;
+            let (sum, _) = causal_lm_loss_sum(logits, batch.labels);
+            let loss = sum.div_scalar(supervised.max(1) as f32);
+            loss_value += loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
+        }
+        Ok((loss_value, accumulator.grads()))
+    }
+}
+
+/// Runs (or resumes) a training run on one device; `log` receives human-readable lines.
 pub fn train(
     config: &TrainConfig,
     options: &TrainOptions,
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainSummary, TrainError> {
+    train_with(config, options, device, log, &SingleDevice)
+}
+
+/// Runs (or resumes) a training run with `runner` computing the steps (one device, or
+/// this rank's part of a parallel layout).
+pub fn train_with(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    runner: &dyn StepRunner,
+) -> Result<TrainSummary, TrainError> {
     config.validate("(in memory)")?;
+    let writes = runner.writes();
     let out = &config.run.out;
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
-    for name in checkpoint::clean_partial(out)? {
-        log(&format!(
-            "removed the unfinished checkpoint {name} of an interrupted run"
-        ));
+    if writes {
+        for name in checkpoint::clean_partial(out)? {
+            log(&format!(
+                "removed the unfinished checkpoint {name} of an interrupted run"
+            ));
+        }
     }
     let latest = checkpoint::latest(out)?;
     match (&latest, options.resume) {
@@ -325,6 +396,8 @@ pub fn train(
                 None => {
                     let vlm_config = model_config(config, &tokenizer)?;
                     device.seed(config.run.seed);
+                    // In a parallel run the ranks' draws interleave on a shared RNG;
+                    // sync_model below gives every rank the writer's weights.
                     (vlm_config.init(device), vlm_config)
                 }
             };
@@ -341,11 +414,17 @@ pub fn train(
             (model, vlm_config, optimizer(&config.optim), state)
         }
     };
-    let mut model = freeze(model, &trainable);
+    let mut model = freeze(runner.sync_model(model)?, &trainable);
     let (params, trainable_params) = count_params(&model);
-    std::fs::write(out.join("config.toml"), config.to_toml())
-        .map_err(TrainError::io(out.join("config.toml")))?;
+    if writes {
+        std::fs::write(out.join("config.toml"), config.to_toml())
+            .map_err(TrainError::io(out.join("config.toml")))?;
+    }
 
+    // The writer generates (or checks) the shared video cache before the others read it.
+    if !writes {
+        runner.barrier()?;
+    }
     let data = match config.data.kind {
         DataKind::Haystack => {
             let side = vlm_config.vision.image_size as u32;
@@ -379,22 +458,31 @@ pub fn train(
             )?
         }
     };
+    if writes {
+        runner.barrier()?;
+    }
     let HaystackData { train, eval, .. } = data;
 
     let metrics_path = out.join("metrics.jsonl");
-    truncate_metrics(&metrics_path, state.step)?;
-    let mut metrics = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(TrainError::io(&metrics_path))?;
+    let mut sinks = if writes {
+        truncate_metrics(&metrics_path, state.step)?;
+        let events = crate::tensorboard::EventWriter::create(&out.join("tensorboard"))?;
+        let metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(TrainError::io(&metrics_path))?;
+        Some((metrics, events))
+    } else {
+        None
+    };
 
     let total = config.run.steps;
     let first_step = state.step;
     let last = options
         .stop_after
         .map_or(total, |n| (first_step + n).min(total));
-    let bar = if options.progress {
+    let bar = if options.progress && writes {
         ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
     } else {
         ProgressBar::hidden()
@@ -424,19 +512,8 @@ pub fn train(
             })
             .collect();
         let supervised: usize = micro.iter().flatten().map(|s| s.supervised()).sum();
-        let mut accumulator = GradientsAccumulator::<Vlm>::new();
-        let mut loss_value = 0.0f32;
-        let mut step_tokens = 0usize;
-        for samples in &micro {
-            let batch = collate(samples, device);
-            step_tokens += batch.tokens;
-            let logits = model.forward(batch.input)?;
-            let (sum, _) = causal_lm_loss_sum(logits, batch.labels);
-            let loss = sum.div_scalar(supervised.max(1) as f32);
-            loss_value += loss.clone().into_scalar::<f32>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
+        let step_tokens: usize = micro.iter().flatten().map(|s| s.ids.len()).sum();
+        let (loss_value, mut grads) = runner.step(&model, &micro, supervised, device)?;
         if !loss_value.is_finite() {
             bar.abandon();
             return Err(TrainError::Diverged {
@@ -444,7 +521,6 @@ pub fn train(
                 loss: loss_value,
             });
         }
-        let mut grads = accumulator.grads();
         let grad_norm = global_grad_norm(&model, &grads);
         if config.optim.clip_grad_norm > 0.0 && grad_norm > config.optim.clip_grad_norm as f32 {
             scale_grads(
@@ -465,7 +541,8 @@ pub fn train(
         state.elapsed_s = elapsed_before + run_s;
         let tokens_per_s = tokens_this_run as f64 / run_s.max(1e-9);
 
-        let needle_accuracy = if config.run.eval_every > 0
+        let needle_accuracy = if writes
+            && config.run.eval_every > 0
             && state.step % config.run.eval_every == 0
             && state.step != total
             && !eval.is_empty()
@@ -492,20 +569,36 @@ pub fn train(
             rss_mib: rss,
             needle_accuracy,
         };
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::to_string(&line).expect("metrics serialise")
-        )
-        .map_err(TrainError::io(&metrics_path))?;
+        if let Some((metrics, events)) = sinks.as_mut() {
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&line).expect("metrics serialise")
+            )
+            .map_err(TrainError::io(&metrics_path))?;
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let step_i = state.step as i64;
+            events.scalar("train/loss", step_i, loss_value, wall)?;
+            events.scalar("train/lr", step_i, lr as f32, wall)?;
+            events.scalar("train/grad_norm", step_i, grad_norm, wall)?;
+            events.scalar("train/tokens_per_s", step_i, tokens_per_s as f32, wall)?;
+            if let Some(accuracy) = needle_accuracy {
+                events.scalar("eval/needle_accuracy", step_i, accuracy as f32, wall)?;
+            }
+        }
         bar.set_message(format!(
             "loss {loss_value:.4} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s{}",
             rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m))
         ));
         bar.set_position(state.step as u64);
 
-        if state.step % config.run.checkpoint_every == 0 || state.step == last {
+        if let Some((metrics, events)) = sinks.as_mut()
+            && (state.step % config.run.checkpoint_every == 0 || state.step == last)
+        {
             metrics.flush().map_err(TrainError::io(&metrics_path))?;
+            events.flush()?;
             let dir = checkpoint::save(
                 out,
                 &model,
@@ -519,18 +612,30 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
-    let eval_report = if state.step == total && !eval.is_empty() {
+    let eval_report = if writes && state.step == total && !eval.is_empty() {
         Some(needle::score(&model, &eval, &tokenizer, device)?)
     } else {
         None
     };
-    if let Some(report) = &eval_report {
+    if let (Some(report), Some((_, events))) = (&eval_report, sinks.as_mut()) {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        events.scalar(
+            "eval/needle_accuracy",
+            state.step as i64,
+            report.accuracy() as f32,
+            wall,
+        )?;
         let path = out.join("needle.json");
         std::fs::write(
             &path,
             serde_json::to_string_pretty(report).expect("report serialises"),
         )
         .map_err(TrainError::io(&path))?;
+    }
+    if let Some((_, events)) = sinks.as_mut() {
+        events.flush()?;
     }
     let run_s = timer.elapsed().as_secs_f64();
     Ok(TrainSummary {

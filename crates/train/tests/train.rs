@@ -137,6 +137,18 @@ fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // One TensorBoard event file per invocation that trained.
+    let event_files = std::fs::read_dir(split.run.out.join("tensorboard"))
+        .unwrap()
+        .filter(|e| {
+            let e = e.as_ref().unwrap();
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+                && e.metadata().unwrap().len() > 0
+        })
+        .count();
+    assert_eq!(event_files, 2, "one event file per training invocation");
     // Only the newest two checkpoints are kept, and `latest` names the last.
     let mut kept: Vec<String> = std::fs::read_dir(split.run.out.join("checkpoints"))
         .unwrap()
@@ -347,4 +359,152 @@ fn needle_scoring_reads_the_answer_positions() {
     let got =
         longview_train::needle::teacher_forced_answer(&model, sample, &tokenizer, &device).unwrap();
     assert_eq!(got, expected);
+}
+
+#[test]
+fn tensorboard_events_match_tensorboards_own_writer() {
+    // tests/fixtures/tensorboard_events.bin: TensorBoard 2.21's RecordWriter and protos
+    // (make_tensorboard_fixture.py) for the same events.
+    let tmp = TempDir::new("tensorboard");
+    let path = tmp.0.join("events.out.tfevents.test");
+    let mut writer =
+        longview_train::tensorboard::EventWriter::create_at(&path, 1700000000.5).unwrap();
+    writer.scalar("train/loss", 1, 2.5, 1700000001.25).unwrap();
+    writer.scalar("train/lr", 1, 0.001, 1700000001.25).unwrap();
+    writer.scalar("train/loss", 2, 1.75, 1700000002.0).unwrap();
+    writer
+        .scalar("eval/needle_accuracy", 300, 0.0, 1700000003.0)
+        .unwrap();
+    writer.flush().unwrap();
+    let ours = std::fs::read(&path).unwrap();
+    let reference = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tensorboard_events.bin"),
+    )
+    .unwrap();
+    assert_eq!(ours.len(), reference.len());
+    assert!(
+        ours == reference,
+        "event bytes differ from TensorBoard's writer"
+    );
+}
+
+#[test]
+fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
+    use longview_data::dataset::{ReadOptions, read_multiple_choice};
+    use longview_data::synthetic::{HaystackSpec, write_haystack_set};
+    use longview_data::{DecodeOptions, Media, Message, Normalization, Preprocess, Sampling};
+    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
+
+    let tmp = TempDir::new("choice");
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = Device::flex();
+    let model_dir = tmp.0.join("model");
+    save_vila(&vlm.init(&device), &vlm, &model_dir, SaveOptions::default()).unwrap();
+    std::fs::write(
+        model_dir.join("llm/tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    let model = longview_train::eval::load(&model_dir, &device).unwrap();
+
+    // VideoMME-style rows over generated videos.
+    let spec = HaystackSpec {
+        width: 40,
+        height: 40,
+        fps: 8,
+        frames: 6,
+        gop: 8,
+        depths: vec![0.0, 0.5, 1.0],
+        per_depth: 2,
+        seed: 5,
+    };
+    let rows = write_haystack_set(tmp.0.join("videos"), &spec).unwrap();
+    let jsonl: String = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "video": r.video, "question": r.question, "options": r.options,
+                "answer": r.choice, "duration": if r.depth < 0.5 { "short" } else { "long" },
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = tmp.0.join("videos/choice.jsonl");
+    std::fs::write(&file, jsonl).unwrap();
+    let samples: Vec<_> = read_multiple_choice(&file, &ReadOptions::default())
+        .unwrap()
+        .samples()
+        .cloned()
+        .collect();
+    assert_eq!(samples.len(), 6);
+
+    let report =
+        longview_train::eval::multiple_choice(&model, &samples, 6, &device, &mut |_: &str| {})
+            .unwrap();
+    assert_eq!(report.total, 6);
+    let mut durations = report.per_duration.clone();
+    durations.sort();
+    assert_eq!(
+        durations.iter().map(|d| d.2).collect::<Vec<_>>(),
+        vec![4, 2],
+        "long: depths 0.5 and 1.0, short: depth 0"
+    );
+
+    // Reference: the whole logit row on the host, letters looked up by their ids.
+    let options = DecodeOptions {
+        preprocess: Preprocess {
+            width: 40,
+            height: 40,
+            norm: Normalization::SIGLIP,
+        },
+        ..DecodeOptions::default()
+    };
+    let mut correct = 0;
+    for (sample, &chosen) in samples.iter().zip(&report.chosen) {
+        let (_, b) =
+            longview_data::decode_all(&sample.video, &Sampling::Uniform { count: 6 }, &options)
+                .unwrap();
+        let enc = longview_data::ChatTemplate::qwen2()
+            .encode(
+                &tokenizer,
+                &[Message::user(sample.prompt())],
+                &[Media::Video { frames: 6 }],
+                vlm.tokens_per_frame(),
+                true,
+            )
+            .unwrap();
+        let len = enc.ids.len();
+        let logits = model
+            .model
+            .forward(longview_models::VlmInput {
+                input_ids: Tensor::<2, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(
+                        enc.ids.iter().map(|&t| t as i64).collect(),
+                        [1, len],
+                    ),
+                    &device,
+                ),
+                position_ids: longview_models::vila::default_position_ids(1, len, &device),
+                visual: longview_models::VisualInput::Pixels(Tensor::from_data(
+                    burn::tensor::TensorData::new(b.pixels, [6, 3, 40, 40]),
+                    &device,
+                )),
+            })
+            .unwrap();
+        let vocab = logits.dims()[2];
+        let data = logits.into_data().convert::<f32>();
+        let row = &data.as_slice::<f32>().unwrap()[(len - 1) * vocab..len * vocab];
+        let expected = ['A', 'B', 'C', 'D']
+            .into_iter()
+            .max_by(|a, b| {
+                let score = |c: &char| row[tokenizer.token_id(&c.to_string()).unwrap() as usize];
+                score(a).total_cmp(&score(b)).then(b.cmp(a))
+            })
+            .unwrap();
+        assert_eq!(chosen, expected);
+        correct += usize::from(expected == sample.answer);
+    }
+    assert_eq!(report.correct, correct);
 }

@@ -1,0 +1,393 @@
+//! Multi-Modal Sequence Parallelism (LongVILA's MM-SP) combined with data parallelism,
+//! as a [`StepRunner`]: the world of `dp x sp` ranks is split into `dp` contiguous
+//! sequence-parallel groups of `sp` ranks; every group takes its share of the global
+//! batch's samples.
+//!
+//! Inside a group (ALGORITHMS.md s.5):
+//! 1. Vision stage: the batch's frames are split evenly over the `sp` ranks (zero frames
+//!    pad the last share); each rank encodes only its frames, and the visual tokens
+//!    are all-gathered.
+//! 2. Language stage: labels are shifted on the whole sequence, then tokens,
+//!    positions and labels are sharded zigzag (causal load balance); each rank splices
+//!    the visual tokens of its own placeholder positions and runs the LLM on its shard
+//!    with zigzag ring attention. The loss is divided by the global supervised count.
+//! 3. Backward: the LLM's gradient for the gathered visual tokens is summed over the
+//!    group and scattered back (reduce-scatter), and each rank back-propagates its own
+//!    frames through the vision encoder and projector.
+//!
+//! Finally every gradient is summed over all ranks, so all ranks hold the same full
+//! gradient and take the same optimizer step.
+
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use longview_comm::{Communicator, ReduceOp};
+use longview_models::Vlm;
+use longview_models::attention::AttentionImpl;
+use longview_models::vila::{IGNORE_INDEX, token_cross_entropy_sum};
+use longview_parallel::autodiff::{DistributedAttention, WithComm};
+use longview_parallel::layout::{SeqLayout, shard, shift_labels};
+use longview_parallel::model::install;
+use longview_parallel::ring::{RingAttention, RingBalance};
+
+use crate::data::Sample;
+use crate::error::TrainError;
+use crate::trainer::StepRunner;
+
+fn comm_error(what: &str) -> impl FnOnce(longview_comm::CommError) -> TrainError + '_ {
+    move |e| TrainError::Parallel(format!("{what}: {e}"))
+}
+
+/// This rank's part of a `dp x sp` layout.
+pub struct MmSp<C: Communicator> {
+    world: C,
+    /// The sequence-parallel group, for gathering visual tokens.
+    group: C,
+    /// Zigzag ring attention over the group (its own channels); `None` when `sp == 1`.
+    attention: Option<Arc<dyn DistributedAttention>>,
+    pub dp: usize,
+    pub sp: usize,
+    pub dp_rank: usize,
+    pub sp_rank: usize,
+    scale: f64,
+}
+
+impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
+    /// Splits `world` into `world / sp` sequence-parallel groups of consecutive ranks;
+    /// `head_dim` sets the attention scale.
+    pub fn new(world: C, sp: usize, head_dim: usize) -> Result<Self, TrainError> {
+        let size = world.world_size();
+        if sp == 0 || !size.is_multiple_of(sp) {
+            return Err(TrainError::Parallel(format!(
+                "sequence-parallel degree {sp} must divide the {size} ranks"
+            )));
+        }
+        let dp = size / sp;
+        let groups: Vec<Vec<usize>> = (0..dp).map(|d| (d * sp..(d + 1) * sp).collect()).collect();
+        let group = world
+            .split(&groups)
+            .map_err(comm_error("splitting SP groups"))?;
+        let scale = (head_dim as f64).powf(-0.5);
+        let attention: Option<Arc<dyn DistributedAttention>> = if sp > 1 {
+            let ring = world
+                .split(&groups)
+                .map_err(comm_error("splitting ring groups"))?;
+            Some(Arc::new(WithComm {
+                comm: ring,
+                attention: RingAttention {
+                    balance: RingBalance::Zigzag,
+                    causal: true,
+                    scale,
+                },
+            }))
+        } else {
+            None
+        };
+        let rank = world.rank();
+        Ok(MmSp {
+            world,
+            group,
+            attention,
+            dp,
+            sp,
+            dp_rank: rank / sp,
+            sp_rank: rank % sp,
+            scale,
+        })
+    }
+
+    /// Loss share and gradients of this rank's part of one DP group's micro-batch.
+    fn micro_step(
+        &self,
+        model: &Vlm,
+        samples: &[&Sample],
+        supervised: usize,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        let (sp, rank) = (self.sp, self.sp_rank);
+        let b = samples.len();
+        let side = samples[0].side;
+        let frame_len = 3 * side * side;
+        let frames: usize = samples.iter().map(|s| s.frames).sum();
+
+        // 1. Vision stage: this rank's frames only.
+        let share = frames.div_ceil(sp).max(1);
+        let mut pixels = vec![0f32; share * frame_len];
+        let mut at = 0;
+        for s in samples {
+            for f in 0..s.frames {
+                let global = at + f;
+                if global / share == rank {
+                    let local = global % share;
+                    pixels[local * frame_len..(local + 1) * frame_len]
+                        .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
+                }
+            }
+            at += s.frames;
+        }
+        let local_tokens = model.encode_frames(Tensor::from_data(
+            TensorData::new(pixels, [share, 3, side, side]),
+            device,
+        ));
+        let [_, per_frame, hidden] = local_tokens.dims();
+        let gathered = self
+            .group
+            .all_gather(local_tokens.clone().detach(), 0)
+            .map_err(comm_error("gathering visual tokens"))?;
+        let gathered = Tensor::<3>::from_data(gathered.narrow(0, 0, frames).into_data(), device)
+            .require_grad();
+        let visual = gathered.clone().reshape([frames * per_frame, hidden]);
+
+        // 2. Language stage: whole sequences, shifted labels, then this rank's shard.
+        let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let padded = len.div_ceil(2 * sp) * 2 * sp;
+        let placeholder = model.placeholder_token_id;
+        let mut ids = vec![0i64; b * padded];
+        let mut labels = vec![IGNORE_INDEX; b * padded];
+        let mut ordinal = vec![usize::MAX; b * padded];
+        let mut next = 0;
+        for (row, s) in samples.iter().enumerate() {
+            for (t, (&id, &label)) in s.ids.iter().zip(&s.labels).enumerate() {
+                ids[row * padded + t] = id as i64;
+                if id == placeholder {
+                    ordinal[row * padded + t] = next;
+                    next += 1;
+                } else {
+                    labels[row * padded + t] = label;
+                }
+            }
+        }
+        if next != frames * per_frame {
+            return Err(TrainError::Parallel(format!(
+                "{next} visual placeholders but {frames} frames x {per_frame} tokens"
+            )));
+        }
+        let layout = if sp > 1 {
+            SeqLayout::Zigzag
+        } else {
+            SeqLayout::Contiguous
+        };
+        let positions = layout
+            .positions(padded, rank, sp)
+            .map_err(|e| TrainError::Parallel(e.to_string()))?;
+        let n = positions.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, padded]), device);
+        let labels = shift_labels(Tensor::<2, Int>::from_data(
+            TensorData::new(labels, [b, padded]),
+            device,
+        ));
+        let sharded = |x: Tensor<2, Int>| {
+            shard(x, 1, layout, rank, sp).map_err(|e| TrainError::Parallel(e.to_string()))
+        };
+        let ids = sharded(ids)?;
+        let labels = sharded(labels)?;
+        let mut index = Vec::with_capacity(b * n);
+        let mut mask = Vec::with_capacity(b * n);
+        for row in 0..b {
+            for &p in &positions {
+                let o = ordinal[row * padded + p];
+                mask.push(o != usize::MAX);
+                index.push(if o == usize::MAX { 0 } else { o as i64 });
+            }
+        }
+        let position_ids = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                (0..b)
+                    .flat_map(|_| positions.iter().map(|&p| p as i64))
+                    .collect(),
+                [b, n],
+            ),
+            device,
+        );
+        let text = model.llm.embed(ids);
+        let embeds = if frames > 0 {
+            let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
+            let rows = visual.select(0, index).reshape([b, n, hidden]);
+            let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
+                .unsqueeze_dim::<3>(2)
+                .expand([b, n, hidden]);
+            text.mask_where(mask, rows)
+        } else {
+            text
+        };
+        let _installed = self
+            .attention
+            .as_ref()
+            .map(|attention| install(attention.clone(), true, self.scale, "MM-SP zigzag ring"));
+        let llm = if sp > 1 {
+            model.llm.clone().with_attention(AttentionImpl::Sharded)
+        } else {
+            model.llm.clone()
+        };
+        let logits = llm.forward_embeds(embeds, position_ids, false).logits;
+        let (sum, _) = token_cross_entropy_sum(logits, labels);
+        let loss = sum.div_scalar(supervised.max(1) as f32);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = loss.backward();
+        let d_visual = gathered.grad(&grads);
+        let mut accumulator = GradientsAccumulator::<Vlm>::new();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+
+        // 3. The visual tokens' gradient, summed over the group, back to their owners.
+        let d_visual = match d_visual {
+            Some(d) => Tensor::<3>::from_data(d.into_data(), device),
+            None => Tensor::zeros([frames, per_frame, hidden], device),
+        };
+        let d_all = if share * sp > frames {
+            Tensor::cat(
+                vec![
+                    d_visual,
+                    Tensor::zeros([share * sp - frames, per_frame, hidden], device),
+                ],
+                0,
+            )
+        } else {
+            d_visual
+        };
+        let d_mine = self
+            .group
+            .reduce_scatter(d_all, 0, ReduceOp::Sum)
+            .map_err(comm_error("scattering visual-token gradients"))?;
+        let d_mine = Tensor::<3>::from_data(d_mine.into_data(), device);
+        let surrogate = (local_tokens * d_mine).sum();
+        accumulator.accumulate(
+            model,
+            GradientsParams::from_grads(surrogate.backward(), model),
+        );
+        Ok((value, accumulator.grads()))
+    }
+}
+
+/// Sums every parameter's gradient over `comm` (zeros where a rank has none), in the
+/// module's parameter order, so every rank issues the same collectives.
+pub fn all_reduce_grads<M: Module, C: Communicator>(
+    model: &M,
+    grads: GradientsParams,
+    comm: &C,
+) -> Result<GradientsParams, TrainError> {
+    struct Reduce<'a, C> {
+        comm: &'a C,
+        grads: GradientsParams,
+        out: GradientsParams,
+        error: Option<TrainError>,
+    }
+    impl<C: Communicator> ModuleVisitor for Reduce<'_, C> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.error.is_some() || !param.is_require_grad() {
+                return;
+            }
+            let local = match self.grads.remove::<D>(param.id) {
+                Some(g) => g,
+                None => param.val().detach().inner().zeros_like(),
+            };
+            match self.comm.all_reduce(local, ReduceOp::Sum) {
+                Ok(total) => self.out.register::<D>(param.id, total),
+                Err(e) => {
+                    self.error = Some(TrainError::Parallel(format!("gradient all-reduce: {e}")))
+                }
+            }
+        }
+    }
+    let mut reduce = Reduce {
+        comm,
+        grads,
+        out: GradientsParams::new(),
+        error: None,
+    };
+    model.visit(&mut reduce);
+    match reduce.error {
+        Some(e) => Err(e),
+        None => Ok(reduce.out),
+    }
+}
+
+/// Every parameter replaced by rank 0's value (same ids), so all ranks start equal.
+pub fn broadcast_params<M: Module, C: Communicator>(model: M, comm: &C) -> Result<M, TrainError> {
+    struct Broadcast<'a, C> {
+        comm: &'a C,
+        error: Option<TrainError>,
+    }
+    impl<C: Communicator> ModuleMapper for Broadcast<'_, C> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if self.error.is_some() {
+                return param;
+            }
+            let (id, value, mapper) = param.consume();
+            let device = value.device();
+            let require_grad = value.is_require_grad();
+            match self.comm.broadcast(value.clone().detach(), 0) {
+                Ok(v) => {
+                    let mut v = Tensor::<D>::from_data(v.into_data(), &device);
+                    if require_grad {
+                        v = v.require_grad();
+                    }
+                    Param::from_mapped_value(id, v, mapper)
+                }
+                Err(e) => {
+                    self.error = Some(TrainError::Parallel(format!("weight broadcast: {e}")));
+                    Param::from_mapped_value(id, value, mapper)
+                }
+            }
+        }
+    }
+    let mut broadcast = Broadcast { comm, error: None };
+    let model = model.map(&mut broadcast);
+    match broadcast.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}
+
+impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
+    fn step(
+        &self,
+        model: &Vlm,
+        micro: &[Vec<&Sample>],
+        supervised: usize,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        let mut accumulator = GradientsAccumulator::<Vlm>::new();
+        let mut loss = 0.0f32;
+        for samples in micro {
+            if !samples.len().is_multiple_of(self.dp) {
+                return Err(TrainError::Parallel(format!(
+                    "a micro-batch of {} samples cannot be split over {} data-parallel groups",
+                    samples.len(),
+                    self.dp
+                )));
+            }
+            let per = samples.len() / self.dp;
+            let mine = &samples[self.dp_rank * per..(self.dp_rank + 1) * per];
+            let (value, grads) = self.micro_step(model, mine, supervised, device)?;
+            loss += value;
+            accumulator.accumulate(model, grads);
+        }
+        let grads = all_reduce_grads(model, accumulator.grads(), &self.world)?;
+        let total = self
+            .world
+            .all_reduce(
+                Tensor::<1>::from_data(TensorData::new(vec![loss], [1]), device),
+                ReduceOp::Sum,
+            )
+            .map_err(comm_error("loss all-reduce"))?;
+        Ok((total.into_scalar::<f32>(), grads))
+    }
+
+    fn writes(&self) -> bool {
+        self.world.rank() == 0
+    }
+
+    fn sync_model(&self, model: Vlm) -> Result<Vlm, TrainError> {
+        broadcast_params(model, &self.world)
+    }
+
+    fn barrier(&self) -> Result<(), TrainError> {
+        let device = Device::flex();
+        self.world
+            .all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
+            .map_err(comm_error("barrier"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! MM-SP + data parallelism on the in-process communicator: the same 10 steps give the
+//! same loss curve on 1 device, SP 2, SP 4 and DP 2 x SP 2 (and the MM-SP code path
+//! itself at 1 x 1).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use longview_comm::LocalWorld;
+use longview_data::TextTokenizer;
+use longview_train::mmsp::MmSp;
+use longview_train::trainer::{model_config, train_with};
+use longview_train::{TrainConfig, TrainOptions, train};
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(out: &Path, cache: &Path) -> TrainConfig {
+    let mut config = TrainConfig::default();
+    // Every layout starts from the same saved weights (see `initial_model`).
+    config.model.init_from = Some(cache.join("initial-model"));
+    config.run.out = out.into();
+    config.run.steps = 10;
+    config.run.batch_size = 4;
+    config.run.grad_accum = 2;
+    config.run.checkpoint_every = 10;
+    config.optim.warmup_steps = 2;
+    config.optim.clip_grad_norm = 1.0;
+    config.data.frames = 6;
+    config.data.min_frames = 3;
+    config.data.train_videos = 8;
+    config.data.eval_per_depth = 0;
+    config.data.cache = Some(cache.into());
+    config
+}
+
+/// A random debug VLM saved in VILA layout with the debug tokenizer.
+fn initial_model(dir: &Path) {
+    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = Device::flex();
+    device.seed(11);
+    let options = SaveOptions {
+        dtype: burn::tensor::DType::F32,
+        max_shard_bytes: None,
+    };
+    save_vila(&vlm.init(&device), &vlm, dir, options).unwrap();
+    std::fs::write(
+        dir.join("llm/tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+}
+
+fn parallel_losses(base: &Path, cache: &Path, dp: usize, sp: usize) -> Vec<f32> {
+    let config = config(&base.join(format!("dp{dp}-sp{sp}")), cache);
+    let head_dim = model_config(&config, &TextTokenizer::debug())
+        .unwrap()
+        .text
+        .head_dim();
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let comms = LocalWorld::communicators(dp * sp);
+    let mut results = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (config, options) = (&config, &options);
+                scope.spawn(move || {
+                    let runner = MmSp::new(comm, sp, head_dim).unwrap();
+                    let device = Device::flex().autodiff();
+                    train_with(config, options, &device, &mut |_: &str| {}, &runner)
+                        .unwrap()
+                        .losses
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank panicked"))
+            .collect::<Vec<_>>()
+    });
+    // Every rank saw the same (all-reduced) loss.
+    for other in &results[1..] {
+        assert_eq!(other, &results[0]);
+    }
+    results.swap_remove(0)
+}
+
+#[test]
+fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
+    let tmp = TempDir(std::env::temp_dir().join(format!("longview-mmsp-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let reference = train(
+        &config(&tmp.0.join("single"), &cache),
+        &options,
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    assert_eq!(reference.len(), 10);
+    assert!(reference[9] < reference[0], "the loss falls: {reference:?}");
+    for (dp, sp) in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)] {
+        let losses = parallel_losses(&tmp.0, &cache, dp, sp);
+        println!("dp {dp} x sp {sp}: {losses:?}");
+        assert_eq!(losses.len(), 10);
+        for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
