@@ -26,6 +26,15 @@ pub struct Preprocess {
 }
 
 impl Preprocess {
+    /// SigLIP normalisation at a square `side` x `side` input (any SigLIP resolution).
+    pub fn siglip(side: u32) -> Preprocess {
+        Preprocess {
+            width: side,
+            height: side,
+            norm: Normalization::SIGLIP,
+        }
+    }
+
     /// SigLIP so400m-patch14-384: 384x384, mean/std 0.5.
     pub const SIGLIP_384: Preprocess = Preprocess {
         width: 384,

@@ -164,7 +164,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         bail!("the loss did not fall ({first_loss:.4} -> {last_loss:.4}): training is broken");
     }
     println!(
-        "  not yet   the demo feeds generated tensors (videos via longview-data, tokenizer, datasets not wired in), flash/ring attention kernels, `cargo xtask train`/`eval`"
+        "  note      the demo feeds random tensors to one batch; `cargo xtask train` runs the real pipeline (videos, tokenizer, checkpoints)"
     );
     Ok(())
 }

@@ -80,7 +80,7 @@ pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = load_config(&args)?;
     if args.fresh {
-        for name in ["checkpoints", "metrics.jsonl", "needle.json"] {
+        for name in ["checkpoints", "metrics.jsonl", "needle.json", "tensorboard"] {
             let path = config.run.out.join(name);
             if path.is_dir() {
                 std::fs::remove_dir_all(&path)

@@ -21,10 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::{
-    ChatTemplate, DecodeOptions, Media, Message, Normalization, Preprocess, TextTokenizer,
-    decode_all,
-};
+use longview_data::{ChatTemplate, DecodeOptions, Media, Message, TextTokenizer, decode_all};
 use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmConfig, VlmInput};
 
@@ -107,14 +104,7 @@ impl Vlm {
         sampling: &Sampling,
     ) -> Result<VideoEmbedding, Error> {
         let side = self.config.vision.image_size;
-        let options = DecodeOptions {
-            preprocess: Preprocess {
-                width: side as u32,
-                height: side as u32,
-                norm: Normalization::SIGLIP,
-            },
-            ..DecodeOptions::default()
-        };
+        let options = DecodeOptions::siglip(side as u32);
         let (_, batch) = decode_all(path.as_ref(), sampling, &options)?;
         let frames = batch.frames.len();
         if frames == 0 {

@@ -93,16 +93,9 @@ fn load_embed_and_ask() {
         .prompt(&video, "What number appears in the video?")
         .unwrap();
     let pixels = {
-        use longview_data::{DecodeOptions, Normalization, Preprocess, decode_all};
+        use longview_data::{DecodeOptions, decode_all};
         let side = vlm.config().vision.image_size;
-        let options = DecodeOptions {
-            preprocess: Preprocess {
-                width: side as u32,
-                height: side as u32,
-                norm: Normalization::SIGLIP,
-            },
-            ..DecodeOptions::default()
-        };
+        let options = DecodeOptions::siglip(side as u32);
         let (_, b) = decode_all(&video_path, &Sampling::Uniform { count: 6 }, &options).unwrap();
         Tensor::<4>::from_data(TensorData::new(b.pixels, [6, 3, side, side]), &device)
     };

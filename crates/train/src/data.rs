@@ -8,8 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_data::synthetic::{HaystackSample, HaystackSpec, write_haystack_set};
 use longview_data::text::IGNORE_INDEX;
 use longview_data::{
-    ChatTemplate, DecodeOptions, Media, Message, Normalization, Preprocess, Sampling,
-    TextTokenizer, decode_all,
+    ChatTemplate, DecodeOptions, Media, Message, Sampling, TextTokenizer, decode_all,
 };
 use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmConfig, VlmInput};
@@ -71,13 +70,8 @@ impl Encoder<'_> {
     ) -> Result<Sample, TrainError> {
         let side = self.model.vision.image_size as u32;
         let options = DecodeOptions {
-            preprocess: Preprocess {
-                width: side,
-                height: side,
-                norm: Normalization::SIGLIP,
-            },
             workers: 1,
-            ..DecodeOptions::default()
+            ..DecodeOptions::siglip(side)
         };
         let (_, batch) = decode_all(video, &Sampling::Uniform { count: frames }, &options)?;
         let messages = [

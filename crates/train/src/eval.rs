@@ -217,7 +217,7 @@ pub fn choose(
     device: &Device,
 ) -> Result<char, TrainError> {
     use burn::tensor::{Int, Tensor, TensorData};
-    use longview_data::{DecodeOptions, Media, Message, Normalization, Preprocess, Sampling};
+    use longview_data::{DecodeOptions, Media, Message, Sampling};
     let letters: Vec<char> = ('A'..='Z').take(sample.options.len()).collect();
     let mut letter_ids = Vec::with_capacity(letters.len());
     for letter in &letters {
@@ -235,14 +235,7 @@ pub fn choose(
         }
     }
     let side = model.config.vision.image_size;
-    let options = DecodeOptions {
-        preprocess: Preprocess {
-            width: side as u32,
-            height: side as u32,
-            norm: Normalization::SIGLIP,
-        },
-        ..DecodeOptions::default()
-    };
+    let options = DecodeOptions::siglip(side as u32);
     let (_, batch) = longview_data::decode_all(
         &sample.video,
         &Sampling::Uniform { count: frames },

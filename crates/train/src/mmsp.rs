@@ -111,6 +111,11 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         let side = samples[0].side;
         let frame_len = 3 * side * side;
         let frames: usize = samples.iter().map(|s| s.frames).sum();
+        if frames == 0 {
+            return Err(TrainError::Parallel(
+                "MM-SP splits a batch's frames; text-only batches are not supported yet".into(),
+            ));
+        }
 
         // 1. Vision stage: this rank's frames only.
         let share = frames.div_ceil(sp).max(1);
@@ -202,16 +207,12 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             device,
         );
         let text = model.llm.embed(ids);
-        let embeds = if frames > 0 {
-            let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
-            let rows = visual.select(0, index).reshape([b, n, hidden]);
-            let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
-                .unsqueeze_dim::<3>(2)
-                .expand([b, n, hidden]);
-            text.mask_where(mask, rows)
-        } else {
-            text
-        };
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
+        let rows = visual.select(0, index).reshape([b, n, hidden]);
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
+            .unsqueeze_dim::<3>(2)
+            .expand([b, n, hidden]);
+        let embeds = text.mask_where(mask, rows);
         let _installed = self
             .attention
             .as_ref()

@@ -9,6 +9,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use longview_data::TextTokenizer;
+use longview_models::VlmConfig;
 use longview_models::vila::causal_lm_loss_sum;
 use longview_train::data::{Encoder, collate, haystack};
 use longview_train::trainer::{global_grad_norm, model_config, scale_grads};
@@ -273,21 +274,25 @@ fn host_grads<M: Module>(model: &M, grads: &GradientsParams) -> Vec<f64> {
     c.out
 }
 
+/// Haystack samples at the debug VLM's 40x40 input.
+fn encoder<'a>(tokenizer: &'a TextTokenizer, vlm: &'a VlmConfig) -> Encoder<'a> {
+    Encoder {
+        tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: vlm,
+        width: 40,
+        height: 40,
+    }
+}
+
 #[test]
 fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
     let tmp = TempDir::new("clip");
     let tokenizer = TextTokenizer::debug();
-    let config = TrainConfig::default();
-    let vlm = model_config(&config, &tokenizer).unwrap();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
     let device = device();
     let model = vlm.init(&device);
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: longview_data::ChatTemplate::qwen2(),
-        model: &vlm,
-        width: 40,
-        height: 40,
-    };
+    let encoder = encoder(&tokenizer, &vlm);
     let data = haystack(&encoder, &tmp.0, 4, 4, 2, 0, 7).unwrap();
     let batch = collate(&[&data.train[0], &data.train[1]], &device);
     let (sum, count) = causal_lm_loss_sum(model.forward(batch.input).unwrap(), batch.labels);
@@ -313,17 +318,10 @@ fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
 fn needle_scoring_reads_the_answer_positions() {
     let tmp = TempDir::new("needle");
     let tokenizer = TextTokenizer::debug();
-    let config = TrainConfig::default();
-    let vlm = model_config(&config, &tokenizer).unwrap();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
     let device = device();
     let model = vlm.init(&device);
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: longview_data::ChatTemplate::qwen2(),
-        model: &vlm,
-        width: 40,
-        height: 40,
-    };
+    let encoder = encoder(&tokenizer, &vlm);
     let data = haystack(&encoder, &tmp.0, 4, 4, 1, 1, 3).unwrap();
     assert_eq!(data.eval.len(), 6);
     let sample = &data.eval[2];
@@ -392,7 +390,7 @@ fn tensorboard_events_match_tensorboards_own_writer() {
 fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
     use longview_data::dataset::{ReadOptions, read_multiple_choice};
     use longview_data::synthetic::{HaystackSpec, write_haystack_set};
-    use longview_data::{DecodeOptions, Media, Message, Normalization, Preprocess, Sampling};
+    use longview_data::{DecodeOptions, Media, Message, Sampling};
     use longview_models::hf::checkpoint::{SaveOptions, save_vila};
 
     let tmp = TempDir::new("choice");
@@ -453,14 +451,7 @@ fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
     );
 
     // Reference: the whole logit row on the host, letters looked up by their ids.
-    let options = DecodeOptions {
-        preprocess: Preprocess {
-            width: 40,
-            height: 40,
-            norm: Normalization::SIGLIP,
-        },
-        ..DecodeOptions::default()
-    };
+    let options = DecodeOptions::siglip(40);
     let mut correct = 0;
     for (sample, &chosen) in samples.iter().zip(&report.chosen) {
         let (_, b) =

@@ -422,6 +422,14 @@ impl Default for DecodeOptions {
 }
 
 impl DecodeOptions {
+    /// The defaults, with frames resized to a square SigLIP input of `side` pixels.
+    pub fn siglip(side: u32) -> Self {
+        DecodeOptions {
+            preprocess: Preprocess::siglip(side),
+            ..DecodeOptions::default()
+        }
+    }
+
     fn resolved_workers(&self) -> usize {
         match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
