@@ -22,7 +22,7 @@ use longview_models::attention::{AttentionImpl, flash_available};
 pub struct BenchArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Model size: debug, 1.5b or 7b.
+    /// Model size: debug, small, 1.5b or 7b.
     #[arg(long, default_value = "debug")]
     pub size: String,
     #[arg(long, default_value_t = 1)]

@@ -17,7 +17,7 @@ use crate::synthetic;
 pub struct DemoArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Model size: debug, 1.5b or 7b.
+    /// Model size: debug, small, 1.5b or 7b.
     #[arg(long, default_value = "debug")]
     pub size: String,
     /// Videos in the batch.
@@ -35,7 +35,8 @@ pub struct DemoArgs {
 }
 
 pub fn named_config(size: &str) -> Result<VlmConfig> {
-    VlmConfig::named(size).with_context(|| format!("--size `{size}`: expected debug, 1.5b or 7b"))
+    VlmConfig::named(size)
+        .with_context(|| format!("--size `{size}`: expected debug, small, 1.5b or 7b"))
 }
 
 fn millions(n: usize) -> String {

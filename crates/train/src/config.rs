@@ -84,8 +84,8 @@ impl Stage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Named shape for random initialisation: `debug`, `1.5b` or `7b`. The debug
-    /// model's vocabulary follows the embedded debug tokenizer.
+    /// Named shape for random initialisation: `debug`, `small`, `1.5b` or `7b`. The
+    /// debug and small models' vocabulary follows the embedded debug tokenizer.
     pub size: String,
     /// Start from this VILA-layout checkpoint folder instead of random weights.
     pub init_from: Option<PathBuf>,
@@ -259,7 +259,7 @@ impl TrainConfig {
         if longview_models::VlmConfig::named(&self.model.size).is_none() {
             return bad(
                 "model.size",
-                format!("`{}` is not debug, 1.5b or 7b", self.model.size),
+                format!("`{}` is not debug, small, 1.5b or 7b", self.model.size),
             );
         }
         if self.model.stage == Stage::ContextExtension {

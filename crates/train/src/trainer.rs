@@ -93,11 +93,11 @@ pub fn model_config(
     let mut vlm = VlmConfig::named(&config.model.size).ok_or_else(|| TrainError::Config {
         source_name: "model".into(),
         message: format!(
-            "`model.size`: `{}` is not debug, 1.5b or 7b",
+            "`model.size`: `{}` is not debug, small, 1.5b or 7b",
             config.model.size
         ),
     })?;
-    if config.model.size == "debug" {
+    if matches!(config.model.size.as_str(), "debug" | "small") {
         vlm.text.vocab_size = tokenizer.vocab_size();
     }
     vlm.placeholder_token_id = tokenizer.require("<image>")?;

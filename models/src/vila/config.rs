@@ -201,6 +201,20 @@ impl VlmConfig {
         Self::new(vision, projector, text, 299)
     }
 
+    /// Small VLM for CPU training runs: the debug shapes doubled in width (64-wide
+    /// 3-layer SigLIP at 40x40, 9 tokens a frame; 128-wide 2-layer Qwen2), about 1M
+    /// parameters with a 1024-token vocabulary.
+    pub fn small() -> Self {
+        let vision = VisionConfig::new(64, 128, 3, 4, 40, 8);
+        let text = TextConfig::new(300, 128, 256, 2, 4, 2).with_rope_theta(10_000.0);
+        let projector = ProjectorConfig::new(
+            ProjectorKind::MlpDownsample,
+            vision.hidden_size,
+            text.hidden_size,
+        );
+        Self::new(vision, projector, text, 299)
+    }
+
     /// LongVILA with Qwen2-1.5B (`<image>` is id 151646 in VILA's Qwen2 tokenizer).
     pub fn longvila_1_5b() -> Self {
         Self::longvila(TextConfig::qwen2_1_5b())
@@ -221,10 +235,11 @@ impl VlmConfig {
         Self::new(vision, projector, text, 151_646)
     }
 
-    /// Looks a named size up: `debug`, `1.5b`, `7b`.
+    /// Looks a named size up: `debug`, `small`, `1.5b`, `7b`.
     pub fn named(name: &str) -> Option<Self> {
         match name {
             "debug" => Some(Self::debug()),
+            "small" => Some(Self::small()),
             "1.5b" | "longvila-1.5b" => Some(Self::longvila_1_5b()),
             "7b" | "longvila-7b" => Some(Self::longvila_7b()),
             _ => None,

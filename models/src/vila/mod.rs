@@ -398,5 +398,12 @@ mod tests {
         );
         assert!(c.text.tie_word_embeddings);
         assert_eq!(VlmConfig::debug().tokens_per_frame(), 9);
+        let small = VlmConfig::named("small").unwrap();
+        assert_eq!(small.tokens_per_frame(), 9);
+        assert_eq!(
+            (small.vision.hidden_size, small.text.hidden_size),
+            (64, 128)
+        );
+        small.text.validate().unwrap();
     }
 }
