@@ -16,7 +16,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// The default job (no GPU, no downloads): debug VLM, generated video batch,
+    /// A smoke test (no GPU, no downloads): debug VLM, one random video batch,
     /// forward/backward and a few AdamW steps. Extra arguments (`--help` too) go to
     /// `longview demo`.
     #[command(disable_help_flag = true)]

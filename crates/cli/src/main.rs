@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Build a model, run forward and backward on a generated video batch, then a few
-    /// AdamW steps, and print a summary (the default job until training lands).
+    /// AdamW steps, and print a summary (a smoke test; `train` is the real job).
     Demo(demo::DemoArgs),
     /// Forward+backward throughput (tokens/s) of a named model size.
     Bench(bench::BenchArgs),
