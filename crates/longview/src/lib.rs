@@ -20,10 +20,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::{ChatTemplate, DecodeOptions, Media, Message, TextTokenizer, decode_all};
-use longview_models::vila::default_position_ids;
-use longview_models::{VisualInput, VlmConfig, VlmInput};
+use burn::tensor::{Device, Int, Tensor};
+use longview_data::{ChatTemplate, Media, Message, TextTokenizer};
+use longview_models::{VisualInput, VlmConfig};
+use longview_train::data::{decode_frames, single_input};
 
 pub use longview_data::Sampling;
 
@@ -34,8 +34,9 @@ pub enum Error {
     Model(#[from] longview_models::ModelError),
     #[error(transparent)]
     Data(#[from] longview_data::DataError),
+    /// Checkpoint loading and frame decoding (through `longview-train`).
     #[error(transparent)]
-    Checkpoint(#[from] longview_train::TrainError),
+    Train(#[from] longview_train::TrainError),
     #[error("{0}")]
     Request(String),
 }
@@ -103,20 +104,19 @@ impl Vlm {
         path: impl AsRef<Path>,
         sampling: &Sampling,
     ) -> Result<VideoEmbedding, Error> {
-        let side = self.config.vision.image_size;
-        let options = DecodeOptions::siglip(side as u32);
-        let (_, batch) = decode_all(path.as_ref(), sampling, &options)?;
-        let frames = batch.frames.len();
+        let (pixels, frame_indices) = decode_frames(
+            path.as_ref(),
+            sampling,
+            self.config.vision.image_size,
+            &self.device,
+        )?;
+        let frames = frame_indices.len();
         if frames == 0 {
             return Err(Error::Request(format!(
                 "{}: the sampling picked no frames",
                 path.as_ref().display()
             )));
         }
-        let pixels = Tensor::<4>::from_data(
-            TensorData::new(batch.pixels, [frames, 3, side, side]),
-            &self.device,
-        );
         let tokens = self.model.encode_frames(pixels);
         let [_, per_frame, hidden] = tokens.dims();
         let pooled = tokens
@@ -130,7 +130,7 @@ impl Vlm {
         Ok(VideoEmbedding {
             tokens,
             frames,
-            frame_indices: batch.frames.iter().map(|f| f.index).collect(),
+            frame_indices,
             pooled,
         })
     }
@@ -176,14 +176,11 @@ impl Vlm {
         let prompt_len = ids.len();
         for _ in 0..max_new_tokens {
             let len = ids.len();
-            let input = VlmInput {
-                input_ids: Tensor::<2, Int>::from_data(
-                    TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, len]),
-                    &self.device,
-                ),
-                position_ids: default_position_ids(1, len, &self.device),
-                visual: VisualInput::Embeddings(video.tokens.clone()),
-            };
+            let input = single_input(
+                &ids,
+                VisualInput::Embeddings(video.tokens.clone()),
+                &self.device,
+            );
             let logits = self.model.forward(input)?;
             let vocab = logits.dims()[2];
             let last: Tensor<3, Int> = logits.slice([0..1, len - 1..len, 0..vocab]).argmax(2);

@@ -2,7 +2,7 @@
 //! with FFmpeg at the encoder's resolution, wrapped in the Qwen2 chat template, and
 //! batched (right-padded, padding unsupervised) into model inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_data::synthetic::{HaystackSample, HaystackSpec, write_haystack_set};
@@ -107,7 +107,6 @@ impl Encoder<'_> {
 pub struct HaystackData {
     pub train: Vec<Sample>,
     pub eval: Vec<Sample>,
-    pub dir: PathBuf,
 }
 
 /// The haystack lengths of the training set: `min_frames`, doubling, up to `frames`.
@@ -206,11 +205,7 @@ pub fn haystack(
         )?;
         load(&eval_dir, &rows)?
     };
-    Ok(HaystackData {
-        train,
-        eval,
-        dir: dir.into(),
-    })
+    Ok(HaystackData { train, eval })
 }
 
 /// The rows of a generated set, writing it first unless a complete one is there
@@ -231,14 +226,42 @@ fn rows(dir: &Path, spec: &HaystackSpec) -> Result<Vec<HaystackSample>, TrainErr
     Ok(write_haystack_set(dir, spec)?)
 }
 
+/// The frames `sampling` picks from `video`, decoded at a square `side` x `side`
+/// SigLIP input: `[frames, 3, side, side]` and the source frame indices.
+pub fn decode_frames(
+    video: &Path,
+    sampling: &Sampling,
+    side: usize,
+    device: &Device,
+) -> Result<(Tensor<4>, Vec<usize>), TrainError> {
+    let (_, batch) = decode_all(video, sampling, &DecodeOptions::siglip(side as u32))?;
+    let frames = batch.frames.len();
+    let pixels = Tensor::from_data(
+        TensorData::new(batch.pixels, [frames, 3, side, side]),
+        device,
+    );
+    Ok((pixels, batch.frames.iter().map(|f| f.index).collect()))
+}
+
+/// One unpadded sequence as model input: `ids` at positions `0..len`.
+pub fn single_input(ids: &[u32], visual: VisualInput, device: &Device) -> VlmInput {
+    let len = ids.len();
+    VlmInput {
+        input_ids: Tensor::from_data(
+            TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, len]),
+            device,
+        ),
+        position_ids: default_position_ids(1, len, device),
+        visual,
+    }
+}
+
 /// Model inputs and labels of a micro-batch.
 pub struct Batch {
     pub input: VlmInput,
     pub labels: Tensor<2, Int>,
     /// Supervised next-token targets in the batch.
     pub supervised: usize,
-    /// Tokens (text and visual, without padding).
-    pub tokens: usize,
 }
 
 /// Right-pads `samples` to one length (padding id 0, unsupervised) and stacks frames.
@@ -274,7 +297,6 @@ pub fn collate(samples: &[&Sample], device: &Device) -> Batch {
         },
         labels: Tensor::from_data(TensorData::new(labels, [b, len]), device),
         supervised: samples.iter().map(|s| s.supervised()).sum(),
-        tokens: samples.iter().map(|s| s.ids.len()).sum(),
     }
 }
 

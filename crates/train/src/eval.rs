@@ -216,8 +216,7 @@ pub fn choose(
     frames: usize,
     device: &Device,
 ) -> Result<char, TrainError> {
-    use burn::tensor::{Int, Tensor, TensorData};
-    use longview_data::{DecodeOptions, Media, Message, Sampling};
+    use longview_data::{Media, Message, Sampling};
     let letters: Vec<char> = ('A'..='Z').take(sample.options.len()).collect();
     let mut letter_ids = Vec::with_capacity(letters.len());
     for letter in &letters {
@@ -234,14 +233,13 @@ pub fn choose(
             }
         }
     }
-    let side = model.config.vision.image_size;
-    let options = DecodeOptions::siglip(side as u32);
-    let (_, batch) = longview_data::decode_all(
+    let (pixels, picked) = crate::data::decode_frames(
         &sample.video,
         &Sampling::Uniform { count: frames },
-        &options,
+        model.config.vision.image_size,
+        device,
     )?;
-    let got = batch.frames.len();
+    let got = picked.len();
     let encoded = longview_data::ChatTemplate::qwen2().encode(
         &model.tokenizer,
         &[Message::user(sample.prompt())],
@@ -250,17 +248,11 @@ pub fn choose(
         true,
     )?;
     let len = encoded.ids.len();
-    let input = longview_models::VlmInput {
-        input_ids: Tensor::<2, Int>::from_data(
-            TensorData::new(encoded.ids.iter().map(|&t| t as i64).collect(), [1, len]),
-            device,
-        ),
-        position_ids: longview_models::vila::default_position_ids(1, len, device),
-        visual: longview_models::VisualInput::Pixels(Tensor::from_data(
-            TensorData::new(batch.pixels, [got, 3, side, side]),
-            device,
-        )),
-    };
+    let input = crate::data::single_input(
+        &encoded.ids,
+        longview_models::VisualInput::Pixels(pixels),
+        device,
+    );
     let logits = model.model.forward(input)?;
     let vocab = logits.dims()[2];
     let last = logits
