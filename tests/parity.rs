@@ -397,3 +397,83 @@ fn vila_vlm_matches_reference_forward_loss_and_gradients() {
         GRAD_TOL,
     );
 }
+
+/// KV-cache decoding: the prompt (every visual placeholder included) in one cached
+/// call, then the remaining tokens one at a time, gives the reference's full-sequence
+/// logits row for row.
+#[test]
+fn vila_kv_cache_decoding_matches_reference_logits() {
+    use burn::tensor::{Int, TensorData};
+    use longview_models::KvCache;
+
+    let device = device();
+    let (model, config) = load_vila(&fixture("vila"), &device).unwrap();
+    let r = Reference::open("vila");
+    let ids = r.int::<2>("input_ids", &device);
+    let positions = r.int::<2>("position_ids", &device);
+    let pixels = r.float::<4>("pixel_values", &device);
+    let reference = r.float::<3>("logits", &device);
+    let [batch, seq] = ids.dims();
+    let host: Vec<i64> = ids.to_data().convert::<i64>().try_to_vec().unwrap();
+    let per_frame = config.tokens_per_frame();
+    let placeholder = config.placeholder_token_id as i64;
+    // Frames belong to rows in placeholder order.
+    let mut first_frame = 0;
+    for b in 0..batch {
+        let row = &host[b * seq..(b + 1) * seq];
+        let last_visual = row.iter().rposition(|&t| t == placeholder).unwrap();
+        let slots = row.iter().filter(|&&t| t == placeholder).count();
+        assert_eq!(slots % per_frame, 0, "fixture row {b}: whole frames");
+        let row_frames = first_frame..first_frame + slots / per_frame;
+        first_frame = row_frames.end;
+        let prompt = last_visual + 2;
+        assert!(
+            prompt < seq,
+            "fixture row {b} has tokens after its visual tokens"
+        );
+        let slice = |t: &burn::tensor::Tensor<2, Int>, a: usize, z: usize| {
+            t.clone().slice([b..b + 1, a..z])
+        };
+        let mut cache = KvCache::new();
+        let frames = pixels.clone().slice([row_frames]);
+        let mut rows = vec![
+            model
+                .forward_cached(
+                    VlmInput {
+                        input_ids: slice(&ids, 0, prompt),
+                        position_ids: slice(&positions, 0, prompt),
+                        visual: VisualInput::Pixels(frames),
+                    },
+                    &mut cache,
+                )
+                .unwrap(),
+        ];
+        for (t, &token) in row.iter().enumerate().skip(prompt) {
+            let one =
+                |v: i64| Tensor::<2, Int>::from_data(TensorData::new(vec![v], [1, 1]), &device);
+            rows.push(
+                model
+                    .forward_cached(
+                        VlmInput {
+                            input_ids: one(token),
+                            position_ids: slice(&positions, t, t + 1),
+                            visual: VisualInput::None,
+                        },
+                        &mut cache,
+                    )
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), seq);
+        if b + 1 == batch {
+            assert_eq!(first_frame, pixels.dims()[0], "every frame used");
+        }
+        let vocab = reference.dims()[2];
+        assert_close(
+            &format!("row {b}: cached logits"),
+            Tensor::cat(rows, 1),
+            reference.clone().slice([b..b + 1, 0..seq, 0..vocab]),
+            FWD_TOL,
+        );
+    }
+}

@@ -12,4 +12,4 @@ pub mod hf;
 pub mod vila;
 
 pub use error::ModelError;
-pub use vila::{VisualInput, Vlm, VlmConfig, VlmInput};
+pub use vila::{KvCache, VisualInput, Vlm, VlmConfig, VlmInput};

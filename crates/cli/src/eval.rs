@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use longview_train::generate::Decoding;
+
 use crate::DeviceArgs;
 
 #[derive(Args, Debug)]
@@ -15,8 +17,10 @@ pub struct EvalArgs {
     /// A run folder (its latest checkpoint), a checkpoint folder, or a VILA model folder.
     #[arg(long, default_value = "runs/debug-haystack")]
     pub checkpoint: PathBuf,
-    /// What to evaluate: `needle` (haystack length x depth grid) or `choice`
-    /// (VideoMME-style multiple-choice JSONL given by --data).
+    /// What to evaluate: `needle` (haystack length x depth grid, teacher-forced as
+    /// LongVILA scores it), `open` (the same videos, answers generated freely with the
+    /// KV cache: greedy, or top-p with --top-p) or `choice` (VideoMME-style
+    /// multiple-choice JSONL given by --data).
     #[arg(long, default_value = "needle")]
     pub task: String,
     /// The JSONL file of `--task choice` (`question`, `options`, `answer` letter,
@@ -33,6 +37,13 @@ pub struct EvalArgs {
     /// Where results go (default: `<checkpoint>/eval`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// `--task open`: sample from the smallest set of tokens whose probability
+    /// reaches P (nucleus sampling, seeded by --seed) instead of greedy decoding.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// `--task open` with --top-p: divides the logits before the softmax.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -40,15 +51,24 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("--frames needs positive lengths and --per-depth at least 1");
     }
     let choice_data = match args.task.as_str() {
-        "needle" => None,
+        "needle" | "open" => None,
         "choice" => match &args.data {
             Some(path) => Some(path.clone()),
             None => bail!("--task choice needs --data FILE.jsonl (VideoMME-style rows)"),
         },
-        other => bail!(
-            "--task `{other}`: expected `needle` or `choice` (open-ended generation is not yet an eval task)"
-        ),
+        other => bail!("--task `{other}`: expected `needle`, `open` or `choice`"),
     };
+    let decoding = match args.top_p {
+        None => Decoding::Greedy,
+        Some(top_p) => Decoding::TopP {
+            top_p,
+            temperature: args.temperature,
+            seed: args.device.seed,
+        },
+    };
+    if let Err(message) = decoding.validate() {
+        bail!("--top-p/--temperature: {message}");
+    }
     let device = args.device.device()?;
     let model = longview_train::eval::load(&args.checkpoint, &device)?;
     let out = args
@@ -58,6 +78,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     if let Some(path) = choice_data {
         return choice(&args, &model, &path, &out, &device);
+    }
+    if args.task == "open" {
+        return open(&args, &model, decoding, &out, &device);
     }
     println!(
         "longview eval: needle in a haystack, {} ({} frames x 6 depths x {} videos)",
@@ -142,5 +165,50 @@ fn choice(
         println!("  {duration:<8} {c}/{t}");
     }
     println!("  wrote {}", out.join("choice.json").display());
+    Ok(())
+}
+
+fn open(
+    args: &EvalArgs,
+    model: &longview_train::eval::EvalModel,
+    decoding: Decoding,
+    out: &std::path::Path,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    println!(
+        "longview eval: open-ended needle answers ({decoding:?}), {} ({} frames x 6 depths x {} videos)",
+        model.dir.display(),
+        args.frames
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        args.per_depth
+    );
+    let report = longview_train::eval::open_needle(
+        model,
+        &args.frames,
+        args.per_depth,
+        args.device.seed + 424_242,
+        &out.join("videos"),
+        decoding,
+        device,
+        &mut |line| println!("  {line}"),
+    )?;
+    let path = out.join("open.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    for a in report.answers.iter().filter(|a| !a.correct).take(5) {
+        println!(
+            "  wrong: {} frames, depth {:.1}: expected {:?}, generated {:?}",
+            a.frames, a.depth, a.answer, a.generated
+        );
+    }
+    println!(
+        "  exact answers {:.1}% ({}/{}), chance 1.1%",
+        100.0 * report.accuracy(),
+        report.correct,
+        report.total
+    );
+    println!("  wrote {}", path.display());
     Ok(())
 }

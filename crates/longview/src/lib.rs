@@ -15,17 +15,19 @@
 //! ```
 //!
 //! The video is encoded once ([`Vlm::embed_video`]); every question about it reuses the
-//! visual tokens. Answers are greedy. Generation recomputes the whole sequence for
-//! every new token (no KV cache yet), which is fine for short answers.
+//! visual tokens. Answers are greedy ([`Vlm::ask`]) or sampled with top-p
+//! ([`Vlm::ask_with`], [`Decoding::TopP`]); generation keeps a KV cache, so each new
+//! token costs one token's forward pass.
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 use longview_data::{ChatTemplate, Media, Message, TextTokenizer};
 use longview_models::{VisualInput, VlmConfig};
-use longview_train::data::{decode_frames, single_input};
+use longview_train::data::decode_frames;
 
 pub use longview_data::Sampling;
+pub use longview_train::generate::{Decoding, GenerateOptions};
 
 /// Everything that can go wrong, with the file or value named.
 #[derive(Debug, thiserror::Error)]
@@ -157,44 +159,52 @@ impl Vlm {
         question: &str,
         max_new_tokens: usize,
     ) -> Result<String, Error> {
-        let ids = self.generate(video, question, max_new_tokens)?;
+        self.ask_with(video, question, Decoding::Greedy, max_new_tokens)
+    }
+
+    /// The answer with the given decoding (greedy, or top-p sampling with a
+    /// temperature and seed).
+    pub fn ask_with(
+        &self,
+        video: &VideoEmbedding,
+        question: &str,
+        decoding: Decoding,
+        max_new_tokens: usize,
+    ) -> Result<String, Error> {
+        let ids = self.generate(video, question, decoding, max_new_tokens)?;
         Ok(self.tokenizer.decode(&ids, true)?)
     }
 
-    /// Greedy token ids after the prompt (without the stop token).
+    /// Token ids after the prompt (without the stop token). The prompt, visual
+    /// tokens included, runs once; every new token then costs one token's forward
+    /// pass (KV cache).
     pub fn generate(
         &self,
         video: &VideoEmbedding,
         question: &str,
+        decoding: Decoding,
         max_new_tokens: usize,
     ) -> Result<Vec<u32>, Error> {
-        let mut ids = self.prompt(video, question)?;
-        let stops: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        let prompt = self.prompt(video, question)?;
+        let options = GenerateOptions {
+            max_new_tokens,
+            decoding,
+            stop: self.stop_tokens(),
+        };
+        Ok(longview_train::generate::generate(
+            &self.model,
+            &prompt,
+            VisualInput::Embeddings(video.tokens.clone()),
+            &options,
+            &self.device,
+        )?)
+    }
+
+    /// The ids that end an answer: `<|im_end|>` and `<|endoftext|>`.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        ["<|im_end|>", "<|endoftext|>"]
             .iter()
             .filter_map(|t| self.tokenizer.token_id(t))
-            .collect();
-        let prompt_len = ids.len();
-        for _ in 0..max_new_tokens {
-            let len = ids.len();
-            let input = single_input(
-                &ids,
-                VisualInput::Embeddings(video.tokens.clone()),
-                &self.device,
-            );
-            let logits = self.model.forward(input)?;
-            let vocab = logits.dims()[2];
-            let last: Tensor<3, Int> = logits.slice([0..1, len - 1..len, 0..vocab]).argmax(2);
-            let next = last
-                .into_data()
-                .convert::<i64>()
-                .try_to_vec::<i64>()
-                .map_err(|e| Error::Request(format!("reading the next token: {e:?}")))?[0]
-                as u32;
-            if stops.contains(&next) {
-                break;
-            }
-            ids.push(next);
-        }
-        Ok(ids[prompt_len..].to_vec())
+            .collect()
     }
 }

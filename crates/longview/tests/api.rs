@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview::{Sampling, Vlm};
+use longview::{Decoding, Sampling, Vlm};
 use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmInput};
 use longview_train::{TrainConfig, TrainOptions};
@@ -29,7 +29,7 @@ fn load_embed_and_ask() {
     config.optim.warmup_steps = 1;
     config.data.frames = 6;
     config.data.min_frames = 6;
-    config.data.train_videos = 2;
+    config.data.needle_copies = 1;
     config.data.eval_per_depth = 1;
     let options = TrainOptions {
         progress: false,
@@ -87,7 +87,12 @@ fn load_embed_and_ask() {
     // Greedy generation equals a reference loop: full forward passes from pixels
     // (not the cached embeddings), argmax of the last row read on the host.
     let generated = vlm
-        .generate(&video, "What number appears in the video?", 4)
+        .generate(
+            &video,
+            "What number appears in the video?",
+            Decoding::Greedy,
+            4,
+        )
         .unwrap();
     let mut ids = vlm
         .prompt(&video, "What number appears in the video?")

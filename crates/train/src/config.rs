@@ -133,8 +133,10 @@ pub struct DataConfig {
     /// Training haystacks come in lengths `min_frames`, doubling, up to `frames`, in equal
     /// shares: short haystacks teach reading the needle, long ones finding it.
     pub min_frames: usize,
-    /// Training videos (needles at random depths).
-    pub train_videos: usize,
+    /// Needle frames per two-digit number in the training needle bank (each copy on
+    /// another background); training samples insert one into a haystack at a random
+    /// depth, a fresh combination every sample.
+    pub needle_copies: usize,
     /// Held-out videos per depth of LongVILA's grid {0, .2, .4, .6, .8, 1}.
     pub eval_per_depth: usize,
     /// Video size in pixels (default: the vision encoder's input size).
@@ -147,10 +149,10 @@ impl Default for RunConfig {
         RunConfig {
             out: PathBuf::from("runs/debug-haystack"),
             seed: 0,
-            steps: 300,
+            steps: 3000,
             batch_size: 4,
             grad_accum: 1,
-            checkpoint_every: 100,
+            checkpoint_every: 500,
             keep_checkpoints: 2,
             eval_every: 0,
         }
@@ -171,7 +173,7 @@ impl Default for ModelConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: 3e-3,
+            lr: 1e-3,
             warmup_steps: 20,
             min_lr_ratio: 0.1,
             weight_decay: 0.01,
@@ -190,7 +192,7 @@ impl Default for DataConfig {
             cache: None,
             frames: 32,
             min_frames: 1,
-            train_videos: 96,
+            needle_copies: 8,
             eval_per_depth: 4,
             width: None,
             height: None,
@@ -318,8 +320,8 @@ impl TrainConfig {
                 format!("{} must be in 1..=data.frames ({})", d.min_frames, d.frames),
             );
         }
-        if d.train_videos == 0 {
-            return bad("data.train_videos", "must be at least 1".into());
+        if d.needle_copies == 0 {
+            return bad("data.needle_copies", "must be at least 1".into());
         }
         for (key, value) in [("data.width", d.width), ("data.height", d.height)] {
             if let Some(v) = value

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::synthetic::{HaystackSample, HaystackSpec, write_haystack_set};
+use longview_data::synthetic::{
+    HaystackSample, HaystackSpec, Needle, SyntheticVideo, write_haystack_set,
+};
 use longview_data::text::IGNORE_INDEX;
 use longview_data::{
     ChatTemplate, DecodeOptions, Media, Message, Sampling, TextTokenizer, decode_all,
@@ -68,12 +70,33 @@ impl Encoder<'_> {
         answer: &str,
         depth: f64,
     ) -> Result<Sample, TrainError> {
-        let side = self.model.vision.image_size as u32;
+        let pixels = self.decode(video, frames)?;
+        self.conversation(pixels, frames, question, answer, depth)
+    }
+
+    /// Every one of `frames` uniformly sampled frames of `video`, planar, normalised.
+    fn decode(&self, video: &Path, frames: usize) -> Result<Vec<f32>, TrainError> {
         let options = DecodeOptions {
             workers: 1,
-            ..DecodeOptions::siglip(side)
+            ..DecodeOptions::siglip(self.side() as u32)
         };
         let (_, batch) = decode_all(video, &Sampling::Uniform { count: frames }, &options)?;
+        Ok(batch.pixels)
+    }
+
+    fn side(&self) -> usize {
+        self.model.vision.image_size
+    }
+
+    /// The chat-template conversation around already decoded `pixels`.
+    fn conversation(
+        &self,
+        pixels: Vec<f32>,
+        frames: usize,
+        question: &str,
+        answer: &str,
+        depth: f64,
+    ) -> Result<Sample, TrainError> {
         let messages = [
             Message::user(format!("<video>\n{question}")),
             Message::assistant(answer),
@@ -94,18 +117,18 @@ impl Encoder<'_> {
             ids: encoded.ids,
             labels: encoded.labels,
             prompt_len,
-            pixels: batch.pixels,
+            pixels,
             frames,
-            side: side as usize,
+            side: self.side(),
             answer: answer.into(),
             depth,
         })
     }
 }
 
-/// Training and held-out haystack samples.
+/// Training needles and held-out haystack samples.
 pub struct HaystackData {
-    pub train: Vec<Sample>,
+    pub train: TrainSet,
     pub eval: Vec<Sample>,
 }
 
@@ -121,91 +144,177 @@ pub fn train_lengths(min_frames: usize, frames: usize) -> Vec<usize> {
     lengths
 }
 
-/// Generates (or reuses) the haystack videos in `dir` and decodes them.
-///
-/// Training videos put the needle at 11 evenly spaced depths, in haystacks of every
-/// length of [`train_lengths`] (equal shares, interleaved); held-out videos are
-/// `frames` long and use LongVILA's grid {0, .2, .4, .6, .8, 1} with another seed.
+/// The two-digit numbers a needle can show.
+const NUMBERS: std::ops::Range<u32> = 10..100;
+
+/// Training data built the way LongVILA builds its needle test: needle frames
+/// inserted into a haystack video. Both come from generated H.264 videos decoded like
+/// any input: one needle-free haystack per length of [`train_lengths`], and a bank
+/// of needle frames (every two-digit number on `needle_copies` frames with different
+/// backgrounds). Sample `i` of the stream is a function of `(seed, i)` only, so a
+/// resumed run reads exactly what an uninterrupted one would, and there is no fixed
+/// set of (video, answer) pairs to memorise.
+pub struct TrainSet {
+    /// `(frames, pixels)` of each needle-free haystack.
+    haystacks: Vec<(usize, Vec<f32>)>,
+    /// Needle frames, planar, one after another; `numbers[k]` is frame `k`'s number.
+    bank: Vec<f32>,
+    numbers: Vec<u32>,
+    frame_len: usize,
+}
+
+impl TrainSet {
+    /// Distinct needle frames (a stream has no epochs: this is the data's variety).
+    pub fn needle_frames(&self) -> usize {
+        self.numbers.len()
+    }
+
+    /// The haystack lengths.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.haystacks.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// Sample `index` of the stream: a haystack length in equal shares, a needle frame
+    /// from the bank, and a uniformly drawn frame of the haystack that it replaces.
+    pub fn sample(
+        &self,
+        encoder: &Encoder<'_>,
+        seed: u64,
+        index: usize,
+    ) -> Result<Sample, TrainError> {
+        let mut draw = mix(seed ^ 0x6E65_6564_6C65_7321, index as u64);
+        let mut next = |n: usize| {
+            draw = mix(draw, 0x9E37_79B9_7F4A_7C15);
+            (draw % n as u64) as usize
+        };
+        let (frames, haystack) = &self.haystacks[next(self.haystacks.len())];
+        let needle = next(self.numbers.len());
+        let at = next(*frames);
+        let mut pixels = haystack.clone();
+        let len = self.frame_len;
+        pixels[at * len..(at + 1) * len]
+            .copy_from_slice(&self.bank[needle * len..(needle + 1) * len]);
+        let depth = if *frames > 1 {
+            at as f64 / (*frames - 1) as f64
+        } else {
+            0.0
+        };
+        encoder.conversation(
+            pixels,
+            *frames,
+            NEEDLE_QUESTION,
+            &self.numbers[needle].to_string(),
+            depth,
+        )
+    }
+}
+
+/// splitmix64 of `a` combined with `b`: a stateless, well-mixed hash.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a
+        .wrapping_add(b.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Generates (or reuses) the videos in `dir` and decodes them: the training
+/// haystacks and needle bank of a [`TrainSet`] (skipped when `needle_copies` is 0),
+/// and `eval_per_depth` held-out videos per depth of LongVILA's grid {0, .2, .4, .6,
+/// .8, 1}, `frames` long, with the needle encoded into the video (another seed).
 pub fn haystack(
     encoder: &Encoder<'_>,
     dir: &Path,
     frames: usize,
     min_frames: usize,
-    train_videos: usize,
+    needle_copies: usize,
     eval_per_depth: usize,
     seed: u64,
 ) -> Result<HaystackData, TrainError> {
-    let train_depths: Vec<f64> = (0..=10).map(|i| i as f64 / 10.0).collect();
-    let eval_depths: Vec<f64> = (0..=5).map(|i| i as f64 / 5.0).collect();
-    let spec = |frames: usize, depths: Vec<f64>, per_depth: usize, seed: u64| HaystackSpec {
-        width: encoder.width,
-        height: encoder.height,
-        fps: 8,
-        frames,
-        gop: 32,
-        depths,
-        per_depth,
-        seed,
+    let (w, h) = (encoder.width, encoder.height);
+    let mut haystacks = Vec::new();
+    let mut bank = Vec::new();
+    let mut numbers = Vec::new();
+    if needle_copies > 0 {
+        for n in train_lengths(min_frames, frames) {
+            let path = dir.join(format!("haystack-{n}f-{w}x{h}.mp4"));
+            write_once(&path, &SyntheticVideo::new(w, h, 8, n, 32))?;
+            haystacks.push((n, encoder.decode(&path, n)?));
+        }
+        // Frame i shows number 10 + i % 90; copies see other background phases.
+        let count = needle_copies * NUMBERS.len();
+        numbers = (0..count)
+            .map(|i| NUMBERS.start + (i % NUMBERS.len()) as u32)
+            .collect();
+        let needles = numbers
+            .iter()
+            .enumerate()
+            .map(|(frame, n)| Needle {
+                frame,
+                text: n.to_string(),
+            })
+            .collect();
+        let path = dir.join(format!("needles-{needle_copies}x90-{w}x{h}.mp4"));
+        write_once(
+            &path,
+            &SyntheticVideo::new(w, h, 8, count, 32).with_needles(needles),
+        )?;
+        bank = encoder.decode(&path, count)?;
+    }
+    let side = encoder.side();
+    let train = TrainSet {
+        haystacks,
+        bank,
+        numbers,
+        frame_len: 3 * side * side,
     };
-    let load = |dir: &Path, rows: &[HaystackSample]| -> Result<Vec<Sample>, TrainError> {
+    let eval = if eval_per_depth == 0 {
+        Vec::new()
+    } else {
+        let eval_seed = seed + 1_000_003;
+        let eval_dir = dir.join(format!(
+            "eval-{frames}f-{w}x{h}-{eval_per_depth}x6-seed{eval_seed}"
+        ));
+        let spec = HaystackSpec {
+            width: w,
+            height: h,
+            fps: 8,
+            frames,
+            gop: 32,
+            depths: (0..=5).map(|i| i as f64 / 5.0).collect(),
+            per_depth: eval_per_depth,
+            seed: eval_seed,
+        };
+        let rows = rows(&eval_dir, &spec)?;
         rows.iter()
             .map(|r| {
                 encoder.sample(
-                    &dir.join(&r.video),
+                    &eval_dir.join(&r.video),
                     r.frames,
                     NEEDLE_QUESTION,
                     &r.answer,
                     r.depth,
                 )
             })
-            .collect()
-    };
-    let mut per_length: Vec<Vec<Sample>> = Vec::new();
-    if train_videos > 0 {
-        let lengths = train_lengths(min_frames, frames);
-        let per_depth = train_videos.div_ceil(train_depths.len() * lengths.len());
-        for &n in &lengths {
-            let train_dir = dir.join(format!(
-                "train-{n}f-{}x{}-{per_depth}x11-seed{seed}",
-                encoder.width, encoder.height
-            ));
-            let rows = rows(
-                &train_dir,
-                &spec(n, train_depths.clone(), per_depth, seed + n as u64),
-            )?;
-            // Rows come depth by depth: interleave the depths.
-            let mut rows: Vec<(usize, HaystackSample)> = rows.into_iter().enumerate().collect();
-            rows.sort_by_key(|(i, _)| (i % per_depth, i / per_depth));
-            let rows: Vec<HaystackSample> = rows.into_iter().map(|(_, r)| r).collect();
-            per_length.push(load(&train_dir, &rows)?);
-        }
-    }
-    // Interleave the lengths, then keep the requested count.
-    let longest = per_length.iter().map(Vec::len).max().unwrap_or(0);
-    let mut train = Vec::with_capacity(train_videos);
-    for i in 0..longest {
-        for set in &mut per_length {
-            if i < set.len() {
-                train.push(set[i].clone());
-            }
-        }
-    }
-    train.truncate(train_videos);
-    let eval = if eval_per_depth == 0 {
-        Vec::new()
-    } else {
-        let eval_seed = seed + 1_000_003;
-        let eval_dir = dir.join(format!(
-            "eval-{frames}f-{}x{}-{eval_per_depth}x6-seed{eval_seed}",
-            encoder.width, encoder.height
-        ));
-        let rows = rows(
-            &eval_dir,
-            &spec(frames, eval_depths, eval_per_depth, eval_seed),
-        )?;
-        load(&eval_dir, &rows)?
+            .collect::<Result<_, _>>()?
     };
     Ok(HaystackData { train, eval })
+}
+
+/// Writes `video` to `path` unless it is there (written under a temporary name and
+/// renamed, so an existing file is complete).
+fn write_once(path: &Path, video: &SyntheticVideo) -> Result<(), TrainError> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(TrainError::io(parent))?;
+    }
+    let partial = path.with_extension("partial.mp4");
+    video.write(&partial)?;
+    std::fs::rename(&partial, path).map_err(TrainError::io(path))?;
+    Ok(())
 }
 
 /// The rows of a generated set, writing it first unless a complete one is there
@@ -298,20 +407,4 @@ pub fn collate(samples: &[&Sample], device: &Device) -> Batch {
         labels: Tensor::from_data(TensorData::new(labels, [b, len]), device),
         supervised: samples.iter().map(|s| s.supervised()).sum(),
     }
-}
-
-/// Position `i` of the data stream: epoch `i / n` visits the samples in a seeded
-/// permutation, so a resumed run sees exactly what an uninterrupted one would.
-pub fn stream_index(seed: u64, n: usize, i: usize) -> usize {
-    let epoch = (i / n) as u64;
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut state =
-        (seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03)).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1;
-    for k in (1..n).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        order.swap(k, (state % (k as u64 + 1)) as usize);
-    }
-    order[i % n]
 }

@@ -25,6 +25,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("parallel training: {0}")]
     Parallel(String),
+    /// A request that cannot be served (bad generation parameters, empty prompt).
+    #[error("{0}")]
+    Request(String),
     #[error(
         "step {step}: the loss is {loss} (diverged); lower optim.lr or set optim.clip_grad_norm, \
          and resume from the last checkpoint with --resume"

@@ -318,3 +318,100 @@ pub fn multiple_choice(
     }
     Ok(report)
 }
+
+/// One open-ended answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenAnswer {
+    pub frames: usize,
+    pub depth: f64,
+    pub answer: String,
+    pub generated: String,
+    pub correct: bool,
+}
+
+/// Open-ended needle answers: free generation (KV cache, greedy or top-p), scored by
+/// exact match of the generated text (case and spaces folded).
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenReport {
+    pub correct: usize,
+    pub total: usize,
+    pub answers: Vec<OpenAnswer>,
+}
+
+impl OpenReport {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Asks the needle question about `per_depth` generated videos per depth for every
+/// haystack length in `frames` and generates the answer freely (no teacher forcing).
+#[allow(clippy::too_many_arguments)]
+pub fn open_needle(
+    model: &EvalModel,
+    frames: &[usize],
+    per_depth: usize,
+    seed: u64,
+    cache: &Path,
+    decoding: crate::generate::Decoding,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<OpenReport, TrainError> {
+    use burn::tensor::{Tensor, TensorData};
+    use longview_models::VisualInput;
+    let side = model.config.vision.image_size as u32;
+    let encoder = Encoder {
+        tokenizer: &model.tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: &model.config,
+        width: side,
+        height: side,
+    };
+    let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| model.tokenizer.token_id(t))
+        .collect();
+    let options = crate::generate::GenerateOptions {
+        max_new_tokens: 8,
+        decoding,
+        stop,
+    };
+    let mut answers = Vec::new();
+    for &n in frames {
+        let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
+        let mut correct = 0;
+        for s in &data.eval {
+            let side = s.side;
+            let pixels = Tensor::from_data(
+                TensorData::new(s.pixels.clone(), [s.frames, 3, side, side]),
+                device,
+            );
+            let ids = crate::generate::generate(
+                &model.model,
+                &s.ids[..s.prompt_len],
+                VisualInput::Pixels(pixels),
+                &options,
+                device,
+            )?;
+            let generated = model.tokenizer.decode(&ids, true)?;
+            let ok = needle::fold(&generated) == needle::fold(&s.answer);
+            correct += usize::from(ok);
+            answers.push(OpenAnswer {
+                frames: n,
+                depth: s.depth,
+                answer: s.answer.clone(),
+                generated,
+                correct: ok,
+            });
+        }
+        log(&format!(
+            "{n} frames: {correct}/{} generated answers exact",
+            data.eval.len()
+        ));
+    }
+    Ok(OpenReport {
+        correct: answers.iter().filter(|a| a.correct).count(),
+        total: answers.len(),
+        answers,
+    })
+}

@@ -1,20 +1,23 @@
 //! longview's training and evaluation.
 //!
 //! - [`config`]: the TOML run config (stages, optimizer, data), checked up front.
-//! - [`data`]: generated needle-in-a-haystack videos decoded with FFmpeg, the chat
-//!   template around them, and batching.
+//! - [`data`]: generated haystack and needle videos decoded with FFmpeg, needles
+//!   inserted into haystacks for training, the chat template, and batching.
 //! - [`trainer`]: the loop (accumulation, global-norm clipping, AdamW, warmup +
 //!   cosine), metrics, progress, and resume.
 //! - [`tensorboard`]: scalar event files TensorBoard reads.
 //! - [`checkpoint`]: atomic checkpoints in VILA layout plus optimizer and trainer state.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring; [`eval`]: the depth x
-//!   length grid of a saved model, as a table, JSON and heatmap.
+//!   length grid of a saved model, as a table, JSON and heatmap, multiple choice and
+//!   open-ended answers.
+//! - [`generate`]: KV-cache generation, greedy or top-p.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod mmsp;
 pub mod needle;
 pub mod tensorboard;

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
 use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
-use crate::data::{Encoder, HaystackData, Sample, collate, haystack, stream_index};
+use crate::data::{Encoder, HaystackData, Sample, collate, haystack};
 use crate::error::TrainError;
 use crate::needle::{self, NeedleReport};
 
@@ -58,7 +58,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     /// Held-out needle accuracy after the last step (when the data has a held-out set).
     pub eval: Option<NeedleReport>,
-    pub train_samples: usize,
+    /// Distinct needle frames the training samples drew from.
+    pub needle_frames: usize,
     pub params: usize,
     pub trainable_params: usize,
 }
@@ -425,24 +426,25 @@ pub fn train_with(
     if !writes {
         runner.barrier()?;
     }
+    let side = vlm_config.vision.image_size as u32;
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: longview_data::ChatTemplate::qwen2(),
+        model: &vlm_config,
+        width: config.data.width.unwrap_or(side),
+        height: config.data.height.unwrap_or(side),
+    };
     let data = match config.data.kind {
         DataKind::Haystack => {
-            let side = vlm_config.vision.image_size as u32;
-            let encoder = Encoder {
-                tokenizer: &tokenizer,
-                template: longview_data::ChatTemplate::qwen2(),
-                model: &vlm_config,
-                width: config.data.width.unwrap_or(side),
-                height: config.data.height.unwrap_or(side),
-            };
             let cache = config
                 .data
                 .cache
                 .clone()
                 .unwrap_or_else(|| out.join("data"));
             log(&format!(
-                "data: {} haystack videos of {:?} frames for training, {} per depth held out ({})",
-                config.data.train_videos,
+                "data: needles ({} frames per number) inserted into haystacks of {:?} frames \
+                 for training, {} videos per depth held out ({})",
+                config.data.needle_copies,
                 crate::data::train_lengths(config.data.min_frames, config.data.frames),
                 config.data.eval_per_depth,
                 cache.display()
@@ -452,7 +454,7 @@ pub fn train_with(
                 &cache,
                 config.data.frames,
                 config.data.min_frames,
-                config.data.train_videos,
+                config.data.needle_copies,
                 config.data.eval_per_depth,
                 config.run.seed,
             )?
@@ -501,15 +503,12 @@ pub fn train_with(
 
     for step in first_step..last {
         // The step's micro-batches, and its supervised-token count for normalisation.
-        let micro: Vec<Vec<&Sample>> = (0..config.run.grad_accum)
-            .map(|m| {
-                (0..config.run.batch_size)
-                    .map(|b| {
-                        let pos = state.samples_seen + m * config.run.batch_size + b;
-                        &train[stream_index(config.run.seed, train.len(), pos)]
-                    })
-                    .collect()
-            })
+        let samples = (0..per_step)
+            .map(|i| train.sample(&encoder, config.run.seed, state.samples_seen + i))
+            .collect::<Result<Vec<Sample>, _>>()?;
+        let micro: Vec<Vec<&Sample>> = samples
+            .chunks(config.run.batch_size)
+            .map(|chunk| chunk.iter().collect())
             .collect();
         let supervised: usize = micro.iter().flatten().map(|s| s.supervised()).sum();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.ids.len()).sum();
@@ -548,11 +547,16 @@ pub fn train_with(
             && !eval.is_empty()
         {
             let report = needle::score(&model, &eval, &tokenizer, device)?;
-            bar.println(format!(
+            let line = format!(
                 "step {}: held-out needle accuracy {:.1}%",
                 state.step,
                 100.0 * report.accuracy()
-            ));
+            );
+            if bar.is_hidden() {
+                log(&line);
+            } else {
+                bar.println(line);
+            }
             Some(report.accuracy())
         } else {
             None
@@ -646,7 +650,7 @@ pub fn train_with(
         elapsed_s: run_s,
         checkpoint: last_checkpoint,
         eval: eval_report,
-        train_samples: train.len(),
+        needle_frames: train.needle_frames(),
         params,
         trainable_params,
     })

@@ -32,7 +32,7 @@ fn config(out: &Path, cache: &Path) -> TrainConfig {
     config.optim.clip_grad_norm = 1.0;
     config.data.frames = 6;
     config.data.min_frames = 3;
-    config.data.train_videos = 8;
+    config.data.needle_copies = 1;
     config.data.eval_per_depth = 0;
     config.data.cache = Some(cache.into());
     config

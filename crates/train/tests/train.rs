@@ -50,7 +50,7 @@ fn tiny(out: &Path, cache: &Path) -> TrainConfig {
     config.optim.clip_grad_norm = 0.5;
     config.data.frames = 8;
     config.data.min_frames = 4;
-    config.data.train_videos = 6;
+    config.data.needle_copies = 1;
     config.data.eval_per_depth = 1;
     config.data.cache = Some(cache.into());
     config
@@ -186,7 +186,8 @@ fn configs_fail_with_the_key_and_value_named() {
         ("[optim]\nlr = -1.0\n", "optim.lr"),
         ("[run]\nsteps = 0\n", "run.steps"),
         ("[run]\nbatch_size = 0\n", "run.batch_size"),
-        ("[optim]\nwarmup_steps = 500\n", "optim.warmup_steps"),
+        ("[optim]\nwarmup_steps = 5000\n", "optim.warmup_steps"),
+        ("[data]\nneedle_copies = 0\n", "data.needle_copies"),
         ("[model]\nsize = \"13b\"\n", "13b"),
         (
             "[model]\nstage = \"context-extension\"\n",
@@ -294,7 +295,11 @@ fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
     let model = vlm.init(&device);
     let encoder = encoder(&tokenizer, &vlm);
     let data = haystack(&encoder, &tmp.0, 4, 4, 2, 0, 7).unwrap();
-    let batch = collate(&[&data.train[0], &data.train[1]], &device);
+    let samples = [
+        data.train.sample(&encoder, 7, 0).unwrap(),
+        data.train.sample(&encoder, 7, 1).unwrap(),
+    ];
+    let batch = collate(&[&samples[0], &samples[1]], &device);
     let (sum, count) = causal_lm_loss_sum(model.forward(batch.input).unwrap(), batch.labels);
     assert_eq!(count, batch.supervised);
     let mut grads = GradientsParams::from_grads(sum.backward(), &model);
@@ -312,6 +317,74 @@ fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
     for (a, b) in host.iter().zip(&scaled) {
         assert!((a * 0.25 - b).abs() <= 1e-6 * a.abs().max(1e-6));
     }
+}
+
+#[test]
+fn training_samples_insert_exactly_one_needle_frame_deterministically() {
+    use longview_data::synthetic::shows_needle;
+    use longview_data::text::IGNORE_INDEX;
+    let tmp = TempDir::new("insert");
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let encoder = encoder(&tokenizer, &vlm);
+    let data = haystack(&encoder, &tmp.0, 8, 1, 1, 0, 5).unwrap();
+    assert_eq!(data.train.lengths(), vec![1, 2, 4, 8]);
+    assert_eq!(data.train.needle_frames(), 90);
+    let (mut lengths, mut answers) = (Vec::new(), Vec::new());
+    for i in 0..40 {
+        let s = data.train.sample(&encoder, 5, i).unwrap();
+        let again = data.train.sample(&encoder, 5, i).unwrap();
+        assert_eq!(
+            (&s.ids, &s.pixels),
+            (&again.ids, &again.pixels),
+            "sample {i}"
+        );
+        // Back to RGB bytes, then the data crate's detector: the needle is on exactly
+        // one frame, the one `depth` names.
+        let side = s.side;
+        let needles: Vec<usize> = (0..s.frames)
+            .filter(|&f| {
+                let frame = &s.pixels[f * 3 * side * side..(f + 1) * 3 * side * side];
+                let mut rgb = vec![0u8; 3 * side * side];
+                for p in 0..side * side {
+                    for c in 0..3 {
+                        let x = frame[c * side * side + p];
+                        rgb[3 * p + c] = ((x + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+                    }
+                }
+                shows_needle(&rgb, 3 * side, side, side)
+            })
+            .collect();
+        let at = (s.depth * (s.frames.max(2) - 1) as f64).round() as usize;
+        assert_eq!(needles, vec![at], "sample {i}: {} frames", s.frames);
+        // The supervised tokens start with the answer's.
+        let answer = tokenizer.encode(&s.answer).unwrap();
+        let supervised: Vec<u32> = s
+            .ids
+            .iter()
+            .zip(&s.labels)
+            .filter(|(_, l)| **l != IGNORE_INDEX)
+            .map(|(&t, _)| t)
+            .collect();
+        assert_eq!(&supervised[..answer.len()], &answer[..], "sample {i}");
+        assert!((10..100).contains(&s.answer.parse::<u32>().unwrap()));
+        lengths.push(s.frames);
+        answers.push(s.answer.clone());
+    }
+    lengths.sort();
+    lengths.dedup();
+    answers.sort();
+    answers.dedup();
+    assert_eq!(lengths, vec![1, 2, 4, 8], "every haystack length is drawn");
+    assert!(
+        answers.len() > 20,
+        "{} distinct answers in 40 samples",
+        answers.len()
+    );
+    // Another seed is another stream.
+    let other = data.train.sample(&encoder, 6, 0).unwrap();
+    let first = data.train.sample(&encoder, 5, 0).unwrap();
+    assert!(other.pixels != first.pixels || other.ids != first.ids);
 }
 
 #[test]
@@ -498,4 +571,72 @@ fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
         correct += usize::from(expected == sample.answer);
     }
     assert_eq!(report.correct, correct);
+}
+
+#[test]
+fn top_p_keeps_the_nucleus_and_samples_its_renormalised_probabilities() {
+    use longview_train::generate::{Decoding, Sampler, argmax, nucleus};
+    let probs = [0.05f64, 0.5, 0.15, 0.3];
+    let logits: Vec<f32> = probs.iter().map(|p| (p.ln() + 3.0) as f32).collect();
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+
+    // top-p 0.8: {1: .5, 3: .3} reach .8, renormalised to .625 / .375.
+    let kept = nucleus(&logits, 0.8, 1.0);
+    assert_eq!(kept.iter().map(|k| k.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert!(
+        close(kept[0].1, 0.625) && close(kept[1].1, 0.375),
+        "{kept:?}"
+    );
+    // top-p 1: everything, in order of probability.
+    let all = nucleus(&logits, 1.0, 1.0);
+    assert_eq!(
+        all.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![1, 3, 2, 0]
+    );
+    for (id, p) in &all {
+        assert!(close(*p, probs[*id as usize]), "{all:?}");
+    }
+    // Temperature 2: probabilities proportional to sqrt(p).
+    let z: f64 = probs.iter().map(|p| p.sqrt()).sum();
+    for (id, p) in nucleus(&logits, 1.0, 2.0) {
+        assert!(close(p, probs[id as usize].sqrt() / z));
+    }
+    // A tiny top-p is greedy.
+    assert_eq!(nucleus(&logits, 1e-9, 1.0), vec![(1, 1.0)]);
+    assert_eq!(argmax(&logits), 1);
+    let mut greedy = Sampler::new(Decoding::Greedy);
+    assert_eq!(greedy.pick(&logits), 1);
+
+    // Draw frequencies match the nucleus within 4 binomial standard deviations.
+    let decoding = Decoding::TopP {
+        top_p: 0.9,
+        temperature: 1.0,
+        seed: 11,
+    };
+    let mut sampler = Sampler::new(decoding);
+    let n = 20_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[sampler.pick(&logits) as usize] += 1;
+    }
+    assert_eq!(counts[0], 0, "token 0 is outside the 0.9 nucleus");
+    for (id, p) in nucleus(&logits, 0.9, 1.0) {
+        let freq = counts[id as usize] as f64 / n as f64;
+        let sd = (p * (1.0 - p) / n as f64).sqrt();
+        assert!((freq - p).abs() < 4.0 * sd, "token {id}: {freq} vs {p}");
+    }
+    // The same seed draws the same tokens.
+    let mut a = Sampler::new(decoding);
+    let mut b = Sampler::new(decoding);
+    assert!((0..50).all(|_| a.pick(&logits) == b.pick(&logits)));
+    assert!(
+        Decoding::TopP {
+            top_p: 0.0,
+            temperature: 1.0,
+            seed: 0
+        }
+        .validate()
+        .unwrap_err()
+        .contains("top-p 0")
+    );
 }

@@ -19,7 +19,7 @@ pub use config::{
     ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
 };
 pub use projector::Projector;
-pub use text::{Qwen2, TextOutput, default_position_ids};
+pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};
 pub use vision::SiglipVision;
 
 use crate::error::ModelError;
@@ -115,6 +115,23 @@ impl Vlm {
             .llm
             .forward_embeds(embeds, input.position_ids, false)
             .logits)
+    }
+
+    /// Logits of new tokens continuing the sequence held in `cache` (the whole prompt
+    /// on the first call, then one token at a time), extending the cache. Only the
+    /// new tokens are run through the LLM.
+    ///
+    /// # Shapes
+    /// - output: `[batch, new, vocab]`
+    pub fn forward_cached(
+        &self,
+        input: VlmInput,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, ModelError> {
+        let embeds = self.embed(input.input_ids, input.visual)?;
+        Ok(self
+            .llm
+            .forward_embeds_cached(embeds, input.position_ids, cache))
     }
 
     /// Mean next-token loss of a batch. Labels at placeholder positions are ignored

@@ -83,12 +83,34 @@ impl Qwen2Attention {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        self.forward_cached(x, rope, None)
+    }
+
+    /// With `cache`, the new keys and values are appended to the cached ones and the
+    /// queries (the new tokens, the last of the sequence) attend to all of them.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]` (the new tokens only)
+    /// - cache: `[batch, kv_heads, cached, head_dim]` keys and values
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [b, s, hidden] = x.dims();
         let d = hidden / self.num_heads;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
         let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let mut v = split(self.v_proj.forward(x), self.num_kv_heads);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         let out = attend(
             self.attention,
             AttentionInput {
@@ -127,12 +149,47 @@ pub struct Qwen2DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
 }
 
+/// One layer's cached keys and values (after RoPE), `[batch, kv_heads, len, head_dim]`.
+pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// Keys and values of every layer for the tokens processed so far, so that decoding
+/// a new token costs one token's forward pass instead of the whole sequence's.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Qwen2DecoderLayer {
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        self.forward_cached(x, rope, None)
+    }
+
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
+                .forward_cached(self.input_layernorm.forward(x), rope, cache);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }
@@ -260,6 +317,32 @@ impl Qwen2 {
             logits: self.lm_head(x),
             hidden_states,
         }
+    }
+
+    /// Runs the decoder on the embeddings of new tokens that continue the sequence in
+    /// `cache` (empty for the prompt), appending their keys and values to it. The new
+    /// tokens attend causally to the cached ones and to each other; the logits equal
+    /// the matching rows of a [`Qwen2::forward_embeds`] over the whole sequence.
+    ///
+    /// # Shapes
+    /// - embeds: `[batch, new, hidden]`
+    /// - position_ids: `[batch, new]`
+    /// - output: `[batch, new, vocab]`
+    pub fn forward_embeds_cached(
+        &self,
+        embeds: Tensor<3>,
+        position_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Tensor<3> {
+        let new = embeds.dims()[1];
+        let rope = Rope::new(position_ids, self.head_dim, self.rope_theta);
+        cache.layers.resize(self.model.layers.len(), None);
+        let mut x = embeds;
+        for (layer, layer_cache) in self.model.layers.iter().zip(&mut cache.layers) {
+            x = layer.forward_cached(x, &rope, Some(layer_cache));
+        }
+        cache.len += new;
+        self.lm_head(self.model.norm.forward(x))
     }
 
     /// Token ids to logits.
