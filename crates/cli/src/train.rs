@@ -141,13 +141,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.trainable()
     );
     println!(
-        "  steps     {} -> {} in {:.1}s, {:.0} tokens/s ({} distinct needle frames)",
-        summary.first_step,
-        summary.last_step,
-        summary.elapsed_s,
-        summary.tokens_per_s,
-        summary.needle_frames
+        "  steps     {} -> {} in {:.1}s, {:.0} tokens/s",
+        summary.first_step, summary.last_step, summary.elapsed_s, summary.tokens_per_s,
     );
+    println!("  data      {}", summary.data);
     println!(
         "  loss      mean of the first {window} steps {head:.4} -> mean of the last {window} {tail:.4}"
     );

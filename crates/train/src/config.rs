@@ -118,6 +118,12 @@ pub struct OptimConfig {
 pub enum DataKind {
     /// Generated needle-in-a-haystack videos (two-digit numbers on one frame).
     Haystack,
+    /// LLaVA/VILA conversation rows (`data.path`): `conversations` with `<image>` /
+    /// `<video>` markers, `image` / `video` paths relative to the file.
+    Conversations,
+    /// LongVILA-R1's LongVideo-Reason rows (`data.path`) for chain-of-thought SFT:
+    /// `videos`, `problem`, `answer` with `<think>...</think><answer>...</answer>`.
+    Cot,
 }
 
 /// The training and held-out data.
@@ -127,8 +133,11 @@ pub struct DataConfig {
     pub kind: DataKind,
     /// Where generated videos are cached (default: `<out>/data`).
     pub cache: Option<PathBuf>,
+    /// The JSONL file of `conversations` and `cot` data (relative paths resolve
+    /// against the working directory; media paths inside against the file's folder).
+    pub path: Option<PathBuf>,
     /// Frames of the longest training videos and of the held-out videos (every frame
-    /// is fed to the model).
+    /// is fed to the model); for JSONL data, frames sampled uniformly from each video.
     pub frames: usize,
     /// Training haystacks come in lengths `min_frames`, doubling, up to `frames`, in equal
     /// shares: short haystacks teach reading the needle, long ones finding it.
@@ -190,6 +199,7 @@ impl Default for DataConfig {
         DataConfig {
             kind: DataKind::Haystack,
             cache: None,
+            path: None,
             frames: 32,
             min_frames: 1,
             needle_copies: 8,
@@ -319,6 +329,25 @@ impl TrainConfig {
                 "data.min_frames",
                 format!("{} must be in 1..=data.frames ({})", d.min_frames, d.frames),
             );
+        }
+        match (d.kind, &d.path) {
+            (DataKind::Haystack, Some(path)) => {
+                return bad(
+                    "data.path",
+                    format!(
+                        "{} is set but data.kind is `haystack` (generated); set data.kind to \
+                         `conversations` or `cot` to train on a JSONL file",
+                        path.display()
+                    ),
+                );
+            }
+            (DataKind::Conversations | DataKind::Cot, None) => {
+                return bad(
+                    "data.path",
+                    "is required for data.kind `conversations` and `cot` (the JSONL file)".into(),
+                );
+            }
+            _ => {}
         }
         if d.needle_copies == 0 {
             return bad("data.needle_copies", "must be at least 1".into());

@@ -2,19 +2,22 @@
 //! with FFmpeg at the encoder's resolution, wrapped in the Qwen2 chat template, and
 //! batched (right-padded, padding unsupervised) into model inputs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use longview_data::dataset::{MediaKind, MediaRef, ReadOptions, read_conversations, read_reason};
 use longview_data::synthetic::{
     HaystackSample, HaystackSpec, Needle, SyntheticVideo, write_haystack_set,
 };
 use longview_data::text::IGNORE_INDEX;
 use longview_data::{
-    ChatTemplate, DecodeOptions, Media, Message, Sampling, TextTokenizer, decode_all,
+    ChatTemplate, DecodeOptions, Media, Message, Preprocess, Role, Sampling, TextTokenizer,
+    decode_all, load_image,
 };
 use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmConfig, VlmInput};
 
+use crate::config::DataKind;
 use crate::error::TrainError;
 
 /// The question every haystack sample asks.
@@ -88,7 +91,8 @@ impl Encoder<'_> {
         self.model.vision.image_size
     }
 
-    /// The chat-template conversation around already decoded `pixels`.
+    /// The chat-template conversation of one video question around already decoded
+    /// `pixels`.
     fn conversation(
         &self,
         pixels: Vec<f32>,
@@ -101,10 +105,23 @@ impl Encoder<'_> {
             Message::user(format!("<video>\n{question}")),
             Message::assistant(answer),
         ];
+        self.encode(pixels, &messages, &[Media::Video { frames }], answer, depth)
+    }
+
+    /// Any conversation: `media` in marker order, `pixels` their frames in order.
+    fn encode(
+        &self,
+        pixels: Vec<f32>,
+        messages: &[Message],
+        media: &[Media],
+        answer: &str,
+        depth: f64,
+    ) -> Result<Sample, TrainError> {
+        let frames = media.iter().map(|m| m.frames()).sum();
         let encoded = self.template.encode(
             self.tokenizer,
-            &messages,
-            &[Media::Video { frames }],
+            messages,
+            media,
             self.model.tokens_per_frame(),
             false,
         )?;
@@ -128,7 +145,7 @@ impl Encoder<'_> {
 
 /// Training needles and held-out haystack samples.
 pub struct HaystackData {
-    pub train: TrainSet,
+    pub train: NeedleSet,
     pub eval: Vec<Sample>,
 }
 
@@ -154,7 +171,7 @@ const NUMBERS: std::ops::Range<u32> = 10..100;
 /// backgrounds). Sample `i` of the stream is a function of `(seed, i)` only, so a
 /// resumed run reads exactly what an uninterrupted one would, and there is no fixed
 /// set of (video, answer) pairs to memorise.
-pub struct TrainSet {
+pub struct NeedleSet {
     /// `(frames, pixels)` of each needle-free haystack.
     haystacks: Vec<(usize, Vec<f32>)>,
     /// Needle frames, planar, one after another; `numbers[k]` is frame `k`'s number.
@@ -163,7 +180,7 @@ pub struct TrainSet {
     frame_len: usize,
 }
 
-impl TrainSet {
+impl NeedleSet {
     /// Distinct needle frames (a stream has no epochs: this is the data's variety).
     pub fn needle_frames(&self) -> usize {
         self.numbers.len()
@@ -220,7 +237,7 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 /// Generates (or reuses) the videos in `dir` and decodes them: the training
-/// haystacks and needle bank of a [`TrainSet`] (skipped when `needle_copies` is 0),
+/// haystacks and needle bank of a [`NeedleSet`] (skipped when `needle_copies` is 0),
 /// and `eval_per_depth` held-out videos per depth of LongVILA's grid {0, .2, .4, .6,
 /// .8, 1}, `frames` long, with the needle encoded into the video (another seed).
 pub fn haystack(
@@ -263,7 +280,7 @@ pub fn haystack(
         bank = encoder.decode(&path, count)?;
     }
     let side = encoder.side();
-    let train = TrainSet {
+    let train = NeedleSet {
         haystacks,
         bank,
         numbers,
@@ -406,5 +423,182 @@ pub fn collate(samples: &[&Sample], device: &Device) -> Batch {
         },
         labels: Tensor::from_data(TensorData::new(labels, [b, len]), device),
         supervised: samples.iter().map(|s| s.supervised()).sum(),
+    }
+}
+
+/// Position `i` of a stream over `n` rows: epoch `i / n` visits the rows in a seeded
+/// permutation, so a resumed run reads exactly what an uninterrupted one would.
+pub fn stream_index(seed: u64, n: usize, i: usize) -> usize {
+    let epoch = (i / n) as u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state =
+        (seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03)).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1;
+    for k in (1..n).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        order.swap(k, (state % (k as u64 + 1)) as usize);
+    }
+    order[i % n]
+}
+
+/// One conversation row: media in marker order, messages, and where it came from.
+#[derive(Debug, Clone)]
+struct Row {
+    line: usize,
+    media: Vec<MediaRef>,
+    messages: Vec<Message>,
+}
+
+/// Training rows of a JSONL file (LLaVA/VILA conversations or LongVideo-Reason
+/// chain-of-thought rows), their media decoded when a row is drawn: videos sampled
+/// uniformly at `frames` frames, images resized as SigLIP's processor does.
+pub struct RowSet {
+    path: PathBuf,
+    rows: Vec<Row>,
+    frames: usize,
+    /// What the reader reported (rows read, lines skipped and why).
+    pub summary: String,
+}
+
+impl RowSet {
+    /// Reads `path` as `kind` rows (media paths relative to the file's folder must
+    /// exist; unreadable lines are skipped and counted in [`RowSet::summary`]).
+    pub fn read(kind: DataKind, path: &Path, frames: usize) -> Result<Self, TrainError> {
+        let options = ReadOptions {
+            check_media: true,
+            ..ReadOptions::default()
+        };
+        let (rows, summary): (Vec<Row>, String) = match kind {
+            DataKind::Conversations => {
+                let read = read_conversations(path, &options)?;
+                let rows = read
+                    .rows
+                    .iter()
+                    .map(|r| Row {
+                        line: r.line,
+                        media: r.sample.media.clone(),
+                        messages: r.sample.messages.clone(),
+                    })
+                    .collect();
+                (rows, read.summary())
+            }
+            DataKind::Cot => {
+                let read = read_reason(path, &options)?;
+                let rows = read
+                    .rows
+                    .iter()
+                    .map(|r| Row {
+                        line: r.line,
+                        media: r
+                            .sample
+                            .videos
+                            .iter()
+                            .map(|v| MediaRef {
+                                kind: MediaKind::Video,
+                                path: v.clone(),
+                            })
+                            .collect(),
+                        messages: r.sample.messages(),
+                    })
+                    .collect();
+                (rows, read.summary())
+            }
+            DataKind::Haystack => {
+                return Err(TrainError::Request(
+                    "RowSet::read: haystack data is generated, not read".into(),
+                ));
+            }
+        };
+        if rows.is_empty() {
+            return Err(TrainError::row(
+                path,
+                0,
+                format!("no usable rows ({summary})"),
+            ));
+        }
+        Ok(RowSet {
+            path: path.into(),
+            rows,
+            frames,
+            summary,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Sample `index` of the stream (epochs over the rows in seeded permutations).
+    pub fn sample(
+        &self,
+        encoder: &Encoder<'_>,
+        seed: u64,
+        index: usize,
+    ) -> Result<Sample, TrainError> {
+        let row = &self.rows[stream_index(seed, self.rows.len(), index)];
+        let fail = |e: TrainError| TrainError::row(&self.path, row.line, e.to_string());
+        let pre = Preprocess::siglip(encoder.side() as u32);
+        let mut pixels = Vec::new();
+        let mut media = Vec::with_capacity(row.media.len());
+        for m in &row.media {
+            match m.kind {
+                MediaKind::Video => {
+                    pixels.extend(encoder.decode(&m.path, self.frames).map_err(fail)?);
+                    media.push(Media::Video {
+                        frames: self.frames,
+                    });
+                }
+                MediaKind::Image => {
+                    pixels.extend(load_image(&m.path, &pre).map_err(|e| fail(e.into()))?);
+                    media.push(Media::Image);
+                }
+            }
+        }
+        let answer = row
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::Assistant)
+            .map_or(String::new(), |m| m.content.clone());
+        encoder
+            .encode(pixels, &row.messages, &media, &answer, 0.0)
+            .map_err(fail)
+    }
+}
+
+/// Where training samples come from.
+pub enum TrainData {
+    Needles(NeedleSet),
+    Rows(RowSet),
+}
+
+impl TrainData {
+    pub fn sample(
+        &self,
+        encoder: &Encoder<'_>,
+        seed: u64,
+        index: usize,
+    ) -> Result<Sample, TrainError> {
+        match self {
+            TrainData::Needles(set) => set.sample(encoder, seed, index),
+            TrainData::Rows(set) => set.sample(encoder, seed, index),
+        }
+    }
+
+    /// One line for the run's summary.
+    pub fn describe(&self) -> String {
+        match self {
+            TrainData::Needles(set) => format!(
+                "{} distinct needle frames in haystacks of {:?} frames",
+                set.needle_frames(),
+                set.lengths()
+            ),
+            TrainData::Rows(set) => set.summary.clone(),
+        }
     }
 }

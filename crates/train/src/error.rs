@@ -25,6 +25,13 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("parallel training: {0}")]
     Parallel(String),
+    /// A training row that cannot be used (line 0: the file as a whole).
+    #[error("{}:{line}: {message}", path.display())]
+    Row {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     /// A request that cannot be served (bad generation parameters, empty prompt).
     #[error("{0}")]
     Request(String),
@@ -39,6 +46,14 @@ impl TrainError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
         let path = path.into();
         move |source| TrainError::Io { path, source }
+    }
+
+    pub(crate) fn row(path: impl Into<PathBuf>, line: usize, message: impl ToString) -> TrainError {
+        TrainError::Row {
+            path: path.into(),
+            line,
+            message: message.to_string(),
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl ToString) -> TrainError {

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
 use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
-use crate::data::{Encoder, HaystackData, Sample, collate, haystack};
+use crate::data::{Encoder, HaystackData, RowSet, Sample, TrainData, collate, haystack};
 use crate::error::TrainError;
 use crate::needle::{self, NeedleReport};
 
@@ -58,8 +58,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     /// Held-out needle accuracy after the last step (when the data has a held-out set).
     pub eval: Option<NeedleReport>,
-    /// Distinct needle frames the training samples drew from.
-    pub needle_frames: usize,
+    /// What the training samples were drawn from.
+    pub data: String,
     pub params: usize,
     pub trainable_params: usize,
 }
@@ -434,7 +434,34 @@ pub fn train_with(
         width: config.data.width.unwrap_or(side),
         height: config.data.height.unwrap_or(side),
     };
-    let data = match config.data.kind {
+    let (train, eval) = match config.data.kind {
+        DataKind::Conversations | DataKind::Cot => {
+            let path = config
+                .data
+                .path
+                .as_ref()
+                .expect("validate() requires data.path for JSONL kinds");
+            if !path.is_file() {
+                return Err(TrainError::Config {
+                    source_name: "data.path".into(),
+                    message: format!(
+                        "{} is not a file (the JSONL rows of data.kind `{}`)",
+                        path.display(),
+                        if config.data.kind == DataKind::Cot {
+                            "cot"
+                        } else {
+                            "conversations"
+                        }
+                    ),
+                });
+            }
+            let rows = RowSet::read(config.data.kind, path, config.data.frames)?;
+            log(&format!(
+                "data: {}; {} frames a video",
+                rows.summary, config.data.frames
+            ));
+            (TrainData::Rows(rows), Vec::new())
+        }
         DataKind::Haystack => {
             let cache = config
                 .data
@@ -449,7 +476,7 @@ pub fn train_with(
                 config.data.eval_per_depth,
                 cache.display()
             ));
-            haystack(
+            let HaystackData { train, eval } = haystack(
                 &encoder,
                 &cache,
                 config.data.frames,
@@ -457,13 +484,13 @@ pub fn train_with(
                 config.data.needle_copies,
                 config.data.eval_per_depth,
                 config.run.seed,
-            )?
+            )?;
+            (TrainData::Needles(train), eval)
         }
     };
     if writes {
         runner.barrier()?;
     }
-    let HaystackData { train, eval, .. } = data;
 
     let metrics_path = out.join("metrics.jsonl");
     let mut sinks = if writes {
@@ -650,7 +677,7 @@ pub fn train_with(
         elapsed_s: run_s,
         checkpoint: last_checkpoint,
         eval: eval_report,
-        needle_frames: train.needle_frames(),
+        data: train.describe(),
         params,
         trainable_params,
     })

@@ -188,6 +188,8 @@ fn configs_fail_with_the_key_and_value_named() {
         ("[run]\nbatch_size = 0\n", "run.batch_size"),
         ("[optim]\nwarmup_steps = 5000\n", "optim.warmup_steps"),
         ("[data]\nneedle_copies = 0\n", "data.needle_copies"),
+        ("[data]\nkind = \"cot\"\n", "data.path"),
+        ("[data]\npath = \"rows.jsonl\"\n", "data.path"),
         ("[model]\nsize = \"13b\"\n", "13b"),
         (
             "[model]\nstage = \"context-extension\"\n",
@@ -639,4 +641,131 @@ fn top_p_keeps_the_nucleus_and_samples_its_renormalised_probabilities() {
         .unwrap_err()
         .contains("top-p 0")
     );
+}
+
+#[test]
+fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
+    use longview_data::synthetic::{Needle, SyntheticVideo};
+    use longview_data::text::IGNORE_INDEX;
+    use longview_data::{DecodeOptions, Sampling, decode_all};
+    use longview_train::config::DataKind;
+    use longview_train::data::RowSet;
+
+    let tmp = TempDir::new("jsonl");
+    let dir = tmp.0.join("set");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, number) in [("a.mp4", "42"), ("b.mp4", "17")] {
+        SyntheticVideo::new(40, 40, 8, 12, 4)
+            .with_needles(vec![Needle {
+                frame: 5,
+                text: number.into(),
+            }])
+            .write(dir.join(name))
+            .unwrap();
+    }
+    image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+    })
+    .save(dir.join("still.png"))
+    .unwrap();
+    let cot = dir.join("cot.jsonl");
+    std::fs::write(
+        &cot,
+        [
+            r#"{"videos": ["a.mp4"], "problem": "Which number is shown?", "answer": "<think>One frame shows 42.</think><answer>42</answer>"}"#,
+            r#"{"video": "b.mp4", "problem": "Which number is shown?", "answer": "<think>I see 17.</think><answer>17</answer>"}"#,
+            r#"{"videos": ["missing.mp4"], "problem": "?", "answer": "<answer>1</answer>"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let conversations = dir.join("conversations.jsonl");
+    std::fs::write(
+        &conversations,
+        [
+            r#"{"id": "v", "video": "a.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat is shown?"}, {"from": "gpt", "value": "The number 42."}]}"#,
+            r#"{"id": "i", "image": "still.png", "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A gradient."}]}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let encoder = encoder(&tokenizer, &vlm);
+    let side = vlm.vision.image_size;
+
+    // CoT rows: the missing video's row is skipped and reported with its line.
+    let rows = RowSet::read(DataKind::Cot, &cot, 6).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.summary.contains("1 rows skipped") && rows.summary.contains("line 3"),
+        "{}",
+        rows.summary
+    );
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let s = rows.sample(&encoder, 1, i).unwrap();
+        assert_eq!(s.frames, 6);
+        // The frames are the video's uniform 6-frame sample, decoded independently.
+        let video = if s.answer.contains("42") {
+            "a.mp4"
+        } else {
+            "b.mp4"
+        };
+        let (_, batch) = decode_all(
+            dir.join(video),
+            &Sampling::Uniform { count: 6 },
+            &DecodeOptions::siglip(side as u32),
+        )
+        .unwrap();
+        assert_eq!(s.pixels, batch.pixels, "sample {i}");
+        // Only the reply (reasoning and answer) and the turn's end are supervised.
+        let supervised: Vec<u32> = s
+            .ids
+            .iter()
+            .zip(&s.labels)
+            .filter(|(_, l)| **l != IGNORE_INDEX)
+            .map(|(&t, _)| t)
+            .collect();
+        let text = tokenizer.decode(&supervised, false).unwrap();
+        assert!(text.starts_with(&s.answer), "{text:?} vs {:?}", s.answer);
+        assert!(s.answer.starts_with("<think>") && s.answer.ends_with("</answer>"));
+        assert!(text.trim_end().ends_with("<|im_end|>"), "{text:?}");
+        answers.push(s.answer);
+    }
+    answers.sort();
+    answers.dedup();
+    assert_eq!(answers.len(), 2, "an epoch visits both rows");
+
+    // Conversations: a video row and an image row (one frame, SigLIP-resized).
+    let rows = RowSet::read(DataKind::Conversations, &conversations, 4).unwrap();
+    let frames: Vec<usize> = (0..2)
+        .map(|i| rows.sample(&encoder, 0, i).unwrap().frames)
+        .collect();
+    let mut sorted = frames.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![1, 4]);
+
+    // A short CoT-SFT run on the file.
+    let mut config = TrainConfig::default();
+    config.run.out = tmp.0.join("run");
+    config.run.steps = 4;
+    config.run.batch_size = 2;
+    config.run.checkpoint_every = 4;
+    config.optim.warmup_steps = 1;
+    config.model.stage = longview_train::Stage::CotSft;
+    config.data.kind = DataKind::Cot;
+    config.data.path = Some(cot.clone());
+    config.data.frames = 4;
+    config.validate("(test)").unwrap();
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let summary = train(&config, &options, &device(), &mut quiet()).unwrap();
+    assert_eq!(summary.losses.len(), 4);
+    assert!(summary.losses.iter().all(|l| l.is_finite()));
+    assert!(summary.eval.is_none(), "JSONL data has no held-out needles");
+    assert!(summary.data.contains("2 samples"), "{}", summary.data);
 }
