@@ -104,6 +104,8 @@ pub struct OptimConfig {
     pub warmup_steps: usize,
     /// Cosine decay from `lr` to `lr * min_lr_ratio` at the last step.
     pub min_lr_ratio: f64,
+    /// Decoupled (AdamW) decay of weight matrices, embeddings and convolution kernels;
+    /// biases and normalisation parameters are never decayed.
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,

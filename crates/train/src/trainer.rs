@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -140,13 +140,25 @@ fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
     }
 }
 
-fn optimizer(optim: &OptimConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(optim.beta1 as f32)
-        .with_beta_2(optim.beta2 as f32)
-        .with_epsilon(optim.eps as f32)
-        .with_weight_decay(optim.weight_decay as f32)
+/// Parameters that AdamW does not decay: biases and normalisation scales/shifts
+/// (every one-dimensional parameter of the models), matched by module path.
+pub const NO_DECAY: &str = r"\.(bias|gamma|beta)$";
+
+/// AdamW with `optim.weight_decay` on weight matrices, embeddings and convolution
+/// kernels, and no decay on [`NO_DECAY`] parameters (the usual split of
+/// transformers' Trainer and Megatron).
+pub fn optimizer(optim: &OptimConfig) -> ModuleOptimizer {
+    let adamw = |decay: f64| {
+        AdamWConfig::new()
+            .with_beta_1(optim.beta1 as f32)
+            .with_beta_2(optim.beta2 as f32)
+            .with_epsilon(optim.eps as f32)
+            .with_weight_decay(decay as f32)
+    };
+    let no_decay = ParamGroup::from_regex(NO_DECAY).expect("NO_DECAY is a valid regex");
+    adamw(optim.weight_decay)
         .init()
+        .with_group(no_decay, adamw(0.0).build(), None)
 }
 
 /// Global L2 norm of all gradients (one device sync).

@@ -769,3 +769,57 @@ fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
     assert!(summary.eval.is_none(), "JSONL data has no held-out needles");
     assert!(summary.data.contains("2 samples"), "{}", summary.data);
 }
+
+#[test]
+fn weight_decay_skips_biases_and_norms() {
+    use burn::module::ModuleVisitor;
+    use longview_train::trainer::optimizer;
+
+    // Zero gradients: Adam's update is 0, so a step only applies the decoupled decay,
+    // p * (1 - lr * wd), to the decayed parameters.
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = device();
+    let model = vlm.init(&device);
+    struct Zeros(GradientsParams);
+    impl ModuleVisitor for Zeros {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0
+                .register::<D>(param.id, param.val().zeros_like().inner());
+        }
+    }
+    let mut zeros = Zeros(GradientsParams::new());
+    model.visit(&mut zeros);
+    struct Host(Vec<(usize, Vec<f32>)>);
+    impl ModuleVisitor for Host {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0.push((D, data.as_slice::<f32>().unwrap().to_vec()));
+        }
+    }
+    let mut before = Host(Vec::new());
+    model.visit(&mut before);
+
+    let (lr, wd) = (0.1, 0.5);
+    let config = OptimConfig {
+        weight_decay: wd,
+        ..OptimConfig::default()
+    };
+    let mut optim = optimizer(&config);
+    let model = optim.step(lr, model, zeros.0);
+    let mut after = Host(Vec::new());
+    model.visit(&mut after);
+
+    let (mut decayed, mut kept) = (0, 0);
+    for ((rank, a), (_, b)) in before.0.iter().zip(&after.0) {
+        let factor = if *rank >= 2 { 1.0 - lr * wd } else { 1.0 };
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (*x as f64 * factor - *y as f64).abs() <= 1e-6 * x.abs().max(1e-3) as f64,
+                "rank-{rank} parameter: {x} -> {y}, expected factor {factor}"
+            );
+        }
+        if *rank >= 2 { decayed += 1 } else { kept += 1 }
+    }
+    assert!(decayed > 10 && kept > 10, "{decayed} decayed, {kept} kept");
+}
