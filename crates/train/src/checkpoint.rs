@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{DType, Device, Tensor};
-use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
+use longview_models::hf::checkpoint::{
+    KeyMap, SaveOptions, load_into, load_vila, save_component, save_vila,
+};
+use longview_models::vila::lora::AttentionLora;
 use longview_models::{Vlm, VlmConfig};
 use serde::{Deserialize, Serialize};
 
@@ -115,15 +118,37 @@ pub fn save(
     std::fs::create_dir_all(&partial).map_err(TrainError::io(&partial))?;
 
     let model_dir = partial.join("model");
-    save_vila(
-        model,
-        config,
-        &model_dir,
-        SaveOptions {
-            dtype: DType::F32,
-            max_shard_bytes: Some(5 << 30),
-        },
-    )?;
+    let options = SaveOptions {
+        dtype: DType::F32,
+        max_shard_bytes: Some(5 << 30),
+    };
+    if model.llm.has_lora() {
+        // model/ holds the merged weights (a plain VILA model for eval and
+        // inference); lora/ the adapters, to give the base weights back on resume.
+        let merged = Vlm {
+            llm: model.llm.clone().merge_lora(),
+            ..model.clone()
+        };
+        save_vila(&merged, config, &model_dir, options)?;
+        let adapters = adapters(model);
+        let first = &adapters[0].q;
+        let rank = first.lora_a.weight.dims()[1];
+        let meta = serde_json::json!({
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": first.scale * rank as f64,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        });
+        save_component(
+            &adapters,
+            &meta,
+            &partial.join("lora"),
+            KeyMap::Qwen2,
+            options,
+        )?;
+    } else {
+        save_vila(model, config, &model_dir, options)?;
+    }
     let tokenizer = model_dir.join("llm").join("tokenizer.json");
     std::fs::write(&tokenizer, tokenizer_json).map_err(TrainError::io(&tokenizer))?;
     let optim = partial.join("optimizer.bpk");
@@ -173,7 +198,30 @@ pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<L
             ),
         ));
     }
-    let (model, config) = load_vila(&dir.join("model"), device)?;
+    let (mut model, config) = load_vila(&dir.join("model"), device)?;
+    let lora_dir = dir.join("lora");
+    if lora_dir.exists() {
+        let meta_path = lora_dir.join("config.json");
+        let meta: serde_json::Value = read_json(&meta_path)?;
+        let (rank, alpha) = match (meta["r"].as_u64(), meta["lora_alpha"].as_f64()) {
+            (Some(r), Some(a)) if r > 0 => (r as usize, a),
+            _ => {
+                return Err(TrainError::checkpoint(
+                    &meta_path,
+                    "needs a positive `r` and a `lora_alpha`",
+                ));
+            }
+        };
+        let mut llm = model.llm.with_lora(rank, alpha, device);
+        let mut loaded: Vec<AttentionLora> = llm
+            .model
+            .layers
+            .iter_mut()
+            .map(|l| l.self_attn.lora.take().expect("with_lora added adapters"))
+            .collect();
+        load_into(&mut loaded, &lora_dir, KeyMap::Qwen2, DType::F32)?;
+        model.llm = llm.unmerge_lora(loaded);
+    }
     let ids_path = dir.join("param_ids.json");
     let ids: BTreeMap<String, u64> = read_json(&ids_path)?;
     let model = restore_param_ids(model, &ids).map_err(|m| TrainError::checkpoint(&ids_path, m))?;
@@ -190,6 +238,17 @@ pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<L
 }
 
 /// Module path (`llm.layers.0.self_attn.q_proj.weight`) to parameter id.
+/// The adapters of every layer (the model has LoRA).
+fn adapters(model: &Vlm) -> Vec<AttentionLora> {
+    model
+        .llm
+        .model
+        .layers
+        .iter()
+        .map(|l| l.self_attn.lora.clone().expect("every layer has adapters"))
+        .collect()
+}
+
 pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
     struct Collect {
         path: Vec<String>,

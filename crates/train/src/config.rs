@@ -64,6 +64,9 @@ pub enum Part {
     Vision,
     Projector,
     Llm,
+    /// LoRA adapters on the LLM's q/k/v/o projections plus its embeddings and norms;
+    /// the rest of the LLM stays frozen (stage 4).
+    LlmLora,
 }
 
 impl Stage {
@@ -72,7 +75,7 @@ impl Stage {
         match self {
             Stage::ProjectorAlignment => vec![Part::Projector],
             Stage::Pretrain => vec![Part::Projector, Part::Llm],
-            Stage::ContextExtension => vec![Part::Llm],
+            Stage::ContextExtension => vec![Part::LlmLora],
             Stage::ShortSft | Stage::LongVideoSft | Stage::CotSft => {
                 vec![Part::Vision, Part::Projector, Part::Llm]
             }
@@ -92,6 +95,12 @@ pub struct ModelConfig {
     pub stage: Stage,
     /// Overrides the stage's trainable parts.
     pub trainable: Option<Vec<Part>>,
+    /// LoRA rank and alpha (scale `alpha / rank`) when `llm-lora` trains.
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    /// New RoPE base of the LLM (stage 4 raises it to extend the context); written
+    /// into the saved config.
+    pub rope_theta: Option<f64>,
 }
 
 /// AdamW, the learning-rate schedule and clipping.
@@ -126,6 +135,10 @@ pub enum DataKind {
     /// LongVILA-R1's LongVideo-Reason rows (`data.path`) for chain-of-thought SFT:
     /// `videos`, `problem`, `answer` with `<think>...</think><answer>...</answer>`.
     Cot,
+    /// Long text (`data.path`, rows `{"text": ...}`) for stage 4: documents joined
+    /// with `<|endoftext|>` and cut into `data.max_tokens`-token windows, every token
+    /// supervised.
+    Text,
 }
 
 /// The training and held-out data.
@@ -150,6 +163,8 @@ pub struct DataConfig {
     pub needle_copies: usize,
     /// Held-out videos per depth of LongVILA's grid {0, .2, .4, .6, .8, 1}.
     pub eval_per_depth: usize,
+    /// Tokens per training window of `text` data.
+    pub max_tokens: usize,
     /// Video size in pixels (default: the vision encoder's input size).
     pub width: Option<u32>,
     pub height: Option<u32>,
@@ -177,6 +192,9 @@ impl Default for ModelConfig {
             init_from: None,
             stage: Stage::LongVideoSft,
             trainable: None,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            rope_theta: None,
         }
     }
 }
@@ -206,6 +224,7 @@ impl Default for DataConfig {
             min_frames: 1,
             needle_copies: 8,
             eval_per_depth: 4,
+            max_tokens: 4096,
             width: None,
             height: None,
         }
@@ -276,11 +295,28 @@ impl TrainConfig {
                 format!("`{}` is not debug, small, 1.5b or 7b", self.model.size),
             );
         }
-        if self.model.stage == Stage::ContextExtension {
+        let trainable = self.trainable();
+        if trainable.contains(&Part::Llm) && trainable.contains(&Part::LlmLora) {
             return bad(
-                "model.stage",
-                "context-extension (LoRA on long text) is not implemented yet".into(),
+                "model.trainable",
+                "names both `llm` (all LLM weights) and `llm-lora` (adapters on a frozen \
+                 LLM): keep one"
+                    .into(),
             );
+        }
+        if trainable.contains(&Part::LlmLora) && self.model.lora_rank == 0 {
+            return bad("model.lora_rank", "must be at least 1".into());
+        }
+        if !(self.model.lora_alpha.is_finite() && self.model.lora_alpha > 0.0) {
+            return bad(
+                "model.lora_alpha",
+                format!("{} must be positive", self.model.lora_alpha),
+            );
+        }
+        if let Some(theta) = self.model.rope_theta
+            && !(theta.is_finite() && theta > 1.0)
+        {
+            return bad("model.rope_theta", format!("{theta} must be above 1"));
         }
         if self.trainable().is_empty() {
             return bad(
@@ -338,18 +374,25 @@ impl TrainConfig {
                     "data.path",
                     format!(
                         "{} is set but data.kind is `haystack` (generated); set data.kind to \
-                         `conversations` or `cot` to train on a JSONL file",
+                         `conversations`, `cot` or `text` to train on a JSONL file",
                         path.display()
                     ),
                 );
             }
-            (DataKind::Conversations | DataKind::Cot, None) => {
+            (DataKind::Conversations | DataKind::Cot | DataKind::Text, None) => {
                 return bad(
                     "data.path",
-                    "is required for data.kind `conversations` and `cot` (the JSONL file)".into(),
+                    "is required for data.kind `conversations`, `cot` and `text` (the JSONL file)"
+                        .into(),
                 );
             }
             _ => {}
+        }
+        if d.max_tokens < 2 {
+            return bad(
+                "data.max_tokens",
+                format!("{} must be at least 2", d.max_tokens),
+            );
         }
         if d.needle_copies == 0 {
             return bad("data.needle_copies", "must be at least 1".into());

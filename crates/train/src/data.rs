@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::dataset::{MediaKind, MediaRef, ReadOptions, read_conversations, read_reason};
+use longview_data::dataset::{
+    MediaKind, MediaRef, ReadOptions, read_conversations, read_jsonl, read_reason,
+};
 use longview_data::synthetic::{
     HaystackSample, HaystackSpec, Needle, SyntheticVideo, write_haystack_set,
 };
@@ -504,9 +506,9 @@ impl RowSet {
                     .collect();
                 (rows, read.summary())
             }
-            DataKind::Haystack => {
+            DataKind::Haystack | DataKind::Text => {
                 return Err(TrainError::Request(
-                    "RowSet::read: haystack data is generated, not read".into(),
+                    "RowSet::read reads conversation and CoT rows only".into(),
                 ));
             }
         };
@@ -571,10 +573,95 @@ impl RowSet {
     }
 }
 
+/// Long text for stage 4: the documents of a JSONL file (`{"text": ...}`) tokenized,
+/// joined with `<|endoftext|>` and cut into windows of `max_tokens` tokens (a last
+/// shorter window is kept), every token supervised, positions from 0 in every window.
+pub struct TextSet {
+    windows: Vec<Vec<u32>>,
+    side: usize,
+    /// Documents read, tokens, windows, lines skipped.
+    pub summary: String,
+}
+
+impl TextSet {
+    pub fn read(
+        path: &Path,
+        tokenizer: &TextTokenizer,
+        max_tokens: usize,
+        side: usize,
+    ) -> Result<Self, TrainError> {
+        let rows = read_jsonl(path, &ReadOptions::default(), |row, _| {
+            match row.get("text").and_then(|t| t.as_str()) {
+                Some(text) if !text.is_empty() => Ok(text.to_string()),
+                Some(_) => Err("empty `text`".into()),
+                None => Err("no `text` string".into()),
+            }
+        })?;
+        let separator = tokenizer.require("<|endoftext|>")?;
+        let mut stream = Vec::new();
+        for row in &rows.rows {
+            stream.extend(
+                tokenizer
+                    .encode(&row.sample)
+                    .map_err(|e| TrainError::row(path, row.line, e))?,
+            );
+            stream.push(separator);
+        }
+        let windows: Vec<Vec<u32>> = stream
+            .chunks(max_tokens)
+            .filter(|w| w.len() >= 2)
+            .map(<[u32]>::to_vec)
+            .collect();
+        if windows.is_empty() {
+            return Err(TrainError::row(
+                path,
+                0,
+                format!("no text to train on ({})", rows.summary()),
+            ));
+        }
+        let summary = format!(
+            "{}; {} tokens in {} windows of up to {max_tokens}",
+            rows.summary(),
+            stream.len(),
+            windows.len()
+        );
+        Ok(TextSet {
+            windows,
+            side,
+            summary,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
+    /// Window `index` of the stream (epochs in seeded permutations).
+    pub fn sample(&self, seed: u64, index: usize) -> Sample {
+        let ids = self.windows[stream_index(seed, self.windows.len(), index)].clone();
+        let labels = ids.iter().map(|&t| t as i64).collect();
+        Sample {
+            ids,
+            labels,
+            prompt_len: 0,
+            pixels: Vec::new(),
+            frames: 0,
+            side: self.side,
+            answer: String::new(),
+            depth: 0.0,
+        }
+    }
+}
+
 /// Where training samples come from.
 pub enum TrainData {
     Needles(NeedleSet),
     Rows(RowSet),
+    Text(TextSet),
 }
 
 impl TrainData {
@@ -587,6 +674,7 @@ impl TrainData {
         match self {
             TrainData::Needles(set) => set.sample(encoder, seed, index),
             TrainData::Rows(set) => set.sample(encoder, seed, index),
+            TrainData::Text(set) => Ok(set.sample(seed, index)),
         }
     }
 
@@ -599,6 +687,7 @@ impl TrainData {
                 set.lengths()
             ),
             TrainData::Rows(set) => set.summary.clone(),
+            TrainData::Text(set) => set.summary.clone(),
         }
     }
 }

@@ -14,13 +14,14 @@ use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use longview_data::TextTokenizer;
 use longview_models::hf::checkpoint::load_vila;
+use longview_models::vila::Qwen2;
 use longview_models::vila::causal_lm_loss_sum;
 use longview_models::{Vlm, VlmConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
 use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
-use crate::data::{Encoder, HaystackData, RowSet, Sample, TrainData, collate, haystack};
+use crate::data::{Encoder, HaystackData, RowSet, Sample, TextSet, TrainData, collate, haystack};
 use crate::error::TrainError;
 use crate::needle::{self, NeedleReport};
 
@@ -114,6 +115,27 @@ pub fn model_config(
     Ok(vlm)
 }
 
+/// Only the LoRA adapters, the embeddings and the norms of `llm` train.
+fn lora_trainable(llm: Qwen2) -> Qwen2 {
+    let mut llm = llm.no_grad();
+    let m = &mut llm.model;
+    m.embed_tokens = m.embed_tokens.clone().set_require_grad(true);
+    m.norm = m.norm.clone().set_require_grad(true);
+    for layer in &mut m.layers {
+        layer.input_layernorm = layer.input_layernorm.clone().set_require_grad(true);
+        layer.post_attention_layernorm = layer
+            .post_attention_layernorm
+            .clone()
+            .set_require_grad(true);
+        layer.self_attn.lora = layer
+            .self_attn
+            .lora
+            .take()
+            .map(|lora| lora.set_require_grad(true));
+    }
+    llm
+}
+
 fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
     let Vlm {
         mut vision_tower,
@@ -128,7 +150,9 @@ fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
     if !trainable.contains(&Part::Projector) {
         mm_projector = mm_projector.no_grad();
     }
-    if !trainable.contains(&Part::Llm) {
+    if trainable.contains(&Part::LlmLora) {
+        llm = lora_trainable(llm);
+    } else if !trainable.contains(&Part::Llm) {
         llm = llm.no_grad();
     }
     Vlm {
@@ -138,6 +162,29 @@ fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
         vision_feature,
         placeholder_token_id,
     }
+}
+
+/// `data.path`, which must be a file for the JSONL kinds.
+fn data_path(config: &TrainConfig) -> Result<&Path, TrainError> {
+    let path = config
+        .data
+        .path
+        .as_deref()
+        .expect("validate() requires data.path for JSONL kinds");
+    if !path.is_file() {
+        return Err(TrainError::Config {
+            source_name: "data.path".into(),
+            message: format!(
+                "{} is not a file (the JSONL rows of data.kind `{}`)",
+                path.display(),
+                serde_json::to_value(config.data.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    Ok(path)
 }
 
 /// Parameters that AdamW does not decay: biases and normalisation scales/shifts
@@ -404,7 +451,7 @@ pub fn train_with(
             (loaded.model, loaded.config, loaded.optimizer, loaded.state)
         }
         None => {
-            let (model, vlm_config) = match &config.model.init_from {
+            let (mut model, mut vlm_config) = match &config.model.init_from {
                 Some(dir) => load_vila(dir, device)?,
                 None => {
                     let vlm_config = model_config(config, &tokenizer)?;
@@ -414,6 +461,21 @@ pub fn train_with(
                     (vlm_config.init(device), vlm_config)
                 }
             };
+            if let Some(theta) = config.model.rope_theta {
+                log(&format!(
+                    "RoPE base {} -> {theta}",
+                    vlm_config.text.rope_theta
+                ));
+                vlm_config.text.rope_theta = theta;
+                model.llm.rope_theta = theta;
+            }
+            if trainable.contains(&Part::LlmLora) {
+                device.seed(config.run.seed ^ 0x4C6F_5241);
+                model.llm =
+                    model
+                        .llm
+                        .with_lora(config.model.lora_rank, config.model.lora_alpha, device);
+            }
             let state = TrainerState {
                 format_version: FORMAT_VERSION,
                 step: 0,
@@ -447,26 +509,19 @@ pub fn train_with(
         height: config.data.height.unwrap_or(side),
     };
     let (train, eval) = match config.data.kind {
+        DataKind::Text => {
+            let path = data_path(config)?;
+            let text = TextSet::read(
+                path,
+                &tokenizer,
+                config.data.max_tokens,
+                vlm_config.vision.image_size,
+            )?;
+            log(&format!("data: {}", text.summary));
+            (TrainData::Text(text), Vec::new())
+        }
         DataKind::Conversations | DataKind::Cot => {
-            let path = config
-                .data
-                .path
-                .as_ref()
-                .expect("validate() requires data.path for JSONL kinds");
-            if !path.is_file() {
-                return Err(TrainError::Config {
-                    source_name: "data.path".into(),
-                    message: format!(
-                        "{} is not a file (the JSONL rows of data.kind `{}`)",
-                        path.display(),
-                        if config.data.kind == DataKind::Cot {
-                            "cot"
-                        } else {
-                            "conversations"
-                        }
-                    ),
-                });
-            }
+            let path = data_path(config)?;
             let rows = RowSet::read(config.data.kind, path, config.data.frames)?;
             log(&format!(
                 "data: {}; {} frames a video",

@@ -191,9 +191,11 @@ fn configs_fail_with_the_key_and_value_named() {
         ("[data]\nkind = \"cot\"\n", "data.path"),
         ("[data]\npath = \"rows.jsonl\"\n", "data.path"),
         ("[model]\nsize = \"13b\"\n", "13b"),
+        ("[model]\ntrainable = [\"llm\", \"llm-lora\"]\n", "keep one"),
+        ("[model]\nrope_theta = 0.5\n", "model.rope_theta"),
         (
-            "[model]\nstage = \"context-extension\"\n",
-            "not implemented",
+            "[data]\nkind = \"text\"\npath = \"t.jsonl\"\nmax_tokens = 1\n",
+            "data.max_tokens",
         ),
         ("[model]\nstage = \"fine-tune\"\n", "fine-tune"),
         ("[model]\ntrainable = []\n", "model.trainable"),
@@ -822,4 +824,226 @@ fn weight_decay_skips_biases_and_norms() {
         if *rank >= 2 { decayed += 1 } else { kept += 1 }
     }
     assert!(decayed > 10 && kept > 10, "{decayed} decayed, {kept} kept");
+}
+
+#[test]
+fn lora_adapters_merge_into_the_same_function_and_unmerge_back() {
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Distribution, Int};
+    use longview_models::vila::config::TextConfig;
+    use longview_models::vila::default_position_ids;
+
+    let device = device();
+    device.seed(21);
+    let base = TextConfig::debug().init(&device);
+    let ids = Tensor::<2, Int>::random([2, 12], Distribution::Uniform(0.0, 299.0), &device);
+    let positions = default_position_ids(2, 12, &device);
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let reference = host(base.forward(ids.clone(), positions.clone()));
+
+    // Fresh adapters (B = 0) change nothing.
+    let mut adapted = base.clone().with_lora(4, 8.0, &device);
+    assert!(adapted.has_lora());
+    let fresh = host(adapted.forward(ids.clone(), positions.clone()));
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert_eq!(max_diff(&fresh, &reference), 0.0);
+
+    // Trained-looking adapters: x W + s (x A) B equals x (W + s A B) after merging.
+    for layer in &mut adapted.model.layers {
+        let lora = layer.self_attn.lora.as_mut().unwrap();
+        for adapter in [&mut lora.q, &mut lora.k, &mut lora.v, &mut lora.o] {
+            let [rank, out] = adapter.lora_b.weight.dims();
+            adapter.lora_b = LinearConfig::new(rank, out).with_bias(false).init(&device);
+        }
+    }
+    let with_adapters = host(adapted.forward(ids.clone(), positions.clone()));
+    assert!(
+        max_diff(&with_adapters, &reference) > 1e-3,
+        "the adapters act"
+    );
+    let scale = with_adapters.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let adapters: Vec<_> = adapted
+        .model
+        .layers
+        .iter()
+        .map(|l| l.self_attn.lora.clone().unwrap())
+        .collect();
+    let merged = adapted.clone().merge_lora();
+    assert!(!merged.has_lora());
+    let merged_out = host(merged.forward(ids.clone(), positions.clone()));
+    assert!(
+        max_diff(&merged_out, &with_adapters) <= 1e-5 * scale,
+        "merged {} vs adapters (scale {scale})",
+        max_diff(&merged_out, &with_adapters)
+    );
+    // Unmerging gives the base weights back to f32 rounding.
+    let unmerged = merged.unmerge_lora(adapters);
+    let w = |m: &longview_models::vila::Qwen2| {
+        m.model.layers[1]
+            .self_attn
+            .o_proj
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (w(&unmerged), w(&base));
+    assert!(
+        max_diff(&a, &b) <= 1e-6,
+        "unmerged o_proj off by {}",
+        max_diff(&a, &b)
+    );
+    let again = host(unmerged.forward(ids, positions));
+    assert!(max_diff(&again, &with_adapters) <= 1e-5 * scale);
+}
+
+#[test]
+fn context_extension_trains_adapters_embeddings_and_norms_on_text_and_resumes() {
+    use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
+    use longview_train::config::DataKind;
+
+    let tmp = TempDir::new("stage4");
+    let corpus = tmp.0.join("text.jsonl");
+    let doc = |i: usize| {
+        format!(
+            "{{\"text\": \"Document {i}: the quick brown fox jumps over the lazy dog {} times, then rests.\"}}",
+            i * 7
+        )
+    };
+    let mut lines: Vec<String> = (0..12).map(doc).collect();
+    lines.push("{\"title\": \"no text field\"}".into());
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+
+    // The starting model, saved so that frozen weights can be compared afterwards.
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = device();
+    device.seed(5);
+    let start = tmp.0.join("start");
+    save_vila(
+        &vlm.init(&device),
+        &vlm,
+        &start,
+        SaveOptions {
+            dtype: burn::tensor::DType::F32,
+            max_shard_bytes: None,
+        },
+    )
+    .unwrap();
+    std::fs::write(
+        start.join("llm").join("tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+
+    let config = |out: &Path| {
+        let mut c = TrainConfig::default();
+        c.run.out = out.into();
+        c.run.steps = 4;
+        c.run.batch_size = 2;
+        c.run.checkpoint_every = 2;
+        c.optim.warmup_steps = 1;
+        c.model.stage = longview_train::Stage::ContextExtension;
+        c.model.init_from = Some(start.clone());
+        c.model.rope_theta = Some(1_000_000.0);
+        c.model.lora_rank = 4;
+        c.data.kind = DataKind::Text;
+        c.data.path = Some(corpus.clone());
+        c.data.max_tokens = 48;
+        c.validate("(test)").unwrap();
+        c
+    };
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let straight = train(
+        &config(&tmp.0.join("whole")),
+        &options,
+        &device,
+        &mut quiet(),
+    )
+    .unwrap();
+    assert!(
+        straight.data.contains("1 rows skipped"),
+        "{}",
+        straight.data
+    );
+    assert!(straight.losses.iter().all(|l| l.is_finite()));
+    assert!(
+        straight.trainable_params < straight.params / 2,
+        "{} of {} parameters train",
+        straight.trainable_params,
+        straight.params
+    );
+
+    // Interrupted after 2 steps, resumed: the same curve (adapters reloaded, base
+    // weights unmerged from the saved merged model).
+    let split = config(&tmp.0.join("split"));
+    let first = TrainOptions {
+        stop_after: Some(2),
+        ..options.clone()
+    };
+    train(&split, &first, &device, &mut quiet()).unwrap();
+    let resumed = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..options.clone()
+        },
+        &device,
+        &mut quiet(),
+    )
+    .unwrap();
+    for (a, b) in straight.losses[2..].iter().zip(&resumed.losses[2..]) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    }
+
+    // The saved model is merged (plain VILA layout) with the new RoPE base; the MLP
+    // and the vision tower are the starting weights bit for bit, q_proj is not.
+    let dir = straight.checkpoint.unwrap();
+    assert!(dir.join("lora").join("model.safetensors").exists());
+    let (trained, trained_config) = load_vila(&dir.join("model"), &device).unwrap();
+    assert_eq!(trained_config.text.rope_theta, 1_000_000.0);
+    assert!(!trained.llm.has_lora());
+    let (initial, _) = load_vila(&start, &device).unwrap();
+    let host2 = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    fn layer(m: &longview_models::Vlm) -> &longview_models::vila::text::Qwen2DecoderLayer {
+        &m.llm.model.layers[0]
+    }
+    assert_eq!(
+        host2(layer(&trained).mlp.gate_proj.weight.val()),
+        host2(layer(&initial).mlp.gate_proj.weight.val())
+    );
+    assert_eq!(
+        host2(
+            trained.vision_tower.encoder.layers[0]
+                .self_attn
+                .q_proj
+                .weight
+                .val()
+        ),
+        host2(
+            initial.vision_tower.encoder.layers[0]
+                .self_attn
+                .q_proj
+                .weight
+                .val()
+        )
+    );
+    assert_ne!(
+        host2(layer(&trained).self_attn.q_proj.weight.val()),
+        host2(layer(&initial).self_attn.q_proj.weight.val())
+    );
+    assert_ne!(
+        host2(trained.llm.model.embed_tokens.weight.val()),
+        host2(initial.llm.model.embed_tokens.weight.val())
+    );
 }

@@ -8,6 +8,7 @@
 //! encoded: the sequence-parallel layer can shard ids, labels and positions up front.
 
 pub mod config;
+pub mod lora;
 pub mod projector;
 pub mod text;
 pub mod vision;

@@ -10,6 +10,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
+use super::lora::AttentionLora;
 use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
 
 /// Rotary position embedding tables for a batch of position ids.
@@ -71,6 +72,8 @@ pub struct Qwen2Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// LoRA adapters (stage 4, context extension); `None` otherwise.
+    pub lora: Option<AttentionLora>,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -101,9 +104,19 @@ impl Qwen2Attention {
         let [b, s, hidden] = x.dims();
         let d = hidden / self.num_heads;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
-        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let mut v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let (mut q, mut k, mut v) = (
+            self.q_proj.forward(x.clone()),
+            self.k_proj.forward(x.clone()),
+            self.v_proj.forward(x.clone()),
+        );
+        if let Some(lora) = &self.lora {
+            q = q + lora.q.forward(x.clone());
+            k = k + lora.k.forward(x.clone());
+            v = v + lora.v.forward(x);
+        }
+        let q = rope.apply(split(q, self.num_heads));
+        let mut k = rope.apply(split(k, self.num_kv_heads));
+        let mut v = split(v, self.num_kv_heads);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -121,8 +134,11 @@ impl Qwen2Attention {
                 scale: (d as f64).powf(-0.5),
             },
         );
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, self.num_heads * d]))
+        let out = out.swap_dims(1, 2).reshape([b, s, self.num_heads * d]);
+        match &self.lora {
+            Some(lora) => self.o_proj.forward(out.clone()) + lora.o.forward(out),
+            None => self.o_proj.forward(out),
+        }
     }
 }
 
@@ -246,6 +262,7 @@ impl TextConfig {
                     k_proj: linear(h, kv, true),
                     v_proj: linear(h, kv, true),
                     o_proj: linear(self.num_heads * d, h, false),
+                    lora: None,
                     num_heads: self.num_heads,
                     num_kv_heads: self.num_kv_heads,
                     attention: self.attention,

@@ -1,0 +1,136 @@
+//! LoRA adapters on the LLM's attention projections (LongVILA stage 4 trains them,
+//! with the embeddings and norms, to extend the context on long text).
+//!
+//! An adapter adds `scale * (x A) B` to a frozen `Linear`, with `A` `[in, rank]`
+//! (Kaiming-uniform, as PEFT) and `B` `[rank, out]` (zeros, so a fresh adapter changes
+//! nothing) and `scale = alpha / rank`. Merging folds `scale * A B` into the weight.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+
+use super::text::Qwen2;
+
+/// One low-rank adapter.
+#[derive(Module, Debug)]
+pub struct Lora {
+    /// `[in, rank]` (Burn's Linear layout; PEFT's `lora_A.weight` is its transpose).
+    pub lora_a: Linear,
+    /// `[rank, out]`.
+    pub lora_b: Linear,
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl Lora {
+    pub fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &Device) -> Self {
+        let lora_a = LinearConfig::new(d_in, rank).with_bias(false).init(device);
+        let lora_b = LinearConfig::new(rank, d_out)
+            .with_bias(false)
+            .with_initializer(burn::nn::Initializer::Zeros)
+            .init(device);
+        Lora {
+            lora_a,
+            lora_b,
+            scale: alpha / rank as f64,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, in]`; output: `[batch, seq, out]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.lora_b
+            .forward(self.lora_a.forward(x))
+            .mul_scalar(self.scale)
+    }
+
+    /// `scale * A B`, `[in, out]` (the change of the adapted Linear's weight).
+    pub fn delta(&self) -> Tensor<2> {
+        self.lora_a
+            .weight
+            .val()
+            .matmul(self.lora_b.weight.val())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// Adapters of one attention block's q, k, v and o projections.
+#[derive(Module, Debug)]
+pub struct AttentionLora {
+    pub q: Lora,
+    pub k: Lora,
+    pub v: Lora,
+    pub o: Lora,
+}
+
+/// `weight + sign * delta` as a new parameter with `linear`'s id.
+fn shift(linear: Linear, delta: Tensor<2>, sign: f64) -> Linear {
+    let Linear { weight, bias } = linear;
+    let id = weight.id;
+    let value = weight.val().detach() + delta.detach().mul_scalar(sign);
+    Linear {
+        weight: Param::initialized(id, value),
+        bias,
+    }
+}
+
+impl Qwen2 {
+    /// Adds fresh adapters (rank `rank`, scale `alpha / rank`) to every attention
+    /// block's q, k, v and o projections; the model computes the same function until
+    /// the adapters train.
+    pub fn with_lora(mut self, rank: usize, alpha: f64, device: &Device) -> Self {
+        for layer in &mut self.model.layers {
+            let attn = &mut layer.self_attn;
+            let [h, q_out] = attn.q_proj.weight.dims();
+            let kv_out = attn.k_proj.weight.dims()[1];
+            let [o_in, o_out] = attn.o_proj.weight.dims();
+            attn.lora = Some(AttentionLora {
+                q: Lora::new(h, q_out, rank, alpha, device),
+                k: Lora::new(h, kv_out, rank, alpha, device),
+                v: Lora::new(h, kv_out, rank, alpha, device),
+                o: Lora::new(o_in, o_out, rank, alpha, device),
+            });
+        }
+        self
+    }
+
+    /// Folds every adapter into its projection's weight and drops the adapters: a
+    /// plain Qwen2 computing the same function (what checkpoints store).
+    pub fn merge_lora(mut self) -> Self {
+        for layer in &mut self.model.layers {
+            let attn = &mut layer.self_attn;
+            if let Some(lora) = attn.lora.take() {
+                attn.q_proj = shift(attn.q_proj.clone(), lora.q.delta(), 1.0);
+                attn.k_proj = shift(attn.k_proj.clone(), lora.k.delta(), 1.0);
+                attn.v_proj = shift(attn.v_proj.clone(), lora.v.delta(), 1.0);
+                attn.o_proj = shift(attn.o_proj.clone(), lora.o.delta(), 1.0);
+            }
+        }
+        self
+    }
+
+    /// The inverse of [`Qwen2::merge_lora`]: attaches `adapters` (one per layer) to a
+    /// merged model and subtracts their deltas from the weights, giving back the base
+    /// weights (to f32 rounding) for a resumed LoRA run.
+    pub fn unmerge_lora(mut self, adapters: Vec<AttentionLora>) -> Self {
+        assert_eq!(
+            adapters.len(),
+            self.model.layers.len(),
+            "one adapter set per layer"
+        );
+        for (layer, lora) in self.model.layers.iter_mut().zip(adapters) {
+            let attn = &mut layer.self_attn;
+            attn.q_proj = shift(attn.q_proj.clone(), lora.q.delta(), -1.0);
+            attn.k_proj = shift(attn.k_proj.clone(), lora.k.delta(), -1.0);
+            attn.v_proj = shift(attn.v_proj.clone(), lora.v.delta(), -1.0);
+            attn.o_proj = shift(attn.o_proj.clone(), lora.o.delta(), -1.0);
+            attn.lora = Some(lora);
+        }
+        self
+    }
+
+    /// Whether the attention blocks carry adapters.
+    pub fn has_lora(&self) -> bool {
+        self.model.layers.iter().any(|l| l.self_attn.lora.is_some())
+    }
+}
