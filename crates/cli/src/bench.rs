@@ -78,7 +78,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         &device,
     )?;
     let tokens = args.batch * batch.seq_len;
-    let patches = batch.frames * config.vision.grid_side().pow(2);
 
     let step = || -> Result<()> {
         let loss = model.loss(batch.input.clone(), batch.labels.clone())?;
@@ -106,25 +105,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64() / args.iters.max(1) as f64;
     bar.finish_and_clear();
 
-    let t = &config.text;
-    let v = &config.vision;
-    let embed = t.vocab_size * t.hidden_size;
-    let llm_matmul_params = model.llm.num_params() - if t.tie_word_embeddings { 0 } else { embed };
-    let vision_params = model.vision_tower.num_params() + model.mm_projector.num_params();
-    let llm_attn = 4.0
-        * (batch.seq_len as f64).powi(2)
-        * t.hidden_size as f64
-        * t.num_layers as f64
-        * 0.5
-        * args.batch as f64;
-    let vis_attn = 4.0
-        * (v.grid_side().pow(2) as f64).powi(2)
-        * v.hidden_size as f64
-        * v.num_layers as f64
-        * batch.frames as f64;
-    let flops = 6.0
-        * (llm_matmul_params as f64 * tokens as f64 + vision_params as f64 * patches as f64)
-        + 3.0 * (llm_attn + vis_attn);
+    let flops = longview_models::vila::train_flops(
+        &model,
+        &config,
+        &vec![batch.seq_len; args.batch],
+        batch.frames,
+    );
     let memory = device.memory_pool_usage().map(|m| m.bytes_reserved);
 
     let result = json!({

@@ -72,6 +72,29 @@ impl DeviceArgs {
     }
 }
 
+/// Dense matmul rate of `device` in TFLOP/s at its float dtype: ten timed 8192^3
+/// products after two warm-up ones (the ceiling MFU is stated against).
+pub fn matmul_ceiling(device: &Device) -> Result<f64> {
+    use burn::tensor::{Distribution, Tensor};
+    const N: usize = 8192;
+    let a = Tensor::<2>::random([N, N], Distribution::Default, device);
+    let b = Tensor::<2>::random([N, N], Distribution::Default, device);
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
+    };
+    // Results are kept until the sync so that no backend can skip the work.
+    let warm: Vec<_> = (0..2).map(|_| a.clone().matmul(b.clone())).collect();
+    sync()?;
+    drop(warm);
+    let start = std::time::Instant::now();
+    let timed: Vec<_> = (0..10).map(|_| a.clone().matmul(b.clone())).collect();
+    sync()?;
+    drop(timed);
+    Ok(10.0 * 2.0 * (N as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12)
+}
+
 /// Refuses a CPU run whose parameters, gradients and optimizer state cannot fit in
 /// the memory available now (`copies` full-size copies of the parameters at the
 /// device dtype), instead of letting the allocator abort mid-run.

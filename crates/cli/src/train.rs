@@ -103,10 +103,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args.device.device,
         args.device.dtype
     );
+    let matmul_tflops = if args.device.device == "cpu" {
+        None
+    } else {
+        let tflops = crate::matmul_ceiling(&device)?;
+        println!(
+            "  matmul    {tflops:.1} TFLOP/s measured ({} 8192^3 products): the MFU reference",
+            args.device.dtype
+        );
+        Some(tflops)
+    };
     let options = TrainOptions {
         resume: args.resume,
         stop_after: None,
         progress: !args.no_progress,
+        matmul_tflops,
     };
     let summary = match &args.parallel {
         None => {
@@ -145,6 +156,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.first_step, summary.last_step, summary.elapsed_s, summary.tokens_per_s,
     );
     println!("  data      {}", summary.data);
+    match matmul_tflops {
+        Some(peak) => println!(
+            "  compute   {:.2} model TFLOP/s, MFU {:.1}% of the measured matmul rate",
+            summary.model_tflops,
+            100.0 * summary.model_tflops / peak
+        ),
+        None => println!("  compute   {:.4} model TFLOP/s", summary.model_tflops),
+    }
     println!(
         "  loss      mean of the first {window} steps {head:.4} -> mean of the last {window} {tail:.4}"
     );

@@ -14,8 +14,8 @@ use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use longview_data::TextTokenizer;
 use longview_models::hf::checkpoint::load_vila;
-use longview_models::vila::Qwen2;
 use longview_models::vila::causal_lm_loss_sum;
+use longview_models::vila::{Qwen2, train_flops};
 use longview_models::{Vlm, VlmConfig};
 use serde::Serialize;
 
@@ -35,6 +35,9 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// The device's dense matmul rate in TFLOP/s (measured by the caller on a GPU):
+    /// with it, every step reports its model FLOPs utilisation (MFU).
+    pub matmul_tflops: Option<f64>,
 }
 
 impl Default for TrainOptions {
@@ -43,6 +46,7 @@ impl Default for TrainOptions {
             resume: false,
             stop_after: None,
             progress: true,
+            matmul_tflops: None,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct TrainSummary {
     pub eval: Option<NeedleReport>,
     /// What the training samples were drawn from.
     pub data: String,
+    /// Model TFLOP/s over this invocation's steps (wall time, data loading included).
+    pub model_tflops: f64,
     pub params: usize,
     pub trainable_params: usize,
 }
@@ -280,6 +286,10 @@ struct Metrics {
     tokens_per_s: f64,
     elapsed_s: f64,
     rss_mib: Option<f64>,
+    /// Model TFLOP/s of the step ([`longview_models::vila::train_flops`]).
+    model_tflops: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     needle_accuracy: Option<f64>,
 }
@@ -592,6 +602,7 @@ pub fn train_with(
     let timer = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut tokens_this_run = 0u64;
+    let mut flops_this_run = 0f64;
     let mut last_checkpoint = None;
     let per_step = config.run.batch_size * config.run.grad_accum;
 
@@ -604,6 +615,10 @@ pub fn train_with(
             .chunks(config.run.batch_size)
             .map(|chunk| chunk.iter().collect())
             .collect();
+        let step_timer = Instant::now();
+        let seq_lens: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
+        let frames: usize = samples.iter().map(|s| s.frames).sum();
+        let step_flops = train_flops(&model, &vlm_config, &seq_lens, frames);
         let supervised: usize = micro.iter().flatten().map(|s| s.supervised()).sum();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.ids.len()).sum();
         let (loss_value, mut grads) = runner.step(&model, &micro, supervised, device)?;
@@ -633,6 +648,9 @@ pub fn train_with(
         let run_s = timer.elapsed().as_secs_f64();
         state.elapsed_s = elapsed_before + run_s;
         let tokens_per_s = tokens_this_run as f64 / run_s.max(1e-9);
+        let model_tflops = step_flops / step_timer.elapsed().as_secs_f64().max(1e-9) / 1e12;
+        let mfu = options.matmul_tflops.map(|peak| model_tflops / peak);
+        flops_this_run += step_flops;
 
         let needle_accuracy = if writes
             && config.run.eval_every > 0
@@ -665,6 +683,8 @@ pub fn train_with(
             tokens_per_s,
             elapsed_s: state.elapsed_s,
             rss_mib: rss,
+            model_tflops,
+            mfu,
             needle_accuracy,
         };
         if let Some((metrics, events)) = sinks.as_mut() {
@@ -687,7 +707,11 @@ pub fn train_with(
             }
         }
         bar.set_message(format!(
-            "loss {loss_value:.4} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s{}",
+            "loss {loss_value:.4} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s {}{}",
+            match mfu {
+                Some(m) => format!("MFU {:.1}%", 100.0 * m),
+                None => format!("{model_tflops:.3} TFLOP/s"),
+            },
             rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m))
         ));
         bar.set_position(state.step as u64);
@@ -741,6 +765,7 @@ pub fn train_with(
         first_step,
         last_step: state.step,
         tokens_per_s: tokens_this_run as f64 / run_s.max(1e-9),
+        model_tflops: flops_this_run / run_s.max(1e-9) / 1e12,
         elapsed_s: run_s,
         checkpoint: last_checkpoint,
         eval: eval_report,

@@ -1047,3 +1047,33 @@ fn context_extension_trains_adapters_embeddings_and_norms_on_text_and_resumes() 
         host2(initial.llm.model.embed_tokens.weight.val())
     );
 }
+
+#[test]
+fn train_flops_match_a_count_of_every_llm_matmul() {
+    use longview_models::vila::train_flops;
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = device();
+    let model = vlm.init(&device);
+    let t = &vlm.text;
+    let (h, d) = (t.hidden_size as f64, t.head_dim() as f64);
+    let (q, kv) = (t.num_heads as f64 * d, t.num_kv_heads as f64 * d);
+    let i = t.intermediate_size as f64;
+    let seqs = [40usize, 17];
+    // Forward: 2 FLOPs per multiply-add of every projection, the LM head, and
+    // causal attention (QK^T and PV, half the square); backward twice the forward.
+    let mut forward = 0.0;
+    for &s in &seqs {
+        let s = s as f64;
+        let per_token = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+        forward += 2.0 * s * (per_token * t.num_layers as f64 + h * t.vocab_size as f64);
+        forward += 2.0 * 2.0 * s * s * q * t.num_layers as f64 * 0.5;
+    }
+    let counted = 3.0 * forward;
+    let estimate = train_flops(&model, &vlm, &seqs, 0);
+    // The estimate also counts biases and norm scales as matmul parameters.
+    assert!(
+        (estimate - counted).abs() <= 0.01 * counted,
+        "estimate {estimate:.4e} vs counted {counted:.4e}"
+    );
+}

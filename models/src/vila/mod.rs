@@ -151,6 +151,32 @@ impl Vlm {
     }
 }
 
+/// Model FLOPs of one training step (forward + backward) over sequences of
+/// `seq_lens` tokens with `frames` frames in all, the usual estimate: matmul
+/// parameters x tokens x 6 (forward 2, backward 4; the embedding lookup is not a
+/// matmul, a tied LM head is), attention `4 S^2 width` per layer forward (halved for
+/// the causal LLM, full for the vision encoder) and twice that backward.
+pub fn train_flops(model: &Vlm, config: &VlmConfig, seq_lens: &[usize], frames: usize) -> f64 {
+    let t = &config.text;
+    let v = &config.vision;
+    let embed = t.vocab_size * t.hidden_size;
+    let llm_matmul = model.llm.num_params() - if t.tie_word_embeddings { 0 } else { embed };
+    let vision = model.vision_tower.num_params() + model.mm_projector.num_params();
+    let tokens: usize = seq_lens.iter().sum();
+    let patches = frames * v.grid_side().pow(2);
+    let llm_attn: f64 = seq_lens
+        .iter()
+        .map(|&s| 4.0 * (s as f64).powi(2) * t.hidden_size as f64 * t.num_layers as f64 * 0.5)
+        .sum();
+    let vis_attn = 4.0
+        * (v.grid_side().pow(2) as f64).powi(2)
+        * v.hidden_size as f64
+        * v.num_layers as f64
+        * frames as f64;
+    6.0 * (llm_matmul as f64 * tokens as f64 + vision as f64 * patches as f64)
+        + 3.0 * (llm_attn + vis_attn)
+}
+
 /// Replaces the rows of `text` at placeholder ids by the visual tokens, in order.
 ///
 /// Errors when the number of placeholders differs from the number of visual tokens.
