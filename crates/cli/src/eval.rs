@@ -83,14 +83,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return open(&args, &model, decoding, &out, &device);
     }
     println!(
-        "longview eval: needle in a haystack, {} ({} frames x 6 depths x {} videos)",
+        "longview eval: needle in a haystack, {} ({})",
         model.dir.display(),
-        args.frames
-            .iter()
-            .map(|f| f.to_string())
-            .collect::<Vec<_>>()
-            .join("/"),
-        args.per_depth
+        grid_label(&args)
     );
     // The eval videos use their own seed, never the training set's.
     let grid = longview_train::eval::needle_grid(
@@ -176,14 +171,9 @@ fn open(
     device: &burn::tensor::Device,
 ) -> Result<()> {
     println!(
-        "longview eval: open-ended needle answers ({decoding:?}), {} ({} frames x 6 depths x {} videos)",
+        "longview eval: open-ended needle answers ({decoding:?}), {} ({})",
         model.dir.display(),
-        args.frames
-            .iter()
-            .map(|f| f.to_string())
-            .collect::<Vec<_>>()
-            .join("/"),
-        args.per_depth
+        grid_label(args)
     );
     let report = longview_train::eval::open_needle(
         model,
@@ -211,4 +201,14 @@ fn open(
     );
     println!("  wrote {}", path.display());
     Ok(())
+}
+
+/// `32/64/128 frames x 6 depths x 4 videos`.
+fn grid_label(args: &EvalArgs) -> String {
+    let frames: Vec<String> = args.frames.iter().map(|f| f.to_string()).collect();
+    format!(
+        "{} frames x 6 depths x {} videos",
+        frames.join("/"),
+        args.per_depth
+    )
 }

@@ -202,9 +202,6 @@ impl Vlm {
 
     /// The ids that end an answer: `<|im_end|>` and `<|endoftext|>`.
     pub fn stop_tokens(&self) -> Vec<u32> {
-        ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| self.tokenizer.token_id(t))
-            .collect()
+        longview_train::generate::stop_tokens(&self.tokenizer)
     }
 }

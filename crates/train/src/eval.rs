@@ -44,6 +44,20 @@ pub struct EvalModel {
     pub dir: PathBuf,
 }
 
+impl EvalModel {
+    /// Samples at the model's input size, in the Qwen2 chat template.
+    pub fn encoder(&self) -> Encoder<'_> {
+        let side = self.config.vision.image_size as u32;
+        Encoder {
+            tokenizer: &self.tokenizer,
+            template: longview_data::ChatTemplate::qwen2(),
+            model: &self.config,
+            width: side,
+            height: side,
+        }
+    }
+}
+
 /// Loads the model and tokenizer `path` resolves to.
 pub fn load(path: &Path, device: &Device) -> Result<EvalModel, TrainError> {
     let dir = resolve_model_dir(path)?;
@@ -150,14 +164,7 @@ pub fn needle_grid(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<NeedleGrid, TrainError> {
-    let side = model.config.vision.image_size as u32;
-    let encoder = Encoder {
-        tokenizer: &model.tokenizer,
-        template: longview_data::ChatTemplate::qwen2(),
-        model: &model.config,
-        width: side,
-        height: side,
-    };
+    let encoder = model.encoder();
     let depths: Vec<f64> = (0..=5).map(|i| i as f64 / 5.0).collect();
     let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
     let (mut correct, mut total) = (0, 0);
@@ -359,22 +366,11 @@ pub fn open_needle(
 ) -> Result<OpenReport, TrainError> {
     use burn::tensor::{Tensor, TensorData};
     use longview_models::VisualInput;
-    let side = model.config.vision.image_size as u32;
-    let encoder = Encoder {
-        tokenizer: &model.tokenizer,
-        template: longview_data::ChatTemplate::qwen2(),
-        model: &model.config,
-        width: side,
-        height: side,
-    };
-    let stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-        .iter()
-        .filter_map(|t| model.tokenizer.token_id(t))
-        .collect();
+    let encoder = model.encoder();
     let options = crate::generate::GenerateOptions {
         max_new_tokens: 8,
         decoding,
-        stop,
+        stop: crate::generate::stop_tokens(&model.tokenizer),
     };
     let mut answers = Vec::new();
     for &n in frames {

@@ -52,6 +52,15 @@ pub struct GenerateOptions {
     pub stop: Vec<u32>,
 }
 
+/// The ids that end an answer: `<|im_end|>` and `<|endoftext|>` (those the
+/// tokenizer has).
+pub fn stop_tokens(tokenizer: &longview_data::TextTokenizer) -> Vec<u32> {
+    ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t))
+        .collect()
+}
+
 /// The generated ids after `prompt` (without the stop token), with the KV cache.
 ///
 /// `visual` holds the frames or visual tokens of the prompt's placeholders.
