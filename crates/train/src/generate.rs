@@ -94,6 +94,9 @@ pub fn generate(
             break;
         }
         out.push(next);
+        if out.len() == options.max_new_tokens {
+            break;
+        }
         let position = cache.len() as i64;
         let input = VlmInput {
             input_ids: Tensor::<2, Int>::from_data(
