@@ -212,7 +212,7 @@ pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<L
                 ));
             }
         };
-        let mut llm = model.llm.with_lora(rank, alpha, device);
+        let mut llm = model.llm.with_lora(rank, alpha, 0, device);
         let mut loaded: Vec<AttentionLora> = llm
             .model
             .layers

@@ -111,39 +111,40 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         let side = samples[0].side;
         let frame_len = 3 * side * side;
         let frames: usize = samples.iter().map(|s| s.frames).sum();
-        if frames == 0 {
-            return Err(TrainError::Parallel(
-                "MM-SP splits a batch's frames; text-only batches are not supported yet".into(),
-            ));
-        }
 
-        // 1. Vision stage: this rank's frames only.
-        let share = frames.div_ceil(sp).max(1);
-        let mut pixels = vec![0f32; share * frame_len];
-        let mut at = 0;
-        for s in samples {
-            for f in 0..s.frames {
-                let global = at + f;
-                if global / share == rank {
-                    let local = global % share;
-                    pixels[local * frame_len..(local + 1) * frame_len]
-                        .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
+        // 1. Vision stage: this rank's frames only (text-only batches skip it; the
+        //    whole SP group holds the same samples, so all of it skips together).
+        let vision = if frames == 0 {
+            None
+        } else {
+            let share = frames.div_ceil(sp).max(1);
+            let mut pixels = vec![0f32; share * frame_len];
+            let mut at = 0;
+            for s in samples {
+                for f in 0..s.frames {
+                    let global = at + f;
+                    if global / share == rank {
+                        let local = global % share;
+                        pixels[local * frame_len..(local + 1) * frame_len]
+                            .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
+                    }
                 }
+                at += s.frames;
             }
-            at += s.frames;
-        }
-        let local_tokens = model.encode_frames(Tensor::from_data(
-            TensorData::new(pixels, [share, 3, side, side]),
-            device,
-        ));
-        let [_, per_frame, hidden] = local_tokens.dims();
-        let gathered = self
-            .group
-            .all_gather(local_tokens.clone().detach(), 0)
-            .map_err(comm_error("gathering visual tokens"))?;
-        let gathered = Tensor::<3>::from_data(gathered.narrow(0, 0, frames).into_data(), device)
-            .require_grad();
-        let visual = gathered.clone().reshape([frames * per_frame, hidden]);
+            let local_tokens = model.encode_frames(Tensor::from_data(
+                TensorData::new(pixels, [share, 3, side, side]),
+                device,
+            ));
+            let gathered = self
+                .group
+                .all_gather(local_tokens.clone().detach(), 0)
+                .map_err(comm_error("gathering visual tokens"))?;
+            let gathered =
+                Tensor::<3>::from_data(gathered.narrow(0, 0, frames).into_data(), device)
+                    .require_grad();
+            Some((local_tokens, gathered, share))
+        };
+        let per_frame = vision.as_ref().map_or(0, |(t, _, _)| t.dims()[1]);
 
         // 2. Language stage: whole sequences, shifted labels, then this rank's shard.
         let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
@@ -207,12 +208,19 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             device,
         );
         let text = model.llm.embed(ids);
-        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
-        let rows = visual.select(0, index).reshape([b, n, hidden]);
-        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
-            .unsqueeze_dim::<3>(2)
-            .expand([b, n, hidden]);
-        let embeds = text.mask_where(mask, rows);
+        let embeds = match &vision {
+            Some((_, gathered, _)) => {
+                let hidden = gathered.dims()[2];
+                let visual = gathered.clone().reshape([frames * per_frame, hidden]);
+                let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
+                let rows = visual.select(0, index).reshape([b, n, hidden]);
+                let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
+                    .unsqueeze_dim::<3>(2)
+                    .expand([b, n, hidden]);
+                text.mask_where(mask, rows)
+            }
+            None => text,
+        };
         let _installed = self
             .attention
             .as_ref()
@@ -227,6 +235,10 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         let loss = sum.div_scalar(supervised.max(1) as f32);
         let value = loss.clone().into_scalar::<f32>();
         let grads = loss.backward();
+        let Some((local_tokens, gathered, share)) = vision else {
+            return Ok((value, GradientsParams::from_grads(grads, model)));
+        };
+        let hidden = gathered.dims()[2];
         let d_visual = gathered.grad(&grads);
         let mut accumulator = GradientsAccumulator::<Vlm>::new();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));

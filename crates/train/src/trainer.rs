@@ -480,11 +480,12 @@ pub fn train_with(
                 model.llm.rope_theta = theta;
             }
             if trainable.contains(&Part::LlmLora) {
-                device.seed(config.run.seed ^ 0x4C6F_5241);
-                model.llm =
-                    model
-                        .llm
-                        .with_lora(config.model.lora_rank, config.model.lora_alpha, device);
+                model.llm = model.llm.with_lora(
+                    config.model.lora_rank,
+                    config.model.lora_alpha,
+                    config.run.seed,
+                    device,
+                );
             }
             let state = TrainerState {
                 format_version: FORMAT_VERSION,

@@ -38,6 +38,20 @@ fn config(out: &Path, cache: &Path) -> TrainConfig {
     config
 }
 
+/// Stage 4 on text: LoRA adapters, a new RoPE base, text-only batches (no frames).
+fn text_config(out: &Path, cache: &Path) -> TrainConfig {
+    let mut config = config(out, cache);
+    config.run.steps = 6;
+    config.run.checkpoint_every = 6;
+    config.model.stage = longview_train::Stage::ContextExtension;
+    config.model.lora_rank = 4;
+    config.model.rope_theta = Some(100_000.0);
+    config.data.kind = longview_train::config::DataKind::Text;
+    config.data.path = Some(cache.join("text.jsonl"));
+    config.data.max_tokens = 37;
+    config
+}
+
 /// A random debug VLM saved in VILA layout with the debug tokenizer.
 fn initial_model(dir: &Path) {
     use longview_models::hf::checkpoint::{SaveOptions, save_vila};
@@ -57,8 +71,10 @@ fn initial_model(dir: &Path) {
     .unwrap();
 }
 
-fn parallel_losses(base: &Path, cache: &Path, dp: usize, sp: usize) -> Vec<f32> {
-    let config = config(&base.join(format!("dp{dp}-sp{sp}")), cache);
+type MakeConfig = fn(&Path, &Path) -> TrainConfig;
+
+fn parallel_losses(base: &Path, cache: &Path, make: MakeConfig, dp: usize, sp: usize) -> Vec<f32> {
+    let config = make(&base.join(format!("dp{dp}-sp{sp}")), cache);
     let head_dim = model_config(&config, &TextTokenizer::debug())
         .unwrap()
         .text
@@ -115,13 +131,55 @@ fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
     assert_eq!(reference.len(), 10);
     assert!(reference[9] < reference[0], "the loss falls: {reference:?}");
     for (dp, sp) in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)] {
-        let losses = parallel_losses(&tmp.0, &cache, dp, sp);
+        let losses = parallel_losses(&tmp.0, &cache, config, dp, sp);
         println!("dp {dp} x sp {sp}: {losses:?}");
         assert_eq!(losses.len(), 10);
         for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs(),
                 "dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
+    let tmp =
+        TempDir(std::env::temp_dir().join(format!("longview-mmsp-text-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let docs: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"note {i}: frames, tokens and rings, {} of them\"}}",
+                i * 3
+            )
+        })
+        .collect();
+    std::fs::write(cache.join("text.jsonl"), docs.join("\n")).unwrap();
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let reference = train(
+        &text_config(&tmp.0.join("single"), &cache),
+        &options,
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    assert_eq!(reference.len(), 6);
+    for (dp, sp) in [(1, 2), (2, 2)] {
+        let losses = parallel_losses(&tmp.0, &cache, text_config, dp, sp);
+        println!("text, dp {dp} x sp {sp}: {losses:?}");
+        for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "text, dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
                 step + 1
             );
         }

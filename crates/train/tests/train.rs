@@ -842,7 +842,7 @@ fn lora_adapters_merge_into_the_same_function_and_unmerge_back() {
     let reference = host(base.forward(ids.clone(), positions.clone()));
 
     // Fresh adapters (B = 0) change nothing.
-    let mut adapted = base.clone().with_lora(4, 8.0, &device);
+    let mut adapted = base.clone().with_lora(4, 8.0, 3, &device);
     assert!(adapted.has_lora());
     let fresh = host(adapted.forward(ids.clone(), positions.clone()));
     let max_diff = |a: &[f32], b: &[f32]| {

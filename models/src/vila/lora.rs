@@ -7,7 +7,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::text::Qwen2;
 
@@ -23,8 +23,35 @@ pub struct Lora {
 }
 
 impl Lora {
-    pub fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &Device) -> Self {
-        let lora_a = LinearConfig::new(d_in, rank).with_bias(false).init(device);
+    /// `A` is drawn from U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's Kaiming-uniform with
+    /// a = sqrt(5)) by a generator seeded with `seed` on the host, so that every rank
+    /// of a parallel run builds the same adapters whatever else uses the device RNG.
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let mut state = seed;
+        let values: Vec<f32> = (0..d_in * rank)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * u - 1.0) * bound) as f32
+            })
+            .collect();
+        let mut lora_a = LinearConfig::new(d_in, rank).with_bias(false).init(device);
+        lora_a.weight = Param::initialized(
+            lora_a.weight.id,
+            Tensor::from_data(TensorData::new(values, [d_in, rank]), device),
+        );
         let lora_b = LinearConfig::new(rank, d_out)
             .with_bias(false)
             .with_initializer(burn::nn::Initializer::Zeros)
@@ -78,17 +105,19 @@ impl Qwen2 {
     /// Adds fresh adapters (rank `rank`, scale `alpha / rank`) to every attention
     /// block's q, k, v and o projections; the model computes the same function until
     /// the adapters train.
-    pub fn with_lora(mut self, rank: usize, alpha: f64, device: &Device) -> Self {
-        for layer in &mut self.model.layers {
+    /// `seed` decides the adapters' `A` matrices (host-side draws).
+    pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64, device: &Device) -> Self {
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let attn = &mut layer.self_attn;
             let [h, q_out] = attn.q_proj.weight.dims();
             let kv_out = attn.k_proj.weight.dims()[1];
             let [o_in, o_out] = attn.o_proj.weight.dims();
+            let seed = |j: u64| seed ^ ((i as u64) << 8 | j).wrapping_mul(0xD1B5_4A32_D192_ED03);
             attn.lora = Some(AttentionLora {
-                q: Lora::new(h, q_out, rank, alpha, device),
-                k: Lora::new(h, kv_out, rank, alpha, device),
-                v: Lora::new(h, kv_out, rank, alpha, device),
-                o: Lora::new(o_in, o_out, rank, alpha, device),
+                q: Lora::new(h, q_out, rank, alpha, seed(0), device),
+                k: Lora::new(h, kv_out, rank, alpha, seed(1), device),
+                v: Lora::new(h, kv_out, rank, alpha, seed(2), device),
+                o: Lora::new(o_in, o_out, rank, alpha, seed(3), device),
             });
         }
         self
