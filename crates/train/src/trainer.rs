@@ -121,6 +121,43 @@ pub fn model_config(
     Ok(vlm)
 }
 
+/// Starts a worker that builds the samples of `steps` steps (`per_step` each, from
+/// stream position `first`) in order, two steps ahead of the consumer. The worker
+/// stops when the receiver is dropped; an error is sent in place of its step.
+fn prefetch(
+    train: TrainData,
+    encoder: &Encoder<'_>,
+    seed: u64,
+    first: usize,
+    per_step: usize,
+    steps: usize,
+) -> std::sync::mpsc::Receiver<Result<Vec<Sample>, TrainError>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    let tokenizer = encoder.tokenizer.clone();
+    let (template, model) = (encoder.template.clone(), encoder.model.clone());
+    let (width, height) = (encoder.width, encoder.height);
+    std::thread::spawn(move || {
+        let encoder = Encoder {
+            tokenizer: &tokenizer,
+            template,
+            model: &model,
+            width,
+            height,
+        };
+        for step in 0..steps {
+            let start = first + step * per_step;
+            let samples = (0..per_step)
+                .map(|i| train.sample(&encoder, seed, start + i))
+                .collect::<Result<Vec<Sample>, _>>();
+            let failed = samples.is_err();
+            if tx.send(samples).is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Only the LoRA adapters, the embeddings and the norms of `llm` train.
 fn lora_trainable(llm: Qwen2) -> Qwen2 {
     let mut llm = llm.no_grad();
@@ -607,11 +644,21 @@ pub fn train_with(
     let mut last_checkpoint = None;
     let per_step = config.run.batch_size * config.run.grad_accum;
 
+    // The next steps' samples are decoded on a worker thread while this one computes.
+    let data_description = train.describe();
+    let prefetch = prefetch(
+        train,
+        &encoder,
+        config.run.seed,
+        state.samples_seen,
+        per_step,
+        last - first_step,
+    );
     for step in first_step..last {
         // The step's micro-batches, and its supervised-token count for normalisation.
-        let samples = (0..per_step)
-            .map(|i| train.sample(&encoder, config.run.seed, state.samples_seen + i))
-            .collect::<Result<Vec<Sample>, _>>()?;
+        let samples = prefetch
+            .recv()
+            .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
         let micro: Vec<Vec<&Sample>> = samples
             .chunks(config.run.batch_size)
             .map(|chunk| chunk.iter().collect())
@@ -770,7 +817,7 @@ pub fn train_with(
         elapsed_s: run_s,
         checkpoint: last_checkpoint,
         eval: eval_report,
-        data: train.describe(),
+        data: data_description,
         params,
         trainable_params,
     })
