@@ -471,41 +471,40 @@ impl RowSet {
             check_media: true,
             ..ReadOptions::default()
         };
-        let (rows, summary): (Vec<Row>, String) = match kind {
-            DataKind::Conversations => {
-                let read = read_conversations(path, &options)?;
-                let rows = read
-                    .rows
-                    .iter()
-                    .map(|r| Row {
+        // Media in marker order and the messages of every readable row.
+        fn rows_of<T>(
+            read: longview_data::dataset::Rows<T>,
+            split: impl Fn(&T) -> (Vec<MediaRef>, Vec<Message>),
+        ) -> (Vec<Row>, String) {
+            let rows = read
+                .rows
+                .iter()
+                .map(|r| {
+                    let (media, messages) = split(&r.sample);
+                    Row {
                         line: r.line,
-                        media: r.sample.media.clone(),
-                        messages: r.sample.messages.clone(),
+                        media,
+                        messages,
+                    }
+                })
+                .collect();
+            (rows, read.summary())
+        }
+        let (rows, summary) = match kind {
+            DataKind::Conversations => rows_of(read_conversations(path, &options)?, |c| {
+                (c.media.clone(), c.messages.clone())
+            }),
+            DataKind::Cot => rows_of(read_reason(path, &options)?, |r| {
+                let media = r
+                    .videos
+                    .iter()
+                    .map(|v| MediaRef {
+                        kind: MediaKind::Video,
+                        path: v.clone(),
                     })
                     .collect();
-                (rows, read.summary())
-            }
-            DataKind::Cot => {
-                let read = read_reason(path, &options)?;
-                let rows = read
-                    .rows
-                    .iter()
-                    .map(|r| Row {
-                        line: r.line,
-                        media: r
-                            .sample
-                            .videos
-                            .iter()
-                            .map(|v| MediaRef {
-                                kind: MediaKind::Video,
-                                path: v.clone(),
-                            })
-                            .collect(),
-                        messages: r.sample.messages(),
-                    })
-                    .collect();
-                (rows, read.summary())
-            }
+                (media, r.messages())
+            }),
             DataKind::Haystack | DataKind::Text => {
                 return Err(TrainError::Request(
                     "RowSet::read reads conversation and CoT rows only".into(),
