@@ -229,7 +229,7 @@ impl NeedleSet {
 }
 
 /// splitmix64 of `a` combined with `b`: a stateless, well-mixed hash.
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     let mut z = a
         .wrapping_add(b.wrapping_mul(0xBF58_476D_1CE4_E5B9))
         .wrapping_add(0x9E37_79B9_7F4A_7C15);

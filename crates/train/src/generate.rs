@@ -117,7 +117,8 @@ pub fn generate(
 /// Picks tokens from host logits.
 pub struct Sampler {
     decoding: Decoding,
-    state: u64,
+    seed: u64,
+    draws: u64,
 }
 
 impl Sampler {
@@ -128,18 +129,16 @@ impl Sampler {
         };
         Sampler {
             decoding,
-            state: seed ^ 0x5DEE_CE66_D1CE_5EED,
+            seed,
+            draws: 0,
         }
     }
 
-    /// A uniform draw in `[0, 1)` (splitmix64).
+    /// A uniform draw in `[0, 1)`: the data stream's splitmix64 hash of the seed and
+    /// a counter.
     fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.draws += 1;
+        (crate::data::mix(self.seed, self.draws) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// The next token for `logits` (one row over the vocabulary).
