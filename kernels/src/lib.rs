@@ -10,5 +10,6 @@ pub mod burn_op;
 pub mod flash;
 
 pub use flash::{
-    AttnError, DeviceTensor, FlashOptions, flash_backward, flash_forward, merge_partials,
+    AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_with,
+    flash_forward, flash_forward_with, merge_partials, tensor_cores_unsupported,
 };

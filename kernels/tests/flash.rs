@@ -8,7 +8,8 @@ use cubecl::device::WgpuDeviceKind;
 use cubecl::prelude::*;
 use longview_kernels::flash::{NO_KEYS, flash_forward_into};
 use longview_kernels::{
-    AttnError, DeviceTensor, FlashOptions, flash_backward, flash_forward, merge_partials,
+    AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_forward,
+    flash_forward_with, merge_partials, tensor_cores_unsupported,
 };
 
 fn client() -> Client {
@@ -421,4 +422,52 @@ fn f16_inputs_where_the_runtime_has_them() {
     assert_close("f16 dQ", &read(&dq), &want.dq, 1e-2);
     assert_close("f16 dK", &read(&dk), &want.dk, 1e-2);
     assert_close("f16 dV", &read(&dv), &want.dv, 1e-2);
+}
+
+/// The tensor-core kernels run only where the device has `mma` m16n8k16 and
+/// `ldmatrix` for the 16-bit input type (CUDA sm_80+; checked on an H100 by
+/// `flash_bench`, benchmarks/flash_attention.md). Here (wgpu) they must be refused
+/// with the reason when asked for by name, and `Auto` must fall back to the scalar
+/// kernel and still be right.
+#[test]
+fn tensor_cores_are_refused_with_a_reason_where_the_device_lacks_them() {
+    let client = client();
+    let q = DeviceTensor::filled(&client, 0f32, &[1, 2, 16, 64]);
+    let why = tensor_cores_unsupported::<f32>(&client, &[("q", &q)]).expect("f32 is refused");
+    assert!(why.contains("not a 16-bit float"), "{why}");
+    if !client.properties().supports_type(half::f16::cube_type()) {
+        return;
+    }
+    let x = random(2 * 16 * 64, 7);
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let q = DeviceTensor::from_slice(&client, &h, &[1, 2, 16, 64]);
+    let Some(why) = tensor_cores_unsupported::<half::f16>(&client, &[("q", &q)]) else {
+        // A device with tensor cores behind wgpu: nothing to refuse.
+        return;
+    };
+    assert!(why.contains("mma") || why.contains("ldmatrix"), "{why}");
+    let o = DeviceTensor::filled(&client, half::f16::from_f32(f32::NAN), &[1, 2, 16, 64]);
+    let lse = DeviceTensor::filled(&client, f32::NAN, &[1, 2, 16]);
+    let opts = FlashOptions::new(64);
+    let e = flash_forward_with::<half::f16>(
+        &client,
+        &q,
+        &q,
+        &q,
+        &o,
+        &lse,
+        &opts,
+        FlashKernel::TensorCore,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tensor-core kernels cannot run"), "{e}");
+    // Auto: the scalar kernel, same result as the plain call.
+    flash_forward_with::<half::f16>(&client, &q, &q, &q, &o, &lse, &opts, FlashKernel::Auto)
+        .unwrap();
+    let (o2, _) = flash_forward::<half::f16>(&client, &q, &q, &q, &opts).unwrap();
+    assert_eq!(
+        o.to_vec::<half::f16>(&client).unwrap(),
+        o2.to_vec::<half::f16>(&client).unwrap()
+    );
 }

@@ -17,7 +17,10 @@ use std::time::Instant;
 
 use cubecl::prelude::*;
 use half::bf16;
-use longview_kernels::{DeviceTensor, FlashOptions, flash_backward, flash_forward};
+use longview_kernels::{
+    DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_with, flash_forward,
+    flash_forward_with,
+};
 
 fn client() -> Client {
     #[cfg(feature = "cuda")]
@@ -89,12 +92,240 @@ fn reference(
     (o, lse)
 }
 
+/// Max |got - want| / max(|want|, 1); infinite when any element is NaN (the outputs
+/// start as NaN, so an element no kernel wrote fails).
 fn max_rel(got: &[f32], want: &[f64]) -> f64 {
     let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
     got.iter()
         .zip(want)
-        .map(|(g, w)| (*g as f64 - w).abs() / scale)
+        .map(|(g, w)| {
+            let e = (*g as f64 - w).abs() / scale;
+            if e.is_nan() { f64::INFINITY } else { e }
+        })
         .fold(0.0, f64::max)
+}
+
+/// One case of the tensor-core check.
+struct Case {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    causal: bool,
+    q_offset: usize,
+    k_offset: usize,
+    cu: Option<Vec<u32>>,
+}
+
+/// Attention in f64 from the definition, any geometry of [`Case`]: O, LSE (rows
+/// without a visible key: O = 0, LSE = NO_KEYS) and, for the upstream gradient `g`,
+/// dQ, dK, dV (analytic: dS = P (dP - rowsum(P dP)), dQ = scale dS K,
+/// dK = scale dS^T Q, dV = P^T dO).
+fn reference_general(c: &Case, [q, k, v, g]: [&[f32]; 4], scale: f64) -> [Vec<f64>; 5] {
+    let (b, hq, hkv, sq, sk, d) = (c.b, c.hq, c.hkv, c.sq, c.sk, c.d);
+    let seg = |pos: usize| -> usize {
+        match &c.cu {
+            Some(cu) => cu
+                .windows(2)
+                .position(|w| pos >= w[0] as usize && pos < w[1] as usize)
+                .unwrap_or(0),
+            None => 0,
+        }
+    };
+    let mut o = vec![0.0; b * hq * sq * d];
+    let mut lse = vec![longview_kernels::flash::NO_KEYS as f64; b * hq * sq];
+    let mut dq = vec![0.0; b * hq * sq * d];
+    let mut dk = vec![0.0; b * hkv * sk * d];
+    let mut dv = vec![0.0; b * hkv * sk * d];
+    for bb in 0..b {
+        for h in 0..hq {
+            let hk = h / (hq / hkv);
+            for i in 0..sq {
+                let qb = ((bb * hq + h) * sq + i) * d;
+                let mut scores = Vec::new();
+                for j in 0..sk {
+                    if c.causal && c.k_offset + j > c.q_offset + i {
+                        continue;
+                    }
+                    if c.cu.is_some() && seg(i) != seg(j) {
+                        continue;
+                    }
+                    let kb = ((bb * hkv + hk) * sk + j) * d;
+                    let dot: f64 = (0..d).map(|x| q[qb + x] as f64 * k[kb + x] as f64).sum();
+                    scores.push((j, dot * scale));
+                }
+                if scores.is_empty() {
+                    continue;
+                }
+                let m = scores.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = scores.iter().map(|x| (x.1 - m).exp()).sum();
+                lse[(bb * hq + h) * sq + i] = m + l.ln();
+                let mut p = Vec::new();
+                let mut dp = Vec::new();
+                for (j, sc) in &scores {
+                    let pj = (sc - m).exp() / l;
+                    let vb = ((bb * hkv + hk) * sk + j) * d;
+                    for x in 0..d {
+                        o[qb + x] += pj * v[vb + x] as f64;
+                    }
+                    p.push(pj);
+                    dp.push(
+                        (0..d)
+                            .map(|x| g[qb + x] as f64 * v[vb + x] as f64)
+                            .sum::<f64>(),
+                    );
+                }
+                let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (n, (j, _)) in scores.iter().enumerate() {
+                    let ds = p[n] * (dp[n] - delta);
+                    let kb = ((bb * hkv + hk) * sk + j) * d;
+                    for x in 0..d {
+                        dq[qb + x] += scale * ds * k[kb + x] as f64;
+                        dk[kb + x] += scale * ds * q[qb + x] as f64;
+                        dv[kb + x] += p[n] * g[qb + x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [o, lse, dq, dk, dv]
+}
+
+/// The tensor-core kernels against the f64 reference (on the 16-bit-rounded inputs),
+/// and the scalar kernels beside them, over masks, GQA, packed sequences, offsets,
+/// ragged lengths and head dims 64/72/80/128, in bf16 and f16: O, LSE, dQ, dK, dV.
+/// Panics past the tolerances, relative to max(|ref|, 1): O and gradients 1e-2
+/// (bf16) / 2e-3 (f16), LSE 1e-3.
+fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
+    #[rustfmt::skip]
+    let cases = vec![
+        Case { b: 1, hq: 2, hkv: 2, sq: 256, sk: 256, d: 128, causal: true, q_offset: 0, k_offset: 0, cu: None },
+        Case { b: 2, hq: 4, hkv: 1, sq: 200, sk: 333, d: 64, causal: false, q_offset: 0, k_offset: 0, cu: None },
+        Case { b: 1, hq: 4, hkv: 2, sq: 190, sk: 190, d: 80, causal: true, q_offset: 0, k_offset: 0, cu: None },
+        Case { b: 3, hq: 2, hkv: 2, sq: 77, sk: 77, d: 72, causal: false, q_offset: 0, k_offset: 0, cu: None },
+        Case { b: 1, hq: 2, hkv: 1, sq: 128, sk: 160, d: 128, causal: true, q_offset: 256, k_offset: 200, cu: None },
+        Case { b: 1, hq: 2, hkv: 1, sq: 100, sk: 100, d: 64, causal: true, q_offset: 0, k_offset: 500, cu: None },
+        Case { b: 1, hq: 2, hkv: 2, sq: 300, sk: 300, d: 64, causal: true, q_offset: 0, k_offset: 0, cu: Some(vec![0, 37, 37, 170, 300]) },
+        Case { b: 1, hq: 8, hkv: 2, sq: 1, sk: 130, d: 128, causal: false, q_offset: 0, k_offset: 0, cu: None },
+    ];
+    let mut failures = 0;
+    let mut checks = 0;
+    for (n, c) in cases.iter().enumerate() {
+        if only.is_some_and(|o| !o.contains(&n)) {
+            continue;
+        }
+        let qn = c.b * c.hq * c.sq * c.d;
+        let kn = c.b * c.hkv * c.sk * c.d;
+        let mut opts = FlashOptions::new(c.d)
+            .causal(c.causal)
+            .offsets(c.q_offset, c.k_offset);
+        if let Some(cu) = &c.cu {
+            opts = opts.packed(cu.clone());
+        }
+        for dtype in ["bf16", "f16"] {
+            let round = |x: Vec<f32>| -> Vec<f32> {
+                x.iter()
+                    .map(|&v| {
+                        if dtype == "bf16" {
+                            bf16::from_f32(v).to_f32()
+                        } else {
+                            half::f16::from_f32(v).to_f32()
+                        }
+                    })
+                    .collect()
+            };
+            let q = round(random(qn, 10 + n as u64));
+            let k = round(random(kn, 20 + n as u64).iter().map(|x| x * 2.0).collect());
+            let v = round(random(kn, 30 + n as u64));
+            let g = round(random(qn, 40 + n as u64));
+            let want = reference_general(c, [&q, &k, &v, &g], opts.scale as f64);
+            let qs = [c.b, c.hq, c.sq, c.d];
+            let ks = [c.b, c.hkv, c.sk, c.d];
+            let mut line = format!(
+                "check {n} {dtype} B{} H{}/{} Sq{} Sk{} D{} causal {} offsets {}/{} packed {}:",
+                c.b,
+                c.hq,
+                c.hkv,
+                c.sq,
+                c.sk,
+                c.d,
+                c.causal,
+                c.q_offset,
+                c.k_offset,
+                c.cu.is_some()
+            );
+            // `--tc-only`: skip the scalar kernels (each geometry compiles for ~30 s).
+            let kernels: &[FlashKernel] = if std::env::args().any(|a| a == "--tc-only") {
+                &[FlashKernel::TensorCore]
+            } else {
+                &[FlashKernel::TensorCore, FlashKernel::Scalar]
+            };
+            for &kernel in kernels {
+                let started = Instant::now();
+                let got = if dtype == "bf16" {
+                    let conv: (fn(f32) -> bf16, fn(bf16) -> f32) = (bf16::from_f32, bf16::to_f32);
+                    run_both::<bf16>(client, [&q, &k, &v, &g], &qs, &ks, &opts, kernel, conv)
+                } else {
+                    let conv: (fn(f32) -> half::f16, fn(half::f16) -> f32) =
+                        (half::f16::from_f32, half::f16::to_f32);
+                    run_both::<half::f16>(client, [&q, &k, &v, &g], &qs, &ks, &opts, kernel, conv)
+                };
+                let tol = if dtype == "bf16" { 1e-2 } else { 2e-3 };
+                line += &format!(" {kernel:?} ({:.1} s)", started.elapsed().as_secs_f64());
+                for (i, name) in ["O", "LSE", "dQ", "dK", "dV"].iter().enumerate() {
+                    let e = max_rel(&got[i], &want[i]);
+                    let ok = e <= if i == 1 { 1e-3 } else { tol };
+                    checks += 1;
+                    if !ok {
+                        failures += 1;
+                    }
+                    line += &format!(" {name} {e:.1e}{}", if ok { "" } else { " FAIL" });
+                }
+            }
+            println!("{line}");
+        }
+    }
+    assert_eq!(failures, 0, "{failures} of {checks} kernel checks failed");
+    println!("kernel checks: all {checks} run passed");
+}
+
+/// Forward then backward with `kernel`; returns O, LSE, dQ, dK, dV as f32.
+#[allow(clippy::too_many_arguments)]
+fn run_both<E: Float + CubeElement>(
+    client: &Client,
+    [q, k, v, g]: [&[f32]; 4],
+    qs: &[usize],
+    ks: &[usize],
+    opts: &FlashOptions,
+    kernel: FlashKernel,
+    (to, from): (fn(f32) -> E, fn(E) -> f32),
+) -> [Vec<f32>; 5] {
+    let up = |x: &[f32], shape: &[usize]| {
+        let e: Vec<E> = x.iter().map(|&v| to(v)).collect();
+        DeviceTensor::from_slice(client, &e, shape)
+    };
+    let (q, k, v, g) = (up(q, qs), up(k, ks), up(v, ks), up(g, qs));
+    let o = DeviceTensor::filled(client, to(f32::NAN), qs);
+    let lse = DeviceTensor::filled(client, f32::NAN, &qs[..3]);
+    flash_forward_with::<E>(client, &q, &k, &v, &o, &lse, opts, kernel).expect("forward");
+    let (dq, dk, dv) =
+        flash_backward_with::<E>(client, &q, &k, &v, &o, &lse, &g, opts, kernel).expect("backward");
+    let down = |t: &DeviceTensor| -> Vec<f32> {
+        t.to_vec::<E>(client)
+            .unwrap()
+            .into_iter()
+            .map(from)
+            .collect()
+    };
+    [
+        down(&o),
+        lse.to_vec::<f32>(client).unwrap(),
+        down(&dq),
+        down(&dk),
+        down(&dv),
+    ]
 }
 
 fn check_large(client: &Client) {
@@ -135,6 +366,7 @@ fn bench(
     d: usize,
     causal: bool,
     reps: usize,
+    with_scalar: bool,
 ) {
     let shape = [b, h, s, d];
     let n = b * h * s * d;
@@ -149,13 +381,24 @@ fn bench(
     // Warm-up (kernel compilation).
     let (o, lse) = flash_forward::<bf16>(client, &q, &k, &v, &opts).unwrap();
     let _ = flash_backward::<bf16>(client, &q, &k, &v, &o, &lse, &g, &opts).unwrap();
+    let forward =
+        |kernel| flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel).unwrap();
+    if with_scalar {
+        forward(FlashKernel::Scalar);
+    }
     sync(client);
     let t = Instant::now();
     for _ in 0..reps {
-        let _ = flash_forward::<bf16>(client, &q, &k, &v, &opts).unwrap();
+        forward(FlashKernel::Auto);
     }
     sync(client);
     let fwd = t.elapsed().as_secs_f64() / reps as f64;
+    let t = Instant::now();
+    if with_scalar {
+        forward(FlashKernel::Scalar);
+    }
+    sync(client);
+    let scalar = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..reps {
         let (o, lse) = flash_forward::<bf16>(client, &q, &k, &v, &opts).unwrap();
@@ -163,8 +406,13 @@ fn bench(
     }
     sync(client);
     let both = t.elapsed().as_secs_f64() / reps as f64;
+    let scalar_col = if with_scalar {
+        format!("{:.1} ms, {:.1}", scalar * 1e3, fwd_flops / scalar / 1e12)
+    } else {
+        "not run".to_string()
+    };
     println!(
-        "| {name} | B{b} H{h} S{s} D{d} | {} | {:.1} ms | {:.1} | {:.1} ms | {:.1} |",
+        "| {name} | B{b} H{h} S{s} D{d} | {} | {scalar_col} | {:.1} ms | {:.1} | {:.1} ms | {:.1} |",
         if causal { "causal" } else { "full" },
         fwd * 1e3,
         fwd_flops / fwd / 1e12,
@@ -174,11 +422,36 @@ fn bench(
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let quick = has("--quick");
+    // The scalar forward is slow at 32k+ (0.8-1.4 s per call): `--no-scalar` skips it.
+    let with_scalar = !has("--no-scalar");
     let client = client();
+    if has("--sweep") {
+        // One scenario, no checks: compares tile sizes (LONGVIEW_FLASH_TILES) run to run.
+        let tiles = std::env::var("LONGVIEW_FLASH_TILES").unwrap_or_else(|_| "default".into());
+        print!("tiles {tiles}: ");
+        bench(&client, "LLM", 1, 16, 32768, 128, true, 3, false);
+        return;
+    }
     check_large(&client);
-    println!("| scenario | shape | mask | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |");
-    println!("|---|---|---|---|---|---|---|");
+    // `--cases 0,3`: only those tensor-core check cases (every distinct geometry flag
+    // set compiles new kernels).
+    let only: Option<Vec<usize>> = args
+        .iter()
+        .position(|a| a == "--cases")
+        .and_then(|i| args.get(i + 1))
+        .map(|x| x.split(',').filter_map(|n| n.parse().ok()).collect());
+    check_tensor_cores(&client, only.as_deref());
+    if has("--check-only") {
+        return;
+    }
+
+    println!(
+        "| scenario | shape | mask | scalar fwd (ms, TFLOP/s) | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let long: &[usize] = if quick { &[8192] } else { &[8192, 32768] };
     for &s in long {
         for causal in [true, false] {
@@ -190,12 +463,23 @@ fn main() {
                 s,
                 128,
                 causal,
-                if s > 8192 { 1 } else { 3 },
+                if s > 8192 { 2 } else { 10 },
+                with_scalar,
             );
         }
     }
-    bench(&client, "SigLIP (16 frames)", 16, 16, 729, 72, false, 3);
-    if !quick && std::env::args().any(|a| a == "--128k") {
-        bench(&client, "LLM", 1, 16, 131072, 128, true, 1);
+    bench(
+        &client,
+        "SigLIP (16 frames)",
+        16,
+        16,
+        729,
+        72,
+        false,
+        10,
+        with_scalar,
+    );
+    if !quick && has("--128k") {
+        bench(&client, "LLM", 1, 16, 131072, 128, true, 1, false);
     }
 }

@@ -15,11 +15,21 @@ use cubecl::prelude::*;
 /// LSE of a query row that sees no key.
 pub const NO_KEYS: f32 = -3.0e38;
 /// Scores below this are "masked" in the kernels.
-const MASKED: f32 = -1.0e38;
+pub(super) const MASKED: f32 = -1.0e38;
+
+/// Sets every element of `out` to `value` (cast to `F`) (2-D grid of 256-unit cubes).
+#[cube(launch)]
+pub fn fill_kernel<F: Float>(out: &mut [F], value: f32) {
+    let i = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * 256
+        + UNIT_POS_X as usize;
+    if i < out.len() {
+        out[i] = F::cast_from(value);
+    }
+}
 
 /// Start of the sequence holding `pos` (packed batches), else 0.
 #[cube]
-fn segment_lo(cu: &[u32], nseg: u32, pos: usize, #[comptime] varlen: bool) -> usize {
+pub(super) fn segment_lo(cu: &[u32], nseg: u32, pos: usize, #[comptime] varlen: bool) -> usize {
     let mut lo = 0usize;
     if varlen {
         let mut s = 0u32;
@@ -37,7 +47,13 @@ fn segment_lo(cu: &[u32], nseg: u32, pos: usize, #[comptime] varlen: bool) -> us
 
 /// End of the sequence holding `pos` (packed batches), else `len`.
 #[cube]
-fn segment_hi(cu: &[u32], nseg: u32, pos: usize, len: usize, #[comptime] varlen: bool) -> usize {
+pub(super) fn segment_hi(
+    cu: &[u32],
+    nseg: u32,
+    pos: usize,
+    len: usize,
+    #[comptime] varlen: bool,
+) -> usize {
     let mut hi = len;
     if varlen {
         let mut s = 0u32;
@@ -56,7 +72,7 @@ fn segment_hi(cu: &[u32], nseg: u32, pos: usize, len: usize, #[comptime] varlen:
 /// One past the last key query row `i` may see.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn key_hi(
+pub(super) fn key_hi(
     cu: &[u32],
     nseg: u32,
     i: usize,

@@ -6,6 +6,7 @@
 //! (grouped-query attention: query head `h` uses kv head `h / (Hq / Hkv)`).
 
 mod kernels;
+mod tensor_core;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -14,6 +15,7 @@ pub use kernels::NO_KEYS;
 use kernels::{
     flash_delta_kernel, flash_dkdv_kernel, flash_dq_kernel, flash_forward_kernel, merge_kernel,
 };
+use tensor_core::{flash_tc_dkdv_kernel, flash_tc_dq_kernel, flash_tc_forward_kernel};
 
 /// Largest head dimension the kernels accept (per-unit register arrays).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -66,6 +68,34 @@ impl DeviceTensor {
     pub fn filled<E: CubeElement>(client: &Client, value: E, shape: &[usize]) -> Self {
         let n = shape.iter().product::<usize>();
         Self::from_slice(client, &vec![value; n], shape)
+    }
+
+    /// A contiguous tensor of `shape` with every element set to `value` by a kernel on
+    /// the device (no host buffer, no upload: this is how the kernels' outputs start,
+    /// as NaN, so that an element a kernel forgets to write never passes as a value).
+    pub fn poisoned<E: Float + CubeElement>(client: &Client, value: f32, shape: &[usize]) -> Self {
+        let n = shape.iter().product::<usize>();
+        let handle = client.empty((n * std::mem::size_of::<E>()).max(1));
+        if n > 0 {
+            let cubes = n.div_ceil(256);
+            let (x, y) = if cubes > 65535 {
+                (65535, cubes.div_ceil(65535))
+            } else {
+                (cubes, 1)
+            };
+            kernels::fill_kernel::launch::<E>(
+                client,
+                CubeCount::Static(x as u32, y as u32, 1),
+                CubeDim::new_1d(256),
+                unsafe { BufferArg::from_raw_parts(handle.clone(), n) },
+                value,
+            );
+        }
+        DeviceTensor {
+            handle,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+        }
     }
 
     /// Reads a contiguous tensor back.
@@ -256,6 +286,159 @@ fn cu_buffer(client: &Client, options: &FlashOptions) -> (BufferArg, u32, bool, 
     )
 }
 
+/// Which kernels [`flash_forward_with`] / [`flash_backward_with`] run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// Tensor cores where [`tensor_cores_unsupported`] says they can run, else scalar.
+    #[default]
+    Auto,
+    /// One unit per row, f32 FMAs (any runtime, any float type).
+    Scalar,
+    /// `mma.sync` m16n8k16 (f16/bf16 on CUDA sm_80+); an error where unsupported.
+    TensorCore,
+}
+
+/// Tile sizes of the tensor-core kernels: planes per cube of the forward / dQ
+/// (16 query rows each), keys per shared tile of the forward and of dQ, planes per
+/// cube of dK/dV (16 key rows each) and query rows per tile of dK/dV.
+/// `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq"` overrides them (benchmark exploration).
+#[derive(Clone, Copy, Debug)]
+struct TcTiles {
+    fwd_warps: usize,
+    fwd_block_k: usize,
+    dq_block_k: usize,
+    dkdv_warps: usize,
+    dkdv_block_q: usize,
+}
+
+impl TcTiles {
+    /// Shared-memory bytes of the largest of the three kernels at head dim `d`
+    /// (rows of `padded + 8` 16-bit elements; two f32 per dK/dV query row).
+    fn shared_bytes(&self, d: usize) -> usize {
+        // K/V (forward, dQ) and Q/dO/LSE/delta (dK/dV) tiles are double-buffered.
+        let row = (d.div_ceil(16) * 16 + 8) * 2;
+        let fwd =
+            (self.fwd_warps * 16).max(2 * self.fwd_block_k) * row + 2 * self.fwd_block_k * row;
+        let dq = 2 * (self.fwd_warps * 16).max(2 * self.dq_block_k) * row;
+        let dkdv = 2 * self.dkdv_warps * 16 * row + 4 * self.dkdv_block_q * (row + 4);
+        fwd.max(dq).max(dkdv)
+    }
+
+    /// These tiles, shrunk until the kernels fit in `budget` bytes of shared memory
+    /// (and dK/dV's query tile is at most its unit count: one LSE row per unit).
+    fn fitting(mut self, d: usize, budget: usize) -> TcTiles {
+        while self.dkdv_block_q > 32 * self.dkdv_warps && self.dkdv_block_q > 16 {
+            self.dkdv_block_q /= 2;
+        }
+        while self.shared_bytes(d) > budget {
+            if self.dkdv_block_q > 16 {
+                self.dkdv_block_q /= 2;
+            } else if self.fwd_warps > 1 || self.dkdv_warps > 1 {
+                self.fwd_warps = (self.fwd_warps / 2).max(1);
+                self.dkdv_warps = (self.dkdv_warps / 2).max(1);
+            } else if self.fwd_block_k > 16 || self.dq_block_k > 16 {
+                self.fwd_block_k = (self.fwd_block_k / 2).max(16);
+                self.dq_block_k = (self.dq_block_k / 2).max(16);
+            } else {
+                break;
+            }
+        }
+        self
+    }
+}
+
+fn tc_tiles(client: &Client, d: usize) -> TcTiles {
+    let budget = client.properties().hardware.max_shared_memory_size;
+    tc_tiles_requested().fitting(d, budget)
+}
+
+fn tc_tiles_requested() -> TcTiles {
+    // Chosen by a sweep on an H100 (B1 H16 S32768 D128 causal bf16,
+    // benchmarks/flash_attention.md).
+    let default = TcTiles {
+        fwd_warps: 8,
+        fwd_block_k: 64,
+        dq_block_k: 32,
+        dkdv_warps: 4,
+        dkdv_block_q: 32,
+    };
+    let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
+        return default;
+    };
+    let v: Vec<usize> = text
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let ok = v.len() == 5
+        && v.iter().all(|&x| x > 0)
+        && v[1] % 16 == 0
+        && v[2] % 16 == 0
+        && v[4] % 16 == 0;
+    if !ok {
+        eprintln!(
+            "LONGVIEW_FLASH_TILES={text:?} ignored: want 5 positive numbers fw,fk,qk,kw,kq with fk, qk, kq multiples of 16"
+        );
+        return default;
+    }
+    TcTiles {
+        fwd_warps: v[0],
+        fwd_block_k: v[1],
+        dq_block_k: v[2],
+        dkdv_warps: v[3],
+        dkdv_block_q: v[4],
+    }
+}
+
+/// Largest head dimension of the tensor-core kernels (registers per lane).
+pub const TC_MAX_HEAD_DIM: usize = 128;
+
+/// Why the tensor-core kernels cannot run on these tensors, or `None` when they can:
+/// the element type needs `mma` m16n8k16 and `ldmatrix` on the device (f16/bf16, CUDA
+/// sm_80+), the head dim a multiple of 8 up to [`TC_MAX_HEAD_DIM`], every tensor
+/// unit-stride along the head dim with other strides multiples of 8 (16-byte loads).
+pub fn tensor_cores_unsupported<F: Float + CubeElement>(
+    client: &Client,
+    tensors: &[(&str, &DeviceTensor)],
+) -> Option<String> {
+    let elem = F::cube_type();
+    if F::size_bits() != 16 {
+        return Some(format!("{elem:?} is not a 16-bit float"));
+    }
+    let features = &client.features().matmul;
+    let mma = cubecl::ir::features::MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: f32::cube_type(),
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    if !features.mma.contains(&mma) {
+        return Some(format!("the device has no mma m16n8k16 for {elem:?}"));
+    }
+    if !features.ldmatrix.contains(&elem) {
+        return Some(format!("the device has no ldmatrix for {elem:?}"));
+    }
+    let d = tensors
+        .first()
+        .and_then(|t| t.1.shape.last().copied())
+        .unwrap_or(0);
+    if d % 8 != 0 || d > TC_MAX_HEAD_DIM {
+        return Some(format!(
+            "head_dim {d} (needs a multiple of 8 up to {TC_MAX_HEAD_DIM})"
+        ));
+    }
+    for &(name, t) in tensors {
+        if t.strides.len() != 4 || t.strides[3] != 1 || t.strides[..3].iter().any(|s| s % 8 != 0) {
+            return Some(format!(
+                "{name} strides {:?} (needs unit stride along head_dim, others multiples of 8)",
+                t.strides
+            ));
+        }
+    }
+    None
+}
+
 /// Forward: `(O, LSE)` for q, k, v of element type `F` (f32, f16, bf16 where the
 /// runtime has them); LSE is f32.
 pub fn flash_forward<F: Float + CubeElement>(
@@ -267,10 +450,29 @@ pub fn flash_forward<F: Float + CubeElement>(
 ) -> Result<(DeviceTensor, DeviceTensor), AttnError> {
     let g = check(q, k, v, options)?;
     // NaN until written: a row a kernel skipped shows up instead of passing as 0.
-    let o = DeviceTensor::filled(client, F::NAN, &[g.b, g.hq, g.sq, g.d]);
-    let lse = DeviceTensor::filled(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    let o = DeviceTensor::poisoned::<F>(client, f32::NAN, &[g.b, g.hq, g.sq, g.d]);
+    let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[g.b, g.hq, g.sq]);
     flash_forward_into::<F>(client, q, k, v, &o, &lse, options)?;
     Ok((o, lse))
+}
+
+/// Whether `kernel` means the tensor-core kernels for these tensors (an error when
+/// they were asked for and cannot run).
+fn use_tensor_cores<F: Float + CubeElement>(
+    client: &Client,
+    kernel: FlashKernel,
+    tensors: &[(&str, &DeviceTensor)],
+) -> Result<bool, AttnError> {
+    match kernel {
+        FlashKernel::Scalar => Ok(false),
+        FlashKernel::Auto => Ok(tensor_cores_unsupported::<F>(client, tensors).is_none()),
+        FlashKernel::TensorCore => match tensor_cores_unsupported::<F>(client, tensors) {
+            None => Ok(true),
+            Some(why) => Err(AttnError::Options(format!(
+                "tensor-core kernels cannot run: {why}"
+            ))),
+        },
+    }
 }
 
 /// [`flash_forward`] into caller-provided outputs (contiguous or not).
@@ -283,6 +485,22 @@ pub fn flash_forward_into<F: Float + CubeElement>(
     lse: &DeviceTensor,
     options: &FlashOptions,
 ) -> Result<(), AttnError> {
+    flash_forward_with::<F>(client, q, k, v, o, lse, options, FlashKernel::Auto)
+}
+
+/// [`flash_forward_into`] with the kernel chosen by the caller (benchmarks and tests
+/// compare the two).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_forward_with<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    options: &FlashOptions,
+    kernel: FlashKernel,
+) -> Result<(), AttnError> {
     let g = check(q, k, v, options)?;
     if o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
         return Err(AttnError::Shape(format!(
@@ -293,8 +511,37 @@ pub fn flash_forward_into<F: Float + CubeElement>(
             [g.b, g.hq, g.sq]
         )));
     }
-    let block_k = tile_rows(client, g.d, 0);
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+    if use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])? {
+        let t = tc_tiles(client, g.d);
+        flash_tc_forward_kernel::launch::<F>(
+            client,
+            CubeCount::Static(
+                g.sq.div_ceil(16 * t.fwd_warps) as u32,
+                (g.b * g.hq) as u32,
+                1,
+            ),
+            CubeDim::new_2d(32, t.fwd_warps as u32),
+            8,
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            o.arg(),
+            lse.arg(),
+            cu,
+            nseg,
+            options.scale,
+            options.q_offset as u32,
+            options.k_offset as u32,
+            options.causal,
+            varlen,
+            g.d,
+            t.fwd_warps,
+            t.fwd_block_k,
+        );
+        return Ok(());
+    }
+    let block_k = tile_rows(client, g.d, 0);
     flash_forward_kernel::launch::<F>(
         client,
         CubeCount::Static(g.sq.div_ceil(UNITS) as u32, (g.b * g.hq) as u32, 1),
@@ -331,6 +578,22 @@ pub fn flash_backward<F: Float + CubeElement>(
     d_o: &DeviceTensor,
     options: &FlashOptions,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor), AttnError> {
+    flash_backward_with::<F>(client, q, k, v, o, lse, d_o, options, FlashKernel::Auto)
+}
+
+/// [`flash_backward`] with the dQ and dK/dV kernels chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward_with<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    d_o: &DeviceTensor,
+    options: &FlashOptions,
+    kernel: FlashKernel,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor), AttnError> {
     let g = check(q, k, v, options)?;
     if o.shape != q.shape || d_o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
         return Err(AttnError::Shape(format!(
@@ -343,7 +606,7 @@ pub fn flash_backward<F: Float + CubeElement>(
         )));
     }
     let rows = g.b * g.hq * g.sq;
-    let delta = DeviceTensor::filled(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    let delta = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[g.b, g.hq, g.sq]);
     flash_delta_kernel::launch::<F>(
         client,
         CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
@@ -353,9 +616,71 @@ pub fn flash_backward<F: Float + CubeElement>(
         delta.arg(),
         g.d,
     );
-    let dq = DeviceTensor::filled(client, F::NAN, &q.shape);
-    let dk = DeviceTensor::filled(client, F::NAN, &k.shape);
-    let dv = DeviceTensor::filled(client, F::NAN, &v.shape);
+    let dq = DeviceTensor::poisoned::<F>(client, f32::NAN, &q.shape);
+    let dk = DeviceTensor::poisoned::<F>(client, f32::NAN, &k.shape);
+    let dv = DeviceTensor::poisoned::<F>(client, f32::NAN, &v.shape);
+    let tensors = [("q", q), ("k", k), ("v", v), ("dO", d_o)];
+    if use_tensor_cores::<F>(client, kernel, &tensors)? {
+        let t = tc_tiles(client, g.d);
+        let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+        flash_tc_dq_kernel::launch::<F>(
+            client,
+            CubeCount::Static(
+                g.sq.div_ceil(16 * t.fwd_warps) as u32,
+                (g.b * g.hq) as u32,
+                1,
+            ),
+            CubeDim::new_2d(32, t.fwd_warps as u32),
+            8,
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            d_o.arg(),
+            lse.arg(),
+            delta.arg(),
+            dq.arg(),
+            cu,
+            nseg,
+            options.scale,
+            options.q_offset as u32,
+            options.k_offset as u32,
+            options.causal,
+            varlen,
+            g.d,
+            t.fwd_warps,
+            t.dq_block_k,
+        );
+        let (cu, nseg, _, _keep2) = cu_buffer(client, options);
+        flash_tc_dkdv_kernel::launch::<F>(
+            client,
+            CubeCount::Static(
+                g.sk.div_ceil(16 * t.dkdv_warps) as u32,
+                (g.b * g.hkv) as u32,
+                1,
+            ),
+            CubeDim::new_2d(32, t.dkdv_warps as u32),
+            8,
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            d_o.arg(),
+            lse.arg(),
+            delta.arg(),
+            dk.arg(),
+            dv.arg(),
+            cu,
+            nseg,
+            options.scale,
+            options.q_offset as u32,
+            options.k_offset as u32,
+            options.causal,
+            varlen,
+            g.d,
+            t.dkdv_warps,
+            t.dkdv_block_q,
+        );
+        return Ok((dq, dk, dv));
+    }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
     let block_k = tile_rows(client, g.d, 0);
     flash_dq_kernel::launch::<F>(
