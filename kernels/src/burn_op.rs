@@ -49,6 +49,22 @@ pub trait FlashAttentionBackend: burn::backend::Backend {
         q_offset: usize,
         k_offset: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dQ, dK, dV)` from the final output's LSE and `delta = rowsum(dO * O)` (ring
+    /// attention: one key block of many). Not differentiable.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward_delta(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 fn view(t: &CubeTensor) -> DeviceTensor {
@@ -82,6 +98,66 @@ fn options(scale: f32, causal: bool, q_offset: usize, k_offset: usize) -> FlashO
 const CHECKED: &str = "flash attention inputs are checked before the op runs";
 
 impl FlashAttentionBackend for CubeBackend {
+    fn flash_attention_backward_delta(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        lse: CubeTensor,
+        delta: CubeTensor,
+        d_o: CubeTensor,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let [q, k, v, lse, delta, d_o] = [q, k, v, lse, delta, d_o].map(into_contiguous);
+        let client = q.client.clone();
+        let opts = options(scale, causal, q_offset, k_offset);
+        let a = [&q, &k, &v, &lse, &delta, &d_o].map(view);
+        let (dq, dk, dv) = match q.dtype {
+            DType::F32 => flash::flash_backward_from_delta::<f32>(
+                &client,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5],
+                &opts,
+                flash::FlashKernel::Auto,
+            ),
+            DType::F16 => flash::flash_backward_from_delta::<half::f16>(
+                &client,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5],
+                &opts,
+                flash::FlashKernel::Auto,
+            ),
+            DType::BF16 => flash::flash_backward_from_delta::<half::bf16>(
+                &client,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5],
+                &opts,
+                flash::FlashKernel::Auto,
+            ),
+            other => panic!("flash attention: unsupported dtype {other:?}"),
+        }
+        .expect(CHECKED);
+        (
+            wrap(&q, dq, q.dtype),
+            wrap(&k, dk, k.dtype),
+            wrap(&v, dv, v.dtype),
+        )
+    }
+
     fn flash_attention_forward(
         q: CubeTensor,
         k: CubeTensor,
@@ -155,6 +231,37 @@ impl FlashAttentionBackend for CubeBackend {
 }
 
 impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for Autodiff<B, C> {
+    fn flash_attention_backward_delta(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        scale: f32,
+        causal: bool,
+        q_offset: usize,
+        k_offset: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::flash_attention_backward_delta(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            lse.into_primitive(),
+            delta.into_primitive(),
+            d_o.into_primitive(),
+            scale,
+            causal,
+            q_offset,
+            k_offset,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
+    }
+
     fn flash_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -340,4 +447,67 @@ pub fn flash_attention(
         options.k_offset,
     );
     Ok((Tensor::from_dispatch(o), Tensor::from_dispatch(lse)))
+}
+
+/// The backward of one key block from the FINAL output's LSE and
+/// `delta = rowsum(dO * O)` (f32 `[B, Hq, Sq]` each): `(dQ, dK, dV)` in the dtype of q.
+/// Not differentiable. Rows whose LSE is below `-1e38` (including `-inf`) contribute
+/// nothing. Shapes are checked as by [`flash_attention`].
+pub fn flash_attention_backward_delta(
+    (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+    lse: Tensor<3>,
+    delta: Tensor<3>,
+    d_o: Tensor<4>,
+    options: &FlashOptions,
+) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>), AttnError> {
+    if !supported(&q.device()) || options.cu_seqlens.is_some() {
+        return Err(AttnError::Options(format!(
+            "flash attention backward needs a CubeCL device and no packed sequences ({:?})",
+            q.device()
+        )));
+    }
+    let [b, hq, sq, d] = q.dims();
+    let [bk, hkv, sk, dk] = k.dims();
+    let rows = [b, hq, sq];
+    if v.dims() != [bk, hkv, sk, dk]
+        || bk != b
+        || dk != d
+        || hkv == 0
+        || hq % hkv != 0
+        || d_o.dims() != q.dims()
+        || lse.dims() != rows
+        || delta.dims() != rows
+        || d == 0
+        || d > flash::MAX_HEAD_DIM
+        || sq == 0
+        || sk == 0
+    {
+        return Err(AttnError::Shape(format!(
+            "q {:?}, k {:?}, v {:?}, dO {:?}, lse {:?}, delta {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            d_o.dims(),
+            lse.dims(),
+            delta.dims()
+        )));
+    }
+    let dtype = q.dtype();
+    let (dq, dk, dv) = <Dispatch as FlashAttentionBackend>::flash_attention_backward_delta(
+        q.into_dispatch(),
+        k.cast(dtype).into_dispatch(),
+        v.cast(dtype).into_dispatch(),
+        lse.cast(DType::F32).into_dispatch(),
+        delta.cast(DType::F32).into_dispatch(),
+        d_o.cast(dtype).into_dispatch(),
+        options.scale,
+        options.causal,
+        options.q_offset,
+        options.k_offset,
+    );
+    Ok((
+        Tensor::from_dispatch(dq),
+        Tensor::from_dispatch(dk),
+        Tensor::from_dispatch(dv),
+    ))
 }

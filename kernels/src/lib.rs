@@ -10,6 +10,7 @@ pub mod burn_op;
 pub mod flash;
 
 pub use flash::{
-    AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_with,
-    flash_forward, flash_forward_with, merge_partials, tensor_cores_unsupported,
+    AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_from_delta,
+    flash_backward_with, flash_forward, flash_forward_with, merge_partials,
+    tensor_cores_unsupported,
 };

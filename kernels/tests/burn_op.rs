@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor, TensorData};
 use longview_kernels::FlashOptions;
-use longview_kernels::burn_op::{flash_attention, supported};
+use longview_kernels::burn_op::{flash_attention, flash_attention_backward_delta, supported};
 
 fn device() -> Device {
     Device::wgpu(DeviceKind::DefaultDevice).autodiff()
@@ -102,17 +102,39 @@ fn burn_op_matches_plain_tensor_attention_forward_and_backward() {
         );
         assert_close(
             &format!("LSE {label}"),
-            &lse.into_data().try_to_vec::<f32>().unwrap(),
+            &lse.clone().into_data().try_to_vec::<f32>().unwrap(),
             &lse_ref.into_data().try_to_vec::<f32>().unwrap(),
             2e-5,
         );
+        // The ring's entry point: gradients from (LSE, delta = rowsum(dO * O)).
+        let [b, _, _, _] = o.dims();
+        let inner = |t: &Tensor<4>| t.clone().detach();
+        let delta = (o.clone().detach() * w.clone())
+            .sum_dim(3)
+            .reshape([b, hq, sq]);
+        let from_delta = flash_attention_backward_delta(
+            (inner(&q), inner(&k), inner(&v)),
+            lse.clone(),
+            delta,
+            w.clone(),
+            &opts,
+        )
+        .unwrap();
         let grads = (o * w.clone()).sum().backward();
         let grads_ref = (o_ref * w).sum().backward();
-        for (name, t) in [("dQ", &q), ("dK", &k), ("dV", &v)] {
+        let from_delta = [from_delta.0, from_delta.1, from_delta.2];
+        for ((name, t), via_delta) in [("dQ", &q), ("dK", &k), ("dV", &v)].iter().zip(from_delta) {
+            let want = values(t.grad(&grads_ref).unwrap());
             assert_close(
                 &format!("{name} {label}"),
                 &values(t.grad(&grads).unwrap()),
-                &values(t.grad(&grads_ref).unwrap()),
+                &want,
+                5e-5,
+            );
+            assert_close(
+                &format!("{name} from delta {label}"),
+                &values(via_delta),
+                &want,
                 5e-5,
             );
         }

@@ -4,8 +4,10 @@
 //!
 //! These are plain tensor ops with f32 statistics and accumulation whatever the input
 //! dtype; they materialise one `[B, Hq, Sq, Sk]` block of scores, which is what the
-//! CPU runs and the equivalence tests need. On GPUs the CubeCL flash kernels of
-//! `longview-kernels` compute the same (O, LSE) and gradients without the score block.
+//! CPU runs and the equivalence tests need. With the `flash` feature, f16/bf16 blocks
+//! on a CubeCL device (CUDA) go to the flash kernels of `longview-kernels` instead
+//! (same O and LSE, gradients from the final LSE and delta, no score block); packed
+//! sequences and f32 inputs keep the tensor ops.
 
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::{Bool, DType, Int, Tensor};
@@ -89,9 +91,57 @@ fn scores(block: &Block) -> (Tensor<4>, usize) {
     (s, groups)
 }
 
+/// The flash-attention path (feature `flash`): f16/bf16 blocks without packed
+/// sequences on a CubeCL device. The block's causal mask ("ends at the same position")
+/// is the kernels' mask with the query block offset by `kv_len - q_len`.
+#[cfg(feature = "flash")]
+mod flash {
+    use super::Block;
+    use burn::tensor::{DType, Tensor};
+    use longview_kernels::FlashOptions;
+    use longview_kernels::burn_op;
+
+    pub(super) fn options(block: &Block) -> Option<FlashOptions> {
+        let [_, _, sq, _] = block.q.dims();
+        let [_, _, sk, _] = block.k.dims();
+        let half = matches!(block.q.dtype(), DType::BF16 | DType::F16);
+        if !half || block.segments.is_some() || !burn_op::supported(&block.q.device()) {
+            return None;
+        }
+        let mut options = FlashOptions::new(block.q.dims()[3]).causal(block.causal);
+        options.scale = block.scale as f32;
+        if block.causal {
+            options = options.offsets(sk.saturating_sub(sq), 0);
+        }
+        Some(options)
+    }
+
+    /// The kernels' "no visible key" LSE sentinel as this module's `-inf`.
+    pub(super) fn lse_out(lse: Tensor<3>) -> Tensor<3> {
+        let dead = lse.clone().lower_elem(-1.0e38);
+        lse.mask_fill(dead, f32::NEG_INFINITY)
+    }
+
+    pub(super) fn forward(block: &Block, options: &FlashOptions) -> (Tensor<4>, Tensor<3>) {
+        let dtype = block.q.dtype();
+        let (o, lse) = burn_op::flash_attention(
+            block.q.clone(),
+            block.k.clone().cast(dtype),
+            block.v.clone().cast(dtype),
+            options,
+        )
+        .expect("block shapes are valid flash-attention shapes");
+        (o.cast(DType::F32), lse_out(lse))
+    }
+}
+
 /// `(O, LSE)`: O in f32 `[batch, q_heads, q_len, head_dim]`, LSE in f32
 /// `[batch, q_heads, q_len]` (natural log of the softmax denominator, scale included).
 pub fn forward(block: &Block) -> (Tensor<4>, Tensor<3>) {
+    #[cfg(feature = "flash")]
+    if let Some(options) = flash::options(block) {
+        return flash::forward(block, &options);
+    }
     let [b, hq, sq, _] = block.q.dims();
     let (s, groups) = scores(block);
     let max = s.clone().max_dim(3);
@@ -122,6 +172,22 @@ pub fn backward(
     delta: Tensor<3>,
     d_o: Tensor<4>,
 ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    #[cfg(feature = "flash")]
+    if let Some(options) = flash::options(block) {
+        let (dq, dk, dv) = longview_kernels::burn_op::flash_attention_backward_delta(
+            (block.q.clone(), block.k.clone(), block.v.clone()),
+            lse,
+            delta,
+            d_o,
+            &options,
+        )
+        .expect("block shapes are valid flash-attention shapes");
+        return (
+            dq.cast(DType::F32),
+            dk.cast(DType::F32),
+            dv.cast(DType::F32),
+        );
+    }
     let (s, groups) = scores(block);
     // P recomputed from the stored statistics; masked scores are -inf, so P is 0 there.
     let p = (s - lse.unsqueeze_dim::<4>(3)).exp();

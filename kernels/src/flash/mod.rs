@@ -616,6 +616,33 @@ pub fn flash_backward_with<F: Float + CubeElement>(
         delta.arg(),
         g.d,
     );
+    flash_backward_from_delta::<F>(client, q, k, v, lse, &delta, d_o, options, kernel)
+}
+
+/// The backward from a precomputed `delta = rowsum(dO * O)` (f32 `[B, Hq, Sq]`) instead
+/// of O: what ring attention needs, where every key block's gradients use the delta of
+/// the final (merged) output. `lse` is the final output's too; rows with LSE below
+/// `-1e38` (no visible key, including `-inf`) contribute nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward_from_delta<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    lse: &DeviceTensor,
+    delta: &DeviceTensor,
+    d_o: &DeviceTensor,
+    options: &FlashOptions,
+    kernel: FlashKernel,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor), AttnError> {
+    let g = check(q, k, v, options)?;
+    let rows = [g.b, g.hq, g.sq];
+    if d_o.shape != q.shape || lse.shape != rows || delta.shape != rows {
+        return Err(AttnError::Shape(format!(
+            "dO {:?} must be {:?}, lse {:?} and delta {:?} must be {rows:?}",
+            d_o.shape, q.shape, lse.shape, delta.shape
+        )));
+    }
     let dq = DeviceTensor::poisoned::<F>(client, f32::NAN, &q.shape);
     let dk = DeviceTensor::poisoned::<F>(client, f32::NAN, &k.shape);
     let dv = DeviceTensor::poisoned::<F>(client, f32::NAN, &v.shape);

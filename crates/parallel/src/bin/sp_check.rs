@@ -5,8 +5,13 @@
 //!
 //! `sp_check --nproc 4` starts 4 ranks on this machine (one per GPU) like
 //! `cargo xtask launch`; under torchrun/SLURM run it once per rank without `--nproc`.
-//! The single-GPU reference is this crate's block attention over the whole sequence
-//! (checked against autodiff attention on the CPU in `tests/equivalence.rs`).
+//! The single-GPU reference is this crate's block attention over the whole sequence in
+//! f32 (checked against autodiff attention on the CPU in `tests/equivalence.rs`); the
+//! bf16 shards run their blocks on the flash kernels (feature `flash`).
+//!
+//! `sp_check --nproc 4 --tokens 131072 --heads 16 --kv-heads 16 --dim 128 --bench 2`
+//! times causal bf16 fwd+bwd per scheme instead (no checks) against one GPU's time on
+//! the whole sequence divided by P.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +34,8 @@ struct Args {
     heads: usize,
     kv_heads: usize,
     dim: usize,
+    /// `--bench REPS`: time bf16 fwd+bwd per scheme instead of checking.
+    bench: Option<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -38,6 +45,7 @@ fn parse() -> Result<Args, String> {
         heads: 8,
         kv_heads: 2,
         dim: 64,
+        bench: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +61,7 @@ fn parse() -> Result<Args, String> {
             "--heads" => args.heads = value("--heads")?,
             "--kv-heads" => args.kv_heads = value("--kv-heads")?,
             "--dim" => args.dim = value("--dim")?,
+            "--bench" => args.bench = Some(value("--bench")?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -234,7 +243,7 @@ fn attention(comm: &NcclComm, args: &Args, report: &mut Report) -> Result<(), St
             }
             if r == 0 {
                 println!(
-                    "     {name} {dtype:?}: fwd+bwd {seconds:.3} s on rank 0 (reference block attention, not the flash kernels)"
+                    "     {name} {dtype:?}: fwd+bwd {seconds:.3} s on rank 0 (first call: kernel compilation included; not a benchmark, see --bench)"
                 );
             }
             Ok(())
@@ -328,12 +337,183 @@ fn attention(comm: &NcclComm, args: &Args, report: &mut Report) -> Result<(), St
     Ok(())
 }
 
+/// Waits for every rank (a one-element all-reduce) after the device finished.
+fn barrier(comm: &NcclComm) -> Result<(), String> {
+    let one = Tensor::<1>::from_data(TensorData::new(vec![1f32], [1]), comm.device());
+    comm.all_reduce(one, ReduceOp::Sum)
+        .map(|t| host(t)[0])
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The slowest rank's seconds for `f`, averaged over `reps` after one warm-up call.
+fn timed(
+    comm: &NcclComm,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    f()?;
+    barrier(comm)?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    barrier(comm)?;
+    let mine = start.elapsed().as_secs_f64() / reps as f64;
+    let worst = comm
+        .all_reduce(
+            Tensor::<1>::from_data(TensorData::new(vec![mine as f32], [1]), comm.device()),
+            ReduceOp::Max,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(host(worst)[0] as f64)
+}
+
+/// Causal bf16 attention fwd+bwd per scheme over `args.tokens` total tokens, each rank
+/// holding its shard; the ideal is one GPU's time on the whole sequence (the same flash
+/// kernels, measured by rank 0 while the others wait) divided by P.
+fn bench(comm: &NcclComm, args: &Args, reps: usize) -> Result<(), String> {
+    use burn::tensor::Distribution;
+    let (r, p) = (comm.rank(), comm.world_size());
+    let device = comm.device().clone();
+    let (n, h, hkv, d) = (args.tokens, args.heads, args.kv_heads, args.dim);
+    if n % (2 * p) != 0 {
+        return Err(format!("--tokens {n} must be a multiple of 2 x {p} ranks"));
+    }
+    let scale = (d as f64).powf(-0.5);
+    let e = |x: longview_parallel::ParallelError| x.to_string();
+    let random = |heads: usize, len: usize| {
+        Tensor::<4>::random(
+            [1, heads, len, d],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        )
+        .cast(DType::BF16)
+    };
+    // 3.5 x the causal forward's 2 B H N^2 D (FlashAttention's convention).
+    let flops = 3.5 * 2.0 * h as f64 * (n as f64).powi(2) * d as f64;
+    let mut single = None;
+    if r == 0 {
+        let full = Block {
+            q: random(h, n),
+            k: random(hkv, n),
+            v: random(hkv, n),
+            causal: true,
+            scale,
+            segments: None,
+        };
+        let d_o = random(h, n);
+        let step = || {
+            let (o, lse) = block::forward(&full);
+            let delta = block::delta(o, d_o.clone());
+            let grads = block::backward(&full, lse, delta, d_o.clone());
+            let _ = host(grads.0.slice([0..1, 0..1, 0..1, 0..1]));
+        };
+        step();
+        let start = Instant::now();
+        for _ in 0..reps {
+            step();
+        }
+        single = Some(start.elapsed().as_secs_f64() / reps as f64);
+    }
+    barrier(comm)?;
+    if let Some(t) = single {
+        println!(
+            "bench: causal bf16 fwd+bwd, {n} tokens, H{h}/{hkv} D{d}, P={p}; one GPU on all {n} tokens: {:.1} ms ({:.1} TFLOP/s); ideal on {p}: {:.1} ms",
+            t * 1e3,
+            flops / t / 1e12,
+            t / p as f64 * 1e3
+        );
+        println!("| scheme | ms per fwd+bwd (slowest rank) | TFLOP/s total | % of ideal |");
+        println!("|---|---|---|---|");
+    }
+    let ideal = single.unwrap_or(0.0) / p as f64;
+    let report = |name: &str, seconds: f64| {
+        if r == 0 {
+            println!(
+                "| {name} | {:.1} | {:.1} | {:.0}% |",
+                seconds * 1e3,
+                flops / seconds / 1e12,
+                100.0 * ideal / seconds
+            );
+        }
+    };
+    let local = n / p;
+    let (q, k, v, d_o) = (
+        random(h, local),
+        random(hkv, local),
+        random(hkv, local),
+        random(h, local),
+    );
+    for balance in [RingBalance::Plain, RingBalance::Zigzag] {
+        let ring = RingAttention {
+            balance,
+            causal: true,
+            scale,
+        };
+        let t = timed(comm, reps, || {
+            let (o, lse) = ring
+                .forward(comm, q.clone(), k.clone(), v.clone())
+                .map_err(e)?;
+            let (dq, _, _) = ring
+                .backward(comm, (q.clone(), k.clone(), v.clone()), o, lse, d_o.clone())
+                .map_err(e)?;
+            let _ = host(dq.slice([0..1, 0..1, 0..1, 0..1]));
+            Ok(())
+        })?;
+        report(&format!("ring {balance:?}"), t);
+    }
+    if h % p == 0 {
+        let ulysses = UlyssesAttention {
+            layout: SeqLayout::Zigzag,
+            causal: true,
+            scale,
+        };
+        let t = timed(comm, reps, || {
+            let (o, lse) = ulysses
+                .forward(comm, q.clone(), k.clone(), v.clone())
+                .map_err(e)?;
+            let (dq, _, _) = ulysses
+                .backward(comm, (q.clone(), k.clone(), v.clone()), o, lse, d_o.clone())
+                .map_err(e)?;
+            let _ = host(dq.slice([0..1, 0..1, 0..1, 0..1]));
+            Ok(())
+        })?;
+        report("Ulysses", t);
+    }
+    if p >= 4 && p % 2 == 0 {
+        let groups = TwoDGroups::new(comm, 2).map_err(e)?;
+        let two_d = TwoDAttention {
+            causal: true,
+            scale,
+        };
+        let t = timed(comm, reps, || {
+            let (o, lse) = two_d
+                .forward(&groups, q.clone(), k.clone(), v.clone())
+                .map_err(e)?;
+            let (dq, _, _) = two_d
+                .backward(
+                    &groups,
+                    (q.clone(), k.clone(), v.clone()),
+                    o,
+                    lse,
+                    d_o.clone(),
+                )
+                .map_err(e)?;
+            let _ = host(dq.slice([0..1, 0..1, 0..1, 0..1]));
+            Ok(())
+        })?;
+        report("2D U=2 x R", t);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(args) => args,
         Err(e) => {
             eprintln!(
-                "sp_check: {e}\nusage: sp_check [--nproc N] [--tokens N] [--heads H] [--kv-heads K] [--dim D]"
+                "sp_check: {e}\nusage: sp_check [--nproc N] [--tokens N] [--heads H] [--kv-heads K] [--dim D] [--bench REPS]"
             );
             return ExitCode::from(2);
         }
@@ -372,6 +552,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(reps) = args.bench {
+        return match bench(&comm, &args, reps.max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sp_check rank {}: {e}", comm.rank());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut report = Report { failures: 0 };
     let result =
         collectives(&comm, &mut report).and_then(|()| attention(&comm, &args, &mut report));
