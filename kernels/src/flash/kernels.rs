@@ -27,6 +27,16 @@ pub fn fill_kernel<F: Float>(out: &mut [F], value: f32) {
     }
 }
 
+/// `out[i] = F(acc[i] * scale)` (the fused dQ accumulator to its output type).
+#[cube(launch)]
+pub fn scale_cast_kernel<F: Float>(acc: &[f32], out: &mut [F], scale: f32) {
+    let i = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * 256
+        + UNIT_POS_X as usize;
+    if i < out.len() {
+        out[i] = F::cast_from(acc[i] * scale);
+    }
+}
+
 /// Start of the sequence holding `pos` (packed batches), else 0.
 #[cube]
 pub(super) fn segment_lo(cu: &[u32], nseg: u32, pos: usize, #[comptime] varlen: bool) -> usize {

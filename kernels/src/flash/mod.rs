@@ -40,6 +40,17 @@ pub struct DeviceTensor {
     pub strides: Vec<usize>,
 }
 
+/// A 2-D grid of 256-unit cubes covering `n` elements (the y axis past 65,535 cubes).
+fn elementwise_cubes(n: usize) -> CubeCount {
+    let cubes = n.div_ceil(256);
+    let (x, y) = if cubes > 65535 {
+        (65535, cubes.div_ceil(65535))
+    } else {
+        (cubes, 1)
+    };
+    CubeCount::Static(x as u32, y as u32, 1)
+}
+
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
@@ -77,15 +88,9 @@ impl DeviceTensor {
         let n = shape.iter().product::<usize>();
         let handle = client.empty((n * std::mem::size_of::<E>()).max(1));
         if n > 0 {
-            let cubes = n.div_ceil(256);
-            let (x, y) = if cubes > 65535 {
-                (65535, cubes.div_ceil(65535))
-            } else {
-                (cubes, 1)
-            };
             kernels::fill_kernel::launch::<E>(
                 client,
-                CubeCount::Static(x as u32, y as u32, 1),
+                elementwise_cubes(n),
                 CubeDim::new_1d(256),
                 unsafe { BufferArg::from_raw_parts(handle.clone(), n) },
                 value,
@@ -320,7 +325,10 @@ impl TcTiles {
         let fwd =
             (self.fwd_warps * 16).max(2 * self.fwd_block_k) * row + 2 * self.fwd_block_k * row;
         let dq = 2 * (self.fwd_warps * 16).max(2 * self.dq_block_k) * row;
-        let dkdv = 2 * self.dkdv_warps * 16 * row + 4 * self.dkdv_block_q * (row + 4);
+        // dK/dV also holds the fused dQ's dS tile (block_q x (keys + 8) elements).
+        let dkdv = 2 * self.dkdv_warps * 16 * row
+            + 4 * self.dkdv_block_q * (row + 4)
+            + self.dkdv_block_q * (self.dkdv_warps * 16 + 8) * 2;
         fwd.max(dq).max(dkdv)
     }
 
@@ -359,7 +367,7 @@ fn tc_tiles_requested() -> TcTiles {
         fwd_warps: 8,
         fwd_block_k: 64,
         dq_block_k: 32,
-        dkdv_warps: 4,
+        dkdv_warps: 8,
         dkdv_block_q: 32,
     };
     let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
@@ -649,7 +657,49 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
     let tensors = [("q", q), ("k", k), ("v", v), ("dO", d_o)];
     if use_tensor_cores::<F>(client, kernel, &tensors)? {
         let t = tc_tiles(client, g.d);
+        // Fused dQ (atomics from the dK/dV kernel) when its planes split the dQ tile
+        // evenly: LONGVIEW_FLASH_FUSED_DQ=0 turns it off (benchmarks).
+        let od = g.d.div_ceil(16) * 2;
+        let row_blocks = t.dkdv_block_q / 16;
+        let fuse = std::env::var("LONGVIEW_FLASH_FUSED_DQ").map_or(true, |v| v != "0")
+            && t.dkdv_warps % row_blocks == 0
+            && od % (t.dkdv_warps / row_blocks) == 0
+            && (od / (t.dkdv_warps / row_blocks)) % 2 == 0;
+        let dq_acc = if fuse {
+            DeviceTensor::poisoned::<f32>(client, 0.0, &q.shape)
+        } else {
+            DeviceTensor::poisoned::<f32>(client, 0.0, &[1])
+        };
         let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+        if fuse {
+            return tc_dkdv_launch::<F>(
+                client,
+                &g,
+                &t,
+                [q, k, v, d_o, lse, delta],
+                [&dk, &dv, &dq_acc],
+                options,
+                true,
+            )
+            .map(|()| {
+                kernels::scale_cast_kernel::launch::<F>(
+                    client,
+                    elementwise_cubes(dq_acc.shape.iter().product()),
+                    CubeDim::new_1d(256),
+                    unsafe {
+                        BufferArg::from_raw_parts(
+                            dq_acc.handle.clone(),
+                            dq_acc.shape.iter().product(),
+                        )
+                    },
+                    unsafe {
+                        BufferArg::from_raw_parts(dq.handle.clone(), dq.shape.iter().product())
+                    },
+                    options.scale,
+                );
+                (dq, dk, dv)
+            });
+        }
         flash_tc_dq_kernel::launch::<F>(
             client,
             CubeCount::Static(
@@ -677,35 +727,15 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
             t.fwd_warps,
             t.dq_block_k,
         );
-        let (cu, nseg, _, _keep2) = cu_buffer(client, options);
-        flash_tc_dkdv_kernel::launch::<F>(
+        tc_dkdv_launch::<F>(
             client,
-            CubeCount::Static(
-                g.sk.div_ceil(16 * t.dkdv_warps) as u32,
-                (g.b * g.hkv) as u32,
-                1,
-            ),
-            CubeDim::new_2d(32, t.dkdv_warps as u32),
-            8,
-            q.arg(),
-            k.arg(),
-            v.arg(),
-            d_o.arg(),
-            lse.arg(),
-            delta.arg(),
-            dk.arg(),
-            dv.arg(),
-            cu,
-            nseg,
-            options.scale,
-            options.q_offset as u32,
-            options.k_offset as u32,
-            options.causal,
-            varlen,
-            g.d,
-            t.dkdv_warps,
-            t.dkdv_block_q,
-        );
+            &g,
+            &t,
+            [q, k, v, d_o, lse, delta],
+            [&dk, &dv, &dq_acc],
+            options,
+            false,
+        )?;
         return Ok((dq, dk, dv));
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
@@ -758,6 +788,52 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
         block_q,
     );
     Ok((dq, dk, dv))
+}
+
+/// Launches the tensor-core dK/dV kernel (`fuse_dq`: it also adds dQ / scale into
+/// the f32 `dq_acc` with atomics).
+#[allow(clippy::too_many_arguments)]
+fn tc_dkdv_launch<F: Float + CubeElement>(
+    client: &Client,
+    g: &Geometry,
+    t: &TcTiles,
+    [q, k, v, d_o, lse, delta]: [&DeviceTensor; 6],
+    [dk, dv, dq_acc]: [&DeviceTensor; 3],
+    options: &FlashOptions,
+    fuse_dq: bool,
+) -> Result<(), AttnError> {
+    let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
+    flash_tc_dkdv_kernel::launch::<F>(
+        client,
+        CubeCount::Static(
+            g.sk.div_ceil(16 * t.dkdv_warps) as u32,
+            (g.b * g.hkv) as u32,
+            1,
+        ),
+        CubeDim::new_2d(32, t.dkdv_warps as u32),
+        8,
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        d_o.arg(),
+        lse.arg(),
+        delta.arg(),
+        dk.arg(),
+        dv.arg(),
+        dq_acc.arg(),
+        cu,
+        nseg,
+        options.scale,
+        options.q_offset as u32,
+        options.k_offset as u32,
+        options.causal,
+        varlen,
+        g.d,
+        t.dkdv_warps,
+        t.dkdv_block_q,
+        fuse_dq,
+    );
+    Ok(())
 }
 
 /// Merges `(o_b, lse_b)` into `(o_a, lse_a)` in place (ring attention's running

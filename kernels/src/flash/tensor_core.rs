@@ -221,13 +221,14 @@ fn mma_ab<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     #[comptime] n_tiles: usize,
     #[comptime] kk: usize,
     #[comptime] pitch_v: usize,
+    col0_v: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let b_vecs = def.vectors_per_lane(MatrixIdent::B);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
     let lane = UNIT_POS_PLANE as usize;
     let row = row0 + lane % 16;
-    let col = lane / 16;
+    let col = col0_v + lane / 16;
     #[unroll]
     for kb in 0..kk {
         let mut af = Array::<Vector<F, NA>>::new(a_vecs);
@@ -607,6 +608,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                 od,
                 comptime!(kn / 2),
                 pitch_v,
+                0usize,
             );
         }
         if next < block_hi {
@@ -974,6 +976,7 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
                 od,
                 comptime!(kn / 2),
                 pitch_v,
+                0usize,
             );
         }
         if next < block_hi {
@@ -1020,6 +1023,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     delta: &Tensor<f32>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
+    dq_acc: &mut Tensor<Atomic<f32>>,
     cu: &[u32],
     nseg: u32,
     scale: f32,
@@ -1030,6 +1034,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] warps: usize,
     #[comptime] block_q: usize,
+    #[comptime] fuse_dq: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -1046,6 +1051,17 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     let qn = comptime!(block_q / 8);
     let block_k = comptime!(16 * warps);
     let threads = comptime!(32 * warps);
+    // Fused dQ: the cube's dS (block_q queries x block_k keys) goes through shared
+    // memory; plane w then computes query rows 16 (w % row_blocks) of dQ = dS K over
+    // the column tiles [dq_tiles (w / row_blocks), +dq_tiles) and adds them to the f32
+    // accumulator with atomics (the host checks that the split is even).
+    let ds_pitch = comptime!(block_k + 8);
+    let row_blocks = comptime!(block_q / 16);
+    let dq_tiles = comptime!(if fuse_dq {
+        od / (warps / row_blocks)
+    } else {
+        2
+    });
 
     let lane = UNIT_POS_PLANE;
     let warp = UNIT_POS as usize / 32;
@@ -1152,6 +1168,12 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     let mut dp = Array::<Vector<f32, NC>>::new(comptime!(qn * c_vecs));
     let mut a_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
     let mut p_frag = Array::<Vector<F, NA>>::new(comptime!(qn / 2 * a_vecs));
+    let mut ds_s = Shared::<[F]>::new_aligned_slice(
+        comptime!(if fuse_dq { block_q * ds_pitch } else { 8 }),
+        16usize,
+    );
+    let mut dq_t = Array::<Vector<f32, NC>>::new(comptime!(dq_tiles * c_vecs));
+    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(block_k / 16 * a_vecs));
 
     for gi in 0..group {
         let h = hk * group + gi;
@@ -1243,7 +1265,24 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
             let row0 = buf * block_q;
             let sees0 = qlo0 < tile + block_q && qhi0 > tile;
             let sees1 = qlo1 < tile + block_q && qhi1 > tile;
-            if plane_any(sees0 || sees1) {
+            let active = plane_any(sees0 || sees1);
+            if fuse_dq && !active {
+                // This plane's keys see none of the tile: its rows of dS are 0.
+                #[unroll]
+                for nb in 0..qn {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let (r, c) = def.position_of_nth(
+                            lane,
+                            comptime!(e as u32),
+                            MatrixIdent::Accumulator,
+                        );
+                        ds_s[(nb * 8 + c as usize) * ds_pitch + warp * 16 + r as usize] =
+                            F::new(0.0);
+                    }
+                }
+            }
+            if active {
                 zero::<NC>(&mut s, comptime!(qn * c_vecs));
                 zero::<NC>(&mut dp, comptime!(qn * c_vecs));
                 load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut a_frag, kd, pitch_v);
@@ -1296,6 +1335,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     od,
                     comptime!(qn / 2),
                     pitch_v,
+                    0usize,
                 );
                 acc_to_a::<F, NA, NC>(&def, &dp, &mut p_frag, qn);
                 mma_ab::<F, N, NA, NA, NC>(
@@ -1307,7 +1347,80 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     od,
                     comptime!(qn / 2),
                     pitch_v,
+                    0usize,
                 );
+                if fuse_dq {
+                    // dS^T (keys x queries in registers) into shared memory as dS.
+                    #[unroll]
+                    for nb in 0..qn {
+                        #[unroll]
+                        for i in 0..c_vecs {
+                            let y = dp[nb * c_vecs + i];
+                            #[unroll]
+                            for e in 0..vc {
+                                let (r, c) = def.position_of_nth(
+                                    lane,
+                                    comptime!((i * vc + e) as u32),
+                                    MatrixIdent::Accumulator,
+                                );
+                                ds_s[(nb * 8 + c as usize) * ds_pitch + warp * 16 + r as usize] =
+                                    F::cast_from(y.extract(e));
+                            }
+                        }
+                    }
+                }
+            }
+            if fuse_dq {
+                sync_cube();
+                // dQ rows [16 rb, 16 rb + 16) of the tile, column tiles from ct.
+                let rb = warp % row_blocks;
+                let ct = (warp / row_blocks) * dq_tiles;
+                let a_row = rb * 16 + (lane % 16) as usize;
+                let a_col = (lane / 16) as usize * 8;
+                #[unroll]
+                for kb in 0..comptime!(block_k / 16) {
+                    let at = a_row * ds_pitch + kb * 16 + a_col;
+                    let regs =
+                        def.load_matrix::<F, NA>(&ds_s[at..at + 8], MatrixIdent::A, 4usize, false);
+                    #[unroll]
+                    for i in 0..a_vecs {
+                        ds_frag[kb * a_vecs + i] = regs[i];
+                    }
+                }
+                zero::<NC>(&mut dq_t, comptime!(dq_tiles * c_vecs));
+                mma_ab::<F, N, NA, NA, NC>(
+                    &def,
+                    &ds_frag,
+                    &k_s,
+                    0usize,
+                    &mut dq_t,
+                    dq_tiles,
+                    comptime!(block_k / 16),
+                    pitch_v,
+                    ct,
+                );
+                let q_first = (b * hq + h) * sq + tile + rb * 16;
+                #[unroll]
+                for nd in 0..dq_tiles {
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        let x = dq_t[nd * c_vecs + i];
+                        #[unroll]
+                        for e in 0..vc {
+                            let (r, c) = def.position_of_nth(
+                                lane,
+                                comptime!((i * vc + e) as u32),
+                                MatrixIdent::Accumulator,
+                            );
+                            let qi = tile + rb * 16 + r as usize;
+                            let col = (ct + nd) * 8 + c as usize;
+                            if qi < sq && col < head_dim {
+                                let at = (q_first + r as usize) * head_dim + col;
+                                dq_acc[at].fetch_add(x.extract(e));
+                            }
+                        }
+                    }
+                }
             }
             if next < block_hi {
                 let other = (1 - buf) * block_q;
