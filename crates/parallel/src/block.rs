@@ -105,10 +105,16 @@ mod flash {
         let [_, _, sq, _] = block.q.dims();
         let [_, _, sk, _] = block.k.dims();
         let half = matches!(block.q.dtype(), DType::BF16 | DType::F16);
-        if !half || block.segments.is_some() || !burn_op::supported(&block.q.device()) {
+        // What the kernels refuse (head dims past their limit) keeps the tensor ops.
+        let d = block.q.dims()[3];
+        if !half
+            || d > longview_kernels::flash::MAX_HEAD_DIM
+            || block.segments.is_some()
+            || !burn_op::supported(&block.q.device())
+        {
             return None;
         }
-        let mut options = FlashOptions::new(block.q.dims()[3]).causal(block.causal);
+        let mut options = FlashOptions::new(d).causal(block.causal);
         options.scale = block.scale as f32;
         if block.causal {
             options = options.offsets(sk.saturating_sub(sq), 0);
