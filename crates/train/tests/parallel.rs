@@ -11,6 +11,18 @@ use longview_train::mmsp::MmSp;
 use longview_train::trainer::{model_config, train_with};
 use longview_train::{TrainConfig, TrainOptions, train};
 
+/// Burn's device RNG is one per process and model parameters are drawn lazily, on
+/// first use: two trainers initialising at once in one process (tests run on several
+/// threads) interleave their draws, and the same seed then gives different weights.
+/// A training run is one process in real use; here every test takes this lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct TempDir(PathBuf);
 
 impl Drop for TempDir {
@@ -112,6 +124,7 @@ fn parallel_losses(base: &Path, cache: &Path, make: MakeConfig, dp: usize, sp: u
 
 #[test]
 fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
+    let _serial = serial();
     let tmp = TempDir(std::env::temp_dir().join(format!("longview-mmsp-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&tmp.0);
     let cache = tmp.0.join("cache");
@@ -146,6 +159,7 @@ fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
 
 #[test]
 fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
+    let _serial = serial();
     let tmp =
         TempDir(std::env::temp_dir().join(format!("longview-mmsp-text-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&tmp.0);

@@ -15,6 +15,18 @@ use longview_train::data::{Encoder, collate, haystack};
 use longview_train::trainer::{global_grad_norm, model_config, scale_grads};
 use longview_train::{OptimConfig, TrainConfig, TrainError, TrainOptions, learning_rate, train};
 
+/// Burn's device RNG is one per process and model parameters are drawn lazily, on
+/// first use: two trainers initialising at once in one process (tests run on several
+/// threads) interleave their draws, and the same seed then gives different weights.
+/// A training run is one process in real use; here every test takes this lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -62,6 +74,7 @@ fn quiet() -> impl FnMut(&str) {
 
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
+    let _serial = serial();
     let tmp = TempDir::new("resume");
     let cache = tmp.0.join("cache");
     let options = TrainOptions {
@@ -182,6 +195,7 @@ fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
 
 #[test]
 fn configs_fail_with_the_key_and_value_named() {
+    let _serial = serial();
     let cases = [
         ("[optim]\nlr = -1.0\n", "optim.lr"),
         ("[run]\nsteps = 0\n", "run.steps"),
@@ -232,6 +246,7 @@ fn configs_fail_with_the_key_and_value_named() {
 
 #[test]
 fn the_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor() {
+    let _serial = serial();
     let optim = OptimConfig {
         lr: 1e-3,
         warmup_steps: 10,
@@ -292,6 +307,7 @@ fn encoder<'a>(tokenizer: &'a TextTokenizer, vlm: &'a VlmConfig) -> Encoder<'a> 
 
 #[test]
 fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
+    let _serial = serial();
     let tmp = TempDir::new("clip");
     let tokenizer = TextTokenizer::debug();
     let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
@@ -325,6 +341,7 @@ fn clipping_uses_the_global_norm_and_scaling_scales_every_gradient() {
 
 #[test]
 fn training_samples_insert_exactly_one_needle_frame_deterministically() {
+    let _serial = serial();
     use longview_data::synthetic::shows_needle;
     use longview_data::text::IGNORE_INDEX;
     let tmp = TempDir::new("insert");
@@ -393,6 +410,7 @@ fn training_samples_insert_exactly_one_needle_frame_deterministically() {
 
 #[test]
 fn needle_scoring_reads_the_answer_positions() {
+    let _serial = serial();
     let tmp = TempDir::new("needle");
     let tokenizer = TextTokenizer::debug();
     let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
@@ -438,6 +456,7 @@ fn needle_scoring_reads_the_answer_positions() {
 
 #[test]
 fn tensorboard_events_match_tensorboards_own_writer() {
+    let _serial = serial();
     // tests/fixtures/tensorboard_events.bin: TensorBoard 2.21's RecordWriter and protos
     // (make_tensorboard_fixture.py) for the same events.
     let tmp = TempDir::new("tensorboard");
@@ -465,6 +484,7 @@ fn tensorboard_events_match_tensorboards_own_writer() {
 
 #[test]
 fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
+    let _serial = serial();
     use longview_data::dataset::{ReadOptions, read_multiple_choice};
     use longview_data::synthetic::{HaystackSpec, write_haystack_set};
     use longview_data::{DecodeOptions, Media, Message, Sampling};
@@ -579,6 +599,7 @@ fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
 
 #[test]
 fn top_p_keeps_the_nucleus_and_samples_its_renormalised_probabilities() {
+    let _serial = serial();
     use longview_train::generate::{Decoding, Sampler, argmax, nucleus};
     let probs = [0.05f64, 0.5, 0.15, 0.3];
     let logits: Vec<f32> = probs.iter().map(|p| (p.ln() + 3.0) as f32).collect();
@@ -647,6 +668,7 @@ fn top_p_keeps_the_nucleus_and_samples_its_renormalised_probabilities() {
 
 #[test]
 fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
+    let _serial = serial();
     use longview_data::synthetic::{Needle, SyntheticVideo};
     use longview_data::text::IGNORE_INDEX;
     use longview_data::{DecodeOptions, Sampling, decode_all};
@@ -774,6 +796,7 @@ fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
 
 #[test]
 fn weight_decay_skips_biases_and_norms() {
+    let _serial = serial();
     use burn::module::ModuleVisitor;
     use longview_train::trainer::optimizer;
 
@@ -828,6 +851,7 @@ fn weight_decay_skips_biases_and_norms() {
 
 #[test]
 fn lora_adapters_merge_into_the_same_function_and_unmerge_back() {
+    let _serial = serial();
     use burn::nn::LinearConfig;
     use burn::tensor::{Distribution, Int};
     use longview_models::vila::config::TextConfig;
@@ -906,6 +930,7 @@ fn lora_adapters_merge_into_the_same_function_and_unmerge_back() {
 
 #[test]
 fn context_extension_trains_adapters_embeddings_and_norms_on_text_and_resumes() {
+    let _serial = serial();
     use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
     use longview_train::config::DataKind;
 
@@ -1050,6 +1075,7 @@ fn context_extension_trains_adapters_embeddings_and_norms_on_text_and_resumes() 
 
 #[test]
 fn train_flops_match_a_count_of_every_llm_matmul() {
+    let _serial = serial();
     use longview_models::vila::train_flops;
     let tokenizer = TextTokenizer::debug();
     let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
