@@ -6,7 +6,7 @@ Hugging Face transformers, forward+backward on random weights and generated inpu
 
 Same model as longview (SigLIP tower run to layer -2, VILA mlp_downsample projector,
 Qwen2ForCausalLM on spliced input embeddings, mean next-token loss over the answer
-half of the text tokens), same sequence layout (tokens_per_frame placeholders + one
+half of the text tokens, LM head on those rows only), same sequence layout (tokens_per_frame placeholders + one
 separator per frame). Prints one table row in the format of `longview bench`.
 Tested with torch 2.11/2.15 and transformers 5.x.
 """
@@ -54,6 +54,8 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", default="bf16", choices=["f32", "bf16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--checkpointing", action="store_true",
+                   help="transformers' gradient checkpointing (per-layer recompute) in both towers")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -66,6 +68,11 @@ def main():
     llm = Qwen2ForCausalLM(Qwen2Config(**text_cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
                                        attn_implementation=a.attn)).to(dev, dtype)
     vh, th = s["vision"]["hidden_size"], s["text"]["hidden_size"]
+    if a.checkpointing:
+        vision.gradient_checkpointing_enable()
+        llm.gradient_checkpointing_enable()
+        vision.train()
+        llm.train()
     proj = nn.Sequential(nn.LayerNorm(4 * vh), nn.Linear(4 * vh, th), nn.GELU(), nn.Linear(th, th)).to(dev, dtype)
     side = s["vision"]["image_size"] // s["vision"]["patch_size"]
     per_frame = ((side + 1) // 2) ** 2
@@ -87,9 +94,12 @@ def main():
         visual = proj[1:](proj[0](flat_square(feats.reshape(n, side, side, c))))
         emb = llm.get_input_embeddings()(ids)
         emb = emb.masked_scatter((ids == placeholder).unsqueeze(-1), visual.reshape(-1, th))
-        logits = llm(inputs_embeds=emb).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
-                                           ignore_index=-100)
+        # LM head on the supervised rows only, as longview's loss does.
+        hidden = llm.model(inputs_embeds=emb).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        rows = targets != -100
+        logits = llm.lm_head(hidden[rows])
+        loss = nn.functional.cross_entropy(logits.float(), targets[rows])
         loss.backward()
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -104,7 +114,8 @@ def main():
     sec = (time.perf_counter() - t0) / a.iters
     tokens = a.batch * len(row)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if dev == "cuda" else "n/a"
-    print(f"| {a.size} (torch {torch.__version__}, {a.attn}) | {dev} | {a.dtype} | {a.batch}x{len(row)} | "
+    ckpt = ", checkpointing" if a.checkpointing else ""
+    print(f"| {a.size} (torch {torch.__version__}, {a.attn}{ckpt}) | {dev} | {a.dtype} | {a.batch}x{len(row)} | "
           f"{a.batch * a.frames} | {sec:.3f} | {tokens / sec:.0f} | - | {mem} peak |")
 
 

@@ -66,3 +66,84 @@ fn flash_attention_in_the_llm_matches_the_reference() {
         );
     }
 }
+
+/// LightSeq's attention-aware recomputation with the flash kernels (the backward runs
+/// from the kept O and LSE, the attention forward is not recomputed) against plain
+/// autodiff of the reference model: the whole debug VLM, frames included, on wgpu.
+#[test]
+fn attention_aware_recompute_with_flash_matches_plain_autodiff() {
+    use longview_models::VlmInput;
+    use longview_models::vila::{IGNORE_INDEX, VisualInput, VlmConfig};
+    use longview_train::remat::{Recompute, loss_and_grads};
+
+    let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    let config = VlmConfig::debug();
+    let reference = config.init(&device);
+    let flash = reference.clone();
+    let flash = longview_models::Vlm {
+        vision_tower: {
+            let mut tower = flash.vision_tower;
+            for layer in &mut tower.encoder.layers {
+                layer.self_attn.attention = AttentionImpl::Flash;
+            }
+            tower
+        },
+        llm: flash.llm.with_attention(AttentionImpl::Flash),
+        ..flash
+    };
+    let per_frame = config.tokens_per_frame();
+    let placeholder = config.placeholder_token_id as i64;
+    let mut row: Vec<i64> = vec![11, 12, 13];
+    for _ in 0..3 {
+        row.extend(std::iter::repeat_n(placeholder, per_frame));
+        row.push(298);
+    }
+    let prompt = row.len();
+    row.extend([40, 41, 42, 43, 44]);
+    let seq = row.len();
+    let mut labels = vec![IGNORE_INDEX; prompt];
+    labels.extend_from_slice(&row[prompt..]);
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([3, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let input = || VlmInput {
+        input_ids: Tensor::from_data(TensorData::new(row.clone(), [1, seq]), &device),
+        position_ids: default_position_ids(1, seq, &device),
+        visual: VisualInput::Pixels(pixels.clone()),
+    };
+    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [1, seq]), &device);
+
+    let (want_loss, want) =
+        loss_and_grads(&reference, input(), labels.clone(), 5.0, Recompute::None).unwrap();
+    let (got_loss, got) =
+        loss_and_grads(&flash, input(), labels, 5.0, Recompute::AttentionAware).unwrap();
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-4 * want_loss.abs(),
+        "loss {got_loss} vs {want_loss}"
+    );
+    let layers = (
+        &reference.vision_tower.encoder.layers,
+        &reference.llm.model.layers,
+    );
+    let params = [
+        (
+            "vision layer0 q_proj",
+            layers.0[0].self_attn.q_proj.weight.id,
+        ),
+        (
+            "vision layer1 k_proj",
+            layers.0[1].self_attn.k_proj.weight.id,
+        ),
+        ("llm layer0 q_proj", layers.1[0].self_attn.q_proj.weight.id),
+        ("llm layer1 v_proj", layers.1[1].self_attn.v_proj.weight.id),
+        ("embed_tokens", reference.llm.model.embed_tokens.weight.id),
+    ];
+    for (name, id) in params {
+        let (got, want) = (got.get::<2>(id).unwrap(), want.get::<2>(id).unwrap());
+        let error = relative_error(got, want);
+        // f32; the flash backward sums in another order than autodiff of the reference.
+        assert!(
+            error <= 1e-3,
+            "gradient of {name}: relative error {error:.2e}"
+        );
+    }
+}

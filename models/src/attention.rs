@@ -116,6 +116,106 @@ pub fn attend(implementation: AttentionImpl, input: AttentionInput) -> Tensor<4>
     }
 }
 
+/// A transformer layer seen as the parts before and after its attention: what the
+/// rematerialising checkpointing (LightSeq, `longview-train`'s `remat`) replays around
+/// an attention output it stored, so that the attention forward never runs twice.
+/// `forward(x) = after_attention(x, attend(attention_input(x)))`.
+pub trait SplitAtAttention {
+    /// What every layer of the stack shares (RoPE tables for the LLM, nothing for the
+    /// vision encoder).
+    type Context;
+
+    /// Norm, projections and position encoding: the attention's q, k, v.
+    fn attention_input(&self, x: Tensor<3>, context: &Self::Context) -> AttentionInput;
+
+    /// Output projection, residuals and the MLP, from the attention output
+    /// `[batch, heads, seq, head_dim]`.
+    fn after_attention(&self, x: Tensor<3>, attention: Tensor<4>) -> Tensor<3>;
+
+    /// The attention implementation the layer calls.
+    fn attention_impl(&self) -> AttentionImpl;
+
+    /// The whole layer.
+    fn forward_split(&self, x: Tensor<3>, context: &Self::Context) -> Tensor<3> {
+        let input = self.attention_input(x.clone(), context);
+        self.after_attention(x, attend(self.attention_impl(), input))
+    }
+}
+
+/// Runs attention and also returns the log-sum-exp of each query row (`[batch, heads,
+/// q_len]`, f32) where the implementation computes it ([`AttentionImpl::Flash`]);
+/// `None` for the tensor-op reference.
+pub fn attend_with_lse(
+    implementation: AttentionImpl,
+    input: AttentionInput,
+) -> (Tensor<4>, Option<Tensor<3>>) {
+    match implementation {
+        AttentionImpl::Flash => {
+            let (o, lse) = flash::attend_with_lse(input);
+            (o, Some(lse))
+        }
+        other => (attend(other, input), None),
+    }
+}
+
+/// The gradients of q, k and v (untracked) of an attention whose output `o` (and,
+/// from the flash kernels, `lse`) were kept from the forward pass, given the output's
+/// gradient `d_o`. With an LSE the flash backward kernels run from it and the forward
+/// is not recomputed; without one (the reference) the attention is recomputed under
+/// autodiff.
+///
+/// # Shapes
+/// - `input`'s q, k, v as in [`AttentionInput`]; o, d_o: like q; lse: `[batch, heads, q_len]`
+pub fn attention_input_grads(
+    implementation: AttentionImpl,
+    input: AttentionInput,
+    o: Tensor<4>,
+    lse: Option<Tensor<3>>,
+    d_o: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let AttentionInput {
+        q,
+        k,
+        v,
+        mask,
+        scale,
+    } = input;
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    if let (AttentionImpl::Flash, Some(lse)) = (implementation, lse) {
+        return flash::input_grads(
+            AttentionInput {
+                q,
+                k,
+                v,
+                mask,
+                scale,
+            },
+            o,
+            lse,
+            d_o,
+        );
+    }
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let out = attend(
+        implementation,
+        AttentionInput {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            mask,
+            scale,
+        },
+    );
+    let grads = (out.cast(DType::F32) * d_o.cast(DType::F32))
+        .sum()
+        .backward();
+    let grad = |t: Tensor<4>| {
+        t.grad(&grads)
+            .unwrap_or_else(|| Tensor::zeros(t.dims(), (&t.device(), t.dtype())))
+    };
+    (grad(q), grad(k), grad(v))
+}
+
 /// Whether [`AttentionImpl::Flash`] can run on `device` in this build.
 pub fn flash_available(device: &burn::tensor::Device) -> bool {
     flash::available(device)
@@ -124,15 +224,15 @@ pub fn flash_available(device: &burn::tensor::Device) -> bool {
 #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
 mod flash {
     use super::{AttentionInput, AttentionMask};
-    use burn::tensor::Tensor;
+    use burn::tensor::{DType, Tensor};
     use longview_kernels::FlashOptions;
-    use longview_kernels::burn_op::{flash_attention, supported};
+    use longview_kernels::burn_op::{flash_attention, flash_attention_backward_delta, supported};
 
     pub fn available(device: &burn::tensor::Device) -> bool {
         supported(device)
     }
 
-    pub fn attend(input: AttentionInput) -> Tensor<4> {
+    fn options(input: &AttentionInput) -> FlashOptions {
         let [_, _, sq, d] = input.q.dims();
         let sk = input.k.dims()[2];
         let causal = input.mask == AttentionMask::Causal;
@@ -141,9 +241,33 @@ mod flash {
             .causal(causal)
             .offsets(if causal { sk.saturating_sub(sq) } else { 0 }, 0);
         options.scale = input.scale as f32;
-        let (o, _lse) = flash_attention(input.q, input.k, input.v, &options)
-            .unwrap_or_else(|e| panic!("AttentionImpl::Flash: {e}"));
-        o
+        options
+    }
+
+    pub fn attend(input: AttentionInput) -> Tensor<4> {
+        attend_with_lse(input).0
+    }
+
+    pub fn attend_with_lse(input: AttentionInput) -> (Tensor<4>, Tensor<3>) {
+        let options = options(&input);
+        flash_attention(input.q, input.k, input.v, &options)
+            .unwrap_or_else(|e| panic!("AttentionImpl::Flash: {e}"))
+    }
+
+    pub fn input_grads(
+        input: AttentionInput,
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let options = options(&input);
+        // delta = rowsum(dO * O), what the flash backward needs besides the LSE.
+        let delta = (d_o.clone().cast(DType::F32) * o.cast(DType::F32))
+            .sum_dim(3)
+            .squeeze_dim::<3>(3);
+        let d_o = d_o.cast(input.q.dtype());
+        flash_attention_backward_delta((input.q, input.k, input.v), lse, delta, d_o, &options)
+            .unwrap_or_else(|e| panic!("AttentionImpl::Flash backward: {e}"))
     }
 }
 
@@ -156,11 +280,24 @@ mod flash {
         false
     }
 
+    const MISSING: &str = "AttentionImpl::Flash: this build has no flash kernels (enable \
+                           longview-models' `flash-cuda` or `flash-wgpu` feature)";
+
     pub fn attend(_input: AttentionInput) -> Tensor<4> {
-        panic!(
-            "AttentionImpl::Flash: this build has no flash kernels (enable longview-models' \
-             `flash-cuda` or `flash-wgpu` feature)"
-        )
+        panic!("{MISSING}")
+    }
+
+    pub fn attend_with_lse(_input: AttentionInput) -> (Tensor<4>, Tensor<3>) {
+        panic!("{MISSING}")
+    }
+
+    pub fn input_grads(
+        _input: AttentionInput,
+        _o: Tensor<4>,
+        _lse: Tensor<3>,
+        _d_o: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        panic!("{MISSING}")
     }
 }
 

@@ -201,6 +201,13 @@ fn parallel(
     dp: usize,
     sp: usize,
 ) -> Result<TrainSummary> {
+    if config.run.recompute != longview_train::remat::Recompute::None {
+        anyhow::bail!(
+            "run.recompute = \"{}\" applies to single-device runs; the data/sequence-parallel \
+             step (--dp/--sp) does not recompute activations yet: set recompute = \"none\"",
+            config.run.recompute
+        );
+    }
     let tokenizer = longview_train::trainer::tokenizer(config)?;
     let head_dim = match &config.model.init_from {
         Some(dir) => load_vila(dir, &Device::flex())?.1.text.head_dim(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::remat::Recompute;
 
 /// A whole run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Score the held-out needle set every this many steps (0: only at the end).
     pub eval_every: usize,
+    /// Activation recomputation on one device: `none`, `layers` or
+    /// `attention-aware` (LightSeq: layer inputs and attention outputs kept, the
+    /// attention forward never recomputed). See [`crate::remat`].
+    pub recompute: Recompute,
 }
 
 /// Which LongVILA stage a run is; decides what trains unless `trainable` says.
@@ -181,6 +186,7 @@ impl Default for RunConfig {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             eval_every: 0,
+            recompute: Recompute::None,
         }
     }
 }

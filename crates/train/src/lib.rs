@@ -11,6 +11,7 @@
 //!   length grid of a saved model, as a table, JSON and heatmap, multiple choice and
 //!   open-ended answers.
 //! - [`generate`]: KV-cache generation, greedy or top-p.
+//! - [`remat`]: activation checkpointing, per layer or LightSeq's attention-aware one.
 
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod eval;
 pub mod generate;
 pub mod mmsp;
 pub mod needle;
+pub mod remat;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -24,6 +24,7 @@ use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
 use crate::data::{Encoder, HaystackData, RowSet, Sample, TextSet, TrainData, collate, haystack};
 use crate::error::TrainError;
 use crate::needle::{self, NeedleReport};
+use crate::remat::{Recompute, loss_and_grads};
 
 /// How a run is started.
 #[derive(Debug, Clone)]
@@ -394,8 +395,11 @@ pub trait StepRunner {
 }
 
 /// Everything on one device: micro-batches summed, each normalised by the step's
-/// supervised-token count.
-pub struct SingleDevice;
+/// supervised-token count; with `recompute`, through [`crate::remat`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleDevice {
+    pub recompute: Recompute,
+}
 
 impl StepRunner for SingleDevice {
     fn step(
@@ -409,6 +413,18 @@ impl StepRunner for SingleDevice {
         let mut loss_value = 0.0f32;
         for samples in micro {
             let batch = collate(samples, device);
+            if self.recompute != Recompute::None {
+                let (loss, grads) = loss_and_grads(
+                    model,
+                    batch.input,
+                    batch.labels,
+                    supervised.max(1) as f32,
+                    self.recompute,
+                )?;
+                loss_value += loss;
+                accumulator.accumulate(model, grads);
+                continue;
+            }
             let logits = model.forward(batch.input)?;
             let (sum, _) = causal_lm_loss_sum(logits, batch.labels);
             let loss = sum.div_scalar(supervised.max(1) as f32);
@@ -427,7 +443,10 @@ pub fn train(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainSummary, TrainError> {
-    train_with(config, options, device, log, &SingleDevice)
+    let runner = SingleDevice {
+        recompute: config.run.recompute,
+    };
+    train_with(config, options, device, log, &runner)
 }
 
 /// Runs (or resumes) a training run with `runner` computing the steps (one device, or

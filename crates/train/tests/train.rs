@@ -12,6 +12,7 @@ use longview_data::TextTokenizer;
 use longview_models::VlmConfig;
 use longview_models::vila::causal_lm_loss_sum;
 use longview_train::data::{Encoder, collate, haystack};
+use longview_train::remat::Recompute;
 use longview_train::trainer::{global_grad_norm, model_config, scale_grads};
 use longview_train::{OptimConfig, TrainConfig, TrainError, TrainOptions, learning_rate, train};
 
@@ -191,6 +192,42 @@ fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("step-000099"), "{err}");
+}
+
+#[test]
+fn recomputing_activations_keeps_the_loss_curve() {
+    let _serial = serial();
+    let tmp = TempDir::new("recompute");
+    let cache = tmp.0.join("cache");
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let mut curves = Vec::new();
+    for mode in [
+        Recompute::None,
+        Recompute::Layers,
+        Recompute::AttentionAware,
+    ] {
+        let mut config = tiny(&tmp.0.join(mode.to_string()), &cache);
+        config.run.steps = 4;
+        config.run.recompute = mode;
+        let summary = train(&config, &options, &device(), &mut quiet()).unwrap();
+        curves.push((mode, summary.losses));
+    }
+    let (_, want) = &curves[0];
+    assert_eq!(want.len(), 4);
+    for (mode, got) in &curves[1..] {
+        for (step, (a, b)) in got.iter().zip(want).enumerate() {
+            // f32 on the CPU: the same arithmetic in another order (summation of the
+            // loss over supervised rows, gradients per segment), over 4 AdamW steps.
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{mode}, step {}: {a} vs {b} without recomputation",
+                step + 1
+            );
+        }
+    }
 }
 
 #[test]

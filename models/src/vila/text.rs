@@ -11,7 +11,9 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
 use super::lora::AttentionLora;
-use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
+use super::{IGNORE_INDEX, token_cross_entropy_sum};
+use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend};
+use crate::error::ModelError;
 
 /// Rotary position embedding tables for a batch of position ids.
 #[derive(Debug, Clone)]
@@ -101,6 +103,22 @@ impl Qwen2Attention {
         rope: &Rope,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
+        let mut input = self.qkv(x, rope);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                input.k = Tensor::cat(vec![past_k, input.k], 2);
+                input.v = Tensor::cat(vec![past_v, input.v], 2);
+            }
+            *cache = Some((input.k.clone(), input.v.clone()));
+        }
+        self.project_out(attend(self.attention, input))
+    }
+
+    /// Projections (plus LoRA) and RoPE: the causal attention's inputs.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    pub fn qkv(&self, x: Tensor<3>, rope: &Rope) -> AttentionInput {
         let [b, s, hidden] = x.dims();
         let d = hidden / self.num_heads;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
@@ -114,27 +132,22 @@ impl Qwen2Attention {
             k = k + lora.k.forward(x.clone());
             v = v + lora.v.forward(x);
         }
-        let q = rope.apply(split(q, self.num_heads));
-        let mut k = rope.apply(split(k, self.num_kv_heads));
-        let mut v = split(v, self.num_kv_heads);
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
-            }
-            *cache = Some((k.clone(), v.clone()));
+        AttentionInput {
+            q: rope.apply(split(q, self.num_heads)),
+            k: rope.apply(split(k, self.num_kv_heads)),
+            v: split(v, self.num_kv_heads),
+            mask: AttentionMask::Causal,
+            scale: (d as f64).powf(-0.5),
         }
-        let out = attend(
-            self.attention,
-            AttentionInput {
-                q,
-                k,
-                v,
-                mask: AttentionMask::Causal,
-                scale: (d as f64).powf(-0.5),
-            },
-        );
-        let out = out.swap_dims(1, 2).reshape([b, s, self.num_heads * d]);
+    }
+
+    /// Heads merged, then the output projection (plus LoRA).
+    ///
+    /// # Shapes
+    /// - out: `[batch, heads, seq, head_dim]`; output: `[batch, seq, hidden]`
+    pub fn project_out(&self, out: Tensor<4>) -> Tensor<3> {
+        let [b, h, s, d] = out.dims();
+        let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
         match &self.lora {
             Some(lora) => self.o_proj.forward(out.clone()) + lora.o.forward(out),
             None => self.o_proj.forward(out),
@@ -206,7 +219,28 @@ impl Qwen2DecoderLayer {
             + self
                 .self_attn
                 .forward_cached(self.input_layernorm.forward(x), rope, cache);
+        self.mlp_block(x)
+    }
+
+    /// `x + mlp(post_attention_layernorm(x))`.
+    fn mlp_block(&self, x: Tensor<3>) -> Tensor<3> {
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+impl SplitAtAttention for Qwen2DecoderLayer {
+    type Context = Rope;
+
+    fn attention_input(&self, x: Tensor<3>, rope: &Rope) -> AttentionInput {
+        self.self_attn.qkv(self.input_layernorm.forward(x), rope)
+    }
+
+    fn after_attention(&self, x: Tensor<3>, attention: Tensor<4>) -> Tensor<3> {
+        self.mlp_block(x + self.self_attn.project_out(attention))
+    }
+
+    fn attention_impl(&self) -> AttentionImpl {
+        self.self_attn.attention
     }
 }
 
@@ -370,6 +404,57 @@ impl Qwen2 {
     pub fn forward(&self, input_ids: Tensor<2, Int>, position_ids: Tensor<2, Int>) -> Tensor<3> {
         self.forward_embeds(self.embed(input_ids), position_ids, false)
             .logits
+    }
+
+    /// Summed next-token cross entropy and the supervised count, like
+    /// [`causal_lm_loss_sum`](super::causal_lm_loss_sum) over
+    /// `lm_head(norm(hidden))`, but the final norm and the LM head run on the rows
+    /// whose next token is supervised only: a long video with a short answer never
+    /// materialises `[seq, vocab]` logits. Reads the labels on the host.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]` (the last decoder layer's output, before the
+    ///   final norm); labels: `[batch, seq]`, aligned with the inputs
+    pub fn next_token_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        labels: &Tensor<2, Int>,
+    ) -> Result<(Tensor<1>, usize), ModelError> {
+        let [batch, seq, width] = hidden.dims();
+        if labels.dims() != [batch, seq] {
+            return Err(ModelError::Input(format!(
+                "labels are {:?} but the hidden states are {:?}",
+                labels.dims(),
+                hidden.dims()
+            )));
+        }
+        let host = labels
+            .clone()
+            .try_into_vec_as::<i64>()
+            .map_err(|e| ModelError::Input(format!("cannot read labels: {e:?}")))?;
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for b in 0..batch {
+            for t in 0..seq.saturating_sub(1) {
+                let target = host[b * seq + t + 1];
+                if target != IGNORE_INDEX {
+                    rows.push((b * seq + t) as i64);
+                    targets.push(target);
+                }
+            }
+        }
+        let device = hidden.device();
+        if rows.is_empty() {
+            return Ok((Tensor::zeros([1], (&device, DType::F32)), 0));
+        }
+        let n = rows.len();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
+        let picked = hidden
+            .reshape([batch * seq, width])
+            .select(0, rows)
+            .reshape([1, n, width]);
+        let logits = self.lm_head(self.model.norm.forward(picked));
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
+        Ok(token_cross_entropy_sum(logits, targets))
     }
 
     /// # Shapes

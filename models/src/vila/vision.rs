@@ -15,7 +15,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
 use super::config::{VisionConfig, VisionFeature};
-use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, attend};
+use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend};
 
 /// Patch and position embeddings.
 #[derive(Module, Debug)]
@@ -81,23 +81,38 @@ impl SiglipAttention {
     /// # Shapes
     /// - x, output: `[frames, tokens, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.project_out(attend(self.attention, self.qkv(x)))
+    }
+
+    /// The (full, unmasked) attention's inputs.
+    ///
+    /// # Shapes
+    /// - x: `[frames, tokens, hidden]`
+    pub fn qkv(&self, x: Tensor<3>) -> AttentionInput {
         let [frames, tokens, hidden] = x.dims();
         let head_dim = hidden / self.num_heads;
         let heads = |t: Tensor<3>| {
             t.reshape([frames, tokens, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let out = attend(
-            self.attention,
-            AttentionInput {
-                q: heads(self.q_proj.forward(x.clone())),
-                k: heads(self.k_proj.forward(x.clone())),
-                v: heads(self.v_proj.forward(x)),
-                mask: AttentionMask::Full,
-                scale: (head_dim as f64).powf(-0.5),
-            },
-        );
-        let out = out.swap_dims(1, 2).reshape([frames, tokens, hidden]);
+        AttentionInput {
+            q: heads(self.q_proj.forward(x.clone())),
+            k: heads(self.k_proj.forward(x.clone())),
+            v: heads(self.v_proj.forward(x)),
+            mask: AttentionMask::Full,
+            scale: (head_dim as f64).powf(-0.5),
+        }
+    }
+
+    /// Heads merged, then the output projection.
+    ///
+    /// # Shapes
+    /// - out: `[frames, heads, tokens, head_dim]`; output: `[frames, tokens, hidden]`
+    pub fn project_out(&self, out: Tensor<4>) -> Tensor<3> {
+        let [frames, heads, tokens, head_dim] = out.dims();
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([frames, tokens, heads * head_dim]);
         self.out_proj.forward(out)
     }
 }
@@ -125,8 +140,24 @@ pub struct SiglipEncoderLayer {
 
 impl SiglipEncoderLayer {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        self.forward_split(x, &())
+    }
+}
+
+impl SplitAtAttention for SiglipEncoderLayer {
+    type Context = ();
+
+    fn attention_input(&self, x: Tensor<3>, _: &()) -> AttentionInput {
+        self.self_attn.qkv(self.layer_norm1.forward(x))
+    }
+
+    fn after_attention(&self, x: Tensor<3>, attention: Tensor<4>) -> Tensor<3> {
+        let x = x + self.self_attn.project_out(attention);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+
+    fn attention_impl(&self) -> AttentionImpl {
+        self.self_attn.attention
     }
 }
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool), from the repository root. Prints longview's
+# 1.5B forward+backward step at a given length and recompute mode (bench JSON lines
+# into $OUT/bench.jsonl), and optionally the PyTorch reference in the same call.
+#   bash benchmarks/gpu_train_bench.sh "--frames 162 --recompute attention-aware" ...
+# Carry the packaged binary (dist/bin/longview-cuda.xz, `cargo xtask package` then
+# move it there) and the FFmpeg libraries the GPU machine lacks
+# (dist/libs/lvlibs.tar.xz, `bash benchmarks/pack_ffmpeg_libs.sh`). Together they pass
+# the device tool's 64 MiB carry limit, so carry dist/libs in one call and dist/bin
+# in the next (the machine keeps /tmp/libs while it stays warm; it is released after
+# 30 s idle).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/tmp/libs/lvmiss
+[ -d /tmp/libs/lvmiss ] || { mkdir -p /tmp/libs && tar -C /tmp/libs -xJf dist/libs/lvlibs.tar.xz; } \
+  || { echo "no FFmpeg libraries: carry dist/libs first"; exit 1; }
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/bin/longview-cuda.xz'), open('/tmp/lv','wb'))" \
+  && chmod +x /tmp/lv
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
+for shape in "$@"; do
+  case "$shape" in
+    torch:*) timeout 250 $PY benchmarks/hf_reference.py --size 1.5b --text-tokens 64 --dtype bf16 ${shape#torch:} \
+               2>&1 | tail -n 1 | tee -a "$OUT/log.txt" ;;
+    *) echo "== $shape" | tee -a "$OUT/log.txt"
+       timeout 300 /tmp/lv bench --device cuda --dtype bf16 --size 1.5b --text-tokens 64 --attention flash \
+         $shape --json "$OUT/bench.jsonl" 2>&1 | grep -v "^\s*$" | tail -n 4 | tee -a "$OUT/log.txt" ;;
+  esac
+done

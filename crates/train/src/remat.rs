@@ -1,0 +1,378 @@
+//! Activation checkpointing ("rematerialisation") for a training step.
+//!
+//! Autodiff keeps every intermediate of the forward pass until the backward, which at
+//! long sequences is far more than the weights: a 1.5B-shaped model at 32k tokens
+//! would keep tens of GiB per step. [`loss_and_grads`] runs the step segment by
+//! segment instead: the forward pass runs without autodiff (the model's `valid()`
+//! copy) and keeps only what [`Recompute`] names per layer; the backward walks the
+//! layers last to first, replays each one under autodiff from what was kept, and
+//! pulls the layer's parameter gradients and its input gradient out of that replay.
+//!
+//! - [`Recompute::Layers`]: the usual per-layer recomputation (Megatron's "full"
+//!   recompute, Hugging Face's gradient checkpointing): layer inputs kept, every
+//!   layer's forward, attention included, runs twice.
+//! - [`Recompute::AttentionAware`]: LightSeq's rematerialisation-aware checkpointing
+//!   (Li et al. 2023, section 3.3): the attention output and its log-sum-exp are kept
+//!   as well, so the replay runs the layer's parts around the attention only and the
+//!   attention's gradients come straight from the flash backward kernels
+//!   ([`attention_input_grads`]): the attention forward, the most expensive part of
+//!   a long-sequence layer, never runs twice.
+//!
+//! Every mode gives the gradients of plain autodiff (tests assert it) and computes
+//! the loss on the supervised rows only ([`Qwen2::next_token_loss_sum`]), so a long
+//! video with a short answer never materialises `[seq, vocab]` logits.
+//!
+//! Works on one device with the reference or flash attention; sequence-parallel
+//! ranks (`AttentionImpl::Sharded`) use the trainer's MM-SP path, not this one.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Gradients, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use longview_models::attention::{
+    AttentionImpl, SplitAtAttention, attend_with_lse, attention_input_grads,
+};
+use longview_models::vila::text::Rope;
+use longview_models::vila::vision::patch_grid;
+use longview_models::vila::{VisionFeature, VisualInput};
+use longview_models::{ModelError, Vlm, VlmInput};
+
+/// What the forward pass keeps for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recompute {
+    /// Plain autodiff: every intermediate kept, nothing recomputed.
+    #[default]
+    None,
+    /// Layer inputs kept; each layer's forward runs again in the backward.
+    Layers,
+    /// Layer inputs, attention outputs and their LSE kept; the backward replays each
+    /// layer around its attention, whose forward never runs twice (LightSeq).
+    AttentionAware,
+}
+
+impl Recompute {
+    pub const NAMES: &'static str = "none, layers, attention-aware";
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Recompute::None => "none",
+            Recompute::Layers => "layers",
+            Recompute::AttentionAware => "attention-aware",
+        })
+    }
+}
+
+impl FromStr for Recompute {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "layers" => Ok(Recompute::Layers),
+            "attention-aware" => Ok(Recompute::AttentionAware),
+            other => Err(format!(
+                "recompute `{other}`: expected one of {}",
+                Recompute::NAMES
+            )),
+        }
+    }
+}
+
+/// The loss (summed over supervised next tokens, divided by `normaliser`) of one
+/// micro-batch and the gradients of the model's trainable parameters.
+///
+/// `labels` are aligned with the input ids (shifted inside); placeholder positions
+/// are never supervised. `model` lives on an autodiff device.
+pub fn loss_and_grads(
+    model: &Vlm,
+    input: VlmInput,
+    labels: Tensor<2, Int>,
+    normaliser: f32,
+    mode: Recompute,
+) -> Result<(f32, GradientsParams), ModelError> {
+    for layer in model.llm.model.layers.iter() {
+        if layer.attention_impl() == AttentionImpl::Sharded {
+            return Err(ModelError::Input(
+                "activation recomputation runs on one device; sequence-parallel ranks \
+                 (AttentionImpl::Sharded) go through the MM-SP step"
+                    .into(),
+            ));
+        }
+    }
+    let placeholder = input
+        .input_ids
+        .clone()
+        .equal_elem(model.placeholder_token_id as i64);
+    let labels = labels.mask_fill(placeholder, longview_models::vila::IGNORE_INDEX);
+    let normaliser = normaliser.max(f32::MIN_POSITIVE);
+    match mode {
+        Recompute::None => plain(model, input, &labels, normaliser),
+        _ => segmented(model, input, &labels, normaliser, mode),
+    }
+}
+
+/// Autodiff over the whole step.
+fn plain(
+    model: &Vlm,
+    input: VlmInput,
+    labels: &Tensor<2, Int>,
+    normaliser: f32,
+) -> Result<(f32, GradientsParams), ModelError> {
+    let llm = &model.llm;
+    let mut x = model.embed(input.input_ids, input.visual)?;
+    let rope = Rope::new(input.position_ids, llm.head_dim, llm.rope_theta);
+    for layer in &llm.model.layers {
+        x = layer.forward(x, &rope);
+    }
+    let (sum, _) = llm.next_token_loss_sum(x, labels)?;
+    let loss = sum.div_scalar(normaliser);
+    let value = loss.clone().into_scalar::<f32>();
+    Ok((value, GradientsParams::from_grads(loss.backward(), model)))
+}
+
+/// What the forward pass kept of one layer: its input and, attention-aware, the
+/// attention output and LSE. Tensors without autodiff.
+struct Kept {
+    x: Tensor<3>,
+    attention: Option<(Tensor<4>, Option<Tensor<3>>)>,
+}
+
+/// Runs a stack without autodiff, keeping what `mode` asks for.
+fn forward_stack<L: SplitAtAttention>(
+    layers: &[L],
+    context: &L::Context,
+    mut x: Tensor<3>,
+    mode: Recompute,
+) -> (Tensor<3>, Vec<Kept>) {
+    let mut kept = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let next = if mode == Recompute::AttentionAware {
+            let input = layer.attention_input(x.clone(), context);
+            let (o, lse) = attend_with_lse(layer.attention_impl(), input);
+            let next = layer.after_attention(x.clone(), o.clone());
+            kept.push(Kept {
+                x,
+                attention: Some((o, lse)),
+            });
+            next
+        } else {
+            let next = layer.forward_split(x.clone(), context);
+            kept.push(Kept { x, attention: None });
+            next
+        };
+        x = next;
+    }
+    (x, kept)
+}
+
+/// `sum(out * grad)`: its gradient with respect to `out` is `grad` exactly.
+fn surrogate<const D: usize>(out: Tensor<D>, grad: Tensor<D>) -> Tensor<1> {
+    let dtype = out.dtype();
+    (out * grad.cast(dtype)).sum()
+}
+
+/// The gradient of a leaf, zeros where nothing reached it.
+fn grad_or_zeros<const D: usize>(leaf: &Tensor<D>, grads: &Gradients) -> Tensor<D> {
+    leaf.grad(grads)
+        .unwrap_or_else(|| Tensor::zeros(leaf.dims(), (&leaf.device(), leaf.dtype())))
+}
+
+/// Replays a stack last layer first from what [`forward_stack`] kept; returns the
+/// gradient of the stack's input.
+fn backward_stack<L: SplitAtAttention + Module>(
+    layers: &[L],
+    context: &L::Context,
+    kept: Vec<Kept>,
+    mut grad: Tensor<3>,
+    into: &mut GradientsParams,
+) -> Tensor<3> {
+    for (layer, kept) in layers.iter().zip(kept).rev() {
+        let x = kept.x.clone().autodiff().require_grad();
+        grad = match kept.attention {
+            None => {
+                let out = layer.forward_split(x.clone(), context);
+                let mut grads = surrogate(out, grad).backward();
+                take_grads(layer, &mut grads, into);
+                grad_or_zeros(&x, &grads)
+            }
+            Some((o, lse)) => {
+                // After the attention: o_proj, residuals, MLP; gives dO.
+                let o_leaf = o.clone().autodiff().require_grad();
+                let out = layer.after_attention(x.clone(), o_leaf.clone());
+                let mut grads = surrogate(out, grad).backward();
+                take_grads(layer, &mut grads, into);
+                let grad_residual = grad_or_zeros(&x, &grads);
+                let d_o = grad_or_zeros(&o_leaf, &grads);
+                // The attention's backward from the kept O and LSE, then the parts before it.
+                let x = kept.x.autodiff().require_grad();
+                let input = layer.attention_input(x.clone(), context);
+                let (dq, dk, dv) = attention_input_grads(
+                    layer.attention_impl(),
+                    input.clone(),
+                    o.autodiff(),
+                    lse.map(|l| l.autodiff()),
+                    d_o,
+                );
+                let total =
+                    surrogate(input.q, dq) + surrogate(input.k, dk) + surrogate(input.v, dv);
+                let mut grads = total.backward();
+                take_grads(layer, &mut grads, into);
+                grad_residual + grad_or_zeros(&x, &grads)
+            }
+        };
+    }
+    grad
+}
+
+/// Moves the gradients of `module`'s parameters from `grads` into `into`, adding to
+/// what is there (a parameter used by two segments: a tied LM head, a layer replayed
+/// in two parts).
+fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mut GradientsParams) {
+    struct Take<'a> {
+        grads: &'a mut Gradients,
+        into: &'a mut GradientsParams,
+    }
+    impl ModuleVisitor for Take<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_require_grad() {
+                return;
+            }
+            let Some(grad) = param.val().grad_remove(self.grads) else {
+                return;
+            };
+            let grad = match self.into.remove::<D>(param.id) {
+                Some(previous) => previous + grad,
+                None => grad,
+            };
+            self.into.register::<D>(param.id, grad);
+        }
+    }
+    module.visit(&mut Take { grads, into });
+}
+
+/// Whether any parameter of `module` trains.
+fn trains<M: Module>(module: &M) -> bool {
+    struct Any(bool);
+    impl ModuleVisitor for Any {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0 |= param.is_require_grad();
+        }
+    }
+    let mut any = Any(false);
+    module.visit(&mut any);
+    any.0
+}
+
+/// The step segment by segment: vision layers, projector + embeddings, LLM layers,
+/// head; forward without autodiff, backward replaying one segment at a time.
+fn segmented(
+    model: &Vlm,
+    input: VlmInput,
+    labels: &Tensor<2, Int>,
+    normaliser: f32,
+    mode: Recompute,
+) -> Result<(f32, GradientsParams), ModelError> {
+    let plain = model.valid();
+    let llm = &model.llm;
+    let ids = input.input_ids;
+    let plain_ids = ids.clone().inner();
+
+    // Given visual embeddings are constants of the step.
+    let given = match &input.visual {
+        VisualInput::Embeddings(tokens) => Some(tokens.clone().detach()),
+        _ => None,
+    };
+
+    // Forward, vision: patch embeddings, then the encoder layers the feature needs.
+    let tower_trains = trains(&model.vision_tower);
+    let vision = match input.visual {
+        VisualInput::Pixels(pixels) => {
+            let pixels = pixels.inner();
+            let [_, _, height, width] = pixels.dims();
+            let tower = &plain.vision_tower;
+            let grid = patch_grid(height, width, tower.embeddings.patch_size);
+            let layers = tower.layers_to_run(model.vision_feature);
+            let x = tower.embeddings.forward(pixels.clone());
+            let (x, kept) = forward_stack(&tower.encoder.layers[..layers], &(), x, mode);
+            Some((pixels, grid, layers, x, kept))
+        }
+        _ => None,
+    };
+    let projected = |x: Tensor<3>, vlm: &Vlm, grid: (usize, usize)| {
+        let features = match vlm.vision_feature {
+            VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
+            VisionFeature::Layer(_) => x,
+        };
+        vlm.mm_projector.forward(features, grid)
+    };
+    let visual = |vlm: &Vlm, x: Option<Tensor<3>>| match (&vision, x) {
+        (Some((_, grid, ..)), Some(x)) => VisualInput::Embeddings(projected(x, vlm, *grid)),
+        _ => VisualInput::None,
+    };
+    let embeds_visual = |vlm: &Vlm, x: Option<Tensor<3>>, autodiff: bool| match &given {
+        Some(tokens) if autodiff => VisualInput::Embeddings(tokens.clone()),
+        Some(tokens) => VisualInput::Embeddings(tokens.clone().inner()),
+        None => visual(vlm, x),
+    };
+
+    // Forward, LLM.
+    let vision_out = vision.as_ref().map(|(_, _, _, x, _)| x.clone());
+    let embeds = plain.embed(plain_ids, embeds_visual(&plain, vision_out, false))?;
+    let position_ids = input.position_ids;
+    let plain_rope = Rope::new(position_ids.clone().inner(), llm.head_dim, llm.rope_theta);
+    let (hidden, kept) = forward_stack(&plain.llm.model.layers, &plain_rope, embeds, mode);
+    drop(plain_rope);
+
+    // Head: final norm, LM head and loss on the supervised rows.
+    let mut into = GradientsParams::new();
+    let hidden = hidden.autodiff().require_grad();
+    let (sum, _) = llm.next_token_loss_sum(hidden.clone(), labels)?;
+    let loss = sum.div_scalar(normaliser);
+    let value = loss.clone().into_scalar::<f32>();
+    let mut grads = loss.backward();
+    take_grads(&llm.model.norm, &mut grads, &mut into);
+    match &llm.lm_head {
+        Some(head) => take_grads(head, &mut grads, &mut into),
+        None => take_grads(&llm.model.embed_tokens, &mut grads, &mut into),
+    }
+    let grad = grad_or_zeros(&hidden, &grads);
+    drop(grads);
+
+    // Backward, LLM layers.
+    let rope = Rope::new(position_ids, llm.head_dim, llm.rope_theta);
+    let grad = backward_stack(&llm.model.layers, &rope, kept, grad, &mut into);
+    drop(rope);
+
+    // Embeddings and projector (and the vision tower's post-layernorm).
+    let vision_leaf = match &vision {
+        Some((_, _, _, x, _)) if tower_trains => Some(x.clone().autodiff().require_grad()),
+        Some((_, _, _, x, _)) => Some(x.clone().autodiff()),
+        None => None,
+    };
+    let embeds = model.embed(ids, embeds_visual(model, vision_leaf.clone(), true))?;
+    let mut grads = surrogate(embeds, grad).backward();
+    take_grads(&llm.model.embed_tokens, &mut grads, &mut into);
+    take_grads(&model.mm_projector, &mut grads, &mut into);
+    take_grads(&model.vision_tower.post_layernorm, &mut grads, &mut into);
+
+    // Backward, vision layers and patch embeddings.
+    if let (Some((pixels, _, layers, _, kept)), Some(leaf)) = (vision, vision_leaf)
+        && tower_trains
+    {
+        let grad = grad_or_zeros(&leaf, &grads);
+        drop(grads);
+        let tower = &model.vision_tower;
+        let grad = backward_stack(&tower.encoder.layers[..layers], &(), kept, grad, &mut into);
+        let x = tower.embeddings.forward(pixels.autodiff());
+        let mut grads = surrogate(x, grad).backward();
+        take_grads(&tower.embeddings, &mut grads, &mut into);
+    }
+    Ok((value, into))
+}
