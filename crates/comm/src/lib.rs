@@ -50,6 +50,17 @@ pub enum CommError {
         waited_s: f64,
     },
     #[error(
+        "rank {rank}: {op} did not complete within {waited_s:.1} s \
+         (LONGVIEW_NCCL_TIMEOUT_S); the communicator was aborted. A peer rank died, hangs, \
+         or called a different collective (LONGVIEW_NCCL_CHECK=1 compares every \
+         collective's signature across ranks)"
+    )]
+    Stalled {
+        rank: usize,
+        op: String,
+        waited_s: f64,
+    },
+    #[error(
         "rank {rank}: rank {peer} left the group (it stopped or panicked) while {op} was waiting for it"
     )]
     PeerGone {

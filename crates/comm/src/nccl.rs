@@ -13,19 +13,30 @@
 //! their own NCCL communicators: each group's first member creates an id, all ranks
 //! exchange ids with one all-gather, and the members initialise together.
 //!
-//! NCCL itself has no timeout: a rank that dies leaves its peers blocked inside NCCL.
-//! The launcher (`cargo xtask launch`, or torchrun) stops every rank when one exits.
+//! Failures. NCCL itself has no timeout: a rank that dies, hangs, or calls another
+//! collective leaves its peers blocked inside NCCL. So no call here blocks in CUDA:
+//! completion is polled (`cuStreamQuery`) together with NCCL's asynchronous error
+//! (`ncclCommGetAsyncError`), and past `LONGVIEW_NCCL_TIMEOUT_S` seconds (default
+//! 600) the communicator is aborted (`ncclCommAbort`) and the call returns
+//! [`CommError::Stalled`] naming the collective and its sequence number; the process
+//! then exits with that error and the launcher (`cargo xtask launch`, or torchrun)
+//! stops every other rank. With `LONGVIEW_NCCL_CHECK=1` every collective first
+//! all-gathers its signature (sequence number, operation, dtype, element count) and
+//! a rank whose peers called something else fails at once with
+//! [`CommError::Mismatch`] naming both calls (one small extra all-gather per
+//! collective: a debugging switch, like torch's `TORCH_DISTRIBUTED_DEBUG=DETAIL`).
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::backend::{BackendTensor, Cube, DispatchKindConversion, DispatchTensor};
 use burn::tensor::kind::Basic;
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaStream, sys as cuda};
 use cudarc::nccl::{result as nccl, sys};
 use longview_launch::{ProcessEnv, share_from_rank0};
 
@@ -44,18 +55,68 @@ pub struct NcclComm {
     device: Device,
     stream: Arc<CudaStream>,
     _context: Arc<CudaContext>,
+    watchdog: Watchdog,
+    /// Collectives started on this communicator (the signature's sequence number).
+    calls: AtomicU64,
+}
+
+/// How long a collective may take, and whether signatures are compared.
+#[derive(Debug, Clone, Copy)]
+struct Watchdog {
+    timeout: Duration,
+    check: bool,
+}
+
+impl Watchdog {
+    /// `LONGVIEW_NCCL_TIMEOUT_S` (seconds, default 600) and `LONGVIEW_NCCL_CHECK` (`1`).
+    fn from_env(rank: usize) -> Result<Self> {
+        let timeout = match std::env::var("LONGVIEW_NCCL_TIMEOUT_S") {
+            Err(_) => Duration::from_secs(600),
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+                _ => {
+                    return Err(backend_error(
+                        rank,
+                        "init",
+                        format!(
+                            "LONGVIEW_NCCL_TIMEOUT_S=`{v}`: expected a positive number of seconds"
+                        ),
+                    ));
+                }
+            },
+        };
+        let check = match std::env::var("LONGVIEW_NCCL_CHECK").as_deref() {
+            Err(_) | Ok("") | Ok("0") => false,
+            Ok("1") => true,
+            Ok(other) => {
+                return Err(backend_error(
+                    rank,
+                    "init",
+                    format!("LONGVIEW_NCCL_CHECK=`{other}`: expected 0 or 1"),
+                ));
+            }
+        };
+        Ok(Watchdog { timeout, check })
+    }
 }
 
 /// `ncclComm_t` is a handle NCCL allows any thread to use (not concurrently: the
 /// communicator is used from its owner's thread only).
-struct RawComm(sys::ncclComm_t);
+struct RawComm {
+    handle: sys::ncclComm_t,
+    /// Aborted after a stall or an asynchronous error: not usable, not destroyed.
+    aborted: bool,
+}
 unsafe impl Send for RawComm {}
 
 impl Drop for RawComm {
     fn drop(&mut self) {
+        if self.aborted {
+            return;
+        }
         // SAFETY: the handle came from ncclCommInitRank and is destroyed once.
         unsafe {
-            let _ = nccl::comm_destroy(self.0);
+            let _ = nccl::comm_destroy(self.handle);
         }
     }
 }
@@ -146,6 +207,7 @@ impl NcclComm {
         } else {
             share_from_rank0(env, None, timeout).map_err(|e| fail(&e))?
         };
+        let watchdog = Watchdog::from_env(env.rank)?;
         let comm = init_rank(&id_bytes, env.rank, env.world_size).map_err(|e| fail(&e))?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
@@ -154,6 +216,8 @@ impl NcclComm {
             device: Device::cuda(env.local_rank),
             stream,
             _context: context,
+            watchdog,
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -226,8 +290,132 @@ impl NcclComm {
             .map_err(|e| self.fail(op, format!("{e:?}")))
     }
 
+    /// Waits for NCCL's stream without blocking inside CUDA: polls completion and
+    /// NCCL's asynchronous error, and aborts the communicator past the timeout.
     fn finish(&self, op: &str) -> Result<()> {
-        self.stream.synchronize().map_err(|e| self.fail(op, e))
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(2);
+        loop {
+            // SAFETY: the stream handle is alive for as long as `self.stream`.
+            match unsafe { cuda::cuStreamQuery(self.stream.cu_stream()) } {
+                cuda::CUresult::CUDA_SUCCESS => return Ok(()),
+                cuda::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(self.fail(op, format!("waiting for NCCL's stream: {other:?}"))),
+            }
+            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            {
+                let comm = self.raw_comm();
+                // SAFETY: a live (not aborted: aborting returns below) handle.
+                unsafe { sys::ncclCommGetAsyncError(comm.handle, &mut async_error) };
+            }
+            let failed = !matches!(
+                async_error,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            );
+            let waited = start.elapsed();
+            if failed || waited >= self.watchdog.timeout {
+                self.abort();
+                let seq = self.calls.load(Ordering::Relaxed);
+                return Err(if failed {
+                    self.fail(
+                        op,
+                        format!(
+                            "NCCL reported {async_error:?} during collective #{seq} (a peer rank \
+                             failed or the network broke); the communicator was aborted"
+                        ),
+                    )
+                } else {
+                    CommError::Stalled {
+                        rank: self.rank,
+                        op: format!("{op} (collective #{seq})"),
+                        waited_s: waited.as_secs_f64(),
+                    }
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_micros(200));
+        }
+    }
+
+    /// Aborts the communicator (its pending operations end; it cannot be used again).
+    fn abort(&self) {
+        let mut comm = self.raw_comm();
+        if !comm.aborted {
+            comm.aborted = true;
+            // SAFETY: a live handle, aborted once and never destroyed afterwards.
+            unsafe {
+                let _ = nccl::comm_abort(comm.handle);
+            }
+        }
+    }
+
+    /// Counts a collective and, with `LONGVIEW_NCCL_CHECK=1`, compares its signature
+    /// (sequence number, operation, dtype, element count; the count only where every
+    /// rank must pass the same) with every rank's before running it.
+    fn begin(&self, op: Op, dtype: DType, count: usize) -> Result<()> {
+        let seq = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.comm.lock().map(|c| c.aborted).unwrap_or(true) {
+            return Err(self.fail(
+                op.name(),
+                "the communicator was aborted after an earlier failure",
+            ));
+        }
+        if !self.watchdog.check {
+            return Ok(());
+        }
+        let count = if op.same_count() { count as i64 } else { -1 };
+        let mine = vec![seq as i64, op as i64, dtype_code(dtype), count];
+        let signature = Tensor::<1, Int>::from_data(
+            TensorData::new(mine.clone(), [4]),
+            (&self.device, DType::I64),
+        );
+        let all: Tensor<1, Int> = self.gather_raw("signature check", signature)?;
+        let all: Vec<i64> = all
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| self.fail(op.name(), format!("{e:?}")))?;
+        for (peer, theirs) in all.chunks(4).enumerate() {
+            if theirs != mine.as_slice() {
+                return Err(CommError::Mismatch {
+                    rank: self.rank,
+                    peer,
+                    expected: describe(&mine),
+                    found: describe(theirs),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// NCCL's all-gather along dim 0, without the signature check.
+    fn gather_raw<const D: usize, K: Basic>(
+        &self,
+        name: &str,
+        tensor: Tensor<D, K>,
+    ) -> Result<Tensor<D, K>> {
+        let input = self.pin(name, tensor)?;
+        let mut shape = input.tensor.meta.shape().to_vec();
+        shape[0] *= self.world_size;
+        let output = self.alloc(name, &input, &shape)?;
+        self.sync_inputs(name, &input)?;
+        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
+        // SAFETY: the output holds world_size x count elements.
+        unsafe {
+            self.check(
+                name,
+                nccl::all_gather(
+                    input.ptr() as *const c_void,
+                    output.ptr() as *mut c_void,
+                    input.count(),
+                    dtype,
+                    self.raw_comm().handle,
+                    self.raw_stream(),
+                ),
+            )?;
+        }
+        self.finish(name)?;
+        Ok(unpin(output))
     }
 
     fn raw_comm(&self) -> MutexGuard<'_, RawComm> {
@@ -274,7 +462,87 @@ fn init_rank(id_bytes: &[u8], rank: usize, world: usize) -> std::result::Result<
     // SAFETY: `comm` is a valid out-pointer; NCCL blocks until all ranks have joined.
     unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
         .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
-    Ok(RawComm(comm))
+    Ok(RawComm {
+        handle: comm,
+        aborted: false,
+    })
+}
+
+/// The collectives, as the signature check names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    ReduceScatter = 3,
+    Broadcast = 4,
+    AllToAll = 5,
+    Shift = 6,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::AllReduce,
+        Op::AllGather,
+        Op::ReduceScatter,
+        Op::Broadcast,
+        Op::AllToAll,
+        Op::Shift,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::Broadcast => "broadcast",
+            Op::AllToAll => "all_to_all",
+            Op::Shift => "shift",
+        }
+    }
+
+    /// Whether every rank must pass the same number of elements.
+    fn same_count(self) -> bool {
+        !matches!(self, Op::AllToAll | Op::Shift)
+    }
+}
+
+const DTYPES: [DType; 10] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F64,
+    DType::I32,
+    DType::I64,
+    DType::U32,
+    DType::U64,
+    DType::I8,
+    DType::U8,
+];
+
+fn dtype_code(dtype: DType) -> i64 {
+    DTYPES
+        .iter()
+        .position(|&d| d == dtype)
+        .map_or(99, |i| i as i64)
+}
+
+/// `all_reduce #12 (f32, 4096 elements)` from a signature.
+fn describe(signature: &[i64]) -> String {
+    let op = Op::ALL
+        .iter()
+        .find(|o| **o as i64 == signature[1])
+        .map_or("an unknown collective", |o| o.name());
+    let dtype = DTYPES
+        .get(signature[2] as usize)
+        .map_or("another dtype".to_string(), |d| {
+            format!("{d:?}").to_lowercase()
+        });
+    let count = if signature[3] < 0 {
+        String::new()
+    } else {
+        format!(", {} elements", signature[3])
+    };
+    format!("{op} #{} ({dtype}{count})", signature[0])
 }
 
 impl Communicator for NcclComm {
@@ -312,6 +580,7 @@ impl Communicator for NcclComm {
         from: usize,
     ) -> Result<Shift<'_, D, K>> {
         let op = "shift";
+        self.begin(Op::Shift, tensor.dtype(), 0)?;
         let send = self.pin(op, tensor.clone())?;
         let shape = send.tensor.meta.shape().to_vec();
         let recv = self.alloc(op, &send, &shape)?;
@@ -330,7 +599,7 @@ impl Communicator for NcclComm {
                     send.count(),
                     dtype,
                     to as i32,
-                    comm.0,
+                    comm.handle,
                     stream,
                 ),
             )?;
@@ -341,7 +610,7 @@ impl Communicator for NcclComm {
                     recv.count(),
                     dtype,
                     from as i32,
-                    comm.0,
+                    comm.handle,
                     stream,
                 ),
             )?;
@@ -356,6 +625,7 @@ impl Communicator for NcclComm {
 
     fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>> {
         let name = "all_reduce";
+        self.begin(Op::AllReduce, tensor.dtype(), tensor.shape().num_elements())?;
         let input = self.pin(name, tensor)?;
         let shape = input.tensor.meta.shape().to_vec();
         let output = self.alloc(name, &input, &shape)?;
@@ -375,7 +645,7 @@ impl Communicator for NcclComm {
                     input.count(),
                     dtype,
                     red,
-                    self.raw_comm().0,
+                    self.raw_comm().handle,
                     self.raw_stream(),
                 ),
             )?;
@@ -393,28 +663,8 @@ impl Communicator for NcclComm {
         if dim >= D {
             return Err(self.fail(name, format!("dim {dim} out of range for rank {D}")));
         }
-        let input = self.pin(name, tensor)?;
-        let mut shape = input.tensor.meta.shape().to_vec();
-        shape[0] *= self.world_size;
-        let output = self.alloc(name, &input, &shape)?;
-        self.sync_inputs(name, &input)?;
-        let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
-        // SAFETY: the output holds world_size x count elements.
-        unsafe {
-            self.check(
-                name,
-                nccl::all_gather(
-                    input.ptr() as *const c_void,
-                    output.ptr() as *mut c_void,
-                    input.count(),
-                    dtype,
-                    self.raw_comm().0,
-                    self.raw_stream(),
-                ),
-            )?;
-        }
-        self.finish(name)?;
-        let gathered: Tensor<D, K> = unpin(output);
+        self.begin(Op::AllGather, tensor.dtype(), tensor.shape().num_elements())?;
+        let gathered = self.gather_raw(name, tensor)?;
         // NCCL concatenates along the outermost dim; move the rank blocks to `dim`.
         Ok(if dim == 0 {
             gathered
@@ -440,6 +690,11 @@ impl Communicator for NcclComm {
                 ),
             ));
         }
+        self.begin(
+            Op::ReduceScatter,
+            tensor.dtype(),
+            tensor.shape().num_elements(),
+        )?;
         // NCCL scatters along the outermost dim.
         let input = self.pin(name, tensor.swap_dims(0, dim))?;
         let mut shape = input.tensor.meta.shape().to_vec();
@@ -461,7 +716,7 @@ impl Communicator for NcclComm {
                     output.count(),
                     dtype,
                     red,
-                    self.raw_comm().0,
+                    self.raw_comm().handle,
                     self.raw_stream(),
                 ),
             )?;
@@ -479,6 +734,7 @@ impl Communicator for NcclComm {
                 format!("root {root} out of range for {} ranks", self.world_size),
             ));
         }
+        self.begin(Op::Broadcast, tensor.dtype(), tensor.shape().num_elements())?;
         let input = self.pin(name, tensor)?;
         let shape = input.tensor.meta.shape().to_vec();
         let output = self.alloc(name, &input, &shape)?;
@@ -494,7 +750,7 @@ impl Communicator for NcclComm {
                     input.count(),
                     dtype,
                     root as i32,
-                    self.raw_comm().0,
+                    self.raw_comm().handle,
                     self.raw_stream(),
                 ),
             )?;
@@ -515,6 +771,7 @@ impl Communicator for NcclComm {
                 ),
             ));
         }
+        self.begin(Op::AllToAll, parts[0].dtype(), 0)?;
         let sends = parts
             .into_iter()
             .map(|p| self.pin(name, p))
@@ -540,7 +797,7 @@ impl Communicator for NcclComm {
                         send.count(),
                         dtype,
                         peer as i32,
-                        comm.0,
+                        comm.handle,
                         stream,
                     ),
                 )?;
@@ -551,7 +808,7 @@ impl Communicator for NcclComm {
                         recv.count(),
                         dtype,
                         peer as i32,
-                        comm.0,
+                        comm.handle,
                         stream,
                     ),
                 )?;
@@ -600,6 +857,8 @@ impl Communicator for NcclComm {
             device: self.device.clone(),
             stream: self.stream.clone(),
             _context: self._context.clone(),
+            watchdog: self.watchdog,
+            calls: AtomicU64::new(0),
         })
     }
 }

@@ -36,6 +36,10 @@ struct Args {
     dim: usize,
     /// `--bench REPS`: time bf16 fwd+bwd per scheme instead of checking.
     bench: Option<usize>,
+    /// `--fault stall|mismatch`: make the last rank misbehave and show how every
+    /// rank fails (run with a short `LONGVIEW_NCCL_TIMEOUT_S`; `mismatch` with
+    /// `LONGVIEW_NCCL_CHECK=1`).
+    fault: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -46,6 +50,7 @@ fn parse() -> Result<Args, String> {
         kv_heads: 2,
         dim: 64,
         bench: None,
+        fault: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +67,13 @@ fn parse() -> Result<Args, String> {
             "--kv-heads" => args.kv_heads = value("--kv-heads")?,
             "--dim" => args.dim = value("--dim")?,
             "--bench" => args.bench = Some(value("--bench")?),
+            "--fault" => {
+                let kind = it.next().ok_or("--fault needs stall or mismatch")?;
+                if kind != "stall" && kind != "mismatch" {
+                    return Err(format!("--fault {kind}: expected stall or mismatch"));
+                }
+                args.fault = Some(kind);
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -508,12 +520,63 @@ fn bench(comm: &NcclComm, args: &Args, reps: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// `--fault`: every rank all-reduces; the last rank then either stops calling
+/// collectives for a while (`stall`: its peers' next all-reduce must end with
+/// `Stalled` after `LONGVIEW_NCCL_TIMEOUT_S`) or all-gathers while the others
+/// all-reduce (`mismatch`: with `LONGVIEW_NCCL_CHECK=1` every rank must end with
+/// `Mismatch`). Prints the error each rank got; no error is a failed check (except
+/// on the late rank of `stall`, see below).
+fn fault(comm: &NcclComm, kind: &str) -> Result<(), String> {
+    let device = comm.device();
+    let one = || Tensor::<1>::from_data(TensorData::new(vec![1.0f32; 1024], [1024]), device);
+    comm.all_reduce(one(), ReduceOp::Sum)
+        .map_err(|e| format!("the first all-reduce failed: {e}"))?;
+    let last = comm.world_size() - 1;
+    let start = Instant::now();
+    let outcome = match (kind, comm.rank() == last) {
+        ("stall", true) => {
+            // Stay away longer than the peers' timeout, then try to rejoin.
+            std::thread::sleep(Duration::from_secs(20));
+            comm.all_reduce(one(), ReduceOp::Sum).map(|_| ())
+        }
+        ("mismatch", true) => comm.all_gather(one(), 0).map(|_| ()),
+        _ => comm.all_reduce(one(), ReduceOp::Sum).map(|_| ()),
+    };
+    match outcome {
+        // Measured on 4 H200s: the late rank's all-reduce can complete on what its
+        // aborted peers had already pushed (NCCL cannot tell); a real job stops it
+        // through the launcher when the peers exit with their `Stalled` errors.
+        Ok(()) if kind == "stall" && comm.rank() == last => {
+            println!(
+                "[rank {}] fault stall: the late all-reduce returned after {:.1} s (its peers \
+                 had aborted); the launcher stops this rank when they exit",
+                comm.rank(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Ok(()) => Err(format!(
+            "rank {}: the {kind} fault went unnoticed ({:.1} s)",
+            comm.rank(),
+            start.elapsed().as_secs_f64()
+        )),
+        Err(e) => {
+            println!(
+                "[rank {}] fault {kind}: failed after {:.1} s with: {e}",
+                comm.rank(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(args) => args,
         Err(e) => {
             eprintln!(
-                "sp_check: {e}\nusage: sp_check [--nproc N] [--tokens N] [--heads H] [--kv-heads K] [--dim D] [--bench REPS]"
+                "sp_check: {e}\nusage: sp_check [--nproc N] [--tokens N] [--heads H] [--kv-heads K] [--dim D] [--bench REPS] [--fault stall|mismatch]"
             );
             return ExitCode::from(2);
         }
@@ -552,6 +615,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(kind) = &args.fault {
+        return match fault(&comm, kind) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sp_check: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(reps) = args.bench {
         return match bench(&comm, &args, reps.max(1)) {
             Ok(()) => ExitCode::SUCCESS,
