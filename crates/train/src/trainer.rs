@@ -8,9 +8,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use longview_data::TextTokenizer;
 use longview_models::hf::checkpoint::load_vila;
@@ -291,6 +291,42 @@ pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f3
     model.visit(&mut Scale { grads, factor });
 }
 
+/// `module` with every float parameter cast to `dtype`, ids and gradient
+/// requirements kept (mixed precision: the f32 master copy and its bf16/f16 working
+/// copy share parameter ids, so the working copy's gradients name the master's
+/// parameters).
+pub fn cast_params<M: Module>(module: M, dtype: DType) -> M {
+    struct Cast(DType);
+    impl ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, value, mapper) = param.consume();
+            if value.dtype() == self.0 {
+                return Param::from_mapped_value(id, value, mapper);
+            }
+            let require_grad = value.is_require_grad();
+            let value = value.cast(self.0).detach().set_require_grad(require_grad);
+            Param::from_mapped_value(id, value, mapper)
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
+/// Casts every gradient of `model`'s parameters in `grads` to `dtype`.
+pub fn cast_grads<M: Module>(model: &M, grads: &mut GradientsParams, dtype: DType) {
+    struct Cast<'a> {
+        grads: &'a mut GradientsParams,
+        dtype: DType,
+    }
+    impl ModuleVisitor for Cast<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register::<D>(param.id, g.cast(self.dtype));
+            }
+        }
+    }
+    model.visit(&mut Cast { grads, dtype });
+}
+
 fn count_params(model: &Vlm) -> (usize, usize) {
     struct Count {
         all: usize,
@@ -557,6 +593,24 @@ pub fn train_with(
         }
     };
     let mut model = freeze(runner.sync_model(model)?, &trainable);
+    // 16-bit compute keeps f32 master weights: the optimizer updates (and checkpoints
+    // save) the f32 copy; every step runs on a bf16/f16 copy with the same ids.
+    let compute: DType = device.settings().float_dtype.into();
+    let master = matches!(compute, DType::BF16 | DType::F16);
+    if master {
+        model = cast_params(model, DType::F32);
+        log(&format!(
+            "precision: {compute:?} compute, f32 master weights and optimizer state"
+        ));
+    }
+    // What evaluation runs on: the model in the compute dtype (inputs come in it).
+    let compute_copy = |model: &Vlm| {
+        if master {
+            cast_params(model.clone(), compute)
+        } else {
+            model.clone()
+        }
+    };
     let (params, trainable_params) = count_params(&model);
     if writes {
         std::fs::write(out.join("config.toml"), config.to_toml())
@@ -688,7 +742,14 @@ pub fn train_with(
         let step_flops = train_flops(&model, &vlm_config, &seq_lens, frames);
         let supervised: usize = micro.iter().flatten().map(|s| s.supervised()).sum();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.ids.len()).sum();
-        let (loss_value, mut grads) = runner.step(&model, &micro, supervised, device)?;
+        let (loss_value, mut grads) = if master {
+            let working = compute_copy(&model);
+            let (loss, mut grads) = runner.step(&working, &micro, supervised, device)?;
+            cast_grads(&model, &mut grads, DType::F32);
+            (loss, grads)
+        } else {
+            runner.step(&model, &micro, supervised, device)?
+        };
         if !loss_value.is_finite() {
             bar.abandon();
             return Err(TrainError::Diverged {
@@ -725,7 +786,7 @@ pub fn train_with(
             && state.step != total
             && !eval.is_empty()
         {
-            let report = needle::score(&model, &eval, &tokenizer, device)?;
+            let report = needle::score(&compute_copy(&model), &eval, &tokenizer, device)?;
             let line = format!(
                 "step {}: held-out needle accuracy {:.1}%",
                 state.step,
@@ -802,7 +863,12 @@ pub fn train_with(
     }
     bar.finish_and_clear();
     let eval_report = if writes && state.step == total && !eval.is_empty() {
-        Some(needle::score(&model, &eval, &tokenizer, device)?)
+        Some(needle::score(
+            &compute_copy(&model),
+            &eval,
+            &tokenizer,
+            device,
+        )?)
     } else {
         None
     };

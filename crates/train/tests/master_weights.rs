@@ -1,0 +1,130 @@
+//! bf16 compute with f32 master weights. Its own test binary: a device's default
+//! float dtype is fixed for the process once set, and here it is bf16.
+
+use std::path::PathBuf;
+
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
+use burn::tensor::{DType, Device, DeviceConfig, Distribution, FloatDType, Tensor};
+use longview_train::trainer::{cast_grads, cast_params, optimizer};
+use longview_train::{OptimConfig, TrainConfig, TrainOptions, train};
+
+fn bf16_device() -> Device {
+    let mut device = Device::flex().autodiff();
+    // Both tests configure the same bf16 default; the second call finds it set.
+    let _ = device.configure(DeviceConfig::default().float_dtype(FloatDType::BF16));
+    assert_eq!(DType::from(device.settings().float_dtype), DType::BF16);
+    device
+}
+
+/// Largest |a - b| over a Linear's weights, in f32.
+fn moved(a: &Linear, b: &Linear) -> f32 {
+    let (a, b) = (
+        a.weight.val().cast(DType::F32),
+        b.weight.val().cast(DType::F32),
+    );
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+#[test]
+fn small_updates_survive_in_the_f32_master_and_vanish_in_bf16() {
+    let device = bf16_device();
+    let start = LinearConfig::new(16, 4).init(&device);
+    let x = Tensor::<2>::random([8, 16], Distribution::Normal(0.0, 1.0), &device);
+    let config = OptimConfig {
+        weight_decay: 0.0,
+        ..OptimConfig::default()
+    };
+    let lr = 1e-4; // Adam moves each weight by about lr a step: below bf16's spacing near 0.25 (2^-9)
+    let steps = 10;
+
+    // bf16 weights updated in place.
+    let mut optim = optimizer(&config);
+    let mut plain = start.clone();
+    for _ in 0..steps {
+        let loss = plain.forward(x.clone()).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &plain);
+        plain = optim.step(lr, plain, grads);
+    }
+
+    // The same with an f32 master: bf16 working copy each step, f32 update.
+    let mut optim = optimizer(&config);
+    let mut master = cast_params(start.clone(), DType::F32);
+    assert_eq!(master.weight.val().dtype(), DType::F32);
+    for _ in 0..steps {
+        let working = cast_params(master.clone(), DType::BF16);
+        assert_eq!(working.weight.val().dtype(), DType::BF16);
+        let loss = working.forward(x.clone()).sum();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &working);
+        cast_grads(&master, &mut grads, DType::F32);
+        master = optim.step(lr, master, grads);
+    }
+    assert_eq!(master.weight.val().dtype(), DType::F32);
+
+    let lost = moved(&plain, &start);
+    let kept = moved(&master, &start);
+    // Most bf16 weights cannot move by 1e-4 a step: the largest change bf16 kept is
+    // at most one spacing of the smallest weights, while the master moved each weight
+    // by about steps x lr = 1e-3 (Adam's first steps move by about lr each).
+    assert!(
+        kept > 0.5 * steps as f32 * lr as f32 && kept < 2.0 * steps as f32 * lr as f32,
+        "master moved by {kept:.2e}, expected about {:.1e}",
+        steps as f64 * lr
+    );
+    let plain_changed = {
+        let (a, b) = (
+            plain.weight.val().cast(DType::F32),
+            start.weight.val().cast(DType::F32),
+        );
+        a.not_equal(b).int().sum().into_scalar::<i64>()
+    };
+    let master_changed = {
+        let (a, b) = (master.weight.val(), start.weight.val().cast(DType::F32));
+        a.not_equal(b).int().sum().into_scalar::<i64>()
+    };
+    assert_eq!(master_changed, 64, "every master weight moves");
+    assert!(
+        plain_changed < 32,
+        "{plain_changed} of 64 bf16 weights moved (largest change {lost:.2e}): bf16 should lose most updates"
+    );
+}
+
+#[test]
+fn a_bf16_run_trains_with_f32_master_weights() {
+    let device = bf16_device();
+    let tmp = std::env::temp_dir().join(format!("longview-master-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut config = TrainConfig::default();
+    config.run.out = tmp.join("run");
+    config.run.steps = 3;
+    config.run.batch_size = 2;
+    config.run.checkpoint_every = 3;
+    config.optim.warmup_steps = 1;
+    config.data.frames = 4;
+    config.data.min_frames = 2;
+    config.data.needle_copies = 1;
+    config.data.eval_per_depth = 1;
+    config.data.cache = Some(PathBuf::from(&tmp).join("cache"));
+    let mut logs = Vec::new();
+    let summary = train(
+        &config,
+        &TrainOptions {
+            progress: false,
+            ..TrainOptions::default()
+        },
+        &device,
+        &mut |l: &str| logs.push(l.to_string()),
+    )
+    .unwrap();
+    assert!(
+        logs.iter().any(|l| l.contains("f32 master weights")),
+        "{logs:?}"
+    );
+    assert_eq!(summary.losses.len(), 3);
+    assert!(
+        summary.losses.iter().all(|l| l.is_finite()),
+        "{:?}",
+        summary.losses
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
