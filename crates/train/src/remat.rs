@@ -106,11 +106,7 @@ pub fn loss_and_grads(
             ));
         }
     }
-    let placeholder = input
-        .input_ids
-        .clone()
-        .equal_elem(model.placeholder_token_id as i64);
-    let labels = labels.mask_fill(placeholder, longview_models::vila::IGNORE_INDEX);
+    let labels = model.unsupervise_placeholders(&input.input_ids, labels);
     let normaliser = normaliser.max(f32::MIN_POSITIVE);
     match mode {
         Recompute::None => plain(model, input, &labels, normaliser),
@@ -270,6 +266,28 @@ fn trains<M: Module>(module: &M) -> bool {
     any.0
 }
 
+/// What gets spliced into the text embeddings: the given visual embeddings, or the
+/// projector's tokens for the vision tower's output on its patch grid.
+fn visual_input(
+    vlm: &Vlm,
+    given: Option<Tensor<3>>,
+    tower_out: Option<(Tensor<3>, (usize, usize))>,
+) -> VisualInput {
+    if let Some(tokens) = given {
+        return VisualInput::Embeddings(tokens);
+    }
+    match tower_out {
+        Some((x, grid)) => {
+            let features = match vlm.vision_feature {
+                VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
+                VisionFeature::Layer(_) => x,
+            };
+            VisualInput::Embeddings(vlm.mm_projector.forward(features, grid))
+        }
+        None => VisualInput::None,
+    }
+}
+
 /// The step segment by segment: vision layers, projector + embeddings, LLM layers,
 /// head; forward without autodiff, backward replaying one segment at a time.
 fn segmented(
@@ -305,26 +323,10 @@ fn segmented(
         }
         _ => None,
     };
-    let projected = |x: Tensor<3>, vlm: &Vlm, grid: (usize, usize)| {
-        let features = match vlm.vision_feature {
-            VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
-            VisionFeature::Layer(_) => x,
-        };
-        vlm.mm_projector.forward(features, grid)
-    };
-    let visual = |vlm: &Vlm, x: Option<Tensor<3>>| match (&vision, x) {
-        (Some((_, grid, ..)), Some(x)) => VisualInput::Embeddings(projected(x, vlm, *grid)),
-        _ => VisualInput::None,
-    };
-    let embeds_visual = |vlm: &Vlm, x: Option<Tensor<3>>, autodiff: bool| match &given {
-        Some(tokens) if autodiff => VisualInput::Embeddings(tokens.clone()),
-        Some(tokens) => VisualInput::Embeddings(tokens.clone().inner()),
-        None => visual(vlm, x),
-    };
-
     // Forward, LLM.
-    let vision_out = vision.as_ref().map(|(_, _, _, x, _)| x.clone());
-    let embeds = plain.embed(plain_ids, embeds_visual(&plain, vision_out, false))?;
+    let tower_out = vision.as_ref().map(|(_, grid, _, x, _)| (x.clone(), *grid));
+    let plain_given = given.clone().map(Tensor::inner);
+    let embeds = plain.embed(plain_ids, visual_input(&plain, plain_given, tower_out))?;
     let position_ids = input.position_ids;
     let plain_rope = Rope::new(position_ids.clone().inner(), llm.head_dim, llm.rope_theta);
     let (hidden, kept) = forward_stack(&plain.llm.model.layers, &plain_rope, embeds, mode);
@@ -356,7 +358,10 @@ fn segmented(
         Some((_, _, _, x, _)) => Some(x.clone().autodiff()),
         None => None,
     };
-    let embeds = model.embed(ids, embeds_visual(model, vision_leaf.clone(), true))?;
+    let tower_out = vision_leaf
+        .clone()
+        .zip(vision.as_ref().map(|(_, grid, ..)| *grid));
+    let embeds = model.embed(ids, visual_input(model, given, tower_out))?;
     let mut grads = surrogate(embeds, grad).backward();
     take_grads(&llm.model.embed_tokens, &mut grads, &mut into);
     take_grads(&model.mm_projector, &mut grads, &mut into);

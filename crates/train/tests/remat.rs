@@ -59,7 +59,8 @@ fn clone_input(input: &VlmInput) -> VlmInput {
         position_ids: input.position_ids.clone(),
         visual: match &input.visual {
             VisualInput::Pixels(p) => VisualInput::Pixels(p.clone()),
-            _ => unreachable!(),
+            VisualInput::Embeddings(e) => VisualInput::Embeddings(e.clone()),
+            VisualInput::None => VisualInput::None,
         },
     }
 }
@@ -132,6 +133,16 @@ fn compare(model: &Vlm, got: &GradientsParams, want: &GradientsParams, what: &st
 /// the number of parameters with a gradient.
 fn check_modes(model: &Vlm, config: &VlmConfig, device: &Device, what: &str) -> usize {
     let (input, labels, supervised) = batch(config, device);
+    check_modes_on(model, input, labels, supervised, what)
+}
+
+fn check_modes_on(
+    model: &Vlm,
+    input: VlmInput,
+    labels: Tensor<2, Int>,
+    supervised: usize,
+    what: &str,
+) -> usize {
     let loss = model.loss(clone_input(&input), labels.clone()).unwrap();
     let want_loss = loss.clone().into_scalar::<f32>();
     let want = GradientsParams::from_grads(loss.backward(), model);
@@ -208,6 +219,27 @@ fn frozen_parts_get_no_gradient_but_pass_it_through() {
     model.llm = model.llm.no_grad();
     let compared = check_modes(&model, &config, &device, "projector only");
     assert_eq!(compared, count(&model.mm_projector));
+}
+
+#[test]
+fn given_visual_embeddings_are_constants_of_the_step() {
+    // Cached embeddings (LongVILA-R1 reuses them across rollouts): the vision tower
+    // and projector do not run and get no gradient.
+    let device = Device::flex().autodiff();
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let (mut input, labels, supervised) = batch(&config, &device);
+    let frames = match &input.visual {
+        VisualInput::Pixels(p) => p.dims()[0],
+        _ => unreachable!(),
+    };
+    input.visual = VisualInput::Embeddings(Tensor::random(
+        [frames, config.tokens_per_frame(), config.text.hidden_size],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ));
+    let compared = check_modes_on(&model, input, labels, supervised, "given embeddings");
+    assert_eq!(compared, count(&model.llm));
 }
 
 #[test]

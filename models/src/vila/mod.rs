@@ -141,13 +141,24 @@ impl Vlm {
     /// # Shapes
     /// - labels: `[batch, seq]`, aligned with the input ids (shifted inside)
     pub fn loss(&self, input: VlmInput, labels: Tensor<2, Int>) -> Result<Tensor<1>, ModelError> {
-        let placeholder = input
-            .input_ids
-            .clone()
-            .equal_elem(self.placeholder_token_id as i64);
-        let labels = labels.mask_fill(placeholder, IGNORE_INDEX);
+        let labels = self.unsupervise_placeholders(&input.input_ids, labels);
         let logits = self.forward(input)?;
         Ok(causal_lm_loss(logits, labels))
+    }
+
+    /// `labels` with every visual placeholder position set to [`IGNORE_INDEX`].
+    ///
+    /// # Shapes
+    /// - input_ids, labels, output: `[batch, seq]`
+    pub fn unsupervise_placeholders(
+        &self,
+        input_ids: &Tensor<2, Int>,
+        labels: Tensor<2, Int>,
+    ) -> Tensor<2, Int> {
+        let placeholder = input_ids
+            .clone()
+            .equal_elem(self.placeholder_token_id as i64);
+        labels.mask_fill(placeholder, IGNORE_INDEX)
     }
 }
 
