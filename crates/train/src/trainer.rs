@@ -506,6 +506,17 @@ pub fn train_with(
         }
     }
     let latest = checkpoint::latest(out)?;
+    let compute: DType = device.settings().float_dtype.into();
+    let master = matches!(compute, DType::BF16 | DType::F16);
+    if master && options.resume && latest.is_some() {
+        // Burn 0.22 reloads AdamW's moments in the device's default float dtype, which
+        // then meet the f32 master's gradients (a dtype panic inside Burn).
+        return Err(TrainError::Request(format!(
+            "resuming a {compute:?} run (f32 master weights) is not supported yet: Burn 0.22 \
+             reloads the optimizer state in {compute:?}; resume with --dtype f32 (the \
+             checkpoint holds f32 weights and optimizer state) or start a fresh run"
+        )));
+    }
     match (&latest, options.resume) {
         (Some(dir), false) => {
             return Err(TrainError::Checkpoint {
@@ -595,8 +606,6 @@ pub fn train_with(
     let mut model = freeze(runner.sync_model(model)?, &trainable);
     // 16-bit compute keeps f32 master weights: the optimizer updates (and checkpoints
     // save) the f32 copy; every step runs on a bf16/f16 copy with the same ids.
-    let compute: DType = device.settings().float_dtype.into();
-    let master = matches!(compute, DType::BF16 | DType::F16);
     if master {
         model = cast_params(model, DType::F32);
         log(&format!(

@@ -128,3 +128,53 @@ fn a_bf16_run_trains_with_f32_master_weights() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn resuming_a_bf16_run_is_refused_with_the_way_out() {
+    let device = bf16_device();
+    let tmp = std::env::temp_dir().join(format!("longview-master-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut config = TrainConfig::default();
+    config.run.out = tmp.join("run");
+    config.run.steps = 4;
+    config.run.batch_size = 2;
+    config.run.checkpoint_every = 2;
+    config.optim.warmup_steps = 1;
+    config.data.frames = 4;
+    config.data.min_frames = 2;
+    config.data.needle_copies = 1;
+    config.data.eval_per_depth = 1;
+    config.data.cache = Some(tmp.join("cache"));
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    train(
+        &config,
+        &TrainOptions {
+            stop_after: Some(2),
+            ..options.clone()
+        },
+        &device,
+        &mut |_: &str| {},
+    )
+    .unwrap();
+    // Burn 0.22 reloads AdamW's state in the device dtype (bf16), which would meet the
+    // f32 master's gradients: a clear error instead of a panic inside Burn.
+    let err = train(
+        &config,
+        &TrainOptions {
+            resume: true,
+            ..options
+        },
+        &device,
+        &mut |_: &str| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--dtype f32") && err.contains("not supported yet"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
