@@ -89,22 +89,28 @@ fn small_updates_survive_in_the_f32_master_and_vanish_in_bf16() {
     );
 }
 
-#[test]
-fn a_bf16_run_trains_with_f32_master_weights() {
-    let device = bf16_device();
-    let tmp = std::env::temp_dir().join(format!("longview-master-{}", std::process::id()));
+/// A scratch folder and a run small enough for a test (4-frame videos, batches of 2).
+fn tiny_run(tag: &str) -> (PathBuf, TrainConfig) {
+    let tmp = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let mut config = TrainConfig::default();
     config.run.out = tmp.join("run");
-    config.run.steps = 3;
     config.run.batch_size = 2;
-    config.run.checkpoint_every = 3;
     config.optim.warmup_steps = 1;
     config.data.frames = 4;
     config.data.min_frames = 2;
     config.data.needle_copies = 1;
     config.data.eval_per_depth = 1;
-    config.data.cache = Some(PathBuf::from(&tmp).join("cache"));
+    config.data.cache = Some(tmp.join("cache"));
+    (tmp, config)
+}
+
+#[test]
+fn a_bf16_run_trains_with_f32_master_weights() {
+    let device = bf16_device();
+    let (tmp, mut config) = tiny_run("longview-master");
+    config.run.steps = 3;
+    config.run.checkpoint_every = 3;
     let mut logs = Vec::new();
     let summary = train(
         &config,
@@ -132,19 +138,9 @@ fn a_bf16_run_trains_with_f32_master_weights() {
 #[test]
 fn resuming_a_bf16_run_is_refused_with_the_way_out() {
     let device = bf16_device();
-    let tmp = std::env::temp_dir().join(format!("longview-master-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let mut config = TrainConfig::default();
-    config.run.out = tmp.join("run");
+    let (tmp, mut config) = tiny_run("longview-master-resume");
     config.run.steps = 4;
-    config.run.batch_size = 2;
     config.run.checkpoint_every = 2;
-    config.optim.warmup_steps = 1;
-    config.data.frames = 4;
-    config.data.min_frames = 2;
-    config.data.needle_copies = 1;
-    config.data.eval_per_depth = 1;
-    config.data.cache = Some(tmp.join("cache"));
     let options = TrainOptions {
         progress: false,
         ..TrainOptions::default()
