@@ -41,6 +41,34 @@ pub enum AttentionImpl {
 /// output shard, tracked for autodiff when the inputs are.
 pub trait ShardedAttention: Send + Sync {
     fn attend(&self, input: AttentionInput) -> Tensor<4>;
+
+    /// This rank's output and the log-sum-exp of each query row (`[batch, heads,
+    /// q_len]`, f32), untracked: what recomputation keeps so that the distributed
+    /// forward never runs twice.
+    fn attend_with_lse(&self, input: AttentionInput) -> (Tensor<4>, Tensor<3>);
+
+    /// This rank's dQ, dK, dV (untracked) from the kept output and LSE, given dO: the
+    /// scheme's distributed backward alone.
+    fn input_grads(
+        &self,
+        input: AttentionInput,
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>);
+}
+
+/// The sharded attention installed on this thread; panics when there is none (a model
+/// configured for sequence parallelism ran outside it).
+fn installed_sharded() -> Arc<dyn ShardedAttention> {
+    let installed = SHARDED.with(|slot| slot.borrow().clone());
+    // A configuration error the trainer checks before the first step.
+    installed.unwrap_or_else(|| {
+        panic!(
+            "the model is configured with AttentionImpl::Sharded but no sequence-parallel \
+             attention is installed on this thread (longview_parallel::model::install)"
+        )
+    })
 }
 
 thread_local! {
@@ -101,18 +129,7 @@ pub fn attend(implementation: AttentionImpl, input: AttentionInput) -> Tensor<4>
     match implementation {
         AttentionImpl::Reference => reference_attention(input),
         AttentionImpl::Flash => flash::attend(input),
-        AttentionImpl::Sharded => {
-            let installed = SHARDED.with(|slot| slot.borrow().clone());
-            // A configuration error the trainer checks before the first step; reaching
-            // this means a model configured for sequence parallelism ran outside it.
-            let attention = installed.unwrap_or_else(|| {
-                panic!(
-                    "the model is configured with AttentionImpl::Sharded but no sequence-parallel \
-                     attention is installed on this thread (longview_parallel::model::install)"
-                )
-            });
-            attention.attend(input)
-        }
+        AttentionImpl::Sharded => installed_sharded().attend(input),
     }
 }
 
@@ -143,8 +160,8 @@ pub trait SplitAtAttention {
 }
 
 /// Runs attention and also returns the log-sum-exp of each query row (`[batch, heads,
-/// q_len]`, f32) where the implementation computes it ([`AttentionImpl::Flash`]);
-/// `None` for the tensor-op reference.
+/// q_len]`, f32) where the implementation computes it ([`AttentionImpl::Flash`] and
+/// [`AttentionImpl::Sharded`]); `None` for the tensor-op reference.
 pub fn attend_with_lse(
     implementation: AttentionImpl,
     input: AttentionInput,
@@ -154,15 +171,19 @@ pub fn attend_with_lse(
             let (o, lse) = flash::attend_with_lse(input);
             (o, Some(lse))
         }
-        other => (attend(other, input), None),
+        AttentionImpl::Sharded => {
+            let (o, lse) = installed_sharded().attend_with_lse(input);
+            (o, Some(lse))
+        }
+        AttentionImpl::Reference => (reference_attention(input), None),
     }
 }
 
 /// The gradients of q, k and v (untracked) of an attention whose output `o` (and,
-/// from the flash kernels, `lse`) were kept from the forward pass, given the output's
-/// gradient `d_o`. With an LSE the flash backward kernels run from it and the forward
-/// is not recomputed; without one (the reference) the attention is recomputed under
-/// autodiff.
+/// from the flash kernels or a sequence-parallel scheme, `lse`) were kept from the
+/// forward pass, given the output's gradient `d_o`. With an LSE the flash backward
+/// kernels (or the scheme's distributed backward) run from it and the forward is not
+/// recomputed; without one (the reference) the attention is recomputed under autodiff.
 ///
 /// # Shapes
 /// - `input`'s q, k, v as in [`AttentionInput`]; o, d_o: like q; lse: `[batch, heads, q_len]`
@@ -181,8 +202,8 @@ pub fn attention_input_grads(
         scale,
     } = input;
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
-    if let (AttentionImpl::Flash, Some(lse)) = (implementation, lse) {
-        return flash::input_grads(
+    match (implementation, lse) {
+        (AttentionImpl::Flash, Some(lse)) => flash::input_grads(
             AttentionInput {
                 q,
                 k,
@@ -193,8 +214,33 @@ pub fn attention_input_grads(
             o,
             lse,
             d_o,
-        );
+        ),
+        (AttentionImpl::Sharded, Some(lse)) => installed_sharded().input_grads(
+            AttentionInput {
+                q,
+                k,
+                v,
+                mask,
+                scale,
+            },
+            o.detach(),
+            lse,
+            d_o.detach(),
+        ),
+        (implementation, _) => recomputed_input_grads(implementation, q, k, v, mask, scale, d_o),
     }
+}
+
+/// dQ, dK, dV of `implementation`'s attention recomputed under autodiff.
+fn recomputed_input_grads(
+    implementation: AttentionImpl,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: AttentionMask,
+    scale: f64,
+    d_o: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
     let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
     let out = attend(
         implementation,

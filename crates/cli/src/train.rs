@@ -164,6 +164,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         None => println!("  compute   {:.4} model TFLOP/s", summary.model_tflops),
     }
+    if let Some(mib) = summary.peak_device_mib {
+        println!(
+            "  memory    {:.1} GiB peak held by the device allocator ({:?} attention)",
+            mib / 1024.0,
+            summary.attention
+        );
+    }
     println!(
         "  loss      mean of the first {window} steps {head:.4} -> mean of the last {window} {tail:.4}"
     );
@@ -201,13 +208,6 @@ fn parallel(
     dp: usize,
     sp: usize,
 ) -> Result<TrainSummary> {
-    if config.run.recompute != longview_train::remat::Recompute::None {
-        anyhow::bail!(
-            "run.recompute = \"{}\" applies to single-device runs; the data/sequence-parallel \
-             step (--dp/--sp) does not recompute activations yet: set recompute = \"none\"",
-            config.run.recompute
-        );
-    }
     let tokenizer = longview_train::trainer::tokenizer(config)?;
     let head_dim = match &config.model.init_from {
         Some(dir) => load_vila(dir, &Device::flex())?.1.text.head_dim(),
@@ -222,7 +222,8 @@ fn parallel(
             .map(|comm| {
                 scope.spawn(move || {
                     let rank = comm.rank();
-                    let runner = MmSp::new(comm, sp, head_dim)?;
+                    let runner =
+                        MmSp::new(comm, sp, head_dim)?.with_recompute(config.run.recompute);
                     let device = Device::flex().autodiff();
                     let mut log = |line: &str| {
                         if rank == 0 {

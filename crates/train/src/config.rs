@@ -38,10 +38,24 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Score the held-out needle set every this many steps (0: only at the end).
     pub eval_every: usize,
-    /// Activation recomputation on one device: `none`, `layers` or
+    /// Activation recomputation (one device or MM-SP): `none`, `layers` or
     /// `attention-aware` (LightSeq: layer inputs and attention outputs kept, the
     /// attention forward never recomputed). See [`crate::remat`].
     pub recompute: Recompute,
+    /// Attention of the vision encoder and the LLM: `auto` (longview's flash kernels
+    /// where this build and device run them, i.e. CUDA; the tensor-op reference
+    /// elsewhere), `reference` or `flash` (an error where it cannot run).
+    pub attention: AttentionChoice,
+}
+
+/// Which attention implementation a run's model calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionChoice {
+    #[default]
+    Auto,
+    Reference,
+    Flash,
 }
 
 /// Which LongVILA stage a run is; decides what trains unless `trainable` says.
@@ -187,6 +201,7 @@ impl Default for RunConfig {
             keep_checkpoints: 2,
             eval_every: 0,
             recompute: Recompute::None,
+            attention: AttentionChoice::Auto,
         }
     }
 }

@@ -17,6 +17,12 @@
 //!
 //! Finally every gradient is summed over all ranks, so all ranks hold the same full
 //! gradient and take the same optimizer step.
+//!
+//! With [`MmSp::with_recompute`] both stages run forward without autodiff and keep
+//! per layer only what the mode names ([`crate::remat`]); the backward replays them.
+//! LightSeq's attention-aware mode keeps each ring attention's output and LSE, and the
+//! replay calls the ring's distributed backward from them: neither the attention's
+//! compute nor its communication runs twice.
 
 use std::sync::Arc;
 
@@ -26,7 +32,10 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
-use longview_models::vila::{IGNORE_INDEX, token_cross_entropy_sum};
+use longview_models::vila::IGNORE_INDEX;
+use longview_models::vila::Qwen2;
+use longview_models::vila::text::Rope;
+use longview_models::vila::vision::patch_grid;
 use longview_parallel::autodiff::{DistributedAttention, WithComm};
 use longview_parallel::layout::{SeqLayout, shard, shift_labels};
 use longview_parallel::model::install;
@@ -34,6 +43,9 @@ use longview_parallel::ring::{RingAttention, RingBalance};
 
 use crate::data::Sample;
 use crate::error::TrainError;
+use crate::remat::{
+    Recompute, backward_stack, forward_stack, grad_or_zeros, project, surrogate, take_grads, trains,
+};
 use crate::trainer::StepRunner;
 
 fn comm_error(what: &str) -> impl FnOnce(longview_comm::CommError) -> TrainError + '_ {
@@ -52,6 +64,7 @@ pub struct MmSp<C: Communicator> {
     pub dp_rank: usize,
     pub sp_rank: usize,
     scale: f64,
+    recompute: Recompute,
 }
 
 impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
@@ -95,58 +108,113 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             dp_rank: rank / sp,
             sp_rank: rank % sp,
             scale,
+            recompute: Recompute::None,
         })
     }
 
-    /// Loss share and gradients of this rank's part of one DP group's micro-batch.
-    fn micro_step(
+    /// Recomputes activations in the backward (`Recompute::Layers` or LightSeq's
+    /// `Recompute::AttentionAware`: the ring's kept output and LSE feed its distributed
+    /// backward, so the ring forward never runs twice).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
+        self
+    }
+
+    /// This rank's share of the micro-batch's frames (`[share, 3, side, side]`; zero
+    /// frames pad the last share), `None` for text-only batches (the whole SP group
+    /// holds the same samples, so all of it skips the vision stage together).
+    fn local_pixels(
+        &self,
+        samples: &[&Sample],
+        frames: usize,
+        share: usize,
+        device: &Device,
+    ) -> Option<Tensor<4>> {
+        if frames == 0 {
+            return None;
+        }
+        let side = samples[0].side;
+        let frame_len = 3 * side * side;
+        let mut pixels = vec![0f32; share * frame_len];
+        let mut at = 0;
+        for s in samples {
+            for f in 0..s.frames {
+                let global = at + f;
+                if global / share == self.sp_rank {
+                    let local = global % share;
+                    pixels[local * frame_len..(local + 1) * frame_len]
+                        .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
+                }
+            }
+            at += s.frames;
+        }
+        Some(Tensor::from_data(
+            TensorData::new(pixels, [share, 3, side, side]),
+            device,
+        ))
+    }
+
+    /// Every rank's visual tokens, in frame order (`[frames, per_frame, hidden]`, on
+    /// the device of `local`).
+    fn gather_visual(&self, local: Tensor<3>, frames: usize) -> Result<Tensor<3>, TrainError> {
+        let device = local.device();
+        let gathered = self
+            .group
+            .all_gather(local.detach(), 0)
+            .map_err(comm_error("gathering visual tokens"))?;
+        Ok(Tensor::from_data(
+            gathered.narrow(0, 0, frames).into_data(),
+            &device,
+        ))
+    }
+
+    /// The gradient of this rank's own visual tokens: the group's gradients of the
+    /// gathered tokens summed and scattered back to the frames' owners.
+    fn scatter_visual_grad(
+        &self,
+        d_visual: Tensor<3>,
+        share: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>, TrainError> {
+        let [frames, per_frame, hidden] = d_visual.dims();
+        let d_all = if share * self.sp > frames {
+            let pad = Tensor::zeros(
+                [share * self.sp - frames, per_frame, hidden],
+                (&d_visual.device(), d_visual.dtype()),
+            );
+            Tensor::cat(vec![d_visual, pad], 0)
+        } else {
+            d_visual
+        };
+        let d_mine = self
+            .group
+            .reduce_scatter(d_all, 0, ReduceOp::Sum)
+            .map_err(comm_error("scattering visual-token gradients"))?;
+        Ok(Tensor::from_data(d_mine.into_data(), device))
+    }
+
+    /// The LLM as this rank runs it: zigzag ring attention when the group has more
+    /// than one rank.
+    fn rank_llm(&self, llm: &Qwen2) -> Qwen2 {
+        if self.sp > 1 {
+            llm.clone().with_attention(AttentionImpl::Sharded)
+        } else {
+            llm.clone()
+        }
+    }
+
+    /// This rank's shard of the micro-batch's token stream: labels shifted on the whole
+    /// sequences, then tokens, positions and targets sharded (zigzag when `sp > 1`),
+    /// and where each placeholder's visual token comes from.
+    fn text_shard(
         &self,
         model: &Vlm,
         samples: &[&Sample],
-        supervised: usize,
+        visual_tokens: usize,
         device: &Device,
-    ) -> Result<(f32, GradientsParams), TrainError> {
+    ) -> Result<TextShard, TrainError> {
         let (sp, rank) = (self.sp, self.sp_rank);
         let b = samples.len();
-        let side = samples[0].side;
-        let frame_len = 3 * side * side;
-        let frames: usize = samples.iter().map(|s| s.frames).sum();
-
-        // 1. Vision stage: this rank's frames only (text-only batches skip it; the
-        //    whole SP group holds the same samples, so all of it skips together).
-        let vision = if frames == 0 {
-            None
-        } else {
-            let share = frames.div_ceil(sp).max(1);
-            let mut pixels = vec![0f32; share * frame_len];
-            let mut at = 0;
-            for s in samples {
-                for f in 0..s.frames {
-                    let global = at + f;
-                    if global / share == rank {
-                        let local = global % share;
-                        pixels[local * frame_len..(local + 1) * frame_len]
-                            .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
-                    }
-                }
-                at += s.frames;
-            }
-            let local_tokens = model.encode_frames(Tensor::from_data(
-                TensorData::new(pixels, [share, 3, side, side]),
-                device,
-            ));
-            let gathered = self
-                .group
-                .all_gather(local_tokens.clone().detach(), 0)
-                .map_err(comm_error("gathering visual tokens"))?;
-            let gathered =
-                Tensor::<3>::from_data(gathered.narrow(0, 0, frames).into_data(), device)
-                    .require_grad();
-            Some((local_tokens, gathered, share))
-        };
-        let per_frame = vision.as_ref().map_or(0, |(t, _, _)| t.dims()[1]);
-
-        // 2. Language stage: whole sequences, shifted labels, then this rank's shard.
         let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let padded = len.div_ceil(2 * sp) * 2 * sp;
         let placeholder = model.placeholder_token_id;
@@ -165,9 +233,9 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
                 }
             }
         }
-        if next != frames * per_frame {
+        if next != visual_tokens {
             return Err(TrainError::Parallel(format!(
-                "{next} visual placeholders but {frames} frames x {per_frame} tokens"
+                "{next} visual placeholders but the frames give {visual_tokens} visual tokens"
             )));
         }
         let layout = if sp > 1 {
@@ -180,15 +248,13 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             .map_err(|e| TrainError::Parallel(e.to_string()))?;
         let n = positions.len();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, padded]), device);
-        let labels = shift_labels(Tensor::<2, Int>::from_data(
+        let targets = shift_labels(Tensor::<2, Int>::from_data(
             TensorData::new(labels, [b, padded]),
             device,
         ));
         let sharded = |x: Tensor<2, Int>| {
             shard(x, 1, layout, rank, sp).map_err(|e| TrainError::Parallel(e.to_string()))
         };
-        let ids = sharded(ids)?;
-        let labels = sharded(labels)?;
         let mut index = Vec::with_capacity(b * n);
         let mut mask = Vec::with_capacity(b * n);
         for row in 0..b {
@@ -207,69 +273,241 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             ),
             device,
         );
-        let text = model.llm.embed(ids);
-        let embeds = match &vision {
-            Some((_, gathered, _)) => {
-                let hidden = gathered.dims()[2];
-                let visual = gathered.clone().reshape([frames * per_frame, hidden]);
-                let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * n]), device);
-                let rows = visual.select(0, index).reshape([b, n, hidden]);
-                let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, n]), device)
-                    .unsqueeze_dim::<3>(2)
-                    .expand([b, n, hidden]);
-                text.mask_where(mask, rows)
-            }
-            None => text,
-        };
+        Ok(TextShard {
+            ids: sharded(ids)?,
+            targets: sharded(targets)?,
+            position_ids,
+            index,
+            mask,
+        })
+    }
+
+    /// Loss share and gradients of this rank's part of one DP group's micro-batch.
+    fn micro_step(
+        &self,
+        model: &Vlm,
+        samples: &[&Sample],
+        supervised: usize,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        let frames: usize = samples.iter().map(|s| s.frames).sum();
+        let share = frames.div_ceil(self.sp).max(1);
+        let pixels = self.local_pixels(samples, frames, share, device);
+        let normaliser = supervised.max(1) as f32;
         let _installed = self
             .attention
             .as_ref()
             .map(|attention| install(attention.clone(), true, self.scale, "MM-SP zigzag ring"));
-        let llm = if sp > 1 {
-            model.llm.clone().with_attention(AttentionImpl::Sharded)
-        } else {
-            model.llm.clone()
+        match self.recompute {
+            Recompute::None => {
+                self.autodiff_step(model, samples, pixels, frames, share, normaliser, device)
+            }
+            mode => self.recomputed_step(
+                model, samples, pixels, frames, share, normaliser, mode, device,
+            ),
+        }
+    }
+
+    /// The micro-step under plain autodiff.
+    #[allow(clippy::too_many_arguments)]
+    fn autodiff_step(
+        &self,
+        model: &Vlm,
+        samples: &[&Sample],
+        pixels: Option<Tensor<4>>,
+        frames: usize,
+        share: usize,
+        normaliser: f32,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        // 1. Vision stage: this rank's frames only, then every rank's tokens.
+        let vision = match pixels {
+            Some(pixels) => {
+                let local_tokens = model.encode_frames(pixels);
+                let gathered = self
+                    .gather_visual(local_tokens.clone(), frames)?
+                    .require_grad();
+                Some((local_tokens, gathered))
+            }
+            None => None,
         };
-        let logits = llm.forward_embeds(embeds, position_ids, false).logits;
-        let (sum, _) = token_cross_entropy_sum(logits, labels);
-        let loss = sum.div_scalar(supervised.max(1) as f32);
+        let per_frame = vision.as_ref().map_or(0, |(t, _)| t.dims()[1]);
+
+        // 2. Language stage on this rank's shard; loss on its supervised rows.
+        let text = self.text_shard(model, samples, frames * per_frame, device)?;
+        let llm = self.rank_llm(&model.llm);
+        let mut x = text.splice(
+            llm.embed(text.ids.clone()),
+            vision.as_ref().map(|(_, g)| g.clone()),
+        );
+        let rope = Rope::new(text.position_ids.clone(), llm.head_dim, llm.rope_theta);
+        for layer in &llm.model.layers {
+            x = layer.forward(x, &rope);
+        }
+        let (sum, _) = llm.shifted_loss_sum(x, &text.targets)?;
+        let loss = sum.div_scalar(normaliser);
         let value = loss.clone().into_scalar::<f32>();
         let grads = loss.backward();
-        let Some((local_tokens, gathered, share)) = vision else {
+        let Some((local_tokens, gathered)) = vision else {
             return Ok((value, GradientsParams::from_grads(grads, model)));
         };
-        let hidden = gathered.dims()[2];
-        let d_visual = gathered.grad(&grads);
+        let d_visual = grad_or_zeros(&gathered, &grads);
         let mut accumulator = GradientsAccumulator::<Vlm>::new();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
 
         // 3. The visual tokens' gradient, summed over the group, back to their owners.
-        let d_visual = match d_visual {
-            Some(d) => Tensor::<3>::from_data(d.into_data(), device),
-            None => Tensor::zeros([frames, per_frame, hidden], device),
-        };
-        let d_all = if share * sp > frames {
-            Tensor::cat(
-                vec![
-                    d_visual,
-                    Tensor::zeros([share * sp - frames, per_frame, hidden], device),
-                ],
-                0,
-            )
-        } else {
-            d_visual
-        };
-        let d_mine = self
-            .group
-            .reduce_scatter(d_all, 0, ReduceOp::Sum)
-            .map_err(comm_error("scattering visual-token gradients"))?;
-        let d_mine = Tensor::<3>::from_data(d_mine.into_data(), device);
+        let d_mine = self.scatter_visual_grad(d_visual.inner(), share, device)?;
         let surrogate = (local_tokens * d_mine).sum();
         accumulator.accumulate(
             model,
             GradientsParams::from_grads(surrogate.backward(), model),
         );
         Ok((value, accumulator.grads()))
+    }
+
+    /// The micro-step with activation recomputation: both stages run forward without
+    /// autodiff, keeping what `mode` names per layer ([`crate::remat`]); the backward
+    /// replays the LLM layers last to first (their ring attention's backward from the
+    /// kept O and LSE when attention-aware), the embeddings and splice, then, after the
+    /// visual-token gradients are scattered back, the projector and this rank's vision
+    /// layers.
+    #[allow(clippy::too_many_arguments)]
+    fn recomputed_step(
+        &self,
+        model: &Vlm,
+        samples: &[&Sample],
+        pixels: Option<Tensor<4>>,
+        frames: usize,
+        share: usize,
+        normaliser: f32,
+        mode: Recompute,
+        device: &Device,
+    ) -> Result<(f32, GradientsParams), TrainError> {
+        let plain = model.valid();
+        let mut into = GradientsParams::new();
+
+        // 1. Vision stage, forward: this rank's frames, the layers' inputs kept.
+        let vision = match pixels {
+            Some(pixels) => {
+                let pixels = pixels.inner();
+                let [_, _, height, width] = pixels.dims();
+                let tower = &plain.vision_tower;
+                let grid = patch_grid(height, width, tower.embeddings.patch_size);
+                let layers = tower.layers_to_run(model.vision_feature);
+                let x = tower.embeddings.forward(pixels.clone());
+                let (x, kept) =
+                    forward_stack(&tower.encoder.layers[..layers], &(), x, mode.for_vision());
+                let local_tokens = project(&plain, x.clone(), grid);
+                let gathered = self.gather_visual(local_tokens, frames)?;
+                Some((pixels, grid, layers, x, kept, gathered))
+            }
+            None => None,
+        };
+        let per_frame = vision.as_ref().map_or(0, |v| v.5.dims()[1]);
+
+        // 2. Language stage, forward on this rank's shard.
+        let text = self.text_shard(model, samples, frames * per_frame, device)?;
+        let plain_llm = self.rank_llm(&plain.llm);
+        let embeds = text.splice(
+            plain_llm.embed(text.ids.clone().inner()),
+            vision.as_ref().map(|v| v.5.clone()),
+        );
+        let rope = Rope::new(
+            text.position_ids.clone().inner(),
+            plain_llm.head_dim,
+            plain_llm.rope_theta,
+        );
+        let (hidden, kept) = forward_stack(&plain_llm.model.layers, &rope, embeds, mode);
+        drop(rope);
+
+        // Head: final norm, LM head and loss on this shard's supervised rows.
+        let llm = self.rank_llm(&model.llm);
+        let hidden = hidden.autodiff().require_grad();
+        let (sum, _) = llm.shifted_loss_sum(hidden.clone(), &text.targets)?;
+        let loss = sum.div_scalar(normaliser);
+        let value = loss.clone().into_scalar::<f32>();
+        let mut grads = loss.backward();
+        take_grads(&llm.model.norm, &mut grads, &mut into);
+        match &llm.lm_head {
+            Some(head) => take_grads(head, &mut grads, &mut into),
+            None => take_grads(&llm.model.embed_tokens, &mut grads, &mut into),
+        }
+        let grad = grad_or_zeros(&hidden, &grads);
+        drop(grads);
+
+        // Backward through the LLM layers, then the embeddings and the splice.
+        let rope = Rope::new(text.position_ids.clone(), llm.head_dim, llm.rope_theta);
+        let grad = backward_stack(&llm.model.layers, &rope, kept, grad, &mut into);
+        drop(rope);
+        let gathered = vision
+            .as_ref()
+            .map(|v| v.5.clone().autodiff().require_grad());
+        let embeds = text.splice(llm.embed(text.ids.clone()), gathered.clone());
+        let mut grads = surrogate(embeds, grad).backward();
+        take_grads(&llm.model.embed_tokens, &mut grads, &mut into);
+        let (Some((pixels, grid, layers, x, kept, _)), Some(gathered)) = (vision, gathered) else {
+            return Ok((value, into));
+        };
+        let d_visual = grad_or_zeros(&gathered, &grads);
+        drop(grads);
+
+        // 3. Back to the frames' owners, then the projector and this rank's vision layers.
+        let d_mine = self.scatter_visual_grad(d_visual.inner(), share, device)?;
+        let tower_trains = trains(&model.vision_tower);
+        let leaf = if tower_trains {
+            x.autodiff().require_grad()
+        } else {
+            x.autodiff()
+        };
+        let tokens = project(model, leaf.clone(), grid);
+        let mut grads = surrogate(tokens, d_mine).backward();
+        take_grads(&model.mm_projector, &mut grads, &mut into);
+        take_grads(&model.vision_tower.post_layernorm, &mut grads, &mut into);
+        if tower_trains {
+            let grad = grad_or_zeros(&leaf, &grads);
+            drop(grads);
+            let tower = &model.vision_tower;
+            let grad = backward_stack(&tower.encoder.layers[..layers], &(), kept, grad, &mut into);
+            let x = tower.embeddings.forward(pixels.autodiff());
+            let mut grads = surrogate(x, grad).backward();
+            take_grads(&tower.embeddings, &mut grads, &mut into);
+        }
+        Ok((value, into))
+    }
+}
+
+/// One rank's shard of a micro-batch's token stream.
+struct TextShard {
+    /// `[batch, local_len]` token ids, targets (already shifted: what each position
+    /// predicts) and global positions, on the step's device.
+    ids: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    position_ids: Tensor<2, Int>,
+    /// Per shard position (row-major), the ordinal of its visual token among the
+    /// micro-batch's gathered ones, and whether it is a placeholder at all.
+    index: Vec<i64>,
+    mask: Vec<bool>,
+}
+
+impl TextShard {
+    /// `text` with the placeholder rows taken from `visual` (`[frames, per_frame,
+    /// hidden]`, on `text`'s device).
+    fn splice(&self, text: Tensor<3>, visual: Option<Tensor<3>>) -> Tensor<3> {
+        let Some(visual) = visual else {
+            return text;
+        };
+        let [b, n, hidden] = text.dims();
+        let device = text.device();
+        let [frames, per_frame, _] = visual.dims();
+        let visual = visual.reshape([frames * per_frame, hidden]);
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(self.index.clone(), [b * n]), &device);
+        let rows = visual.select(0, index).reshape([b, n, hidden]);
+        let mask =
+            Tensor::<2, Bool>::from_data(TensorData::new(self.mask.clone(), [b, n]), &device)
+                .unsqueeze_dim::<3>(2)
+                .expand([b, n, hidden]);
+        text.mask_where(mask, rows)
     }
 }
 

@@ -16,14 +16,19 @@
 //!   as well, so the replay runs the layer's parts around the attention only and the
 //!   attention's gradients come straight from the flash backward kernels
 //!   ([`attention_input_grads`]): the attention forward, the most expensive part of
-//!   a long-sequence layer, never runs twice.
+//!   a long-sequence layer, never runs twice. This applies to the LLM's layers; the
+//!   vision encoder's (attention within one frame) are recomputed whole
+//!   ([`Recompute::for_vision`]).
 //!
 //! Every mode gives the gradients of plain autodiff (tests assert it) and computes
 //! the loss on the supervised rows only ([`Qwen2::next_token_loss_sum`]), so a long
 //! video with a short answer never materialises `[seq, vocab]` logits.
 //!
-//! Works on one device with the reference or flash attention; sequence-parallel
-//! ranks (`AttentionImpl::Sharded`) use the trainer's MM-SP path, not this one.
+//! [`loss_and_grads`] works on one device with the reference or flash attention;
+//! sequence-parallel ranks (`AttentionImpl::Sharded`) recompute through the MM-SP
+//! step ([`crate::mmsp`]), which uses the same per-stack forward and backward: there
+//! the kept attention output and LSE feed the scheme's distributed backward, so the
+//! ring's forward (compute and communication) never runs twice either.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,13 +55,27 @@ pub enum Recompute {
     None,
     /// Layer inputs kept; each layer's forward runs again in the backward.
     Layers,
-    /// Layer inputs, attention outputs and their LSE kept; the backward replays each
-    /// layer around its attention, whose forward never runs twice (LightSeq).
+    /// LLM layers: inputs, attention outputs and their LSE kept; the backward replays
+    /// each layer around its attention, whose forward never runs twice (LightSeq).
+    /// Vision layers (short per-frame attention) as in `Layers` ([`Recompute::for_vision`]).
     AttentionAware,
 }
 
 impl Recompute {
     pub const NAMES: &'static str = "none, layers, attention-aware";
+
+    /// What the vision encoder's layers keep under this mode. LightSeq's
+    /// attention-aware scheme pays where attention is long (the LLM's, over the whole
+    /// sequence); the encoder attends within one frame (729 tokens for SigLIP at 384
+    /// px), so keeping its attention output would cost as much memory as the layer
+    /// input for a forward that is cheap to run again: under `AttentionAware` the
+    /// vision layers are recomputed whole (`Layers`).
+    pub fn for_vision(self) -> Recompute {
+        match self {
+            Recompute::AttentionAware => Recompute::Layers,
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Recompute {
@@ -135,13 +154,13 @@ fn plain(
 
 /// What the forward pass kept of one layer: its input and, attention-aware, the
 /// attention output and LSE. Tensors without autodiff.
-struct Kept {
+pub(crate) struct Kept {
     x: Tensor<3>,
     attention: Option<(Tensor<4>, Option<Tensor<3>>)>,
 }
 
 /// Runs a stack without autodiff, keeping what `mode` asks for.
-fn forward_stack<L: SplitAtAttention>(
+pub(crate) fn forward_stack<L: SplitAtAttention>(
     layers: &[L],
     context: &L::Context,
     mut x: Tensor<3>,
@@ -169,20 +188,20 @@ fn forward_stack<L: SplitAtAttention>(
 }
 
 /// `sum(out * grad)`: its gradient with respect to `out` is `grad` exactly.
-fn surrogate<const D: usize>(out: Tensor<D>, grad: Tensor<D>) -> Tensor<1> {
+pub(crate) fn surrogate<const D: usize>(out: Tensor<D>, grad: Tensor<D>) -> Tensor<1> {
     let dtype = out.dtype();
     (out * grad.cast(dtype)).sum()
 }
 
 /// The gradient of a leaf, zeros where nothing reached it.
-fn grad_or_zeros<const D: usize>(leaf: &Tensor<D>, grads: &Gradients) -> Tensor<D> {
+pub(crate) fn grad_or_zeros<const D: usize>(leaf: &Tensor<D>, grads: &Gradients) -> Tensor<D> {
     leaf.grad(grads)
         .unwrap_or_else(|| Tensor::zeros(leaf.dims(), (&leaf.device(), leaf.dtype())))
 }
 
 /// Replays a stack last layer first from what [`forward_stack`] kept; returns the
 /// gradient of the stack's input.
-fn backward_stack<L: SplitAtAttention + Module>(
+pub(crate) fn backward_stack<L: SplitAtAttention + Module>(
     layers: &[L],
     context: &L::Context,
     kept: Vec<Kept>,
@@ -230,7 +249,7 @@ fn backward_stack<L: SplitAtAttention + Module>(
 /// Moves the gradients of `module`'s parameters from `grads` into `into`, adding to
 /// what is there (a parameter used by two segments: a tied LM head, a layer replayed
 /// in two parts).
-fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mut GradientsParams) {
+pub(crate) fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mut GradientsParams) {
     struct Take<'a> {
         grads: &'a mut Gradients,
         into: &'a mut GradientsParams,
@@ -254,7 +273,7 @@ fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mut Gradients
 }
 
 /// Whether any parameter of `module` trains.
-fn trains<M: Module>(module: &M) -> bool {
+pub(crate) fn trains<M: Module>(module: &M) -> bool {
     struct Any(bool);
     impl ModuleVisitor for Any {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -277,15 +296,22 @@ fn visual_input(
         return VisualInput::Embeddings(tokens);
     }
     match tower_out {
-        Some((x, grid)) => {
-            let features = match vlm.vision_feature {
-                VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
-                VisionFeature::Layer(_) => x,
-            };
-            VisualInput::Embeddings(vlm.mm_projector.forward(features, grid))
-        }
+        Some((x, grid)) => VisualInput::Embeddings(project(vlm, x, grid)),
         None => VisualInput::None,
     }
+}
+
+/// The projector's visual tokens for the output of the vision encoder's layers (after
+/// the post-layernorm where the feature is the last layer's).
+///
+/// # Shapes
+/// - x: `[frames, patches, vision_hidden]`; output: `[frames, tokens_per_frame, text_hidden]`
+pub(crate) fn project(vlm: &Vlm, x: Tensor<3>, grid: (usize, usize)) -> Tensor<3> {
+    let features = match vlm.vision_feature {
+        VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
+        VisionFeature::Layer(_) => x,
+    };
+    vlm.mm_projector.forward(features, grid)
 }
 
 /// The step segment by segment: vision layers, projector + embeddings, LLM layers,
@@ -318,7 +344,8 @@ fn segmented(
             let grid = patch_grid(height, width, tower.embeddings.patch_size);
             let layers = tower.layers_to_run(model.vision_feature);
             let x = tower.embeddings.forward(pixels.clone());
-            let (x, kept) = forward_stack(&tower.encoder.layers[..layers], &(), x, mode);
+            let (x, kept) =
+                forward_stack(&tower.encoder.layers[..layers], &(), x, mode.for_vision());
             Some((pixels, grid, layers, x, kept))
         }
         _ => None,

@@ -13,6 +13,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use longview_data::TextTokenizer;
+use longview_models::attention::{AttentionImpl, flash_available};
 use longview_models::hf::checkpoint::load_vila;
 use longview_models::vila::causal_lm_loss_sum;
 use longview_models::vila::{Qwen2, train_flops};
@@ -20,7 +21,7 @@ use longview_models::{Vlm, VlmConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
-use crate::config::{DataKind, OptimConfig, Part, TrainConfig};
+use crate::config::{AttentionChoice, DataKind, OptimConfig, Part, TrainConfig};
 use crate::data::{Encoder, HaystackData, RowSet, Sample, TextSet, TrainData, collate, haystack};
 use crate::error::TrainError;
 use crate::needle::{self, NeedleReport};
@@ -70,6 +71,38 @@ pub struct TrainSummary {
     pub model_tflops: f64,
     pub params: usize,
     pub trainable_params: usize,
+    /// The most device memory the allocator held after a step (MiB), where the
+    /// backend reports it.
+    pub peak_device_mib: Option<f64>,
+    /// The attention the model ran with.
+    pub attention: AttentionImpl,
+}
+
+/// The attention implementation `choice` means on `device`.
+pub fn resolve_attention(
+    choice: AttentionChoice,
+    device: &Device,
+) -> Result<AttentionImpl, TrainError> {
+    match choice {
+        AttentionChoice::Reference => Ok(AttentionImpl::Reference),
+        AttentionChoice::Auto if flash_available(device) => Ok(AttentionImpl::Flash),
+        AttentionChoice::Auto => Ok(AttentionImpl::Reference),
+        AttentionChoice::Flash if flash_available(device) => Ok(AttentionImpl::Flash),
+        AttentionChoice::Flash => Err(TrainError::Config {
+            source_name: "run.attention".into(),
+            message: format!(
+                "`flash` needs a CUDA device and a build with the `cuda` feature (this run is \
+                 on {device:?}); use `auto` or `reference`"
+            ),
+        }),
+    }
+}
+
+/// The memory the device's allocator holds (MiB), where the backend reports it.
+fn device_mib(device: &Device) -> Option<f64> {
+    device
+        .memory_pool_usage()
+        .map(|usage| usage.bytes_reserved as f64 / (1u64 << 20) as f64)
 }
 
 /// Learning rate of step `step` (0-based): linear warmup to `lr`, then cosine decay to
@@ -357,9 +390,16 @@ struct Metrics {
     lr: f64,
     grad_norm: f32,
     tokens: usize,
+    /// Tokens per second since the run (this invocation) began, start-up included.
     tokens_per_s: f64,
+    /// Wall time of this step's forward, backward and optimizer update (data
+    /// loading overlaps it on the worker thread).
+    step_s: f64,
     elapsed_s: f64,
     rss_mib: Option<f64>,
+    /// Memory held by the device's allocator after the step, MiB (GPU runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_mib: Option<f64>,
     /// Model TFLOP/s of the step ([`longview_models::vila::train_flops`]).
     model_tflops: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -603,6 +643,13 @@ pub fn train_with(
             (model, vlm_config, optimizer(&config.optim), state)
         }
     };
+    let attention = resolve_attention(config.run.attention, device)?;
+    if attention != AttentionImpl::Reference {
+        log(&format!(
+            "attention: {attention:?} (vision encoder and LLM)"
+        ));
+    }
+    let model = model.with_attention(attention, attention);
     let mut model = freeze(runner.sync_model(model)?, &trainable);
     // 16-bit compute keeps f32 master weights: the optimizer updates (and checkpoints
     // save) the f32 copy; every step runs on a bf16/f16 copy with the same ids.
@@ -724,6 +771,7 @@ pub fn train_with(
     let mut tokens_this_run = 0u64;
     let mut flops_this_run = 0f64;
     let mut last_checkpoint = None;
+    let mut peak_device_mib: Option<f64> = None;
     let per_step = config.run.batch_size * config.run.grad_accum;
 
     // The next steps' samples are decoded on a worker thread while this one computes.
@@ -785,7 +833,8 @@ pub fn train_with(
         let run_s = timer.elapsed().as_secs_f64();
         state.elapsed_s = elapsed_before + run_s;
         let tokens_per_s = tokens_this_run as f64 / run_s.max(1e-9);
-        let model_tflops = step_flops / step_timer.elapsed().as_secs_f64().max(1e-9) / 1e12;
+        let step_s = step_timer.elapsed().as_secs_f64();
+        let model_tflops = step_flops / step_s.max(1e-9) / 1e12;
         let mfu = options.matmul_tflops.map(|peak| model_tflops / peak);
         flops_this_run += step_flops;
 
@@ -811,6 +860,10 @@ pub fn train_with(
             None
         };
         let rss = rss_mib();
+        let device_mib = device_mib(device);
+        if let Some(mib) = device_mib {
+            peak_device_mib = Some(peak_device_mib.map_or(mib, |p| p.max(mib)));
+        }
         let line = Metrics {
             step: state.step,
             loss: loss_value,
@@ -818,8 +871,10 @@ pub fn train_with(
             grad_norm,
             tokens: step_tokens,
             tokens_per_s,
+            step_s,
             elapsed_s: state.elapsed_s,
             rss_mib: rss,
+            device_mib,
             model_tflops,
             mfu,
             needle_accuracy,
@@ -849,7 +904,10 @@ pub fn train_with(
                 Some(m) => format!("MFU {:.1}%", 100.0 * m),
                 None => format!("{model_tflops:.3} TFLOP/s"),
             },
-            rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m))
+            match device_mib {
+                Some(m) => format!(" device {:.1} GiB", m / 1024.0),
+                None => rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m)),
+            }
         ));
         bar.set_position(state.step as u64);
 
@@ -914,5 +972,7 @@ pub fn train_with(
         data: data_description,
         params,
         trainable_params,
+        peak_device_mib,
+        attention,
     })
 }

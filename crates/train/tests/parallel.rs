@@ -1,6 +1,6 @@
 //! MM-SP + data parallelism on the in-process communicator: the same 10 steps give the
 //! same loss curve on 1 device, SP 2, SP 4 and DP 2 x SP 2 (and the MM-SP code path
-//! itself at 1 x 1).
+//! itself at 1 x 1), also with activation recomputation inside the MM-SP step.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use burn::tensor::Device;
 use longview_comm::LocalWorld;
 use longview_data::TextTokenizer;
 use longview_train::mmsp::MmSp;
+use longview_train::remat::Recompute;
 use longview_train::trainer::{model_config, train_with};
 use longview_train::{TrainConfig, TrainOptions, train};
 
@@ -83,10 +84,9 @@ fn initial_model(dir: &Path) {
     .unwrap();
 }
 
-type MakeConfig = fn(&Path, &Path) -> TrainConfig;
-
-fn parallel_losses(base: &Path, cache: &Path, make: MakeConfig, dp: usize, sp: usize) -> Vec<f32> {
-    let config = make(&base.join(format!("dp{dp}-sp{sp}")), cache);
+/// The loss curve of `config` on `dp x sp` in-process ranks (its `run.recompute` in
+/// the MM-SP step).
+fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
     let head_dim = model_config(&config, &TextTokenizer::debug())
         .unwrap()
         .text
@@ -100,9 +100,11 @@ fn parallel_losses(base: &Path, cache: &Path, make: MakeConfig, dp: usize, sp: u
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
-                let (config, options) = (&config, &options);
+                let options = &options;
                 scope.spawn(move || {
-                    let runner = MmSp::new(comm, sp, head_dim).unwrap();
+                    let runner = MmSp::new(comm, sp, head_dim)
+                        .unwrap()
+                        .with_recompute(config.run.recompute);
                     let device = Device::flex().autodiff();
                     train_with(config, options, &device, &mut |_: &str| {}, &runner)
                         .unwrap()
@@ -144,7 +146,11 @@ fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
     assert_eq!(reference.len(), 10);
     assert!(reference[9] < reference[0], "the loss falls: {reference:?}");
     for (dp, sp) in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)] {
-        let losses = parallel_losses(&tmp.0, &cache, config, dp, sp);
+        let losses = parallel_losses(
+            &config(&tmp.0.join(format!("dp{dp}-sp{sp}")), &cache),
+            dp,
+            sp,
+        );
         println!("dp {dp} x sp {sp}: {losses:?}");
         assert_eq!(losses.len(), 10);
         for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
@@ -187,13 +193,63 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
     .unwrap()
     .losses;
     assert_eq!(reference.len(), 6);
-    for (dp, sp) in [(1, 2), (2, 2)] {
-        let losses = parallel_losses(&tmp.0, &cache, text_config, dp, sp);
-        println!("text, dp {dp} x sp {sp}: {losses:?}");
+    for (mode, dp, sp) in [
+        (Recompute::None, 1, 2),
+        (Recompute::None, 2, 2),
+        (Recompute::AttentionAware, 1, 2),
+    ] {
+        let mut run = text_config(&tmp.0.join(format!("{mode}-dp{dp}-sp{sp}")), &cache);
+        run.run.recompute = mode;
+        let losses = parallel_losses(&run, dp, sp);
+        println!("text, {mode}, dp {dp} x sp {sp}: {losses:?}");
         for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs(),
-                "text, dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
+                "text, {mode}, dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn recomputation_inside_mm_sp_repeats_the_single_device_loss_curve() {
+    let _serial = serial();
+    let tmp =
+        TempDir(std::env::temp_dir().join(format!("longview-mmsp-remat-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    // Plain autodiff on one device.
+    let reference = train(
+        &config(&tmp.0.join("single"), &cache),
+        &options,
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    assert_eq!(reference.len(), 10);
+    for (mode, dp, sp) in [
+        (Recompute::AttentionAware, 1, 1),
+        (Recompute::AttentionAware, 1, 2),
+        (Recompute::AttentionAware, 1, 4),
+        (Recompute::AttentionAware, 2, 2),
+        (Recompute::Layers, 1, 2),
+    ] {
+        let mut run = config(&tmp.0.join(format!("{mode}-dp{dp}-sp{sp}")), &cache);
+        run.run.recompute = mode;
+        let losses = parallel_losses(&run, dp, sp);
+        println!("{mode}, dp {dp} x sp {sp}: {losses:?}");
+        assert_eq!(losses.len(), 10);
+        for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{mode}, dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
                 step + 1
             );
         }

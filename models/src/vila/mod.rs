@@ -23,6 +23,7 @@ pub use projector::Projector;
 pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};
 pub use vision::SiglipVision;
 
+use crate::attention::AttentionImpl;
 use crate::error::ModelError;
 
 /// Label value that is never trained on (as PyTorch's `ignore_index`).
@@ -76,6 +77,16 @@ impl VlmConfig {
 }
 
 impl Vlm {
+    /// The model with `vision` attention in every encoder layer and `text` in every
+    /// LLM layer (e.g. [`AttentionImpl::Flash`] for long sequences on a GPU).
+    pub fn with_attention(mut self, vision: AttentionImpl, text: AttentionImpl) -> Self {
+        for layer in &mut self.vision_tower.encoder.layers {
+            layer.self_attn.attention = vision;
+        }
+        self.llm = self.llm.with_attention(text);
+        self
+    }
+
     /// Encodes and projects frames.
     ///
     /// # Shapes

@@ -420,6 +420,30 @@ impl Qwen2 {
         hidden: Tensor<3>,
         labels: &Tensor<2, Int>,
     ) -> Result<(Tensor<1>, usize), ModelError> {
+        self.supervised_rows_loss_sum(hidden, labels, 1)
+    }
+
+    /// Like [`next_token_loss_sum`](Self::next_token_loss_sum) for targets already
+    /// shifted: `targets[b, t]` is the token position `t` predicts (`IGNORE_INDEX` where
+    /// none), as a sequence-parallel rank holds them for its shard.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`; targets: `[batch, seq]`
+    pub fn shifted_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        targets: &Tensor<2, Int>,
+    ) -> Result<(Tensor<1>, usize), ModelError> {
+        self.supervised_rows_loss_sum(hidden, targets, 0)
+    }
+
+    /// Cross entropy of the rows `t` whose `labels[t + shift]` is supervised.
+    fn supervised_rows_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        labels: &Tensor<2, Int>,
+        shift: usize,
+    ) -> Result<(Tensor<1>, usize), ModelError> {
         let [batch, seq, width] = hidden.dims();
         if labels.dims() != [batch, seq] {
             return Err(ModelError::Input(format!(
@@ -434,8 +458,8 @@ impl Qwen2 {
             .map_err(|e| ModelError::Input(format!("cannot read labels: {e:?}")))?;
         let (mut rows, mut targets) = (Vec::new(), Vec::new());
         for b in 0..batch {
-            for t in 0..seq.saturating_sub(1) {
-                let target = host[b * seq + t + 1];
+            for t in 0..seq.saturating_sub(shift) {
+                let target = host[b * seq + t + shift];
                 if target != IGNORE_INDEX {
                     rows.push((b * seq + t) as i64);
                     targets.push(target);
@@ -444,7 +468,10 @@ impl Qwen2 {
         }
         let device = hidden.device();
         if rows.is_empty() {
-            return Ok((Tensor::zeros([1], (&device, DType::F32)), 0));
+            // Zero, but connected to `hidden`: a backward pass still walks every layer
+            // (a sequence-parallel rank without supervised rows must still take part in
+            // its layers' collectives).
+            return Ok((hidden.sum().mul_scalar(0.0).cast(DType::F32), 0));
         }
         let n = rows.len();
         let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);

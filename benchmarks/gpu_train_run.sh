@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool), from the repository root: `longview train`
+# with benchmarks/train_h200_1.5b.toml (the 1.5B shape, bf16 compute with f32 master
+# weights and AdamW, attention-aware recomputation, flash attention) once per frame
+# count given, e.g. `bash benchmarks/gpu_train_run.sh 162 490` (LIMIT_S: seconds a run
+# may take, default 280; STEPS overrides run.steps). Each run's console
+# output and metrics.jsonl land in $OUT; its checkpoint is deleted afterwards (the
+# disk holds about two).
+# Carry the binary (dist/bin/longview-cuda.xz) and the FFmpeg libraries the GPU image
+# lacks (dist/libs/lvlibs.tar.xz, benchmarks/pack_ffmpeg_libs.sh): together they pass
+# the device tool's 64 MiB carry limit, so carry dist/libs in one call (this script
+# unpacks it to /tmp/libs and exits when no binary came along) and dist/bin in the next.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/tmp/libs/lvmiss NCCL_NVLS_ENABLE=0
+if ! [ -d /tmp/libs/lvmiss ]; then
+  [ -f dist/libs/lvlibs.tar.xz ] || { echo "no FFmpeg libraries: carry dist/libs first"; exit 1; }
+  mkdir -p /tmp/libs && tar -C /tmp/libs -xJf dist/libs/lvlibs.tar.xz || exit 1
+fi
+if [ -f dist/bin/longview-cuda.xz ]; then
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/bin/longview-cuda.xz'), open('/tmp/lv','wb'))" \
+    && chmod +x /tmp/lv || exit 1
+fi
+[ -x /tmp/lv ] || { echo "libraries unpacked; carry dist/bin next"; exit 0; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+limit=${LIMIT_S:-280}
+for frames in "$@"; do
+  run=/tmp/run-$frames
+  rm -rf "$run"
+  echo "== frames $frames" | tee -a "$OUT/log.txt"
+  start=$(date +%s)
+  timeout "$limit" /tmp/lv train --config benchmarks/train_h200_1.5b.toml --device cuda \
+    --dtype bf16 --frames "$frames" ${STEPS:+--steps $STEPS} --out "$run" --no-progress \
+    > "$OUT/train-$frames.txt" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+  tail -n 12 "$OUT/train-$frames.txt" | tee -a "$OUT/log.txt"
+  cp "$run/metrics.jsonl" "$OUT/metrics-$frames.jsonl" 2>/dev/null
+  du -sh "$run"/checkpoints/* 2>/dev/null | tee -a "$OUT/log.txt"
+  rm -rf "$run"
+done
