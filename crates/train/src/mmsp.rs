@@ -44,7 +44,8 @@ use longview_parallel::ring::{RingAttention, RingBalance};
 use crate::data::Sample;
 use crate::error::TrainError;
 use crate::remat::{
-    Recompute, backward_stack, forward_stack, grad_or_zeros, project, surrogate, take_grads, trains,
+    Recompute, backward_stack, forward_stack, grad_or_zeros, head_backward, project, surrogate,
+    take_grads, trains,
 };
 use crate::trainer::StepRunner;
 
@@ -422,18 +423,13 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
 
         // Head: final norm, LM head and loss on this shard's supervised rows.
         let llm = self.rank_llm(&model.llm);
-        let hidden = hidden.autodiff().require_grad();
-        let (sum, _) = llm.shifted_loss_sum(hidden.clone(), &text.targets)?;
-        let loss = sum.div_scalar(normaliser);
-        let value = loss.clone().into_scalar::<f32>();
-        let mut grads = loss.backward();
-        take_grads(&llm.model.norm, &mut grads, &mut into);
-        match &llm.lm_head {
-            Some(head) => take_grads(head, &mut grads, &mut into),
-            None => take_grads(&llm.model.embed_tokens, &mut grads, &mut into),
-        }
-        let grad = grad_or_zeros(&hidden, &grads);
-        drop(grads);
+        let (value, grad) = head_backward(
+            &llm,
+            hidden,
+            |h| llm.shifted_loss_sum(h, &text.targets),
+            normaliser,
+            &mut into,
+        )?;
 
         // Backward through the LLM layers, then the embeddings and the splice.
         let rope = Rope::new(text.position_ids.clone(), llm.head_dim, llm.rope_theta);

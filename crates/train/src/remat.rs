@@ -43,7 +43,7 @@ use longview_models::attention::{
 };
 use longview_models::vila::text::Rope;
 use longview_models::vila::vision::patch_grid;
-use longview_models::vila::{VisionFeature, VisualInput};
+use longview_models::vila::{Qwen2, VisionFeature, VisualInput};
 use longview_models::{ModelError, Vlm, VlmInput};
 
 /// What the forward pass keeps for the backward.
@@ -272,6 +272,30 @@ pub(crate) fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mu
     module.visit(&mut Take { grads, into });
 }
 
+/// The head's backward from kept hidden states (untracked): `loss_sum` (final norm, LM
+/// head and cross entropy on the supervised rows) divided by `normaliser`, the norm's
+/// and the head's (or tied embeddings') gradients moved into `into`. Returns the loss
+/// and the gradient of the hidden states.
+pub(crate) fn head_backward(
+    llm: &Qwen2,
+    hidden: Tensor<3>,
+    loss_sum: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, usize), ModelError>,
+    normaliser: f32,
+    into: &mut GradientsParams,
+) -> Result<(f32, Tensor<3>), ModelError> {
+    let hidden = hidden.autodiff().require_grad();
+    let (sum, _) = loss_sum(hidden.clone())?;
+    let loss = sum.div_scalar(normaliser);
+    let value = loss.clone().into_scalar::<f32>();
+    let mut grads = loss.backward();
+    take_grads(&llm.model.norm, &mut grads, into);
+    match &llm.lm_head {
+        Some(head) => take_grads(head, &mut grads, into),
+        None => take_grads(&llm.model.embed_tokens, &mut grads, into),
+    }
+    Ok((value, grad_or_zeros(&hidden, &grads)))
+}
+
 /// Whether any parameter of `module` trains.
 pub(crate) fn trains<M: Module>(module: &M) -> bool {
     struct Any(bool);
@@ -361,18 +385,13 @@ fn segmented(
 
     // Head: final norm, LM head and loss on the supervised rows.
     let mut into = GradientsParams::new();
-    let hidden = hidden.autodiff().require_grad();
-    let (sum, _) = llm.next_token_loss_sum(hidden.clone(), labels)?;
-    let loss = sum.div_scalar(normaliser);
-    let value = loss.clone().into_scalar::<f32>();
-    let mut grads = loss.backward();
-    take_grads(&llm.model.norm, &mut grads, &mut into);
-    match &llm.lm_head {
-        Some(head) => take_grads(head, &mut grads, &mut into),
-        None => take_grads(&llm.model.embed_tokens, &mut grads, &mut into),
-    }
-    let grad = grad_or_zeros(&hidden, &grads);
-    drop(grads);
+    let (value, grad) = head_backward(
+        llm,
+        hidden,
+        |h| llm.next_token_loss_sum(h, labels),
+        normaliser,
+        &mut into,
+    )?;
 
     // Backward, LLM layers.
     let rope = Rope::new(position_ids, llm.head_dim, llm.rope_theta);
