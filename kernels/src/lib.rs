@@ -8,6 +8,7 @@
 #[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
 pub mod burn_op;
 pub mod flash;
+pub mod reference;
 
 pub use flash::{
     AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_from_delta,

@@ -3,6 +3,7 @@
 //! softmax, weighted sum, LSE, and the analytic gradients. Outputs are poisoned with
 //! NaN before every launch so an element a kernel forgets to write fails.
 
+use longview_kernels::reference::{AttentionF64, Geometry, attention_f64};
 use cubecl::Device;
 use cubecl::device::WgpuDeviceKind;
 use cubecl::prelude::*;
@@ -76,75 +77,19 @@ impl Case {
     }
 }
 
-struct Reference {
-    o: Vec<f64>,
-    lse: Vec<f64>,
-    dq: Vec<f64>,
-    dk: Vec<f64>,
-    dv: Vec<f64>,
-}
-
-/// The definition, in f64.
-fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], d_o: &[f32]) -> Reference {
-    let (d, group) = (c.d, c.hq / c.hkv);
-    let qi = |b: usize, h: usize, i: usize| ((b * c.hq + h) * c.sq + i) * d;
-    let ki = |b: usize, h: usize, j: usize| ((b * c.hkv + h) * c.sk + j) * d;
-    let mut r = Reference {
-        o: vec![0.0; q.len()],
-        lse: vec![NO_KEYS as f64; c.b * c.hq * c.sq],
-        dq: vec![0.0; q.len()],
-        dk: vec![0.0; k.len()],
-        dv: vec![0.0; v.len()],
+/// The definition, in f64 (`longview_kernels::reference`).
+fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], d_o: &[f32]) -> AttentionF64 {
+    let geometry = Geometry {
+        batch: c.b,
+        q_heads: c.hq,
+        kv_heads: c.hkv,
+        q_len: c.sq,
+        kv_len: c.sk,
+        head_dim: c.d,
+        scale: c.options.scale as f64,
+        empty_lse: NO_KEYS as f64,
     };
-    let scale = c.options.scale as f64;
-    for b in 0..c.b {
-        for h in 0..c.hq {
-            let hk = h / group;
-            for i in 0..c.sq {
-                let keys: Vec<usize> = (0..c.sk).filter(|&j| c.allowed(i, j)).collect();
-                if keys.is_empty() {
-                    continue;
-                }
-                let s: Vec<f64> = keys
-                    .iter()
-                    .map(|&j| {
-                        (0..d)
-                            .map(|x| q[qi(b, h, i) + x] as f64 * k[ki(b, hk, j) + x] as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / l).collect();
-                r.lse[(b * c.hq + h) * c.sq + i] = m + l.ln();
-                for (n, &j) in keys.iter().enumerate() {
-                    for x in 0..d {
-                        r.o[qi(b, h, i) + x] += p[n] * v[ki(b, hk, j) + x] as f64;
-                    }
-                }
-                // Backward: dP = dO . v, D = sum p dP, dS = p (dP - D).
-                let dp: Vec<f64> = keys
-                    .iter()
-                    .map(|&j| {
-                        (0..d)
-                            .map(|x| d_o[qi(b, h, i) + x] as f64 * v[ki(b, hk, j) + x] as f64)
-                            .sum()
-                    })
-                    .collect();
-                let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for (n, &j) in keys.iter().enumerate() {
-                    let ds = p[n] * (dp[n] - delta);
-                    for x in 0..d {
-                        r.dq[qi(b, h, i) + x] += scale * ds * k[ki(b, hk, j) + x] as f64;
-                        r.dk[ki(b, hk, j) + x] += scale * ds * q[qi(b, h, i) + x] as f64;
-                        r.dv[ki(b, hk, j) + x] += p[n] * d_o[qi(b, h, i) + x] as f64;
-                    }
-                }
-            }
-        }
-    }
-    r
+    attention_f64(&geometry, q, k, v, Some(d_o), |_, i, j| c.allowed(i, j))
 }
 
 /// Max |got - want| relative to max(|want|, 1), asserted below `tol`.

@@ -27,9 +27,9 @@ pub enum AttentionImpl {
     /// gradients without the score matrix, memory linear in the sequence length. Needs
     /// tensors on a CubeCL device (CUDA, wgpu) and a build with the `flash-cuda` or
     /// `flash-wgpu` feature ([`flash_available`] says whether both hold); anything
-    /// else panics with the reason. Not the default yet: on GPUs the kernels are still
-    /// far slower than the reference's tensor-core matmuls at short lengths
-    /// (`benchmarks/flash_attention.md`).
+    /// else panics with the reason. The trainer's `run.attention = "auto"` (its
+    /// default) picks it on CUDA; library users choose it per model
+    /// (`Vlm::with_attention`), and `VlmConfig`'s default stays the reference.
     Flash,
     /// The [`ShardedAttention`] installed on the calling thread
     /// ([`install_sharded_attention`]); q, k, v are this rank's shard of the sequence.
@@ -418,7 +418,8 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
 
-    /// Attention computed element by element in f64, straight from the definition.
+    /// Attention from the definition in f64 (`longview_kernels::reference`, shared by
+    /// the kernel tests), with the causal mask aligned to the end of the keys.
     fn naive(
         q: &[f32],
         k: &[f32],
@@ -428,40 +429,22 @@ mod tests {
         scale: f64,
     ) -> Vec<f32> {
         let [b, hq, hkv, sq, sk, d] = dims;
-        let groups = hq / hkv;
-        let mut out = vec![0f32; b * hq * sq * d];
-        for bi in 0..b {
-            for h in 0..hq {
-                let kvh = h / groups;
-                for i in 0..sq {
-                    let qi = |c: usize| q[((bi * hq + h) * sq + i) * d + c] as f64;
-                    let visible: Vec<usize> = (0..sk)
-                        .filter(|&j| !causal || j as i64 <= i as i64 + sk as i64 - sq as i64)
-                        .collect();
-                    let scores: Vec<f64> = visible
-                        .iter()
-                        .map(|&j| {
-                            (0..d)
-                                .map(|c| qi(c) * k[((bi * hkv + kvh) * sk + j) * d + c] as f64)
-                                .sum::<f64>()
-                                * scale
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    for c in 0..d {
-                        let value: f64 = visible
-                            .iter()
-                            .zip(&weights)
-                            .map(|(&j, w)| w * v[((bi * hkv + kvh) * sk + j) * d + c] as f64)
-                            .sum();
-                        out[((bi * hq + h) * sq + i) * d + c] = (value / total) as f32;
-                    }
-                }
-            }
-        }
-        out
+        let geometry = longview_kernels::reference::Geometry {
+            batch: b,
+            q_heads: hq,
+            kv_heads: hkv,
+            q_len: sq,
+            kv_len: sk,
+            head_dim: d,
+            scale,
+            empty_lse: f64::NEG_INFINITY,
+        };
+        let visible = |_, i: usize, j: usize| !causal || j as i64 <= i as i64 + sk as i64 - sq as i64;
+        longview_kernels::reference::attention_f64(&geometry, q, k, v, None, visible)
+            .o
+            .into_iter()
+            .map(|x| x as f32)
+            .collect()
     }
 
     fn check(dims: [usize; 6], causal: bool) {

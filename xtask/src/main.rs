@@ -28,7 +28,7 @@ enum Task {
     /// to `longview bench`.
     #[command(disable_help_flag = true)]
     Bench {
-        /// Build with the CUDA backend (needs `scripts/setup.sh --cuda` once).
+        /// Build with the CUDA backend (needs `xtask/setup.sh --cuda` once).
         #[arg(long)]
         cuda: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use longview_comm::{Communicator, LocalWorld};
-use longview_models::hf::load_vila;
+use longview_models::hf::checkpoint::read_vila_text_config;
 use longview_train::mmsp::MmSp;
 use longview_train::trainer::train_with;
 use longview_train::{TrainConfig, TrainError, TrainOptions, TrainSummary};
@@ -164,11 +164,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         None => println!("  compute   {:.4} model TFLOP/s", summary.model_tflops),
     }
+    println!("  attention {}", summary.attention);
     if let Some(mib) = summary.peak_device_mib {
         println!(
-            "  memory    {:.1} GiB peak held by the device allocator ({:?} attention)",
-            mib / 1024.0,
-            summary.attention
+            "  memory    {:.1} GiB peak held by the device allocator",
+            mib / 1024.0
         );
     }
     println!(
@@ -210,7 +210,7 @@ fn parallel(
 ) -> Result<TrainSummary> {
     let tokenizer = longview_train::trainer::tokenizer(config)?;
     let head_dim = match &config.model.init_from {
-        Some(dir) => load_vila(dir, &Device::flex())?.1.text.head_dim(),
+        Some(dir) => read_vila_text_config(dir)?.head_dim(),
         None => longview_train::trainer::model_config(config, &tokenizer)?
             .text
             .head_dim(),

@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor};
 use longview_data::{ChatTemplate, Media, Message, TextTokenizer};
 use longview_models::{VisualInput, VlmConfig};
-use longview_train::data::decode_frames;
+use longview_infer::sample::decode_frames;
 
 pub use longview_data::Sampling;
-pub use longview_train::generate::{Decoding, GenerateOptions};
+pub use longview_infer::generate::{Decoding, GenerateOptions};
 
 /// Everything that can go wrong, with the file or value named.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +36,9 @@ pub enum Error {
     Model(#[from] longview_models::ModelError),
     #[error(transparent)]
     Data(#[from] longview_data::DataError),
-    /// Checkpoint loading and frame decoding (through `longview-train`).
+    /// Checkpoint loading, frame decoding and generation (`longview-infer`).
     #[error(transparent)]
-    Train(#[from] longview_train::TrainError),
+    Infer(#[from] longview_infer::InferError),
     #[error("{0}")]
     Request(String),
 }
@@ -70,7 +70,7 @@ impl Vlm {
     /// folder (`config.json`, `llm/` with `tokenizer.json`, `vision_tower/`,
     /// `mm_projector/`).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, Error> {
-        let loaded = longview_train::eval::load(path.as_ref(), device)?;
+        let loaded = longview_infer::load(path.as_ref(), device)?;
         Ok(Vlm {
             model: loaded.model,
             config: loaded.config,
@@ -191,7 +191,7 @@ impl Vlm {
             decoding,
             stop: self.stop_tokens(),
         };
-        Ok(longview_train::generate::generate(
+        Ok(longview_infer::generate::generate(
             &self.model,
             &prompt,
             VisualInput::Embeddings(video.tokens.clone()),
@@ -202,6 +202,6 @@ impl Vlm {
 
     /// The ids that end an answer: `<|im_end|>` and `<|endoftext|>`.
     pub fn stop_tokens(&self) -> Vec<u32> {
-        longview_train::generate::stop_tokens(&self.tokenizer)
+        longview_infer::generate::stop_tokens(&self.tokenizer)
     }
 }

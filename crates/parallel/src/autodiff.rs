@@ -1,7 +1,7 @@
 //! Any sequence-parallel attention as one Burn autodiff op (LightSeq's
-//! rematerialization-aware checkpointing, ALGORITHMS.md section 6: the op keeps O and
-//! LSE, and its backward calls the scheme's distributed backward; the communication-
-//! heavy attention forward never runs twice).
+//! rematerialization-aware checkpointing, docs/algorithms.md section 6: the op keeps
+//! O and LSE, and its backward calls the scheme's distributed backward; the
+//! communication-heavy attention forward never runs twice).
 //!
 //! The scheme runs outside the autodiff graph on the inner backend's tensors; the op
 //! records one node with q, k, v as parents. LSE is returned for callers that merge
@@ -42,43 +42,84 @@ pub trait DistributedAttention: Send + Sync {
     ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)>;
 }
 
+/// A sequence-parallel scheme run over communicator(s) `G` (a [`Communicator`] for
+/// the ring and Ulysses, [`TwoDGroups`] for 2D): what [`WithComm`] binds.
+pub trait SequenceScheme<G>: Send + Sync {
+    /// This rank's `(O, LSE)`.
+    fn forward(&self, comm: &G, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>)
+    -> Result<(Tensor<4>, Tensor<3>)>;
+    /// This rank's `(dQ, dK, dV)` from the stored O and LSE.
+    fn backward(
+        &self,
+        comm: &G,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)>;
+}
+
+impl<C: Communicator + Sync> SequenceScheme<C> for RingAttention {
+    fn forward(&self, comm: &C, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
+        RingAttention::forward(self, comm, q, k, v)
+    }
+    fn backward(
+        &self,
+        comm: &C,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        RingAttention::backward(self, comm, qkv, o, lse, d_o)
+    }
+}
+
+impl<C: Communicator + Sync> SequenceScheme<C> for UlyssesAttention {
+    fn forward(&self, comm: &C, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
+        UlyssesAttention::forward(self, comm, q, k, v)
+    }
+    fn backward(
+        &self,
+        comm: &C,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        UlyssesAttention::backward(self, comm, qkv, o, lse, d_o)
+    }
+}
+
+impl<C: Communicator + Sync> SequenceScheme<TwoDGroups<C>> for TwoDAttention {
+    fn forward(
+        &self,
+        comm: &TwoDGroups<C>,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
+        TwoDAttention::forward(self, comm, q, k, v)
+    }
+    fn backward(
+        &self,
+        comm: &TwoDGroups<C>,
+        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
+        o: Tensor<4>,
+        lse: Tensor<3>,
+        d_o: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+        TwoDAttention::backward(self, comm, qkv, o, lse, d_o)
+    }
+}
+
 /// A scheme and the communicator (or 2D groups) it runs over.
 pub struct WithComm<G, A> {
     pub comm: G,
     pub attention: A,
 }
 
-impl<C: Communicator + Sync> DistributedAttention for WithComm<C, RingAttention> {
-    fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
-        self.attention.forward(&self.comm, q, k, v)
-    }
-    fn backward(
-        &self,
-        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
-        o: Tensor<4>,
-        lse: Tensor<3>,
-        d_o: Tensor<4>,
-    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
-        self.attention.backward(&self.comm, qkv, o, lse, d_o)
-    }
-}
-
-impl<C: Communicator + Sync> DistributedAttention for WithComm<C, UlyssesAttention> {
-    fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
-        self.attention.forward(&self.comm, q, k, v)
-    }
-    fn backward(
-        &self,
-        qkv: (Tensor<4>, Tensor<4>, Tensor<4>),
-        o: Tensor<4>,
-        lse: Tensor<3>,
-        d_o: Tensor<4>,
-    ) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
-        self.attention.backward(&self.comm, qkv, o, lse, d_o)
-    }
-}
-
-impl<C: Communicator + Sync> DistributedAttention for WithComm<TwoDGroups<C>, TwoDAttention> {
+impl<G: Send + Sync, A: SequenceScheme<G>> DistributedAttention for WithComm<G, A> {
     fn forward(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
         self.attention.forward(&self.comm, q, k, v)
     }

@@ -1,6 +1,6 @@
 //! Attention over one (query block, key block) pair, returning the softmax statistics
 //! that let partial results be merged (FlashAttention-2's forward/backward with LSE,
-//! ALGORITHMS.md section 1), and the merge itself.
+//! docs/algorithms.md section 1), and the merge itself.
 //!
 //! These are plain tensor ops with f32 statistics and accumulation whatever the input
 //! dtype; they materialise one `[B, Hq, Sq, Sk]` block of scores, which is what the
@@ -138,6 +138,23 @@ mod flash {
         )
         .expect("block shapes are valid flash-attention shapes");
         (o.cast(DType::F32), lse_out(lse))
+    }
+}
+
+/// What computes the blocks of 16-bit (bf16/f16) q/k/v on `device` in this build
+/// (the run's float dtype decides; f32 blocks and packed sequences always take the
+/// tensor ops): for the attention plan.
+pub fn block_kernel(device: &burn::tensor::Device) -> &'static str {
+    let dtype: DType = device.settings().float_dtype.into();
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    #[cfg(feature = "flash")]
+    if half && longview_kernels::burn_op::supported(device) {
+        return "flash kernels";
+    }
+    if half {
+        "tensor ops (this build has no flash kernels for this device)"
+    } else {
+        "tensor ops (f32)"
     }
 }
 

@@ -9,16 +9,20 @@
 //!
 //! - [`ring`]: K/V blocks travel around the ring ([`ring::RingBalance::Plain`] or the
 //!   causal load-balanced [`ring::RingBalance::Zigzag`]); dK/dV travel on a second ring
-//!   and arrive home after P hops, accumulated in f32. ALGORITHMS.md section 2.
+//!   and arrive home after P hops, accumulated in f32. docs/algorithms.md section 2.
 //! - [`ulysses`]: all-to-all from sequence shards to head shards and back; GQA with
 //!   more ranks than kv heads replicates kv heads and sums their gradients. Section 3.
 //! - [`two_d`]: Ulysses inside groups of contiguous ranks (one node) x zigzag ring
 //!   across strided ranks; zigzag chunk pairs are taken first, then split U ways.
 //!   Section 4.
 //!
-//! The per-block attention ([`block`]) is plain tensor ops today (f32 statistics); the
-//! CubeCL flash kernels (`longview-kernels`) compute the same quantities and plug in
-//! there on GPU devices.
+//! The per-block attention ([`block`]) returns f32 O and LSE whatever the input dtype.
+//! With the `flash` feature (on in `nccl` builds), f16/bf16 blocks on a CUDA device
+//! run the flash kernels of `longview-kernels` (`burn_op::flash_attention`, and the
+//! backward from the final LSE and delta): the tensor-core kernels where they can run
+//! (sm_80+, head dim a multiple of 8 up to 128), the scalar kernels otherwise; no
+//! `[Sq, Sk]` score block is stored. f32 blocks, packed sequences, head dims past the
+//! kernels' limit and the CPU keep plain tensor ops (one score block at a time).
 
 pub mod autodiff;
 pub mod block;

@@ -1,6 +1,6 @@
 //! Ring attention (context parallelism over P ranks), forward and backward, plain or
-//! zigzag load-balanced for causal masks. ALGORITHMS.md section 2; the structure of
-//! zhuzilin/ring-flash-attention, written from the algorithm.
+//! zigzag load-balanced for causal masks. docs/algorithms.md section 2; the structure
+//! of zhuzilin/ring-flash-attention, written from the algorithm.
 //!
 //! Forward: at step `s` rank `r` holds the K/V block of rank `(r - s) mod P` and
 //! merges that block's partial (O, LSE) into its own. The K/V block for step `s + 1`

@@ -1,7 +1,7 @@
 //! 2D attention (LongVILA's MM-SP attention, USP): `P = ulysses x ring` ranks; Ulysses
 //! all-to-all inside groups of `ulysses` contiguous ranks (one node, fast links), a
-//! zigzag ring across the `ring` groups (strided ranks, slower links). ALGORITHMS.md
-//! section 4.
+//! zigzag ring across the `ring` groups (strided ranks, slower links).
+//! docs/algorithms.md section 4.
 //!
 //! Tokens are laid out by [`SeqLayout::TwoD`]: the zigzag chunk pair of ring position
 //! `j` is taken first and then cut `ulysses` ways, so the Ulysses exchange inside node

@@ -1,6 +1,6 @@
 //! Ulysses (all-to-all) attention: each rank trades its sequence shard of all heads
 //! for the whole sequence of `heads / P` heads, attends locally, and trades back.
-//! ALGORITHMS.md section 3 (DeepSpeed-Ulysses; USP's GQA handling).
+//! docs/algorithms.md section 3 (DeepSpeed-Ulysses; USP's GQA handling).
 //!
 //! The backward of an all-to-all is the inverse all-to-all. With more ranks than kv
 //! heads each kv head is replicated `P / kv_heads` times before the exchange and the

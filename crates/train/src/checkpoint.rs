@@ -59,22 +59,7 @@ pub fn root(out: &Path) -> PathBuf {
 
 /// The newest complete checkpoint under `out`, if any.
 pub fn latest(out: &Path) -> Result<Option<PathBuf>, TrainError> {
-    let pointer = root(out).join("latest");
-    if !pointer.exists() {
-        return Ok(None);
-    }
-    let name = std::fs::read_to_string(&pointer).map_err(TrainError::io(&pointer))?;
-    let dir = root(out).join(name.trim());
-    if !dir.join("trainer.json").exists() {
-        return Err(TrainError::checkpoint(
-            &pointer,
-            format!(
-                "points at `{}`, which is not a complete checkpoint",
-                name.trim()
-            ),
-        ));
-    }
-    Ok(Some(dir))
+    Ok(longview_infer::load::latest_checkpoint(out)?)
 }
 
 /// Removes `.partial` folders a crashed run left behind; returns their names.

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use longview_data::DataError;
+use longview_infer::InferError;
 use longview_models::ModelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,9 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Loading, samples, generation and scoring (`longview-infer`).
+    #[error(transparent)]
+    Infer(#[from] InferError),
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
     #[error("parallel training: {0}")]

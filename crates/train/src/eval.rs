@@ -2,74 +2,18 @@
 //! needle depth) with LongVILA's teacher-forced exact-match scoring, written as a
 //! table, JSON and a heatmap PNG.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::Device;
-use longview_data::TextTokenizer;
-use longview_models::hf::checkpoint::load_vila;
-use longview_models::{Vlm, VlmConfig};
 use serde::Serialize;
 
-use crate::data::{Encoder, haystack};
+use crate::data::haystack;
 use crate::error::TrainError;
 use crate::needle;
 
-/// Finds the model folder from a run folder (its latest checkpoint), a checkpoint
-/// folder (`model/` inside) or a VILA model folder itself.
-pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, TrainError> {
-    if !path.exists() {
-        return Err(TrainError::checkpoint(path, "does not exist"));
-    }
-    if path.join("config.json").exists() && path.join("llm").exists() {
-        return Ok(path.into());
-    }
-    if path.join("model").join("config.json").exists() {
-        return Ok(path.join("model"));
-    }
-    if let Some(latest) = crate::checkpoint::latest(path)? {
-        return Ok(latest.join("model"));
-    }
-    Err(TrainError::checkpoint(
-        path,
-        "is neither a run folder (checkpoints/latest), a checkpoint folder (model/) nor a \
-         VILA model folder (config.json, llm/, vision_tower/, mm_projector/)",
-    ))
-}
-
+pub use longview_infer::load::{load, resolve_model_dir};
 /// A model loaded for evaluation, with its tokenizer.
-pub struct EvalModel {
-    pub model: Vlm,
-    pub config: VlmConfig,
-    pub tokenizer: TextTokenizer,
-    pub dir: PathBuf,
-}
-
-impl EvalModel {
-    /// Samples at the model's input size, in the Qwen2 chat template.
-    pub fn encoder(&self) -> Encoder<'_> {
-        let side = self.config.vision.image_size as u32;
-        Encoder {
-            tokenizer: &self.tokenizer,
-            template: longview_data::ChatTemplate::qwen2(),
-            model: &self.config,
-            width: side,
-            height: side,
-        }
-    }
-}
-
-/// Loads the model and tokenizer `path` resolves to.
-pub fn load(path: &Path, device: &Device) -> Result<EvalModel, TrainError> {
-    let dir = resolve_model_dir(path)?;
-    let (model, config) = load_vila(&dir, device)?;
-    let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
-    Ok(EvalModel {
-        model,
-        config,
-        tokenizer,
-        dir,
-    })
-}
+pub use longview_infer::LoadedModel as EvalModel;
 
 /// Accuracy of every (depth, haystack length) cell.
 #[derive(Debug, Clone, Serialize)]

@@ -11,17 +11,26 @@
 //!   length grid of a saved model, as a table, JSON and heatmap, multiple choice and
 //!   open-ended answers.
 //! - [`generate`]: KV-cache generation, greedy or top-p.
-//! - [`remat`]: activation checkpointing, per layer or LightSeq's attention-aware one.
+//! - [`remat`]: the step executor over the model's stages, with activation
+//!   checkpointing per layer or LightSeq's attention-aware one; [`mmsp`] supplies its
+//!   MM-SP hooks.
+//! - [`plan`]: the attention plan a run resolves once.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
-pub mod generate;
+pub mod grads;
+/// KV-cache generation (from `longview-infer`).
+pub use longview_infer::generate;
+/// Teacher-forced needle scoring (from `longview-infer`).
+pub use longview_infer::needle;
 pub mod mmsp;
-pub mod needle;
+pub mod plan;
+mod prepare;
 pub mod remat;
+mod sinks;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -3,7 +3,7 @@
 //! sequence-parallel groups of `sp` ranks; every group takes its share of the global
 //! batch's samples.
 //!
-//! Inside a group (ALGORITHMS.md s.5):
+//! Inside a group (docs/algorithms.md section 5):
 //! 1. Vision stage: the batch's frames are split evenly over the `sp` ranks (zero frames
 //!    pad the last share); each rank encodes only its frames, and the visual tokens
 //!    are all-gathered.
@@ -18,11 +18,15 @@
 //! Finally every gradient is summed over all ranks, so all ranks hold the same full
 //! gradient and take the same optimizer step.
 //!
-//! With [`MmSp::with_recompute`] both stages run forward without autodiff and keep
-//! per layer only what the mode names ([`crate::remat`]); the backward replays them.
-//! LightSeq's attention-aware mode keeps each ring attention's output and LSE, and the
-//! replay calls the ring's distributed backward from them: neither the attention's
-//! compute nor its communication runs twice.
+//! The step itself is [`crate::remat::run_step`], the one executor over the model's
+//! stages; this module supplies its hooks only ([`ShardHooks`]: the gather and
+//! reduce-scatter after the vision stage, this rank's text shard, its splice and its
+//! loss rows). With [`MmSp::with_recompute`] both stages run forward without autodiff
+//! and keep per layer only what the mode names; LightSeq's attention-aware mode keeps
+//! each ring attention's output and LSE, and the replay calls the ring's distributed
+//! backward from them: neither the attention's compute nor its communication runs
+//! twice. The model must call `AttentionImpl::Sharded` in its text layers when
+//! `sp > 1` (the run's attention plan sets it, [`crate::plan`]).
 
 use std::sync::Arc;
 
@@ -33,9 +37,6 @@ use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
 use longview_models::vila::IGNORE_INDEX;
-use longview_models::vila::Qwen2;
-use longview_models::vila::text::Rope;
-use longview_models::vila::vision::patch_grid;
 use longview_parallel::autodiff::{DistributedAttention, WithComm};
 use longview_parallel::layout::{SeqLayout, shard, shift_labels};
 use longview_parallel::model::install;
@@ -43,10 +44,7 @@ use longview_parallel::ring::{RingAttention, RingBalance};
 
 use crate::data::Sample;
 use crate::error::TrainError;
-use crate::remat::{
-    Recompute, backward_stack, forward_stack, grad_or_zeros, head_backward, project, surrogate,
-    take_grads, trains,
-};
+use crate::remat::{Recompute, StepHooks, StepInput, run_step};
 use crate::trainer::StepRunner;
 
 fn comm_error(what: &str) -> impl FnOnce(longview_comm::CommError) -> TrainError + '_ {
@@ -194,16 +192,6 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         Ok(Tensor::from_data(d_mine.into_data(), device))
     }
 
-    /// The LLM as this rank runs it: zigzag ring attention when the group has more
-    /// than one rank.
-    fn rank_llm(&self, llm: &Qwen2) -> Qwen2 {
-        if self.sp > 1 {
-            llm.clone().with_attention(AttentionImpl::Sharded)
-        } else {
-            llm.clone()
-        }
-    }
-
     /// This rank's shard of the micro-batch's token stream: labels shifted on the whole
     /// sequences, then tokens, positions and targets sharded (zigzag when `sp > 1`),
     /// and where each placeholder's visual token comes from.
@@ -211,7 +199,6 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         &self,
         model: &Vlm,
         samples: &[&Sample],
-        visual_tokens: usize,
         device: &Device,
     ) -> Result<TextShard, TrainError> {
         let (sp, rank) = (self.sp, self.sp_rank);
@@ -233,11 +220,6 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
                     labels[row * padded + t] = label;
                 }
             }
-        }
-        if next != visual_tokens {
-            return Err(TrainError::Parallel(format!(
-                "{next} visual placeholders but the frames give {visual_tokens} visual tokens"
-            )));
         }
         let layout = if sp > 1 {
             SeqLayout::Zigzag
@@ -280,6 +262,7 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             position_ids,
             index,
             mask,
+            placeholders: next,
         })
     }
 
@@ -291,184 +274,72 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         supervised: usize,
         device: &Device,
     ) -> Result<(f32, GradientsParams), TrainError> {
+        if self.sp > 1 && model.text_attention() != AttentionImpl::Sharded {
+            return Err(TrainError::Parallel(format!(
+                "MM-SP over {} ranks needs the model's text layers on AttentionImpl::Sharded \
+                 (the run's attention plan sets it), but they call {:?}",
+                self.sp,
+                model.text_attention()
+            )));
+        }
         let frames: usize = samples.iter().map(|s| s.frames).sum();
         let share = frames.div_ceil(self.sp).max(1);
         let pixels = self.local_pixels(samples, frames, share, device);
-        let normaliser = supervised.max(1) as f32;
+        let text = self.text_shard(model, samples, device)?;
+        let input = StepInput {
+            pixels,
+            given_visual: None,
+            ids: text.ids.clone(),
+            position_ids: text.position_ids.clone(),
+        };
+        let hooks = ShardHooks {
+            mmsp: self,
+            text,
+            frames,
+            share,
+        };
         let _installed = self
             .attention
             .as_ref()
             .map(|attention| install(attention.clone(), true, self.scale, "MM-SP zigzag ring"));
-        match self.recompute {
-            Recompute::None => {
-                self.autodiff_step(model, samples, pixels, frames, share, normaliser, device)
-            }
-            mode => self.recomputed_step(
-                model, samples, pixels, frames, share, normaliser, mode, device,
-            ),
-        }
+        run_step(model, input, &hooks, supervised.max(1) as f32, self.recompute)
+    }
+}
+
+/// [`run_step`]'s hooks on one rank of an MM-SP group.
+struct ShardHooks<'a, C: Communicator> {
+    mmsp: &'a MmSp<C>,
+    text: TextShard,
+    /// Frames of the micro-batch, and how many each rank encodes.
+    frames: usize,
+    share: usize,
+}
+
+impl<C: Communicator + Send + Sync + 'static> StepHooks for ShardHooks<'_, C> {
+    fn gather_visual(&self, local: Tensor<3>) -> Result<Tensor<3>, TrainError> {
+        self.mmsp.gather_visual(local, self.frames)
     }
 
-    /// The micro-step under plain autodiff.
-    #[allow(clippy::too_many_arguments)]
-    fn autodiff_step(
-        &self,
-        model: &Vlm,
-        samples: &[&Sample],
-        pixels: Option<Tensor<4>>,
-        frames: usize,
-        share: usize,
-        normaliser: f32,
-        device: &Device,
-    ) -> Result<(f32, GradientsParams), TrainError> {
-        // 1. Vision stage: this rank's frames only, then every rank's tokens.
-        let vision = match pixels {
-            Some(pixels) => {
-                let local_tokens = model.encode_frames(pixels);
-                let gathered = self
-                    .gather_visual(local_tokens.clone(), frames)?
-                    .require_grad();
-                Some((local_tokens, gathered))
-            }
-            None => None,
-        };
-        let per_frame = vision.as_ref().map_or(0, |(t, _)| t.dims()[1]);
-
-        // 2. Language stage on this rank's shard; loss on its supervised rows.
-        let text = self.text_shard(model, samples, frames * per_frame, device)?;
-        let llm = self.rank_llm(&model.llm);
-        let mut x = text.splice(
-            llm.embed(text.ids.clone()),
-            vision.as_ref().map(|(_, g)| g.clone()),
-        );
-        let rope = Rope::new(text.position_ids.clone(), llm.head_dim, llm.rope_theta);
-        for layer in &llm.model.layers {
-            x = layer.forward(x, &rope);
-        }
-        let (sum, _) = llm.shifted_loss_sum(x, &text.targets)?;
-        let loss = sum.div_scalar(normaliser);
-        let value = loss.clone().into_scalar::<f32>();
-        let grads = loss.backward();
-        let Some((local_tokens, gathered)) = vision else {
-            return Ok((value, GradientsParams::from_grads(grads, model)));
-        };
-        let d_visual = grad_or_zeros(&gathered, &grads);
-        let mut accumulator = GradientsAccumulator::<Vlm>::new();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-
-        // 3. The visual tokens' gradient, summed over the group, back to their owners.
-        let d_mine = self.scatter_visual_grad(d_visual.inner(), share, device)?;
-        let surrogate = (local_tokens * d_mine).sum();
-        accumulator.accumulate(
-            model,
-            GradientsParams::from_grads(surrogate.backward(), model),
-        );
-        Ok((value, accumulator.grads()))
+    fn scatter_visual_grad(&self, grad: Tensor<3>) -> Result<Tensor<3>, TrainError> {
+        let device = grad.device();
+        self.mmsp.scatter_visual_grad(grad, self.share, &device)
     }
 
-    /// The micro-step with activation recomputation: both stages run forward without
-    /// autodiff, keeping what `mode` names per layer ([`crate::remat`]); the backward
-    /// replays the LLM layers last to first (their ring attention's backward from the
-    /// kept O and LSE when attention-aware), the embeddings and splice, then, after the
-    /// visual-token gradients are scattered back, the projector and this rank's vision
-    /// layers.
-    #[allow(clippy::too_many_arguments)]
-    fn recomputed_step(
+    fn splice(
         &self,
-        model: &Vlm,
-        samples: &[&Sample],
-        pixels: Option<Tensor<4>>,
-        frames: usize,
-        share: usize,
-        normaliser: f32,
-        mode: Recompute,
-        device: &Device,
-    ) -> Result<(f32, GradientsParams), TrainError> {
-        let plain = model.valid();
-        let mut into = GradientsParams::new();
+        _model: &Vlm,
+        text: Tensor<3>,
+        visual: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, TrainError> {
+        self.text.splice(text, visual)
+    }
 
-        // 1. Vision stage, forward: this rank's frames, the layers' inputs kept.
-        let vision = match pixels {
-            Some(pixels) => {
-                let pixels = pixels.inner();
-                let [_, _, height, width] = pixels.dims();
-                let tower = &plain.vision_tower;
-                let grid = patch_grid(height, width, tower.embeddings.patch_size);
-                let layers = tower.layers_to_run(model.vision_feature);
-                let x = tower.embeddings.forward(pixels.clone());
-                let (x, kept) =
-                    forward_stack(&tower.encoder.layers[..layers], &(), x, mode.for_vision());
-                let local_tokens = project(&plain, x.clone(), grid);
-                let gathered = self.gather_visual(local_tokens, frames)?;
-                Some((pixels, grid, layers, x, kept, gathered))
-            }
-            None => None,
+    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
+        let targets = match hidden.is_autodiff() {
+            true => self.text.targets.clone(),
+            false => self.text.targets.clone().inner(),
         };
-        let per_frame = vision.as_ref().map_or(0, |v| v.5.dims()[1]);
-
-        // 2. Language stage, forward on this rank's shard.
-        let text = self.text_shard(model, samples, frames * per_frame, device)?;
-        let plain_llm = self.rank_llm(&plain.llm);
-        let embeds = text.splice(
-            plain_llm.embed(text.ids.clone().inner()),
-            vision.as_ref().map(|v| v.5.clone()),
-        );
-        let rope = Rope::new(
-            text.position_ids.clone().inner(),
-            plain_llm.head_dim,
-            plain_llm.rope_theta,
-        );
-        let (hidden, kept) = forward_stack(&plain_llm.model.layers, &rope, embeds, mode);
-        drop(rope);
-
-        // Head: final norm, LM head and loss on this shard's supervised rows.
-        let llm = self.rank_llm(&model.llm);
-        let (value, grad) = head_backward(
-            &llm,
-            hidden,
-            |h| llm.shifted_loss_sum(h, &text.targets),
-            normaliser,
-            &mut into,
-        )?;
-
-        // Backward through the LLM layers, then the embeddings and the splice.
-        let rope = Rope::new(text.position_ids.clone(), llm.head_dim, llm.rope_theta);
-        let grad = backward_stack(&llm.model.layers, &rope, kept, grad, &mut into);
-        drop(rope);
-        let gathered = vision
-            .as_ref()
-            .map(|v| v.5.clone().autodiff().require_grad());
-        let embeds = text.splice(llm.embed(text.ids.clone()), gathered.clone());
-        let mut grads = surrogate(embeds, grad).backward();
-        take_grads(&llm.model.embed_tokens, &mut grads, &mut into);
-        let (Some((pixels, grid, layers, x, kept, _)), Some(gathered)) = (vision, gathered) else {
-            return Ok((value, into));
-        };
-        let d_visual = grad_or_zeros(&gathered, &grads);
-        drop(grads);
-
-        // 3. Back to the frames' owners, then the projector and this rank's vision layers.
-        let d_mine = self.scatter_visual_grad(d_visual.inner(), share, device)?;
-        let tower_trains = trains(&model.vision_tower);
-        let leaf = if tower_trains {
-            x.autodiff().require_grad()
-        } else {
-            x.autodiff()
-        };
-        let tokens = project(model, leaf.clone(), grid);
-        let mut grads = surrogate(tokens, d_mine).backward();
-        take_grads(&model.mm_projector, &mut grads, &mut into);
-        take_grads(&model.vision_tower.post_layernorm, &mut grads, &mut into);
-        if tower_trains {
-            let grad = grad_or_zeros(&leaf, &grads);
-            drop(grads);
-            let tower = &model.vision_tower;
-            let grad = backward_stack(&tower.encoder.layers[..layers], &(), kept, grad, &mut into);
-            let x = tower.embeddings.forward(pixels.autodiff());
-            let mut grads = surrogate(x, grad).backward();
-            take_grads(&tower.embeddings, &mut grads, &mut into);
-        }
-        Ok((value, into))
+        Ok(model.shifted_loss_sum(hidden, &targets)?)
     }
 }
 
@@ -483,14 +354,23 @@ struct TextShard {
     /// micro-batch's gathered ones, and whether it is a placeholder at all.
     index: Vec<i64>,
     mask: Vec<bool>,
+    /// Visual placeholders in the whole micro-batch (all shards).
+    placeholders: usize,
 }
 
 impl TextShard {
     /// `text` with the placeholder rows taken from `visual` (`[frames, per_frame,
     /// hidden]`, on `text`'s device).
-    fn splice(&self, text: Tensor<3>, visual: Option<Tensor<3>>) -> Tensor<3> {
+    fn splice(&self, text: Tensor<3>, visual: Option<Tensor<3>>) -> Result<Tensor<3>, TrainError> {
+        let rows = visual.as_ref().map_or(0, |v| v.dims()[0] * v.dims()[1]);
+        if rows != self.placeholders {
+            return Err(TrainError::Parallel(format!(
+                "{} visual placeholders in the micro-batch but the frames give {rows} visual tokens",
+                self.placeholders
+            )));
+        }
         let Some(visual) = visual else {
-            return text;
+            return Ok(text);
         };
         let [b, n, hidden] = text.dims();
         let device = text.device();
@@ -503,7 +383,7 @@ impl TextShard {
             Tensor::<2, Bool>::from_data(TensorData::new(self.mask.clone(), [b, n]), &device)
                 .unsqueeze_dim::<3>(2)
                 .expand([b, n, hidden]);
-        text.mask_where(mask, rows)
+        Ok(text.mask_where(mask, rows))
     }
 }
 
@@ -630,8 +510,19 @@ impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
         broadcast_params(model, &self.world)
     }
 
-    fn barrier(&self) -> Result<(), TrainError> {
-        let device = Device::flex();
+    fn sequence_parallel(&self, device: &Device) -> Option<String> {
+        (self.sp > 1).then(|| {
+            format!(
+                "zigzag ring over {} ranks (blocks: {})",
+                self.sp,
+                longview_parallel::block::block_kernel(device)
+            )
+        })
+    }
+
+    fn barrier(&self, device: &Device) -> Result<(), TrainError> {
+        // On the run's device: NCCL takes CUDA tensors only.
+        let device = device.clone().inner();
         self.world
             .all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
             .map_err(comm_error("barrier"))?;

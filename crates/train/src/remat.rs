@@ -24,27 +24,34 @@
 //! the loss on the supervised rows only ([`Qwen2::next_token_loss_sum`]), so a long
 //! video with a short answer never materialises `[seq, vocab]` logits.
 //!
-//! [`loss_and_grads`] works on one device with the reference or flash attention;
-//! sequence-parallel ranks (`AttentionImpl::Sharded`) recompute through the MM-SP
-//! step ([`crate::mmsp`]), which uses the same per-stack forward and backward: there
-//! the kept attention output and LSE feed the scheme's distributed backward, so the
-//! ring's forward (compute and communication) never runs twice either.
+//! [`run_step`] is the one executor of a training step over the model's stages
+//! (`longview_models::vila` stages: vision stem, vision layers, projection, embed +
+//! splice, text layers, head), for every mode, [`Recompute::None`] included. What
+//! differs between one device and a rank of an MM-SP group is supplied as
+//! [`StepHooks`]: where the spliced visual tokens come from (an all-gather) and where
+//! their gradient goes (a reduce-scatter), how the text is spliced and which rows the
+//! loss reads. On sequence-parallel ranks (`AttentionImpl::Sharded`) the kept
+//! attention output and LSE feed the scheme's distributed backward, so the ring's
+//! forward (compute and communication) never runs twice either.
+//! [`loss_and_grads`] is the one-device entry point.
 
 use std::fmt;
 use std::str::FromStr;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Gradients, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use longview_models::attention::{
-    AttentionImpl, SplitAtAttention, attend_with_lse, attention_input_grads,
-};
-use longview_models::vila::text::Rope;
-use longview_models::vila::vision::patch_grid;
-use longview_models::vila::{Qwen2, VisionFeature, VisualInput};
-use longview_models::{ModelError, Vlm, VlmInput};
+use longview_models::attention::AttentionImpl;
+use longview_models::vila::VisualInput;
+use longview_models::{Vlm, VlmInput};
+
+use crate::error::TrainError;
+
+mod stack;
+
+use stack::{backward_stack, forward_stack, grad_or_zeros, surrogate, take_grads, trains};
 
 /// What the forward pass keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -104,8 +111,44 @@ impl FromStr for Recompute {
     }
 }
 
+/// A training step's inputs as this rank sees them.
+pub struct StepInput {
+    /// This rank's frames, `[frames, 3, height, width]`, or `None` (text only, or
+    /// visual embeddings given).
+    pub pixels: Option<Tensor<4>>,
+    /// Visual tokens given as constants of the step (`[frames, per_frame, hidden]`),
+    /// e.g. cached embeddings; nothing is back-propagated into them.
+    pub given_visual: Option<Tensor<3>>,
+    /// `[batch, seq]` ids and RoPE positions of this rank's tokens.
+    pub ids: Tensor<2, Int>,
+    pub position_ids: Tensor<2, Int>,
+}
+
+/// What a layout supplies to [`run_step`]; tensors passed in and out are untracked.
+pub trait StepHooks {
+    /// The visual tokens the text stage splices, from this rank's own (`[frames,
+    /// per_frame, hidden]`): the same tensor on one device, every rank's tokens of
+    /// the group in an MM-SP layout.
+    fn gather_visual(&self, local: Tensor<3>) -> Result<Tensor<3>, TrainError>;
+
+    /// The gradient of this rank's own visual tokens from the gradient of the gathered
+    /// ones (the identity on one device, a reduce-scatter in MM-SP).
+    fn scatter_visual_grad(&self, grad: Tensor<3>) -> Result<Tensor<3>, TrainError>;
+
+    /// `text` (`[batch, seq, hidden]`) with the placeholder rows taken from `visual`.
+    fn splice(
+        &self,
+        model: &Vlm,
+        text: Tensor<3>,
+        visual: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, TrainError>;
+
+    /// The summed loss and supervised count from the last text layer's output.
+    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError>;
+}
+
 /// The loss (summed over supervised next tokens, divided by `normaliser`) of one
-/// micro-batch and the gradients of the model's trainable parameters.
+/// micro-batch on one device and the gradients of the model's trainable parameters.
 ///
 /// `labels` are aligned with the input ids (shifted inside); placeholder positions
 /// are never supervised. `model` lives on an autodiff device.
@@ -115,315 +158,221 @@ pub fn loss_and_grads(
     labels: Tensor<2, Int>,
     normaliser: f32,
     mode: Recompute,
-) -> Result<(f32, GradientsParams), ModelError> {
-    for layer in model.llm.model.layers.iter() {
-        if layer.attention_impl() == AttentionImpl::Sharded {
-            return Err(ModelError::Input(
-                "activation recomputation runs on one device; sequence-parallel ranks \
-                 (AttentionImpl::Sharded) go through the MM-SP step"
-                    .into(),
-            ));
-        }
+) -> Result<(f32, GradientsParams), TrainError> {
+    if model.text_attention() == AttentionImpl::Sharded {
+        return Err(TrainError::Parallel(
+            "loss_and_grads runs on one device; sequence-parallel ranks \
+             (AttentionImpl::Sharded) go through the MM-SP step"
+                .into(),
+        ));
     }
     let labels = model.unsupervise_placeholders(&input.input_ids, labels);
-    let normaliser = normaliser.max(f32::MIN_POSITIVE);
-    match mode {
-        Recompute::None => plain(model, input, &labels, normaliser),
-        _ => segmented(model, input, &labels, normaliser, mode),
+    let (pixels, given_visual) = match input.visual {
+        VisualInput::None => (None, None),
+        VisualInput::Pixels(pixels) => (Some(pixels), None),
+        VisualInput::Embeddings(tokens) => (None, Some(tokens)),
+    };
+    let hooks = OneDevice {
+        ids: input.input_ids.clone(),
+        labels,
+    };
+    let input = StepInput {
+        pixels,
+        given_visual,
+        ids: input.input_ids,
+        position_ids: input.position_ids,
+    };
+    run_step(model, input, &hooks, normaliser, mode)
+}
+
+/// The hooks of a step on one device: nothing to gather or scatter, placeholders
+/// spliced by id, the loss on the rows whose next token is supervised.
+struct OneDevice {
+    ids: Tensor<2, Int>,
+    labels: Tensor<2, Int>,
+}
+
+impl StepHooks for OneDevice {
+    fn gather_visual(&self, local: Tensor<3>) -> Result<Tensor<3>, TrainError> {
+        Ok(local)
+    }
+
+    fn scatter_visual_grad(&self, grad: Tensor<3>) -> Result<Tensor<3>, TrainError> {
+        Ok(grad)
+    }
+
+    fn splice(
+        &self,
+        model: &Vlm,
+        text: Tensor<3>,
+        visual: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, TrainError> {
+        let ids = match text.is_autodiff() {
+            true => self.ids.clone(),
+            false => self.ids.clone().inner(),
+        };
+        Ok(model.splice(text, &ids, visual)?)
+    }
+
+    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
+        Ok(model.next_token_loss_sum(hidden, &self.labels)?)
     }
 }
 
-/// Autodiff over the whole step.
-fn plain(
+/// The vision stage's forward: this rank's visual tokens, and what its backward needs.
+enum VisionForward {
+    /// Plain autodiff: the tokens, tracked back to the parameters.
+    Tracked(Tensor<3>),
+    /// Recomputed: the encoder output (untracked), its grid, and each layer's kept part.
+    Kept {
+        pixels: Tensor<4>,
+        grid: (usize, usize),
+        out: Tensor<3>,
+        kept: Vec<stack::Kept>,
+    },
+}
+
+/// One micro-batch's loss and gradients, stage by stage: vision (this rank's frames),
+/// the hooks' gather, embed + splice, text layers, head; then the backward in reverse,
+/// through the hooks' scatter back into the vision stage. Under [`Recompute::None`]
+/// each of the two stacks keeps its autodiff graph; otherwise the forward runs without
+/// autodiff and every layer is replayed from what `mode` kept.
+pub fn run_step(
     model: &Vlm,
-    input: VlmInput,
-    labels: &Tensor<2, Int>,
+    input: StepInput,
+    hooks: &dyn StepHooks,
     normaliser: f32,
-) -> Result<(f32, GradientsParams), ModelError> {
-    let llm = &model.llm;
-    let mut x = model.embed(input.input_ids, input.visual)?;
-    let rope = Rope::new(input.position_ids, llm.head_dim, llm.rope_theta);
-    for layer in &llm.model.layers {
-        x = layer.forward(x, &rope);
-    }
-    let (sum, _) = llm.next_token_loss_sum(x, labels)?;
-    let loss = sum.div_scalar(normaliser);
-    let value = loss.clone().into_scalar::<f32>();
-    Ok((value, GradientsParams::from_grads(loss.backward(), model)))
-}
-
-/// What the forward pass kept of one layer: its input and, attention-aware, the
-/// attention output and LSE. Tensors without autodiff.
-pub(crate) struct Kept {
-    x: Tensor<3>,
-    attention: Option<(Tensor<4>, Option<Tensor<3>>)>,
-}
-
-/// Runs a stack without autodiff, keeping what `mode` asks for.
-pub(crate) fn forward_stack<L: SplitAtAttention>(
-    layers: &[L],
-    context: &L::Context,
-    mut x: Tensor<3>,
     mode: Recompute,
-) -> (Tensor<3>, Vec<Kept>) {
-    let mut kept = Vec::with_capacity(layers.len());
-    for layer in layers {
-        let next = if mode == Recompute::AttentionAware {
-            let input = layer.attention_input(x.clone(), context);
-            let (o, lse) = attend_with_lse(layer.attention_impl(), input);
-            let next = layer.after_attention(x.clone(), o.clone());
-            kept.push(Kept {
-                x,
-                attention: Some((o, lse)),
-            });
-            next
+) -> Result<(f32, GradientsParams), TrainError> {
+    let normaliser = normaliser.max(f32::MIN_POSITIVE);
+    let plain = model.valid();
+    let mut into = GradientsParams::new();
+    let vision_trains = trains(&model.vision_tower) || trains(&model.mm_projector);
+
+    // 1. Vision: this rank's frames, then the tokens the text splices.
+    let vision = input.pixels.map(|pixels| {
+        if mode == Recompute::None {
+            let tokens = model.encode_frames(pixels);
+            (tokens.clone().detach(), VisionForward::Tracked(tokens))
         } else {
-            let next = layer.forward_split(x.clone(), context);
-            kept.push(Kept { x, attention: None });
-            next
-        };
-        x = next;
-    }
-    (x, kept)
-}
-
-/// `sum(out * grad)`: its gradient with respect to `out` is `grad` exactly.
-pub(crate) fn surrogate<const D: usize>(out: Tensor<D>, grad: Tensor<D>) -> Tensor<1> {
-    let dtype = out.dtype();
-    (out * grad.cast(dtype)).sum()
-}
-
-/// The gradient of a leaf, zeros where nothing reached it.
-pub(crate) fn grad_or_zeros<const D: usize>(leaf: &Tensor<D>, grads: &Gradients) -> Tensor<D> {
-    leaf.grad(grads)
-        .unwrap_or_else(|| Tensor::zeros(leaf.dims(), (&leaf.device(), leaf.dtype())))
-}
-
-/// Replays a stack last layer first from what [`forward_stack`] kept; returns the
-/// gradient of the stack's input.
-pub(crate) fn backward_stack<L: SplitAtAttention + Module>(
-    layers: &[L],
-    context: &L::Context,
-    kept: Vec<Kept>,
-    mut grad: Tensor<3>,
-    into: &mut GradientsParams,
-) -> Tensor<3> {
-    for (layer, kept) in layers.iter().zip(kept).rev() {
-        let x = kept.x.clone().autodiff().require_grad();
-        grad = match kept.attention {
-            None => {
-                let out = layer.forward_split(x.clone(), context);
-                let mut grads = surrogate(out, grad).backward();
-                take_grads(layer, &mut grads, into);
-                grad_or_zeros(&x, &grads)
-            }
-            Some((o, lse)) => {
-                // After the attention: o_proj, residuals, MLP; gives dO.
-                let o_leaf = o.clone().autodiff().require_grad();
-                let out = layer.after_attention(x.clone(), o_leaf.clone());
-                let mut grads = surrogate(out, grad).backward();
-                take_grads(layer, &mut grads, into);
-                let grad_residual = grad_or_zeros(&x, &grads);
-                let d_o = grad_or_zeros(&o_leaf, &grads);
-                // The attention's backward from the kept O and LSE, then the parts before it.
-                let x = kept.x.autodiff().require_grad();
-                let input = layer.attention_input(x.clone(), context);
-                let (dq, dk, dv) = attention_input_grads(
-                    layer.attention_impl(),
-                    input.clone(),
-                    o.autodiff(),
-                    lse.map(|l| l.autodiff()),
-                    d_o,
-                );
-                let total =
-                    surrogate(input.q, dq) + surrogate(input.k, dk) + surrogate(input.v, dv);
-                let mut grads = total.backward();
-                take_grads(layer, &mut grads, into);
-                grad_residual + grad_or_zeros(&x, &grads)
-            }
-        };
-    }
-    grad
-}
-
-/// Moves the gradients of `module`'s parameters from `grads` into `into`, adding to
-/// what is there (a parameter used by two segments: a tied LM head, a layer replayed
-/// in two parts).
-pub(crate) fn take_grads<M: Module>(module: &M, grads: &mut Gradients, into: &mut GradientsParams) {
-    struct Take<'a> {
-        grads: &'a mut Gradients,
-        into: &'a mut GradientsParams,
-    }
-    impl ModuleVisitor for Take<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if !param.is_require_grad() {
-                return;
-            }
-            let Some(grad) = param.val().grad_remove(self.grads) else {
-                return;
+            let pixels = pixels.inner();
+            let (x, grid) = plain.vision_stem(pixels.clone());
+            let (out, kept) = forward_stack(plain.vision_layers(), &(), x, mode.for_vision());
+            let tokens = plain.project(out.clone(), grid);
+            let forward = VisionForward::Kept {
+                pixels,
+                grid,
+                out,
+                kept,
             };
-            let grad = match self.into.remove::<D>(param.id) {
-                Some(previous) => previous + grad,
-                None => grad,
+            (tokens, forward)
+        }
+    });
+    let (gathered, vision) = match vision {
+        Some((local, forward)) => (Some(hooks.gather_visual(local)?), Some(forward)),
+        None => (input.given_visual.map(|t| t.detach()), None),
+    };
+    // The spliced visual tokens as a leaf of the text stage (tracked, untracked values).
+    let visual_leaf = |tokens: &Tensor<3>| {
+        let tokens = if tokens.is_autodiff() {
+            tokens.clone()
+        } else {
+            tokens.clone().autodiff()
+        };
+        if vision.is_some() && vision_trains {
+            tokens.require_grad()
+        } else {
+            tokens
+        }
+    };
+
+    // 2. Text: embed + splice, the layers, the head and loss; backward to the splice.
+    let (value, d_visual) = if mode == Recompute::None {
+        let leaf = gathered.as_ref().map(visual_leaf);
+        let mut x = hooks.splice(model, model.embed_tokens(input.ids), leaf.clone())?;
+        let rope = model.text_context(input.position_ids);
+        for layer in model.text_layers() {
+            x = layer.forward(x, &rope);
+        }
+        let (sum, _) = hooks.loss_sum(model, x)?;
+        let loss = sum.div_scalar(normaliser);
+        let value = loss.clone().into_scalar::<f32>();
+        let mut grads = loss.backward();
+        take_grads(model, &mut grads, &mut into);
+        (value, leaf.map(|l| grad_or_zeros(&l, &grads)))
+    } else {
+        let plain_visual = gathered.clone().map(|t| if t.is_autodiff() { t.inner() } else { t });
+        let embeds = hooks.splice(&plain, plain.embed_tokens(input.ids.clone().inner()), plain_visual)?;
+        let rope = plain.text_context(input.position_ids.clone().inner());
+        let (hidden, kept) = forward_stack(plain.text_layers(), &rope, embeds, mode);
+        drop(rope);
+        let (value, grad) = head_backward(model, hidden, hooks, normaliser, &mut into)?;
+        let rope = model.text_context(input.position_ids);
+        let grad = backward_stack(model, model.text_layers(), &rope, kept, grad, &mut into);
+        drop(rope);
+        let leaf = gathered.as_ref().map(visual_leaf);
+        let embeds = hooks.splice(model, model.embed_tokens(input.ids), leaf.clone())?;
+        let mut grads = surrogate(embeds, grad).backward();
+        take_grads(model, &mut grads, &mut into);
+        (value, leaf.map(|l| grad_or_zeros(&l, &grads)))
+    };
+
+    // 3. Vision backward: the visual tokens' gradient back to this rank's frames.
+    let (Some(vision), Some(d_visual)) = (vision, d_visual) else {
+        return Ok((value, into));
+    };
+    if !vision_trains {
+        return Ok((value, into));
+    }
+    let d_local = hooks.scatter_visual_grad(d_visual.inner())?;
+    match vision {
+        VisionForward::Tracked(tokens) => {
+            let d_local = d_local.autodiff();
+            let mut grads = surrogate(tokens, d_local).backward();
+            take_grads(model, &mut grads, &mut into);
+        }
+        VisionForward::Kept {
+            pixels,
+            grid,
+            out,
+            kept,
+        } => {
+            let tower_trains = trains(&model.vision_tower);
+            let leaf = match tower_trains {
+                true => out.autodiff().require_grad(),
+                false => out.autodiff(),
             };
-            self.into.register::<D>(param.id, grad);
+            let tokens = model.project(leaf.clone(), grid);
+            let mut grads = surrogate(tokens, d_local.autodiff()).backward();
+            take_grads(model, &mut grads, &mut into);
+            if tower_trains {
+                let grad = grad_or_zeros(&leaf, &grads);
+                drop(grads);
+                let grad = backward_stack(model, model.vision_layers(), &(), kept, grad, &mut into);
+                let (x, _) = model.vision_stem(pixels.autodiff());
+                let mut grads = surrogate(x, grad).backward();
+                take_grads(model, &mut grads, &mut into);
+            }
         }
     }
-    module.visit(&mut Take { grads, into });
+    Ok((value, into))
 }
 
-/// The head's backward from kept hidden states (untracked): `loss_sum` (final norm, LM
-/// head and cross entropy on the supervised rows) divided by `normaliser`, the norm's
-/// and the head's (or tied embeddings') gradients moved into `into`. Returns the loss
-/// and the gradient of the hidden states.
-pub(crate) fn head_backward(
-    llm: &Qwen2,
+/// The head's backward from kept hidden states (untracked): the hooks' loss divided
+/// by `normaliser`, the norm's and the head's (or tied embeddings') gradients moved
+/// into `into`. Returns the loss and the gradient of the hidden states.
+fn head_backward(
+    model: &Vlm,
     hidden: Tensor<3>,
-    loss_sum: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, usize), ModelError>,
+    hooks: &dyn StepHooks,
     normaliser: f32,
     into: &mut GradientsParams,
-) -> Result<(f32, Tensor<3>), ModelError> {
+) -> Result<(f32, Tensor<3>), TrainError> {
     let hidden = hidden.autodiff().require_grad();
-    let (sum, _) = loss_sum(hidden.clone())?;
+    let (sum, _) = hooks.loss_sum(model, hidden.clone())?;
     let loss = sum.div_scalar(normaliser);
     let value = loss.clone().into_scalar::<f32>();
     let mut grads = loss.backward();
-    take_grads(&llm.model.norm, &mut grads, into);
-    match &llm.lm_head {
-        Some(head) => take_grads(head, &mut grads, into),
-        None => take_grads(&llm.model.embed_tokens, &mut grads, into),
-    }
+    take_grads(model, &mut grads, into);
     Ok((value, grad_or_zeros(&hidden, &grads)))
-}
-
-/// Whether any parameter of `module` trains.
-pub(crate) fn trains<M: Module>(module: &M) -> bool {
-    struct Any(bool);
-    impl ModuleVisitor for Any {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0 |= param.is_require_grad();
-        }
-    }
-    let mut any = Any(false);
-    module.visit(&mut any);
-    any.0
-}
-
-/// What gets spliced into the text embeddings: the given visual embeddings, or the
-/// projector's tokens for the vision tower's output on its patch grid.
-fn visual_input(
-    vlm: &Vlm,
-    given: Option<Tensor<3>>,
-    tower_out: Option<(Tensor<3>, (usize, usize))>,
-) -> VisualInput {
-    if let Some(tokens) = given {
-        return VisualInput::Embeddings(tokens);
-    }
-    match tower_out {
-        Some((x, grid)) => VisualInput::Embeddings(project(vlm, x, grid)),
-        None => VisualInput::None,
-    }
-}
-
-/// The projector's visual tokens for the output of the vision encoder's layers (after
-/// the post-layernorm where the feature is the last layer's).
-///
-/// # Shapes
-/// - x: `[frames, patches, vision_hidden]`; output: `[frames, tokens_per_frame, text_hidden]`
-pub(crate) fn project(vlm: &Vlm, x: Tensor<3>, grid: (usize, usize)) -> Tensor<3> {
-    let features = match vlm.vision_feature {
-        VisionFeature::Last => vlm.vision_tower.post_layernorm.forward(x),
-        VisionFeature::Layer(_) => x,
-    };
-    vlm.mm_projector.forward(features, grid)
-}
-
-/// The step segment by segment: vision layers, projector + embeddings, LLM layers,
-/// head; forward without autodiff, backward replaying one segment at a time.
-fn segmented(
-    model: &Vlm,
-    input: VlmInput,
-    labels: &Tensor<2, Int>,
-    normaliser: f32,
-    mode: Recompute,
-) -> Result<(f32, GradientsParams), ModelError> {
-    let plain = model.valid();
-    let llm = &model.llm;
-    let ids = input.input_ids;
-    let plain_ids = ids.clone().inner();
-
-    // Given visual embeddings are constants of the step.
-    let given = match &input.visual {
-        VisualInput::Embeddings(tokens) => Some(tokens.clone().detach()),
-        _ => None,
-    };
-
-    // Forward, vision: patch embeddings, then the encoder layers the feature needs.
-    let tower_trains = trains(&model.vision_tower);
-    let vision = match input.visual {
-        VisualInput::Pixels(pixels) => {
-            let pixels = pixels.inner();
-            let [_, _, height, width] = pixels.dims();
-            let tower = &plain.vision_tower;
-            let grid = patch_grid(height, width, tower.embeddings.patch_size);
-            let layers = tower.layers_to_run(model.vision_feature);
-            let x = tower.embeddings.forward(pixels.clone());
-            let (x, kept) =
-                forward_stack(&tower.encoder.layers[..layers], &(), x, mode.for_vision());
-            Some((pixels, grid, layers, x, kept))
-        }
-        _ => None,
-    };
-    // Forward, LLM.
-    let tower_out = vision.as_ref().map(|(_, grid, _, x, _)| (x.clone(), *grid));
-    let plain_given = given.clone().map(Tensor::inner);
-    let embeds = plain.embed(plain_ids, visual_input(&plain, plain_given, tower_out))?;
-    let position_ids = input.position_ids;
-    let plain_rope = Rope::new(position_ids.clone().inner(), llm.head_dim, llm.rope_theta);
-    let (hidden, kept) = forward_stack(&plain.llm.model.layers, &plain_rope, embeds, mode);
-    drop(plain_rope);
-
-    // Head: final norm, LM head and loss on the supervised rows.
-    let mut into = GradientsParams::new();
-    let (value, grad) = head_backward(
-        llm,
-        hidden,
-        |h| llm.next_token_loss_sum(h, labels),
-        normaliser,
-        &mut into,
-    )?;
-
-    // Backward, LLM layers.
-    let rope = Rope::new(position_ids, llm.head_dim, llm.rope_theta);
-    let grad = backward_stack(&llm.model.layers, &rope, kept, grad, &mut into);
-    drop(rope);
-
-    // Embeddings and projector (and the vision tower's post-layernorm).
-    let vision_leaf = match &vision {
-        Some((_, _, _, x, _)) if tower_trains => Some(x.clone().autodiff().require_grad()),
-        Some((_, _, _, x, _)) => Some(x.clone().autodiff()),
-        None => None,
-    };
-    let tower_out = vision_leaf
-        .clone()
-        .zip(vision.as_ref().map(|(_, grid, ..)| *grid));
-    let embeds = model.embed(ids, visual_input(model, given, tower_out))?;
-    let mut grads = surrogate(embeds, grad).backward();
-    take_grads(&llm.model.embed_tokens, &mut grads, &mut into);
-    take_grads(&model.mm_projector, &mut grads, &mut into);
-    take_grads(&model.vision_tower.post_layernorm, &mut grads, &mut into);
-
-    // Backward, vision layers and patch embeddings.
-    if let (Some((pixels, _, layers, _, kept)), Some(leaf)) = (vision, vision_leaf)
-        && tower_trains
-    {
-        let grad = grad_or_zeros(&leaf, &grads);
-        drop(grads);
-        let tower = &model.vision_tower;
-        let grad = backward_stack(&tower.encoder.layers[..layers], &(), kept, grad, &mut into);
-        let x = tower.embeddings.forward(pixels.autodiff());
-        let mut grads = surrogate(x, grad).backward();
-        take_grads(&tower.embeddings, &mut grads, &mut into);
-    }
-    Ok((value, into))
 }

@@ -13,6 +13,7 @@
 //! benchmarks/flash_reference.py times torch's SDPA (flash and cuDNN) on the same
 //! shapes for the comparison column.
 
+use longview_kernels::reference::{Geometry, attention_f64};
 use std::time::Instant;
 
 use cubecl::prelude::*;
@@ -63,33 +64,18 @@ fn reference(
     d: usize,
     scale: f64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let mut o = vec![0.0; h * s * d];
-    let mut lse = vec![0.0; h * s];
-    for hh in 0..h {
-        for i in 0..s {
-            let base = (hh * s + i) * d;
-            let scores: Vec<f64> = (0..=i)
-                .map(|j| {
-                    let kb = (hh * s + j) * d;
-                    (0..d)
-                        .map(|x| q[base + x] as f64 * k[kb + x] as f64)
-                        .sum::<f64>()
-                        * scale
-                })
-                .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let l: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-            lse[hh * s + i] = m + l.ln();
-            for (j, sc) in scores.iter().enumerate() {
-                let p = (sc - m).exp() / l;
-                let vb = (hh * s + j) * d;
-                for x in 0..d {
-                    o[base + x] += p * v[vb + x] as f64;
-                }
-            }
-        }
-    }
-    (o, lse)
+    let geometry = Geometry {
+        batch: 1,
+        q_heads: h,
+        kv_heads: h,
+        q_len: s,
+        kv_len: s,
+        head_dim: d,
+        scale,
+        empty_lse: longview_kernels::flash::NO_KEYS as f64,
+    };
+    let r = attention_f64(&geometry, q, k, v, None, |_, i, j| j <= i);
+    (r.o, r.lse)
 }
 
 /// Max |got - want| / max(|want|, 1); infinite when any element is NaN (the outputs
@@ -119,12 +105,10 @@ struct Case {
     cu: Option<Vec<u32>>,
 }
 
-/// Attention in f64 from the definition, any geometry of [`Case`]: O, LSE (rows
-/// without a visible key: O = 0, LSE = NO_KEYS) and, for the upstream gradient `g`,
-/// dQ, dK, dV (analytic: dS = P (dP - rowsum(P dP)), dQ = scale dS K,
-/// dK = scale dS^T Q, dV = P^T dO).
+/// Attention in f64 from the definition (`longview_kernels::reference`), any
+/// geometry of [`Case`]: O, LSE (rows without a visible key: O = 0, LSE = NO_KEYS)
+/// and, for the upstream gradient `g`, dQ, dK, dV.
 fn reference_general(c: &Case, [q, k, v, g]: [&[f32]; 4], scale: f64) -> [Vec<f64>; 5] {
-    let (b, hq, hkv, sq, sk, d) = (c.b, c.hq, c.hkv, c.sq, c.sk, c.d);
     let seg = |pos: usize| -> usize {
         match &c.cu {
             Some(cu) => cu
@@ -134,63 +118,20 @@ fn reference_general(c: &Case, [q, k, v, g]: [&[f32]; 4], scale: f64) -> [Vec<f6
             None => 0,
         }
     };
-    let mut o = vec![0.0; b * hq * sq * d];
-    let mut lse = vec![longview_kernels::flash::NO_KEYS as f64; b * hq * sq];
-    let mut dq = vec![0.0; b * hq * sq * d];
-    let mut dk = vec![0.0; b * hkv * sk * d];
-    let mut dv = vec![0.0; b * hkv * sk * d];
-    for bb in 0..b {
-        for h in 0..hq {
-            let hk = h / (hq / hkv);
-            for i in 0..sq {
-                let qb = ((bb * hq + h) * sq + i) * d;
-                let mut scores = Vec::new();
-                for j in 0..sk {
-                    if c.causal && c.k_offset + j > c.q_offset + i {
-                        continue;
-                    }
-                    if c.cu.is_some() && seg(i) != seg(j) {
-                        continue;
-                    }
-                    let kb = ((bb * hkv + hk) * sk + j) * d;
-                    let dot: f64 = (0..d).map(|x| q[qb + x] as f64 * k[kb + x] as f64).sum();
-                    scores.push((j, dot * scale));
-                }
-                if scores.is_empty() {
-                    continue;
-                }
-                let m = scores.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
-                let l: f64 = scores.iter().map(|x| (x.1 - m).exp()).sum();
-                lse[(bb * hq + h) * sq + i] = m + l.ln();
-                let mut p = Vec::new();
-                let mut dp = Vec::new();
-                for (j, sc) in &scores {
-                    let pj = (sc - m).exp() / l;
-                    let vb = ((bb * hkv + hk) * sk + j) * d;
-                    for x in 0..d {
-                        o[qb + x] += pj * v[vb + x] as f64;
-                    }
-                    p.push(pj);
-                    dp.push(
-                        (0..d)
-                            .map(|x| g[qb + x] as f64 * v[vb + x] as f64)
-                            .sum::<f64>(),
-                    );
-                }
-                let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for (n, (j, _)) in scores.iter().enumerate() {
-                    let ds = p[n] * (dp[n] - delta);
-                    let kb = ((bb * hkv + hk) * sk + j) * d;
-                    for x in 0..d {
-                        dq[qb + x] += scale * ds * k[kb + x] as f64;
-                        dk[kb + x] += scale * ds * q[qb + x] as f64;
-                        dv[kb + x] += p[n] * g[qb + x] as f64;
-                    }
-                }
-            }
-        }
-    }
-    [o, lse, dq, dk, dv]
+    let geometry = Geometry {
+        batch: c.b,
+        q_heads: c.hq,
+        kv_heads: c.hkv,
+        q_len: c.sq,
+        kv_len: c.sk,
+        head_dim: c.d,
+        scale,
+        empty_lse: longview_kernels::flash::NO_KEYS as f64,
+    };
+    let r = attention_f64(&geometry, q, k, v, Some(g), |_, i, j| {
+        !(c.causal && c.k_offset + j > c.q_offset + i) && (c.cu.is_none() || seg(i) == seg(j))
+    });
+    [r.o, r.lse, r.dq, r.dk, r.dv]
 }
 
 /// The tensor-core kernels against the f64 reference (on the 16-bit-rounded inputs),

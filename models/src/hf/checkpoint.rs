@@ -350,6 +350,13 @@ pub fn load_qwen2(dir: &Path, device: &Device) -> Result<(Qwen2, TextConfig), Mo
     Ok((model, config))
 }
 
+/// The LLM's shape of a VILA/LongVILA checkpoint folder (`llm/config.json`), without
+/// reading any weights.
+pub fn read_vila_text_config(dir: &Path) -> Result<TextConfig, ModelError> {
+    let config_path = dir.join("llm").join("config.json");
+    HfQwen2Config::read(&config_path)?.into_config(&config_path)
+}
+
 /// Loads a SigLIP vision tower folder.
 pub fn load_siglip(
     dir: &Path,

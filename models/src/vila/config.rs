@@ -1,7 +1,7 @@
 //! Internal configuration of the VILA-family model (vision encoder, projector, LLM).
 //!
 //! These are longview's own configs: what the modules need, with defaults, and the
-//! named sizes of LongVILA (SigLIP so400m-patch14-384 + Qwen2-1.5B/7B, ../ALGORITHMS §8).
+//! named sizes of LongVILA (SigLIP so400m-patch14-384 + Qwen2-1.5B/7B, docs/algorithms.md section 8).
 //! Hugging Face `config.json` files are parsed by [`crate::hf::config`] into these.
 
 use burn::config::Config;

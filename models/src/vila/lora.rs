@@ -9,7 +9,6 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::text::Qwen2;
 
 /// One low-rank adapter.
 #[derive(Module, Debug)]
@@ -91,75 +90,12 @@ pub struct AttentionLora {
 }
 
 /// `weight + sign * delta` as a new parameter with `linear`'s id.
-fn shift(linear: Linear, delta: Tensor<2>, sign: f64) -> Linear {
+pub(super) fn shift(linear: Linear, delta: Tensor<2>, sign: f64) -> Linear {
     let Linear { weight, bias } = linear;
     let id = weight.id;
     let value = weight.val().detach() + delta.detach().mul_scalar(sign);
     Linear {
         weight: Param::initialized(id, value),
         bias,
-    }
-}
-
-impl Qwen2 {
-    /// Adds fresh adapters (rank `rank`, scale `alpha / rank`) to every attention
-    /// block's q, k, v and o projections; the model computes the same function until
-    /// the adapters train.
-    /// `seed` decides the adapters' `A` matrices (host-side draws).
-    pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64, device: &Device) -> Self {
-        for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let attn = &mut layer.self_attn;
-            let [h, q_out] = attn.q_proj.weight.dims();
-            let kv_out = attn.k_proj.weight.dims()[1];
-            let [o_in, o_out] = attn.o_proj.weight.dims();
-            let seed = |j: u64| seed ^ ((i as u64) << 8 | j).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            attn.lora = Some(AttentionLora {
-                q: Lora::new(h, q_out, rank, alpha, seed(0), device),
-                k: Lora::new(h, kv_out, rank, alpha, seed(1), device),
-                v: Lora::new(h, kv_out, rank, alpha, seed(2), device),
-                o: Lora::new(o_in, o_out, rank, alpha, seed(3), device),
-            });
-        }
-        self
-    }
-
-    /// Folds every adapter into its projection's weight and drops the adapters: a
-    /// plain Qwen2 computing the same function (what checkpoints store).
-    pub fn merge_lora(mut self) -> Self {
-        for layer in &mut self.model.layers {
-            let attn = &mut layer.self_attn;
-            if let Some(lora) = attn.lora.take() {
-                attn.q_proj = shift(attn.q_proj.clone(), lora.q.delta(), 1.0);
-                attn.k_proj = shift(attn.k_proj.clone(), lora.k.delta(), 1.0);
-                attn.v_proj = shift(attn.v_proj.clone(), lora.v.delta(), 1.0);
-                attn.o_proj = shift(attn.o_proj.clone(), lora.o.delta(), 1.0);
-            }
-        }
-        self
-    }
-
-    /// The inverse of [`Qwen2::merge_lora`]: attaches `adapters` (one per layer) to a
-    /// merged model and subtracts their deltas from the weights, giving back the base
-    /// weights (to f32 rounding) for a resumed LoRA run.
-    pub fn unmerge_lora(mut self, adapters: Vec<AttentionLora>) -> Self {
-        assert_eq!(
-            adapters.len(),
-            self.model.layers.len(),
-            "one adapter set per layer"
-        );
-        for (layer, lora) in self.model.layers.iter_mut().zip(adapters) {
-            let attn = &mut layer.self_attn;
-            attn.q_proj = shift(attn.q_proj.clone(), lora.q.delta(), -1.0);
-            attn.k_proj = shift(attn.k_proj.clone(), lora.k.delta(), -1.0);
-            attn.v_proj = shift(attn.v_proj.clone(), lora.v.delta(), -1.0);
-            attn.o_proj = shift(attn.o_proj.clone(), lora.o.delta(), -1.0);
-            attn.lora = Some(lora);
-        }
-        self
-    }
-
-    /// Whether the attention blocks carry adapters.
-    pub fn has_lora(&self) -> bool {
-        self.model.layers.iter().any(|l| l.self_attn.lora.is_some())
     }
 }

@@ -10,6 +10,8 @@
 pub mod config;
 pub mod lora;
 pub mod projector;
+pub mod rope;
+mod stages;
 pub mod text;
 pub mod vision;
 
@@ -20,6 +22,7 @@ pub use config::{
     ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
 };
 pub use projector::Projector;
+pub use stages::PatchGrid;
 pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};
 pub use vision::SiglipVision;
 
@@ -87,19 +90,22 @@ impl Vlm {
         self
     }
 
-    /// Encodes and projects frames.
+    /// Encodes and projects frames (stages 1-3, [`Vlm::vision_stem`],
+    /// [`Vlm::vision_layers`], [`Vlm::project`]).
     ///
     /// # Shapes
     /// - pixels: `[frames, channels, height, width]`
     /// - output: `[frames, tokens_per_frame, text_hidden]`
     pub fn encode_frames(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let [_, _, height, width] = pixels.dims();
-        let grid = vision::patch_grid(height, width, self.vision_tower.embeddings.patch_size);
-        let features = self.vision_tower.forward(pixels, self.vision_feature);
-        self.mm_projector.forward(features, grid)
+        let (mut x, grid) = self.vision_stem(pixels);
+        for layer in self.vision_layers() {
+            x = layer.forward(x);
+        }
+        self.project(x, grid)
     }
 
-    /// Text embeddings with visual tokens written over the placeholder positions.
+    /// Text embeddings with visual tokens written over the placeholder positions
+    /// (stage 4).
     ///
     /// # Shapes
     /// - output: `[batch, seq, text_hidden]`
@@ -108,25 +114,22 @@ impl Vlm {
         input_ids: Tensor<2, Int>,
         visual: VisualInput,
     ) -> Result<Tensor<3>, ModelError> {
-        let text = self.llm.embed(input_ids.clone());
-        let visual_tokens = match visual {
-            VisualInput::None => None,
-            VisualInput::Pixels(pixels) => Some(self.encode_frames(pixels)),
-            VisualInput::Embeddings(tokens) => Some(tokens),
-        };
-        splice_visual_tokens(text, &input_ids, visual_tokens, self.placeholder_token_id)
+        let text = self.embed_tokens(input_ids.clone());
+        let visual_tokens = self.visual_tokens(visual);
+        self.splice(text, &input_ids, visual_tokens)
     }
 
-    /// Logits for a batch.
+    /// Logits for a batch: the plain run over the stages (`stages.rs`).
     ///
     /// # Shapes
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, input: VlmInput) -> Result<Tensor<3>, ModelError> {
-        let embeds = self.embed(input.input_ids, input.visual)?;
-        Ok(self
-            .llm
-            .forward_embeds(embeds, input.position_ids, false)
-            .logits)
+        let mut x = self.embed(input.input_ids, input.visual)?;
+        let rope = self.text_context(input.position_ids);
+        for layer in self.text_layers() {
+            x = layer.forward(x, &rope);
+        }
+        Ok(self.logits(x))
     }
 
     /// Logits of new tokens continuing the sequence held in `cache` (the whole prompt

@@ -10,63 +10,11 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
-use super::lora::AttentionLora;
+use super::lora::{AttentionLora, Lora};
+pub use super::rope::Rope;
 use super::{IGNORE_INDEX, token_cross_entropy_sum};
 use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend};
 use crate::error::ModelError;
-
-/// Rotary position embedding tables for a batch of position ids.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    /// `[batch, 1, seq, head_dim]`
-    pub cos: Tensor<4>,
-    /// `[batch, 1, seq, head_dim]`
-    pub sin: Tensor<4>,
-}
-
-impl Rope {
-    /// `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq`, duplicated over both halves.
-    ///
-    /// # Shapes
-    /// - position_ids: `[batch, seq]`
-    pub fn new(position_ids: Tensor<2, Int>, head_dim: usize, theta: f64) -> Self {
-        let device = position_ids.device();
-        let [batch, seq] = position_ids.dims();
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        // Angles in f32 whatever the model dtype: bf16 cannot even represent positions > 256.
-        let inv_freq =
-            Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32))
-                .reshape([1, 1, half]);
-        let positions = position_ids
-            .float()
-            .cast(DType::F32)
-            .reshape([batch, seq, 1]);
-        let angles = positions * inv_freq; // [B, S, half]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(1);
-        Rope {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
-        }
-    }
-
-    /// # Shapes
-    /// - x, output: `[batch, heads, seq, head_dim]`
-    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let dtype = x.dtype();
-        x.clone() * self.cos.clone().cast(dtype) + rotate_half(x) * self.sin.clone().cast(dtype)
-    }
-}
-
-/// `[x1, x2] -> [-x2, x1]` over the last dimension.
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
-    Tensor::cat(vec![x2.neg(), x1], 3)
-}
 
 #[derive(Module, Debug)]
 pub struct Qwen2Attention {
@@ -340,6 +288,34 @@ impl Qwen2 {
         self.model.embed_tokens.forward(input_ids)
     }
 
+    /// The RoPE tables of `position_ids` (`[batch, seq]`) that every layer shares.
+    pub fn rope(&self, position_ids: Tensor<2, Int>) -> Rope {
+        Rope::new(position_ids, self.head_dim, self.rope_theta)
+    }
+
+    /// The decoder layers, first to last.
+    pub fn layers(&self) -> &[Qwen2DecoderLayer] {
+        &self.model.layers
+    }
+
+    /// The attention the layers call (the first layer's; [`Qwen2::with_attention`]
+    /// sets every layer's).
+    pub fn attention(&self) -> AttentionImpl {
+        self.model
+            .layers
+            .first()
+            .map_or(AttentionImpl::Reference, |l| l.self_attn.attention)
+    }
+
+    /// Final norm and LM head.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]` (the last layer's output); output:
+    ///   `[batch, seq, vocab]`
+    pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.lm_head(self.model.norm.forward(hidden))
+    }
+
     /// Runs the decoder on input embeddings.
     ///
     /// # Shapes
@@ -351,7 +327,7 @@ impl Qwen2 {
         position_ids: Tensor<2, Int>,
         keep_hidden: bool,
     ) -> TextOutput {
-        let rope = Rope::new(position_ids, self.head_dim, self.rope_theta);
+        let rope = self.rope(position_ids);
         let mut hidden_states = Vec::new();
         let mut x = embeds;
         for layer in &self.model.layers {
@@ -386,7 +362,7 @@ impl Qwen2 {
         cache: &mut KvCache,
     ) -> Tensor<3> {
         let new = embeds.dims()[1];
-        let rope = Rope::new(position_ids, self.head_dim, self.rope_theta);
+        let rope = self.rope(position_ids);
         cache.layers.resize(self.model.layers.len(), None);
         let mut x = embeds;
         for (layer, layer_cache) in self.model.layers.iter().zip(&mut cache.layers) {
@@ -506,4 +482,89 @@ pub fn default_position_ids(batch: usize, seq: usize, device: &Device) -> Tensor
     Tensor::<1, Int>::arange(0..seq as i64, device)
         .unsqueeze_dim::<2>(0)
         .repeat_dim(0, batch)
+}
+
+impl Qwen2 {
+    /// Adds fresh adapters (rank `rank`, scale `alpha / rank`) to every attention
+    /// block's q, k, v and o projections; the model computes the same function until
+    /// the adapters train.
+    /// `seed` decides the adapters' `A` matrices (host-side draws).
+    pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64, device: &Device) -> Self {
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let attn = &mut layer.self_attn;
+            let [h, q_out] = attn.q_proj.weight.dims();
+            let kv_out = attn.k_proj.weight.dims()[1];
+            let [o_in, o_out] = attn.o_proj.weight.dims();
+            let seed = |j: u64| seed ^ ((i as u64) << 8 | j).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            attn.lora = Some(AttentionLora {
+                q: Lora::new(h, q_out, rank, alpha, seed(0), device),
+                k: Lora::new(h, kv_out, rank, alpha, seed(1), device),
+                v: Lora::new(h, kv_out, rank, alpha, seed(2), device),
+                o: Lora::new(o_in, o_out, rank, alpha, seed(3), device),
+            });
+        }
+        self
+    }
+
+    /// Folds every adapter into its projection's weight and drops the adapters: a
+    /// plain Qwen2 computing the same function (what checkpoints store).
+    pub fn merge_lora(mut self) -> Self {
+        for layer in &mut self.model.layers {
+            let attn = &mut layer.self_attn;
+            if let Some(lora) = attn.lora.take() {
+                attn.q_proj = super::lora::shift(attn.q_proj.clone(), lora.q.delta(), 1.0);
+                attn.k_proj = super::lora::shift(attn.k_proj.clone(), lora.k.delta(), 1.0);
+                attn.v_proj = super::lora::shift(attn.v_proj.clone(), lora.v.delta(), 1.0);
+                attn.o_proj = super::lora::shift(attn.o_proj.clone(), lora.o.delta(), 1.0);
+            }
+        }
+        self
+    }
+
+    /// The inverse of [`Qwen2::merge_lora`]: attaches `adapters` (one per layer) to a
+    /// merged model and subtracts their deltas from the weights, giving back the base
+    /// weights (to f32 rounding) for a resumed LoRA run.
+    pub fn unmerge_lora(mut self, adapters: Vec<AttentionLora>) -> Self {
+        assert_eq!(
+            adapters.len(),
+            self.model.layers.len(),
+            "one adapter set per layer"
+        );
+        for (layer, lora) in self.model.layers.iter_mut().zip(adapters) {
+            let attn = &mut layer.self_attn;
+            attn.q_proj = super::lora::shift(attn.q_proj.clone(), lora.q.delta(), -1.0);
+            attn.k_proj = super::lora::shift(attn.k_proj.clone(), lora.k.delta(), -1.0);
+            attn.v_proj = super::lora::shift(attn.v_proj.clone(), lora.v.delta(), -1.0);
+            attn.o_proj = super::lora::shift(attn.o_proj.clone(), lora.o.delta(), -1.0);
+            attn.lora = Some(lora);
+        }
+        self
+    }
+
+    /// Whether the attention blocks carry adapters.
+    pub fn has_lora(&self) -> bool {
+        self.model.layers.iter().any(|l| l.self_attn.lora.is_some())
+    }
+
+    /// The model with only the LoRA adapters, the embeddings and the norms trainable
+    /// (LongVILA's stage 4); everything else frozen.
+    pub fn lora_trainable(self) -> Self {
+        let mut llm = self.no_grad();
+        let m = &mut llm.model;
+        m.embed_tokens = m.embed_tokens.clone().set_require_grad(true);
+        m.norm = m.norm.clone().set_require_grad(true);
+        for layer in &mut m.layers {
+            layer.input_layernorm = layer.input_layernorm.clone().set_require_grad(true);
+            layer.post_attention_layernorm = layer
+                .post_attention_layernorm
+                .clone()
+                .set_require_grad(true);
+            layer.self_attn.lora = layer
+                .self_attn
+                .lora
+                .take()
+                .map(|lora| lora.set_require_grad(true));
+        }
+        llm
+    }
 }

@@ -5,8 +5,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::{KvCache, VisualInput, Vlm, VlmInput};
 
-use crate::data::single_input;
-use crate::error::TrainError;
+use crate::sample::single_input;
+use crate::error::InferError;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,10 +70,10 @@ pub fn generate(
     visual: VisualInput,
     options: &GenerateOptions,
     device: &Device,
-) -> Result<Vec<u32>, TrainError> {
-    options.decoding.validate().map_err(TrainError::Request)?;
+) -> Result<Vec<u32>, InferError> {
+    options.decoding.validate().map_err(InferError::Request)?;
     if prompt.is_empty() {
-        return Err(TrainError::Request(
+        return Err(InferError::Request(
             "generation needs a non-empty prompt".into(),
         ));
     }
@@ -88,7 +88,7 @@ pub fn generate(
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
-            .map_err(|e| TrainError::Request(format!("reading the logits: {e:?}")))?;
+            .map_err(|e| InferError::Request(format!("reading the logits: {e:?}")))?;
         let next = sampler.pick(&last);
         if options.stop.contains(&next) {
             break;
@@ -138,7 +138,7 @@ impl Sampler {
     /// a counter.
     fn uniform(&mut self) -> f64 {
         self.draws += 1;
-        (crate::data::mix(self.seed, self.draws) >> 11) as f64 / (1u64 << 53) as f64
+        (crate::sample::mix(self.seed, self.draws) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// The next token for `logits` (one row over the vocabulary).

@@ -7,8 +7,8 @@ use longview_data::TextTokenizer;
 use longview_models::Vlm;
 use serde::Serialize;
 
-use crate::data::{Sample, collate};
-use crate::error::TrainError;
+use crate::sample::{Sample, collate};
+use crate::error::InferError;
 
 /// Accuracy per needle depth and overall.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,7 +50,7 @@ impl NeedleReport {
     }
 }
 
-pub(crate) fn fold(text: &str) -> String {
+pub fn fold(text: &str) -> String {
     text.chars()
         .filter(|c| !c.is_whitespace())
         .flat_map(char::to_lowercase)
@@ -63,7 +63,7 @@ pub fn teacher_forced_answer(
     sample: &Sample,
     tokenizer: &TextTokenizer,
     device: &Device,
-) -> Result<String, TrainError> {
+) -> Result<String, InferError> {
     let answer_len = tokenizer.encode(&sample.answer)?.len();
     let start = sample.prompt_len;
     if answer_len == 0 || start == 0 || start + answer_len > sample.ids.len() {
@@ -92,7 +92,7 @@ pub fn score(
     samples: &[Sample],
     tokenizer: &TextTokenizer,
     device: &Device,
-) -> Result<NeedleReport, TrainError> {
+) -> Result<NeedleReport, InferError> {
     let mut per_depth: Vec<(f64, usize, usize)> = Vec::new();
     let mut correct = 0;
     for sample in samples {

@@ -1,0 +1,19 @@
+//! longview's inference engine, below the trainer: what evaluation, the application
+//! API (`longview`) and the trainer all use to run a trained model.
+//!
+//! - [`load`]: a model and its tokenizer from a run folder (newest checkpoint), a
+//!   checkpoint folder or a VILA model folder.
+//! - [`sample`]: conversations tokenized around decoded frames, right-padded batches,
+//!   and a video's frames at the encoder's input size.
+//! - [`generate`]: KV-cache generation, greedy or top-p.
+//! - [`needle`]: LongVILA's teacher-forced needle scoring.
+
+pub mod error;
+pub mod generate;
+pub mod load;
+pub mod needle;
+pub mod sample;
+
+pub use error::InferError;
+pub use load::{LoadedModel, load, resolve_model_dir};
+pub use needle::NeedleReport;

@@ -1,0 +1,89 @@
+//! Loading a model for inference: a run folder (its newest checkpoint), a checkpoint
+//! folder or a VILA model folder, with the tokenizer saved beside it.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use longview_data::TextTokenizer;
+use longview_models::hf::checkpoint::load_vila;
+use longview_models::{Vlm, VlmConfig};
+
+use crate::error::InferError;
+use crate::sample::Encoder;
+
+/// The newest complete checkpoint under `out`, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>, InferError> {
+    let pointer = out.join("checkpoints").join("latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).map_err(InferError::io(&pointer))?;
+    let dir = out.join("checkpoints").join(name.trim());
+    if !dir.join("trainer.json").exists() {
+        return Err(InferError::checkpoint(
+            &pointer,
+            format!(
+                "points at `{}`, which is not a complete checkpoint",
+                name.trim()
+            ),
+        ));
+    }
+    Ok(Some(dir))
+}
+
+/// Finds the model folder from a run folder (its latest checkpoint), a checkpoint
+/// folder (`model/` inside) or a VILA model folder itself.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, InferError> {
+    if !path.exists() {
+        return Err(InferError::checkpoint(path, "does not exist"));
+    }
+    if path.join("config.json").exists() && path.join("llm").exists() {
+        return Ok(path.into());
+    }
+    if path.join("model").join("config.json").exists() {
+        return Ok(path.join("model"));
+    }
+    if let Some(latest) = latest_checkpoint(path)? {
+        return Ok(latest.join("model"));
+    }
+    Err(InferError::checkpoint(
+        path,
+        "is neither a run folder (checkpoints/latest), a checkpoint folder (model/) nor a \
+         VILA model folder (config.json, llm/, vision_tower/, mm_projector/)",
+    ))
+}
+
+/// A model loaded for inference or evaluation, with its tokenizer.
+pub struct LoadedModel {
+    pub model: Vlm,
+    pub config: VlmConfig,
+    pub tokenizer: TextTokenizer,
+    pub dir: PathBuf,
+}
+
+impl LoadedModel {
+    /// Samples at the model's input size, in the Qwen2 chat template.
+    pub fn encoder(&self) -> Encoder<'_> {
+        let side = self.config.vision.image_size as u32;
+        Encoder {
+            tokenizer: &self.tokenizer,
+            template: longview_data::ChatTemplate::qwen2(),
+            model: &self.config,
+            width: side,
+            height: side,
+        }
+    }
+}
+
+/// Loads the model and tokenizer `path` resolves to.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, InferError> {
+    let dir = resolve_model_dir(path)?;
+    let (model, config) = load_vila(&dir, device)?;
+    let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
+    Ok(LoadedModel {
+        model,
+        config,
+        tokenizer,
+        dir,
+    })
+}

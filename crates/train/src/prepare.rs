@@ -1,0 +1,406 @@
+//! Run preparation: a fresh model (random or `model.init_from`) or the newest
+//! checkpoint of a resumed run, frozen and cast as the stage asks, with the attention
+//! plan applied; the training data and its held-out set; and the worker that decodes
+//! the next steps' samples while the current one computes.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{DType, Device};
+use longview_data::TextTokenizer;
+use longview_models::hf::checkpoint::load_vila;
+use longview_models::{Vlm, VlmConfig};
+
+use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
+use crate::config::{DataKind, Part, TrainConfig};
+use crate::data::{Encoder, HaystackData, RowSet, Sample, TextSet, TrainData, haystack};
+use crate::error::TrainError;
+use crate::grads::{cast_params, optimizer};
+use crate::plan::AttentionPlan;
+use crate::trainer::{StepRunner, TrainOptions};
+
+/// Everything a run needs before its first step.
+pub(crate) struct Prepared {
+    /// The trained copy: f32 master weights under 16-bit compute.
+    pub model: Vlm,
+    pub vlm_config: VlmConfig,
+    pub optim: ModuleOptimizer,
+    pub state: TrainerState,
+    pub tokenizer: TextTokenizer,
+    pub tokenizer_json: String,
+    pub plan: AttentionPlan,
+    /// The compute dtype, and whether an f32 master copy is kept beside it.
+    pub compute: DType,
+    pub master: bool,
+}
+
+impl Prepared {
+    /// The model in the compute dtype (what steps and evaluation run on).
+    pub fn compute_copy(&self, model: &Vlm) -> Vlm {
+        if self.master {
+            cast_params(model.clone(), self.compute)
+        } else {
+            model.clone()
+        }
+    }
+}
+
+/// Checks the run folder against `options.resume`, then builds or loads the model,
+/// optimizer and trainer state.
+pub(crate) fn prepare(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    runner: &dyn StepRunner,
+) -> Result<Prepared, TrainError> {
+    config.validate("(in memory)")?;
+    let out = &config.run.out;
+    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    if runner.writes() {
+        for name in checkpoint::clean_partial(out)? {
+            log(&format!(
+                "removed the unfinished checkpoint {name} of an interrupted run"
+            ));
+        }
+    }
+    let latest = checkpoint::latest(out)?;
+    let compute: DType = device.settings().float_dtype.into();
+    let master = matches!(compute, DType::BF16 | DType::F16);
+    check_resume(&latest, options.resume, master, compute, out)?;
+
+    let tokenizer = tokenizer(config)?;
+    let tokenizer_json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| TrainError::Config {
+            source_name: tokenizer.source().into(),
+            message: format!("cannot serialise the tokenizer: {e}"),
+        })?;
+    let (model, vlm_config, optim, state) = match &latest {
+        Some(dir) => {
+            let loaded = checkpoint::load(dir, optimizer(&config.optim), device)?;
+            if loaded.state.seed != config.run.seed {
+                return Err(TrainError::checkpoint(
+                    dir,
+                    format!(
+                        "was written with run.seed {} but the config says {}: the data order would differ",
+                        loaded.state.seed, config.run.seed
+                    ),
+                ));
+            }
+            log(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                loaded.state.step
+            ));
+            (loaded.model, loaded.config, loaded.optimizer, loaded.state)
+        }
+        None => {
+            let (model, vlm_config) = fresh_model(config, &tokenizer, device, log)?;
+            let state = TrainerState {
+                format_version: FORMAT_VERSION,
+                step: 0,
+                samples_seen: 0,
+                tokens_seen: 0,
+                seed: config.run.seed,
+                losses: Vec::new(),
+                elapsed_s: 0.0,
+                config: config.to_toml(),
+            };
+            (model, vlm_config, optimizer(&config.optim), state)
+        }
+    };
+    let plan = AttentionPlan::resolve(
+        config.run.attention,
+        device,
+        runner.sequence_parallel(device),
+    )?;
+    log(&format!("attention: {plan}"));
+    let model = plan.apply(model);
+    let mut model = freeze(runner.sync_model(model)?, &config.trainable());
+    // 16-bit compute keeps f32 master weights: the optimizer updates (and checkpoints
+    // save) the f32 copy; every step runs on a bf16/f16 copy with the same ids.
+    if master {
+        model = cast_params(model, DType::F32);
+        log(&format!(
+            "precision: {compute:?} compute, f32 master weights and optimizer state"
+        ));
+    }
+    Ok(Prepared {
+        model,
+        vlm_config,
+        optim,
+        state,
+        tokenizer,
+        tokenizer_json,
+        plan,
+        compute,
+        master,
+    })
+}
+
+/// Refuses a fresh start over existing checkpoints, a resume without one, and (for
+/// now) resuming a 16-bit run.
+fn check_resume(
+    latest: &Option<PathBuf>,
+    resume: bool,
+    master: bool,
+    compute: DType,
+    out: &Path,
+) -> Result<(), TrainError> {
+    if master && resume && latest.is_some() {
+        // Burn 0.22 reloads AdamW's moments in the device's default float dtype, which
+        // then meet the f32 master's gradients (a dtype panic inside Burn).
+        return Err(TrainError::Request(format!(
+            "resuming a {compute:?} run (f32 master weights) is not supported yet: Burn 0.22 \
+             reloads the optimizer state in {compute:?}; resume with --dtype f32 (the \
+             checkpoint holds f32 weights and optimizer state) or start a fresh run"
+        )));
+    }
+    match (latest, resume) {
+        (Some(dir), false) => Err(TrainError::Checkpoint {
+            path: dir.clone(),
+            message: "the run folder already has checkpoints: pass --resume to continue it, \
+                      or choose another run.out / --out"
+                .into(),
+        }),
+        (None, true) => Err(TrainError::Checkpoint {
+            path: checkpoint::root(out),
+            message: "--resume given but there is no complete checkpoint to resume from".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The model a fresh run starts from: `model.init_from`, or the named size drawn from
+/// `run.seed`; with the config's RoPE base and LoRA adapters.
+fn fresh_model(
+    config: &TrainConfig,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Vlm, VlmConfig), TrainError> {
+    let (mut model, mut vlm_config) = match &config.model.init_from {
+        Some(dir) => load_vila(dir, device)?,
+        None => {
+            let vlm_config = model_config(config, tokenizer)?;
+            device.seed(config.run.seed);
+            // In a parallel run the ranks' draws interleave on a shared RNG;
+            // sync_model gives every rank the writer's weights.
+            (vlm_config.init(device), vlm_config)
+        }
+    };
+    if let Some(theta) = config.model.rope_theta {
+        log(&format!(
+            "RoPE base {} -> {theta}",
+            vlm_config.text.rope_theta
+        ));
+        vlm_config.text.rope_theta = theta;
+        model.llm.rope_theta = theta;
+    }
+    if config.trainable().contains(&Part::LlmLora) {
+        model.llm = model.llm.with_lora(
+            config.model.lora_rank,
+            config.model.lora_alpha,
+            config.run.seed,
+            device,
+        );
+    }
+    Ok((model, vlm_config))
+}
+
+/// The run's training data and held-out samples (haystack runs only), read or
+/// generated by the writer; the other ranks wait at the runner's barrier and read
+/// the writer's cache.
+pub(crate) fn load_data(
+    config: &TrainConfig,
+    encoder: &Encoder<'_>,
+    runner: &dyn StepRunner,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<(TrainData, Vec<Sample>), TrainError> {
+    if !runner.writes() {
+        runner.barrier(device)?;
+    }
+    let out = &config.run.out;
+    let loaded = match config.data.kind {
+        DataKind::Text => {
+            let path = data_path(config)?;
+            let text = TextSet::read(
+                path,
+                encoder.tokenizer,
+                config.data.max_tokens,
+                encoder.model.vision.image_size,
+            )?;
+            log(&format!("data: {}", text.summary));
+            (TrainData::Text(text), Vec::new())
+        }
+        DataKind::Conversations | DataKind::Cot => {
+            let path = data_path(config)?;
+            let rows = RowSet::read(config.data.kind, path, config.data.frames)?;
+            log(&format!(
+                "data: {}; {} frames a video",
+                rows.summary, config.data.frames
+            ));
+            (TrainData::Rows(rows), Vec::new())
+        }
+        DataKind::Haystack => {
+            let cache = config
+                .data
+                .cache
+                .clone()
+                .unwrap_or_else(|| out.join("data"));
+            log(&format!(
+                "data: needles ({} frames per number) inserted into haystacks of {:?} frames \
+                 for training, {} videos per depth held out ({})",
+                config.data.needle_copies,
+                crate::data::train_lengths(config.data.min_frames, config.data.frames),
+                config.data.eval_per_depth,
+                cache.display()
+            ));
+            let HaystackData { train, eval } = haystack(
+                encoder,
+                &cache,
+                config.data.frames,
+                config.data.min_frames,
+                config.data.needle_copies,
+                config.data.eval_per_depth,
+                config.run.seed,
+            )?;
+            (TrainData::Needles(train), eval)
+        }
+    };
+    if runner.writes() {
+        runner.barrier(device)?;
+    }
+    Ok(loaded)
+}
+
+/// The tokenizer of a run: the `init_from` checkpoint's, else the embedded debug one.
+pub fn tokenizer(config: &TrainConfig) -> Result<TextTokenizer, TrainError> {
+    match &config.model.init_from {
+        Some(dir) => Ok(TextTokenizer::from_checkpoint_dir(dir)?),
+        None => Ok(TextTokenizer::debug()),
+    }
+}
+
+/// The model shape of a randomly initialised run: the named size, with the visual
+/// placeholder set to the tokenizer's `<image>` id (and, for `debug`, the vocabulary
+/// sized to the tokenizer).
+pub fn model_config(
+    config: &TrainConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<VlmConfig, TrainError> {
+    let mut vlm = VlmConfig::named(&config.model.size).ok_or_else(|| TrainError::Config {
+        source_name: "model".into(),
+        message: format!(
+            "`model.size`: `{}` is not debug, small, 1.5b or 7b",
+            config.model.size
+        ),
+    })?;
+    if matches!(config.model.size.as_str(), "debug" | "small") {
+        vlm.text.vocab_size = tokenizer.vocab_size();
+    }
+    vlm.placeholder_token_id = tokenizer.require("<image>")?;
+    if vlm.placeholder_token_id as usize >= vlm.text.vocab_size {
+        return Err(TrainError::Config {
+            source_name: "model".into(),
+            message: format!(
+                "the tokenizer's <image> id {} is outside the model's vocabulary of {}",
+                vlm.placeholder_token_id, vlm.text.vocab_size
+            ),
+        });
+    }
+    Ok(vlm)
+}
+
+/// Starts a worker that builds the samples of `steps` steps (`per_step` each, from
+/// stream position `first`) in order, two steps ahead of the consumer. The worker
+/// stops when the receiver is dropped; an error is sent in place of its step.
+pub(crate) fn prefetch(
+    train: TrainData,
+    encoder: &Encoder<'_>,
+    seed: u64,
+    first: usize,
+    per_step: usize,
+    steps: usize,
+) -> std::sync::mpsc::Receiver<Result<Vec<Sample>, TrainError>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    let tokenizer = encoder.tokenizer.clone();
+    let (template, model) = (encoder.template.clone(), encoder.model.clone());
+    let (width, height) = (encoder.width, encoder.height);
+    std::thread::spawn(move || {
+        let encoder = Encoder {
+            tokenizer: &tokenizer,
+            template,
+            model: &model,
+            width,
+            height,
+        };
+        for step in 0..steps {
+            let start = first + step * per_step;
+            let samples = (0..per_step)
+                .map(|i| train.sample(&encoder, seed, start + i))
+                .collect::<Result<Vec<Sample>, _>>();
+            let failed = samples.is_err();
+            if tx.send(samples).is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Freezes what the stage does not train.
+fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
+    let Vlm {
+        mut vision_tower,
+        mut mm_projector,
+        mut llm,
+        vision_feature,
+        placeholder_token_id,
+    } = model;
+    if !trainable.contains(&Part::Vision) {
+        vision_tower = vision_tower.no_grad();
+    }
+    if !trainable.contains(&Part::Projector) {
+        mm_projector = mm_projector.no_grad();
+    }
+    if trainable.contains(&Part::LlmLora) {
+        llm = llm.lora_trainable();
+    } else if !trainable.contains(&Part::Llm) {
+        llm = llm.no_grad();
+    }
+    Vlm {
+        vision_tower,
+        mm_projector,
+        llm,
+        vision_feature,
+        placeholder_token_id,
+    }
+}
+
+/// `data.path`, which must be a file for the JSONL kinds.
+fn data_path(config: &TrainConfig) -> Result<&Path, TrainError> {
+    let path = config
+        .data
+        .path
+        .as_deref()
+        .expect("validate() requires data.path for JSONL kinds");
+    if !path.is_file() {
+        return Err(TrainError::Config {
+            source_name: "data.path".into(),
+            message: format!(
+                "{} is not a file (the JSONL rows of data.kind `{}`)",
+                path.display(),
+                serde_json::to_value(config.data.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    Ok(path)
+}

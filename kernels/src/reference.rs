@@ -1,0 +1,136 @@
+//! Attention from its definition, in f64 on the host: the one reference every kernel
+//! test, the GPU check binary and the model tests compare against.
+//!
+//! Forward: `S = scale q k^T` over the keys `visible(b, i, j)` allows, `P =
+//! softmax(S)`, `O = P v`, `LSE = log sum exp S`. Backward for an upstream `dO`:
+//! `dP = dO v^T`, `D = rowsum(P dP)`, `dS = P (dP - D)`, `dQ = scale dS k`,
+//! `dK = scale dS^T q`, `dV = P^T dO`. A query row that sees no key gets O = 0, no
+//! gradient, and `LSE = empty_lse` (the kernels' sentinel, or `-inf`).
+
+/// Shape of one attention call, row-major `[batch, heads, len, head_dim]` buffers;
+/// query head `h` reads kv head `h / (q_heads / kv_heads)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    /// LSE of rows that see no key.
+    pub empty_lse: f64,
+}
+
+/// O, LSE and (with an upstream gradient) dQ, dK, dV in f64, laid out like the inputs.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionF64 {
+    pub o: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub dq: Vec<f64>,
+    pub dk: Vec<f64>,
+    pub dv: Vec<f64>,
+}
+
+/// Attention over `q`, `k`, `v` where `visible(batch, i, j)` says whether query `i`
+/// may see key `j`; gradients too when `d_o` is given (else they are empty).
+pub fn attention_f64(
+    g: &Geometry,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_o: Option<&[f32]>,
+    visible: impl Fn(usize, usize, usize) -> bool,
+) -> AttentionF64 {
+    let d = g.head_dim;
+    let groups = g.q_heads / g.kv_heads.max(1);
+    assert!(
+        g.kv_heads > 0 && g.q_heads == groups * g.kv_heads,
+        "kv heads ({}) must divide query heads ({})",
+        g.kv_heads,
+        g.q_heads
+    );
+    assert_eq!(q.len(), g.batch * g.q_heads * g.q_len * d, "q length");
+    assert_eq!(k.len(), g.batch * g.kv_heads * g.kv_len * d, "k length");
+    assert_eq!(v.len(), k.len(), "v length");
+    let qi = |b: usize, h: usize, i: usize| ((b * g.q_heads + h) * g.q_len + i) * d;
+    let ki = |b: usize, h: usize, j: usize| ((b * g.kv_heads + h) * g.kv_len + j) * d;
+    let grads = d_o.is_some();
+    let mut r = AttentionF64 {
+        o: vec![0.0; q.len()],
+        lse: vec![g.empty_lse; g.batch * g.q_heads * g.q_len],
+        dq: if grads { vec![0.0; q.len()] } else { Vec::new() },
+        dk: if grads { vec![0.0; k.len()] } else { Vec::new() },
+        dv: if grads { vec![0.0; v.len()] } else { Vec::new() },
+    };
+    for b in 0..g.batch {
+        for h in 0..g.q_heads {
+            let hk = h / groups;
+            for i in 0..g.q_len {
+                let keys: Vec<usize> = (0..g.kv_len).filter(|&j| visible(b, i, j)).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let (qb, dot) = (qi(b, h, i), |x: &[f32], y: &[f32]| -> f64 {
+                    x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum()
+                });
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| dot(&q[qb..qb + d], &k[ki(b, hk, j)..ki(b, hk, j) + d]) * g.scale)
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / l).collect();
+                r.lse[(b * g.q_heads + h) * g.q_len + i] = m + l.ln();
+                for (n, &j) in keys.iter().enumerate() {
+                    for x in 0..d {
+                        r.o[qb + x] += p[n] * v[ki(b, hk, j) + x] as f64;
+                    }
+                }
+                let Some(d_o) = d_o else { continue };
+                let dp: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| dot(&d_o[qb..qb + d], &v[ki(b, hk, j)..ki(b, hk, j) + d]))
+                    .collect();
+                let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (n, &j) in keys.iter().enumerate() {
+                    let ds = p[n] * (dp[n] - delta);
+                    let kb = ki(b, hk, j);
+                    for x in 0..d {
+                        r.dq[qb + x] += g.scale * ds * k[kb + x] as f64;
+                        r.dk[kb + x] += g.scale * ds * q[qb + x] as f64;
+                        r.dv[kb + x] += p[n] * d_o[qb + x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_query_two_keys_by_hand() {
+        // q = [1, 0], keys [1, 0] and [0, 1], scale 1: scores 1 and 0.
+        let g = Geometry {
+            batch: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            q_len: 1,
+            kv_len: 2,
+            head_dim: 2,
+            scale: 1.0,
+            empty_lse: f64::NEG_INFINITY,
+        };
+        let r = attention_f64(&g, &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], &[2.0, 0.0, 0.0, 4.0], None, |_, _, _| true);
+        let e = std::f64::consts::E;
+        let (p0, p1) = (e / (e + 1.0), 1.0 / (e + 1.0));
+        assert!((r.o[0] - 2.0 * p0).abs() < 1e-12 && (r.o[1] - 4.0 * p1).abs() < 1e-12, "{:?}", r.o);
+        assert!((r.lse[0] - (e + 1.0).ln()).abs() < 1e-12);
+        let none = attention_f64(&g, &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], &[2.0, 0.0, 0.0, 4.0], None, |_, _, _| false);
+        assert_eq!((none.o, none.lse[0]), (vec![0.0, 0.0], f64::NEG_INFINITY));
+    }
+}

@@ -1,0 +1,58 @@
+//! Rotary position embeddings (Su et al. 2021) in the rotate-half layout of Hugging
+//! Face's Qwen2, over arbitrary per-token positions (packed, shifted or sharded
+//! sequences all carry their own position ids).
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+/// Rotary position embedding tables for a batch of position ids.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[batch, 1, seq, head_dim]`
+    pub cos: Tensor<4>,
+    /// `[batch, 1, seq, head_dim]`
+    pub sin: Tensor<4>,
+}
+
+impl Rope {
+    /// `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq`, duplicated over both halves.
+    ///
+    /// # Shapes
+    /// - position_ids: `[batch, seq]`
+    pub fn new(position_ids: Tensor<2, Int>, head_dim: usize, theta: f64) -> Self {
+        let device = position_ids.device();
+        let [batch, seq] = position_ids.dims();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        // Angles in f32 whatever the model dtype: bf16 cannot even represent positions > 256.
+        let inv_freq =
+            Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32))
+                .reshape([1, 1, half]);
+        let positions = position_ids
+            .float()
+            .cast(DType::F32)
+            .reshape([batch, seq, 1]);
+        let angles = positions * inv_freq; // [B, S, half]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(1);
+        Rope {
+            cos: angles.clone().cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// # Shapes
+    /// - x, output: `[batch, heads, seq, head_dim]`
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let dtype = x.dtype();
+        x.clone() * self.cos.clone().cast(dtype) + rotate_half(x) * self.sin.clone().cast(dtype)
+    }
+}
+
+/// `[x1, x2] -> [-x2, x1]` over the last dimension.
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}

@@ -1,0 +1,214 @@
+//! The VLM's forward pass as named stages, in the order they run:
+//!
+//! 1. [`Vlm::vision_stem`]: patch and position embeddings of the frames.
+//! 2. [`Vlm::vision_layers`]: the SigLIP encoder layers the configured feature needs
+//!    (VILA reads layer -2, so the last layer is not run).
+//! 3. [`Vlm::project`]: the post-layernorm where the feature is the last layer's, then
+//!    the projector: one frame's visual tokens, as wide as the LLM.
+//! 4. [`Vlm::embed_tokens`] and [`Vlm::splice`]: token embeddings with the visual
+//!    tokens written over the placeholder rows.
+//! 5. [`Vlm::text_layers`] with [`Vlm::text_context`] (the RoPE tables of the
+//!    positions): the Qwen2 decoder layers.
+//! 6. [`Vlm::logits`] (final norm + LM head), or the loss on chosen rows only
+//!    ([`Vlm::next_token_loss_sum`], [`Vlm::shifted_loss_sum`]).
+//!
+//! Layers of both stacks implement [`SplitAtAttention`](crate::attention::SplitAtAttention),
+//! so an executor can run them whole or around a kept attention output. [`Vlm::forward`]
+//! is the plain run over these stages; activation recomputation, sequence parallelism
+//! and chunked inference drive the same stages from outside, and never reach into the
+//! modules' fields.
+
+use burn::tensor::{Int, Tensor};
+
+use super::text::{Qwen2DecoderLayer, Rope};
+use super::vision::{SiglipEncoderLayer, patch_grid};
+use super::{VisionFeature, VisualInput, Vlm, splice_visual_tokens};
+use crate::attention::AttentionImpl;
+use crate::error::ModelError;
+
+/// The patch grid `(rows, cols)` of a batch of frames.
+pub type PatchGrid = (usize, usize);
+
+impl Vlm {
+    /// Stage 1: patch and position embeddings.
+    ///
+    /// # Shapes
+    /// - pixels: `[frames, channels, height, width]`
+    /// - output: `[frames, rows * cols, vision_hidden]`, and the grid `(rows, cols)`
+    pub fn vision_stem(&self, pixels: Tensor<4>) -> (Tensor<3>, PatchGrid) {
+        let [_, _, height, width] = pixels.dims();
+        let grid = patch_grid(height, width, self.vision_tower.embeddings.patch_size);
+        (self.vision_tower.embeddings.forward(pixels), grid)
+    }
+
+    /// Stage 2: the encoder layers the configured vision feature needs, in order.
+    pub fn vision_layers(&self) -> &[SiglipEncoderLayer] {
+        let layers = self.vision_tower.layers_to_run(self.vision_feature);
+        &self.vision_tower.encoder.layers[..layers]
+    }
+
+    /// Stage 3: the encoder output to visual tokens (the post-layernorm when the
+    /// feature is the last layer's, then the projector).
+    ///
+    /// # Shapes
+    /// - features: `[frames, rows * cols, vision_hidden]`
+    /// - output: `[frames, tokens_per_frame, text_hidden]`
+    pub fn project(&self, features: Tensor<3>, grid: PatchGrid) -> Tensor<3> {
+        let features = match self.vision_feature {
+            VisionFeature::Last => self.vision_tower.post_layernorm.forward(features),
+            VisionFeature::Layer(_) => features,
+        };
+        self.mm_projector.forward(features, grid)
+    }
+
+    /// Stages 1-3 on frames, or the given embeddings as they are.
+    ///
+    /// # Shapes
+    /// - output: `[frames, tokens_per_frame, text_hidden]`
+    pub fn visual_tokens(&self, visual: VisualInput) -> Option<Tensor<3>> {
+        match visual {
+            VisualInput::None => None,
+            VisualInput::Pixels(pixels) => Some(self.encode_frames(pixels)),
+            VisualInput::Embeddings(tokens) => Some(tokens),
+        }
+    }
+
+    /// Stage 4a: token embeddings (placeholders included, to be overwritten).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`; output: `[batch, seq, text_hidden]`
+    pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.llm.embed(ids)
+    }
+
+    /// Stage 4b: `text` with the visual tokens written over the placeholder rows of
+    /// `ids`, in order. Errors when the counts differ.
+    pub fn splice(
+        &self,
+        text: Tensor<3>,
+        ids: &Tensor<2, Int>,
+        visual: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, ModelError> {
+        splice_visual_tokens(text, ids, visual, self.placeholder_token_id)
+    }
+
+    /// What every text layer shares: the RoPE tables of `position_ids` (`[batch, seq]`,
+    /// any per-token positions: packed, shifted or a sequence-parallel shard).
+    pub fn text_context(&self, position_ids: Tensor<2, Int>) -> Rope {
+        self.llm.rope(position_ids)
+    }
+
+    /// Stage 5: the decoder layers.
+    pub fn text_layers(&self) -> &[Qwen2DecoderLayer] {
+        self.llm.layers()
+    }
+
+    /// The attention the text layers call (the same in every layer).
+    pub fn text_attention(&self) -> AttentionImpl {
+        self.llm.attention()
+    }
+
+    /// The attention the vision encoder's layers call.
+    pub fn vision_attention(&self) -> AttentionImpl {
+        self.vision_tower
+            .encoder
+            .layers
+            .first()
+            .map_or(AttentionImpl::Reference, |l| l.self_attn.attention)
+    }
+
+    /// Stage 6: final norm and LM head.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, text_hidden]` (the last layer's output); output:
+    ///   `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.llm.head(hidden)
+    }
+
+    /// Stage 6 on the supervised rows only: the summed next-token cross entropy and the
+    /// supervised count (see [`super::Qwen2::next_token_loss_sum`]).
+    pub fn next_token_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        labels: &Tensor<2, Int>,
+    ) -> Result<(Tensor<1>, usize), ModelError> {
+        self.llm.next_token_loss_sum(hidden, labels)
+    }
+
+    /// Like [`Vlm::next_token_loss_sum`] for targets already shifted (a
+    /// sequence-parallel shard's).
+    pub fn shifted_loss_sum(
+        &self,
+        hidden: Tensor<3>,
+        targets: &Tensor<2, Int>,
+    ) -> Result<(Tensor<1>, usize), ModelError> {
+        self.llm.shifted_loss_sum(hidden, targets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, TensorData};
+
+    use super::*;
+    use crate::attention::{SplitAtAttention, attend};
+    use crate::vila::{VlmConfig, VlmInput, default_position_ids};
+
+    /// Every layer run as its two halves around a separate attention call, the way an
+    /// executor drives the stages.
+    fn split_run<L: SplitAtAttention>(layers: &[L], context: &L::Context, x: Tensor<3>) -> Tensor<3> {
+        layers.iter().fold(x, |x, layer| {
+            let input = layer.attention_input(x.clone(), context);
+            layer.after_attention(x, attend(layer.attention_impl(), input))
+        })
+    }
+
+    #[test]
+    fn forward_equals_the_stage_by_stage_run() {
+        let device = Device::flex();
+        device.seed(7);
+        let config = VlmConfig::debug();
+        let model = config.init(&device);
+        let per_frame = config.tokens_per_frame();
+        let side = config.vision.image_size;
+        let frames = 2;
+        let placeholder = model.placeholder_token_id as i64;
+        // Text, two frames' placeholders, text.
+        let mut ids: Vec<i64> = vec![1, 2, 3];
+        ids.extend(std::iter::repeat_n(placeholder, frames * per_frame));
+        ids.extend([4, 5]);
+        let len = ids.len();
+        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &device);
+        let position_ids = default_position_ids(1, len, &device);
+        let pixels = Tensor::<4>::random([frames, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+
+        let expected = model
+            .forward(VlmInput {
+                input_ids: input_ids.clone(),
+                position_ids: position_ids.clone(),
+                visual: VisualInput::Pixels(pixels.clone()),
+            })
+            .unwrap();
+
+        let (x, grid) = model.vision_stem(pixels);
+        let x = split_run(model.vision_layers(), &(), x);
+        let visual = model.project(x, grid);
+        assert_eq!(visual.dims(), [frames, per_frame, config.text.hidden_size]);
+        let text = model.embed_tokens(input_ids.clone());
+        let x = model.splice(text, &input_ids, Some(visual)).unwrap();
+        let rope = model.text_context(position_ids);
+        let x = split_run(model.text_layers(), &rope, x);
+        let actual = model.logits(x);
+
+        let (a, e) = (
+            actual.try_into_vec_as::<f32>().unwrap(),
+            expected.try_into_vec_as::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), e.len());
+        let worst = a.iter().zip(&e).map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+        // The same f32 operations in the same order: equal up to nothing at all.
+        assert!(worst <= 1e-6, "max abs difference {worst}");
+        assert_eq!(model.vision_layers().len(), config.vision.num_layers - 1, "layer -2 feature");
+    }
+}
