@@ -59,9 +59,21 @@ pub fn attention_f64(
     let mut r = AttentionF64 {
         o: vec![0.0; q.len()],
         lse: vec![g.empty_lse; g.batch * g.q_heads * g.q_len],
-        dq: if grads { vec![0.0; q.len()] } else { Vec::new() },
-        dk: if grads { vec![0.0; k.len()] } else { Vec::new() },
-        dv: if grads { vec![0.0; v.len()] } else { Vec::new() },
+        dq: if grads {
+            vec![0.0; q.len()]
+        } else {
+            Vec::new()
+        },
+        dk: if grads {
+            vec![0.0; k.len()]
+        } else {
+            Vec::new()
+        },
+        dv: if grads {
+            vec![0.0; v.len()]
+        } else {
+            Vec::new()
+        },
     };
     for b in 0..g.batch {
         for h in 0..g.q_heads {
@@ -108,6 +120,19 @@ pub fn attention_f64(
     r
 }
 
+/// Largest `|got - want|` over `max(max |want|, 1)`; infinite when any element of
+/// `got` is NaN (outputs start as NaN, so an element no kernel wrote fails).
+pub fn max_relative_error(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            let e = (*g as f64 - w).abs() / scale;
+            if e.is_nan() { f64::INFINITY } else { e }
+        })
+        .fold(0.0, f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,12 +150,30 @@ mod tests {
             scale: 1.0,
             empty_lse: f64::NEG_INFINITY,
         };
-        let r = attention_f64(&g, &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], &[2.0, 0.0, 0.0, 4.0], None, |_, _, _| true);
+        let r = attention_f64(
+            &g,
+            &[1.0, 0.0],
+            &[1.0, 0.0, 0.0, 1.0],
+            &[2.0, 0.0, 0.0, 4.0],
+            None,
+            |_, _, _| true,
+        );
         let e = std::f64::consts::E;
         let (p0, p1) = (e / (e + 1.0), 1.0 / (e + 1.0));
-        assert!((r.o[0] - 2.0 * p0).abs() < 1e-12 && (r.o[1] - 4.0 * p1).abs() < 1e-12, "{:?}", r.o);
+        assert!(
+            (r.o[0] - 2.0 * p0).abs() < 1e-12 && (r.o[1] - 4.0 * p1).abs() < 1e-12,
+            "{:?}",
+            r.o
+        );
         assert!((r.lse[0] - (e + 1.0).ln()).abs() < 1e-12);
-        let none = attention_f64(&g, &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], &[2.0, 0.0, 0.0, 4.0], None, |_, _, _| false);
+        let none = attention_f64(
+            &g,
+            &[1.0, 0.0],
+            &[1.0, 0.0, 0.0, 1.0],
+            &[2.0, 0.0, 0.0, 4.0],
+            None,
+            |_, _, _| false,
+        );
         assert_eq!((none.o, none.lse[0]), (vec![0.0, 0.0], f64::NEG_INFINITY));
     }
 }

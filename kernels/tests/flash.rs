@@ -3,11 +3,11 @@
 //! softmax, weighted sum, LSE, and the analytic gradients. Outputs are poisoned with
 //! NaN before every launch so an element a kernel forgets to write fails.
 
-use longview_kernels::reference::{AttentionF64, Geometry, attention_f64};
 use cubecl::Device;
 use cubecl::device::WgpuDeviceKind;
 use cubecl::prelude::*;
 use longview_kernels::flash::{NO_KEYS, flash_forward_into};
+use longview_kernels::reference::{AttentionF64, Geometry, attention_f64};
 use longview_kernels::{
     AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_forward,
     flash_forward_with, merge_partials, tensor_cores_unsupported,

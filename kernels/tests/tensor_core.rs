@@ -14,8 +14,10 @@
 
 use cubecl::prelude::*;
 use longview_kernels::flash::NO_KEYS;
-use longview_kernels::reference::{Geometry, attention_f64};
-use longview_kernels::{DeviceTensor, FlashKernel, FlashOptions, flash_backward_with, flash_forward_with};
+use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
+use longview_kernels::{
+    DeviceTensor, FlashKernel, FlashOptions, flash_backward_with, flash_forward_with,
+};
 
 fn client() -> Client {
     cubecl::Device::cuda(0).expect("CUDA device 0").client()
@@ -23,10 +25,14 @@ fn client() -> Client {
 
 /// Deterministic values in [-1, 1).
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
         })
         .collect()
@@ -37,18 +43,13 @@ struct Case {
     options: FlashOptions,
 }
 
-fn max_rel(got: &[f32], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| {
-            let e = (*g as f64 - w).abs() / scale;
-            if e.is_nan() { f64::INFINITY } else { e }
-        })
-        .fold(0.0, f64::max)
-}
-
-fn run<E: Float + CubeElement>(client: &Client, c: &Case, to: fn(f32) -> E, from: fn(E) -> f32, tol: f64) {
+fn run<E: Float + CubeElement>(
+    client: &Client,
+    c: &Case,
+    to: fn(f32) -> E,
+    from: fn(E) -> f32,
+    tol: f64,
+) {
     let [b, hq, hkv, sq, sk, d] = c.dims;
     let round = |x: Vec<f32>| -> Vec<E> { x.into_iter().map(to).collect() };
     let (q, k, v, g) = (
@@ -59,7 +60,12 @@ fn run<E: Float + CubeElement>(client: &Client, c: &Case, to: fn(f32) -> E, from
     );
     let back = |x: &[E]| -> Vec<f32> { x.iter().map(|&e| from(e)).collect() };
     let o = &c.options;
-    let segment = |p: usize| o.cu_seqlens.as_ref().map(|cu| cu.windows(2).position(|w| (w[0] as usize..w[1] as usize).contains(&p)));
+    let segment = |p: usize| {
+        o.cu_seqlens.as_ref().map(|cu| {
+            cu.windows(2)
+                .position(|w| (w[0] as usize..w[1] as usize).contains(&p))
+        })
+    };
     let geometry = Geometry {
         batch: b,
         q_heads: hq,
@@ -70,11 +76,21 @@ fn run<E: Float + CubeElement>(client: &Client, c: &Case, to: fn(f32) -> E, from
         scale: o.scale as f64,
         empty_lse: NO_KEYS as f64,
     };
-    let want = attention_f64(&geometry, &back(&q), &back(&k), &back(&v), Some(&back(&g)), |_, i, j| {
-        !(o.causal && o.k_offset + j > o.q_offset + i) && segment(i) == segment(j)
-    });
+    let want = attention_f64(
+        &geometry,
+        &back(&q),
+        &back(&k),
+        &back(&v),
+        Some(&back(&g)),
+        |_, i, j| !(o.causal && o.k_offset + j > o.q_offset + i) && segment(i) == segment(j),
+    );
     let t = |x: &[E], shape: &[usize]| DeviceTensor::from_slice(client, x, shape);
-    let (qt, kt, vt, gt) = (t(&q, &[b, hq, sq, d]), t(&k, &[b, hkv, sk, d]), t(&v, &[b, hkv, sk, d]), t(&g, &[b, hq, sq, d]));
+    let (qt, kt, vt, gt) = (
+        t(&q, &[b, hq, sq, d]),
+        t(&k, &[b, hkv, sk, d]),
+        t(&v, &[b, hkv, sk, d]),
+        t(&g, &[b, hq, sq, d]),
+    );
     let ot = DeviceTensor::filled(client, to(f32::NAN), &[b, hq, sq, d]);
     let lt = DeviceTensor::filled(client, f32::NAN, &[b, hq, sq]);
     flash_forward_with::<E>(client, &qt, &kt, &vt, &ot, &lt, o, FlashKernel::TensorCore).unwrap();
@@ -85,12 +101,33 @@ fn run<E: Float + CubeElement>(client: &Client, c: &Case, to: fn(f32) -> E, from
     ];
     for (name, got, want, tol) in checks {
         let e = max_rel(&got, want);
-        assert!(e <= tol, "{name} {label}: max relative error {e:.2e} > {tol:.0e}");
+        assert!(
+            e <= tol,
+            "{name} {label}: max relative error {e:.2e} > {tol:.0e}"
+        );
     }
-    let (dq, dk, dv) = flash_backward_with::<E>(client, &qt, &kt, &vt, &ot, &lt, &gt, o, FlashKernel::TensorCore).unwrap();
-    for (name, got, want) in [("dQ", dq, &want.dq), ("dK", dk, &want.dk), ("dV", dv, &want.dv)] {
+    let (dq, dk, dv) = flash_backward_with::<E>(
+        client,
+        &qt,
+        &kt,
+        &vt,
+        &ot,
+        &lt,
+        &gt,
+        o,
+        FlashKernel::TensorCore,
+    )
+    .unwrap();
+    for (name, got, want) in [
+        ("dQ", dq, &want.dq),
+        ("dK", dk, &want.dk),
+        ("dV", dv, &want.dv),
+    ] {
         let e = max_rel(&back(&got.to_vec::<E>(client).unwrap()), want);
-        assert!(e <= tol, "{name} {label}: max relative error {e:.2e} > {tol:.0e}");
+        assert!(
+            e <= tol,
+            "{name} {label}: max relative error {e:.2e} > {tol:.0e}"
+        );
     }
 }
 
@@ -99,15 +136,41 @@ fn run<E: Float + CubeElement>(client: &Client, c: &Case, to: fn(f32) -> E, from
 fn tensor_core_kernels_match_the_f64_reference() {
     let client = client();
     let cases = [
-        Case { dims: [1, 4, 4, 256, 256, 128], options: FlashOptions::new(128).causal(true) },
-        Case { dims: [2, 12, 2, 200, 200, 128], options: FlashOptions::new(128).causal(true) },
-        Case { dims: [1, 8, 2, 96, 160, 64], options: FlashOptions::new(64).causal(true).offsets(100, 0) },
-        Case { dims: [2, 4, 4, 129, 129, 72], options: FlashOptions::new(72) },
-        Case { dims: [1, 4, 2, 150, 150, 80], options: FlashOptions::new(80).packed(vec![0, 40, 41, 150]).causal(true) },
-        Case { dims: [1, 2, 1, 64, 64, 64], options: FlashOptions::new(64).causal(true).offsets(0, 100) },
+        Case {
+            dims: [1, 4, 4, 256, 256, 128],
+            options: FlashOptions::new(128).causal(true),
+        },
+        Case {
+            dims: [2, 12, 2, 200, 200, 128],
+            options: FlashOptions::new(128).causal(true),
+        },
+        Case {
+            dims: [1, 8, 2, 96, 160, 64],
+            options: FlashOptions::new(64).causal(true).offsets(100, 0),
+        },
+        Case {
+            dims: [2, 4, 4, 129, 129, 72],
+            options: FlashOptions::new(72),
+        },
+        Case {
+            dims: [1, 4, 2, 150, 150, 80],
+            options: FlashOptions::new(80)
+                .packed(vec![0, 40, 41, 150])
+                .causal(true),
+        },
+        Case {
+            dims: [1, 2, 1, 64, 64, 64],
+            options: FlashOptions::new(64).causal(true).offsets(0, 100),
+        },
     ];
     for case in &cases {
-        run::<half::bf16>(&client, case, half::bf16::from_f32, half::bf16::to_f32, 1e-2);
+        run::<half::bf16>(
+            &client,
+            case,
+            half::bf16::from_f32,
+            half::bf16::to_f32,
+            1e-2,
+        );
         run::<half::f16>(&client, case, half::f16::from_f32, half::f16::to_f32, 2e-3);
     }
 }

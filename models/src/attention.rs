@@ -439,7 +439,8 @@ mod tests {
             scale,
             empty_lse: f64::NEG_INFINITY,
         };
-        let visible = |_, i: usize, j: usize| !causal || j as i64 <= i as i64 + sk as i64 - sq as i64;
+        let visible =
+            |_, i: usize, j: usize| !causal || j as i64 <= i as i64 + sk as i64 - sq as i64;
         longview_kernels::reference::attention_f64(&geometry, q, k, v, None, visible)
             .o
             .into_iter()

@@ -5,8 +5,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::{KvCache, VisualInput, Vlm, VlmInput};
 
-use crate::sample::single_input;
 use crate::error::InferError;
+use crate::sample::single_input;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -7,8 +7,8 @@ use longview_data::TextTokenizer;
 use longview_models::Vlm;
 use serde::Serialize;
 
-use crate::sample::{Sample, collate};
 use crate::error::InferError;
+use crate::sample::{Sample, collate};
 
 /// Accuracy per needle depth and overall.
 #[derive(Debug, Clone, PartialEq, Serialize)]

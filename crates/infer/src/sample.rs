@@ -6,7 +6,9 @@ use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_data::text::IGNORE_INDEX;
-use longview_data::{ChatTemplate, DecodeOptions, Media, Message, Sampling, TextTokenizer, decode_all};
+use longview_data::{
+    ChatTemplate, DecodeOptions, Media, Message, Sampling, TextTokenizer, decode_all,
+};
 use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmConfig, VlmInput};
 

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor};
 use longview_data::{ChatTemplate, Media, Message, TextTokenizer};
-use longview_models::{VisualInput, VlmConfig};
 use longview_infer::sample::decode_frames;
+use longview_models::{VisualInput, VlmConfig};
 
 pub use longview_data::Sampling;
 pub use longview_infer::generate::{Decoding, GenerateOptions};

@@ -46,8 +46,13 @@ pub trait DistributedAttention: Send + Sync {
 /// the ring and Ulysses, [`TwoDGroups`] for 2D): what [`WithComm`] binds.
 pub trait SequenceScheme<G>: Send + Sync {
     /// This rank's `(O, LSE)`.
-    fn forward(&self, comm: &G, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>)
-    -> Result<(Tensor<4>, Tensor<3>)>;
+    fn forward(
+        &self,
+        comm: &G,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>)>;
     /// This rank's `(dQ, dK, dV)` from the stored O and LSE.
     fn backward(
         &self,
@@ -60,7 +65,13 @@ pub trait SequenceScheme<G>: Send + Sync {
 }
 
 impl<C: Communicator + Sync> SequenceScheme<C> for RingAttention {
-    fn forward(&self, comm: &C, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
+    fn forward(
+        &self,
+        comm: &C,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
         RingAttention::forward(self, comm, q, k, v)
     }
     fn backward(
@@ -76,7 +87,13 @@ impl<C: Communicator + Sync> SequenceScheme<C> for RingAttention {
 }
 
 impl<C: Communicator + Sync> SequenceScheme<C> for UlyssesAttention {
-    fn forward(&self, comm: &C, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<3>)> {
+    fn forward(
+        &self,
+        comm: &C,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>)> {
         UlyssesAttention::forward(self, comm, q, k, v)
     }
     fn backward(

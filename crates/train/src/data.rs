@@ -10,9 +10,7 @@ use longview_data::dataset::{
 use longview_data::synthetic::{
     HaystackSample, HaystackSpec, Needle, SyntheticVideo, write_haystack_set,
 };
-use longview_data::{
-    Media, Message, Preprocess, Role, TextTokenizer, load_image,
-};
+use longview_data::{Media, Message, Preprocess, Role, TextTokenizer, load_image};
 
 use crate::config::DataKind;
 use crate::error::TrainError;
@@ -103,7 +101,6 @@ impl NeedleSet {
         )?)
     }
 }
-
 
 /// Generates (or reuses) the videos in `dir` and decodes them: the training
 /// haystacks and needle bank of a [`NeedleSet`] (skipped when `needle_copies` is 0),
@@ -342,7 +339,11 @@ impl RowSet {
         for m in &row.media {
             match m.kind {
                 MediaKind::Video => {
-                    pixels.extend(encoder.decode(&m.path, self.frames).map_err(|e| fail(e.into()))?);
+                    pixels.extend(
+                        encoder
+                            .decode(&m.path, self.frames)
+                            .map_err(|e| fail(e.into()))?,
+                    );
                     media.push(Media::Video {
                         frames: self.frames,
                     });

@@ -11,9 +11,9 @@ use crate::data::haystack;
 use crate::error::TrainError;
 use crate::needle;
 
-pub use longview_infer::load::{load, resolve_model_dir};
 /// A model loaded for evaluation, with its tokenizer.
 pub use longview_infer::LoadedModel as EvalModel;
+pub use longview_infer::load::{load, resolve_model_dir};
 
 /// Accuracy of every (depth, haystack length) cell.
 #[derive(Debug, Clone, Serialize)]

@@ -137,4 +137,3 @@ pub(crate) fn count_params<M: Module>(model: &M) -> (usize, usize) {
     model.visit(&mut count);
     (count.all, count.trainable)
 }
-

@@ -302,7 +302,13 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             .attention
             .as_ref()
             .map(|attention| install(attention.clone(), true, self.scale, "MM-SP zigzag ring"));
-        run_step(model, input, &hooks, supervised.max(1) as f32, self.recompute)
+        run_step(
+            model,
+            input,
+            &hooks,
+            supervised.max(1) as f32,
+            self.recompute,
+        )
     }
 }
 

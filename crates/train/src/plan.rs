@@ -141,7 +141,10 @@ mod tests {
     fn cpu_auto_is_the_reference_and_flash_is_refused_with_the_key() {
         let device = Device::flex();
         let plan = AttentionPlan::resolve(AttentionChoice::Auto, &device, None).unwrap();
-        assert_eq!((plan.vision, plan.text), (AttentionImpl::Reference, AttentionImpl::Reference));
+        assert_eq!(
+            (plan.vision, plan.text),
+            (AttentionImpl::Reference, AttentionImpl::Reference)
+        );
         assert_eq!(plan.flash_kernel, None);
         let sp = AttentionPlan::resolve(
             AttentionChoice::Reference,
@@ -149,8 +152,14 @@ mod tests {
             Some("zigzag ring over 2 ranks".into()),
         )
         .unwrap();
-        assert_eq!((sp.vision, sp.text), (AttentionImpl::Reference, AttentionImpl::Sharded));
-        assert!(sp.to_string().contains("LLM: zigzag ring over 2 ranks"), "{sp}");
+        assert_eq!(
+            (sp.vision, sp.text),
+            (AttentionImpl::Reference, AttentionImpl::Sharded)
+        );
+        assert!(
+            sp.to_string().contains("LLM: zigzag ring over 2 ranks"),
+            "{sp}"
+        );
         let err = AttentionPlan::resolve(AttentionChoice::Flash, &device, None).unwrap_err();
         assert!(err.to_string().contains("run.attention"), "{err}");
     }

@@ -301,8 +301,14 @@ pub fn run_step(
         take_grads(model, &mut grads, &mut into);
         (value, leaf.map(|l| grad_or_zeros(&l, &grads)))
     } else {
-        let plain_visual = gathered.clone().map(|t| if t.is_autodiff() { t.inner() } else { t });
-        let embeds = hooks.splice(&plain, plain.embed_tokens(input.ids.clone().inner()), plain_visual)?;
+        let plain_visual = gathered
+            .clone()
+            .map(|t| if t.is_autodiff() { t.inner() } else { t });
+        let embeds = hooks.splice(
+            &plain,
+            plain.embed_tokens(input.ids.clone().inner()),
+            plain_visual,
+        )?;
         let rope = plain.text_context(input.position_ids.clone().inner());
         let (hidden, kept) = forward_stack(plain.text_layers(), &rope, embeds, mode);
         drop(rope);

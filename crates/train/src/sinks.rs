@@ -70,7 +70,11 @@ impl Sinks {
 
     /// Records one step: a metrics row, the scalars, the progress message. Returns a
     /// line for the log when progress goes there instead of a bar.
-    pub fn step(&mut self, mut line: Metrics, message: String) -> Result<Option<String>, TrainError> {
+    pub fn step(
+        &mut self,
+        mut line: Metrics,
+        message: String,
+    ) -> Result<Option<String>, TrainError> {
         line.attention = self.plan.take();
         let step = line.step;
         if let Some((metrics, path, events)) = self.files.as_mut() {
@@ -121,7 +125,12 @@ impl Sinks {
     /// An evaluation scalar after the last step.
     pub fn eval_scalar(&mut self, step: usize, accuracy: f64) -> Result<(), TrainError> {
         if let Some((_, _, events)) = self.files.as_mut() {
-            events.scalar("eval/needle_accuracy", step as i64, accuracy as f32, wall_s())?;
+            events.scalar(
+                "eval/needle_accuracy",
+                step as i64,
+                accuracy as f32,
+                wall_s(),
+            )?;
         }
         Ok(())
     }

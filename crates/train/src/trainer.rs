@@ -206,7 +206,14 @@ pub fn train_with(
 
     // The next steps' samples are decoded on a worker thread while this one computes.
     let data = train.describe();
-    let samples = prefetch(train, &encoder, config.run.seed, run.state.samples_seen, per_step, last - first_step);
+    let samples = prefetch(
+        train,
+        &encoder,
+        config.run.seed,
+        run.state.samples_seen,
+        per_step,
+        last - first_step,
+    );
     for step in first_step..last {
         let samples = samples
             .recv()
@@ -215,7 +222,10 @@ pub fn train_with(
         let (done, grads) = one_step(&run, config, runner, &samples, step, device)?;
         if !done.loss.is_finite() {
             sinks.abandon();
-            return Err(TrainError::Diverged { step: step + 1, loss: done.loss });
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: done.loss,
+            });
         }
         run.model = run.optim.step(done.lr, run.model, grads);
         let step_s = step_timer.elapsed().as_secs_f64();
@@ -236,8 +246,13 @@ pub fn train_with(
             && run.state.step != total
             && !eval.is_empty()
         {
-            let report = needle::score(&run.compute_copy(&run.model), &eval, &run.tokenizer, device)?;
-            let line = format!("step {}: held-out needle accuracy {:.1}%", run.state.step, 100.0 * report.accuracy());
+            let report =
+                needle::score(&run.compute_copy(&run.model), &eval, &run.tokenizer, device)?;
+            let line = format!(
+                "step {}: held-out needle accuracy {:.1}%",
+                run.state.step,
+                100.0 * report.accuracy()
+            );
             if let Some(line) = sinks.println(line) {
                 log(&line);
             }
@@ -246,8 +261,20 @@ pub fn train_with(
             None
         };
         let step_done = run.state.step;
-        let (row, message) = step_row(&done, step_s, run_s, run.state.elapsed_s, &mut totals, options, device);
-        let row = Metrics { step: step_done, needle_accuracy, ..row };
+        let (row, message) = step_row(
+            &done,
+            step_s,
+            run_s,
+            run.state.elapsed_s,
+            &mut totals,
+            options,
+            device,
+        );
+        let row = Metrics {
+            step: step_done,
+            needle_accuracy,
+            ..row
+        };
         if let Some(line) = sinks.step(row, message)? {
             log(&line);
         }
@@ -265,19 +292,9 @@ pub fn train_with(
         }
     }
     sinks.finish()?;
-    let eval_report = if runner.writes() && run.state.step == total && !eval.is_empty() {
-        let report = needle::score(&run.compute_copy(&run.model), &eval, &run.tokenizer, device)?;
-        sinks.eval_scalar(run.state.step, report.accuracy())?;
-        let path = out.join("needle.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&report).expect("report serialises"),
-        )
-        .map_err(TrainError::io(&path))?;
-        sinks.flush()?;
-        Some(report)
-    } else {
-        None
+    let eval_report = match runner.writes() && run.state.step == total && !eval.is_empty() {
+        true => Some(final_eval(&run, &eval, &mut sinks, out, device)?),
+        false => None,
     };
     let run_s = timer.elapsed().as_secs_f64();
     Ok(TrainSummary {
@@ -295,6 +312,27 @@ pub fn train_with(
         peak_device_mib: totals.peak_device_mib,
         attention: run.plan.clone(),
     })
+}
+
+/// The held-out needle score after the last step, written to `needle.json` and the
+/// event files.
+fn final_eval(
+    run: &Prepared,
+    eval: &[Sample],
+    sinks: &mut Sinks,
+    out: &std::path::Path,
+    device: &Device,
+) -> Result<NeedleReport, TrainError> {
+    let report = needle::score(&run.compute_copy(&run.model), eval, &run.tokenizer, device)?;
+    sinks.eval_scalar(run.state.step, report.accuracy())?;
+    let path = out.join("needle.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).expect("report serialises"),
+    )
+    .map_err(TrainError::io(&path))?;
+    sinks.flush()?;
+    Ok(report)
 }
 
 /// The metrics row and progress message of a finished step.
@@ -398,5 +436,14 @@ fn one_step(
         scale_grads(&run.model, &mut grads, clip / grad_norm);
     }
     let lr = learning_rate(&config.optim, step, config.run.steps);
-    Ok((StepDone { loss, lr, grad_norm, tokens, flops }, grads))
+    Ok((
+        StepDone {
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            flops,
+        },
+        grads,
+    ))
 }

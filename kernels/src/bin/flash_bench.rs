@@ -13,7 +13,7 @@
 //! benchmarks/flash_reference.py times torch's SDPA (flash and cuDNN) on the same
 //! shapes for the comparison column.
 
-use longview_kernels::reference::{Geometry, attention_f64};
+use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
 use std::time::Instant;
 
 use cubecl::prelude::*;
@@ -76,19 +76,6 @@ fn reference(
     };
     let r = attention_f64(&geometry, q, k, v, None, |_, i, j| j <= i);
     (r.o, r.lse)
-}
-
-/// Max |got - want| / max(|want|, 1); infinite when any element is NaN (the outputs
-/// start as NaN, so an element no kernel wrote fails).
-fn max_rel(got: &[f32], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| {
-            let e = (*g as f64 - w).abs() / scale;
-            if e.is_nan() { f64::INFINITY } else { e }
-        })
-        .fold(0.0, f64::max)
 }
 
 /// One case of the tensor-core check.

@@ -9,7 +9,6 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 
-
 /// One low-rank adapter.
 #[derive(Module, Debug)]
 pub struct Lora {

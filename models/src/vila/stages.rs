@@ -157,7 +157,11 @@ mod tests {
 
     /// Every layer run as its two halves around a separate attention call, the way an
     /// executor drives the stages.
-    fn split_run<L: SplitAtAttention>(layers: &[L], context: &L::Context, x: Tensor<3>) -> Tensor<3> {
+    fn split_run<L: SplitAtAttention>(
+        layers: &[L],
+        context: &L::Context,
+        x: Tensor<3>,
+    ) -> Tensor<3> {
         layers.iter().fold(x, |x, layer| {
             let input = layer.attention_input(x.clone(), context);
             layer.after_attention(x, attend(layer.attention_impl(), input))
@@ -181,7 +185,11 @@ mod tests {
         let len = ids.len();
         let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &device);
         let position_ids = default_position_ids(1, len, &device);
-        let pixels = Tensor::<4>::random([frames, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+        let pixels = Tensor::<4>::random(
+            [frames, 3, side, side],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
 
         let expected = model
             .forward(VlmInput {
@@ -206,9 +214,17 @@ mod tests {
             expected.try_into_vec_as::<f32>().unwrap(),
         );
         assert_eq!(a.len(), e.len());
-        let worst = a.iter().zip(&e).map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+        let worst = a
+            .iter()
+            .zip(&e)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0f32, f32::max);
         // The same f32 operations in the same order: equal up to nothing at all.
         assert!(worst <= 1e-6, "max abs difference {worst}");
-        assert_eq!(model.vision_layers().len(), config.vision.num_layers - 1, "layer -2 feature");
+        assert_eq!(
+            model.vision_layers().len(),
+            config.vision.num_layers - 1,
+            "layer -2 feature"
+        );
     }
 }
