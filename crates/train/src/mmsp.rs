@@ -341,11 +341,8 @@ impl<C: Communicator + Send + Sync + 'static> StepHooks for ShardHooks<'_, C> {
     }
 
     fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
-        let targets = match hidden.is_autodiff() {
-            true => self.text.targets.clone(),
-            false => self.text.targets.clone().inner(),
-        };
-        Ok(model.shifted_loss_sum(hidden, &targets)?)
+        // The targets are read on the host: their device does not matter.
+        Ok(model.shifted_loss_sum(hidden, &self.text.targets)?)
     }
 }
 

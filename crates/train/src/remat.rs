@@ -207,11 +207,8 @@ impl StepHooks for OneDevice {
         text: Tensor<3>,
         visual: Option<Tensor<3>>,
     ) -> Result<Tensor<3>, TrainError> {
-        let ids = match text.is_autodiff() {
-            true => self.ids.clone(),
-            false => self.ids.clone().inner(),
-        };
-        Ok(model.splice(text, &ids, visual)?)
+        // The ids are read on the host: their device does not matter.
+        Ok(model.splice(text, &self.ids, visual)?)
     }
 
     fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
@@ -245,7 +242,8 @@ pub fn run_step(
     mode: Recompute,
 ) -> Result<(f32, GradientsParams), TrainError> {
     let normaliser = normaliser.max(f32::MIN_POSITIVE);
-    let plain = model.valid();
+    // The model without autodiff, for the forward passes of the recomputed modes.
+    let plain = (mode != Recompute::None).then(|| model.valid());
     let mut into = GradientsParams::new();
     let vision_trains = trains(&model.vision_tower) || trains(&model.mm_projector);
 
@@ -255,6 +253,9 @@ pub fn run_step(
             let tokens = model.encode_frames(pixels);
             (tokens.clone().detach(), VisionForward::Tracked(tokens))
         } else {
+            let plain = plain
+                .as_ref()
+                .expect("recomputed modes hold the plain model");
             let pixels = pixels.inner();
             let (x, grid) = plain.vision_stem(pixels.clone());
             let (out, kept) = forward_stack(plain.vision_layers(), &(), x, mode.for_vision());
@@ -274,11 +275,7 @@ pub fn run_step(
     };
     // The spliced visual tokens as a leaf of the text stage (tracked, untracked values).
     let visual_leaf = |tokens: &Tensor<3>| {
-        let tokens = if tokens.is_autodiff() {
-            tokens.clone()
-        } else {
-            tokens.clone().autodiff()
-        };
+        let tokens = tokens.clone().autodiff();
         if vision.is_some() && vision_trains {
             tokens.require_grad()
         } else {
@@ -301,11 +298,12 @@ pub fn run_step(
         take_grads(model, &mut grads, &mut into);
         (value, leaf.map(|l| grad_or_zeros(&l, &grads)))
     } else {
-        let plain_visual = gathered
-            .clone()
-            .map(|t| if t.is_autodiff() { t.inner() } else { t });
+        let plain = plain
+            .as_ref()
+            .expect("recomputed modes hold the plain model");
+        let plain_visual = gathered.clone().map(Tensor::inner);
         let embeds = hooks.splice(
-            &plain,
+            plain,
             plain.embed_tokens(input.ids.clone().inner()),
             plain_visual,
         )?;
