@@ -88,7 +88,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.frames,
         args.text_tokens - answer,
         answer,
-        args.device.seed,
+        args.device.seed(),
         &device,
     )?;
     let tokens = args.batch * batch.seq_len;

@@ -90,7 +90,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.frames,
         12,
         8,
-        args.device.seed,
+        args.device.seed(),
         &device,
     )?;
     println!(

@@ -63,7 +63,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(top_p) => Decoding::TopP {
             top_p,
             temperature: args.temperature,
-            seed: args.device.seed,
+            seed: args.device.seed(),
         },
     };
     if let Err(message) = decoding.validate() {
@@ -92,7 +92,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         &model,
         &args.frames,
         args.per_depth,
-        args.device.seed + 424_242,
+        args.device.seed() + 424_242,
         &out.join("videos"),
         &device,
         &mut |line| println!("  {line}"),
@@ -103,7 +103,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         out.join("needle.json"),
         serde_json::to_string_pretty(&grid)?,
     )?;
-    grid.write_heatmap(&out.join("needle.png"))?;
+    let title = format!("needle in a haystack: {}", model.dir.display());
+    grid.write_heatmap(&out.join("needle.png"), &title)?;
     println!("{table}");
     println!(
         "  wrote {}, needle.json and needle.png",
@@ -179,7 +180,7 @@ fn open(
         model,
         &args.frames,
         args.per_depth,
-        args.device.seed + 424_242,
+        args.device.seed() + 424_242,
         &out.join("videos"),
         decoding,
         device,

@@ -3,13 +3,15 @@
 
 mod bench;
 mod demo;
+mod device;
 mod eval;
 mod synthetic;
 mod train;
 
-use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, FloatDType};
-use clap::{Args, Parser, Subcommand};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+pub use device::{DeviceArgs, check_cpu_memory, matmul_ceiling};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,116 +36,6 @@ enum Command {
     Train(train::TrainArgs),
     /// Score a saved model on the needle-in-a-haystack grid (table, JSON, heatmap).
     Eval(eval::EvalArgs),
-}
-
-/// Where tensors live.
-#[derive(Args, Debug, Clone)]
-pub struct DeviceArgs {
-    /// `cpu` (burn-flex, always built) or `cuda` / `cuda:N` (needs the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Default float dtype of the device: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Seed of the parameter initialisation and the generated inputs.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
-impl DeviceArgs {
-    /// The device with autodiff enabled and its default float dtype configured.
-    pub fn device(&self) -> Result<Device> {
-        let mut device = match self.device.as_str() {
-            "cpu" => Device::flex(),
-            name if name == "cuda" || name.starts_with("cuda:") => cuda_device(name)?,
-            other => bail!("--device `{other}`: expected `cpu`, `cuda` or `cuda:N`"),
-        };
-        let dtype = match self.dtype.as_str() {
-            "f32" => FloatDType::F32,
-            "bf16" => FloatDType::BF16,
-            "f16" => FloatDType::F16,
-            other => bail!("--dtype `{other}`: expected f32, bf16 or f16"),
-        };
-        device
-            .configure(burn::tensor::DeviceConfig::default().float_dtype(dtype))
-            .with_context(|| format!("cannot use dtype {} on {}", self.dtype, self.device))?;
-        device.seed(self.seed);
-        Ok(device.autodiff())
-    }
-}
-
-/// Dense matmul rate of `device` in TFLOP/s at its float dtype: ten timed 8192^3
-/// products after two warm-up ones (the ceiling MFU is stated against).
-pub fn matmul_ceiling(device: &Device) -> Result<f64> {
-    use burn::tensor::{Distribution, Tensor};
-    const N: usize = 8192;
-    let a = Tensor::<2>::random([N, N], Distribution::Default, device);
-    let b = Tensor::<2>::random([N, N], Distribution::Default, device);
-    let sync = || {
-        device
-            .sync()
-            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
-    };
-    // Results are kept until the sync so that no backend can skip the work.
-    let warm: Vec<_> = (0..2).map(|_| a.clone().matmul(b.clone())).collect();
-    sync()?;
-    drop(warm);
-    let start = std::time::Instant::now();
-    let timed: Vec<_> = (0..10).map(|_| a.clone().matmul(b.clone())).collect();
-    sync()?;
-    drop(timed);
-    Ok(10.0 * 2.0 * (N as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12)
-}
-
-/// Refuses a CPU run whose parameters, gradients and optimizer state cannot fit in
-/// the memory available now (`copies` full-size copies of the parameters at the
-/// device dtype), instead of letting the allocator abort mid-run.
-pub fn check_cpu_memory(args: &DeviceArgs, params: usize, copies: usize) -> Result<()> {
-    if args.device != "cpu" {
-        return Ok(());
-    }
-    let bytes_per = match args.dtype.as_str() {
-        "f32" => 4,
-        _ => 2,
-    };
-    let needed = (params * bytes_per * copies) as f64;
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let available_kib = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok());
-    if let Some(kib) = available_kib {
-        let available = kib * 1024.0;
-        if needed > available {
-            bail!(
-                "{:.1}M parameters need about {:.1} GiB ({copies} copies at {}) but {:.1} GiB of memory is available: use a smaller --size or a GPU",
-                params as f64 / 1e6,
-                needed / (1u64 << 30) as f64,
-                args.dtype,
-                available / (1u64 << 30) as f64
-            );
-        }
-    }
-    Ok(())
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device(name: &str) -> Result<Device> {
-    let index = match name.strip_prefix("cuda:") {
-        Some(i) => i
-            .parse::<usize>()
-            .with_context(|| format!("--device `{name}`: `{i}` is not a GPU index"))?,
-        None => 0,
-    };
-    Ok(Device::cuda(index))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(name: &str) -> Result<Device> {
-    bail!(
-        "--device `{name}`: this binary was built without the `cuda` feature (use `cargo xtask bench --cuda` or `cargo xtask package`)"
-    )
 }
 
 fn main() -> Result<()> {

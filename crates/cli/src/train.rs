@@ -10,7 +10,7 @@ use longview_comm::{Communicator, LocalWorld};
 use longview_models::hf::checkpoint::read_vila_text_config;
 use longview_train::mmsp::MmSp;
 use longview_train::trainer::train_with;
-use longview_train::{TrainConfig, TrainError, TrainOptions, TrainSummary};
+use longview_train::{Stage, TrainConfig, TrainError, TrainOptions, TrainSummary};
 
 use crate::DeviceArgs;
 
@@ -68,7 +68,10 @@ pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
         config.data.frames = frames;
         config.data.min_frames = config.data.min_frames.min(frames);
     }
-    config.run.seed = args.device.seed;
+    // The TOML's run.seed holds unless --seed is given.
+    if let Some(seed) = args.device.seed {
+        config.run.seed = seed;
+    }
     let source = args
         .config
         .as_ref()
@@ -119,6 +122,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress: !args.no_progress,
         matmul_tflops,
     };
+    if config.model.stage == Stage::Grpo {
+        if args.parallel.is_some() {
+            bail!(
+                "--parallel: GRPO runs on one device for now (sequence-parallel rollouts and log-probs are not built yet)"
+            );
+        }
+        return grpo(&config, &options, &device);
+    }
     let summary = match &args.parallel {
         None => {
             longview_train::train(&config, &options, &device, &mut |line| println!("  {line}"))?
@@ -191,6 +202,53 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// A GRPO run and its summary.
+fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device) -> Result<()> {
+    let summary = longview_train::grpo::train_grpo(config, options, device, &mut |line| {
+        println!("  {line}")
+    })?;
+    let reports = &summary.reports;
+    println!("summary");
+    println!(
+        "  steps     {} -> {} in {:.1}s ({} responses of {} prompts per step)",
+        summary.first_step,
+        summary.last_step,
+        summary.elapsed_s,
+        config.grpo.group_size,
+        config.run.batch_size
+    );
+    let window = (reports.len() / 4).max(1);
+    if !reports.is_empty() {
+        let mean = |r: &[longview_train::grpo::step::StepReport]| {
+            r.iter().map(|x| x.reward_mean).sum::<f32>() / r.len().max(1) as f32
+        };
+        println!(
+            "  reward    mean of the first {window} steps {:.3} -> mean of the last {window} {:.3}",
+            mean(&reports[..window]),
+            mean(&reports[reports.len() - window..])
+        );
+        let (rollout, update): (f64, f64) = reports
+            .iter()
+            .fold((0.0, 0.0), |(a, b), r| (a + r.rollout_s, b + r.update_s));
+        println!("  time      rollouts {rollout:.1}s, updates {update:.1}s");
+    }
+    if let (Some(before), Some(after)) = (summary.eval_before, summary.eval_after) {
+        println!(
+            "  held-out  greedy answers right {:.1}% -> {:.1}%",
+            100.0 * before,
+            100.0 * after
+        );
+    }
+    if let Some(dir) = &summary.checkpoint {
+        println!("  saved     {}", dir.display());
+    }
+    println!(
+        "  metrics   {}",
+        config.run.out.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
 fn parse_parallel(spec: &str) -> Result<(usize, usize)> {
     let parsed = spec
         .split_once(['x', 'X'])
@@ -209,8 +267,8 @@ fn parallel(
     sp: usize,
 ) -> Result<TrainSummary> {
     let tokenizer = longview_train::trainer::tokenizer(config)?;
-    let head_dim = match &config.model.init_from {
-        Some(dir) => read_vila_text_config(dir)?.head_dim(),
+    let head_dim = match longview_train::trainer::init_dir(config)? {
+        Some(dir) => read_vila_text_config(&dir)?.head_dim(),
         None => longview_train::trainer::model_config(config, &tokenizer)?
             .text
             .head_dim(),
@@ -251,4 +309,48 @@ fn parallel(
         }
     }
     Ok(first.expect("rank 0 reports"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn config_with_seed(args: &[&str], toml_seed: u64) -> TrainConfig {
+        let dir = std::env::temp_dir().join(format!("longview-cli-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("seed-{toml_seed}-{}.toml", args.len()));
+        let mut config = TrainConfig::default();
+        config.run.seed = toml_seed;
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let mut argv = vec!["train", "--config", path.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        load_config(&Wrapper::parse_from(argv).args).unwrap()
+    }
+
+    #[test]
+    fn the_config_seed_holds_unless_the_flag_is_given() {
+        assert_eq!(
+            config_with_seed(&[], 7).run.seed,
+            7,
+            "run.seed from the TOML"
+        );
+        assert_eq!(
+            config_with_seed(&["--seed", "3"], 7).run.seed,
+            3,
+            "--seed wins"
+        );
+        assert_eq!(
+            config_with_seed(&["--seed", "0"], 7).run.seed,
+            0,
+            "an explicit 0 too"
+        );
+    }
 }

@@ -1,12 +1,14 @@
 //! Autoregressive generation with a KV cache: the prompt (visual tokens included) is
 //! run once, then every new token costs one token's forward pass. Greedy decoding or
-//! nucleus (top-p) sampling with a temperature and a seed.
+//! nucleus (top-p) sampling with a temperature and a seed; several samples of one
+//! prompt decode as one batch over a shared prefill ([`generate_group`]), each token
+//! with its sampling log-probability.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_models::{KvCache, VisualInput, Vlm, VlmInput};
+use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
-use crate::sample::single_input;
+use crate::prefill::{DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, positions, prefill};
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -24,6 +26,14 @@ pub enum Decoding {
 }
 
 impl Decoding {
+    /// The temperature the logits are divided by (1 for greedy).
+    pub fn temperature(&self) -> f64 {
+        match *self {
+            Decoding::Greedy => 1.0,
+            Decoding::TopP { temperature, .. } => temperature,
+        }
+    }
+
     /// Checks the sampling parameters; the message names the bad value.
     pub fn validate(&self) -> Result<(), String> {
         if let Decoding::TopP {
@@ -50,6 +60,35 @@ pub struct GenerateOptions {
     pub decoding: Decoding,
     /// Token ids that end the answer (not included in it).
     pub stop: Vec<u32>,
+    /// Prompt rows per prefill chunk ([`crate::prefill`]); 0 runs the prompt in one
+    /// pass.
+    pub prefill_chunk: usize,
+}
+
+impl GenerateOptions {
+    /// `max_new_tokens` with `decoding`, ending at `stop`, prefill in chunks of
+    /// [`DEFAULT_CHUNK`] rows.
+    pub fn new(max_new_tokens: usize, decoding: Decoding, stop: Vec<u32>) -> Self {
+        GenerateOptions {
+            max_new_tokens,
+            decoding,
+            stop,
+            prefill_chunk: DEFAULT_CHUNK,
+        }
+    }
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Generation {
+    /// The new ids (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Per token, its natural log-probability under `softmax(logits / temperature)`
+    /// over the whole vocabulary (before top-p truncation; temperature 1 for greedy):
+    /// what a policy-gradient update recomputes and compares against.
+    pub logprobs: Vec<f32>,
+    /// Whether a stop token ended it (else `max_new_tokens` did).
+    pub stopped: bool,
 }
 
 /// The ids that end an answer: `<|im_end|>` and `<|endoftext|>` (those the
@@ -71,47 +110,110 @@ pub fn generate(
     options: &GenerateOptions,
     device: &Device,
 ) -> Result<Vec<u32>, InferError> {
-    options.decoding.validate().map_err(InferError::Request)?;
+    let mut group = generate_group(model, prompt, visual, &[options.decoding], options, device)?;
+    Ok(group.remove(0).tokens)
+}
+
+/// One sequence per entry of `samples` (each with its own decoding, e.g. top-p with
+/// its own seed), all continuing `prompt`: the prompt is embedded and prefilled once
+/// (in chunks of `options.prefill_chunk` rows), its KV cache shared by every sample,
+/// and the samples decode together as one batch that finished ones leave. Sequence
+/// `i` equals what [`generate`] gives with `samples[i]`. `options.decoding` is not
+/// used.
+pub fn generate_group(
+    model: &Vlm,
+    prompt: &[u32],
+    visual: VisualInput,
+    samples: &[Decoding],
+    options: &GenerateOptions,
+    device: &Device,
+) -> Result<Vec<Generation>, InferError> {
+    for decoding in samples {
+        decoding.validate().map_err(InferError::Request)?;
+    }
     if prompt.is_empty() {
         return Err(InferError::Request(
             "generation needs a non-empty prompt".into(),
         ));
     }
+    let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
-    let mut sampler = Sampler::new(options.decoding);
-    let mut logits = model.forward_cached(single_input(prompt, visual, device), &mut cache)?;
-    let mut out = Vec::new();
-    while out.len() < options.max_new_tokens {
-        let [_, new, vocab] = logits.dims();
-        let last = logits
-            .slice([0..1, new - 1..new, 0..vocab])
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| InferError::Request(format!("reading the logits: {e:?}")))?;
-        let next = sampler.pick(&last);
-        if options.stop.contains(&next) {
-            break;
+    let last = prefill(
+        model,
+        embeds,
+        options.prefill_chunk,
+        &mut cache,
+        prompt.len() - 1,
+    );
+    let first = host_rows(model.logits(last))?.remove(0);
+    let mut cache = cache.repeat(samples.len());
+    let mut samplers: Vec<Sampler> = samples.iter().map(|&d| Sampler::new(d)).collect();
+    let mut out = vec![Generation::default(); samples.len()];
+    // Cache row r holds sequence active[r]; rows[r] are its next-token logits.
+    let mut active: Vec<usize> = (0..samples.len()).collect();
+    let mut rows = vec![first; samples.len()];
+    loop {
+        let (mut still, mut tokens, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, &seq) in active.iter().enumerate() {
+            if out[seq].tokens.len() >= options.max_new_tokens {
+                continue;
+            }
+            let token = samplers[seq].pick(&rows[row]);
+            if options.stop.contains(&token) {
+                out[seq].stopped = true;
+                continue;
+            }
+            let logprob = log_prob(&rows[row], token, samples[seq].temperature());
+            out[seq].tokens.push(token);
+            out[seq].logprobs.push(logprob);
+            // No forward pass after the last allowed token.
+            if out[seq].tokens.len() < options.max_new_tokens {
+                still.push(seq);
+                tokens.push(token as i64);
+                kept.push(row);
+            }
         }
-        out.push(next);
-        if out.len() == options.max_new_tokens {
-            break;
+        if still.is_empty() {
+            return Ok(out);
         }
-        let position = cache.len() as i64;
-        let input = VlmInput {
-            input_ids: Tensor::<2, Int>::from_data(
-                TensorData::new(vec![next as i64], [1, 1]),
-                device,
-            ),
-            position_ids: Tensor::<2, Int>::from_data(
-                TensorData::new(vec![position], [1, 1]),
-                device,
-            ),
-            visual: VisualInput::None,
-        };
-        logits = model.forward_cached(input, &mut cache)?;
+        if kept.len() != active.len() {
+            cache = cache.select(&kept);
+        }
+        let n = still.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens, [n, 1]), device);
+        let embeds = model.embed_tokens(ids);
+        let hidden =
+            model.text_layers_cached(embeds, positions(n, cache.len(), 1, device), &mut cache);
+        rows = host_rows(model.logits(hidden))?;
+        active = still;
     }
-    Ok(out)
+}
+
+/// The last row of each sequence's logits (`[batch, rows, vocab]`), on the host.
+fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
+    let [batch, rows, vocab] = logits.dims();
+    let last = logits
+        .slice([0..batch, rows - 1..rows, 0..vocab])
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| InferError::Request(format!("reading the logits: {e:?}")))?;
+    Ok(last.chunks(vocab).map(<[f32]>::to_vec).collect())
+}
+
+/// `log softmax(logits / temperature)[token]`, computed in f64.
+pub fn log_prob(logits: &[f32], token: u32, temperature: f64) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits
+        .iter()
+        .filter(|x| !x.is_nan())
+        .map(|&x| ((x as f64 - max) / temperature).exp())
+        .sum();
+    ((logits[token as usize] as f64 - max) / temperature - sum.ln()) as f32
 }
 
 /// Picks tokens from host logits.

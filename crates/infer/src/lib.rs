@@ -5,13 +5,17 @@
 //!   checkpoint folder or a VILA model folder.
 //! - [`sample`]: conversations tokenized around decoded frames, right-padded batches,
 //!   and a video's frames at the encoder's input size.
-//! - [`generate`]: KV-cache generation, greedy or top-p.
+//! - [`prefill`]: chunked prefill (activations bounded by the chunk), frames encoded
+//!   in batches, the memory estimate that refuses requests too large.
+//! - [`generate`]: KV-cache generation, greedy or top-p, one sample or a group of
+//!   samples over one shared prefill, with sampling log-probabilities.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring.
 
 pub mod error;
 pub mod generate;
 pub mod load;
 pub mod needle;
+pub mod prefill;
 pub mod sample;
 
 pub use error::InferError;

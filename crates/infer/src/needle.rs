@@ -2,13 +2,14 @@
 //! per sample; a sample is correct only if the argmax tokens at the answer positions
 //! decode to the answer exactly (case and spaces folded).
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_data::TextTokenizer;
-use longview_models::Vlm;
+use longview_models::{KvCache, VisualInput, Vlm};
 use serde::Serialize;
 
 use crate::error::InferError;
-use crate::sample::{Sample, collate};
+use crate::prefill::{DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, prefill};
+use crate::sample::Sample;
 
 /// Accuracy per needle depth and overall.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -57,11 +58,15 @@ pub fn fold(text: &str) -> String {
         .collect()
 }
 
-/// The argmax tokens the model puts at `sample`'s answer positions, decoded.
+/// The argmax tokens the model puts at `sample`'s answer positions, decoded. The
+/// sequence runs through the text layers in chunks of `chunk` rows (0: one pass;
+/// the argmax rows equal a one-pass forward's) and the head runs on the answer rows
+/// only.
 pub fn teacher_forced_answer(
     model: &Vlm,
     sample: &Sample,
     tokenizer: &TextTokenizer,
+    chunk: usize,
     device: &Device,
 ) -> Result<String, InferError> {
     let answer_len = tokenizer.encode(&sample.answer)?.len();
@@ -69,12 +74,20 @@ pub fn teacher_forced_answer(
     if answer_len == 0 || start == 0 || start + answer_len > sample.ids.len() {
         return Ok(String::new());
     }
-    let batch = collate(&[sample], device);
-    let logits = model.forward(batch.input)?;
-    let [_, _, vocab] = logits.dims();
+    let visual = if sample.frames == 0 {
+        VisualInput::None
+    } else {
+        let side = sample.side;
+        VisualInput::Pixels(Tensor::from_data(
+            TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
+            device,
+        ))
+    };
+    let embeds = embed_prompt(model, &sample.ids, visual, DEFAULT_FRAME_BATCH, device)?;
+    let mut cache = KvCache::new();
     // Position t predicts token t + 1.
-    let picked: Tensor<3> = logits.slice([0..1, start - 1..start - 1 + answer_len, 0..vocab]);
-    let ids: Tensor<3, Int> = picked.argmax(2);
+    let hidden = prefill(model, embeds, chunk, &mut cache, start - 1).narrow(1, 0, answer_len);
+    let ids: Tensor<3, Int> = model.logits(hidden).argmax(2);
     let ids: Vec<u32> = ids
         .into_data()
         .convert::<i64>()
@@ -93,10 +106,21 @@ pub fn score(
     tokenizer: &TextTokenizer,
     device: &Device,
 ) -> Result<NeedleReport, InferError> {
+    score_chunked(model, samples, tokenizer, DEFAULT_CHUNK, device)
+}
+
+/// [`score`] with the prefill chunk given (0: one pass per sample).
+pub fn score_chunked(
+    model: &Vlm,
+    samples: &[Sample],
+    tokenizer: &TextTokenizer,
+    chunk: usize,
+    device: &Device,
+) -> Result<NeedleReport, InferError> {
     let mut per_depth: Vec<(f64, usize, usize)> = Vec::new();
     let mut correct = 0;
     for sample in samples {
-        let predicted = teacher_forced_answer(model, sample, tokenizer, device)?;
+        let predicted = teacher_forced_answer(model, sample, tokenizer, chunk, device)?;
         let ok = fold(&predicted) == fold(&sample.answer);
         correct += usize::from(ok);
         match per_depth

@@ -104,3 +104,46 @@ impl ProcessEnv {
         }))
     }
 }
+
+/// Variables naming the job, most specific first; the first one set (and not blank) is
+/// the job id that every rank puts in its rendezvous hello.
+pub const JOB_ID_VARIABLES: [&str; 3] = ["LONGVIEW_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"];
+
+/// The job id when none of [`JOB_ID_VARIABLES`] is set: such jobs are told apart only
+/// by their port and world size.
+pub const DEFAULT_JOB_ID: &str = "longview-default-job";
+
+/// This job's identity for the rendezvous, from the process environment (see
+/// [`job_id_from_vars`]).
+pub fn job_id_from_env() -> Result<String, LaunchError> {
+    job_id_from_vars(|name| std::env::var(name).ok())
+}
+
+/// The first of `LONGVIEW_JOB_ID` (set by [`crate::launch_local`] for its ranks),
+/// `SLURM_JOB_ID` and `TORCHELASTIC_RUN_ID` (torchrun's `--rdzv-id`) that is set and not
+/// blank, trimmed; [`DEFAULT_JOB_ID`] when none is. Every rank of a job must see the
+/// same value. An id over [`crate::MAX_JOB_ID_BYTES`] bytes is an error naming the
+/// variable.
+pub fn job_id_from_vars(get: impl Fn(&str) -> Option<String>) -> Result<String, LaunchError> {
+    for name in JOB_ID_VARIABLES {
+        let Some(value) = get(name) else { continue };
+        let id = value.trim();
+        if id.is_empty() {
+            continue;
+        }
+        if id.len() > crate::MAX_JOB_ID_BYTES {
+            let reason = format!(
+                "a job id may be at most {} bytes (MAX_JOB_ID_BYTES), this one is {}",
+                crate::MAX_JOB_ID_BYTES,
+                id.len()
+            );
+            return Err(LaunchError::Variable {
+                name,
+                value,
+                reason,
+            });
+        }
+        return Ok(id.to_string());
+    }
+    Ok(DEFAULT_JOB_ID.to_string())
+}

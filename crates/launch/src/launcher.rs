@@ -37,8 +37,10 @@ pub struct LaunchOptions {
 
 /// Starts `nproc` copies of the command with torchrun's variables (`RANK`,
 /// `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR=127.0.0.1`,
-/// `MASTER_PORT`), prefixes each output line with `[rank r]`, and waits. When a rank
-/// fails, the others are killed and its exit code is returned; 0 when all succeed.
+/// `MASTER_PORT`) and `LONGVIEW_JOB_ID` (a fresh id for this launch, unless the
+/// launcher's own environment sets one, which is passed on), prefixes each output line
+/// with `[rank r]`, and waits. When a rank fails, the others are killed and its exit
+/// code is returned; 0 when all succeed.
 pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
     let (program, args) = options
         .command
@@ -52,6 +54,7 @@ pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
     } else {
         options.master_port
     };
+    let job_id = launch_job_id(port);
     let mut children: Vec<Child> = Vec::new();
     let mut pipes = Vec::new();
     for rank in 0..options.nproc {
@@ -68,6 +71,7 @@ pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
             .env("LOCAL_WORLD_SIZE", options.nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env("LONGVIEW_JOB_ID", &job_id)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn();
@@ -159,6 +163,21 @@ fn forward(stream: impl std::io::Read, rank: usize, to_stderr: bool) {
             let _ = writeln!(std::io::stdout().lock(), "[rank {rank}] {line}");
         }
     }
+}
+
+/// The job id for the ranks of one launch: the launcher's `LONGVIEW_JOB_ID` when set,
+/// else one made from this process, the port and the time, so that two launches on one
+/// machine never take each other's ranks.
+fn launch_job_id(port: u16) -> String {
+    if let Ok(id) = std::env::var("LONGVIEW_JOB_ID")
+        && !id.trim().is_empty()
+    {
+        return id;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("local-{}-{port}-{nanos:x}", std::process::id())
 }
 
 fn free_port() -> Result<u16, LaunchError> {

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use longview_launch::{LaunchOptions, ProcessEnv, launch_local, share_from_rank0};
+use longview_launch::{
+    DEFAULT_JOB_ID, LaunchOptions, ProcessEnv, job_id_from_vars, launch_local, share_from_rank0,
+};
 
 fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = pairs
@@ -86,6 +88,25 @@ fn torchrun_and_slurm_variables_are_read_and_bad_ones_named() {
     assert!(e.contains("MASTER_PORT=\"99999\""), "{e}");
 }
 
+#[test]
+fn the_job_id_comes_from_longview_then_slurm_then_torchrun() {
+    let id = |pairs: &[(&str, &str)]| job_id_from_vars(vars(pairs)).unwrap();
+    let all = [
+        ("LONGVIEW_JOB_ID", "lv-7"),
+        ("SLURM_JOB_ID", "123456"),
+        ("TORCHELASTIC_RUN_ID", "run-9"),
+    ];
+    assert_eq!(id(&all), "lv-7");
+    assert_eq!(id(&all[1..]), "123456");
+    assert_eq!(id(&all[2..]), "run-9");
+    // Blank values do not count; nothing set gives the documented default.
+    assert_eq!(
+        id(&[("LONGVIEW_JOB_ID", "  "), ("SLURM_JOB_ID", " 42 ")]),
+        "42"
+    );
+    assert_eq!(id(&[]), DEFAULT_JOB_ID);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .unwrap()
@@ -147,7 +168,7 @@ fn launcher_sets_the_variables_and_stops_everyone_when_a_rank_fails() {
     let dir = std::env::temp_dir().join(format!("longview-launch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = format!(
-        "echo \"$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR\" > {}/$RANK",
+        "echo \"$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $LONGVIEW_JOB_ID\" > {}/$RANK",
         dir.display()
     );
     let options = LaunchOptions {
@@ -156,10 +177,16 @@ fn launcher_sets_the_variables_and_stops_everyone_when_a_rank_fails() {
         command: vec!["sh".into(), "-c".into(), script.into()],
     };
     assert_eq!(launch_local(&options).unwrap(), 0);
+    let mut job_ids = Vec::new();
     for rank in 0..3 {
         let line = std::fs::read_to_string(dir.join(rank.to_string())).unwrap();
-        assert_eq!(line.trim(), format!("{rank} 3 {rank} 3 127.0.0.1"));
+        let (fields, job_id) = line.trim().rsplit_once(' ').expect("a job id");
+        assert_eq!(fields, format!("{rank} 3 {rank} 3 127.0.0.1"));
+        job_ids.push(job_id.to_string());
     }
+    // One fresh job id for the launch, the same for every rank.
+    assert!(job_ids[0].starts_with("local-"), "{job_ids:?}");
+    assert!(job_ids.iter().all(|id| *id == job_ids[0]), "{job_ids:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 
     // Rank 1 fails at once; the others would sleep for a minute.

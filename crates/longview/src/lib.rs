@@ -186,11 +186,7 @@ impl Vlm {
         max_new_tokens: usize,
     ) -> Result<Vec<u32>, Error> {
         let prompt = self.prompt(video, question)?;
-        let options = GenerateOptions {
-            max_new_tokens,
-            decoding,
-            stop: self.stop_tokens(),
-        };
+        let options = GenerateOptions::new(max_new_tokens, decoding, self.stop_tokens());
         Ok(longview_infer::generate::generate(
             &self.model,
             &prompt,

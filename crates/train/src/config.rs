@@ -16,6 +16,8 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     pub optim: OptimConfig,
     pub data: DataConfig,
+    /// Rollouts and loss of `model.stage = "grpo"` (ignored by the other stages).
+    pub grpo: crate::grpo::config::GrpoConfig,
 }
 
 /// Length, batch and bookkeeping of a run.
@@ -74,6 +76,9 @@ pub enum Stage {
     LongVideoSft,
     /// LongVILA-R1's chain-of-thought SFT, all weights.
     CotSft,
+    /// LongVILA-R1's reinforcement learning (GRPO, `[grpo]`): the LLM trains on
+    /// cached visual tokens, the vision tower and projector stay frozen.
+    Grpo,
 }
 
 /// A part of the VLM that can train or stay frozen.
@@ -95,6 +100,7 @@ impl Stage {
             Stage::ProjectorAlignment => vec![Part::Projector],
             Stage::Pretrain => vec![Part::Projector, Part::Llm],
             Stage::ContextExtension => vec![Part::LlmLora],
+            Stage::Grpo => vec![Part::Llm],
             Stage::ShortSft | Stage::LongVideoSft | Stage::CotSft => {
                 vec![Part::Vision, Part::Projector, Part::Llm]
             }
@@ -160,6 +166,18 @@ pub enum DataKind {
     Text,
 }
 
+/// How the generated needle samples' answers are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnswerFormat {
+    /// The number alone (`42`).
+    #[default]
+    Plain,
+    /// LongVILA-R1's shape: `<think>...</think><answer>42</answer>` (CoT-SFT and GRPO
+    /// on the synthetic task).
+    Think,
+}
+
 /// The training and held-out data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,6 +205,8 @@ pub struct DataConfig {
     /// Video size in pixels (default: the vision encoder's input size).
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// How generated needle answers are written (`haystack` data).
+    pub answer_format: AnswerFormat,
 }
 
 impl Default for RunConfig {
@@ -248,6 +268,7 @@ impl Default for DataConfig {
             max_tokens: 4096,
             width: None,
             height: None,
+            answer_format: AnswerFormat::Plain,
         }
     }
 }
@@ -417,6 +438,11 @@ impl TrainConfig {
         }
         if d.needle_copies == 0 {
             return bad("data.needle_copies", "must be at least 1".into());
+        }
+        if self.model.stage == Stage::Grpo
+            && let Err((key, message)) = self.grpo.check(r.batch_size)
+        {
+            return bad(&key, message);
         }
         for (key, value) in [("data.width", d.width), ("data.height", d.height)] {
             if let Some(v) = value

@@ -12,7 +12,7 @@ use longview_data::synthetic::{
 };
 use longview_data::{Media, Message, Preprocess, Role, TextTokenizer, load_image};
 
-use crate::config::DataKind;
+use crate::config::{AnswerFormat, DataKind};
 use crate::error::TrainError;
 
 pub use longview_infer::sample::{
@@ -54,6 +54,8 @@ pub struct NeedleSet {
     bank: Vec<f32>,
     numbers: Vec<u32>,
     frame_len: usize,
+    /// How answers are written.
+    answer_format: AnswerFormat,
 }
 
 impl NeedleSet {
@@ -92,14 +94,41 @@ impl NeedleSet {
         } else {
             0.0
         };
-        Ok(encoder.conversation(
-            pixels,
-            *frames,
-            NEEDLE_QUESTION,
-            &self.numbers[needle].to_string(),
-            depth,
-        )?)
+        let answer = format_answer(&self.numbers[needle].to_string(), self.answer_format);
+        Ok(encoder.conversation(pixels, *frames, NEEDLE_QUESTION, &answer, depth)?)
     }
+
+    /// The set with answers written as `format` says.
+    pub fn with_answer_format(mut self, format: AnswerFormat) -> Self {
+        self.answer_format = format;
+        self
+    }
+}
+
+/// A needle number as an answer of `format`.
+pub fn format_answer(number: &str, format: AnswerFormat) -> String {
+    match format {
+        AnswerFormat::Plain => number.to_string(),
+        AnswerFormat::Think => crate::grpo::reward::needle_cot_answer(number),
+    }
+}
+
+/// Held-out samples re-encoded with answers of `format` (their frames kept).
+pub fn reformat_answers(
+    encoder: &Encoder<'_>,
+    samples: Vec<Sample>,
+    format: AnswerFormat,
+) -> Result<Vec<Sample>, TrainError> {
+    if format == AnswerFormat::Plain {
+        return Ok(samples);
+    }
+    samples
+        .into_iter()
+        .map(|s| {
+            let answer = format_answer(&s.answer, format);
+            Ok(encoder.conversation(s.pixels, s.frames, NEEDLE_QUESTION, &answer, s.depth)?)
+        })
+        .collect()
 }
 
 /// Generates (or reuses) the videos in `dir` and decodes them: the training
@@ -151,6 +180,7 @@ pub fn haystack(
         bank,
         numbers,
         frame_len: 3 * side * side,
+        answer_format: AnswerFormat::Plain,
     };
     let eval = if eval_per_depth == 0 {
         Vec::new()

@@ -58,41 +58,10 @@ impl NeedleGrid {
         out
     }
 
-    /// A heatmap: one 48 px square per cell, depth 0 at the top, lengths left to right,
-    /// red (0%) through yellow to green (100%).
-    pub fn write_heatmap(&self, path: &Path) -> Result<(), TrainError> {
-        const CELL: u32 = 48;
-        let (w, h) = (
-            self.frames.len() as u32 * CELL,
-            self.depths.len() as u32 * CELL,
-        );
-        let mut img = image::RgbImage::new(w.max(1), h.max(1));
-        for (d, row) in self.cells.iter().enumerate() {
-            for (f, &(c, t)) in row.iter().enumerate() {
-                let a = c as f64 / t.max(1) as f64;
-                let (r, g) = if a < 0.5 {
-                    (255.0, 510.0 * a)
-                } else {
-                    (510.0 * (1.0 - a), 255.0)
-                };
-                let color = image::Rgb([r as u8, g as u8, 64]);
-                for y in 0..CELL {
-                    for x in 0..CELL {
-                        let border = x == 0 || y == 0;
-                        img.put_pixel(
-                            f as u32 * CELL + x,
-                            d as u32 * CELL + y,
-                            if border {
-                                image::Rgb([255, 255, 255])
-                            } else {
-                                color
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        img.save(path)
+    /// The heatmap LongVILA draws: haystack length across, depth down, accuracy as
+    /// colour with a colour bar; `title` names the checkpoint.
+    pub fn write_heatmap(&self, path: &Path, title: &str) -> Result<(), TrainError> {
+        crate::heatmap::write_needle_heatmap(path, &self.frames, &self.depths, &self.cells, title)
             .map_err(|e| TrainError::checkpoint(path, format!("writing the heatmap: {e}")))
     }
 }
@@ -311,11 +280,8 @@ pub fn open_needle(
     use burn::tensor::{Tensor, TensorData};
     use longview_models::VisualInput;
     let encoder = model.encoder();
-    let options = crate::generate::GenerateOptions {
-        max_new_tokens: 8,
-        decoding,
-        stop: crate::generate::stop_tokens(&model.tokenizer),
-    };
+    let stop = crate::generate::stop_tokens(&model.tokenizer);
+    let options = crate::generate::GenerateOptions::new(8, decoding, stop);
     let mut answers = Vec::new();
     for &n in frames {
         let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;

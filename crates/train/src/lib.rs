@@ -15,6 +15,8 @@
 //!   checkpointing per layer or LightSeq's attention-aware one; [`mmsp`] supplies its
 //!   MM-SP hooks.
 //! - [`plan`]: the attention plan a run resolves once.
+//! - [`grpo`]: LongVILA-R1's GRPO stage (rollouts over cached visual tokens, rewards,
+//!   the clipped objective with a KL to the reference).
 
 pub mod checkpoint;
 pub mod config;
@@ -22,6 +24,8 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod grads;
+pub mod grpo;
+pub mod heatmap;
 /// KV-cache generation (from `longview-infer`).
 pub use longview_infer::generate;
 /// Teacher-forced needle scoring (from `longview-infer`).
@@ -30,6 +34,7 @@ pub mod mmsp;
 pub mod plan;
 mod prepare;
 pub mod remat;
+mod run_loop;
 mod sinks;
 pub mod tensorboard;
 pub mod trainer;

@@ -182,8 +182,8 @@ fn fresh_model(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<(Vlm, VlmConfig), TrainError> {
-    let (mut model, mut vlm_config) = match &config.model.init_from {
-        Some(dir) => load_vila(dir, device)?,
+    let (mut model, mut vlm_config) = match init_dir(config)? {
+        Some(dir) => load_vila(&dir, device)?,
         None => {
             let vlm_config = model_config(config, tokenizer)?;
             device.seed(config.run.seed);
@@ -269,7 +269,9 @@ pub(crate) fn load_data(
                 config.data.eval_per_depth,
                 config.run.seed,
             )?;
-            (TrainData::Needles(train), eval)
+            let format = config.data.answer_format;
+            let eval = crate::data::reformat_answers(encoder, eval, format)?;
+            (TrainData::Needles(train.with_answer_format(format)), eval)
         }
     };
     if runner.writes() {
@@ -280,9 +282,19 @@ pub(crate) fn load_data(
 
 /// The tokenizer of a run: the `init_from` checkpoint's, else the embedded debug one.
 pub fn tokenizer(config: &TrainConfig) -> Result<TextTokenizer, TrainError> {
-    match &config.model.init_from {
-        Some(dir) => Ok(TextTokenizer::from_checkpoint_dir(dir)?),
+    match init_dir(config)? {
+        Some(dir) => Ok(TextTokenizer::from_checkpoint_dir(&dir)?),
         None => Ok(TextTokenizer::debug()),
+    }
+}
+
+/// The VILA model folder `model.init_from` names: itself, a checkpoint's `model/`, or
+/// a run folder's newest checkpoint (so a stage can start from the previous stage's
+/// run folder).
+pub fn init_dir(config: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
+    match &config.model.init_from {
+        Some(path) => Ok(Some(longview_infer::load::resolve_model_dir(path)?)),
+        None => Ok(None),
     }
 }
 
@@ -316,6 +328,9 @@ pub fn model_config(
     Ok(vlm)
 }
 
+/// Each step's samples, in order, from the data worker.
+pub(crate) type SampleStream = std::sync::mpsc::Receiver<Result<Vec<Sample>, TrainError>>;
+
 /// Starts a worker that builds the samples of `steps` steps (`per_step` each, from
 /// stream position `first`) in order, two steps ahead of the consumer. The worker
 /// stops when the receiver is dropped; an error is sent in place of its step.
@@ -326,7 +341,7 @@ pub(crate) fn prefetch(
     first: usize,
     per_step: usize,
     steps: usize,
-) -> std::sync::mpsc::Receiver<Result<Vec<Sample>, TrainError>> {
+) -> SampleStream {
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let tokenizer = encoder.tokenizer.clone();
     let (template, model) = (encoder.template.clone(), encoder.model.clone());

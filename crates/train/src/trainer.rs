@@ -12,21 +12,19 @@ use burn::tensor::{DType, Device};
 use longview_models::Vlm;
 use longview_models::vila::train_flops;
 
-use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{Encoder, Sample, collate};
 use crate::error::TrainError;
-use crate::grads::count_params;
-use crate::needle::{self, NeedleReport};
+use crate::needle::NeedleReport;
 use crate::plan::AttentionPlan;
-use crate::prepare::{Prepared, load_data, prefetch, prepare};
+use crate::prepare::{Prepared, SampleStream, load_data, prefetch, prepare};
 use crate::remat::{Recompute, loss_and_grads};
-use crate::sinks::{Metrics, Sinks, device_mib, rss_mib};
+use crate::run_loop::RunLoop;
 
 pub use crate::grads::{
     NO_DECAY, cast_grads, cast_params, global_grad_norm, learning_rate, optimizer, scale_grads,
 };
-pub use crate::prepare::{model_config, tokenizer};
+pub use crate::prepare::{init_dir, model_config, tokenizer};
 
 /// How a run is started.
 #[derive(Debug, Clone)]
@@ -171,7 +169,34 @@ pub fn train_with(
     runner: &dyn StepRunner,
 ) -> Result<TrainSummary, TrainError> {
     let mut run = prepare(config, options, device, log, runner)?;
-    let (params, trainable_params) = count_params(&run.model);
+    let (samples, eval, data) = start_data(&run, config, options, runner, device, log)?;
+    let mut book = RunLoop::open(&run, config, options, runner, device, eval)?;
+    for step in book.steps() {
+        let samples = samples
+            .recv()
+            .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
+        let step_timer = Instant::now();
+        let (done, grads) = one_step(&run, config, runner, &samples, step, device)?;
+        if !done.loss.is_finite() {
+            return Err(book.diverged(step, done.loss));
+        }
+        run.model = run.optim.step(done.lr, run.model, grads);
+        book.record(&mut run, &done, step_timer.elapsed().as_secs_f64(), log)?;
+    }
+    book.finish(run, data)
+}
+
+/// Writes the run's config, loads its data and starts the worker that decodes the
+/// samples of this invocation's steps: the sample stream, the held-out set and a
+/// description of the data.
+pub(crate) fn start_data(
+    run: &Prepared,
+    config: &TrainConfig,
+    options: &TrainOptions,
+    runner: &dyn StepRunner,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<(SampleStream, Vec<Sample>, String), TrainError> {
     let out = &config.run.out;
     if runner.writes() {
         std::fs::write(out.join("config.toml"), config.to_toml())
@@ -186,221 +211,38 @@ pub fn train_with(
         height: config.data.height.unwrap_or(side),
     };
     let (train, eval) = load_data(config, &encoder, runner, device, log)?;
-    let total = config.run.steps;
-    let first_step = run.state.step;
-    let last = options
-        .stop_after
-        .map_or(total, |n| (first_step + n).min(total));
-    let mut sinks = Sinks::open(
-        out,
-        runner.writes(),
-        options.progress,
-        first_step,
-        total,
-        run.plan.record(),
-    )?;
-    let mut totals = Totals::default();
-    let timer = Instant::now();
-    let elapsed_before = run.state.elapsed_s;
-    let per_step = config.run.batch_size * config.run.grad_accum;
-
-    // The next steps' samples are decoded on a worker thread while this one computes.
+    let (first, last) = step_range(config, options, run.state.step);
     let data = train.describe();
     let samples = prefetch(
         train,
         &encoder,
         config.run.seed,
         run.state.samples_seen,
-        per_step,
-        last - first_step,
+        config.run.batch_size * config.run.grad_accum,
+        last - first,
     );
-    for step in first_step..last {
-        let samples = samples
-            .recv()
-            .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
-        let step_timer = Instant::now();
-        let (done, grads) = one_step(&run, config, runner, &samples, step, device)?;
-        if !done.loss.is_finite() {
-            sinks.abandon();
-            return Err(TrainError::Diverged {
-                step: step + 1,
-                loss: done.loss,
-            });
-        }
-        run.model = run.optim.step(done.lr, run.model, grads);
-        let step_s = step_timer.elapsed().as_secs_f64();
-        let state = &mut run.state;
-        state.step = step + 1;
-        state.samples_seen += per_step;
-        state.tokens_seen += done.tokens as u64;
-        state.losses.push(done.loss);
-        totals.tokens += done.tokens as u64;
-        totals.flops += done.flops;
-        let run_s = timer.elapsed().as_secs_f64();
-        state.elapsed_s = elapsed_before + run_s;
-
-        let every = config.run.eval_every;
-        let needle_accuracy = if runner.writes()
-            && every > 0
-            && run.state.step % every == 0
-            && run.state.step != total
-            && !eval.is_empty()
-        {
-            let report =
-                needle::score(&run.compute_copy(&run.model), &eval, &run.tokenizer, device)?;
-            let line = format!(
-                "step {}: held-out needle accuracy {:.1}%",
-                run.state.step,
-                100.0 * report.accuracy()
-            );
-            if let Some(line) = sinks.println(line) {
-                log(&line);
-            }
-            Some(report.accuracy())
-        } else {
-            None
-        };
-        let step_done = run.state.step;
-        let (row, message) = step_row(
-            &done,
-            step_s,
-            run_s,
-            run.state.elapsed_s,
-            &mut totals,
-            options,
-            device,
-        );
-        let row = Metrics {
-            step: step_done,
-            needle_accuracy,
-            ..row
-        };
-        if let Some(line) = sinks.step(row, message)? {
-            log(&line);
-        }
-        if runner.writes() && (step_done % config.run.checkpoint_every == 0 || step_done == last) {
-            sinks.flush()?;
-            totals.checkpoint = Some(checkpoint::save(
-                out,
-                &run.model,
-                &run.vlm_config,
-                &run.optim,
-                &run.state,
-                &run.tokenizer_json,
-                config.run.keep_checkpoints,
-            )?);
-        }
-    }
-    sinks.finish()?;
-    let eval_report = match runner.writes() && run.state.step == total && !eval.is_empty() {
-        true => Some(final_eval(&run, &eval, &mut sinks, out, device)?),
-        false => None,
-    };
-    let run_s = timer.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        losses: run.state.losses.clone(),
-        first_step,
-        last_step: run.state.step,
-        tokens_per_s: totals.tokens as f64 / run_s.max(1e-9),
-        model_tflops: totals.flops / run_s.max(1e-9) / 1e12,
-        elapsed_s: run_s,
-        checkpoint: totals.checkpoint,
-        eval: eval_report,
-        data,
-        params,
-        trainable_params,
-        peak_device_mib: totals.peak_device_mib,
-        attention: run.plan.clone(),
-    })
+    Ok((samples, eval, data))
 }
 
-/// The held-out needle score after the last step, written to `needle.json` and the
-/// event files.
-fn final_eval(
-    run: &Prepared,
-    eval: &[Sample],
-    sinks: &mut Sinks,
-    out: &std::path::Path,
-    device: &Device,
-) -> Result<NeedleReport, TrainError> {
-    let report = needle::score(&run.compute_copy(&run.model), eval, &run.tokenizer, device)?;
-    sinks.eval_scalar(run.state.step, report.accuracy())?;
-    let path = out.join("needle.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&report).expect("report serialises"),
-    )
-    .map_err(TrainError::io(&path))?;
-    sinks.flush()?;
-    Ok(report)
-}
-
-/// The metrics row and progress message of a finished step.
-fn step_row(
-    done: &StepDone,
-    step_s: f64,
-    run_s: f64,
-    elapsed_s: f64,
-    totals: &mut Totals,
+/// The steps this invocation runs: from the state's step to `run.steps`, or fewer
+/// with `stop_after`.
+pub(crate) fn step_range(
+    config: &TrainConfig,
     options: &TrainOptions,
-    device: &Device,
-) -> (Metrics, String) {
-    let tokens_per_s = totals.tokens as f64 / run_s.max(1e-9);
-    let model_tflops = done.flops / step_s.max(1e-9) / 1e12;
-    let mfu = options.matmul_tflops.map(|peak| model_tflops / peak);
-    let (rss, device_mib) = (rss_mib(), device_mib(device));
-    if let Some(mib) = device_mib {
-        totals.peak_device_mib = Some(totals.peak_device_mib.map_or(mib, |p: f64| p.max(mib)));
-    }
-    let message = format!(
-        "loss {:.4} lr {:.2e} |g| {:.2} {tokens_per_s:.0} tok/s {}{}",
-        done.loss,
-        done.lr,
-        done.grad_norm,
-        match mfu {
-            Some(m) => format!("MFU {:.1}%", 100.0 * m),
-            None => format!("{model_tflops:.3} TFLOP/s"),
-        },
-        match device_mib {
-            Some(m) => format!(" device {:.1} GiB", m / 1024.0),
-            None => rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m)),
-        }
-    );
-    let row = Metrics {
-        step: 0,
-        loss: done.loss,
-        lr: done.lr,
-        grad_norm: done.grad_norm,
-        tokens: done.tokens,
-        tokens_per_s,
-        step_s,
-        elapsed_s,
-        rss_mib: rss,
-        device_mib,
-        model_tflops,
-        mfu,
-        needle_accuracy: None,
-        attention: None,
-    };
-    (row, message)
-}
-
-/// What this invocation has done so far.
-#[derive(Default)]
-struct Totals {
-    tokens: u64,
-    flops: f64,
-    peak_device_mib: Option<f64>,
-    checkpoint: Option<PathBuf>,
+    first: usize,
+) -> (usize, usize) {
+    let total = config.run.steps;
+    let last = options.stop_after.map_or(total, |n| (first + n).min(total));
+    (first, last)
 }
 
 /// One optimizer step's results.
-struct StepDone {
-    loss: f32,
-    lr: f64,
-    grad_norm: f32,
-    tokens: usize,
-    flops: f64,
+pub(crate) struct StepDone {
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub flops: f64,
 }
 
 /// Forward and backward (on the compute copy under 16-bit compute) and clipping of

@@ -486,9 +486,15 @@ fn needle_scoring_reads_the_answer_positions() {
         expected.push(best as u32);
     }
     let expected = tokenizer.decode(&expected, true).unwrap();
-    let got =
-        longview_train::needle::teacher_forced_answer(&model, sample, &tokenizer, &device).unwrap();
-    assert_eq!(got, expected);
+    // One pass, and chunked prefill with chunks that end inside the prompt, inside the
+    // answer and on their boundary.
+    for chunk in [0, 1, 7, sample.prompt_len - 1, sample.prompt_len] {
+        let got = longview_train::needle::teacher_forced_answer(
+            &model, sample, &tokenizer, chunk, &device,
+        )
+        .unwrap();
+        assert_eq!(got, expected, "prefill chunk {chunk}");
+    }
 }
 
 #[test]

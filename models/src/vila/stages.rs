@@ -20,7 +20,7 @@
 
 use burn::tensor::{Int, Tensor};
 
-use super::text::{Qwen2DecoderLayer, Rope};
+use super::text::{KvCache, Qwen2DecoderLayer, Rope};
 use super::vision::{SiglipEncoderLayer, patch_grid};
 use super::{VisionFeature, VisualInput, Vlm, splice_visual_tokens};
 use crate::attention::AttentionImpl;
@@ -101,6 +101,21 @@ impl Vlm {
     /// Stage 5: the decoder layers.
     pub fn text_layers(&self) -> &[Qwen2DecoderLayer] {
         self.llm.layers()
+    }
+
+    /// Stage 5 over new rows continuing `cache` (the prompt chunk by chunk, then one
+    /// token at a time), extending the cache; returns the last layer's output (stage
+    /// 6 not applied).
+    ///
+    /// # Shapes
+    /// - embeds: `[batch, new, text_hidden]`; position_ids: `[batch, new]`
+    pub fn text_layers_cached(
+        &self,
+        embeds: Tensor<3>,
+        position_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Tensor<3> {
+        self.llm.layers_cached(embeds, position_ids, cache)
     }
 
     /// The attention the text layers call (the same in every layer).

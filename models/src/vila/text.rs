@@ -10,6 +10,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
+pub use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{AttentionLora, Lora};
 pub use super::rope::Rope;
 use super::{IGNORE_INDEX, token_cross_entropy_sum};
@@ -124,32 +125,6 @@ pub struct Qwen2DecoderLayer {
     pub mlp: Qwen2Mlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
-}
-
-/// One layer's cached keys and values (after RoPE), `[batch, kv_heads, len, head_dim]`.
-pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
-
-/// Keys and values of every layer for the tokens processed so far, so that decoding
-/// a new token costs one token's forward pass instead of the whole sequence's.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Tokens cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Qwen2DecoderLayer {
@@ -361,6 +336,22 @@ impl Qwen2 {
         position_ids: Tensor<2, Int>,
         cache: &mut KvCache,
     ) -> Tensor<3> {
+        self.head(self.layers_cached(embeds, position_ids, cache))
+    }
+
+    /// The decoder layers over new tokens continuing `cache` (see
+    /// [`Qwen2::forward_embeds_cached`]), without the final norm and head: what chunked
+    /// prefill runs, taking the head of the rows it needs only.
+    ///
+    /// # Shapes
+    /// - embeds: `[batch, new, hidden]`; position_ids: `[batch, new]`
+    /// - output: `[batch, new, hidden]` (the last layer's output)
+    pub fn layers_cached(
+        &self,
+        embeds: Tensor<3>,
+        position_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Tensor<3> {
         let new = embeds.dims()[1];
         let rope = self.rope(position_ids);
         cache.layers.resize(self.model.layers.len(), None);
@@ -369,7 +360,7 @@ impl Qwen2 {
             x = layer.forward_cached(x, &rope, Some(layer_cache));
         }
         cache.len += new;
-        self.lm_head(self.model.norm.forward(x))
+        x
     }
 
     /// Token ids to logits.

@@ -1,0 +1,196 @@
+//! Chunked prefill: a prompt (visual tokens included) runs through the text layers
+//! `chunk` rows at a time against the growing KV cache, so the activations of one
+//! pass are bounded by the chunk and only the cache grows with the prompt. Each chunk
+//! attends causally to the cached keys and to itself (the causal mask aligns the
+//! query block to the end of the keys), so the result equals a one-pass prefill.
+//!
+//! Also here: frames encoded in batches (only the visual tokens are kept), and the
+//! memory estimate that refuses a request before it is allocated.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
+
+use crate::error::InferError;
+
+/// Prompt rows per prefill chunk unless the caller says otherwise.
+pub const DEFAULT_CHUNK: usize = 2048;
+
+/// Frames per vision-encoder batch unless the caller says otherwise.
+pub const DEFAULT_FRAME_BATCH: usize = 32;
+
+/// Token embeddings of `ids` (`[1, len]`) with the visual tokens of `visual` written
+/// over its placeholders. Frames are encoded `frame_batch` at a time.
+///
+/// # Shapes
+/// - output: `[1, len, text_hidden]`
+pub fn embed_prompt(
+    model: &Vlm,
+    ids: &[u32],
+    visual: VisualInput,
+    frame_batch: usize,
+    device: &Device,
+) -> Result<Tensor<3>, InferError> {
+    if ids.is_empty() {
+        return Err(InferError::Request("the prompt is empty".into()));
+    }
+    let input_ids = Tensor::<2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, ids.len()]),
+        device,
+    );
+    let visual = match visual {
+        VisualInput::Pixels(pixels) => Some(encode_in_batches(model, pixels, frame_batch)),
+        VisualInput::Embeddings(tokens) => Some(tokens),
+        VisualInput::None => None,
+    };
+    let text = model.embed_tokens(input_ids.clone());
+    Ok(model.splice(text, &input_ids, visual)?)
+}
+
+/// Stages 1-3 on `pixels`, `batch` frames at a time; each batch's activations are
+/// freed once its visual tokens exist.
+///
+/// # Shapes
+/// - pixels: `[frames, 3, side, side]`; output: `[frames, tokens_per_frame, text_hidden]`
+pub fn encode_in_batches(model: &Vlm, pixels: Tensor<4>, batch: usize) -> Tensor<3> {
+    let frames = pixels.dims()[0];
+    let batch = batch.max(1);
+    if frames <= batch {
+        return model.encode_frames(pixels);
+    }
+    let parts: Vec<Tensor<3>> = (0..frames)
+        .step_by(batch)
+        .map(|start| {
+            let end = (start + batch).min(frames);
+            model.encode_frames(pixels.clone().narrow(0, start, end - start))
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// Runs `embeds` (new rows continuing `cache`, the same count for every sequence of
+/// the batch) through the text layers `chunk` rows at a time, extending `cache`, and
+/// returns the last layer's output (before the final norm) at rows `keep_from..`.
+/// `chunk = 0` runs everything in one pass.
+///
+/// # Shapes
+/// - embeds: `[batch, new, hidden]`; output: `[batch, new - keep_from, hidden]`
+pub fn prefill(
+    model: &Vlm,
+    embeds: Tensor<3>,
+    chunk: usize,
+    cache: &mut KvCache,
+    keep_from: usize,
+) -> Tensor<3> {
+    let [batch, new, _] = embeds.dims();
+    assert!(keep_from < new, "prefill keeps rows {keep_from}.. of {new}");
+    let chunk = if chunk == 0 { new } else { chunk };
+    let device = embeds.device();
+    let mut kept = Vec::new();
+    let mut start = 0;
+    while start < new {
+        let end = (start + chunk).min(new);
+        let positions = positions(batch, cache.len(), end - start, &device);
+        let hidden = model.text_layers_cached(
+            embeds.clone().narrow(1, start, end - start),
+            positions,
+            cache,
+        );
+        if end > keep_from {
+            let from = keep_from.max(start) - start;
+            kept.push(hidden.narrow(1, from, end - start - from));
+        }
+        start = end;
+    }
+    Tensor::cat(kept, 1)
+}
+
+/// Positions `first..first + len` for every sequence of a batch.
+pub fn positions(batch: usize, first: usize, len: usize, device: &Device) -> Tensor<2, Int> {
+    let row: Vec<i64> = (first..first + len).map(|p| p as i64).collect();
+    let data: Vec<i64> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+    Tensor::from_data(TensorData::new(data, [batch, len]), device)
+}
+
+/// What one request needs on the device, in bytes: the KV cache of `sequences`
+/// sequences of `prompt + new` tokens, and the activations of one prefill chunk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    pub kv_cache: f64,
+    pub activations: f64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> f64 {
+        self.kv_cache + self.activations
+    }
+}
+
+/// Estimates the device memory of a request at `bytes_per_value` (4 for f32, 2 for
+/// bf16/f16): the KV cache (every layer's keys and values of `prompt + new` tokens,
+/// for `sequences` sequences) plus one prefill chunk's activations (hidden states,
+/// q/k/v, the MLP's intermediate rows, and the reference attention's score matrix
+/// `heads x chunk x (prompt)` in f32, the worst case).
+pub fn estimate(
+    config: &VlmConfig,
+    prompt: usize,
+    new: usize,
+    sequences: usize,
+    chunk: usize,
+    bytes_per_value: usize,
+) -> MemoryEstimate {
+    let t = &config.text;
+    let head_dim = t.head_dim() as f64;
+    let per_token_kv = 2.0 * t.num_layers as f64 * t.num_kv_heads as f64 * head_dim;
+    let kv_cache = per_token_kv * (prompt + new) as f64 * sequences as f64 * bytes_per_value as f64;
+    let rows = if chunk == 0 {
+        prompt
+    } else {
+        chunk.min(prompt)
+    } as f64;
+    let per_row = 4.0 * t.hidden_size as f64 + 3.0 * t.intermediate_size as f64;
+    let scores = t.num_heads as f64 * rows * prompt as f64 * 4.0;
+    let logits_row = t.vocab_size as f64 * 4.0 * sequences as f64;
+    MemoryEstimate {
+        kv_cache,
+        activations: rows * per_row * bytes_per_value as f64 + scores + logits_row,
+    }
+}
+
+/// Refuses a request whose estimate exceeds `available` bytes, naming the numbers and
+/// what would fit.
+pub fn check_fits(
+    estimate: &MemoryEstimate,
+    available: f64,
+    prompt: usize,
+    chunk: usize,
+) -> Result<(), InferError> {
+    if estimate.total() <= available {
+        return Ok(());
+    }
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let advice = if estimate.kv_cache > available {
+        "the KV cache alone does not fit: use fewer frames, fewer samples, or sequence-parallel inference over several devices"
+    } else {
+        "use a smaller prefill chunk"
+    };
+    Err(InferError::Request(format!(
+        "a {prompt}-token prompt (prefill chunk {chunk}) needs about {:.2} GiB ({:.2} GiB KV cache + {:.2} GiB activations) but {:.2} GiB is available: {advice}",
+        gib(estimate.total()),
+        gib(estimate.kv_cache),
+        gib(estimate.activations),
+        gib(available)
+    )))
+}
+
+/// Memory available to a CPU device now (`MemAvailable`), where the system says.
+pub fn host_available_bytes() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024.0)
+}

@@ -1,0 +1,206 @@
+//! The inference engine against one-pass references on the debug VLM (random
+//! weights, CPU): chunked prefill gives the one-pass logits, a group of samples over
+//! a shared prefill gives what separate runs give, and the sampling log-probabilities
+//! equal those a training forward recomputes.
+
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use longview_infer::generate::{Decoding, GenerateOptions, generate, generate_group};
+use longview_infer::prefill::{check_fits, embed_prompt, estimate, prefill};
+use longview_models::vila::default_position_ids;
+use longview_models::{KvCache, VisualInput, Vlm, VlmConfig, VlmInput};
+
+const FRAMES: usize = 2;
+
+fn model_and_prompt(device: &Device) -> (Vlm, Vec<u32>, Tensor<4>) {
+    device.seed(11);
+    let config = VlmConfig::debug();
+    let model = config.init(device);
+    let placeholder = model.placeholder_token_id;
+    let mut ids: Vec<u32> = vec![5, 17, 3];
+    ids.extend(std::iter::repeat_n(
+        placeholder,
+        FRAMES * config.tokens_per_frame(),
+    ));
+    ids.extend([41, 7, 9, 12]);
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random(
+        [FRAMES, 3, side, side],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    (model, ids, pixels)
+}
+
+fn host(t: Tensor<3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// max |a - b| / max(|b|, 1): relative where values are large, absolute near zero.
+fn worst_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
+}
+
+#[test]
+fn chunked_prefill_gives_the_one_pass_logits() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    let expected = host(
+        model
+            .forward(VlmInput {
+                input_ids: ids_tensor(&ids, &device),
+                position_ids: default_position_ids(1, ids.len(), &device),
+                visual: VisualInput::Pixels(pixels.clone()),
+            })
+            .unwrap(),
+    );
+    let vocab = expected.len() / ids.len();
+    // Chunks smaller than a frame, straddling the visual tokens, one row, and one
+    // pass; frames encoded one at a time.
+    for chunk in [1, 3, 5, ids.len() - 1, 0] {
+        let embeds = embed_prompt(
+            &model,
+            &ids,
+            VisualInput::Pixels(pixels.clone()),
+            1,
+            &device,
+        )
+        .unwrap();
+        let mut cache = KvCache::new();
+        let keep_from = 2;
+        let hidden = prefill(&model, embeds, chunk, &mut cache, keep_from);
+        assert_eq!(cache.len(), ids.len());
+        let got = host(model.logits(hidden));
+        let worst = worst_error(&got, &expected[keep_from * vocab..]);
+        // Same f32 arithmetic split at other row boundaries: summation order in the
+        // attention's softmax differs, nothing else.
+        assert!(worst < 1e-5, "chunk {chunk}: worst error {worst}");
+    }
+}
+
+fn decodings() -> Vec<Decoding> {
+    vec![
+        Decoding::Greedy,
+        Decoding::TopP {
+            top_p: 0.99,
+            temperature: 1.0,
+            seed: 1,
+        },
+        Decoding::TopP {
+            top_p: 0.99,
+            temperature: 1.0,
+            seed: 2,
+        },
+        Decoding::TopP {
+            top_p: 0.8,
+            temperature: 0.7,
+            seed: 3,
+        },
+        Decoding::TopP {
+            top_p: 1.0,
+            temperature: 1.3,
+            seed: 4,
+        },
+    ]
+}
+
+#[test]
+fn a_group_over_one_prefill_equals_separate_runs() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    // Stop on a few common ids so that sequences leave the batch at different steps.
+    let options = GenerateOptions {
+        prefill_chunk: 4,
+        ..GenerateOptions::new(12, Decoding::Greedy, vec![0, 1, 2])
+    };
+    let visual = || VisualInput::Pixels(pixels.clone());
+    let group = generate_group(&model, &ids, visual(), &decodings(), &options, &device).unwrap();
+    assert_eq!(group.len(), decodings().len());
+    let mut lengths = Vec::new();
+    for (decoding, got) in decodings().into_iter().zip(&group) {
+        let alone = generate(
+            &model,
+            &ids,
+            visual(),
+            &GenerateOptions {
+                decoding,
+                prefill_chunk: 0,
+                ..options.clone()
+            },
+            &device,
+        )
+        .unwrap();
+        assert_eq!(got.tokens, alone, "{decoding:?}");
+        assert_eq!(got.logprobs.len(), got.tokens.len());
+        lengths.push(got.tokens.len());
+    }
+    // The samples really differ (else the test shows nothing about batching).
+    let distinct: std::collections::HashSet<_> = group.iter().map(|g| g.tokens.clone()).collect();
+    assert!(distinct.len() >= 3, "samples {group:?}");
+    println!("sample lengths {lengths:?}");
+}
+
+#[test]
+fn sampling_logprobs_equal_a_recomputed_forward() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    let options = GenerateOptions::new(10, Decoding::Greedy, vec![]);
+    let samples = decodings();
+    let visual = VisualInput::Embeddings(model.encode_frames(pixels));
+    let group = generate_group(&model, &ids, visual.clone(), &samples, &options, &device).unwrap();
+    for (decoding, generation) in samples.iter().zip(&group) {
+        let mut full = ids.clone();
+        full.extend(&generation.tokens);
+        let logits = model
+            .forward(VlmInput {
+                input_ids: ids_tensor(&full, &device),
+                position_ids: default_position_ids(1, full.len(), &device),
+                visual: visual.clone(),
+            })
+            .unwrap();
+        let scaled = logits.div_scalar(decoding.temperature());
+        let logp = burn::tensor::activation::log_softmax(scaled, 2);
+        let vocab = logp.dims()[2];
+        let logp = host(logp);
+        for (k, (&token, &sampled)) in generation
+            .tokens
+            .iter()
+            .zip(&generation.logprobs)
+            .enumerate()
+        {
+            let row = ids.len() - 1 + k;
+            let recomputed = logp[row * vocab + token as usize];
+            let error = (recomputed - sampled).abs() / recomputed.abs().max(1.0);
+            assert!(
+                error < 1e-5,
+                "{decoding:?} token {k}: sampled {sampled} vs recomputed {recomputed}"
+            );
+        }
+    }
+}
+
+#[test]
+fn requests_too_large_for_memory_are_refused_with_the_numbers() {
+    let config = VlmConfig::named("1.5b").unwrap();
+    // An hour of video at 197 tokens a frame, 5 samples, in bf16.
+    let prompt = 3600 * config.tokens_per_frame() + 64;
+    let need = estimate(&config, prompt, 512, 5, 2048, 2);
+    assert!(need.kv_cache > 1e9, "{need:?}");
+    let err = check_fits(&need, 8.0 * (1u64 << 30) as f64, prompt, 2048).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("KV cache") && message.contains("GiB"),
+        "{message}"
+    );
+    assert!(message.contains(&prompt.to_string()), "{message}");
+    // Enough memory: accepted.
+    check_fits(&need, need.total() * 1.01, prompt, 2048).unwrap();
+}

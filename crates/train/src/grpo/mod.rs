@@ -1,0 +1,312 @@
+//! LongVILA-R1's reinforcement learning stage: GRPO on video questions
+//! (`model.stage = "grpo"`, settings in `[grpo]`, `docs/algorithms.md` section 9).
+//!
+//! Each step draws `run.batch_size` prompts, encodes each video once and keeps its
+//! visual tokens (MR-SP's embedding cache), samples `grpo.group_size` responses per
+//! prompt over one shared prefill ([`longview_infer::generate::generate_group`]),
+//! scores them ([`reward`]), and runs `grpo.minibatches` AdamW updates of the clipped
+//! objective ([`loss`]) with the old-policy and reference log-probs recomputed in the
+//! rollout's layout ([`logprobs`]). The reference is the starting model
+//! (`model.init_from`, or the random initialisation, saved to `<run.out>/reference`). One device;
+//! sequence-parallel rollouts and log-probs are not built yet.
+
+pub mod config;
+pub mod logprobs;
+pub mod loss;
+pub mod reward;
+pub mod step;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{DType, Device};
+use longview_infer::generate::{Decoding, GenerateOptions, generate_group, stop_tokens};
+use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
+use longview_models::{VisualInput, Vlm};
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::data::Sample;
+use crate::error::TrainError;
+use crate::grads::{cast_grads, cast_params, learning_rate};
+use crate::prepare::{Prepared, init_dir, prepare};
+use crate::trainer::{SingleDevice, TrainOptions, start_data};
+use reward::{Reward, ThinkAnswerReward, answers_match, extract_answer};
+use step::{StepReport, rollouts, update};
+
+/// What a GRPO run did.
+#[derive(Debug, Clone)]
+pub struct GrpoSummary {
+    pub first_step: usize,
+    pub last_step: usize,
+    /// This invocation's steps, in order.
+    pub reports: Vec<StepReport>,
+    /// Held-out accuracy of greedy answers before the first and after the last step
+    /// of this invocation (when the data has a held-out set).
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+    pub checkpoint: Option<PathBuf>,
+    pub elapsed_s: f64,
+}
+
+/// Runs (or resumes) a GRPO run on one device with LongVILA-R1's reward
+/// ([`ThinkAnswerReward`]); `log` receives human-readable lines.
+pub fn train_grpo(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<GrpoSummary, TrainError> {
+    let reward = ThinkAnswerReward {
+        accuracy_weight: config.grpo.accuracy_weight,
+    };
+    train_grpo_with(config, options, device, log, &reward)
+}
+
+/// [`train_grpo`] with another reward.
+pub fn train_grpo_with(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    reward: &dyn Reward,
+) -> Result<GrpoSummary, TrainError> {
+    let g = &config.grpo;
+    g.check(config.run.batch_size)
+        .map_err(|(key, message)| TrainError::Config {
+            source_name: "(grpo)".into(),
+            message: format!("`{key}`: {message}"),
+        })?;
+    let runner = SingleDevice::default();
+    let mut run = prepare(config, options, device, log, &runner)?;
+    let reference = reference_model(config, &run, device, log)?;
+    let (samples, eval, data) = start_data(&run, config, options, &runner, device, log)?;
+    log(&format!("data: {data}"));
+    let stop = stop_tokens(&run.tokenizer);
+    let total = config.run.steps;
+    let (first, last) = crate::trainer::step_range(config, options, run.state.step);
+    let timer = Instant::now();
+    let eval_before = held_out(&run, &eval, &stop, g.max_response_tokens, device)?;
+    if let Some(acc) = eval_before {
+        log(&format!(
+            "held-out accuracy before step {}: {:.1}%",
+            first + 1,
+            100.0 * acc
+        ));
+    }
+    let metrics_path = config.run.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(TrainError::io(&metrics_path))?;
+    let mut reports = Vec::new();
+    let mut saved = None;
+    for step in first..last {
+        let batch = samples
+            .recv()
+            .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
+        let report = grpo_step(
+            &mut run,
+            reference.as_ref(),
+            &batch,
+            &stop,
+            reward,
+            config,
+            step,
+            device,
+        )?;
+        run.state.step = step + 1;
+        run.state.samples_seen += batch.len();
+        run.state.losses.push(report.loss);
+        run.state.elapsed_s += report.rollout_s + report.update_s;
+        let row = serde_json::json!({ "step": step + 1, "stage": "grpo", "lr": learning_rate(&config.optim, step, total), "report": report });
+        writeln!(metrics, "{row}").map_err(TrainError::io(&metrics_path))?;
+        log(&format!(
+            "step {}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s update {:.1}s",
+            step + 1,
+            report.reward_mean,
+            report.reward_std,
+            100.0 * report.accuracy,
+            100.0 * report.format_rate,
+            report.kl,
+            report.clip_fraction,
+            report.response_tokens_mean,
+            report.rollout_s,
+            report.update_s,
+        ));
+        reports.push(report);
+        let done = step + 1;
+        if done % config.run.checkpoint_every == 0 || done == last {
+            metrics.flush().map_err(TrainError::io(&metrics_path))?;
+            saved = Some(checkpoint::save(
+                &config.run.out,
+                &run.model,
+                &run.vlm_config,
+                &run.optim,
+                &run.state,
+                &run.tokenizer_json,
+                config.run.keep_checkpoints,
+            )?);
+        }
+    }
+    let eval_after = held_out(&run, &eval, &stop, g.max_response_tokens, device)?;
+    if let Some(acc) = eval_after {
+        log(&format!(
+            "held-out accuracy after step {last}: {:.1}%",
+            100.0 * acc
+        ));
+    }
+    Ok(GrpoSummary {
+        first_step: first,
+        last_step: run.state.step,
+        reports,
+        eval_before,
+        eval_after,
+        checkpoint: saved,
+        elapsed_s: timer.elapsed().as_secs_f64(),
+    })
+}
+
+/// Rollouts with the current policy, then the updates.
+#[allow(clippy::too_many_arguments)]
+fn grpo_step(
+    run: &mut Prepared,
+    reference: Option<&Vlm>,
+    batch: &[Sample],
+    stop: &[u32],
+    reward: &dyn Reward,
+    config: &TrainConfig,
+    step: usize,
+    device: &Device,
+) -> Result<StepReport, TrainError> {
+    let g = &config.grpo;
+    let timer = Instant::now();
+    let mut working = run.compute_copy(&run.model);
+    let policy = working.valid();
+    let inner = device.clone().inner();
+    let groups = rollouts(
+        &policy,
+        batch,
+        &run.tokenizer,
+        stop,
+        reward,
+        g,
+        config.run.seed,
+        step,
+        &inner,
+    )?;
+    drop(policy);
+    let rollout_s = timer.elapsed().as_secs_f64();
+    let generated: usize = groups
+        .iter()
+        .flat_map(|x| x.generations.iter().map(|s| s.tokens.len()))
+        .sum();
+
+    let lr = learning_rate(&config.optim, step, config.run.steps);
+    let (compute, master) = (run.compute, run.master);
+    let optim = &mut run.optim;
+    let mut master_weights = master.then(|| run.model.clone());
+    let mut apply = |working: Vlm, mut grads| match &mut master_weights {
+        Some(weights) => {
+            cast_grads(weights, &mut grads, DType::F32);
+            let updated = optim.step(lr, weights.clone(), grads);
+            *weights = updated.clone();
+            cast_params(updated, compute)
+        }
+        None => optim.step(lr, working, grads),
+    };
+    let clip = config.optim.clip_grad_norm as f32;
+    let mut report = update(&mut working, reference, groups, g, clip, device, &mut apply)?;
+    run.model = master_weights.unwrap_or(working);
+    report.rollout_s = rollout_s;
+    report.decode_tokens_per_s = generated as f64 / rollout_s.max(1e-9);
+    Ok(report)
+}
+
+/// The frozen reference (untracked): the starting weights, read from disk so that a
+/// resumed run gets exactly the same ones: `model.init_from`, or for a run from
+/// random weights the copy of them written to `<run.out>/reference` before the first
+/// step. Built only when the KL term is on.
+fn reference_model(
+    config: &TrainConfig,
+    run: &Prepared,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<Option<Vlm>, TrainError> {
+    if config.grpo.kl_coef == 0.0 {
+        return Ok(None);
+    }
+    let dir = match init_dir(config)? {
+        Some(dir) => dir,
+        None => {
+            let dir = config.run.out.join("reference");
+            if run.state.step == 0 {
+                let options = SaveOptions {
+                    dtype: DType::F32,
+                    max_shard_bytes: Some(5 << 30),
+                };
+                save_vila(&run.model, &run.vlm_config, &dir, options)?;
+            } else if !dir.join("config.json").exists() {
+                return Err(TrainError::checkpoint(
+                    &dir,
+                    "the resumed run's reference weights (written at its start) are missing",
+                ));
+            }
+            dir
+        }
+    };
+    log(&format!("reference for the KL term: {}", dir.display()));
+    let (model, _) = load_vila(&dir, device)?;
+    Ok(Some(
+        run.plan.apply(cast_params(model, run.compute)).valid(),
+    ))
+}
+
+/// Share of held-out samples whose greedy answer (inside `<answer>`, else the whole
+/// response) matches.
+fn held_out(
+    run: &Prepared,
+    eval: &[Sample],
+    stop: &[u32],
+    max_tokens: usize,
+    device: &Device,
+) -> Result<Option<f64>, TrainError> {
+    if eval.is_empty() {
+        return Ok(None);
+    }
+    let policy = run.compute_copy(&run.model).valid();
+    let inner = device.clone().inner();
+    let options = GenerateOptions::new(max_tokens, Decoding::Greedy, stop.to_vec());
+    let mut correct = 0;
+    for sample in eval {
+        let side = sample.side;
+        let visual = if sample.frames == 0 {
+            VisualInput::None
+        } else {
+            VisualInput::Pixels(burn::tensor::Tensor::from_data(
+                burn::tensor::TensorData::new(
+                    sample.pixels.clone(),
+                    [sample.frames, 3, side, side],
+                ),
+                &inner,
+            ))
+        };
+        let prompt = &sample.ids[..sample.prompt_len];
+        let out = generate_group(
+            &policy,
+            prompt,
+            visual,
+            &[Decoding::Greedy],
+            &options,
+            &inner,
+        )?;
+        let text = run.tokenizer.decode(&out[0].tokens, true)?;
+        let truth = extract_answer(&sample.answer).unwrap_or(&sample.answer);
+        let answer = extract_answer(&text).unwrap_or(&text);
+        correct += usize::from(answers_match(answer, truth));
+    }
+    Ok(Some(correct as f64 / eval.len() as f64))
+}

@@ -1,0 +1,318 @@
+//! One GRPO step on one device: rollouts for a batch of prompts (each video encoded
+//! once, its visual tokens reused by every pass: the G samples' shared prefill, the
+//! old-policy, reference and actor log-prob passes), rewards and group advantages,
+//! then `minibatches` AdamW updates of the clipped-ratio + KL objective.
+
+use std::time::Instant;
+
+use burn::module::Module;
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use longview_data::TextTokenizer;
+use longview_infer::generate::{Decoding, GenerateOptions, Generation, generate_group};
+use longview_models::{VisualInput, Vlm};
+
+use super::config::GrpoConfig;
+use super::logprobs::response_logprobs;
+use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
+use super::reward::{Reward, Scored, extract_answer};
+use crate::data::Sample;
+use crate::error::TrainError;
+use crate::grads::{global_grad_norm, scale_grads};
+use longview_infer::sample::mix;
+
+/// One prompt's rollouts.
+pub struct Group {
+    pub prompt: Vec<u32>,
+    /// The prompt's frames (`[frames, 3, side, side]`, untracked), kept only when
+    /// every pass re-encodes them.
+    pixels: Option<Tensor<4>>,
+    /// Visual tokens from the rollout's encoding, untracked: what every pass reuses.
+    visual: Option<Tensor<3>>,
+    pub truth: String,
+    pub generations: Vec<Generation>,
+    pub scores: Vec<Scored>,
+    pub advantages: Vec<f32>,
+}
+
+/// What a step did, for the metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StepReport {
+    pub reward_mean: f32,
+    pub reward_std: f32,
+    pub accuracy: f32,
+    pub format_rate: f32,
+    pub response_tokens_mean: f32,
+    pub kl: f32,
+    pub clip_fraction: f32,
+    pub entropy: f32,
+    pub loss: f32,
+    pub grad_norm: f32,
+    /// Groups dropped because every reward was equal (`grpo.drop_equal_groups`).
+    pub dropped_groups: usize,
+    /// Optimizer updates skipped for a non-finite gradient norm.
+    pub skipped_updates: usize,
+    /// Largest |rollout log-prob - recomputed old log-prob| over the step's tokens: a
+    /// rollout/training layout mismatch shows here.
+    pub logprob_mismatch: f32,
+    pub rollout_s: f64,
+    pub update_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Samples `config.group_size` responses for each sample's prompt with `policy`
+/// (untracked), scores them and computes the group advantages. Sample seeds are a
+/// function of `(seed, step, prompt, sample)`, so a resumed run repeats them.
+pub fn rollouts(
+    policy: &Vlm,
+    samples: &[Sample],
+    tokenizer: &TextTokenizer,
+    stop: &[u32],
+    reward: &dyn Reward,
+    config: &GrpoConfig,
+    seed: u64,
+    step: usize,
+    device: &Device,
+) -> Result<Vec<Group>, TrainError> {
+    let options = GenerateOptions {
+        prefill_chunk: config.prefill_chunk,
+        ..GenerateOptions::new(config.max_response_tokens, Decoding::Greedy, stop.to_vec())
+    };
+    let mut groups = Vec::with_capacity(samples.len());
+    for (p, sample) in samples.iter().enumerate() {
+        let prompt = sample.ids[..sample.prompt_len].to_vec();
+        let pixels = (sample.frames > 0).then(|| {
+            let side = sample.side;
+            Tensor::<4>::from_data(
+                TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
+                device,
+            )
+        });
+        // Encoded once; the rollouts' prefill and every log-prob pass reuse it.
+        let visual = pixels.clone().map(|p| policy.encode_frames(p));
+        let decodings: Vec<Decoding> = (0..config.group_size)
+            .map(|g| Decoding::TopP {
+                top_p: config.top_p,
+                temperature: config.temperature,
+                seed: mix(mix(seed ^ 0x6772_706f, step as u64), (p * 1_000 + g) as u64),
+            })
+            .collect();
+        let input = visual
+            .clone()
+            .map_or(VisualInput::None, VisualInput::Embeddings);
+        let generations = generate_group(policy, &prompt, input, &decodings, &options, device)?;
+        let truth = extract_answer(&sample.answer)
+            .unwrap_or(&sample.answer)
+            .to_string();
+        let scores: Vec<Scored> = generations
+            .iter()
+            .map(|g| Ok(reward.score(&tokenizer.decode(&g.tokens, true)?, &truth)))
+            .collect::<Result<_, TrainError>>()?;
+        groups.push(Group {
+            prompt,
+            pixels: config.reencode_video.then_some(pixels).flatten(),
+            visual,
+            truth,
+            generations,
+            scores,
+            advantages: Vec::new(),
+        });
+    }
+    Ok(groups)
+}
+
+/// Log-probs of every group's responses under `model` with untracked values: the old
+/// policy's and the reference's.
+fn fixed_logprobs(
+    model: &Vlm,
+    group: &Group,
+    config: &GrpoConfig,
+    device: &Device,
+) -> Result<Option<Tensor<2>>, TrainError> {
+    let visual = match &group.pixels {
+        Some(pixels) => Some(model.encode_frames(pixels.clone())),
+        None => group.visual.clone(),
+    };
+    let responses: Vec<Vec<u32>> = group.generations.iter().map(|g| g.tokens.clone()).collect();
+    Ok(response_logprobs(
+        model,
+        &group.prompt,
+        visual.as_ref(),
+        &responses,
+        config.temperature,
+        device,
+    )?
+    .map(|l| l.logp))
+}
+
+/// The rollout batch's updates: advantages, old and reference log-probs, then
+/// `config.minibatches` AdamW steps. `step_fn` applies one update given the
+/// gradients; returns the step's report (rollout fields filled by the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    model: &mut Vlm,
+    reference: Option<&Vlm>,
+    mut groups: Vec<Group>,
+    config: &GrpoConfig,
+    clip_grad_norm: f32,
+    device: &Device,
+    apply: &mut dyn FnMut(Vlm, GradientsParams) -> Vlm,
+) -> Result<StepReport, TrainError> {
+    let timer = Instant::now();
+    let mut report = StepReport::default();
+    let all: Vec<Scored> = groups.iter().flat_map(|g| g.scores.clone()).collect();
+    let n = all.len().max(1) as f32;
+    report.reward_mean = all.iter().map(|s| s.total).sum::<f32>() / n;
+    report.reward_std = (all
+        .iter()
+        .map(|s| (s.total - report.reward_mean).powi(2))
+        .sum::<f32>()
+        / (n - 1.0).max(1.0))
+    .sqrt();
+    report.accuracy = all.iter().map(|s| s.accuracy).sum::<f32>() / n;
+    report.format_rate = all.iter().map(|s| s.format).sum::<f32>() / n;
+    let lengths: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| g.generations.iter().map(|x| x.tokens.len()))
+        .collect();
+    report.response_tokens_mean = lengths.iter().sum::<usize>() as f32 / n;
+
+    for group in &mut groups {
+        let rewards: Vec<f32> = group.scores.iter().map(|s| s.total).collect();
+        group.advantages = group_advantages(&rewards, config.loss.normalize_std());
+    }
+    if config.drop_equal_groups {
+        let before = groups.len();
+        groups.retain(|g| g.scores.iter().any(|s| s.total != g.scores[0].total));
+        report.dropped_groups = before - groups.len();
+    }
+    // Old-policy and reference log-probs, before any update, untracked.
+    let plain = model.valid();
+    let inner = device.clone().inner();
+    let mut fixed = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let old = fixed_logprobs(&plain, group, config, &inner)?;
+        if let Some(old) = &old {
+            report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old));
+        }
+        let reference = match reference {
+            Some(r) if config.kl_coef > 0.0 => fixed_logprobs(r, group, config, &inner)?,
+            _ => None,
+        };
+        fixed.push((old, reference));
+    }
+    drop(plain);
+
+    let per_batch = groups.len().div_ceil(config.minibatches.max(1)).max(1);
+    let order: Vec<usize> = (0..groups.len()).collect();
+    let (mut kl_sum, mut clip_sum, mut entropy_sum, mut tokens_sum, mut loss_sum) =
+        (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32);
+    for batch in order.chunks(per_batch) {
+        let denominator = match config.loss.aggregation() {
+            Aggregation::TokenMean => batch
+                .iter()
+                .map(|&i| token_count(&groups[i]))
+                .sum::<usize>() as f32,
+            Aggregation::SeqSumNorm => {
+                (batch
+                    .iter()
+                    .map(|&i| groups[i].generations.len())
+                    .sum::<usize>()
+                    * config.max_response_tokens) as f32
+            }
+        };
+        if denominator == 0.0 {
+            continue;
+        }
+        let mut accumulator = GradientsAccumulator::<Vlm>::new();
+        let mut any = false;
+        for &i in batch {
+            let group = &groups[i];
+            let (Some(old), reference) = &fixed[i] else {
+                continue;
+            };
+            let visual = match &group.pixels {
+                Some(pixels) => Some(model.encode_frames(pixels.clone().autodiff())),
+                None => group.visual.clone().map(|v| v.autodiff()),
+            };
+            let responses: Vec<Vec<u32>> =
+                group.generations.iter().map(|g| g.tokens.clone()).collect();
+            let Some(actor) = response_logprobs(
+                model,
+                &group.prompt,
+                visual.as_ref(),
+                &responses,
+                config.temperature,
+                device,
+            )?
+            else {
+                continue;
+            };
+            let advantages = Tensor::<1>::from_data(
+                TensorData::new(group.advantages.clone(), [group.advantages.len()]),
+                device,
+            );
+            let losses = token_losses(
+                actor.logp,
+                old.clone().autodiff(),
+                reference.clone().map(|r| r.autodiff()),
+                advantages,
+                &config.settings(),
+            );
+            let loss = masked_sum(losses.loss, actor.mask.clone()).div_scalar(denominator);
+            let host = |t: Tensor<1>| t.inner().into_scalar::<f32>();
+            loss_sum += host(loss.clone().detach());
+            kl_sum += host(masked_sum(losses.kl.detach(), actor.mask.clone()));
+            clip_sum += host(masked_sum(losses.clipped.detach(), actor.mask.clone()));
+            entropy_sum += host(actor.entropy.sum());
+            tokens_sum += host(actor.mask.sum());
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
+            any = true;
+        }
+        if !any {
+            continue;
+        }
+        let mut grads = accumulator.grads();
+        let norm = global_grad_norm(model, &grads);
+        report.grad_norm = norm;
+        if !norm.is_finite() {
+            report.skipped_updates += 1;
+            continue;
+        }
+        if clip_grad_norm > 0.0 && norm > clip_grad_norm {
+            scale_grads(model, &mut grads, clip_grad_norm / norm);
+        }
+        *model = apply(model.clone(), grads);
+    }
+    let tokens = tokens_sum.max(1.0);
+    report.kl = kl_sum / tokens;
+    report.clip_fraction = clip_sum / tokens;
+    report.entropy = entropy_sum / tokens;
+    report.loss = loss_sum;
+    report.update_s = timer.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn token_count(group: &Group) -> usize {
+    group.generations.iter().map(|g| g.tokens.len()).sum()
+}
+
+/// Largest |sampling log-prob - recomputed log-prob| over a group's tokens.
+fn mismatch(group: &Group, old: &Tensor<2>) -> f32 {
+    let [_, width] = old.dims();
+    let host = old
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
+    let mut worst = 0.0f32;
+    for (i, generation) in group.generations.iter().enumerate() {
+        for (k, &sampled) in generation.logprobs.iter().enumerate() {
+            worst = worst.max((host[i * width + k] - sampled).abs());
+        }
+    }
+    worst
+}

@@ -1,0 +1,261 @@
+//! The bookkeeping around the training loop's steps: trainer state, periodic
+//! held-out evaluation, metric rows and progress ([`crate::sinks`]), checkpoints, and
+//! the run's summary. [`crate::trainer::train_with`] computes the steps and hands each
+//! finished one to [`RunLoop::record`].
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::Device;
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::data::Sample;
+use crate::error::TrainError;
+use crate::grads::count_params;
+use crate::needle::{self, NeedleReport};
+use crate::prepare::Prepared;
+use crate::sinks::{Metrics, Sinks, device_mib, rss_mib};
+use crate::trainer::{StepDone, StepRunner, TrainOptions, TrainSummary, step_range};
+
+/// One invocation's loop state: which steps it runs, where its metrics go, what it
+/// has done so far.
+pub(crate) struct RunLoop<'a> {
+    config: &'a TrainConfig,
+    options: &'a TrainOptions,
+    runner: &'a dyn StepRunner,
+    device: &'a Device,
+    /// The held-out samples scored every `run.eval_every` steps and at the end.
+    eval: Vec<Sample>,
+    sinks: Sinks,
+    first_step: usize,
+    last_step: usize,
+    timer: Instant,
+    elapsed_before: f64,
+    totals: Totals,
+}
+
+/// What this invocation has done so far.
+#[derive(Default)]
+struct Totals {
+    tokens: u64,
+    flops: f64,
+    peak_device_mib: Option<f64>,
+    checkpoint: Option<PathBuf>,
+}
+
+impl<'a> RunLoop<'a> {
+    /// Opens the metric sinks for the steps this invocation runs.
+    pub fn open(
+        run: &Prepared,
+        config: &'a TrainConfig,
+        options: &'a TrainOptions,
+        runner: &'a dyn StepRunner,
+        device: &'a Device,
+        eval: Vec<Sample>,
+    ) -> Result<Self, TrainError> {
+        let (first_step, last_step) = step_range(config, options, run.state.step);
+        let sinks = Sinks::open(
+            &config.run.out,
+            runner.writes(),
+            options.progress,
+            first_step,
+            config.run.steps,
+            run.plan.record(),
+        )?;
+        Ok(RunLoop {
+            config,
+            options,
+            runner,
+            device,
+            eval,
+            sinks,
+            first_step,
+            last_step,
+            timer: Instant::now(),
+            elapsed_before: run.state.elapsed_s,
+            totals: Totals::default(),
+        })
+    }
+
+    /// The 0-based steps this invocation runs.
+    pub fn steps(&self) -> Range<usize> {
+        self.first_step..self.last_step
+    }
+
+    /// The error for a non-finite loss at `step` (0-based); the progress bar is left
+    /// as it stands.
+    pub fn diverged(&self, step: usize, loss: f32) -> TrainError {
+        self.sinks.abandon();
+        TrainError::Diverged {
+            step: step + 1,
+            loss,
+        }
+    }
+
+    /// Books a finished (already applied) step: trainer state, held-out accuracy when
+    /// due, the metrics row, and a checkpoint when due.
+    pub fn record(
+        &mut self,
+        run: &mut Prepared,
+        done: &StepDone,
+        step_s: f64,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<(), TrainError> {
+        let per_step = self.config.run.batch_size * self.config.run.grad_accum;
+        let state = &mut run.state;
+        state.step += 1;
+        state.samples_seen += per_step;
+        state.tokens_seen += done.tokens as u64;
+        state.losses.push(done.loss);
+        self.totals.tokens += done.tokens as u64;
+        self.totals.flops += done.flops;
+        let run_s = self.timer.elapsed().as_secs_f64();
+        state.elapsed_s = self.elapsed_before + run_s;
+        let step = state.step;
+
+        let needle_accuracy = self.periodic_eval(run, log)?;
+        let (row, message) = self.step_row(done, step_s, run_s, run.state.elapsed_s);
+        let row = Metrics {
+            step,
+            needle_accuracy,
+            ..row
+        };
+        if let Some(line) = self.sinks.step(row, message)? {
+            log(&line);
+        }
+        let every = self.config.run.checkpoint_every;
+        if self.runner.writes() && (step % every == 0 || step == self.last_step) {
+            self.sinks.flush()?;
+            self.totals.checkpoint = Some(checkpoint::save(
+                &self.config.run.out,
+                &run.model,
+                &run.vlm_config,
+                &run.optim,
+                &run.state,
+                &run.tokenizer_json,
+                self.config.run.keep_checkpoints,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The held-out needle accuracy every `run.eval_every` steps (not at the last
+    /// step, which [`RunLoop::finish`] scores).
+    fn periodic_eval(
+        &mut self,
+        run: &Prepared,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Option<f64>, TrainError> {
+        let (every, step) = (self.config.run.eval_every, run.state.step);
+        let due = self.runner.writes()
+            && every > 0
+            && step % every == 0
+            && step != self.config.run.steps
+            && !self.eval.is_empty();
+        if !due {
+            return Ok(None);
+        }
+        let model = run.compute_copy(&run.model);
+        let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
+        let line = format!(
+            "step {step}: held-out needle accuracy {:.1}%",
+            100.0 * report.accuracy()
+        );
+        if let Some(line) = self.sinks.println(line) {
+            log(&line);
+        }
+        Ok(Some(report.accuracy()))
+    }
+
+    /// The metrics row and progress message of a finished step.
+    fn step_row(
+        &mut self,
+        done: &StepDone,
+        step_s: f64,
+        run_s: f64,
+        elapsed_s: f64,
+    ) -> (Metrics, String) {
+        let tokens_per_s = self.totals.tokens as f64 / run_s.max(1e-9);
+        let model_tflops = done.flops / step_s.max(1e-9) / 1e12;
+        let mfu = self.options.matmul_tflops.map(|peak| model_tflops / peak);
+        let (rss, device_mib) = (rss_mib(), device_mib(self.device));
+        if let Some(mib) = device_mib {
+            let peak = self.totals.peak_device_mib.map_or(mib, |p| p.max(mib));
+            self.totals.peak_device_mib = Some(peak);
+        }
+        let message = format!(
+            "loss {:.4} lr {:.2e} |g| {:.2} {tokens_per_s:.0} tok/s {}{}",
+            done.loss,
+            done.lr,
+            done.grad_norm,
+            match mfu {
+                Some(m) => format!("MFU {:.1}%", 100.0 * m),
+                None => format!("{model_tflops:.3} TFLOP/s"),
+            },
+            match device_mib {
+                Some(m) => format!(" device {:.1} GiB", m / 1024.0),
+                None => rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m)),
+            }
+        );
+        let row = Metrics {
+            step: 0,
+            loss: done.loss,
+            lr: done.lr,
+            grad_norm: done.grad_norm,
+            tokens: done.tokens,
+            tokens_per_s,
+            step_s,
+            elapsed_s,
+            rss_mib: rss,
+            device_mib,
+            model_tflops,
+            mfu,
+            needle_accuracy: None,
+            attention: None,
+        };
+        (row, message)
+    }
+
+    /// Closes the sinks, scores the held-out set when the run reached its last step,
+    /// and summarises the invocation.
+    pub fn finish(mut self, run: Prepared, data: String) -> Result<TrainSummary, TrainError> {
+        self.sinks.finish()?;
+        let complete = run.state.step == self.config.run.steps;
+        let eval = match self.runner.writes() && complete && !self.eval.is_empty() {
+            true => Some(self.final_eval(&run)?),
+            false => None,
+        };
+        let run_s = self.timer.elapsed().as_secs_f64();
+        let (params, trainable_params) = count_params(&run.model);
+        Ok(TrainSummary {
+            losses: run.state.losses.clone(),
+            first_step: self.first_step,
+            last_step: run.state.step,
+            tokens_per_s: self.totals.tokens as f64 / run_s.max(1e-9),
+            model_tflops: self.totals.flops / run_s.max(1e-9) / 1e12,
+            elapsed_s: run_s,
+            checkpoint: self.totals.checkpoint,
+            eval,
+            data,
+            params,
+            trainable_params,
+            peak_device_mib: self.totals.peak_device_mib,
+            attention: run.plan.clone(),
+        })
+    }
+
+    /// The held-out needle score after the last step, written to `needle.json` and the
+    /// event files.
+    fn final_eval(&mut self, run: &Prepared) -> Result<NeedleReport, TrainError> {
+        let model = run.compute_copy(&run.model);
+        let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
+        self.sinks.eval_scalar(run.state.step, report.accuracy())?;
+        let path = self.config.run.out.join("needle.json");
+        let json = serde_json::to_string_pretty(&report).expect("report serialises");
+        std::fs::write(&path, json).map_err(TrainError::io(&path))?;
+        self.sinks.flush()?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,90 @@
+//! The KV cache of autoregressive decoding: every layer's keys and values (after
+//! RoPE) of the tokens run so far, with the batch operations batched generation
+//! needs (one prompt's cache shared by several samples, finished sequences dropped).
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// One layer's cached keys and values (after RoPE), `[batch, kv_heads, len, head_dim]`.
+pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// Keys and values of every layer for the tokens processed so far, so that decoding
+/// a new token costs one token's forward pass instead of the whole sequence's.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub(super) layers: Vec<LayerCache>,
+    pub(super) len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sequences in the cache's batch (0 while empty).
+    pub fn batch(&self) -> usize {
+        self.first().map_or(0, |k| k.dims()[0])
+    }
+
+    /// The cache of every sequence repeated `times` (sequence `i` becomes rows
+    /// `i * times .. (i + 1) * times`): one prompt's prefill shared by `times` samples.
+    pub fn repeat(&self, times: usize) -> KvCache {
+        let repeat = |t: &Tensor<4>| {
+            let [b, h, s, d] = t.dims();
+            t.clone()
+                .unsqueeze_dim::<5>(1)
+                .expand([b, times, h, s, d])
+                .reshape([b * times, h, s, d])
+        };
+        self.map(|(k, v)| (repeat(k), repeat(v)))
+    }
+
+    /// The cache of the sequences `rows` (in that order), e.g. those still generating.
+    pub fn select(&self, rows: &[usize]) -> KvCache {
+        let Some(first) = self.first() else {
+            return self.clone();
+        };
+        let device = first.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &device,
+        );
+        self.map(|(k, v)| {
+            (
+                k.clone().select(0, index.clone()),
+                v.clone().select(0, index.clone()),
+            )
+        })
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                let size = |t: &Tensor<4>| t.shape().num_elements() * t.dtype().size();
+                size(k) + size(v)
+            })
+            .sum()
+    }
+
+    fn first(&self) -> Option<&Tensor<4>> {
+        self.layers.iter().flatten().next().map(|(k, _)| k)
+    }
+
+    fn map(&self, f: impl Fn(&(Tensor<4>, Tensor<4>)) -> (Tensor<4>, Tensor<4>)) -> KvCache {
+        KvCache {
+            layers: self.layers.iter().map(|l| l.as_ref().map(&f)).collect(),
+            len: self.len,
+        }
+    }
+}
