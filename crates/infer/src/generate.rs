@@ -4,11 +4,14 @@
 //! prompt decode as one batch over a shared prefill ([`generate_group`]), each token
 //! with its sampling log-probability.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
-use crate::prefill::{DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, positions, prefill};
+use crate::prefill::{
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_fits, embed_prompt, estimate, host_available_bytes,
+    positions, prefill,
+};
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,6 +66,11 @@ pub struct GenerateOptions {
     /// Prompt rows per prefill chunk ([`crate::prefill`]); 0 runs the prompt in one
     /// pass.
     pub prefill_chunk: usize,
+    /// Bytes the request may use on the device; a request whose estimate
+    /// ([`crate::prefill::estimate`]) is larger is refused before anything is
+    /// allocated. `None`: the memory available now on a CPU device, no check on a
+    /// GPU (its free memory is not known here).
+    pub memory_budget: Option<f64>,
 }
 
 impl GenerateOptions {
@@ -74,6 +82,7 @@ impl GenerateOptions {
             decoding,
             stop,
             prefill_chunk: DEFAULT_CHUNK,
+            memory_budget: None,
         }
     }
 }
@@ -136,6 +145,7 @@ pub fn generate_group(
             "generation needs a non-empty prompt".into(),
         ));
     }
+    check_memory(model, prompt.len(), samples.len(), options, device)?;
     let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
     let last = prefill(
@@ -187,6 +197,34 @@ pub fn generate_group(
         rows = host_rows(model.logits(hidden))?;
         active = still;
     }
+}
+
+/// Refuses a request whose KV cache and prefill activations would not fit the budget.
+fn check_memory(
+    model: &Vlm,
+    prompt: usize,
+    samples: usize,
+    options: &GenerateOptions,
+    device: &Device,
+) -> Result<(), InferError> {
+    let available = match options.memory_budget {
+        Some(bytes) => bytes,
+        None if device.memory_pool_usage().is_none() => match host_available_bytes() {
+            Some(bytes) => bytes,
+            None => return Ok(()),
+        },
+        None => return Ok(()),
+    };
+    let bytes_per_value = DType::from(device.settings().float_dtype).size();
+    let need = estimate(
+        &model.text_shape(),
+        prompt,
+        options.max_new_tokens,
+        samples,
+        options.prefill_chunk,
+        bytes_per_value,
+    );
+    check_fits(&need, available, prompt, options.prefill_chunk)
 }
 
 /// The last row of each sequence's logits (`[batch, rows, vocab]`), on the host.

@@ -4,11 +4,15 @@
 //! attends causally to the cached keys and to itself (the causal mask aligns the
 //! query block to the end of the keys), so the result equals a one-pass prefill.
 //!
-//! Also here: frames encoded in batches (only the visual tokens are kept), and the
-//! memory estimate that refuses a request before it is allocated.
+//! Also here: frames encoded in batches as they are decoded (only the visual tokens
+//! are kept), and the memory estimate that refuses a request before it is allocated.
+
+use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
+use longview_data::video::{DecodeOptions, Sampling, decode};
+use longview_models::vila::config::TextConfig;
+use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
 
@@ -65,6 +69,43 @@ pub fn encode_in_batches(model: &Vlm, pixels: Tensor<4>, batch: usize) -> Tensor
         })
         .collect();
     Tensor::cat(parts, 0)
+}
+
+/// The visual tokens of the frames `sampling` picks from `video`, encoded
+/// `frame_batch` frames at a time as the decoder delivers them: only the tokens are
+/// kept, each batch's pixels are dropped once encoded (an hour of video never holds
+/// all its pixels at once). Returns the tokens (`[frames, tokens_per_frame,
+/// text_hidden]`) and the source frame indices.
+pub fn encode_video(
+    model: &Vlm,
+    video: &Path,
+    sampling: &Sampling,
+    side: usize,
+    frame_batch: usize,
+    device: &Device,
+) -> Result<(Tensor<3>, Vec<usize>), InferError> {
+    let options = DecodeOptions {
+        batch_size: frame_batch.max(1),
+        ..DecodeOptions::siglip(side as u32)
+    };
+    let mut parts = Vec::new();
+    let mut indices = Vec::new();
+    decode(video, sampling, &options, |batch| {
+        let frames = batch.frames.len();
+        let pixels = Tensor::<4>::from_data(
+            TensorData::new(batch.pixels, [frames, 3, side, side]),
+            device,
+        );
+        parts.push(model.encode_frames(pixels));
+        indices.extend(batch.frames.iter().map(|f| f.index));
+    })?;
+    if parts.is_empty() {
+        return Err(InferError::Request(format!(
+            "{}: the sampling picked no frames",
+            video.display()
+        )));
+    }
+    Ok((Tensor::cat(parts, 0), indices))
 }
 
 /// Runs `embeds` (new rows continuing `cache`, the same count for every sequence of
@@ -131,14 +172,13 @@ impl MemoryEstimate {
 /// q/k/v, the MLP's intermediate rows, and the reference attention's score matrix
 /// `heads x chunk x (prompt)` in f32, the worst case).
 pub fn estimate(
-    config: &VlmConfig,
+    t: &TextConfig,
     prompt: usize,
     new: usize,
     sequences: usize,
     chunk: usize,
     bytes_per_value: usize,
 ) -> MemoryEstimate {
-    let t = &config.text;
     let head_dim = t.head_dim() as f64;
     let per_token_kv = 2.0 * t.num_layers as f64 * t.num_kv_heads as f64 * head_dim;
     let kv_cache = per_token_kv * (prompt + new) as f64 * sequences as f64 * bytes_per_value as f64;

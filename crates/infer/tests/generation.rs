@@ -192,7 +192,7 @@ fn requests_too_large_for_memory_are_refused_with_the_numbers() {
     let config = VlmConfig::named("1.5b").unwrap();
     // An hour of video at 197 tokens a frame, 5 samples, in bf16.
     let prompt = 3600 * config.tokens_per_frame() + 64;
-    let need = estimate(&config, prompt, 512, 5, 2048, 2);
+    let need = estimate(&config.text, prompt, 512, 5, 2048, 2);
     assert!(need.kv_cache > 1e9, "{need:?}");
     let err = check_fits(&need, 8.0 * (1u64 << 30) as f64, prompt, 2048).unwrap_err();
     let message = err.to_string();
@@ -203,4 +203,19 @@ fn requests_too_large_for_memory_are_refused_with_the_numbers() {
     assert!(message.contains(&prompt.to_string()), "{message}");
     // Enough memory: accepted.
     check_fits(&need, need.total() * 1.01, prompt, 2048).unwrap();
+}
+
+#[test]
+fn generation_refuses_a_request_over_its_memory_budget_before_running() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    let shape = model.text_shape();
+    assert_eq!(shape.num_layers, VlmConfig::debug().text.num_layers);
+    assert_eq!(shape.head_dim(), VlmConfig::debug().text.head_dim());
+    let options = GenerateOptions {
+        memory_budget: Some(1000.0),
+        ..GenerateOptions::new(4, Decoding::Greedy, vec![])
+    };
+    let err = generate(&model, &ids, VisualInput::Pixels(pixels), &options, &device).unwrap_err();
+    assert!(err.to_string().contains("available"), "{err}");
 }

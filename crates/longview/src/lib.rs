@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor};
 use longview_data::{ChatTemplate, Media, Message, TextTokenizer};
-use longview_infer::sample::decode_frames;
+use longview_infer::prefill::{DEFAULT_FRAME_BATCH, encode_video};
 use longview_models::{VisualInput, VlmConfig};
 
 pub use longview_data::Sampling;
@@ -100,26 +100,22 @@ impl Vlm {
         &self.model
     }
 
-    /// Decodes the frames `sampling` picks at the encoder's resolution and encodes them.
+    /// Decodes the frames `sampling` picks at the encoder's resolution and encodes
+    /// them in batches as they arrive (only the visual tokens are kept).
     pub fn embed_video(
         &self,
         path: impl AsRef<Path>,
         sampling: &Sampling,
     ) -> Result<VideoEmbedding, Error> {
-        let (pixels, frame_indices) = decode_frames(
+        let (tokens, frame_indices) = encode_video(
+            &self.model,
             path.as_ref(),
             sampling,
             self.config.vision.image_size,
+            DEFAULT_FRAME_BATCH,
             &self.device,
         )?;
         let frames = frame_indices.len();
-        if frames == 0 {
-            return Err(Error::Request(format!(
-                "{}: the sampling picked no frames",
-                path.as_ref().display()
-            )));
-        }
-        let tokens = self.model.encode_frames(pixels);
         let [_, per_frame, hidden] = tokens.dims();
         let pooled = tokens
             .clone()

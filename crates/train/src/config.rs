@@ -162,7 +162,7 @@ pub enum DataKind {
     Cot,
     /// Long text (`data.path`, rows `{"text": ...}`) for stage 4: documents joined
     /// with `<|endoftext|>` and cut into `data.max_tokens`-token windows, every token
-    /// supervised.
+    /// supervised. Without `data.path`: generated pass-key documents.
     Text,
 }
 
@@ -421,11 +421,10 @@ impl TrainConfig {
                     ),
                 );
             }
-            (DataKind::Conversations | DataKind::Cot | DataKind::Text, None) => {
+            (DataKind::Conversations | DataKind::Cot, None) => {
                 return bad(
                     "data.path",
-                    "is required for data.kind `conversations`, `cot` and `text` (the JSONL file)"
-                        .into(),
+                    "is required for data.kind `conversations` and `cot` (the JSONL file)".into(),
                 );
             }
             _ => {}

@@ -26,6 +26,7 @@ pub mod eval;
 pub mod grads;
 pub mod grpo;
 pub mod heatmap;
+pub mod long_text;
 /// KV-cache generation (from `longview-infer`).
 pub use longview_infer::generate;
 /// Teacher-forced needle scoring (from `longview-infer`).

@@ -227,7 +227,31 @@ pub(crate) fn load_data(
     let out = &config.run.out;
     let loaded = match config.data.kind {
         DataKind::Text => {
-            let path = data_path(config)?;
+            let generated;
+            let path = match &config.data.path {
+                Some(_) => data_path(config)?,
+                None => {
+                    // No file given: pass-key documents of about 0.8 window each
+                    // (a word is about 3 tokens), so most keys and their questions
+                    // share a window.
+                    let words = (config.data.max_tokens / 4).max(16);
+                    generated = config
+                        .data
+                        .cache
+                        .clone()
+                        .unwrap_or_else(|| out.join("data"))
+                        .join(format!("passkey-{words}w-seed{}.jsonl", config.run.seed));
+                    if runner.writes() {
+                        crate::long_text::write_passkey_documents(
+                            &generated,
+                            200,
+                            words,
+                            config.run.seed,
+                        )?;
+                    }
+                    generated.as_path()
+                }
+            };
             let text = TextSet::read(
                 path,
                 encoder.tokenizer,

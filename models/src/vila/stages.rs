@@ -20,6 +20,7 @@
 
 use burn::tensor::{Int, Tensor};
 
+use super::config::TextConfig;
 use super::text::{KvCache, Qwen2DecoderLayer, Rope};
 use super::vision::{SiglipEncoderLayer, patch_grid};
 use super::{VisionFeature, VisualInput, Vlm, splice_visual_tokens};
@@ -116,6 +117,23 @@ impl Vlm {
         cache: &mut KvCache,
     ) -> Tensor<3> {
         self.llm.layers_cached(embeds, position_ids, cache)
+    }
+
+    /// The LLM's shape read off its weights (what memory estimates need; fields that
+    /// no weight shows, like the RoPE base, are the module's own or defaults).
+    pub fn text_shape(&self) -> TextConfig {
+        let [vocab, hidden] = self.llm.model.embed_tokens.weight.dims();
+        let layers = self.text_layers();
+        let (intermediate, heads, kv_heads) = layers.first().map_or((0, 1, 1), |l| {
+            let a = &l.self_attn;
+            (
+                l.mlp.gate_proj.weight.dims()[1],
+                a.num_heads,
+                a.num_kv_heads,
+            )
+        });
+        TextConfig::new(vocab, hidden, intermediate, layers.len(), heads, kv_heads)
+            .with_rope_theta(self.llm.rope_theta)
     }
 
     /// The attention the text layers call (the same in every layer).
