@@ -44,6 +44,16 @@ pub struct EvalArgs {
     /// `--task open` with --top-p: divides the logits before the softmax.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// `--task needle` on this many sequence-parallel in-process ranks (CPU threads):
+    /// every prompt prefilled with zigzag ring attention, the answer rows decoded
+    /// against the KV cache sharded over the ranks. The scores equal one device's.
+    #[arg(long, default_value_t = 1, value_name = "SP")]
+    pub parallel: usize,
+    /// Prompt rows per prefill chunk (one device): activation memory is bounded by
+    /// the chunk, only the KV cache grows with the prompt; 0 runs each prompt in one
+    /// pass.
+    #[arg(long, default_value_t = longview_infer::prefill::DEFAULT_CHUNK, value_name = "ROWS")]
+    pub prefill_chunk: usize,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -76,6 +86,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.checkpoint.join("eval"));
     std::fs::create_dir_all(&out)?;
+    if args.parallel == 0 || (args.parallel > 1 && args.task != "needle") {
+        bail!(
+            "--parallel {}: sequence-parallel evaluation runs `--task needle` on at least 1 rank",
+            args.parallel
+        );
+    }
     if let Some(path) = choice_data {
         return choice(&args, &model, &path, &out, &device);
     }
@@ -88,15 +104,30 @@ pub fn run(args: EvalArgs) -> Result<()> {
         grid_label(&args)
     );
     // The eval videos use their own seed, never the training set's.
-    let grid = longview_train::eval::needle_grid(
-        &model,
-        &args.frames,
-        args.per_depth,
-        args.device.seed() + 424_242,
-        &out.join("videos"),
-        &device,
-        &mut |line| println!("  {line}"),
-    )?;
+    let seed = args.device.seed() + 424_242;
+    let videos = out.join("videos");
+    let grid = if args.parallel > 1 {
+        needle_sequence_parallel(&args, &model, seed, &videos)?
+    } else {
+        longview_train::eval::needle_grid_with(
+            &model,
+            &args.frames,
+            args.per_depth,
+            seed,
+            &videos,
+            &mut |line| println!("  {line}"),
+            &mut |samples| {
+                let chunk = args.prefill_chunk;
+                Ok(longview_train::needle::score_chunked(
+                    &model.model,
+                    samples,
+                    &model.tokenizer,
+                    chunk,
+                    &device,
+                )?)
+            },
+        )?
+    };
     let table = grid.table();
     std::fs::write(out.join("needle.md"), &table)?;
     std::fs::write(
@@ -111,6 +142,75 @@ pub fn run(args: EvalArgs) -> Result<()> {
         out.join("needle.md").display()
     );
     Ok(())
+}
+
+/// The needle grid scored on `args.parallel` in-process sequence-parallel ranks;
+/// rank 0 reports.
+fn needle_sequence_parallel(
+    args: &EvalArgs,
+    model: &longview_train::eval::EvalModel,
+    seed: u64,
+    videos: &std::path::Path,
+) -> Result<longview_train::eval::NeedleGrid> {
+    use longview_comm::Communicator;
+    if args.device.device != "cpu" {
+        bail!(
+            "--parallel runs in-process ranks on the CPU; multi-GPU evaluation is not wired in yet"
+        );
+    }
+    // Generate the videos once, before the ranks read them.
+    let encoder = model.encoder();
+    for &n in &args.frames {
+        longview_train::data::haystack(&encoder, videos, n, n, 0, args.per_depth, seed)?;
+    }
+    println!(
+        "  parallel  {} sequence-parallel in-process ranks",
+        args.parallel
+    );
+    let head_dim = model.config.text.head_dim();
+    let comms = longview_comm::LocalWorld::communicators(args.parallel);
+    let results: Vec<Result<longview_train::eval::NeedleGrid>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || -> Result<longview_train::eval::NeedleGrid> {
+                    let rank = comm.rank();
+                    let device = burn::tensor::Device::flex();
+                    let sp = longview_parallel::inference::SpInference::new(comm, head_dim)?;
+                    let mut log = |line: &str| {
+                        if rank == 0 {
+                            println!("  {line}");
+                        }
+                    };
+                    let mut score = |samples: &[longview_train::data::Sample]| {
+                        Ok(longview_train::needle::score_by(
+                            samples,
+                            &model.tokenizer,
+                            |s, n| sp.teacher_forced_ids(&model.model, s, n, &device),
+                        )?)
+                    };
+                    Ok(longview_train::eval::needle_grid_with(
+                        model,
+                        &args.frames,
+                        args.per_depth,
+                        seed,
+                        videos,
+                        &mut log,
+                        &mut score,
+                    )?)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a rank panicked")))
+            .collect()
+    });
+    let mut grids = Vec::new();
+    for (rank, result) in results.into_iter().enumerate() {
+        grids.push(result.map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?);
+    }
+    Ok(grids.swap_remove(0))
 }
 
 fn choice(

@@ -157,6 +157,30 @@ pub fn generate_group(
     );
     let first = host_rows(model.logits(last))?.remove(0);
     let mut cache = cache.repeat(samples.len());
+    decode_group(first, samples, options, |tokens, kept| {
+        if kept.len() != cache.batch() {
+            cache = cache.select(kept);
+        }
+        let n = tokens.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
+        let embeds = model.embed_tokens(ids);
+        let positions = positions(n, cache.len(), 1, device);
+        let hidden = model.text_layers_cached(embeds, positions, &mut cache);
+        host_rows(model.logits(hidden))
+    })
+}
+
+/// The decoding loop of a group of samples that share a prompt: `first` are the
+/// logits after the prompt; `step(tokens, kept)` runs one token for each sequence
+/// still generating (`tokens[i]` continues the cache row `kept[i]` of the previous
+/// step's rows) and returns their next logits, in the same order. Whatever runs the
+/// model (one device, or sequence-parallel ranks) supplies `step`.
+pub fn decode_group(
+    first: Vec<f32>,
+    samples: &[Decoding],
+    options: &GenerateOptions,
+    mut step: impl FnMut(&[i64], &[usize]) -> Result<Vec<Vec<f32>>, InferError>,
+) -> Result<Vec<Generation>, InferError> {
     let mut samplers: Vec<Sampler> = samples.iter().map(|&d| Sampler::new(d)).collect();
     let mut out = vec![Generation::default(); samples.len()];
     // Cache row r holds sequence active[r]; rows[r] are its next-token logits.
@@ -186,21 +210,13 @@ pub fn generate_group(
         if still.is_empty() {
             return Ok(out);
         }
-        if kept.len() != active.len() {
-            cache = cache.select(&kept);
-        }
-        let n = still.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens, [n, 1]), device);
-        let embeds = model.embed_tokens(ids);
-        let hidden =
-            model.text_layers_cached(embeds, positions(n, cache.len(), 1, device), &mut cache);
-        rows = host_rows(model.logits(hidden))?;
+        rows = step(&tokens, &kept)?;
         active = still;
     }
 }
 
 /// Refuses a request whose KV cache and prefill activations would not fit the budget.
-fn check_memory(
+pub fn check_memory(
     model: &Vlm,
     prompt: usize,
     samples: usize,
@@ -228,7 +244,7 @@ fn check_memory(
 }
 
 /// The last row of each sequence's logits (`[batch, rows, vocab]`), on the host.
-fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
+pub fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
     let [batch, rows, vocab] = logits.dims();
     let last = logits
         .slice([0..batch, rows - 1..rows, 0..vocab])

@@ -70,33 +70,59 @@ pub fn teacher_forced_answer(
     device: &Device,
 ) -> Result<String, InferError> {
     let answer_len = tokenizer.encode(&sample.answer)?.len();
-    let start = sample.prompt_len;
-    if answer_len == 0 || start == 0 || start + answer_len > sample.ids.len() {
+    if !scorable(sample, answer_len) {
         return Ok(String::new());
     }
-    let visual = if sample.frames == 0 {
-        VisualInput::None
-    } else {
-        let side = sample.side;
-        VisualInput::Pixels(Tensor::from_data(
-            TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
-            device,
-        ))
-    };
+    let ids = teacher_forced_ids(model, sample, answer_len, chunk, device)?;
+    Ok(tokenizer.decode(&ids, true)?)
+}
+
+/// Whether `sample` has a prompt and `answer_len` answer tokens after it.
+pub fn scorable(sample: &Sample, answer_len: usize) -> bool {
+    let start = sample.prompt_len;
+    answer_len > 0 && start > 0 && start + answer_len <= sample.ids.len()
+}
+
+/// The visual input of a sample: its frames, or none.
+pub fn sample_visual(sample: &Sample, device: &Device) -> VisualInput {
+    if sample.frames == 0 {
+        return VisualInput::None;
+    }
+    let side = sample.side;
+    VisualInput::Pixels(Tensor::from_data(
+        TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
+        device,
+    ))
+}
+
+/// The argmax ids at the `answer_len` rows that predict the answer (rows
+/// `prompt_len - 1 ..`), one device, chunked prefill.
+pub fn teacher_forced_ids(
+    model: &Vlm,
+    sample: &Sample,
+    answer_len: usize,
+    chunk: usize,
+    device: &Device,
+) -> Result<Vec<u32>, InferError> {
+    let visual = sample_visual(sample, device);
     let embeds = embed_prompt(model, &sample.ids, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
     // Position t predicts token t + 1.
+    let start = sample.prompt_len;
     let hidden = prefill(model, embeds, chunk, &mut cache, start - 1).narrow(1, 0, answer_len);
-    let ids: Tensor<3, Int> = model.logits(hidden).argmax(2);
-    let ids: Vec<u32> = ids
-        .into_data()
+    Ok(argmax_ids(model.logits(hidden)))
+}
+
+/// The argmax id of every row of `[1, rows, vocab]` logits.
+pub fn argmax_ids(logits: Tensor<3>) -> Vec<u32> {
+    let ids: Tensor<3, Int> = logits.argmax(2);
+    ids.into_data()
         .convert::<i64>()
         .try_to_vec::<i64>()
         .expect("argmax gives integers")
         .into_iter()
         .map(|t| t as u32)
-        .collect();
-    Ok(tokenizer.decode(&ids, true)?)
+        .collect()
 }
 
 /// Scores every sample; depths are grouped as given in the samples.
@@ -117,10 +143,28 @@ pub fn score_chunked(
     chunk: usize,
     device: &Device,
 ) -> Result<NeedleReport, InferError> {
+    score_by(samples, tokenizer, |sample, answer_len| {
+        teacher_forced_ids(model, sample, answer_len, chunk, device)
+    })
+}
+
+/// Scores every sample with `predict(sample, answer_len)` giving the argmax ids at
+/// its answer rows (whatever runs the model: one device, chunked, or
+/// sequence-parallel ranks); samples without a prompt or answer count as wrong.
+pub fn score_by(
+    samples: &[Sample],
+    tokenizer: &TextTokenizer,
+    mut predict: impl FnMut(&Sample, usize) -> Result<Vec<u32>, InferError>,
+) -> Result<NeedleReport, InferError> {
     let mut per_depth: Vec<(f64, usize, usize)> = Vec::new();
     let mut correct = 0;
     for sample in samples {
-        let predicted = teacher_forced_answer(model, sample, tokenizer, chunk, device)?;
+        let answer_len = tokenizer.encode(&sample.answer)?.len();
+        let predicted = if scorable(sample, answer_len) {
+            tokenizer.decode(&predict(sample, answer_len)?, true)?
+        } else {
+            String::new()
+        };
         let ok = fold(&predicted) == fold(&sample.answer);
         correct += usize::from(ok);
         match per_depth

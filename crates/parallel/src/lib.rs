@@ -16,6 +16,9 @@
 //!   across strided ranks; zigzag chunk pairs are taken first, then split U ways.
 //!   Section 4.
 //!
+//! - [`inference`]: sequence-parallel prefill (zigzag ring) and decode against a KV
+//!   cache sharded over the ranks, partial results merged.
+//!
 //! The per-block attention ([`block`]) returns f32 O and LSE whatever the input dtype.
 //! With the `flash` feature (on in `nccl` builds), f16/bf16 blocks on a CUDA device
 //! run the flash kernels of `longview-kernels` (`burn_op::flash_attention`, and the
@@ -26,6 +29,7 @@
 
 pub mod autodiff;
 pub mod block;
+pub mod inference;
 pub mod layout;
 pub mod model;
 pub mod ring;

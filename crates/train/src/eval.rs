@@ -77,13 +77,39 @@ pub fn needle_grid(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<NeedleGrid, TrainError> {
+    needle_grid_with(model, frames, per_depth, seed, cache, log, &mut |samples| {
+        Ok(needle::score(
+            &model.model,
+            samples,
+            &model.tokenizer,
+            device,
+        )?)
+    })
+}
+
+/// Scores of one haystack length's samples.
+pub type NeedleScorer<'a> =
+    dyn FnMut(&[crate::data::Sample]) -> Result<needle::NeedleReport, TrainError> + 'a;
+
+/// [`needle_grid`] with the samples of each length scored by `score` (e.g. on
+/// sequence-parallel ranks).
+#[allow(clippy::too_many_arguments)]
+pub fn needle_grid_with(
+    model: &EvalModel,
+    frames: &[usize],
+    per_depth: usize,
+    seed: u64,
+    cache: &Path,
+    log: &mut dyn FnMut(&str),
+    score: &mut NeedleScorer<'_>,
+) -> Result<NeedleGrid, TrainError> {
     let encoder = model.encoder();
     let depths: Vec<f64> = (0..=5).map(|i| i as f64 / 5.0).collect();
     let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
     let (mut correct, mut total) = (0, 0);
     for (f, &n) in frames.iter().enumerate() {
         let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
-        let report = needle::score(&model.model, &data.eval, &model.tokenizer, device)?;
+        let report = score(&data.eval)?;
         for (depth, c, t) in report.per_depth {
             let d = depths
                 .iter()

@@ -255,7 +255,9 @@ fn summary(cells: &[Vec<(usize, usize)>]) -> String {
 fn heatmap_layout(cols: usize, rows: usize, lines: &[String; 2]) -> Result<Layout, String> {
     let font = font()?;
     let widest = text_width(font, &lines[0], 20.0).max(text_width(font, &lines[1], 14.0));
-    Ok(Layout::new(cols, rows, widest.ceil() as u32 + 40))
+    // The title is centred on the grid, which sits right of the image centre (the
+    // depth labels are on its left): room for that offset on both sides.
+    Ok(Layout::new(cols, rows, widest.ceil() as u32 + 160))
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;

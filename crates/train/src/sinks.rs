@@ -21,6 +21,8 @@ pub(crate) struct Sinks {
     bar: ProgressBar,
     /// Steps between log lines when progress is asked for but stderr is no terminal.
     log_every: Option<usize>,
+    /// The run's last step (what log lines count towards).
+    total: usize,
     plan: Option<PlanRecord>,
 }
 
@@ -64,6 +66,7 @@ impl Sinks {
             files,
             bar,
             log_every,
+            total,
             plan: Some(plan),
         })
     }
@@ -98,7 +101,7 @@ impl Sinks {
         let logged = self
             .log_every
             .filter(|every| step % every == 0)
-            .map(|_| format!("step {step}/{}: {message}", self.bar.length().unwrap_or(0)));
+            .map(|_| format!("step {step}/{}: {message}", self.total));
         self.bar.set_message(message);
         Ok(logged)
     }

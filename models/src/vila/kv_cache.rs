@@ -29,6 +29,34 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Layer `layer`'s cached keys and values, `[batch, kv_heads, len, head_dim]`
+    /// (`None` while that layer holds nothing).
+    pub fn layer(&self, layer: usize) -> Option<&(Tensor<4>, Tensor<4>)> {
+        self.layers.get(layer).and_then(Option::as_ref)
+    }
+
+    /// Appends keys and values of new tokens to layer `layer` (of `layers`). The
+    /// token count ([`KvCache::len`]) moves with [`KvCache::advance`], once per step
+    /// for all layers.
+    pub fn append(&mut self, layer: usize, layers: usize, k: Tensor<4>, v: Tensor<4>) {
+        if self.layers.len() < layers {
+            self.layers.resize(layers, None);
+        }
+        let slot = &mut self.layers[layer];
+        *slot = Some(match slot.take() {
+            Some((past_k, past_v)) => (
+                Tensor::cat(vec![past_k, k], 2),
+                Tensor::cat(vec![past_v, v], 2),
+            ),
+            None => (k, v),
+        });
+    }
+
+    /// Counts `new` more tokens as cached (after [`KvCache::append`] on every layer).
+    pub fn advance(&mut self, new: usize) {
+        self.len += new;
+    }
+
     /// Sequences in the cache's batch (0 while empty).
     pub fn batch(&self) -> usize {
         self.first().map_or(0, |k| k.dims()[0])

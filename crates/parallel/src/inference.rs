@@ -1,0 +1,273 @@
+//! Sequence-parallel inference over the ranks of one group: the prompt's prefill
+//! runs as zigzag ring attention, leaving every rank the keys and values of its
+//! shard (its part of a KV cache no rank holds whole); decoding then attends each new
+//! query to every rank's shard, and the partial `(O, LSE)` results are gathered and
+//! merged in rank order (the same on every rank, so every rank computes the same
+//! hidden states, logits and tokens without further messages). The new tokens' keys
+//! and values go to the rank holding the fewest, so shards stay balanced.
+//!
+//! The prompt's last `1..=2P` tokens (what zigzag sharding cannot split evenly, and
+//! at least the last one, whose logits start the answer) run through the decode path
+//! as one multi-token step: on the rank that stores them they attend causally to
+//! themselves, everywhere to every cached key.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use longview_comm::Communicator;
+use longview_infer::InferError;
+use longview_infer::generate::{
+    Decoding, GenerateOptions, Generation, check_memory, decode_group, host_rows,
+};
+use longview_infer::prefill::{DEFAULT_FRAME_BATCH, embed_prompt};
+use longview_models::attention::{AttentionImpl, SplitAtAttention};
+use longview_models::{KvCache, VisualInput, Vlm};
+
+use crate::autodiff::{DistributedAttention, WithComm};
+use crate::block::{Block, forward as block_forward, merge};
+use crate::layout::{SeqLayout, shard};
+use crate::ring::{RingAttention, RingBalance};
+
+/// A rank's handle on its sequence-parallel group for inference.
+pub struct SpInference<C: Communicator + Send + Sync + 'static> {
+    /// Decode's collectives (the gather of partial results).
+    comm: C,
+    /// The prefill's zigzag ring, on its own channels.
+    ring: Arc<dyn DistributedAttention>,
+    scale: f64,
+}
+
+/// This rank's part of a sequence-parallel KV cache and every rank's token count.
+pub struct ShardedCache {
+    pub local: KvCache,
+    /// Tokens held by each rank (the same on every rank).
+    pub counts: Vec<usize>,
+}
+
+impl ShardedCache {
+    fn new(world: usize) -> Self {
+        ShardedCache {
+            local: KvCache::new(),
+            counts: vec![0; world],
+        }
+    }
+
+    /// Tokens cached over all ranks.
+    pub fn total(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    /// The rank that stores the next tokens: the one holding the fewest (the lowest
+    /// such rank).
+    pub fn owner(&self) -> usize {
+        (0..self.counts.len())
+            .min_by_key(|&r| (self.counts[r], r))
+            .unwrap_or(0)
+    }
+}
+
+fn comm_error(what: &str) -> impl Fn(longview_comm::CommError) -> InferError + '_ {
+    move |e| InferError::Request(format!("sequence-parallel inference ({what}): {e}"))
+}
+
+impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
+    /// Binds the group of `comm` (every rank of it) for a model whose attention heads
+    /// have `head_dim` channels.
+    pub fn new(comm: C, head_dim: usize) -> Result<Self, InferError> {
+        let all: Vec<usize> = (0..comm.world_size()).collect();
+        let ring_comm = comm.split(&[all]).map_err(comm_error("ring channels"))?;
+        let scale = (head_dim as f64).powf(-0.5);
+        let ring = Arc::new(WithComm {
+            comm: ring_comm,
+            attention: RingAttention {
+                balance: RingBalance::Zigzag,
+                causal: true,
+                scale,
+            },
+        });
+        Ok(SpInference { comm, ring, scale })
+    }
+
+    fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Runs the prompt `embeds` (`[batch, len, hidden]`, the whole prompt on every
+    /// rank) into `cache` and returns the last layer's output at the last prompt row
+    /// (`[batch, 1, hidden]`), the same on every rank.
+    pub fn prefill(
+        &self,
+        model: &Vlm,
+        embeds: Tensor<3>,
+        cache: &mut ShardedCache,
+    ) -> Result<Tensor<3>, InferError> {
+        let [batch, len, _] = embeds.dims();
+        let (world, rank) = (self.world(), self.comm.rank());
+        let even = (len - 1) / (2 * world) * (2 * world);
+        if even > 0 {
+            let device = embeds.device();
+            let layout = SeqLayout::Zigzag;
+            let local = shard(embeds.clone().narrow(1, 0, even), 1, layout, rank, world)
+                .map_err(|e| InferError::Request(e.to_string()))?;
+            let positions: Vec<i64> = layout
+                .positions(even, rank, world)
+                .map_err(|e| InferError::Request(e.to_string()))?
+                .into_iter()
+                .map(|p| p as i64)
+                .collect();
+            let local_len = positions.len();
+            let positions: Vec<i64> = (0..batch).flat_map(|_| positions.clone()).collect();
+            let positions = Tensor::<2, Int>::from_data(
+                TensorData::new(positions, [batch, local_len]),
+                &device,
+            );
+            let sharded = model
+                .clone()
+                .with_attention(model.vision_attention(), AttentionImpl::Sharded);
+            let _ring =
+                crate::model::install(self.ring.clone(), true, self.scale, "zigzag ring prefill");
+            sharded.text_layers_cached(local, positions, &mut cache.local);
+            cache.counts = vec![even / world; world];
+        }
+        let tail = embeds.narrow(1, even, len - even);
+        let hidden = self.extend(model, tail, cache)?;
+        let rows = hidden.dims()[1];
+        Ok(hidden.narrow(1, rows - 1, 1))
+    }
+
+    /// Runs new rows `embeds` (`[batch, new, hidden]`, the same on every rank) that
+    /// continue the sequence in `cache`: their keys and values go to
+    /// [`ShardedCache::owner`]; returns the last layer's output at every new row, the
+    /// same on every rank.
+    pub fn extend(
+        &self,
+        model: &Vlm,
+        embeds: Tensor<3>,
+        cache: &mut ShardedCache,
+    ) -> Result<Tensor<3>, InferError> {
+        let [batch, new, _] = embeds.dims();
+        let device = embeds.device();
+        let owner = cache.owner();
+        let mine = owner == self.comm.rank();
+        let first = cache.total() as i64;
+        let positions: Vec<i64> = (0..batch).flat_map(|_| first..first + new as i64).collect();
+        let rope = model.text_context(Tensor::<2, Int>::from_data(
+            TensorData::new(positions, [batch, new]),
+            &device,
+        ));
+        let layers = model.text_layers();
+        let mut x = embeds;
+        for (l, layer) in layers.iter().enumerate() {
+            let input = layer.attention_input(x.clone(), &rope);
+            if mine {
+                cache
+                    .local
+                    .append(l, layers.len(), input.k.clone(), input.v.clone());
+            }
+            let [_, heads, _, head_dim] = input.q.dims();
+            let (o, lse) = match cache.local.layer(l) {
+                Some((k, v)) => block_forward(&Block {
+                    q: input.q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    // Every cached key precedes the new rows; the owner's last `new`
+                    // keys are the new rows' own, seen causally.
+                    causal: mine,
+                    scale: input.scale,
+                    segments: None,
+                }),
+                None => (
+                    Tensor::zeros([batch, heads, new, head_dim], &device),
+                    Tensor::full([batch, heads, new], f32::NEG_INFINITY, &device),
+                ),
+            };
+            let o = self
+                .comm
+                .all_gather(o, 0)
+                .map_err(comm_error("gathering O"))?;
+            let lse = self
+                .comm
+                .all_gather(lse, 0)
+                .map_err(comm_error("gathering LSE"))?;
+            let part = |r: usize| {
+                (
+                    o.clone().narrow(0, r * batch, batch),
+                    lse.clone().narrow(0, r * batch, batch),
+                )
+            };
+            let (merged, _) = (1..self.world()).fold(part(0), |acc, r| merge(acc, part(r)));
+            x = layer.after_attention(x, merged.cast(input.q.dtype()));
+        }
+        if mine {
+            cache.local.advance(new);
+        }
+        cache.counts[owner] += new;
+        Ok(x)
+    }
+
+    /// [`longview_infer::generate::generate_group`] over the group: the prompt is
+    /// embedded on every rank, prefilled sequence-parallel, and the samples decode
+    /// against the sharded cache. Every rank returns the same generations, equal to
+    /// the single-device ones up to float rounding in the attention's merge order.
+    pub fn generate_group(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        samples: &[Decoding],
+        options: &GenerateOptions,
+        device: &Device,
+    ) -> Result<Vec<Generation>, InferError> {
+        for decoding in samples {
+            decoding.validate().map_err(InferError::Request)?;
+        }
+        if prompt.is_empty() {
+            return Err(InferError::Request(
+                "generation needs a non-empty prompt".into(),
+            ));
+        }
+        // Each rank holds about 1/P of the cache; the estimate is per rank.
+        let per_rank = prompt.len().div_ceil(self.world());
+        check_memory(model, per_rank, samples.len(), options, device)?;
+        let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
+        let mut cache = ShardedCache::new(self.world());
+        let last = self.prefill(model, embeds, &mut cache)?;
+        let first = host_rows(model.logits(last))?.remove(0);
+        cache.local = cache.local.repeat(samples.len());
+        let mut rows = samples.len();
+        decode_group(first, samples, options, |tokens, kept| {
+            if kept.len() != rows {
+                cache.local = cache.local.select(kept);
+                rows = kept.len();
+            }
+            let n = tokens.len();
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
+            let hidden = self.extend(model, model.embed_tokens(ids), &mut cache)?;
+            host_rows(model.logits(hidden))
+        })
+    }
+
+    /// The argmax ids at the `answer_len` rows that predict `sample`'s answer (rows
+    /// `prompt_len - 1 ..`): the prompt prefilled sequence-parallel, the answer's
+    /// rows run through the decode path. The same on every rank.
+    pub fn teacher_forced_ids(
+        &self,
+        model: &Vlm,
+        sample: &longview_infer::sample::Sample,
+        answer_len: usize,
+        device: &Device,
+    ) -> Result<Vec<u32>, InferError> {
+        let visual = longview_infer::needle::sample_visual(sample, device);
+        let embeds = embed_prompt(model, &sample.ids, visual, DEFAULT_FRAME_BATCH, device)?;
+        let start = sample.prompt_len;
+        let mut cache = ShardedCache::new(self.world());
+        let mut rows = vec![self.prefill(model, embeds.clone().narrow(1, 0, start), &mut cache)?];
+        if answer_len > 1 {
+            let rest = embeds.narrow(1, start, answer_len - 1);
+            rows.push(self.extend(model, rest, &mut cache)?);
+        }
+        Ok(longview_infer::needle::argmax_ids(
+            model.logits(Tensor::cat(rows, 1)),
+        ))
+    }
+}

@@ -1,0 +1,194 @@
+//! Sequence-parallel inference on in-process ranks (CPU) against one device: the
+//! prefill's last-row logits agree within float tolerance and greedy (and seeded
+//! top-p) generations agree token for token, for 1, 2 and 4 ranks, with GQA (the
+//! debug LLM has 4 query heads over 2 kv heads) and prompts whose length zigzag
+//! sharding does not divide.
+
+use burn::tensor::{Device, Distribution, Tensor};
+use longview_comm::LocalWorld;
+use longview_infer::generate::{Decoding, GenerateOptions, generate_group, host_rows};
+use longview_infer::prefill::{embed_prompt, prefill};
+use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
+use longview_parallel::inference::{ShardedCache, SpInference};
+
+fn model_and_prompt(text_after: usize) -> (Vlm, Vec<u32>, Tensor<3>) {
+    let device = Device::flex();
+    device.seed(21);
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let mut ids: Vec<u32> = vec![5, 17, 3];
+    ids.extend(std::iter::repeat_n(
+        model.placeholder_token_id,
+        2 * config.tokens_per_frame(),
+    ));
+    ids.extend((0..text_after).map(|i| 20 + i as u32));
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let visual = model.encode_frames(pixels);
+    (model, ids, visual)
+}
+
+fn decodings() -> Vec<Decoding> {
+    vec![
+        Decoding::Greedy,
+        Decoding::TopP {
+            top_p: 0.95,
+            temperature: 1.0,
+            seed: 7,
+        },
+        Decoding::TopP {
+            top_p: 0.9,
+            temperature: 0.8,
+            seed: 8,
+        },
+    ]
+}
+
+/// Runs `f` on `world` in-process ranks and returns every rank's result.
+fn on_ranks<T: Send>(
+    world: usize,
+    f: impl Fn(SpInference<longview_comm::LocalComm>) -> T + Sync,
+) -> Vec<T> {
+    let head_dim = VlmConfig::debug().text.head_dim();
+    let comms = LocalWorld::communicators(world);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let f = &f;
+                scope.spawn(move || f(SpInference::new(comm, head_dim).unwrap()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn sequence_parallel_prefill_gives_the_one_device_logits() {
+    for text_after in [4, 9] {
+        let (model, ids, visual) = model_and_prompt(text_after);
+        let device = Device::flex();
+        let embeds = embed_prompt(
+            &model,
+            &ids,
+            VisualInput::Embeddings(visual.clone()),
+            8,
+            &device,
+        )
+        .unwrap();
+        let mut cache = KvCache::new();
+        let last = prefill(&model, embeds.clone(), 0, &mut cache, ids.len() - 1);
+        let expected = host_rows(model.logits(last)).unwrap().remove(0);
+        for world in [1, 2, 4] {
+            let got = on_ranks(world, |sp| {
+                let mut cache = ShardedCache {
+                    local: KvCache::new(),
+                    counts: vec![0; world],
+                };
+                let last = sp.prefill(&model, embeds.clone(), &mut cache).unwrap();
+                assert_eq!(cache.total(), ids.len());
+                host_rows(model.logits(last)).unwrap().remove(0)
+            });
+            for (rank, logits) in got.iter().enumerate() {
+                let worst = logits
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "{world} ranks, rank {rank}, prompt {}: worst error {worst}",
+                    ids.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sequence_parallel_generation_equals_one_device_token_for_token() {
+    let (model, ids, visual) = model_and_prompt(6);
+    let device = Device::flex();
+    let options = GenerateOptions::new(10, Decoding::Greedy, vec![0, 1, 2]);
+    let expected = generate_group(
+        &model,
+        &ids,
+        VisualInput::Embeddings(visual.clone()),
+        &decodings(),
+        &options,
+        &device,
+    )
+    .unwrap();
+    for world in [1, 2, 4] {
+        let got = on_ranks(world, |sp| {
+            sp.generate_group(
+                &model,
+                &ids,
+                VisualInput::Embeddings(visual.clone()),
+                &decodings(),
+                &options,
+                &device,
+            )
+            .unwrap()
+        });
+        for (rank, generations) in got.iter().enumerate() {
+            for (g, e) in generations.iter().zip(&expected) {
+                assert_eq!(g.tokens, e.tokens, "{world} ranks, rank {rank}");
+                for (a, b) in g.logprobs.iter().zip(&e.logprobs) {
+                    assert!((a - b).abs() < 1e-4, "{world} ranks: log-prob {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sequence_parallel_teacher_forced_answers_equal_one_device() {
+    use longview_infer::needle::teacher_forced_ids;
+    use longview_infer::sample::Sample;
+    let device = Device::flex();
+    device.seed(5);
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let side = config.vision.image_size;
+    let frames = 3;
+    let mut ids: Vec<u32> = vec![8, 9];
+    ids.extend(std::iter::repeat_n(
+        model.placeholder_token_id,
+        frames * config.tokens_per_frame(),
+    ));
+    ids.extend([30, 31, 32, 33, 34, 35, 36]);
+    let prompt_len = ids.len() - 4;
+    let pixels = Tensor::<4>::random(
+        [frames, 3, side, side],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let sample = Sample {
+        labels: vec![-100; ids.len()],
+        ids,
+        prompt_len,
+        pixels: pixels
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap(),
+        frames,
+        side,
+        answer: String::new(),
+        depth: 0.0,
+    };
+    for answer_len in [1, 4] {
+        let expected = teacher_forced_ids(&model, &sample, answer_len, 0, &device).unwrap();
+        assert_eq!(expected.len(), answer_len);
+        for world in [2, 4] {
+            let got = on_ranks(world, |sp| {
+                sp.teacher_forced_ids(&model, &sample, answer_len, &device)
+                    .unwrap()
+            });
+            for ids in got {
+                assert_eq!(ids, expected, "{world} ranks, {answer_len} answer tokens");
+            }
+        }
+    }
+}
