@@ -292,3 +292,24 @@ fn rewrite_safetensors(path: &Path, keep: impl Fn(&str, Vec<usize>) -> Option<Ve
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
+
+#[test]
+fn index_shard_names_outside_the_folder_are_refused() {
+    let tmp = TempDir::new("index-escape");
+    for bad in [
+        "../outside.safetensors",
+        "/etc/passwd",
+        "sub/dir.safetensors",
+        "..",
+    ] {
+        let dir = tmp.0.join("ckpt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let index = serde_json::json!({ "weight_map": { "model.norm.weight": bad } });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let message = error_text(checkpoint_files(&dir));
+        assert!(
+            message.contains(bad) && message.contains("plain file names"),
+            "{bad}: {message}"
+        );
+    }
+}

@@ -38,9 +38,10 @@ pub struct TrainArgs {
     /// (Multi-GPU NCCL training is not wired in yet.)
     #[arg(long, value_name = "DPxSP")]
     pub parallel: Option<String>,
-    /// Continue from the newest checkpoint in the run folder.
-    #[arg(long)]
-    pub resume: bool,
+    /// Continue the run: from the newest checkpoint in the run folder, or from the
+    /// checkpoint folder given (e.g. runs/x/checkpoints/step-000500).
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
     /// Delete the run folder's checkpoints and metrics first (start over).
     #[arg(long, conflicts_with = "resume")]
     pub fresh: bool,
@@ -117,7 +118,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(tflops)
     };
     let options = TrainOptions {
-        resume: args.resume,
+        resume: args.resume.is_some(),
+        resume_from: args.resume.clone().flatten(),
         stop_after: None,
         progress: !args.no_progress,
         matmul_tflops,

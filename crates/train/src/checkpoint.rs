@@ -346,14 +346,17 @@ fn sync_tree(dir: &Path) -> Result<(), TrainError> {
 }
 
 /// Deletes the oldest `step-*` folders beyond `keep`, never `current`.
-fn prune(root: &Path, current: &str, keep: usize) -> Result<(), TrainError> {
-    let mut steps: Vec<String> = std::fs::read_dir(root)
+pub(crate) fn prune(root: &Path, current: &str, keep: usize) -> Result<(), TrainError> {
+    let mut steps: Vec<(u64, String)> = std::fs::read_dir(root)
         .map_err(TrainError::io(root))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
+        .filter_map(|n| Some((n.strip_prefix("step-")?.parse().ok()?, n)))
         .collect();
+    // By step number: names are zero-padded to 6 digits, so past step 999,999 their
+    // text order is not their step order.
     steps.sort();
+    let steps: Vec<String> = steps.into_iter().map(|(_, name)| name).collect();
     let excess = steps.len().saturating_sub(keep.max(1));
     for name in steps.into_iter().take(excess) {
         if name != current {
@@ -362,4 +365,27 @@ fn prune(root: &Path, current: &str, keep: usize) -> Result<(), TrainError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_newest_steps_by_number() {
+        let root = std::env::temp_dir().join(format!("longview-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for step in [999_998u64, 999_999, 1_000_000, 1_000_001] {
+            std::fs::create_dir_all(root.join(format!("step-{step:06}"))).unwrap();
+        }
+        prune(&root, "step-1000001", 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let _ = std::fs::remove_dir_all(&root);
+        // Text order would have kept step-999998 and step-999999.
+        assert_eq!(left, ["step-1000000", "step-1000001"]);
+    }
 }

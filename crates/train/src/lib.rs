@@ -35,6 +35,7 @@ pub mod mmsp;
 pub mod plan;
 mod prepare;
 pub mod remat;
+mod run_lock;
 mod run_loop;
 mod sinks;
 pub mod tensorboard;

@@ -18,6 +18,7 @@ use crate::data::{Encoder, HaystackData, RowSet, Sample, TextSet, TrainData, hay
 use crate::error::TrainError;
 use crate::grads::{cast_params, optimizer};
 use crate::plan::AttentionPlan;
+use crate::run_lock::RunLock;
 use crate::trainer::{StepRunner, TrainOptions};
 
 /// Everything a run needs before its first step.
@@ -33,6 +34,8 @@ pub(crate) struct Prepared {
     /// The compute dtype, and whether an f32 master copy is kept beside it.
     pub compute: DType,
     pub master: bool,
+    /// The run folder's lock (the writing rank), released when the run ends.
+    pub _lock: Option<RunLock>,
 }
 
 impl Prepared {
@@ -58,6 +61,10 @@ pub(crate) fn prepare(
     config.validate("(in memory)")?;
     let out = &config.run.out;
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    let lock = match runner.writes() {
+        true => Some(RunLock::acquire(out)?),
+        false => None,
+    };
     if runner.writes() {
         for name in checkpoint::clean_partial(out)? {
             log(&format!(
@@ -65,10 +72,14 @@ pub(crate) fn prepare(
             ));
         }
     }
-    let latest = checkpoint::latest(out)?;
+    let latest = match &options.resume_from {
+        Some(dir) => Some(chosen_checkpoint(dir)?),
+        None => checkpoint::latest(out)?,
+    };
     let compute: DType = device.settings().float_dtype.into();
     let master = matches!(compute, DType::BF16 | DType::F16);
-    check_resume(&latest, options.resume, master, compute, out)?;
+    let resume = options.resume || options.resume_from.is_some();
+    check_resume(&latest, resume, master, compute, out)?;
 
     let tokenizer = tokenizer(config)?;
     let tokenizer_json = tokenizer
@@ -138,7 +149,21 @@ pub(crate) fn prepare(
         plan,
         compute,
         master,
+        _lock: lock,
     })
+}
+
+/// A checkpoint folder named by `--resume PATH`: complete (its trainer state is
+/// there), or an error naming what is wrong.
+fn chosen_checkpoint(dir: &Path) -> Result<PathBuf, TrainError> {
+    if !dir.join("trainer.json").is_file() || !dir.join("model").is_dir() {
+        return Err(TrainError::checkpoint(
+            dir,
+            "is not a complete checkpoint folder (it needs trainer.json and model/; pass a \
+             checkpoints/step-NNNNNN folder, or --resume without a path for the newest)",
+        ));
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// Refuses a fresh start over existing checkpoints, a resume without one, and (for

@@ -31,6 +31,8 @@ pub use crate::prepare::{init_dir, model_config, tokenizer};
 pub struct TrainOptions {
     /// Continue from the newest checkpoint in `run.out` (error if there is none).
     pub resume: bool,
+    /// Continue from this checkpoint folder instead of the newest (implies `resume`).
+    pub resume_from: Option<PathBuf>,
     /// Stop after this many steps of this invocation (the schedule still spans
     /// `run.steps`); used to test interruption and resume.
     pub stop_after: Option<usize>,
@@ -45,6 +47,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             resume: false,
+            resume_from: None,
             stop_after: None,
             progress: true,
             matmul_tflops: None,

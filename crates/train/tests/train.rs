@@ -1146,3 +1146,71 @@ fn train_flops_match_a_count_of_every_llm_matmul() {
         "estimate {estimate:.4e} vs counted {counted:.4e}"
     );
 }
+
+#[test]
+fn resume_from_a_named_checkpoint_repeats_the_curve_from_there() {
+    let _serial = serial();
+    let tmp = TempDir::new("resume-from");
+    let cache = tmp.0.join("cache");
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let config = tiny(&tmp.0.join("run"), &cache);
+    let straight = train(&config, &options, &device(), &mut quiet()).unwrap();
+    // keep_checkpoints = 2: steps 4 and 6 are on disk; go back to step 4.
+    let step4 = config.run.out.join("checkpoints/step-000004");
+    assert!(step4.join("trainer.json").exists());
+    let from4 = TrainOptions {
+        resume_from: Some(step4),
+        ..options.clone()
+    };
+    let again = train(&config, &from4, &device(), &mut quiet()).unwrap();
+    assert_eq!((again.first_step, again.last_step), (4, 6));
+    assert_eq!(again.losses, straight.losses);
+    // A folder that is no checkpoint is named in the error.
+    let bogus = TrainOptions {
+        resume_from: Some(tmp.0.join("nothing-here")),
+        ..options
+    };
+    let message = train(&config, &bogus, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("nothing-here") && message.contains("not a complete checkpoint"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_second_process_on_the_same_run_folder_is_refused() {
+    let _serial = serial();
+    let tmp = TempDir::new("lock");
+    let config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    std::fs::create_dir_all(&config.run.out).unwrap();
+    // A live process (this one) holds the lock.
+    let lock = config.run.out.join(".lock");
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let message = train(&config, &options, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(&format!("process {}", std::process::id())),
+        "{message}"
+    );
+    assert!(
+        !config.run.out.join("checkpoints").exists(),
+        "nothing was written"
+    );
+    // A lock left by a process that is gone is taken over, and released at the end.
+    std::fs::write(&lock, "4294967").unwrap();
+    let mut short = config.clone();
+    short.run.steps = 2;
+    short.optim.warmup_steps = 1;
+    train(&short, &options, &device(), &mut quiet()).unwrap();
+    assert!(!lock.exists(), "the lock is released when the run ends");
+}

@@ -82,6 +82,16 @@ impl KeyMap {
 }
 
 /// The safetensors files of a checkpoint folder: the shards listed by
+/// A file name with no directory part: what a shard name in an index may be (an
+/// index from elsewhere must not make the loader read outside the checkpoint).
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && !Path::new(name).is_absolute()
+}
+
 /// `model.safetensors.index.json`, else `model.safetensors`.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     if !dir.is_dir() {
@@ -99,10 +109,18 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             .ok_or_else(|| ModelError::config(&index, "missing object `weight_map`"))?;
         let mut files: Vec<PathBuf> = map
             .values()
-            .map(|v| {
-                v.as_str().map(|f| dir.join(f)).ok_or_else(|| {
-                    ModelError::config(&index, format!("weight_map value {v} is not a file name"))
-                })
+            .map(|v| match v.as_str() {
+                Some(name) if is_plain_file_name(name) => Ok(dir.join(name)),
+                Some(name) => Err(ModelError::config(
+                    &index,
+                    format!(
+                        "weight_map names shard `{name}`: shards must be plain file names inside the checkpoint folder (no `/`, `\\`, `..` or absolute paths)"
+                    ),
+                )),
+                None => Err(ModelError::config(
+                    &index,
+                    format!("weight_map value {v} is not a file name"),
+                )),
             })
             .collect::<Result<_, _>>()?;
         files.sort();
