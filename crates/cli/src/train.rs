@@ -125,12 +125,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
         matmul_tflops,
     };
     if config.model.stage == Stage::Grpo {
-        if args.parallel.is_some() {
-            bail!(
-                "--parallel: GRPO runs on one device for now (sequence-parallel rollouts and log-probs are not built yet)"
-            );
-        }
-        return grpo(&config, &options, &device);
+        let sp = match &args.parallel {
+            None => 1,
+            Some(spec) => match parse_parallel(spec)? {
+                (1, sp) if args.device.device == "cpu" => sp,
+                (1, _) => bail!(
+                    "--parallel runs in-process ranks on the CPU; multi-GPU GRPO is not wired in yet"
+                ),
+                (dp, _) => bail!(
+                    "--parallel {spec}: GRPO splits sequences (1xSP), not batches; {dp} data-parallel groups are not supported"
+                ),
+            },
+        };
+        return grpo(&config, &options, &device, sp);
     }
     let summary = match &args.parallel {
         None => {
@@ -204,11 +211,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A GRPO run and its summary.
-fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device) -> Result<()> {
-    let summary = longview_train::grpo::train_grpo(config, options, device, &mut |line| {
-        println!("  {line}")
-    })?;
+/// A GRPO run (on `sp` sequence-parallel in-process ranks when above 1) and its
+/// summary.
+fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device, sp: usize) -> Result<()> {
+    let summary = if sp == 1 {
+        longview_train::grpo::train_grpo(config, options, device, &mut |line| println!("  {line}"))?
+    } else {
+        println!("  parallel  {sp} sequence-parallel in-process ranks (rollouts and log-probs)");
+        grpo_parallel(config, options, sp)?
+    };
     let reports = &summary.reports;
     println!("summary");
     println!(
@@ -251,6 +262,75 @@ fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device) -> Result
     Ok(())
 }
 
+/// GRPO on `sp` in-process ranks: every rank computes the same rollouts and updates,
+/// the prefill, decode and log-prob passes split over the group; rank 0 writes.
+fn grpo_parallel(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    sp: usize,
+) -> Result<longview_train::grpo::GrpoSummary> {
+    use longview_train::grpo::passes::SpPasses;
+    use longview_train::grpo::reward::ThinkAnswerReward;
+    let head_dim = head_dim(config)?;
+    let comms = LocalWorld::communicators(sp);
+    let reward = ThinkAnswerReward {
+        accuracy_weight: config.grpo.accuracy_weight,
+    };
+    let results: Vec<Result<longview_train::grpo::GrpoSummary, TrainError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let reward = &reward;
+                    scope.spawn(move || {
+                        let rank = comm.rank();
+                        let passes = SpPasses::new(&comm, head_dim)?;
+                        let runner = MmSp::new(comm, sp, head_dim)?;
+                        let device = Device::flex().autodiff();
+                        let mut log = |line: &str| {
+                            if rank == 0 {
+                                println!("  {line}")
+                            }
+                        };
+                        longview_train::grpo::train_grpo_on(
+                            config, options, &device, &mut log, reward, &runner, &passes,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
+                })
+                .collect()
+        });
+    let mut first = None;
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(summary) if rank == 0 => first = Some(summary),
+            Ok(_) => {}
+            Err(e) => bail!("rank {rank}: {e}"),
+        }
+    }
+    Ok(first.expect("rank 0 reports"))
+}
+
+/// The LLM's head dimension (what sequence-parallel attention is built for), read
+/// from `init_from`'s config or the named size.
+fn head_dim(config: &TrainConfig) -> Result<usize> {
+    Ok(match longview_train::trainer::init_dir(config)? {
+        Some(dir) => read_vila_text_config(&dir)?.head_dim(),
+        None => {
+            let tokenizer = longview_train::trainer::tokenizer(config)?;
+            longview_train::trainer::model_config(config, &tokenizer)?
+                .text
+                .head_dim()
+        }
+    })
+}
+
 fn parse_parallel(spec: &str) -> Result<(usize, usize)> {
     let parsed = spec
         .split_once(['x', 'X'])
@@ -268,13 +348,7 @@ fn parallel(
     dp: usize,
     sp: usize,
 ) -> Result<TrainSummary> {
-    let tokenizer = longview_train::trainer::tokenizer(config)?;
-    let head_dim = match longview_train::trainer::init_dir(config)? {
-        Some(dir) => read_vila_text_config(&dir)?.head_dim(),
-        None => longview_train::trainer::model_config(config, &tokenizer)?
-            .text
-            .head_dim(),
-    };
+    let head_dim = head_dim(config)?;
     let comms = LocalWorld::communicators(dp * sp);
     let results: Vec<Result<TrainSummary, TrainError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms

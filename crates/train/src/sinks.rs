@@ -205,7 +205,7 @@ pub(crate) fn rss_mib() -> Option<f64> {
 
 /// Keeps `metrics.jsonl` to the steps a resumed run has already done, so the file is
 /// one continuous curve.
-fn truncate_metrics(path: &Path, done: usize) -> Result<(), TrainError> {
+pub(crate) fn truncate_metrics(path: &Path, done: usize) -> Result<(), TrainError> {
     if !path.exists() {
         return Ok(());
     }

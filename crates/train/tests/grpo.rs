@@ -205,3 +205,78 @@ fn a_resumed_grpo_run_repeats_the_uninterrupted_one() {
     // The KL term saw a moving policy (else the reference's equality shows nothing).
     assert!(straight.reports.last().unwrap().kl > 0.0);
 }
+
+#[test]
+fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
+    use longview_comm::{Communicator, LocalWorld};
+    use longview_train::grpo::passes::SpPasses;
+    use longview_train::grpo::train_grpo_on;
+    use longview_train::mmsp::MmSp;
+    let _serial = serial();
+    let tmp = TempDir::new("sp");
+    let cache = tmp.0.join("cache");
+    // A saved starting point, so that every layout starts from the same weights.
+    let mut start = tiny(tmp.0.join("start"), cache.clone(), 1);
+    start.model.stage = longview_train::Stage::LongVideoSft;
+    longview_train::train(&start, &options(), &Device::flex().autodiff(), &mut |_| {}).unwrap();
+    let mut config = tiny(tmp.0.join("one"), cache, 3);
+    config.model.init_from = Some(start.run.out.clone());
+    let device = Device::flex().autodiff();
+    let one = train_grpo_with(&config, &options(), &device, &mut |_| {}, &Digits).unwrap();
+
+    let head_dim = VlmConfig::debug().text.head_dim();
+    for sp in [2, 4] {
+        let mut split = config.clone();
+        split.run.out = tmp.0.join(format!("sp{sp}"));
+        let comms = LocalWorld::communicators(sp);
+        let summaries: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let split = &split;
+                    scope.spawn(move || {
+                        let _rank = comm.rank();
+                        let passes = SpPasses::new(&comm, head_dim).unwrap();
+                        let runner = MmSp::new(comm, sp, head_dim).unwrap();
+                        let device = Device::flex().autodiff();
+                        train_grpo_on(
+                            split,
+                            &options(),
+                            &device,
+                            &mut |_| {},
+                            &Digits,
+                            &runner,
+                            &passes,
+                        )
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, summary) in summaries.iter().enumerate() {
+            assert_eq!(summary.reports.len(), one.reports.len());
+            for (step, (a, b)) in summary.reports.iter().zip(&one.reports).enumerate() {
+                // Same samples, rewards and advantages; losses and KL equal up to the
+                // float rounding of the ring's merge order.
+                assert_eq!(
+                    a.reward_mean, b.reward_mean,
+                    "SP{sp} rank {rank} step {step}"
+                );
+                assert!(
+                    (a.loss - b.loss).abs() < 1e-4,
+                    "SP{sp} rank {rank} step {step}: loss {} vs {}",
+                    a.loss,
+                    b.loss
+                );
+                assert!(
+                    (a.kl - b.kl).abs() < 1e-4,
+                    "SP{sp} rank {rank} step {step}: kl {} vs {}",
+                    a.kl,
+                    b.kl
+                );
+                assert!(a.logprob_mismatch < 1e-4);
+            }
+        }
+    }
+}

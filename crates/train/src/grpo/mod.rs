@@ -13,7 +13,9 @@
 pub mod config;
 pub mod logprobs;
 pub mod loss;
+pub mod passes;
 pub mod reward;
+pub mod sp_logprobs;
 pub mod step;
 
 use std::io::Write;
@@ -32,7 +34,8 @@ use crate::data::Sample;
 use crate::error::TrainError;
 use crate::grads::{cast_grads, cast_params, learning_rate};
 use crate::prepare::{Prepared, init_dir, prepare};
-use crate::trainer::{SingleDevice, TrainOptions, start_data};
+use crate::trainer::{SingleDevice, StepRunner, TrainOptions, start_data};
+use passes::{OneDevice, Passes};
 use reward::{Reward, ThinkAnswerReward, answers_match, extract_answer};
 use step::{StepReport, rollouts, update};
 
@@ -73,16 +76,36 @@ pub fn train_grpo_with(
     log: &mut dyn FnMut(&str),
     reward: &dyn Reward,
 ) -> Result<GrpoSummary, TrainError> {
+    let runner = SingleDevice::default();
+    train_grpo_on(config, options, device, log, reward, &runner, &OneDevice)
+}
+
+/// One rank of a GRPO run: `runner` says whether this rank writes (metrics,
+/// checkpoints) and keeps the ranks' starting weights and shared files in step
+/// (e.g. [`crate::mmsp::MmSp`] over a sequence-parallel group), `passes` where the
+/// model passes run ([`passes::SpPasses`] for that group).
+pub fn train_grpo_on(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    reward: &dyn Reward,
+    runner: &dyn StepRunner,
+    passes: &dyn Passes,
+) -> Result<GrpoSummary, TrainError> {
     let g = &config.grpo;
     g.check(config.run.batch_size)
         .map_err(|(key, message)| TrainError::Config {
             source_name: "(grpo)".into(),
             message: format!("`{key}`: {message}"),
         })?;
-    let runner = SingleDevice::default();
-    let mut run = prepare(config, options, device, log, &runner)?;
-    let reference = reference_model(config, &run, device, log)?;
-    let (samples, eval, data) = start_data(&run, config, options, &runner, device, log)?;
+    let mut run = prepare(config, options, device, log, runner)?;
+    // The passes choose their attention themselves: the model keeps its block kind
+    // (a sequence-parallel plan would have made it the sharded one).
+    let blocks = run.model.vision_attention();
+    run.model = run.model.clone().with_attention(blocks, blocks);
+    let reference = reference_model(config, &run, runner, device, log)?;
+    let (samples, eval, data) = start_data(&run, config, options, runner, device, log)?;
     log(&format!("data: {data}"));
     let stop = stop_tokens(&run.tokenizer);
     let total = config.run.steps;
@@ -97,11 +120,20 @@ pub fn train_grpo_with(
         ));
     }
     let metrics_path = config.run.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(TrainError::io(&metrics_path))?;
+    let mut metrics = match runner.writes() {
+        true => {
+            // Rows a crashed run wrote after its last checkpoint go; resumed steps
+            // write them again.
+            crate::sinks::truncate_metrics(&metrics_path, first)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(TrainError::io(&metrics_path))?;
+            Some(file)
+        }
+        false => None,
+    };
     let mut reports = Vec::new();
     let mut saved = None;
     for step in first..last {
@@ -110,6 +142,7 @@ pub fn train_grpo_with(
             .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
         let report = grpo_step(
             &mut run,
+            passes,
             reference.as_ref(),
             &batch,
             &stop,
@@ -122,24 +155,17 @@ pub fn train_grpo_with(
         run.state.samples_seen += batch.len();
         run.state.losses.push(report.loss);
         run.state.elapsed_s += report.rollout_s + report.update_s;
-        let row = serde_json::json!({ "step": step + 1, "stage": "grpo", "lr": learning_rate(&config.optim, step, total), "report": report });
-        writeln!(metrics, "{row}").map_err(TrainError::io(&metrics_path))?;
-        log(&format!(
-            "step {}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s update {:.1}s",
-            step + 1,
-            report.reward_mean,
-            report.reward_std,
-            100.0 * report.accuracy,
-            100.0 * report.format_rate,
-            report.kl,
-            report.clip_fraction,
-            report.response_tokens_mean,
-            report.rollout_s,
-            report.update_s,
-        ));
+        let lr = learning_rate(&config.optim, step, total);
+        let row =
+            serde_json::json!({ "step": step + 1, "stage": "grpo", "lr": lr, "report": report });
+        if let Some(metrics) = metrics.as_mut() {
+            writeln!(metrics, "{row}").map_err(TrainError::io(&metrics_path))?;
+        }
+        log(&step_line(step + 1, total, &report));
         reports.push(report);
         let done = step + 1;
-        if done % config.run.checkpoint_every == 0 || done == last {
+        let due = done % config.run.checkpoint_every == 0 || done == last;
+        if let (true, Some(metrics)) = (due, metrics.as_mut()) {
             metrics.flush().map_err(TrainError::io(&metrics_path))?;
             saved = Some(checkpoint::save(
                 &config.run.out,
@@ -170,10 +196,27 @@ pub fn train_grpo_with(
     })
 }
 
+/// The log line of a finished step.
+fn step_line(step: usize, total: usize, r: &StepReport) -> String {
+    format!(
+        "step {step}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s update {:.1}s",
+        r.reward_mean,
+        r.reward_std,
+        100.0 * r.accuracy,
+        100.0 * r.format_rate,
+        r.kl,
+        r.clip_fraction,
+        r.response_tokens_mean,
+        r.rollout_s,
+        r.update_s,
+    )
+}
+
 /// Rollouts with the current policy, then the updates.
 #[allow(clippy::too_many_arguments)]
 fn grpo_step(
     run: &mut Prepared,
+    passes: &dyn Passes,
     reference: Option<&Vlm>,
     batch: &[Sample],
     stop: &[u32],
@@ -188,6 +231,7 @@ fn grpo_step(
     let policy = working.valid();
     let inner = device.clone().inner();
     let groups = rollouts(
+        passes,
         &policy,
         batch,
         &run.tokenizer,
@@ -219,7 +263,16 @@ fn grpo_step(
         None => optim.step(lr, working, grads),
     };
     let clip = config.optim.clip_grad_norm as f32;
-    let mut report = update(&mut working, reference, groups, g, clip, device, &mut apply)?;
+    let mut report = update(
+        passes,
+        &mut working,
+        reference,
+        groups,
+        g,
+        clip,
+        device,
+        &mut apply,
+    )?;
     run.model = master_weights.unwrap_or(working);
     report.rollout_s = rollout_s;
     report.decode_tokens_per_s = generated as f64 / rollout_s.max(1e-9);
@@ -228,11 +281,12 @@ fn grpo_step(
 
 /// The frozen reference (untracked): the starting weights, read from disk so that a
 /// resumed run gets exactly the same ones: `model.init_from`, or for a run from
-/// random weights the copy of them written to `<run.out>/reference` before the first
-/// step. Built only when the KL term is on.
+/// random weights the copy of them the writing rank saves to `<run.out>/reference`
+/// before the first step. Built only when the KL term is on.
 fn reference_model(
     config: &TrainConfig,
     run: &Prepared,
+    runner: &dyn StepRunner,
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<Option<Vlm>, TrainError> {
@@ -243,16 +297,19 @@ fn reference_model(
         Some(dir) => dir,
         None => {
             let dir = config.run.out.join("reference");
-            if run.state.step == 0 {
+            if run.state.step == 0 && runner.writes() {
                 let options = SaveOptions {
                     dtype: DType::F32,
                     max_shard_bytes: Some(5 << 30),
                 };
                 save_vila(&run.model, &run.vlm_config, &dir, options)?;
-            } else if !dir.join("config.json").exists() {
+            }
+            // The writer saved it; the other ranks read it after this.
+            runner.barrier(device)?;
+            if !dir.join("config.json").exists() {
                 return Err(TrainError::checkpoint(
                     &dir,
-                    "the resumed run's reference weights (written at its start) are missing",
+                    "the run's reference weights (written at its start) are missing",
                 ));
             }
             dir
@@ -260,9 +317,9 @@ fn reference_model(
     };
     log(&format!("reference for the KL term: {}", dir.display()));
     let (model, _) = load_vila(&dir, device)?;
-    Ok(Some(
-        run.plan.apply(cast_params(model, run.compute)).valid(),
-    ))
+    let model = cast_params(model, run.compute);
+    let blocks = run.model.vision_attention();
+    Ok(Some(model.with_attention(blocks, blocks).valid()))
 }
 
 /// Share of held-out samples whose greedy answer (inside `<answer>`, else the whole

@@ -10,12 +10,12 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use longview_data::TextTokenizer;
-use longview_infer::generate::{Decoding, GenerateOptions, Generation, generate_group};
+use longview_infer::generate::{Decoding, GenerateOptions, Generation};
 use longview_models::{VisualInput, Vlm};
 
 use super::config::GrpoConfig;
-use super::logprobs::response_logprobs;
 use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
+use super::passes::Passes;
 use super::reward::{Reward, Scored, extract_answer};
 use crate::data::Sample;
 use crate::error::TrainError;
@@ -65,6 +65,7 @@ pub struct StepReport {
 /// (untracked), scores them and computes the group advantages. Sample seeds are a
 /// function of `(seed, step, prompt, sample)`, so a resumed run repeats them.
 pub fn rollouts(
+    passes: &dyn Passes,
     policy: &Vlm,
     samples: &[Sample],
     tokenizer: &TextTokenizer,
@@ -101,7 +102,7 @@ pub fn rollouts(
         let input = visual
             .clone()
             .map_or(VisualInput::None, VisualInput::Embeddings);
-        let generations = generate_group(policy, &prompt, input, &decodings, &options, device)?;
+        let generations = passes.generate(policy, &prompt, input, &decodings, &options, device)?;
         let truth = extract_answer(&sample.answer)
             .unwrap_or(&sample.answer)
             .to_string();
@@ -122,28 +123,19 @@ pub fn rollouts(
     Ok(groups)
 }
 
-/// Log-probs of every group's responses under `model` with untracked values: the old
-/// policy's and the reference's.
-fn fixed_logprobs(
-    model: &Vlm,
-    group: &Group,
-    config: &GrpoConfig,
-    device: &Device,
-) -> Result<Option<Tensor<2>>, TrainError> {
-    let visual = match &group.pixels {
-        Some(pixels) => Some(model.encode_frames(pixels.clone())),
-        None => group.visual.clone(),
-    };
-    let responses: Vec<Vec<u32>> = group.generations.iter().map(|g| g.tokens.clone()).collect();
-    Ok(response_logprobs(
-        model,
-        &group.prompt,
-        visual.as_ref(),
-        &responses,
-        config.temperature,
-        device,
-    )?
-    .map(|l| l.logp))
+/// The visual tokens of a group's passes under `model`: the rollout's, or the frames
+/// encoded again (`grpo.reencode_video`).
+fn group_visual(model: &Vlm, group: &Group, tracked: bool) -> Option<Tensor<3>> {
+    match (&group.pixels, tracked) {
+        (Some(pixels), true) => Some(model.encode_frames(pixels.clone().autodiff())),
+        (Some(pixels), false) => Some(model.encode_frames(pixels.clone())),
+        (None, true) => group.visual.clone().map(|v| v.autodiff()),
+        (None, false) => group.visual.clone(),
+    }
+}
+
+fn responses(group: &Group) -> Vec<Vec<u32>> {
+    group.generations.iter().map(|g| g.tokens.clone()).collect()
 }
 
 /// The rollout batch's updates: advantages, old and reference log-probs, then
@@ -151,6 +143,7 @@ fn fixed_logprobs(
 /// gradients; returns the step's report (rollout fields filled by the caller).
 #[allow(clippy::too_many_arguments)]
 pub fn update(
+    passes: &dyn Passes,
     model: &mut Vlm,
     reference: Option<&Vlm>,
     mut groups: Vec<Group>,
@@ -191,13 +184,20 @@ pub fn update(
     let plain = model.valid();
     let inner = device.clone().inner();
     let mut fixed = Vec::with_capacity(groups.len());
+    let t = config.temperature;
     for group in &groups {
-        let old = fixed_logprobs(&plain, group, config, &inner)?;
+        let visual = group_visual(&plain, group, false);
+        let responses = responses(group);
+        let prompt = &group.prompt;
+        let old = passes.whole_logprobs(&plain, prompt, visual.as_ref(), &responses, t, &inner)?;
         if let Some(old) = &old {
             report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old));
         }
         let reference = match reference {
-            Some(r) if config.kl_coef > 0.0 => fixed_logprobs(r, group, config, &inner)?,
+            Some(r) if config.kl_coef > 0.0 => {
+                let visual = group_visual(r, group, false);
+                passes.whole_logprobs(r, prompt, visual.as_ref(), &responses, t, &inner)?
+            }
             _ => None,
         };
         fixed.push((old, reference));
@@ -232,18 +232,14 @@ pub fn update(
             let (Some(old), reference) = &fixed[i] else {
                 continue;
             };
-            let visual = match &group.pixels {
-                Some(pixels) => Some(model.encode_frames(pixels.clone().autodiff())),
-                None => group.visual.clone().map(|v| v.autodiff()),
-            };
-            let responses: Vec<Vec<u32>> =
-                group.generations.iter().map(|g| g.tokens.clone()).collect();
-            let Some(actor) = response_logprobs(
+            let visual = group_visual(model, group, true);
+            let responses = responses(group);
+            let Some(actor) = passes.actor_logprobs(
                 model,
                 &group.prompt,
                 visual.as_ref(),
                 &responses,
-                config.temperature,
+                t,
                 device,
             )?
             else {
@@ -274,7 +270,7 @@ pub fn update(
         if !any {
             continue;
         }
-        let mut grads = accumulator.grads();
+        let mut grads = passes.reduce_grads(model, accumulator.grads())?;
         let norm = global_grad_norm(model, &grads);
         report.grad_norm = norm;
         if !norm.is_finite() {
@@ -286,11 +282,15 @@ pub fn update(
         }
         *model = apply(model.clone(), grads);
     }
-    let tokens = tokens_sum.max(1.0);
-    report.kl = kl_sum / tokens;
-    report.clip_fraction = clip_sum / tokens;
-    report.entropy = entropy_sum / tokens;
-    report.loss = loss_sum;
+    let sums = passes.sum(
+        vec![kl_sum, clip_sum, entropy_sum, tokens_sum, loss_sum],
+        &inner,
+    )?;
+    let tokens = sums[3].max(1.0);
+    report.kl = sums[0] / tokens;
+    report.clip_fraction = sums[1] / tokens;
+    report.entropy = sums[2] / tokens;
+    report.loss = sums[4];
     report.update_s = timer.elapsed().as_secs_f64();
     Ok(report)
 }

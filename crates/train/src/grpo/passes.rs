@@ -1,0 +1,205 @@
+//! Where GRPO's model passes run: [`OneDevice`], or a sequence-parallel group
+//! ([`SpPasses`]: rollouts prefilled with zigzag ring attention and decoded against a
+//! sharded KV cache, log-prob passes split zigzag over the ranks, gradients and
+//! statistics summed over the group). Every rank of a group computes the same
+//! rollouts, advantages and updates.
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use longview_comm::{Communicator, ReduceOp};
+use longview_infer::generate::{Decoding, GenerateOptions, Generation, generate_group};
+use longview_models::{VisualInput, Vlm};
+use longview_parallel::inference::SpInference;
+
+use super::logprobs::{ResponseLogprobs, response_logprobs};
+use super::sp_logprobs::SpLogprobs;
+use crate::error::TrainError;
+use crate::mmsp::all_reduce_grads;
+
+/// The model passes of a GRPO step.
+pub trait Passes {
+    /// `samples.len()` responses to one prompt over one shared prefill.
+    fn generate(
+        &self,
+        policy: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        samples: &[Decoding],
+        options: &GenerateOptions,
+        device: &Device,
+    ) -> Result<Vec<Generation>, TrainError>;
+
+    /// The responses' whole `[responses, max_len]` log-probs, untracked (old policy,
+    /// reference); the same on every rank.
+    fn whole_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<Tensor<2>>, TrainError>;
+
+    /// The actor's log-probs of this rank's response tokens (tracked).
+    fn actor_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<ResponseLogprobs>, TrainError>;
+
+    /// Gradients summed over the ranks that share the sequences.
+    fn reduce_grads(
+        &self,
+        model: &Vlm,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, TrainError>;
+
+    /// Statistics summed over those ranks (exchanged as a tensor on `device`).
+    fn sum(&self, values: Vec<f32>, device: &Device) -> Result<Vec<f32>, TrainError>;
+}
+
+/// Everything on one device.
+pub struct OneDevice;
+
+impl Passes for OneDevice {
+    fn generate(
+        &self,
+        policy: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        samples: &[Decoding],
+        options: &GenerateOptions,
+        device: &Device,
+    ) -> Result<Vec<Generation>, TrainError> {
+        Ok(generate_group(
+            policy, prompt, visual, samples, options, device,
+        )?)
+    }
+
+    fn whole_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<Tensor<2>>, TrainError> {
+        Ok(
+            response_logprobs(model, prompt, visual, responses, temperature, device)?
+                .map(|l| l.logp),
+        )
+    }
+
+    fn actor_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<ResponseLogprobs>, TrainError> {
+        response_logprobs(model, prompt, visual, responses, temperature, device)
+    }
+
+    fn reduce_grads(&self, _: &Vlm, grads: GradientsParams) -> Result<GradientsParams, TrainError> {
+        Ok(grads)
+    }
+
+    fn sum(&self, values: Vec<f32>, _: &Device) -> Result<Vec<f32>, TrainError> {
+        Ok(values)
+    }
+}
+
+/// A rank of a sequence-parallel group: rollouts through [`SpInference`], log-probs
+/// through [`SpLogprobs`] (each on its own channels of the group).
+pub struct SpPasses<C: Communicator + Send + Sync + 'static> {
+    pub inference: SpInference<C>,
+    pub logprobs: SpLogprobs<C>,
+}
+
+impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
+    /// Splits `comm` into the channels of both halves.
+    pub fn new(comm: &C, head_dim: usize) -> Result<Self, TrainError> {
+        let all: Vec<usize> = (0..comm.world_size()).collect();
+        let split = |what: &str| {
+            comm.split(std::slice::from_ref(&all))
+                .map_err(|e| TrainError::Parallel(format!("GRPO {what} channels: {e}")))
+        };
+        Ok(SpPasses {
+            inference: SpInference::new(split("rollout")?, head_dim)?,
+            logprobs: SpLogprobs::new(split("log-prob")?, head_dim)?,
+        })
+    }
+}
+
+impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
+    fn generate(
+        &self,
+        policy: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        samples: &[Decoding],
+        options: &GenerateOptions,
+        device: &Device,
+    ) -> Result<Vec<Generation>, TrainError> {
+        Ok(self
+            .inference
+            .generate_group(policy, prompt, visual, samples, options, device)?)
+    }
+
+    fn whole_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<Tensor<2>>, TrainError> {
+        self.logprobs
+            .whole(model, prompt, visual, responses, temperature, device)
+    }
+
+    fn actor_logprobs(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: Option<&Tensor<3>>,
+        responses: &[Vec<u32>],
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Option<ResponseLogprobs>, TrainError> {
+        self.logprobs
+            .local(model, prompt, visual, responses, temperature, device)
+    }
+
+    fn reduce_grads(
+        &self,
+        model: &Vlm,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, TrainError> {
+        all_reduce_grads(model, grads, self.logprobs.comm())
+    }
+
+    fn sum(&self, values: Vec<f32>, device: &Device) -> Result<Vec<f32>, TrainError> {
+        let n = values.len();
+        let local = Tensor::<1>::from_data(TensorData::new(values, [n]), device);
+        let total = self
+            .logprobs
+            .comm()
+            .all_reduce(local, ReduceOp::Sum)
+            .map_err(|e| TrainError::Parallel(format!("summing GRPO statistics: {e}")))?;
+        total
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| TrainError::Parallel(format!("reading GRPO statistics: {e:?}")))
+    }
+}
