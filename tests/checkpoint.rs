@@ -146,12 +146,24 @@ fn vila_placeholder_id_falls_back_to_the_tokenizer_image_token() {
     );
     std::fs::write(
         dir.0.join("llm/tokenizer_config.json"),
-        r#"{"added_tokens_decoder": {"151643": {"content": "<|endoftext|>"}, "151646": {"content": "<image>"}}}"#,
+        r#"{"added_tokens_decoder": {"295": {"content": "<|endoftext|>"}, "296": {"content": "<image>"}}}"#,
     )
     .unwrap();
     let (model, config) = load_vila(&dir.0, &device).unwrap();
-    assert_eq!(config.placeholder_token_id, 151_646);
-    assert_eq!(model.placeholder_token_id, 151_646);
+    assert_eq!(config.placeholder_token_id, 296);
+    assert_eq!(model.placeholder_token_id, 296);
+    // An id the tiny model's 300-row vocabulary cannot embed is refused, naming where
+    // it came from.
+    std::fs::write(
+        dir.0.join("llm/tokenizer_config.json"),
+        r#"{"added_tokens_decoder": {"151646": {"content": "<image>"}}}"#,
+    )
+    .unwrap();
+    let text = error_text(load_vila(&dir.0, &device));
+    assert!(
+        text.contains("151646") && text.contains("tokenizer_config.json") && text.contains("300"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -312,4 +324,32 @@ fn index_shard_names_outside_the_folder_are_refused() {
             "{bad}: {message}"
         );
     }
+}
+
+#[test]
+fn vila_configs_out_of_range_fail_at_load_naming_key_and_value() {
+    let device = device();
+    let dir = TempDir::new("vila-ranges");
+    copy_dir(&fixture("vila"), &dir.0);
+    let config_path = dir.0.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+
+    let mut config = original.clone();
+    config["mm_vision_select_layer"] = (-100).into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_vila(&dir.0, &device));
+    assert!(
+        text.contains("mm_vision_select_layer -100") && text.contains("config.json"),
+        "{text}"
+    );
+
+    let mut config = original;
+    config["image_token_id"] = 1_000_000.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_vila(&dir.0, &device));
+    assert!(
+        text.contains("placeholder id 1000000") && text.contains("image_token_id"),
+        "{text}"
+    );
 }

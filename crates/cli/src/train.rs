@@ -42,6 +42,10 @@ pub struct TrainArgs {
     /// checkpoint folder given (e.g. runs/x/checkpoints/step-000500).
     #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// With --resume: accept a config that differs from the checkpoint's in keys that
+    /// change the run (batch, model, data, optimizer); the differences are printed.
+    #[arg(long, requires = "resume")]
+    pub allow_config_change: bool,
     /// Delete the run folder's checkpoints and metrics first (start over).
     #[arg(long, conflicts_with = "resume")]
     pub fresh: bool,
@@ -120,6 +124,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let options = TrainOptions {
         resume: args.resume.is_some(),
         resume_from: args.resume.clone().flatten(),
+        allow_config_change: args.allow_config_change,
         stop_after: None,
         progress: !args.no_progress,
         matmul_tflops,

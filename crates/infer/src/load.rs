@@ -80,10 +80,30 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, InferError> {
     let dir = resolve_model_dir(path)?;
     let (model, config) = load_vila(&dir, device)?;
     let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
+    check_vocabulary(&dir, &tokenizer, &config)?;
     Ok(LoadedModel {
         model,
         config,
         tokenizer,
         dir,
     })
+}
+
+/// Refuses a tokenizer that can emit ids past the model's embedding table (a
+/// mismatched tokenizer.json would otherwise fail deep inside the first forward).
+pub fn check_vocabulary(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    config: &VlmConfig,
+) -> Result<(), InferError> {
+    let (tokens, rows) = (tokenizer.vocab_size(), config.text.vocab_size);
+    if tokens > rows {
+        return Err(InferError::checkpoint(
+            dir,
+            format!(
+                "the tokenizer has {tokens} tokens but the LLM's embedding has {rows} rows (llm/config.json vocab_size): the tokenizer does not belong to this model"
+            ),
+        ));
+    }
+    Ok(())
 }

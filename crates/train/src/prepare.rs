@@ -101,6 +101,22 @@ pub(crate) fn prepare(
                     ),
                 ));
             }
+            let changed = config_changes(&loaded.state.config, config);
+            if !changed.is_empty() {
+                if !options.allow_config_change {
+                    return Err(TrainError::checkpoint(
+                        dir,
+                        format!(
+                            "was written with another config: {}. Resuming would not continue the same run; restore those values, or pass --allow-config-change to resume with the new ones",
+                            changed.join(", ")
+                        ),
+                    ));
+                }
+                log(&format!(
+                    "resuming with a changed config: {}",
+                    changed.join(", ")
+                ));
+            }
             log(&format!(
                 "resuming from {} (step {})",
                 dir.display(),
@@ -151,6 +167,50 @@ pub(crate) fn prepare(
         master,
         _lock: lock,
     })
+}
+
+/// What differs between the config a checkpoint was written with (`saved`, TOML)
+/// and `now` in the keys that change the run's course: the model, data, optimizer
+/// and GRPO sections and the batch shape (`run.steps`, `run.out`, checkpointing and
+/// evaluation cadence, attention and recomputation may change). `key: saved -> now`.
+fn config_changes(saved: &str, now: &TrainConfig) -> Vec<String> {
+    let Ok(saved) = toml::from_str::<TrainConfig>(saved) else {
+        // A config this build cannot read is not compared (older checkpoints).
+        return Vec::new();
+    };
+    let flat = |c: &TrainConfig| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(c) {
+            for (section, value) in sections {
+                if let serde_json::Value::Object(keys) = value {
+                    for (key, v) in keys {
+                        out.insert(format!("{section}.{key}"), v);
+                    }
+                }
+            }
+        }
+        out
+    };
+    let guarded = |key: &str| {
+        let section = key.split('.').next().unwrap_or("");
+        match section {
+            "model" | "optim" | "grpo" => true,
+            "data" => key != "data.cache",
+            "run" => matches!(key, "run.batch_size" | "run.grad_accum"),
+            _ => false,
+        }
+    };
+    let (before, after) = (flat(&saved), flat(now));
+    after
+        .iter()
+        .filter(|(key, value)| guarded(key) && before.get(*key) != Some(*value))
+        .map(|(key, value)| {
+            let was = before
+                .get(key)
+                .map_or("(unset)".to_string(), |v| v.to_string());
+            format!("{key}: {was} -> {value}")
+        })
+        .collect()
 }
 
 /// A checkpoint folder named by `--resume PATH`: complete (its trainer state is
@@ -208,7 +268,11 @@ fn fresh_model(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Vlm, VlmConfig), TrainError> {
     let (mut model, mut vlm_config) = match init_dir(config)? {
-        Some(dir) => load_vila(&dir, device)?,
+        Some(dir) => {
+            let (model, vlm) = load_vila(&dir, device)?;
+            longview_infer::load::check_vocabulary(&dir, tokenizer, &vlm)?;
+            (model, vlm)
+        }
         None => {
             let vlm_config = model_config(config, tokenizer)?;
             device.seed(config.run.seed);

@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Continue from this checkpoint folder instead of the newest (implies `resume`).
     pub resume_from: Option<PathBuf>,
+    /// Resume even when the config differs from the checkpoint's in keys that change
+    /// the run (the differences are logged).
+    pub allow_config_change: bool,
     /// Stop after this many steps of this invocation (the schedule still spans
     /// `run.steps`); used to test interruption and resume.
     pub stop_after: Option<usize>,
@@ -48,6 +51,7 @@ impl Default for TrainOptions {
         TrainOptions {
             resume: false,
             resume_from: None,
+            allow_config_change: false,
             stop_after: None,
             progress: true,
             matmul_tflops: None,

@@ -1214,3 +1214,39 @@ fn a_second_process_on_the_same_run_folder_is_refused() {
     train(&short, &options, &device(), &mut quiet()).unwrap();
     assert!(!lock.exists(), "the lock is released when the run ends");
 }
+
+#[test]
+fn resuming_with_a_config_that_changes_the_run_is_refused_unless_allowed() {
+    let _serial = serial();
+    let tmp = TempDir::new("resume-config");
+    let config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    let options = TrainOptions {
+        progress: false,
+        stop_after: Some(2),
+        ..TrainOptions::default()
+    };
+    train(&config, &options, &device(), &mut quiet()).unwrap();
+    let mut changed = config.clone();
+    changed.run.batch_size = 1;
+    changed.optim.lr = 5e-4;
+    changed.run.checkpoint_every = 3; // cadence may change
+    let resume = TrainOptions {
+        resume: true,
+        stop_after: Some(1),
+        ..options.clone()
+    };
+    let message = train(&changed, &resume, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("run.batch_size: 2 -> 1") && message.contains("optim.lr"),
+        "{message}"
+    );
+    assert!(!message.contains("checkpoint_every"), "{message}");
+    let allowed = TrainOptions {
+        allow_config_change: true,
+        ..resume
+    };
+    let summary = train(&changed, &allowed, &device(), &mut quiet()).unwrap();
+    assert_eq!(summary.last_step, 3);
+}

@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 
 use super::config::{HfQwen2Config, HfSiglipVisionConfig, VilaConfig, read_json};
 use crate::error::ModelError;
-use crate::vila::config::{ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VlmConfig};
+use crate::vila::config::{
+    ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
+};
 use crate::vila::{Projector, Qwen2, SiglipVision, Vlm};
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -392,6 +394,17 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
     let vila = VilaConfig::read(dir)?;
     let (llm, text) = load_qwen2(&dir.join("llm"), device)?;
     let (vision_tower, vision) = load_siglip(&dir.join("vision_tower"), device)?;
+    if let VisionFeature::Layer(k) = vila.vision_feature {
+        let layers = vision.num_layers;
+        if k >= 0 || (-k) as usize > layers {
+            return Err(ModelError::config(
+                dir.join("config.json"),
+                format!(
+                    "mm_vision_select_layer {k} is out of range for a vision tower of {layers} layers (use -1..=-{layers})"
+                ),
+            ));
+        }
+    }
     let projector_config =
         ProjectorConfig::new(vila.projector, vision.hidden_size, text.hidden_size);
     let mut mm_projector: Projector = projector_config.init(device);
@@ -405,6 +418,19 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
         Some(id) => id,
         None => image_token_from_tokenizer(dir)?,
     };
+    if placeholder as usize >= text.vocab_size {
+        let source = match vila.placeholder_token_id {
+            Some(_) => "config.json `image_token_id`",
+            None => "`<image>` in llm/tokenizer_config.json",
+        };
+        return Err(ModelError::config(
+            dir.join("config.json"),
+            format!(
+                "the visual placeholder id {placeholder} (from {source}) is outside the LLM's vocabulary of {} (llm/config.json vocab_size)",
+                text.vocab_size
+            ),
+        ));
+    }
     let config = VlmConfig::new(vision, projector_config, text, placeholder)
         .with_vision_feature(vila.vision_feature);
     let model = Vlm {
