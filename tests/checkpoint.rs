@@ -274,6 +274,17 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
     let text = error_text(load_qwen2(&dir.0, &device));
     assert!(text.contains("num_key_value_heads (3)"), "{text}");
 
+    // Absurd sizes are refused before anything is allocated.
+    config["num_key_value_heads"] = 2.into();
+    config["hidden_size"] = 1_000_000_000u64.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_qwen2(&dir.0, &device));
+    assert!(
+        text.contains("hidden_size 1000000000 is not a plausible size"),
+        "{text}"
+    );
+    config["hidden_size"] = 64.into();
+
     // Unsupported RoPE scaling is refused, not ignored.
     config["num_key_value_heads"] = 2.into();
     config["rope_parameters"] =

@@ -97,13 +97,13 @@ fn main() -> ExitCode {
         Task::Demo { args } => {
             // The dev profile (dependencies at opt-level 3) shares its build with `cargo test`.
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "-p", "longview-cli", "--", "demo"])
+            cmd.args(["run", "-p", "longview-cli", "--", "demo"])
                 .args(args);
             run(cmd)
         }
         Task::Bench { cuda, args } => {
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "--release", "-p", "longview-cli"]);
+            cmd.args(["run", "--release", "-p", "longview-cli"]);
             if cuda {
                 cmd.args(["--features", "cuda"]);
             }
@@ -132,14 +132,15 @@ fn main() -> ExitCode {
         }
         Task::Train { args } => {
             // The dev profile (dependencies at opt-level 3) shares its build with `cargo test`.
+            // Cargo's own progress stays visible: a first build takes minutes.
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "-p", "longview-cli", "--", "train"])
+            cmd.args(["run", "-p", "longview-cli", "--", "train"])
                 .args(args);
             run(cmd)
         }
         Task::Eval { args } => {
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "-p", "longview-cli", "--", "eval"])
+            cmd.args(["run", "-p", "longview-cli", "--", "eval"])
                 .args(args);
             run(cmd)
         }

@@ -198,6 +198,16 @@ impl HfQwen2Config {
                 "use_sliding_window = true is not supported (full attention only)",
             ));
         }
+        check_sizes(
+            path,
+            &[
+                ("vocab_size", self.vocab_size, 4 << 20),
+                ("hidden_size", self.hidden_size, 1 << 16),
+                ("intermediate_size", self.intermediate_size, 1 << 18),
+                ("num_hidden_layers", self.num_hidden_layers, 1024),
+                ("num_attention_heads", self.num_attention_heads, 1024),
+            ],
+        )?;
         let config = TextConfig::new(
             self.vocab_size,
             self.hidden_size,
@@ -281,6 +291,15 @@ impl HfSiglipVisionConfig {
                 ),
             ));
         }
+        check_sizes(
+            path,
+            &[
+                ("hidden_size", self.hidden_size, 1 << 16),
+                ("intermediate_size", self.intermediate_size, 1 << 18),
+                ("num_hidden_layers", self.num_hidden_layers, 1024),
+                ("image_size", self.image_size, 1 << 14),
+            ],
+        )?;
         if self.patch_size == 0 || self.image_size < self.patch_size {
             return Err(ModelError::config(
                 path,
@@ -376,4 +395,18 @@ impl VilaConfig {
             placeholder_token_id,
         })
     }
+}
+
+/// Refuses sizes past what any real checkpoint has (a corrupt or hostile config.json
+/// would otherwise ask the allocator for terabytes and abort the process), and zero.
+fn check_sizes(path: &Path, sizes: &[(&str, usize, usize)]) -> Result<(), ModelError> {
+    for &(key, value, limit) in sizes {
+        if value == 0 || value > limit {
+            return Err(ModelError::config(
+                path,
+                format!("{key} {value} is not a plausible size (1..={limit})"),
+            ));
+        }
+    }
+    Ok(())
 }
