@@ -251,12 +251,28 @@ fn choice(
         .sum::<f64>()
         / samples.len() as f64;
     println!(
-        "  accuracy {:.1}% ({}/{}), chance {:.1}%",
+        "  accuracy {:.1}% ({}/{} scored), chance {:.1}%",
         100.0 * report.accuracy(),
         report.correct,
         report.total,
         100.0 * chance
     );
+    // Rows that could not be read or decoded are not dropped silently: they count as
+    // wrong in the second figure.
+    let unusable = rows.skipped.len() + report.skipped.len();
+    if unusable > 0 {
+        let all = report.total + unusable;
+        println!(
+            "  skipped  {unusable} rows ({} unreadable lines, {} undecodable videos): {:.1}% ({}/{all}) counting them as wrong",
+            rows.skipped.len(),
+            report.skipped.len(),
+            100.0 * report.correct as f64 / all as f64,
+            report.correct
+        );
+        for reason in &report.skipped {
+            println!("    {reason}");
+        }
+    }
     for (duration, c, t) in &report.per_duration {
         println!("  {duration:<8} {c}/{t}");
     }

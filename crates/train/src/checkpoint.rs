@@ -50,6 +50,9 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     /// The run's config (TOML) when the checkpoint was written.
     pub config: String,
+    /// Samples skipped so far (unusable, replaced by substitutes; `skipped.jsonl`).
+    #[serde(default)]
+    pub skipped: usize,
 }
 
 /// Folder holding a run's checkpoints.

@@ -207,6 +207,10 @@ pub struct DataConfig {
     pub height: Option<u32>,
     /// How generated needle answers are written (`haystack` data).
     pub answer_format: AnswerFormat,
+    /// Unusable samples (undecodable media, rows longer than the model's context) are
+    /// skipped and replaced (`skipped.jsonl`); the run stops when more than this share
+    /// of the samples drawn had to be skipped.
+    pub max_skipped_fraction: f64,
 }
 
 impl Default for RunConfig {
@@ -269,6 +273,7 @@ impl Default for DataConfig {
             width: None,
             height: None,
             answer_format: AnswerFormat::Plain,
+            max_skipped_fraction: 0.01,
         }
     }
 }
@@ -437,6 +442,12 @@ impl TrainConfig {
         }
         if d.needle_copies == 0 {
             return bad("data.needle_copies", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&d.max_skipped_fraction) {
+            return bad(
+                "data.max_skipped_fraction",
+                format!("{} must be in [0, 1]", d.max_skipped_fraction),
+            );
         }
         if self.model.stage == Stage::Grpo
             && let Err((key, message)) = self.grpo.check(r.batch_size)

@@ -143,8 +143,11 @@ pub struct ChoiceReport {
     pub total: usize,
     /// `(duration, correct, total)` for rows that give a duration.
     pub per_duration: Vec<(String, usize, usize)>,
-    /// The letter chosen for every row, in order.
+    /// The letter chosen for every scored row, in order.
     pub chosen: Vec<char>,
+    /// Rows that could not be scored (their video did not decode), with the reason;
+    /// not in `total`.
+    pub skipped: Vec<String>,
 }
 
 impl ChoiceReport {
@@ -236,9 +239,17 @@ pub fn multiple_choice(
         total: 0,
         per_duration: Vec::new(),
         chosen: Vec::new(),
+        skipped: Vec::new(),
     };
     for (i, row) in rows.iter().enumerate() {
-        let letter = choose(model, row, frames, device)?;
+        let letter = match choose(model, row, frames, device) {
+            Ok(letter) => letter,
+            Err(e) => {
+                log(&format!("row {} skipped: {e}", i + 1));
+                report.skipped.push(format!("row {}: {e}", i + 1));
+                continue;
+            }
+        };
         let ok = letter == row.answer;
         report.correct += usize::from(ok);
         report.total += 1;

@@ -38,6 +38,7 @@ pub mod remat;
 mod run_lock;
 mod run_loop;
 mod sinks;
+pub mod skips;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -19,6 +19,7 @@ use crate::error::TrainError;
 use crate::grads::{cast_params, optimizer};
 use crate::plan::AttentionPlan;
 use crate::run_lock::RunLock;
+use crate::skips::{Drawn, draw};
 use crate::trainer::{StepRunner, TrainOptions};
 
 /// Everything a run needs before its first step.
@@ -135,6 +136,7 @@ pub(crate) fn prepare(
                 losses: Vec::new(),
                 elapsed_s: 0.0,
                 config: config.to_toml(),
+                skipped: 0,
             };
             (model, vlm_config, optimizer(&config.optim), state)
         }
@@ -442,7 +444,7 @@ pub fn model_config(
 }
 
 /// Each step's samples, in order, from the data worker.
-pub(crate) type SampleStream = std::sync::mpsc::Receiver<Result<Vec<Sample>, TrainError>>;
+pub(crate) type SampleStream = std::sync::mpsc::Receiver<Result<Drawn, TrainError>>;
 
 /// Starts a worker that builds the samples of `steps` steps (`per_step` each, from
 /// stream position `first`) in order, two steps ahead of the consumer. The worker
@@ -467,13 +469,16 @@ pub(crate) fn prefetch(
             width,
             height,
         };
+        let max_len = model.text.max_position_embeddings;
         for step in 0..steps {
             let start = first + step * per_step;
+            let mut skipped = Vec::new();
             let samples = (0..per_step)
-                .map(|i| train.sample(&encoder, seed, start + i))
+                .map(|i| draw(&train, &encoder, seed, start + i, max_len, &mut skipped))
                 .collect::<Result<Vec<Sample>, _>>();
-            let failed = samples.is_err();
-            if tx.send(samples).is_err() || failed {
+            let drawn = samples.map(|samples| Drawn { samples, skipped });
+            let failed = drawn.is_err();
+            if tx.send(drawn).is_err() || failed {
                 break;
             }
         }

@@ -17,6 +17,7 @@ use crate::grads::count_params;
 use crate::needle::{self, NeedleReport};
 use crate::prepare::Prepared;
 use crate::sinks::{Metrics, Sinks, device_mib, rss_mib};
+use crate::skips::{Skip, SkipLog};
 use crate::trainer::{StepDone, StepRunner, TrainOptions, TrainSummary, step_range};
 
 /// One invocation's loop state: which steps it runs, where its metrics go, what it
@@ -34,6 +35,7 @@ pub(crate) struct RunLoop<'a> {
     timer: Instant,
     elapsed_before: f64,
     totals: Totals,
+    skips: SkipLog,
 }
 
 /// What this invocation has done so far.
@@ -76,6 +78,12 @@ impl<'a> RunLoop<'a> {
             timer: Instant::now(),
             elapsed_before: run.state.elapsed_s,
             totals: Totals::default(),
+            skips: SkipLog::open(
+                &config.run.out,
+                runner.writes(),
+                run.state.skipped,
+                config.data.max_skipped_fraction,
+            ),
         })
     }
 
@@ -94,6 +102,28 @@ impl<'a> RunLoop<'a> {
         }
     }
 
+    /// Books the samples skipped to draw step `step`'s (0-based); errors past the
+    /// configured share.
+    pub fn skipped(
+        &mut self,
+        run: &Prepared,
+        step: usize,
+        skipped: &[Skip],
+        log: &mut dyn FnMut(&str),
+    ) -> Result<(), TrainError> {
+        for skip in skipped {
+            if let Some(line) = self
+                .sinks
+                .println(format!("skipped sample {}: {}", skip.index, skip.reason))
+            {
+                log(&line);
+            }
+        }
+        let per_step = self.config.run.batch_size * self.config.run.grad_accum;
+        self.skips
+            .record(step + 1, run.state.samples_seen + per_step, skipped)
+    }
+
     /// Books a finished (already applied) step: trainer state, held-out accuracy when
     /// due, the metrics row, and a checkpoint when due.
     pub fn record(
@@ -107,6 +137,7 @@ impl<'a> RunLoop<'a> {
         let state = &mut run.state;
         state.step += 1;
         state.samples_seen += per_step;
+        state.skipped = self.skips.total;
         state.tokens_seen += done.tokens as u64;
         state.losses.push(done.loss);
         self.totals.tokens += done.tokens as u64;
@@ -120,6 +151,7 @@ impl<'a> RunLoop<'a> {
         let row = Metrics {
             step,
             needle_accuracy,
+            skipped: self.skips.total,
             ..row
         };
         if let Some(line) = self.sinks.step(row, message)? {
@@ -213,6 +245,7 @@ impl<'a> RunLoop<'a> {
             model_tflops,
             mfu,
             needle_accuracy: None,
+            skipped: 0,
             attention: None,
         };
         (row, message)

@@ -185,6 +185,8 @@ pub(crate) struct Metrics {
     pub(crate) mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) needle_accuracy: Option<f64>,
+    /// Samples skipped so far in the run (`skipped.jsonl`).
+    pub(crate) skipped: usize,
     /// The run's attention plan, in the first row of every invocation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) attention: Option<PlanRecord>,

@@ -179,11 +179,12 @@ pub fn train_with(
     let (samples, eval, data) = start_data(&run, config, options, runner, device, log)?;
     let mut book = RunLoop::open(&run, config, options, runner, device, eval)?;
     for step in book.steps() {
-        let samples = samples
+        let drawn = samples
             .recv()
             .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
+        book.skipped(&run, step, &drawn.skipped, log)?;
         let step_timer = Instant::now();
-        let (done, grads) = one_step(&run, config, runner, &samples, step, device)?;
+        let (done, grads) = one_step(&run, config, runner, &drawn.samples, step, device)?;
         if !done.loss.is_finite() {
             return Err(book.diverged(step, done.loss));
         }

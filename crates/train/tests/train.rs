@@ -1250,3 +1250,90 @@ fn resuming_with_a_config_that_changes_the_run_is_refused_unless_allowed() {
     let summary = train(&changed, &allowed, &device(), &mut quiet()).unwrap();
     assert_eq!(summary.last_step, 3);
 }
+
+#[test]
+fn undecodable_videos_are_skipped_replaced_and_reported() {
+    let _serial = serial();
+    use longview_data::synthetic::SyntheticVideo;
+    use longview_train::config::DataKind;
+    let tmp = TempDir::new("skips");
+    let dir = tmp.0.join("set");
+    std::fs::create_dir_all(&dir).unwrap();
+    SyntheticVideo::new(40, 40, 8, 12, 4)
+        .write(dir.join("good.mp4"))
+        .unwrap();
+    // Exists (so the reader accepts the row) but is no video.
+    std::fs::write(dir.join("bad.mp4"), b"not a video at all").unwrap();
+    let rows = dir.join("rows.jsonl");
+    std::fs::write(
+        &rows,
+        [
+            r#"{"id": "g", "video": "good.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A video."}]}"#,
+            r#"{"id": "b", "video": "bad.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "Broken."}]}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    config.data.kind = DataKind::Conversations;
+    config.data.path = Some(rows.clone());
+    config.data.frames = 4;
+    config.data.min_frames = 4;
+    config.data.eval_per_depth = 0;
+    config.data.max_skipped_fraction = 0.9;
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let straight = train(&config, &options, &device(), &mut quiet()).unwrap();
+    assert_eq!(straight.losses.len(), 6);
+    let log = std::fs::read_to_string(config.run.out.join("skipped.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("rows.jsonl:2") && l.contains("bad.mp4")),
+        "{log}"
+    );
+    let metrics = std::fs::read_to_string(config.run.out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["skipped"].as_u64(), Some(lines.len() as u64), "{last}");
+
+    // Stopped and resumed, the run skips and substitutes the same samples.
+    let mut split = config.clone();
+    split.run.out = tmp.0.join("split");
+    train(
+        &split,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..options.clone()
+        },
+        &device(),
+        &mut quiet(),
+    )
+    .unwrap();
+    let resumed = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..options.clone()
+        },
+        &device(),
+        &mut quiet(),
+    )
+    .unwrap();
+    assert_eq!(resumed.losses, straight.losses);
+
+    // Past the allowed share the run stops and says why.
+    let mut strict = config.clone();
+    strict.run.out = tmp.0.join("strict");
+    strict.data.max_skipped_fraction = 0.01;
+    let message = train(&strict, &options, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("max_skipped_fraction") && message.contains("skipped.jsonl"),
+        "{message}"
+    );
+}

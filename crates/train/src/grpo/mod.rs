@@ -34,6 +34,7 @@ use crate::data::Sample;
 use crate::error::TrainError;
 use crate::grads::{cast_grads, cast_params, learning_rate};
 use crate::prepare::{Prepared, init_dir, prepare};
+use crate::skips::SkipLog;
 use crate::trainer::{SingleDevice, StepRunner, TrainOptions, start_data};
 use passes::{OneDevice, Passes};
 use reward::{Reward, ThinkAnswerReward, answers_match, extract_answer};
@@ -134,12 +135,25 @@ pub fn train_grpo_on(
         }
         false => None,
     };
+    let mut skips = SkipLog::open(
+        &config.run.out,
+        runner.writes(),
+        run.state.skipped,
+        config.data.max_skipped_fraction,
+    );
     let mut reports = Vec::new();
     let mut saved = None;
     for step in first..last {
-        let batch = samples
+        let drawn = samples
             .recv()
             .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
+        for skip in &drawn.skipped {
+            log(&format!("skipped sample {}: {}", skip.index, skip.reason));
+        }
+        let used = run.state.samples_seen + drawn.samples.len();
+        skips.record(step + 1, used, &drawn.skipped)?;
+        run.state.skipped = skips.total;
+        let batch = drawn.samples;
         let report = grpo_step(
             &mut run,
             passes,
@@ -156,8 +170,10 @@ pub fn train_grpo_on(
         run.state.losses.push(report.loss);
         run.state.elapsed_s += report.rollout_s + report.update_s;
         let lr = learning_rate(&config.optim, step, total);
-        let row =
-            serde_json::json!({ "step": step + 1, "stage": "grpo", "lr": lr, "report": report });
+        let skipped = skips.total;
+        let row = serde_json::json!({
+            "step": step + 1, "stage": "grpo", "lr": lr, "skipped": skipped, "report": report
+        });
         if let Some(metrics) = metrics.as_mut() {
             writeln!(metrics, "{row}").map_err(TrainError::io(&metrics_path))?;
         }
