@@ -75,6 +75,18 @@ pub fn clean_partial(out: &Path) -> Result<Vec<String>, TrainError> {
     for entry in std::fs::read_dir(&root).map_err(TrainError::io(&root))? {
         let entry = entry.map_err(TrainError::io(&root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".old")) {
+            // A crash while replacing step folder `step`: the old copy goes back
+            // when the new one never arrived.
+            let done = root.join(step);
+            if done.exists() {
+                std::fs::remove_dir_all(entry.path()).map_err(TrainError::io(entry.path()))?;
+            } else {
+                std::fs::rename(entry.path(), &done).map_err(TrainError::io(&done))?;
+            }
+            removed.push(name);
+            continue;
+        }
         if name.ends_with(".partial") {
             std::fs::remove_dir_all(entry.path()).map_err(TrainError::io(entry.path()))?;
             removed.push(name);
@@ -105,6 +117,54 @@ pub fn save(
     }
     std::fs::create_dir_all(&partial).map_err(TrainError::io(&partial))?;
 
+    if let Err(e) = write_contents(&partial, model, config, optimizer, state, tokenizer_json) {
+        // A full disk or a failing device: no unfinished folder is left behind.
+        let _ = std::fs::remove_dir_all(&partial);
+        let newest = match latest(out) {
+            Ok(Some(dir)) => format!("; the newest complete checkpoint is {}", dir.display()),
+            _ => String::new(),
+        };
+        return Err(TrainError::checkpoint(
+            &done,
+            format!("writing it failed ({e}); its unfinished folder was removed{newest}"),
+        ));
+    }
+
+    // A resumed run writing the same step again replaces the old copy: moved aside
+    // first, so that one complete copy exists at every moment.
+    let old = root.join(format!(".{name}.old"));
+    if done.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(TrainError::io(&old))?;
+        }
+        std::fs::rename(&done, &old).map_err(TrainError::io(&done))?;
+    }
+    std::fs::rename(&partial, &done).map_err(TrainError::io(&done))?;
+    sync_dir(&root)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(TrainError::io(&old))?;
+    }
+    let pointer = root.join("latest");
+    let tmp = root.join(".latest.tmp");
+    std::fs::write(&tmp, &name).map_err(TrainError::io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, &pointer).map_err(TrainError::io(&pointer))?;
+    sync_dir(&root)?;
+    prune(&root, &name, keep)?;
+    Ok(done)
+}
+
+/// Everything a checkpoint holds, written into `partial` (then synced).
+fn write_contents(
+    partial: &Path,
+    model: &Vlm,
+    config: &VlmConfig,
+    optimizer: &ModuleOptimizer,
+    state: &TrainerState,
+    tokenizer_json: &str,
+) -> Result<(), TrainError> {
     let model_dir = partial.join("model");
     let options = SaveOptions {
         dtype: DType::F32,
@@ -146,23 +206,23 @@ pub fn save(
     write_json(&partial.join("param_ids.json"), &param_ids(model))?;
     write_json(&partial.join("trainer.json"), state)?;
     sync_tree(&partial)?;
+    Ok(())
+}
 
-    if done.exists() {
-        // A resumed run writing the same step again: replace the old copy.
-        std::fs::remove_dir_all(&done).map_err(TrainError::io(&done))?;
-    }
-    std::fs::rename(&partial, &done).map_err(TrainError::io(&done))?;
-    sync_dir(&root)?;
-    let pointer = root.join("latest");
-    let tmp = root.join(".latest.tmp");
-    std::fs::write(&tmp, &name).map_err(TrainError::io(&tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(TrainError::io(&tmp))?;
-    std::fs::rename(&tmp, &pointer).map_err(TrainError::io(&pointer))?;
-    sync_dir(&root)?;
-    prune(&root, &name, keep)?;
-    Ok(done)
+/// The newest complete checkpoint of `out` older than `dir` (what to resume from
+/// when `dir` turns out to be damaged).
+pub fn previous(out: &Path, dir: &Path) -> Option<PathBuf> {
+    let step_of =
+        |p: &Path| -> Option<u64> { p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok() };
+    let current = step_of(dir)?;
+    std::fs::read_dir(root(out))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("trainer.json").is_file())
+        .filter_map(|p| Some((step_of(&p)?, p)))
+        .filter(|(step, _)| *step < current)
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
 }
 
 /// A loaded checkpoint.

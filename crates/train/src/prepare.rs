@@ -92,7 +92,18 @@ pub(crate) fn prepare(
         })?;
     let (model, vlm_config, optim, state) = match &latest {
         Some(dir) => {
-            let loaded = checkpoint::load(dir, optimizer(&config.optim), device)?;
+            let loaded = checkpoint::load(dir, optimizer(&config.optim), device).map_err(|e| {
+                match checkpoint::previous(out, dir) {
+                    Some(before) => TrainError::checkpoint(
+                        dir,
+                        format!(
+                            "cannot be resumed from: {e}. The checkpoint before it may be intact: --resume {}",
+                            before.display()
+                        ),
+                    ),
+                    None => e,
+                }
+            })?;
             if loaded.state.seed != config.run.seed {
                 return Err(TrainError::checkpoint(
                     dir,

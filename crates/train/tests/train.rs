@@ -1337,3 +1337,37 @@ fn undecodable_videos_are_skipped_replaced_and_reported() {
         "{message}"
     );
 }
+
+#[test]
+fn a_damaged_latest_checkpoint_names_the_file_and_the_one_before() {
+    let _serial = serial();
+    let tmp = TempDir::new("damaged");
+    let config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    train(&config, &options, &device(), &mut quiet()).unwrap();
+    // keep_checkpoints = 2 leaves steps 4 and 6; cut step 6's LLM weights short.
+    let weights = config
+        .run
+        .out
+        .join("checkpoints/step-000006/model/llm/model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let mut longer = config.clone();
+    longer.run.steps = 8;
+    let resume = TrainOptions {
+        resume: true,
+        ..options
+    };
+    let message = train(&longer, &resume, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("step-000006") && message.contains("--resume"),
+        "{message}"
+    );
+    assert!(message.contains("step-000004"), "{message}");
+    assert!(message.contains("llm"), "names the damaged part: {message}");
+}
