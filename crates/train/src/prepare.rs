@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::ModuleOptimizer;
-use burn::tensor::{DType, Device};
+use burn::tensor::{DType, Device, Tensor};
 use longview_data::TextTokenizer;
 use longview_models::hf::checkpoint::load_vila;
 use longview_models::{Vlm, VlmConfig};
@@ -288,10 +288,10 @@ fn fresh_model(
         }
         None => {
             let vlm_config = model_config(config, tokenizer)?;
-            device.seed(config.run.seed);
-            // In a parallel run the ranks' draws interleave on a shared RNG;
-            // sync_model gives every rank the writer's weights.
-            (vlm_config.init(device), vlm_config)
+            (
+                draw_initial(&vlm_config, config.run.seed, device),
+                vlm_config,
+            )
         }
     };
     if let Some(theta) = config.model.rope_theta {
@@ -311,6 +311,27 @@ fn fresh_model(
         );
     }
     Ok((model, vlm_config))
+}
+
+/// Random initial weights that depend on the seed alone. Burn's device RNG is
+/// process-wide and a parameter is drawn lazily, when first used: ranks initialising
+/// on several threads would interleave their draws, and the draw order would follow
+/// the first forward pass. Under one process-wide lock the RNG is seeded, the model
+/// built and every parameter drawn at once, in the module's order, so every layout and
+/// every rerun starts from the same weights.
+fn draw_initial(vlm: &VlmConfig, seed: u64, device: &Device) -> Vlm {
+    struct Draw;
+    impl ModuleVisitor for Draw {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    device.seed(seed);
+    let model = vlm.init(device);
+    model.visit(&mut Draw);
+    model
 }
 
 /// The run's training data and held-out samples (haystack runs only), read or

@@ -255,3 +255,44 @@ fn recomputation_inside_mm_sp_repeats_the_single_device_loss_curve() {
         }
     }
 }
+
+#[test]
+fn layouts_from_random_weights_repeat_the_single_device_curve_and_themselves() {
+    let _serial = serial();
+    let tmp =
+        TempDir(std::env::temp_dir().join(format!("longview-mmsp-rand-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    let cache = tmp.0.join("cache");
+    let random = |out: &str| {
+        let mut c = config(&tmp.0.join(out), &cache);
+        c.model.init_from = None;
+        c.run.steps = 4;
+        c.run.checkpoint_every = 4;
+        c
+    };
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let reference = train(
+        &random("single"),
+        &options,
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    let first = parallel_losses(&random("sp2-a"), 1, 2);
+    let again = parallel_losses(&random("sp2-b"), 1, 2);
+    assert_eq!(first, again, "two SP2 runs from the same seed");
+    let dp2sp2 = parallel_losses(&random("dp2-sp2"), 2, 2);
+    for (name, losses) in [("SP2", &first), ("DP2xSP2", &dp2sp2)] {
+        for (step, (a, b)) in reference.iter().zip(losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{name} step {}: single device {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
