@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use longview_comm::{Communicator, LocalWorld};
+use longview_comm::{Communicator, LocalComm, LocalWorld};
 use longview_models::hf::checkpoint::read_vila_text_config;
 use longview_train::mmsp::MmSp;
 use longview_train::trainer::train_with;
@@ -277,46 +277,57 @@ fn grpo_parallel(
     use longview_train::grpo::passes::SpPasses;
     use longview_train::grpo::reward::ThinkAnswerReward;
     let head_dim = head_dim(config)?;
-    let comms = LocalWorld::communicators(sp);
     let reward = ThinkAnswerReward {
         accuracy_weight: config.grpo.accuracy_weight,
     };
-    let results: Vec<Result<longview_train::grpo::GrpoSummary, TrainError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .map(|comm| {
-                    let reward = &reward;
-                    scope.spawn(move || {
-                        let rank = comm.rank();
-                        let passes = SpPasses::new(&comm, head_dim)?;
-                        let runner = MmSp::new(comm, sp, head_dim)?;
-                        let device = Device::flex().autodiff();
-                        let mut log = |line: &str| {
-                            if rank == 0 {
-                                println!("  {line}")
-                            }
-                        };
-                        longview_train::grpo::train_grpo_on(
-                            config, options, &device, &mut log, reward, &runner, &passes,
-                        )
-                    })
+    on_ranks(sp, |comm, log| {
+        let passes = SpPasses::new(&comm, head_dim)?;
+        let runner = MmSp::new(comm, sp, head_dim)?;
+        let device = Device::flex().autodiff();
+        longview_train::grpo::train_grpo_on(
+            config, options, &device, log, &reward, &runner, &passes,
+        )
+    })
+}
+
+/// Runs `rank(comm, log)` on `world` in-process ranks, one thread each (`log` prints
+/// on rank 0 only), and returns rank 0's result; the first failing rank's error
+/// otherwise, naming it.
+fn on_ranks<T: Send>(
+    world: usize,
+    rank: impl Fn(LocalComm, &mut dyn FnMut(&str)) -> Result<T, TrainError> + Sync,
+) -> Result<T> {
+    let comms = LocalWorld::communicators(world);
+    let results: Vec<Result<T, TrainError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let rank = &rank;
+                scope.spawn(move || {
+                    let first = comm.rank() == 0;
+                    let mut log = |line: &str| {
+                        if first {
+                            println!("  {line}")
+                        }
+                    };
+                    rank(comm, &mut log)
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
-                })
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
+            })
+            .collect()
+    });
     let mut first = None;
-    for (rank, result) in results.into_iter().enumerate() {
+    for (r, result) in results.into_iter().enumerate() {
         match result {
-            Ok(summary) if rank == 0 => first = Some(summary),
+            Ok(value) if r == 0 => first = Some(value),
             Ok(_) => {}
-            Err(e) => bail!("rank {rank}: {e}"),
+            Err(e) => bail!("rank {r}: {e}"),
         }
     }
     Ok(first.expect("rank 0 reports"))
@@ -354,42 +365,11 @@ fn parallel(
     sp: usize,
 ) -> Result<TrainSummary> {
     let head_dim = head_dim(config)?;
-    let comms = LocalWorld::communicators(dp * sp);
-    let results: Vec<Result<TrainSummary, TrainError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                scope.spawn(move || {
-                    let rank = comm.rank();
-                    let runner =
-                        MmSp::new(comm, sp, head_dim)?.with_recompute(config.run.recompute);
-                    let device = Device::flex().autodiff();
-                    let mut log = |line: &str| {
-                        if rank == 0 {
-                            println!("  {line}")
-                        }
-                    };
-                    train_with(config, options, &device, &mut log, &runner)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
-            })
-            .collect()
-    });
-    let mut first = None;
-    for (rank, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(summary) if rank == 0 => first = Some(summary),
-            Ok(_) => {}
-            Err(e) => bail!("rank {rank}: {e}"),
-        }
-    }
-    Ok(first.expect("rank 0 reports"))
+    on_ranks(dp * sp, |comm, log| {
+        let runner = MmSp::new(comm, sp, head_dim)?.with_recompute(config.run.recompute);
+        let device = Device::flex().autodiff();
+        train_with(config, options, &device, log, &runner)
+    })
 }
 
 #[cfg(test)]

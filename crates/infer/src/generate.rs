@@ -137,14 +137,7 @@ pub fn generate_group(
     options: &GenerateOptions,
     device: &Device,
 ) -> Result<Vec<Generation>, InferError> {
-    for decoding in samples {
-        decoding.validate().map_err(InferError::Request)?;
-    }
-    if prompt.is_empty() {
-        return Err(InferError::Request(
-            "generation needs a non-empty prompt".into(),
-        ));
-    }
+    check_request(prompt, samples)?;
     check_memory(model, prompt.len(), samples.len(), options, device)?;
     let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
@@ -213,6 +206,19 @@ pub fn decode_group(
         rows = step(&tokens, &kept)?;
         active = still;
     }
+}
+
+/// Refuses a request with an empty prompt or a bad decoding setting.
+pub fn check_request(prompt: &[u32], samples: &[Decoding]) -> Result<(), InferError> {
+    for decoding in samples {
+        decoding.validate().map_err(InferError::Request)?;
+    }
+    if prompt.is_empty() {
+        return Err(InferError::Request(
+            "generation needs a non-empty prompt".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a request whose KV cache and prefill activations would not fit the budget.

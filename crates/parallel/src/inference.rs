@@ -17,7 +17,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
 use longview_infer::generate::{
-    Decoding, GenerateOptions, Generation, check_memory, decode_group, host_rows,
+    Decoding, GenerateOptions, Generation, check_memory, check_request, decode_group, host_rows,
 };
 use longview_infer::prefill::{DEFAULT_FRAME_BATCH, embed_prompt};
 use longview_models::attention::{AttentionImpl, SplitAtAttention};
@@ -70,21 +70,31 @@ fn comm_error(what: &str) -> impl Fn(longview_comm::CommError) -> InferError + '
     move |e| InferError::Request(format!("sequence-parallel inference ({what}): {e}"))
 }
 
+/// Causal zigzag ring attention over every rank of `comm`, on channels of its own
+/// (split from `comm`), for heads of `head_dim` channels; with its softmax scale.
+pub fn causal_zigzag_ring<C: Communicator + Send + Sync + 'static>(
+    comm: &C,
+    head_dim: usize,
+) -> Result<(Arc<dyn DistributedAttention>, f64), longview_comm::CommError> {
+    let all: Vec<usize> = (0..comm.world_size()).collect();
+    let scale = (head_dim as f64).powf(-0.5);
+    let ring = Arc::new(WithComm {
+        comm: comm.split(&[all])?,
+        attention: RingAttention {
+            balance: RingBalance::Zigzag,
+            causal: true,
+            scale,
+        },
+    });
+    Ok((ring, scale))
+}
+
 impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
     /// Binds the group of `comm` (every rank of it) for a model whose attention heads
     /// have `head_dim` channels.
     pub fn new(comm: C, head_dim: usize) -> Result<Self, InferError> {
-        let all: Vec<usize> = (0..comm.world_size()).collect();
-        let ring_comm = comm.split(&[all]).map_err(comm_error("ring channels"))?;
-        let scale = (head_dim as f64).powf(-0.5);
-        let ring = Arc::new(WithComm {
-            comm: ring_comm,
-            attention: RingAttention {
-                balance: RingBalance::Zigzag,
-                causal: true,
-                scale,
-            },
-        });
+        let (ring, scale) =
+            causal_zigzag_ring(&comm, head_dim).map_err(comm_error("ring channels"))?;
         Ok(SpInference { comm, ring, scale })
     }
 
@@ -218,14 +228,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         options: &GenerateOptions,
         device: &Device,
     ) -> Result<Vec<Generation>, InferError> {
-        for decoding in samples {
-            decoding.validate().map_err(InferError::Request)?;
-        }
-        if prompt.is_empty() {
-            return Err(InferError::Request(
-                "generation needs a non-empty prompt".into(),
-            ));
-        }
+        check_request(prompt, samples)?;
         // Each rank holds about 1/P of the cache; the estimate is per rank.
         let per_rank = prompt.len().div_ceil(self.world());
         check_memory(model, per_rank, samples.len(), options, device)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use longview_models::VlmConfig;
-use longview_train::grpo::logprobs::response_logprobs;
+use longview_train::grpo::logprobs::{Rollout, response_logprobs};
 use longview_train::grpo::reward::{Reward, Scored};
 use longview_train::grpo::train_grpo_with;
 use longview_train::{Stage, TrainConfig, TrainOptions};
@@ -64,11 +64,17 @@ fn cached_visual_tokens_give_the_re_encoded_log_probs_and_gradients() {
         .valid()
         .encode_frames(pixels.clone().inner())
         .autodiff();
-    let with_cache = response_logprobs(&model, &prompt, Some(&cached), &responses, 0.7, &device)
+    let rollout = |visual| Rollout {
+        prompt: &prompt,
+        visual: Some(visual),
+        responses: &responses,
+        temperature: 0.7,
+    };
+    let with_cache = response_logprobs(&model, &rollout(&cached), &device)
         .unwrap()
         .unwrap();
     let encoded = model.encode_frames(pixels);
-    let re_encoded = response_logprobs(&model, &prompt, Some(&encoded), &responses, 0.7, &device)
+    let re_encoded = response_logprobs(&model, &rollout(&encoded), &device)
         .unwrap()
         .unwrap();
     let (a, b) = (host(with_cache.logp.clone()), host(re_encoded.logp.clone()));

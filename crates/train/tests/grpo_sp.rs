@@ -6,7 +6,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use longview_comm::LocalWorld;
 use longview_models::VlmConfig;
-use longview_train::grpo::logprobs::response_logprobs;
+use longview_train::grpo::logprobs::{Rollout, response_logprobs};
 use longview_train::grpo::sp_logprobs::SpLogprobs;
 use longview_train::mmsp::all_reduce_grads;
 
@@ -55,7 +55,13 @@ fn sequence_parallel_log_probs_and_gradients_equal_one_device() {
     let gamma =
         |grads: &GradientsParams| host1(grads.get::<1>(model.llm.model.norm.gamma.id).unwrap());
 
-    let single = response_logprobs(&model, &prompt, Some(&visual), &responses, 0.8, &device)
+    let rollout = |visual| Rollout {
+        prompt: &prompt,
+        visual: Some(visual),
+        responses: &responses,
+        temperature: 0.8,
+    };
+    let single = response_logprobs(&model, &rollout(&visual), &device)
         .unwrap()
         .unwrap();
     let expected_logp = host2(single.logp.clone());
@@ -76,19 +82,23 @@ fn sequence_parallel_log_probs_and_gradients_equal_one_device() {
                     scope.spawn(move || {
                         let sp = SpLogprobs::new(comm, head_dim).unwrap();
                         let inner = device.clone().inner();
-                        let whole = sp
-                            .whole(
-                                &model.valid(),
-                                prompt,
-                                Some(&visual.clone().inner()),
-                                responses,
-                                0.8,
-                                &inner,
-                            )
-                            .unwrap()
-                            .unwrap();
+                        let plain_visual = visual.clone().inner();
+                        let plain = Rollout {
+                            prompt,
+                            visual: Some(&plain_visual),
+                            responses,
+                            temperature: 0.8,
+                        };
+                        let whole = sp.whole(&model.valid(), &plain, &inner).unwrap().unwrap();
                         let part = sp
-                            .local(model, prompt, Some(visual), responses, 0.8, device)
+                            .local(
+                                model,
+                                &Rollout {
+                                    visual: Some(visual),
+                                    ..plain
+                                },
+                                device,
+                            )
                             .unwrap()
                             .unwrap();
                         let mask = host2(part.mask.clone());

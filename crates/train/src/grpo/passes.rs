@@ -11,7 +11,7 @@ use longview_infer::generate::{Decoding, GenerateOptions, Generation, generate_g
 use longview_models::{VisualInput, Vlm};
 use longview_parallel::inference::SpInference;
 
-use super::logprobs::{ResponseLogprobs, response_logprobs};
+use super::logprobs::{ResponseLogprobs, Rollout, response_logprobs};
 use super::sp_logprobs::SpLogprobs;
 use crate::error::TrainError;
 use crate::mmsp::all_reduce_grads;
@@ -34,10 +34,7 @@ pub trait Passes {
     fn whole_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<Tensor<2>>, TrainError>;
 
@@ -45,10 +42,7 @@ pub trait Passes {
     fn actor_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError>;
 
@@ -84,28 +78,19 @@ impl Passes for OneDevice {
     fn whole_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<Tensor<2>>, TrainError> {
-        Ok(
-            response_logprobs(model, prompt, visual, responses, temperature, device)?
-                .map(|l| l.logp),
-        )
+        Ok(response_logprobs(model, rollout, device)?.map(|l| l.logp))
     }
 
     fn actor_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
-        response_logprobs(model, prompt, visual, responses, temperature, device)
+        response_logprobs(model, rollout, device)
     }
 
     fn reduce_grads(&self, _: &Vlm, grads: GradientsParams) -> Result<GradientsParams, TrainError> {
@@ -157,27 +142,19 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
     fn whole_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<Tensor<2>>, TrainError> {
-        self.logprobs
-            .whole(model, prompt, visual, responses, temperature, device)
+        self.logprobs.whole(model, rollout, device)
     }
 
     fn actor_logprobs(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
-        self.logprobs
-            .local(model, prompt, visual, responses, temperature, device)
+        self.logprobs.local(model, rollout, device)
     }
 
     fn reduce_grads(

@@ -8,17 +8,16 @@
 
 use std::sync::Arc;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
-use longview_parallel::autodiff::{DistributedAttention, WithComm};
+use longview_parallel::autodiff::DistributedAttention;
+use longview_parallel::inference::causal_zigzag_ring;
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::model::install;
-use longview_parallel::ring::{RingAttention, RingBalance};
 
-use super::logprobs::ResponseLogprobs;
+use super::logprobs::{ResponseLogprobs, Rollout, token_logprobs};
 use crate::error::TrainError;
 
 /// A rank's sequence-parallel group for the log-prob passes.
@@ -35,17 +34,8 @@ fn comm_error(what: &'static str) -> impl Fn(longview_comm::CommError) -> TrainE
 impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
     /// Binds every rank of `comm` for a model whose heads have `head_dim` channels.
     pub fn new(comm: C, head_dim: usize) -> Result<Self, TrainError> {
-        let all: Vec<usize> = (0..comm.world_size()).collect();
-        let ring_comm = comm.split(&[all]).map_err(comm_error("ring channels"))?;
-        let scale = (head_dim as f64).powf(-0.5);
-        let ring = Arc::new(WithComm {
-            comm: ring_comm,
-            attention: RingAttention {
-                balance: RingBalance::Zigzag,
-                causal: true,
-                scale,
-            },
-        });
+        let (ring, scale) =
+            causal_zigzag_ring(&comm, head_dim).map_err(comm_error("ring channels"))?;
         Ok(SpLogprobs { comm, ring, scale })
     }
 
@@ -61,35 +51,18 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
     pub fn local(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
         let (world, rank) = (self.comm.world_size(), self.comm.rank());
-        let n = responses.len();
-        let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
-        if longest == 0 || prompt.is_empty() {
+        let (n, longest) = (rollout.responses.len(), rollout.longest());
+        if longest == 0 || rollout.prompt.is_empty() {
             return Ok(None);
         }
         // Zigzag needs a multiple of 2P rows; padding goes after every response, where
         // causal attention keeps it from the rows that matter.
-        let len = (prompt.len() + longest).div_ceil(2 * world) * 2 * world;
-        let filler = i64::from(model.placeholder_token_id == 0);
-        let (mut ids, mut splice_ids) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len));
-        for response in responses {
-            ids.extend(prompt.iter().map(|&t| t as i64));
-            ids.extend(response.iter().map(|&t| t as i64));
-            ids.extend(std::iter::repeat_n(0, len - prompt.len() - response.len()));
-            splice_ids.extend(prompt.iter().map(|&t| t as i64));
-            splice_ids.extend(std::iter::repeat_n(filler, len - prompt.len()));
-        }
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
-        let splice_ids = Tensor::<2, Int>::from_data(TensorData::new(splice_ids, [n, len]), device);
-        let visual = visual.map(|v| Tensor::cat(vec![v.clone(); n], 0));
-        let embeds = model.splice(model.embed_tokens(ids), &splice_ids, visual)?;
-
+        let len = (rollout.prompt.len() + longest).div_ceil(2 * world) * 2 * world;
+        let embeds = rollout.embeds(model, len, device)?;
         let layout = SeqLayout::Zigzag;
         let sharding = |e: longview_parallel::ParallelError| TrainError::Parallel(e.to_string());
         let local = shard(embeds, 1, layout, rank, world).map_err(sharding)?;
@@ -111,55 +84,35 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
         }
         // This rank's rows that predict response tokens: global row p - 1 + k
         // predicts token k.
-        let first = prompt.len() - 1;
-        let picked: Vec<(usize, usize)> = positions
+        let first = rollout.prompt.len() - 1;
+        let (rows, ks): (Vec<i64>, Vec<usize>) = positions
             .iter()
             .enumerate()
             .filter(|&(_, &p)| p >= first && p < first + longest)
-            .map(|(row, &p)| (row, p - first))
-            .collect();
-        let m = picked.len();
+            .map(|(row, &p)| (row as i64, p - first))
+            .unzip();
+        let m = ks.len();
         let zeros = Tensor::<2>::zeros([n, longest], device);
         if m == 0 {
+            // No token here, but the backward must still take part in the ring's.
             return Ok(Some(ResponseLogprobs {
                 logp: zeros.clone() + x.sum().mul_scalar(0.0).reshape([1, 1]),
                 mask: zeros.clone(),
                 entropy: zeros,
             }));
         }
-        let index: Vec<i64> = picked.iter().map(|&(row, _)| row as i64).collect();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [m]), device);
-        let logits = model.logits(x.select(1, index)).div_scalar(temperature);
-        let all = log_softmax(logits, 2);
-        let mut targets = Vec::with_capacity(n * m);
-        let mut mask = Vec::with_capacity(n * m);
-        for response in responses {
-            for &(_, k) in &picked {
-                targets.push(response.get(k).map_or(0, |&t| t as i64));
-                mask.push(if k < response.len() { 1.0f32 } else { 0.0 });
-            }
-        }
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, m]), device);
-        let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, m]), device);
-        let logp = all
-            .clone()
-            .gather(2, targets.unsqueeze_dim::<3>(2))
-            .reshape([n, m])
-            * mask.clone();
-        let entropy = {
-            let p = all.detach();
-            (p.clone().exp() * p).sum_dim(2).neg().reshape([n, m]) * mask.clone()
-        };
-        // Place column j at response position picked[j].1: a [m, longest] 0/1 matrix.
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), device);
+        let part = token_logprobs(model, rollout, x.select(1, rows), &ks, device);
+        // Place column j at response position ks[j]: a [m, longest] 0/1 matrix.
         let mut place = vec![0f32; m * longest];
-        for (j, &(_, k)) in picked.iter().enumerate() {
+        for (j, &k) in ks.iter().enumerate() {
             place[j * longest + k] = 1.0;
         }
         let place = Tensor::<2>::from_data(TensorData::new(place, [m, longest]), device);
         Ok(Some(ResponseLogprobs {
-            logp: logp.matmul(place.clone()),
-            mask: mask.matmul(place.clone()),
-            entropy: entropy.matmul(place),
+            logp: part.logp.matmul(place.clone()),
+            mask: part.mask.matmul(place.clone()),
+            entropy: part.entropy.matmul(place),
         }))
     }
 
@@ -168,13 +121,10 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
     pub fn whole(
         &self,
         model: &Vlm,
-        prompt: &[u32],
-        visual: Option<&Tensor<3>>,
-        responses: &[Vec<u32>],
-        temperature: f64,
+        rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<Tensor<2>>, TrainError> {
-        let Some(part) = self.local(model, prompt, visual, responses, temperature, device)? else {
+        let Some(part) = self.local(model, rollout, device)? else {
             return Ok(None);
         };
         let total = self

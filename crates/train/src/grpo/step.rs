@@ -14,6 +14,7 @@ use longview_infer::generate::{Decoding, GenerateOptions, Generation};
 use longview_models::{VisualInput, Vlm};
 
 use super::config::GrpoConfig;
+use super::logprobs::Rollout;
 use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
 use super::passes::Passes;
 use super::reward::{Reward, Scored, extract_answer};
@@ -134,6 +135,23 @@ fn group_visual(model: &Vlm, group: &Group, tracked: bool) -> Option<Tensor<3>> 
     }
 }
 
+impl Group {
+    /// The group as its log-prob passes see it, with `visual` as its visual tokens.
+    fn rollout<'a>(
+        &'a self,
+        visual: Option<&'a Tensor<3>>,
+        responses: &'a [Vec<u32>],
+        temperature: f64,
+    ) -> Rollout<'a> {
+        Rollout {
+            prompt: &self.prompt,
+            visual,
+            responses,
+            temperature,
+        }
+    }
+}
+
 fn responses(group: &Group) -> Vec<Vec<u32>> {
     group.generations.iter().map(|g| g.tokens.clone()).collect()
 }
@@ -184,19 +202,19 @@ pub fn update(
     let plain = model.valid();
     let inner = device.clone().inner();
     let mut fixed = Vec::with_capacity(groups.len());
-    let t = config.temperature;
     for group in &groups {
-        let visual = group_visual(&plain, group, false);
         let responses = responses(group);
-        let prompt = &group.prompt;
-        let old = passes.whole_logprobs(&plain, prompt, visual.as_ref(), &responses, t, &inner)?;
+        let visual = group_visual(&plain, group, false);
+        let rollout = group.rollout(visual.as_ref(), &responses, config.temperature);
+        let old = passes.whole_logprobs(&plain, &rollout, &inner)?;
         if let Some(old) = &old {
             report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old));
         }
         let reference = match reference {
             Some(r) if config.kl_coef > 0.0 => {
                 let visual = group_visual(r, group, false);
-                passes.whole_logprobs(r, prompt, visual.as_ref(), &responses, t, &inner)?
+                let rollout = group.rollout(visual.as_ref(), &responses, config.temperature);
+                passes.whole_logprobs(r, &rollout, &inner)?
             }
             _ => None,
         };
@@ -234,15 +252,8 @@ pub fn update(
             };
             let visual = group_visual(model, group, true);
             let responses = responses(group);
-            let Some(actor) = passes.actor_logprobs(
-                model,
-                &group.prompt,
-                visual.as_ref(),
-                &responses,
-                t,
-                device,
-            )?
-            else {
+            let rollout = group.rollout(visual.as_ref(), &responses, config.temperature);
+            let Some(actor) = passes.actor_logprobs(model, &rollout, device)? else {
                 continue;
             };
             let advantages = Tensor::<1>::from_data(
