@@ -23,8 +23,14 @@ pub(crate) struct Sinks {
     log_every: Option<usize>,
     /// The run's last step (what log lines count towards).
     total: usize,
+    /// When the last log line went out: without a terminal a line also goes out
+    /// after [`HEARTBEAT`] of silence, however long the steps are.
+    last_line: std::time::Instant,
     plan: Option<PlanRecord>,
 }
+
+/// The longest a run without a terminal stays silent (a step ends it).
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Sinks {
     /// Opens (appends to) `out`'s metrics after cutting them back to `done` steps.
@@ -39,7 +45,12 @@ impl Sinks {
         let files = if writes {
             let path = out.join("metrics.jsonl");
             truncate_metrics(&path, done)?;
-            let events = EventWriter::create(&out.join("tensorboard"))?;
+            let mut events = EventWriter::create(&out.join("tensorboard"))?;
+            if done > 0 {
+                // A resumed run: TensorBoard forgets what an earlier session logged
+                // from here on.
+                events.session_start(done as i64 + 1, wall_s())?;
+            }
             let metrics = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -67,6 +78,7 @@ impl Sinks {
             bar,
             log_every,
             total,
+            last_line: std::time::Instant::now(),
             plan: Some(plan),
         })
     }
@@ -93,15 +105,32 @@ impl Sinks {
             events.scalar("train/lr", step_i, line.lr as f32, wall)?;
             events.scalar("train/grad_norm", step_i, line.grad_norm, wall)?;
             events.scalar("train/tokens_per_s", step_i, line.tokens_per_s as f32, wall)?;
+            // The same names as metrics.jsonl's fields.
+            events.scalar("train/step_s", step_i, line.step_s as f32, wall)?;
+            events.scalar("train/model_tflops", step_i, line.model_tflops as f32, wall)?;
+            events.scalar("train/skipped", step_i, line.skipped as f32, wall)?;
+            for (tag, value) in [
+                ("train/mfu", line.mfu),
+                ("train/device_mib", line.device_mib),
+                ("train/rss_mib", line.rss_mib),
+            ] {
+                if let Some(value) = value {
+                    events.scalar(tag, step_i, value as f32, wall)?;
+                }
+            }
             if let Some(accuracy) = line.needle_accuracy {
                 events.scalar("eval/needle_accuracy", step_i, accuracy as f32, wall)?;
             }
         }
         self.bar.set_position(step as u64);
+        let due = |every: &usize| step % every == 0 || self.last_line.elapsed() >= HEARTBEAT;
         let logged = self
             .log_every
-            .filter(|every| step % every == 0)
+            .filter(due)
             .map(|_| format!("step {step}/{}: {message}", self.total));
+        if logged.is_some() {
+            self.last_line = std::time::Instant::now();
+        }
         self.bar.set_message(message);
         Ok(logged)
     }

@@ -140,6 +140,17 @@ impl EventWriter {
         self.record(&record)
     }
 
+    /// A `SessionLog { status: START }` at `step`: TensorBoard drops the events of
+    /// earlier sessions at `step` and after, so a resumed run's curve does not overlap
+    /// the tail a crashed run logged past its last checkpoint.
+    pub fn session_start(&mut self, step: i64, wall_time: f64) -> Result<(), TrainError> {
+        // Event field 7 (session_log), SessionLog field 1 (status) = 1 (START).
+        let record = event(wall_time, step, |out| {
+            length_delimited(out, 0x3a, &[0x08, 0x01])
+        });
+        self.record(&record)
+    }
+
     /// Pushes buffered records to the file.
     pub fn flush(&mut self) -> Result<(), TrainError> {
         self.file.flush().map_err(TrainError::io(&self.path))

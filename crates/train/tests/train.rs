@@ -512,6 +512,7 @@ fn tensorboard_events_match_tensorboards_own_writer() {
     writer
         .scalar("eval/needle_accuracy", 300, 0.0, 1700000003.0)
         .unwrap();
+    writer.session_start(301, 1700000004.0).unwrap();
     writer.flush().unwrap();
     let ours = std::fs::read(&path).unwrap();
     let reference = std::fs::read(
