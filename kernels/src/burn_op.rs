@@ -29,14 +29,10 @@ pub trait FlashAttentionBackend: burn::backend::Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// `(dQ, dK, dV)`.
-    #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -44,15 +40,11 @@ pub trait FlashAttentionBackend: burn::backend::Backend {
         o: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_o: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// `(dQ, dK, dV)` from the final output's LSE and `delta = rowsum(dO * O)` (ring
     /// attention: one key block of many). Not differentiable.
-    #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward_delta(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -60,10 +52,7 @@ pub trait FlashAttentionBackend: burn::backend::Backend {
         lse: FloatTensor<Self>,
         delta: FloatTensor<Self>,
         d_o: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -85,13 +74,36 @@ fn wrap(like: &CubeTensor, t: DeviceTensor, dtype: DType) -> CubeTensor {
     )
 }
 
-fn options(scale: f32, causal: bool, q_offset: usize, k_offset: usize) -> FlashOptions {
-    FlashOptions {
-        scale,
-        causal,
-        q_offset,
-        k_offset,
-        cu_seqlens: None,
+/// The mask and scale arguments of the flash kernels, passed as one value through
+/// the backend extension (the tensors travel separately).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashMask {
+    pub scale: f32,
+    pub causal: bool,
+    /// Global positions of the first query and key rows (ring steps, KV caches).
+    pub q_offset: usize,
+    pub k_offset: usize,
+}
+
+impl FlashMask {
+    /// The mask of `options` (packed sequences do not go through the Burn op).
+    pub fn of(options: &FlashOptions) -> Self {
+        FlashMask {
+            scale: options.scale,
+            causal: options.causal,
+            q_offset: options.q_offset,
+            k_offset: options.k_offset,
+        }
+    }
+
+    fn options(self) -> FlashOptions {
+        FlashOptions {
+            scale: self.scale,
+            causal: self.causal,
+            q_offset: self.q_offset,
+            k_offset: self.k_offset,
+            cu_seqlens: None,
+        }
     }
 }
 
@@ -105,14 +117,11 @@ impl FlashAttentionBackend for CubeBackend {
         lse: CubeTensor,
         delta: CubeTensor,
         d_o: CubeTensor,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let [q, k, v, lse, delta, d_o] = [q, k, v, lse, delta, d_o].map(into_contiguous);
         let client = q.client.clone();
-        let opts = options(scale, causal, q_offset, k_offset);
+        let opts = mask.options();
         let a = [&q, &k, &v, &lse, &delta, &d_o].map(view);
         let (dq, dk, dv) = match q.dtype {
             DType::F32 => flash::flash_backward_from_delta::<f32>(
@@ -162,14 +171,11 @@ impl FlashAttentionBackend for CubeBackend {
         q: CubeTensor,
         k: CubeTensor,
         v: CubeTensor,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (CubeTensor, CubeTensor) {
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let client = q.client.clone();
-        let opts = options(scale, causal, q_offset, k_offset);
+        let opts = mask.options();
         let (o, lse) = match q.dtype {
             DType::F32 => {
                 flash::flash_forward::<f32>(&client, &view(&q), &view(&k), &view(&v), &opts)
@@ -193,14 +199,11 @@ impl FlashAttentionBackend for CubeBackend {
         o: CubeTensor,
         lse: CubeTensor,
         d_o: CubeTensor,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let [q, k, v, o, lse, d_o] = [q, k, v, o, lse, d_o].map(into_contiguous);
         let client = q.client.clone();
-        let opts = options(scale, causal, q_offset, k_offset);
+        let opts = mask.options();
         let args = (
             view(&q),
             view(&k),
@@ -238,10 +241,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         lse: FloatTensor<Self>,
         delta: FloatTensor<Self>,
         d_o: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dq, dk, dv) = B::flash_attention_backward_delta(
             q.into_primitive(),
@@ -250,10 +250,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
             lse.into_primitive(),
             delta.into_primitive(),
             d_o.into_primitive(),
-            scale,
-            causal,
-            q_offset,
-            k_offset,
+            mask,
         );
         (
             Self::from_inner(dq),
@@ -266,10 +263,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct FlashBackward;
@@ -282,7 +276,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
                 FloatTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
-                (f32, bool, usize, usize),
+                FlashMask,
             );
 
             fn backward(
@@ -293,10 +287,8 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
             ) {
                 let [node_q, node_k, node_v] = ops.parents;
                 let d_o = grads.consume::<B>(&ops.node);
-                let (q, k, v, o, lse, (scale, causal, q_offset, k_offset)) = ops.state;
-                let (dq, dk, dv) = B::flash_attention_backward(
-                    q, k, v, o, lse, d_o, scale, causal, q_offset, k_offset,
-                );
+                let (q, k, v, o, lse, mask) = ops.state;
+                let (dq, dk, dv) = B::flash_attention_backward(q, k, v, o, lse, d_o, mask);
                 if let Some(node) = node_q {
                     grads.register::<B>(node.id, dq);
                 }
@@ -317,23 +309,8 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (o, lse) = B::flash_attention_forward(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    scale,
-                    causal,
-                    q_offset,
-                    k_offset,
-                );
-                let state = (
-                    q,
-                    k,
-                    v,
-                    o.clone(),
-                    lse.clone(),
-                    (scale, causal, q_offset, k_offset),
-                );
+                let (o, lse) = B::flash_attention_forward(q.clone(), k.clone(), v.clone(), mask);
+                let state = (q, k, v, o.clone(), lse.clone(), mask);
                 (
                     prep.finish(state, o),
                     <Self as AutodiffBackend>::from_inner(lse),
@@ -344,10 +321,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
                     q.into_primitive(),
                     k.into_primitive(),
                     v.into_primitive(),
-                    scale,
-                    causal,
-                    q_offset,
-                    k_offset,
+                    mask,
                 );
                 (prep.finish(o), <Self as AutodiffBackend>::from_inner(lse))
             }
@@ -361,10 +335,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         o: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_o: FloatTensor<Self>,
-        scale: f32,
-        causal: bool,
-        q_offset: usize,
-        k_offset: usize,
+        mask: FlashMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dq, dk, dv) = B::flash_attention_backward(
             q.into_primitive(),
@@ -373,10 +344,7 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
             o.into_primitive(),
             lse.into_primitive(),
             d_o.into_primitive(),
-            scale,
-            causal,
-            q_offset,
-            k_offset,
+            mask,
         );
         (
             Self::from_inner(dq),
@@ -441,10 +409,7 @@ pub fn flash_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
-        options.scale,
-        options.causal,
-        options.q_offset,
-        options.k_offset,
+        FlashMask::of(options),
     );
     Ok((Tensor::from_dispatch(o), Tensor::from_dispatch(lse)))
 }
@@ -500,10 +465,7 @@ pub fn flash_attention_backward_delta(
         lse.cast(DType::F32).into_dispatch(),
         delta.cast(DType::F32).into_dispatch(),
         d_o.cast(dtype).into_dispatch(),
-        options.scale,
-        options.causal,
-        options.q_offset,
-        options.k_offset,
+        FlashMask::of(options),
     );
     Ok((
         Tensor::from_dispatch(dq),
