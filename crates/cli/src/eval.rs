@@ -203,7 +203,11 @@ fn needle_sequence_parallel(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| bail!("a rank panicked")))
+            .map(|h| {
+                h.join().unwrap_or_else(|payload| {
+                    bail!("panicked: {}", crate::train::panic_message(&payload))
+                })
+            })
             .collect()
     });
     let mut grids = Vec::new();

@@ -317,8 +317,14 @@ fn on_ranks<T: Send>(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(TrainError::Parallel("a rank panicked".into())))
+                // A failed collective inside an autodiff backward can only panic: its
+                // message names the rank and the collective.
+                h.join().unwrap_or_else(|payload| {
+                    Err(TrainError::Parallel(format!(
+                        "panicked: {}",
+                        panic_message(&payload)
+                    )))
+                })
             })
             .collect()
     });
@@ -331,6 +337,15 @@ fn on_ranks<T: Send>(
         }
     }
     Ok(first.expect("rank 0 reports"))
+}
+
+/// The text of a panic payload (`panic!` with a message gives a `String` or `&str`).
+pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The LLM's head dimension (what sequence-parallel attention is built for), read
