@@ -205,7 +205,7 @@ fn needle_sequence_parallel(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|payload| {
-                    bail!("panicked: {}", crate::train::panic_message(&payload))
+                    bail!("panicked: {}", crate::train::panic_message(&*payload))
                 })
             })
             .collect()

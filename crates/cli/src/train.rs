@@ -322,7 +322,7 @@ fn on_ranks<T: Send>(
                 h.join().unwrap_or_else(|payload| {
                     Err(TrainError::Parallel(format!(
                         "panicked: {}",
-                        panic_message(&payload)
+                        panic_message(&*payload)
                     )))
                 })
             })
@@ -340,7 +340,7 @@ fn on_ranks<T: Send>(
 }
 
 /// The text of a panic payload (`panic!` with a message gives a `String` or `&str`).
-pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()
