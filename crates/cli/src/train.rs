@@ -429,4 +429,18 @@ mod tests {
             "an explicit 0 too"
         );
     }
+
+    #[test]
+    fn a_rank_panic_is_reported_with_its_message() {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let formatted = std::panic::catch_unwind(|| panic!("rank {}: all_gather gave up", 1));
+        let literal = std::panic::catch_unwind(|| panic!("plain text"));
+        std::panic::set_hook(hook);
+        assert_eq!(
+            panic_message(&*formatted.unwrap_err()),
+            "rank 1: all_gather gave up"
+        );
+        assert_eq!(panic_message(&*literal.unwrap_err()), "plain text");
+    }
 }
