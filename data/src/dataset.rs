@@ -92,10 +92,13 @@ pub fn read_jsonl<T>(
     if !path.exists() {
         return Err(DataError::NotFound { path: path.into() });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let io = |source| DataError::Io {
         path: path.into(),
         source,
-    })?;
+    };
+    // Streamed line by line: a large file is never held whole, and a line that is not
+    // UTF-8 is one bad row, not a failed file.
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
     let resolver = MediaResolver {
         root: options
             .media_root
@@ -108,8 +111,36 @@ pub fn read_jsonl<T>(
         rows: Vec::new(),
         skipped: Vec::new(),
     };
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
+    let mut bytes = Vec::new();
+    let mut line_no = 0;
+    loop {
+        bytes.clear();
+        if std::io::BufRead::read_until(&mut reader, b'\n', &mut bytes).map_err(io)? == 0 {
+            break;
+        }
+        line_no += 1;
+        let line = match std::str::from_utf8(&bytes) {
+            Ok(line) => line,
+            Err(e) => {
+                let reason = format!("not UTF-8 text: {e}");
+                match options.bad_rows {
+                    BadRows::Skip => {
+                        rows.skipped.push(SkippedRow {
+                            line: line_no,
+                            reason,
+                        });
+                        continue;
+                    }
+                    BadRows::Fail => {
+                        return Err(DataError::Dataset {
+                            path: path.into(),
+                            line: line_no,
+                            reason,
+                        });
+                    }
+                }
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }

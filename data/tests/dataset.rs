@@ -241,3 +241,20 @@ fn multiple_choice_rows_prompt_and_score() {
         ]
     );
 }
+
+#[test]
+fn a_line_that_is_not_utf8_is_one_bad_row_not_a_failed_file() {
+    let dir = TempDir::new("utf8");
+    let good = r#"{"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}"#;
+    let mut bytes = format!("{good}\n").into_bytes();
+    bytes.extend_from_slice(b"{\"id\": 2, \"bad\": \"\xff\xfe\"}\n");
+    bytes.extend_from_slice(format!("{good}").as_bytes()); // no final newline
+    let path = dir.0.join("mixed.jsonl");
+    std::fs::write(&path, bytes).unwrap();
+    let rows = read_conversations(&path, &ReadOptions::default()).unwrap();
+    let lines: Vec<usize> = rows.rows.iter().map(|r| r.line).collect();
+    assert_eq!(lines, vec![1, 3]);
+    assert_eq!(rows.skipped.len(), 1);
+    assert_eq!(rows.skipped[0].line, 2);
+    assert!(rows.skipped[0].reason.contains("UTF-8"), "{:?}", rows.skipped);
+}
