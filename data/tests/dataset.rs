@@ -256,5 +256,9 @@ fn a_line_that_is_not_utf8_is_one_bad_row_not_a_failed_file() {
     assert_eq!(lines, vec![1, 3]);
     assert_eq!(rows.skipped.len(), 1);
     assert_eq!(rows.skipped[0].line, 2);
-    assert!(rows.skipped[0].reason.contains("UTF-8"), "{:?}", rows.skipped);
+    assert!(
+        rows.skipped[0].reason.contains("UTF-8"),
+        "{:?}",
+        rows.skipped
+    );
 }

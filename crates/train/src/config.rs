@@ -126,6 +126,10 @@ pub struct ModelConfig {
     /// New RoPE base of the LLM (stage 4 raises it to extend the context); written
     /// into the saved config.
     pub rope_theta: Option<f64>,
+    /// Token budget for long videos: each frame's visual tokens average-pooled to a
+    /// `token_pool x token_pool` grid after the projector (e.g. 8: 64 tokens a frame
+    /// instead of 196); saved with the checkpoint.
+    pub token_pool: Option<usize>,
 }
 
 /// AdamW, the learning-rate schedule and clipping.
@@ -240,6 +244,7 @@ impl Default for ModelConfig {
             lora_rank: 8,
             lora_alpha: 16.0,
             rope_theta: None,
+            token_pool: None,
         }
     }
 }

@@ -294,6 +294,25 @@ fn fresh_model(
             )
         }
     };
+    if let Some(side) = config.model.token_pool {
+        let grid = vlm_config.vision.grid_side();
+        let (a, b) = vlm_config.projector.token_grid(grid, grid);
+        if side == 0 || side > a.min(b) {
+            return Err(TrainError::Config {
+                source_name: "model".into(),
+                message: format!(
+                    "`model.token_pool`: {side} must be in 1..={} (the projector's {a}x{b} token grid)",
+                    a.min(b)
+                ),
+            });
+        }
+        log(&format!(
+            "token budget: {} visual tokens a frame ({side}x{side} pooled)",
+            side * side
+        ));
+        vlm_config.projector.token_pool = Some(side);
+        model.mm_projector.token_pool = Some(side);
+    }
     if let Some(theta) = config.model.rope_theta {
         log(&format!(
             "RoPE base {} -> {theta}",

@@ -1372,3 +1372,36 @@ fn a_damaged_latest_checkpoint_names_the_file_and_the_one_before() {
     assert!(message.contains("step-000004"), "{message}");
     assert!(message.contains("llm"), "names the damaged part: {message}");
 }
+
+#[test]
+fn a_token_budget_trains_saves_and_loads_with_the_checkpoint() {
+    let _serial = serial();
+    let tmp = TempDir::new("token-pool");
+    let mut config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    config.run.steps = 2;
+    config.run.checkpoint_every = 2;
+    config.optim.warmup_steps = 1;
+    // The debug projector makes a 3x3 token grid: 2x2 pooled tokens a frame.
+    config.model.token_pool = Some(2);
+    let options = TrainOptions {
+        progress: false,
+        ..TrainOptions::default()
+    };
+    let summary = train(&config, &options, &device(), &mut quiet()).unwrap();
+    assert!(summary.losses.iter().all(|l| l.is_finite()));
+    let loaded = longview_infer::load(&config.run.out, &device()).unwrap();
+    assert_eq!(loaded.config.projector.token_pool, Some(2));
+    assert_eq!(loaded.config.tokens_per_frame(), 4);
+    assert_eq!(loaded.model.mm_projector.token_pool, Some(2));
+    // A budget larger than the token grid is refused, naming the key.
+    let mut too_big = config.clone();
+    too_big.run.out = tmp.0.join("too-big");
+    too_big.model.token_pool = Some(5);
+    let message = train(&too_big, &options, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("model.token_pool") && message.contains("3x3"),
+        "{message}"
+    );
+}

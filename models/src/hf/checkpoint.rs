@@ -406,7 +406,8 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
         }
     }
     let projector_config =
-        ProjectorConfig::new(vila.projector, vision.hidden_size, text.hidden_size);
+        ProjectorConfig::new(vila.projector, vision.hidden_size, text.hidden_size)
+            .with_token_pool(vila.token_pool);
     let mut mm_projector: Projector = projector_config.init(device);
     load_into(
         &mut mm_projector,
@@ -502,11 +503,15 @@ pub fn save_vila(
         options,
     )?;
     let kind = config.projector.kind;
-    let projector = json!({
+    let mut projector = json!({
         "architectures": ["MultimodalProjector"],
         "model_type": "v2l_projector",
         "mm_projector_type": kind.vila_name(),
     });
+    if let Some(side) = config.projector.token_pool {
+        // Not a VILA key: longview's token budget (VILA ignores unknown keys).
+        projector["longview_token_pool"] = json!(side);
+    }
     save_component(
         &model.mm_projector,
         &projector,

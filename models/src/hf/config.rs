@@ -346,6 +346,8 @@ pub struct VilaConfig {
     pub projector: ProjectorKind,
     pub vision_feature: VisionFeature,
     pub placeholder_token_id: Option<u32>,
+    /// `longview_token_pool` in `mm_projector/config.json` (the token budget).
+    pub token_pool: Option<usize>,
 }
 
 impl VilaConfig {
@@ -389,10 +391,23 @@ impl VilaConfig {
             .get("image_token_id")
             .and_then(Value::as_u64)
             .map(|v| v as u32);
+        let token_pool = match proj.get("longview_token_pool") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(side) if (1..=64).contains(&side) => Some(side as usize),
+                _ => {
+                    return Err(ModelError::config(
+                        &proj_path,
+                        format!("longview_token_pool must be a side of 1..=64 tokens, found {v}"),
+                    ));
+                }
+            },
+        };
         Ok(VilaConfig {
             projector,
             vision_feature,
             placeholder_token_id,
+            token_pool,
         })
     }
 }

@@ -58,6 +58,15 @@ pub enum ProjectorKind {
 }
 
 impl ProjectorKind {
+    /// The token grid this projector makes of a `grid_h x grid_w` patch grid, in its
+    /// output order (see [`ProjectorConfig::token_grid`]).
+    pub fn token_grid(self, grid_h: usize, grid_w: usize) -> (usize, usize) {
+        match self {
+            ProjectorKind::MlpDownsample => (grid_w.div_ceil(2), grid_h.div_ceil(2)),
+            ProjectorKind::Mlp2xGelu => (grid_h, grid_w),
+        }
+    }
+
     /// The name VILA writes in `mm_projector/config.json`.
     pub fn vila_name(self) -> &'static str {
         match self {
@@ -86,15 +95,29 @@ pub struct ProjectorConfig {
     /// torch.nn.LayerNorm's default epsilon.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
+    /// Token budget for long videos: each frame's token grid average-pooled to
+    /// `side x side` tokens after the projector (e.g. 8: 64 tokens a frame instead of
+    /// 196); `None` keeps every token. Saved as `longview_token_pool` in
+    /// `mm_projector/config.json`.
+    #[config(default = "None")]
+    pub token_pool: Option<usize>,
 }
 
 impl ProjectorConfig {
     /// Visual tokens produced for a `grid_h x grid_w` patch grid.
     pub fn tokens_per_frame(&self, grid_h: usize, grid_w: usize) -> usize {
-        match self.kind {
-            ProjectorKind::MlpDownsample => grid_h.div_ceil(2) * grid_w.div_ceil(2),
-            ProjectorKind::Mlp2xGelu => grid_h * grid_w,
+        if let Some(side) = self.token_pool {
+            return side * side;
         }
+        let (a, b) = self.token_grid(grid_h, grid_w);
+        a * b
+    }
+
+    /// The projector's token grid before pooling, in its output order: column blocks
+    /// outermost for `mlp_downsample` (VILA's `flat_square`), rows outermost for
+    /// `mlp2x_gelu`.
+    pub fn token_grid(&self, grid_h: usize, grid_w: usize) -> (usize, usize) {
+        self.kind.token_grid(grid_h, grid_w)
     }
 }
 

@@ -11,6 +11,7 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
+use burn::tensor::module::adaptive_avg_pool2d;
 use burn::tensor::{Device, Tensor};
 
 use super::config::{ProjectorConfig, ProjectorKind};
@@ -23,6 +24,9 @@ pub struct Projector {
     pub linear_2: Linear,
     #[module(skip)]
     pub kind: ProjectorKind,
+    /// Pool each frame's token grid to `side x side` tokens (the token budget).
+    #[module(skip)]
+    pub token_pool: Option<usize>,
 }
 
 impl ProjectorConfig {
@@ -42,6 +46,7 @@ impl ProjectorConfig {
             linear_1: LinearConfig::new(input, self.text_hidden).init(device),
             linear_2: LinearConfig::new(self.text_hidden, self.text_hidden).init(device),
             kind: self.kind,
+            token_pool: self.token_pool,
         }
     }
 }
@@ -63,8 +68,31 @@ impl Projector {
             }
             ProjectorKind::Mlp2xGelu => features,
         };
-        self.linear_2.forward(gelu(self.linear_1.forward(x)))
+        let tokens = self.linear_2.forward(gelu(self.linear_1.forward(x)));
+        match self.token_pool {
+            Some(side) => pool_tokens(tokens, self.kind.token_grid(grid.0, grid.1), side),
+            None => tokens,
+        }
     }
+}
+
+/// Average-pools each frame's `a x b` token grid (in the projector's output order) to
+/// `side x side` tokens (adaptive average pooling: cell boundaries at
+/// `floor(i * a / side)` .. `ceil((i + 1) * a / side)`), keeping the order convention.
+///
+/// # Shapes
+/// - tokens: `[frames, a * b, hidden]`; output: `[frames, side * side, hidden]`
+pub fn pool_tokens(tokens: Tensor<3>, (a, b): (usize, usize), side: usize) -> Tensor<3> {
+    let [frames, count, hidden] = tokens.dims();
+    assert_eq!(
+        count,
+        a * b,
+        "projector: {count} tokens do not form a {a}x{b} grid"
+    );
+    let x = tokens.reshape([frames, a, b, hidden]).permute([0, 3, 1, 2]);
+    adaptive_avg_pool2d(x, [side, side])
+        .permute([0, 2, 3, 1])
+        .reshape([frames, side * side, hidden])
 }
 
 /// VILA's `flat_square`: pads odd sides with zeros, then merges 2x2 patch blocks.
@@ -145,5 +173,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn token_pooling_averages_blocks_of_the_token_grid() {
+        let device = Device::flex();
+        // One frame, a 4x4 grid, hidden 2: token k holds (k, -k).
+        let values: Vec<f32> = (0..16).flat_map(|k| [k as f32, -(k as f32)]).collect();
+        let tokens =
+            Tensor::<3>::from_data(burn::tensor::TensorData::new(values, [1, 16, 2]), &device);
+        let pooled = pool_tokens(tokens.clone(), (4, 4), 2)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        // Block (0, 0) = tokens 0, 1, 4, 5: mean 2.5; (0, 1): 2, 3, 6, 7 -> 4.5; (1, 0):
+        // 8, 9, 12, 13 -> 10.5; (1, 1) -> 12.5.
+        assert_eq!(pooled, vec![2.5, -2.5, 4.5, -4.5, 10.5, -10.5, 12.5, -12.5]);
+        // Pooling to the grid's own size changes nothing.
+        let same = pool_tokens(tokens.clone(), (4, 4), 4);
+        assert_eq!(
+            same.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            tokens
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap()
+        );
     }
 }
