@@ -125,3 +125,46 @@ fn sequence_parallel_log_probs_and_gradients_equal_one_device() {
         assert_eq!(mask_sum, expected_mask, "{world} ranks");
     }
 }
+
+#[test]
+fn frames_sharded_over_the_group_encode_to_the_one_device_tokens() {
+    use longview_train::grpo::passes::{Passes, SpPasses};
+    let device = Device::flex();
+    device.seed(4);
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([3, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let head_dim = config.text.head_dim();
+    let expected = model
+        .encode_frames(pixels.clone())
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for world in [2, 4] {
+        let comms = LocalWorld::communicators(world);
+        let got: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let (model, pixels) = (&model, &pixels);
+                    scope.spawn(move || {
+                        let passes = SpPasses::new(&comm, head_dim).unwrap();
+                        let tokens = passes.encode(model, pixels.clone()).unwrap();
+                        tokens
+                            .into_data()
+                            .convert::<f32>()
+                            .try_to_vec::<f32>()
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for tokens in got {
+            // 3 frames over 2 ranks (2 + 1 padded) and over 4 (one rank pads only).
+            assert!(worst(&tokens, &expected) < 1e-6, "{world} ranks");
+        }
+    }
+}

@@ -18,6 +18,10 @@ use crate::mmsp::all_reduce_grads;
 
 /// The model passes of a GRPO step.
 pub trait Passes {
+    /// A prompt's frames (`[frames, 3, side, side]`) to visual tokens (`[frames,
+    /// tokens_per_frame, hidden]`), the same on every rank.
+    fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError>;
+
     /// `samples.len()` responses to one prompt over one shared prefill.
     fn generate(
         &self,
@@ -61,6 +65,10 @@ pub trait Passes {
 pub struct OneDevice;
 
 impl Passes for OneDevice {
+    fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError> {
+        Ok(policy.encode_frames(pixels))
+    }
+
     fn generate(
         &self,
         policy: &Vlm,
@@ -125,6 +133,28 @@ impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
 }
 
 impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
+    /// MR-SP's first stage: each rank encodes a contiguous share of the frames (the
+    /// last share padded with zero frames), and the tokens are gathered in order.
+    fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError> {
+        let comm = self.logprobs.comm();
+        let [frames, c, h, w] = pixels.dims();
+        let share = frames.div_ceil(comm.world_size());
+        let start = (comm.rank() * share).min(frames);
+        let mine = share.min(frames - start);
+        let device = pixels.device();
+        let pad = |n: usize| Tensor::<4>::zeros([n, c, h, w], &device);
+        let local = match mine {
+            // More ranks than frames: this rank encodes padding only.
+            0 => pad(share),
+            m if m < share => Tensor::cat(vec![pixels.narrow(0, start, m), pad(share - m)], 0),
+            m => pixels.narrow(0, start, m),
+        };
+        let gathered = comm
+            .all_gather(policy.encode_frames(local), 0)
+            .map_err(|e| TrainError::Parallel(format!("gathering visual tokens: {e}")))?;
+        Ok(gathered.narrow(0, 0, frames))
+    }
+
     fn generate(
         &self,
         policy: &Vlm,

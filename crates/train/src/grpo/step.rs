@@ -92,7 +92,10 @@ pub fn rollouts(
             )
         });
         // Encoded once; the rollouts' prefill and every log-prob pass reuse it.
-        let visual = pixels.clone().map(|p| policy.encode_frames(p));
+        let visual = match &pixels {
+            Some(p) => Some(passes.encode(policy, p.clone())?),
+            None => None,
+        };
         let decodings: Vec<Decoding> = (0..config.group_size)
             .map(|g| Decoding::TopP {
                 top_p: config.top_p,
