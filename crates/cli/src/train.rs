@@ -35,6 +35,7 @@ pub struct TrainArgs {
     pub frames: Option<usize>,
     /// Data x sequence parallelism on in-process ranks (threads on this machine), e.g.
     /// `2x2`: MM-SP inside each group of `SP` ranks, `DP` groups splitting the batch.
+    /// For `stage = "grpo"`: `1xSP` (rollouts and log-prob passes split over SP ranks).
     /// (Multi-GPU NCCL training is not wired in yet.)
     #[arg(long, value_name = "DPxSP")]
     pub parallel: Option<String>,

@@ -7,8 +7,9 @@
 //! scores them ([`reward`]), and runs `grpo.minibatches` AdamW updates of the clipped
 //! objective ([`loss`]) with the old-policy and reference log-probs recomputed in the
 //! rollout's layout ([`logprobs`]). The reference is the starting model
-//! (`model.init_from`, or the random initialisation, saved to `<run.out>/reference`). One device;
-//! sequence-parallel rollouts and log-probs are not built yet.
+//! (`model.init_from`, or the random initialisation, saved to `<run.out>/reference`).
+//! Where the passes run is [`passes`]: one device, or a sequence-parallel group
+//! ([`passes::SpPasses`]: frames shared out, SP prefill and decode, [`sp_logprobs`]).
 
 pub mod config;
 pub mod logprobs;
