@@ -89,7 +89,18 @@ pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = load_config(&args)?;
     if args.fresh {
-        for name in ["checkpoints", "metrics.jsonl", "needle.json", "tensorboard"] {
+        // Not while another process writes this run: its checkpoint in progress would go.
+        std::fs::create_dir_all(&config.run.out)
+            .with_context(|| format!("creating {}", config.run.out.display()))?;
+        let _lock = longview_train::run_lock::RunLock::acquire(&config.run.out)?;
+        for name in [
+            "checkpoints",
+            "metrics.jsonl",
+            "needle.json",
+            "tensorboard",
+            "skipped.jsonl",
+            "reference",
+        ] {
             let path = config.run.out.join(name);
             if path.is_dir() {
                 std::fs::remove_dir_all(&path)

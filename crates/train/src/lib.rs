@@ -35,7 +35,7 @@ pub mod mmsp;
 pub mod plan;
 mod prepare;
 pub mod remat;
-mod run_lock;
+pub mod run_lock;
 mod run_loop;
 mod sinks;
 pub mod skips;
