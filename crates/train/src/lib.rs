@@ -21,6 +21,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+mod data_feed;
 pub mod error;
 pub mod eval;
 pub mod grads;

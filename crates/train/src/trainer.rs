@@ -14,10 +14,11 @@ use longview_models::vila::train_flops;
 
 use crate::config::TrainConfig;
 use crate::data::{Encoder, Sample, collate};
+use crate::data_feed::{SampleStream, load_data, prefetch};
 use crate::error::TrainError;
 use crate::needle::NeedleReport;
 use crate::plan::AttentionPlan;
-use crate::prepare::{Prepared, SampleStream, load_data, prefetch, prepare};
+use crate::prepare::{Prepared, prepare};
 use crate::remat::{Recompute, loss_and_grads};
 use crate::run_loop::RunLoop;
 
