@@ -11,32 +11,8 @@ use longview_train::grpo::reward::{Reward, Scored};
 use longview_train::grpo::train_grpo_with;
 use longview_train::{Stage, TrainConfig, TrainOptions};
 
-/// Burn's device RNG is process-wide and parameters are drawn lazily: runs from
-/// random weights in concurrent tests would interleave their draws.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("longview-grpo-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{TempDir, no_progress, serial};
 
 fn host(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -143,20 +119,13 @@ fn tiny(out: PathBuf, cache: PathBuf, steps: usize) -> TrainConfig {
     config
 }
 
-fn options() -> TrainOptions {
-    TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    }
-}
-
 #[test]
 fn grpo_raises_the_mean_reward_on_a_tiny_task() {
     let _serial = serial();
     let tmp = TempDir::new("digits");
     let config = tiny(tmp.0.join("run"), tmp.0.join("cache"), 30);
     let device = Device::flex().autodiff();
-    let summary = train_grpo_with(&config, &options(), &device, &mut |_| {}, &Digits).unwrap();
+    let summary = train_grpo_with(&config, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
     let rewards: Vec<f32> = summary.reports.iter().map(|r| r.reward_mean).collect();
     let first: f32 = rewards[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = rewards[rewards.len() - 5..].iter().sum::<f32>() / 5.0;
@@ -185,17 +154,17 @@ fn a_resumed_grpo_run_repeats_the_uninterrupted_one() {
     let cache = tmp.0.join("cache");
     let device = Device::flex().autodiff();
     let whole = tiny(tmp.0.join("whole"), cache.clone(), 6);
-    let straight = train_grpo_with(&whole, &options(), &device, &mut |_| {}, &Digits).unwrap();
+    let straight = train_grpo_with(&whole, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
     let split = tiny(tmp.0.join("split"), cache, 6);
     let first = TrainOptions {
         stop_after: Some(3),
-        ..options()
+        ..no_progress()
     };
     let head = train_grpo_with(&split, &first, &device, &mut |_| {}, &Digits).unwrap();
     assert_eq!(head.last_step, 3);
     let resumed = TrainOptions {
         resume: true,
-        ..options()
+        ..no_progress()
     };
     let tail = train_grpo_with(&split, &resumed, &device, &mut |_| {}, &Digits).unwrap();
     assert_eq!((tail.first_step, tail.last_step), (3, 6));
@@ -224,11 +193,17 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     // A saved starting point, so that every layout starts from the same weights.
     let mut start = tiny(tmp.0.join("start"), cache.clone(), 1);
     start.model.stage = longview_train::Stage::LongVideoSft;
-    longview_train::train(&start, &options(), &Device::flex().autodiff(), &mut |_| {}).unwrap();
+    longview_train::train(
+        &start,
+        &no_progress(),
+        &Device::flex().autodiff(),
+        &mut |_| {},
+    )
+    .unwrap();
     let mut config = tiny(tmp.0.join("one"), cache, 3);
     config.model.init_from = Some(start.run.out.clone());
     let device = Device::flex().autodiff();
-    let one = train_grpo_with(&config, &options(), &device, &mut |_| {}, &Digits).unwrap();
+    let one = train_grpo_with(&config, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
 
     let head_dim = VlmConfig::debug().text.head_dim();
     for sp in [2, 4] {
@@ -247,7 +222,7 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
                         let device = Device::flex().autodiff();
                         train_grpo_on(
                             split,
-                            &options(),
+                            &no_progress(),
                             &device,
                             &mut |_| {},
                             &Digits,

@@ -2,7 +2,7 @@
 //! same loss curve on 1 device, SP 2, SP 4 and DP 2 x SP 2 (and the MM-SP code path
 //! itself at 1 x 1), also with activation recomputation inside the MM-SP step.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::Device;
 use longview_comm::LocalWorld;
@@ -10,27 +10,10 @@ use longview_data::TextTokenizer;
 use longview_train::mmsp::MmSp;
 use longview_train::remat::Recompute;
 use longview_train::trainer::{model_config, train_with};
-use longview_train::{TrainConfig, TrainOptions, train};
+use longview_train::{TrainConfig, train};
 
-/// Burn's device RNG is one per process and model parameters are drawn lazily, on
-/// first use: two trainers initialising at once in one process (tests run on several
-/// threads) interleave their draws, and the same seed then gives different weights.
-/// A training run is one process in real use; here every test takes this lock.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{TempDir, no_progress, serial};
 
 fn config(out: &Path, cache: &Path) -> TrainConfig {
     let mut config = TrainConfig::default();
@@ -91,10 +74,7 @@ fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
         .unwrap()
         .text
         .head_dim();
-    let options = TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    };
+    let options = no_progress();
     let comms = LocalWorld::communicators(dp * sp);
     let mut results = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
@@ -127,14 +107,10 @@ fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
 #[test]
 fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
     let _serial = serial();
-    let tmp = TempDir(std::env::temp_dir().join(format!("longview-mmsp-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
+    let tmp = TempDir::new("mmsp");
     let cache = tmp.0.join("cache");
     initial_model(&cache.join("initial-model"));
-    let options = TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    };
+    let options = no_progress();
     let reference = train(
         &config(&tmp.0.join("single"), &cache),
         &options,
@@ -166,9 +142,7 @@ fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
 #[test]
 fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
     let _serial = serial();
-    let tmp =
-        TempDir(std::env::temp_dir().join(format!("longview-mmsp-text-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
+    let tmp = TempDir::new("mmsp-text");
     let cache = tmp.0.join("cache");
     initial_model(&cache.join("initial-model"));
     let docs: Vec<String> = (0..16)
@@ -180,10 +154,7 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
         })
         .collect();
     std::fs::write(cache.join("text.jsonl"), docs.join("\n")).unwrap();
-    let options = TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    };
+    let options = no_progress();
     let reference = train(
         &text_config(&tmp.0.join("single"), &cache),
         &options,
@@ -215,15 +186,10 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
 #[test]
 fn recomputation_inside_mm_sp_repeats_the_single_device_loss_curve() {
     let _serial = serial();
-    let tmp =
-        TempDir(std::env::temp_dir().join(format!("longview-mmsp-remat-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
+    let tmp = TempDir::new("mmsp-remat");
     let cache = tmp.0.join("cache");
     initial_model(&cache.join("initial-model"));
-    let options = TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    };
+    let options = no_progress();
     // Plain autodiff on one device.
     let reference = train(
         &config(&tmp.0.join("single"), &cache),
@@ -259,9 +225,7 @@ fn recomputation_inside_mm_sp_repeats_the_single_device_loss_curve() {
 #[test]
 fn layouts_from_random_weights_repeat_the_single_device_curve_and_themselves() {
     let _serial = serial();
-    let tmp =
-        TempDir(std::env::temp_dir().join(format!("longview-mmsp-rand-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
+    let tmp = TempDir::new("mmsp-rand");
     let cache = tmp.0.join("cache");
     let random = |out: &str| {
         let mut c = config(&tmp.0.join(out), &cache);
@@ -270,10 +234,7 @@ fn layouts_from_random_weights_repeat_the_single_device_curve_and_themselves() {
         c.run.checkpoint_every = 4;
         c
     };
-    let options = TrainOptions {
-        progress: false,
-        ..TrainOptions::default()
-    };
+    let options = no_progress();
     let reference = train(
         &random("single"),
         &options,
