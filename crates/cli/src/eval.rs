@@ -158,10 +158,10 @@ fn needle_sequence_parallel(
             "--parallel runs in-process ranks on the CPU; multi-GPU evaluation is not wired in yet"
         );
     }
-    // Generate the videos once, before the ranks read them.
-    let encoder = model.encoder();
+    // Write the videos once, before the ranks read them.
+    let side = model.config.vision.image_size as u32;
     for &n in &args.frames {
-        longview_train::data::haystack(&encoder, videos, n, n, 0, args.per_depth, seed)?;
+        longview_train::data::held_out_videos(videos, (side, side), n, args.per_depth, seed)?;
     }
     println!(
         "  parallel  {} sequence-parallel in-process ranks",

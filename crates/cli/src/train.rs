@@ -287,11 +287,8 @@ fn grpo_parallel(
     sp: usize,
 ) -> Result<longview_train::grpo::GrpoSummary> {
     use longview_train::grpo::passes::SpPasses;
-    use longview_train::grpo::reward::ThinkAnswerReward;
     let head_dim = head_dim(config)?;
-    let reward = ThinkAnswerReward {
-        accuracy_weight: config.grpo.accuracy_weight,
-    };
+    let reward = config.grpo.reward();
     on_ranks(sp, |comm, log| {
         let passes = SpPasses::new(&comm, head_dim)?;
         let runner = MmSp::new(comm, sp, head_dim)?;

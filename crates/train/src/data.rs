@@ -185,21 +185,7 @@ pub fn haystack(
     let eval = if eval_per_depth == 0 {
         Vec::new()
     } else {
-        let eval_seed = seed + 1_000_003;
-        let eval_dir = dir.join(format!(
-            "eval-{frames}f-{w}x{h}-{eval_per_depth}x6-seed{eval_seed}"
-        ));
-        let spec = HaystackSpec {
-            width: w,
-            height: h,
-            fps: 8,
-            frames,
-            gop: 32,
-            depths: (0..=5).map(|i| i as f64 / 5.0).collect(),
-            per_depth: eval_per_depth,
-            seed: eval_seed,
-        };
-        let rows = rows(&eval_dir, &spec)?;
+        let (eval_dir, rows) = held_out_videos(dir, (w, h), frames, eval_per_depth, seed)?;
         rows.iter()
             .map(|r| {
                 encoder.sample(
@@ -213,6 +199,34 @@ pub fn haystack(
             .collect::<Result<_, _>>()?
     };
     Ok(HaystackData { train, eval })
+}
+
+/// The held-out set of `frames`-frame haystacks under `dir` (`per_depth` videos per
+/// depth of LongVILA's grid, the needle encoded into the video, another seed than
+/// training): its folder and rows, the videos written unless a complete set is there.
+pub fn held_out_videos(
+    dir: &Path,
+    (width, height): (u32, u32),
+    frames: usize,
+    per_depth: usize,
+    seed: u64,
+) -> Result<(PathBuf, Vec<HaystackSample>), TrainError> {
+    let eval_seed = seed + 1_000_003;
+    let eval_dir = dir.join(format!(
+        "eval-{frames}f-{width}x{height}-{per_depth}x6-seed{eval_seed}"
+    ));
+    let spec = HaystackSpec {
+        width,
+        height,
+        fps: 8,
+        frames,
+        gop: 32,
+        depths: (0..=5).map(|i| i as f64 / 5.0).collect(),
+        per_depth,
+        seed: eval_seed,
+    };
+    let rows = rows(&eval_dir, &spec)?;
+    Ok((eval_dir, rows))
 }
 
 /// Writes `video` to `path` unless it is there (written under a temporary name and

@@ -293,7 +293,7 @@ fn fresh_model(
     };
     if let Some(side) = config.model.token_pool {
         let grid = vlm_config.vision.grid_side();
-        let (a, b) = vlm_config.projector.token_grid(grid, grid);
+        let (a, b) = vlm_config.projector.kind.token_grid(grid, grid);
         if side == 0 || side > a.min(b) {
             return Err(TrainError::Config {
                 source_name: "model".into(),

@@ -58,8 +58,9 @@ pub enum ProjectorKind {
 }
 
 impl ProjectorKind {
-    /// The token grid this projector makes of a `grid_h x grid_w` patch grid, in its
-    /// output order (see [`ProjectorConfig::token_grid`]).
+    /// The token grid this projector makes of a `grid_h x grid_w` patch grid, before
+    /// any pooling, in its output order: column blocks outermost for `mlp_downsample`
+    /// (VILA's `flat_square`), rows outermost for `mlp2x_gelu`.
     pub fn token_grid(self, grid_h: usize, grid_w: usize) -> (usize, usize) {
         match self {
             ProjectorKind::MlpDownsample => (grid_w.div_ceil(2), grid_h.div_ceil(2)),
@@ -109,15 +110,8 @@ impl ProjectorConfig {
         if let Some(side) = self.token_pool {
             return side * side;
         }
-        let (a, b) = self.token_grid(grid_h, grid_w);
+        let (a, b) = self.kind.token_grid(grid_h, grid_w);
         a * b
-    }
-
-    /// The projector's token grid before pooling, in its output order: column blocks
-    /// outermost for `mlp_downsample` (VILA's `flat_square`), rows outermost for
-    /// `mlp2x_gelu`.
-    pub fn token_grid(&self, grid_h: usize, grid_w: usize) -> (usize, usize) {
-        self.kind.token_grid(grid_h, grid_w)
     }
 }
 

@@ -93,18 +93,6 @@ impl KvCache {
         })
     }
 
-    /// Bytes held by the cached keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| {
-                let size = |t: &Tensor<4>| t.shape().num_elements() * t.dtype().size();
-                size(k) + size(v)
-            })
-            .sum()
-    }
-
     fn first(&self) -> Option<&Tensor<4>> {
         self.layers.iter().flatten().next().map(|(k, _)| k)
     }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::loss::{Aggregation, LossSettings};
+use super::reward::ThinkAnswerReward;
 
 /// Which GRPO variant the loss is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -88,6 +89,13 @@ impl Default for GrpoConfig {
 }
 
 impl GrpoConfig {
+    /// LongVILA-R1's reward with this config's accuracy weight.
+    pub fn reward(&self) -> ThinkAnswerReward {
+        ThinkAnswerReward {
+            accuracy_weight: self.accuracy_weight,
+        }
+    }
+
     pub fn settings(&self) -> LossSettings {
         LossSettings {
             clip_low: self.clip_low,

@@ -25,9 +25,10 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Device};
-use longview_infer::generate::{Decoding, GenerateOptions, generate_group, stop_tokens};
+use longview_infer::generate::{Decoding, GenerateOptions, generate, stop_tokens};
+use longview_infer::needle::sample_visual;
+use longview_models::Vlm;
 use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
-use longview_models::{VisualInput, Vlm};
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
@@ -38,8 +39,8 @@ use crate::prepare::{Prepared, init_dir, prepare};
 use crate::skips::SkipLog;
 use crate::trainer::{SingleDevice, StepRunner, TrainOptions, start_data};
 use passes::{OneDevice, Passes};
-use reward::{Reward, ThinkAnswerReward, answers_match, extract_answer};
-use step::{StepReport, rollouts, update};
+use reward::{Reward, ground_truth, is_correct};
+use step::{StepReport, rollouts, token_count, update};
 
 /// What a GRPO run did.
 #[derive(Debug, Clone)]
@@ -64,10 +65,7 @@ pub fn train_grpo(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<GrpoSummary, TrainError> {
-    let reward = ThinkAnswerReward {
-        accuracy_weight: config.grpo.accuracy_weight,
-    };
-    train_grpo_with(config, options, device, log, &reward)
+    train_grpo_with(config, options, device, log, &config.grpo.reward())
 }
 
 /// [`train_grpo`] with another reward.
@@ -113,6 +111,8 @@ pub fn train_grpo_on(
     let total = config.run.steps;
     let (first, last) = crate::trainer::step_range(config, options, run.state.step);
     let timer = Instant::now();
+    // The same on every rank: only the writer scores it.
+    let eval = if runner.writes() { eval } else { Vec::new() };
     let eval_before = held_out(&run, &eval, &stop, g.max_response_tokens, device)?;
     if let Some(acc) = eval_before {
         log(&format!(
@@ -261,10 +261,7 @@ fn grpo_step(
     )?;
     drop(policy);
     let rollout_s = timer.elapsed().as_secs_f64();
-    let generated: usize = groups
-        .iter()
-        .flat_map(|x| x.generations.iter().map(|s| s.tokens.len()))
-        .sum();
+    let generated: usize = groups.iter().map(token_count).sum();
 
     let lr = learning_rate(&config.optim, step, config.run.steps);
     let (compute, master) = (run.compute, run.master);
@@ -356,31 +353,11 @@ fn held_out(
     let options = GenerateOptions::new(max_tokens, Decoding::Greedy, stop.to_vec());
     let mut correct = 0;
     for sample in eval {
-        let side = sample.side;
-        let visual = if sample.frames == 0 {
-            VisualInput::None
-        } else {
-            VisualInput::Pixels(burn::tensor::Tensor::from_data(
-                burn::tensor::TensorData::new(
-                    sample.pixels.clone(),
-                    [sample.frames, 3, side, side],
-                ),
-                &inner,
-            ))
-        };
+        let visual = sample_visual(sample, &inner);
         let prompt = &sample.ids[..sample.prompt_len];
-        let out = generate_group(
-            &policy,
-            prompt,
-            visual,
-            &[Decoding::Greedy],
-            &options,
-            &inner,
-        )?;
-        let text = run.tokenizer.decode(&out[0].tokens, true)?;
-        let truth = extract_answer(&sample.answer).unwrap_or(&sample.answer);
-        let answer = extract_answer(&text).unwrap_or(&text);
-        correct += usize::from(answers_match(answer, truth));
+        let answer = generate(&policy, prompt, visual, &options, &inner)?;
+        let text = run.tokenizer.decode(&answer, true)?;
+        correct += usize::from(is_correct(&text, ground_truth(&sample.answer)));
     }
     Ok(Some(correct as f64 / eval.len() as f64))
 }

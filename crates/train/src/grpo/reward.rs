@@ -40,8 +40,7 @@ impl Default for ThinkAnswerReward {
 impl Reward for ThinkAnswerReward {
     fn score(&self, response: &str, truth: &str) -> Scored {
         let format = f32::from(u8::from(has_think_answer_format(response)));
-        let answer = extract_answer(response).unwrap_or(response);
-        let accuracy = f32::from(u8::from(answers_match(answer, truth)));
+        let accuracy = f32::from(u8::from(is_correct(response, truth)));
         Scored {
             total: self.accuracy_weight * accuracy + (1.0 - self.accuracy_weight) * format,
             accuracy,
@@ -69,6 +68,18 @@ pub fn has_think_answer_format(response: &str) -> bool {
         Some(end) => end + "</answer>".len() == rest.len(),
         None => false,
     }
+}
+
+/// Whether the response's answer (inside `<answer>`, else the whole response)
+/// matches `truth` ([`answers_match`]).
+pub fn is_correct(response: &str, truth: &str) -> bool {
+    answers_match(extract_answer(response).unwrap_or(response), truth)
+}
+
+/// The right answer of a sample whose answer text may be a whole
+/// `<think>...</think><answer>...</answer>` reply: what is inside `<answer>`.
+pub fn ground_truth(answer: &str) -> &str {
+    extract_answer(answer).unwrap_or(answer)
 }
 
 /// The text between the first `<answer>` and the next `</answer>`.

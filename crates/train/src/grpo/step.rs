@@ -17,10 +17,11 @@ use super::config::GrpoConfig;
 use super::logprobs::Rollout;
 use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
 use super::passes::Passes;
-use super::reward::{Reward, Scored, extract_answer};
+use super::reward::{Reward, Scored, ground_truth};
 use crate::data::Sample;
 use crate::error::TrainError;
 use crate::grads::{global_grad_norm, scale_grads};
+use longview_infer::needle::sample_visual;
 use longview_infer::sample::mix;
 
 /// One prompt's rollouts.
@@ -31,7 +32,6 @@ pub struct Group {
     pixels: Option<Tensor<4>>,
     /// Visual tokens from the rollout's encoding, untracked: what every pass reuses.
     visual: Option<Tensor<3>>,
-    pub truth: String,
     pub generations: Vec<Generation>,
     pub scores: Vec<Scored>,
     pub advantages: Vec<f32>,
@@ -84,13 +84,10 @@ pub fn rollouts(
     let mut groups = Vec::with_capacity(samples.len());
     for (p, sample) in samples.iter().enumerate() {
         let prompt = sample.ids[..sample.prompt_len].to_vec();
-        let pixels = (sample.frames > 0).then(|| {
-            let side = sample.side;
-            Tensor::<4>::from_data(
-                TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
-                device,
-            )
-        });
+        let pixels = match sample_visual(sample, device) {
+            VisualInput::Pixels(pixels) => Some(pixels),
+            _ => None,
+        };
         // Encoded once; the rollouts' prefill and every log-prob pass reuse it.
         let visual = match &pixels {
             Some(p) => Some(passes.encode(policy, p.clone())?),
@@ -107,18 +104,15 @@ pub fn rollouts(
             .clone()
             .map_or(VisualInput::None, VisualInput::Embeddings);
         let generations = passes.generate(policy, &prompt, input, &decodings, &options, device)?;
-        let truth = extract_answer(&sample.answer)
-            .unwrap_or(&sample.answer)
-            .to_string();
+        let truth = ground_truth(&sample.answer);
         let scores: Vec<Scored> = generations
             .iter()
-            .map(|g| Ok(reward.score(&tokenizer.decode(&g.tokens, true)?, &truth)))
+            .map(|g| Ok(reward.score(&tokenizer.decode(&g.tokens, true)?, truth)))
             .collect::<Result<_, TrainError>>()?;
         groups.push(Group {
             prompt,
             pixels: config.reencode_video.then_some(pixels).flatten(),
             visual,
-            truth,
             generations,
             scores,
             advantages: Vec::new(),
@@ -186,11 +180,7 @@ pub fn update(
     .sqrt();
     report.accuracy = all.iter().map(|s| s.accuracy).sum::<f32>() / n;
     report.format_rate = all.iter().map(|s| s.format).sum::<f32>() / n;
-    let lengths: Vec<usize> = groups
-        .iter()
-        .flat_map(|g| g.generations.iter().map(|x| x.tokens.len()))
-        .collect();
-    report.response_tokens_mean = lengths.iter().sum::<usize>() as f32 / n;
+    report.response_tokens_mean = groups.iter().map(token_count).sum::<usize>() as f32 / n;
 
     for group in &mut groups {
         let rewards: Vec<f32> = group.scores.iter().map(|s| s.total).collect();
@@ -309,7 +299,8 @@ pub fn update(
     Ok(report)
 }
 
-fn token_count(group: &Group) -> usize {
+/// Response tokens of a group.
+pub(crate) fn token_count(group: &Group) -> usize {
     group.generations.iter().map(|g| g.tokens.len()).sum()
 }
 
