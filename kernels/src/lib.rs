@@ -8,6 +8,8 @@
 #[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
 pub mod burn_op;
 pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod gemm;
 pub mod reference;
 
 pub use flash::{

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod error;
 pub mod hf;
+pub mod linear;
 pub mod vila;
 
 pub use error::ModelError;

@@ -163,7 +163,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         batch.frames,
     ) - head_flops_skipped(&config, tokens, args.batch * answer);
     let memory = device.memory_pool_usage().map(|m| m.bytes_reserved);
-    // MFU against what this build's matmul reaches on this device, measured now.
+    // MFU against what the linear layers' matmul (cuBLASLt on CUDA bf16/f16) reaches
+    // on this device, measured now, and against the datasheet peak.
     let ceiling = if args.device.device == "cpu" {
         None
     } else {
@@ -179,7 +180,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "tokens_per_second": tokens as f64 / seconds,
         "tflops": tflops,
         "matmul_ceiling_tflops": ceiling,
+        "matmul_ceiling_impl": crate::device::matmul_ceiling_impl(&device),
         "mfu_vs_ceiling": ceiling.map(|c| tflops / c),
+        "mfu_vs_datasheet_peak": ceiling.map(|_| tflops / crate::device::DATASHEET_PEAK_TFLOPS),
         "reserved_bytes": memory,
     });
     println!("{TABLE_HEADER}");
@@ -203,8 +206,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if let Some(ceiling) = ceiling {
         println!(
-            "matmul ceiling (8192^3, this build, this device): {ceiling:.1} TFLOP/s; MFU vs it: {:.1}%",
-            100.0 * tflops / ceiling
+            "matmul ceiling (8192^3, {}, this device): {ceiling:.1} TFLOP/s; MFU vs it: {:.1}%; \
+             vs the {:.0} TFLOP/s datasheet peak: {:.1}%",
+            crate::device::matmul_ceiling_impl(&device),
+            100.0 * tflops / ceiling,
+            crate::device::DATASHEET_PEAK_TFLOPS,
+            100.0 * tflops / crate::device::DATASHEET_PEAK_TFLOPS
         );
     }
     if let Some(path) = args.json {

@@ -48,8 +48,23 @@ impl DeviceArgs {
     }
 }
 
+/// The H100/H200 SXM dense bf16 datasheet peak, TFLOP/s (the other MFU reference).
+pub const DATASHEET_PEAK_TFLOPS: f64 = 989.0;
+
+/// What [`matmul_ceiling`] timed: cuBLASLt on CUDA bf16/f16 (a `cuda` build), else
+/// Burn's matmul.
+pub fn matmul_ceiling_impl(device: &Device) -> &'static str {
+    #[cfg(feature = "cuda")]
+    if longview_kernels::gemm::applies(device, device.settings().float_dtype.into()) {
+        return "cuBLASLt";
+    }
+    let _ = device;
+    "Burn matmul"
+}
+
 /// Dense matmul rate of `device` in TFLOP/s at its float dtype: ten timed 8192^3
-/// products after two warm-up ones (the ceiling MFU is stated against).
+/// products after two warm-up ones, through cuBLASLt where the models' linear layers
+/// use it ([`matmul_ceiling_impl`]): the measured ceiling MFU is stated against.
 pub fn matmul_ceiling(device: &Device) -> Result<f64> {
     use burn::tensor::{Distribution, Tensor};
     const N: usize = 8192;
@@ -60,12 +75,22 @@ pub fn matmul_ceiling(device: &Device) -> Result<f64> {
             .sync()
             .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
     };
+    let product = || {
+        #[cfg(feature = "cuda")]
+        {
+            longview_kernels::gemm::matmul_2d(a.clone(), b.clone(), Default::default())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            a.clone().matmul(b.clone())
+        }
+    };
     // Results are kept until the sync so that no backend can skip the work.
-    let warm: Vec<_> = (0..2).map(|_| a.clone().matmul(b.clone())).collect();
+    let warm: Vec<_> = (0..2).map(|_| product()).collect();
     sync()?;
     drop(warm);
     let start = std::time::Instant::now();
-    let timed: Vec<_> = (0..10).map(|_| a.clone().matmul(b.clone())).collect();
+    let timed: Vec<_> = (0..10).map(|_| product()).collect();
     sync()?;
     drop(timed);
     Ok(10.0 * 2.0 * (N as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12)

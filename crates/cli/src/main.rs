@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod device;
 mod eval;
+mod gemm;
 mod synthetic;
 mod train;
 
@@ -31,6 +32,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Forward+backward throughput (tokens/s) of a named model size.
     Bench(bench::BenchArgs),
+    /// cuBLASLt GEMMs on the GPU: correctness checks (--check) and the 1.5B model's
+    /// GEMM shapes timed.
+    Gemm(gemm::GemmArgs),
     /// Train from a TOML config (default: the debug VLM on generated
     /// needle-in-a-haystack videos), with checkpoints, metrics and --resume.
     Train(train::TrainArgs),
@@ -43,6 +47,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Gemm(args) => gemm::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
     }

@@ -128,8 +128,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         let tflops = crate::matmul_ceiling(&device)?;
         println!(
-            "  matmul    {tflops:.1} TFLOP/s measured ({} 8192^3 products): the MFU reference",
-            args.device.dtype
+            "  matmul    {tflops:.1} TFLOP/s measured ({} 8192^3 products, {}): the MFU reference \
+             (datasheet peak {:.0})",
+            args.device.dtype,
+            crate::device::matmul_ceiling_impl(&device),
+            crate::device::DATASHEET_PEAK_TFLOPS
         );
         Some(tflops)
     };

@@ -5,6 +5,7 @@
 //! (Kaiming-uniform, as PEFT) and `B` `[rank, out]` (zeros, so a fresh adapter changes
 //! nothing) and `scale = alpha / rank`. Merging folds `scale * A B` into the weight.
 
+use crate::linear::linear;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -64,9 +65,7 @@ impl Lora {
     /// # Shapes
     /// - x: `[batch, seq, in]`; output: `[batch, seq, out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.lora_b
-            .forward(self.lora_a.forward(x))
-            .mul_scalar(self.scale)
+        linear(&self.lora_b, linear(&self.lora_a, x)).mul_scalar(self.scale)
     }
 
     /// `scale * A B`, `[in, out]` (the change of the adapted Linear's weight).

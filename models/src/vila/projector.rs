@@ -8,6 +8,7 @@
 //!
 //! GELU here is the exact (erf) form, as `torch.nn.GELU()` in VILA.
 
+use crate::linear::linear;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
@@ -68,7 +69,7 @@ impl Projector {
             }
             ProjectorKind::Mlp2xGelu => features,
         };
-        let tokens = self.linear_2.forward(gelu(self.linear_1.forward(x)));
+        let tokens = linear(&self.linear_2, gelu(linear(&self.linear_1, x)));
         match self.token_pool {
             Some(side) => pool_tokens(tokens, self.kind.token_grid(grid.0, grid.1), side),
             None => tokens,

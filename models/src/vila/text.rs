@@ -4,6 +4,7 @@
 //!
 //! Field names mirror the Hugging Face parameter names so checkpoints map one to one.
 
+use crate::linear::linear;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
@@ -72,9 +73,9 @@ impl Qwen2Attention {
         let d = hidden / self.num_heads;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
         let (mut q, mut k, mut v) = (
-            self.q_proj.forward(x.clone()),
-            self.k_proj.forward(x.clone()),
-            self.v_proj.forward(x.clone()),
+            linear(&self.q_proj, x.clone()),
+            linear(&self.k_proj, x.clone()),
+            linear(&self.v_proj, x.clone()),
         );
         if let Some(lora) = &self.lora {
             q = q + lora.q.forward(x.clone());
@@ -98,8 +99,8 @@ impl Qwen2Attention {
         let [b, h, s, d] = out.dims();
         let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
         match &self.lora {
-            Some(lora) => self.o_proj.forward(out.clone()) + lora.o.forward(out),
-            None => self.o_proj.forward(out),
+            Some(lora) => linear(&self.o_proj, out.clone()) + lora.o.forward(out),
+            None => linear(&self.o_proj, out),
         }
     }
 }
@@ -114,8 +115,8 @@ pub struct Qwen2Mlp {
 
 impl Qwen2Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(linear(&self.gate_proj, x.clone()));
+        linear(&self.down_proj, gate * linear(&self.up_proj, x))
     }
 }
 
@@ -456,10 +457,10 @@ impl Qwen2 {
     /// - output: `[batch, seq, vocab]`
     pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => linear(head, hidden),
             None => {
-                let table = self.model.embed_tokens.weight.val(); // [vocab, hidden]
-                hidden.matmul(table.transpose().unsqueeze_dim(0))
+                // [vocab, hidden]
+                crate::linear::tied_head(hidden, self.model.embed_tokens.weight.val())
             }
         }
     }

@@ -6,6 +6,7 @@
 //!
 //! Field names mirror the Hugging Face parameter names so checkpoints map one to one.
 
+use crate::linear::linear;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -37,9 +38,18 @@ impl SiglipEmbeddings {
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
         // Like the strided convolution of the reference, a size that is not a multiple
         // of the patch drops the remainder (SigLIP so400m: 384 px / 14 px = 27 patches).
-        let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
-        let [frames, hidden, gh, gw] = patches.dims();
-        let patches = patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2);
+        let [_, _, height, width] = pixels.dims();
+        let (gh, gw) = (height / self.patch_size, width / self.patch_size);
+        // On CUDA bf16/f16: one cuBLASLt GEMM over the flattened patches (Burn's direct
+        // convolution took seconds per step at 162 frames).
+        let patches = match crate::linear::patch_embed(&self.patch_embedding, &pixels, self.patch_size) {
+            Some(patches) => patches,
+            None => {
+                let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
+                let [frames, hidden, gh, gw] = patches.dims();
+                patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2)
+            }
+        };
         patches + self.positions(gh, gw).unsqueeze_dim(0)
     }
 
@@ -96,9 +106,9 @@ impl SiglipAttention {
                 .swap_dims(1, 2)
         };
         AttentionInput {
-            q: heads(self.q_proj.forward(x.clone())),
-            k: heads(self.k_proj.forward(x.clone())),
-            v: heads(self.v_proj.forward(x)),
+            q: heads(linear(&self.q_proj, x.clone())),
+            k: heads(linear(&self.k_proj, x.clone())),
+            v: heads(linear(&self.v_proj, x)),
             mask: AttentionMask::Full,
             scale: (head_dim as f64).powf(-0.5),
         }
@@ -113,7 +123,7 @@ impl SiglipAttention {
         let out = out
             .swap_dims(1, 2)
             .reshape([frames, tokens, heads * head_dim]);
-        self.out_proj.forward(out)
+        linear(&self.out_proj, out)
     }
 }
 
@@ -125,7 +135,7 @@ pub struct SiglipMlp {
 
 impl SiglipMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu_approximate(self.fc1.forward(x)))
+        linear(&self.fc2, gelu_approximate(linear(&self.fc1, x)))
     }
 }
 
