@@ -116,6 +116,20 @@ pub fn save(
         std::fs::remove_dir_all(&partial).map_err(TrainError::io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(TrainError::io(&partial))?;
+    let needed = estimated_bytes(model.num_params());
+    if let Some(free) = free_bytes(&root)
+        && let Err(message) = room_for(needed, free)
+    {
+        let _ = std::fs::remove_dir_all(&partial);
+        let newest = match latest(out) {
+            Ok(Some(dir)) => format!("; the newest complete checkpoint is {}", dir.display()),
+            _ => String::new(),
+        };
+        return Err(TrainError::checkpoint(
+            &done,
+            format!("{message} on the file system of {}{newest}", root.display()),
+        ));
+    }
 
     if let Err(e) = write_contents(&partial, model, config, optimizer, state, tokenizer_json) {
         // A full disk or a failing device: no unfinished folder is left behind.
@@ -154,6 +168,45 @@ pub fn save(
     sync_dir(&root)?;
     prune(&root, &name, keep)?;
     Ok(done)
+}
+
+/// Bytes a checkpoint of `params` parameters takes at most: the f32 weights, AdamW's
+/// two f32 moments, 64 MiB for the rest (tokenizer, configs, trainer state).
+pub fn estimated_bytes(params: usize) -> u64 {
+    params as u64 * 4 * 3 + (64 << 20)
+}
+
+/// `Err` with the numbers when `needed` bytes do not fit in `free` (checked before a
+/// checkpoint is written, so a full disk stops the run with the reason instead of a
+/// half-written folder and a failed write minutes later).
+pub fn room_for(needed: u64, free: u64) -> Result<(), String> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if needed > free {
+        return Err(format!(
+            "not enough free space for the checkpoint: about {:.2} GiB needed (f32 weights and \
+             optimizer moments), {:.2} GiB free; free some space, lower run.keep_checkpoints or \
+             point run.out at a larger disk",
+            gib(needed),
+            gib(free)
+        ));
+    }
+    Ok(())
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir` (`None` when
+/// the system cannot say).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string; statvfs fills `stats` on success.
+    let status = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) };
+    if status != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so `stats` is initialised.
+    let stats = unsafe { stats.assume_init() };
+    Some(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
 /// Everything a checkpoint holds, written into `partial` (then synced).
@@ -450,5 +503,21 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         // Text order would have kept step-999998 and step-999999.
         assert_eq!(left, ["step-1000000", "step-1000001"]);
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::{estimated_bytes, free_bytes, room_for};
+
+    #[test]
+    fn a_checkpoint_that_does_not_fit_is_refused_with_the_numbers() {
+        let needed = estimated_bytes(1_966_150_000); // the 1.5B shape: ~22 GiB
+        assert!(needed > 22 << 30 && needed < 23 << 30, "{needed}");
+        let err = room_for(needed, 10 << 30).unwrap_err();
+        assert!(err.contains("22.0") && err.contains("10.00 GiB free"), "{err}");
+        assert!(room_for(needed, 30 << 30).is_ok());
+        // The real query answers for an existing folder.
+        assert!(free_bytes(std::path::Path::new(".")).is_some_and(|b| b > 0));
     }
 }

@@ -135,6 +135,13 @@ pub struct TextConfig {
     pub max_position_embeddings: usize,
     #[config(default = "AttentionImpl::Reference")]
     pub attention: AttentionImpl,
+    /// Random initialisation as Qwen2's (`initializer_range`): every Linear weight and
+    /// the embedding table drawn from N(0, std^2), biases zero, so a random model's
+    /// first loss is about ln(vocab). `None`: Burn's defaults (uniform +-1/sqrt(fan_in)
+    /// weights and biases, N(0, 1) embeddings), kept for the debug model whose
+    /// default-run numbers in the README were measured with them.
+    #[config(default = "None")]
+    pub initializer_range: Option<f64>,
 }
 
 impl TextConfig {
@@ -144,12 +151,14 @@ impl TextConfig {
 
     /// Qwen2-1.5B: hidden 1536, 28 layers, 12 q / 2 kv heads, tied embeddings.
     pub fn qwen2_1_5b() -> Self {
-        Self::new(151_936, 1536, 8960, 28, 12, 2).with_tie_word_embeddings(true)
+        Self::new(151_936, 1536, 8960, 28, 12, 2)
+            .with_tie_word_embeddings(true)
+            .with_initializer_range(Some(0.02))
     }
 
     /// Qwen2-7B: hidden 3584, 28 layers, 28 q / 4 kv heads.
     pub fn qwen2_7b() -> Self {
-        Self::new(152_064, 3584, 18_944, 28, 28, 4)
+        Self::new(152_064, 3584, 18_944, 28, 28, 4).with_initializer_range(Some(0.02))
     }
 
     /// Tiny LLM for tests and the default commands.

@@ -5,8 +5,10 @@
 //! Field names mirror the Hugging Face parameter names so checkpoints map one to one.
 
 use crate::linear::linear;
-use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::module::{Module, Param};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
@@ -207,7 +209,21 @@ impl TextConfig {
         let h = self.hidden_size;
         let d = self.head_dim();
         let kv = self.num_kv_heads * d;
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let normal = self.initializer_range.map(|std| Initializer::Normal { mean: 0.0, std });
+        let linear = |i, o, bias| {
+            let config = LinearConfig::new(i, o).with_bias(bias);
+            match normal.clone() {
+                // Qwen2's `_init_weights`: normal weights, zero biases.
+                Some(init) => {
+                    let mut layer = config.with_initializer(init).init(device);
+                    layer.bias = layer
+                        .bias
+                        .map(|_| Param::from_tensor(Tensor::zeros([o], device)));
+                    layer
+                }
+                None => config.init(device),
+            }
+        };
         let norm = || {
             RmsNormConfig::new(h)
                 .with_epsilon(self.rms_norm_eps)
@@ -236,7 +252,12 @@ impl TextConfig {
             .collect();
         Qwen2 {
             model: Qwen2Model {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, h).init(device),
+                embed_tokens: match normal.clone() {
+                    Some(init) => EmbeddingConfig::new(self.vocab_size, h)
+                        .with_initializer(init)
+                        .init(device),
+                    None => EmbeddingConfig::new(self.vocab_size, h).init(device),
+                },
                 layers,
                 norm: norm(),
             },
