@@ -25,7 +25,7 @@ step() { echo "== $1" | tee -a "$OUT/log.txt"; shift; start=$(date +%s)
   cat "$OUT/step.txt" >> "$OUT/full.txt"; tail -n 40 "$OUT/step.txt" | tee -a "$OUT/log.txt"
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
 step "gemm check bf16" timeout 90 /tmp/lv gemm --device cuda --dtype bf16 --check 1e-2 --no-bench
-step "gemm check f16" timeout 60 /tmp/lv gemm --device cuda --dtype f16 --check 1e-2 --no-bench
+[ "${F16:-1}" = 1 ] && step "gemm check f16" timeout 60 /tmp/lv gemm --device cuda --dtype f16 --check 1e-2 --no-bench
 step "gemm bench bf16" timeout 60 /tmp/lv gemm --device cuda --dtype bf16 --tokens 32768 --json "$OUT/gemm.jsonl"
 step "torch gemm" timeout 45 $PY benchmarks/gemm_reference.py --tokens 32768 --longview "$OUT/gemm.jsonl"
 [ "${LV_BENCH:-1}" = 1 ] && step "longview bench $frames frames" timeout 200 /tmp/lv bench --device cuda --dtype bf16 --size 1.5b \
