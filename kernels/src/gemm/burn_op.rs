@@ -192,12 +192,11 @@ fn linear_grads<B: GemmBackend>(
         }
     });
     let db = want_b.then(|| {
-        // db = the column sums of dY, as the GEMM dY^T 1 (Burn's reduction over the
-        // rows of a [32k, 1536] tensor took ~14 ms).
-        let [m, n] = [dy.shape()[0], dy.shape()[1]];
-        let dtype = FloatDType::try_from(dy.dtype()).expect("a float dtype");
-        let ones = B::float_ones(Shape::new([m, 1]), &dy.device(), dtype);
-        B::float_reshape(B::gemm(dy, ones, Transposes { a: true, b: false }), Shape::new([n]))
+        // The column sums of dY (Burn's reduction). The profile of a 32k-token step
+        // showed ~14 ms for one [32k, 1536] sum; the GEMM `1^T dY` would take a
+        // fraction of that but has not been run on a GPU yet, so it is not used.
+        let n = dy.shape()[1];
+        B::float_reshape(B::float_sum_dim(dy, 0), Shape::new([n]))
     });
     [dx, dw, db]
 }
