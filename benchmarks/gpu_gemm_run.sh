@@ -6,17 +6,7 @@
 # Carry dist/libs (FFmpeg, benchmarks/pack_ffmpeg_libs.sh) in one call and dist/bin
 # (`cargo xtask package`, moved to dist/bin/) in the next, as gpu_train_run.sh says.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/tmp/libs/lvmiss NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ! [ -d /tmp/libs/lvmiss ]; then
-  [ -f dist/libs/lvlibs.tar.xz ] || { echo "no FFmpeg libraries: carry dist/libs first"; exit 1; }
-  mkdir -p /tmp/libs && tar -C /tmp/libs -xJf dist/libs/lvlibs.tar.xz || exit 1
-fi
-if [ -f dist/bin/longview-cuda.xz ]; then
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/bin/longview-cuda.xz'), open('/tmp/lv','wb'))" \
-    && chmod +x /tmp/lv || exit 1
-fi
-[ -x /tmp/lv ] || { echo "libraries unpacked; carry dist/bin next"; exit 0; }
+. benchmarks/gpu_prelude.sh
 frames=${1:-162}
 PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -11,17 +11,7 @@
 # the device tool's 64 MiB carry limit, so carry dist/libs in one call (this script
 # unpacks it to /tmp/libs and exits when no binary came along) and dist/bin in the next.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/tmp/libs/lvmiss NCCL_NVLS_ENABLE=0
-if ! [ -d /tmp/libs/lvmiss ]; then
-  [ -f dist/libs/lvlibs.tar.xz ] || { echo "no FFmpeg libraries: carry dist/libs first"; exit 1; }
-  mkdir -p /tmp/libs && tar -C /tmp/libs -xJf dist/libs/lvlibs.tar.xz || exit 1
-fi
-if [ -f dist/bin/longview-cuda.xz ]; then
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/bin/longview-cuda.xz'), open('/tmp/lv','wb'))" \
-    && chmod +x /tmp/lv || exit 1
-fi
-[ -x /tmp/lv ] || { echo "libraries unpacked; carry dist/bin next"; exit 0; }
+. benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 limit=${LIMIT_S:-280}
 for frames in "$@"; do

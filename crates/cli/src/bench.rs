@@ -215,13 +215,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     if let Some(path) = args.json {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        writeln!(file, "{result}")?;
+        crate::device::append_json_lines(&path, &[result])?;
     }
     Ok(())
 }

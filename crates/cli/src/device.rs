@@ -96,6 +96,21 @@ pub fn matmul_ceiling(device: &Device) -> Result<f64> {
     Ok(10.0 * 2.0 * (N as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12)
 }
 
+/// Appends one JSON object per line to `path` (created if missing): the `--json` output
+/// of the benchmarks.
+pub fn append_json_lines(path: &std::path::Path, lines: &[serde_json::Value]) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for appending", path.display()))?;
+    for line in lines {
+        writeln!(file, "{line}").with_context(|| format!("{}: write failed", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Refuses a CPU run whose parameters, gradients and optimizer state cannot fit in
 /// the memory available now (`copies` full-size copies of the parameters at the
 /// device dtype), instead of letting the allocator abort mid-run.

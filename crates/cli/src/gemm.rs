@@ -128,15 +128,7 @@ pub fn run(args: GemmArgs) -> Result<()> {
         }
     }
     if let Some(path) = args.json {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        for line in lines {
-            writeln!(file, "{line}")?;
-        }
+        crate::device::append_json_lines(&path, &lines)?;
     }
     Ok(())
 }

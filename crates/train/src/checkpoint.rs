@@ -121,10 +121,7 @@ pub fn save(
         && let Err(message) = room_for(needed, free)
     {
         let _ = std::fs::remove_dir_all(&partial);
-        let newest = match latest(out) {
-            Ok(Some(dir)) => format!("; the newest complete checkpoint is {}", dir.display()),
-            _ => String::new(),
-        };
+        let newest = newest_note(out);
         return Err(TrainError::checkpoint(
             &done,
             format!("{message} on the file system of {}{newest}", root.display()),
@@ -134,10 +131,7 @@ pub fn save(
     if let Err(e) = write_contents(&partial, model, config, optimizer, state, tokenizer_json) {
         // A full disk or a failing device: no unfinished folder is left behind.
         let _ = std::fs::remove_dir_all(&partial);
-        let newest = match latest(out) {
-            Ok(Some(dir)) => format!("; the newest complete checkpoint is {}", dir.display()),
-            _ => String::new(),
-        };
+        let newest = newest_note(out);
         return Err(TrainError::checkpoint(
             &done,
             format!("writing it failed ({e}); its unfinished folder was removed{newest}"),
@@ -168,6 +162,14 @@ pub fn save(
     sync_dir(&root)?;
     prune(&root, &name, keep)?;
     Ok(done)
+}
+
+/// "; the newest complete checkpoint is ..." for an error message (empty when none).
+fn newest_note(out: &Path) -> String {
+    match latest(out) {
+        Ok(Some(dir)) => format!("; the newest complete checkpoint is {}", dir.display()),
+        _ => String::new(),
+    }
 }
 
 /// Bytes a checkpoint of `params` parameters takes at most: the f32 weights, AdamW's
