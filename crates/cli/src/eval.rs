@@ -115,7 +115,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.per_depth,
             seed,
             &videos,
-            &mut |line| println!("  {line}"),
+            &mut |line| crate::logging::line(crate::logging::process_rank(), line),
             &mut |samples| {
                 let chunk = args.prefill_chunk;
                 Ok(longview_train::needle::score_chunked(
@@ -179,7 +179,7 @@ fn needle_sequence_parallel(
                     let sp = longview_parallel::inference::SpInference::new(comm, head_dim)?;
                     let mut log = |line: &str| {
                         if rank == 0 {
-                            println!("  {line}");
+                            crate::logging::line(Some(rank), line);
                         }
                     };
                     let mut score = |samples: &[longview_train::data::Sample]| {
@@ -243,7 +243,7 @@ fn choice(
         &samples,
         args.frames[0],
         device,
-        &mut |line| println!("  {line}"),
+        &mut |line| crate::logging::line(crate::logging::process_rank(), line),
     )?;
     std::fs::write(
         out.join("choice.json"),
@@ -304,7 +304,7 @@ fn open(
         &out.join("videos"),
         decoding,
         device,
-        &mut |line| println!("  {line}"),
+        &mut |line| crate::logging::line(crate::logging::process_rank(), line),
     )?;
     let path = out.join("open.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;

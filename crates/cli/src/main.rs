@@ -6,6 +6,7 @@ mod demo;
 mod device;
 mod eval;
 mod gemm;
+mod logging;
 mod synthetic;
 mod train;
 
@@ -44,6 +45,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    logging::init();
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),

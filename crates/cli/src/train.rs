@@ -161,7 +161,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let summary = match &args.parallel {
         None => {
-            longview_train::train(&config, &options, &device, &mut |line| println!("  {line}"))?
+            longview_train::train(&config, &options, &device, &mut |line| {
+                crate::logging::line(crate::logging::process_rank(), line)
+            })?
         }
         Some(spec) => {
             let (dp, sp) = parse_parallel(spec)?;
@@ -235,7 +237,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// summary.
 fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device, sp: usize) -> Result<()> {
     let summary = if sp == 1 {
-        longview_train::grpo::train_grpo(config, options, device, &mut |line| println!("  {line}"))?
+        longview_train::grpo::train_grpo(config, options, device, &mut |line| {
+            crate::logging::line(crate::logging::process_rank(), line)
+        })?
     } else {
         println!("  parallel  {sp} sequence-parallel in-process ranks (rollouts and log-probs)");
         grpo_parallel(config, options, sp)?
@@ -316,10 +320,10 @@ fn on_ranks<T: Send>(
             .map(|comm| {
                 let rank = &rank;
                 scope.spawn(move || {
-                    let first = comm.rank() == 0;
+                    let index = comm.rank();
                     let mut log = |line: &str| {
-                        if first {
-                            println!("  {line}")
+                        if index == 0 {
+                            crate::logging::line(Some(index), line)
                         }
                     };
                     rank(comm, &mut log)
