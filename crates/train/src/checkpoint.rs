@@ -208,6 +208,8 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so `stats` is initialised.
     let stats = unsafe { stats.assume_init() };
+    // The field types differ across platforms (u64 on x86_64 Linux, u32 elsewhere).
+    #[allow(clippy::unnecessary_cast)]
     Some(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
@@ -260,7 +262,7 @@ fn write_contents(
         .map_err(|e| TrainError::checkpoint(&optim, format!("writing the optimizer state: {e}")))?;
     write_json(&partial.join("param_ids.json"), &param_ids(model))?;
     write_json(&partial.join("trainer.json"), state)?;
-    sync_tree(&partial)?;
+    sync_tree(partial)?;
     Ok(())
 }
 

@@ -84,6 +84,24 @@ struct Plan {
 /// How many of the heuristic's algorithms the first call of a shape times.
 const CANDIDATES: usize = 32;
 
+/// Products below this many FLOPs are not timed (about 12 us at 800 TFLOP/s).
+const TUNE_MIN_FLOPS: f64 = 1e10;
+
+/// Plans kept per thread before the cache starts over.
+const MAX_PLANS: usize = 1024;
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: the descriptors were created by make_plan and are destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            for layout in self.layouts {
+                let _ = lt::destroy_matrix_layout(layout);
+            }
+        }
+    }
+}
+
 struct DeviceState {
     context: Arc<CudaContext>,
     handle: sys::cublasLtHandle_t,
@@ -133,27 +151,27 @@ pub fn probe(device: usize) -> Result<(), GemmError> {
 }
 
 fn device_state(state: &mut ThreadState, device: usize) -> Result<&mut DeviceState, GemmError> {
-    if !state.devices.contains_key(&device) {
-        let context = CudaContext::new(device).map_err(|e| fail("context", e))?;
-        context.bind_to_thread().map_err(|e| fail("context", e))?;
-        let handle = std::panic::catch_unwind(lt::create_handle)
-            .map_err(|_| {
-                fail(
-                    "cublasLtCreate",
-                    "libcublasLt could not be loaded (is /usr/local/cuda/lib64 on LD_LIBRARY_PATH?)",
-                )
-            })?
-            .map_err(|e| fail("cublasLtCreate", e))?;
-        state.devices.insert(
-            device,
-            DeviceState {
+    use std::collections::hash_map::Entry;
+    let entry = match state.devices.entry(device) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(slot) => {
+            let context = CudaContext::new(device).map_err(|e| fail("context", e))?;
+            context.bind_to_thread().map_err(|e| fail("context", e))?;
+            let handle = std::panic::catch_unwind(lt::create_handle)
+                .map_err(|_| {
+                    fail(
+                        "cublasLtCreate",
+                        "libcublasLt could not be loaded (is /usr/local/cuda/lib64 on LD_LIBRARY_PATH?)",
+                    )
+                })?
+                .map_err(|e| fail("cublasLtCreate", e))?;
+            slot.insert(DeviceState {
                 context,
                 handle,
                 workspaces: HashMap::new(),
-            },
-        );
-    }
-    let entry = state.devices.get_mut(&device).expect("inserted above");
+            })
+        }
+    };
     entry
         .context
         .bind_to_thread()
@@ -205,6 +223,11 @@ pub unsafe fn run(
             align: [alignment(gemm.a), alignment(gemm.b), alignment(gemm.c)],
         };
         if !state.plans.contains_key(&key) {
+            if state.plans.len() >= MAX_PLANS {
+                // Shapes that keep changing (inference over prompts of every length):
+                // start over rather than grow without bound.
+                state.plans.clear();
+            }
             let plan = unsafe { make_plan(handle, &key)? };
             state.plans.insert(key, plan);
         }
@@ -244,10 +267,15 @@ pub unsafe fn run(
             .map_err(|e| fail("cublasLtMatmul", format!("{e} for {key:?}")))
         };
         let candidates = std::mem::take(&mut plan.candidates);
-        if candidates.len() > 1 && std::env::var("LONGVIEW_GEMM_TUNE").map_or(true, |v| v != "0") {
-            // The first call of a shape times the candidates on its own operands (the
-            // output is written again by the real call below) and keeps the fastest;
-            // this waits for the stream once per shape.
+        let flops = 2.0 * gemm.m as f64 * gemm.n as f64 * gemm.k as f64;
+        if candidates.len() > 1
+            && flops >= TUNE_MIN_FLOPS
+            && std::env::var("LONGVIEW_GEMM_TUNE").map_or(true, |v| v != "0")
+        {
+            // The first call of a large shape times the candidates on its own operands
+            // (the output is written again by the real call below) and keeps the
+            // fastest; this waits for the stream once per shape. Small products (decode
+            // steps) keep the heuristic's first: timing would cost more than it saves.
             let timed = unsafe { fastest(stream, &candidates, |algo| call(algo)) }?;
             plan.algo = timed;
         }
