@@ -20,6 +20,7 @@
 //! the waiting ranks with a [`CommError`] naming the ranks and the operation.
 
 pub mod local;
+pub mod deadline;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 

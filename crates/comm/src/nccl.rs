@@ -20,7 +20,10 @@
 //! 600) the communicator is aborted (`ncclCommAbort`) and the call returns
 //! [`CommError::Stalled`] naming the collective and its sequence number; the process
 //! then exits with that error and the launcher (`cargo xtask launch`, or torchrun)
-//! stops every other rank. With `LONGVIEW_NCCL_CHECK=1` every collective first
+//! stops every other rank. Communicator init (`ncclCommInitRank`, which waits for
+//! every rank) is bounded by the same timeout: it runs on a helper thread
+//! ([`crate::deadline::within`]) and a rank that never joins ends it with an error
+//! naming the call. With `LONGVIEW_NCCL_CHECK=1` every collective first
 //! all-gathers its signature (sequence number, operation, dtype, element count) and
 //! a rank whose peers called something else fails at once with
 //! [`CommError::Mismatch`] naming both calls (one small extra all-gather per
@@ -208,7 +211,8 @@ impl NcclComm {
             share_from_rank0(env, None, timeout).map_err(|e| fail(&e))?
         };
         let watchdog = Watchdog::from_env(env.rank)?;
-        let comm = init_rank(&id_bytes, env.rank, env.world_size).map_err(|e| fail(&e))?;
+        let comm = init_rank_within(&context, id_bytes, env.rank, env.world_size, watchdog.timeout)
+            .map_err(|e| fail(&e))?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
             rank: env.rank,
@@ -445,6 +449,33 @@ fn unpin<const D: usize, K: Basic>(pinned: Pinned) -> Tensor<D, K> {
         Kind::Bool => BackendTensor::Bool(tensor),
     };
     Tensor::from_dispatch(<DispatchTensor as DispatchKindConversion<Cube>>::from_backend(backend))
+}
+
+/// [`init_rank`] bounded by `timeout`: `ncclCommInitRank` waits for every rank with no
+/// deadline of its own, so a peer that dies after the rendezvous would block this one
+/// for ever. It runs on a helper thread (with this rank's CUDA context bound); past
+/// the timeout the error names the call and this rank, and the process exits with it
+/// (the launcher then stops the others; the helper thread is left blocked).
+fn init_rank_within(
+    context: &Arc<CudaContext>,
+    id_bytes: Vec<u8>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> std::result::Result<RawComm, String> {
+    let context = context.clone();
+    crate::deadline::within(timeout, move || {
+        context
+            .bind_to_thread()
+            .map_err(|e| format!("binding the CUDA context for NCCL init: {e:?}"))?;
+        init_rank(&id_bytes, rank, world)
+    })
+    .unwrap_or_else(|| {
+        Err(format!(
+            "ncclCommInitRank (rank {rank} of {world}) did not finish within {timeout:?}: a rank \
+             died or never called it after the rendezvous (LONGVIEW_NCCL_TIMEOUT_S sets the limit)"
+        ))
+    })
 }
 
 fn init_rank(id_bytes: &[u8], rank: usize, world: usize) -> std::result::Result<RawComm, String> {
@@ -849,7 +880,14 @@ impl Communicator for NcclComm {
             .map(|&v| v as u8)
             .collect();
         let rank = group.iter().position(|&r| r == self.rank).expect("member");
-        let comm = init_rank(&bytes, rank, group.len()).map_err(|e| self.fail(name, e))?;
+        let comm = init_rank_within(
+            &self._context,
+            bytes,
+            rank,
+            group.len(),
+            self.watchdog.timeout,
+        )
+        .map_err(|e| self.fail(name, e))?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
             rank,
@@ -862,3 +900,4 @@ impl Communicator for NcclComm {
         })
     }
 }
+
