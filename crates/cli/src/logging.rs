@@ -39,9 +39,10 @@ pub fn process_rank() -> Option<usize> {
     (world > 1).then_some(rank)
 }
 
-/// How important a run's line is: skipped data is a warning, the rest information.
+/// How important a run's line is: skipped data (training samples, evaluation rows) is
+/// a warning, the rest information.
 pub fn level_of(line: &str) -> Level {
-    if line.starts_with("skipped sample") || line.starts_with("warning") {
+    if line.starts_with("skipped sample") || line.contains(" skipped: ") || line.starts_with("warning") {
         Level::WARN
     } else {
         Level::INFO
@@ -111,8 +112,9 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_rust_log_falls_back_to_info() {
+    fn skipped_data_is_a_warning() {
         assert_eq!(level_of("skipped sample 1: x"), Level::WARN);
+        assert_eq!(level_of("row 4 skipped: clip.mp4 does not decode"), Level::WARN);
         assert_eq!(level_of("step 2/3: loss"), Level::INFO);
     }
 }
