@@ -158,8 +158,16 @@ fn check_patch_embed(device: &burn::tensor::Device) -> Result<f32> {
         };
         let grads = (y.clone() * g.clone()).cast(DType::F32).sum().backward();
         let w = conv.weight.grad(&grads).expect("filter gradient");
-        let b = conv.bias.as_ref().and_then(|b| b.grad(&grads)).expect("bias gradient");
-        Ok(vec![y.inner(), w.reshape([1, 48, 3 * patch * patch]), b.reshape([1, 1, 48])])
+        let b = conv
+            .bias
+            .as_ref()
+            .and_then(|b| b.grad(&grads))
+            .expect("bias gradient");
+        Ok(vec![
+            y.inner(),
+            w.reshape([1, 48, 3 * patch * patch]),
+            b.reshape([1, 1, 48]),
+        ])
     };
     let (got, want) = (run(true)?, run(false)?);
     let mut worst = 0f32;

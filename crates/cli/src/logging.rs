@@ -42,7 +42,10 @@ pub fn process_rank() -> Option<usize> {
 /// How important a run's line is: skipped data (training samples, evaluation rows) is
 /// a warning, the rest information.
 pub fn level_of(line: &str) -> Level {
-    if line.starts_with("skipped sample") || line.contains(" skipped: ") || line.starts_with("warning") {
+    if line.starts_with("skipped sample")
+        || line.contains(" skipped: ")
+        || line.starts_with("warning")
+    {
         Level::WARN
     } else {
         Level::INFO
@@ -105,16 +108,25 @@ mod tests {
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].contains("WARN") && lines[0].contains("rank{rank=3}"), "{text}");
+        assert!(
+            lines[0].contains("WARN") && lines[0].contains("rank{rank=3}"),
+            "{text}"
+        );
         assert!(lines[0].contains("skipped sample 7"), "{text}");
         assert!(!lines[1].contains("rank{"), "{text}");
-        assert!(!text.contains("loss 2.0"), "info lines pass a warn filter: {text}");
+        assert!(
+            !text.contains("loss 2.0"),
+            "info lines pass a warn filter: {text}"
+        );
     }
 
     #[test]
     fn skipped_data_is_a_warning() {
         assert_eq!(level_of("skipped sample 1: x"), Level::WARN);
-        assert_eq!(level_of("row 4 skipped: clip.mp4 does not decode"), Level::WARN);
+        assert_eq!(
+            level_of("row 4 skipped: clip.mp4 does not decode"),
+            Level::WARN
+        );
         assert_eq!(level_of("step 2/3: loss"), Level::INFO);
     }
 }

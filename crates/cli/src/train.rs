@@ -160,11 +160,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return grpo(&config, &options, &device, sp);
     }
     let summary = match &args.parallel {
-        None => {
-            longview_train::train(&config, &options, &device, &mut |line| {
-                crate::logging::line(crate::logging::process_rank(), line)
-            })?
-        }
+        None => longview_train::train(&config, &options, &device, &mut |line| {
+            crate::logging::line(crate::logging::process_rank(), line)
+        })?,
         Some(spec) => {
             let (dp, sp) = parse_parallel(spec)?;
             if !config.run.batch_size.is_multiple_of(dp) {

@@ -32,7 +32,11 @@ mod tests {
             std::thread::sleep(Duration::from_secs(3600));
         });
         assert!(never.is_none());
-        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(within(Duration::from_secs(5), || 7), Some(7));
     }
 }

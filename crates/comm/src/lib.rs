@@ -19,8 +19,8 @@
 //! longer than the group's timeout, and ranks calling different collectives all end
 //! the waiting ranks with a [`CommError`] naming the ranks and the operation.
 
-pub mod local;
 pub mod deadline;
+pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 

@@ -211,8 +211,14 @@ impl NcclComm {
             share_from_rank0(env, None, timeout).map_err(|e| fail(&e))?
         };
         let watchdog = Watchdog::from_env(env.rank)?;
-        let comm = init_rank_within(&context, id_bytes, env.rank, env.world_size, watchdog.timeout)
-            .map_err(|e| fail(&e))?;
+        let comm = init_rank_within(
+            &context,
+            id_bytes,
+            env.rank,
+            env.world_size,
+            watchdog.timeout,
+        )
+        .map_err(|e| fail(&e))?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
             rank: env.rank,
@@ -900,4 +906,3 @@ impl Communicator for NcclComm {
         })
     }
 }
-

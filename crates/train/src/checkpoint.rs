@@ -519,7 +519,10 @@ mod space_tests {
         let needed = estimated_bytes(1_966_150_000); // the 1.5B shape: ~22 GiB
         assert!(needed > 22 << 30 && needed < 23 << 30, "{needed}");
         let err = room_for(needed, 10 << 30).unwrap_err();
-        assert!(err.contains("22.0") && err.contains("10.00 GiB free"), "{err}");
+        assert!(
+            err.contains("22.0") && err.contains("10.00 GiB free"),
+            "{err}"
+        );
         assert!(room_for(needed, 30 << 30).is_ok());
         // The real query answers for an existing folder.
         assert!(free_bytes(std::path::Path::new(".")).is_some_and(|b| b > 0));

@@ -43,8 +43,11 @@ pub enum WeightLayout {
 #[backend_extension(Autodiff, Cube: cfg(feature = "cuda"))]
 pub trait GemmBackend: burn::backend::Backend {
     /// `op(a) op(b)` of two 2-D tensors. Not differentiable.
-    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>, transposes: Transposes)
-    -> FloatTensor<Self>;
+    fn gemm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transposes: Transposes,
+    ) -> FloatTensor<Self>;
 
     /// `x op(weight)`: x `[M, K]`, weight `[K, N]` (`InOut`) or `[N, K]` (`OutIn`).
     /// Differentiable in both.
@@ -85,11 +88,22 @@ fn cube_gemm(a: CubeTensor, b: CubeTensor, t: Transposes, bias: Option<CubeTenso
     let ([ar, ac], [br, bc]) = (dims(&a), dims(&b));
     let (m, k) = if t.a { (ac, ar) } else { (ar, ac) };
     let (kb, n) = if t.b { (bc, br) } else { (br, bc) };
-    assert_eq!(k, kb, "gemm: inner sizes differ ({ar}x{ac}, {br}x{bc}, {t:?})");
+    assert_eq!(
+        k, kb,
+        "gemm: inner sizes differ ({ar}x{ac}, {br}x{bc}, {t:?})"
+    );
     let (CubeDevice::Cuda(cuda), Some(dtype)) = (&a.device, gemm_dtype(a.dtype)) else {
         type Ops = CubeBackend;
-        let a = if t.a { Ops::float_swap_dims(a, 0, 1) } else { a };
-        let b = if t.b { Ops::float_swap_dims(b, 0, 1) } else { b };
+        let a = if t.a {
+            Ops::float_swap_dims(a, 0, 1)
+        } else {
+            a
+        };
+        let b = if t.b {
+            Ops::float_swap_dims(b, 0, 1)
+        } else {
+            b
+        };
         let c = Ops::float_matmul(a, b);
         return match bias {
             Some(bias) => Ops::float_add(c, Ops::float_reshape(bias, Shape::new([1, n]))),
@@ -136,7 +150,10 @@ fn cube_gemm(a: CubeTensor, b: CubeTensor, t: Transposes, bias: Option<CubeTenso
         bias: rbias.as_ref().map(|r| r.resource().ptr),
     };
     let stream = rc.resource().stream;
-    assert!(!stream.is_null(), "gemm: cubecl-cuda gave no stream (is the patched crate in use?)");
+    assert!(
+        !stream.is_null(),
+        "gemm: cubecl-cuda gave no stream (is the patched crate in use?)"
+    );
     // SAFETY: the buffers hold the shapes above (dense, checked contiguous) on device
     // `index`, and `stream` is CubeCL's current stream of that device.
     unsafe { cublaslt::run(index, stream, &gemm) }.unwrap_or_else(|e| panic!("gemm: {e}"));
@@ -182,7 +199,16 @@ fn linear_grads<B: GemmBackend>(
     [want_x, want_w, want_b]: [bool; 3],
 ) -> [Option<FloatTensor<B>>; 3] {
     let out_in = layout == WeightLayout::OutIn;
-    let dx = want_x.then(|| B::gemm(dy.clone(), weight, Transposes { a: false, b: !out_in }));
+    let dx = want_x.then(|| {
+        B::gemm(
+            dy.clone(),
+            weight,
+            Transposes {
+                a: false,
+                b: !out_in,
+            },
+        )
+    });
     let dw = want_w.then(|| {
         let t = Transposes { a: true, b: false };
         if out_in {
@@ -202,8 +228,16 @@ fn linear_grads<B: GemmBackend>(
 }
 
 impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
-    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>, transposes: Transposes) -> FloatTensor<Self> {
-        <Self as AutodiffBackend>::from_inner(B::gemm(a.into_primitive(), b.into_primitive(), transposes))
+    fn gemm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transposes: Transposes,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::gemm(
+            a.into_primitive(),
+            b.into_primitive(),
+            transposes,
+        ))
     }
 
     fn gemm_linear(
@@ -217,7 +251,12 @@ impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
         impl<B: GemmBackend> Backward<B, 2> for LinearNoBias {
             type State = (FloatTensor<B>, FloatTensor<B>, WeightLayout);
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 let (x, w, layout) = ops.state;
                 let [px, pw] = ops.parents;
@@ -242,9 +281,11 @@ impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
                 let y = B::gemm_linear(x.clone(), w.clone(), layout);
                 prep.finish((x, w, layout), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::gemm_linear(x.into_primitive(), weight.into_primitive(), layout))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gemm_linear(
+                x.into_primitive(),
+                weight.into_primitive(),
+                layout,
+            )),
         }
     }
 
@@ -260,7 +301,12 @@ impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
         impl<B: GemmBackend> Backward<B, 3> for LinearBias {
             type State = (FloatTensor<B>, FloatTensor<B>, WeightLayout);
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 let (x, w, layout) = ops.state;
                 let want = ops.parents.each_ref().map(Option::is_some);
@@ -335,7 +381,10 @@ pub fn linear<const D: usize>(
         WeightLayout::InOut => (r, c),
         WeightLayout::OutIn => (c, r),
     };
-    assert_eq!(k, wk, "linear: input width {k} but weight {r}x{c} ({layout:?})");
+    assert_eq!(
+        k, wk,
+        "linear: input width {k} but weight {r}x{c} ({layout:?})"
+    );
     if !applies(&x.device(), x.dtype()) || weight.dtype() != x.dtype() {
         let w = match layout {
             WeightLayout::InOut => weight,

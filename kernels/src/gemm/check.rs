@@ -86,28 +86,33 @@ pub fn run_case(
     let b = bias.then(|| draw([1, output]).reshape([output]));
     let g = draw([rows, output]);
 
-    let grads_of = |x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>, g: Tensor<2>, f32_reference: bool| {
-        let (x, w) = (x.require_grad(), w.require_grad());
-        let b = b.map(|b| b.require_grad());
-        let y = if f32_reference {
-            let w = match layout {
-                WeightLayout::InOut => w.clone(),
-                WeightLayout::OutIn => w.clone().transpose(),
+    let grads_of =
+        |x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>, g: Tensor<2>, f32_reference: bool| {
+            let (x, w) = (x.require_grad(), w.require_grad());
+            let b = b.map(|b| b.require_grad());
+            let y = if f32_reference {
+                let w = match layout {
+                    WeightLayout::InOut => w.clone(),
+                    WeightLayout::OutIn => w.clone().transpose(),
+                };
+                burn::tensor::module::linear(x.clone(), w, b.clone())
+            } else {
+                linear(x.clone(), w.clone(), b.clone(), layout)
             };
-            burn::tensor::module::linear(x.clone(), w, b.clone())
-        } else {
-            linear(x.clone(), w.clone(), b.clone(), layout)
+            let loss = (y.clone() * g.cast(y.dtype())).cast(DType::F32).sum();
+            let grads = loss.backward();
+            let mut out = vec![
+                y.inner(),
+                x.grad(&grads).expect("dX"),
+                w.grad(&grads).expect("dW"),
+            ];
+            if let Some(b) = b {
+                out.push(b.grad(&grads).expect("db").unsqueeze::<2>());
+            }
+            out.into_iter()
+                .map(|t| t.cast(DType::F32))
+                .collect::<Vec<_>>()
         };
-        let loss = (y.clone() * g.cast(y.dtype())).cast(DType::F32).sum();
-        let grads = loss.backward();
-        let mut out = vec![y.inner(), x.grad(&grads).expect("dX"), w.grad(&grads).expect("dW")];
-        if let Some(b) = b {
-            out.push(b.grad(&grads).expect("db").unsqueeze::<2>());
-        }
-        out.into_iter()
-            .map(|t| t.cast(DType::F32))
-            .collect::<Vec<_>>()
-    };
     let got = grads_of(x.clone(), w.clone(), b.clone(), g.clone(), false);
     let copy = |t: Tensor<2>| {
         Tensor::<2>::from_data(t.cast(DType::F32).into_data().convert::<f32>(), reference)
@@ -115,9 +120,16 @@ pub fn run_case(
     let b = b.map(|b| copy(b.unsqueeze::<2>()).reshape([output]));
     let want = grads_of(copy(x), copy(w), b, copy(g), true);
     let mut worst = 0f32;
-    for (name, (got, want)) in ["y", "dX", "dW", "db"].iter().zip(got.into_iter().zip(want)) {
+    for (name, (got, want)) in ["y", "dX", "dW", "db"]
+        .iter()
+        .zip(got.into_iter().zip(want))
+    {
         if got.dims() != want.dims() {
-            return Err(format!("{name}: shape {:?}, reference {:?}", got.dims(), want.dims()));
+            return Err(format!(
+                "{name}: shape {:?}, reference {:?}",
+                got.dims(),
+                want.dims()
+            ));
         }
         let got = Tensor::<2>::from_data(got.into_data(), &want.device());
         let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-6);

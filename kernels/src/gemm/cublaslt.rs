@@ -356,15 +356,27 @@ unsafe fn make_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan
     // Column-major problem: m' = n, n' = m, A' = our B, B' = our A.
     let (m, n, k) = (key.n as u64, key.m as u64, key.k as u64);
     unsafe {
-        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &op(key.b_transposed))?;
-        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(key.a_transposed))?;
+        set_desc(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_TRANSA,
+            &op(key.b_transposed),
+        )?;
+        set_desc(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_TRANSB,
+            &op(key.a_transposed),
+        )?;
         if key.bias {
             set_desc(
                 desc,
                 Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
                 &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             )?;
-            set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &key.dtype.cuda())?;
+            set_desc(
+                desc,
+                Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &key.dtype.cuda(),
+            )?;
         }
     }
     let ty = key.dtype.cuda();
@@ -388,7 +400,11 @@ unsafe fn make_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan
     let candidates = unsafe {
         use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         // MAX_WORKSPACE_BYTES is a uint64_t, the MIN_ALIGNMENT_* attributes uint32_t.
-        fn set<T>(pref: sys::cublasLtMatmulPreference_t, attr: Pref, value: T) -> Result<(), GemmError> {
+        fn set<T>(
+            pref: sys::cublasLtMatmulPreference_t,
+            attr: Pref,
+            value: T,
+        ) -> Result<(), GemmError> {
             unsafe {
                 lt::set_matmul_pref_attribute(
                     pref,
@@ -399,11 +415,39 @@ unsafe fn make_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan
             }
             .map_err(|e| fail(&format!("set {attr:?}"), e))
         }
-        let prefs = set(pref, Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, WORKSPACE_BYTES as u64)
-            .and_then(|_| set(pref, Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[1]))
-            .and_then(|_| set(pref, Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[0]))
-            .and_then(|_| set(pref, Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]))
-            .and_then(|_| set(pref, Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]));
+        let prefs = set(
+            pref,
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            WORKSPACE_BYTES as u64,
+        )
+        .and_then(|_| {
+            set(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                key.align[1],
+            )
+        })
+        .and_then(|_| {
+            set(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                key.align[0],
+            )
+        })
+        .and_then(|_| {
+            set(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                key.align[2],
+            )
+        })
+        .and_then(|_| {
+            set(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                key.align[2],
+            )
+        });
         let found = prefs.and_then(|_| {
             let mut results: [std::mem::MaybeUninit<sys::cublasLtMatmulHeuristicResult_t>;
                 CANDIDATES] = [const { std::mem::MaybeUninit::uninit() }; CANDIDATES];

@@ -17,11 +17,11 @@
 //! Set `LONGVIEW_GEMM=burn` to run Burn's matmul on CUDA too (comparisons, or a
 //! machine whose cuBLASLt does not load).
 
-pub mod cublaslt;
 #[cfg(feature = "burn")]
 mod burn_op;
 #[cfg(feature = "burn")]
 pub mod check;
+pub mod cublaslt;
 
 #[cfg(feature = "burn")]
 pub use burn_op::{GemmBackend, Transposes, WeightLayout, applies, linear, matmul_2d};

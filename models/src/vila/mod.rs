@@ -490,16 +490,32 @@ mod tests {
                 .with_tie_word_embeddings(true)
                 .with_initializer_range(range);
             let model = config.init(&device);
-            let ids = Tensor::<2, Int>::random([2, 48], Distribution::Uniform(0.0, vocab as f64), &device);
-            let targets = Tensor::<2, Int>::random([2, 48], Distribution::Uniform(0.0, vocab as f64), &device);
-            let positions = Tensor::<1, Int>::arange(0..48, &device).unsqueeze::<2>().repeat_dim(0, 2);
+            let ids = Tensor::<2, Int>::random(
+                [2, 48],
+                Distribution::Uniform(0.0, vocab as f64),
+                &device,
+            );
+            let targets = Tensor::<2, Int>::random(
+                [2, 48],
+                Distribution::Uniform(0.0, vocab as f64),
+                &device,
+            );
+            let positions = Tensor::<1, Int>::arange(0..48, &device)
+                .unsqueeze::<2>()
+                .repeat_dim(0, 2);
             let (sum, count) = token_cross_entropy_sum(model.forward(ids, positions), targets);
             sum.into_scalar::<f32>() / count as f32
         };
         let ln_vocab = (vocab as f32).ln();
         let qwen = loss_of(Some(0.02));
-        assert!((qwen - ln_vocab).abs() < 0.05, "loss {qwen} vs ln(vocab) {ln_vocab}");
+        assert!(
+            (qwen - ln_vocab).abs() < 0.05,
+            "loss {qwen} vs ln(vocab) {ln_vocab}"
+        );
         let burn_default = loss_of(None);
-        assert!(burn_default > ln_vocab + 3.0, "Burn's default init: loss {burn_default}");
+        assert!(
+            burn_default > ln_vocab + 3.0,
+            "Burn's default init: loss {burn_default}"
+        );
     }
 }

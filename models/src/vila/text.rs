@@ -209,7 +209,9 @@ impl TextConfig {
         let h = self.hidden_size;
         let d = self.head_dim();
         let kv = self.num_kv_heads * d;
-        let normal = self.initializer_range.map(|std| Initializer::Normal { mean: 0.0, std });
+        let normal = self
+            .initializer_range
+            .map(|std| Initializer::Normal { mean: 0.0, std });
         let linear = |i, o, bias| {
             let config = LinearConfig::new(i, o).with_bias(bias);
             match normal.clone() {

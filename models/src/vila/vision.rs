@@ -42,14 +42,15 @@ impl SiglipEmbeddings {
         let (gh, gw) = (height / self.patch_size, width / self.patch_size);
         // On CUDA bf16/f16: one cuBLASLt GEMM over the flattened patches (Burn's direct
         // convolution took seconds per step at 162 frames).
-        let patches = match crate::linear::patch_embed(&self.patch_embedding, &pixels, self.patch_size) {
-            Some(patches) => patches,
-            None => {
-                let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
-                let [frames, hidden, gh, gw] = patches.dims();
-                patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2)
-            }
-        };
+        let patches =
+            match crate::linear::patch_embed(&self.patch_embedding, &pixels, self.patch_size) {
+                Some(patches) => patches,
+                None => {
+                    let patches = self.patch_embedding.forward(pixels); // [F, hidden, gh, gw]
+                    let [frames, hidden, gh, gw] = patches.dims();
+                    patches.reshape([frames, hidden, gh * gw]).swap_dims(1, 2)
+                }
+            };
         patches + self.positions(gh, gw).unsqueeze_dim(0)
     }
 
