@@ -6,6 +6,7 @@ mod demo;
 mod device;
 mod eval;
 mod gemm;
+mod infer_bench;
 mod logging;
 mod synthetic;
 mod train;
@@ -36,6 +37,9 @@ enum Command {
     /// cuBLASLt GEMMs on the GPU: correctness checks (--check) and the 1.5B model's
     /// GEMM shapes timed.
     Gemm(gemm::GemmArgs),
+    /// Inference phases timed on generated frames: vision encoding, chunked prefill
+    /// (time to first token), greedy decoding, memory.
+    InferBench(infer_bench::InferBenchArgs),
     /// Train from a TOML config (default: the debug VLM on generated
     /// needle-in-a-haystack videos), with checkpoints, metrics and --resume.
     Train(train::TrainArgs),
@@ -50,6 +54,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Gemm(args) => gemm::run(args),
+        Command::InferBench(args) => infer_bench::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
     }

@@ -1,0 +1,174 @@
+//! `longview infer-bench`: the inference engine's phases timed on generated frames for a
+//! named model size: vision encoding (SigLIP + projector, `--frame-batch` frames at a
+//! time), prefill (the prompt through the LLM in chunks of `--prefill-chunk` rows, time
+//! to the first token's logits), greedy decoding of `--new-tokens` tokens, and the
+//! allocator's reservation (decode tokens/s counts every generated token; the first
+//! comes from the prefill's logits). Every phase ends with a device synchronisation;
+//! the model
+//! is random (the 1.5B/7B shapes use Qwen2's initialisation). Frames are generated
+//! pixels, not decoded video (FFmpeg decoding is measured in
+//! `benchmarks/video_sampling.md`).
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use clap::Args;
+use serde_json::json;
+
+use crate::demo::named_config;
+use crate::{DeviceArgs, synthetic};
+use longview_infer::generate::{Decoding, GenerateOptions, decode_group, host_rows};
+use longview_infer::prefill::{
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, encode_in_batches, positions, prefill,
+};
+use longview_models::attention::{AttentionImpl, flash_available};
+use longview_models::{KvCache, VisualInput};
+
+#[derive(Args, Debug)]
+pub struct InferBenchArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Model size: debug, small, 1.5b or 7b.
+    #[arg(long, default_value = "debug")]
+    pub size: String,
+    /// Frames of the video (each adds tokens_per_frame + 1 prompt tokens).
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// Text tokens of the prompt besides the visual ones.
+    #[arg(long, default_value_t = 32)]
+    pub text_tokens: usize,
+    /// Tokens generated greedily after the prompt.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Prompt rows per prefill pass (0: the whole prompt in one pass).
+    #[arg(long, default_value_t = DEFAULT_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Frames per vision-encoder batch.
+    #[arg(long, default_value_t = DEFAULT_FRAME_BATCH)]
+    pub frame_batch: usize,
+    /// Also append the result as one JSON line to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+pub fn run(args: InferBenchArgs) -> Result<()> {
+    if args.new_tokens == 0 || args.frames == 0 {
+        bail!("--frames and --new-tokens must be at least 1");
+    }
+    let mut config = named_config(&args.size)?;
+    // Inference keeps no autodiff graph.
+    let device: Device = args.device.device()?.without_autodiff();
+    let attention = if flash_available(&device) {
+        AttentionImpl::Flash
+    } else {
+        AttentionImpl::Reference
+    };
+    config.vision.attention = attention;
+    config.text.attention = attention;
+    let model = config.init(&device);
+    crate::check_cpu_memory(&args.device, model.num_params(), 1)?;
+    let sample = synthetic::batch(
+        &config,
+        1,
+        args.frames,
+        args.text_tokens,
+        0,
+        args.device.seed(),
+        &device,
+    )?;
+    let ids: Vec<u32> = sample
+        .input
+        .input_ids
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let VisualInput::Pixels(pixels) = sample.input.visual else {
+        bail!("the generated prompt has no frames");
+    };
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
+    };
+    sync()?;
+
+    let start = Instant::now();
+    let visual = encode_in_batches(&model, pixels, args.frame_batch);
+    sync()?;
+    let encode_s = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let input_ids = sample.input.input_ids;
+    let embeds = model.splice(
+        model.embed_tokens(input_ids.clone()),
+        &input_ids,
+        Some(visual),
+    )?;
+    let mut cache = KvCache::new();
+    let last = prefill(
+        &model,
+        embeds,
+        args.prefill_chunk,
+        &mut cache,
+        ids.len() - 1,
+    );
+    let first = host_rows(model.logits(last))?.remove(0);
+    let prefill_s = start.elapsed().as_secs_f64();
+
+    let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
+    let start = Instant::now();
+    let generated = decode_group(first, &[Decoding::Greedy], &options, |tokens, _| {
+        let n = tokens.len();
+        let step_ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(tokens.to_vec(), [n, 1]),
+            &device,
+        );
+        let positions = positions(n, cache.len(), 1, &device);
+        let hidden = model.text_layers_cached(model.embed_tokens(step_ids), positions, &mut cache);
+        Ok(host_rows(model.logits(hidden))?)
+    })?;
+    sync()?;
+    let decode_s = start.elapsed().as_secs_f64();
+    let decoded = generated[0].tokens.len();
+    let memory = device.memory_pool_usage().map(|m| m.bytes_reserved);
+
+    let prompt = ids.len();
+    println!(
+        "| size | device | dtype | frames | prompt tokens | encode s | prefill s (TTFT) | prefill tok/s | decode tok/s | reserved |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {prompt} | {encode_s:.3} | {prefill_s:.3} | {:.0} | {:.1} | {} |",
+        args.size,
+        args.device.device,
+        args.device.dtype,
+        args.frames,
+        prompt as f64 / prefill_s,
+        decoded as f64 / decode_s,
+        memory.map_or("n/a".into(), |b| format!(
+            "{:.1} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )),
+    );
+    if let Some(path) = args.json {
+        let line = json!({
+            "size": args.size, "device": args.device.device, "dtype": args.device.dtype,
+            "attention": format!("{attention:?}"), "frames": args.frames,
+            "prompt_tokens": prompt, "prefill_chunk": args.prefill_chunk,
+            "frame_batch": args.frame_batch, "encode_s": encode_s, "prefill_s": prefill_s,
+            "prefill_tokens_per_s": prompt as f64 / prefill_s,
+            "decoded_tokens": decoded, "decode_s": decode_s,
+            "decode_tokens_per_s": decoded as f64 / decode_s,
+            "reserved_bytes": memory,
+        });
+        crate::device::append_json_lines(&path, &[line])?;
+    }
+    Ok(())
+}
