@@ -30,22 +30,25 @@
 //! collective: a debugging switch, like torch's `TORCH_DISTRIBUTED_DEBUG=DETAIL`).
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use burn::backend::{BackendTensor, Cube, DispatchKindConversion, DispatchTensor};
 use burn::tensor::kind::Basic;
-use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
-use cudarc::driver::{CudaContext, CudaStream, sys as cuda};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result as nccl, sys};
 use longview_launch::{ProcessEnv, share_from_rank0};
 
 use crate::{CommError, Communicator, ReduceOp, Result, Shift, check_partition};
 
-type CudaServer = <cubecl::cuda::CudaRuntime as cubecl_runtime::runtime::Runtime>::Server;
+mod buffers;
+mod raw;
+mod watchdog;
+
+use buffers::{nccl_type, unpin};
+use raw::{RawComm, init_rank_within};
+use watchdog::{Op, Watchdog};
 
 /// One rank's NCCL communicator (world or sub-group).
 pub struct NcclComm {
@@ -63,67 +66,6 @@ pub struct NcclComm {
     calls: AtomicU64,
 }
 
-/// How long a collective may take, and whether signatures are compared.
-#[derive(Debug, Clone, Copy)]
-struct Watchdog {
-    timeout: Duration,
-    check: bool,
-}
-
-impl Watchdog {
-    /// `LONGVIEW_NCCL_TIMEOUT_S` (seconds, default 600) and `LONGVIEW_NCCL_CHECK` (`1`).
-    fn from_env(rank: usize) -> Result<Self> {
-        let timeout = match std::env::var("LONGVIEW_NCCL_TIMEOUT_S") {
-            Err(_) => Duration::from_secs(600),
-            Ok(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
-                _ => {
-                    return Err(backend_error(
-                        rank,
-                        "init",
-                        format!(
-                            "LONGVIEW_NCCL_TIMEOUT_S=`{v}`: expected a positive number of seconds"
-                        ),
-                    ));
-                }
-            },
-        };
-        let check = match std::env::var("LONGVIEW_NCCL_CHECK").as_deref() {
-            Err(_) | Ok("") | Ok("0") => false,
-            Ok("1") => true,
-            Ok(other) => {
-                return Err(backend_error(
-                    rank,
-                    "init",
-                    format!("LONGVIEW_NCCL_CHECK=`{other}`: expected 0 or 1"),
-                ));
-            }
-        };
-        Ok(Watchdog { timeout, check })
-    }
-}
-
-/// `ncclComm_t` is a handle NCCL allows any thread to use (not concurrently: the
-/// communicator is used from its owner's thread only).
-struct RawComm {
-    handle: sys::ncclComm_t,
-    /// Aborted after a stall or an asynchronous error: not usable, not destroyed.
-    aborted: bool,
-}
-unsafe impl Send for RawComm {}
-
-impl Drop for RawComm {
-    fn drop(&mut self) {
-        if self.aborted {
-            return;
-        }
-        // SAFETY: the handle came from ncclCommInitRank and is destroyed once.
-        unsafe {
-            let _ = nccl::comm_destroy(self.handle);
-        }
-    }
-}
-
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NcclComm")
@@ -138,53 +80,6 @@ fn backend_error(rank: usize, op: &str, reason: impl std::fmt::Display) -> CommE
         rank,
         op: op.into(),
         reason: reason.to_string(),
-    }
-}
-
-fn nccl_type(dtype: DType) -> Option<sys::ncclDataType_t> {
-    use sys::ncclDataType_t::*;
-    Some(match dtype {
-        DType::F32 => ncclFloat32,
-        DType::F16 => ncclFloat16,
-        DType::BF16 => ncclBfloat16,
-        DType::F64 => ncclFloat64,
-        DType::I32 => ncclInt32,
-        DType::I64 => ncclInt64,
-        DType::U32 => ncclUint32,
-        DType::U64 => ncclUint64,
-        DType::I8 => ncclInt8,
-        DType::U8 => ncclUint8,
-        other if other.size() == 1 => ncclUint8,
-        other if other.size() == 4 => ncclUint32,
-        _ => return None,
-    })
-}
-
-/// Which tensor kind a CubeCL primitive came from, to rebuild the same kind.
-#[derive(Clone, Copy)]
-enum Kind {
-    Float,
-    Int,
-    Bool,
-}
-
-/// A contiguous tensor pinned in place with its device address.
-struct Pinned {
-    tensor: CubeTensor,
-    kind: Kind,
-    /// cubecl's binding of the buffer: while held, the allocation stays where `ptr`
-    /// points.
-    _binding: Box<dyn std::any::Any + Send>,
-    ptr: u64,
-}
-
-impl Pinned {
-    fn ptr(&self) -> u64 {
-        self.ptr
-    }
-
-    fn count(&self) -> usize {
-        self.tensor.meta.shape().num_elements()
     }
 }
 
@@ -240,164 +135,6 @@ impl NcclComm {
         backend_error(self.rank, op, reason)
     }
 
-    fn pin<const D: usize, K: Basic>(&self, op: &str, tensor: Tensor<D, K>) -> Result<Pinned> {
-        let dispatch: DispatchTensor = tensor.into_dispatch();
-        let (tensor, kind) =
-            match <DispatchTensor as DispatchKindConversion<Cube>>::try_into_backend(dispatch) {
-                Ok(BackendTensor::Float(t)) => (t, Kind::Float),
-                Ok(BackendTensor::Int(t)) => (t, Kind::Int),
-                Ok(BackendTensor::Bool(t)) => (t, Kind::Bool),
-                Ok(_) => return Err(self.fail(op, "quantized tensors are not supported")),
-                Err(e) => {
-                    return Err(self.fail(
-                        op,
-                        format!(
-                            "NCCL needs CUDA tensors without autodiff tracking (.inner()): {e}"
-                        ),
-                    ));
-                }
-            };
-        if nccl_type(tensor.dtype).is_none() {
-            return Err(self.fail(op, format!("dtype {:?} has no NCCL type", tensor.dtype)));
-        }
-        let tensor = into_contiguous(tensor);
-        self.pinned(op, tensor, kind)
-    }
-
-    /// A new contiguous buffer like `like` with `shape`, pinned.
-    fn alloc(&self, op: &str, like: &Pinned, shape: &[usize]) -> Result<Pinned> {
-        let bytes = shape.iter().product::<usize>() * like.tensor.dtype.size();
-        let client = like.tensor.client.clone();
-        let handle = client.empty(bytes.max(1));
-        let tensor = CubeTensor::new_contiguous(
-            client,
-            like.tensor.device.clone(),
-            Shape::from(shape.to_vec()),
-            handle,
-            like.tensor.dtype,
-        );
-        self.pinned(op, tensor, like.kind)
-    }
-
-    fn pinned(&self, op: &str, tensor: CubeTensor, kind: Kind) -> Result<Pinned> {
-        let resource = tensor
-            .client
-            .get_resource::<CudaServer>(tensor.handle.clone())
-            .map_err(|e| self.fail(op, format!("{e:?}")))?;
-        // The address includes the handle's offset into its memory page.
-        let ptr = resource.resource().ptr;
-        Ok(Pinned {
-            tensor,
-            kind,
-            _binding: Box::new(resource),
-            ptr,
-        })
-    }
-
-    /// Waits for cubecl's work on this thread (the inputs) before NCCL reads them.
-    fn sync_inputs(&self, op: &str, pinned: &Pinned) -> Result<()> {
-        cubecl::future::block_on(pinned.tensor.client.sync())
-            .map_err(|e| self.fail(op, format!("{e:?}")))
-    }
-
-    /// Waits for NCCL's stream without blocking inside CUDA: polls completion and
-    /// NCCL's asynchronous error, and aborts the communicator past the timeout.
-    fn finish(&self, op: &str) -> Result<()> {
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(2);
-        loop {
-            // SAFETY: the stream handle is alive for as long as `self.stream`.
-            match unsafe { cuda::cuStreamQuery(self.stream.cu_stream()) } {
-                cuda::CUresult::CUDA_SUCCESS => return Ok(()),
-                cuda::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.fail(op, format!("waiting for NCCL's stream: {other:?}"))),
-            }
-            let mut async_error = sys::ncclResult_t::ncclSuccess;
-            {
-                let comm = self.raw_comm();
-                // SAFETY: a live (not aborted: aborting returns below) handle.
-                unsafe { sys::ncclCommGetAsyncError(comm.handle, &mut async_error) };
-            }
-            let failed = !matches!(
-                async_error,
-                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
-            );
-            let waited = start.elapsed();
-            if failed || waited >= self.watchdog.timeout {
-                self.abort();
-                let seq = self.calls.load(Ordering::Relaxed);
-                return Err(if failed {
-                    self.fail(
-                        op,
-                        format!(
-                            "NCCL reported {async_error:?} during collective #{seq} (a peer rank \
-                             failed or the network broke); the communicator was aborted"
-                        ),
-                    )
-                } else {
-                    CommError::Stalled {
-                        rank: self.rank,
-                        op: format!("{op} (collective #{seq})"),
-                        waited_s: waited.as_secs_f64(),
-                    }
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_micros(200));
-        }
-    }
-
-    /// Aborts the communicator (its pending operations end; it cannot be used again).
-    fn abort(&self) {
-        let mut comm = self.raw_comm();
-        if !comm.aborted {
-            comm.aborted = true;
-            // SAFETY: a live handle, aborted once and never destroyed afterwards.
-            unsafe {
-                let _ = nccl::comm_abort(comm.handle);
-            }
-        }
-    }
-
-    /// Counts a collective and, with `LONGVIEW_NCCL_CHECK=1`, compares its signature
-    /// (sequence number, operation, dtype, element count; the count only where every
-    /// rank must pass the same) with every rank's before running it.
-    fn begin(&self, op: Op, dtype: DType, count: usize) -> Result<()> {
-        let seq = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.comm.lock().map(|c| c.aborted).unwrap_or(true) {
-            return Err(self.fail(
-                op.name(),
-                "the communicator was aborted after an earlier failure",
-            ));
-        }
-        if !self.watchdog.check {
-            return Ok(());
-        }
-        let count = if op.same_count() { count as i64 } else { -1 };
-        let mine = vec![seq as i64, op as i64, dtype_code(dtype), count];
-        let signature = Tensor::<1, Int>::from_data(
-            TensorData::new(mine.clone(), [4]),
-            (&self.device, DType::I64),
-        );
-        let all: Tensor<1, Int> = self.gather_raw("signature check", signature)?;
-        let all: Vec<i64> = all
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| self.fail(op.name(), format!("{e:?}")))?;
-        for (peer, theirs) in all.chunks(4).enumerate() {
-            if theirs != mine.as_slice() {
-                return Err(CommError::Mismatch {
-                    rank: self.rank,
-                    peer,
-                    expected: describe(&mine),
-                    found: describe(theirs),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// NCCL's all-gather along dim 0, without the signature check.
     fn gather_raw<const D: usize, K: Basic>(
         &self,
@@ -445,141 +182,6 @@ impl NcclComm {
             .map(|_| ())
             .map_err(|e| self.fail(op, format!("NCCL error {e:?}")))
     }
-}
-
-fn unpin<const D: usize, K: Basic>(pinned: Pinned) -> Tensor<D, K> {
-    let Pinned { tensor, kind, .. } = pinned;
-    let backend = match kind {
-        Kind::Float => BackendTensor::Float(tensor),
-        Kind::Int => BackendTensor::Int(tensor),
-        Kind::Bool => BackendTensor::Bool(tensor),
-    };
-    Tensor::from_dispatch(<DispatchTensor as DispatchKindConversion<Cube>>::from_backend(backend))
-}
-
-/// [`init_rank`] bounded by `timeout`: `ncclCommInitRank` waits for every rank with no
-/// deadline of its own, so a peer that dies after the rendezvous would block this one
-/// for ever. It runs on a helper thread (with this rank's CUDA context bound); past
-/// the timeout the error names the call and this rank, and the process exits with it
-/// (the launcher then stops the others; the helper thread is left blocked).
-fn init_rank_within(
-    context: &Arc<CudaContext>,
-    id_bytes: Vec<u8>,
-    rank: usize,
-    world: usize,
-    timeout: Duration,
-) -> std::result::Result<RawComm, String> {
-    let context = context.clone();
-    crate::deadline::within(timeout, move || {
-        context
-            .bind_to_thread()
-            .map_err(|e| format!("binding the CUDA context for NCCL init: {e:?}"))?;
-        init_rank(&id_bytes, rank, world)
-    })
-    .unwrap_or_else(|| {
-        Err(format!(
-            "ncclCommInitRank (rank {rank} of {world}) did not finish within {timeout:?}: a rank \
-             died or never called it after the rendezvous (LONGVIEW_NCCL_TIMEOUT_S sets the limit)"
-        ))
-    })
-}
-
-fn init_rank(id_bytes: &[u8], rank: usize, world: usize) -> std::result::Result<RawComm, String> {
-    if id_bytes.len() != 128 {
-        return Err(format!(
-            "NCCL unique id has {} bytes, expected 128",
-            id_bytes.len()
-        ));
-    }
-    let mut id = sys::ncclUniqueId { internal: [0; 128] };
-    for (dst, &src) in id.internal.iter_mut().zip(id_bytes) {
-        *dst = src as _;
-    }
-    let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-    // SAFETY: `comm` is a valid out-pointer; NCCL blocks until all ranks have joined.
-    unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-        .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
-    Ok(RawComm {
-        handle: comm,
-        aborted: false,
-    })
-}
-
-/// The collectives, as the signature check names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    AllReduce = 1,
-    AllGather = 2,
-    ReduceScatter = 3,
-    Broadcast = 4,
-    AllToAll = 5,
-    Shift = 6,
-}
-
-impl Op {
-    const ALL: [Op; 6] = [
-        Op::AllReduce,
-        Op::AllGather,
-        Op::ReduceScatter,
-        Op::Broadcast,
-        Op::AllToAll,
-        Op::Shift,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::AllReduce => "all_reduce",
-            Op::AllGather => "all_gather",
-            Op::ReduceScatter => "reduce_scatter",
-            Op::Broadcast => "broadcast",
-            Op::AllToAll => "all_to_all",
-            Op::Shift => "shift",
-        }
-    }
-
-    /// Whether every rank must pass the same number of elements.
-    fn same_count(self) -> bool {
-        !matches!(self, Op::AllToAll | Op::Shift)
-    }
-}
-
-const DTYPES: [DType; 10] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F64,
-    DType::I32,
-    DType::I64,
-    DType::U32,
-    DType::U64,
-    DType::I8,
-    DType::U8,
-];
-
-fn dtype_code(dtype: DType) -> i64 {
-    DTYPES
-        .iter()
-        .position(|&d| d == dtype)
-        .map_or(99, |i| i as i64)
-}
-
-/// `all_reduce #12 (f32, 4096 elements)` from a signature.
-fn describe(signature: &[i64]) -> String {
-    let op = Op::ALL
-        .iter()
-        .find(|o| **o as i64 == signature[1])
-        .map_or("an unknown collective", |o| o.name());
-    let dtype = DTYPES
-        .get(signature[2] as usize)
-        .map_or("another dtype".to_string(), |d| {
-            format!("{d:?}").to_lowercase()
-        });
-    let count = if signature[3] < 0 {
-        String::new()
-    } else {
-        format!(", {} elements", signature[3])
-    };
-    format!("{op} #{} ({dtype}{count})", signature[0])
 }
 
 impl Communicator for NcclComm {
