@@ -508,8 +508,12 @@ mod tests {
         };
         let ln_vocab = (vocab as f32).ln();
         let qwen = loss_of(Some(0.02));
+        // Logits of std ~0.02 * sqrt(128) = 0.23 put the expected loss ~0.03 above
+        // ln(vocab), and 96 random targets leave ~0.025 of noise: other tests draw from
+        // Burn's process-wide RNG in parallel, so the seed does not fix the draw (0.07
+        // was seen). Burn's defaults start more than 3 above.
         assert!(
-            (qwen - ln_vocab).abs() < 0.05,
+            (qwen - ln_vocab).abs() < 0.2,
             "loss {qwen} vs ln(vocab) {ln_vocab}"
         );
         let burn_default = loss_of(None);
