@@ -11,16 +11,15 @@ use burn::tensor::Tensor;
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flash-cuda")]
     {
-        use longview_kernels::gemm;
-        if gemm::applies(&x.device(), x.dtype()) {
-            return gemm::linear(
-                x,
-                layer.weight.val(),
-                layer.bias.as_ref().map(|b| b.val()),
-                gemm::WeightLayout::InOut,
-            );
-        }
+        // Falls back to Burn's `linear` itself where cuBLASLt does not apply.
+        longview_kernels::gemm::linear(
+            x,
+            layer.weight.val(),
+            layer.bias.as_ref().map(|b| b.val()),
+            longview_kernels::gemm::WeightLayout::InOut,
+        )
     }
+    #[cfg(not(feature = "flash-cuda"))]
     layer.forward(x)
 }
 
@@ -32,10 +31,9 @@ pub fn tied_head(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
     #[cfg(feature = "flash-cuda")]
     {
         use longview_kernels::gemm;
-        if gemm::applies(&hidden.device(), hidden.dtype()) {
-            return gemm::linear(hidden, table, None, gemm::WeightLayout::OutIn);
-        }
+        gemm::linear(hidden, table, None, gemm::WeightLayout::OutIn)
     }
+    #[cfg(not(feature = "flash-cuda"))]
     hidden.matmul(table.transpose().unsqueeze_dim(0))
 }
 

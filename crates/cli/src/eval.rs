@@ -115,7 +115,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.per_depth,
             seed,
             &videos,
-            &mut |line| crate::logging::line(crate::logging::process_rank(), line),
+            &mut |line| crate::logging::log(line),
             &mut |samples| {
                 let chunk = args.prefill_chunk;
                 Ok(longview_train::needle::score_chunked(
@@ -243,7 +243,7 @@ fn choice(
         &samples,
         args.frames[0],
         device,
-        &mut |line| crate::logging::line(crate::logging::process_rank(), line),
+        &mut |line| crate::logging::log(line),
     )?;
     std::fs::write(
         out.join("choice.json"),
@@ -304,7 +304,7 @@ fn open(
         &out.join("videos"),
         decoding,
         device,
-        &mut |line| crate::logging::line(crate::logging::process_rank(), line),
+        &mut |line| crate::logging::log(line),
     )?;
     let path = out.join("open.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;

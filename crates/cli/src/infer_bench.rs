@@ -19,9 +19,9 @@ use serde_json::json;
 
 use crate::demo::named_config;
 use crate::{DeviceArgs, synthetic};
-use longview_infer::generate::{Decoding, GenerateOptions, decode_group, host_rows};
+use longview_infer::generate::{Decoding, GenerateOptions, decode_group, decode_step, host_rows};
 use longview_infer::prefill::{
-    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, encode_in_batches, positions, prefill,
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, encode_in_batches, prefill,
 };
 use longview_models::attention::{AttentionImpl, flash_available};
 use longview_models::{KvCache, VisualInput};
@@ -105,11 +105,12 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     let encode_s = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let input_ids = sample.input.input_ids;
-    let embeds = model.splice(
-        model.embed_tokens(input_ids.clone()),
-        &input_ids,
-        Some(visual),
+    let embeds = embed_prompt(
+        &model,
+        &ids,
+        VisualInput::Embeddings(visual),
+        args.frame_batch,
+        &device,
     )?;
     let mut cache = KvCache::new();
     let last = prefill(
@@ -125,14 +126,7 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
     let start = Instant::now();
     let generated = decode_group(first, &[Decoding::Greedy], &options, |tokens, _| {
-        let n = tokens.len();
-        let step_ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(tokens.to_vec(), [n, 1]),
-            &device,
-        );
-        let positions = positions(n, cache.len(), 1, &device);
-        let hidden = model.text_layers_cached(model.embed_tokens(step_ids), positions, &mut cache);
-        Ok(host_rows(model.logits(hidden))?)
+        Ok(decode_step(&model, &mut cache, tokens, &device)?)
     })?;
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();

@@ -31,12 +31,11 @@ pub fn init() {
         .try_init();
 }
 
-/// This process's rank in a torchrun/SLURM-style multi-process job (`RANK` with
-/// `WORLD_SIZE` above 1), if any.
+/// This process's rank in a torchrun/SLURM-style multi-process job of more than one
+/// process (the launcher's variables, as `longview_launch::ProcessEnv` reads them).
 pub fn process_rank() -> Option<usize> {
-    let world: usize = std::env::var("WORLD_SIZE").ok()?.parse().ok()?;
-    let rank: usize = std::env::var("RANK").ok()?.parse().ok()?;
-    (world > 1).then_some(rank)
+    let env = longview_launch::ProcessEnv::from_env().ok().flatten()?;
+    (env.world_size > 1).then_some(env.rank)
 }
 
 /// How important a run's line is: skipped data (training samples, evaluation rows) is
@@ -50,6 +49,13 @@ pub fn level_of(line: &str) -> Level {
     } else {
         Level::INFO
     }
+}
+
+/// Logs one line of this process's run, under its rank in a multi-process job (read
+/// from the environment once).
+pub fn log(text: &str) {
+    static RANK: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    line(*RANK.get_or_init(process_rank), text)
 }
 
 /// Logs one line of a run, under its rank when the run has several.

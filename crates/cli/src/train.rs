@@ -161,7 +161,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let summary = match &args.parallel {
         None => longview_train::train(&config, &options, &device, &mut |line| {
-            crate::logging::line(crate::logging::process_rank(), line)
+            crate::logging::log(line)
         })?,
         Some(spec) => {
             let (dp, sp) = parse_parallel(spec)?;
@@ -236,7 +236,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device, sp: usize) -> Result<()> {
     let summary = if sp == 1 {
         longview_train::grpo::train_grpo(config, options, device, &mut |line| {
-            crate::logging::line(crate::logging::process_rank(), line)
+            crate::logging::log(line)
         })?
     } else {
         println!("  parallel  {sp} sequence-parallel in-process ranks (rollouts and log-probs)");

@@ -154,13 +154,25 @@ pub fn generate_group(
         if kept.len() != cache.batch() {
             cache = cache.select(kept);
         }
-        let n = tokens.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
-        let embeds = model.embed_tokens(ids);
-        let positions = positions(n, cache.len(), 1, device);
-        let hidden = model.text_layers_cached(embeds, positions, &mut cache);
-        host_rows(model.logits(hidden))
+        decode_step(model, &mut cache, tokens, device)
     })
+}
+
+/// One decoding step on one device: `tokens[i]` (one per row of `cache`) through the
+/// text layers against the cache (extended by one position), and every row's
+/// next-token logits on the host.
+pub fn decode_step(
+    model: &Vlm,
+    cache: &mut KvCache,
+    tokens: &[i64],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, InferError> {
+    let n = tokens.len();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
+    let embeds = model.embed_tokens(ids);
+    let positions = positions(n, cache.len(), 1, device);
+    let hidden = model.text_layers_cached(embeds, positions, cache);
+    host_rows(model.logits(hidden))
 }
 
 /// The decoding loop of a group of samples that share a prompt: `first` are the
