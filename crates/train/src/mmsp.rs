@@ -36,7 +36,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
-use longview_models::vila::IGNORE_INDEX;
+use longview_models::vila::{IGNORE_INDEX, SupervisedRows};
 use longview_parallel::autodiff::{DistributedAttention, WithComm};
 use longview_parallel::layout::{SeqLayout, shard, shift_labels};
 use longview_parallel::model::install;
@@ -340,9 +340,10 @@ impl<C: Communicator + Send + Sync + 'static> StepHooks for ShardHooks<'_, C> {
         self.text.splice(text, visual)
     }
 
-    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
-        // The targets are read on the host: their device does not matter.
-        Ok(model.shifted_loss_sum(hidden, &self.text.targets)?)
+    fn supervised_rows(&self) -> Result<SupervisedRows, TrainError> {
+        // Targets already shifted (what each shard position predicts), read on the
+        // host: their device does not matter.
+        Ok(SupervisedRows::of(&self.text.targets, 0)?)
     }
 }
 

@@ -44,12 +44,15 @@ use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use longview_models::attention::AttentionImpl;
-use longview_models::vila::VisualInput;
+use longview_models::vila::{SupervisedRows, VisualInput};
 use longview_models::{Vlm, VlmInput};
 
 use crate::error::TrainError;
 
+mod head;
 mod stack;
+
+use head::head_backward;
 
 use stack::{backward_stack, forward_stack, grad_or_zeros, surrogate, take_grads, trains};
 
@@ -143,8 +146,9 @@ pub trait StepHooks {
         visual: Option<Tensor<3>>,
     ) -> Result<Tensor<3>, TrainError>;
 
-    /// The summed loss and supervised count from the last text layer's output.
-    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError>;
+    /// The rows of this rank's `[batch, seq]` layout whose next token is supervised,
+    /// and what each predicts: the rows the loss reads from the last text layer.
+    fn supervised_rows(&self) -> Result<SupervisedRows, TrainError>;
 }
 
 /// The loss (summed over supervised next tokens, divided by `normaliser`) of one
@@ -211,8 +215,9 @@ impl StepHooks for OneDevice {
         Ok(model.splice(text, &self.ids, visual)?)
     }
 
-    fn loss_sum(&self, model: &Vlm, hidden: Tensor<3>) -> Result<(Tensor<1>, usize), TrainError> {
-        Ok(model.next_token_loss_sum(hidden, &self.labels)?)
+    fn supervised_rows(&self) -> Result<SupervisedRows, TrainError> {
+        // Labels aligned with the inputs: row t predicts labels[t + 1].
+        Ok(SupervisedRows::of(&self.labels, 1)?)
     }
 }
 
@@ -291,10 +296,12 @@ pub fn run_step(
         for layer in model.text_layers() {
             x = layer.forward(x, &rope);
         }
-        let (sum, _) = hooks.loss_sum(model, x)?;
-        let loss = sum.div_scalar(normaliser);
-        let value = loss.clone().into_scalar::<f32>();
-        let mut grads = loss.backward();
+        // The head runs on slices of the supervised rows from the untracked output;
+        // the layers' graph then takes the output's gradient.
+        let supervised = hooks.supervised_rows()?;
+        let (value, grad) =
+            head_backward(model, x.clone().inner(), &supervised, normaliser, &mut into)?;
+        let mut grads = surrogate(x, grad.autodiff()).backward();
         take_grads(model, &mut grads, &mut into);
         (value, leaf.map(|l| grad_or_zeros(&l, &grads)))
     } else {
@@ -310,7 +317,8 @@ pub fn run_step(
         let rope = plain.text_context(input.position_ids.clone().inner());
         let (hidden, kept) = forward_stack(plain.text_layers(), &rope, embeds, mode);
         drop(rope);
-        let (value, grad) = head_backward(model, hidden, hooks, normaliser, &mut into)?;
+        let supervised = hooks.supervised_rows()?;
+        let (value, grad) = head_backward(model, hidden, &supervised, normaliser, &mut into)?;
         let rope = model.text_context(input.position_ids);
         let grad = backward_stack(model, model.text_layers(), &rope, kept, grad, &mut into);
         drop(rope);
@@ -360,23 +368,4 @@ pub fn run_step(
         }
     }
     Ok((value, into))
-}
-
-/// The head's backward from kept hidden states (untracked): the hooks' loss divided
-/// by `normaliser`, the norm's and the head's (or tied embeddings') gradients moved
-/// into `into`. Returns the loss and the gradient of the hidden states.
-fn head_backward(
-    model: &Vlm,
-    hidden: Tensor<3>,
-    hooks: &dyn StepHooks,
-    normaliser: f32,
-    into: &mut GradientsParams,
-) -> Result<(f32, Tensor<3>), TrainError> {
-    let hidden = hidden.autodiff().require_grad();
-    let (sum, _) = hooks.loss_sum(model, hidden.clone())?;
-    let loss = sum.div_scalar(normaliser);
-    let value = loss.clone().into_scalar::<f32>();
-    let mut grads = loss.backward();
-    take_grads(model, &mut grads, into);
-    Ok((value, grad_or_zeros(&hidden, &grads)))
 }

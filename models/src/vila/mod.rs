@@ -10,6 +10,7 @@
 pub mod config;
 pub mod kv_cache;
 pub mod lora;
+pub mod loss;
 pub mod projector;
 pub mod rope;
 mod stages;
@@ -22,6 +23,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 pub use config::{
     ProjectorConfig, ProjectorKind, TextConfig, VisionConfig, VisionFeature, VlmConfig,
 };
+pub use loss::SupervisedRows;
 pub use projector::Projector;
 pub use stages::PatchGrid;
 pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};

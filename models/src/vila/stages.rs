@@ -10,7 +10,9 @@
 //! 5. [`Vlm::text_layers`] with [`Vlm::text_context`] (the RoPE tables of the
 //!    positions): the Qwen2 decoder layers.
 //! 6. [`Vlm::logits`] (final norm + LM head), or the loss on chosen rows only
-//!    ([`Vlm::next_token_loss_sum`], [`Vlm::shifted_loss_sum`]).
+//!    ([`Vlm::next_token_loss_sum`], [`Vlm::shifted_loss_sum`]), or on given rows
+//!    ([`Vlm::rows_loss_sum`], which the trainer calls on slices of the supervised
+//!    rows, [`super::loss`]).
 //!
 //! Layers of both stacks implement [`SplitAtAttention`](crate::attention::SplitAtAttention),
 //! so an executor can run them whole or around a kept attention output. [`Vlm::forward`]
@@ -177,6 +179,21 @@ impl Vlm {
         targets: &Tensor<2, Int>,
     ) -> Result<(Tensor<1>, usize), ModelError> {
         self.llm.shifted_loss_sum(hidden, targets)
+    }
+
+    /// Stage 6 on given rows of the last layer's output: the summed cross entropy
+    /// against one target per row (see [`super::loss`]).
+    ///
+    /// # Shapes
+    /// - rows: `[n, text_hidden]`; output: `[1]` (f32)
+    pub fn rows_loss_sum(&self, rows: Tensor<2>, targets: &[i64]) -> Tensor<1> {
+        self.llm.rows_loss_sum(rows, targets)
+    }
+
+    /// Rows of one loss slice for this model's vocabulary
+    /// ([`super::loss::loss_chunk_rows`]).
+    pub fn loss_chunk_rows(&self) -> usize {
+        super::loss::loss_chunk_rows(self.llm.model.embed_tokens.weight.dims()[0])
     }
 }
 

@@ -10,15 +10,13 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 use super::config::TextConfig;
 pub use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{AttentionLora, Lora};
 pub use super::rope::Rope;
-use super::{IGNORE_INDEX, token_cross_entropy_sum};
 use crate::attention::{AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend};
-use crate::error::ModelError;
 
 #[derive(Module, Debug)]
 pub struct Qwen2Attention {
@@ -395,84 +393,6 @@ impl Qwen2 {
     pub fn forward(&self, input_ids: Tensor<2, Int>, position_ids: Tensor<2, Int>) -> Tensor<3> {
         self.forward_embeds(self.embed(input_ids), position_ids, false)
             .logits
-    }
-
-    /// Summed next-token cross entropy and the supervised count, like
-    /// [`causal_lm_loss_sum`](super::causal_lm_loss_sum) over
-    /// `lm_head(norm(hidden))`, but the final norm and the LM head run on the rows
-    /// whose next token is supervised only: a long video with a short answer never
-    /// materialises `[seq, vocab]` logits. Reads the labels on the host.
-    ///
-    /// # Shapes
-    /// - hidden: `[batch, seq, hidden]` (the last decoder layer's output, before the
-    ///   final norm); labels: `[batch, seq]`, aligned with the inputs
-    pub fn next_token_loss_sum(
-        &self,
-        hidden: Tensor<3>,
-        labels: &Tensor<2, Int>,
-    ) -> Result<(Tensor<1>, usize), ModelError> {
-        self.supervised_rows_loss_sum(hidden, labels, 1)
-    }
-
-    /// Like [`next_token_loss_sum`](Self::next_token_loss_sum) for targets already
-    /// shifted: `targets[b, t]` is the token position `t` predicts (`IGNORE_INDEX` where
-    /// none), as a sequence-parallel rank holds them for its shard.
-    ///
-    /// # Shapes
-    /// - hidden: `[batch, seq, hidden]`; targets: `[batch, seq]`
-    pub fn shifted_loss_sum(
-        &self,
-        hidden: Tensor<3>,
-        targets: &Tensor<2, Int>,
-    ) -> Result<(Tensor<1>, usize), ModelError> {
-        self.supervised_rows_loss_sum(hidden, targets, 0)
-    }
-
-    /// Cross entropy of the rows `t` whose `labels[t + shift]` is supervised.
-    fn supervised_rows_loss_sum(
-        &self,
-        hidden: Tensor<3>,
-        labels: &Tensor<2, Int>,
-        shift: usize,
-    ) -> Result<(Tensor<1>, usize), ModelError> {
-        let [batch, seq, width] = hidden.dims();
-        if labels.dims() != [batch, seq] {
-            return Err(ModelError::Input(format!(
-                "labels are {:?} but the hidden states are {:?}",
-                labels.dims(),
-                hidden.dims()
-            )));
-        }
-        let host = labels
-            .clone()
-            .try_into_vec_as::<i64>()
-            .map_err(|e| ModelError::Input(format!("cannot read labels: {e:?}")))?;
-        let (mut rows, mut targets) = (Vec::new(), Vec::new());
-        for b in 0..batch {
-            for t in 0..seq.saturating_sub(shift) {
-                let target = host[b * seq + t + shift];
-                if target != IGNORE_INDEX {
-                    rows.push((b * seq + t) as i64);
-                    targets.push(target);
-                }
-            }
-        }
-        let device = hidden.device();
-        if rows.is_empty() {
-            // Zero, but connected to `hidden`: a backward pass still walks every layer
-            // (a sequence-parallel rank without supervised rows must still take part in
-            // its layers' collectives).
-            return Ok((hidden.sum().mul_scalar(0.0).cast(DType::F32), 0));
-        }
-        let n = rows.len();
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
-        let picked = hidden
-            .reshape([batch * seq, width])
-            .select(0, rows)
-            .reshape([1, n, width]);
-        let logits = self.lm_head(self.model.norm.forward(picked));
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
-        Ok(token_cross_entropy_sum(logits, targets))
     }
 
     /// # Shapes
