@@ -79,6 +79,12 @@ impl AttentionPlan {
         model.with_attention(self.vision, self.text)
     }
 
+    /// The model with one device's attention in every layer (`Reference` or
+    /// `Flash`, as the vision encoder's), for work one rank does alone.
+    pub fn one_device(&self, model: Vlm) -> Vlm {
+        model.with_attention(self.vision, self.vision)
+    }
+
     /// The plan as it goes into `metrics.jsonl`.
     pub fn record(&self) -> PlanRecord {
         PlanRecord {

@@ -45,6 +45,13 @@ impl Prepared {
             model.clone()
         }
     }
+
+    /// A compute-dtype copy of the model for scoring on this rank alone (held-out
+    /// evaluation on the writer): the LLM's attention is the one-device kind, since a
+    /// sequence-parallel run's `Sharded` layers would need the other ranks.
+    pub fn scoring_copy(&self) -> Vlm {
+        self.plan.one_device(self.compute_copy(&self.model))
+    }
 }
 
 /// Checks the run folder against `options.resume`, then builds or loads the model,

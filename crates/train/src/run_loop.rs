@@ -189,7 +189,7 @@ impl<'a> RunLoop<'a> {
         if !due {
             return Ok(None);
         }
-        let model = run.compute_copy(&run.model);
+        let model = run.scoring_copy();
         let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
         let line = format!(
             "step {step}: held-out needle accuracy {:.1}%",
@@ -282,7 +282,7 @@ impl<'a> RunLoop<'a> {
     /// The held-out needle score after the last step, written to `needle.json` and the
     /// event files.
     fn final_eval(&mut self, run: &Prepared) -> Result<NeedleReport, TrainError> {
-        let model = run.compute_copy(&run.model);
+        let model = run.scoring_copy();
         let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
         self.sinks.eval_scalar(run.state.step, report.accuracy())?;
         let path = self.config.run.out.join("needle.json");

@@ -10,7 +10,7 @@ use longview_data::TextTokenizer;
 use longview_train::mmsp::MmSp;
 use longview_train::remat::Recompute;
 use longview_train::trainer::{model_config, train_with};
-use longview_train::{TrainConfig, train};
+use longview_train::{TrainConfig, TrainSummary, train};
 
 mod common;
 use common::{TempDir, no_progress, serial};
@@ -70,13 +70,26 @@ fn initial_model(dir: &Path) {
 /// The loss curve of `config` on `dp x sp` in-process ranks (its `run.recompute` in
 /// the MM-SP step).
 fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
+    let mut results: Vec<Vec<f32>> = parallel_runs(config, dp, sp)
+        .into_iter()
+        .map(|summary| summary.losses)
+        .collect();
+    // Every rank saw the same (all-reduced) loss.
+    for other in &results[1..] {
+        assert_eq!(other, &results[0]);
+    }
+    results.swap_remove(0)
+}
+
+/// Every rank's summary of `config` on `dp x sp` in-process ranks, rank 0 first.
+fn parallel_runs(config: &TrainConfig, dp: usize, sp: usize) -> Vec<TrainSummary> {
     let head_dim = model_config(&config, &TextTokenizer::debug())
         .unwrap()
         .text
         .head_dim();
     let options = no_progress();
     let comms = LocalWorld::communicators(dp * sp);
-    let mut results = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
@@ -86,9 +99,7 @@ fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
                         .unwrap()
                         .with_recompute(config.run.recompute);
                     let device = Device::flex().autodiff();
-                    train_with(config, options, &device, &mut |_: &str| {}, &runner)
-                        .unwrap()
-                        .losses
+                    train_with(config, options, &device, &mut |_: &str| {}, &runner).unwrap()
                 })
             })
             .collect();
@@ -96,12 +107,41 @@ fn parallel_losses(config: &TrainConfig, dp: usize, sp: usize) -> Vec<f32> {
             .into_iter()
             .map(|h| h.join().expect("rank panicked"))
             .collect::<Vec<_>>()
-    });
-    // Every rank saw the same (all-reduced) loss.
-    for other in &results[1..] {
-        assert_eq!(other, &results[0]);
-    }
-    results.swap_remove(0)
+    })
+}
+
+#[test]
+fn the_writer_scores_held_out_needles_alone_under_mm_sp() {
+    // The writer scores the held-out videos by itself, every `eval_every` steps and
+    // after the last; the model's LLM layers run sharded attention in the step, so
+    // the scoring copy must use one device's (it panicked: no sequence-parallel
+    // attention is installed for a lone rank's call).
+    let _serial = serial();
+    let tmp = TempDir::new("mmsp-eval");
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let with_eval = |name: &str| {
+        let mut config = config(&tmp.0.join(name), &cache);
+        config.run.steps = 4;
+        config.run.checkpoint_every = 4;
+        config.run.eval_every = 2;
+        config.data.eval_per_depth = 1;
+        config
+    };
+    let single = train(
+        &with_eval("single"),
+        &no_progress(),
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap();
+    let want = single.eval.expect("the single-device run scores");
+    let summaries = parallel_runs(&with_eval("sp2"), 1, 2);
+    let got = summaries[0].eval.as_ref().expect("the writer scores");
+    assert!(got.total > 0);
+    // The same weights up to f32 rounding: the same greedy answers.
+    assert_eq!((got.correct, got.total), (want.correct, want.total));
+    assert!(summaries[1].eval.is_none(), "only the writer scores");
 }
 
 #[test]
