@@ -48,6 +48,34 @@ impl DeviceArgs {
     }
 }
 
+impl DeviceArgs {
+    /// The device of one process of a launched job: `--device cuda` becomes GPU
+    /// `LOCAL_RANK` (what the NCCL communicator binds); the CPU and a fixed GPU index
+    /// are refused with the reason.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub fn for_local_rank(&self, env: &longview_launch::ProcessEnv) -> Result<Device> {
+        let name = match self.device.as_str() {
+            "cuda" => format!("cuda:{}", env.local_rank),
+            "cpu" => bail!(
+                "rank {} of a launched job: NCCL runs on GPUs, give --device cuda (each \
+                 process takes GPU LOCAL_RANK), or unset RANK/WORLD_SIZE for in-process \
+                 ranks on the CPU",
+                env.rank
+            ),
+            other => bail!(
+                "--device `{other}` under a launch: every process takes GPU LOCAL_RANK \
+                 ({} here), give --device cuda",
+                env.local_rank
+            ),
+        };
+        DeviceArgs {
+            device: name,
+            ..self.clone()
+        }
+        .device()
+    }
+}
+
 /// The H100/H200 SXM dense bf16 datasheet peak, TFLOP/s (the other MFU reference).
 pub const DATASHEET_PEAK_TFLOPS: f64 = 989.0;
 

@@ -8,7 +8,12 @@ use clap::Args;
 
 use longview_train::generate::Decoding;
 
+use burn::tensor::{Device, Tensor};
+use longview_comm::{Communicator, ReduceOp};
+use longview_train::TrainError;
+
 use crate::DeviceArgs;
+use crate::ranks::{RankJob, Ranks};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -44,9 +49,11 @@ pub struct EvalArgs {
     /// `--task open` with --top-p: divides the logits before the softmax.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// `--task needle` on this many sequence-parallel in-process ranks (CPU threads):
-    /// every prompt prefilled with zigzag ring attention, the answer rows decoded
-    /// against the KV cache sharded over the ranks. The scores equal one device's.
+    /// `--task needle` on this many sequence-parallel ranks: every prompt prefilled
+    /// with zigzag ring attention, the answer rows decoded against the KV cache
+    /// sharded over the ranks. The scores equal one device's. In-process ranks (CPU
+    /// threads), or on GPUs one process per rank over NCCL: `cargo xtask launch
+    /// --nproc SP -- longview eval --device cuda --parallel SP` (`nccl` feature).
     #[arg(long, default_value_t = 1, value_name = "SP")]
     pub parallel: usize,
     /// Prompt rows per prefill chunk (one device): activation memory is bounded by
@@ -79,7 +86,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Err(message) = decoding.validate() {
         bail!("--top-p/--temperature: {message}");
     }
-    let device = args.device.device()?;
+    let ranks = match args.parallel {
+        1 => Ranks::resolve(1, "--parallel 1")?,
+        sp => Ranks::resolve(sp, &format!("--parallel {sp}"))?,
+    };
+    let device = match &ranks {
+        Ranks::Process(env) => args.device.for_local_rank(env)?,
+        Ranks::InProcess { .. } => args.device.device()?,
+    };
     let model = longview_train::eval::load(&args.checkpoint, &device)?;
     let out = args
         .out
@@ -98,16 +112,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.task == "open" {
         return open(&args, &model, decoding, &out, &device);
     }
-    println!(
-        "longview eval: needle in a haystack, {} ({})",
-        model.dir.display(),
-        grid_label(&args)
-    );
+    if ranks.prints() {
+        println!(
+            "longview eval: needle in a haystack, {} ({})",
+            model.dir.display(),
+            grid_label(&args)
+        );
+    }
     // The eval videos use their own seed, never the training set's.
     let seed = args.device.seed() + 424_242;
     let videos = out.join("videos");
-    let grid = if args.parallel > 1 {
-        needle_sequence_parallel(&args, &model, seed, &videos)?
+    let grid = if args.parallel > 1 || ranks.process_rank().is_some() {
+        let grid = needle_sequence_parallel(&args, &model, seed, &videos, &ranks)?;
+        if !ranks.prints() {
+            return Ok(());
+        }
+        grid
     } else {
         longview_train::eval::needle_grid_with(
             &model,
@@ -144,77 +164,93 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The needle grid scored on `args.parallel` in-process sequence-parallel ranks;
-/// rank 0 reports.
+/// The needle grid scored on `args.parallel` sequence-parallel ranks (threads on
+/// the CPU, or launched processes over NCCL); rank 0's grid.
 fn needle_sequence_parallel(
     args: &EvalArgs,
     model: &longview_train::eval::EvalModel,
     seed: u64,
     videos: &std::path::Path,
+    ranks: &Ranks,
 ) -> Result<longview_train::eval::NeedleGrid> {
-    use longview_comm::Communicator;
-    if args.device.device != "cpu" {
+    if let Ranks::InProcess { .. } = ranks
+        && args.device.device != "cpu"
+    {
         bail!(
-            "--parallel runs in-process ranks on the CPU; multi-GPU evaluation is not wired in yet"
+            "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
+             per rank: `cargo xtask launch --nproc {} -- longview eval --device cuda --parallel \
+             {}` (a build with --features nccl)",
+            args.device.device,
+            args.parallel,
+            args.parallel
         );
     }
-    // Write the videos once, before the ranks read them.
-    let side = model.config.vision.image_size as u32;
-    for &n in &args.frames {
-        longview_train::data::held_out_videos(videos, (side, side), n, args.per_depth, seed)?;
+    let job = NeedleJob {
+        args,
+        model,
+        seed,
+        videos,
+        head_dim: model.config.text.head_dim(),
+    };
+    ranks.run(&job, &args.device)
+}
+
+/// One rank of the sequence-parallel needle grid: every prompt prefilled with zigzag
+/// ring attention, the answer rows decoded against the KV cache sharded over the
+/// ranks.
+struct NeedleJob<'a> {
+    args: &'a EvalArgs,
+    model: &'a longview_train::eval::EvalModel,
+    seed: u64,
+    videos: &'a std::path::Path,
+    head_dim: usize,
+}
+
+impl RankJob for NeedleJob<'_> {
+    type Output = longview_train::eval::NeedleGrid;
+
+    fn run<C: Communicator + Send + Sync + 'static>(
+        &self,
+        comm: C,
+        device: &Device,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Self::Output, TrainError> {
+        let (args, model) = (self.args, self.model);
+        // Evaluation needs no autodiff; the model lives on this rank's device.
+        let device = device.clone().inner();
+        // Rank 0 writes the videos once; the others wait for it, then read them.
+        if comm.rank() == 0 {
+            let side = model.config.vision.image_size as u32;
+            for &n in &args.frames {
+                longview_train::data::held_out_videos(
+                    self.videos,
+                    (side, side),
+                    n,
+                    args.per_depth,
+                    self.seed,
+                )?;
+            }
+        }
+        comm.all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
+            .map_err(|e| TrainError::Parallel(format!("barrier after writing the videos: {e}")))?;
+        let sp = longview_parallel::inference::SpInference::new(comm, self.head_dim)?;
+        let mut score = |samples: &[longview_train::data::Sample]| {
+            Ok(longview_train::needle::score_by(
+                samples,
+                &model.tokenizer,
+                |s, n| sp.teacher_forced_ids(&model.model, s, n, &device),
+            )?)
+        };
+        longview_train::eval::needle_grid_with(
+            model,
+            &args.frames,
+            args.per_depth,
+            self.seed,
+            self.videos,
+            log,
+            &mut score,
+        )
     }
-    println!(
-        "  parallel  {} sequence-parallel in-process ranks",
-        args.parallel
-    );
-    let head_dim = model.config.text.head_dim();
-    let comms = longview_comm::LocalWorld::communicators(args.parallel);
-    let results: Vec<Result<longview_train::eval::NeedleGrid>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                scope.spawn(move || -> Result<longview_train::eval::NeedleGrid> {
-                    let rank = comm.rank();
-                    let device = burn::tensor::Device::flex();
-                    let sp = longview_parallel::inference::SpInference::new(comm, head_dim)?;
-                    let mut log = |line: &str| {
-                        if rank == 0 {
-                            crate::logging::line(Some(rank), line);
-                        }
-                    };
-                    let mut score = |samples: &[longview_train::data::Sample]| {
-                        Ok(longview_train::needle::score_by(
-                            samples,
-                            &model.tokenizer,
-                            |s, n| sp.teacher_forced_ids(&model.model, s, n, &device),
-                        )?)
-                    };
-                    Ok(longview_train::eval::needle_grid_with(
-                        model,
-                        &args.frames,
-                        args.per_depth,
-                        seed,
-                        videos,
-                        &mut log,
-                        &mut score,
-                    )?)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|payload| {
-                    bail!("panicked: {}", crate::train::panic_message(&*payload))
-                })
-            })
-            .collect()
-    });
-    let mut grids = Vec::new();
-    for (rank, result) in results.into_iter().enumerate() {
-        grids.push(result.map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?);
-    }
-    Ok(grids.swap_remove(0))
 }
 
 fn choice(

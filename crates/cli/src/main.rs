@@ -8,6 +8,7 @@ mod eval;
 mod gemm;
 mod infer_bench;
 mod logging;
+mod ranks;
 mod synthetic;
 mod train;
 

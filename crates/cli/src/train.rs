@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use longview_comm::{Communicator, LocalComm, LocalWorld};
+use longview_comm::Communicator;
 use longview_models::hf::checkpoint::read_vila_text_config;
 use longview_train::mmsp::MmSp;
 use longview_train::trainer::train_with;
 use longview_train::{Stage, TrainConfig, TrainError, TrainOptions, TrainSummary};
 
 use crate::DeviceArgs;
+use crate::ranks::{RankJob, Ranks};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -36,7 +37,9 @@ pub struct TrainArgs {
     /// Data x sequence parallelism on in-process ranks (threads on this machine), e.g.
     /// `2x2`: MM-SP inside each group of `SP` ranks, `DP` groups splitting the batch.
     /// For `stage = "grpo"`: `1xSP` (rollouts and log-prob passes split over SP ranks).
-    /// (Multi-GPU NCCL training is not wired in yet.)
+    /// On GPUs, one process per rank over NCCL: `cargo xtask launch --nproc N --
+    /// longview train --device cuda --parallel DPxSP` (DP x SP = N; a build with the
+    /// `nccl` feature).
     #[arg(long, value_name = "DPxSP")]
     pub parallel: Option<String>,
     /// Continue the run: from the newest checkpoint in the run folder, or from the
@@ -88,7 +91,23 @@ pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = load_config(&args)?;
-    if args.fresh {
+    let parallel = args.parallel.as_deref().map(parse_parallel).transpose()?;
+    let ranks = match parallel {
+        Some((dp, sp)) => Ranks::resolve(dp * sp, &format!("--parallel {dp}x{sp}"))?,
+        None => match longview_launch::ProcessEnv::from_env()? {
+            Some(env) => bail!(
+                "this process is rank {} of {} launched processes but no --parallel was given: \
+                 add --parallel DPxSP with DP x SP = {} (e.g. --parallel 1x{})",
+                env.rank,
+                env.world_size,
+                env.world_size,
+                env.world_size
+            ),
+            None => Ranks::InProcess { world: 1 },
+        },
+    };
+    // Under a launch, rank 0 alone clears the folder and prints.
+    if args.fresh && ranks.prints() {
         // Not while another process writes this run: its checkpoint in progress would go.
         std::fs::create_dir_all(&config.run.out)
             .with_context(|| format!("creating {}", config.run.out.display()))?;
@@ -111,8 +130,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         }
     }
-    let device = args.device.device()?;
-    println!(
+    let device = match &ranks {
+        Ranks::Process(env) => args.device.for_local_rank(env)?,
+        Ranks::InProcess { .. } => args.device.device()?,
+    };
+    let say = |line: &str| {
+        if ranks.prints() {
+            println!("{line}")
+        }
+    };
+    say(&format!(
         "longview train: {} model, stage {:?}, {} steps of {} x {} samples, lr {} on {} ({})",
         config.model.size,
         config.model.stage,
@@ -122,18 +149,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.optim.lr,
         args.device.device,
         args.device.dtype
-    );
+    ));
     let matmul_tflops = if args.device.device == "cpu" {
         None
     } else {
         let tflops = crate::matmul_ceiling(&device)?;
-        println!(
+        say(&format!(
             "  matmul    {tflops:.1} TFLOP/s measured ({} 8192^3 products, {}): the MFU reference \
              (datasheet peak {:.0})",
             args.device.dtype,
             crate::device::matmul_ceiling_impl(&device),
             crate::device::DATASHEET_PEAK_TFLOPS
-        );
+        ));
         Some(tflops)
     };
     let options = TrainOptions {
@@ -144,42 +171,65 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress: !args.no_progress,
         matmul_tflops,
     };
-    if config.model.stage == Stage::Grpo {
-        let sp = match &args.parallel {
-            None => 1,
-            Some(spec) => match parse_parallel(spec)? {
-                (1, sp) if args.device.device == "cpu" => sp,
-                (1, _) => bail!(
-                    "--parallel runs in-process ranks on the CPU; multi-GPU GRPO is not wired in yet"
-                ),
-                (dp, _) => bail!(
-                    "--parallel {spec}: GRPO splits sequences (1xSP), not batches; {dp} data-parallel groups are not supported"
-                ),
-            },
-        };
-        return grpo(&config, &options, &device, sp);
+    if let Ranks::InProcess { world } = ranks
+        && world > 1
+        && args.device.device != "cpu"
+    {
+        bail!(
+            "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
+             per rank: `cargo xtask launch --nproc {world} -- longview train --device cuda \
+             --parallel ...` (a build with --features nccl)",
+            args.device.device
+        );
     }
-    let summary = match &args.parallel {
+    let where_ranks = match &ranks {
+        Ranks::InProcess { .. } => "in-process ranks".to_string(),
+        Ranks::Process(env) => format!("processes over NCCL ({} per node)", env.local_world_size),
+    };
+    if config.model.stage == Stage::Grpo {
+        let sp = match parallel {
+            None => 1,
+            Some((1, sp)) => sp,
+            Some((dp, sp)) => bail!(
+                "--parallel {dp}x{sp}: GRPO splits sequences (1xSP), not batches; {dp} data-parallel groups are not supported"
+            ),
+        };
+        return grpo(
+            &config,
+            &options,
+            &device,
+            sp,
+            &ranks,
+            &args.device,
+            &where_ranks,
+        );
+    }
+    let summary = match parallel {
         None => longview_train::train(&config, &options, &device, &mut |line| {
             crate::logging::log(line)
         })?,
-        Some(spec) => {
-            let (dp, sp) = parse_parallel(spec)?;
+        Some((dp, sp)) => {
             if !config.run.batch_size.is_multiple_of(dp) {
                 bail!(
-                    "--parallel {spec}: run.batch_size {} must be a multiple of the {dp} data-parallel groups",
+                    "--parallel {dp}x{sp}: run.batch_size {} must be a multiple of the {dp} data-parallel groups",
                     config.run.batch_size
                 );
             }
-            if args.device.device != "cpu" {
-                bail!(
-                    "--parallel runs in-process ranks on the CPU; multi-GPU training is not wired in yet"
-                );
-            }
-            println!("  parallel  {dp} data-parallel x {sp} sequence-parallel in-process ranks");
-            parallel(&config, &options, dp, sp)?
+            say(&format!(
+                "  parallel  {dp} data-parallel x {sp} sequence-parallel {where_ranks}"
+            ));
+            let job = TrainJob {
+                config: &config,
+                options: &options,
+                sp,
+                head_dim: head_dim(&config)?,
+            };
+            ranks.run(&job, &args.device)?
         }
     };
+    if !ranks.prints() {
+        return Ok(());
+    }
     let losses = &summary.losses;
     let window = 10.min(losses.len()).max(1);
     let head: f32 = losses.iter().take(window).sum::<f32>() / window as f32;
@@ -231,17 +281,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A GRPO run (on `sp` sequence-parallel in-process ranks when above 1) and its
-/// summary.
-fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device, sp: usize) -> Result<()> {
-    let summary = if sp == 1 {
+/// A GRPO run (on `sp` sequence-parallel ranks when above 1) and its summary.
+fn grpo(
+    config: &TrainConfig,
+    options: &TrainOptions,
+    device: &Device,
+    sp: usize,
+    ranks: &Ranks,
+    device_args: &crate::DeviceArgs,
+    where_ranks: &str,
+) -> Result<()> {
+    let summary = if sp == 1 && ranks.process_rank().is_none() {
         longview_train::grpo::train_grpo(config, options, device, &mut |line| {
             crate::logging::log(line)
         })?
     } else {
-        println!("  parallel  {sp} sequence-parallel in-process ranks (rollouts and log-probs)");
-        grpo_parallel(config, options, sp)?
+        if ranks.prints() {
+            println!("  parallel  {sp} sequence-parallel {where_ranks} (rollouts and log-probs)");
+        }
+        let job = GrpoJob {
+            config,
+            options,
+            sp,
+            head_dim: head_dim(config)?,
+        };
+        ranks.run(&job, device_args)?
     };
+    if !ranks.prints() {
+        return Ok(());
+    }
     let reports = &summary.reports;
     println!("summary");
     println!(
@@ -284,82 +352,61 @@ fn grpo(config: &TrainConfig, options: &TrainOptions, device: &Device, sp: usize
     Ok(())
 }
 
-/// GRPO on `sp` in-process ranks: every rank computes the same rollouts and updates,
-/// the prefill, decode and log-prob passes split over the group; rank 0 writes.
-fn grpo_parallel(
-    config: &TrainConfig,
-    options: &TrainOptions,
+/// GRPO on `sp` ranks: every rank computes the same rollouts and updates, the
+/// prefill, decode and log-prob passes split over the group; rank 0 writes.
+struct GrpoJob<'a> {
+    config: &'a TrainConfig,
+    options: &'a TrainOptions,
     sp: usize,
-) -> Result<longview_train::grpo::GrpoSummary> {
-    use longview_train::grpo::passes::SpPasses;
-    let head_dim = head_dim(config)?;
-    let reward = config.grpo.reward();
-    on_ranks(sp, |comm, log| {
-        let passes = SpPasses::new(&comm, head_dim)?;
-        let runner = MmSp::new(comm, sp, head_dim)?;
-        let device = Device::flex().autodiff();
+    head_dim: usize,
+}
+
+impl RankJob for GrpoJob<'_> {
+    type Output = longview_train::grpo::GrpoSummary;
+
+    fn run<C: Communicator + Send + Sync + 'static>(
+        &self,
+        comm: C,
+        device: &Device,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Self::Output, TrainError> {
+        use longview_train::grpo::passes::SpPasses;
+        let reward = self.config.grpo.reward();
+        let passes = SpPasses::new(&comm, self.head_dim)?;
+        let runner = MmSp::new(comm, self.sp, self.head_dim)?;
         longview_train::grpo::train_grpo_on(
-            config, options, &device, log, &reward, &runner, &passes,
+            self.config,
+            self.options,
+            device,
+            log,
+            &reward,
+            &runner,
+            &passes,
         )
-    })
-}
-
-/// Runs `rank(comm, log)` on `world` in-process ranks, one thread each (`log` prints
-/// on rank 0 only), and returns rank 0's result; the first failing rank's error
-/// otherwise, naming it.
-fn on_ranks<T: Send>(
-    world: usize,
-    rank: impl Fn(LocalComm, &mut dyn FnMut(&str)) -> Result<T, TrainError> + Sync,
-) -> Result<T> {
-    let comms = LocalWorld::communicators(world);
-    let results: Vec<Result<T, TrainError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let rank = &rank;
-                scope.spawn(move || {
-                    let index = comm.rank();
-                    let mut log = |line: &str| {
-                        if index == 0 {
-                            crate::logging::line(Some(index), line)
-                        }
-                    };
-                    rank(comm, &mut log)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                // A failed collective inside an autodiff backward can only panic: its
-                // message names the rank and the collective.
-                h.join().unwrap_or_else(|payload| {
-                    Err(TrainError::Parallel(format!(
-                        "panicked: {}",
-                        panic_message(&*payload)
-                    )))
-                })
-            })
-            .collect()
-    });
-    let mut first = None;
-    for (r, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(value) if r == 0 => first = Some(value),
-            Ok(_) => {}
-            Err(e) => bail!("rank {r}: {e}"),
-        }
     }
-    Ok(first.expect("rank 0 reports"))
 }
 
-/// The text of a panic payload (`panic!` with a message gives a `String` or `&str`).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "(no message)".into())
+/// Training on DP x SP ranks: MM-SP inside each group of `sp`, data parallel across.
+struct TrainJob<'a> {
+    config: &'a TrainConfig,
+    options: &'a TrainOptions,
+    sp: usize,
+    head_dim: usize,
+}
+
+impl RankJob for TrainJob<'_> {
+    type Output = TrainSummary;
+
+    fn run<C: Communicator + Send + Sync + 'static>(
+        &self,
+        comm: C,
+        device: &Device,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Self::Output, TrainError> {
+        let runner =
+            MmSp::new(comm, self.sp, self.head_dim)?.with_recompute(self.config.run.recompute);
+        train_with(self.config, self.options, device, log, &runner)
+    }
 }
 
 /// The LLM's head dimension (what sequence-parallel attention is built for), read
@@ -384,21 +431,6 @@ fn parse_parallel(spec: &str) -> Result<(usize, usize)> {
         Some((dp, sp)) if dp >= 1 && sp >= 1 => Ok((dp, sp)),
         _ => bail!("--parallel `{spec}`: expected DPxSP with positive numbers, e.g. 1x2 or 2x2"),
     }
-}
-
-/// One thread per rank over the in-process communicator; rank 0 reports.
-fn parallel(
-    config: &TrainConfig,
-    options: &TrainOptions,
-    dp: usize,
-    sp: usize,
-) -> Result<TrainSummary> {
-    let head_dim = head_dim(config)?;
-    on_ranks(dp * sp, |comm, log| {
-        let runner = MmSp::new(comm, sp, head_dim)?.with_recompute(config.run.recompute);
-        let device = Device::flex().autodiff();
-        train_with(config, options, &device, log, &runner)
-    })
 }
 
 #[cfg(test)]
@@ -442,19 +474,5 @@ mod tests {
             0,
             "an explicit 0 too"
         );
-    }
-
-    #[test]
-    fn a_rank_panic_is_reported_with_its_message() {
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let formatted = std::panic::catch_unwind(|| panic!("rank {}: all_gather gave up", 1));
-        let literal = std::panic::catch_unwind(|| panic!("plain text"));
-        std::panic::set_hook(hook);
-        assert_eq!(
-            panic_message(&*formatted.unwrap_err()),
-            "rank 1: all_gather gave up"
-        );
-        assert_eq!(panic_message(&*literal.unwrap_err()), "plain text");
     }
 }
