@@ -24,6 +24,7 @@ pub mod data;
 mod data_feed;
 pub mod error;
 pub mod eval;
+pub mod grad_sync;
 pub mod grads;
 pub mod grpo;
 pub mod heatmap;

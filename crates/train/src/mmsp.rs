@@ -30,7 +30,6 @@
 
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
@@ -391,85 +390,7 @@ impl TextShard {
     }
 }
 
-/// Sums every parameter's gradient over `comm` (zeros where a rank has none), in the
-/// module's parameter order, so every rank issues the same collectives.
-pub fn all_reduce_grads<M: Module, C: Communicator>(
-    model: &M,
-    grads: GradientsParams,
-    comm: &C,
-) -> Result<GradientsParams, TrainError> {
-    struct Reduce<'a, C> {
-        comm: &'a C,
-        grads: GradientsParams,
-        out: GradientsParams,
-        error: Option<TrainError>,
-    }
-    impl<C: Communicator> ModuleVisitor for Reduce<'_, C> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.error.is_some() || !param.is_require_grad() {
-                return;
-            }
-            let local = match self.grads.remove::<D>(param.id) {
-                Some(g) => g,
-                None => param.val().detach().inner().zeros_like(),
-            };
-            match self.comm.all_reduce(local, ReduceOp::Sum) {
-                Ok(total) => self.out.register::<D>(param.id, total),
-                Err(e) => {
-                    self.error = Some(TrainError::Parallel(format!("gradient all-reduce: {e}")))
-                }
-            }
-        }
-    }
-    let mut reduce = Reduce {
-        comm,
-        grads,
-        out: GradientsParams::new(),
-        error: None,
-    };
-    model.visit(&mut reduce);
-    match reduce.error {
-        Some(e) => Err(e),
-        None => Ok(reduce.out),
-    }
-}
-
-/// Every parameter replaced by rank 0's value (same ids), so all ranks start equal.
-pub fn broadcast_params<M: Module, C: Communicator>(model: M, comm: &C) -> Result<M, TrainError> {
-    struct Broadcast<'a, C> {
-        comm: &'a C,
-        error: Option<TrainError>,
-    }
-    impl<C: Communicator> ModuleMapper for Broadcast<'_, C> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if self.error.is_some() {
-                return param;
-            }
-            let (id, value, mapper) = param.consume();
-            let device = value.device();
-            let require_grad = value.is_require_grad();
-            match self.comm.broadcast(value.clone().detach(), 0) {
-                Ok(v) => {
-                    let mut v = Tensor::<D>::from_data(v.into_data(), &device);
-                    if require_grad {
-                        v = v.require_grad();
-                    }
-                    Param::from_mapped_value(id, v, mapper)
-                }
-                Err(e) => {
-                    self.error = Some(TrainError::Parallel(format!("weight broadcast: {e}")));
-                    Param::from_mapped_value(id, value, mapper)
-                }
-            }
-        }
-    }
-    let mut broadcast = Broadcast { comm, error: None };
-    let model = model.map(&mut broadcast);
-    match broadcast.error {
-        Some(e) => Err(e),
-        None => Ok(model),
-    }
-}
+pub use crate::grad_sync::{all_reduce_grads, broadcast_params};
 
 impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
     fn step(
