@@ -27,7 +27,7 @@ pub mod nccl;
 use burn::tensor::kind::Basic;
 use burn::tensor::{Device, Tensor};
 
-pub use local::{LocalComm, LocalWorld};
+pub use local::{LinkModel, LocalComm, LocalWorld};
 
 /// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

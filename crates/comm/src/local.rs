@@ -29,12 +29,16 @@ struct Message {
     /// `"<op>#<sequence number>"` of the sending rank.
     tag: String,
     data: TensorData,
+    /// When a simulated link ([`LinkModel`]) delivers it; `None`: at once.
+    ready_at: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Mailbox {
     queue: Mutex<VecDeque<Message>>,
     arrived: Condvar,
+    /// When the simulated link from sender to receiver finishes its last transfer.
+    link_free_at: Mutex<Option<Instant>>,
 }
 
 struct Shared {
@@ -42,6 +46,35 @@ struct Shared {
     mailboxes: Mutex<HashMap<(u64, usize, usize), Arc<Mailbox>>>,
     alive: Vec<AtomicBool>,
     timeout: Duration,
+    link: Option<LinkModel>,
+}
+
+/// A simulated network link between every ordered pair of ranks (per group), for
+/// testing how communication overlaps computation: a message of `b` bytes sent at `t`
+/// starts when the link has finished the previous one (`start = max(t, free)`),
+/// occupies it for `b / bytes_per_s`, and arrives `latency` after that. Messages on one
+/// link are serialised by bandwidth and pipelined through the latency, as on a real
+/// link; messages on different links do not interact.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkModel {
+    pub latency: Duration,
+    /// Bytes per second; `f64::INFINITY` for latency only.
+    pub bytes_per_s: f64,
+}
+
+impl LinkModel {
+    /// When a message of `bytes` posted at `now` arrives, and when the link is free
+    /// again, given when it was free before.
+    fn schedule(&self, bytes: usize, now: Instant, free: Option<Instant>) -> (Instant, Instant) {
+        let start = free.map_or(now, |f| f.max(now));
+        let busy = if self.bytes_per_s.is_finite() && self.bytes_per_s > 0.0 {
+            Duration::from_secs_f64(bytes as f64 / self.bytes_per_s)
+        } else {
+            Duration::ZERO
+        };
+        let done = start + busy;
+        (done + self.latency, done)
+    }
 }
 
 impl Shared {
@@ -85,11 +118,22 @@ impl LocalWorld {
 
     /// As [`LocalWorld::communicators`], with the longest a receive waits for a live peer.
     pub fn communicators_with_timeout(world_size: usize, timeout: Duration) -> Vec<LocalComm> {
+        Self::build(world_size, timeout, None)
+    }
+
+    /// As [`LocalWorld::communicators`], every message crossing a simulated link
+    /// ([`LinkModel`]): for tests of communication/computation overlap.
+    pub fn communicators_with_links(world_size: usize, link: LinkModel) -> Vec<LocalComm> {
+        Self::build(world_size, DEFAULT_TIMEOUT, Some(link))
+    }
+
+    fn build(world_size: usize, timeout: Duration, link: Option<LinkModel>) -> Vec<LocalComm> {
         assert!(world_size > 0, "a group needs at least one rank");
         let shared = Arc::new(Shared {
             mailboxes: Mutex::new(HashMap::new()),
             alive: (0..world_size).map(|_| AtomicBool::new(true)).collect(),
             timeout,
+            link,
         });
         let members: Arc<[usize]> = (0..world_size).collect();
         (0..world_size)
@@ -164,10 +208,20 @@ impl LocalComm {
         let mailbox = self
             .shared()
             .mailbox(self.group, self.members[self.rank], self.members[to]);
+        let ready_at = self.shared().link.map(|link| {
+            let mut free = mailbox
+                .link_free_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let (arrive, done) = link.schedule(data.as_bytes().len(), Instant::now(), *free);
+            *free = Some(done);
+            arrive
+        });
         let mut queue = mailbox.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.push_back(Message {
             tag: tag.to_owned(),
             data,
+            ready_at,
         });
         mailbox.arrived.notify_all();
     }
@@ -179,6 +233,19 @@ impl LocalComm {
         let start = Instant::now();
         let mut queue = mailbox.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            // A message still crossing its simulated link is not there yet.
+            let in_flight = queue
+                .front()
+                .and_then(|m| m.ready_at)
+                .and_then(|ready| ready.checked_duration_since(Instant::now()));
+            if let Some(left) = in_flight {
+                queue = mailbox
+                    .arrived
+                    .wait_timeout(queue, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
             if let Some(message) = queue.pop_front() {
                 if message.tag != tag {
                     return Err(CommError::Mismatch {

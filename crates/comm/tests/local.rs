@@ -268,3 +268,47 @@ fn ring_shifts_pair_up_and_check_shapes() {
         );
     }
 }
+
+#[test]
+fn a_simulated_link_delays_by_latency_and_serialises_by_bandwidth() {
+    use longview_comm::LinkModel;
+    use std::time::Instant;
+    // 256 KiB messages at 4 MiB/s: 62.5 ms on the wire each, plus 40 ms of latency.
+    let link = LinkModel {
+        latency: Duration::from_millis(40),
+        bytes_per_s: 4.0 * 1024.0 * 1024.0,
+    };
+    let message = || Tensor::<1>::zeros([64 * 1024], &Device::flex());
+    // Arrival times count from before either rank starts, so they bound the delay
+    // from below whatever order the threads start in (the sends come later still).
+    let start = Instant::now();
+    let arrivals = on_ranks(LocalWorld::communicators_with_links(2, link), |comm| {
+        if comm.rank() == 0 {
+            let sent = Instant::now();
+            comm.send(&message(), 1).unwrap();
+            comm.send(&message(), 1).unwrap();
+            // Sending does not wait for the link.
+            assert!(sent.elapsed() < Duration::from_millis(30));
+            Vec::new()
+        } else {
+            (0..2)
+                .map(|_| {
+                    let got: Tensor<1> = comm.recv(0, &Device::flex()).unwrap();
+                    assert_eq!(got.dims(), [64 * 1024]);
+                    start.elapsed().as_secs_f64()
+                })
+                .collect()
+        }
+    });
+    let (first, second) = (arrivals[1][0], arrivals[1][1]);
+    // Each arrival is at least the link's delay after the send, and the send came
+    // after `start`; upper bounds leave room for a busy machine.
+    assert!(
+        first >= 0.1025 - 0.001 && first < 0.5,
+        "first arrived after {first:.3} s"
+    );
+    assert!(
+        second >= 0.165 - 0.001 && second < 0.6,
+        "second arrived after {second:.3} s: the link carries one message at a time"
+    );
+}

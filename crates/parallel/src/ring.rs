@@ -283,9 +283,12 @@ impl RingAttention {
         let device = q.device();
         let dtypes = (q.dtype(), k.dtype(), v.dtype());
         let mut d_q = Tensor::<4>::zeros(q.dims(), (&device, DType::F32));
-        let mut d_k = Tensor::<4>::zeros(k.dims(), (&device, DType::F32));
-        let mut d_v = Tensor::<4>::zeros(v.dims(), (&device, DType::F32));
+        let (k_dims, v_dims) = (k.dims(), v.dims());
         let (mut k_cur, mut v_cur, mut seg_cur) = (k, v, segments.clone());
+        // The dK/dV accumulated by the previous ranks for the block this rank holds
+        // next, in flight while this step computes: a rank adds its share to a block's
+        // gradients and passes them on, and they reach the block's owner after P hops.
+        let mut accumulated: Option<(Shift<'_, 4, Float>, Shift<'_, 4, Float>)> = None;
         for step in 0..world {
             // The next step's block is in flight while this one is computed.
             let incoming = if step + 1 < world {
@@ -310,7 +313,7 @@ impl RingAttention {
                 seg_cur.as_ref(),
                 half,
             );
-            if let Some((block, q_from)) = planned {
+            let own = planned.map(|(block, q_from)| {
                 let rows = q.dims()[2] - q_from;
                 let (dq, dk, dv) = block::backward(
                     &block,
@@ -318,22 +321,37 @@ impl RingAttention {
                     delta.clone().narrow(2, q_from, rows),
                     d_o.clone().narrow(2, q_from, rows),
                 );
-                d_q = add_rows(d_q, dq, q_from);
+                d_q = add_rows(d_q.clone(), dq, q_from);
+                (dk, dv)
+            });
+            // The block's gradients from the ranks before (they arrived while this step
+            // computed; waited first, as they were sent first), plus this rank's share.
+            let (mut d_k, mut d_v) = match accumulated.take() {
+                Some((d_k, d_v)) => (d_k.wait()?, d_v.wait()?),
+                None => (
+                    Tensor::<4>::zeros(k_dims, (&device, DType::F32)),
+                    Tensor::<4>::zeros(v_dims, (&device, DType::F32)),
+                ),
+            };
+            if let Some((dk, dv)) = own {
                 d_k = add_rows(d_k, dk, 0);
                 d_v = add_rows(d_v, dv, 0);
             }
             if let Some(incoming) = incoming {
                 (k_cur, v_cur, seg_cur) = incoming.wait()?;
             }
-            // The gradients of the block follow it to the next rank (and reach its owner
-            // after P hops).
-            if world > 1 {
-                let d_k_next = comm.start_shift(&d_k, next, prev)?;
-                let d_v_next = comm.start_shift(&d_v, next, prev)?;
-                d_k = d_k_next.wait()?;
-                d_v = d_v_next.wait()?;
+            if world == 1 {
+                return Ok((d_q.cast(dtypes.0), d_k.cast(dtypes.1), d_v.cast(dtypes.2)));
             }
+            // Passed on now, waited for at the end of the next step's compute.
+            accumulated = Some((
+                comm.start_shift(&d_k, next, prev)?,
+                comm.start_shift(&d_v, next, prev)?,
+            ));
         }
+        // After P hops every block's gradients are home.
+        let (d_k, d_v) = accumulated.expect("world > 1 shifts every step");
+        let (d_k, d_v) = (d_k.wait()?, d_v.wait()?);
         Ok((d_q.cast(dtypes.0), d_k.cast(dtypes.1), d_v.cast(dtypes.2)))
     }
 }
