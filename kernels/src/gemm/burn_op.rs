@@ -218,12 +218,15 @@ fn linear_grads<B: GemmBackend>(
         }
     });
     let db = want_b.then(|| {
-        // The column sums of dY (Burn's reduction). In the profile of a 32k-token step
-        // a reduction kernel called once per LLM layer took ~28 ms a call, most likely
-        // this sum for the q projection; the GEMM `1^T dY` would be faster but has not
-        // been run on a GPU yet, so it is not used.
-        let n = dy.shape()[1];
-        B::float_reshape(B::float_sum_dim(dy, 0), Shape::new([n]))
+        // The column sums of dY as the GEMM `1^T dY` (f32 accumulation). Burn's
+        // reduction did this before: in the profile of a 32k-token step a reduction
+        // kernel called once per LLM layer took ~28 ms a call, most likely this sum for
+        // the q projection. Checked on the GPU by `longview gemm --check` (db of every
+        // case against Burn's f32 linear on the CPU); not yet run there.
+        let [m, n] = [dy.shape()[0], dy.shape()[1]];
+        let ones = B::float_ones(Shape::new([1, m]), &dy.device(), dy.dtype().into());
+        let sums = B::gemm(ones, dy, Transposes::default());
+        B::float_reshape(sums, Shape::new([n]))
     });
     [dx, dw, db]
 }
