@@ -58,8 +58,8 @@ impl DeviceArgs {
             "cuda" => format!("cuda:{}", env.local_rank),
             "cpu" => bail!(
                 "rank {} of a launched job: NCCL runs on GPUs, give --device cuda (each \
-                 process takes GPU LOCAL_RANK), or unset RANK/WORLD_SIZE for in-process \
-                 ranks on the CPU",
+                 process takes GPU LOCAL_RANK); for ranks as threads on the CPU run one \
+                 process (no --nproc, no launcher, RANK/WORLD_SIZE unset)",
                 env.rank
             ),
             other => bail!(

@@ -56,6 +56,11 @@ pub struct EvalArgs {
     /// --nproc SP -- longview eval --device cuda --parallel SP` (`nccl` feature).
     #[arg(long, default_value_t = 1, value_name = "SP")]
     pub parallel: usize,
+    /// Start N processes on this machine, one per GPU, each running this command
+    /// without `--nproc` as one rank over NCCL; N must equal --parallel. Needs a
+    /// build with the `nccl` feature.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
     /// Prompt rows per prefill chunk (one device): activation memory is bounded by
     /// the chunk, only the KV cache grows with the prompt; 0 runs each prompt in one
     /// pass.
@@ -64,6 +69,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if crate::ranks::launch_here(args.nproc)? {
+        return Ok(());
+    }
     if args.frames.is_empty() || args.frames.contains(&0) || args.per_depth == 0 {
         bail!("--frames needs positive lengths and --per-depth at least 1");
     }

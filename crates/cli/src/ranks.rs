@@ -9,7 +9,8 @@
 //!   the `nccl` feature). Only rank 0 prints; every rank returns its own result.
 //!
 //! A job ([`RankJob`]) is written once for any communicator, so the same code runs a
-//! rank in a thread or in a process.
+//! rank in a thread or in a process. `--nproc N` ([`launch_here`]) starts the N
+//! processes of a one-machine job itself.
 
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
@@ -161,6 +162,53 @@ fn over_nccl<J: RankJob>(env: &ProcessEnv, _job: &J, _device: &DeviceArgs) -> Re
     )
 }
 
+/// `--nproc N`: makes this process the launcher of an N-process job on this machine
+/// (one process per GPU, as `cargo xtask launch --nproc N` does): the same command
+/// line without `--nproc`, run N times with torchrun's variables, every line prefixed
+/// with its rank, all stopped when one fails. Returns `true` once the job has ended
+/// well (this process has nothing else to do), `false` when there is nothing to
+/// launch (no `--nproc`, or this process is already a rank of a job).
+pub fn launch_here(nproc: Option<usize>) -> Result<bool> {
+    let Some(nproc) = nproc else {
+        return Ok(false);
+    };
+    if std::env::var_os("RANK").is_some() || std::env::var_os("SLURM_PROCID").is_some() {
+        return Ok(false);
+    }
+    if nproc == 0 {
+        bail!("--nproc 0: a job needs at least one process");
+    }
+    let mut command = without_nproc(std::env::args_os().collect());
+    command[0] = std::env::current_exe()?.into();
+    let options = longview_launch::LaunchOptions {
+        nproc,
+        master_port: 0,
+        command,
+    };
+    match longview_launch::launch_local(&options)? {
+        0 => Ok(true),
+        code => bail!("a rank of the {nproc}-process job exited with status {code}"),
+    }
+}
+
+/// The arguments without `--nproc N` / `--nproc=N`.
+fn without_nproc(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_value = false;
+    for arg in args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        match arg.to_str() {
+            Some("--nproc") => skip_value = true,
+            Some(a) if a.starts_with("--nproc=") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
 /// The text of a panic payload (`panic!` with a message gives a `String` or `&str`).
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -235,6 +283,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("--features nccl"), "{message}");
+    }
+
+    #[test]
+    fn the_ranks_run_the_command_line_without_nproc() {
+        let args = |v: &[&str]| -> Vec<std::ffi::OsString> { v.iter().map(Into::into).collect() };
+        assert_eq!(
+            without_nproc(args(&["lv", "train", "--nproc", "4", "--parallel", "1x4"])),
+            args(&["lv", "train", "--parallel", "1x4"])
+        );
+        assert_eq!(
+            without_nproc(args(&["lv", "eval", "--nproc=2", "--parallel", "2"])),
+            args(&["lv", "eval", "--parallel", "2"])
+        );
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub struct TrainArgs {
     /// `nccl` feature).
     #[arg(long, value_name = "DPxSP")]
     pub parallel: Option<String>,
+    /// Start N processes on this machine, one per GPU, each running this command
+    /// without `--nproc` as one rank over NCCL (like `cargo xtask launch --nproc N`);
+    /// N must equal DP x SP. Needs a build with the `nccl` feature.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
     /// Continue the run: from the newest checkpoint in the run folder, or from the
     /// checkpoint folder given (e.g. runs/x/checkpoints/step-000500).
     #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1)]
@@ -90,6 +95,9 @@ pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    if crate::ranks::launch_here(args.nproc)? {
+        return Ok(());
+    }
     let config = load_config(&args)?;
     let parallel = args.parallel.as_deref().map(parse_parallel).transpose()?;
     let ranks = match parallel {
