@@ -175,6 +175,14 @@ pub fn decode_step(
     host_rows(model.logits(hidden))
 }
 
+/// Where one sequence stops: after `max_new_tokens`, or at a token of `stop` (not
+/// included in the answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_new_tokens: usize,
+    pub stop: Vec<u32>,
+}
+
 /// The decoding loop of a group of samples that share a prompt: `first` are the
 /// logits after the prompt; `step(tokens, kept)` runs one token for each sequence
 /// still generating (`tokens[i]` continues the cache row `kept[i]` of the previous
@@ -184,21 +192,40 @@ pub fn decode_group(
     first: Vec<f32>,
     samples: &[Decoding],
     options: &GenerateOptions,
+    step: impl FnMut(&[i64], &[usize]) -> Result<Vec<Vec<f32>>, InferError>,
+) -> Result<Vec<Generation>, InferError> {
+    let limits = Limits {
+        max_new_tokens: options.max_new_tokens,
+        stop: options.stop.clone(),
+    };
+    let n = samples.len();
+    decode_rows(vec![first; n], samples, &vec![limits; n], step)
+}
+
+/// [`decode_group`] for sequences that need not share a prompt: sequence `i` starts
+/// from the logits `firsts[i]`, decodes with `samples[i]` and stops at `limits[i]`.
+pub fn decode_rows(
+    firsts: Vec<Vec<f32>>,
+    samples: &[Decoding],
+    limits: &[Limits],
     mut step: impl FnMut(&[i64], &[usize]) -> Result<Vec<Vec<f32>>, InferError>,
 ) -> Result<Vec<Generation>, InferError> {
+    assert_eq!(firsts.len(), samples.len(), "one first row per sample");
+    assert_eq!(limits.len(), samples.len(), "one limit per sample");
     let mut samplers: Vec<Sampler> = samples.iter().map(|&d| Sampler::new(d)).collect();
     let mut out = vec![Generation::default(); samples.len()];
     // Cache row r holds sequence active[r]; rows[r] are its next-token logits.
     let mut active: Vec<usize> = (0..samples.len()).collect();
-    let mut rows = vec![first; samples.len()];
+    let mut rows = firsts;
     loop {
         let (mut still, mut tokens, mut kept) = (Vec::new(), Vec::new(), Vec::new());
         for (row, &seq) in active.iter().enumerate() {
-            if out[seq].tokens.len() >= options.max_new_tokens {
+            let limit = &limits[seq];
+            if out[seq].tokens.len() >= limit.max_new_tokens {
                 continue;
             }
             let token = samplers[seq].pick(&rows[row]);
-            if options.stop.contains(&token) {
+            if limit.stop.contains(&token) {
                 out[seq].stopped = true;
                 continue;
             }
@@ -206,7 +233,7 @@ pub fn decode_group(
             out[seq].tokens.push(token);
             out[seq].logprobs.push(logprob);
             // No forward pass after the last allowed token.
-            if out[seq].tokens.len() < options.max_new_tokens {
+            if out[seq].tokens.len() < limit.max_new_tokens {
                 still.push(seq);
                 tokens.push(token as i64);
                 kept.push(row);

@@ -9,8 +9,10 @@
 //!   in batches, the memory estimate that refuses requests too large.
 //! - [`generate`]: KV-cache generation, greedy or top-p, one sample or a group of
 //!   samples over one shared prefill, with sampling log-probabilities.
+//! - [`batch`]: different prompts decoded as one batch over a left-padded KV cache.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring.
 
+pub mod batch;
 pub mod error;
 pub mod generate;
 pub mod load;

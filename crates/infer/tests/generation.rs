@@ -219,3 +219,93 @@ fn generation_refuses_a_request_over_its_memory_budget_before_running() {
     let err = generate(&model, &ids, VisualInput::Pixels(pixels), &options, &device).unwrap_err();
     assert!(err.to_string().contains("available"), "{err}");
 }
+
+#[test]
+fn different_prompts_in_one_batch_equal_their_separate_runs() {
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::Limits;
+    let device = Device::flex();
+    let (model, video_prompt, pixels) = model_and_prompt(&device);
+    // Three prompts of different lengths (the video one is the longest, a text-only
+    // one of 4 tokens), each with its own samples, stop tokens and length limit.
+    let text_prompt: Vec<u32> = vec![9, 33, 4, 60];
+    let mid_prompt: Vec<u32> = (0..11).map(|i| 20 + 3 * i).collect();
+    let all = decodings();
+    let cases: Vec<(Vec<u32>, bool, Vec<Decoding>, Limits)> = vec![
+        (
+            video_prompt.clone(),
+            true,
+            all[..3].to_vec(),
+            Limits {
+                max_new_tokens: 12,
+                stop: vec![0, 1, 2],
+            },
+        ),
+        (
+            text_prompt,
+            false,
+            vec![all[0], all[3]],
+            Limits {
+                max_new_tokens: 7,
+                stop: vec![],
+            },
+        ),
+        (
+            mid_prompt,
+            false,
+            vec![all[4], all[1]],
+            Limits {
+                max_new_tokens: 10,
+                stop: vec![5, 6, 7, 8],
+            },
+        ),
+    ];
+    let visual = |video: bool| match video {
+        true => VisualInput::Pixels(pixels.clone()),
+        false => VisualInput::None,
+    };
+    let requests = cases
+        .iter()
+        .map(|(prompt, video, samples, limits)| BatchRequest {
+            prompt: prompt.clone(),
+            visual: visual(*video),
+            samples: samples.clone(),
+            limits: limits.clone(),
+        })
+        .collect();
+    let options = BatchOptions {
+        prefill_chunk: 5,
+        memory_budget: None,
+    };
+    let batch = generate_batch(&model, requests, &options, &device).unwrap();
+    assert_eq!(batch.len(), cases.len());
+    let mut lengths = Vec::new();
+    for ((prompt, video, samples, limits), got) in cases.iter().zip(&batch) {
+        let alone = generate_group(
+            &model,
+            prompt,
+            visual(*video),
+            samples,
+            &GenerateOptions {
+                prefill_chunk: 0,
+                ..GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, limits.stop.clone())
+            },
+            &device,
+        )
+        .unwrap();
+        assert_eq!(got.len(), samples.len());
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.tokens, a.tokens, "prompt of {} tokens", prompt.len());
+            assert_eq!(g.stopped, a.stopped);
+            let worst = worst_error(&g.logprobs, &a.logprobs);
+            // The same f32 operations on rows padded with masked keys (exact zeros in
+            // the softmax) and a chunked vs one-pass prefill: summation order only.
+            assert!(worst < 1e-5, "log-probs differ by {worst}");
+            lengths.push(g.tokens.len());
+        }
+    }
+    // Sequences leave the batch at different steps (else ragged decoding is untested).
+    let distinct: std::collections::HashSet<_> = lengths.iter().collect();
+    assert!(distinct.len() >= 3, "lengths {lengths:?}");
+    println!("lengths {lengths:?}");
+}

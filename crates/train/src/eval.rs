@@ -301,8 +301,13 @@ impl OpenReport {
     }
 }
 
+/// Prompts of the open-ended needle evaluation decoded together (each batch holds
+/// its videos' pixels until its prompts are prefilled).
+const OPEN_BATCH: usize = 8;
+
 /// Asks the needle question about `per_depth` generated videos per depth for every
-/// haystack length in `frames` and generates the answer freely (no teacher forcing).
+/// haystack length in `frames` and generates the answer freely (no teacher forcing),
+/// [`OPEN_BATCH`] prompts decoding as one batch.
 #[allow(clippy::too_many_arguments)]
 pub fn open_needle(
     model: &EvalModel,
@@ -315,27 +320,37 @@ pub fn open_needle(
     log: &mut dyn FnMut(&str),
 ) -> Result<OpenReport, TrainError> {
     use burn::tensor::{Tensor, TensorData};
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::Limits;
     use longview_models::VisualInput;
     let encoder = model.encoder();
-    let stop = crate::generate::stop_tokens(&model.tokenizer);
-    let options = crate::generate::GenerateOptions::new(8, decoding, stop);
+    let limits = Limits {
+        max_new_tokens: 8,
+        stop: crate::generate::stop_tokens(&model.tokenizer),
+    };
     let mut answers = Vec::new();
     for &n in frames {
         let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
         let mut correct = 0;
-        for s in &data.eval {
-            let side = s.side;
-            let pixels = Tensor::from_data(
-                TensorData::new(s.pixels.clone(), [s.frames, 3, side, side]),
-                device,
-            );
-            let ids = crate::generate::generate(
-                &model.model,
-                &s.ids[..s.prompt_len],
-                VisualInput::Pixels(pixels),
-                &options,
-                device,
-            )?;
+        // The videos of a haystack length decode as batches of OPEN_BATCH prompts.
+        let mut generations = Vec::with_capacity(data.eval.len());
+        for part in data.eval.chunks(OPEN_BATCH) {
+            let requests = part
+                .iter()
+                .map(|s| BatchRequest {
+                    prompt: s.ids[..s.prompt_len].to_vec(),
+                    visual: VisualInput::Pixels(Tensor::from_data(
+                        TensorData::new(s.pixels.clone(), [s.frames, 3, s.side, s.side]),
+                        device,
+                    )),
+                    samples: vec![decoding],
+                    limits: limits.clone(),
+                })
+                .collect();
+            let out = generate_batch(&model.model, requests, &BatchOptions::default(), device)?;
+            generations.extend(out.into_iter().map(|mut g| g.remove(0).tokens));
+        }
+        for (s, ids) in data.eval.iter().zip(generations) {
             let generated = model.tokenizer.decode(&ids, true)?;
             let ok = needle::fold(&generated) == needle::fold(&s.answer);
             correct += usize::from(ok);

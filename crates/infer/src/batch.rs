@@ -1,0 +1,292 @@
+//! Batched generation over different prompts: every prompt is prefilled on its own
+//! (chunked, [`crate::prefill`]), then all their samples decode together as one
+//! batch, one forward pass per step for every sequence still generating.
+//!
+//! The prompts' KV caches have different lengths. They are joined left-padded: row
+//! `r` holds `pad[r]` zero keys/values, then its prompt's keys/values, then the keys of
+//! the tokens decoded so far, all rows the same length. Each decode step drives the
+//! text layers from outside ([`SplitAtAttention`]: q/k/v from the layer, attention
+//! here, the rest of the layer back in the layer), with the padded keys masked out of
+//! the softmax; each row keeps its own positions (its prompt length plus the tokens
+//! decoded), so a row sees exactly what it would see alone. A sequence that finishes
+//! leaves the batch (its rows are dropped from the cache). Tested against one
+//! [`crate::generate::generate_group`] per prompt: the same tokens, log-probs within
+//! 1e-5 (`tests/generation.rs`).
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use longview_models::attention::SplitAtAttention;
+use longview_models::{KvCache, VisualInput, Vlm};
+
+use crate::error::InferError;
+use crate::generate::{Decoding, Generation, Limits, check_request, decode_rows, host_rows};
+use crate::prefill::{
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_fits, embed_prompt, estimate, host_available_bytes,
+    prefill,
+};
+
+/// One prompt of a batch and how its samples decode.
+pub struct BatchRequest {
+    pub prompt: Vec<u32>,
+    /// The frames or visual tokens of the prompt's placeholders.
+    pub visual: VisualInput,
+    /// One decoding per sample of this prompt (e.g. G top-p samples with their own
+    /// seeds); the samples share the prompt's prefill.
+    pub samples: Vec<Decoding>,
+    pub limits: Limits,
+}
+
+/// How the batch is run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchOptions {
+    /// Prompt rows per prefill chunk; 0 runs each prompt in one pass.
+    pub prefill_chunk: usize,
+    /// Bytes the batch may use on the device (see
+    /// [`crate::generate::GenerateOptions::memory_budget`]).
+    pub memory_budget: Option<f64>,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            prefill_chunk: DEFAULT_CHUNK,
+            memory_budget: None,
+        }
+    }
+}
+
+/// The generations of every request (`out[i][j]`: request `i`'s sample `j`), decoded
+/// as one batch. Each equals what [`crate::generate::generate_group`] gives for that
+/// request alone.
+pub fn generate_batch(
+    model: &Vlm,
+    requests: Vec<BatchRequest>,
+    options: &BatchOptions,
+    device: &Device,
+) -> Result<Vec<Vec<Generation>>, InferError> {
+    for (i, request) in requests.iter().enumerate() {
+        check_request(&request.prompt, &request.samples)
+            .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
+    }
+    check_batch_memory(model, &requests, options, device)?;
+    let mut caches = Vec::with_capacity(requests.len());
+    let (mut firsts, mut samples, mut limits, mut positions) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for request in requests {
+        let BatchRequest {
+            prompt,
+            visual,
+            samples: decodings,
+            limits: limit,
+        } = request;
+        let embeds = embed_prompt(model, &prompt, visual, DEFAULT_FRAME_BATCH, device)?;
+        let mut cache = KvCache::new();
+        let last = prefill(
+            model,
+            embeds,
+            options.prefill_chunk,
+            &mut cache,
+            prompt.len() - 1,
+        );
+        let first = host_rows(model.logits(last))?.remove(0);
+        for decoding in &decodings {
+            firsts.push(first.clone());
+            samples.push(*decoding);
+            limits.push(limit.clone());
+            positions.push(prompt.len());
+        }
+        caches.push((cache, decodings.len()));
+    }
+    let counts: Vec<usize> = caches.iter().map(|(_, g)| *g).collect();
+    let layers = model.text_layers().len();
+    let mut batch = PaddedCache::join(&caches, layers, positions, device);
+    drop(caches);
+    let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
+        if kept.len() != batch.rows() {
+            batch.select(kept);
+        }
+        batch.step(model, tokens, device)
+    })?;
+    let mut flat = flat.into_iter();
+    Ok(counts
+        .iter()
+        .map(|&g| flat.by_ref().take(g).collect())
+        .collect())
+}
+
+/// Refuses a batch whose KV cache (every sample at the longest prompt's length plus
+/// its new tokens) and one prefill chunk would not fit the budget.
+fn check_batch_memory(
+    model: &Vlm,
+    requests: &[BatchRequest],
+    options: &BatchOptions,
+    device: &Device,
+) -> Result<(), InferError> {
+    let available = match options.memory_budget {
+        Some(bytes) => bytes,
+        None if device.memory_pool_usage().is_none() => match host_available_bytes() {
+            Some(bytes) => bytes,
+            None => return Ok(()),
+        },
+        None => return Ok(()),
+    };
+    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let new = requests
+        .iter()
+        .map(|r| r.limits.max_new_tokens)
+        .max()
+        .unwrap_or(0);
+    let sequences: usize = requests.iter().map(|r| r.samples.len()).sum();
+    let bytes_per_value = DType::from(device.settings().float_dtype).size();
+    let need = estimate(
+        &model.text_shape(),
+        longest,
+        new,
+        sequences,
+        options.prefill_chunk,
+        bytes_per_value,
+    );
+    check_fits(&need, available, longest, options.prefill_chunk)
+}
+
+/// The KV cache of a batch of sequences with different prompt lengths, left-padded
+/// to one length.
+struct PaddedCache {
+    /// Every layer's keys and values, `[rows, kv_heads, len, head_dim]`.
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    /// Per row, the leading keys that are padding.
+    pad: Vec<usize>,
+    /// Per row, the position of its next token.
+    next_position: Vec<usize>,
+}
+
+impl PaddedCache {
+    /// One row per sample: each `(cache, samples)` (a prompt's cache, batch 1) is
+    /// left-padded to the longest and repeated `samples` times.
+    fn join(
+        caches: &[(KvCache, usize)],
+        layers: usize,
+        next_position: Vec<usize>,
+        device: &Device,
+    ) -> Self {
+        let longest = caches.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+        let mut pad = Vec::new();
+        for (cache, samples) in caches {
+            pad.extend(std::iter::repeat_n(longest - cache.len(), *samples));
+        }
+        let layers = (0..layers)
+            .map(|layer| {
+                let (mut keys, mut values) = (Vec::new(), Vec::new());
+                for (cache, samples) in caches {
+                    let (k, v) = cache.layer(layer).expect("every layer is prefilled");
+                    let left = longest - cache.len();
+                    let padded = |t: &Tensor<4>| {
+                        let [b, h, len, d] = t.dims();
+                        let t = if left == 0 {
+                            t.clone()
+                        } else {
+                            let zeros = Tensor::<4>::zeros([b, h, left, d], (device, t.dtype()));
+                            Tensor::cat(vec![zeros, t.clone()], 2)
+                        };
+                        t.expand([*samples, h, len + left, d])
+                    };
+                    keys.push(padded(k));
+                    values.push(padded(v));
+                }
+                (Tensor::cat(keys, 0), Tensor::cat(values, 0))
+            })
+            .collect();
+        PaddedCache {
+            layers,
+            pad,
+            next_position,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Keeps the rows `kept` (in that order).
+    fn select(&mut self, kept: &[usize]) {
+        let device = self.layers[0].0.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
+            &device,
+        );
+        for (k, v) in &mut self.layers {
+            *k = k.clone().select(0, index.clone());
+            *v = v.clone().select(0, index.clone());
+        }
+        self.pad = kept.iter().map(|&r| self.pad[r]).collect();
+        self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
+    }
+
+    /// `tokens[r]` (one per row) through the text layers against the cache, which
+    /// grows by one position; every row's next-token logits on the host.
+    fn step(
+        &mut self,
+        model: &Vlm,
+        tokens: &[i64],
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>, InferError> {
+        let n = tokens.len();
+        assert_eq!(n, self.rows(), "one token per cache row");
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
+        let positions: Vec<i64> = self.next_position.iter().map(|&p| p as i64).collect();
+        let rope = model.text_context(Tensor::from_data(
+            TensorData::new(positions, [n, 1]),
+            device,
+        ));
+        let mut x = model.embed_tokens(ids);
+        for (layer, (keys, values)) in model.text_layers().iter().zip(&mut self.layers) {
+            let input = layer.attention_input(x.clone(), &rope);
+            *keys = Tensor::cat(vec![keys.clone(), input.k], 2);
+            *values = Tensor::cat(vec![values.clone(), input.v], 2);
+            let out = padded_attention(input.q, keys, values, &self.pad, input.scale);
+            x = layer.after_attention(x, out);
+        }
+        for p in &mut self.next_position {
+            *p += 1;
+        }
+        host_rows(model.logits(x))
+    }
+}
+
+/// One new query per row against all of the row's keys but the first `pad[row]`,
+/// as the tensor-op reference attention computes it (scores in the input dtype,
+/// softmax in f32).
+///
+/// # Shapes
+/// - q: `[rows, heads, 1, head_dim]`; k, v: `[rows, kv_heads, len, head_dim]`
+/// - output: like q
+fn padded_attention(
+    q: Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    pad: &[usize],
+    scale: f64,
+) -> Tensor<4> {
+    let [rows, heads, one, head_dim] = q.dims();
+    let [_, kv_heads, len, _] = k.dims();
+    let groups = heads / kv_heads;
+    let repeat = |t: &Tensor<4>| {
+        t.clone()
+            .unsqueeze_dim::<5>(2)
+            .expand([rows, kv_heads, groups, len, head_dim])
+            .reshape([rows, heads, len, head_dim])
+    };
+    let (k, v) = (repeat(k), repeat(v));
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let device = scores.device();
+    let masked: Vec<bool> = pad
+        .iter()
+        .flat_map(|&p| (0..len).map(move |j| j < p))
+        .collect();
+    let masked = Tensor::<2, Bool>::from_data(TensorData::new(masked, [rows, len]), &device)
+        .reshape([rows, 1, 1, len])
+        .expand([rows, heads, one, len]);
+    let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+    let dtype = v.dtype();
+    softmax(scores.cast(DType::F32), 3).cast(dtype).matmul(v)
+}
