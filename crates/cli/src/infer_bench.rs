@@ -51,6 +51,13 @@ pub struct InferBenchArgs {
     /// Also append the result as one JSON line to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Token budget: each frame's projector tokens average-pooled to S x S.
+    #[arg(long, value_name = "S")]
+    pub token_pool: Option<usize>,
+    /// Token budget over time: every K consecutive frames' tokens averaged into one
+    /// frame's worth (--frames must be a multiple of K).
+    #[arg(long, value_name = "K")]
+    pub temporal_pool: Option<usize>,
 }
 
 pub fn run(args: InferBenchArgs) -> Result<()> {
@@ -58,6 +65,8 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
         bail!("--frames and --new-tokens must be at least 1");
     }
     let mut config = named_config(&args.size)?;
+    config.projector.token_pool = args.token_pool;
+    config.projector.temporal_pool = args.temporal_pool;
     // Inference keeps no autodiff graph.
     let device: Device = args.device.device()?.without_autodiff();
     let attention = if flash_available(&device) {
@@ -155,6 +164,7 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
         let line = json!({
             "size": args.size, "device": args.device.device, "dtype": args.device.dtype,
             "attention": format!("{attention:?}"), "frames": args.frames,
+            "token_pool": args.token_pool, "temporal_pool": args.temporal_pool,
             "prompt_tokens": prompt, "prefill_chunk": args.prefill_chunk,
             "frame_batch": args.frame_batch, "encode_s": encode_s, "prefill_s": prefill_s,
             "prefill_tokens_per_s": prompt as f64 / prefill_s,

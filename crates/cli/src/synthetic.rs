@@ -51,6 +51,14 @@ pub fn batch(
     let separator = vocab - 2;
     let media = u32::MAX; // marker replaced by the expansion, never a real id
     let per_frame = config.tokens_per_frame();
+    // Under temporal pooling every row's frames form whole groups, so that groups
+    // never straddle two rows of the batch.
+    let pool = config.temporal_pool();
+    if frames % pool != 0 {
+        anyhow::bail!(
+            "{frames} frames under temporal pooling of {pool} frames: use a multiple of {pool}"
+        );
+    }
     let mut tokens = TokenStream(seed ^ 0x5eed);
     let mut ids = Vec::new();
     let mut labels = Vec::new();
@@ -61,7 +69,11 @@ pub fn batch(
             prompt.push(media);
         }
         prompt.extend((0..text_tokens - text_tokens / 2).map(|_| tokens.next(vocab)));
-        let frame_counts: Vec<usize> = if frames > 0 { vec![frames] } else { vec![] };
+        let frame_counts: Vec<usize> = if frames > 0 {
+            vec![config.visual_frames(frames)]
+        } else {
+            vec![]
+        };
         let prompt = expand_visual_placeholders(
             &prompt,
             media,
@@ -98,7 +110,7 @@ pub fn batch(
         labels,
         frames: batch * frames,
         seq_len,
-        visual_tokens: batch * frames * per_frame,
+        visual_tokens: batch * config.visual_frames(frames) * per_frame,
         // The first answer token is predicted from the last prompt token; all count.
         supervised_tokens: batch * answer_tokens,
     })

@@ -54,8 +54,10 @@ pub fn embed_prompt(
 /// freed once its visual tokens exist.
 ///
 /// # Shapes
-/// - pixels: `[frames, 3, side, side]`; output: `[frames, tokens_per_frame, text_hidden]`
+/// - pixels: `[frames, 3, side, side]`; output: `[ceil(frames / temporal_pool), tokens_per_frame, text_hidden]`
 pub fn encode_in_batches(model: &Vlm, pixels: Tensor<4>, batch: usize) -> Tensor<3> {
+    // Whole groups of the projector's temporal pooling in every batch.
+    let batch = pool_aligned(model, batch);
     let frames = pixels.dims()[0];
     let batch = batch.max(1);
     if frames <= batch {
@@ -85,7 +87,7 @@ pub fn encode_video(
     device: &Device,
 ) -> Result<(Tensor<3>, Vec<usize>), InferError> {
     let options = DecodeOptions {
-        batch_size: frame_batch.max(1),
+        batch_size: pool_aligned(model, frame_batch),
         ..DecodeOptions::siglip(side as u32)
     };
     let mut parts = Vec::new();
@@ -106,6 +108,12 @@ pub fn encode_video(
         )));
     }
     Ok((Tensor::cat(parts, 0), indices))
+}
+
+/// `batch` frames (at least 1) rounded up to whole groups of the model's temporal
+/// pooling, so that a video encoded in pieces pools the frames it would pool whole.
+fn pool_aligned(model: &Vlm, batch: usize) -> usize {
+    batch.max(1).div_ceil(model.temporal_pool()) * model.temporal_pool()
 }
 
 /// Runs `embeds` (new rows continuing `cache`, the same count for every sequence of

@@ -103,6 +103,12 @@ impl Encoder<'_> {
     }
 
     /// Any conversation: `media` in marker order, `pixels` their frames in order.
+    ///
+    /// Under the model's temporal pooling (`k` frames averaged into one frame's
+    /// tokens), each video's frames are padded to a multiple of `k` with copies of its
+    /// last frame (an image becomes `k` copies of itself) and its placeholders are
+    /// those of `ceil(frames / k)` frames, so that samples batched together never pool
+    /// across each other's frames.
     pub fn encode(
         &self,
         pixels: Vec<f32>,
@@ -111,11 +117,13 @@ impl Encoder<'_> {
         answer: &str,
         depth: f64,
     ) -> Result<Sample, InferError> {
-        let frames = media.iter().map(|m| m.frames()).sum();
+        let frame_len = 3 * self.side() * self.side();
+        let (pixels, media) = pad_to_pool(pixels, media, self.model.temporal_pool(), frame_len);
+        let frames = pixels.len() / frame_len;
         let encoded = self.template.encode(
             self.tokenizer,
             messages,
-            media,
+            &media,
             self.model.tokens_per_frame(),
             false,
         )?;
@@ -135,6 +143,43 @@ impl Encoder<'_> {
             depth,
         })
     }
+}
+
+/// `pixels` (planar frames of `frame_len` values, `media` in order) with every
+/// video's and image's frames padded to a multiple of `k` by repeating its last frame,
+/// and the media as the template must expand them: a video of `f` frames as one of
+/// `ceil(f / k)` (one frame's tokens per pooled group); images stay images.
+pub fn pad_to_pool(
+    pixels: Vec<f32>,
+    media: &[Media],
+    k: usize,
+    frame_len: usize,
+) -> (Vec<f32>, Vec<Media>) {
+    if k <= 1 {
+        return (pixels, media.to_vec());
+    }
+    let mut out = Vec::with_capacity(pixels.len());
+    let mut expanded = Vec::with_capacity(media.len());
+    let mut at = 0;
+    for m in media {
+        let f = m.frames();
+        let frames = &pixels[at * frame_len..(at + f) * frame_len];
+        out.extend_from_slice(frames);
+        if f > 0 {
+            let last = &frames[(f - 1) * frame_len..];
+            for _ in f..f.div_ceil(k) * k {
+                out.extend_from_slice(last);
+            }
+        }
+        at += f;
+        expanded.push(match m {
+            Media::Video { frames } => Media::Video {
+                frames: frames.div_ceil(k),
+            },
+            Media::Image => Media::Image,
+        });
+    }
+    (out, expanded)
 }
 
 /// The frames `sampling` picks from `video`, decoded at a square `side` x `side`

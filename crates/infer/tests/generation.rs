@@ -309,3 +309,49 @@ fn different_prompts_in_one_batch_equal_their_separate_runs() {
     assert!(distinct.len() >= 3, "lengths {lengths:?}");
     println!("lengths {lengths:?}");
 }
+
+#[test]
+fn a_video_encoded_in_pieces_pools_the_frames_it_pools_whole() {
+    use longview_infer::prefill::encode_in_batches;
+    use longview_infer::sample::pad_to_pool;
+    let device = Device::flex();
+    device.seed(5);
+    let mut config = VlmConfig::debug();
+    config.projector.temporal_pool = Some(3);
+    let model = config.init(&device);
+    let side = config.vision.image_size;
+    let frames = 7;
+    let pixels = Tensor::<4>::random(
+        [frames, 3, side, side],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let whole = model.encode_frames(pixels.clone());
+    assert_eq!(whole.dims()[0], config.visual_frames(frames));
+    assert_eq!(config.visual_frames(frames), 3);
+    // Batches of 1, 2 and 4 frames are rounded up to whole groups of 3.
+    for batch in [1, 2, 4] {
+        let pieces = encode_in_batches(&model, pixels.clone(), batch);
+        let worst = worst_error(&host(pieces), &host(whole.clone()));
+        assert!(worst < 1e-6, "batches of {batch}: {worst}");
+    }
+    // Padding the frames to whole groups by hand (what the sample encoder does for
+    // batched samples) gives the same tokens.
+    let frame_len = 3 * side * side;
+    let flat = pixels
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let (padded, media) = pad_to_pool(
+        flat,
+        &[longview_data::Media::Video { frames }],
+        3,
+        frame_len,
+    );
+    assert_eq!(padded.len(), 9 * frame_len);
+    assert_eq!(media, vec![longview_data::Media::Video { frames: 3 }]);
+    let padded = Tensor::<4>::from_data(TensorData::new(padded, [9, 3, side, side]), &device);
+    let worst = worst_error(&host(model.encode_frames(padded)), &host(whole));
+    assert!(worst < 1e-6, "padded by hand: {worst}");
+}

@@ -56,8 +56,10 @@ pub struct Vlm {
 /// A video's visual tokens, ready for any number of questions.
 #[derive(Debug, Clone)]
 pub struct VideoEmbedding {
-    /// `[frames, tokens_per_frame, llm_hidden]`: what the LLM reads.
+    /// `[visual_frames, tokens_per_frame, llm_hidden]`: what the LLM reads (one row
+    /// per frame, or per group of frames under the projector's temporal pooling).
     pub tokens: Tensor<3>,
+    /// Frames decoded from the video.
     pub frames: usize,
     /// Source frame index of every embedded frame.
     pub frame_indices: Vec<usize>,
@@ -116,10 +118,11 @@ impl Vlm {
             &self.device,
         )?;
         let frames = frame_indices.len();
-        let [_, per_frame, hidden] = tokens.dims();
+        // One frame's tokens per group of the projector's temporal pooling.
+        let [visual_frames, per_frame, hidden] = tokens.dims();
         let pooled = tokens
             .clone()
-            .reshape([frames * per_frame, hidden])
+            .reshape([visual_frames * per_frame, hidden])
             .mean_dim(0)
             .into_data()
             .convert::<f32>()
@@ -140,7 +143,8 @@ impl Vlm {
             &self.tokenizer,
             &[Message::user(format!("<video>\n{question}"))],
             &[Media::Video {
-                frames: video.frames,
+                // Frames' worth of tokens (fewer than frames under temporal pooling).
+                frames: video.tokens.dims()[0],
             }],
             video.tokens.dims()[1],
             true,

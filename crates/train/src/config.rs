@@ -130,6 +130,11 @@ pub struct ModelConfig {
     /// `token_pool x token_pool` grid after the projector (e.g. 8: 64 tokens a frame
     /// instead of 196); saved with the checkpoint.
     pub token_pool: Option<usize>,
+    /// Token budget over time: the visual tokens of every `temporal_pool`
+    /// consecutive frames of a video averaged into one frame's worth (LongVILA-R1's
+    /// later code pools 8; a video's last group is filled with copies of its last
+    /// frame); saved with the checkpoint.
+    pub temporal_pool: Option<usize>,
 }
 
 /// AdamW, the learning-rate schedule and clipping.
@@ -245,6 +250,7 @@ impl Default for ModelConfig {
             lora_alpha: 16.0,
             rope_theta: None,
             token_pool: None,
+            temporal_pool: None,
         }
     }
 }

@@ -192,7 +192,10 @@ pub fn choose(
     let encoded = longview_data::ChatTemplate::qwen2().encode(
         &model.tokenizer,
         &[Message::user(sample.prompt())],
-        &[Media::Video { frames: got }],
+        // One video: the projector pools its frames whole (`visual_frames` groups).
+        &[Media::Video {
+            frames: model.config.visual_frames(got),
+        }],
         model.config.tokens_per_frame(),
         true,
     )?;

@@ -282,7 +282,18 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             )));
         }
         let frames: usize = samples.iter().map(|s| s.frames).sum();
-        let share = frames.div_ceil(self.sp).max(1);
+        // Every rank encodes whole groups of the projector's temporal pooling (the
+        // samples' frames are padded to whole groups, `longview_infer::sample`), so
+        // no group straddles two ranks or two samples.
+        let pool = model.temporal_pool();
+        if let Some(s) = samples.iter().find(|s| s.frames % pool != 0) {
+            return Err(TrainError::Parallel(format!(
+                "a sample of {} frames under temporal pooling of {pool}: samples must hold \
+                 whole groups of frames (build them with longview_infer::sample::Encoder)",
+                s.frames
+            )));
+        }
+        let share = frames.div_ceil(self.sp * pool).max(1) * pool;
         let pixels = self.local_pixels(samples, frames, share, device);
         let text = self.text_shard(model, samples, device)?;
         let input = StepInput {
@@ -294,8 +305,8 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         let hooks = ShardHooks {
             mmsp: self,
             text,
-            frames,
-            share,
+            frames: frames / pool,
+            share: share / pool,
         };
         let _installed = self
             .attention
@@ -315,7 +326,8 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
 struct ShardHooks<'a, C: Communicator> {
     mmsp: &'a MmSp<C>,
     text: TextShard,
-    /// Frames of the micro-batch, and how many each rank encodes.
+    /// Frames' worth of visual tokens of the micro-batch (one per pooled group of
+    /// frames), and how many each rank's share of the frames gives.
     frames: usize,
     share: usize,
 }

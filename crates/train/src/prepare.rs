@@ -317,6 +317,19 @@ fn fresh_model(
         vlm_config.projector.token_pool = Some(side);
         model.mm_projector.token_pool = Some(side);
     }
+    if let Some(k) = config.model.temporal_pool {
+        if !(1..=1024).contains(&k) {
+            return Err(TrainError::Config {
+                source_name: "model".into(),
+                message: format!("`model.temporal_pool`: {k} must be in 1..=1024 frames"),
+            });
+        }
+        log(&format!(
+            "token budget over time: every {k} consecutive frames of a video averaged into one"
+        ));
+        vlm_config.projector.temporal_pool = Some(k);
+        model.mm_projector.temporal_pool = Some(k);
+    }
     if let Some(theta) = config.model.rope_theta {
         log(&format!(
             "RoPE base {} -> {theta}",

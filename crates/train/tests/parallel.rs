@@ -111,6 +111,41 @@ fn parallel_runs(config: &TrainConfig, dp: usize, sp: usize) -> Vec<TrainSummary
 }
 
 #[test]
+fn temporal_pooling_under_mm_sp_repeats_the_single_device_loss_curve() {
+    // Pairs of frames averaged: haystacks of 3 frames are padded to 4 by the sample
+    // encoder, and every rank's share of a micro-batch's frames holds whole pairs.
+    let _serial = serial();
+    let tmp = TempDir::new("mmsp-temporal");
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let pooled = |name: &str| {
+        let mut config = config(&tmp.0.join(name), &cache);
+        config.run.steps = 4;
+        config.run.checkpoint_every = 4;
+        config.model.temporal_pool = Some(2);
+        config
+    };
+    let reference = train(
+        &pooled("single"),
+        &no_progress(),
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    for (dp, sp) in [(1, 2), (1, 4)] {
+        let losses = parallel_losses(&pooled(&format!("dp{dp}-sp{sp}")), dp, sp);
+        for (step, (a, b)) in reference.iter().zip(&losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "dp {dp} x sp {sp}, step {}: single device {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
+
+#[test]
 fn the_writer_scores_held_out_needles_alone_under_mm_sp() {
     // The writer scores the held-out videos by itself, every `eval_every` steps and
     // after the last; the model's LLM layers run sharded attention in the step, so

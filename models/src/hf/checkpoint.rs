@@ -407,7 +407,8 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
     }
     let projector_config =
         ProjectorConfig::new(vila.projector, vision.hidden_size, text.hidden_size)
-            .with_token_pool(vila.token_pool);
+            .with_token_pool(vila.token_pool)
+            .with_temporal_pool(vila.temporal_pool);
     let mut mm_projector: Projector = projector_config.init(device);
     load_into(
         &mut mm_projector,
@@ -511,6 +512,9 @@ pub fn save_vila(
     if let Some(side) = config.projector.token_pool {
         // Not a VILA key: longview's token budget (VILA ignores unknown keys).
         projector["longview_token_pool"] = json!(side);
+    }
+    if let Some(k) = config.projector.temporal_pool.filter(|&k| k > 1) {
+        projector["longview_temporal_pool"] = json!(k);
     }
     save_component(
         &model.mm_projector,

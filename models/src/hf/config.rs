@@ -348,6 +348,8 @@ pub struct VilaConfig {
     pub placeholder_token_id: Option<u32>,
     /// `longview_token_pool` in `mm_projector/config.json` (the token budget).
     pub token_pool: Option<usize>,
+    /// `longview_temporal_pool` in `mm_projector/config.json` (frames averaged).
+    pub temporal_pool: Option<usize>,
 }
 
 impl VilaConfig {
@@ -403,11 +405,24 @@ impl VilaConfig {
                 }
             },
         };
+        let temporal_pool = match proj.get("longview_temporal_pool") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(k) if (1..=1024).contains(&k) => Some(k as usize),
+                _ => {
+                    return Err(ModelError::config(
+                        &proj_path,
+                        format!("longview_temporal_pool must be 1..=1024 frames, found {v}"),
+                    ));
+                }
+            },
+        };
         Ok(VilaConfig {
             projector,
             vision_feature,
             placeholder_token_id,
             token_pool,
+            temporal_pool,
         })
     }
 }

@@ -102,6 +102,13 @@ pub struct ProjectorConfig {
     /// `mm_projector/config.json`.
     #[config(default = "None")]
     pub token_pool: Option<usize>,
+    /// Token budget over time: the visual tokens of every `k` consecutive frames of a
+    /// video averaged into one frame's worth (LongVILA-R1's later code pools 8), after
+    /// the projector and any `token_pool`. A video's last group is filled with copies
+    /// of its last frame. `None` (or 1) keeps every frame. Saved as
+    /// `longview_temporal_pool` in `mm_projector/config.json`.
+    #[config(default = "None")]
+    pub temporal_pool: Option<usize>,
 }
 
 impl ProjectorConfig {
@@ -272,9 +279,23 @@ impl VlmConfig {
         }
     }
 
-    /// Visual tokens per frame at the vision encoder's training resolution.
+    /// Visual tokens per frame at the vision encoder's training resolution (per
+    /// pooled group of frames under `projector.temporal_pool`).
     pub fn tokens_per_frame(&self) -> usize {
         let side = self.vision.grid_side();
         self.projector.tokens_per_frame(side, side)
+    }
+
+    /// Frames averaged into one frame's tokens (`projector.temporal_pool`, 1 when
+    /// off).
+    pub fn temporal_pool(&self) -> usize {
+        self.projector.temporal_pool.unwrap_or(1).max(1)
+    }
+
+    /// Frames' worth of visual tokens a video of `frames` frames becomes: one per
+    /// group of [`VlmConfig::temporal_pool`] frames (the last group may be short). A
+    /// video's placeholders are `visual_frames(frames) x tokens_per_frame()`.
+    pub fn visual_frames(&self, frames: usize) -> usize {
+        frames.div_ceil(self.temporal_pool())
     }
 }

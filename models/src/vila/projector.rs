@@ -28,6 +28,9 @@ pub struct Projector {
     /// Pool each frame's token grid to `side x side` tokens (the token budget).
     #[module(skip)]
     pub token_pool: Option<usize>,
+    /// Average every `k` consecutive frames' tokens (the token budget over time).
+    #[module(skip)]
+    pub temporal_pool: Option<usize>,
 }
 
 impl ProjectorConfig {
@@ -48,16 +51,20 @@ impl ProjectorConfig {
             linear_2: LinearConfig::new(self.text_hidden, self.text_hidden).init(device),
             kind: self.kind,
             token_pool: self.token_pool,
+            temporal_pool: self.temporal_pool,
         }
     }
 }
 
 impl Projector {
-    /// Projects the patch features of each frame to LLM embeddings.
+    /// Projects the patch features of each frame to LLM embeddings, then applies the
+    /// token budgets (`token_pool` per frame, `temporal_pool` over consecutive
+    /// frames: the frames given are taken as one video, or as whole groups of
+    /// `temporal_pool` frames of several).
     ///
     /// # Shapes
     /// - features: `[frames, grid_h * grid_w, vision_hidden]` (row-major patches)
-    /// - output: `[frames, tokens_per_frame, text_hidden]`
+    /// - output: `[ceil(frames / temporal_pool), tokens_per_frame, text_hidden]`
     pub fn forward(&self, features: Tensor<3>, grid: (usize, usize)) -> Tensor<3> {
         let x = match self.kind {
             ProjectorKind::MlpDownsample => {
@@ -70,11 +77,44 @@ impl Projector {
             ProjectorKind::Mlp2xGelu => features,
         };
         let tokens = linear(&self.linear_2, gelu(linear(&self.linear_1, x)));
-        match self.token_pool {
+        let tokens = match self.token_pool {
             Some(side) => pool_tokens(tokens, self.kind.token_grid(grid.0, grid.1), side),
             None => tokens,
+        };
+        match self.temporal_pool {
+            Some(k) if k > 1 => pool_frames(tokens, k),
+            _ => tokens,
         }
     }
+}
+
+/// Averages every `k` consecutive frames' tokens into one (frames `0..k`, `k..2k`,
+/// ...); a last group shorter than `k` is filled with copies of the last frame first,
+/// as a video padded to a multiple of `k` by repeating its last frame would be.
+///
+/// # Shapes
+/// - tokens: `[frames, per_frame, hidden]`; output: `[ceil(frames / k), per_frame, hidden]`
+pub fn pool_frames(tokens: Tensor<3>, k: usize) -> Tensor<3> {
+    let [frames, per_frame, hidden] = tokens.dims();
+    let k = k.max(1);
+    if k == 1 || frames == 0 {
+        return tokens;
+    }
+    let groups = frames.div_ceil(k);
+    let missing = groups * k - frames;
+    let tokens = if missing > 0 {
+        let last = tokens
+            .clone()
+            .narrow(0, frames - 1, 1)
+            .expand([missing, per_frame, hidden]);
+        Tensor::cat(vec![tokens, last], 0)
+    } else {
+        tokens
+    };
+    tokens
+        .reshape([groups, k, per_frame, hidden])
+        .mean_dim(1)
+        .reshape([groups, per_frame, hidden])
 }
 
 /// Average-pools each frame's `a x b` token grid (in the projector's output order) to
@@ -174,6 +214,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn temporal_pooling_averages_consecutive_frames_and_repeats_the_last() {
+        let device = Device::flex();
+        // 5 frames of 2 tokens x 1 channel: frame f, token t holds 10 f + t.
+        let values: Vec<f32> = (0..5)
+            .flat_map(|f| (0..2).map(move |t| (10 * f + t) as f32))
+            .collect();
+        let x = Tensor::<3>::from_data(TensorData::new(values, [5, 2, 1]), &device);
+        let out = pool_frames(x.clone(), 2);
+        assert_eq!(out.dims(), [3, 2, 1]);
+        // (0 + 10) / 2, (20 + 30) / 2, and frame 4 with a copy of itself.
+        assert_eq!(
+            out.try_into_vec_as::<f32>().unwrap(),
+            vec![5.0, 6.0, 25.0, 26.0, 40.0, 41.0]
+        );
+        let out = pool_frames(x.clone(), 3);
+        // (0 + 10 + 20) / 3 and (30 + 40 + 40) / 3.
+        let got = out.try_into_vec_as::<f32>().unwrap();
+        let want = [10.0, 11.0, 110.0 / 3.0, 113.0 / 3.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+        assert_eq!(pool_frames(x.clone(), 1).dims(), [5, 2, 1]);
+        assert_eq!(pool_frames(x, 8).dims(), [1, 2, 1]);
     }
 
     #[test]

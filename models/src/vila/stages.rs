@@ -152,6 +152,12 @@ impl Vlm {
             .map_or(AttentionImpl::Reference, |l| l.self_attn.attention)
     }
 
+    /// Frames the projector averages into one frame's tokens (`temporal_pool`, 1 when
+    /// off): callers that encode a video in pieces cut it at multiples of this.
+    pub fn temporal_pool(&self) -> usize {
+        self.mm_projector.temporal_pool.unwrap_or(1).max(1)
+    }
+
     /// Stage 6: final norm and LM head.
     ///
     /// # Shapes

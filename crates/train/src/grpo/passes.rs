@@ -133,12 +133,25 @@ impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
 }
 
 impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
-    /// MR-SP's first stage: each rank encodes a contiguous share of the frames (the
-    /// last share padded with zero frames), and the tokens are gathered in order.
+    /// MR-SP's first stage: each rank encodes a contiguous share of the frames (whole
+    /// groups of the projector's temporal pooling; the last share padded with zero
+    /// frames), and the tokens are gathered in order.
     fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError> {
         let comm = self.logprobs.comm();
+        let pool = policy.temporal_pool();
+        // The video's last group filled with copies of its last frame, as the
+        // projector fills it on one device.
         let [frames, c, h, w] = pixels.dims();
-        let share = frames.div_ceil(comm.world_size());
+        let missing = frames.div_ceil(pool) * pool - frames;
+        let pixels = match missing {
+            0 => pixels,
+            m => {
+                let last = pixels.clone().narrow(0, frames - 1, 1).expand([m, c, h, w]);
+                Tensor::cat(vec![pixels, last], 0)
+            }
+        };
+        let frames = frames + missing;
+        let share = frames.div_ceil(comm.world_size() * pool) * pool;
         let start = (comm.rank() * share).min(frames);
         let mine = share.min(frames - start);
         let device = pixels.device();
@@ -152,7 +165,7 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         let gathered = comm
             .all_gather(policy.encode_frames(local), 0)
             .map_err(|e| TrainError::Parallel(format!("gathering visual tokens: {e}")))?;
-        Ok(gathered.narrow(0, 0, frames))
+        Ok(gathered.narrow(0, 0, frames / pool))
     }
 
     fn generate(

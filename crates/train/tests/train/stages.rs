@@ -304,3 +304,29 @@ fn a_token_budget_trains_saves_and_loads_with_the_checkpoint() {
         "{message}"
     );
 }
+
+#[test]
+fn a_temporal_budget_trains_saves_and_loads_with_the_checkpoint() {
+    let _serial = serial();
+    let tmp = TempDir::new("temporal-pool");
+    let mut config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    config.run.steps = 2;
+    config.run.checkpoint_every = 2;
+    config.optim.warmup_steps = 1;
+    // Pairs of frames averaged; odd haystacks get their last frame repeated.
+    config.model.temporal_pool = Some(2);
+    let options = no_progress();
+    let summary = train(&config, &options, &device(), &mut quiet()).unwrap();
+    assert!(summary.losses.iter().all(|l| l.is_finite()));
+    let loaded = longview_infer::load(&config.run.out, &device()).unwrap();
+    assert_eq!(loaded.config.projector.temporal_pool, Some(2));
+    assert_eq!(loaded.config.visual_frames(5), 3);
+    assert_eq!(loaded.model.mm_projector.temporal_pool, Some(2));
+    let mut zero = config.clone();
+    zero.run.out = tmp.0.join("zero");
+    zero.model.temporal_pool = Some(0);
+    let message = train(&zero, &options, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("model.temporal_pool"), "{message}");
+}
