@@ -7,7 +7,8 @@
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
-use longview_infer::generate::{Decoding, GenerateOptions, Generation, generate_group};
+use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
 use longview_models::{VisualInput, Vlm};
 use longview_parallel::inference::SpInference;
 
@@ -22,16 +23,15 @@ pub trait Passes {
     /// tokens_per_frame, hidden]`), the same on every rank.
     fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError>;
 
-    /// `samples.len()` responses to one prompt over one shared prefill.
+    /// The responses to every prompt of a step (`out[p][g]`: prompt `p`'s sample
+    /// `g`), each prompt prefilled once for its samples.
     fn generate(
         &self,
         policy: &Vlm,
-        prompt: &[u32],
-        visual: VisualInput,
-        samples: &[Decoding],
+        prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Generation>, TrainError>;
+    ) -> Result<Vec<Vec<Generation>>, TrainError>;
 
     /// The responses' whole `[responses, max_len]` log-probs, untracked (old policy,
     /// reference); the same on every rank.
@@ -61,6 +61,13 @@ pub trait Passes {
     fn sum(&self, values: Vec<f32>, device: &Device) -> Result<Vec<f32>, TrainError>;
 }
 
+/// One prompt of a rollout batch and its samples' decodings.
+pub struct PromptSamples {
+    pub prompt: Vec<u32>,
+    pub visual: VisualInput,
+    pub samples: Vec<Decoding>,
+}
+
 /// Everything on one device.
 pub struct OneDevice;
 
@@ -69,18 +76,32 @@ impl Passes for OneDevice {
         Ok(policy.encode_frames(pixels))
     }
 
+    /// All prompts' samples decode as one batch (`longview_infer::batch`).
     fn generate(
         &self,
         policy: &Vlm,
-        prompt: &[u32],
-        visual: VisualInput,
-        samples: &[Decoding],
+        prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Generation>, TrainError> {
-        Ok(generate_group(
-            policy, prompt, visual, samples, options, device,
-        )?)
+    ) -> Result<Vec<Vec<Generation>>, TrainError> {
+        let limits = Limits {
+            max_new_tokens: options.max_new_tokens,
+            stop: options.stop.clone(),
+        };
+        let requests = prompts
+            .into_iter()
+            .map(|p| BatchRequest {
+                prompt: p.prompt,
+                visual: p.visual,
+                samples: p.samples,
+                limits: limits.clone(),
+            })
+            .collect();
+        let batch = BatchOptions {
+            prefill_chunk: options.prefill_chunk,
+            memory_budget: options.memory_budget,
+        };
+        Ok(generate_batch(policy, requests, &batch, device)?)
     }
 
     fn whole_logprobs(
@@ -168,18 +189,22 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         Ok(gathered.narrow(0, 0, frames / pool))
     }
 
+    /// Prompt after prompt, each one's samples over a sequence-parallel prefill.
     fn generate(
         &self,
         policy: &Vlm,
-        prompt: &[u32],
-        visual: VisualInput,
-        samples: &[Decoding],
+        prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Generation>, TrainError> {
-        Ok(self
-            .inference
-            .generate_group(policy, prompt, visual, samples, options, device)?)
+    ) -> Result<Vec<Vec<Generation>>, TrainError> {
+        prompts
+            .into_iter()
+            .map(|p| {
+                Ok(self
+                    .inference
+                    .generate_group(policy, &p.prompt, p.visual, &p.samples, options, device)?)
+            })
+            .collect()
     }
 
     fn whole_logprobs(

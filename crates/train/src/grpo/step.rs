@@ -16,7 +16,7 @@ use longview_models::{VisualInput, Vlm};
 use super::config::GrpoConfig;
 use super::logprobs::Rollout;
 use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
-use super::passes::Passes;
+use super::passes::{Passes, PromptSamples};
 use super::reward::{Reward, Scored, ground_truth};
 use crate::data::Sample;
 use crate::error::TrainError;
@@ -81,7 +81,9 @@ pub fn rollouts(
         prefill_chunk: config.prefill_chunk,
         ..GenerateOptions::new(config.max_response_tokens, Decoding::Greedy, stop.to_vec())
     };
-    let mut groups = Vec::with_capacity(samples.len());
+    // Every prompt's video encoded once; then all prompts' samples decode together.
+    let mut prompts = Vec::with_capacity(samples.len());
+    let mut encoded = Vec::with_capacity(samples.len());
     for (p, sample) in samples.iter().enumerate() {
         let prompt = sample.ids[..sample.prompt_len].to_vec();
         let pixels = match sample_visual(sample, device) {
@@ -103,7 +105,18 @@ pub fn rollouts(
         let input = visual
             .clone()
             .map_or(VisualInput::None, VisualInput::Embeddings);
-        let generations = passes.generate(policy, &prompt, input, &decodings, &options, device)?;
+        prompts.push(PromptSamples {
+            prompt: prompt.clone(),
+            visual: input,
+            samples: decodings,
+        });
+        encoded.push((prompt, pixels, visual));
+    }
+    let generated = passes.generate(policy, prompts, &options, device)?;
+    let mut groups = Vec::with_capacity(samples.len());
+    for ((sample, (prompt, pixels, visual)), generations) in
+        samples.iter().zip(encoded).zip(generated)
+    {
         let truth = ground_truth(&sample.answer);
         let scores: Vec<Scored> = generations
             .iter()

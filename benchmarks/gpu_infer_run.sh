@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool, nvidia-h200), from the repository root: the
+# inference targets of issue 17 in one call. `longview infer-bench` (the 1.5B shape,
+# bf16, generated frames) beside `benchmarks/hf_infer_reference.py` (transformers,
+# SDPA, the same phases) at growing frame counts, then an hour of video (3600 frames)
+# with the token budgets (per frame: --token-pool 8 = 64 tokens; over time:
+# --temporal-pool 8).
+#   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024]
+# Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
+# (longview), $OUT/log.txt (both), one file per step.
+set -u
+. benchmarks/gpu_prelude.sh
+PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+step() { name=$1; shift; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +%s)
+  "$@" > "$OUT/$name.txt" 2>&1; rc=$?
+  tail -n 6 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
+  echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
+lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 --json $OUT/infer.jsonl"
+for frames in "${@:-64 256 1024}"; do
+  for f in $frames; do
+    step "longview-$f" timeout 240 $lv --frames "$f"
+    step "hf-$f" timeout 240 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64
+  done
+done
+step "longview-3600-pool8" timeout 400 $lv --frames 3600 --token-pool 8
+step "longview-3600-pool8-t8" timeout 200 $lv --frames 3600 --token-pool 8 --temporal-pool 8
+step "hf-3600-pool-none" timeout 120 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames 3600 --new-tokens 64

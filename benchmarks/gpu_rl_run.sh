@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool, nvidia-h200), from the repository root: issue
+# 21's benchmark, one GRPO step of the 1.5B shape (G = 5) on generated needle videos
+# with the video's visual tokens cached across rollouts and log-prob passes, against
+# the same binary re-encoding the video in every pass (grpo.reencode_video), at the
+# frame counts given (default 256 512). One prompt a step and 128 response tokens
+# keep a step inside the call's time; every other setting is configs/1.5b-grpo.toml's.
+#   bash benchmarks/gpu_rl_run.sh [frames ...]
+# Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/log.txt,
+# $OUT/<run>.txt (console) and $OUT/metrics-<run>.jsonl (rollout_s, update_s, ...).
+set -u
+. benchmarks/gpu_prelude.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+for frames in "${@:-256 512}"; do
+  for f in $frames; do
+    for mode in cached reencode; do
+      cfg=/tmp/rl-$mode.toml
+      sed -e 's/^batch_size = .*/batch_size = 1/' -e 's/^max_response_tokens = .*/max_response_tokens = 128/' \
+        -e 's/^minibatches = .*/minibatches = 1/' -e 's/^eval_per_depth = .*/eval_per_depth = 0/' \
+        configs/1.5b-grpo.toml > "$cfg"
+      [ "$mode" = reencode ] && printf '\n# benchmark: the video encoded again in every pass\n' >> "$cfg" \
+        && sed -i 's/^\[grpo\]/[grpo]\nreencode_video = true/' "$cfg"
+      name=rl-$mode-$f
+      echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +%s)
+      timeout 280 /tmp/lv train --config "$cfg" --device cuda --dtype bf16 --frames "$f" --steps 2 \
+        --out "/tmp/$name" --fresh --no-progress > "$OUT/$name.txt" 2>&1
+      echo "-- exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+      grep -E "step [0-9]+/|memory|summary|time" "$OUT/$name.txt" | tail -n 6 | tee -a "$OUT/log.txt"
+      cp "/tmp/$name/metrics.jsonl" "$OUT/metrics-$name.jsonl" 2>/dev/null
+      rm -rf "/tmp/$name/checkpoints"
+    done
+  done
+done
