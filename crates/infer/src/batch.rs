@@ -21,7 +21,7 @@ use longview_models::{KvCache, VisualInput, Vlm};
 use crate::error::InferError;
 use crate::generate::{Decoding, Generation, Limits, check_request, decode_rows, host_rows};
 use crate::prefill::{
-    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_fits, embed_prompt, estimate, host_available_bytes,
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, available_bytes, check_fits, embed_prompt, estimate,
     prefill,
 };
 
@@ -122,13 +122,8 @@ fn check_batch_memory(
     options: &BatchOptions,
     device: &Device,
 ) -> Result<(), InferError> {
-    let available = match options.memory_budget {
-        Some(bytes) => bytes,
-        None if device.memory_pool_usage().is_none() => match host_available_bytes() {
-            Some(bytes) => bytes,
-            None => return Ok(()),
-        },
-        None => return Ok(()),
+    let Some(available) = available_bytes(options.memory_budget, device) else {
+        return Ok(());
     };
     let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let new = requests

@@ -9,7 +9,7 @@ use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
 use crate::prefill::{
-    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_fits, embed_prompt, estimate, host_available_bytes,
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, available_bytes, check_fits, embed_prompt, estimate,
     positions, prefill,
 };
 
@@ -268,13 +268,8 @@ pub fn check_memory(
     options: &GenerateOptions,
     device: &Device,
 ) -> Result<(), InferError> {
-    let available = match options.memory_budget {
-        Some(bytes) => bytes,
-        None if device.memory_pool_usage().is_none() => match host_available_bytes() {
-            Some(bytes) => bytes,
-            None => return Ok(()),
-        },
-        None => return Ok(()),
+    let Some(available) = available_bytes(options.memory_budget, device) else {
+        return Ok(());
     };
     let bytes_per_value = DType::from(device.settings().float_dtype).size();
     let need = estimate(

@@ -230,6 +230,17 @@ pub fn check_fits(
     )))
 }
 
+/// What a request may use on `device`: the `budget` given, else the memory available
+/// now on a CPU device; `None` (no check) on a GPU without a budget, whose free
+/// memory is not known here.
+pub fn available_bytes(budget: Option<f64>, device: &Device) -> Option<f64> {
+    match budget {
+        Some(bytes) => Some(bytes),
+        None if device.memory_pool_usage().is_none() => host_available_bytes(),
+        None => None,
+    }
+}
+
 /// Memory available to a CPU device now (`MemAvailable`), where the system says.
 pub fn host_available_bytes() -> Option<f64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
