@@ -19,11 +19,10 @@ use longview_models::attention::SplitAtAttention;
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
-use crate::generate::{Decoding, Generation, Limits, check_request, decode_rows, host_rows};
-use crate::prefill::{
-    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, available_bytes, check_fits, embed_prompt, estimate,
-    prefill,
+use crate::generate::{
+    Decoding, Generation, Limits, check_request, decode_rows, host_rows, prefill_prompt,
 };
+use crate::prefill::{DEFAULT_CHUNK, available_bytes, check_fits, estimate};
 
 /// One prompt of a batch and how its samples decode.
 pub struct BatchRequest {
@@ -79,16 +78,7 @@ pub fn generate_batch(
             samples: decodings,
             limits: limit,
         } = request;
-        let embeds = embed_prompt(model, &prompt, visual, DEFAULT_FRAME_BATCH, device)?;
-        let mut cache = KvCache::new();
-        let last = prefill(
-            model,
-            embeds,
-            options.prefill_chunk,
-            &mut cache,
-            prompt.len() - 1,
-        );
-        let first = host_rows(model.logits(last))?.remove(0);
+        let (cache, first) = prefill_prompt(model, &prompt, visual, options.prefill_chunk, device)?;
         for decoding in &decodings {
             firsts.push(first.clone());
             samples.push(*decoding);

@@ -139,16 +139,7 @@ pub fn generate_group(
 ) -> Result<Vec<Generation>, InferError> {
     check_request(prompt, samples)?;
     check_memory(model, prompt.len(), samples.len(), options, device)?;
-    let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
-    let mut cache = KvCache::new();
-    let last = prefill(
-        model,
-        embeds,
-        options.prefill_chunk,
-        &mut cache,
-        prompt.len() - 1,
-    );
-    let first = host_rows(model.logits(last))?.remove(0);
+    let (cache, first) = prefill_prompt(model, prompt, visual, options.prefill_chunk, device)?;
     let mut cache = cache.repeat(samples.len());
     decode_group(first, samples, options, |tokens, kept| {
         if kept.len() != cache.batch() {
@@ -156,6 +147,23 @@ pub fn generate_group(
         }
         decode_step(model, &mut cache, tokens, device)
     })
+}
+
+/// `prompt` (with `visual` over its placeholders) prefilled `chunk` rows at a time
+/// into a new KV cache; returns the cache and the logits after the prompt's last
+/// token, on the host.
+pub fn prefill_prompt(
+    model: &Vlm,
+    prompt: &[u32],
+    visual: VisualInput,
+    chunk: usize,
+    device: &Device,
+) -> Result<(KvCache, Vec<f32>), InferError> {
+    let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
+    let mut cache = KvCache::new();
+    let last = prefill(model, embeds, chunk, &mut cache, prompt.len() - 1);
+    let first = host_rows(model.logits(last))?.remove(0);
+    Ok((cache, first))
 }
 
 /// One decoding step on one device: `tokens[i]` (one per row of `cache`) through the
