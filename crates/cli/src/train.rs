@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use longview_comm::Communicator;
@@ -115,28 +115,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         },
     };
     // Under a launch, rank 0 alone clears the folder and prints.
-    if args.fresh && ranks.prints() {
-        // Not while another process writes this run: its checkpoint in progress would go.
-        std::fs::create_dir_all(&config.run.out)
-            .with_context(|| format!("creating {}", config.run.out.display()))?;
-        let _lock = longview_train::run_lock::RunLock::acquire(&config.run.out)?;
-        for name in [
-            "checkpoints",
-            "metrics.jsonl",
-            "needle.json",
-            "tensorboard",
-            "skipped.jsonl",
-            "reference",
-        ] {
-            let path = config.run.out.join(name);
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            } else if path.exists() {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
+    // --fresh: one process clears the run folder before any rank looks at it; the
+    // processes of a launched job do it inside the job (rank 0, then a barrier).
+    let fresh_in_job = args.fresh && ranks.process_rank().is_some();
+    if args.fresh && !fresh_in_job {
+        clear_run(&config.run.out)?;
     }
     let device = match &ranks {
         Ranks::Process(env) => args.device.for_local_rank(env)?,
@@ -202,15 +185,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 "--parallel {dp}x{sp}: GRPO splits sequences (1xSP), not batches; {dp} data-parallel groups are not supported"
             ),
         };
-        return grpo(
-            &config,
-            &options,
-            &device,
-            sp,
-            &ranks,
-            &args.device,
-            &where_ranks,
-        );
+        let setup = RankSetup {
+            ranks: &ranks,
+            device: &args.device,
+            where_ranks: &where_ranks,
+            fresh: fresh_in_job,
+        };
+        return grpo(&config, &options, &device, sp, &setup);
     }
     let summary = match parallel {
         None => longview_train::train(&config, &options, &device, &mut |line| {
@@ -231,6 +212,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 options: &options,
                 sp,
                 head_dim: head_dim(&config)?,
+                fresh: fresh_in_job,
             };
             ranks.run(&job, &args.device)?
         }
@@ -295,25 +277,28 @@ fn grpo(
     options: &TrainOptions,
     device: &Device,
     sp: usize,
-    ranks: &Ranks,
-    device_args: &crate::DeviceArgs,
-    where_ranks: &str,
+    setup: &RankSetup,
 ) -> Result<()> {
+    let ranks = setup.ranks;
     let summary = if sp == 1 && ranks.process_rank().is_none() {
         longview_train::grpo::train_grpo(config, options, device, &mut |line| {
             crate::logging::log(line)
         })?
     } else {
         if ranks.prints() {
-            println!("  parallel  {sp} sequence-parallel {where_ranks} (rollouts and log-probs)");
+            println!(
+                "  parallel  {sp} sequence-parallel {} (rollouts and log-probs)",
+                setup.where_ranks
+            );
         }
         let job = GrpoJob {
             config,
             options,
             sp,
             head_dim: head_dim(config)?,
+            fresh: setup.fresh,
         };
-        ranks.run(&job, device_args)?
+        ranks.run(&job, setup.device)?
     };
     if !ranks.prints() {
         return Ok(());
@@ -360,6 +345,16 @@ fn grpo(
     Ok(())
 }
 
+/// Where a parallel run's ranks come from and how they start.
+struct RankSetup<'a> {
+    ranks: &'a Ranks,
+    device: &'a crate::DeviceArgs,
+    /// "in-process ranks" or "processes over NCCL (...)", for the header.
+    where_ranks: &'a str,
+    /// `--fresh` left to rank 0 inside the job (a launched job).
+    fresh: bool,
+}
+
 /// GRPO on `sp` ranks: every rank computes the same rollouts and updates, the
 /// prefill, decode and log-prob passes split over the group; rank 0 writes.
 struct GrpoJob<'a> {
@@ -367,6 +362,8 @@ struct GrpoJob<'a> {
     options: &'a TrainOptions,
     sp: usize,
     head_dim: usize,
+    /// Clear the run folder first (`--fresh` in a launched job).
+    fresh: bool,
 }
 
 impl RankJob for GrpoJob<'_> {
@@ -379,6 +376,9 @@ impl RankJob for GrpoJob<'_> {
         log: &mut dyn FnMut(&str),
     ) -> Result<Self::Output, TrainError> {
         use longview_train::grpo::passes::SpPasses;
+        if self.fresh {
+            clear_run_on_rank0(&comm, &self.config.run.out, device)?;
+        }
         let reward = self.config.grpo.reward();
         let passes = SpPasses::new(&comm, self.head_dim)?;
         let runner = MmSp::new(comm, self.sp, self.head_dim)?;
@@ -400,6 +400,8 @@ struct TrainJob<'a> {
     options: &'a TrainOptions,
     sp: usize,
     head_dim: usize,
+    /// Clear the run folder first (`--fresh` in a launched job).
+    fresh: bool,
 }
 
 impl RankJob for TrainJob<'_> {
@@ -411,10 +413,71 @@ impl RankJob for TrainJob<'_> {
         device: &Device,
         log: &mut dyn FnMut(&str),
     ) -> Result<Self::Output, TrainError> {
+        if self.fresh {
+            clear_run_on_rank0(&comm, &self.config.run.out, device)?;
+        }
         let runner =
             MmSp::new(comm, self.sp, self.head_dim)?.with_recompute(self.config.run.recompute);
         train_with(self.config, self.options, device, log, &runner)
     }
+}
+
+/// Deletes the run folder's checkpoints, metrics and event files (`--fresh`), under
+/// the run's lock: not while another process writes this run.
+fn clear_run(out: &std::path::Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(io_error(out))?;
+    let _lock = longview_train::run_lock::RunLock::acquire(out)?;
+    for name in [
+        "checkpoints",
+        "metrics.jsonl",
+        "needle.json",
+        "tensorboard",
+        "skipped.jsonl",
+        "reference",
+    ] {
+        let path = out.join(name);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+        }
+    }
+    Ok(())
+}
+
+fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.to_path_buf();
+    move |source| TrainError::Io { path, source }
+}
+
+/// `--fresh` in a launched job: rank 0 clears the run folder while the others wait.
+fn clear_run_on_rank0<C: Communicator>(
+    comm: &C,
+    out: &std::path::Path,
+    device: &Device,
+) -> Result<(), TrainError> {
+    let cleared = if comm.rank() == 0 {
+        clear_run(out)
+    } else {
+        Ok(())
+    };
+    // Every rank reaches the barrier, so that a failure on rank 0 cannot hang the rest.
+    let failed = f32::from(u8::from(cleared.is_err()));
+    let device = device.clone().inner();
+    let total = comm
+        .all_reduce(
+            burn::tensor::Tensor::<1>::from_data([failed], &device),
+            longview_comm::ReduceOp::Sum,
+        )
+        .map_err(|e| TrainError::Parallel(format!("barrier after --fresh: {e}")))?
+        .into_scalar::<f32>();
+    cleared?;
+    if total > 0.0 {
+        return Err(TrainError::Parallel(
+            "rank 0 could not clear the run folder (--fresh)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The LLM's head dimension (what sequence-parallel attention is built for), read
@@ -463,6 +526,34 @@ mod tests {
         let mut argv = vec!["train", "--config", path.to_str().unwrap()];
         argv.extend_from_slice(args);
         load_config(&Wrapper::parse_from(argv).args).unwrap()
+    }
+
+    #[test]
+    fn fresh_in_a_launched_job_clears_the_run_on_rank_0_before_any_rank_goes_on() {
+        let out = std::env::temp_dir().join(format!("longview-cli-fresh-{}", std::process::id()));
+        std::fs::create_dir_all(out.join("checkpoints/step-000002")).unwrap();
+        std::fs::write(out.join("metrics.jsonl"), "{}\n").unwrap();
+        std::fs::write(out.join("keep.txt"), "not the run's").unwrap();
+        let comms = longview_comm::LocalWorld::communicators(2);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let out = &out;
+                    scope.spawn(move || {
+                        clear_run_on_rank0(&comm, out, &Device::flex()).unwrap();
+                        // After the barrier every rank sees the cleared folder.
+                        assert!(!out.join("checkpoints").exists());
+                        assert!(!out.join("metrics.jsonl").exists());
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+        });
+        assert!(out.join("keep.txt").exists());
+        std::fs::remove_dir_all(&out).unwrap();
     }
 
     #[test]
