@@ -68,10 +68,12 @@ pub fn generate_batch(
             .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
     }
     check_batch_memory(model, &requests, options, device)?;
+    let counts: Vec<usize> = requests.iter().map(|r| r.samples.len()).collect();
     let mut caches = Vec::with_capacity(requests.len());
     let (mut firsts, mut samples, mut limits, mut positions) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for request in requests {
+    // A request without samples has nothing to decode: it is not prefilled.
+    for request in requests.into_iter().filter(|r| !r.samples.is_empty()) {
         let BatchRequest {
             prompt,
             visual,
@@ -87,7 +89,9 @@ pub fn generate_batch(
         }
         caches.push((cache, decodings.len()));
     }
-    let counts: Vec<usize> = caches.iter().map(|(_, g)| *g).collect();
+    if caches.is_empty() {
+        return Ok(counts.iter().map(|_| Vec::new()).collect());
+    }
     let layers = model.text_layers().len();
     let mut batch = PaddedCache::join(&caches, layers, positions, device);
     drop(caches);

@@ -308,6 +308,50 @@ fn different_prompts_in_one_batch_equal_their_separate_runs() {
     let distinct: std::collections::HashSet<_> = lengths.iter().collect();
     assert!(distinct.len() >= 3, "lengths {lengths:?}");
     println!("lengths {lengths:?}");
+
+    // A request without samples gets none, an empty batch nothing, an empty prompt a
+    // clear error naming the request.
+    let request = |prompt: Vec<u32>, samples: Vec<Decoding>| BatchRequest {
+        prompt,
+        visual: VisualInput::None,
+        samples,
+        limits: Limits {
+            max_new_tokens: 3,
+            stop: vec![],
+        },
+    };
+    let out = generate_batch(
+        &model,
+        vec![
+            request(vec![4, 5], vec![]),
+            request(vec![6], vec![Decoding::Greedy]),
+        ],
+        &options,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(out[0].len(), 0);
+    assert_eq!(out[1][0].tokens.len(), 3);
+    assert!(
+        generate_batch(&model, Vec::new(), &options, &device)
+            .unwrap()
+            .is_empty()
+    );
+    let error = generate_batch(
+        &model,
+        vec![
+            request(vec![4], vec![Decoding::Greedy]),
+            request(vec![], vec![Decoding::Greedy]),
+        ],
+        &options,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("request 1") && error.contains("empty prompt"),
+        "{error}"
+    );
 }
 
 #[test]
