@@ -174,3 +174,78 @@ fn resuming_a_bf16_run_is_refused_with_the_way_out() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn a_bf16_grpo_run_updates_the_f32_master_weights() {
+    // GRPO in bf16 compute: rollouts, old/reference/actor log-prob passes and AdamW
+    // on f32 master weights (until now only run in f32).
+    let device = bf16_device();
+    let (tmp, mut config) = tiny_run("longview-master-grpo");
+    config.model.stage = longview_train::Stage::Grpo;
+    config.run.steps = 2;
+    config.run.checkpoint_every = 2;
+    config.data.frames = 1;
+    config.data.min_frames = 1;
+    config.data.eval_per_depth = 0;
+    config.optim.lr = 1e-3;
+    config.grpo.group_size = 8;
+    config.grpo.max_response_tokens = 5;
+    // A reward a random policy earns sometimes (the share of digits in the answer),
+    // so that groups differ and every step updates.
+    struct Digits;
+    impl longview_train::grpo::reward::Reward for Digits {
+        fn score(&self, response: &str, _truth: &str) -> longview_train::grpo::reward::Scored {
+            let chars = response.chars().count().max(1) as f32;
+            let digits = response.chars().filter(char::is_ascii_digit).count() as f32;
+            longview_train::grpo::reward::Scored {
+                total: digits / chars,
+                accuracy: 0.0,
+                format: 0.0,
+            }
+        }
+    }
+    let mut logs = Vec::new();
+    let summary = longview_train::grpo::train_grpo_with(
+        &config,
+        &TrainOptions {
+            progress: false,
+            ..TrainOptions::default()
+        },
+        &device,
+        &mut |l: &str| logs.push(l.to_string()),
+        &Digits,
+    )
+    .unwrap();
+    assert!(
+        logs.iter().any(|l| l.contains("f32 master weights")),
+        "{logs:?}"
+    );
+    assert_eq!(summary.reports.len(), 2);
+    for r in &summary.reports {
+        assert!(
+            r.loss.is_finite() && r.kl.is_finite() && r.grad_norm.is_finite(),
+            "{r:?}"
+        );
+        // Rollout and training forward in bf16 agree to bf16 rounding, not f32's.
+        assert!(
+            r.logprob_mismatch < 0.1,
+            "log-prob mismatch {}",
+            r.logprob_mismatch
+        );
+        println!(
+            "step: loss {:.4} kl {:.4} grad norm {:.3} mismatch {:.2e}",
+            r.loss, r.kl, r.grad_norm, r.logprob_mismatch
+        );
+    }
+    // A step whose groups all score alike has only the KL term's (small) gradient.
+    assert!(
+        summary.reports.iter().any(|r| r.grad_norm > 1e-2),
+        "a step with a clear gradient"
+    );
+    assert!(
+        summary.reports.iter().all(|r| r.skipped_updates == 0),
+        "no update skipped for a non-finite gradient"
+    );
+    assert!(summary.checkpoint.is_some());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
