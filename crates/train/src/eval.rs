@@ -156,9 +156,10 @@ impl ChoiceReport {
     }
 }
 
-/// The option letter the model ranks highest after `sample`'s prompt: one forward
-/// pass over video + question + options + LongVILA's "Respond with only the letter"
-/// instruction, then the largest next-token logit among the option letters' tokens.
+/// The option letter the model ranks highest after `sample`'s prompt: video +
+/// question + options + LongVILA's "Respond with only the letter" instruction
+/// prefilled in chunks, then the largest next-token logit among the option letters'
+/// tokens.
 pub fn choose(
     model: &EvalModel,
     sample: &longview_data::dataset::ChoiceSample,
@@ -199,25 +200,14 @@ pub fn choose(
         model.config.tokens_per_frame(),
         true,
     )?;
-    let len = encoded.ids.len();
-    let input = crate::data::single_input(
+    // Chunked prefill: activations bounded by the chunk, logits of the last row only.
+    let (_, last) = longview_infer::generate::prefill_prompt(
+        &model.model,
         &encoded.ids,
         longview_models::VisualInput::Pixels(pixels),
+        longview_infer::prefill::DEFAULT_CHUNK,
         device,
-    );
-    let logits = model.model.forward(input)?;
-    let vocab = logits.dims()[2];
-    let last = logits
-        .slice([0..1, len - 1..len, 0..vocab])
-        .into_data()
-        .convert::<f32>();
-    let last = last
-        .as_slice::<f32>()
-        .map_err(|e| TrainError::Config {
-            source_name: "logits".into(),
-            message: format!("{e:?}"),
-        })?
-        .to_vec();
+    )?;
     let best = (0..letters.len())
         .max_by(|&a, &b| {
             last[letter_ids[a]]
