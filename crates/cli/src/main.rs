@@ -51,6 +51,12 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     logging::init();
+    // Requests that would not fit on a GPU are refused with the numbers before they
+    // allocate (generation, batched and sequence-parallel inference).
+    #[cfg(feature = "cuda")]
+    longview_infer::prefill::set_device_memory_probe(
+        longview_kernels::device_memory::available_bytes,
+    );
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),

@@ -68,8 +68,9 @@ pub struct GenerateOptions {
     pub prefill_chunk: usize,
     /// Bytes the request may use on the device; a request whose estimate
     /// ([`crate::prefill::estimate`]) is larger is refused before anything is
-    /// allocated. `None`: the memory available now on a CPU device, no check on a
-    /// GPU (its free memory is not known here).
+    /// allocated. `None`: the memory available now on a CPU device, what the
+    /// registered probe says on a GPU ([`crate::prefill::set_device_memory_probe`];
+    /// no check without one).
     pub memory_budget: Option<f64>,
 }
 

@@ -230,14 +230,27 @@ pub fn check_fits(
     )))
 }
 
+/// How a program that knows its accelerators asks one for the memory a request may
+/// still take (a CUDA build of the `longview` binary registers
+/// `longview_kernels::device_memory::available_bytes`).
+pub type DeviceMemoryProbe = fn(&Device) -> Option<f64>;
+
+static DEVICE_MEMORY_PROBE: std::sync::OnceLock<DeviceMemoryProbe> = std::sync::OnceLock::new();
+
+/// Registers the probe [`available_bytes`] asks for accelerator devices (the first
+/// registration wins).
+pub fn set_device_memory_probe(probe: DeviceMemoryProbe) {
+    let _ = DEVICE_MEMORY_PROBE.set(probe);
+}
+
 /// What a request may use on `device`: the `budget` given, else the memory available
-/// now on a CPU device; `None` (no check) on a GPU without a budget, whose free
-/// memory is not known here.
+/// now on a CPU device, else what the registered probe says for an accelerator;
+/// `None` (no check) when nothing knows.
 pub fn available_bytes(budget: Option<f64>, device: &Device) -> Option<f64> {
     match budget {
         Some(bytes) => Some(bytes),
         None if device.memory_pool_usage().is_none() => host_available_bytes(),
-        None => None,
+        None => DEVICE_MEMORY_PROBE.get().and_then(|probe| probe(device)),
     }
 }
 

@@ -4,7 +4,7 @@
 //! synchronisation separates them from CubeCL's kernels.
 //!
 //! [`linear`] is the layer the models call: `x op(W) + b` with its own backward (dX
-//! and dW as two more GEMMs, the bias gradient a column sum of dY). It runs cuBLASLt on CUDA
+//! and dW as two more GEMMs, the bias gradient the GEMM `1^T dY`). It runs cuBLASLt on CUDA
 //! devices with bf16/f16 tensors and Burn's own `linear`/`matmul` everywhere else (the
 //! CPU, wgpu, f32), so one model code serves every backend.
 //!
