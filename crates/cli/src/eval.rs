@@ -61,6 +61,11 @@ pub struct EvalArgs {
     /// build with the `nccl` feature.
     #[arg(long, value_name = "N")]
     pub nproc: Option<usize>,
+    /// With --parallel: the prefill's sequence-parallel attention: `ring` (zigzag),
+    /// `ulysses` (the ranks must suit the heads) or `2d:U` (Ulysses inside groups of
+    /// U ranks, ring across them). Decoding is the same for all.
+    #[arg(long, default_value = "ring", value_name = "SCHEME")]
+    pub sp_scheme: longview_parallel::inference::PrefillScheme,
     /// Prompt rows per prefill chunk (one device): activation memory is bounded by
     /// the chunk, only the KV cache grows with the prompt; 0 runs each prompt in one
     /// pass.
@@ -241,7 +246,14 @@ impl RankJob for NeedleJob<'_> {
         }
         comm.all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
             .map_err(|e| TrainError::Parallel(format!("barrier after writing the videos: {e}")))?;
-        let sp = longview_parallel::inference::SpInference::new(comm, self.head_dim)?;
+        let text = &model.config.text;
+        let sp = longview_parallel::inference::SpInference::with_scheme(
+            comm,
+            self.head_dim,
+            text.num_heads,
+            text.num_kv_heads,
+            args.sp_scheme,
+        )?;
         let mut score = |samples: &[longview_train::data::Sample]| {
             Ok(longview_train::needle::score_by(
                 samples,

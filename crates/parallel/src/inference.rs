@@ -1,6 +1,8 @@
 //! Sequence-parallel inference over the ranks of one group: the prompt's prefill
-//! runs as zigzag ring attention, leaving every rank the keys and values of its
-//! shard (its part of a KV cache no rank holds whole); decoding then attends each new
+//! runs as zigzag ring attention (or Ulysses, or 2D attention: [`PrefillScheme`]),
+//! leaving every rank the keys and values of its shard (its part of a KV cache no
+//! rank holds whole; each scheme's layout decides which tokens a rank holds, and
+//! decoding does not care); decoding then attends each new
 //! query to every rank's shard, and the partial `(O, LSE)` results are gathered and
 //! merged in rank order (the same on every rank, so every rank computes the same
 //! hidden states, logits and tokens without further messages). The new tokens' keys
@@ -28,12 +30,46 @@ use crate::block::{Block, forward as block_forward, merge};
 use crate::layout::{SeqLayout, shard};
 use crate::ring::{RingAttention, RingBalance};
 
+/// The sequence-parallel attention a prefill runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillScheme {
+    /// Load-balanced ring over every rank ([`SeqLayout::Zigzag`] shards).
+    #[default]
+    ZigzagRing,
+    /// All-to-all to whole sequences for a share of the heads and back (the group
+    /// size must suit the heads: [`crate::ulysses::check_heads`]).
+    Ulysses,
+    /// Ulysses inside groups of `ulysses` contiguous ranks, zigzag ring across them.
+    TwoD { ulysses: usize },
+}
+
+impl std::str::FromStr for PrefillScheme {
+    type Err = String;
+
+    /// `ring` (or `zigzag`), `ulysses`, or `2d:U` (U the Ulysses degree).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ring" | "zigzag" => Ok(PrefillScheme::ZigzagRing),
+            "ulysses" => Ok(PrefillScheme::Ulysses),
+            other => match other.strip_prefix("2d:").map(str::parse::<usize>) {
+                Some(Ok(ulysses)) if ulysses > 0 => Ok(PrefillScheme::TwoD { ulysses }),
+                _ => Err(format!(
+                    "sequence-parallel scheme `{other}`: expected ring, ulysses or 2d:U (U the \
+                     Ulysses degree, dividing the ranks)"
+                )),
+            },
+        }
+    }
+}
+
 /// A rank's handle on its sequence-parallel group for inference.
 pub struct SpInference<C: Communicator + Send + Sync + 'static> {
     /// Decode's collectives (the gather of partial results).
     comm: C,
-    /// The prefill's zigzag ring, on its own channels.
-    ring: Arc<dyn DistributedAttention>,
+    /// The prefill's attention, on channels of its own.
+    prefill: Arc<dyn DistributedAttention>,
+    /// How the prefill shards the prompt's tokens.
+    layout: SeqLayout,
     scale: f64,
 }
 
@@ -91,11 +127,68 @@ pub fn causal_zigzag_ring<C: Communicator + Send + Sync + 'static>(
 
 impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
     /// Binds the group of `comm` (every rank of it) for a model whose attention heads
-    /// have `head_dim` channels.
+    /// have `head_dim` channels; the prefill runs the zigzag ring.
     pub fn new(comm: C, head_dim: usize) -> Result<Self, InferError> {
-        let (ring, scale) =
+        let (prefill, scale) =
             causal_zigzag_ring(&comm, head_dim).map_err(comm_error("ring channels"))?;
-        Ok(SpInference { comm, ring, scale })
+        Ok(SpInference {
+            comm,
+            prefill,
+            layout: SeqLayout::Zigzag,
+            scale,
+        })
+    }
+
+    /// [`SpInference::new`] with the prefill's `scheme`, for a model of `q_heads`
+    /// query heads over `kv_heads` key/value heads of `head_dim` channels. Refuses a
+    /// scheme the heads or the group size do not allow, with the rule.
+    pub fn with_scheme(
+        comm: C,
+        head_dim: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        scheme: PrefillScheme,
+    ) -> Result<Self, InferError> {
+        let scale = (head_dim as f64).powf(-0.5);
+        let refused = |e: crate::ParallelError| InferError::Request(format!("{scheme:?}: {e}"));
+        let all: Vec<usize> = (0..comm.world_size()).collect();
+        let (prefill, layout): (Arc<dyn DistributedAttention>, SeqLayout) = match scheme {
+            PrefillScheme::ZigzagRing => return Self::new(comm, head_dim),
+            PrefillScheme::Ulysses => {
+                crate::ulysses::check_heads(q_heads, kv_heads, comm.world_size())
+                    .map_err(refused)?;
+                let attention = WithComm {
+                    comm: comm
+                        .split(std::slice::from_ref(&all))
+                        .map_err(comm_error("Ulysses channels"))?,
+                    attention: crate::ulysses::UlyssesAttention {
+                        layout: SeqLayout::Zigzag,
+                        causal: true,
+                        scale,
+                    },
+                };
+                (Arc::new(attention), SeqLayout::Zigzag)
+            }
+            PrefillScheme::TwoD { ulysses } => {
+                crate::ulysses::check_heads(q_heads, kv_heads, ulysses).map_err(refused)?;
+                let groups = crate::two_d::TwoDGroups::new(&comm, ulysses).map_err(refused)?;
+                let layout = groups.layout();
+                let attention = WithComm {
+                    comm: groups,
+                    attention: crate::two_d::TwoDAttention {
+                        causal: true,
+                        scale,
+                    },
+                };
+                (Arc::new(attention), layout)
+            }
+        };
+        Ok(SpInference {
+            comm,
+            prefill,
+            layout,
+            scale,
+        })
     }
 
     fn world(&self) -> usize {
@@ -116,7 +209,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         let even = (len - 1) / (2 * world) * (2 * world);
         if even > 0 {
             let device = embeds.device();
-            let layout = SeqLayout::Zigzag;
+            let layout = self.layout;
             let local = shard(embeds.clone().narrow(1, 0, even), 1, layout, rank, world)
                 .map_err(|e| InferError::Request(e.to_string()))?;
             let positions: Vec<i64> = layout
@@ -134,8 +227,12 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             let sharded = model
                 .clone()
                 .with_attention(model.vision_attention(), AttentionImpl::Sharded);
-            let _ring =
-                crate::model::install(self.ring.clone(), true, self.scale, "zigzag ring prefill");
+            let _installed = crate::model::install(
+                self.prefill.clone(),
+                true,
+                self.scale,
+                "sequence-parallel prefill",
+            );
             sharded.text_layers_cached(local, positions, &mut cache.local);
             cache.counts = vec![even / world; world];
         }

@@ -9,7 +9,7 @@ use longview_comm::LocalWorld;
 use longview_infer::generate::{Decoding, GenerateOptions, generate_group, host_rows};
 use longview_infer::prefill::{embed_prompt, prefill};
 use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
-use longview_parallel::inference::{ShardedCache, SpInference};
+use longview_parallel::inference::{PrefillScheme, ShardedCache, SpInference};
 
 fn model_and_prompt(text_after: usize) -> (Vlm, Vec<u32>, Tensor<3>) {
     let device = Device::flex();
@@ -191,4 +191,152 @@ fn sequence_parallel_teacher_forced_answers_equal_one_device() {
             }
         }
     }
+}
+
+/// [`on_ranks`] with the prefill's `scheme`.
+fn on_ranks_with<T: Send>(
+    world: usize,
+    scheme: PrefillScheme,
+    f: impl Fn(SpInference<longview_comm::LocalComm>) -> T + Sync,
+) -> Vec<T> {
+    let text = VlmConfig::debug().text;
+    let comms = LocalWorld::communicators(world);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (f, text) = (&f, &text);
+                scope.spawn(move || {
+                    f(SpInference::with_scheme(
+                        comm,
+                        text.head_dim(),
+                        text.num_heads,
+                        text.num_kv_heads,
+                        scheme,
+                    )
+                    .unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn ulysses_and_2d_prefills_give_the_one_device_logits_and_generations() {
+    // The debug LLM: 4 query heads over 2 kv heads (Ulysses at 4 ranks replicates
+    // each kv head twice).
+    let (model, ids, visual) = model_and_prompt(9);
+    let device = Device::flex();
+    let embeds = embed_prompt(
+        &model,
+        &ids,
+        VisualInput::Embeddings(visual.clone()),
+        8,
+        &device,
+    )
+    .unwrap();
+    let mut cache = KvCache::new();
+    let last = prefill(&model, embeds.clone(), 0, &mut cache, ids.len() - 1);
+    let expected = host_rows(model.logits(last)).unwrap().remove(0);
+    let options = GenerateOptions::new(8, Decoding::Greedy, vec![0, 1, 2]);
+    let generations = generate_group(
+        &model,
+        &ids,
+        VisualInput::Embeddings(visual.clone()),
+        &decodings(),
+        &options,
+        &device,
+    )
+    .unwrap();
+    for (world, scheme) in [
+        (2, PrefillScheme::Ulysses),
+        (4, PrefillScheme::Ulysses),
+        (4, PrefillScheme::TwoD { ulysses: 2 }),
+    ] {
+        let got = on_ranks_with(world, scheme, |sp| {
+            let mut cache = ShardedCache {
+                local: KvCache::new(),
+                counts: vec![0; world],
+            };
+            let last = sp.prefill(&model, embeds.clone(), &mut cache).unwrap();
+            let logits = host_rows(model.logits(last)).unwrap().remove(0);
+            let generated = sp
+                .generate_group(
+                    &model,
+                    &ids,
+                    VisualInput::Embeddings(visual.clone()),
+                    &decodings(),
+                    &options,
+                    &device,
+                )
+                .unwrap();
+            (logits, generated)
+        });
+        for (rank, (logits, generated)) in got.iter().enumerate() {
+            let worst = logits
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "{scheme:?} on {world} ranks, rank {rank}: {worst}"
+            );
+            for (g, e) in generated.iter().zip(&generations) {
+                assert_eq!(
+                    g.tokens, e.tokens,
+                    "{scheme:?} on {world} ranks, rank {rank}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_prefill_scheme_the_heads_do_not_allow_is_refused_with_the_rule() {
+    let text = VlmConfig::debug().text;
+    for (world, scheme) in [
+        (3, PrefillScheme::Ulysses),
+        (4, PrefillScheme::TwoD { ulysses: 3 }),
+    ] {
+        let errors = std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalWorld::communicators(world)
+                .into_iter()
+                .map(|comm| {
+                    let text = &text;
+                    scope.spawn(move || {
+                        SpInference::with_scheme(
+                            comm,
+                            text.head_dim(),
+                            text.num_heads,
+                            text.num_kv_heads,
+                            scheme,
+                        )
+                        .err()
+                        .map(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        for error in errors {
+            let error = error.expect("refused");
+            assert!(
+                error.contains("Ulysses") || error.contains("heads") || error.contains("divide"),
+                "{scheme:?} on {world} ranks: {error}"
+            );
+        }
+    }
+    assert_eq!("2d:2".parse(), Ok(PrefillScheme::TwoD { ulysses: 2 }));
+    assert_eq!("ring".parse(), Ok(PrefillScheme::ZigzagRing));
+    assert!(
+        "2d:x"
+            .parse::<PrefillScheme>()
+            .unwrap_err()
+            .contains("2d:U")
+    );
 }
