@@ -50,10 +50,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// `--task needle` on this many sequence-parallel ranks: every prompt prefilled
-    /// with zigzag ring attention, the answer rows decoded against the KV cache
-    /// sharded over the ranks. The scores equal one device's. In-process ranks (CPU
-    /// threads), or on GPUs one process per rank over NCCL: `cargo xtask launch
-    /// --nproc SP -- longview eval --device cuda --parallel SP` (`nccl` feature).
+    /// with sequence-parallel attention (--sp-scheme), the answer rows decoded against
+    /// the KV cache sharded over the ranks. The scores equal one device's. In-process
+    /// ranks (CPU threads), or on GPUs one process per rank over NCCL: `longview eval
+    /// --nproc SP --device cuda --parallel SP` (a build with the `nccl` feature).
     #[arg(long, default_value_t = 1, value_name = "SP")]
     pub parallel: usize,
     /// Start N processes on this machine, one per GPU, each running this command
@@ -191,8 +191,8 @@ fn needle_sequence_parallel(
     {
         bail!(
             "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
-             per rank: `cargo xtask launch --nproc {} -- longview eval --device cuda --parallel \
-             {}` (a build with --features nccl)",
+             per rank: `longview eval --nproc {} --device cuda --parallel {}` (a build with \
+             --features nccl)",
             args.device.device,
             args.parallel,
             args.parallel

@@ -61,7 +61,8 @@ impl Ranks {
             Some(env) => bail!(
                 "{flag} makes {world} ranks but the launcher started {} processes \
                  (WORLD_SIZE={}, this is RANK={}): start one process per rank, e.g. \
-                 `cargo xtask launch --nproc {world} -- longview ...`",
+                 `longview ... --nproc {world}` or `cargo xtask launch --nproc {world} -- \
+                 longview ...`",
                 env.world_size,
                 env.world_size,
                 env.rank

@@ -37,9 +37,9 @@ pub struct TrainArgs {
     /// Data x sequence parallelism on in-process ranks (threads on this machine), e.g.
     /// `2x2`: MM-SP inside each group of `SP` ranks, `DP` groups splitting the batch.
     /// For `stage = "grpo"`: `1xSP` (rollouts and log-prob passes split over SP ranks).
-    /// On GPUs, one process per rank over NCCL: `cargo xtask launch --nproc N --
-    /// longview train --device cuda --parallel DPxSP` (DP x SP = N; a build with the
-    /// `nccl` feature).
+    /// On GPUs, one process per rank over NCCL: `longview train --nproc N --device
+    /// cuda --parallel DPxSP` (DP x SP = N; or under `cargo xtask launch`, torchrun,
+    /// SLURM; a build with the `nccl` feature).
     #[arg(long, value_name = "DPxSP")]
     pub parallel: Option<String>,
     /// Start N processes on this machine, one per GPU, each running this command
@@ -114,7 +114,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             None => Ranks::InProcess { world: 1 },
         },
     };
-    // Under a launch, rank 0 alone clears the folder and prints.
+    if let Ranks::InProcess { world } = ranks
+        && world > 1
+        && args.device.device != "cpu"
+    {
+        bail!(
+            "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
+             per rank: `longview train --nproc {world} --device cuda --parallel ...` (a build \
+             with --features nccl)",
+            args.device.device
+        );
+    }
     // --fresh: one process clears the run folder before any rank looks at it; the
     // processes of a launched job do it inside the job (rank 0, then a barrier).
     let fresh_in_job = args.fresh && ranks.process_rank().is_some();
@@ -162,17 +172,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress: !args.no_progress,
         matmul_tflops,
     };
-    if let Ranks::InProcess { world } = ranks
-        && world > 1
-        && args.device.device != "cpu"
-    {
-        bail!(
-            "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
-             per rank: `cargo xtask launch --nproc {world} -- longview train --device cuda \
-             --parallel ...` (a build with --features nccl)",
-            args.device.device
-        );
-    }
     let where_ranks = match &ranks {
         Ranks::InProcess { .. } => "in-process ranks".to_string(),
         Ranks::Process(env) => format!("processes over NCCL ({} per node)", env.local_world_size),
