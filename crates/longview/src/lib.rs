@@ -70,15 +70,17 @@ pub struct VideoEmbedding {
 impl Vlm {
     /// Loads a run folder (its latest checkpoint), a checkpoint folder or a VILA model
     /// folder (`config.json`, `llm/` with `tokenizer.json`, `vision_tower/`,
-    /// `mm_projector/`).
+    /// `mm_projector/`). For inference: the model lives on `device` without autodiff.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, Error> {
-        let loaded = longview_infer::load(path.as_ref(), device)?;
+        // Inference keeps no autodiff graph, whatever device the caller hands over.
+        let device = device.clone().without_autodiff();
+        let loaded = longview_infer::load(path.as_ref(), &device)?;
         Ok(Vlm {
             model: loaded.model,
             config: loaded.config,
             tokenizer: loaded.tokenizer,
             template: ChatTemplate::qwen2(),
-            device: device.clone(),
+            device,
             dir: loaded.dir,
         })
     }

@@ -47,10 +47,12 @@ impl Prepared {
     }
 
     /// A compute-dtype copy of the model for scoring on this rank alone (held-out
-    /// evaluation on the writer): the LLM's attention is the one-device kind, since a
-    /// sequence-parallel run's `Sharded` layers would need the other ranks.
+    /// evaluation on the writer), without autodiff (a forward pass on an autodiff
+    /// model keeps its graph and activations alive) and with the one-device kind of
+    /// LLM attention, since a sequence-parallel run's `Sharded` layers would need the
+    /// other ranks. Its tensors belong on the training device's inner device.
     pub fn scoring_copy(&self) -> Vlm {
-        self.plan.one_device(self.compute_copy(&self.model))
+        self.plan.one_device(self.compute_copy(&self.model)).valid()
     }
 }
 

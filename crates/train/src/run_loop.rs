@@ -190,7 +190,12 @@ impl<'a> RunLoop<'a> {
             return Ok(None);
         }
         let model = run.scoring_copy();
-        let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
+        let report = needle::score(
+            &model,
+            &self.eval,
+            &run.tokenizer,
+            &self.device.clone().inner(),
+        )?;
         let line = format!(
             "step {step}: held-out needle accuracy {:.1}%",
             100.0 * report.accuracy()
@@ -283,7 +288,12 @@ impl<'a> RunLoop<'a> {
     /// event files.
     fn final_eval(&mut self, run: &Prepared) -> Result<NeedleReport, TrainError> {
         let model = run.scoring_copy();
-        let report = needle::score(&model, &self.eval, &run.tokenizer, self.device)?;
+        let report = needle::score(
+            &model,
+            &self.eval,
+            &run.tokenizer,
+            &self.device.clone().inner(),
+        )?;
         self.sinks.eval_scalar(run.state.step, report.accuracy())?;
         let path = self.config.run.out.join("needle.json");
         let json = serde_json::to_string_pretty(&report).expect("report serialises");

@@ -348,7 +348,7 @@ fn held_out(
     if eval.is_empty() {
         return Ok(None);
     }
-    let policy = run.scoring_copy().valid();
+    let policy = run.scoring_copy();
     let inner = device.clone().inner();
     let options = GenerateOptions::new(max_tokens, Decoding::Greedy, stop.to_vec());
     let mut correct = 0;
