@@ -114,18 +114,13 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     let encode_s = start.elapsed().as_secs_f64();
 
     // Refused with the numbers when the KV cache and a prefill chunk would not fit.
-    if let Some(available) = longview_infer::prefill::available_bytes(None, &device) {
-        let bytes_per_value = burn::tensor::DType::from(device.settings().float_dtype).size();
-        let need = longview_infer::prefill::estimate(
-            &model.text_shape(),
-            ids.len(),
-            args.new_tokens,
-            1,
-            args.prefill_chunk,
-            bytes_per_value,
-        );
-        longview_infer::prefill::check_fits(&need, available, ids.len(), args.prefill_chunk)?;
-    }
+    longview_infer::prefill::check_request_fits(
+        &model,
+        (ids.len(), args.new_tokens, 1),
+        args.prefill_chunk,
+        None,
+        &device,
+    )?;
 
     let start = Instant::now();
     let embeds = embed_prompt(

@@ -22,7 +22,7 @@ use crate::error::InferError;
 use crate::generate::{
     Decoding, Generation, Limits, check_request, decode_rows, host_rows, prefill_prompt,
 };
-use crate::prefill::{DEFAULT_CHUNK, available_bytes, check_fits, estimate};
+use crate::prefill::{DEFAULT_CHUNK, check_request_fits};
 
 /// One prompt of a batch and how its samples decode.
 pub struct BatchRequest {
@@ -116,9 +116,6 @@ fn check_batch_memory(
     options: &BatchOptions,
     device: &Device,
 ) -> Result<(), InferError> {
-    let Some(available) = available_bytes(options.memory_budget, device) else {
-        return Ok(());
-    };
     let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let new = requests
         .iter()
@@ -126,16 +123,13 @@ fn check_batch_memory(
         .max()
         .unwrap_or(0);
     let sequences: usize = requests.iter().map(|r| r.samples.len()).sum();
-    let bytes_per_value = DType::from(device.settings().float_dtype).size();
-    let need = estimate(
-        &model.text_shape(),
-        longest,
-        new,
-        sequences,
+    check_request_fits(
+        model,
+        (longest, new, sequences),
         options.prefill_chunk,
-        bytes_per_value,
-    );
-    check_fits(&need, available, longest, options.prefill_chunk)
+        options.memory_budget,
+        device,
+    )
 }
 
 /// The KV cache of a batch of sequences with different prompt lengths, left-padded

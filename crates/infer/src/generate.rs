@@ -4,13 +4,12 @@
 //! prompt decode as one batch over a shared prefill ([`generate_group`]), each token
 //! with its sampling log-probability.
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
 use crate::prefill::{
-    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, available_bytes, check_fits, embed_prompt, estimate,
-    positions, prefill,
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt, positions, prefill,
 };
 
 /// How the next token is chosen from the logits.
@@ -277,19 +276,13 @@ pub fn check_memory(
     options: &GenerateOptions,
     device: &Device,
 ) -> Result<(), InferError> {
-    let Some(available) = available_bytes(options.memory_budget, device) else {
-        return Ok(());
-    };
-    let bytes_per_value = DType::from(device.settings().float_dtype).size();
-    let need = estimate(
-        &model.text_shape(),
-        prompt,
-        options.max_new_tokens,
-        samples,
+    check_request_fits(
+        model,
+        (prompt, options.max_new_tokens, samples),
         options.prefill_chunk,
-        bytes_per_value,
-    );
-    check_fits(&need, available, prompt, options.prefill_chunk)
+        options.memory_budget,
+        device,
+    )
 }
 
 /// The last row of each sequence's logits (`[batch, rows, vocab]`), on the host.

@@ -8,7 +8,9 @@ use longview_models::{KvCache, VisualInput, Vlm};
 use serde::Serialize;
 
 use crate::error::InferError;
-use crate::prefill::{DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, prefill};
+use crate::prefill::{
+    DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt, prefill,
+};
 use crate::sample::Sample;
 
 /// Accuracy per needle depth and overall.
@@ -104,6 +106,7 @@ pub fn teacher_forced_ids(
     chunk: usize,
     device: &Device,
 ) -> Result<Vec<u32>, InferError> {
+    check_request_fits(model, (sample.ids.len(), 0, 1), chunk, None, device)?;
     let visual = sample_visual(sample, device);
     let embeds = embed_prompt(model, &sample.ids, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();

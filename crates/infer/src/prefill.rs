@@ -230,6 +230,32 @@ pub fn check_fits(
     )))
 }
 
+/// What a request needs on `device`, checked before it allocates: the KV cache of
+/// `sequences` sequences of `prompt + new` tokens and one prefill chunk's activations
+/// ([`estimate`]) against `budget` or what [`available_bytes`] finds. Refused with the
+/// numbers and what to change ([`check_fits`]); passes when nothing knows the memory.
+pub fn check_request_fits(
+    model: &Vlm,
+    (prompt, new, sequences): (usize, usize, usize),
+    chunk: usize,
+    budget: Option<f64>,
+    device: &Device,
+) -> Result<(), InferError> {
+    let Some(available) = available_bytes(budget, device) else {
+        return Ok(());
+    };
+    let bytes_per_value = burn::tensor::DType::from(device.settings().float_dtype).size();
+    let need = estimate(
+        &model.text_shape(),
+        prompt,
+        new,
+        sequences,
+        chunk,
+        bytes_per_value,
+    );
+    check_fits(&need, available, prompt, chunk)
+}
+
 /// How a program that knows its accelerators asks one for the memory a request may
 /// still take (a CUDA build of the `longview` binary registers
 /// `longview_kernels::device_memory::available_bytes`).

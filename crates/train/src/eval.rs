@@ -200,7 +200,15 @@ pub fn choose(
         model.config.tokens_per_frame(),
         true,
     )?;
-    // Chunked prefill: activations bounded by the chunk, logits of the last row only.
+    // Chunked prefill: activations bounded by the chunk, logits of the last row only;
+    // refused with the numbers when even that would not fit.
+    longview_infer::prefill::check_request_fits(
+        &model.model,
+        (encoded.ids.len(), 0, 1),
+        longview_infer::prefill::DEFAULT_CHUNK,
+        None,
+        device,
+    )?;
     let (_, last) = longview_infer::generate::prefill_prompt(
         &model.model,
         &encoded.ids,
