@@ -54,7 +54,7 @@ pub fn batch(
     // Under temporal pooling every row's frames form whole groups, so that groups
     // never straddle two rows of the batch.
     let pool = config.temporal_pool();
-    if frames % pool != 0 {
+    if !frames.is_multiple_of(pool) {
         anyhow::bail!(
             "{frames} frames under temporal pooling of {pool} frames: use a multiple of {pool}"
         );

@@ -304,11 +304,11 @@ fn a_simulated_link_delays_by_latency_and_serialises_by_bandwidth() {
     // Each arrival is at least the link's delay after the send, and the send came
     // after `start`; upper bounds leave room for a busy machine.
     assert!(
-        first >= 0.1025 - 0.001 && first < 0.5,
+        (0.1025 - 0.001..0.5).contains(&first),
         "first arrived after {first:.3} s"
     );
     assert!(
-        second >= 0.165 - 0.001 && second < 0.6,
+        (0.165 - 0.001..0.6).contains(&second),
         "second arrived after {second:.3} s: the link carries one message at a time"
     );
 }

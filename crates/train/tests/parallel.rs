@@ -96,7 +96,7 @@ fn assert_same_curve(reference: &[f32], losses: &[f32], what: &str) {
 
 /// Every rank's summary of `config` on `dp x sp` in-process ranks, rank 0 first.
 fn parallel_runs(config: &TrainConfig, dp: usize, sp: usize) -> Vec<TrainSummary> {
-    let head_dim = model_config(&config, &TextTokenizer::debug())
+    let head_dim = model_config(config, &TextTokenizer::debug())
         .unwrap()
         .text
         .head_dim();
