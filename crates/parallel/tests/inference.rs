@@ -63,22 +63,27 @@ fn on_ranks<T: Send>(
     })
 }
 
+/// The prompt's embeddings and one device's one-pass logits after its last row.
+fn one_device_prefill(model: &Vlm, ids: &[u32], visual: &Tensor<3>) -> (Tensor<3>, Vec<f32>) {
+    let device = Device::flex();
+    let embeds = embed_prompt(
+        model,
+        ids,
+        VisualInput::Embeddings(visual.clone()),
+        8,
+        &device,
+    )
+    .unwrap();
+    let mut cache = KvCache::new();
+    let last = prefill(model, embeds.clone(), 0, &mut cache, ids.len() - 1);
+    (embeds, host_rows(model.logits(last)).unwrap().remove(0))
+}
+
 #[test]
 fn sequence_parallel_prefill_gives_the_one_device_logits() {
     for text_after in [4, 9] {
         let (model, ids, visual) = model_and_prompt(text_after);
-        let device = Device::flex();
-        let embeds = embed_prompt(
-            &model,
-            &ids,
-            VisualInput::Embeddings(visual.clone()),
-            8,
-            &device,
-        )
-        .unwrap();
-        let mut cache = KvCache::new();
-        let last = prefill(&model, embeds.clone(), 0, &mut cache, ids.len() - 1);
-        let expected = host_rows(model.logits(last)).unwrap().remove(0);
+        let (embeds, expected) = one_device_prefill(&model, &ids, &visual);
         for world in [1, 2, 4] {
             let got = on_ranks(world, |sp| {
                 let mut cache = ShardedCache {
@@ -228,17 +233,7 @@ fn ulysses_and_2d_prefills_give_the_one_device_logits_and_generations() {
     // each kv head twice).
     let (model, ids, visual) = model_and_prompt(9);
     let device = Device::flex();
-    let embeds = embed_prompt(
-        &model,
-        &ids,
-        VisualInput::Embeddings(visual.clone()),
-        8,
-        &device,
-    )
-    .unwrap();
-    let mut cache = KvCache::new();
-    let last = prefill(&model, embeds.clone(), 0, &mut cache, ids.len() - 1);
-    let expected = host_rows(model.logits(last)).unwrap().remove(0);
+    let (embeds, expected) = one_device_prefill(&model, &ids, &visual);
     let options = GenerateOptions::new(8, Decoding::Greedy, vec![0, 1, 2]);
     let generations = generate_group(
         &model,

@@ -189,13 +189,7 @@ impl<'a> RunLoop<'a> {
         if !due {
             return Ok(None);
         }
-        let model = run.scoring_copy();
-        let report = needle::score(
-            &model,
-            &self.eval,
-            &run.tokenizer,
-            &self.device.clone().inner(),
-        )?;
+        let report = self.score_held_out(run)?;
         let line = format!(
             "step {step}: held-out needle accuracy {:.1}%",
             100.0 * report.accuracy()
@@ -284,16 +278,17 @@ impl<'a> RunLoop<'a> {
         })
     }
 
+    /// The held-out needles scored by this rank alone, on the model without autodiff.
+    fn score_held_out(&self, run: &Prepared) -> Result<NeedleReport, TrainError> {
+        let model = run.scoring_copy();
+        let device = self.device.clone().inner();
+        Ok(needle::score(&model, &self.eval, &run.tokenizer, &device)?)
+    }
+
     /// The held-out needle score after the last step, written to `needle.json` and the
     /// event files.
     fn final_eval(&mut self, run: &Prepared) -> Result<NeedleReport, TrainError> {
-        let model = run.scoring_copy();
-        let report = needle::score(
-            &model,
-            &self.eval,
-            &run.tokenizer,
-            &self.device.clone().inner(),
-        )?;
+        let report = self.score_held_out(run)?;
         self.sinks.eval_scalar(run.state.step, report.accuracy())?;
         let path = self.config.run.out.join("needle.json");
         let json = serde_json::to_string_pretty(&report).expect("report serialises");
