@@ -50,7 +50,7 @@ use longview_models::{Vlm, VlmInput};
 use crate::error::TrainError;
 
 mod head;
-mod stack;
+pub(crate) mod stack;
 
 use head::head_backward;
 

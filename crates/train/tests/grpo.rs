@@ -261,3 +261,96 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
         }
     }
 }
+
+#[test]
+fn recomputed_actor_gradients_equal_plain_autodiff() {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use longview_train::grpo::logprobs::ResponseLogprobs;
+    use longview_train::grpo::passes::{OneDevice, Passes};
+    use longview_train::remat::Recompute;
+
+    let _serial = serial();
+    let device = Device::flex().autodiff();
+    device.seed(9);
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let mut prompt: Vec<u32> = vec![4, 9];
+    prompt.extend(std::iter::repeat_n(
+        model.placeholder_token_id,
+        2 * config.tokens_per_frame(),
+    ));
+    prompt.extend([11, 6]);
+    let responses = vec![vec![20, 21, 22, 23], vec![30], vec![40, 41]];
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    // Cached visual tokens: constants of the pass, as in a GRPO update.
+    let visual = model.valid().encode_frames(pixels.inner()).autodiff();
+    let rollout = Rollout {
+        prompt: &prompt,
+        visual: Some(&visual),
+        responses: &responses,
+        temperature: 0.8,
+    };
+    // A loss that is not linear in the log-probs, so the head's backward matters.
+    let mut loss_of = |actor: ResponseLogprobs| {
+        let logp = actor.logp;
+        let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
+        let value = loss.clone().inner().into_scalar::<f32>();
+        Ok((loss, vec![value]))
+    };
+    let mut run = |recompute| {
+        OneDevice { recompute }
+            .actor_grads(&model, &rollout, &device, &mut loss_of)
+            .unwrap()
+            .unwrap()
+    };
+    let (plain_stats, plain) = run(Recompute::None);
+
+    struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, usize, String);
+    impl ModuleVisitor for Compare<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let (got, want) = (self.0.get::<D>(param.id), self.1.get::<D>(param.id));
+            match (got, want) {
+                (None, None) => {}
+                (Some(got), Some(want)) => {
+                    let got: Vec<f32> = got.into_data().iter::<f32>().collect();
+                    let want: Vec<f32> = want.into_data().iter::<f32>().collect();
+                    let scale = want.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs() / scale)
+                        .fold(0.0f32, f32::max);
+                    // f32 on the CPU; only the order of sums differs.
+                    assert!(
+                        worst <= 1e-4,
+                        "{}: parameter {:?}: {worst:.2e}",
+                        self.3,
+                        param.shape()
+                    );
+                    self.2 += 1;
+                }
+                (got, _) => panic!(
+                    "{}: parameter {:?} has a gradient on one side only (recomputed: {})",
+                    self.3,
+                    param.shape(),
+                    got.is_some()
+                ),
+            }
+        }
+    }
+    for mode in [Recompute::Layers, Recompute::AttentionAware] {
+        let (stats, grads) = run(mode);
+        assert!(
+            (stats[0] - plain_stats[0]).abs() <= 1e-5 * plain_stats[0].abs().max(1.0),
+            "{mode}: loss {} vs {}",
+            stats[0],
+            plain_stats[0]
+        );
+        let mut compare = Compare(&grads, &plain, 0, mode.to_string());
+        model.visit(&mut compare);
+        // Every LLM parameter (the vision tower and projector get none: cached tokens).
+        assert!(compare.2 > 10, "{mode}: {} gradients compared", compare.2);
+    }
+}

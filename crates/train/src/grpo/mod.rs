@@ -11,6 +11,7 @@
 //! Where the passes run is [`passes`]: one device, or a sequence-parallel group
 //! ([`passes::SpPasses`]: frames shared out, SP prefill and decode, [`sp_logprobs`]).
 
+pub mod actor;
 pub mod config;
 pub mod logprobs;
 pub mod loss;
@@ -77,7 +78,10 @@ pub fn train_grpo_with(
     reward: &dyn Reward,
 ) -> Result<GrpoSummary, TrainError> {
     let runner = SingleDevice::default();
-    train_grpo_on(config, options, device, log, reward, &runner, &OneDevice)
+    let passes = OneDevice {
+        recompute: config.run.recompute,
+    };
+    train_grpo_on(config, options, device, log, reward, &runner, &passes)
 }
 
 /// One rank of a GRPO run: `runner` says whether this rank writes (metrics,

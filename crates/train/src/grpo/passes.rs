@@ -12,10 +12,12 @@ use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
 use longview_models::{VisualInput, Vlm};
 use longview_parallel::inference::SpInference;
 
+use super::actor::{ActorLoss, actor_grads_plain, actor_grads_recomputed};
 use super::logprobs::{ResponseLogprobs, Rollout, response_logprobs};
 use super::sp_logprobs::SpLogprobs;
 use crate::error::TrainError;
 use crate::mmsp::all_reduce_grads;
+use crate::remat::Recompute;
 
 /// The model passes of a GRPO step.
 pub trait Passes {
@@ -50,6 +52,20 @@ pub trait Passes {
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError>;
 
+    /// The actor's loss of a group (`loss_of` maps the tracked log-probs of this
+    /// rank's response tokens to the loss and its statistics) and this rank's
+    /// gradients of it; `None` when every response is empty. By default one autodiff
+    /// graph over [`Passes::actor_logprobs`].
+    fn actor_grads(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+        loss_of: ActorLoss<'_>,
+    ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
+        actor_grads_plain(model, self.actor_logprobs(model, rollout, device)?, loss_of)
+    }
+
     /// Gradients summed over the ranks that share the sequences.
     fn reduce_grads(
         &self,
@@ -68,8 +84,12 @@ pub struct PromptSamples {
     pub samples: Vec<Decoding>,
 }
 
-/// Everything on one device.
-pub struct OneDevice;
+/// Everything on one device; the actor's pass recomputes its text layers in the
+/// backward unless `recompute` is `None` (`run.recompute`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OneDevice {
+    pub recompute: Recompute,
+}
 
 impl Passes for OneDevice {
     fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError> {
@@ -120,6 +140,21 @@ impl Passes for OneDevice {
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
         response_logprobs(model, rollout, device)
+    }
+
+    fn actor_grads(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+        loss_of: ActorLoss<'_>,
+    ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
+        match self.recompute {
+            Recompute::None => {
+                actor_grads_plain(model, response_logprobs(model, rollout, device)?, loss_of)
+            }
+            mode => actor_grads_recomputed(model, rollout, mode, device, loss_of),
+        }
     }
 
     fn reduce_grads(&self, _: &Vlm, grads: GradientsParams) -> Result<GradientsParams, TrainError> {

@@ -14,7 +14,7 @@ use longview_infer::generate::{Decoding, GenerateOptions, Generation};
 use longview_models::{VisualInput, Vlm};
 
 use super::config::GrpoConfig;
-use super::logprobs::Rollout;
+use super::logprobs::{ResponseLogprobs, Rollout};
 use super::loss::{Aggregation, group_advantages, masked_sum, token_losses};
 use super::passes::{Passes, PromptSamples};
 use super::reward::{Reward, Scored, ground_truth};
@@ -259,28 +259,40 @@ pub fn update(
             let visual = group_visual(model, group, true);
             let responses = responses(group);
             let rollout = group.rollout(visual.as_ref(), &responses, config.temperature);
-            let Some(actor) = passes.actor_logprobs(model, &rollout, device)? else {
-                continue;
-            };
             let advantages = Tensor::<1>::from_data(
                 TensorData::new(group.advantages.clone(), [group.advantages.len()]),
                 device,
             );
-            let losses = token_losses(
-                actor.logp,
-                old.clone().autodiff(),
-                reference.clone().map(|r| r.autodiff()),
-                advantages,
-                &config.settings(),
-            );
-            let loss = masked_sum(losses.loss, actor.mask.clone()).div_scalar(denominator);
-            let host = |t: Tensor<1>| t.inner().into_scalar::<f32>();
-            loss_sum += host(loss.clone().detach());
-            kl_sum += host(masked_sum(losses.kl.detach(), actor.mask.clone()));
-            clip_sum += host(masked_sum(losses.clipped.detach(), actor.mask.clone()));
-            entropy_sum += host(actor.entropy.sum());
-            tokens_sum += host(actor.mask.sum());
-            let grads = GradientsParams::from_grads(loss.backward(), model);
+            // The group's GRPO loss from the actor's tracked log-probs, with its
+            // statistics: loss, KL, clipped and entropy sums, tokens.
+            let mut loss_of = |actor: ResponseLogprobs| {
+                let losses = token_losses(
+                    actor.logp,
+                    old.clone().autodiff(),
+                    reference.clone().map(|r| r.autodiff()),
+                    advantages.clone(),
+                    &config.settings(),
+                );
+                let loss = masked_sum(losses.loss, actor.mask.clone()).div_scalar(denominator);
+                let host = |t: Tensor<1>| t.inner().into_scalar::<f32>();
+                let stats = vec![
+                    host(loss.clone().detach()),
+                    host(masked_sum(losses.kl.detach(), actor.mask.clone())),
+                    host(masked_sum(losses.clipped.detach(), actor.mask.clone())),
+                    host(actor.entropy.sum()),
+                    host(actor.mask.sum()),
+                ];
+                Ok((loss, stats))
+            };
+            let Some((stats, grads)) = passes.actor_grads(model, &rollout, device, &mut loss_of)?
+            else {
+                continue;
+            };
+            loss_sum += stats[0];
+            kl_sum += stats[1];
+            clip_sum += stats[2];
+            entropy_sum += stats[3];
+            tokens_sum += stats[4];
             accumulator.accumulate(model, grads);
             any = true;
         }
