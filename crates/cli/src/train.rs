@@ -34,8 +34,9 @@ pub struct TrainArgs {
     /// Overrides data.frames.
     #[arg(long)]
     pub frames: Option<usize>,
-    /// Data x sequence parallelism on in-process ranks (threads on this machine), e.g.
-    /// `2x2`: MM-SP inside each group of `SP` ranks, `DP` groups splitting the batch.
+    /// Data x sequence parallelism, e.g. `2x2`: MM-SP inside each group of `SP` ranks,
+    /// `DP` groups splitting the batch. On the CPU the ranks are threads of this
+    /// process.
     /// For `stage = "grpo"`: `1xSP` (rollouts and log-prob passes split over SP ranks).
     /// On GPUs, one process per rank over NCCL: `longview train --nproc N --device
     /// cuda --parallel DPxSP` (DP x SP = N; or under `cargo xtask launch`, torchrun,
