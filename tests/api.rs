@@ -46,6 +46,11 @@ fn load_embed_and_ask() {
         assert_eq!(vlm.dir(), checkpoint.join("model"));
     }
     let vlm = Vlm::load(&run, &device).unwrap();
+    // Handed an autodiff device, the inference API still keeps no graph (a forward on
+    // autodiff parameters would hold its activations until the output is dropped).
+    let from_autodiff = Vlm::load(&run, &train_device).unwrap();
+    let weight = from_autodiff.model().llm.model.embed_tokens.weight.val();
+    assert!(!weight.is_autodiff(), "Vlm::load strips autodiff");
 
     // A held-out video of the run: 6 frames sampled uniformly = every frame.
     let video_path = std::fs::read_dir(run.join("data"))
