@@ -269,10 +269,7 @@ impl Communicator for NcclComm {
         let shape = input.tensor.meta.shape().to_vec();
         let output = self.alloc(name, &input, &shape)?;
         self.sync_inputs(name, &input)?;
-        let red = match op {
-            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
-            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
-        };
+        let red = nccl_op(op);
         let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
         // SAFETY: pinned buffers of `count` elements each.
         unsafe {
@@ -340,10 +337,7 @@ impl Communicator for NcclComm {
         shape[0] /= self.world_size;
         let output = self.alloc(name, &input, &shape)?;
         self.sync_inputs(name, &input)?;
-        let red = match op {
-            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
-            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
-        };
+        let red = nccl_op(op);
         let dtype = nccl_type(input.tensor.dtype).expect("checked in pin");
         // SAFETY: the output holds count / world_size elements.
         unsafe {
@@ -506,5 +500,13 @@ impl Communicator for NcclComm {
             watchdog: self.watchdog,
             calls: AtomicU64::new(0),
         })
+    }
+}
+
+/// NCCL's name for a reduction.
+fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
+    match op {
+        ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
     }
 }
