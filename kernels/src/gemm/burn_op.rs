@@ -110,6 +110,17 @@ fn cube_gemm(a: CubeTensor, b: CubeTensor, t: Transposes, bias: Option<CubeTenso
             None => c,
         };
     };
+    if k == 0 && m * n > 0 {
+        // An empty inner dimension: the product is zero, plus the bias.
+        let dtype: FloatDType = a.dtype.into();
+        let zeros = CubeBackend::float_zeros(Shape::new([m, n]), &a.device, dtype);
+        return match bias {
+            Some(bias) => {
+                CubeBackend::float_add(zeros, CubeBackend::float_reshape(bias, Shape::new([1, n])))
+            }
+            None => zeros,
+        };
+    }
     let index = cuda.index;
     let (a, b) = (into_contiguous(a), into_contiguous(b));
     let bias = bias.map(into_contiguous);
@@ -123,10 +134,6 @@ fn cube_gemm(a: CubeTensor, b: CubeTensor, t: Transposes, bias: Option<CubeTenso
     );
     if m * n == 0 {
         return out;
-    }
-    if k == 0 {
-        let dtype: FloatDType = a.dtype.into();
-        return CubeBackend::float_zeros(Shape::new([m, n]), &a.device, dtype);
     }
     let resource = |t: &CubeTensor| {
         client
