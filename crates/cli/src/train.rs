@@ -207,13 +207,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             say(&format!(
                 "  parallel  {dp} data-parallel x {sp} sequence-parallel {where_ranks}"
             ));
-            let job = TrainJob {
+            let job = TrainJob(RunJob {
                 config: &config,
                 options: &options,
                 sp,
                 head_dim: head_dim(&config)?,
                 fresh: fresh_in_job,
-            };
+            });
             ranks.run(&job, &args.device)?
         }
     };
@@ -291,13 +291,13 @@ fn grpo(
                 setup.where_ranks
             );
         }
-        let job = GrpoJob {
+        let job = GrpoJob(RunJob {
             config,
             options,
             sp,
             head_dim: head_dim(config)?,
             fresh: setup.fresh,
-        };
+        });
         ranks.run(&job, setup.device)?
     };
     if !ranks.prints() {
@@ -355,9 +355,8 @@ struct RankSetup<'a> {
     fresh: bool,
 }
 
-/// GRPO on `sp` ranks: every rank computes the same rollouts and updates, the
-/// prefill, decode and log-prob passes split over the group; rank 0 writes.
-struct GrpoJob<'a> {
+/// What a rank of a training run needs, whichever stage it runs.
+struct RunJob<'a> {
     config: &'a TrainConfig,
     options: &'a TrainOptions,
     sp: usize,
@@ -365,6 +364,20 @@ struct GrpoJob<'a> {
     /// Clear the run folder first (`--fresh` in a launched job).
     fresh: bool,
 }
+
+impl RunJob<'_> {
+    /// What every rank does before the run: `--fresh` on rank 0, then a barrier.
+    fn start<C: Communicator>(&self, comm: &C, device: &Device) -> Result<(), TrainError> {
+        if self.fresh {
+            clear_run_on_rank0(comm, &self.config.run.out, device)?;
+        }
+        Ok(())
+    }
+}
+
+/// GRPO on `sp` ranks: every rank computes the same rollouts and updates, the
+/// prefill, decode and log-prob passes split over the group; rank 0 writes.
+struct GrpoJob<'a>(RunJob<'a>);
 
 impl RankJob for GrpoJob<'_> {
     type Output = longview_train::grpo::GrpoSummary;
@@ -376,15 +389,14 @@ impl RankJob for GrpoJob<'_> {
         log: &mut dyn FnMut(&str),
     ) -> Result<Self::Output, TrainError> {
         use longview_train::grpo::passes::SpPasses;
-        if self.fresh {
-            clear_run_on_rank0(&comm, &self.config.run.out, device)?;
-        }
-        let reward = self.config.grpo.reward();
-        let passes = SpPasses::new(&comm, self.head_dim)?;
-        let runner = MmSp::new(comm, self.sp, self.head_dim)?;
+        let job = &self.0;
+        job.start(&comm, device)?;
+        let reward = job.config.grpo.reward();
+        let passes = SpPasses::new(&comm, job.head_dim)?;
+        let runner = MmSp::new(comm, job.sp, job.head_dim)?;
         longview_train::grpo::train_grpo_on(
-            self.config,
-            self.options,
+            job.config,
+            job.options,
             device,
             log,
             &reward,
@@ -395,14 +407,7 @@ impl RankJob for GrpoJob<'_> {
 }
 
 /// Training on DP x SP ranks: MM-SP inside each group of `sp`, data parallel across.
-struct TrainJob<'a> {
-    config: &'a TrainConfig,
-    options: &'a TrainOptions,
-    sp: usize,
-    head_dim: usize,
-    /// Clear the run folder first (`--fresh` in a launched job).
-    fresh: bool,
-}
+struct TrainJob<'a>(RunJob<'a>);
 
 impl RankJob for TrainJob<'_> {
     type Output = TrainSummary;
@@ -413,12 +418,11 @@ impl RankJob for TrainJob<'_> {
         device: &Device,
         log: &mut dyn FnMut(&str),
     ) -> Result<Self::Output, TrainError> {
-        if self.fresh {
-            clear_run_on_rank0(&comm, &self.config.run.out, device)?;
-        }
+        let job = &self.0;
+        job.start(&comm, device)?;
         let runner =
-            MmSp::new(comm, self.sp, self.head_dim)?.with_recompute(self.config.run.recompute);
-        train_with(self.config, self.options, device, log, &runner)
+            MmSp::new(comm, job.sp, job.head_dim)?.with_recompute(job.config.run.recompute);
+        train_with(job.config, job.options, device, log, &runner)
     }
 }
 
