@@ -222,11 +222,19 @@ impl PaddedCache {
             device,
         ));
         let mut x = model.embed_tokens(ids);
+        // Every layer's keys have the same length this step: one padding mask for all.
+        let len = self.layers.first().map_or(0, |(k, _)| k.dims()[2]) + 1;
+        let masked: Vec<bool> = self
+            .pad
+            .iter()
+            .flat_map(|&p| (0..len).map(move |j| j < p))
+            .collect();
+        let padding = Tensor::<2, Bool>::from_data(TensorData::new(masked, [n, len]), device);
         for (layer, (keys, values)) in model.text_layers().iter().zip(&mut self.layers) {
             let input = layer.attention_input(x.clone(), &rope);
             *keys = Tensor::cat(vec![keys.clone(), input.k], 2);
             *values = Tensor::cat(vec![values.clone(), input.v], 2);
-            let out = padded_attention(input.q, keys, values, &self.pad, input.scale);
+            let out = padded_attention(input.q, keys, values, padding.clone(), input.scale);
             x = layer.after_attention(x, out);
         }
         for p in &mut self.next_position {
@@ -236,9 +244,9 @@ impl PaddedCache {
     }
 }
 
-/// One new query per row against all of the row's keys but the first `pad[row]`,
-/// as the tensor-op reference attention computes it (scores in the input dtype,
-/// softmax in f32).
+/// One new query per row against the row's keys not marked in `padding` (`[rows,
+/// len]`, true for a padding key), as the tensor-op reference attention computes it
+/// (scores in the input dtype, softmax in f32).
 ///
 /// # Shapes
 /// - q: `[rows, heads, 1, head_dim]`; k, v: `[rows, kv_heads, len, head_dim]`
@@ -247,7 +255,7 @@ fn padded_attention(
     q: Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
-    pad: &[usize],
+    padding: Tensor<2, Bool>,
     scale: f64,
 ) -> Tensor<4> {
     let [rows, heads, one, head_dim] = q.dims();
@@ -261,12 +269,7 @@ fn padded_attention(
     };
     let (k, v) = (repeat(k), repeat(v));
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let device = scores.device();
-    let masked: Vec<bool> = pad
-        .iter()
-        .flat_map(|&p| (0..len).map(move |j| j < p))
-        .collect();
-    let masked = Tensor::<2, Bool>::from_data(TensorData::new(masked, [rows, len]), &device)
+    let masked = padding
         .reshape([rows, 1, 1, len])
         .expand([rows, heads, one, len]);
     let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
