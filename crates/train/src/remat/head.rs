@@ -63,18 +63,18 @@ fn head_backward_in_slices(
     }
     let device = hidden.device();
     let flat = hidden.reshape([total, width]);
-    let mut grad = Tensor::<2>::zeros([total, width], (&device, flat.dtype()));
+    let index = |rows: &[i64]| {
+        Tensor::<1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &device)
+    };
     let mut value = 0.0f32;
+    let mut row_grads = Vec::new();
     let slice_rows = slice_rows.max(1);
     let n = supervised.len();
     for start in (0..n).step_by(slice_rows) {
         let end = (start + slice_rows).min(n);
-        let rows = &supervised.rows[start..end];
-        let index =
-            Tensor::<1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &device);
         let leaf = flat
             .clone()
-            .select(0, index.clone())
+            .select(0, index(&supervised.rows[start..end]))
             .autodiff()
             .require_grad();
         let loss = model
@@ -83,11 +83,15 @@ fn head_backward_in_slices(
         value += loss.clone().into_scalar::<f32>();
         let mut grads = loss.backward();
         take_grads(model, &mut grads, into);
-        let rows_grad = grad_or_zeros(&leaf, &grads).inner();
+        row_grads.push(grad_or_zeros(&leaf, &grads).inner().cast(flat.dtype()));
+    }
+    // The slices' row gradients written into the whole output's, once.
+    let mut grad = Tensor::<2>::zeros([total, width], (&device, flat.dtype()));
+    if !row_grads.is_empty() {
         grad = grad.select_assign(
             0,
-            index,
-            rows_grad.cast(flat.dtype()),
+            index(&supervised.rows),
+            Tensor::cat(row_grads, 0),
             IndexingUpdateOp::Add,
         );
     }
