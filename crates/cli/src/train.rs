@@ -392,7 +392,7 @@ impl RankJob for GrpoJob<'_> {
         let job = &self.0;
         job.start(&comm, device)?;
         let reward = job.config.grpo.reward();
-        let passes = SpPasses::new(&comm, job.head_dim)?;
+        let passes = SpPasses::new(&comm, job.head_dim)?.with_recompute(job.config.run.recompute);
         let runner = MmSp::new(comm, job.sp, job.head_dim)?;
         longview_train::grpo::train_grpo_on(
             job.config,

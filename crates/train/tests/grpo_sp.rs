@@ -10,6 +10,9 @@ use longview_train::grpo::logprobs::{Rollout, response_logprobs};
 use longview_train::grpo::sp_logprobs::SpLogprobs;
 use longview_train::mmsp::all_reduce_grads;
 
+mod common;
+use common::assert_grads_close;
+
 fn host2(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
@@ -165,6 +168,89 @@ fn frames_sharded_over_the_group_encode_to_the_one_device_tokens() {
         for tokens in got {
             // 3 frames over 2 ranks (2 + 1 padded) and over 4 (one rank pads only).
             assert!(worst(&tokens, &expected) < 1e-6, "{world} ranks");
+        }
+    }
+}
+
+/// The actor's pass on each rank's zigzag rows with the text layers recomputed in the
+/// backward (LightSeq's attention-aware mode replays the ring's backward from the
+/// kept output and LSE), summed over the group, against one device's plain autodiff:
+/// every LLM parameter's gradient and the summed loss.
+#[test]
+fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
+    use longview_train::grpo::logprobs::ResponseLogprobs;
+    use longview_train::remat::Recompute;
+
+    let device = Device::flex().autodiff();
+    device.seed(5);
+    let config = VlmConfig::debug();
+    let model = config.init(&device);
+    let mut prompt: Vec<u32> = vec![4, 9];
+    prompt.extend(std::iter::repeat_n(
+        model.placeholder_token_id,
+        2 * config.tokens_per_frame(),
+    ));
+    prompt.extend([11, 6]);
+    // Lengths 4, 1 and 2: padding inside the batch and a total zigzag does not divide.
+    let responses = vec![vec![20, 21, 22, 23], vec![30], vec![40, 41]];
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let visual = model.valid().encode_frames(pixels.inner()).autodiff();
+    let rollout = Rollout {
+        prompt: &prompt,
+        visual: Some(&visual),
+        responses: &responses,
+        temperature: 0.8,
+    };
+    // Not linear in the log-probs (so the head's backward matters), but a sum over
+    // tokens, so the ranks' losses add up to the one-device loss.
+    let loss_of = |actor: ResponseLogprobs| {
+        let logp = actor.logp;
+        let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
+        let value = loss.clone().inner().into_scalar::<f32>();
+        Ok((loss, vec![value]))
+    };
+    let single = response_logprobs(&model, &rollout, &device)
+        .unwrap()
+        .unwrap();
+    let (loss, _) = loss_of(single).unwrap();
+    let expected_loss = loss.clone().inner().into_scalar::<f32>();
+    let expected = GradientsParams::from_grads(loss.backward(), &model);
+
+    let head_dim = config.text.head_dim();
+    for world in [2, 4] {
+        for mode in [Recompute::Layers, Recompute::AttentionAware] {
+            let comms = LocalWorld::communicators(world);
+            let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        let (model, rollout, device) = (&model, &rollout, &device);
+                        scope.spawn(move || {
+                            let sp = SpLogprobs::new(comm, head_dim).unwrap();
+                            let mut loss_of = loss_of;
+                            let (stats, grads) = sp
+                                .actor_grads(model, rollout, mode, device, &mut loss_of)
+                                .unwrap()
+                                .unwrap();
+                            let summed = all_reduce_grads(model, grads, sp.comm()).unwrap();
+                            (stats[0], summed)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let total: f32 = results.iter().map(|(l, _)| l).sum();
+            assert!(
+                (total - expected_loss).abs() <= 1e-5 * expected_loss.abs().max(1.0),
+                "SP{world} {mode}: loss {total} vs {expected_loss}"
+            );
+            for (rank, (_, grads)) in results.iter().enumerate() {
+                let label = format!("SP{world} {mode} rank {rank}");
+                // f32 on the CPU: the ring's and the ranks' sums run in other orders.
+                let compared = assert_grads_close(&model, grads, &expected, 1e-4, &label);
+                assert!(compared > 10, "{label}: {compared} gradients compared");
+            }
         }
     }
 }

@@ -9,10 +9,15 @@
 //! the head and the GRPO loss under autodiff on the last layer's output, then every
 //! layer replayed last to first from what was kept. The gradients equal plain
 //! autodiff's (test `recomputed_actor_gradients_equal_plain_autodiff`).
+//!
+//! The same executor ([`recomputed_grads`]) runs a rank's zigzag share of the rows
+//! under sequence parallelism ([`super::sp_logprobs::SpLogprobs::actor_grads`]): only
+//! the rows, their positions and how the log-probs are read off differ
+//! ([`ActorRows`]).
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use longview_models::Vlm;
 use longview_models::vila::default_position_ids;
 
@@ -42,6 +47,66 @@ pub fn actor_grads_plain(
     )))
 }
 
+/// The rows of a group's sequences that one actor pass runs through the text layers,
+/// and how the response tokens' log-probs are read off the last layer's output.
+pub(crate) trait ActorRows {
+    /// The text layers' input rows, `[responses, rows, hidden]` (`model` and
+    /// `rollout.visual` both with or both without autodiff).
+    fn embeds(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+    ) -> Result<Tensor<3>, TrainError>;
+
+    /// The rows' position ids, `[responses, rows]`.
+    fn position_ids(&self, device: &Device) -> Tensor<2, Int>;
+
+    /// The log-probs (tracked) of the response tokens the rows `hidden` predict.
+    fn logprobs(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        hidden: Tensor<3>,
+        device: &Device,
+    ) -> ResponseLogprobs;
+}
+
+/// Every row of prompt + longest response on one device.
+struct WholeRows {
+    responses: usize,
+    prompt: usize,
+    longest: usize,
+}
+
+impl ActorRows for WholeRows {
+    fn embeds(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+    ) -> Result<Tensor<3>, TrainError> {
+        rollout.embeds(model, self.prompt + self.longest, device)
+    }
+
+    fn position_ids(&self, device: &Device) -> Tensor<2, Int> {
+        default_position_ids(self.responses, self.prompt + self.longest, device)
+    }
+
+    fn logprobs(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        hidden: Tensor<3>,
+        device: &Device,
+    ) -> ResponseLogprobs {
+        // Row prompt_len - 1 + k predicts response token k.
+        let rows = hidden.narrow(1, self.prompt - 1, self.longest);
+        let ks: Vec<usize> = (0..self.longest).collect();
+        token_logprobs(model, rollout, rows, &ks, device)
+    }
+}
+
 /// [`actor_grads_plain`] over the group's responses with the text layers recomputed
 /// in the backward (`mode`: `Layers` or `AttentionAware`). The visual tokens of the
 /// rollout are constants (the vision tower stays frozen in GRPO).
@@ -56,8 +121,26 @@ pub fn actor_grads_recomputed(
     if longest == 0 || rollout.prompt.is_empty() {
         return Ok(None);
     }
-    let n = rollout.responses.len();
-    let len = rollout.prompt.len() + longest;
+    let rows = WholeRows {
+        responses: rollout.responses.len(),
+        prompt: rollout.prompt.len(),
+        longest,
+    };
+    recomputed_grads(model, rollout, &rows, mode, device, loss_of).map(Some)
+}
+
+/// The recomputed actor pass over `rows`: the loss's statistics and the gradients of
+/// `model`'s trainable parameters. Under sequence parallelism `model` carries the
+/// sharded attention and the scheme is installed by the caller; the gradients are
+/// then this rank's part.
+pub(crate) fn recomputed_grads(
+    model: &Vlm,
+    rollout: &Rollout<'_>,
+    rows: &dyn ActorRows,
+    mode: Recompute,
+    device: &Device,
+    loss_of: ActorLoss<'_>,
+) -> Result<(Vec<f32>, GradientsParams), TrainError> {
     let inner = device.clone().inner();
 
     // Forward without autodiff, keeping what `mode` names per layer.
@@ -67,17 +150,14 @@ pub fn actor_grads_recomputed(
         visual: visual.as_ref(),
         ..*rollout
     };
-    let embeds = plain_rollout.embeds(&plain, len, &inner)?;
-    let rope = plain.text_context(default_position_ids(n, len, &inner));
+    let embeds = rows.embeds(&plain, &plain_rollout, &inner)?;
+    let rope = plain.text_context(rows.position_ids(&inner));
     let (hidden, kept) = forward_stack(plain.text_layers(), &rope, embeds, mode);
     drop((rope, plain));
 
     // The head and the loss under autodiff, from the last layer's output.
     let leaf = hidden.autodiff().require_grad();
-    // Row prompt_len - 1 + k predicts response token k.
-    let rows = leaf.clone().narrow(1, rollout.prompt.len() - 1, longest);
-    let ks: Vec<usize> = (0..longest).collect();
-    let (loss, stats) = loss_of(token_logprobs(model, rollout, rows, &ks, device))?;
+    let (loss, stats) = loss_of(rows.logprobs(model, rollout, leaf.clone(), device))?;
     let mut into = GradientsParams::new();
     let mut grads = loss.backward();
     take_grads(model, &mut grads, &mut into);
@@ -85,11 +165,11 @@ pub fn actor_grads_recomputed(
     drop(grads);
 
     // The layers replayed last to first, then the token embeddings.
-    let rope = model.text_context(default_position_ids(n, len, device));
+    let rope = model.text_context(rows.position_ids(device));
     let d_embeds = backward_stack(model, model.text_layers(), &rope, kept, d_hidden, &mut into);
     drop(rope);
-    let embeds = rollout.embeds(model, len, device)?;
+    let embeds = rows.embeds(model, rollout, device)?;
     let mut grads = surrogate(embeds, d_embeds).backward();
     take_grads(model, &mut grads, &mut into);
-    Ok(Some((stats, into)))
+    Ok((stats, into))
 }

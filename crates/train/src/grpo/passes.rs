@@ -167,10 +167,12 @@ impl Passes for OneDevice {
 }
 
 /// A rank of a sequence-parallel group: rollouts through [`SpInference`], log-probs
-/// through [`SpLogprobs`] (each on its own channels of the group).
+/// through [`SpLogprobs`] (each on its own channels of the group); the actor's pass
+/// recomputes its text layers in the backward unless `recompute` is `None`.
 pub struct SpPasses<C: Communicator + Send + Sync + 'static> {
     pub inference: SpInference<C>,
     pub logprobs: SpLogprobs<C>,
+    pub recompute: Recompute,
 }
 
 impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
@@ -184,7 +186,15 @@ impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
         Ok(SpPasses {
             inference: SpInference::new(split("rollout")?, head_dim)?,
             logprobs: SpLogprobs::new(split("log-prob")?, head_dim)?,
+            recompute: Recompute::None,
         })
+    }
+
+    /// The actor's pass with its text layers recomputed in the backward
+    /// (`run.recompute`).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
+        self
     }
 }
 
@@ -258,6 +268,23 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
         self.logprobs.local(model, rollout, device)
+    }
+
+    fn actor_grads(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+        loss_of: ActorLoss<'_>,
+    ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
+        match self.recompute {
+            Recompute::None => {
+                actor_grads_plain(model, self.logprobs.local(model, rollout, device)?, loss_of)
+            }
+            mode => self
+                .logprobs
+                .actor_grads(model, rollout, mode, device, loss_of),
+        }
     }
 
     fn reduce_grads(

@@ -4,10 +4,13 @@
 //! log-probabilities of the response tokens its rows predict. The old-policy and
 //! reference passes sum the ranks' parts into whole `[responses, max_len]` tensors;
 //! the actor's loss is taken on each rank's own tokens, and the gradients summed over
-//! the group (`mmsp::all_reduce_grads`) are the one-device gradients.
+//! the group (`mmsp::all_reduce_grads`) are the one-device gradients. The actor's pass
+//! can also recompute its layers in the backward ([`SpLogprobs::actor_grads`]: the
+//! executor of [`super::actor`] on this rank's rows).
 
 use std::sync::Arc;
 
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
@@ -17,14 +20,27 @@ use longview_parallel::inference::causal_zigzag_ring;
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::model::install;
 
+use super::actor::{ActorLoss, ActorRows, recomputed_grads};
 use super::logprobs::{ResponseLogprobs, Rollout, token_logprobs};
 use crate::error::TrainError;
+use crate::remat::Recompute;
 
 /// A rank's sequence-parallel group for the log-prob passes.
 pub struct SpLogprobs<C: Communicator + Send + Sync + 'static> {
     comm: C,
     ring: Arc<dyn DistributedAttention>,
     scale: f64,
+}
+
+fn sharding(e: longview_parallel::ParallelError) -> TrainError {
+    TrainError::Parallel(e.to_string())
+}
+
+/// `model` with its text attention sharded (the installed scheme).
+fn sharded(model: &Vlm) -> Vlm {
+    model
+        .clone()
+        .with_attention(model.vision_attention(), AttentionImpl::Sharded)
 }
 
 fn comm_error(what: &'static str) -> impl Fn(longview_comm::CommError) -> TrainError {
@@ -54,65 +70,64 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
         rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
-        let (world, rank) = (self.comm.world_size(), self.comm.rank());
-        let (n, longest) = (rollout.responses.len(), rollout.longest());
-        if longest == 0 || rollout.prompt.is_empty() {
+        let Some(rows) = self.rows(rollout)? else {
             return Ok(None);
-        }
-        // Zigzag needs a multiple of 2P rows; padding goes after every response, where
-        // causal attention keeps it from the rows that matter.
-        let len = (rollout.prompt.len() + longest).div_ceil(2 * world) * 2 * world;
-        let embeds = rollout.embeds(model, len, device)?;
-        let layout = SeqLayout::Zigzag;
-        let sharding = |e: longview_parallel::ParallelError| TrainError::Parallel(e.to_string());
-        let local = shard(embeds, 1, layout, rank, world).map_err(sharding)?;
-        let positions = layout.positions(len, rank, world).map_err(sharding)?;
-        let rows = positions.len();
-        let pos: Vec<i64> = (0..n)
-            .flat_map(|_| positions.iter().map(|&p| p as i64))
-            .collect();
-        let rope = model.text_context(Tensor::from_data(TensorData::new(pos, [n, rows]), device));
-        let sharded = model
-            .clone()
-            .with_attention(model.vision_attention(), AttentionImpl::Sharded);
-        let mut x = local;
+        };
+        let mut x = rows.embeds(model, rollout, device)?;
+        let rope = model.text_context(rows.position_ids(device));
+        let sharded = sharded(model);
         {
             let _ring = install(self.ring.clone(), true, self.scale, "GRPO zigzag ring");
             for layer in sharded.text_layers() {
                 x = layer.forward(x, &rope);
             }
         }
-        // This rank's rows that predict response tokens: global row p - 1 + k
-        // predicts token k.
-        let first = rollout.prompt.len() - 1;
-        let (rows, ks): (Vec<i64>, Vec<usize>) = positions
-            .iter()
-            .enumerate()
-            .filter(|&(_, &p)| p >= first && p < first + longest)
-            .map(|(row, &p)| (row as i64, p - first))
-            .unzip();
-        let m = ks.len();
-        let zeros = Tensor::<2>::zeros([n, longest], device);
-        if m == 0 {
-            // No token here, but the backward must still take part in the ring's.
-            return Ok(Some(ResponseLogprobs {
-                logp: zeros.clone() + x.sum().mul_scalar(0.0).reshape([1, 1]),
-                mask: zeros.clone(),
-                entropy: zeros,
-            }));
+        Ok(Some(rows.logprobs(model, rollout, x, device)))
+    }
+
+    /// The actor's pass on this rank's rows with the text layers recomputed in the
+    /// backward (`mode`: `Layers` or `AttentionAware`, whose replay runs the ring's
+    /// backward from the kept output and LSE): the loss's statistics and this rank's
+    /// gradients, which summed over the group are the one-device gradients. `loss_of`
+    /// sees [`Self::local`]'s tensors. `None` when every response is empty.
+    pub fn actor_grads(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        mode: Recompute,
+        device: &Device,
+        loss_of: ActorLoss<'_>,
+    ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
+        let Some(rows) = self.rows(rollout)? else {
+            return Ok(None);
+        };
+        let sharded = sharded(model);
+        let _ring = install(self.ring.clone(), true, self.scale, "GRPO zigzag ring");
+        recomputed_grads(&sharded, rollout, &rows, mode, device, loss_of).map(Some)
+    }
+
+    /// This rank's zigzag share of the group's rows; `None` when every response is
+    /// empty.
+    fn rows(&self, rollout: &Rollout<'_>) -> Result<Option<ZigzagRows>, TrainError> {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let longest = rollout.longest();
+        if longest == 0 || rollout.prompt.is_empty() {
+            return Ok(None);
         }
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), device);
-        let part = token_logprobs(model, rollout, x.select(1, rows), &ks, device);
-        // Place column j at response position ks[j]: a [m, longest] 0/1 matrix.
-        let mut place = vec![0f32; m * longest];
-        for (j, &k) in ks.iter().enumerate() {
-            place[j * longest + k] = 1.0;
-        }
-        let place = Tensor::<2>::from_data(TensorData::new(place, [m, longest]), device);
-        Ok(Some(ResponseLogprobs {
-            logp: part.logp.matmul(place.clone()),
-            mask: part.mask.matmul(place.clone()),
-            entropy: part.entropy.matmul(place),
+        // Zigzag needs a multiple of 2P rows; padding goes after every response, where
+        // causal attention keeps it from the rows that matter.
+        let len = (rollout.prompt.len() + longest).div_ceil(2 * world) * 2 * world;
+        let positions = SeqLayout::Zigzag
+            .positions(len, rank, world)
+            .map_err(sharding)?;
+        Ok(Some(ZigzagRows {
+            len,
+            rank,
+            world,
+            positions,
+            responses: rollout.responses.len(),
+            first: rollout.prompt.len() - 1,
+            longest,
         }))
     }
 
@@ -132,5 +147,81 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
             .all_reduce(part.logp.detach().inner(), ReduceOp::Sum)
             .map_err(comm_error("summing log-probs"))?;
         Ok(Some(total))
+    }
+}
+
+/// A rank's zigzag share of a group's rows: every response padded to `len` rows, this
+/// rank holding the global rows `positions`.
+struct ZigzagRows {
+    len: usize,
+    rank: usize,
+    world: usize,
+    positions: Vec<usize>,
+    responses: usize,
+    /// The row that predicts the first response token (prompt length - 1).
+    first: usize,
+    longest: usize,
+}
+
+impl ActorRows for ZigzagRows {
+    fn embeds(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        device: &Device,
+    ) -> Result<Tensor<3>, TrainError> {
+        let embeds = rollout.embeds(model, self.len, device)?;
+        shard(embeds, 1, SeqLayout::Zigzag, self.rank, self.world).map_err(sharding)
+    }
+
+    fn position_ids(&self, device: &Device) -> Tensor<2, Int> {
+        let rows = self.positions.len();
+        let ids: Vec<i64> = (0..self.responses)
+            .flat_map(|_| self.positions.iter().map(|&p| p as i64))
+            .collect();
+        Tensor::from_data(TensorData::new(ids, [self.responses, rows]), device)
+    }
+
+    /// Zeros at the response tokens other ranks' rows predict.
+    fn logprobs(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        hidden: Tensor<3>,
+        device: &Device,
+    ) -> ResponseLogprobs {
+        let (n, longest, first) = (self.responses, self.longest, self.first);
+        // Global row first + k predicts token k.
+        let (rows, ks): (Vec<i64>, Vec<usize>) = self
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|&(_, &p)| p >= first && p < first + longest)
+            .map(|(row, &p)| (row as i64, p - first))
+            .unzip();
+        let m = ks.len();
+        let zeros = Tensor::<2>::zeros([n, longest], device);
+        if m == 0 {
+            // No token here, but the backward must still reach the rows (and through
+            // them take part in the ring's backward).
+            return ResponseLogprobs {
+                logp: zeros.clone() + hidden.sum().mul_scalar(0.0).reshape([1, 1]),
+                mask: zeros.clone(),
+                entropy: zeros,
+            };
+        }
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), device);
+        let part = token_logprobs(model, rollout, hidden.select(1, rows), &ks, device);
+        // Place column j at response position ks[j]: a [m, longest] 0/1 matrix.
+        let mut place = vec![0f32; m * longest];
+        for (j, &k) in ks.iter().enumerate() {
+            place[j * longest + k] = 1.0;
+        }
+        let place = Tensor::<2>::from_data(TensorData::new(place, [m, longest]), device);
+        ResponseLogprobs {
+            logp: part.logp.matmul(place.clone()),
+            mask: part.mask.matmul(place.clone()),
+            entropy: part.entropy.matmul(place),
+        }
     }
 }

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
 use longview_train::TrainOptions;
 
 /// Burn's device RNG is one per process and model parameters are drawn lazily, on
@@ -55,4 +57,60 @@ pub fn no_progress() -> TrainOptions {
         progress: false,
         ..TrainOptions::default()
     }
+}
+
+/// Asserts that `got` and `want` agree on the gradient of every parameter of `model`,
+/// within `tolerance` of the largest |want| of its tensor (at least 1e-3); a missing
+/// gradient counts as zeros (an all-reduce fills in the parameters a rank did not
+/// reach). Returns how many parameters had a nonzero gradient on either side.
+/// `label` names the case in a failure.
+pub fn assert_grads_close<M: Module>(
+    model: &M,
+    got: &GradientsParams,
+    want: &GradientsParams,
+    tolerance: f32,
+    label: &str,
+) -> usize {
+    struct Compare<'a> {
+        got: &'a GradientsParams,
+        want: &'a GradientsParams,
+        tolerance: f32,
+        label: &'a str,
+        compared: usize,
+    }
+    impl ModuleVisitor for Compare<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let host = |g: Option<Tensor<D>>| -> Vec<f32> {
+                let n = param.shape().num_elements();
+                g.map_or(vec![0.0; n], |g| g.into_data().iter::<f32>().collect())
+            };
+            let got = host(self.got.get::<D>(param.id));
+            let want = host(self.want.get::<D>(param.id));
+            if got.iter().chain(&want).all(|&x| x == 0.0) {
+                return;
+            }
+            let scale = want.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / scale)
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= self.tolerance,
+                "{}: parameter {:?}: {worst:.2e}",
+                self.label,
+                param.shape()
+            );
+            self.compared += 1;
+        }
+    }
+    let mut compare = Compare {
+        got,
+        want,
+        tolerance,
+        label,
+        compared: 0,
+    };
+    model.visit(&mut compare);
+    compare.compared
 }
