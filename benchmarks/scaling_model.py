@@ -700,24 +700,27 @@ def lora_trainable(llm, rank=8):
 
 def print_states():
     print("### Model states per GPU (weights, gradients, optimizer), GiB\n")
-    print("As built the trainer keeps, on every rank, f32 master weights, the bf16 working "
-          "copy, f32 gradients and AdamW's two f32 moments (18 bytes per trained "
+    print("Without sharding the trainer keeps, on every rank, f32 master weights, the bf16 "
+          "working copy, f32 gradients and AdamW's two f32 moments (18 bytes per trained "
           "parameter; frozen parameters keep the f32 master and the bf16 copy, 6 bytes). "
-          "Nothing is sharded. The sharded column is what sharding the f32 master and the "
-          "moments over all P ranks would leave (ZeRO stage 1; not built): 6 + 12/P bytes "
-          "per parameter.\n")
-    print("| model | VLM parameters | stage 5, all weights (as built) | stage 4 LoRA r8 + embeddings + norms (as built) | "
-          + " | ".join(f"stage 5 sharded, P={P}" for P in (8, 64, 256)) + " |")
-    print("|---|---|---|---|" + "---|" * 3)
+          "`run.shard_optimizer = true` (crates/train/src/zero.rs) shards the moments over "
+          "all P ranks: 10 + 8/P bytes per trained parameter. Sharding the f32 master too "
+          "(Megatron's distributed optimizer; not built) would leave 6 + 12/P.\n")
+    built, unbuilt = (4, 8, 256), (8, 256)
+    print("| model | VLM parameters | stage 5, all weights, unsharded | stage 4 LoRA r8 + embeddings + norms, unsharded | "
+          + " | ".join(f"stage 5 moments sharded, P={P}" for P in built) + " | "
+          + " | ".join(f"stage 5 master + moments sharded (not built), P={P}" for P in unbuilt) + " |")
+    print("|---|---|---|---|" + "---|" * (len(built) + len(unbuilt)))
     for llm in (QWEN_1_5B, QWEN_7B):
         total, _ = vlm_params(llm)
         lora, trainable = lora_trainable(llm)
         full = total * BYTES_PER_TRAINABLE_PARAM
         st4 = total * BYTES_PER_FROZEN_PARAM + trainable * (BYTES_PER_TRAINABLE_PARAM - BYTES_PER_FROZEN_PARAM)
-        sh = [total * (6 + 12 / P) for P in (8, 64, 256)]
+        moments = [total * (10 + 8 / P) for P in built]
+        both = [total * (6 + 12 / P) for P in unbuilt]
         print(f"| {llm.name} | {total / 1e6:.0f} M | {full / GIB:.1f}{fit_mark(full)} | "
               f"{st4 / GIB:.1f} ({trainable / 1e6:.0f} M trained) | "
-              + " | ".join(f"{x / GIB:.1f}" for x in sh) + " |")
+              + " | ".join(f"{x / GIB:.1f}" for x in moments + both) + " |")
     print()
 
 

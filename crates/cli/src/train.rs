@@ -393,7 +393,8 @@ impl RankJob for GrpoJob<'_> {
         job.start(&comm, device)?;
         let reward = job.config.grpo.reward();
         let passes = SpPasses::new(&comm, job.head_dim)?.with_recompute(job.config.run.recompute);
-        let runner = MmSp::new(comm, job.sp, job.head_dim)?;
+        let runner = MmSp::new(comm, job.sp, job.head_dim)?
+            .with_sharded_optimizer(job.config.run.shard_optimizer);
         longview_train::grpo::train_grpo_on(
             job.config,
             job.options,
@@ -420,8 +421,9 @@ impl RankJob for TrainJob<'_> {
     ) -> Result<Self::Output, TrainError> {
         let job = &self.0;
         job.start(&comm, device)?;
-        let runner =
-            MmSp::new(comm, job.sp, job.head_dim)?.with_recompute(job.config.run.recompute);
+        let runner = MmSp::new(comm, job.sp, job.head_dim)?
+            .with_recompute(job.config.run.recompute)
+            .with_sharded_optimizer(job.config.run.shard_optimizer);
         train_with(job.config, job.options, device, log, &runner)
     }
 }

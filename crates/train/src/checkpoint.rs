@@ -6,6 +6,8 @@
 //!     model/            VILA layout (config.json, llm/, vision_tower/, mm_projector/), f32
 //!     optimizer.bpk     AdamW moments (burnpack, keyed by parameter id)
 //!     param_ids.json    module path -> parameter id, so the moments find their tensors
+//!     (sharded optimizer, `crate::zero`: optimizer-RRR-of-WWW.bpk and
+//!      param_ids-RRR-of-WWW.json per rank instead of optimizer.bpk)
 //!     trainer.json      step, data position, seed, losses so far, the run's config
 //!   latest              the name of the newest complete checkpoint
 //! ```
@@ -87,12 +89,22 @@ pub fn clean_partial(out: &Path) -> Result<Vec<String>, TrainError> {
             removed.push(name);
             continue;
         }
-        if name.ends_with(".partial") {
+        // `.partial`: a checkpoint being written; `.shards`: optimizer shards staged
+        // for one (`crate::zero`).
+        if name.ends_with(".partial") || name.ends_with(".shards") {
             std::fs::remove_dir_all(entry.path()).map_err(TrainError::io(entry.path()))?;
             removed.push(name);
         }
     }
     Ok(removed)
+}
+
+/// Where a checkpoint's optimizer state comes from.
+pub enum OptimizerState<'a> {
+    /// The whole state, written as `optimizer.bpk`.
+    Whole(&'a ModuleOptimizer),
+    /// `world` ranks' shards already staged in `staged` (`crate::zero`), moved in.
+    Shards { staged: PathBuf, world: usize },
 }
 
 /// Writes a checkpoint of `step` atomically, points `latest` at it and keeps the
@@ -102,7 +114,7 @@ pub fn save(
     out: &Path,
     model: &Vlm,
     config: &VlmConfig,
-    optimizer: &ModuleOptimizer,
+    optimizer: OptimizerState<'_>,
     state: &TrainerState,
     tokenizer_json: &str,
     keep: usize,
@@ -218,7 +230,7 @@ fn write_contents(
     partial: &Path,
     model: &Vlm,
     config: &VlmConfig,
-    optimizer: &ModuleOptimizer,
+    optimizer: OptimizerState<'_>,
     state: &TrainerState,
     tokenizer_json: &str,
 ) -> Result<(), TrainError> {
@@ -256,10 +268,17 @@ fn write_contents(
     }
     let tokenizer = model_dir.join("llm").join("tokenizer.json");
     std::fs::write(&tokenizer, tokenizer_json).map_err(TrainError::io(&tokenizer))?;
-    let optim = partial.join("optimizer.bpk");
-    optimizer
-        .save(&optim)
-        .map_err(|e| TrainError::checkpoint(&optim, format!("writing the optimizer state: {e}")))?;
+    match optimizer {
+        OptimizerState::Whole(optimizer) => {
+            let optim = partial.join("optimizer.bpk");
+            optimizer.save(&optim).map_err(|e| {
+                TrainError::checkpoint(&optim, format!("writing the optimizer state: {e}"))
+            })?;
+        }
+        OptimizerState::Shards { staged, world } => {
+            crate::zero::move_shards(&staged, partial, world)?;
+        }
+    }
     write_json(&partial.join("param_ids.json"), &param_ids(model))?;
     write_json(&partial.join("trainer.json"), state)?;
     sync_tree(partial)?;
@@ -291,8 +310,16 @@ pub struct Loaded {
 }
 
 /// Loads a checkpoint folder: weights with their original parameter ids, the
-/// optimizer state (into `optimizer`, freshly configured) and the trainer state.
-pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<Loaded, TrainError> {
+/// optimizer state (into `optimizer`, freshly configured; with `shard`, that rank's
+/// shard of a sharded state, the weights taking the ids its moments are keyed by)
+/// and the trainer state.
+pub fn load(
+    dir: &Path,
+    optimizer: ModuleOptimizer,
+    shard: Option<crate::zero::ShardId>,
+    device: &Device,
+) -> Result<Loaded, TrainError> {
+    let (optim, shard_ids) = crate::zero::shard_files(dir, shard)?;
     let state: TrainerState = read_json(&dir.join("trainer.json"))?;
     if state.format_version != FORMAT_VERSION {
         return Err(TrainError::checkpoint(
@@ -329,8 +356,12 @@ pub fn load(dir: &Path, optimizer: ModuleOptimizer, device: &Device) -> Result<L
     }
     let ids_path = dir.join("param_ids.json");
     let ids: BTreeMap<String, u64> = read_json(&ids_path)?;
-    let model = restore_param_ids(model, &ids).map_err(|m| TrainError::checkpoint(&ids_path, m))?;
-    let optim = dir.join("optimizer.bpk");
+    let mut model =
+        restore_param_ids(model, &ids).map_err(|m| TrainError::checkpoint(&ids_path, m))?;
+    if let Some(ids_path) = shard_ids {
+        let ids: BTreeMap<String, u64> = read_json(&ids_path)?;
+        model = restore_param_ids(model, &ids).map_err(|m| TrainError::checkpoint(&ids_path, m))?;
+    }
     let optimizer = optimizer
         .load(&optim)
         .map_err(|e| TrainError::checkpoint(&optim, format!("reading the optimizer state: {e}")))?;

@@ -48,6 +48,11 @@ pub struct RunConfig {
     /// where this build and device run them, i.e. CUDA; the tensor-op reference
     /// elsewhere), `reference` or `flash` (an error where it cannot run).
     pub attention: AttentionChoice,
+    /// Under `--parallel`, shard AdamW's moments over the ranks (ZeRO stage 1 of the
+    /// moments, [`crate::zero`]): each rank keeps and updates the moments of its share
+    /// of the parameters, the updated weights are broadcast. Resuming needs the same
+    /// number of ranks. No effect on one device.
+    pub shard_optimizer: bool,
 }
 
 /// Which attention implementation a run's model calls.
@@ -235,6 +240,7 @@ impl Default for RunConfig {
             eval_every: 0,
             recompute: Recompute::None,
             attention: AttentionChoice::Auto,
+            shard_optimizer: false,
         }
     }
 }

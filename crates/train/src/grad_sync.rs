@@ -156,34 +156,58 @@ fn bucket_ranges(sizes: &[(DType, usize)], bucket_bytes: usize) -> Vec<std::ops:
 }
 /// Every parameter replaced by rank 0's value (same ids), so all ranks start equal.
 pub fn broadcast_params<M: Module, C: Communicator>(model: M, comm: &C) -> Result<M, TrainError> {
+    broadcast_params_from(model, comm, "weight broadcast", &mut |_| Some(0))
+}
+
+/// Every parameter for which `root` (given whether the parameter trains, called in
+/// the module's parameter order) names a rank replaced by that rank's value; ids and
+/// gradient requirements kept, the others untouched. Every rank must name the same
+/// roots. The values travel without autodiff (NCCL takes plain CUDA tensors) and stay
+/// on their device.
+pub(crate) fn broadcast_params_from<M: Module, C: Communicator>(
+    model: M,
+    comm: &C,
+    what: &'static str,
+    root: &mut dyn FnMut(bool) -> Option<usize>,
+) -> Result<M, TrainError> {
     struct Broadcast<'a, C> {
         comm: &'a C,
+        what: &'static str,
+        root: &'a mut dyn FnMut(bool) -> Option<usize>,
         error: Option<TrainError>,
     }
     impl<C: Communicator> ModuleMapper for Broadcast<'_, C> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if self.error.is_some() {
-                return param;
-            }
             let (id, value, mapper) = param.consume();
-            let device = value.device();
             let require_grad = value.is_require_grad();
-            match self.comm.broadcast(value.clone().detach(), 0) {
+            let root = (self.root)(require_grad);
+            let (None, Some(root)) = (&self.error, root) else {
+                return Param::from_mapped_value(id, value, mapper);
+            };
+            let tracked = value.is_autodiff();
+            match self.comm.broadcast(value.clone().inner(), root) {
                 Ok(v) => {
-                    let mut v = Tensor::<D>::from_data(v.into_data(), &device);
-                    if require_grad {
-                        v = v.require_grad();
-                    }
+                    let v = v.to_device(&value.device().inner());
+                    let v = match (tracked, require_grad) {
+                        (false, _) => v,
+                        (true, false) => v.autodiff(),
+                        (true, true) => v.autodiff().require_grad(),
+                    };
                     Param::from_mapped_value(id, v, mapper)
                 }
                 Err(e) => {
-                    self.error = Some(TrainError::Parallel(format!("weight broadcast: {e}")));
+                    self.error = Some(TrainError::Parallel(format!("{}: {e}", self.what)));
                     Param::from_mapped_value(id, value, mapper)
                 }
             }
         }
     }
-    let mut broadcast = Broadcast { comm, error: None };
+    let mut broadcast = Broadcast {
+        comm,
+        what,
+        root,
+        error: None,
+    };
     let model = model.map(&mut broadcast);
     match broadcast.error {
         Some(e) => Err(e),

@@ -15,6 +15,7 @@
 //!   checkpointing per layer or LightSeq's attention-aware one; [`mmsp`] supplies its
 //!   MM-SP hooks.
 //! - [`plan`]: the attention plan a run resolves once.
+//! - [`zero`]: the AdamW moments sharded over a run's ranks (`run.shard_optimizer`).
 //! - [`grpo`]: LongVILA-R1's GRPO stage (rollouts over cached visual tokens, rewards,
 //!   the clipped objective with a KL to the reference).
 
@@ -43,6 +44,7 @@ mod sinks;
 pub mod skips;
 pub mod tensorboard;
 pub mod trainer;
+pub mod zero;
 
 pub use config::{DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig};
 pub use error::TrainError;

@@ -30,7 +30,7 @@
 
 use std::sync::Arc;
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
@@ -45,6 +45,7 @@ use crate::data::Sample;
 use crate::error::TrainError;
 use crate::remat::{Recompute, StepHooks, StepInput, run_step};
 use crate::trainer::StepRunner;
+use crate::zero::{ShardId, sharded_step};
 
 fn comm_error(what: &str) -> impl FnOnce(longview_comm::CommError) -> TrainError + '_ {
     move |e| TrainError::Parallel(format!("{what}: {e}"))
@@ -63,6 +64,8 @@ pub struct MmSp<C: Communicator> {
     pub sp_rank: usize,
     scale: f64,
     recompute: Recompute,
+    /// AdamW's moments sharded over the world (`run.shard_optimizer`).
+    shard_optimizer: bool,
 }
 
 impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
@@ -107,7 +110,14 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             sp_rank: rank % sp,
             scale,
             recompute: Recompute::None,
+            shard_optimizer: false,
         })
+    }
+
+    /// Shards AdamW's moments over every rank of the world ([`crate::zero`]).
+    pub fn with_sharded_optimizer(mut self, shard: bool) -> Self {
+        self.shard_optimizer = shard;
+        self
     }
 
     /// Recomputes activations in the backward (`Recompute::Layers` or LightSeq's
@@ -458,11 +468,40 @@ impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
     }
 
     fn barrier(&self, device: &Device) -> Result<(), TrainError> {
+        self.any_failed(false, device).map(|_| ())
+    }
+
+    fn optimizer_shard(&self) -> Option<ShardId> {
+        self.shard_optimizer.then(|| ShardId {
+            rank: self.world.rank(),
+            world: self.world.world_size(),
+        })
+    }
+
+    fn update(
+        &self,
+        optim: &mut ModuleOptimizer,
+        lr: f64,
+        model: Vlm,
+        grads: GradientsParams,
+    ) -> Result<Vlm, TrainError> {
+        match self.shard_optimizer {
+            true => sharded_step(optim, lr, model, grads, &self.world),
+            false => Ok(optim.step(lr, model, grads)),
+        }
+    }
+
+    fn any_failed(&self, failed: bool, device: &Device) -> Result<bool, TrainError> {
         // On the run's device: NCCL takes CUDA tensors only.
         let device = device.clone().inner();
-        self.world
-            .all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
+        let flag = Tensor::<1>::from_data(
+            TensorData::new(vec![f32::from(u8::from(failed))], [1]),
+            &device,
+        );
+        let failures = self
+            .world
+            .all_reduce(flag, ReduceOp::Sum)
             .map_err(comm_error("barrier"))?;
-        Ok(())
+        Ok(failures.into_scalar::<f32>() > 0.0)
     }
 }

@@ -98,7 +98,11 @@ pub(crate) fn prepare(
         })?;
     let (model, vlm_config, optim, state) = match &latest {
         Some(dir) => {
-            let loaded = checkpoint::load(dir, optimizer(&config.optim), device).map_err(|e| {
+            let shard = runner.optimizer_shard();
+            // A layout other than the one written is refused before anything loads
+            // (the checkpoint is fine, so no older one is suggested).
+            crate::zero::shard_files(dir, shard)?;
+            let loaded = checkpoint::load(dir, optimizer(&config.optim), shard, device).map_err(|e| {
                 match checkpoint::previous(out, dir) {
                     Some(before) => TrainError::checkpoint(
                         dir,
@@ -165,6 +169,16 @@ pub(crate) fn prepare(
     )?;
     log(&format!("attention: {plan}"));
     let model = plan.apply(model);
+    match runner.optimizer_shard() {
+        Some(shard) => log(&format!(
+            "optimizer: AdamW moments sharded over {} ranks (this rank keeps shard {})",
+            shard.world, shard.rank
+        )),
+        None if config.run.shard_optimizer => {
+            log("optimizer: run.shard_optimizer has no effect on one device")
+        }
+        None => {}
+    }
     let mut model = freeze(runner.sync_model(model)?, &config.trainable());
     // 16-bit compute keeps f32 master weights: the optimizer updates (and checkpoints
     // save) the f32 copy; every step runs on a bf16/f16 copy with the same ids.

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 
-use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::Sample;
 use crate::error::TrainError;
@@ -19,6 +18,7 @@ use crate::prepare::Prepared;
 use crate::sinks::{Metrics, Sinks, device_mib, rss_mib};
 use crate::skips::{Skip, SkipLog};
 use crate::trainer::{StepDone, StepRunner, TrainOptions, TrainSummary, step_range};
+use crate::zero::{CheckpointOf, save_checkpoint};
 
 /// One invocation's loop state: which steps it runs, where its metrics go, what it
 /// has done so far.
@@ -158,17 +158,21 @@ impl<'a> RunLoop<'a> {
             log(&line);
         }
         let every = self.config.run.checkpoint_every;
-        if self.runner.writes() && (step % every == 0 || step == self.last_step) {
-            self.sinks.flush()?;
-            self.totals.checkpoint = Some(checkpoint::save(
-                &self.config.run.out,
-                &run.model,
-                &run.vlm_config,
-                &run.optim,
-                &run.state,
-                &run.tokenizer_json,
-                self.config.run.keep_checkpoints,
-            )?);
+        if step % every == 0 || step == self.last_step {
+            if self.runner.writes() {
+                self.sinks.flush()?;
+            }
+            let of = CheckpointOf {
+                out: &self.config.run.out,
+                model: &run.model,
+                config: &run.vlm_config,
+                state: &run.state,
+                tokenizer_json: &run.tokenizer_json,
+                keep: self.config.run.keep_checkpoints,
+            };
+            if let Some(dir) = save_checkpoint(of, &run.optim, self.runner, self.device)? {
+                self.totals.checkpoint = Some(dir);
+            }
         }
         Ok(())
     }

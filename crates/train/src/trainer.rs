@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{DType, Device};
 use longview_models::Vlm;
 use longview_models::vila::train_flops;
@@ -21,6 +21,7 @@ use crate::plan::AttentionPlan;
 use crate::prepare::{Prepared, prepare};
 use crate::remat::{Recompute, loss_and_grads};
 use crate::run_loop::RunLoop;
+use crate::zero::ShardId;
 
 pub use crate::grads::{
     NO_DECAY, cast_grads, cast_params, global_grad_norm, learning_rate, optimizer, scale_grads,
@@ -119,6 +120,30 @@ pub trait StepRunner {
     fn sequence_parallel(&self, _device: &Device) -> Option<String> {
         None
     }
+
+    /// This rank's shard of the optimizer state (`run.shard_optimizer`, see
+    /// [`crate::zero`]), or `None` when every rank keeps all of it.
+    fn optimizer_shard(&self) -> Option<ShardId> {
+        None
+    }
+
+    /// One optimizer step of `model` (the f32 master weights under mixed precision)
+    /// with the step's summed `grads`: the whole optimizer here, or this rank's shard
+    /// followed by the owners' broadcast.
+    fn update(
+        &self,
+        optim: &mut ModuleOptimizer,
+        lr: f64,
+        model: Vlm,
+        grads: GradientsParams,
+    ) -> Result<Vlm, TrainError> {
+        Ok(optim.step(lr, model, grads))
+    }
+
+    /// Whether any rank failed, given whether this one did (every rank learns it).
+    fn any_failed(&self, failed: bool, _device: &Device) -> Result<bool, TrainError> {
+        Ok(failed)
+    }
 }
 
 /// Everything on one device: micro-batches summed, each normalised by the step's
@@ -189,7 +214,7 @@ pub fn train_with(
         if !done.loss.is_finite() {
             return Err(book.diverged(step, done.loss));
         }
-        run.model = run.optim.step(done.lr, run.model, grads);
+        run.model = runner.update(&mut run.optim, done.lr, run.model, grads)?;
         book.record(&mut run, &done, step_timer.elapsed().as_secs_f64(), log)?;
     }
     book.finish(run, data)

@@ -226,7 +226,10 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
                         let passes = SpPasses::new(&comm, head_dim)
                             .unwrap()
                             .with_recompute(recompute);
-                        let runner = MmSp::new(comm, sp, head_dim).unwrap();
+                        // SP2 shards AdamW's moments over its ranks (ZeRO-1).
+                        let runner = MmSp::new(comm, sp, head_dim)
+                            .unwrap()
+                            .with_sharded_optimizer(sp == 2);
                         let device = Device::flex().autodiff();
                         train_grpo_on(
                             split,

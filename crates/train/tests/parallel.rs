@@ -10,7 +10,7 @@ use longview_data::TextTokenizer;
 use longview_train::mmsp::MmSp;
 use longview_train::remat::Recompute;
 use longview_train::trainer::{model_config, train_with};
-use longview_train::{TrainConfig, TrainSummary, train};
+use longview_train::{TrainConfig, TrainError, TrainOptions, TrainSummary, train};
 
 mod common;
 use common::{TempDir, no_progress, serial};
@@ -96,23 +96,36 @@ fn assert_same_curve(reference: &[f32], losses: &[f32], what: &str) {
 
 /// Every rank's summary of `config` on `dp x sp` in-process ranks, rank 0 first.
 fn parallel_runs(config: &TrainConfig, dp: usize, sp: usize) -> Vec<TrainSummary> {
+    parallel_results(config, dp, sp, &no_progress())
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Every rank's result of `config` under `options` on `dp x sp` in-process ranks
+/// (its `run.recompute` and `run.shard_optimizer`), rank 0 first.
+fn parallel_results(
+    config: &TrainConfig,
+    dp: usize,
+    sp: usize,
+    options: &TrainOptions,
+) -> Vec<Result<TrainSummary, TrainError>> {
     let head_dim = model_config(config, &TextTokenizer::debug())
         .unwrap()
         .text
         .head_dim();
-    let options = no_progress();
     let comms = LocalWorld::communicators(dp * sp);
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
-                let options = &options;
                 scope.spawn(move || {
                     let runner = MmSp::new(comm, sp, head_dim)
                         .unwrap()
-                        .with_recompute(config.run.recompute);
+                        .with_recompute(config.run.recompute)
+                        .with_sharded_optimizer(config.run.shard_optimizer);
                     let device = Device::flex().autodiff();
-                    train_with(config, options, &device, &mut |_: &str| {}, &runner).unwrap()
+                    train_with(config, options, &device, &mut |_: &str| {}, &runner)
                 })
             })
             .collect();
@@ -317,5 +330,135 @@ fn layouts_from_random_weights_repeat_the_single_device_curve_and_themselves() {
     let dp2sp2 = parallel_losses(&random("dp2-sp2"), 2, 2);
     for (name, losses) in [("SP2", &first), ("DP2xSP2", &dp2sp2)] {
         assert_same_curve(&reference, losses, name);
+    }
+}
+
+/// ZeRO-1 of the moments (`run.shard_optimizer`) on DP 2 and DP 2 x SP 2: the same
+/// loss curve as the unsharded layout (the owner's AdamW update is the same
+/// arithmetic), checkpoints of one shard per rank that together hold the whole state,
+/// an interrupted run that resumes to the uninterrupted curve, and clear refusals of
+/// another layout.
+#[test]
+fn sharded_optimizer_repeats_the_unsharded_run_and_resumes() {
+    let _serial = serial();
+    let tmp = TempDir::new("zero");
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let setup = |name: &str, shard: bool| {
+        let mut config = config(&tmp.0.join(name), &cache);
+        config.run.steps = 4;
+        config.run.checkpoint_every = 2;
+        config.run.shard_optimizer = shard;
+        config
+    };
+    for (dp, sp) in [(2, 1), (2, 2)] {
+        let layout = format!("dp {dp} x sp {sp}");
+        let whole = parallel_losses(&setup(&format!("whole-{dp}x{sp}"), false), dp, sp);
+        let sharded_config = setup(&format!("sharded-{dp}x{sp}"), true);
+        let sharded = parallel_losses(&sharded_config, dp, sp);
+        assert_same_curve(&whole, &sharded, &format!("{layout}, sharded"));
+
+        // One file of moments per rank, which together hold the whole state.
+        let world = dp * sp;
+        let checkpoint = |config: &TrainConfig, step: usize| {
+            config.run.out.join(format!("checkpoints/step-{step:06}"))
+        };
+        let dir = checkpoint(&sharded_config, 4);
+        assert!(!dir.join("optimizer.bpk").exists(), "{layout}");
+        let size = |p: std::path::PathBuf| {
+            std::fs::metadata(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .len()
+        };
+        let shards: Vec<u64> = (0..world)
+            .map(|r| {
+                assert!(
+                    dir.join(format!("param_ids-{r:03}-of-{world:03}.json"))
+                        .is_file()
+                );
+                size(dir.join(format!("optimizer-{r:03}-of-{world:03}.bpk")))
+            })
+            .collect();
+        let full =
+            size(checkpoint(&setup(&format!("whole-{dp}x{sp}"), false), 4).join("optimizer.bpk"));
+        let total: u64 = shards.iter().sum();
+        // The same tensors; the files' headers and per-parameter scalars differ.
+        assert!(
+            total.abs_diff(full) < full / 20,
+            "{layout}: shards {shards:?} vs one file of {full} bytes"
+        );
+        for &s in &shards {
+            assert!(s < full * 3 / 4, "{layout}: a shard of {s} bytes of {full}");
+        }
+        let staged = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".shards")
+            })
+            .count();
+        assert_eq!(staged, 0, "{layout}: staging folders left behind");
+
+        // Stopped after 2 steps, resumed to 4: the uninterrupted curve.
+        let split = setup(&format!("split-{dp}x{sp}"), true);
+        let first = TrainOptions {
+            stop_after: Some(2),
+            ..no_progress()
+        };
+        let head: Vec<f32> = parallel_results(&split, dp, sp, &first)
+            .remove(0)
+            .unwrap()
+            .losses;
+        let resumed = TrainOptions {
+            resume: true,
+            ..no_progress()
+        };
+        let tail = parallel_results(&split, dp, sp, &resumed)
+            .remove(0)
+            .unwrap()
+            .losses;
+        assert_eq!(tail, sharded, "{layout}: resumed curve");
+        assert_eq!(head, sharded[..2], "{layout}: first half");
+    }
+
+    // Another layout is refused, naming the counts.
+    let split = setup("split-2x1", true);
+    let err = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..no_progress()
+        },
+        &Device::flex().autodiff(),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("2 shards") && err.contains("resume on 2 ranks"),
+        "{err}"
+    );
+    let whole = setup("whole-2x1", false);
+    let sharded_resume = TrainConfig {
+        run: longview_train::RunConfig {
+            shard_optimizer: true,
+            ..whole.run.clone()
+        },
+        ..whole.clone()
+    };
+    let resumed = TrainOptions {
+        resume: true,
+        allow_config_change: true,
+        ..no_progress()
+    };
+    for result in parallel_results(&sharded_resume, 2, 1, &resumed) {
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("one file") && err.contains("shard_optimizer = false"),
+            "{err}"
+        );
     }
 }

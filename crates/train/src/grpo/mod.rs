@@ -31,7 +31,6 @@ use longview_infer::needle::sample_visual;
 use longview_models::Vlm;
 use longview_models::hf::checkpoint::{SaveOptions, load_vila, save_vila};
 
-use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::Sample;
 use crate::error::TrainError;
@@ -39,6 +38,7 @@ use crate::grads::{cast_grads, cast_params, learning_rate};
 use crate::prepare::{Prepared, init_dir, prepare};
 use crate::skips::SkipLog;
 use crate::trainer::{SingleDevice, StepRunner, TrainOptions, start_data};
+use crate::zero::{CheckpointOf, save_checkpoint};
 use passes::{OneDevice, Passes};
 use reward::{Reward, ground_truth, is_correct};
 use step::{StepReport, rollouts, token_count, update};
@@ -161,6 +161,7 @@ pub fn train_grpo_on(
         let batch = drawn.samples;
         let report = grpo_step(
             &mut run,
+            runner,
             passes,
             reference.as_ref(),
             &batch,
@@ -186,17 +187,21 @@ pub fn train_grpo_on(
         reports.push(report);
         let done = step + 1;
         let due = done % config.run.checkpoint_every == 0 || done == last;
-        if let (true, Some(metrics)) = (due, metrics.as_mut()) {
-            metrics.flush().map_err(TrainError::io(&metrics_path))?;
-            saved = Some(checkpoint::save(
-                &config.run.out,
-                &run.model,
-                &run.vlm_config,
-                &run.optim,
-                &run.state,
-                &run.tokenizer_json,
-                config.run.keep_checkpoints,
-            )?);
+        if due {
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.flush().map_err(TrainError::io(&metrics_path))?;
+            }
+            let of = CheckpointOf {
+                out: &config.run.out,
+                model: &run.model,
+                config: &run.vlm_config,
+                state: &run.state,
+                tokenizer_json: &run.tokenizer_json,
+                keep: config.run.keep_checkpoints,
+            };
+            if let Some(dir) = save_checkpoint(of, &run.optim, runner, device)? {
+                saved = Some(dir);
+            }
         }
     }
     let eval_after = held_out(&run, &eval, &stop, g.max_response_tokens, device)?;
@@ -237,6 +242,7 @@ fn step_line(step: usize, total: usize, r: &StepReport) -> String {
 #[allow(clippy::too_many_arguments)]
 fn grpo_step(
     run: &mut Prepared,
+    runner: &dyn StepRunner,
     passes: &dyn Passes,
     reference: Option<&Vlm>,
     batch: &[Sample],
@@ -274,11 +280,11 @@ fn grpo_step(
     let mut apply = |working: Vlm, mut grads| match &mut master_weights {
         Some(weights) => {
             cast_grads(weights, &mut grads, DType::F32);
-            let updated = optim.step(lr, weights.clone(), grads);
+            let updated = runner.update(optim, lr, weights.clone(), grads)?;
             *weights = updated.clone();
-            cast_params(updated, compute)
+            Ok(cast_params(updated, compute))
         }
-        None => optim.step(lr, working, grads),
+        None => runner.update(optim, lr, working, grads),
     };
     let clip = config.optim.clip_grad_norm as f32;
     let mut report = update(

@@ -178,7 +178,7 @@ pub fn update(
     config: &GrpoConfig,
     clip_grad_norm: f32,
     device: &Device,
-    apply: &mut dyn FnMut(Vlm, GradientsParams) -> Vlm,
+    apply: &mut dyn FnMut(Vlm, GradientsParams) -> Result<Vlm, TrainError>,
 ) -> Result<StepReport, TrainError> {
     let timer = Instant::now();
     let mut report = StepReport::default();
@@ -309,7 +309,7 @@ pub fn update(
         if clip_grad_norm > 0.0 && norm > clip_grad_norm {
             scale_grads(model, &mut grads, clip_grad_norm / norm);
         }
-        *model = apply(model.clone(), grads);
+        *model = apply(model.clone(), grads)?;
     }
     let sums = passes.sum(
         vec![kl_sum, clip_sum, entropy_sum, tokens_sum, loss_sum],
