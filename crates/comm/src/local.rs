@@ -190,6 +190,18 @@ impl LocalComm {
         }
     }
 
+    /// NCCL takes tensors without autodiff (`.inner()`); refused here too, so the
+    /// in-process tests hold callers to the contract of the GPU path.
+    fn check_plain(&self, op: &str, device: &Device) -> Result<()> {
+        match device.is_autodiff() {
+            true => Err(self.invalid(
+                op,
+                "takes tensors without autodiff tracking (`.inner()`), as NCCL does",
+            )),
+            false => Ok(()),
+        }
+    }
+
     fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
         if peer < self.members.len() {
             Ok(())
@@ -364,12 +376,14 @@ impl Communicator for LocalComm {
     }
 
     fn send<const D: usize, K: Basic>(&self, tensor: &Tensor<D, K>, to: usize) -> Result<()> {
+        self.check_plain("send", &tensor.device())?;
         self.check_peer("send", to)?;
         self.post("send/recv", tensor.to_data(), to);
         Ok(())
     }
 
     fn recv<const D: usize, K: Basic>(&self, from: usize, device: &Device) -> Result<Tensor<D, K>> {
+        self.check_plain("recv", device)?;
         self.check_peer("recv", from)?;
         self.take_tensor("send/recv", from, device)
     }
@@ -381,6 +395,7 @@ impl Communicator for LocalComm {
         from: usize,
     ) -> Result<Shift<'_, D, K>> {
         let tag = self.begin("shift");
+        self.check_plain(&tag, &tensor.device())?;
         self.check_peer(&tag, to)?;
         self.check_peer(&tag, from)?;
         let (dims, dtype, device) = (tensor.dims(), tensor.dtype(), tensor.device());
@@ -403,6 +418,7 @@ impl Communicator for LocalComm {
 
     fn all_reduce<const D: usize>(&self, tensor: Tensor<D>, op: ReduceOp) -> Result<Tensor<D>> {
         let tag = self.begin("all_reduce");
+        self.check_plain(&tag, &tensor.device())?;
         let all = self.exchange(&tag, tensor)?;
         self.check_same_shape(&tag, &all)?;
         Ok(reduce(all, op))
@@ -414,6 +430,7 @@ impl Communicator for LocalComm {
         dim: usize,
     ) -> Result<Tensor<D, K>> {
         let tag = self.begin("all_gather");
+        self.check_plain(&tag, &tensor.device())?;
         if dim >= D {
             return Err(self.invalid(&tag, format!("dim {dim} out of range for rank {D}")));
         }
@@ -428,6 +445,7 @@ impl Communicator for LocalComm {
         op: ReduceOp,
     ) -> Result<Tensor<D>> {
         let tag = self.begin("reduce_scatter");
+        self.check_plain(&tag, &tensor.device())?;
         let world = self.members.len();
         if dim >= D || !tensor.dims()[dim].is_multiple_of(world) {
             return Err(self.invalid(
@@ -446,6 +464,7 @@ impl Communicator for LocalComm {
 
     fn broadcast<const D: usize>(&self, tensor: Tensor<D>, root: usize) -> Result<Tensor<D>> {
         let tag = self.begin("broadcast");
+        self.check_plain(&tag, &tensor.device())?;
         self.check_peer(&tag, root)?;
         if self.rank == root {
             let data = tensor.to_data();
@@ -471,6 +490,9 @@ impl Communicator for LocalComm {
 
     fn all_to_all<const D: usize>(&self, parts: Vec<Tensor<D>>) -> Result<Vec<Tensor<D>>> {
         let tag = self.begin("all_to_all");
+        if let Some(part) = parts.first() {
+            self.check_plain(&tag, &part.device())?;
+        }
         if parts.len() != self.members.len() {
             return Err(self.invalid(
                 &tag,

@@ -162,18 +162,21 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         ))
     }
 
-    /// Every rank's visual tokens, in frame order (`[frames, per_frame, hidden]`, on
-    /// the device of `local`).
+    /// Every rank's visual tokens, in frame order (`[frames, per_frame, hidden]`,
+    /// untracked; with autodiff when `local` has it). They travel without autodiff
+    /// (NCCL takes plain CUDA tensors) and stay on the device.
     fn gather_visual(&self, local: Tensor<3>, frames: usize) -> Result<Tensor<3>, TrainError> {
-        let device = local.device();
+        let tracked = local.is_autodiff();
         let gathered = self
             .group
-            .all_gather(local.detach(), 0)
-            .map_err(comm_error("gathering visual tokens"))?;
-        Ok(Tensor::from_data(
-            gathered.narrow(0, 0, frames).into_data(),
-            &device,
-        ))
+            .all_gather(local.inner(), 0)
+            .map_err(comm_error("gathering visual tokens"))?
+            .narrow(0, 0, frames);
+        Ok(if tracked {
+            gathered.autodiff()
+        } else {
+            gathered
+        })
     }
 
     /// The gradient of this rank's own visual tokens: the group's gradients of the
@@ -198,7 +201,7 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             .group
             .reduce_scatter(d_all, 0, ReduceOp::Sum)
             .map_err(comm_error("scattering visual-token gradients"))?;
-        Ok(Tensor::from_data(d_mine.into_data(), device))
+        Ok(d_mine.to_device(device))
     }
 
     /// This rank's shard of the micro-batch's token stream: labels shifted on the whole
@@ -442,7 +445,7 @@ impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
         let total = self
             .world
             .all_reduce(
-                Tensor::<1>::from_data(TensorData::new(vec![loss], [1]), device),
+                Tensor::<1>::from_data(TensorData::new(vec![loss], [1]), &device.clone().inner()),
                 ReduceOp::Sum,
             )
             .map_err(comm_error("loss all-reduce"))?;
