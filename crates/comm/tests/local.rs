@@ -147,9 +147,20 @@ fn bad_arguments_are_errors_naming_the_rank_and_operation() {
             .to_string();
         let split = comm.split(&[vec![0], vec![0, 1]]).unwrap_err().to_string();
         let send = comm.send(&input(0), 5).unwrap_err().to_string();
-        (scatter, split, send)
+        // NCCL's contract: tensors without autodiff. Refused before any message is
+        // posted, on every rank alike, so nothing is left half sent.
+        let tracked = Tensor::<1>::ones([2], &Device::flex().autodiff());
+        let autodiff = comm
+            .all_reduce(tracked, ReduceOp::Sum)
+            .unwrap_err()
+            .to_string();
+        (scatter, split, send, autodiff)
     });
-    for (scatter, split, send) in results {
+    for (scatter, split, send, autodiff) in results {
+        assert!(
+            autodiff.contains("all_reduce") && autodiff.contains("without autodiff"),
+            "{autodiff}"
+        );
         assert!(
             scatter.contains("reduce_scatter") && scatter.contains("divisible by the 2 ranks"),
             "{scatter}"
