@@ -5,7 +5,7 @@
 # built with NCCL: `cargo build --release -p longview-cli --features nccl`, then
 # `xz -T0 -1 -c target/release/longview > dist/bin/longview-cuda.xz`; carry dist/libs
 # in one call and dist/bin in the next (benchmarks/gpu_prelude.sh).
-#   bash benchmarks/gpu_multi_run.sh curves      # 10 debug steps: 1 GPU, 1x1 NCCL, SP4, DP2xSP2
+#   bash benchmarks/gpu_multi_run.sh curves      # 10 debug steps: 1 GPU, 1x1 NCCL, SP4, DP2xSP2 (and sharded moments)
 #   bash benchmarks/gpu_multi_run.sh 1.5b 650 1300   # the 1.5B shape on SP4 at ~128k / ~256k tokens
 # Outputs (console, metrics.jsonl) land in $OUT.
 set -u
@@ -21,13 +21,19 @@ if [ "$what" = curves ]; then
   # The same 10 steps of the debug run from the same seed: one GPU (no NCCL), a world
   # of one NCCL rank (the whole process path on one GPU), SP4 and DP2xSP2.
   common="--device cuda --dtype bf16 --steps 10 --no-progress --fresh"
+  # The same run with AdamW's moments sharded over the ranks (run.shard_optimizer):
+  # the default run's config plus that key.
+  sed 's/^\[run\]/[run]\nshard_optimizer = true/' configs/debug-haystack.toml > /tmp/zero.toml
   run single timeout 300 /tmp/lv train $common --out /tmp/c-single
   run nccl1x1 timeout 300 /tmp/lv train $common --out /tmp/c-1x1 --parallel 1x1 --nproc 1
+  run zero1x1 timeout 300 /tmp/lv train $common --config /tmp/zero.toml --out /tmp/c-zero1x1 --parallel 1x1 --nproc 1
   if [ "$gpus" -ge 4 ]; then
     run sp4 timeout 300 /tmp/lv train $common --out /tmp/c-sp4 --parallel 1x4 --nproc 4
     run dp2sp2 timeout 300 /tmp/lv train $common --out /tmp/c-dp2sp2 --parallel 2x2 --nproc 4
+    run zero2x2 timeout 300 /tmp/lv train $common --config /tmp/zero.toml --out /tmp/c-zero2x2 --parallel 2x2 --nproc 4
+    ls /tmp/c-zero2x2/checkpoints/step-000010 | tee -a "$OUT/log.txt"
   fi
-  for r in single 1x1 sp4 dp2sp2; do cp /tmp/c-$r/metrics.jsonl "$OUT/metrics-$r.jsonl" 2>/dev/null; done
+  for r in single 1x1 zero1x1 sp4 dp2sp2 zero2x2; do cp /tmp/c-$r/metrics.jsonl "$OUT/metrics-$r.jsonl" 2>/dev/null; done
   python3 - "$OUT" <<'PY' | tee -a "$OUT/log.txt"
 import json, os, sys
 out = sys.argv[1]
@@ -37,7 +43,7 @@ def losses(name):
         return None
     return [json.loads(l)["loss"] for l in open(path) if '"loss"' in l]
 ref = losses("single")
-for name in ("1x1", "sp4", "dp2sp2"):
+for name in ("1x1", "zero1x1", "sp4", "dp2sp2", "zero2x2"):
     got = losses(name)
     if ref is None or got is None:
         print(f"{name}: missing"); continue
