@@ -65,7 +65,7 @@ pub struct EvalArgs {
     /// `ulysses` (the ranks must suit the heads) or `2d:U` (Ulysses inside groups of
     /// U ranks, ring across them). Decoding is the same for all.
     #[arg(long, default_value = "ring", value_name = "SCHEME")]
-    pub sp_scheme: longview_parallel::inference::PrefillScheme,
+    pub sp_scheme: longview_parallel::inference::SpScheme,
     /// Prompt rows per prefill chunk (one device): activation memory is bounded by
     /// the chunk, only the KV cache grows with the prompt; 0 runs each prompt in one
     /// pass.

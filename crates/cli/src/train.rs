@@ -8,6 +8,7 @@ use burn::tensor::Device;
 use clap::Args;
 use longview_comm::Communicator;
 use longview_models::hf::checkpoint::read_vila_text_config;
+use longview_parallel::inference::Heads;
 use longview_train::mmsp::MmSp;
 use longview_train::trainer::train_with;
 use longview_train::{Stage, TrainConfig, TrainError, TrainOptions, TrainSummary};
@@ -211,7 +212,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 config: &config,
                 options: &options,
                 sp,
-                head_dim: head_dim(&config)?,
+                heads: attention_heads(&config)?,
                 fresh: fresh_in_job,
             });
             ranks.run(&job, &args.device)?
@@ -295,7 +296,7 @@ fn grpo(
             config,
             options,
             sp,
-            head_dim: head_dim(config)?,
+            heads: attention_heads(config)?,
             fresh: setup.fresh,
         });
         ranks.run(&job, setup.device)?
@@ -360,7 +361,7 @@ struct RunJob<'a> {
     config: &'a TrainConfig,
     options: &'a TrainOptions,
     sp: usize,
-    head_dim: usize,
+    heads: Heads,
     /// Clear the run folder first (`--fresh` in a launched job).
     fresh: bool,
 }
@@ -392,8 +393,11 @@ impl RankJob for GrpoJob<'_> {
         let job = &self.0;
         job.start(&comm, device)?;
         let reward = job.config.grpo.reward();
-        let passes = SpPasses::new(&comm, job.head_dim)?.with_recompute(job.config.run.recompute);
-        let runner = MmSp::new(comm, job.sp, job.head_dim)?
+        let passes = SpPasses::with_scheme(&comm, job.heads, job.config.run.sp_scheme)?
+            .with_recompute(job.config.run.recompute);
+        // The runner names the scheme in the attention plan; the passes run it.
+        let runner = MmSp::new(comm, job.sp, job.heads.head_dim)?
+            .with_scheme(job.heads, job.config.run.sp_scheme)?
             .with_sharded_optimizer(job.config.run.shard_optimizer);
         longview_train::grpo::train_grpo_on(
             job.config,
@@ -421,7 +425,8 @@ impl RankJob for TrainJob<'_> {
     ) -> Result<Self::Output, TrainError> {
         let job = &self.0;
         job.start(&comm, device)?;
-        let runner = MmSp::new(comm, job.sp, job.head_dim)?
+        let runner = MmSp::new(comm, job.sp, job.heads.head_dim)?
+            .with_scheme(job.heads, job.config.run.sp_scheme)?
             .with_recompute(job.config.run.recompute)
             .with_sharded_optimizer(job.config.run.shard_optimizer);
         train_with(job.config, job.options, device, log, &runner)
@@ -486,17 +491,20 @@ fn clear_run_on_rank0<C: Communicator>(
     Ok(())
 }
 
-/// The LLM's head dimension (what sequence-parallel attention is built for), read
+/// The LLM's attention heads (what sequence-parallel attention is built for), read
 /// from `init_from`'s config or the named size.
-fn head_dim(config: &TrainConfig) -> Result<usize> {
-    Ok(match longview_train::trainer::init_dir(config)? {
-        Some(dir) => read_vila_text_config(&dir)?.head_dim(),
+fn attention_heads(config: &TrainConfig) -> Result<Heads> {
+    let text = match longview_train::trainer::init_dir(config)? {
+        Some(dir) => read_vila_text_config(&dir)?,
         None => {
             let tokenizer = longview_train::trainer::tokenizer(config)?;
-            longview_train::trainer::model_config(config, &tokenizer)?
-                .text
-                .head_dim()
+            longview_train::trainer::model_config(config, &tokenizer)?.text
         }
+    };
+    Ok(Heads {
+        head_dim: text.head_dim(),
+        q_heads: text.num_heads,
+        kv_heads: text.num_kv_heads,
     })
 }
 

@@ -1,5 +1,5 @@
 //! Sequence-parallel inference over the ranks of one group: the prompt's prefill
-//! runs as zigzag ring attention (or Ulysses, or 2D attention: [`PrefillScheme`]),
+//! runs as zigzag ring attention (or Ulysses, or 2D attention: [`SpScheme`]),
 //! leaving every rank the keys and values of its shard (its part of a KV cache no
 //! rank holds whole; each scheme's layout decides which tokens a rank holds, and
 //! decoding does not care); decoding then attends each new
@@ -30,9 +30,10 @@ use crate::block::{Block, forward as block_forward, merge};
 use crate::layout::{SeqLayout, shard};
 use crate::ring::{RingAttention, RingBalance};
 
-/// The sequence-parallel attention a prefill runs.
+/// A sequence-parallel attention scheme: what a prefill runs, and what MM-SP training
+/// and GRPO's log-prob passes run (`run.sp_scheme`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PrefillScheme {
+pub enum SpScheme {
     /// Load-balanced ring over every rank ([`SeqLayout::Zigzag`] shards).
     #[default]
     ZigzagRing,
@@ -43,16 +44,27 @@ pub enum PrefillScheme {
     TwoD { ulysses: usize },
 }
 
-impl std::str::FromStr for PrefillScheme {
+impl std::fmt::Display for SpScheme {
+    /// The form [`std::str::FromStr`] reads: `ring`, `ulysses` or `2d:U`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpScheme::ZigzagRing => write!(f, "ring"),
+            SpScheme::Ulysses => write!(f, "ulysses"),
+            SpScheme::TwoD { ulysses } => write!(f, "2d:{ulysses}"),
+        }
+    }
+}
+
+impl std::str::FromStr for SpScheme {
     type Err = String;
 
     /// `ring` (or `zigzag`), `ulysses`, or `2d:U` (U the Ulysses degree).
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "ring" | "zigzag" => Ok(PrefillScheme::ZigzagRing),
-            "ulysses" => Ok(PrefillScheme::Ulysses),
+            "ring" | "zigzag" => Ok(SpScheme::ZigzagRing),
+            "ulysses" => Ok(SpScheme::Ulysses),
             other => match other.strip_prefix("2d:").map(str::parse::<usize>) {
-                Some(Ok(ulysses)) if ulysses > 0 => Ok(PrefillScheme::TwoD { ulysses }),
+                Some(Ok(ulysses)) if ulysses > 0 => Ok(SpScheme::TwoD { ulysses }),
                 _ => Err(format!(
                     "sequence-parallel scheme `{other}`: expected ring, ulysses or 2d:U (U the \
                      Ulysses degree, dividing the ranks)"
@@ -125,6 +137,63 @@ pub fn causal_zigzag_ring<C: Communicator + Send + Sync + 'static>(
     Ok((ring, scale))
 }
 
+/// The attention heads a scheme is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub head_dim: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+}
+
+/// Causal attention of `scheme` over every rank of `comm` (on channels of its own,
+/// split from `comm`): the distributed attention, the token layout it needs (which
+/// rows each rank holds) and the softmax scale. Refuses a scheme the heads or the
+/// group size do not allow, with the rule.
+pub fn causal_scheme<C: Communicator + Send + Sync + 'static>(
+    comm: &C,
+    heads: Heads,
+    scheme: SpScheme,
+) -> crate::Result<(Arc<dyn DistributedAttention>, SeqLayout, f64)> {
+    let Heads {
+        head_dim,
+        q_heads,
+        kv_heads,
+    } = heads;
+    let scale = (head_dim as f64).powf(-0.5);
+    let all: Vec<usize> = (0..comm.world_size()).collect();
+    Ok(match scheme {
+        SpScheme::ZigzagRing => {
+            let (ring, scale) = causal_zigzag_ring(comm, head_dim)?;
+            (ring, SeqLayout::Zigzag, scale)
+        }
+        SpScheme::Ulysses => {
+            crate::ulysses::check_heads(q_heads, kv_heads, comm.world_size())?;
+            let attention = WithComm {
+                comm: comm.split(std::slice::from_ref(&all))?,
+                attention: crate::ulysses::UlyssesAttention {
+                    layout: SeqLayout::Zigzag,
+                    causal: true,
+                    scale,
+                },
+            };
+            (Arc::new(attention), SeqLayout::Zigzag, scale)
+        }
+        SpScheme::TwoD { ulysses } => {
+            crate::ulysses::check_heads(q_heads, kv_heads, ulysses)?;
+            let groups = crate::two_d::TwoDGroups::new(comm, ulysses)?;
+            let layout = groups.layout();
+            let attention = WithComm {
+                comm: groups,
+                attention: crate::two_d::TwoDAttention {
+                    causal: true,
+                    scale,
+                },
+            };
+            (Arc::new(attention), layout, scale)
+        }
+    })
+}
+
 impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
     /// Binds the group of `comm` (every rank of it) for a model whose attention heads
     /// have `head_dim` channels; the prefill runs the zigzag ring.
@@ -147,42 +216,15 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         head_dim: usize,
         q_heads: usize,
         kv_heads: usize,
-        scheme: PrefillScheme,
+        scheme: SpScheme,
     ) -> Result<Self, InferError> {
-        let scale = (head_dim as f64).powf(-0.5);
-        let refused = |e: crate::ParallelError| InferError::Request(format!("{scheme:?}: {e}"));
-        let all: Vec<usize> = (0..comm.world_size()).collect();
-        let (prefill, layout): (Arc<dyn DistributedAttention>, SeqLayout) = match scheme {
-            PrefillScheme::ZigzagRing => return Self::new(comm, head_dim),
-            PrefillScheme::Ulysses => {
-                crate::ulysses::check_heads(q_heads, kv_heads, comm.world_size())
-                    .map_err(refused)?;
-                let attention = WithComm {
-                    comm: comm
-                        .split(std::slice::from_ref(&all))
-                        .map_err(comm_error("Ulysses channels"))?,
-                    attention: crate::ulysses::UlyssesAttention {
-                        layout: SeqLayout::Zigzag,
-                        causal: true,
-                        scale,
-                    },
-                };
-                (Arc::new(attention), SeqLayout::Zigzag)
-            }
-            PrefillScheme::TwoD { ulysses } => {
-                crate::ulysses::check_heads(q_heads, kv_heads, ulysses).map_err(refused)?;
-                let groups = crate::two_d::TwoDGroups::new(&comm, ulysses).map_err(refused)?;
-                let layout = groups.layout();
-                let attention = WithComm {
-                    comm: groups,
-                    attention: crate::two_d::TwoDAttention {
-                        causal: true,
-                        scale,
-                    },
-                };
-                (Arc::new(attention), layout)
-            }
+        let heads = Heads {
+            head_dim,
+            q_heads,
+            kv_heads,
         };
+        let (prefill, layout, scale) = causal_scheme(&comm, heads, scheme)
+            .map_err(|e| InferError::Request(format!("{scheme:?}: {e}")))?;
         Ok(SpInference {
             comm,
             prefill,

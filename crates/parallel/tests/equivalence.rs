@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, LocalComm, LocalWorld};
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::ring::{RingAttention, RingBalance};
@@ -31,6 +31,39 @@ struct Case {
     d_v: Tensor<4>,
     /// Packed batches: every token's sequence id, `[b, n]`.
     segments: Option<Tensor<2, Int>>,
+}
+
+/// Standard normal draws (SplitMix64 + Box-Muller), seeded from a case's description.
+struct Normal(u64);
+
+impl Normal {
+    fn new(case: &impl std::hash::Hash) -> Self {
+        use std::hash::{DefaultHasher, Hasher};
+        let mut hasher = DefaultHasher::new();
+        case.hash(&mut hasher);
+        Normal(hasher.finish())
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // In (0, 1]: the logarithm below stays finite.
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    fn tensor(&mut self, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                let (u, w) = (self.uniform(), self.uniform());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * w).cos()) as f32
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
 }
 
 /// Single-device attention and its gradients.
@@ -56,11 +89,13 @@ fn sequence_ids(lengths: &[Vec<usize>]) -> Vec<Vec<i64>> {
 fn reference_packed(dims: Dims, causal: bool, scale: f64, lengths: Option<&[Vec<usize>]>) -> Case {
     let [b, hq, hkv, n, d] = dims;
     let device = Device::flex().autodiff();
-    let dist = Distribution::Normal(0.0, 1.0);
-    let q = Tensor::<4>::random([b, hq, n, d], dist, &device).require_grad();
-    let k = Tensor::<4>::random([b, hkv, n, d], dist, &device).require_grad();
-    let v = Tensor::<4>::random([b, hkv, n, d], dist, &device).require_grad();
-    let d_o = Tensor::<4>::random([b, hq, n, d], dist, &device);
+    // Inputs drawn from a generator of this case's own, not Burn's process-wide one
+    // (tests run on several threads), so every run checks the same numbers.
+    let mut rng = Normal::new(&(dims, causal, lengths.map(<[Vec<usize>]>::to_vec)));
+    let q = rng.tensor([b, hq, n, d], &device).require_grad();
+    let k = rng.tensor([b, hkv, n, d], &device).require_grad();
+    let v = rng.tensor([b, hkv, n, d], &device).require_grad();
+    let d_o = rng.tensor([b, hq, n, d], &device);
     let groups = hq / hkv;
     // Query head h reads kv head h / groups: each kv head repeated `groups` times.
     let repeat = |t: Tensor<4>| {

@@ -9,7 +9,7 @@ use longview_comm::LocalWorld;
 use longview_infer::generate::{Decoding, GenerateOptions, generate_group, host_rows};
 use longview_infer::prefill::{embed_prompt, prefill};
 use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
-use longview_parallel::inference::{PrefillScheme, ShardedCache, SpInference};
+use longview_parallel::inference::{ShardedCache, SpInference, SpScheme};
 
 fn model_and_prompt(text_after: usize) -> (Vlm, Vec<u32>, Tensor<3>) {
     let device = Device::flex();
@@ -201,7 +201,7 @@ fn sequence_parallel_teacher_forced_answers_equal_one_device() {
 /// [`on_ranks`] with the prefill's `scheme`.
 fn on_ranks_with<T: Send>(
     world: usize,
-    scheme: PrefillScheme,
+    scheme: SpScheme,
     f: impl Fn(SpInference<longview_comm::LocalComm>) -> T + Sync,
 ) -> Vec<T> {
     let text = VlmConfig::debug().text;
@@ -245,9 +245,9 @@ fn ulysses_and_2d_prefills_give_the_one_device_logits_and_generations() {
     )
     .unwrap();
     for (world, scheme) in [
-        (2, PrefillScheme::Ulysses),
-        (4, PrefillScheme::Ulysses),
-        (4, PrefillScheme::TwoD { ulysses: 2 }),
+        (2, SpScheme::Ulysses),
+        (4, SpScheme::Ulysses),
+        (4, SpScheme::TwoD { ulysses: 2 }),
     ] {
         let got = on_ranks_with(world, scheme, |sp| {
             let mut cache = ShardedCache {
@@ -291,10 +291,7 @@ fn ulysses_and_2d_prefills_give_the_one_device_logits_and_generations() {
 #[test]
 fn a_prefill_scheme_the_heads_do_not_allow_is_refused_with_the_rule() {
     let text = VlmConfig::debug().text;
-    for (world, scheme) in [
-        (3, PrefillScheme::Ulysses),
-        (4, PrefillScheme::TwoD { ulysses: 3 }),
-    ] {
+    for (world, scheme) in [(3, SpScheme::Ulysses), (4, SpScheme::TwoD { ulysses: 3 })] {
         let errors = std::thread::scope(|scope| {
             let handles: Vec<_> = LocalWorld::communicators(world)
                 .into_iter()
@@ -326,12 +323,7 @@ fn a_prefill_scheme_the_heads_do_not_allow_is_refused_with_the_rule() {
             );
         }
     }
-    assert_eq!("2d:2".parse(), Ok(PrefillScheme::TwoD { ulysses: 2 }));
-    assert_eq!("ring".parse(), Ok(PrefillScheme::ZigzagRing));
-    assert!(
-        "2d:x"
-            .parse::<PrefillScheme>()
-            .unwrap_err()
-            .contains("2d:U")
-    );
+    assert_eq!("2d:2".parse(), Ok(SpScheme::TwoD { ulysses: 2 }));
+    assert_eq!("ring".parse(), Ok(SpScheme::ZigzagRing));
+    assert!("2d:x".parse::<SpScheme>().unwrap_err().contains("2d:U"));
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use longview_parallel::inference::SpScheme;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
@@ -53,6 +54,28 @@ pub struct RunConfig {
     /// of the parameters, the updated weights are broadcast. Resuming needs the same
     /// number of ranks. No effect on one device.
     pub shard_optimizer: bool,
+    /// The LLM's sequence-parallel attention under `--parallel DPxSP` with SP > 1
+    /// (MM-SP training and GRPO's rollouts and log-prob passes): `ring` (zigzag ring,
+    /// the default), `ulysses` (SP must suit the query and key/value heads) or `2d:U`
+    /// (LongVILA's 2D attention: Ulysses inside groups of U ranks, zigzag ring across
+    /// them). Checked against the heads when the ranks start.
+    #[serde(with = "sp_scheme_text")]
+    pub sp_scheme: SpScheme,
+}
+
+/// `run.sp_scheme` as the text `ring`, `ulysses` or `2d:U`.
+mod sp_scheme_text {
+    use longview_parallel::inference::SpScheme;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(scheme: &SpScheme, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&scheme.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SpScheme, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Which attention implementation a run's model calls.
@@ -241,6 +264,7 @@ impl Default for RunConfig {
             recompute: Recompute::None,
             attention: AttentionChoice::Auto,
             shard_optimizer: false,
+            sp_scheme: SpScheme::ZigzagRing,
         }
     }
 }

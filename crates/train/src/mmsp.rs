@@ -10,7 +10,9 @@
 //! 2. Language stage: labels are shifted on the whole sequence, then tokens,
 //!    positions and labels are sharded zigzag (causal load balance); each rank splices
 //!    the visual tokens of its own placeholder positions and runs the LLM on its shard
-//!    with zigzag ring attention. The loss is divided by the global supervised count.
+//!    with zigzag ring attention, or with [`MmSp::with_scheme`] Ulysses or LongVILA's
+//!    2D attention (Ulysses inside groups of U ranks, zigzag ring across them, in the
+//!    2D layout). The loss is divided by the global supervised count.
 //! 3. Backward: the LLM's gradient for the gathered visual tokens is summed over the
 //!    group and scattered back (reduce-scatter), and each rank back-propagates its own
 //!    frames through the vision encoder and projector.
@@ -37,6 +39,7 @@ use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
 use longview_models::vila::{IGNORE_INDEX, SupervisedRows};
 use longview_parallel::autodiff::{DistributedAttention, WithComm};
+use longview_parallel::inference::{Heads, SpScheme, causal_scheme};
 use longview_parallel::layout::{SeqLayout, shard, shift_labels};
 use longview_parallel::model::install;
 use longview_parallel::ring::{RingAttention, RingBalance};
@@ -56,8 +59,12 @@ pub struct MmSp<C: Communicator> {
     world: C,
     /// The sequence-parallel group, for gathering visual tokens.
     group: C,
-    /// Zigzag ring attention over the group (its own channels); `None` when `sp == 1`.
+    /// The group's sequence-parallel attention (its own channels; zigzag ring unless
+    /// [`MmSp::with_scheme`] says otherwise); `None` when `sp == 1`.
     attention: Option<Arc<dyn DistributedAttention>>,
+    /// Which tokens a rank of the group holds under the scheme.
+    layout: SeqLayout,
+    scheme: SpScheme,
     pub dp: usize,
     pub sp: usize,
     pub dp_rank: usize,
@@ -108,10 +115,33 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             sp,
             dp_rank: rank / sp,
             sp_rank: rank % sp,
+            layout: SeqLayout::Zigzag,
+            scheme: SpScheme::ZigzagRing,
             scale,
             recompute: Recompute::None,
             shard_optimizer: false,
         })
+    }
+
+    /// The LLM's attention over each group on `scheme` (`run.sp_scheme`: zigzag ring,
+    /// Ulysses or 2D) for a model of `heads`; a scheme the heads or the group size do
+    /// not allow is refused with the rule. Nothing changes when `sp == 1`.
+    pub fn with_scheme(mut self, heads: Heads, scheme: SpScheme) -> Result<Self, TrainError> {
+        if self.sp == 1 || scheme == self.scheme {
+            return Ok(self);
+        }
+        let (attention, layout, scale) =
+            causal_scheme(&self.group, heads, scheme).map_err(|e| {
+                TrainError::Parallel(format!(
+                    "run.sp_scheme = \"{scheme}\" over {} ranks: {e}",
+                    self.sp
+                ))
+            })?;
+        self.attention = Some(attention);
+        self.layout = layout;
+        self.scheme = scheme;
+        self.scale = scale;
+        Ok(self)
     }
 
     /// Shards AdamW's moments over every rank of the world ([`crate::zero`]).
@@ -234,7 +264,7 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             }
         }
         let layout = if sp > 1 {
-            SeqLayout::Zigzag
+            self.layout
         } else {
             SeqLayout::Contiguous
         };
@@ -321,10 +351,10 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
             frames: frames / pool,
             share: share / pool,
         };
-        let _installed = self
-            .attention
-            .as_ref()
-            .map(|attention| install(attention.clone(), true, self.scale, "MM-SP zigzag ring"));
+        let _installed = self.attention.as_ref().map(|attention| {
+            let what = format!("MM-SP {} attention", self.scheme);
+            install(attention.clone(), true, self.scale, what)
+        });
         run_step(
             model,
             input,
@@ -462,8 +492,16 @@ impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
 
     fn sequence_parallel(&self, device: &Device) -> Option<String> {
         (self.sp > 1).then(|| {
+            let scheme = match self.scheme {
+                SpScheme::ZigzagRing => "zigzag ring".to_string(),
+                SpScheme::Ulysses => "Ulysses".to_string(),
+                SpScheme::TwoD { ulysses } => format!(
+                    "2D attention (Ulysses {ulysses} x zigzag ring {})",
+                    self.sp / ulysses
+                ),
+            };
             format!(
-                "zigzag ring over {} ranks (blocks: {})",
+                "{scheme} over {} ranks (blocks: {})",
                 self.sp,
                 longview_parallel::block::block_kernel(device)
             )

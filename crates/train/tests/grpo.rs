@@ -184,6 +184,7 @@ fn a_resumed_grpo_run_repeats_the_uninterrupted_one() {
 #[test]
 fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     use longview_comm::{Communicator, LocalWorld};
+    use longview_parallel::inference::{Heads, SpScheme};
     use longview_train::grpo::passes::SpPasses;
     use longview_train::grpo::train_grpo_on;
     use longview_train::mmsp::MmSp;
@@ -205,7 +206,13 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     let device = Device::flex().autodiff();
     let one = train_grpo_with(&config, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
 
-    let head_dim = VlmConfig::debug().text.head_dim();
+    let text = VlmConfig::debug().text;
+    let head_dim = text.head_dim();
+    let heads = Heads {
+        head_dim,
+        q_heads: text.num_heads,
+        kv_heads: text.num_kv_heads,
+    };
     for sp in [2, 4] {
         let mut split = config.clone();
         split.run.out = tmp.0.join(format!("sp{sp}"));
@@ -217,13 +224,18 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
                     let split = &split;
                     scope.spawn(move || {
                         let _rank = comm.rank();
-                        // SP4's actor pass recomputes its layers (ring replayed from
-                        // the kept output and LSE); SP2's keeps one autodiff graph.
-                        let recompute = match sp {
-                            4 => longview_train::remat::Recompute::AttentionAware,
-                            _ => longview_train::remat::Recompute::None,
+                        // SP4 runs LongVILA's 2D attention (prefill and log-prob
+                        // passes) and its actor pass recomputes its layers (the
+                        // scheme's backward replayed from the kept output and LSE);
+                        // SP2 the zigzag ring with one autodiff graph.
+                        let (scheme, recompute) = match sp {
+                            4 => (
+                                SpScheme::TwoD { ulysses: 2 },
+                                longview_train::remat::Recompute::AttentionAware,
+                            ),
+                            _ => (SpScheme::ZigzagRing, longview_train::remat::Recompute::None),
                         };
-                        let passes = SpPasses::new(&comm, head_dim)
+                        let passes = SpPasses::with_scheme(&comm, heads, scheme)
                             .unwrap()
                             .with_recompute(recompute);
                         // SP2 shards AdamW's moments over its ranks (ZeRO-1).

@@ -6,6 +6,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use longview_comm::LocalWorld;
 use longview_models::VlmConfig;
+use longview_parallel::inference::{Heads, SpScheme};
 use longview_train::grpo::logprobs::{Rollout, response_logprobs};
 use longview_train::grpo::sp_logprobs::SpLogprobs;
 use longview_train::mmsp::all_reduce_grads;
@@ -172,10 +173,11 @@ fn frames_sharded_over_the_group_encode_to_the_one_device_tokens() {
     }
 }
 
-/// The actor's pass on each rank's zigzag rows with the text layers recomputed in the
-/// backward (LightSeq's attention-aware mode replays the ring's backward from the
-/// kept output and LSE), summed over the group, against one device's plain autodiff:
-/// every LLM parameter's gradient and the summed loss.
+/// The actor's pass on each rank's rows with the text layers recomputed in the
+/// backward (LightSeq's attention-aware mode replays the scheme's backward from the
+/// kept output and LSE), on the zigzag ring, Ulysses and 2D attention, summed over
+/// the group, against one device's plain autodiff: every LLM parameter's gradient and
+/// the summed loss.
 #[test]
 fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
     use longview_train::grpo::logprobs::ResponseLogprobs;
@@ -217,8 +219,19 @@ fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
     let expected_loss = loss.clone().inner().into_scalar::<f32>();
     let expected = GradientsParams::from_grads(loss.backward(), &model);
 
-    let head_dim = config.text.head_dim();
-    for world in [2, 4] {
+    let heads = Heads {
+        head_dim: config.text.head_dim(),
+        q_heads: config.text.num_heads,
+        kv_heads: config.text.num_kv_heads,
+    };
+    let cases = [
+        (SpScheme::ZigzagRing, 2),
+        (SpScheme::ZigzagRing, 4),
+        (SpScheme::Ulysses, 2),
+        (SpScheme::Ulysses, 4),
+        (SpScheme::TwoD { ulysses: 2 }, 4),
+    ];
+    for (scheme, world) in cases {
         for mode in [Recompute::Layers, Recompute::AttentionAware] {
             let comms = LocalWorld::communicators(world);
             let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
@@ -227,7 +240,7 @@ fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
                     .map(|comm| {
                         let (model, rollout, device) = (&model, &rollout, &device);
                         scope.spawn(move || {
-                            let sp = SpLogprobs::new(comm, head_dim).unwrap();
+                            let sp = SpLogprobs::with_scheme(comm, heads, scheme).unwrap();
                             let mut loss_of = loss_of;
                             let (stats, grads) = sp
                                 .actor_grads(model, rollout, mode, device, &mut loss_of)
@@ -243,10 +256,10 @@ fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
             let total: f32 = results.iter().map(|(l, _)| l).sum();
             assert!(
                 (total - expected_loss).abs() <= 1e-5 * expected_loss.abs().max(1.0),
-                "SP{world} {mode}: loss {total} vs {expected_loss}"
+                "SP{world} {scheme} {mode}: loss {total} vs {expected_loss}"
             );
             for (rank, (_, grads)) in results.iter().enumerate() {
-                let label = format!("SP{world} {mode} rank {rank}");
+                let label = format!("SP{world} {scheme} {mode} rank {rank}");
                 // f32 on the CPU: the ring's and the ranks' sums run in other orders.
                 let compared = assert_grads_close(&model, grads, &expected, 1e-4, &label);
                 assert!(compared > 10, "{label}: {compared} gradients compared");

@@ -7,6 +7,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use longview_comm::LocalWorld;
 use longview_data::TextTokenizer;
+use longview_parallel::inference::{Heads, SpScheme};
 use longview_train::mmsp::MmSp;
 use longview_train::remat::Recompute;
 use longview_train::trainer::{model_config, train_with};
@@ -110,17 +111,21 @@ fn parallel_results(
     sp: usize,
     options: &TrainOptions,
 ) -> Vec<Result<TrainSummary, TrainError>> {
-    let head_dim = model_config(config, &TextTokenizer::debug())
-        .unwrap()
-        .text
-        .head_dim();
+    let text = model_config(config, &TextTokenizer::debug()).unwrap().text;
+    let heads = Heads {
+        head_dim: text.head_dim(),
+        q_heads: text.num_heads,
+        kv_heads: text.num_kv_heads,
+    };
     let comms = LocalWorld::communicators(dp * sp);
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
                 scope.spawn(move || {
-                    let runner = MmSp::new(comm, sp, head_dim)
+                    let runner = MmSp::new(comm, sp, heads.head_dim)
+                        .unwrap()
+                        .with_scheme(heads, config.run.sp_scheme)
                         .unwrap()
                         .with_recompute(config.run.recompute)
                         .with_sharded_optimizer(config.run.shard_optimizer);
@@ -459,6 +464,86 @@ fn sharded_optimizer_repeats_the_unsharded_run_and_resumes() {
         assert!(
             err.contains("one file") && err.contains("shard_optimizer = false"),
             "{err}"
+        );
+    }
+}
+
+/// MM-SP with Ulysses and LongVILA's 2D attention in place of the zigzag ring
+/// (`run.sp_scheme`), each in its own token layout, also under attention-aware
+/// recomputation (the replay runs the scheme's distributed backward): the
+/// single-device loss curve within 1e-5.
+#[test]
+fn ulysses_and_2d_attention_under_mm_sp_repeat_the_single_device_loss_curve() {
+    let _serial = serial();
+    let tmp = TempDir::new("mmsp-schemes");
+    let cache = tmp.0.join("cache");
+    initial_model(&cache.join("initial-model"));
+    let setup = |name: &str| {
+        let mut config = config(&tmp.0.join(name), &cache);
+        config.run.steps = 4;
+        config.run.checkpoint_every = 4;
+        config
+    };
+    let reference = train(
+        &setup("single"),
+        &no_progress(),
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+    .losses;
+    let cases = [
+        (SpScheme::Ulysses, 1, 2, Recompute::None),
+        (SpScheme::Ulysses, 1, 4, Recompute::AttentionAware),
+        (SpScheme::TwoD { ulysses: 2 }, 1, 4, Recompute::None),
+        (
+            SpScheme::TwoD { ulysses: 2 },
+            1,
+            4,
+            Recompute::AttentionAware,
+        ),
+        (SpScheme::Ulysses, 2, 2, Recompute::Layers),
+    ];
+    for (scheme, dp, sp, recompute) in cases {
+        let what = format!("{scheme} dp {dp} x sp {sp}, {recompute}");
+        let mut config = setup(&what.replace([' ', ',', ':'], "-"));
+        config.run.sp_scheme = scheme;
+        config.run.recompute = recompute;
+        let losses = parallel_losses(&config, dp, sp);
+        assert_same_curve(&reference, &losses, &what);
+    }
+    // A degree the heads do not allow (4 query / 2 key-value heads) is refused.
+    let mut config = setup("ulysses-3");
+    config.run.sp_scheme = SpScheme::Ulysses;
+    let text = model_config(&config, &TextTokenizer::debug()).unwrap().text;
+    let heads = Heads {
+        head_dim: text.head_dim(),
+        q_heads: text.num_heads,
+        kv_heads: text.num_kv_heads,
+    };
+    let errors: Vec<String> = std::thread::scope(|scope| {
+        LocalWorld::communicators(3)
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || {
+                    match MmSp::new(comm, 3, heads.head_dim)
+                        .unwrap()
+                        .with_scheme(heads, SpScheme::Ulysses)
+                    {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    for e in errors {
+        assert!(
+            e.contains("run.sp_scheme = \"ulysses\" over 3 ranks") && e.contains("4 query heads"),
+            "{e}"
         );
     }
 }

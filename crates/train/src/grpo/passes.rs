@@ -10,7 +10,7 @@ use longview_comm::{Communicator, ReduceOp};
 use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
 use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
 use longview_models::{VisualInput, Vlm};
-use longview_parallel::inference::SpInference;
+use longview_parallel::inference::{Heads, SpInference, SpScheme};
 
 use super::actor::{ActorLoss, actor_grads_plain, actor_grads_recomputed};
 use super::logprobs::{ResponseLogprobs, Rollout, response_logprobs};
@@ -186,6 +186,27 @@ impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
         Ok(SpPasses {
             inference: SpInference::new(split("rollout")?, head_dim)?,
             logprobs: SpLogprobs::new(split("log-prob")?, head_dim)?,
+            recompute: Recompute::None,
+        })
+    }
+
+    /// [`Self::new`] with the prefill and the log-prob passes on `scheme` (ring,
+    /// Ulysses or 2D) for a model of `heads`.
+    pub fn with_scheme(comm: &C, heads: Heads, scheme: SpScheme) -> Result<Self, TrainError> {
+        let all: Vec<usize> = (0..comm.world_size()).collect();
+        let split = |what: &str| {
+            comm.split(std::slice::from_ref(&all))
+                .map_err(|e| TrainError::Parallel(format!("GRPO {what} channels: {e}")))
+        };
+        Ok(SpPasses {
+            inference: SpInference::with_scheme(
+                split("rollout")?,
+                heads.head_dim,
+                heads.q_heads,
+                heads.kv_heads,
+                scheme,
+            )?,
+            logprobs: SpLogprobs::with_scheme(split("log-prob")?, heads, scheme)?,
             recompute: Recompute::None,
         })
     }

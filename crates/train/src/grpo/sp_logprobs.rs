@@ -1,6 +1,8 @@
 //! The GRPO log-prob passes sequence-parallel: each sequence of prompt + response
-//! (one row of the group's batch) is cut zigzag over the ranks of a group and runs
-//! through the text layers with zigzag ring attention; every rank takes the
+//! (one row of the group's batch) is cut over the ranks of a group and runs through
+//! the text layers with sequence-parallel attention (the zigzag ring by default;
+//! Ulysses or 2D with [`SpLogprobs::with_scheme`], each in its own layout); every rank
+//! takes the
 //! log-probabilities of the response tokens its rows predict. The old-policy and
 //! reference passes sum the ranks' parts into whole `[responses, max_len]` tensors;
 //! the actor's loss is taken on each rank's own tokens, and the gradients summed over
@@ -16,7 +18,7 @@ use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
 use longview_parallel::autodiff::DistributedAttention;
-use longview_parallel::inference::causal_zigzag_ring;
+use longview_parallel::inference::{Heads, SpScheme, causal_scheme, causal_zigzag_ring};
 use longview_parallel::layout::{SeqLayout, shard};
 use longview_parallel::model::install;
 
@@ -28,7 +30,10 @@ use crate::remat::Recompute;
 /// A rank's sequence-parallel group for the log-prob passes.
 pub struct SpLogprobs<C: Communicator + Send + Sync + 'static> {
     comm: C,
-    ring: Arc<dyn DistributedAttention>,
+    /// The scheme's attention (on channels of its own), its token layout and name.
+    attention: Arc<dyn DistributedAttention>,
+    layout: SeqLayout,
+    scheme: SpScheme,
     scale: f64,
 }
 
@@ -48,11 +53,33 @@ fn comm_error(what: &'static str) -> impl Fn(longview_comm::CommError) -> TrainE
 }
 
 impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
-    /// Binds every rank of `comm` for a model whose heads have `head_dim` channels.
+    /// Binds every rank of `comm` for a model whose heads have `head_dim` channels;
+    /// the passes run the zigzag ring.
     pub fn new(comm: C, head_dim: usize) -> Result<Self, TrainError> {
-        let (ring, scale) =
+        let (attention, scale) =
             causal_zigzag_ring(&comm, head_dim).map_err(comm_error("ring channels"))?;
-        Ok(SpLogprobs { comm, ring, scale })
+        Ok(SpLogprobs {
+            comm,
+            attention,
+            layout: SeqLayout::Zigzag,
+            scheme: SpScheme::ZigzagRing,
+            scale,
+        })
+    }
+
+    /// [`Self::new`] with the passes on `scheme` (ring, Ulysses or 2D) for a model of
+    /// `heads`; a scheme the heads or the group size do not allow is refused with
+    /// the rule.
+    pub fn with_scheme(comm: C, heads: Heads, scheme: SpScheme) -> Result<Self, TrainError> {
+        let (attention, layout, scale) = causal_scheme(&comm, heads, scheme)
+            .map_err(|e| TrainError::Parallel(format!("GRPO log-probs on {scheme}: {e}")))?;
+        Ok(SpLogprobs {
+            comm,
+            attention,
+            layout,
+            scheme,
+            scale,
+        })
     }
 
     /// The group's communicator (for summing gradients and statistics).
@@ -77,7 +104,7 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
         let rope = model.text_context(rows.position_ids(device));
         let sharded = sharded(model);
         {
-            let _ring = install(self.ring.clone(), true, self.scale, "GRPO zigzag ring");
+            let _ring = install(self.attention.clone(), true, self.scale, self.what());
             for layer in sharded.text_layers() {
                 x = layer.forward(x, &rope);
             }
@@ -102,25 +129,27 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
             return Ok(None);
         };
         let sharded = sharded(model);
-        let _ring = install(self.ring.clone(), true, self.scale, "GRPO zigzag ring");
+        let _ring = install(self.attention.clone(), true, self.scale, self.what());
         recomputed_grads(&sharded, rollout, &rows, mode, device, loss_of).map(Some)
     }
 
-    /// This rank's zigzag share of the group's rows; `None` when every response is
-    /// empty.
-    fn rows(&self, rollout: &Rollout<'_>) -> Result<Option<ZigzagRows>, TrainError> {
+    fn what(&self) -> String {
+        format!("GRPO log-probs ({})", self.scheme)
+    }
+
+    /// This rank's share of the group's rows; `None` when every response is empty.
+    fn rows(&self, rollout: &Rollout<'_>) -> Result<Option<ShareRows>, TrainError> {
         let (world, rank) = (self.comm.world_size(), self.comm.rank());
         let longest = rollout.longest();
         if longest == 0 || rollout.prompt.is_empty() {
             return Ok(None);
         }
-        // Zigzag needs a multiple of 2P rows; padding goes after every response, where
-        // causal attention keeps it from the rows that matter.
+        // Every scheme's layout needs a multiple of 2P rows; padding goes after every
+        // response, where causal attention keeps it from the rows that matter.
         let len = (rollout.prompt.len() + longest).div_ceil(2 * world) * 2 * world;
-        let positions = SeqLayout::Zigzag
-            .positions(len, rank, world)
-            .map_err(sharding)?;
-        Ok(Some(ZigzagRows {
+        let positions = self.layout.positions(len, rank, world).map_err(sharding)?;
+        Ok(Some(ShareRows {
+            layout: self.layout,
             len,
             rank,
             world,
@@ -150,9 +179,10 @@ impl<C: Communicator + Send + Sync + 'static> SpLogprobs<C> {
     }
 }
 
-/// A rank's zigzag share of a group's rows: every response padded to `len` rows, this
-/// rank holding the global rows `positions`.
-struct ZigzagRows {
+/// A rank's share of a group's rows: every response padded to `len` rows and cut by
+/// `layout`, this rank holding the global rows `positions`.
+struct ShareRows {
+    layout: SeqLayout,
     len: usize,
     rank: usize,
     world: usize,
@@ -163,7 +193,7 @@ struct ZigzagRows {
     longest: usize,
 }
 
-impl ActorRows for ZigzagRows {
+impl ActorRows for ShareRows {
     fn embeds(
         &self,
         model: &Vlm,
@@ -171,7 +201,7 @@ impl ActorRows for ZigzagRows {
         device: &Device,
     ) -> Result<Tensor<3>, TrainError> {
         let embeds = rollout.embeds(model, self.len, device)?;
-        shard(embeds, 1, SeqLayout::Zigzag, self.rank, self.world).map_err(sharding)
+        shard(embeds, 1, self.layout, self.rank, self.world).map_err(sharding)
     }
 
     fn position_ids(&self, device: &Device) -> Tensor<2, Int> {
