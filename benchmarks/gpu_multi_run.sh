@@ -7,6 +7,7 @@
 # in one call and dist/bin in the next (benchmarks/gpu_prelude.sh).
 #   bash benchmarks/gpu_multi_run.sh curves      # 10 debug steps: 1 GPU, 1x1 NCCL, SP4, DP2xSP2 (and sharded moments)
 #   bash benchmarks/gpu_multi_run.sh 1.5b 650 1300   # the 1.5B shape on SP4 at ~128k / ~256k tokens
+#   SCHEME=2d:2 SHARD=1 bash benchmarks/gpu_multi_run.sh 1.5b 650   # 2D attention, sharded moments
 # Outputs (console, metrics.jsonl) land in $OUT.
 set -u
 . benchmarks/gpu_prelude.sh
@@ -53,11 +54,17 @@ for name in ("1x1", "zero1x1", "sp4", "dp2sp2", "zero2x2"):
     print(f"  {name}:", " ".join(f"{x:.4f}" for x in got))
 PY
 elif [ "$what" = 1.5b ]; then
+  # SCHEME=ulysses or SCHEME=2d:2 runs the LLM's attention on that scheme
+  # (run.sp_scheme; the 1.5B's 12 q / 2 kv heads allow Ulysses degree 2 only, so 2d:2
+  # on 4 GPUs); SHARD=1 shards AdamW's moments (run.shard_optimizer).
+  cfg=/tmp/train_1.5b.toml; cp benchmarks/train_h200_1.5b.toml "$cfg"
+  [ -n "${SCHEME:-}" ] && sed -i "s/^\[run\]/[run]\nsp_scheme = \"$SCHEME\"/" "$cfg"
+  [ "${SHARD:-0}" = 1 ] && sed -i 's/^\[run\]/[run]\nshard_optimizer = true/' "$cfg"
   for frames in "$@"; do
-    run "sp4-$frames" timeout 580 /tmp/lv train --config benchmarks/train_h200_1.5b.toml \
+    run "sp4-$frames${SCHEME:+-$SCHEME}" timeout 580 /tmp/lv train --config "$cfg" \
       --device cuda --dtype bf16 --frames "$frames" --steps ${STEPS:-3} --out "/tmp/sp4-$frames" \
       --no-progress --fresh --parallel 1x4 --nproc 4
-    cp "/tmp/sp4-$frames/metrics.jsonl" "$OUT/metrics-sp4-$frames.jsonl" 2>/dev/null
+    cp "/tmp/sp4-$frames/metrics.jsonl" "$OUT/metrics-sp4-$frames${SCHEME:+-$SCHEME}.jsonl" 2>/dev/null
     rm -rf "/tmp/sp4-$frames/checkpoints"
   done
 fi
