@@ -12,7 +12,7 @@ use longview_train::grpo::train_grpo_with;
 use longview_train::{Stage, TrainConfig, TrainOptions};
 
 mod common;
-use common::{TempDir, assert_grads_close, no_progress, serial};
+use common::{ActorCase, TempDir, assert_grads_close, no_progress, nonlinear_loss, serial};
 
 fn host(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -287,42 +287,16 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
 
 #[test]
 fn recomputed_actor_gradients_equal_plain_autodiff() {
-    use longview_train::grpo::logprobs::ResponseLogprobs;
     use longview_train::grpo::passes::{OneDevice, Passes};
     use longview_train::remat::Recompute;
 
     let _serial = serial();
-    let device = Device::flex().autodiff();
-    device.seed(9);
-    let config = VlmConfig::debug();
-    let model = config.init(&device);
-    let mut prompt: Vec<u32> = vec![4, 9];
-    prompt.extend(std::iter::repeat_n(
-        model.placeholder_token_id,
-        2 * config.tokens_per_frame(),
-    ));
-    prompt.extend([11, 6]);
-    let responses = vec![vec![20, 21, 22, 23], vec![30], vec![40, 41]];
-    let side = config.vision.image_size;
-    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
-    // Cached visual tokens: constants of the pass, as in a GRPO update.
-    let visual = model.valid().encode_frames(pixels.inner()).autodiff();
-    let rollout = Rollout {
-        prompt: &prompt,
-        visual: Some(&visual),
-        responses: &responses,
-        temperature: 0.8,
-    };
-    // A loss that is not linear in the log-probs, so the head's backward matters.
-    let mut loss_of = |actor: ResponseLogprobs| {
-        let logp = actor.logp;
-        let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
-        let value = loss.clone().inner().into_scalar::<f32>();
-        Ok((loss, vec![value]))
-    };
+    let case = ActorCase::new(9);
+    let (model, device, rollout) = (&case.model, &case.device, case.rollout());
+    let mut loss_of = nonlinear_loss;
     let mut run = |recompute| {
         OneDevice { recompute }
-            .actor_grads(&model, &rollout, &device, &mut loss_of)
+            .actor_grads(model, &rollout, device, &mut loss_of)
             .unwrap()
             .unwrap()
     };
@@ -337,7 +311,7 @@ fn recomputed_actor_gradients_equal_plain_autodiff() {
             plain_stats[0]
         );
         // f32 on the CPU; only the order of sums differs.
-        let compared = assert_grads_close(&model, &grads, &plain, 1e-4, &mode.to_string());
+        let compared = assert_grads_close(model, &grads, &plain, 1e-4, &mode.to_string());
         // Every LLM parameter (the vision tower and projector get none: cached tokens).
         assert!(compared > 10, "{mode}: {compared} gradients compared");
     }

@@ -12,7 +12,7 @@ use longview_train::grpo::sp_logprobs::SpLogprobs;
 use longview_train::mmsp::all_reduce_grads;
 
 mod common;
-use common::assert_grads_close;
+use common::{ActorCase, assert_grads_close, nonlinear_loss};
 
 fn host2(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -180,44 +180,16 @@ fn frames_sharded_over_the_group_encode_to_the_one_device_tokens() {
 /// the summed loss.
 #[test]
 fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
-    use longview_train::grpo::logprobs::ResponseLogprobs;
     use longview_train::remat::Recompute;
 
-    let device = Device::flex().autodiff();
-    device.seed(5);
-    let config = VlmConfig::debug();
-    let model = config.init(&device);
-    let mut prompt: Vec<u32> = vec![4, 9];
-    prompt.extend(std::iter::repeat_n(
-        model.placeholder_token_id,
-        2 * config.tokens_per_frame(),
-    ));
-    prompt.extend([11, 6]);
-    // Lengths 4, 1 and 2: padding inside the batch and a total zigzag does not divide.
-    let responses = vec![vec![20, 21, 22, 23], vec![30], vec![40, 41]];
-    let side = config.vision.image_size;
-    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
-    let visual = model.valid().encode_frames(pixels.inner()).autodiff();
-    let rollout = Rollout {
-        prompt: &prompt,
-        visual: Some(&visual),
-        responses: &responses,
-        temperature: 0.8,
-    };
-    // Not linear in the log-probs (so the head's backward matters), but a sum over
-    // tokens, so the ranks' losses add up to the one-device loss.
-    let loss_of = |actor: ResponseLogprobs| {
-        let logp = actor.logp;
-        let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
-        let value = loss.clone().inner().into_scalar::<f32>();
-        Ok((loss, vec![value]))
-    };
-    let single = response_logprobs(&model, &rollout, &device)
-        .unwrap()
-        .unwrap();
+    let case = ActorCase::new(5);
+    let (config, model, device) = (&case.config, &case.model, &case.device);
+    let rollout = case.rollout();
+    let loss_of = nonlinear_loss;
+    let single = response_logprobs(model, &rollout, device).unwrap().unwrap();
     let (loss, _) = loss_of(single).unwrap();
     let expected_loss = loss.clone().inner().into_scalar::<f32>();
-    let expected = GradientsParams::from_grads(loss.backward(), &model);
+    let expected = GradientsParams::from_grads(loss.backward(), model);
 
     let heads = Heads {
         head_dim: config.text.head_dim(),
@@ -238,7 +210,7 @@ fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
                 let handles: Vec<_> = comms
                     .into_iter()
                     .map(|comm| {
-                        let (model, rollout, device) = (&model, &rollout, &device);
+                        let rollout = &rollout;
                         scope.spawn(move || {
                             let sp = SpLogprobs::with_scheme(comm, heads, scheme).unwrap();
                             let mut loss_of = loss_of;
@@ -261,7 +233,7 @@ fn sequence_parallel_recomputed_actor_gradients_equal_one_device() {
             for (rank, (_, grads)) in results.iter().enumerate() {
                 let label = format!("SP{world} {scheme} {mode} rank {rank}");
                 // f32 on the CPU: the ring's and the ranks' sums run in other orders.
-                let compared = assert_grads_close(&model, grads, &expected, 1e-4, &label);
+                let compared = assert_grads_close(model, grads, &expected, 1e-4, &label);
                 assert!(compared > 10, "{label}: {compared} gradients compared");
             }
         }

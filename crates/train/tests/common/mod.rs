@@ -6,8 +6,11 @@ use std::path::PathBuf;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
+use longview_models::{Vlm, VlmConfig};
+use longview_train::TrainError;
 use longview_train::TrainOptions;
+use longview_train::grpo::logprobs::{ResponseLogprobs, Rollout};
 
 /// Burn's device RNG is one per process and model parameters are drawn lazily, on
 /// first use: two models initialising at once in one process (tests run on several
@@ -113,4 +116,64 @@ pub fn assert_grads_close<M: Module>(
     };
     model.visit(&mut compare);
     compare.compared
+}
+
+/// A GRPO group for the actor-pass tests: the debug VLM (seeded), a prompt with two
+/// frames' placeholders between text, three responses of lengths 4, 1 and 2 (padding
+/// inside the batch, a total zigzag does not divide) and the frames' visual tokens,
+/// cached (constants of the pass, as in a GRPO update).
+pub struct ActorCase {
+    pub config: VlmConfig,
+    pub model: Vlm,
+    pub device: Device,
+    pub prompt: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+    pub visual: Tensor<3>,
+}
+
+impl ActorCase {
+    pub fn new(seed: u64) -> Self {
+        let device = Device::flex().autodiff();
+        device.seed(seed);
+        let config = VlmConfig::debug();
+        let model = config.init(&device);
+        let mut prompt: Vec<u32> = vec![4, 9];
+        prompt.extend(std::iter::repeat_n(
+            model.placeholder_token_id,
+            2 * config.tokens_per_frame(),
+        ));
+        prompt.extend([11, 6]);
+        let responses = vec![vec![20, 21, 22, 23], vec![30], vec![40, 41]];
+        let side = config.vision.image_size;
+        let pixels =
+            Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+        let visual = model.valid().encode_frames(pixels.inner()).autodiff();
+        ActorCase {
+            config,
+            model,
+            device,
+            prompt,
+            responses,
+            visual,
+        }
+    }
+
+    pub fn rollout(&self) -> Rollout<'_> {
+        Rollout {
+            prompt: &self.prompt,
+            visual: Some(&self.visual),
+            responses: &self.responses,
+            temperature: 0.8,
+        }
+    }
+}
+
+/// A loss of the actor's log-probs that is not linear in them (so the head's backward
+/// matters) but a sum over tokens (so ranks' losses on their own tokens add up to the
+/// one-device loss); its value as the one statistic.
+pub fn nonlinear_loss(actor: ResponseLogprobs) -> Result<(Tensor<1>, Vec<f32>), TrainError> {
+    let logp = actor.logp;
+    let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
+    let value = loss.clone().inner().into_scalar::<f32>();
+    Ok((loss, vec![value]))
 }
