@@ -173,6 +173,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         stop_after: None,
         progress: !args.no_progress,
         matmul_tflops,
+        memory_budget: None,
     };
     let where_ranks = match &ranks {
         Ranks::InProcess { .. } => "in-process ranks".to_string(),

@@ -42,6 +42,7 @@ pub mod run_lock;
 mod run_loop;
 mod sinks;
 pub mod skips;
+pub mod states_memory;
 pub mod tensorboard;
 pub mod trainer;
 pub mod zero;

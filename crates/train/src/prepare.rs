@@ -14,9 +14,10 @@ use longview_models::{Vlm, VlmConfig};
 use crate::checkpoint::{self, FORMAT_VERSION, TrainerState};
 use crate::config::{Part, TrainConfig};
 use crate::error::TrainError;
-use crate::grads::{cast_params, optimizer};
+use crate::grads::{cast_params, count_params, optimizer};
 use crate::plan::AttentionPlan;
 use crate::run_lock::RunLock;
+use crate::states_memory::{StatesPlan, check_states};
 use crate::trainer::{StepRunner, TrainOptions};
 
 /// Everything a run needs before its first step.
@@ -188,6 +189,14 @@ pub(crate) fn prepare(
             "precision: {compute:?} compute, f32 master weights and optimizer state"
         ));
     }
+    let (all, trained) = count_params(&model);
+    let states = StatesPlan {
+        trained,
+        frozen: all - trained,
+        master,
+        shard: runner.optimizer_shard(),
+    };
+    check_states(&states, options.memory_budget, device)?;
     Ok(Prepared {
         model,
         vlm_config,

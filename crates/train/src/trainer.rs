@@ -46,6 +46,9 @@ pub struct TrainOptions {
     /// The device's dense matmul rate in TFLOP/s (measured by the caller on a GPU):
     /// with it, every step reports its model FLOPs utilisation (MFU).
     pub matmul_tflops: Option<f64>,
+    /// Bytes the run's model states may take beyond the loaded weights; `None`: what
+    /// the device has available at the start ([`crate::states_memory`]).
+    pub memory_budget: Option<f64>,
 }
 
 impl Default for TrainOptions {
@@ -57,6 +60,7 @@ impl Default for TrainOptions {
             stop_after: None,
             progress: true,
             matmul_tflops: None,
+            memory_budget: None,
         }
     }
 }

@@ -182,3 +182,23 @@ fn train_flops_match_a_count_of_every_llm_matmul() {
         "estimate {estimate:.4e} vs counted {counted:.4e}"
     );
 }
+
+#[test]
+fn model_states_that_cannot_fit_are_refused_before_the_first_step() {
+    let _serial = serial();
+    let tmp = TempDir::new("states");
+    let config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    // A budget below the debug model's gradients and moments (12 bytes a parameter).
+    let options = TrainOptions {
+        memory_budget: Some(1024.0),
+        ..no_progress()
+    };
+    let err = train(&config, &options, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the model states do not fit"), "{err}");
+    assert!(err.contains("AdamW moments"), "{err}");
+    // Nothing was trained or written.
+    assert!(!config.run.out.join("checkpoints").exists());
+    assert!(!config.run.out.join("metrics.jsonl").exists());
+}
