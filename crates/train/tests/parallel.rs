@@ -273,6 +273,23 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
             &format!("text, {mode}, dp {dp} x sp {sp}"),
         );
     }
+    // LoRA with the moments sharded over DP 2 x SP 2 (the frozen weights own none):
+    // stopped after 3 steps and resumed, the single-device curve.
+    let mut run = text_config(&tmp.0.join("lora-sharded"), &cache);
+    run.run.shard_optimizer = true;
+    run.run.checkpoint_every = 3;
+    let first = TrainOptions {
+        stop_after: Some(3),
+        ..no_progress()
+    };
+    let head = parallel_results(&run, 2, 2, &first).remove(0).unwrap().losses;
+    let resumed = TrainOptions {
+        resume: true,
+        ..no_progress()
+    };
+    let tail = parallel_results(&run, 2, 2, &resumed).remove(0).unwrap().losses;
+    assert_eq!(head.len(), 3);
+    assert_same_curve(&reference, &tail, "text, LoRA, sharded moments, resumed");
 }
 
 #[test]
