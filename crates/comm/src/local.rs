@@ -336,15 +336,23 @@ impl LocalComm {
         Ok(all)
     }
 
-    fn check_same_shape<const D: usize>(&self, tag: &str, tensors: &[Tensor<D>]) -> Result<()> {
-        let mine = tensors[self.rank].dims();
+    /// NCCL sizes every rank's buffers alike: the tensors of a collective must have
+    /// one shape and one dtype.
+    fn check_same_shape<const D: usize, K: Basic>(
+        &self,
+        tag: &str,
+        tensors: &[Tensor<D, K>],
+    ) -> Result<()> {
+        let (mine, dtype) = (tensors[self.rank].dims(), tensors[self.rank].dtype());
         for (peer, t) in tensors.iter().enumerate() {
-            if t.dims() != mine {
+            if t.dims() != mine || t.dtype() != dtype {
                 return Err(self.invalid(
                     tag,
                     format!(
-                        "rank {peer} passed shape {:?}, this rank {mine:?}; shapes must match",
-                        t.dims()
+                        "rank {peer} passed a {:?} {:?} tensor, this rank a {mine:?} {dtype:?} \
+                         one; shapes and dtypes must match",
+                        t.dims(),
+                        t.dtype()
                     ),
                 ));
             }
@@ -435,6 +443,7 @@ impl Communicator for LocalComm {
             return Err(self.invalid(&tag, format!("dim {dim} out of range for rank {D}")));
         }
         let all = self.exchange(&tag, tensor)?;
+        self.check_same_shape(&tag, &all)?;
         Ok(Tensor::cat(all, dim))
     }
 

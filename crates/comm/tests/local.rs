@@ -154,9 +154,16 @@ fn bad_arguments_are_errors_naming_the_rank_and_operation() {
             .all_reduce(tracked, ReduceOp::Sum)
             .unwrap_err()
             .to_string();
-        (scatter, split, send, autodiff)
+        // NCCL sizes the gather's buffers alike on every rank: unequal parts refused.
+        let part = Tensor::<1>::ones([2 + comm.rank()], &Device::flex());
+        let gather = comm.all_gather(part, 0).unwrap_err().to_string();
+        (scatter, split, send, autodiff, gather)
     });
-    for (scatter, split, send, autodiff) in results {
+    for (scatter, split, send, autodiff, gather) in results {
+        assert!(
+            gather.contains("all_gather") && gather.contains("shapes and dtypes must match"),
+            "{gather}"
+        );
         assert!(
             autodiff.contains("all_reduce") && autodiff.contains("without autodiff"),
             "{autodiff}"

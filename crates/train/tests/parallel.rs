@@ -282,12 +282,18 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
         stop_after: Some(3),
         ..no_progress()
     };
-    let head = parallel_results(&run, 2, 2, &first).remove(0).unwrap().losses;
+    let head = parallel_results(&run, 2, 2, &first)
+        .remove(0)
+        .unwrap()
+        .losses;
     let resumed = TrainOptions {
         resume: true,
         ..no_progress()
     };
-    let tail = parallel_results(&run, 2, 2, &resumed).remove(0).unwrap().losses;
+    let tail = parallel_results(&run, 2, 2, &resumed)
+        .remove(0)
+        .unwrap()
+        .losses;
     assert_eq!(head.len(), 3);
     assert_same_curve(&reference, &tail, "text, LoRA, sharded moments, resumed");
 }
