@@ -1,5 +1,7 @@
 //! `longview eval`: scores a saved model on the needle-in-a-haystack grid and writes a
-//! table, JSON and a heatmap next to it.
+//! table, JSON and a heatmap next to it; or generates open-ended answers (`--task
+//! open`) or ranks multiple-choice options (`--task choice`). On one device, or with
+//! `--parallel SP` on sequence-parallel ranks (`crate::eval_parallel`).
 
 use std::path::PathBuf;
 
@@ -8,12 +10,9 @@ use clap::Args;
 
 use longview_train::generate::Decoding;
 
-use burn::tensor::{Device, Tensor};
-use longview_comm::{Communicator, ReduceOp};
-use longview_train::TrainError;
-
 use crate::DeviceArgs;
-use crate::ranks::{RankJob, Ranks};
+use crate::eval_parallel;
+use crate::ranks::Ranks;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -49,9 +48,10 @@ pub struct EvalArgs {
     /// `--task open` with --top-p: divides the logits before the softmax.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// `--task needle` on this many sequence-parallel ranks: every prompt prefilled
-    /// with sequence-parallel attention (--sp-scheme), the answer rows decoded against
-    /// the KV cache sharded over the ranks. The scores equal one device's. In-process
+    /// Any task on this many sequence-parallel ranks: every prompt prefilled with
+    /// sequence-parallel attention (--sp-scheme), then the needle's answer rows, the
+    /// open answers' tokens or the choice's next token computed against the KV cache
+    /// sharded over the ranks. The scores equal one device's. In-process
     /// ranks (CPU threads), or on GPUs one process per rank over NCCL: `longview eval
     /// --nproc SP --device cuda --parallel SP` (a build with the `nccl` feature).
     #[arg(long, default_value_t = 1, value_name = "SP")]
@@ -117,17 +117,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.checkpoint.join("eval"));
     std::fs::create_dir_all(&out)?;
-    if args.parallel == 0 || (args.parallel > 1 && args.task != "needle") {
-        bail!(
-            "--parallel {}: sequence-parallel evaluation runs `--task needle` on at least 1 rank",
-            args.parallel
-        );
+    if args.parallel == 0 {
+        bail!("--parallel 0: evaluation runs on at least 1 rank");
     }
+    // Sequence-parallel ranks (threads, or this process as one of a launch), or one
+    // device.
+    let parallel = (args.parallel > 1 || ranks.process_rank().is_some()).then_some(&ranks);
     if let Some(path) = choice_data {
-        return choice(&args, &model, &path, &out, &device);
+        return choice(&args, &model, &path, &out, &device, parallel);
     }
     if args.task == "open" {
-        return open(&args, &model, decoding, &out, &device);
+        return open(&args, &model, decoding, &out, &device, parallel);
     }
     if ranks.prints() {
         println!(
@@ -139,8 +139,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The eval videos use their own seed, never the training set's.
     let seed = args.device.seed() + 424_242;
     let videos = out.join("videos");
-    let grid = if args.parallel > 1 || ranks.process_rank().is_some() {
-        let grid = needle_sequence_parallel(&args, &model, seed, &videos, &ranks)?;
+    let grid = if let Some(ranks) = parallel {
+        let task = eval_parallel::Task::Needle;
+        let eval_parallel::Outcome::Needle(grid) =
+            eval_parallel::run(&args, &model, task, seed, &videos, ranks)?
+        else {
+            unreachable!("the needle task gives a grid")
+        };
         if !ranks.prints() {
             return Ok(());
         }
@@ -181,130 +186,54 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The needle grid scored on `args.parallel` sequence-parallel ranks (threads on
-/// the CPU, or launched processes over NCCL); rank 0's grid.
-fn needle_sequence_parallel(
-    args: &EvalArgs,
-    model: &longview_train::eval::EvalModel,
-    seed: u64,
-    videos: &std::path::Path,
-    ranks: &Ranks,
-) -> Result<longview_train::eval::NeedleGrid> {
-    if let Ranks::InProcess { .. } = ranks
-        && args.device.device != "cpu"
-    {
-        bail!(
-            "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one process \
-             per rank: `longview eval --nproc {} --device cuda --parallel {}` (a build with \
-             --features nccl)",
-            args.device.device,
-            args.parallel,
-            args.parallel
-        );
-    }
-    let job = NeedleJob {
-        args,
-        model,
-        seed,
-        videos,
-        head_dim: model.config.text.head_dim(),
-    };
-    ranks.run(&job, &args.device)
-}
-
-/// One rank of the sequence-parallel needle grid: every prompt prefilled with zigzag
-/// ring attention, the answer rows decoded against the KV cache sharded over the
-/// ranks.
-struct NeedleJob<'a> {
-    args: &'a EvalArgs,
-    model: &'a longview_train::eval::EvalModel,
-    seed: u64,
-    videos: &'a std::path::Path,
-    head_dim: usize,
-}
-
-impl RankJob for NeedleJob<'_> {
-    type Output = longview_train::eval::NeedleGrid;
-
-    fn run<C: Communicator + Send + Sync + 'static>(
-        &self,
-        comm: C,
-        device: &Device,
-        log: &mut dyn FnMut(&str),
-    ) -> Result<Self::Output, TrainError> {
-        let (args, model) = (self.args, self.model);
-        // Evaluation needs no autodiff; the model lives on this rank's device.
-        let device = device.clone().inner();
-        // Rank 0 writes the videos once; the others wait for it, then read them.
-        if comm.rank() == 0 {
-            let side = model.config.vision.image_size as u32;
-            for &n in &args.frames {
-                longview_train::data::held_out_videos(
-                    self.videos,
-                    (side, side),
-                    n,
-                    args.per_depth,
-                    self.seed,
-                )?;
-            }
-        }
-        comm.all_reduce(Tensor::<1>::zeros([1], &device), ReduceOp::Sum)
-            .map_err(|e| TrainError::Parallel(format!("barrier after writing the videos: {e}")))?;
-        let text = &model.config.text;
-        let sp = longview_parallel::inference::SpInference::with_scheme(
-            comm,
-            self.head_dim,
-            text.num_heads,
-            text.num_kv_heads,
-            args.sp_scheme,
-        )?;
-        let mut score = |samples: &[longview_train::data::Sample]| {
-            Ok(longview_train::needle::score_by(
-                samples,
-                &model.tokenizer,
-                |s, n| sp.teacher_forced_ids(&model.model, s, n, &device),
-            )?)
-        };
-        longview_train::eval::needle_grid_with(
-            model,
-            &args.frames,
-            args.per_depth,
-            self.seed,
-            self.videos,
-            log,
-            &mut score,
-        )
-    }
-}
-
 fn choice(
     args: &EvalArgs,
     model: &longview_train::eval::EvalModel,
     path: &std::path::Path,
     out: &std::path::Path,
     device: &burn::tensor::Device,
+    parallel: Option<&Ranks>,
 ) -> Result<()> {
+    let prints = parallel.is_none_or(Ranks::prints);
     let rows = longview_data::dataset::read_multiple_choice(
         path,
         &longview_data::dataset::ReadOptions::default(),
     )?;
-    println!(
-        "longview eval: multiple choice, {} ({}; {} frames a video)",
-        model.dir.display(),
-        rows.summary(),
-        args.frames[0]
-    );
+    if prints {
+        println!(
+            "longview eval: multiple choice, {} ({}; {} frames a video{})",
+            model.dir.display(),
+            rows.summary(),
+            args.frames[0],
+            sequence_parallel_label(args, parallel)
+        );
+    }
     let samples: Vec<_> = rows.samples().cloned().collect();
     if samples.is_empty() {
         bail!("{}: no usable rows", path.display());
     }
-    let report = longview_train::eval::multiple_choice(
-        model,
-        &samples,
-        args.frames[0],
-        device,
-        &mut |line| crate::logging::log(line),
-    )?;
+    let report = match parallel {
+        Some(ranks) => {
+            let task = eval_parallel::Task::Choice(&samples);
+            let videos = out.join("videos");
+            let eval_parallel::Outcome::Choice(report) =
+                eval_parallel::run(args, model, task, 0, &videos, ranks)?
+            else {
+                unreachable!("the choice task gives a report")
+            };
+            if !prints {
+                return Ok(());
+            }
+            report
+        }
+        None => longview_train::eval::multiple_choice(
+            model,
+            &samples,
+            args.frames[0],
+            device,
+            &mut |line| crate::logging::log(line),
+        )?,
+    };
     std::fs::write(
         out.join("choice.json"),
         serde_json::to_string_pretty(&report)?,
@@ -350,22 +279,42 @@ fn open(
     decoding: Decoding,
     out: &std::path::Path,
     device: &burn::tensor::Device,
+    parallel: Option<&Ranks>,
 ) -> Result<()> {
-    println!(
-        "longview eval: open-ended needle answers ({decoding:?}), {} ({})",
-        model.dir.display(),
-        grid_label(args)
-    );
-    let report = longview_train::eval::open_needle(
-        model,
-        &args.frames,
-        args.per_depth,
-        args.device.seed() + 424_242,
-        &out.join("videos"),
-        decoding,
-        device,
-        &mut |line| crate::logging::log(line),
-    )?;
+    let prints = parallel.is_none_or(Ranks::prints);
+    if prints {
+        println!(
+            "longview eval: open-ended needle answers ({decoding:?}), {} ({}{})",
+            model.dir.display(),
+            grid_label(args),
+            sequence_parallel_label(args, parallel)
+        );
+    }
+    let (seed, videos) = (args.device.seed() + 424_242, out.join("videos"));
+    let report = match parallel {
+        Some(ranks) => {
+            let task = eval_parallel::Task::Open(decoding);
+            let eval_parallel::Outcome::Open(report) =
+                eval_parallel::run(args, model, task, seed, &videos, ranks)?
+            else {
+                unreachable!("the open task gives a report")
+            };
+            if !prints {
+                return Ok(());
+            }
+            report
+        }
+        None => longview_train::eval::open_needle(
+            model,
+            &args.frames,
+            args.per_depth,
+            seed,
+            &videos,
+            decoding,
+            device,
+            &mut |line| crate::logging::log(line),
+        )?,
+    };
     let path = out.join("open.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     for a in report.answers.iter().filter(|a| !a.correct).take(5) {
@@ -382,6 +331,17 @@ fn open(
     );
     println!("  wrote {}", path.display());
     Ok(())
+}
+
+/// `, sequence-parallel over 2 ranks (ring)` under --parallel, else nothing.
+fn sequence_parallel_label(args: &EvalArgs, parallel: Option<&Ranks>) -> String {
+    match parallel {
+        Some(_) => format!(
+            ", sequence-parallel over {} ranks ({})",
+            args.parallel, args.sp_scheme
+        ),
+        None => String::new(),
+    }
 }
 
 /// `32/64/128 frames x 6 depths x 4 videos`.

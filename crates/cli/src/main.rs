@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod device;
 mod eval;
+mod eval_parallel;
 mod gemm;
 mod infer_bench;
 mod logging;

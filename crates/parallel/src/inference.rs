@@ -389,6 +389,36 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         })
     }
 
+    /// The next-token logits after `prompt` (its visual tokens spliced in), prefilled
+    /// sequence-parallel: what [`longview_infer::generate::prefill_prompt`] returns on
+    /// one device, the same on every rank.
+    pub fn last_logits(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        device: &Device,
+    ) -> Result<Vec<f32>, InferError> {
+        if prompt.is_empty() {
+            return Err(InferError::Request(
+                "an empty prompt has no next token".into(),
+            ));
+        }
+        // Each rank runs its whole share of the prompt at once.
+        let per_rank = prompt.len().div_ceil(self.world());
+        longview_infer::prefill::check_request_fits(
+            model,
+            (per_rank, 0, 1),
+            per_rank,
+            None,
+            device,
+        )?;
+        let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
+        let mut cache = ShardedCache::new(self.world());
+        let last = self.prefill(model, embeds, &mut cache)?;
+        Ok(host_rows(model.logits(last))?.remove(0))
+    }
+
     /// The argmax ids at the `answer_len` rows that predict `sample`'s answer (rows
     /// `prompt_len - 1 ..`): the prompt prefilled sequence-parallel, the answer's
     /// rows run through the decode path. The same on every rank.

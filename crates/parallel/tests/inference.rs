@@ -92,9 +92,16 @@ fn sequence_parallel_prefill_gives_the_one_device_logits() {
                 };
                 let last = sp.prefill(&model, embeds.clone(), &mut cache).unwrap();
                 assert_eq!(cache.total(), ids.len());
-                host_rows(model.logits(last)).unwrap().remove(0)
+                // The same from the prompt's ids and visual tokens (what multiple
+                // choice asks for).
+                let visual = VisualInput::Embeddings(visual.clone());
+                let direct = sp.last_logits(&model, &ids, visual, &Device::flex());
+                [
+                    host_rows(model.logits(last)).unwrap().remove(0),
+                    direct.unwrap(),
+                ]
             });
-            for (rank, logits) in got.iter().enumerate() {
+            for (rank, logits) in got.iter().flatten().enumerate() {
                 let worst = logits
                     .iter()
                     .zip(&expected)
@@ -102,7 +109,7 @@ fn sequence_parallel_prefill_gives_the_one_device_logits() {
                     .fold(0.0f32, f32::max);
                 assert!(
                     worst < 1e-5,
-                    "{world} ranks, rank {rank}, prompt {}: worst error {worst}",
+                    "{world} ranks, result {rank} (2 a rank), prompt {}: worst error {worst}",
                     ids.len()
                 );
             }

@@ -156,15 +156,37 @@ impl ChoiceReport {
     }
 }
 
+/// The next-token logits after a prompt (its ids, its video's frames): how a
+/// multiple-choice prompt is run, on one device ([`one_device_logits`]) or
+/// sequence-parallel.
+pub type LastLogits<'a> =
+    &'a mut dyn FnMut(&[u32], longview_models::VisualInput) -> Result<Vec<f32>, TrainError>;
+
+/// [`LastLogits`] on one device: the prompt prefilled in chunks, refused with the
+/// numbers when even that would not fit.
+pub fn one_device_logits(
+    model: &longview_models::Vlm,
+    ids: &[u32],
+    visual: longview_models::VisualInput,
+    device: &Device,
+) -> Result<Vec<f32>, TrainError> {
+    use longview_infer::prefill::{DEFAULT_CHUNK, check_request_fits};
+    check_request_fits(model, (ids.len(), 0, 1), DEFAULT_CHUNK, None, device)?;
+    let (_, last) =
+        longview_infer::generate::prefill_prompt(model, ids, visual, DEFAULT_CHUNK, device)?;
+    Ok(last)
+}
+
 /// The option letter the model ranks highest after `sample`'s prompt: video +
 /// question + options + LongVILA's "Respond with only the letter" instruction
-/// prefilled in chunks, then the largest next-token logit among the option letters'
-/// tokens.
+/// (`last_logits` runs it), then the largest next-token logit among the option
+/// letters' tokens.
 pub fn choose(
     model: &EvalModel,
     sample: &longview_data::dataset::ChoiceSample,
     frames: usize,
     device: &Device,
+    last_logits: LastLogits<'_>,
 ) -> Result<char, TrainError> {
     use longview_data::{Media, Message, Sampling};
     let letters: Vec<char> = ('A'..='Z').take(sample.options.len()).collect();
@@ -200,22 +222,7 @@ pub fn choose(
         model.config.tokens_per_frame(),
         true,
     )?;
-    // Chunked prefill: activations bounded by the chunk, logits of the last row only;
-    // refused with the numbers when even that would not fit.
-    longview_infer::prefill::check_request_fits(
-        &model.model,
-        (encoded.ids.len(), 0, 1),
-        longview_infer::prefill::DEFAULT_CHUNK,
-        None,
-        device,
-    )?;
-    let (_, last) = longview_infer::generate::prefill_prompt(
-        &model.model,
-        &encoded.ids,
-        longview_models::VisualInput::Pixels(pixels),
-        longview_infer::prefill::DEFAULT_CHUNK,
-        device,
-    )?;
+    let last = last_logits(&encoded.ids, longview_models::VisualInput::Pixels(pixels))?;
     let best = (0..letters.len())
         .max_by(|&a, &b| {
             last[letter_ids[a]]
@@ -227,13 +234,26 @@ pub fn choose(
 }
 
 /// Scores VideoMME-style rows (see `longview_data::dataset::read_multiple_choice`),
-/// sampling `frames` frames uniformly from every video.
+/// sampling `frames` frames uniformly from every video, each prompt on one device.
 pub fn multiple_choice(
     model: &EvalModel,
     rows: &[longview_data::dataset::ChoiceSample],
     frames: usize,
     device: &Device,
     log: &mut dyn FnMut(&str),
+) -> Result<ChoiceReport, TrainError> {
+    let mut last = |ids: &[u32], visual| one_device_logits(&model.model, ids, visual, device);
+    multiple_choice_with(model, rows, frames, device, log, &mut last)
+}
+
+/// [`multiple_choice`] with every prompt run by `last_logits` (e.g. sequence-parallel).
+pub fn multiple_choice_with(
+    model: &EvalModel,
+    rows: &[longview_data::dataset::ChoiceSample],
+    frames: usize,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    last_logits: LastLogits<'_>,
 ) -> Result<ChoiceReport, TrainError> {
     let mut report = ChoiceReport {
         correct: 0,
@@ -243,7 +263,7 @@ pub fn multiple_choice(
         skipped: Vec::new(),
     };
     for (i, row) in rows.iter().enumerate() {
-        let letter = match choose(model, row, frames, device) {
+        let letter = match choose(model, row, frames, device, last_logits) {
             Ok(letter) => letter,
             Err(e) => {
                 log(&format!("row {} skipped: {e}", i + 1));
@@ -306,6 +326,13 @@ impl OpenReport {
 /// its videos' pixels until its prompts are prefilled).
 const OPEN_BATCH: usize = 8;
 
+/// Generates the answers of a batch of needle prompts (one decoding each): how the
+/// open-ended evaluation runs them, on one device (one batch) or sequence-parallel.
+pub type GenerateAnswers<'a> =
+    &'a mut dyn FnMut(
+        Vec<longview_infer::batch::BatchRequest>,
+    ) -> Result<Vec<Vec<longview_infer::generate::Generation>>, TrainError>;
+
 /// Asks the needle question about `per_depth` generated videos per depth for every
 /// haystack length in `frames` and generates the answer freely (no teacher forcing),
 /// [`OPEN_BATCH`] prompts decoding as one batch.
@@ -320,10 +347,34 @@ pub fn open_needle(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<OpenReport, TrainError> {
+    use longview_infer::batch::{BatchOptions, generate_batch};
+    let mut one_batch = |requests| {
+        Ok(generate_batch(
+            &model.model,
+            requests,
+            &BatchOptions::default(),
+            device,
+        )?)
+    };
+    let videos = (frames, per_depth, seed, cache);
+    open_needle_with(model, videos, decoding, device, log, &mut one_batch)
+}
+
+/// [`open_needle`] with every batch of [`OPEN_BATCH`] prompts run by `generate`;
+/// `videos`: the haystack lengths, videos per depth, seed and video folder.
+pub fn open_needle_with(
+    model: &EvalModel,
+    videos: (&[usize], usize, u64, &Path),
+    decoding: crate::generate::Decoding,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+    generate: GenerateAnswers<'_>,
+) -> Result<OpenReport, TrainError> {
     use burn::tensor::{Tensor, TensorData};
-    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::batch::BatchRequest;
     use longview_infer::generate::Limits;
     use longview_models::VisualInput;
+    let (frames, per_depth, seed, cache) = videos;
     let encoder = model.encoder();
     let limits = Limits {
         max_new_tokens: 8,
@@ -348,7 +399,7 @@ pub fn open_needle(
                     limits: limits.clone(),
                 })
                 .collect();
-            let out = generate_batch(&model.model, requests, &BatchOptions::default(), device)?;
+            let out = generate(requests)?;
             generations.extend(out.into_iter().map(|mut g| g.remove(0).tokens));
         }
         for (s, ids) in data.eval.iter().zip(generations) {

@@ -168,6 +168,41 @@ fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
         correct += usize::from(expected == sample.answer);
     }
     assert_eq!(report.correct, correct);
+
+    // Sequence-parallel (`eval --task choice --parallel 2`): every prompt prefilled
+    // over 2 in-process ranks picks the same letters.
+    let text = &model.config.text;
+    let reports: Vec<_> = std::thread::scope(|scope| {
+        longview_comm::LocalWorld::communicators(2)
+            .into_iter()
+            .map(|comm| {
+                let (model, samples, device) = (&model, &samples, &device);
+                scope.spawn(move || {
+                    let sp = longview_parallel::inference::SpInference::new(comm, text.head_dim())
+                        .unwrap();
+                    let mut last = |ids: &[u32], visual| {
+                        Ok(sp.last_logits(&model.model, ids, visual, device)?)
+                    };
+                    longview_train::eval::multiple_choice_with(
+                        model,
+                        samples,
+                        6,
+                        device,
+                        &mut |_: &str| {},
+                        &mut last,
+                    )
+                    .unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    for sp in reports {
+        assert_eq!(sp.chosen, report.chosen);
+        assert_eq!(sp.correct, report.correct);
+    }
 }
 
 #[test]
