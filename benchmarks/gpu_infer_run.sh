@@ -6,6 +6,7 @@
 # with the token budgets (per frame: --token-pool 8 = 64 tokens; over time:
 # --temporal-pool 8).
 #   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024]
+#   LONG=0 ... skips the 3600-frame steps; LONG=only runs just them.
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -17,12 +18,16 @@ step() { name=$1; shift; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +
   tail -n 6 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
 lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 --json $OUT/infer.jsonl"
-for frames in "${@:-64 256 1024}"; do
-  for f in $frames; do
-    step "longview-$f" timeout 240 $lv --frames "$f"
-    step "hf-$f" timeout 240 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64
+if [ "${LONG:-1}" != only ]; then
+  for frames in "${@:-64 256 1024}"; do
+    for f in $frames; do
+      step "longview-$f" timeout 240 $lv --frames "$f"
+      step "hf-$f" timeout 240 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64
+    done
   done
-done
+fi
+# LONG=0 skips the hour of video; LONG=only runs nothing else.
+[ "${LONG:-1}" = 0 ] && exit 0
 step "longview-3600-pool8" timeout 400 $lv --frames 3600 --token-pool 8
 step "longview-3600-pool8-t8" timeout 200 $lv --frames 3600 --token-pool 8 --temporal-pool 8
 step "hf-3600-pool-none" timeout 120 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames 3600 --new-tokens 64

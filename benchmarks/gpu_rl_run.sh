@@ -5,7 +5,7 @@
 # the same binary re-encoding the video in every pass (grpo.reencode_video), at the
 # frame counts given (default 256 512). One prompt a step and 128 response tokens
 # keep a step inside the call's time; every other setting is configs/1.5b-grpo.toml's.
-#   bash benchmarks/gpu_rl_run.sh [frames ...]
+#   bash benchmarks/gpu_rl_run.sh [frames ...]     (STEPS=2 steps a run, LIMIT=280 s a run)
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/log.txt,
 # $OUT/<run>.txt (console) and $OUT/metrics-<run>.jsonl (rollout_s, update_s, ...).
 set -u
@@ -22,7 +22,7 @@ for frames in "${@:-256 512}"; do
         && sed -i 's/^\[grpo\]/[grpo]\nreencode_video = true/' "$cfg"
       name=rl-$mode-$f
       echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +%s)
-      timeout 280 /tmp/lv train --config "$cfg" --device cuda --dtype bf16 --frames "$f" --steps 2 \
+      timeout ${LIMIT:-280} /tmp/lv train --config "$cfg" --device cuda --dtype bf16 --frames "$f" --steps ${STEPS:-2} \
         --out "/tmp/$name" --fresh --no-progress > "$OUT/$name.txt" 2>&1
       echo "-- exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
       grep -E "step [0-9]+/|memory|summary|time" "$OUT/$name.txt" | tail -n 6 | tee -a "$OUT/log.txt"
