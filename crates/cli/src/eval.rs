@@ -140,16 +140,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let seed = args.device.seed() + 424_242;
     let videos = out.join("videos");
     let grid = if let Some(ranks) = parallel {
-        let task = eval_parallel::Task::Needle;
-        let eval_parallel::Outcome::Needle(grid) =
-            eval_parallel::run(&args, &model, task, seed, &videos, ranks)?
-        else {
-            unreachable!("the needle task gives a grid")
-        };
-        if !ranks.prints() {
-            return Ok(());
+        match eval_parallel::needle(&args, &model, seed, &videos, ranks)? {
+            Some(grid) => grid,
+            None => return Ok(()),
         }
-        grid
     } else {
         longview_train::eval::needle_grid_with(
             &model,
@@ -213,19 +207,10 @@ fn choice(
         bail!("{}: no usable rows", path.display());
     }
     let report = match parallel {
-        Some(ranks) => {
-            let task = eval_parallel::Task::Choice(&samples);
-            let videos = out.join("videos");
-            let eval_parallel::Outcome::Choice(report) =
-                eval_parallel::run(args, model, task, 0, &videos, ranks)?
-            else {
-                unreachable!("the choice task gives a report")
-            };
-            if !prints {
-                return Ok(());
-            }
-            report
-        }
+        Some(ranks) => match eval_parallel::choice(args, model, &samples, ranks)? {
+            Some(report) => report,
+            None => return Ok(()),
+        },
         None => longview_train::eval::multiple_choice(
             model,
             &samples,
@@ -292,18 +277,10 @@ fn open(
     }
     let (seed, videos) = (args.device.seed() + 424_242, out.join("videos"));
     let report = match parallel {
-        Some(ranks) => {
-            let task = eval_parallel::Task::Open(decoding);
-            let eval_parallel::Outcome::Open(report) =
-                eval_parallel::run(args, model, task, seed, &videos, ranks)?
-            else {
-                unreachable!("the open task gives a report")
-            };
-            if !prints {
-                return Ok(());
-            }
-            report
-        }
+        Some(ranks) => match eval_parallel::open(args, model, decoding, seed, &videos, ranks)? {
+            Some(report) => report,
+            None => return Ok(()),
+        },
         None => longview_train::eval::open_needle(
             model,
             &args.frames,

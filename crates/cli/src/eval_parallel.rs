@@ -24,21 +24,67 @@ use crate::eval::EvalArgs;
 use crate::ranks::{RankJob, Ranks};
 
 /// What the ranks of a sequence-parallel evaluation run.
-pub enum Task<'a> {
+enum Task<'a> {
     Needle,
     Open(Decoding),
     Choice(&'a [longview_data::dataset::ChoiceSample]),
 }
 
 /// Rank 0's result of a sequence-parallel task.
-pub enum Outcome {
+enum Outcome {
     Needle(NeedleGrid),
     Open(OpenReport),
     Choice(ChoiceReport),
 }
 
+/// The needle grid on the ranks; `None` on a process that does not report.
+pub fn needle(
+    args: &EvalArgs,
+    model: &EvalModel,
+    seed: u64,
+    videos: &Path,
+    ranks: &Ranks,
+) -> Result<Option<NeedleGrid>> {
+    Ok(match run(args, model, Task::Needle, seed, videos, ranks)? {
+        Outcome::Needle(grid) => ranks.prints().then_some(grid),
+        _ => unreachable!("the needle task gives a grid"),
+    })
+}
+
+/// The open-ended answers on the ranks; `None` on a process that does not report.
+pub fn open(
+    args: &EvalArgs,
+    model: &EvalModel,
+    decoding: Decoding,
+    seed: u64,
+    videos: &Path,
+    ranks: &Ranks,
+) -> Result<Option<OpenReport>> {
+    Ok(
+        match run(args, model, Task::Open(decoding), seed, videos, ranks)? {
+            Outcome::Open(report) => ranks.prints().then_some(report),
+            _ => unreachable!("the open task gives a report"),
+        },
+    )
+}
+
+/// Multiple choice on the ranks; `None` on a process that does not report.
+pub fn choice(
+    args: &EvalArgs,
+    model: &EvalModel,
+    rows: &[longview_data::dataset::ChoiceSample],
+    ranks: &Ranks,
+) -> Result<Option<ChoiceReport>> {
+    Ok(
+        match run(args, model, Task::Choice(rows), 0, Path::new(""), ranks)? {
+            Outcome::Choice(report) => ranks.prints().then_some(report),
+            _ => unreachable!("the choice task gives a report"),
+        },
+    )
+}
+
 /// Runs `task` on `args.parallel` sequence-parallel ranks; rank 0's outcome.
-pub fn run(
+fn run(
     args: &EvalArgs,
     model: &EvalModel,
     task: Task<'_>,

@@ -95,6 +95,17 @@ fn assert_same_curve(reference: &[f32], losses: &[f32], what: &str) {
     }
 }
 
+/// `config` trained on one device under `options`.
+fn one_device(config: &TrainConfig, options: &TrainOptions) -> TrainSummary {
+    train(
+        config,
+        options,
+        &Device::flex().autodiff(),
+        &mut |_: &str| {},
+    )
+    .unwrap()
+}
+
 /// Every rank's summary of `config` on `dp x sp` in-process ranks, rank 0 first.
 fn parallel_runs(config: &TrainConfig, dp: usize, sp: usize) -> Vec<TrainSummary> {
     parallel_results(config, dp, sp, &no_progress())
@@ -156,14 +167,7 @@ fn temporal_pooling_under_mm_sp_repeats_the_single_device_loss_curve() {
         config.model.temporal_pool = Some(2);
         config
     };
-    let reference = train(
-        &pooled("single"),
-        &no_progress(),
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&pooled("single"), &no_progress()).losses;
     for (dp, sp) in [(1, 2), (1, 4)] {
         let losses = parallel_losses(&pooled(&format!("dp{dp}-sp{sp}")), dp, sp);
         assert_same_curve(&reference, &losses, &format!("dp {dp} x sp {sp}"));
@@ -188,13 +192,7 @@ fn the_writer_scores_held_out_needles_alone_under_mm_sp() {
         config.data.eval_per_depth = 1;
         config
     };
-    let single = train(
-        &with_eval("single"),
-        &no_progress(),
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap();
+    let single = one_device(&with_eval("single"), &no_progress());
     let want = single.eval.expect("the single-device run scores");
     let summaries = parallel_runs(&with_eval("sp2"), 1, 2);
     let got = summaries[0].eval.as_ref().expect("the writer scores");
@@ -211,14 +209,7 @@ fn mm_sp_and_data_parallel_layouts_repeat_the_single_device_loss_curve() {
     let cache = tmp.0.join("cache");
     initial_model(&cache.join("initial-model"));
     let options = no_progress();
-    let reference = train(
-        &config(&tmp.0.join("single"), &cache),
-        &options,
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&config(&tmp.0.join("single"), &cache), &options).losses;
     assert_eq!(reference.len(), 10);
     assert!(reference[9] < reference[0], "the loss falls: {reference:?}");
     for (dp, sp) in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)] {
@@ -249,14 +240,7 @@ fn stage4_text_batches_under_mm_sp_repeat_the_single_device_loss_curve() {
         .collect();
     std::fs::write(cache.join("text.jsonl"), docs.join("\n")).unwrap();
     let options = no_progress();
-    let reference = train(
-        &text_config(&tmp.0.join("single"), &cache),
-        &options,
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&text_config(&tmp.0.join("single"), &cache), &options).losses;
     assert_eq!(reference.len(), 6);
     for (mode, dp, sp) in [
         (Recompute::None, 1, 2),
@@ -306,14 +290,7 @@ fn recomputation_inside_mm_sp_repeats_the_single_device_loss_curve() {
     initial_model(&cache.join("initial-model"));
     let options = no_progress();
     // Plain autodiff on one device.
-    let reference = train(
-        &config(&tmp.0.join("single"), &cache),
-        &options,
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&config(&tmp.0.join("single"), &cache), &options).losses;
     assert_eq!(reference.len(), 10);
     for (mode, dp, sp) in [
         (Recompute::AttentionAware, 1, 1),
@@ -344,14 +321,7 @@ fn layouts_from_random_weights_repeat_the_single_device_curve_and_themselves() {
         c
     };
     let options = no_progress();
-    let reference = train(
-        &random("single"),
-        &options,
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&random("single"), &options).losses;
     let first = parallel_losses(&random("sp2-a"), 1, 2);
     let again = parallel_losses(&random("sp2-b"), 1, 2);
     assert_eq!(first, again, "two SP2 runs from the same seed");
@@ -507,14 +477,7 @@ fn ulysses_and_2d_attention_under_mm_sp_repeat_the_single_device_loss_curve() {
         config.run.checkpoint_every = 4;
         config
     };
-    let reference = train(
-        &setup("single"),
-        &no_progress(),
-        &Device::flex().autodiff(),
-        &mut |_: &str| {},
-    )
-    .unwrap()
-    .losses;
+    let reference = one_device(&setup("single"), &no_progress()).losses;
     let cases = [
         (SpScheme::Ulysses, 1, 2, Recompute::None),
         (SpScheme::Ulysses, 1, 4, Recompute::AttentionAware),
