@@ -2,8 +2,8 @@
 //! the CPU, or launched processes over NCCL). Each prompt is prefilled with the
 //! scheme of `--sp-scheme` and leaves every rank its shard of the KV cache:
 //! - `needle`: the answer rows teacher-forced against the sharded cache;
-//! - `open`: the answers generated against it (`SpInference::generate_group`), one
-//!   prompt after another;
+//! - `open`: the answers generated against it, a batch of prompts decoding together
+//!   (`SpInference::generate_batch`);
 //! - `choice`: the next-token logits after the prompt (`SpInference::last_logits`).
 //!
 //! Rank 0 writes the generated videos before the others read them; every rank
@@ -18,7 +18,7 @@ use longview_parallel::inference::SpInference;
 use longview_train::TrainError;
 use longview_train::data::Sample;
 use longview_train::eval::{ChoiceReport, EvalModel, NeedleGrid, OpenReport};
-use longview_train::generate::{Decoding, GenerateOptions};
+use longview_train::generate::Decoding;
 
 use crate::eval::EvalArgs;
 use crate::ranks::{RankJob, Ranks};
@@ -168,21 +168,7 @@ impl RankJob for EvalJob<'_> {
                 .map(Outcome::Needle)
             }
             Task::Open(decoding) => {
-                let mut generate = |requests: Vec<longview_infer::batch::BatchRequest>| {
-                    requests
-                        .into_iter()
-                        .map(|r| {
-                            let options = GenerateOptions::new(
-                                r.limits.max_new_tokens,
-                                *decoding,
-                                r.limits.stop.clone(),
-                            );
-                            Ok(sp.generate_group(
-                                vlm, &r.prompt, r.visual, &r.samples, &options, &device,
-                            )?)
-                        })
-                        .collect()
-                };
+                let mut generate = |requests| Ok(sp.generate_batch(vlm, requests, &device)?);
                 longview_train::eval::open_needle_with(
                     model,
                     videos,

@@ -8,10 +8,16 @@
 //! hidden states, logits and tokens without further messages). The new tokens' keys
 //! and values go to the rank holding the fewest, so shards stay balanced.
 //!
+//! Several prompts decode as one batch with [`SpInference::generate_batch`]
+//! (`inference/batch.rs`): each prefilled on its own, the shares joined left-padded on
+//! every rank.
+//!
 //! The prompt's last `1..=2P` tokens (what zigzag sharding cannot split evenly, and
 //! at least the last one, whose logits start the answer) run through the decode path
 //! as one multi-token step: on the rank that stores them they attend causally to
 //! themselves, everywhere to every cached key.
+
+mod batch;
 
 use std::sync::Arc;
 

@@ -84,6 +84,23 @@ pub struct PromptSamples {
     pub samples: Vec<Decoding>,
 }
 
+/// The step's prompts as batch requests, every prompt with the options' limits.
+fn batch_requests(prompts: Vec<PromptSamples>, options: &GenerateOptions) -> Vec<BatchRequest> {
+    let limits = Limits {
+        max_new_tokens: options.max_new_tokens,
+        stop: options.stop.clone(),
+    };
+    prompts
+        .into_iter()
+        .map(|p| BatchRequest {
+            prompt: p.prompt,
+            visual: p.visual,
+            samples: p.samples,
+            limits: limits.clone(),
+        })
+        .collect()
+}
+
 /// Everything on one device; the actor's pass recomputes its text layers in the
 /// backward unless `recompute` is `None` (`run.recompute`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -104,19 +121,7 @@ impl Passes for OneDevice {
         options: &GenerateOptions,
         device: &Device,
     ) -> Result<Vec<Vec<Generation>>, TrainError> {
-        let limits = Limits {
-            max_new_tokens: options.max_new_tokens,
-            stop: options.stop.clone(),
-        };
-        let requests = prompts
-            .into_iter()
-            .map(|p| BatchRequest {
-                prompt: p.prompt,
-                visual: p.visual,
-                samples: p.samples,
-                limits: limits.clone(),
-            })
-            .collect();
+        let requests = batch_requests(prompts, options);
         let batch = BatchOptions {
             prefill_chunk: options.prefill_chunk,
             memory_budget: options.memory_budget,
@@ -255,7 +260,8 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         Ok(gathered.narrow(0, 0, frames / pool))
     }
 
-    /// Prompt after prompt, each one's samples over a sequence-parallel prefill.
+    /// Every prompt prefilled sequence-parallel, then all prompts' samples decoded
+    /// as one batch against the sharded caches (`SpInference::generate_batch`).
     fn generate(
         &self,
         policy: &Vlm,
@@ -263,14 +269,9 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         options: &GenerateOptions,
         device: &Device,
     ) -> Result<Vec<Vec<Generation>>, TrainError> {
-        prompts
-            .into_iter()
-            .map(|p| {
-                Ok(self
-                    .inference
-                    .generate_group(policy, &p.prompt, p.visual, &p.samples, options, device)?)
-            })
-            .collect()
+        Ok(self
+            .inference
+            .generate_batch(policy, batch_requests(prompts, options), device)?)
     }
 
     fn whole_logprobs(

@@ -1,0 +1,278 @@
+//! Batched generation over different prompts on a sequence-parallel group (what
+//! `longview_infer::batch` does on one device): every prompt is prefilled
+//! sequence-parallel on its own, leaving each rank its share of every prompt's KV
+//! cache; then all the prompts' samples decode together, one step for every sequence
+//! still generating.
+//!
+//! On each rank the shares are joined left-padded to that rank's longest share (all
+//! ranks know every share's length, so they agree on every rank's padded length);
+//! the padding keys are masked out of the rank's partial attention (key segment 1
+//! against the query's 0, so a row that holds only padding here contributes O = 0,
+//! LSE = -inf). Each row keeps its own positions. A step's new keys and values go to
+//! the rank whose padded share is the shortest, for all rows, and the partial
+//! `(O, LSE)` of every rank are gathered and merged in rank order as in
+//! [`SpInference::extend`]. Tested against one device's batched generation: the same
+//! tokens, log-probs within 1e-4 (`tests/inference.rs`).
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use longview_comm::Communicator;
+use longview_infer::InferError;
+use longview_infer::batch::BatchRequest;
+use longview_infer::generate::{Generation, check_request, decode_rows, host_rows};
+use longview_infer::prefill::{DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt};
+use longview_models::Vlm;
+use longview_models::attention::SplitAtAttention;
+
+use super::{ShardedCache, SpInference, comm_error};
+use crate::block::{Block, forward as block_forward, merge};
+
+impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
+    /// The generations of every request (`out[i][j]`: request `i`'s sample `j`), each
+    /// prompt prefilled sequence-parallel, all samples decoded as one batch against
+    /// the sharded caches. The same on every rank; each equals
+    /// [`SpInference::generate_group`] for that request alone up to float rounding.
+    pub fn generate_batch(
+        &self,
+        model: &Vlm,
+        requests: Vec<BatchRequest>,
+        device: &Device,
+    ) -> Result<Vec<Vec<Generation>>, InferError> {
+        let world = self.world();
+        for (i, request) in requests.iter().enumerate() {
+            check_request(&request.prompt, &request.samples)
+                .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
+        }
+        // Each rank holds about 1/P of every cache; the estimate is per rank, for
+        // every sequence at the longest prompt.
+        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let new = requests.iter().map(|r| r.limits.max_new_tokens).max();
+        let sequences: usize = requests.iter().map(|r| r.samples.len()).sum();
+        let per_rank = longest.div_ceil(world);
+        let request_size = (per_rank, new.unwrap_or(0), sequences.max(1));
+        check_request_fits(model, request_size, per_rank, None, device)?;
+
+        let counts: Vec<usize> = requests.iter().map(|r| r.samples.len()).collect();
+        let (mut caches, mut firsts, mut samples, mut limits, mut positions) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for request in requests.into_iter().filter(|r| !r.samples.is_empty()) {
+            let embeds = embed_prompt(
+                model,
+                &request.prompt,
+                request.visual,
+                DEFAULT_FRAME_BATCH,
+                device,
+            )?;
+            let mut cache = ShardedCache::new(world);
+            let last = self.prefill(model, embeds, &mut cache)?;
+            let first = host_rows(model.logits(last))?.remove(0);
+            for decoding in &request.samples {
+                firsts.push(first.clone());
+                samples.push(*decoding);
+                limits.push(request.limits.clone());
+                positions.push(request.prompt.len());
+            }
+            caches.push((cache, request.samples.len()));
+        }
+        if caches.is_empty() {
+            return Ok(counts.iter().map(|_| Vec::new()).collect());
+        }
+        let layers = model.text_layers().len();
+        let mut batch = ShardBatch::join(&caches, self.comm.rank(), layers, positions, device);
+        drop(caches);
+        let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
+            if kept.len() != batch.rows() {
+                batch.select(kept);
+            }
+            self.step_batch(model, &mut batch, tokens, device)
+        })?;
+        let mut flat = flat.into_iter();
+        Ok(counts
+            .iter()
+            .map(|&g| flat.by_ref().take(g).collect())
+            .collect())
+    }
+
+    /// `tokens[r]` (one per row) through the text layers against the sharded batch,
+    /// whose owner rank grows by one position; every row's next-token logits on the
+    /// host, the same on every rank.
+    fn step_batch(
+        &self,
+        model: &Vlm,
+        batch: &mut ShardBatch,
+        tokens: &[i64],
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>, InferError> {
+        let rows = tokens.len();
+        let owner = batch.owner();
+        let mine = owner == self.comm.rank();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [rows, 1]), device);
+        let positions: Vec<i64> = batch.next_position.iter().map(|&p| p as i64).collect();
+        let rope = model.text_context(Tensor::from_data(
+            TensorData::new(positions, [rows, 1]),
+            device,
+        ));
+        // This rank's keys this step (its share, plus the new one on the owner) and
+        // which are padding: the same for every layer.
+        let local = batch.lens[self.comm.rank()] + usize::from(mine);
+        let segments = (local > 0).then(|| batch.key_segments(local, device));
+        let query_segments = Tensor::<2, Int>::zeros([rows, 1], device);
+        let mut x = model.embed_tokens(ids);
+        for (layer, cached) in model.text_layers().iter().zip(&mut batch.layers) {
+            let input = layer.attention_input(x.clone(), &rope);
+            if mine {
+                *cached = Some(match cached.take() {
+                    Some((k, v)) => (
+                        Tensor::cat(vec![k, input.k.clone()], 2),
+                        Tensor::cat(vec![v, input.v.clone()], 2),
+                    ),
+                    None => (input.k.clone(), input.v.clone()),
+                });
+            }
+            let [_, heads, _, head_dim] = input.q.dims();
+            let (o, lse) = match (cached.as_ref(), &segments) {
+                (Some((k, v)), Some(segments)) => block_forward(&Block {
+                    q: input.q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    // One query row sees every key it is not masked from.
+                    causal: false,
+                    scale: input.scale,
+                    segments: Some((query_segments.clone(), segments.clone())),
+                }),
+                _ => (
+                    Tensor::zeros([rows, heads, 1, head_dim], device),
+                    Tensor::full([rows, heads, 1], f32::NEG_INFINITY, device),
+                ),
+            };
+            let o = self
+                .comm
+                .all_gather(o, 0)
+                .map_err(comm_error("gathering O"))?;
+            let lse = self
+                .comm
+                .all_gather(lse, 0)
+                .map_err(comm_error("gathering LSE"))?;
+            let part = |r: usize| {
+                (
+                    o.clone().narrow(0, r * rows, rows),
+                    lse.clone().narrow(0, r * rows, rows),
+                )
+            };
+            let (merged, _) = (1..self.world()).fold(part(0), |acc, r| merge(acc, part(r)));
+            x = layer.after_attention(x, merged.cast(input.q.dtype()));
+        }
+        batch.lens[owner] += 1;
+        for p in &mut batch.next_position {
+            *p += 1;
+        }
+        host_rows(model.logits(x))
+    }
+}
+
+/// This rank's shares of a batch of sequences' KV caches, left-padded to one length.
+struct ShardBatch {
+    /// Every layer's local keys and values, `[rows, kv_heads, lens[rank], head_dim]`
+    /// (`None` while this rank holds no key).
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Per row, this rank's leading keys that are padding.
+    pad: Vec<usize>,
+    /// Per row, the position of its next token.
+    next_position: Vec<usize>,
+    /// Every rank's padded share length (the same on every rank).
+    lens: Vec<usize>,
+}
+
+impl ShardBatch {
+    /// One row per sample: each `(cache, samples)` (a prompt's sharded cache, batch 1)
+    /// left-padded to this rank's longest share and repeated `samples` times.
+    fn join(
+        caches: &[(ShardedCache, usize)],
+        rank: usize,
+        layers: usize,
+        next_position: Vec<usize>,
+        device: &Device,
+    ) -> Self {
+        let world = caches[0].0.counts.len();
+        let lens: Vec<usize> = (0..world)
+            .map(|r| caches.iter().map(|(c, _)| c.counts[r]).max().unwrap_or(0))
+            .collect();
+        let longest = lens[rank];
+        let mut pad = Vec::new();
+        for (cache, samples) in caches {
+            pad.extend(std::iter::repeat_n(longest - cache.counts[rank], *samples));
+        }
+        let layers = (0..layers)
+            .map(|layer| {
+                if longest == 0 {
+                    return None;
+                }
+                let (mut keys, mut values) = (Vec::new(), Vec::new());
+                for (cache, samples) in caches {
+                    let left = longest - cache.counts[rank];
+                    let padded = |t: Option<&Tensor<4>>, like: &Tensor<4>| {
+                        let [_, h, _, d] = like.dims();
+                        let zeros = Tensor::<4>::zeros([1, h, left, d], (device, like.dtype()));
+                        let t = match (t, left) {
+                            (Some(t), 0) => t.clone(),
+                            (Some(t), _) => Tensor::cat(vec![zeros, t.clone()], 2),
+                            (None, _) => zeros,
+                        };
+                        t.expand([*samples, h, longest, d])
+                    };
+                    let local = cache.local.layer(layer);
+                    // A prompt with no key on this rank takes its shape from another.
+                    let like = caches
+                        .iter()
+                        .find_map(|(c, _)| c.local.layer(layer))
+                        .expect("this rank holds keys of some prompt");
+                    keys.push(padded(local.map(|(k, _)| k), &like.0));
+                    values.push(padded(local.map(|(_, v)| v), &like.1));
+                }
+                Some((Tensor::cat(keys, 0), Tensor::cat(values, 0)))
+            })
+            .collect();
+        ShardBatch {
+            layers,
+            pad,
+            next_position,
+            lens,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// The rank that stores the next keys: the shortest padded share (the lowest
+    /// such rank).
+    fn owner(&self) -> usize {
+        (0..self.lens.len())
+            .min_by_key(|&r| (self.lens[r], r))
+            .unwrap_or(0)
+    }
+
+    /// Keeps the rows `kept` (in that order).
+    fn select(&mut self, kept: &[usize]) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let device = k.device();
+            let index = Tensor::<1, Int>::from_data(
+                TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
+                &device,
+            );
+            *k = k.clone().select(0, index.clone());
+            *v = v.clone().select(0, index);
+        }
+        self.pad = kept.iter().map(|&r| self.pad[r]).collect();
+        self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
+    }
+
+    /// Per row, 1 for this rank's padding keys and 0 for the rest, over `len` keys.
+    fn key_segments(&self, len: usize, device: &Device) -> Tensor<2, Int> {
+        let ids: Vec<i64> = self
+            .pad
+            .iter()
+            .flat_map(|&p| (0..len).map(move |j| i64::from(j < p)))
+            .collect();
+        Tensor::from_data(TensorData::new(ids, [self.rows(), len]), device)
+    }
+}
