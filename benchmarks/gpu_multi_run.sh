@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_multi_run.sh curves      # 10 debug steps: 1 GPU, 1x1 NCCL, SP4, DP2xSP2 (and sharded moments)
 #   bash benchmarks/gpu_multi_run.sh 1.5b 650 1300   # the 1.5B shape on SP4 at ~128k / ~256k tokens
 #   SCHEME=2d:2 SHARD=1 bash benchmarks/gpu_multi_run.sh 1.5b 650   # 2D attention, sharded moments
+#   bash benchmarks/gpu_multi_run.sh infer   # 3600 frames asked about on all GPUs (SP inference)
 # Outputs (console, metrics.jsonl) land in $OUT.
 set -u
 . benchmarks/gpu_prelude.sh
@@ -53,6 +54,14 @@ for name in ("1x1", "zero1x1", "sp4", "dp2sp2", "zero2x2"):
     print("  one GPU:", " ".join(f"{x:.4f}" for x in ref))
     print(f"  {name}:", " ".join(f"{x:.4f}" for x in got))
 PY
+elif [ "$what" = infer ]; then
+  # An hour of video (3600 frames, 709k prompt tokens unpooled) asked about on all
+  # the GPUs: frames encoded in shares, zigzag-ring (or SCHEME) prefill, greedy
+  # decoding against the sharded KV cache; then the same with 64 tokens a frame.
+  lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 --json $OUT/infer-sp.jsonl"
+  sp="--nproc $gpus --parallel $gpus --sp-scheme ${SCHEME:-ring}"
+  run "infer-sp$gpus-3600" timeout 500 $lv $sp --frames 3600
+  run "infer-sp$gpus-3600-pool8" timeout 300 $lv $sp --frames 3600 --token-pool 8
 elif [ "$what" = 1.5b ]; then
   # SCHEME=ulysses or SCHEME=2d:2 runs the LLM's attention on that scheme
   # (run.sp_scheme; the 1.5B's 12 q / 2 kv heads allow Ulysses degree 2 only, so 2d:2

@@ -18,6 +18,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::demo::named_config;
+use crate::ranks::Ranks;
 use crate::{DeviceArgs, synthetic};
 use longview_infer::generate::{Decoding, GenerateOptions, decode_group, decode_step, host_rows};
 use longview_infer::prefill::{
@@ -58,17 +59,49 @@ pub struct InferBenchArgs {
     /// frame's worth (--frames must be a multiple of K).
     #[arg(long, value_name = "K")]
     pub temporal_pool: Option<usize>,
+    /// On this many sequence-parallel ranks: frames encoded in shares and gathered,
+    /// the prompt prefilled with --sp-scheme attention, the answer decoded against
+    /// the KV cache sharded over the ranks. In-process ranks (CPU threads), or on GPUs
+    /// one process per rank over NCCL: `--nproc SP --device cuda --parallel SP` (a
+    /// build with the `nccl` feature).
+    #[arg(long, default_value_t = 1, value_name = "SP")]
+    pub parallel: usize,
+    /// Start N processes on this machine, one per GPU, each running this command
+    /// without `--nproc` as one rank over NCCL; N must equal --parallel.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// With --parallel: the prefill's attention: `ring` (zigzag), `ulysses` or `2d:U`.
+    #[arg(long, default_value = "ring", value_name = "SCHEME")]
+    pub sp_scheme: longview_parallel::inference::SpScheme,
+}
+
+/// One run's phases: what the table row and the JSON line report.
+pub struct Measured {
+    pub prompt: usize,
+    pub encode_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub decoded: usize,
+    pub reserved: Option<u64>,
 }
 
 pub fn run(args: InferBenchArgs) -> Result<()> {
-    if args.new_tokens == 0 || args.frames == 0 {
-        bail!("--frames and --new-tokens must be at least 1");
+    if crate::ranks::launch_here(args.nproc)? {
+        return Ok(());
+    }
+    if args.new_tokens == 0 || args.frames == 0 || args.parallel == 0 {
+        bail!("--frames, --new-tokens and --parallel must be at least 1");
     }
     let mut config = named_config(&args.size)?;
     config.projector.token_pool = args.token_pool;
     config.projector.temporal_pool = args.temporal_pool;
+    let ranks = Ranks::resolve(args.parallel, &format!("--parallel {}", args.parallel))?;
     // Inference keeps no autodiff graph.
-    let device: Device = args.device.device()?.without_autodiff();
+    let device: Device = match &ranks {
+        Ranks::Process(env) => args.device.for_local_rank(env)?,
+        Ranks::InProcess { .. } => args.device.device()?,
+    }
+    .without_autodiff();
     let attention = if flash_available(&device) {
         AttentionImpl::Flash
     } else {
@@ -76,6 +109,23 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     };
     config.vision.attention = attention;
     config.text.attention = attention;
+    if args.parallel > 1 || ranks.process_rank().is_some() {
+        if let Ranks::InProcess { .. } = ranks
+            && args.device.device != "cpu"
+        {
+            bail!(
+                "--parallel on `{}`: in-process ranks run on the CPU; for GPUs start one \
+                 process per rank: `longview infer-bench --nproc {p} --device cuda --parallel \
+                 {p}` (a build with --features nccl)",
+                args.device.device,
+                p = args.parallel
+            );
+        }
+        if let Some((measured, extra)) = crate::infer_bench_sp::run(&args, &config, &ranks)? {
+            report(&args, attention, &measured, extra)?;
+        }
+        return Ok(());
+    }
     let model = config.init(&device);
     crate::check_cpu_memory(&args.device, model.num_params(), 1)?;
     let sample = synthetic::batch(
@@ -148,40 +198,61 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     })?;
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();
-    let decoded = generated[0].tokens.len();
-    let memory = device.memory_pool_usage().map(|m| m.bytes_reserved);
+    let measured = Measured {
+        prompt: ids.len(),
+        encode_s,
+        prefill_s,
+        decode_s,
+        decoded: generated[0].tokens.len(),
+        reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
+    };
+    report(&args, attention, &measured, json!({}))
+}
 
-    let prompt = ids.len();
+/// Prints the table row and appends the JSON line (`extra` merged into it).
+fn report(
+    args: &InferBenchArgs,
+    attention: AttentionImpl,
+    m: &Measured,
+    extra: serde_json::Value,
+) -> Result<()> {
     println!(
-        "| size | device | dtype | frames | prompt tokens | encode s | prefill s (TTFT) | prefill tok/s | decode tok/s | reserved |"
+        "| size | device | dtype | ranks | frames | prompt tokens | encode s | prefill s (TTFT) | prefill tok/s | decode tok/s | reserved |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {prompt} | {encode_s:.3} | {prefill_s:.3} | {:.0} | {:.1} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.0} | {:.1} | {} |",
         args.size,
         args.device.device,
         args.device.dtype,
+        args.parallel,
         args.frames,
-        prompt as f64 / prefill_s,
-        decoded as f64 / decode_s,
-        memory.map_or("n/a".into(), |b| format!(
+        m.prompt,
+        m.encode_s,
+        m.prefill_s,
+        m.prompt as f64 / m.prefill_s,
+        m.decoded as f64 / m.decode_s,
+        m.reserved.map_or("n/a".into(), |b| format!(
             "{:.1} GiB",
             b as f64 / (1u64 << 30) as f64
         )),
     );
-    if let Some(path) = args.json {
-        let line = json!({
+    if let Some(path) = &args.json {
+        let mut line = json!({
             "size": args.size, "device": args.device.device, "dtype": args.device.dtype,
             "attention": format!("{attention:?}"), "frames": args.frames,
             "token_pool": args.token_pool, "temporal_pool": args.temporal_pool,
-            "prompt_tokens": prompt, "prefill_chunk": args.prefill_chunk,
-            "frame_batch": args.frame_batch, "encode_s": encode_s, "prefill_s": prefill_s,
-            "prefill_tokens_per_s": prompt as f64 / prefill_s,
-            "decoded_tokens": decoded, "decode_s": decode_s,
-            "decode_tokens_per_s": decoded as f64 / decode_s,
-            "reserved_bytes": memory,
+            "prompt_tokens": m.prompt, "prefill_chunk": args.prefill_chunk,
+            "frame_batch": args.frame_batch, "encode_s": m.encode_s, "prefill_s": m.prefill_s,
+            "prefill_tokens_per_s": m.prompt as f64 / m.prefill_s,
+            "decoded_tokens": m.decoded, "decode_s": m.decode_s,
+            "decode_tokens_per_s": m.decoded as f64 / m.decode_s,
+            "reserved_bytes": m.reserved,
         });
-        crate::device::append_json_lines(&path, &[line])?;
+        if let (Some(line), Some(extra)) = (line.as_object_mut(), extra.as_object()) {
+            line.extend(extra.clone());
+        }
+        crate::device::append_json_lines(path, &[line])?;
     }
     Ok(())
 }

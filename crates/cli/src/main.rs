@@ -8,6 +8,7 @@ mod eval;
 mod eval_parallel;
 mod gemm;
 mod infer_bench;
+mod infer_bench_sp;
 mod logging;
 mod ranks;
 mod synthetic;

@@ -225,39 +225,9 @@ impl<C: Communicator + Send + Sync + 'static> SpPasses<C> {
 }
 
 impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
-    /// MR-SP's first stage: each rank encodes a contiguous share of the frames (whole
-    /// groups of the projector's temporal pooling; the last share padded with zero
-    /// frames), and the tokens are gathered in order.
+    /// MR-SP's first stage ([`encode_frames_sharded`]).
     fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError> {
-        let comm = self.logprobs.comm();
-        let pool = policy.temporal_pool();
-        // The video's last group filled with copies of its last frame, as the
-        // projector fills it on one device.
-        let [frames, c, h, w] = pixels.dims();
-        let missing = frames.div_ceil(pool) * pool - frames;
-        let pixels = match missing {
-            0 => pixels,
-            m => {
-                let last = pixels.clone().narrow(0, frames - 1, 1).expand([m, c, h, w]);
-                Tensor::cat(vec![pixels, last], 0)
-            }
-        };
-        let frames = frames + missing;
-        let share = frames.div_ceil(comm.world_size() * pool) * pool;
-        let start = (comm.rank() * share).min(frames);
-        let mine = share.min(frames - start);
-        let device = pixels.device();
-        let pad = |n: usize| Tensor::<4>::zeros([n, c, h, w], &device);
-        let local = match mine {
-            // More ranks than frames: this rank encodes padding only.
-            0 => pad(share),
-            m if m < share => Tensor::cat(vec![pixels.narrow(0, start, m), pad(share - m)], 0),
-            m => pixels.narrow(0, start, m),
-        };
-        let gathered = comm
-            .all_gather(policy.encode_frames(local), 0)
-            .map_err(|e| TrainError::Parallel(format!("gathering visual tokens: {e}")))?;
-        Ok(gathered.narrow(0, 0, frames / pool))
+        encode_frames_sharded(policy, pixels, self.logprobs.comm())
     }
 
     /// Every prompt prefilled sequence-parallel, then all prompts' samples decoded
@@ -331,4 +301,43 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
             .try_to_vec::<f32>()
             .map_err(|e| TrainError::Parallel(format!("reading GRPO statistics: {e:?}")))
     }
+}
+
+/// MR-SP's first stage: each rank of `comm` encodes a contiguous share of the frames
+/// (`[frames, 3, side, side]`; whole groups of the projector's temporal pooling, the
+/// last share padded with zero frames), and the visual tokens are gathered in order:
+/// `[frames / pool, tokens_per_frame, hidden]`, the same on every rank.
+pub fn encode_frames_sharded<C: Communicator>(
+    policy: &Vlm,
+    pixels: Tensor<4>,
+    comm: &C,
+) -> Result<Tensor<3>, TrainError> {
+    let pool = policy.temporal_pool();
+    // The video's last group filled with copies of its last frame, as the projector
+    // fills it on one device.
+    let [frames, c, h, w] = pixels.dims();
+    let missing = frames.div_ceil(pool) * pool - frames;
+    let pixels = match missing {
+        0 => pixels,
+        m => {
+            let last = pixels.clone().narrow(0, frames - 1, 1).expand([m, c, h, w]);
+            Tensor::cat(vec![pixels, last], 0)
+        }
+    };
+    let frames = frames + missing;
+    let share = frames.div_ceil(comm.world_size() * pool) * pool;
+    let start = (comm.rank() * share).min(frames);
+    let mine = share.min(frames - start);
+    let device = pixels.device();
+    let pad = |n: usize| Tensor::<4>::zeros([n, c, h, w], &device);
+    let local = match mine {
+        // More ranks than frames: this rank encodes padding only.
+        0 => pad(share),
+        m if m < share => Tensor::cat(vec![pixels.narrow(0, start, m), pad(share - m)], 0),
+        m => pixels.narrow(0, start, m),
+    };
+    let gathered = comm
+        .all_gather(policy.encode_frames(local), 0)
+        .map_err(|e| TrainError::Parallel(format!("gathering visual tokens: {e}")))?;
+    Ok(gathered.narrow(0, 0, frames / pool))
 }
