@@ -20,7 +20,9 @@
 //! (`optimizer-RRR-of-WWW.bpk`, keyed by this rank's parameter ids) and those ids
 //! (`param_ids-RRR-of-WWW.json`), in `checkpoints/.step-NNNNNN.shards/`; after every
 //! rank has reported success the writer moves them into the checkpoint folder before
-//! it is renamed into place, so a checkpoint is complete or absent. A sharded
+//! it is renamed into place, so a checkpoint is complete or absent (`run.out` must be
+//! on a file system every rank sees, as resuming already requires; a shard the writer
+//! cannot find is an error naming the rank). A sharded
 //! checkpoint resumes on the same number of ranks only; anything else is refused with
 //! the counts (`shard_files`).
 
