@@ -336,21 +336,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
                     Tensor::full([batch, heads, new], f32::NEG_INFINITY, &device),
                 ),
             };
-            let o = self
-                .comm
-                .all_gather(o, 0)
-                .map_err(comm_error("gathering O"))?;
-            let lse = self
-                .comm
-                .all_gather(lse, 0)
-                .map_err(comm_error("gathering LSE"))?;
-            let part = |r: usize| {
-                (
-                    o.clone().narrow(0, r * batch, batch),
-                    lse.clone().narrow(0, r * batch, batch),
-                )
-            };
-            let (merged, _) = (1..self.world()).fold(part(0), |acc, r| merge(acc, part(r)));
+            let merged = self.gather_merge(o, lse)?;
             x = layer.after_attention(x, merged.cast(input.q.dtype()));
         }
         if mine {
@@ -358,6 +344,29 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         }
         cache.counts[owner] += new;
         Ok(x)
+    }
+
+    /// Every rank's partial attention output `o` (`[batch, heads, rows, head_dim]`)
+    /// with its `lse` gathered and merged in rank order: the attention over the keys
+    /// of all ranks, the same on every rank.
+    fn gather_merge(&self, o: Tensor<4>, lse: Tensor<3>) -> Result<Tensor<4>, InferError> {
+        let batch = o.dims()[0];
+        let o = self
+            .comm
+            .all_gather(o, 0)
+            .map_err(comm_error("gathering O"))?;
+        let lse = self
+            .comm
+            .all_gather(lse, 0)
+            .map_err(comm_error("gathering LSE"))?;
+        let part = |r: usize| {
+            (
+                o.clone().narrow(0, r * batch, batch),
+                lse.clone().narrow(0, r * batch, batch),
+            )
+        };
+        let (merged, _) = (1..self.world()).fold(part(0), |acc, r| merge(acc, part(r)));
+        Ok(merged)
     }
 
     /// [`longview_infer::generate::generate_group`] over the group: the prompt is

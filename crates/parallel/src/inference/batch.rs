@@ -23,8 +23,8 @@ use longview_infer::prefill::{DEFAULT_FRAME_BATCH, check_request_fits, embed_pro
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
 
-use super::{ShardedCache, SpInference, comm_error};
-use crate::block::{Block, forward as block_forward, merge};
+use super::{ShardedCache, SpInference};
+use crate::block::{Block, forward as block_forward};
 
 impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
     /// The generations of every request (`out[i][j]`: request `i`'s sample `j`), each
@@ -144,21 +144,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
                     Tensor::full([rows, heads, 1], f32::NEG_INFINITY, device),
                 ),
             };
-            let o = self
-                .comm
-                .all_gather(o, 0)
-                .map_err(comm_error("gathering O"))?;
-            let lse = self
-                .comm
-                .all_gather(lse, 0)
-                .map_err(comm_error("gathering LSE"))?;
-            let part = |r: usize| {
-                (
-                    o.clone().narrow(0, r * rows, rows),
-                    lse.clone().narrow(0, r * rows, rows),
-                )
-            };
-            let (merged, _) = (1..self.world()).fold(part(0), |acc, r| merge(acc, part(r)));
+            let merged = self.gather_merge(o, lse)?;
             x = layer.after_attention(x, merged.cast(input.q.dtype()));
         }
         batch.lens[owner] += 1;
