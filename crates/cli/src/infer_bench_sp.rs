@@ -13,9 +13,9 @@ use anyhow::Result;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::generate::{Decoding, GenerateOptions, decode_group, host_rows};
-use longview_infer::prefill::{DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt};
-use longview_models::{KvCache, VisualInput, VlmConfig};
-use longview_parallel::inference::{ShardedCache, SpInference};
+use longview_infer::prefill::check_request_fits;
+use longview_models::{VisualInput, VlmConfig};
+use longview_parallel::inference::SpInference;
 use longview_train::TrainError;
 use serde_json::{Value, json};
 
@@ -116,19 +116,8 @@ impl RankJob for BenchJob<'_> {
         )?;
 
         let start = Instant::now();
-        let embeds = embed_prompt(
-            &model,
-            &ids,
-            VisualInput::Embeddings(visual),
-            DEFAULT_FRAME_BATCH,
-            &device,
-        )?;
-        let mut cache = ShardedCache {
-            local: KvCache::new(),
-            counts: vec![0; world],
-        };
-        let last = sp.prefill(&model, embeds, &mut cache)?;
-        let first = host_rows(model.logits(last))?.remove(0);
+        let (mut cache, first) =
+            sp.prefill_prompt(&model, &ids, VisualInput::Embeddings(visual), &device)?;
         let prefill_s = start.elapsed().as_secs_f64();
 
         let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());

@@ -63,10 +63,7 @@ pub fn generate_batch(
     options: &BatchOptions,
     device: &Device,
 ) -> Result<Vec<Vec<Generation>>, InferError> {
-    for (i, request) in requests.iter().enumerate() {
-        check_request(&request.prompt, &request.samples)
-            .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
-    }
+    check_requests(&requests)?;
     check_batch_memory(model, &requests, options, device)?;
     let counts: Vec<usize> = requests.iter().map(|r| r.samples.len()).collect();
     let mut caches = Vec::with_capacity(requests.len());
@@ -101,11 +98,26 @@ pub fn generate_batch(
         }
         batch.step(model, tokens, device)
     })?;
+    Ok(regroup(flat, &counts))
+}
+
+/// Refuses a batch with an empty prompt or an invalid decoding, naming the request.
+pub fn check_requests(requests: &[BatchRequest]) -> Result<(), InferError> {
+    for (i, request) in requests.iter().enumerate() {
+        check_request(&request.prompt, &request.samples)
+            .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The batch's generations, one per sample in request order, grouped back by
+/// request: `counts[i]` samples for request `i`.
+pub fn regroup(flat: Vec<Generation>, counts: &[usize]) -> Vec<Vec<Generation>> {
     let mut flat = flat.into_iter();
-    Ok(counts
+    counts
         .iter()
         .map(|&g| flat.by_ref().take(g).collect())
-        .collect())
+        .collect()
 }
 
 /// Refuses a batch whose KV cache (every sample at the longest prompt's length plus

@@ -386,10 +386,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         // Each rank holds about 1/P of the cache; the estimate is per rank.
         let per_rank = prompt.len().div_ceil(self.world());
         check_memory(model, per_rank, samples.len(), options, device)?;
-        let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
-        let mut cache = ShardedCache::new(self.world());
-        let last = self.prefill(model, embeds, &mut cache)?;
-        let first = host_rows(model.logits(last))?.remove(0);
+        let (mut cache, first) = self.prefill_prompt(model, prompt, visual, device)?;
         cache.local = cache.local.repeat(samples.len());
         let mut rows = samples.len();
         decode_group(first, samples, options, |tokens, kept| {
@@ -402,6 +399,23 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             let hidden = self.extend(model, model.embed_tokens(ids), &mut cache)?;
             host_rows(model.logits(hidden))
         })
+    }
+
+    /// `prompt` (its visual tokens spliced in) prefilled sequence-parallel into a new
+    /// sharded cache: the cache and the next-token logits after the prompt, the same
+    /// on every rank (what `longview_infer::generate::prefill_prompt` gives on one
+    /// device).
+    pub fn prefill_prompt(
+        &self,
+        model: &Vlm,
+        prompt: &[u32],
+        visual: VisualInput,
+        device: &Device,
+    ) -> Result<(ShardedCache, Vec<f32>), InferError> {
+        let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
+        let mut cache = ShardedCache::new(self.world());
+        let last = self.prefill(model, embeds, &mut cache)?;
+        Ok((cache, host_rows(model.logits(last))?.remove(0)))
     }
 
     /// The next-token logits after `prompt` (its visual tokens spliced in), prefilled
@@ -428,10 +442,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             None,
             device,
         )?;
-        let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
-        let mut cache = ShardedCache::new(self.world());
-        let last = self.prefill(model, embeds, &mut cache)?;
-        Ok(host_rows(model.logits(last))?.remove(0))
+        Ok(self.prefill_prompt(model, prompt, visual, device)?.1)
     }
 
     /// The argmax ids at the `answer_len` rows that predict `sample`'s answer (rows

@@ -17,9 +17,9 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
-use longview_infer::batch::BatchRequest;
-use longview_infer::generate::{Generation, check_request, decode_rows, host_rows};
-use longview_infer::prefill::{DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt};
+use longview_infer::batch::{BatchRequest, check_requests, regroup};
+use longview_infer::generate::{Generation, decode_rows, host_rows};
+use longview_infer::prefill::check_request_fits;
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
 
@@ -38,10 +38,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         device: &Device,
     ) -> Result<Vec<Vec<Generation>>, InferError> {
         let world = self.world();
-        for (i, request) in requests.iter().enumerate() {
-            check_request(&request.prompt, &request.samples)
-                .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
-        }
+        check_requests(&requests)?;
         // Each rank holds about 1/P of every cache; the estimate is per rank, for
         // every sequence at the longest prompt.
         let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -55,16 +52,8 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         let (mut caches, mut firsts, mut samples, mut limits, mut positions) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for request in requests.into_iter().filter(|r| !r.samples.is_empty()) {
-            let embeds = embed_prompt(
-                model,
-                &request.prompt,
-                request.visual,
-                DEFAULT_FRAME_BATCH,
-                device,
-            )?;
-            let mut cache = ShardedCache::new(world);
-            let last = self.prefill(model, embeds, &mut cache)?;
-            let first = host_rows(model.logits(last))?.remove(0);
+            let (cache, first) =
+                self.prefill_prompt(model, &request.prompt, request.visual, device)?;
             for decoding in &request.samples {
                 firsts.push(first.clone());
                 samples.push(*decoding);
@@ -85,11 +74,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             }
             self.step_batch(model, &mut batch, tokens, device)
         })?;
-        let mut flat = flat.into_iter();
-        Ok(counts
-            .iter()
-            .map(|&g| flat.by_ref().take(g).collect())
-            .collect())
+        Ok(regroup(flat, &counts))
     }
 
     /// `tokens[r]` (one per row) through the text layers against the sharded batch,

@@ -54,8 +54,9 @@ pub trait Passes {
 
     /// The actor's loss of a group (`loss_of` maps the tracked log-probs of this
     /// rank's response tokens to the loss and its statistics) and this rank's
-    /// gradients of it; `None` when every response is empty. By default one autodiff
-    /// graph over [`Passes::actor_logprobs`].
+    /// gradients of it; `None` when every response is empty. One autodiff graph over
+    /// [`Passes::actor_logprobs`], or with [`Passes::recompute`] the text layers
+    /// recomputed in the backward ([`Passes::recomputed_actor_grads`]).
     fn actor_grads(
         &self,
         model: &Vlm,
@@ -63,8 +64,27 @@ pub trait Passes {
         device: &Device,
         loss_of: ActorLoss<'_>,
     ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
-        actor_grads_plain(model, self.actor_logprobs(model, rollout, device)?, loss_of)
+        match self.recompute() {
+            Recompute::None => {
+                actor_grads_plain(model, self.actor_logprobs(model, rollout, device)?, loss_of)
+            }
+            mode => self.recomputed_actor_grads(model, rollout, mode, device, loss_of),
+        }
     }
+
+    /// How the actor's pass recomputes its text layers (`run.recompute`).
+    fn recompute(&self) -> Recompute;
+
+    /// [`Passes::actor_grads`] with the text layers recomputed in the backward
+    /// (`mode`: `Layers` or `AttentionAware`).
+    fn recomputed_actor_grads(
+        &self,
+        model: &Vlm,
+        rollout: &Rollout<'_>,
+        mode: Recompute,
+        device: &Device,
+        loss_of: ActorLoss<'_>,
+    ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError>;
 
     /// Gradients summed over the ranks that share the sequences.
     fn reduce_grads(
@@ -147,19 +167,19 @@ impl Passes for OneDevice {
         response_logprobs(model, rollout, device)
     }
 
-    fn actor_grads(
+    fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    fn recomputed_actor_grads(
         &self,
         model: &Vlm,
         rollout: &Rollout<'_>,
+        mode: Recompute,
         device: &Device,
         loss_of: ActorLoss<'_>,
     ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
-        match self.recompute {
-            Recompute::None => {
-                actor_grads_plain(model, response_logprobs(model, rollout, device)?, loss_of)
-            }
-            mode => actor_grads_recomputed(model, rollout, mode, device, loss_of),
-        }
+        actor_grads_recomputed(model, rollout, mode, device, loss_of)
     }
 
     fn reduce_grads(&self, _: &Vlm, grads: GradientsParams) -> Result<GradientsParams, TrainError> {
@@ -262,21 +282,20 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         self.logprobs.local(model, rollout, device)
     }
 
-    fn actor_grads(
+    fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    fn recomputed_actor_grads(
         &self,
         model: &Vlm,
         rollout: &Rollout<'_>,
+        mode: Recompute,
         device: &Device,
         loss_of: ActorLoss<'_>,
     ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
-        match self.recompute {
-            Recompute::None => {
-                actor_grads_plain(model, self.logprobs.local(model, rollout, device)?, loss_of)
-            }
-            mode => self
-                .logprobs
-                .actor_grads(model, rollout, mode, device, loss_of),
-        }
+        self.logprobs
+            .actor_grads(model, rollout, mode, device, loss_of)
     }
 
     fn reduce_grads(
