@@ -40,9 +40,20 @@ impl DeviceArgs {
             "f16" => FloatDType::F16,
             other => bail!("--dtype `{other}`: expected f32, bf16 or f16"),
         };
-        device
-            .configure(burn::tensor::DeviceConfig::default().float_dtype(dtype))
-            .with_context(|| format!("cannot use dtype {} on {}", self.dtype, self.device))?;
+        // A device's default dtypes lock once; asking again for what it already has (a
+        // launched rank's job builds its device after the command did) is no error.
+        if let Err(e) = device.configure(burn::tensor::DeviceConfig::default().float_dtype(dtype))
+            && device.settings().float_dtype != dtype
+        {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot use dtype {} on {} (its default float dtype is already {:?})",
+                    self.dtype,
+                    self.device,
+                    device.settings().float_dtype
+                )
+            });
+        }
         device.seed(self.seed());
         Ok(device.autodiff())
     }
@@ -188,4 +199,24 @@ fn cuda_device(name: &str) -> Result<Device> {
     bail!(
         "--device `{name}`: this binary was built without the `cuda` feature (use `cargo xtask bench --cuda` or `cargo xtask package`)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceArgs;
+
+    /// A launched rank builds its device after the command built the same one: the
+    /// second `device()` must not fail on the already locked dtype (it did on the GPU,
+    /// `cannot use dtype bf16 on cuda:0`, for every one-rank NCCL job). f32 only: the
+    /// CPU device is shared by every test of this process and f32 is its default.
+    #[test]
+    fn the_same_device_can_be_asked_for_twice() {
+        let args = DeviceArgs {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            seed: None,
+        };
+        args.device().expect("first");
+        args.device().expect("second, same dtype");
+    }
 }
