@@ -244,6 +244,13 @@ pub struct DataConfig {
     pub height: Option<u32>,
     /// How generated needle answers are written (`haystack` data).
     pub answer_format: AnswerFormat,
+    /// The longest sample (prompt and answer tokens) a run takes; longer ones are
+    /// skipped like unusable ones. Default: the model's `max_position_embeddings`
+    /// (32,768 for the named Qwen2 shapes). RoPE has no hard limit: set it for
+    /// long-video runs past 32k tokens (LongVILA extends the context in stage 4 and
+    /// trains 1024-frame videos), or shrink the samples (`model.token_pool`,
+    /// `model.temporal_pool`, fewer `frames`).
+    pub max_sample_tokens: Option<usize>,
     /// Unusable samples (undecodable media, rows longer than the model's context) are
     /// skipped and replaced (`skipped.jsonl`); the run stops when more than this share
     /// of the samples drawn had to be skipped.
@@ -314,6 +321,7 @@ impl Default for DataConfig {
             width: None,
             height: None,
             answer_format: AnswerFormat::Plain,
+            max_sample_tokens: None,
             max_skipped_fraction: 0.01,
         }
     }
@@ -483,6 +491,12 @@ impl TrainConfig {
         }
         if d.needle_copies == 0 {
             return bad("data.needle_copies", "must be at least 1".into());
+        }
+        if d.max_sample_tokens == Some(0) {
+            return bad(
+                "data.max_sample_tokens",
+                "0: a sample has at least one token".into(),
+            );
         }
         if !(0.0..=1.0).contains(&d.max_skipped_fraction) {
             return bad(

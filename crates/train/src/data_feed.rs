@@ -111,13 +111,13 @@ pub(crate) type SampleStream = std::sync::mpsc::Receiver<Result<Drawn, TrainErro
 /// Starts a worker that builds the samples of `steps` steps (`per_step` each, from
 /// stream position `first`) in order, two steps ahead of the consumer. The worker
 /// stops when the receiver is dropped; an error is sent in place of its step.
+/// Samples longer than `max_len` tokens are skipped.
 pub(crate) fn prefetch(
     train: TrainData,
     encoder: &Encoder<'_>,
     seed: u64,
-    first: usize,
-    per_step: usize,
-    steps: usize,
+    (first, per_step, steps): (usize, usize, usize),
+    max_len: usize,
 ) -> SampleStream {
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let tokenizer = encoder.tokenizer.clone();
@@ -131,7 +131,6 @@ pub(crate) fn prefetch(
             width,
             height,
         };
-        let max_len = model.text.max_position_embeddings;
         for step in 0..steps {
             let start = first + step * per_step;
             let mut skipped = Vec::new();

@@ -49,7 +49,8 @@ pub fn draw(
     let check = |s: Sample| {
         if s.ids.len() > max_len {
             Err(TrainError::Request(format!(
-                "{} tokens, longer than the model's context of {max_len}",
+                "{} tokens, longer than the run's limit of {max_len} (data.max_sample_tokens; \
+                 default the model's max_position_embeddings)",
                 s.ids.len()
             )))
         } else {

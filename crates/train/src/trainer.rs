@@ -251,13 +251,20 @@ pub(crate) fn start_data(
     let (train, eval) = load_data(config, &encoder, runner, device, log)?;
     let (first, last) = step_range(config, options, run.state.step);
     let data = train.describe();
+    let max_len = config
+        .data
+        .max_sample_tokens
+        .unwrap_or(encoder.model.text.max_position_embeddings);
     let samples = prefetch(
         train,
         &encoder,
         config.run.seed,
-        run.state.samples_seen,
-        config.run.batch_size * config.run.grad_accum,
-        last - first,
+        (
+            run.state.samples_seen,
+            config.run.batch_size * config.run.grad_accum,
+            last - first,
+        ),
+        max_len,
     );
     Ok((samples, eval, data))
 }

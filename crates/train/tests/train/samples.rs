@@ -280,3 +280,21 @@ fn undecodable_videos_are_skipped_replaced_and_reported() {
         "{message}"
     );
 }
+
+/// `data.max_sample_tokens` is the longest sample a run takes: below every sample's
+/// length each one is skipped and the run stops naming the key (the 1.5B configs
+/// past 32k tokens need it raised; the default is the model's context).
+#[test]
+fn samples_past_data_max_sample_tokens_are_skipped_naming_the_key() {
+    let _serial = serial();
+    let tmp = TempDir::new("max-sample-tokens");
+    let mut config = tiny(&tmp.0.join("run"), &tmp.0.join("cache"));
+    config.data.max_sample_tokens = Some(8);
+    let message = train(&config, &no_progress(), &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("data.max_sample_tokens") && message.contains("limit of 8"),
+        "{message}"
+    );
+}
