@@ -203,6 +203,125 @@ fn forward_and_backward_match_the_f64_reference() {
     }
 }
 
+/// The split-key decode kernels (what `Auto` runs for at most `DECODE_MAX_ROWS` query
+/// rows per kv head): O, LSE and the backward from their O/LSE against the f64
+/// reference, over grouped heads, several key slices (lavapipe reports no
+/// multiprocessor count: 64 assumed, so about 128 / (B * Hkv) slices), a slice count
+/// that does not divide the keys, causal offsets with rows that see different key
+/// counts, a row block that sees no key, the largest row count, head dim 72. The
+/// explicit `FlashKernel::Decode` gives the same bits as `Auto`, and calls it cannot
+/// take are refused.
+///
+/// The 1000-key case checks the forward only: on lavapipe the scalar forward and dQ
+/// kernels leave all but one element of each row unwritten (NaN) past about 38k
+/// key x head-dim steps per unit (600 keys at head dim 64, 301 at 128; seen
+/// 2026-12-05, not on CUDA, where `flash_bench` checks them at 1024 keys), so the
+/// backward is checked on the shorter cases.
+#[test]
+fn decode_kernels_match_the_f64_reference() {
+    let client = client();
+    // The 1.5B model's grouping (12:2), two sequences, one new token, 1000 keys:
+    // O and LSE only.
+    let long = Case::new(2, 12, 2, 1, 1000, 64).with(|o| o.causal(true).offsets(999, 0));
+    let (q, k, v) = (
+        random(long.b * long.hq * long.d, 41),
+        random(long.b * long.hkv * long.sk * long.d, 42),
+        random(long.b * long.hkv * long.sk * long.d, 43),
+    );
+    let want = reference(&long, &q, &k, &v, &random(q.len(), 44));
+    let up = |x: &[f32], heads: usize, len: usize| {
+        DeviceTensor::from_slice(&client, x, &[long.b, heads, len, long.d])
+    };
+    let o = DeviceTensor::filled(&client, f32::NAN, &[long.b, long.hq, 1, long.d]);
+    let lse = DeviceTensor::filled(&client, f32::NAN, &[long.b, long.hq, 1]);
+    let (qt, kt, vt) = (
+        up(&q, long.hq, 1),
+        up(&k, long.hkv, long.sk),
+        up(&v, long.hkv, long.sk),
+    );
+    flash_forward_with::<f32>(
+        &client,
+        &qt,
+        &kt,
+        &vt,
+        &o,
+        &lse,
+        &long.options,
+        FlashKernel::Decode,
+    )
+    .unwrap();
+    assert_close(
+        "O, 1000 keys",
+        &o.to_vec::<f32>(&client).unwrap(),
+        &want.o,
+        TOL_F32,
+    );
+    assert_close(
+        "LSE, 1000 keys",
+        &lse.to_vec::<f32>(&client).unwrap(),
+        &want.lse,
+        TOL_F32,
+    );
+
+    let cases = [
+        // The 1.5B model's grouping, two sequences, one new token, 300 keys.
+        Case::new(2, 12, 2, 1, 300, 64).with(|o| o.causal(true).offsets(299, 0)),
+        // Three new tokens at the end of 201 keys (rows see 199, 200, 201 keys).
+        Case::new(1, 4, 1, 3, 201, 128).with(|o| o.causal(true).offsets(198, 0)),
+        // Keys after every query: O = 0, LSE = NO_KEYS.
+        Case::new(1, 2, 1, 2, 30, 64).with(|o| o.causal(true).offsets(0, 100)),
+        // 32 rows per kv head (16 heads x 2 positions), SigLIP's head dim, no mask.
+        Case::new(1, 16, 1, 2, 77, 72),
+        // Fewer keys than one tile.
+        Case::new(1, 7, 1, 1, 5, 64),
+    ];
+    for (n, case) in cases.iter().enumerate() {
+        run_case(&client, case, 500 + 10 * n as u64);
+        let q = DeviceTensor::from_slice(
+            &client,
+            &random(case.b * case.hq * case.sq * case.d, 1),
+            &[case.b, case.hq, case.sq, case.d],
+        );
+        let kv = DeviceTensor::from_slice(
+            &client,
+            &random(case.b * case.hkv * case.sk * case.d, 2),
+            &[case.b, case.hkv, case.sk, case.d],
+        );
+        let run = |kernel| {
+            let o = DeviceTensor::filled(&client, f32::NAN, &q.shape);
+            let lse = DeviceTensor::filled(&client, f32::NAN, &q.shape[..3]);
+            flash_forward_with::<f32>(&client, &q, &kv, &kv, &o, &lse, &case.options, kernel)
+                .unwrap();
+            (
+                o.to_vec::<f32>(&client).unwrap(),
+                lse.to_vec::<f32>(&client).unwrap(),
+            )
+        };
+        let (auto, decode) = (run(FlashKernel::Auto), run(FlashKernel::Decode));
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&auto.0), bits(&decode.0), "O of case {n}");
+        assert_eq!(bits(&auto.1), bits(&decode.1), "LSE of case {n}");
+    }
+    // 33 rows per kv head: not for the decode kernels.
+    let q = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);
+    let kv = DeviceTensor::filled(&client, 0f32, &[1, 1, 10, 64]);
+    let o = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);
+    let lse = DeviceTensor::filled(&client, 0f32, &[1, 33, 1]);
+    let e = flash_forward_with::<f32>(
+        &client,
+        &q,
+        &kv,
+        &kv,
+        &o,
+        &lse,
+        &FlashOptions::new(64),
+        FlashKernel::Decode,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("at most 32 query rows per kv head"), "{e}");
+}
+
 #[test]
 fn merging_partial_results_equals_attention_over_all_keys() {
     let client = client();

@@ -2,7 +2,8 @@
 //! the GPU machine:
 //!
 //!     cargo build --release -p longview-kernels --no-default-features --features cuda --bin flash_bench
-//!     flash_bench [--quick] [--128k]
+//!     flash_bench [--quick] [--128k]     (checks, then throughput)
+//!     flash_bench --decode                (one decoding step's attention only)
 //!
 //! For each scenario: forward and forward+backward wall time (device synchronised
 //! before the clock stops; one warm-up call first), TFLOP/s with FlashAttention's
@@ -185,12 +186,16 @@ fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
                 c.cu.is_some()
             );
             // `--tc-only`: skip the scalar kernels (each geometry compiles for ~30 s).
-            let kernels: &[FlashKernel] = if std::env::args().any(|a| a == "--tc-only") {
-                &[FlashKernel::TensorCore]
-            } else {
-                &[FlashKernel::TensorCore, FlashKernel::Scalar]
-            };
-            for &kernel in kernels {
+            let mut kernels = vec![FlashKernel::TensorCore];
+            if !std::env::args().any(|a| a == "--tc-only") {
+                kernels.push(FlashKernel::Scalar);
+            }
+            // The split-key decode kernels where they apply (forward; the backward
+            // from their O/LSE runs the tensor-core kernels).
+            if c.cu.is_none() && c.hq / c.hkv * c.sq <= longview_kernels::flash::DECODE_MAX_ROWS {
+                kernels.push(FlashKernel::Decode);
+            }
+            for &kernel in &kernels {
                 let started = Instant::now();
                 let got = if dtype == "bf16" {
                     let conv: (fn(f32) -> bf16, fn(bf16) -> f32) = (bf16::from_f32, bf16::to_f32);
@@ -285,24 +290,27 @@ fn check_large(client: &Client) {
     assert!(e_o <= 3e-2 && e_l <= 3e-2, "bf16 check failed");
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     client: &Client,
     name: &str,
     b: usize,
-    h: usize,
+    (h, hkv): (usize, usize),
     s: usize,
     d: usize,
     causal: bool,
     reps: usize,
     with_scalar: bool,
 ) {
-    let shape = [b, h, s, d];
-    let n = b * h * s * d;
-    let mk = |seed| {
-        let x: Vec<bf16> = random(n, seed).iter().map(|&v| bf16::from_f32(v)).collect();
+    let mk = |seed, heads| {
+        let shape = [b, heads, s, d];
+        let x: Vec<bf16> = random(b * heads * s * d, seed)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
         DeviceTensor::from_slice(client, &x, &shape)
     };
-    let (q, k, v, g) = (mk(1), mk(2), mk(3), mk(4));
+    let (q, k, v, g) = (mk(1, h), mk(2, hkv), mk(3, hkv), mk(4, h));
     let opts = FlashOptions::new(d).causal(causal);
     let fwd_flops =
         4.0 * (b * h) as f64 * (s as f64) * (s as f64) * d as f64 / if causal { 2.0 } else { 1.0 };
@@ -339,14 +347,59 @@ fn bench(
     } else {
         "not run".to_string()
     };
+    let heads = if hkv == h {
+        format!("H{h}")
+    } else {
+        format!("H{h}:{hkv}")
+    };
     println!(
-        "| {name} | B{b} H{h} S{s} D{d} | {} | {scalar_col} | {:.1} ms | {:.1} | {:.1} ms | {:.1} |",
+        "| {name} | B{b} {heads} S{s} D{d} | {} | {scalar_col} | {:.1} ms | {:.1} | {:.1} ms | {:.1} |",
         if causal { "causal" } else { "full" },
         fwd * 1e3,
         fwd_flops / fwd / 1e12,
         both * 1e3,
         3.5 * fwd_flops / both / 1e12
     );
+}
+
+/// One decoding step's attention (one query row per head against `sk` cached keys,
+/// bf16): the split-key decode kernels against the tensor-core forward, ms per call
+/// and the K/V bytes read per second.
+fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usize) {
+    let d = 128;
+    let mk = |seed, heads, len| {
+        let x: Vec<bf16> = random(heads * len * d, seed)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        DeviceTensor::from_slice(client, &x, &[1, heads, len, d])
+    };
+    let (q, k, v) = (mk(1, hq, 1), mk(2, hkv, sk), mk(3, hkv, sk));
+    let opts = FlashOptions::new(d).causal(true).offsets(sk - 1, 0);
+    let o = DeviceTensor::filled(client, bf16::ZERO, &[1, hq, 1, d]);
+    let lse = DeviceTensor::filled(client, 0f32, &[1, hq, 1]);
+    let bytes = (2 * hkv * sk * d * 2) as f64;
+    let mut line = format!("| decode | B1 H{hq}:{hkv} Sq1 Sk{sk} D{d} |");
+    for kernel in [FlashKernel::Decode, FlashKernel::TensorCore] {
+        let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
+        if let Err(e) = run() {
+            line += &format!(" {kernel:?}: {e} |");
+            continue;
+        }
+        sync(client);
+        let t = Instant::now();
+        for _ in 0..reps {
+            run().unwrap();
+        }
+        sync(client);
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        line += &format!(
+            " {kernel:?} {:.3} ms, {:.0} GB/s |",
+            s * 1e3,
+            bytes / s / 1e9
+        );
+    }
+    println!("{line}");
 }
 
 fn main() {
@@ -356,11 +409,22 @@ fn main() {
     // The scalar forward is slow at 32k+ (0.8-1.4 s per call): `--no-scalar` skips it.
     let with_scalar = !has("--no-scalar");
     let client = client();
+    if has("--decode") {
+        // `--decode`: the decoding step alone (no checks), the 1.5B and 7B groupings.
+        println!("| scenario | shape | split-key decode | tensor-core forward |");
+        println!("|---|---|---|---|");
+        for sk in [4096, 50_000, 200_000] {
+            for heads in [(12, 2), (28, 4)] {
+                bench_decode(&client, heads, sk, 20);
+            }
+        }
+        return;
+    }
     if has("--sweep") {
         // One scenario, no checks: compares tile sizes (LONGVIEW_FLASH_TILES) run to run.
         let tiles = std::env::var("LONGVIEW_FLASH_TILES").unwrap_or_else(|_| "default".into());
         print!("tiles {tiles}: ");
-        bench(&client, "LLM", 1, 16, 32768, 128, true, 3, false);
+        bench(&client, "LLM", 1, (16, 16), 32768, 128, true, 3, false);
         return;
     }
     check_large(&client);
@@ -387,7 +451,7 @@ fn main() {
                 &client,
                 "LLM",
                 1,
-                16,
+                (16, 16),
                 s,
                 128,
                 causal,
@@ -400,14 +464,21 @@ fn main() {
         &client,
         "SigLIP (16 frames)",
         16,
-        16,
+        (16, 16),
         729,
         72,
         false,
         10,
         with_scalar,
     );
+    if !quick {
+        // The models' grouped-query shapes at 32k, causal: Qwen2-7B (28:4, the
+        // kernels issue's target) and Qwen2-1.5B (12:2).
+        for heads in [(28, 4), (12, 2)] {
+            bench(&client, "LLM GQA", 1, heads, 32768, 128, true, 2, false);
+        }
+    }
     if !quick && has("--128k") {
-        bench(&client, "LLM", 1, 16, 131072, 128, true, 1, false);
+        bench(&client, "LLM", 1, (16, 16), 131072, 128, true, 1, false);
     }
 }

@@ -5,8 +5,11 @@
 //! lse `[B, Hq, Sq]` f32 (natural log, of the scaled scores). `Hkv` must divide `Hq`
 //! (grouped-query attention: query head `h` uses kv head `h / (Hq / Hkv)`).
 
+mod decode;
 mod kernels;
 mod tensor_core;
+
+pub use decode::DECODE_MAX_ROWS;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -98,6 +101,17 @@ impl DeviceTensor {
         }
         DeviceTensor {
             handle,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+        }
+    }
+
+    /// A contiguous tensor of `shape` whose contents are undefined until a kernel
+    /// writes every element (scratch buffers that are written whole).
+    fn uninitialized<E: CubeElement>(client: &Client, shape: &[usize]) -> Self {
+        let n = shape.iter().product::<usize>();
+        DeviceTensor {
+            handle: client.empty((n * std::mem::size_of::<E>()).max(1)),
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
         }
@@ -301,6 +315,10 @@ pub enum FlashKernel {
     Scalar,
     /// `mma.sync` m16n8k16 (f16/bf16 on CUDA sm_80+); an error where unsupported.
     TensorCore,
+    /// Forward only: the split-key kernels for at most [`DECODE_MAX_ROWS`] query rows
+    /// per kv head (decoding; what `Auto` picks for such calls); an error for other
+    /// calls. The backward takes it as `Auto`.
+    Decode,
 }
 
 /// Tile sizes of the tensor-core kernels: planes per cube of the forward / dQ
@@ -473,7 +491,9 @@ fn use_tensor_cores<F: Float + CubeElement>(
 ) -> Result<bool, AttnError> {
     match kernel {
         FlashKernel::Scalar => Ok(false),
-        FlashKernel::Auto => Ok(tensor_cores_unsupported::<F>(client, tensors).is_none()),
+        FlashKernel::Auto | FlashKernel::Decode => {
+            Ok(tensor_cores_unsupported::<F>(client, tensors).is_none())
+        }
         FlashKernel::TensorCore => match tensor_cores_unsupported::<F>(client, tensors) {
             None => Ok(true),
             Some(why) => Err(AttnError::Options(format!(
@@ -518,6 +538,11 @@ pub fn flash_forward_with<F: Float + CubeElement>(
             q.shape,
             [g.b, g.hq, g.sq]
         )));
+    }
+    if kernel == FlashKernel::Decode
+        || (kernel == FlashKernel::Auto && decode::applies(&g, options))
+    {
+        return decode::forward::<F>(client, &g, q, k, v, o, lse, options);
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
     if use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])? {
