@@ -4,6 +4,7 @@
 //!     cargo build --release -p longview-kernels --no-default-features --features cuda --bin flash_bench
 //!     flash_bench [--quick] [--128k]     (checks, then throughput)
 //!     flash_bench --decode                (one decoding step's attention only)
+//!     flash_bench --no-checks ...         (throughput without the checks)
 //!
 //! For each scenario: forward and forward+backward wall time (device synchronised
 //! before the clock stops; one warm-up call first), TFLOP/s with FlashAttention's
@@ -427,15 +428,18 @@ fn main() {
         bench(&client, "LLM", 1, (16, 16), 32768, 128, true, 3, false);
         return;
     }
-    check_large(&client);
-    // `--cases 0,3`: only those tensor-core check cases (every distinct geometry flag
-    // set compiles new kernels).
-    let only: Option<Vec<usize>> = args
-        .iter()
-        .position(|a| a == "--cases")
-        .and_then(|i| args.get(i + 1))
-        .map(|x| x.split(',').filter_map(|n| n.parse().ok()).collect());
-    check_tensor_cores(&client, only.as_deref());
+    // `--no-checks`: timing only (the checks ran in an earlier step of the same call).
+    if !has("--no-checks") {
+        check_large(&client);
+        // `--cases 0,3`: only those tensor-core check cases (every distinct geometry
+        // flag set compiles new kernels).
+        let only: Option<Vec<usize>> = args
+            .iter()
+            .position(|a| a == "--cases")
+            .and_then(|i| args.get(i + 1))
+            .map(|x| x.split(',').filter_map(|n| n.parse().ok()).collect());
+        check_tensor_cores(&client, only.as_deref());
+    }
     if has("--check-only") {
         return;
     }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool), from the repository root: the attention
+# kernels issue's measurements in one call, torch first. Build and carry (the binary
+# alone fits the device tool's 64 MiB; it needs no FFmpeg libraries):
+#   cargo build --release -p longview-kernels --no-default-features --features cuda --bin flash_bench
+#   mkdir -p dist/fb && xz -T0 -9 -c target/release/flash_bench > dist/fb/flash_bench.xz
+#   run: bash benchmarks/gpu_flash_run.sh   (carry ["dist/fb"])
+# Steps (each under a time limit, output in $OUT): the tensor-core and decode kernels
+# checked against the f64 reference (bf16, f16), torch SDPA flash/cuDNN on the
+# benchmark shapes (H16 8k/32k, SigLIP D72, GQA 28:4 and 12:2 at 32k), the same shapes
+# on longview's kernels, then one decoding step's attention (split-key decode
+# kernels against the tensor-core forward at 4k-200k cached keys).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/fb/flash_bench.xz'), open('/tmp/fb','wb'))" \
+  && chmod +x /tmp/fb || { echo "carry dist/fb (see the top of this script)"; exit 1; }
+PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+step() { name=$1; limit=$2; shift 2; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; rc=$?
+  tail -n 12 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
+  echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
+step checks "${CHECK_S:-240}" /tmp/fb --tc-only --check-only
+step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
+step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
+step decode "${DECODE_S:-60}" /tmp/fb --decode
