@@ -188,7 +188,7 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
         &mut cache,
         ids.len() - 1,
     );
-    let first = host_rows(model.logits(last))?.remove(0);
+    let first = host_rows(model.generation_logits(last))?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
 
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());

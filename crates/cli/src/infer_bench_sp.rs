@@ -128,7 +128,7 @@ impl RankJob for BenchJob<'_> {
                 &device,
             );
             let hidden = sp.extend(&model, model.embed_tokens(ids), &mut cache)?;
-            host_rows(model.logits(hidden))
+            host_rows(model.generation_logits(hidden))
         })?;
         sync()?;
         let decode_s = start.elapsed().as_secs_f64();

@@ -252,7 +252,7 @@ impl PaddedCache {
         for p in &mut self.next_position {
             *p += 1;
         }
-        host_rows(model.logits(x))
+        host_rows(model.generation_logits(x))
     }
 }
 

@@ -151,7 +151,7 @@ pub fn generate_group(
 
 /// `prompt` (with `visual` over its placeholders) prefilled `chunk` rows at a time
 /// into a new KV cache; returns the cache and the logits after the prompt's last
-/// token, on the host.
+/// token, on the host (`Vlm::generation_logits`: the visual placeholder masked).
 pub fn prefill_prompt(
     model: &Vlm,
     prompt: &[u32],
@@ -162,7 +162,7 @@ pub fn prefill_prompt(
     let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
     let last = prefill(model, embeds, chunk, &mut cache, prompt.len() - 1);
-    let first = host_rows(model.logits(last))?.remove(0);
+    let first = host_rows(model.generation_logits(last))?.remove(0);
     Ok((cache, first))
 }
 
@@ -180,7 +180,7 @@ pub fn decode_step(
     let embeds = model.embed_tokens(ids);
     let positions = positions(n, cache.len(), 1, device);
     let hidden = model.text_layers_cached(embeds, positions, cache);
-    host_rows(model.logits(hidden))
+    host_rows(model.generation_logits(hidden))
 }
 
 /// Where one sequence stops: after `max_new_tokens`, or at a token of `stop` (not
@@ -397,6 +397,10 @@ pub fn nucleus(logits: &[f32], top_p: f64, temperature: f64) -> Vec<(u32, f64)> 
     let mut kept = Vec::new();
     let mut mass = 0.0;
     for (id, p) in probs {
+        // Tokens of probability 0 (a masked placeholder) are never candidates.
+        if p == 0.0 {
+            break;
+        }
         let p = p / total;
         kept.push((id, p));
         mass += p;

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_data::video::{DecodeOptions, Sampling, decode};
+use longview_models::attention::AttentionImpl;
 use longview_models::vila::config::TextConfig;
 use longview_models::{KvCache, VisualInput, Vlm};
 
@@ -177,8 +178,10 @@ impl MemoryEstimate {
 /// Estimates the device memory of a request at `bytes_per_value` (4 for f32, 2 for
 /// bf16/f16): the KV cache (every layer's keys and values of `prompt + new` tokens,
 /// for `sequences` sequences) plus one prefill chunk's activations (hidden states,
-/// q/k/v, the MLP's intermediate rows, and the reference attention's score matrix
-/// `heads x chunk x (prompt)` in f32, the worst case).
+/// q/k/v, the MLP's intermediate rows, and the attention's own memory: the reference
+/// attention's score matrix `heads x chunk x (prompt)` in f32, the worst case; the
+/// flash kernels' (`t.attention == Flash`) two f32 statistics a row and head, as
+/// they keep no score matrix).
 pub fn estimate(
     t: &TextConfig,
     prompt: usize,
@@ -196,7 +199,12 @@ pub fn estimate(
         chunk.min(prompt)
     } as f64;
     let per_row = 4.0 * t.hidden_size as f64 + 3.0 * t.intermediate_size as f64;
-    let scores = t.num_heads as f64 * rows * prompt as f64 * 4.0;
+    let scores = match t.attention {
+        AttentionImpl::Flash => t.num_heads as f64 * rows * 2.0 * 4.0,
+        AttentionImpl::Reference | AttentionImpl::Sharded => {
+            t.num_heads as f64 * rows * prompt as f64 * 4.0
+        }
+    };
     let logits_row = t.vocab_size as f64 * 4.0 * sequences as f64;
     MemoryEstimate {
         kv_cache,

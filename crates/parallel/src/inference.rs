@@ -397,12 +397,13 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             let n = tokens.len();
             let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
             let hidden = self.extend(model, model.embed_tokens(ids), &mut cache)?;
-            host_rows(model.logits(hidden))
+            host_rows(model.generation_logits(hidden))
         })
     }
 
     /// `prompt` (its visual tokens spliced in) prefilled sequence-parallel into a new
-    /// sharded cache: the cache and the next-token logits after the prompt, the same
+    /// sharded cache: the cache and the next-token logits after the prompt
+    /// (`Vlm::generation_logits`: the visual placeholder masked), the same
     /// on every rank (what `longview_infer::generate::prefill_prompt` gives on one
     /// device).
     pub fn prefill_prompt(
@@ -415,7 +416,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
         let mut cache = ShardedCache::new(self.world());
         let last = self.prefill(model, embeds, &mut cache)?;
-        Ok((cache, host_rows(model.logits(last))?.remove(0)))
+        Ok((cache, host_rows(model.generation_logits(last))?.remove(0)))
     }
 
     /// The next-token logits after `prompt` (its visual tokens spliced in), prefilled

@@ -25,7 +25,7 @@ pub use config::{
 };
 pub use loss::SupervisedRows;
 pub use projector::Projector;
-pub use stages::PatchGrid;
+pub use stages::{MASKED_LOGIT, PatchGrid, mask_token};
 pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};
 pub use vision::SiglipVision;
 

@@ -136,6 +136,7 @@ impl Vlm {
         });
         TextConfig::new(vocab, hidden, intermediate, layers.len(), heads, kv_heads)
             .with_rope_theta(self.llm.rope_theta)
+            .with_attention(self.text_attention())
     }
 
     /// The attention the text layers call (the same in every layer).
@@ -165,6 +166,16 @@ impl Vlm {
     ///   `[batch, seq, vocab]`
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.llm.head(hidden)
+    }
+
+    /// The logits tokens are generated from: [`Vlm::logits`] with the visual
+    /// placeholder's column at [`MASKED_LOGIT`]. A sampled placeholder would be read
+    /// back as a visual slot when the response is run again (GRPO's log-prob passes,
+    /// a prompt that continues the conversation) and fail the placeholder count, so
+    /// generation never emits it, and every log-prob of a generated token (the
+    /// sampler's and the recomputed ones) is over the other tokens.
+    pub fn generation_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        mask_token(self.logits(hidden), self.placeholder_token_id)
     }
 
     /// Stage 6 on the supervised rows only: the summed next-token cross entropy and the
@@ -283,4 +294,27 @@ mod tests {
             "layer -2 feature"
         );
     }
+}
+
+/// The logit [`Vlm::generation_logits`] gives the visual placeholder: finite (so that
+/// `p log p` stays 0 in an entropy) and far below any real logit, so its probability
+/// is exactly 0 in f32 at any temperature the decoders accept.
+pub const MASKED_LOGIT: f32 = -1.0e9;
+
+/// `logits` (`[batch, rows, vocab]`) with column `token` set to [`MASKED_LOGIT`]
+/// (unchanged when `token` is past the vocabulary).
+pub fn mask_token(logits: Tensor<3>, token: u32) -> Tensor<3> {
+    let [_, _, vocab] = logits.dims();
+    if token as usize >= vocab {
+        return logits;
+    }
+    let device = logits.device();
+    let column: Vec<bool> = (0..vocab).map(|i| i == token as usize).collect();
+    let mask = Tensor::<1, burn::tensor::Bool>::from_data(
+        burn::tensor::TensorData::new(column, [vocab]),
+        &device,
+    )
+    .reshape([1, 1, vocab]);
+    let dims = logits.dims();
+    logits.mask_fill(mask.expand(dims), MASKED_LOGIT)
 }

@@ -136,7 +136,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         for p in &mut batch.next_position {
             *p += 1;
         }
-        host_rows(model.logits(x))
+        host_rows(model.generation_logits(x))
     }
 }
 

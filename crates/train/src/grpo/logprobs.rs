@@ -105,7 +105,12 @@ pub fn token_logprobs(
     device: &Device,
 ) -> ResponseLogprobs {
     let [n, m, _] = hidden.dims();
-    let all = log_softmax(model.logits(hidden).div_scalar(rollout.temperature), 2);
+    let all = log_softmax(
+        model
+            .generation_logits(hidden)
+            .div_scalar(rollout.temperature),
+        2,
+    );
     let entropy = {
         let p = all.clone().detach();
         (p.clone().exp() * p).sum_dim(2).neg().reshape([n, m])
