@@ -7,7 +7,8 @@
 # --temporal-pool 8).
 #   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024]
 #   LONG=0 ... skips the 3600-frame steps; LONG=only runs just them; CHUNKS="8192"
-#   also times longview with those prefill chunks.
+#   also times longview with those prefill chunks; RUNS=N (default 2) runs each side's
+#   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -22,12 +23,12 @@ lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 -
 if [ "${LONG:-1}" != only ]; then
   for frames in "${@:-64 256 1024}"; do
     for f in $frames; do
-      step "longview-$f" timeout 240 $lv --frames "$f"
+      step "longview-$f" timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
       # CHUNKS="8192 ...": the same with other prefill chunks (2048 is the default).
       for c in ${CHUNKS:-}; do
         step "longview-$f-chunk$c" timeout 240 $lv --frames "$f" --prefill-chunk "$c"
       done
-      step "hf-$f" timeout 240 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64
+      step "hf-$f" timeout 300 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64 --runs "${RUNS:-2}"
     done
   done
 fi

@@ -30,6 +30,8 @@ def main():
     p.add_argument("--frame-batch", type=int, default=32)
     p.add_argument("--dtype", default="bf16", choices=["f32", "bf16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--runs", type=int, default=1,
+                   help="runs of the whole request, each reported (the first is cold)")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -58,43 +60,51 @@ def main():
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        sync()
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        parts = []
-        for start in range(0, a.frames, a.frame_batch):
-            batch = pixels[start:start + a.frame_batch]
-            feats = vision(pixel_values=batch, output_hidden_states=True).hidden_states[-2]
-            n, _, c = feats.shape
-            parts.append(proj[1:](proj[0](flat_square(feats.reshape(n, side, side, c)))))
-        visual = torch.cat(parts)
-        sync()
-        encode_s = time.perf_counter() - t0
+    def once():
+        with torch.inference_mode():
+            sync()
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            parts = []
+            for start in range(0, a.frames, a.frame_batch):
+                batch = pixels[start:start + a.frame_batch]
+                feats = vision(pixel_values=batch, output_hidden_states=True).hidden_states[-2]
+                n, _, c = feats.shape
+                parts.append(proj[1:](proj[0](flat_square(feats.reshape(n, side, side, c)))))
+            visual = torch.cat(parts)
+            sync()
+            encode_s = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        emb = llm.get_input_embeddings()(ids)
-        emb = emb.masked_scatter((ids == placeholder).unsqueeze(-1), visual.reshape(-1, th))
-        out = llm(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        prefill_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        cache = out.past_key_values
-        generated = [token]
-        for _ in range(a.new_tokens - 1):
-            out = llm(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            t0 = time.perf_counter()
+            emb = llm.get_input_embeddings()(ids)
+            emb = emb.masked_scatter((ids == placeholder).unsqueeze(-1), visual.reshape(-1, th))
+            out = llm(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(token)
-        sync()
-        decode_s = time.perf_counter() - t0
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if dev == "cuda" else "n/a"
+            sync()
+            prefill_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            cache = out.past_key_values
+            generated = [token]
+            for _ in range(a.new_tokens - 1):
+                out = llm(input_ids=token, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(token)
+            sync()
+            decode_s = time.perf_counter() - t0
+        return encode_s, prefill_s, decode_s, len(generated)
+
     prompt = len(row)
-    print(f"| {a.size} (torch {torch.__version__}, {a.attn}) | {dev} | {a.dtype} | {a.frames} | {prompt} | "
-          f"{encode_s:.3f} | {prefill_s:.3f} | {prompt / prefill_s:.0f} | {len(generated) / decode_s:.1f} | {mem} |")
+    for run in range(1, a.runs + 1):
+        encode_s, prefill_s, decode_s, n = once()
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if dev == "cuda" else "n/a"
+        label = f" run {run} of {a.runs}" if a.runs > 1 else ""
+        print(f"| {a.size} (torch {torch.__version__}, {a.attn}){label} | {dev} | {a.dtype} | {a.frames} | {prompt} | "
+              f"{encode_s:.3f} | {prefill_s:.3f} | {prompt / prefill_s:.0f} | {n / decode_s:.1f} | {mem} |", flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

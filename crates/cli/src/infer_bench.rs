@@ -70,6 +70,11 @@ pub struct InferBenchArgs {
     /// without `--nproc` as one rank over NCCL; N must equal --parallel.
     #[arg(long, value_name = "N")]
     pub nproc: Option<usize>,
+    /// Runs of the whole request (single device): each is reported. The first
+    /// includes compiling the kernels and tuning cuBLASLt for new shapes; the
+    /// following ones are warm.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub runs: usize,
     /// With --parallel: the prefill's attention: `ring` (zigzag), `ulysses` or `2d:U`.
     #[arg(long, default_value = "ring", value_name = "SCHEME")]
     pub sp_scheme: longview_parallel::inference::SpScheme,
@@ -89,8 +94,15 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     if crate::ranks::launch_here(args.nproc)? {
         return Ok(());
     }
-    if args.new_tokens == 0 || args.frames == 0 || args.parallel == 0 {
-        bail!("--frames, --new-tokens and --parallel must be at least 1");
+    if args.new_tokens == 0 || args.frames == 0 || args.parallel == 0 || args.runs == 0 {
+        bail!("--frames, --new-tokens, --parallel and --runs must be at least 1");
+    }
+    if args.runs > 1 && args.parallel > 1 {
+        bail!(
+            "--runs {} with --parallel {}: repeated runs are single-device only",
+            args.runs,
+            args.parallel
+        );
     }
     let mut config = named_config(&args.size)?;
     config.projector.token_pool = args.token_pool;
@@ -151,6 +163,37 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     let VisualInput::Pixels(pixels) = sample.input.visual else {
         bail!("the generated prompt has no frames");
     };
+    for run in 1..=args.runs {
+        let measured = measure(&model, &ids, pixels.clone(), &args, &device)?;
+        let extra = if args.runs > 1 {
+            json!({"run": run, "runs": args.runs})
+        } else {
+            json!({})
+        };
+        if args.runs > 1 {
+            println!(
+                "run {run} of {}{}",
+                args.runs,
+                if run == 1 {
+                    " (cold: kernel compilation and GEMM tuning included)"
+                } else {
+                    " (warm)"
+                }
+            );
+        }
+        report(&args, attention, &measured, extra)?;
+    }
+    Ok(())
+}
+
+/// One request's phases on one device: encode, prefill, greedy decode.
+fn measure(
+    model: &longview_models::Vlm,
+    ids: &[u32],
+    pixels: burn::tensor::Tensor<4>,
+    args: &InferBenchArgs,
+    device: &Device,
+) -> Result<Measured> {
     let sync = || {
         device
             .sync()
@@ -159,42 +202,36 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     sync()?;
 
     let start = Instant::now();
-    let visual = encode_in_batches(&model, pixels, args.frame_batch);
+    let visual = encode_in_batches(model, pixels, args.frame_batch);
     sync()?;
     let encode_s = start.elapsed().as_secs_f64();
 
     // Refused with the numbers when the KV cache and a prefill chunk would not fit.
     longview_infer::prefill::check_request_fits(
-        &model,
+        model,
         (ids.len(), args.new_tokens, 1),
         args.prefill_chunk,
         None,
-        &device,
+        device,
     )?;
 
     let start = Instant::now();
     let embeds = embed_prompt(
-        &model,
-        &ids,
+        model,
+        ids,
         VisualInput::Embeddings(visual),
         args.frame_batch,
-        &device,
+        device,
     )?;
     let mut cache = KvCache::new();
-    let last = prefill(
-        &model,
-        embeds,
-        args.prefill_chunk,
-        &mut cache,
-        ids.len() - 1,
-    );
+    let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
     let first = host_rows(model.generation_logits(last))?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
 
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
     let start = Instant::now();
     let generated = decode_group(first, &[Decoding::Greedy], &options, |tokens, _| {
-        Ok(decode_step(&model, &mut cache, tokens, &device)?)
+        Ok(decode_step(model, &mut cache, tokens, device)?)
     })?;
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();
@@ -206,7 +243,7 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
         decoded: generated[0].tokens.len(),
         reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
     };
-    report(&args, attention, &measured, json!({}))
+    Ok(measured)
 }
 
 /// Prints the table row and appends the JSON line (`extra` merged into it).
