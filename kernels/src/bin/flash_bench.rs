@@ -368,25 +368,65 @@ fn bench(
 /// and the K/V bytes read per second.
 fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usize) {
     let d = 128;
-    let mk = |seed, heads, len| {
-        let x: Vec<bf16> = random(heads * len * d, seed)
+    let data = |seed, heads, len| -> Vec<f32> {
+        random(heads * len * d, seed)
             .iter()
-            .map(|&v| bf16::from_f32(v))
-            .collect();
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect()
+    };
+    let (qh, kh, vh) = (data(1, hq, 1), data(2, hkv, sk), data(3, hkv, sk));
+    let up = |x: &[f32], heads, len| {
+        let x: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         DeviceTensor::from_slice(client, &x, &[1, heads, len, d])
     };
-    let (q, k, v) = (mk(1, hq, 1), mk(2, hkv, sk), mk(3, hkv, sk));
+    let (q, k, v) = (up(&qh, hq, 1), up(&kh, hkv, sk), up(&vh, hkv, sk));
     let opts = FlashOptions::new(d).causal(true).offsets(sk - 1, 0);
-    let o = DeviceTensor::filled(client, bf16::ZERO, &[1, hq, 1, d]);
-    let lse = DeviceTensor::filled(client, 0f32, &[1, hq, 1]);
+    // The f64 reference of this step (every key visible to the last position).
+    let geometry = Geometry {
+        batch: 1,
+        q_heads: hq,
+        kv_heads: hkv,
+        q_len: 1,
+        kv_len: sk,
+        head_dim: d,
+        scale: opts.scale as f64,
+        empty_lse: longview_kernels::flash::NO_KEYS as f64,
+    };
+    let want = attention_f64(&geometry, &qh, &kh, &vh, None, |_, _, _| true);
     let bytes = (2 * hkv * sk * d * 2) as f64;
     let mut line = format!("| decode | B1 H{hq}:{hkv} Sq1 Sk{sk} D{d} |");
     for kernel in [FlashKernel::Decode, FlashKernel::TensorCore] {
+        let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, 1, d]);
+        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, 1]);
         let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
         if let Err(e) = run() {
             line += &format!(" {kernel:?}: {e} |");
             continue;
         }
+        // Checked before timing against the f64 values: O within 1e-2 of its largest
+        // value (an average over many keys is small, so not against max(|ref|, 1)),
+        // LSE within 1e-3.
+        let got: Vec<f32> = o
+            .to_vec::<bf16>(client)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{kernel:?} decode step Sk {sk}: O holds NaN or infinities (unwritten?)"
+        );
+        let largest = want.o.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+        let e_o = got
+            .iter()
+            .zip(&want.o)
+            .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()))
+            / largest;
+        let e_l = max_rel(&lse.to_vec::<f32>(client).unwrap(), &want.lse);
+        assert!(
+            e_o <= 1e-2 && e_l <= 1e-3,
+            "{kernel:?} decode step Sk {sk}: O error {e_o:.1e}, LSE error {e_l:.1e}"
+        );
         sync(client);
         let t = Instant::now();
         for _ in 0..reps {
@@ -395,7 +435,7 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
         sync(client);
         let s = t.elapsed().as_secs_f64() / reps as f64;
         line += &format!(
-            " {kernel:?} {:.3} ms, {:.0} GB/s |",
+            " {kernel:?} {:.3} ms, {:.0} GB/s (O err {e_o:.1e}) |",
             s * 1e3,
             bytes / s / 1e9
         );
