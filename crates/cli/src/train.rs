@@ -238,13 +238,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.first_step, summary.last_step, summary.elapsed_s, summary.tokens_per_s,
     );
     println!("  data      {}", summary.data);
+    let peak_datasheet = crate::device::DATASHEET_PEAK_TFLOPS;
     match matmul_tflops {
         Some(peak) => println!(
-            "  compute   {:.2} model TFLOP/s, MFU {:.1}% of the measured matmul rate",
+            "  compute   {:.2} model TFLOP/s, MFU {:.1}% of the measured matmul rate, {:.1}% of \
+             the {peak_datasheet:.0} TFLOP/s datasheet peak (over every step, the first included)",
             summary.model_tflops,
-            100.0 * summary.model_tflops / peak
+            100.0 * summary.model_tflops / peak,
+            100.0 * summary.model_tflops / peak_datasheet
         ),
         None => println!("  compute   {:.4} model TFLOP/s", summary.model_tflops),
+    }
+    if let Some(steady) = summary.steady {
+        let mfu = matmul_tflops.map_or(String::new(), |peak| {
+            format!(
+                ", MFU {:.1}% of the measured matmul rate, {:.1}% of the datasheet peak",
+                100.0 * steady.model_tflops / peak,
+                100.0 * steady.model_tflops / peak_datasheet
+            )
+        });
+        // On a GPU the first step also compiles the kernels and tunes the GEMMs.
+        let why = if matmul_tflops.is_some() {
+            " (which compiles kernels and tunes GEMMs)"
+        } else {
+            ""
+        };
+        println!(
+            "  steady    the {} steps after the first{why}: median {:.3}s a step, {:.0} \
+             tokens/s, {:.4} model TFLOP/s{mfu}",
+            steady.steps, steady.median_step_s, steady.tokens_per_s, steady.model_tflops
+        );
     }
     println!("  attention {}", summary.attention);
     if let Some(mib) = summary.peak_device_mib {

@@ -50,4 +50,4 @@ pub mod zero;
 pub use config::{DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig};
 pub use error::TrainError;
 pub use needle::NeedleReport;
-pub use trainer::{TrainOptions, TrainSummary, learning_rate, train};
+pub use trainer::{SteadyRate, TrainOptions, TrainSummary, learning_rate, train};

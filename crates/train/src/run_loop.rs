@@ -17,7 +17,7 @@ use crate::needle::{self, NeedleReport};
 use crate::prepare::Prepared;
 use crate::sinks::{Metrics, Sinks, device_mib, rss_mib};
 use crate::skips::{Skip, SkipLog};
-use crate::trainer::{StepDone, StepRunner, TrainOptions, TrainSummary, step_range};
+use crate::trainer::{SteadyRate, StepDone, StepRunner, TrainOptions, TrainSummary, step_range};
 use crate::zero::{CheckpointOf, save_checkpoint};
 
 /// One invocation's loop state: which steps it runs, where its metrics go, what it
@@ -43,6 +43,8 @@ pub(crate) struct RunLoop<'a> {
 struct Totals {
     tokens: u64,
     flops: f64,
+    /// Each step of this invocation: (seconds, model FLOP, tokens).
+    steps: Vec<(f64, f64, u64)>,
     peak_device_mib: Option<f64>,
     checkpoint: Option<PathBuf>,
 }
@@ -142,6 +144,9 @@ impl<'a> RunLoop<'a> {
         state.losses.push(done.loss);
         self.totals.tokens += done.tokens as u64;
         self.totals.flops += done.flops;
+        self.totals
+            .steps
+            .push((step_s, done.flops, done.tokens as u64));
         let run_s = self.timer.elapsed().as_secs_f64();
         state.elapsed_s = self.elapsed_before + run_s;
         let step = state.step;
@@ -279,6 +284,7 @@ impl<'a> RunLoop<'a> {
             trainable_params,
             peak_device_mib: self.totals.peak_device_mib,
             attention: run.plan.clone(),
+            steady: SteadyRate::after_first(&self.totals.steps),
         })
     }
 

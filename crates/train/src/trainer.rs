@@ -88,6 +88,44 @@ pub struct TrainSummary {
     pub peak_device_mib: Option<f64>,
     /// The attention every part of the model ran with.
     pub attention: AttentionPlan,
+    /// The rates of this invocation's steps after its first, which also compiles the
+    /// kernels and tunes the GEMMs for new shapes (`None` with fewer than 2 steps).
+    pub steady: Option<SteadyRate>,
+}
+
+/// Step time and throughput of a run's steps after its first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SteadyRate {
+    /// Steps counted.
+    pub steps: usize,
+    /// Their median time, seconds.
+    pub median_step_s: f64,
+    /// Their tokens over their summed time.
+    pub tokens_per_s: f64,
+    /// Their model FLOP over their summed time, TFLOP/s.
+    pub model_tflops: f64,
+}
+
+impl SteadyRate {
+    /// From every step's (seconds, model FLOP, tokens), the first left out.
+    pub fn after_first(steps: &[(f64, f64, u64)]) -> Option<SteadyRate> {
+        let rest = steps.get(1..).filter(|r| !r.is_empty())?;
+        let mut times: Vec<f64> = rest.iter().map(|s| s.0).collect();
+        times.sort_by(f64::total_cmp);
+        let n = times.len();
+        let median_step_s = if n % 2 == 1 {
+            times[n / 2]
+        } else {
+            (times[n / 2 - 1] + times[n / 2]) / 2.0
+        };
+        let seconds: f64 = rest.iter().map(|s| s.0).sum::<f64>().max(1e-9);
+        Some(SteadyRate {
+            steps: n,
+            median_step_s,
+            tokens_per_s: rest.iter().map(|s| s.2 as f64).sum::<f64>() / seconds,
+            model_tflops: rest.iter().map(|s| s.1).sum::<f64>() / seconds / 1e12,
+        })
+    }
 }
 
 /// Computes one optimizer step: the global mean loss and this rank's gradients of it
@@ -333,4 +371,30 @@ fn one_step(
         },
         grads,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SteadyRate;
+
+    /// The first step (compilation, tuning) is left out; the median and the rates
+    /// come from the others.
+    #[test]
+    fn steady_rate_leaves_out_the_first_step() {
+        assert_eq!(SteadyRate::after_first(&[]), None);
+        assert_eq!(SteadyRate::after_first(&[(30.0, 1e12, 100)]), None);
+        let rate = SteadyRate::after_first(&[
+            (30.0, 5e12, 1000),
+            (2.0, 4e12, 1000),
+            (4.0, 4e12, 1000),
+            (3.0, 4e12, 1000),
+        ])
+        .unwrap();
+        assert_eq!(rate.steps, 3);
+        assert_eq!(rate.median_step_s, 3.0);
+        assert!((rate.tokens_per_s - 3000.0 / 9.0).abs() < 1e-9);
+        assert!((rate.model_tflops - 12.0 / 9.0).abs() < 1e-9);
+        let even = SteadyRate::after_first(&[(9.0, 0.0, 0), (1.0, 0.0, 0), (3.0, 0.0, 0)]);
+        assert_eq!(even.unwrap().median_step_s, 2.0);
+    }
 }
