@@ -6,6 +6,8 @@
 # frame counts given (default 256 512). One prompt a step and 128 response tokens
 # keep a step inside the call's time; every other setting is configs/1.5b-grpo.toml's.
 #   bash benchmarks/gpu_rl_run.sh [frames ...]     (STEPS=2 steps a run, LIMIT=280 s a run)
+#   MODES=cached / MODES=reencode: one side per device call, when both do not fit in
+#   one call's 600 s (512 frames: ~100k prompt tokens a rollout).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/log.txt,
 # $OUT/<run>.txt (console) and $OUT/metrics-<run>.jsonl (rollout_s, update_s, ...).
 set -u
@@ -13,7 +15,7 @@ set -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for frames in "${@:-256 512}"; do
   for f in $frames; do
-    for mode in cached reencode; do
+    for mode in ${MODES:-cached reencode}; do
       cfg=/tmp/rl-$mode.toml
       sed -e 's/^batch_size = .*/batch_size = 1/' -e 's/^max_response_tokens = .*/max_response_tokens = 128/' \
         -e 's/^minibatches = .*/minibatches = 1/' -e 's/^eval_per_depth = .*/eval_per_depth = 0/' \
