@@ -1,0 +1,142 @@
+//! What a call asks for ([`FlashOptions`]: scale, causal mask and offsets, packed
+//! sequences) and the shape checks every launch runs first, with errors that name
+//! the tensor and the numbers.
+
+use super::{AttnError, DeviceTensor, MAX_HEAD_DIM};
+
+/// Softmax scale, causal mask and its offsets, packed sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlashOptions {
+    pub scale: f32,
+    pub causal: bool,
+    /// Global position of the first query row (ring attention: the rank's block start).
+    pub q_offset: usize,
+    /// Global position of the first key row.
+    pub k_offset: usize,
+    /// Packed variable-length sequences: boundaries `[0, s1, ..., S]` over the
+    /// sequence axis (B = 1, Sq == Sk, offsets 0); no attention across sequences.
+    pub cu_seqlens: Option<Vec<u32>>,
+}
+
+impl FlashOptions {
+    /// `scale = 1 / sqrt(head_dim)`, not causal.
+    pub fn new(head_dim: usize) -> Self {
+        FlashOptions {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            causal: false,
+            q_offset: 0,
+            k_offset: 0,
+            cu_seqlens: None,
+        }
+    }
+
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    pub fn offsets(mut self, q_offset: usize, k_offset: usize) -> Self {
+        self.q_offset = q_offset;
+        self.k_offset = k_offset;
+        self
+    }
+
+    pub fn packed(mut self, cu_seqlens: Vec<u32>) -> Self {
+        self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+}
+
+/// Checked geometry of one call.
+pub(super) struct Geometry {
+    pub(super) b: usize,
+    pub(super) hq: usize,
+    pub(super) hkv: usize,
+    pub(super) sq: usize,
+    pub(super) sk: usize,
+    pub(super) d: usize,
+}
+
+pub(super) fn dims(name: &str, t: &DeviceTensor) -> Result<[usize; 4], AttnError> {
+    if t.shape.len() != 4 || t.strides.len() != 4 {
+        return Err(AttnError::Shape(format!(
+            "{name} must be [batch, heads, seq, head_dim], got shape {:?}",
+            t.shape
+        )));
+    }
+    Ok([t.shape[0], t.shape[1], t.shape[2], t.shape[3]])
+}
+
+pub(super) fn check(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<Geometry, AttnError> {
+    let [b, hq, sq, d] = dims("q", q)?;
+    let [bk, hkv, sk, dk] = dims("k", k)?;
+    let vd = dims("v", v)?;
+    if vd != [bk, hkv, sk, dk] {
+        return Err(AttnError::Shape(format!(
+            "v {:?} must match k {:?}",
+            v.shape, k.shape
+        )));
+    }
+    if bk != b || dk != d {
+        return Err(AttnError::Shape(format!(
+            "q {:?} and k {:?} differ in batch or head_dim",
+            q.shape, k.shape
+        )));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(AttnError::Shape(format!(
+            "{hkv} kv heads must divide {hq} query heads"
+        )));
+    }
+    if d == 0 || d > MAX_HEAD_DIM {
+        return Err(AttnError::Shape(format!(
+            "head_dim {d} unsupported (1 to {MAX_HEAD_DIM})"
+        )));
+    }
+    if b == 0 || sq == 0 || sk == 0 {
+        return Err(AttnError::Shape(format!(
+            "empty input: q {:?}, k {:?}",
+            q.shape, k.shape
+        )));
+    }
+    if !options.scale.is_finite() || options.scale <= 0.0 {
+        return Err(AttnError::Options(format!(
+            "scale {} must be positive and finite",
+            options.scale
+        )));
+    }
+    let limit = u32::MAX as usize / 2;
+    if options.q_offset + sq > limit || options.k_offset + sk > limit {
+        return Err(AttnError::Options("offsets beyond 2^31 positions".into()));
+    }
+    if let Some(cu) = &options.cu_seqlens {
+        if b != 1 || sq != sk || options.q_offset != 0 || options.k_offset != 0 {
+            return Err(AttnError::Options(format!(
+                "packed sequences need batch 1, Sq == Sk and zero offsets (batch {b}, Sq {sq}, Sk {sk}, offsets {} / {})",
+                options.q_offset, options.k_offset
+            )));
+        }
+        if cu.len() < 2
+            || cu[0] != 0
+            || cu.windows(2).any(|w| w[0] > w[1])
+            || *cu.last().expect("len >= 2") as usize != sq
+        {
+            return Err(AttnError::Options(format!(
+                "cu_seqlens {cu:?} must rise from 0 to the sequence length {sq}"
+            )));
+        }
+    }
+    Ok(Geometry {
+        b,
+        hq,
+        hkv,
+        sq,
+        sk,
+        d,
+    })
+}
