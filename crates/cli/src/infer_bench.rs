@@ -20,7 +20,9 @@ use serde_json::json;
 use crate::demo::named_config;
 use crate::ranks::Ranks;
 use crate::{DeviceArgs, synthetic};
-use longview_infer::generate::{Decoding, GenerateOptions, decode_group, decode_step, host_rows};
+use longview_infer::generate::{
+    Decoding, GenerateOptions, decode_group, decode_step, next_token_rows,
+};
 use longview_infer::prefill::{
     DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, encode_in_batches, prefill,
 };
@@ -225,7 +227,7 @@ fn measure(
     )?;
     let mut cache = KvCache::new();
     let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
-    let first = host_rows(model.generation_logits(last))?.remove(0);
+    let first = next_token_rows(model, last)?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
 
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
@@ -235,15 +237,14 @@ fn measure(
     })?;
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();
-    let measured = Measured {
+    Ok(Measured {
         prompt: ids.len(),
         encode_s,
         prefill_s,
         decode_s,
         decoded: generated[0].tokens.len(),
         reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
-    };
-    Ok(measured)
+    })
 }
 
 /// Prints the table row and appends the JSON line (`extra` merged into it).

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
-use longview_infer::generate::{Decoding, GenerateOptions, decode_group, host_rows};
+use longview_infer::generate::{Decoding, GenerateOptions, decode_group, next_token_rows};
 use longview_infer::prefill::check_request_fits;
 use longview_models::{VisualInput, VlmConfig};
 use longview_parallel::inference::SpInference;
@@ -128,7 +128,7 @@ impl RankJob for BenchJob<'_> {
                 &device,
             );
             let hidden = sp.extend(&model, model.embed_tokens(ids), &mut cache)?;
-            host_rows(model.generation_logits(hidden))
+            next_token_rows(&model, hidden)
         })?;
         sync()?;
         let decode_s = start.elapsed().as_secs_f64();

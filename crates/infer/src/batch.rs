@@ -20,7 +20,7 @@ use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
 use crate::generate::{
-    Decoding, Generation, Limits, check_request, decode_rows, host_rows, prefill_prompt,
+    Decoding, Generation, Limits, check_request, decode_rows, next_token_rows, prefill_prompt,
 };
 use crate::prefill::{DEFAULT_CHUNK, check_request_fits};
 
@@ -252,7 +252,7 @@ impl PaddedCache {
         for p in &mut self.next_position {
             *p += 1;
         }
-        host_rows(model.generation_logits(x))
+        next_token_rows(model, x)
     }
 }
 

@@ -151,7 +151,7 @@ pub fn generate_group(
 
 /// `prompt` (with `visual` over its placeholders) prefilled `chunk` rows at a time
 /// into a new KV cache; returns the cache and the logits after the prompt's last
-/// token, on the host (`Vlm::generation_logits`: the visual placeholder masked).
+/// token, on the host ([`next_token_rows`]: the visual placeholder masked).
 pub fn prefill_prompt(
     model: &Vlm,
     prompt: &[u32],
@@ -162,7 +162,7 @@ pub fn prefill_prompt(
     let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
     let last = prefill(model, embeds, chunk, &mut cache, prompt.len() - 1);
-    let first = host_rows(model.generation_logits(last))?.remove(0);
+    let first = next_token_rows(model, last)?.remove(0);
     Ok((cache, first))
 }
 
@@ -180,7 +180,7 @@ pub fn decode_step(
     let embeds = model.embed_tokens(ids);
     let positions = positions(n, cache.len(), 1, device);
     let hidden = model.text_layers_cached(embeds, positions, cache);
-    host_rows(model.generation_logits(hidden))
+    next_token_rows(model, hidden)
 }
 
 /// Where one sequence stops: after `max_new_tokens`, or at a token of `stop` (not
@@ -295,6 +295,20 @@ pub fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
         .try_to_vec::<f32>()
         .map_err(|e| InferError::Request(format!("reading the logits: {e:?}")))?;
     Ok(last.chunks(vocab).map(<[f32]>::to_vec).collect())
+}
+
+/// The next-token logits generation samples from, on the host: the last row of
+/// each sequence (as [`host_rows`]) with the visual placeholder at
+/// `MASKED_LOGIT`, as `Vlm::generation_logits` masks it on the device (here one
+/// value a row, no device work in the decoding loop).
+pub fn next_token_rows(model: &Vlm, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
+    let mut rows = host_rows(model.logits(hidden))?;
+    for row in &mut rows {
+        if let Some(x) = row.get_mut(model.placeholder_token_id as usize) {
+            *x = longview_models::vila::MASKED_LOGIT;
+        }
+    }
+    Ok(rows)
 }
 
 /// `log softmax(logits / temperature)[token]`, computed in f64.

@@ -452,9 +452,12 @@ fn generation_never_emits_the_visual_placeholder() {
     let hidden = prefill(&model, embeds, 0, &mut KvCache::new(), 0);
     let (plain, masked) = (
         host(model.logits(hidden.clone())),
-        host(model.generation_logits(hidden)),
+        host(model.generation_logits(hidden.clone())),
     );
     let vocab = plain.len() / ids.len();
+    // The decoders' host rows are masked the same way (the last row of the sequence).
+    let rows = longview_infer::generate::next_token_rows(&model, hidden).unwrap();
+    assert_eq!(rows, vec![masked[masked.len() - vocab..].to_vec()]);
     for (i, (a, b)) in plain.iter().zip(&masked).enumerate() {
         if i % vocab == placeholder as usize {
             assert_eq!(*b, MASKED_LOGIT);

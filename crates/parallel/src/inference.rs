@@ -25,7 +25,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
 use longview_infer::generate::{
-    Decoding, GenerateOptions, Generation, check_memory, check_request, decode_group, host_rows,
+    Decoding, GenerateOptions, Generation, check_memory, check_request, decode_group,
+    next_token_rows,
 };
 use longview_infer::prefill::{DEFAULT_FRAME_BATCH, embed_prompt};
 use longview_models::attention::{AttentionImpl, SplitAtAttention};
@@ -397,13 +398,13 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             let n = tokens.len();
             let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
             let hidden = self.extend(model, model.embed_tokens(ids), &mut cache)?;
-            host_rows(model.generation_logits(hidden))
+            next_token_rows(model, hidden)
         })
     }
 
     /// `prompt` (its visual tokens spliced in) prefilled sequence-parallel into a new
     /// sharded cache: the cache and the next-token logits after the prompt
-    /// (`Vlm::generation_logits`: the visual placeholder masked), the same
+    /// (`longview_infer::generate::next_token_rows`: the visual placeholder masked), the same
     /// on every rank (what `longview_infer::generate::prefill_prompt` gives on one
     /// device).
     pub fn prefill_prompt(
@@ -416,7 +417,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
         let mut cache = ShardedCache::new(self.world());
         let last = self.prefill(model, embeds, &mut cache)?;
-        Ok((cache, host_rows(model.generation_logits(last))?.remove(0)))
+        Ok((cache, next_token_rows(model, last)?.remove(0)))
     }
 
     /// The next-token logits after `prompt` (its visual tokens spliced in), prefilled

@@ -6,7 +6,7 @@
 
 use burn::tensor::{Device, Distribution, Tensor};
 use longview_comm::LocalWorld;
-use longview_infer::generate::{Decoding, GenerateOptions, generate_group, host_rows};
+use longview_infer::generate::{Decoding, GenerateOptions, generate_group, next_token_rows};
 use longview_infer::prefill::{embed_prompt, prefill};
 use longview_models::{KvCache, VisualInput, Vlm, VlmConfig};
 use longview_parallel::inference::{ShardedCache, SpInference, SpScheme};
@@ -76,10 +76,7 @@ fn one_device_prefill(model: &Vlm, ids: &[u32], visual: &Tensor<3>) -> (Tensor<3
     .unwrap();
     let mut cache = KvCache::new();
     let last = prefill(model, embeds.clone(), 0, &mut cache, ids.len() - 1);
-    (
-        embeds,
-        host_rows(model.generation_logits(last)).unwrap().remove(0),
-    )
+    (embeds, next_token_rows(model, last).unwrap().remove(0))
 }
 
 #[test]
@@ -100,7 +97,7 @@ fn sequence_parallel_prefill_gives_the_one_device_logits() {
                 let visual = VisualInput::Embeddings(visual.clone());
                 let direct = sp.last_logits(&model, &ids, visual, &Device::flex());
                 [
-                    host_rows(model.generation_logits(last)).unwrap().remove(0),
+                    next_token_rows(&model, last).unwrap().remove(0),
                     direct.unwrap(),
                 ]
             });
@@ -265,7 +262,7 @@ fn ulysses_and_2d_prefills_give_the_one_device_logits_and_generations() {
                 counts: vec![0; world],
             };
             let last = sp.prefill(&model, embeds.clone(), &mut cache).unwrap();
-            let logits = host_rows(model.generation_logits(last)).unwrap().remove(0);
+            let logits = next_token_rows(&model, last).unwrap().remove(0);
             let generated = sp
                 .generate_group(
                     &model,

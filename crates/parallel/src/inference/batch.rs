@@ -18,7 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
 use longview_infer::batch::{BatchRequest, check_requests, regroup};
-use longview_infer::generate::{Generation, decode_rows, host_rows};
+use longview_infer::generate::{Generation, decode_rows, next_token_rows};
 use longview_infer::prefill::check_request_fits;
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
@@ -136,7 +136,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         for p in &mut batch.next_position {
             *p += 1;
         }
-        host_rows(model.generation_logits(x))
+        next_token_rows(model, x)
     }
 }
 
