@@ -56,6 +56,22 @@ pub trait FlashAttentionBackend: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
+/// `t` as the forward kernels read it: as it is when its strides already suit the
+/// tensor-core loads (unit stride along head_dim, the others multiples of 8, a 16-byte
+/// aligned start), e.g. the filled part of a KV cache's buffers or heads split by a
+/// transpose; otherwise a contiguous copy. The decoding step then reads the cache in
+/// place instead of copying all of it.
+fn readable(t: CubeTensor) -> CubeTensor {
+    let strides = t.meta.strides();
+    let start = t.handle.offset_start.unwrap_or(0);
+    let strided_ok = !t.meta.is_tiled()
+        && strides.len() == 4
+        && strides[3] == 1
+        && strides[..3].iter().all(|s| s % 8 == 0)
+        && start % 16 == 0;
+    if strided_ok { t } else { into_contiguous(t) }
+}
+
 fn view(t: &CubeTensor) -> DeviceTensor {
     DeviceTensor {
         handle: t.handle.clone(),
@@ -173,7 +189,7 @@ impl FlashAttentionBackend for CubeBackend {
         v: CubeTensor,
         mask: FlashMask,
     ) -> (CubeTensor, CubeTensor) {
-        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let (q, k, v) = (readable(q), readable(k), readable(v));
         let client = q.client.clone();
         let opts = mask.options();
         let (o, lse) = match q.dtype {

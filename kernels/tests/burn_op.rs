@@ -153,3 +153,30 @@ fn burn_op_refuses_what_it_cannot_do() {
     let err = flash_attention(q, kv.clone(), kv, &FlashOptions::new(8)).unwrap_err();
     assert!(err.to_string().contains("Hkv dividing Hq"), "{err}");
 }
+
+/// The forward reads strided inputs where they are: heads split by a transpose (q)
+/// and the filled part of larger buffers (k, v, as a KV cache holds them). The
+/// result equals the same call on contiguous copies bit for bit, and the plain-ops
+/// reference within the tolerance above.
+#[test]
+fn burn_op_reads_strided_views_as_they_are() {
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let (b, hq, hkv, sq, sk, capacity, d) = (1, 4, 2, 3, 45, 64, 64);
+    let random =
+        |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+    let q = random([b, sq, hq, d]).swap_dims(1, 2);
+    let k = random([b, hkv, capacity, d]).narrow(2, 0, sk);
+    let v = random([b, hkv, capacity, d]).narrow(2, 0, sk);
+    // Causal with the queries at the end, as a decoding step continues its cache.
+    let opts = FlashOptions::new(d).causal(true).offsets(sk - sq, 0);
+    let dense = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device);
+    let (o, lse) = flash_attention(q.clone(), k.clone(), v.clone(), &opts).unwrap();
+    let (o_dense, lse_dense) = flash_attention(dense(&q), dense(&k), dense(&v), &opts).unwrap();
+    assert_eq!(values(o.clone()), values(o_dense));
+    assert_eq!(
+        lse.into_data().try_to_vec::<f32>().unwrap(),
+        lse_dense.into_data().try_to_vec::<f32>().unwrap()
+    );
+    let (o_ref, _) = reference(q, k, v, &opts);
+    assert_close("O strided", &values(o), &values(o_ref), 2e-5);
+}

@@ -226,6 +226,7 @@ fn measure(
         device,
     )?;
     let mut cache = KvCache::new();
+    cache.reserve(ids.len() + args.new_tokens);
     let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
     let first = next_token_rows(model, last)?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();

@@ -77,7 +77,14 @@ pub fn generate_batch(
             samples: decodings,
             limits: limit,
         } = request;
-        let (cache, first) = prefill_prompt(model, &prompt, visual, options.prefill_chunk, device)?;
+        let (cache, first) = prefill_prompt(
+            model,
+            &prompt,
+            visual,
+            options.prefill_chunk,
+            prompt.len(),
+            device,
+        )?;
         for decoding in &decodings {
             firsts.push(first.clone());
             samples.push(*decoding);
@@ -185,8 +192,8 @@ impl PaddedCache {
                         };
                         t.expand([*samples, h, len + left, d])
                     };
-                    keys.push(padded(k));
-                    values.push(padded(v));
+                    keys.push(padded(&k));
+                    values.push(padded(&v));
                 }
                 (Tensor::cat(keys, 0), Tensor::cat(values, 0))
             })

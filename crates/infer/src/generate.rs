@@ -139,7 +139,9 @@ pub fn generate_group(
 ) -> Result<Vec<Generation>, InferError> {
     check_request(prompt, samples)?;
     check_memory(model, prompt.len(), samples.len(), options, device)?;
-    let (cache, first) = prefill_prompt(model, prompt, visual, options.prefill_chunk, device)?;
+    let room = prompt.len() + options.max_new_tokens;
+    let (cache, first) =
+        prefill_prompt(model, prompt, visual, options.prefill_chunk, room, device)?;
     let mut cache = cache.repeat(samples.len());
     decode_group(first, samples, options, |tokens, kept| {
         if kept.len() != cache.batch() {
@@ -150,17 +152,20 @@ pub fn generate_group(
 }
 
 /// `prompt` (with `visual` over its placeholders) prefilled `chunk` rows at a time
-/// into a new KV cache; returns the cache and the logits after the prompt's last
-/// token, on the host ([`next_token_rows`]: the visual placeholder masked).
+/// into a new KV cache with room for `room` tokens (the prompt plus the longest
+/// answer: [`KvCache::reserve`]); returns the cache and the logits after the prompt's
+/// last token, on the host ([`next_token_rows`]: the visual placeholder masked).
 pub fn prefill_prompt(
     model: &Vlm,
     prompt: &[u32],
     visual: VisualInput,
     chunk: usize,
+    room: usize,
     device: &Device,
 ) -> Result<(KvCache, Vec<f32>), InferError> {
     let embeds = embed_prompt(model, prompt, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
+    cache.reserve(room);
     let last = prefill(model, embeds, chunk, &mut cache, prompt.len() - 1);
     let first = next_token_rows(model, last)?.remove(0);
     Ok((cache, first))

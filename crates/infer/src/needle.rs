@@ -110,6 +110,7 @@ pub fn teacher_forced_ids(
     let visual = sample_visual(sample, device);
     let embeds = embed_prompt(model, &sample.ids, visual, DEFAULT_FRAME_BATCH, device)?;
     let mut cache = KvCache::new();
+    cache.reserve(sample.ids.len());
     // Position t predicts token t + 1.
     let start = sample.prompt_len;
     let hidden = prefill(model, embeds, chunk, &mut cache, start - 1).narrow(1, 0, answer_len);

@@ -324,8 +324,8 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             let (o, lse) = match cache.local.layer(l) {
                 Some((k, v)) => block_forward(&Block {
                     q: input.q.clone(),
-                    k: k.clone(),
-                    v: v.clone(),
+                    k,
+                    v,
                     // Every cached key precedes the new rows; the owner's last `new`
                     // keys are the new rows' own, seen causally.
                     causal: mine,
@@ -388,7 +388,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         let per_rank = prompt.len().div_ceil(self.world());
         check_memory(model, per_rank, samples.len(), options, device)?;
         let (mut cache, first) = self.prefill_prompt(model, prompt, visual, device)?;
-        cache.local = cache.local.repeat(samples.len());
+        cache.local = std::mem::take(&mut cache.local).repeat(samples.len());
         let mut rows = samples.len();
         decode_group(first, samples, options, |tokens, kept| {
             if kept.len() != rows {

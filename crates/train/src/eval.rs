@@ -172,8 +172,14 @@ pub fn one_device_logits(
 ) -> Result<Vec<f32>, TrainError> {
     use longview_infer::prefill::{DEFAULT_CHUNK, check_request_fits};
     check_request_fits(model, (ids.len(), 0, 1), DEFAULT_CHUNK, None, device)?;
-    let (_, last) =
-        longview_infer::generate::prefill_prompt(model, ids, visual, DEFAULT_CHUNK, device)?;
+    let (_, last) = longview_infer::generate::prefill_prompt(
+        model,
+        ids,
+        visual,
+        DEFAULT_CHUNK,
+        ids.len(),
+        device,
+    )?;
     Ok(last)
 }
 

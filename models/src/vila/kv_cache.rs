@@ -1,11 +1,88 @@
 //! The KV cache of autoregressive decoding: every layer's keys and values (after
 //! RoPE) of the tokens run so far, with the batch operations batched generation
 //! needs (one prompt's cache shared by several samples, finished sequences dropped).
+//!
+//! Each layer keeps its keys and values in buffers with room for more tokens: a new
+//! token is written into the free room (`slice_assign`, in place while the cache is
+//! the buffers' only owner) and attention reads a view of the filled part. Appending
+//! by concatenation instead copies the whole cache of every layer for every token.
+//! [`KvCache::reserve`] sizes the buffers for a known total (prompt plus answer), so
+//! they are allocated once; without it they grow by half their size when full.
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// One layer's cached keys and values (after RoPE), `[batch, kv_heads, len, head_dim]`.
-pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+/// Buffers grow to at least this many tokens (and then by half their size).
+const MIN_CAPACITY: usize = 256;
+
+/// One layer's cached keys and values (after RoPE): buffers of
+/// `[batch, kv_heads, capacity, head_dim]` of which the first `len` tokens are filled.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    buffers: Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+    /// Tokens to allocate for at the next growth ([`KvCache::reserve`]).
+    reserve: usize,
+}
+
+impl LayerCache {
+    /// Tokens cached in this layer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the buffers hold room for (0 while empty).
+    pub fn capacity(&self) -> usize {
+        self.buffers.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// The cached keys and values, `[batch, kv_heads, len, head_dim]` (views of the
+    /// buffers; `None` while empty).
+    pub fn get(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        let (k, v) = self.buffers.as_ref()?;
+        let len = self.len;
+        Some((k.clone().narrow(2, 0, len), v.clone().narrow(2, 0, len)))
+    }
+
+    /// Appends the keys and values of new tokens (`[batch, kv_heads, new, head_dim]`)
+    /// and returns all cached ones, as [`LayerCache::get`] does.
+    pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, new, d] = k.dims();
+        let needed = self.len + new;
+        if needed > self.capacity() {
+            let grown = (self.capacity() + self.capacity() / 2)
+                .max(needed)
+                .max(self.reserve)
+                .max(MIN_CAPACITY);
+            let (dtype, device) = (k.dtype(), k.device());
+            let empty = || Tensor::<4>::zeros([b, h, grown, d], (&device, dtype));
+            let (mut kb, mut vb) = (empty(), empty());
+            if let Some((old_k, old_v)) = self.get() {
+                kb = kb.slice_assign([0..b, 0..h, 0..self.len, 0..d], old_k);
+                vb = vb.slice_assign([0..b, 0..h, 0..self.len, 0..d], old_v);
+            }
+            self.buffers = Some((kb, vb));
+        }
+        let (kb, vb) = self.buffers.take().expect("allocated above");
+        let at = [0..b, 0..h, self.len..needed, 0..d];
+        self.buffers = Some((kb.slice_assign(at.clone(), k), vb.slice_assign(at, v)));
+        self.len = needed;
+        self.get().expect("just filled")
+    }
+
+    /// A cache holding exactly `k` and `v` (`[batch, kv_heads, len, head_dim]`).
+    fn filled(k: Tensor<4>, v: Tensor<4>, reserve: usize) -> Self {
+        let len = k.dims()[2];
+        LayerCache {
+            buffers: Some((k, v)),
+            len,
+            reserve,
+        }
+    }
+}
 
 /// Keys and values of every layer for the tokens processed so far, so that decoding
 /// a new token costs one token's forward pass instead of the whole sequence's.
@@ -13,6 +90,7 @@ pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
 pub struct KvCache {
     pub(super) layers: Vec<LayerCache>,
     pub(super) len: usize,
+    reserve: usize,
 }
 
 impl KvCache {
@@ -29,27 +107,39 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Sizes the buffers for `tokens` tokens in all (cached and to come) when they are
+    /// next allocated, e.g. the prompt plus the answer's longest length before a
+    /// prefill: then decoding never reallocates.
+    pub fn reserve(&mut self, tokens: usize) {
+        self.reserve = tokens;
+        for layer in &mut self.layers {
+            layer.reserve = tokens;
+        }
+    }
+
+    /// Layer `layer`'s cache, `len` tokens of it filled.
+    pub fn layer_cache(&mut self, layer: usize, layers: usize) -> &mut LayerCache {
+        if self.layers.len() < layers {
+            let reserve = self.reserve;
+            self.layers.resize_with(layers, || LayerCache {
+                reserve,
+                ..LayerCache::default()
+            });
+        }
+        &mut self.layers[layer]
+    }
+
     /// Layer `layer`'s cached keys and values, `[batch, kv_heads, len, head_dim]`
     /// (`None` while that layer holds nothing).
-    pub fn layer(&self, layer: usize) -> Option<&(Tensor<4>, Tensor<4>)> {
-        self.layers.get(layer).and_then(Option::as_ref)
+    pub fn layer(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>)> {
+        self.layers.get(layer).and_then(LayerCache::get)
     }
 
     /// Appends keys and values of new tokens to layer `layer` (of `layers`). The
     /// token count ([`KvCache::len`]) moves with [`KvCache::advance`], once per step
     /// for all layers.
     pub fn append(&mut self, layer: usize, layers: usize, k: Tensor<4>, v: Tensor<4>) {
-        if self.layers.len() < layers {
-            self.layers.resize(layers, None);
-        }
-        let slot = &mut self.layers[layer];
-        *slot = Some(match slot.take() {
-            Some((past_k, past_v)) => (
-                Tensor::cat(vec![past_k, k], 2),
-                Tensor::cat(vec![past_v, v], 2),
-            ),
-            None => (k, v),
-        });
+        self.layer_cache(layer, layers).append(k, v);
     }
 
     /// Counts `new` more tokens as cached (after [`KvCache::append`] on every layer).
@@ -59,25 +149,32 @@ impl KvCache {
 
     /// Sequences in the cache's batch (0 while empty).
     pub fn batch(&self) -> usize {
-        self.first().map_or(0, |k| k.dims()[0])
+        self.layers
+            .iter()
+            .find_map(LayerCache::get)
+            .map_or(0, |(k, _)| k.dims()[0])
     }
 
     /// The cache of every sequence repeated `times` (sequence `i` becomes rows
     /// `i * times .. (i + 1) * times`): one prompt's prefill shared by `times` samples.
-    pub fn repeat(&self, times: usize) -> KvCache {
-        let repeat = |t: &Tensor<4>| {
+    /// Consumes the cache, so that with `times == 1` its buffers stay singly owned and
+    /// appends keep writing in place.
+    pub fn repeat(self, times: usize) -> KvCache {
+        if times == 1 {
+            return self;
+        }
+        let repeat = |t: Tensor<4>| {
             let [b, h, s, d] = t.dims();
-            t.clone()
-                .unsqueeze_dim::<5>(1)
+            t.unsqueeze_dim::<5>(1)
                 .expand([b, times, h, s, d])
                 .reshape([b * times, h, s, d])
         };
-        self.map(|(k, v)| (repeat(k), repeat(v)))
+        self.map(|k, v| (repeat(k), repeat(v)))
     }
 
     /// The cache of the sequences `rows` (in that order), e.g. those still generating.
     pub fn select(&self, rows: &[usize]) -> KvCache {
-        let Some(first) = self.first() else {
+        let Some((first, _)) = self.layers.iter().find_map(LayerCache::get) else {
             return self.clone();
         };
         let device = first.device();
@@ -85,22 +182,109 @@ impl KvCache {
             TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
             &device,
         );
-        self.map(|(k, v)| {
-            (
-                k.clone().select(0, index.clone()),
-                v.clone().select(0, index.clone()),
-            )
-        })
+        self.map(|k, v| (k.select(0, index.clone()), v.select(0, index.clone())))
     }
 
-    fn first(&self) -> Option<&Tensor<4>> {
-        self.layers.iter().flatten().next().map(|(k, _)| k)
-    }
-
-    fn map(&self, f: impl Fn(&(Tensor<4>, Tensor<4>)) -> (Tensor<4>, Tensor<4>)) -> KvCache {
+    /// Every layer's filled keys and values through `f`, into fresh buffers.
+    fn map(&self, f: impl Fn(Tensor<4>, Tensor<4>) -> (Tensor<4>, Tensor<4>)) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l.get() {
+                Some((k, v)) => {
+                    let (k, v) = f(k, v);
+                    LayerCache::filled(k, v, l.reserve)
+                }
+                None => LayerCache {
+                    reserve: l.reserve,
+                    ..LayerCache::default()
+                },
+            })
+            .collect();
         KvCache {
-            layers: self.layers.iter().map(|l| l.as_ref().map(&f)).collect(),
+            layers,
             len: self.len,
+            reserve: self.reserve,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// `[batch, heads, len, dim]` with every value distinct (`base` + its index).
+    fn counting(shape: [usize; 4], base: f32) -> Tensor<4> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| base + i as f32).collect();
+        Tensor::from_data(TensorData::new(values, shape), &Device::flex())
+    }
+
+    fn host(t: Tensor<4>) -> (Vec<usize>, Vec<f32>) {
+        (t.dims().to_vec(), t.into_data().to_vec().unwrap())
+    }
+
+    /// Pieces of uneven lengths (past the first and later capacities), appended, read
+    /// back as their concatenation (the old implementation, kept as the reference).
+    #[test]
+    fn appends_read_back_as_the_concatenation() {
+        let mut layer = LayerCache::default();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut capacities = Vec::new();
+        for (i, new) in [1, 300, 7, 1, 1, 200, 0, 5].into_iter().enumerate() {
+            let k = counting([2, 3, new, 4], 10_000.0 * i as f32);
+            let v = counting([2, 3, new, 4], -10_000.0 * i as f32);
+            keys.push(k.clone());
+            values.push(v.clone());
+            let (all_k, all_v) = layer.append(k, v);
+            assert_eq!(host(all_k), host(Tensor::cat(keys.clone(), 2)));
+            assert_eq!(host(all_v), host(Tensor::cat(values.clone(), 2)));
+            capacities.push(layer.capacity());
+        }
+        assert_eq!(layer.len(), 515);
+        // Lengths 1, 301, 308, 309, 310, 510, 510, 515: 256 first; 301 needs more, half
+        // again is 384; 510 needs more, half again is 576.
+        assert_eq!(capacities, [256, 384, 384, 384, 384, 576, 576, 576]);
+    }
+
+    /// A view taken before an append keeps its values (appends write in place only
+    /// while the cache owns its buffers alone).
+    #[test]
+    fn earlier_views_keep_their_values() {
+        let mut layer = LayerCache::default();
+        layer.append(counting([1, 1, 3, 2], 0.0), counting([1, 1, 3, 2], 0.0));
+        let before = layer.get().unwrap().0;
+        let shared = layer.clone();
+        layer.append(counting([1, 1, 2, 2], 50.0), counting([1, 1, 2, 2], 50.0));
+        assert_eq!(host(before).1, (0..6).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(shared.len(), 3);
+        assert_eq!(host(shared.get().unwrap().0).1.len(), 6);
+        assert_eq!(layer.len(), 5);
+    }
+
+    #[test]
+    fn reserve_allocates_once_and_repeat_select_keep_rows() {
+        let mut cache = KvCache::new();
+        cache.reserve(1000);
+        let k = counting([2, 1, 10, 2], 0.0);
+        cache.append(0, 2, k.clone(), k.clone() * 2.0);
+        cache.append(1, 2, k.clone(), k.clone());
+        cache.advance(10);
+        assert_eq!(cache.layers[0].capacity(), 1000);
+        assert_eq!(cache.batch(), 2);
+        // Rows [a, b] repeated twice are [a, a, b, b]; selecting [3, 0] gives [b, a].
+        let picked = cache.clone().repeat(2).select(&[3, 0]);
+        let (pk, pv) = picked.layer(0).unwrap();
+        let rows = |t: &Tensor<4>, r: usize| t.clone().narrow(0, r, 1);
+        assert_eq!(host(rows(&pk, 0)), host(rows(&k, 1)));
+        assert_eq!(host(rows(&pk, 1)), host(rows(&k, 0)));
+        assert_eq!(host(rows(&pv, 0)), host(rows(&k, 1) * 2.0));
+        assert_eq!(picked.len(), 10);
+        // The selection keeps the reservation for its next growth.
+        let mut picked = picked;
+        let one = counting([2, 1, 1, 2], 0.0);
+        picked.append(0, 2, one.clone(), one);
+        assert_eq!(picked.layers[0].capacity(), 1000);
     }
 }

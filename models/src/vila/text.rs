@@ -55,11 +55,7 @@ impl Qwen2Attention {
     ) -> Tensor<3> {
         let mut input = self.qkv(x, rope);
         if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                input.k = Tensor::cat(vec![past_k, input.k], 2);
-                input.v = Tensor::cat(vec![past_v, input.v], 2);
-            }
-            *cache = Some((input.k.clone(), input.v.clone()));
+            (input.k, input.v) = cache.append(input.k, input.v);
         }
         self.project_out(attend(self.attention, input))
     }
@@ -376,10 +372,10 @@ impl Qwen2 {
     ) -> Tensor<3> {
         let new = embeds.dims()[1];
         let rope = self.rope(position_ids);
-        cache.layers.resize(self.model.layers.len(), None);
+        let layers = self.model.layers.len();
         let mut x = embeds;
-        for (layer, layer_cache) in self.model.layers.iter().zip(&mut cache.layers) {
-            x = layer.forward_cached(x, &rope, Some(layer_cache));
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            x = layer.forward_cached(x, &rope, Some(cache.layer_cache(i, layers)));
         }
         cache.len += new;
         x

@@ -196,8 +196,8 @@ impl ShardBatch {
                         .iter()
                         .find_map(|(c, _)| c.local.layer(layer))
                         .expect("this rank holds keys of some prompt");
-                    keys.push(padded(local.map(|(k, _)| k), &like.0));
-                    values.push(padded(local.map(|(_, v)| v), &like.1));
+                    keys.push(padded(local.as_ref().map(|(k, _)| k), &like.0));
+                    values.push(padded(local.as_ref().map(|(_, v)| v), &like.1));
                 }
                 Some((Tensor::cat(keys, 0), Tensor::cat(values, 0)))
             })
