@@ -8,14 +8,19 @@
 //! text layers from outside ([`SplitAtAttention`]: q/k/v from the layer, attention
 //! here, the rest of the layer back in the layer), with the padded keys masked out of
 //! the softmax; each row keeps its own positions (its prompt length plus the tokens
-//! decoded), so a row sees exactly what it would see alone. A sequence that finishes
+//! decoded), so a row sees exactly what it would see alone. While no row is padded
+//! (one prompt's samples, or prompts of one length: GRPO's rollouts) the layer's own
+//! attention runs (the flash decode kernels on a GPU), reading the cache's buffers
+//! in place; the tokens are written into buffers sized for the longest answer
+//! ([`LayerCache`]). A sequence that finishes
 //! leaves the batch (its rows are dropped from the cache). Tested against one
 //! [`crate::generate::generate_group`] per prompt: the same tokens, log-probs within
 //! 1e-5 (`tests/generation.rs`).
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
-use longview_models::attention::SplitAtAttention;
+use longview_models::attention::{AttentionInput, AttentionMask, SplitAtAttention, attend};
+use longview_models::vila::kv_cache::LayerCache;
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
@@ -97,11 +102,12 @@ pub fn generate_batch(
         return Ok(counts.iter().map(|_| Vec::new()).collect());
     }
     let layers = model.text_layers().len();
-    let mut batch = PaddedCache::join(&caches, layers, positions, device);
+    let longest_answer = limits.iter().map(|l| l.max_new_tokens).max().unwrap_or(0);
+    let mut batch = PaddedCache::join(&caches, layers, positions, longest_answer, device);
     drop(caches);
     let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
         if kept.len() != batch.rows() {
-            batch.select(kept);
+            batch.select(kept, device);
         }
         batch.step(model, tokens, device)
     })?;
@@ -154,8 +160,8 @@ fn check_batch_memory(
 /// The KV cache of a batch of sequences with different prompt lengths, left-padded
 /// to one length.
 struct PaddedCache {
-    /// Every layer's keys and values, `[rows, kv_heads, len, head_dim]`.
-    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    /// Every layer's keys and values, `[rows, kv_heads, len, head_dim]` filled.
+    layers: Vec<LayerCache>,
     /// Per row, the leading keys that are padding.
     pad: Vec<usize>,
     /// Per row, the position of its next token.
@@ -164,11 +170,13 @@ struct PaddedCache {
 
 impl PaddedCache {
     /// One row per sample: each `(cache, samples)` (a prompt's cache, batch 1) is
-    /// left-padded to the longest and repeated `samples` times.
+    /// left-padded to the longest and repeated `samples` times, with room for
+    /// `answer` more tokens.
     fn join(
         caches: &[(KvCache, usize)],
         layers: usize,
         next_position: Vec<usize>,
+        answer: usize,
         device: &Device,
     ) -> Self {
         let longest = caches.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
@@ -195,7 +203,11 @@ impl PaddedCache {
                     keys.push(padded(&k));
                     values.push(padded(&v));
                 }
-                (Tensor::cat(keys, 0), Tensor::cat(values, 0))
+                LayerCache::holding(
+                    Tensor::cat(keys, 0),
+                    Tensor::cat(values, 0),
+                    longest + answer,
+                )
             })
             .collect();
         PaddedCache {
@@ -210,15 +222,20 @@ impl PaddedCache {
     }
 
     /// Keeps the rows `kept` (in that order).
-    fn select(&mut self, kept: &[usize]) {
-        let device = self.layers[0].0.device();
+    fn select(&mut self, kept: &[usize], device: &Device) {
         let index = Tensor::<1, Int>::from_data(
             TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
-            &device,
+            device,
         );
-        for (k, v) in &mut self.layers {
-            *k = k.clone().select(0, index.clone());
-            *v = v.clone().select(0, index.clone());
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.get() {
+                let reserve = layer.capacity();
+                *layer = LayerCache::holding(
+                    k.select(0, index.clone()),
+                    v.select(0, index.clone()),
+                    reserve,
+                );
+            }
         }
         self.pad = kept.iter().map(|&r| self.pad[r]).collect();
         self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
@@ -241,19 +258,36 @@ impl PaddedCache {
             device,
         ));
         let mut x = model.embed_tokens(ids);
-        // Every layer's keys have the same length this step: one padding mask for all.
-        let len = self.layers.first().map_or(0, |(k, _)| k.dims()[2]) + 1;
-        let masked: Vec<bool> = self
-            .pad
-            .iter()
-            .flat_map(|&p| (0..len).map(move |j| j < p))
-            .collect();
-        let padding = Tensor::<2, Bool>::from_data(TensorData::new(masked, [n, len]), device);
-        for (layer, (keys, values)) in model.text_layers().iter().zip(&mut self.layers) {
+        // Every layer's keys have the same length this step: one padding mask for all,
+        // none while no row is padded.
+        let len = self.layers.first().map_or(0, LayerCache::len) + 1;
+        let padding = self.pad.iter().any(|&p| p > 0).then(|| {
+            let masked: Vec<bool> = self
+                .pad
+                .iter()
+                .flat_map(|&p| (0..len).map(move |j| j < p))
+                .collect();
+            Tensor::<2, Bool>::from_data(TensorData::new(masked, [n, len]), device)
+        });
+        for (layer, cache) in model.text_layers().iter().zip(&mut self.layers) {
             let input = layer.attention_input(x.clone(), &rope);
-            *keys = Tensor::cat(vec![keys.clone(), input.k], 2);
-            *values = Tensor::cat(vec![values.clone(), input.v], 2);
-            let out = padded_attention(input.q, keys, values, padding.clone(), input.scale);
+            let (keys, values) = cache.append(input.k, input.v);
+            let out = match &padding {
+                Some(padding) => {
+                    padded_attention(input.q, &keys, &values, padding.clone(), input.scale)
+                }
+                // The new token is the last position: it sees every key.
+                None => attend(
+                    layer.attention_impl(),
+                    AttentionInput {
+                        q: input.q,
+                        k: keys,
+                        v: values,
+                        mask: AttentionMask::Full,
+                        scale: input.scale,
+                    },
+                ),
+            };
             x = layer.after_attention(x, out);
         }
         for p in &mut self.next_position {

@@ -488,3 +488,54 @@ fn generation_never_emits_the_visual_placeholder() {
         .sum();
     assert!((total - 1.0).abs() < 1e-5, "{total}");
 }
+
+/// Prompts of one length (GRPO's rollouts: one prompt's samples) decode without
+/// padding, through the layers' own attention over the cache's buffers: still the
+/// separate runs' tokens, and log-probs within 1e-5, as sequences leave the batch.
+#[test]
+fn a_batch_without_padding_equals_its_separate_runs() {
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::Limits;
+    let device = Device::flex();
+    let (model, prompt, pixels) = model_and_prompt(&device);
+    let all = decodings();
+    let limits = Limits {
+        max_new_tokens: 9,
+        stop: vec![0, 1, 2, 3],
+    };
+    let groups = [all[..3].to_vec(), all[3..].to_vec()];
+    let requests = groups
+        .iter()
+        .map(|samples| BatchRequest {
+            prompt: prompt.clone(),
+            visual: VisualInput::Pixels(pixels.clone()),
+            samples: samples.clone(),
+            limits: limits.clone(),
+        })
+        .collect();
+    let options = BatchOptions {
+        prefill_chunk: 4,
+        memory_budget: None,
+    };
+    let batch = generate_batch(&model, requests, &options, &device).unwrap();
+    let mut lengths = std::collections::HashSet::new();
+    for (samples, got) in groups.iter().zip(&batch) {
+        let alone = generate_group(
+            &model,
+            &prompt,
+            VisualInput::Pixels(pixels.clone()),
+            samples,
+            &GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, limits.stop.clone()),
+            &device,
+        )
+        .unwrap();
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.tokens, a.tokens);
+            let worst = worst_error(&g.logprobs, &a.logprobs);
+            assert!(worst < 1e-5, "log-probs differ by {worst}");
+            lengths.insert(g.tokens.len());
+        }
+    }
+    // Sequences leave the batch at different steps (rows selected out of the buffers).
+    assert!(lengths.len() >= 2, "lengths {lengths:?}");
+}

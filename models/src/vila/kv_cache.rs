@@ -73,8 +73,9 @@ impl LayerCache {
         self.get().expect("just filled")
     }
 
-    /// A cache holding exactly `k` and `v` (`[batch, kv_heads, len, head_dim]`).
-    fn filled(k: Tensor<4>, v: Tensor<4>, reserve: usize) -> Self {
+    /// A cache holding exactly `k` and `v` (`[batch, kv_heads, len, head_dim]`), to
+    /// grow to at least `reserve` tokens when the next append needs room.
+    pub fn holding(k: Tensor<4>, v: Tensor<4>, reserve: usize) -> Self {
         let len = k.dims()[2];
         LayerCache {
             buffers: Some((k, v)),
@@ -193,7 +194,7 @@ impl KvCache {
             .map(|l| match l.get() {
                 Some((k, v)) => {
                     let (k, v) = f(k, v);
-                    LayerCache::filled(k, v, l.reserve)
+                    LayerCache::holding(k, v, l.reserve)
                 }
                 None => LayerCache {
                     reserve: l.reserve,
