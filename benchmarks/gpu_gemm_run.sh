@@ -32,19 +32,5 @@ if [ "${PROFILE:-0}" = 1 ]; then
   CUBECL_DEBUG_LOG=1 CUBECL_DEBUG_OPTION=profile step "profiled step $frames frames" timeout 200 \
     /tmp/lv bench --device cuda --dtype bf16 --size 1.5b --text-tokens 64 --attention flash \
     --frames "$frames" --recompute attention-aware --warmup 0 --iters 1
-  python3 - <<'PY' | tee "$OUT/profile.txt"
-import collections, re
-total, count = collections.Counter(), collections.Counter()
-unit = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-for line in open("/tmp/cubecl.log", errors="replace"):
-    m = re.match(r"\| ([0-9.]+)(ns|µs|us|ms|s)\s+\| (.+)$", line.strip())
-    if m:
-        name = m.group(3).strip()[:100]
-        total[name] += float(m.group(1)) * unit[m.group(2)]
-        count[name] += 1
-whole = sum(total.values())
-print(f"CubeCL kernels: {whole:.3f} s in {sum(count.values())} launches, {len(total)} names")
-for name, seconds in total.most_common(40):
-    print(f"{seconds:8.3f} s {100 * seconds / whole:5.1f}% {count[name]:7d} {name}")
-PY
+  python3 benchmarks/cubecl_profile.py /tmp/cubecl.log | tee "$OUT/profile.txt"
 fi

@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024]
 #   LONG=0 ... skips the 3600-frame steps; LONG=only runs just them; CHUNKS="8192"
 #   also times longview with those prefill chunks; RUNS=N (default 2) runs each side's
-#   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then).
+#   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then);
+#   PROFILE=1 adds a profiled run (below).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -31,6 +32,16 @@ if [ "${LONG:-1}" != only ]; then
       step "hf-$f" timeout 300 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64 --runs "${RUNS:-2}"
     done
   done
+fi
+# PROFILE=1: 64 frames and 64 tokens once more under CubeCL's profiler (every kernel
+# timed; cuBLASLt GEMMs are not CubeCL kernels and do not appear): the kernels by
+# name, and launches per decoded token (prefill's few chunks included), in
+# $OUT/profile.txt.
+if [ "${PROFILE:-0}" = 1 ]; then
+  rm -f /tmp/cubecl.log
+  CUBECL_DEBUG_LOG=1 CUBECL_DEBUG_OPTION=profile step "longview-64-profiled" timeout 200 \
+    $lv --frames 64 --runs 1
+  python3 benchmarks/cubecl_profile.py /tmp/cubecl.log 64 | tee "$OUT/profile.txt"
 fi
 # LONG=0 skips the hour of video; LONG=only runs nothing else.
 [ "${LONG:-1}" = 0 ] && exit 0
