@@ -4,17 +4,21 @@
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-/// Rotary position embedding tables for a batch of position ids.
+/// Rotary position embedding tables for a batch of position ids, in the dtype of the
+/// tensors they rotate ([`Rope::cast`]: once per forward, not once per layer).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `[batch, 1, seq, head_dim]`
+    /// `cos(angle)` over both halves, `[batch, 1, seq, head_dim]`.
     pub cos: Tensor<4>,
-    /// `[batch, 1, seq, head_dim]`
-    pub sin: Tensor<4>,
+    /// `sin(angle)` with the first half negated, `[batch, 1, seq, head_dim]`: the sign
+    /// of rotate-half folded into the table, so that applying it swaps the halves
+    /// and never negates.
+    pub signed_sin: Tensor<4>,
 }
 
 impl Rope {
-    /// `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq`, duplicated over both halves.
+    /// `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq`, duplicated over both
+    /// halves; the tables in f32 (see [`Rope::cast`]).
     ///
     /// # Shapes
     /// - position_ids: `[batch, seq]`
@@ -34,25 +38,39 @@ impl Rope {
             .cast(DType::F32)
             .reshape([batch, seq, 1]);
         let angles = positions * inv_freq; // [B, S, half]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).unsqueeze_dim::<4>(1);
+        let sin = angles.clone().sin();
         Rope {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
+            cos: Tensor::cat(vec![angles.clone(), angles], 2)
+                .cos()
+                .unsqueeze_dim::<4>(1),
+            signed_sin: Tensor::cat(vec![sin.clone().neg(), sin], 2).unsqueeze_dim::<4>(1),
         }
     }
 
+    /// The tables in `dtype` (rounded once; [`Rope::apply`] would otherwise round them
+    /// in every layer, with the same result).
+    pub fn cast(self, dtype: DType) -> Self {
+        Rope {
+            cos: self.cos.cast(dtype),
+            signed_sin: self.signed_sin.cast(dtype),
+        }
+    }
+
+    /// `x cos + rotate_half(x) sin`, where `rotate_half([x1, x2]) = [-x2, x1]`.
+    ///
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let dtype = x.dtype();
-        x.clone() * self.cos.clone().cast(dtype) + rotate_half(x) * self.sin.clone().cast(dtype)
+        x.clone() * self.cos.clone().cast(dtype)
+            + swap_halves(x) * self.signed_sin.clone().cast(dtype)
     }
 }
 
-/// `[x1, x2] -> [-x2, x1]` over the last dimension.
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+/// `[x1, x2] -> [x2, x1]` over the last dimension.
+fn swap_halves(x: Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
     let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
-    Tensor::cat(vec![x2.neg(), x1], 3)
+    Tensor::cat(vec![x2, x1], 3)
 }

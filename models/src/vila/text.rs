@@ -282,8 +282,10 @@ impl Qwen2 {
     }
 
     /// The RoPE tables of `position_ids` (`[batch, seq]`) that every layer shares.
+    /// RoPE tables for `position_ids`, in the model's dtype.
     pub fn rope(&self, position_ids: Tensor<2, Int>) -> Rope {
-        Rope::new(position_ids, self.head_dim, self.rope_theta)
+        let dtype = self.model.embed_tokens.weight.val().dtype();
+        Rope::new(position_ids, self.head_dim, self.rope_theta).cast(dtype)
     }
 
     /// The decoder layers, first to last.
