@@ -303,14 +303,19 @@ pub fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
 }
 
 /// The next-token logits generation samples from, on the host: the last row of
-/// each sequence (as [`host_rows`]) with the visual placeholder at
-/// `MASKED_LOGIT`, as `Vlm::generation_logits` masks it on the device (here one
-/// value a row, no device work in the decoding loop).
+/// each sequence (as [`host_rows`]) with the visual placeholder and the ids from
+/// `Vlm::emittable_vocab` on at `MASKED_LOGIT`, as `Vlm::generation_logits` masks
+/// them on the device (here on the host rows, no device work in the decoding loop).
 pub fn next_token_rows(model: &Vlm, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
+    use longview_models::vila::MASKED_LOGIT;
     let mut rows = host_rows(model.logits(hidden))?;
+    let emittable = model.emittable_vocab();
     for row in &mut rows {
         if let Some(x) = row.get_mut(model.placeholder_token_id as usize) {
-            *x = longview_models::vila::MASKED_LOGIT;
+            *x = MASKED_LOGIT;
+        }
+        if let Some(tail) = row.get_mut(emittable..) {
+            tail.fill(MASKED_LOGIT);
         }
     }
     Ok(rows)

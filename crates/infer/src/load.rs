@@ -78,9 +78,14 @@ impl LoadedModel {
 /// Loads the model and tokenizer `path` resolves to.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, InferError> {
     let dir = resolve_model_dir(path)?;
-    let (model, config) = load_vila(&dir, device)?;
+    let (mut model, config) = load_vila(&dir, device)?;
     let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
     check_vocabulary(&dir, &tokenizer, &config)?;
+    // Rows past the tokenizer's ids (Qwen2 pads its embedding table) are never
+    // generated: no text could be made of them.
+    if model.generation_vocab.is_none() && tokenizer.vocab_size() < config.text.vocab_size {
+        model.generation_vocab = Some(tokenizer.vocab_size());
+    }
     Ok(LoadedModel {
         model,
         config,

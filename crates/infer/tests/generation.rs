@@ -539,3 +539,85 @@ fn a_batch_without_padding_equals_its_separate_runs() {
     // Sequences leave the batch at different steps (rows selected out of the buffers).
     assert!(lengths.len() >= 2, "lengths {lengths:?}");
 }
+
+/// A model whose vocabulary is larger than its tokenizer's (the 1.5B shape run with
+/// the embedded tokenizer: GRPO stopped on an id the tokenizer could not decode)
+/// never generates the ids past `generation_vocab`: the device logits and the
+/// decoders' host rows mask them alike, and many sampled tokens stay below.
+#[test]
+fn generation_stays_inside_the_tokenizers_vocabulary() {
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::Limits;
+    use longview_models::vila::MASKED_LOGIT;
+    let device = Device::flex();
+    let (mut model, ids, pixels) = model_and_prompt(&device);
+    let vocab = model.llm.vocab_size();
+    let limit = vocab / 3;
+    assert!(model.placeholder_token_id as usize >= limit);
+    model.generation_vocab = Some(limit);
+    let embeds = embed_prompt(
+        &model,
+        &ids,
+        VisualInput::Pixels(pixels.clone()),
+        8,
+        &device,
+    )
+    .unwrap();
+    let hidden = prefill(&model, embeds, 0, &mut KvCache::new(), ids.len() - 1);
+    let (plain, masked) = (
+        host(model.logits(hidden.clone())),
+        host(model.generation_logits(hidden.clone())),
+    );
+    assert_eq!(
+        longview_infer::generate::next_token_rows(&model, hidden).unwrap(),
+        vec![masked.clone()]
+    );
+    for (i, (a, b)) in plain.iter().zip(&masked).enumerate() {
+        match i >= limit {
+            true => assert_eq!(*b, MASKED_LOGIT, "id {i}"),
+            false => assert_eq!(a, b, "id {i}"),
+        }
+    }
+    // Hot sampling on the one-device and the batched decoders.
+    let hot = |seed| Decoding::TopP {
+        top_p: 1.0,
+        temperature: 1.5,
+        seed,
+    };
+    let samples: Vec<Decoding> = (0..6).map(hot).collect();
+    let options = GenerateOptions::new(12, Decoding::Greedy, vec![]);
+    let group = generate_group(
+        &model,
+        &ids,
+        VisualInput::Pixels(pixels.clone()),
+        &samples,
+        &options,
+        &device,
+    )
+    .unwrap();
+    let batch = generate_batch(
+        &model,
+        vec![BatchRequest {
+            prompt: ids.clone(),
+            visual: VisualInput::Pixels(pixels),
+            samples,
+            limits: Limits {
+                max_new_tokens: 12,
+                stop: vec![],
+            },
+        }],
+        &BatchOptions::default(),
+        &device,
+    )
+    .unwrap();
+    let tokens: Vec<u32> = group
+        .iter()
+        .chain(&batch[0])
+        .flat_map(|g| g.tokens.clone())
+        .collect();
+    assert_eq!(tokens.len(), 12 * 12);
+    assert!(
+        tokens.iter().all(|&t| (t as usize) < limit),
+        "{tokens:?} has ids at or past {limit}"
+    );
+}

@@ -33,7 +33,7 @@
 use std::sync::Arc;
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_models::Vlm;
 use longview_models::attention::AttentionImpl;
@@ -475,7 +475,11 @@ impl<C: Communicator + Send + Sync + 'static> StepRunner for MmSp<C> {
         let total = self
             .world
             .all_reduce(
-                Tensor::<1>::from_data(TensorData::new(vec![loss], [1]), &device.clone().inner()),
+                // In f32: on a bf16 device the default dtype would round the loss.
+                Tensor::<1>::from_data(
+                    TensorData::new(vec![loss], [1]),
+                    (&device.clone().inner(), DType::F32),
+                ),
                 ReduceOp::Sum,
             )
             .map_err(comm_error("loss all-reduce"))?;

@@ -430,6 +430,11 @@ pub fn model_config(
     if matches!(config.model.size.as_str(), "debug" | "small") {
         vlm.text.vocab_size = tokenizer.vocab_size();
     }
+    // A larger shape keeps its vocabulary; the rows past the tokenizer's are never
+    // generated (their ids could not be decoded into text for the rewards).
+    if tokenizer.vocab_size() < vlm.text.vocab_size {
+        vlm.generation_vocab = Some(tokenizer.vocab_size());
+    }
     vlm.placeholder_token_id = tokenizer.require("<image>")?;
     if vlm.placeholder_token_id as usize >= vlm.text.vocab_size {
         return Err(TrainError::Config {
@@ -451,6 +456,7 @@ fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
         mut llm,
         vision_feature,
         placeholder_token_id,
+        generation_vocab,
     } = model;
     if !trainable.contains(&Part::Vision) {
         vision_tower = vision_tower.no_grad();
@@ -469,5 +475,6 @@ fn freeze(model: Vlm, trainable: &[Part]) -> Vlm {
         llm,
         vision_feature,
         placeholder_token_id,
+        generation_vocab,
     }
 }

@@ -441,6 +441,7 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
         llm,
         vision_feature: config.vision_feature,
         placeholder_token_id: placeholder,
+        generation_vocab: config.generation_vocab,
     };
     Ok((model, config))
 }

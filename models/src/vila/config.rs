@@ -218,6 +218,12 @@ pub struct VlmConfig {
     /// Token id marking one visual-token slot in the input ids (`<image>`/`<video>`
     /// expanded to one id per visual token, see [`crate::vila::expand_visual_placeholders`]).
     pub placeholder_token_id: u32,
+    /// Ids at or past this one are never generated: the rows of the LLM's vocabulary
+    /// that the tokenizer has no token for (a random 1.5B/7B model run with a smaller
+    /// tokenizer, or Qwen2's padded embedding rows). `None`: every id but the visual
+    /// placeholder can be generated.
+    #[config(default = "None")]
+    pub generation_vocab: Option<usize>,
 }
 
 impl VlmConfig {

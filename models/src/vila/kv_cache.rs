@@ -223,7 +223,10 @@ mod tests {
     }
 
     fn host(t: Tensor<4>) -> (Vec<usize>, Vec<f32>) {
-        (t.dims().to_vec(), t.into_data().to_vec().unwrap())
+        (
+            t.dims().to_vec(),
+            t.into_data().try_to_vec::<f32>().unwrap(),
+        )
     }
 
     /// Pieces of uneven lengths (past the first and later capacities), appended, read

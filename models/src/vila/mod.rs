@@ -25,7 +25,7 @@ pub use config::{
 };
 pub use loss::SupervisedRows;
 pub use projector::Projector;
-pub use stages::{MASKED_LOGIT, PatchGrid, mask_token};
+pub use stages::{MASKED_LOGIT, PatchGrid, mask_from, mask_token};
 pub use text::{KvCache, Qwen2, TextOutput, default_position_ids};
 pub use vision::SiglipVision;
 
@@ -45,6 +45,9 @@ pub struct Vlm {
     pub vision_feature: VisionFeature,
     #[module(skip)]
     pub placeholder_token_id: u32,
+    /// See [`VlmConfig::generation_vocab`].
+    #[module(skip)]
+    pub generation_vocab: Option<usize>,
 }
 
 /// Visual input of a batch: frames of every sample, in the order their placeholders
@@ -78,6 +81,7 @@ impl VlmConfig {
             llm: self.text.init(device),
             vision_feature: self.vision_feature,
             placeholder_token_id: self.placeholder_token_id,
+            generation_vocab: self.generation_vocab,
         }
     }
 }

@@ -173,9 +173,18 @@ impl Vlm {
     /// back as a visual slot when the response is run again (GRPO's log-prob passes,
     /// a prompt that continues the conversation) and fail the placeholder count, so
     /// generation never emits it, and every log-prob of a generated token (the
-    /// sampler's and the recomputed ones) is over the other tokens.
+    /// sampler's and the recomputed ones) is over the other tokens. The ids from
+    /// [`Vlm::emittable_vocab`] on are masked too (no token of the tokenizer).
     pub fn generation_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        mask_token(self.logits(hidden), self.placeholder_token_id)
+        let logits = mask_token(self.logits(hidden), self.placeholder_token_id);
+        mask_from(logits, self.emittable_vocab())
+    }
+
+    /// Ids below this can be generated (all of the LLM's vocabulary unless
+    /// [`Vlm::generation_vocab`] is smaller).
+    pub fn emittable_vocab(&self) -> usize {
+        let vocab = self.llm.vocab_size();
+        self.generation_vocab.map_or(vocab, |n| n.min(vocab))
     }
 
     /// Stage 6 on the supervised rows only: the summed next-token cross entropy and the
@@ -300,6 +309,16 @@ mod tests {
 /// `p log p` stays 0 in an entropy) and far below any real logit, so its probability
 /// is exactly 0 in f32 at any temperature the decoders accept.
 pub const MASKED_LOGIT: f32 = -1.0e9;
+
+/// `logits` (`[batch, rows, vocab]`) with the columns from `first` on set to
+/// [`MASKED_LOGIT`].
+pub fn mask_from(logits: Tensor<3>, first: usize) -> Tensor<3> {
+    let [b, s, vocab] = logits.dims();
+    if first >= vocab {
+        return logits;
+    }
+    logits.slice_fill([0..b, 0..s, first..vocab], MASKED_LOGIT)
+}
 
 /// `logits` (`[batch, rows, vocab]`) with column `token` set to [`MASKED_LOGIT`]
 /// (unchanged when `token` is past the vocabulary).

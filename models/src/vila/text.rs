@@ -281,11 +281,16 @@ impl Qwen2 {
         self.model.embed_tokens.forward(input_ids)
     }
 
-    /// The RoPE tables of `position_ids` (`[batch, seq]`) that every layer shares.
-    /// RoPE tables for `position_ids`, in the model's dtype.
+    /// The RoPE tables of `position_ids` (`[batch, seq]`) that every layer shares, in
+    /// the model's dtype.
     pub fn rope(&self, position_ids: Tensor<2, Int>) -> Rope {
         let dtype = self.model.embed_tokens.weight.val().dtype();
         Rope::new(position_ids, self.head_dim, self.rope_theta).cast(dtype)
+    }
+
+    /// Rows of the embedding table (token ids the model knows).
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[0]
     }
 
     /// The decoder layers, first to last.

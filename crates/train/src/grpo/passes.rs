@@ -5,7 +5,7 @@
 //! rollouts, advantages and updates.
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
 use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
 use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
@@ -308,7 +308,8 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
 
     fn sum(&self, values: Vec<f32>, device: &Device) -> Result<Vec<f32>, TrainError> {
         let n = values.len();
-        let local = Tensor::<1>::from_data(TensorData::new(values, [n]), device);
+        // In f32: on a bf16 device the default dtype would round the statistics.
+        let local = Tensor::<1>::from_data(TensorData::new(values, [n]), (device, DType::F32));
         let total = self
             .logprobs
             .comm()

@@ -298,3 +298,21 @@ fn samples_past_data_max_sample_tokens_are_skipped_naming_the_key() {
         "{message}"
     );
 }
+
+/// A debug-size run sizes the vocabulary to the tokenizer; a 1.5B/7B shape keeps its
+/// own and generates only the tokenizer's ids (a random 1.5B GRPO run with the
+/// embedded tokenizer sampled id 86,746 of 151,936 and stopped decoding it).
+#[test]
+fn larger_shapes_generate_only_the_tokenizers_ids() {
+    let tokenizer = TextTokenizer::debug();
+    let debug = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    assert_eq!(debug.text.vocab_size, tokenizer.vocab_size());
+    assert_eq!(debug.generation_vocab, None);
+    for size in ["1.5b", "7b"] {
+        let mut config = TrainConfig::default();
+        config.model.size = size.into();
+        let vlm = model_config(&config, &tokenizer).unwrap();
+        assert!(vlm.text.vocab_size > tokenizer.vocab_size(), "{size}");
+        assert_eq!(vlm.generation_vocab, Some(tokenizer.vocab_size()), "{size}");
+    }
+}
