@@ -110,20 +110,32 @@ pub fn flash_decode_kernel<F: Float>(
     while tile < hi {
         // The previous tile's readers are done (and the query rows staged).
         sync_cube();
-        let mut idx = u;
-        while idx < comptime!(block_k * head_dim) {
+        // Every load of the tile is issued before the first store (unrolled into
+        // registers, keys past the slice clamped to its last key and zeroed after):
+        // one memory latency a tile, where a loop of dependent load-store pairs paid
+        // one per element.
+        let staged = comptime!((block_k * head_dim).div_ceil(units));
+        let mut k_r = Array::<f32>::new(staged);
+        let mut v_r = Array::<f32>::new(staged);
+        #[unroll]
+        for t in 0..staged {
+            let idx = u + t * units;
             let j = idx / head_dim;
             let d = idx % head_dim;
-            let key = tile + j;
-            let mut kx = 0.0f32;
-            let mut vx = 0.0f32;
-            if key < hi {
-                kx = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
-                vx = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
+            let key = min(tile + j, hi - 1);
+            k_r[t] = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
+            v_r[t] = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
+        }
+        #[unroll]
+        for t in 0..staged {
+            let idx = u + t * units;
+            if idx < comptime!(block_k * head_dim) {
+                let j = idx / head_dim;
+                let d = idx % head_dim;
+                let valid = tile + j < hi;
+                k_s[j * pitch + d] = select(valid, k_r[t], 0.0f32);
+                v_s[idx] = select(valid, v_r[t], 0.0f32);
             }
-            k_s[j * pitch + d] = kx;
-            v_s[idx] = vx;
-            idx += units;
         }
         sync_cube();
         // Scores, masked ones NO_KEYS.
