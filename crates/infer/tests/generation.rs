@@ -299,46 +299,22 @@ fn different_prompts_in_one_batch_equal_their_separate_runs() {
         true => VisualInput::Pixels(pixels.clone()),
         false => VisualInput::None,
     };
-    let requests = cases
-        .iter()
-        .map(|(prompt, video, samples, limits)| BatchRequest {
-            prompt: prompt.clone(),
-            visual: visual(*video),
-            samples: samples.clone(),
-            limits: limits.clone(),
-        })
-        .collect();
     let options = BatchOptions {
         prefill_chunk: 5,
         memory_budget: None,
     };
-    let batch = generate_batch(&model, requests, &options, &device).unwrap();
-    assert_eq!(batch.len(), cases.len());
-    let mut lengths = Vec::new();
-    for ((prompt, video, samples, limits), got) in cases.iter().zip(&batch) {
-        let alone = generate_group(
-            &model,
-            prompt,
-            visual(*video),
-            samples,
-            &GenerateOptions {
-                prefill_chunk: 0,
-                ..GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, limits.stop.clone())
-            },
-            &device,
-        )
-        .unwrap();
-        assert_eq!(got.len(), samples.len());
-        for (g, a) in got.iter().zip(&alone) {
-            assert_eq!(g.tokens, a.tokens, "prompt of {} tokens", prompt.len());
-            assert_eq!(g.stopped, a.stopped);
-            let worst = worst_error(&g.logprobs, &a.logprobs);
-            // The same f32 operations on rows padded with masked keys (exact zeros in
-            // the softmax) and a chunked vs one-pass prefill: summation order only.
-            assert!(worst < 1e-5, "log-probs differ by {worst}");
-            lengths.push(g.tokens.len());
-        }
-    }
+    let batch_cases: Vec<BatchCase> = cases
+        .iter()
+        .map(|(prompt, video, samples, limits)| {
+            (
+                prompt.clone(),
+                visual(*video),
+                samples.clone(),
+                limits.clone(),
+            )
+        })
+        .collect();
+    let lengths = batch_equals_separate_runs(&model, batch_cases, &options, &device);
     // Sequences leave the batch at different steps (else ragged decoding is untested).
     let distinct: std::collections::HashSet<_> = lengths.iter().collect();
     assert!(distinct.len() >= 3, "lengths {lengths:?}");
@@ -494,7 +470,7 @@ fn generation_never_emits_the_visual_placeholder() {
 /// separate runs' tokens, and log-probs within 1e-5, as sequences leave the batch.
 #[test]
 fn a_batch_without_padding_equals_its_separate_runs() {
-    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::batch::BatchOptions;
     use longview_infer::generate::Limits;
     let device = Device::flex();
     let (model, prompt, pixels) = model_and_prompt(&device);
@@ -503,39 +479,21 @@ fn a_batch_without_padding_equals_its_separate_runs() {
         max_new_tokens: 9,
         stop: vec![0, 1, 2, 3],
     };
-    let groups = [all[..3].to_vec(), all[3..].to_vec()];
-    let requests = groups
-        .iter()
-        .map(|samples| BatchRequest {
-            prompt: prompt.clone(),
-            visual: VisualInput::Pixels(pixels.clone()),
-            samples: samples.clone(),
-            limits: limits.clone(),
+    let cases = [all[..3].to_vec(), all[3..].to_vec()]
+        .into_iter()
+        .map(|samples| {
+            let visual = VisualInput::Pixels(pixels.clone());
+            (prompt.clone(), visual, samples, limits.clone())
         })
         .collect();
     let options = BatchOptions {
         prefill_chunk: 4,
         memory_budget: None,
     };
-    let batch = generate_batch(&model, requests, &options, &device).unwrap();
-    let mut lengths = std::collections::HashSet::new();
-    for (samples, got) in groups.iter().zip(&batch) {
-        let alone = generate_group(
-            &model,
-            &prompt,
-            VisualInput::Pixels(pixels.clone()),
-            samples,
-            &GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, limits.stop.clone()),
-            &device,
-        )
-        .unwrap();
-        for (g, a) in got.iter().zip(&alone) {
-            assert_eq!(g.tokens, a.tokens);
-            let worst = worst_error(&g.logprobs, &a.logprobs);
-            assert!(worst < 1e-5, "log-probs differ by {worst}");
-            lengths.insert(g.tokens.len());
-        }
-    }
+    let lengths: std::collections::HashSet<usize> =
+        batch_equals_separate_runs(&model, cases, &options, &device)
+            .into_iter()
+            .collect();
     // Sequences leave the batch at different steps (rows selected out of the buffers).
     assert!(lengths.len() >= 2, "lengths {lengths:?}");
 }
@@ -620,4 +578,61 @@ fn generation_stays_inside_the_tokenizers_vocabulary() {
         tokens.iter().all(|&t| (t as usize) < limit),
         "{tokens:?} has ids at or past {limit}"
     );
+}
+
+/// One batch request: prompt, its visual input, its samples and limits.
+type BatchCase = (
+    Vec<u32>,
+    VisualInput,
+    Vec<Decoding>,
+    longview_infer::generate::Limits,
+);
+
+/// Runs `cases` as one batch and each case alone ([`generate_group`], one-pass
+/// prefill): the same tokens and stops, log-probs within 1e-5 (the same f32
+/// operations on rows padded with masked keys, exact zeros in the softmax, and a
+/// chunked vs one-pass prefill: summation order only). Returns every sequence's
+/// length.
+fn batch_equals_separate_runs(
+    model: &Vlm,
+    cases: Vec<BatchCase>,
+    options: &longview_infer::batch::BatchOptions,
+    device: &Device,
+) -> Vec<usize> {
+    use longview_infer::batch::{BatchRequest, generate_batch};
+    let requests = cases
+        .iter()
+        .map(|(prompt, visual, samples, limits)| BatchRequest {
+            prompt: prompt.clone(),
+            visual: visual.clone(),
+            samples: samples.clone(),
+            limits: limits.clone(),
+        })
+        .collect();
+    let batch = generate_batch(model, requests, options, device).unwrap();
+    assert_eq!(batch.len(), cases.len());
+    let mut lengths = Vec::new();
+    for ((prompt, visual, samples, limits), got) in cases.into_iter().zip(&batch) {
+        let alone = generate_group(
+            model,
+            &prompt,
+            visual,
+            &samples,
+            &GenerateOptions {
+                prefill_chunk: 0,
+                ..GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, limits.stop.clone())
+            },
+            device,
+        )
+        .unwrap();
+        assert_eq!(got.len(), samples.len());
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.tokens, a.tokens, "prompt of {} tokens", prompt.len());
+            assert_eq!(g.stopped, a.stopped);
+            let worst = worst_error(&g.logprobs, &a.logprobs);
+            assert!(worst < 1e-5, "log-probs differ by {worst}");
+            lengths.push(g.tokens.len());
+        }
+    }
+    lengths
 }
