@@ -73,6 +73,14 @@ impl LayerCache {
         self.get().expect("just filled")
     }
 
+    /// An empty cache whose buffers, once a token comes, hold room for `tokens`.
+    pub fn reserved(tokens: usize) -> Self {
+        LayerCache {
+            reserve: tokens,
+            ..LayerCache::default()
+        }
+    }
+
     /// A cache holding exactly `k` and `v` (`[batch, kv_heads, len, head_dim]`), to
     /// grow to at least `reserve` tokens when the next append needs room.
     pub fn holding(k: Tensor<4>, v: Tensor<4>, reserve: usize) -> Self {

@@ -11,7 +11,8 @@
 //! LSE = -inf). Each row keeps its own positions. A step's new keys and values go to
 //! the rank whose padded share is the shortest, for all rows, and the partial
 //! `(O, LSE)` of every rank are gathered and merged in rank order as in
-//! [`SpInference::extend`]. Tested against one device's batched generation: the same
+//! [`SpInference::extend`]. The owner writes them into buffers with room for the
+//! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's batched generation: the same
 //! tokens, log-probs within 1e-4 (`tests/inference.rs`).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -22,6 +23,7 @@ use longview_infer::generate::{Generation, decode_rows, next_token_rows};
 use longview_infer::prefill::check_request_fits;
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
+use longview_models::vila::kv_cache::LayerCache;
 
 use super::{ShardedCache, SpInference};
 use crate::block::{Block, forward as block_forward};
@@ -66,7 +68,9 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             return Ok(counts.iter().map(|_| Vec::new()).collect());
         }
         let layers = model.text_layers().len();
-        let mut batch = ShardBatch::join(&caches, self.comm.rank(), layers, positions, device);
+        let answer = limits.iter().map(|l| l.max_new_tokens).max().unwrap_or(0);
+        let rank = self.comm.rank();
+        let mut batch = ShardBatch::join(&caches, rank, layers, positions, answer, device);
         drop(caches);
         let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
             if kept.len() != batch.rows() {
@@ -105,20 +109,14 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         for (layer, cached) in model.text_layers().iter().zip(&mut batch.layers) {
             let input = layer.attention_input(x.clone(), &rope);
             if mine {
-                *cached = Some(match cached.take() {
-                    Some((k, v)) => (
-                        Tensor::cat(vec![k, input.k.clone()], 2),
-                        Tensor::cat(vec![v, input.v.clone()], 2),
-                    ),
-                    None => (input.k.clone(), input.v.clone()),
-                });
+                cached.append(input.k.clone(), input.v.clone());
             }
             let [_, heads, _, head_dim] = input.q.dims();
-            let (o, lse) = match (cached.as_ref(), &segments) {
+            let (o, lse) = match (cached.get(), &segments) {
                 (Some((k, v)), Some(segments)) => block_forward(&Block {
                     q: input.q.clone(),
-                    k: k.clone(),
-                    v: v.clone(),
+                    k,
+                    v,
                     // One query row sees every key it is not masked from.
                     causal: false,
                     scale: input.scale,
@@ -143,8 +141,8 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
 /// This rank's shares of a batch of sequences' KV caches, left-padded to one length.
 struct ShardBatch {
     /// Every layer's local keys and values, `[rows, kv_heads, lens[rank], head_dim]`
-    /// (`None` while this rank holds no key).
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// filled (empty while this rank holds no key).
+    layers: Vec<LayerCache>,
     /// Per row, this rank's leading keys that are padding.
     pad: Vec<usize>,
     /// Per row, the position of its next token.
@@ -155,12 +153,14 @@ struct ShardBatch {
 
 impl ShardBatch {
     /// One row per sample: each `(cache, samples)` (a prompt's sharded cache, batch 1)
-    /// left-padded to this rank's longest share and repeated `samples` times.
+    /// left-padded to this rank's longest share and repeated `samples` times, with
+    /// room for `answer` more tokens.
     fn join(
         caches: &[(ShardedCache, usize)],
         rank: usize,
         layers: usize,
         next_position: Vec<usize>,
+        answer: usize,
         device: &Device,
     ) -> Self {
         let world = caches[0].0.counts.len();
@@ -175,7 +175,7 @@ impl ShardBatch {
         let layers = (0..layers)
             .map(|layer| {
                 if longest == 0 {
-                    return None;
+                    return LayerCache::reserved(answer);
                 }
                 let (mut keys, mut values) = (Vec::new(), Vec::new());
                 for (cache, samples) in caches {
@@ -199,7 +199,11 @@ impl ShardBatch {
                     keys.push(padded(local.as_ref().map(|(k, _)| k), &like.0));
                     values.push(padded(local.as_ref().map(|(_, v)| v), &like.1));
                 }
-                Some((Tensor::cat(keys, 0), Tensor::cat(values, 0)))
+                LayerCache::holding(
+                    Tensor::cat(keys, 0),
+                    Tensor::cat(values, 0),
+                    longest + answer,
+                )
             })
             .collect();
         ShardBatch {
@@ -224,14 +228,16 @@ impl ShardBatch {
 
     /// Keeps the rows `kept` (in that order).
     fn select(&mut self, kept: &[usize]) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let device = k.device();
-            let index = Tensor::<1, Int>::from_data(
-                TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
-                &device,
-            );
-            *k = k.clone().select(0, index.clone());
-            *v = v.clone().select(0, index);
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.get() {
+                let index = Tensor::<1, Int>::from_data(
+                    TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
+                    &k.device(),
+                );
+                let reserve = layer.capacity();
+                *layer =
+                    LayerCache::holding(k.select(0, index.clone()), v.select(0, index), reserve);
+            }
         }
         self.pad = kept.iter().map(|&r| self.pad[r]).collect();
         self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
