@@ -51,6 +51,10 @@ impl LayerCache {
     /// and returns all cached ones, as [`LayerCache::get`] does.
     pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let [b, h, new, d] = k.dims();
+        if new == 0 && self.buffers.is_none() {
+            // Nothing cached and nothing to cache: no buffer to allocate yet.
+            return (k, v);
+        }
         let needed = self.len + new;
         if needed > self.capacity() {
             let grown = (self.capacity() + self.capacity() / 2)
@@ -242,6 +246,9 @@ mod tests {
     #[test]
     fn appends_read_back_as_the_concatenation() {
         let mut layer = LayerCache::default();
+        // Nothing appended to an empty cache leaves it empty.
+        let (k0, _) = layer.append(counting([2, 3, 0, 4], 0.0), counting([2, 3, 0, 4], 0.0));
+        assert_eq!((k0.dims()[2], layer.len(), layer.capacity()), (0, 0, 0));
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut capacities = Vec::new();
         for (i, new) in [1, 300, 7, 1, 1, 200, 0, 5].into_iter().enumerate() {
