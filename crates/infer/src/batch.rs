@@ -20,7 +20,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_models::attention::{AttentionInput, AttentionMask, SplitAtAttention, attend};
-use longview_models::vila::kv_cache::LayerCache;
+use longview_models::vila::kv_cache::{LayerCache, row_index};
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
@@ -223,19 +223,9 @@ impl PaddedCache {
 
     /// Keeps the rows `kept` (in that order).
     fn select(&mut self, kept: &[usize], device: &Device) {
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
-            device,
-        );
+        let index = row_index(kept, device);
         for layer in &mut self.layers {
-            if let Some((k, v)) = layer.get() {
-                let reserve = layer.capacity();
-                *layer = LayerCache::holding(
-                    k.select(0, index.clone()),
-                    v.select(0, index.clone()),
-                    reserve,
-                );
-            }
+            *layer = layer.select_rows(&index);
         }
         self.pad = kept.iter().map(|&r| self.pad[r]).collect();
         self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();

@@ -9,7 +9,7 @@
 //! [`KvCache::reserve`] sizes the buffers for a known total (prompt plus answer), so
 //! they are allocated once; without it they grow by half their size when full.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 /// Buffers grow to at least this many tokens (and then by half their size).
 const MIN_CAPACITY: usize = 256;
@@ -85,6 +85,19 @@ impl LayerCache {
         }
     }
 
+    /// The rows `index` of the batch (in that order, [`row_index`]) in fresh buffers
+    /// that grow to at least this cache's capacity.
+    pub fn select_rows(&self, index: &Tensor<1, Int>) -> LayerCache {
+        match self.get() {
+            Some((k, v)) => LayerCache::holding(
+                k.select(0, index.clone()),
+                v.select(0, index.clone()),
+                self.capacity().max(self.reserve),
+            ),
+            None => self.clone(),
+        }
+    }
+
     /// A cache holding exactly `k` and `v` (`[batch, kv_heads, len, head_dim]`), to
     /// grow to at least `reserve` tokens when the next append needs room.
     pub fn holding(k: Tensor<4>, v: Tensor<4>, reserve: usize) -> Self {
@@ -134,10 +147,8 @@ impl KvCache {
     pub fn layer_cache(&mut self, layer: usize, layers: usize) -> &mut LayerCache {
         if self.layers.len() < layers {
             let reserve = self.reserve;
-            self.layers.resize_with(layers, || LayerCache {
-                reserve,
-                ..LayerCache::default()
-            });
+            self.layers
+                .resize_with(layers, || LayerCache::reserved(reserve));
         }
         &mut self.layers[layer]
     }
@@ -190,12 +201,12 @@ impl KvCache {
         let Some((first, _)) = self.layers.iter().find_map(LayerCache::get) else {
             return self.clone();
         };
-        let device = first.device();
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
-            &device,
-        );
-        self.map(|k, v| (k.select(0, index.clone()), v.select(0, index.clone())))
+        let index = row_index(rows, &first.device());
+        KvCache {
+            layers: self.layers.iter().map(|l| l.select_rows(&index)).collect(),
+            len: self.len,
+            reserve: self.reserve,
+        }
     }
 
     /// Every layer's filled keys and values through `f`, into fresh buffers.
@@ -208,10 +219,7 @@ impl KvCache {
                     let (k, v) = f(k, v);
                     LayerCache::holding(k, v, l.reserve)
                 }
-                None => LayerCache {
-                    reserve: l.reserve,
-                    ..LayerCache::default()
-                },
+                None => LayerCache::reserved(l.reserve),
             })
             .collect();
         KvCache {
@@ -222,10 +230,16 @@ impl KvCache {
     }
 }
 
+/// `rows` as the index tensor [`LayerCache::select_rows`] takes.
+pub fn row_index(rows: &[usize], device: &Device) -> Tensor<1, Int> {
+    let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let n = rows.len();
+    Tensor::from_data(TensorData::new(rows, [n]), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
 
     /// `[batch, heads, len, dim]` with every value distinct (`base` + its index).
     fn counting(shape: [usize; 4], base: f32) -> Tensor<4> {
@@ -267,19 +281,23 @@ mod tests {
         assert_eq!(capacities, [256, 384, 384, 384, 384, 576, 576, 576]);
     }
 
-    /// A view taken before an append keeps its values (appends write in place only
-    /// while the cache owns its buffers alone).
+    /// Two clones of one cache share its buffers; each then appends other values at
+    /// the same positions and reads back its own (appends write in place only while
+    /// the cache owns its buffers alone), and a view taken before keeps its values.
     #[test]
-    fn earlier_views_keep_their_values() {
+    fn clones_append_without_writing_into_each_other() {
         let mut layer = LayerCache::default();
         layer.append(counting([1, 1, 3, 2], 0.0), counting([1, 1, 3, 2], 0.0));
         let before = layer.get().unwrap().0;
-        let shared = layer.clone();
+        let mut other = layer.clone();
         layer.append(counting([1, 1, 2, 2], 50.0), counting([1, 1, 2, 2], 50.0));
-        assert_eq!(host(before).1, (0..6).map(|i| i as f32).collect::<Vec<_>>());
-        assert_eq!(shared.len(), 3);
-        assert_eq!(host(shared.get().unwrap().0).1.len(), 6);
-        assert_eq!(layer.len(), 5);
+        other.append(counting([1, 1, 2, 2], 90.0), counting([1, 1, 2, 2], 90.0));
+        let first: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        let tail = |base: f32| (0..4).map(move |i| base + i as f32);
+        let want = |base| first.iter().copied().chain(tail(base)).collect::<Vec<_>>();
+        assert_eq!(host(layer.get().unwrap().0).1, want(50.0));
+        assert_eq!(host(other.get().unwrap().0).1, want(90.0));
+        assert_eq!(host(before).1, first);
     }
 
     #[test]

@@ -323,17 +323,10 @@ pub fn mask_from(logits: Tensor<3>, first: usize) -> Tensor<3> {
 /// `logits` (`[batch, rows, vocab]`) with column `token` set to [`MASKED_LOGIT`]
 /// (unchanged when `token` is past the vocabulary).
 pub fn mask_token(logits: Tensor<3>, token: u32) -> Tensor<3> {
-    let [_, _, vocab] = logits.dims();
-    if token as usize >= vocab {
+    let [b, s, vocab] = logits.dims();
+    let token = token as usize;
+    if token >= vocab {
         return logits;
     }
-    let device = logits.device();
-    let column: Vec<bool> = (0..vocab).map(|i| i == token as usize).collect();
-    let mask = Tensor::<1, burn::tensor::Bool>::from_data(
-        burn::tensor::TensorData::new(column, [vocab]),
-        &device,
-    )
-    .reshape([1, 1, vocab]);
-    let dims = logits.dims();
-    logits.mask_fill(mask.expand(dims), MASKED_LOGIT)
+    logits.slice_fill([0..b, 0..s, token..token + 1], MASKED_LOGIT)
 }

@@ -23,7 +23,7 @@ use longview_infer::generate::{Generation, decode_rows, next_token_rows};
 use longview_infer::prefill::check_request_fits;
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
-use longview_models::vila::kv_cache::LayerCache;
+use longview_models::vila::kv_cache::{LayerCache, row_index};
 
 use super::{ShardedCache, SpInference};
 use crate::block::{Block, forward as block_forward};
@@ -74,7 +74,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         drop(caches);
         let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
             if kept.len() != batch.rows() {
-                batch.select(kept);
+                batch.select(kept, device);
             }
             self.step_batch(model, &mut batch, tokens, device)
         })?;
@@ -227,17 +227,10 @@ impl ShardBatch {
     }
 
     /// Keeps the rows `kept` (in that order).
-    fn select(&mut self, kept: &[usize]) {
+    fn select(&mut self, kept: &[usize], device: &Device) {
+        let index = row_index(kept, device);
         for layer in &mut self.layers {
-            if let Some((k, v)) = layer.get() {
-                let index = Tensor::<1, Int>::from_data(
-                    TensorData::new(kept.iter().map(|&r| r as i64).collect(), [kept.len()]),
-                    &k.device(),
-                );
-                let reserve = layer.capacity();
-                *layer =
-                    LayerCache::holding(k.select(0, index.clone()), v.select(0, index), reserve);
-            }
+            *layer = layer.select_rows(&index);
         }
         self.pad = kept.iter().map(|&r| self.pad[r]).collect();
         self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
