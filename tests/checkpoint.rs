@@ -98,7 +98,11 @@ fn f16_checkpoint_round_trips_within_f16_precision() {
 #[test]
 fn vila_layout_round_trips_in_f32() {
     let device = device();
-    let (model, config) = load_vila(&fixture("vila"), &device).unwrap();
+    let (mut model, mut config) = load_vila(&fixture("vila"), &device).unwrap();
+    assert_eq!(model.generation_vocab, None);
+    // A limit on the generated ids (a tokenizer smaller than the table) is saved too.
+    let limit = Some(config.text.vocab_size - 3);
+    (model.generation_vocab, config.generation_vocab) = (limit, limit);
     let r = Reference::open("vila");
     let input = VlmInput {
         input_ids: r.int("input_ids", &device),
@@ -121,6 +125,7 @@ fn vila_layout_round_trips_in_f32() {
     }
     let (reloaded, reloaded_config) = load_vila(&out.0, &device).unwrap();
     assert_eq!(reloaded_config, config);
+    assert_eq!(reloaded.generation_vocab, limit);
     assert_close(
         "VILA round trip",
         reloaded.forward(input).unwrap(),
@@ -352,6 +357,15 @@ fn vila_configs_out_of_range_fail_at_load_naming_key_and_value() {
     let text = error_text(load_vila(&dir.0, &device));
     assert!(
         text.contains("mm_vision_select_layer -100") && text.contains("config.json"),
+        "{text}"
+    );
+
+    let mut config = original.clone();
+    config["longview_generation_vocab"] = 1_000_000.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = error_text(load_vila(&dir.0, &device));
+    assert!(
+        text.contains("longview_generation_vocab 1000000") && text.contains("config.json"),
         "{text}"
     );
 

@@ -78,20 +78,27 @@ impl LoadedModel {
 /// Loads the model and tokenizer `path` resolves to.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, InferError> {
     let dir = resolve_model_dir(path)?;
-    let (mut model, config) = load_vila(&dir, device)?;
+    let (mut model, mut config) = load_vila(&dir, device)?;
     let tokenizer = TextTokenizer::from_checkpoint_dir(&dir)?;
     check_vocabulary(&dir, &tokenizer, &config)?;
-    // Rows past the tokenizer's ids (Qwen2 pads its embedding table) are never
-    // generated: no text could be made of them.
-    if model.generation_vocab.is_none() && tokenizer.vocab_size() < config.text.vocab_size {
-        model.generation_vocab = Some(tokenizer.vocab_size());
-    }
+    limit_generation(&mut model, &mut config, &tokenizer);
     Ok(LoadedModel {
         model,
         config,
         tokenizer,
         dir,
     })
+}
+
+/// Rows past the tokenizer's ids (Qwen2 pads its embedding table; a large shape
+/// trained with a small tokenizer) are never generated or scored: no text could be
+/// made of them. A checkpoint that saved its limit (`longview_generation_vocab`)
+/// keeps it.
+pub fn limit_generation(model: &mut Vlm, config: &mut VlmConfig, tokenizer: &TextTokenizer) {
+    if model.generation_vocab.is_none() && tokenizer.vocab_size() < config.text.vocab_size {
+        model.generation_vocab = Some(tokenizer.vocab_size());
+    }
+    config.generation_vocab = model.generation_vocab;
 }
 
 /// Refuses a tokenizer that can emit ids past the model's embedding table (a

@@ -145,7 +145,10 @@ pub(crate) fn prepare(
                 dir.display(),
                 loaded.state.step
             ));
-            (loaded.model, loaded.config, loaded.optimizer, loaded.state)
+            // A checkpoint from before the limit was saved gets it from the tokenizer.
+            let (mut model, mut vlm_config) = (loaded.model, loaded.config);
+            longview_infer::load::limit_generation(&mut model, &mut vlm_config, &tokenizer);
+            (model, vlm_config, loaded.optimizer, loaded.state)
         }
         None => {
             let (model, vlm_config) = fresh_model(config, &tokenizer, device, log)?;
@@ -311,8 +314,9 @@ fn fresh_model(
 ) -> Result<(Vlm, VlmConfig), TrainError> {
     let (mut model, mut vlm_config) = match init_dir(config)? {
         Some(dir) => {
-            let (model, vlm) = load_vila(&dir, device)?;
+            let (mut model, mut vlm) = load_vila(&dir, device)?;
             longview_infer::load::check_vocabulary(&dir, tokenizer, &vlm)?;
+            longview_infer::load::limit_generation(&mut model, &mut vlm, tokenizer);
             (model, vlm)
         }
         None => {

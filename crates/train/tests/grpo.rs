@@ -181,6 +181,53 @@ fn a_resumed_grpo_run_repeats_the_uninterrupted_one() {
     assert!(straight.reports.last().unwrap().kl > 0.0);
 }
 
+/// A starting model whose embedding table is wider than its tokenizer, saved as a
+/// folder from another tool would be (no `longview_generation_vocab`): the policy
+/// never samples the rows past the tokenizer (their ids decode to no text), and the
+/// reference scores over the same ids, so the first step's KL (policy = reference)
+/// is zero. Before the limit reached both, the rollout failed on an undecodable id
+/// and the KL term compared log-softmaxes over different vocabularies.
+#[test]
+fn a_padded_vocabulary_is_neither_sampled_nor_scored() {
+    use longview_data::TextTokenizer;
+    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
+    use longview_train::trainer::model_config;
+    let _serial = serial();
+    let tmp = TempDir::new("padded");
+    let start = tmp.0.join("start");
+    let tokenizer = TextTokenizer::debug();
+    let mut vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    vlm.text.vocab_size = tokenizer.vocab_size() + 512;
+    vlm.generation_vocab = None;
+    let device = Device::flex();
+    device.seed(5);
+    let options = SaveOptions {
+        dtype: burn::tensor::DType::F32,
+        max_shard_bytes: None,
+    };
+    save_vila(&vlm.init(&device), &vlm, &start, options).unwrap();
+    std::fs::write(
+        start.join("llm/tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    let mut config = tiny(tmp.0.join("run"), tmp.0.join("cache"), 1);
+    config.model.init_from = Some(start);
+    let summary = train_grpo_with(
+        &config,
+        &no_progress(),
+        &Device::flex().autodiff(),
+        &mut |_| {},
+        &Digits,
+    )
+    .unwrap();
+    let first = &summary.reports[0];
+    // The policy and the reference are the same weights before the first update:
+    // k3 is exactly zero then, up to f32 rounding of the log-probs.
+    assert!(first.kl.abs() < 1e-6, "first step's KL {}", first.kl);
+    assert!(first.logprob_mismatch < 1e-4, "{}", first.logprob_mismatch);
+}
+
 #[test]
 fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     use longview_comm::{Communicator, LocalWorld};

@@ -433,8 +433,18 @@ pub fn load_vila(dir: &Path, device: &Device) -> Result<(Vlm, VlmConfig), ModelE
             ),
         ));
     }
+    if let Some(n) = vila.generation_vocab.filter(|&n| n > text.vocab_size) {
+        return Err(ModelError::config(
+            dir.join("config.json"),
+            format!(
+                "longview_generation_vocab {n} is larger than the LLM's vocabulary of {} (llm/config.json vocab_size)",
+                text.vocab_size
+            ),
+        ));
+    }
     let config = VlmConfig::new(vision, projector_config, text, placeholder)
-        .with_vision_feature(vila.vision_feature);
+        .with_vision_feature(vila.vision_feature)
+        .with_generation_vocab(vila.generation_vocab);
     let model = Vlm {
         vision_tower,
         mm_projector,
@@ -529,7 +539,7 @@ pub fn save_vila(
         // Not a VILA option: VILA's -1 is the last layer *before* the post-layernorm.
         crate::vila::VisionFeature::Last => json!("post_layernorm"),
     };
-    let top = json!({
+    let mut top = json!({
         "architectures": ["LlavaLlamaModel"],
         "model_type": "llava_llama",
         "mm_projector_type": kind.vila_name(),
@@ -537,5 +547,9 @@ pub fn save_vila(
         "mm_vision_select_feature": "cls_patch",
         "image_token_id": config.placeholder_token_id,
     });
+    if let Some(n) = model.generation_vocab {
+        // Not a VILA key: the ids past the tokenizer's are never generated or scored.
+        top["longview_generation_vocab"] = json!(n);
+    }
     write_json(&dir.join("config.json"), &top)
 }

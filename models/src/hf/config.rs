@@ -350,6 +350,9 @@ pub struct VilaConfig {
     pub token_pool: Option<usize>,
     /// `longview_temporal_pool` in `mm_projector/config.json` (frames averaged).
     pub temporal_pool: Option<usize>,
+    /// `longview_generation_vocab` in the top-level `config.json`: the ids a model can
+    /// generate when its tokenizer is smaller than its embedding table.
+    pub generation_vocab: Option<usize>,
 }
 
 impl VilaConfig {
@@ -393,6 +396,20 @@ impl VilaConfig {
             .get("image_token_id")
             .and_then(Value::as_u64)
             .map(|v| v as u32);
+        let generation_vocab = match top.get("longview_generation_vocab") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Some(n as usize),
+                _ => {
+                    return Err(ModelError::config(
+                        &top_path,
+                        format!(
+                            "longview_generation_vocab must be a positive token count, found {v}"
+                        ),
+                    ));
+                }
+            },
+        };
         let token_pool = match proj.get("longview_token_pool") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_u64() {
@@ -423,6 +440,7 @@ impl VilaConfig {
             placeholder_token_id,
             token_pool,
             temporal_pool,
+            generation_vocab,
         })
     }
 }

@@ -340,7 +340,11 @@ fn reference_model(
         }
     };
     log(&format!("reference for the KL term: {}", dir.display()));
-    let (model, _) = load_vila(&dir, device)?;
+    let (mut model, _) = load_vila(&dir, device)?;
+    // Scored over the same ids as the policy (an `init_from` folder written by
+    // another tool has no saved limit): otherwise the KL term would compare
+    // log-softmaxes over different vocabularies.
+    model.generation_vocab = run.model.generation_vocab;
     let model = cast_params(model, run.compute);
     let blocks = run.model.vision_attention();
     Ok(Some(model.with_attention(blocks, blocks).valid()))
