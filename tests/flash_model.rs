@@ -147,3 +147,83 @@ fn attention_aware_recompute_with_flash_matches_plain_autodiff() {
         );
     }
 }
+
+/// GRPO's one-device log-prob passes with the flash kernels: the group's prompt once,
+/// its responses attending to the prompt's keys then their own (causal, fewer queries
+/// than keys, forward and backward), attention-aware recomputation; against plain
+/// autodiff of the reference model over prompt + response, G times.
+#[test]
+fn grpo_shared_prefix_passes_with_flash_match_the_whole_sequences() {
+    use longview_models::vila::VlmConfig;
+    use longview_train::grpo::actor::actor_grads_plain;
+    use longview_train::grpo::logprobs::{ResponseLogprobs, Rollout, response_logprobs};
+    use longview_train::grpo::passes::{OneDevice, Passes};
+    use longview_train::remat::Recompute;
+
+    let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    let config = VlmConfig::debug();
+    let reference = config.init(&device);
+    let flash = reference
+        .clone()
+        .with_attention(AttentionImpl::Flash, AttentionImpl::Flash);
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let visual = reference.encode_frames(pixels).detach();
+    let mut prompt: Vec<u32> = vec![4, 9];
+    prompt.extend(std::iter::repeat_n(
+        config.placeholder_token_id,
+        2 * config.tokens_per_frame(),
+    ));
+    prompt.extend([11, 6]);
+    // 70 response rows: more than one tile of queries for the longest response.
+    let responses = vec![
+        (0..71).map(|i| 20 + i % 200).collect::<Vec<u32>>(),
+        vec![30],
+        vec![40, 41, 42],
+    ];
+    let rollout = Rollout {
+        prompt: &prompt,
+        visual: Some(&visual),
+        responses: &responses,
+        temperature: 0.8,
+    };
+    let mut loss_of = |actor: ResponseLogprobs| {
+        let logp = actor.logp;
+        let loss = logp.clone().mul_scalar(0.7).sum() + (logp.clone() * logp).sum().mul_scalar(0.1);
+        let value = loss.clone().inner().into_scalar::<f32>();
+        Ok((loss, vec![value]))
+    };
+    let (want_stats, want) = actor_grads_plain(
+        &reference,
+        response_logprobs(&reference, &rollout, &device).unwrap(),
+        &mut loss_of,
+    )
+    .unwrap()
+    .unwrap();
+    for mode in [Recompute::None, Recompute::AttentionAware] {
+        let (stats, got) = OneDevice { recompute: mode }
+            .actor_grads(&flash, &rollout, &device, &mut loss_of)
+            .unwrap()
+            .unwrap();
+        assert!(
+            (stats[0] - want_stats[0]).abs() <= 1e-4 * want_stats[0].abs(),
+            "{mode}: loss {} vs {}",
+            stats[0],
+            want_stats[0]
+        );
+        let layers = &reference.llm.model.layers;
+        for (name, id) in [
+            ("llm layer0 q_proj", layers[0].self_attn.q_proj.weight.id),
+            ("llm layer0 k_proj", layers[0].self_attn.k_proj.weight.id),
+            ("llm layer1 v_proj", layers[1].self_attn.v_proj.weight.id),
+            ("embed_tokens", reference.llm.model.embed_tokens.weight.id),
+        ] {
+            let error = relative_error(got.get::<2>(id).unwrap(), want.get::<2>(id).unwrap());
+            // f32; the flash kernels sum in another order than the reference's autodiff.
+            assert!(
+                error <= 1e-3,
+                "{mode}: gradient of {name}: relative error {error:.2e}"
+            );
+        }
+    }
+}

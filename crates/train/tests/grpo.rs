@@ -332,34 +332,76 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     }
 }
 
+/// One device runs a group's prompt once and its responses as a batch over the
+/// prompt's keys (`grpo::shared_prefix`), in every recompute mode; the reference is
+/// the plain layout: prompt + response, G times, under plain autodiff
+/// (`response_logprobs`). Log-probs, loss and every gradient agree.
 #[test]
-fn recomputed_actor_gradients_equal_plain_autodiff() {
+fn shared_prefix_passes_equal_the_whole_sequences() {
+    use longview_train::grpo::actor::actor_grads_plain;
     use longview_train::grpo::passes::{OneDevice, Passes};
     use longview_train::remat::Recompute;
 
     let _serial = serial();
     let case = ActorCase::new(9);
-    let (model, device, rollout) = (&case.model, &case.device, case.rollout());
-    let mut loss_of = nonlinear_loss;
-    let mut run = |recompute| {
-        OneDevice { recompute }
-            .actor_grads(model, &rollout, device, &mut loss_of)
+    let (model, device) = (&case.model, &case.device);
+    let inner = device.clone().inner();
+    // Responses of 4, 1 and 2 tokens (padding inside the batch), and a group whose
+    // responses all have one token (no response rows run through the layers).
+    let short = vec![vec![30], vec![31]];
+    for responses in [&case.responses, &short] {
+        let rollout = Rollout {
+            responses,
+            ..case.rollout()
+        };
+        let plain = model.valid();
+        let visual = case.visual.clone().inner();
+        let plain_rollout = Rollout {
+            visual: Some(&visual),
+            ..rollout
+        };
+        let whole = response_logprobs(&plain, &plain_rollout, &inner)
             .unwrap()
+            .unwrap();
+        let shared = OneDevice::default()
+            .whole_logprobs(&plain, &plain_rollout, &inner)
             .unwrap()
-    };
-    let (plain_stats, plain) = run(Recompute::None);
+            .unwrap();
+        let (a, b) = (host(whole.logp), host(shared));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        // f32 on the CPU; the attention sums the same keys in other groupings.
+        assert!(worst < 1e-5, "log-probs differ by {worst}: {a:?} vs {b:?}");
 
-    for mode in [Recompute::Layers, Recompute::AttentionAware] {
-        let (stats, grads) = run(mode);
-        assert!(
-            (stats[0] - plain_stats[0]).abs() <= 1e-5 * plain_stats[0].abs().max(1.0),
-            "{mode}: loss {} vs {}",
-            stats[0],
-            plain_stats[0]
-        );
-        // f32 on the CPU; only the order of sums differs.
-        let compared = assert_grads_close(model, &grads, &plain, 1e-4, &mode.to_string());
-        // Every LLM parameter (the vision tower and projector get none: cached tokens).
-        assert!(compared > 10, "{mode}: {compared} gradients compared");
+        let mut loss_of = nonlinear_loss;
+        let (reference_stats, reference) = actor_grads_plain(
+            model,
+            response_logprobs(model, &rollout, device).unwrap(),
+            &mut loss_of,
+        )
+        .unwrap()
+        .unwrap();
+        for mode in [
+            Recompute::None,
+            Recompute::Layers,
+            Recompute::AttentionAware,
+        ] {
+            let (stats, grads) = OneDevice { recompute: mode }
+                .actor_grads(model, &rollout, device, &mut loss_of)
+                .unwrap()
+                .unwrap();
+            assert!(
+                (stats[0] - reference_stats[0]).abs() <= 1e-5 * reference_stats[0].abs().max(1.0),
+                "{mode}: loss {} vs {}",
+                stats[0],
+                reference_stats[0]
+            );
+            let compared = assert_grads_close(model, &grads, &reference, 1e-4, &mode.to_string());
+            // Every LLM parameter (the vision tower and projector get none: cached tokens).
+            assert!(compared > 10, "{mode}: {compared} gradients compared");
+        }
     }
 }

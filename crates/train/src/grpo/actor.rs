@@ -1,27 +1,24 @@
 //! The actor's pass of a GRPO update: a group's responses through the policy under
 //! autodiff, the loss of their log-probs, and its gradients.
 //!
-//! With plain autodiff the pass keeps every activation of `G x (prompt + response)`
-//! tokens until the backward: at the 1.5B shape a 256-frame prompt (~50k tokens) makes
-//! that hundreds of GB. [`actor_grads_recomputed`] runs it the way the trainer's
-//! recomputation does (`crate::remat`): the text layers forward without autodiff,
-//! keeping each layer's input (and, attention-aware, its attention output and LSE),
-//! the head and the GRPO loss under autodiff on the last layer's output, then every
-//! layer replayed last to first from what was kept. The gradients equal plain
-//! autodiff's (test `recomputed_actor_gradients_equal_plain_autodiff`).
-//!
-//! The same executor ([`recomputed_grads`]) runs a rank's zigzag share of the rows
-//! under sequence parallelism ([`super::sp_logprobs::SpLogprobs::actor_grads`]): only
-//! the rows, their positions and how the log-probs are read off differ
-//! ([`ActorRows`]).
+//! With plain autodiff the pass keeps every activation until the backward: at the
+//! 1.5B shape a 256-frame prompt (~50k tokens) makes that hundreds of GB.
+//! [`recomputed_grads`] runs it the way the trainer's recomputation does
+//! (`crate::remat`): the text layers forward without autodiff, keeping each layer's
+//! input (and, attention-aware, its attention output and LSE), the head and the GRPO
+//! loss under autodiff on the last layer's output, then every layer replayed last to
+//! first from what was kept. It serves a rank's zigzag share of the rows under
+//! sequence parallelism ([`super::sp_logprobs::SpLogprobs::actor_grads`]; only the
+//! rows, their positions and how the log-probs are read off differ: [`ActorRows`]).
+//! One device runs the same recomputation over the group's prompt once and its
+//! responses as a batch ([`super::shared_prefix`]).
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor};
 use longview_models::Vlm;
-use longview_models::vila::default_position_ids;
 
-use super::logprobs::{ResponseLogprobs, Rollout, token_logprobs};
+use super::logprobs::{ResponseLogprobs, Rollout};
 use crate::error::TrainError;
 use crate::remat::Recompute;
 use crate::remat::stack::{backward_stack, forward_stack, grad_or_zeros, surrogate, take_grads};
@@ -70,63 +67,6 @@ pub(crate) trait ActorRows {
         hidden: Tensor<3>,
         device: &Device,
     ) -> ResponseLogprobs;
-}
-
-/// Every row of prompt + longest response on one device.
-struct WholeRows {
-    responses: usize,
-    prompt: usize,
-    longest: usize,
-}
-
-impl ActorRows for WholeRows {
-    fn embeds(
-        &self,
-        model: &Vlm,
-        rollout: &Rollout<'_>,
-        device: &Device,
-    ) -> Result<Tensor<3>, TrainError> {
-        rollout.embeds(model, self.prompt + self.longest, device)
-    }
-
-    fn position_ids(&self, device: &Device) -> Tensor<2, Int> {
-        default_position_ids(self.responses, self.prompt + self.longest, device)
-    }
-
-    fn logprobs(
-        &self,
-        model: &Vlm,
-        rollout: &Rollout<'_>,
-        hidden: Tensor<3>,
-        device: &Device,
-    ) -> ResponseLogprobs {
-        // Row prompt_len - 1 + k predicts response token k.
-        let rows = hidden.narrow(1, self.prompt - 1, self.longest);
-        let ks: Vec<usize> = (0..self.longest).collect();
-        token_logprobs(model, rollout, rows, &ks, device)
-    }
-}
-
-/// [`actor_grads_plain`] over the group's responses with the text layers recomputed
-/// in the backward (`mode`: `Layers` or `AttentionAware`). The visual tokens of the
-/// rollout are constants (the vision tower stays frozen in GRPO).
-pub fn actor_grads_recomputed(
-    model: &Vlm,
-    rollout: &Rollout<'_>,
-    mode: Recompute,
-    device: &Device,
-    loss_of: ActorLoss<'_>,
-) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
-    let longest = rollout.longest();
-    if longest == 0 || rollout.prompt.is_empty() {
-        return Ok(None);
-    }
-    let rows = WholeRows {
-        responses: rollout.responses.len(),
-        prompt: rollout.prompt.len(),
-        longest,
-    };
-    recomputed_grads(model, rollout, &rows, mode, device, loss_of).map(Some)
 }
 
 /// The recomputed actor pass over `rows`: the loss's statistics and the gradients of

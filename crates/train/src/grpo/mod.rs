@@ -17,6 +17,7 @@ pub mod logprobs;
 pub mod loss;
 pub mod passes;
 pub mod reward;
+pub mod shared_prefix;
 pub mod sp_logprobs;
 pub mod step;
 

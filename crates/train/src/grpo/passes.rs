@@ -12,8 +12,9 @@ use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
 use longview_models::{VisualInput, Vlm};
 use longview_parallel::inference::{Heads, SpInference, SpScheme};
 
-use super::actor::{ActorLoss, actor_grads_plain, actor_grads_recomputed};
-use super::logprobs::{ResponseLogprobs, Rollout, response_logprobs};
+use super::actor::{ActorLoss, actor_grads_plain};
+use super::logprobs::{ResponseLogprobs, Rollout};
+use super::shared_prefix::{shared_prefix_grads_recomputed, shared_prefix_logprobs};
 use super::sp_logprobs::SpLogprobs;
 use crate::error::TrainError;
 use crate::mmsp::all_reduce_grads;
@@ -121,7 +122,8 @@ fn batch_requests(prompts: Vec<PromptSamples>, options: &GenerateOptions) -> Vec
         .collect()
 }
 
-/// Everything on one device; the actor's pass recomputes its text layers in the
+/// Everything on one device, every log-prob pass with the group's prompt run once
+/// ([`super::shared_prefix`]); the actor's pass recomputes its text layers in the
 /// backward unless `recompute` is `None` (`run.recompute`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OneDevice {
@@ -155,7 +157,7 @@ impl Passes for OneDevice {
         rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<Tensor<2>>, TrainError> {
-        Ok(response_logprobs(model, rollout, device)?.map(|l| l.logp))
+        Ok(shared_prefix_logprobs(model, rollout, device)?.map(|l| l.logp))
     }
 
     fn actor_logprobs(
@@ -164,7 +166,7 @@ impl Passes for OneDevice {
         rollout: &Rollout<'_>,
         device: &Device,
     ) -> Result<Option<ResponseLogprobs>, TrainError> {
-        response_logprobs(model, rollout, device)
+        shared_prefix_logprobs(model, rollout, device)
     }
 
     fn recompute(&self) -> Recompute {
@@ -179,7 +181,7 @@ impl Passes for OneDevice {
         device: &Device,
         loss_of: ActorLoss<'_>,
     ) -> Result<Option<(Vec<f32>, GradientsParams)>, TrainError> {
-        actor_grads_recomputed(model, rollout, mode, device, loss_of)
+        shared_prefix_grads_recomputed(model, rollout, mode, device, loss_of)
     }
 
     fn reduce_grads(&self, _: &Vlm, grads: GradientsParams) -> Result<GradientsParams, TrainError> {
