@@ -19,6 +19,7 @@ for frames in "${@:-256 512}"; do
       cfg=/tmp/rl-$mode.toml
       sed -e 's/^batch_size = .*/batch_size = 1/' -e 's/^max_response_tokens = .*/max_response_tokens = 128/' \
         -e 's/^minibatches = .*/minibatches = 1/' -e 's/^eval_per_depth = .*/eval_per_depth = 0/' \
+        -e "s/^frames = .*/frames = $f/" -e "s/^min_frames = .*/min_frames = $f/" \
         configs/1.5b-grpo.toml > "$cfg"
       [ "$mode" = reencode ] && printf '\n# benchmark: the video encoded again in every pass\n' >> "$cfg" \
         && sed -i 's/^\[grpo\]/[grpo]\nreencode_video = true/' "$cfg"
