@@ -331,9 +331,16 @@ pub fn log_prob(logits: &[f32], token: u32, temperature: f64) -> f32 {
     let sum: f64 = logits
         .iter()
         .filter(|x| !x.is_nan())
-        .map(|&x| ((x as f64 - max) / temperature).exp())
+        .map(|&x| scaled_exp(x, max, temperature))
         .sum();
     ((logits[token as usize] as f64 - max) / temperature - sum.ln()) as f32
+}
+
+/// `exp((x - max) / temperature)` in f64, without calling `exp` where it is 0 anyway
+/// (below e^-746 f64 underflows: the masked rows of a padded vocabulary).
+fn scaled_exp(x: f32, max: f64, temperature: f64) -> f64 {
+    let z = (x as f64 - max) / temperature;
+    if z < -746.0 { 0.0 } else { z.exp() }
 }
 
 /// Picks tokens from host logits.
@@ -397,43 +404,50 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The nucleus of `softmax(logits / temperature)`: the most likely tokens, most
 /// likely first, until their probability reaches `top_p` (at least one token), with
-/// probabilities renormalised to sum to 1.
+/// probabilities renormalised to sum to 1. Ties go to the lower id.
+///
+/// Only the head of the distribution is ordered: the `k` most likely tokens are
+/// selected (linear time) and sorted, `k` growing until they hold `top_p` of the
+/// mass. A full sort of a 151,936-token vocabulary took 3-9 ms a row on the host,
+/// once per sampled token and sequence.
 pub fn nucleus(logits: &[f32], top_p: f64, temperature: f64) -> Vec<(u32, f64)> {
     let max = logits
         .iter()
         .copied()
         .filter(|x| !x.is_nan())
         .fold(f32::NEG_INFINITY, f32::max) as f64;
+    // Tokens of probability 0 (a masked placeholder, NaN) are never candidates.
     let mut probs: Vec<(u32, f64)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &x)| {
-            let p = if x.is_nan() {
-                0.0
-            } else {
-                ((x as f64 - max) / temperature).exp()
-            };
-            (i as u32, p)
-        })
+        .filter(|(_, x)| !x.is_nan())
+        .map(|(i, &x)| (i as u32, scaled_exp(x, max, temperature)))
+        .filter(|&(_, p)| p > 0.0)
         .collect();
     let total: f64 = probs.iter().map(|(_, p)| p).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut kept = Vec::new();
-    let mut mass = 0.0;
-    for (id, p) in probs {
-        // Tokens of probability 0 (a masked placeholder) are never candidates.
-        if p == 0.0 {
-            break;
+    let likelier = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut k = probs.len().min(256);
+    loop {
+        if k < probs.len() {
+            probs.select_nth_unstable_by(k, likelier);
         }
-        let p = p / total;
-        kept.push((id, p));
-        mass += p;
-        if mass >= top_p {
-            break;
+        probs[..k].sort_unstable_by(likelier);
+        let mut kept = Vec::new();
+        let mut mass = 0.0;
+        for &(id, p) in &probs[..k] {
+            let p = p / total;
+            kept.push((id, p));
+            mass += p;
+            if mass >= top_p {
+                break;
+            }
         }
+        if mass >= top_p || k == probs.len() {
+            for entry in &mut kept {
+                entry.1 /= mass;
+            }
+            return kept;
+        }
+        k = (k * 4).min(probs.len());
     }
-    for entry in &mut kept {
-        entry.1 /= mass;
-    }
-    kept
 }

@@ -635,3 +635,88 @@ fn batch_equals_separate_runs(
     }
     lengths
 }
+
+/// The nucleus as a full sort computes it: every token ordered by probability (ties
+/// to the lower id), kept until the mass reaches `top_p`, renormalised.
+fn nucleus_by_full_sort(logits: &[f32], top_p: f64, temperature: f64) -> Vec<(u32, f64)> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let p = if x.is_nan() {
+                0.0
+            } else {
+                ((x as f64 - max) / temperature).exp()
+            };
+            (i as u32, p)
+        })
+        .collect();
+    let total: f64 = probs.iter().map(|(_, p)| p).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let (mut kept, mut mass) = (Vec::new(), 0.0);
+    for (id, p) in probs {
+        if p == 0.0 {
+            break;
+        }
+        kept.push((id, p / total));
+        mass += p / total;
+        if mass >= top_p {
+            break;
+        }
+    }
+    kept.iter().map(|&(id, p)| (id, p / mass)).collect()
+}
+
+/// The partial-selection nucleus equals the full sort's exactly (same tokens, same
+/// order, same probabilities) on flat, peaked, tied, masked and NaN-holding rows.
+#[test]
+fn the_nucleus_equals_a_full_sort() {
+    use longview_infer::generate::nucleus;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let vocab = 5_000;
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    rows.push((0..vocab).map(|_| uniform() as f32).collect());
+    rows.push(
+        (0..vocab)
+            .map(|_| (uniform().powi(3) * 30.0) as f32)
+            .collect(),
+    );
+    // Many exact ties (ids decide), a masked tail and a masked placeholder.
+    rows.push(
+        (0..vocab)
+            .map(|i| match i {
+                7 => longview_models::vila::MASKED_LOGIT,
+                i if i >= 4_000 => longview_models::vila::MASKED_LOGIT,
+                i => (i % 5) as f32,
+            })
+            .collect(),
+    );
+    let mut with_nan: Vec<f32> = (0..vocab).map(|_| (uniform() * 4.0) as f32).collect();
+    with_nan[3] = f32::NAN;
+    with_nan[900] = f32::NAN;
+    rows.push(with_nan);
+    rows.push(vec![1.0; 3]);
+    for row in &rows {
+        for top_p in [0.01, 0.3, 0.9, 0.99, 1.0] {
+            for temperature in [0.5, 1.0, 2.0] {
+                assert_eq!(
+                    nucleus(row, top_p, temperature),
+                    nucleus_by_full_sort(row, top_p, temperature),
+                    "top_p {top_p}, temperature {temperature}, row of {}",
+                    row.len()
+                );
+            }
+        }
+    }
+}
