@@ -250,6 +250,13 @@ fn grpo_on_sequence_parallel_ranks_repeats_the_one_device_run() {
     .unwrap();
     let mut config = tiny(tmp.0.join("one"), cache, 3);
     config.model.init_from = Some(start.run.out.clone());
+    // AdamW's first step moves a parameter by up to lr whatever its gradient's size,
+    // so float noise in near-zero gradients (the layouts sum in different orders)
+    // becomes a weight difference of up to ~1e-5 at lr 1e-2 (measured between two
+    // one-device runs differing only in that noise). At lr 1e-2 one device and SP2
+    // then reported the same rewards but a 1% different KL from step 1 on, as a
+    // flipped top-p sample would give; at 1e-3 they agree.
+    config.optim.lr = 1e-3;
     let device = Device::flex().autodiff();
     let one = train_grpo_with(&config, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
 
@@ -404,4 +411,66 @@ fn shared_prefix_passes_equal_the_whole_sequences() {
             assert!(compared > 10, "{mode}: {compared} gradients compared");
         }
     }
+}
+
+/// One optimizer step per rollout batch takes the old policy's log-probs from the
+/// actor's own pass (`exp(logp - sg(logp))`, no separate pass): the gradients equal
+/// those with the old log-probs from a separate untracked pass, KL term included.
+#[test]
+fn the_actors_own_log_probs_serve_as_the_old_policys() {
+    use burn::tensor::TensorData;
+    use longview_train::grpo::actor::actor_grads_plain;
+    use longview_train::grpo::logprobs::ResponseLogprobs;
+    use longview_train::grpo::loss::{LossSettings, masked_sum, token_losses};
+    use longview_train::grpo::shared_prefix::shared_prefix_logprobs;
+
+    let _serial = serial();
+    let case = ActorCase::new(9);
+    let (model, device) = (&case.model, &case.device);
+    let rollout = case.rollout();
+    let inner = device.clone().inner();
+    let visual = case.visual.clone().inner();
+    let untracked = Rollout {
+        visual: Some(&visual),
+        ..rollout
+    };
+    let old = shared_prefix_logprobs(&model.valid(), &untracked, &inner)
+        .unwrap()
+        .unwrap()
+        .logp;
+    // A reference a little away from the policy, so the KL term has a gradient.
+    let reference = old.clone().add_scalar(0.05);
+    let advantages = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, -1.0, 0.7], [3]), device);
+    let settings = LossSettings {
+        clip_low: 0.2,
+        clip_high: 0.3,
+        dual_clip: 3.0,
+        kl_coef: 0.01,
+    };
+    let grads = |separate: bool| {
+        let mut loss_of = |actor: ResponseLogprobs| {
+            let old = match separate {
+                true => old.clone().autodiff(),
+                false => actor.logp.clone().detach(),
+            };
+            let losses = token_losses(
+                actor.logp,
+                old,
+                Some(reference.clone().autodiff()),
+                advantages.clone(),
+                &settings,
+            );
+            Ok((masked_sum(losses.loss, actor.mask), vec![0.0]))
+        };
+        let actor = shared_prefix_logprobs(model, &rollout, device).unwrap();
+        actor_grads_plain(model, actor, &mut loss_of)
+            .unwrap()
+            .unwrap()
+            .1
+    };
+    let (separate, own) = (grads(true), grads(false));
+    // f32; the two passes' log-probs agree to float rounding, so the ratio is 1 in
+    // both up to that.
+    let compared = assert_grads_close(model, &own, &separate, 1e-5, "own log-probs");
+    assert!(compared > 10, "{compared} gradients compared");
 }

@@ -5,8 +5,9 @@
 //! visual tokens (MR-SP's embedding cache), samples `grpo.group_size` responses per
 //! prompt over one shared prefill ([`longview_infer::generate::generate_group`]),
 //! scores them ([`reward`]), and runs `grpo.minibatches` AdamW updates of the clipped
-//! objective ([`loss`]) with the old-policy and reference log-probs recomputed in the
-//! rollout's layout ([`logprobs`]). The reference is the starting model
+//! objective ([`loss`]) with the reference's (and, with several mini-batches, the old
+//! policy's) log-probs recomputed in the rollout's layout ([`logprobs`]; on one device
+//! each group's prompt runs once, [`shared_prefix`]). The reference is the starting model
 //! (`model.init_from`, or the random initialisation, saved to `<run.out>/reference`).
 //! Where the passes run is [`passes`]: one device, or a sequence-parallel group
 //! ([`passes::SpPasses`]: frames shared out, SP prefill and decode, [`sp_logprobs`]).

@@ -204,7 +204,11 @@ pub fn update(
         groups.retain(|g| g.scores.iter().any(|s| s.total != g.scores[0].total));
         report.dropped_groups = before - groups.len();
     }
-    // Old-policy and reference log-probs, before any update, untracked.
+    // Old-policy and reference log-probs, before any update, untracked. With one
+    // optimizer step per rollout batch the actor's own log-probs, taken before that
+    // step, are the old policy's: the ratio is exp(logp - sg(logp)) and the separate
+    // pass is skipped (`Old::Actor`).
+    let on_policy = config.minibatches == 1;
     let plain = model.valid();
     let inner = device.clone().inner();
     let mut fixed = Vec::with_capacity(groups.len());
@@ -212,10 +216,18 @@ pub fn update(
         let responses = responses(group);
         let visual = group_visual(&plain, group, false);
         let rollout = group.rollout(visual.as_ref(), &responses, config.temperature);
-        let old = passes.whole_logprobs(&plain, &rollout, &inner)?;
-        if let Some(old) = &old {
-            report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old));
-        }
+        let old = if token_count(group) == 0 {
+            None
+        } else if on_policy {
+            Some(Old::Actor)
+        } else {
+            let old = passes.whole_logprobs(&plain, &rollout, &inner)?;
+            if let Some(old) = &old {
+                let mask = Tensor::<2>::ones(old.dims(), &inner);
+                report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old, &mask));
+            }
+            old.map(Old::Pass)
+        };
         let reference = match reference {
             Some(r) if config.kl_coef > 0.0 => {
                 let visual = group_visual(r, group, false);
@@ -265,10 +277,20 @@ pub fn update(
             );
             // The group's GRPO loss from the actor's tracked log-probs, with its
             // statistics: loss, KL, clipped and entropy sums, tokens.
+            let mut worst = 0.0f32;
             let mut loss_of = |actor: ResponseLogprobs| {
+                let old = match old {
+                    Old::Pass(old) => old.clone().autodiff(),
+                    Old::Actor => {
+                        let taken = actor.logp.clone().detach();
+                        worst =
+                            mismatch(group, &taken.clone().inner(), &actor.mask.clone().inner());
+                        taken
+                    }
+                };
                 let losses = token_losses(
                     actor.logp,
-                    old.clone().autodiff(),
+                    old,
                     reference.clone().map(|r| r.autodiff()),
                     advantages.clone(),
                     &config.settings(),
@@ -288,6 +310,7 @@ pub fn update(
             else {
                 continue;
             };
+            report.logprob_mismatch = report.logprob_mismatch.max(worst);
             loss_sum += stats[0];
             kl_sum += stats[1];
             clip_sum += stats[2];
@@ -329,19 +352,32 @@ pub(crate) fn token_count(group: &Group) -> usize {
     group.generations.iter().map(|g| g.tokens.len()).sum()
 }
 
-/// Largest |sampling log-prob - recomputed log-prob| over a group's tokens.
-fn mismatch(group: &Group, old: &Tensor<2>) -> f32 {
-    let [_, width] = old.dims();
-    let host = old
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default();
+/// The old policy's log-probs of a group: a pass of their own, or the actor's taken
+/// before the rollout batch's only optimizer step.
+enum Old {
+    Pass(Tensor<2>),
+    Actor,
+}
+
+/// Largest |sampling log-prob - recomputed log-prob| over a group's tokens where
+/// `mask` (`[responses, width]`, untracked) is 1: every token, or a sequence-parallel
+/// rank's share of them.
+fn mismatch(group: &Group, recomputed: &Tensor<2>, mask: &Tensor<2>) -> f32 {
+    let [_, width] = recomputed.dims();
+    let host = |t: &Tensor<2>| {
+        t.clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default()
+    };
+    let (values, mask) = (host(recomputed), host(mask));
     let mut worst = 0.0f32;
     for (i, generation) in group.generations.iter().enumerate() {
         for (k, &sampled) in generation.logprobs.iter().enumerate() {
-            worst = worst.max((host[i * width + k] - sampled).abs());
+            if mask.get(i * width + k).is_some_and(|&m| m > 0.0) {
+                worst = worst.max((values[i * width + k] - sampled).abs());
+            }
         }
     }
     worst
