@@ -10,6 +10,7 @@ mod gemm;
 mod infer_bench;
 mod infer_bench_sp;
 mod logging;
+mod out_of_memory;
 mod ranks;
 mod synthetic;
 mod train;
@@ -59,12 +60,15 @@ fn main() -> Result<()> {
     longview_infer::prefill::set_device_memory_probe(
         longview_kernels::device_memory::available_bytes,
     );
-    match cli.command {
+    // A device allocation that fails inside a tensor operation ends the command with
+    // an error naming the allocation and what to lower, not a panic.
+    out_of_memory::install_quiet_hook();
+    out_of_memory::run_reporting(|| match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Gemm(args) => gemm::run(args),
         Command::InferBench(args) => infer_bench::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
-    }
+    })
 }
