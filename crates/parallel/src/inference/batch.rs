@@ -15,7 +15,7 @@
 //! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's batched generation: the same
 //! tokens, log-probs within 1e-4 (`tests/inference.rs`).
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
 use longview_infer::batch::{BatchRequest, check_requests, regroup};
@@ -103,8 +103,8 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         // This rank's keys this step (its share, plus the new one on the owner) and
         // which are padding: the same for every layer.
         let local = batch.lens[self.comm.rank()] + usize::from(mine);
-        let segments = (local > 0).then(|| batch.key_segments(local, device));
-        let query_segments = Tensor::<2, Int>::zeros([rows, 1], device);
+        let padding =
+            (local > 0 && batch.pad.iter().any(|&p| p > 0)).then(|| batch.padding(local, device));
         let mut x = model.embed_tokens(ids);
         for (layer, cached) in model.text_layers().iter().zip(&mut batch.layers) {
             let input = layer.attention_input(x.clone(), &rope);
@@ -112,15 +112,19 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
                 cached.append(input.k.clone(), input.v.clone());
             }
             let [_, heads, _, head_dim] = input.q.dims();
-            let (o, lse) = match (cached.get(), &segments) {
-                (Some((k, v)), Some(segments)) => block_forward(&Block {
+            let (o, lse) = match (cached.get(), &padding) {
+                (Some((k, v)), Some(padding)) => {
+                    padded_partial(input.q.clone(), k, v, padding.clone(), input.scale)
+                }
+                // No padding on this rank: one query row sees every key (the flash
+                // kernels on a GPU).
+                (Some((k, v)), None) => block_forward(&Block {
                     q: input.q.clone(),
                     k,
                     v,
-                    // One query row sees every key it is not masked from.
                     causal: false,
                     scale: input.scale,
-                    segments: Some((query_segments.clone(), segments.clone())),
+                    segments: None,
                 }),
                 _ => (
                     Tensor::zeros([rows, heads, 1, head_dim], device),
@@ -236,13 +240,57 @@ impl ShardBatch {
         self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
     }
 
-    /// Per row, 1 for this rank's padding keys and 0 for the rest, over `len` keys.
-    fn key_segments(&self, len: usize, device: &Device) -> Tensor<2, Int> {
-        let ids: Vec<i64> = self
+    /// Per row, true for this rank's padding keys, over `len` keys.
+    fn padding(&self, len: usize, device: &Device) -> Tensor<2, Bool> {
+        let masked: Vec<bool> = self
             .pad
             .iter()
-            .flat_map(|&p| (0..len).map(move |j| i64::from(j < p)))
+            .flat_map(|&p| (0..len).map(move |j| j < p))
             .collect();
-        Tensor::from_data(TensorData::new(ids, [self.rows(), len]), device)
+        Tensor::from_data(TensorData::new(masked, [self.rows(), len]), device)
     }
+}
+
+/// One query row per row against this rank's keys with the padding keys (`padding`,
+/// `[rows, len]`, true) masked: `(O, LSE)` in f32 as [`block_forward`] gives them, a
+/// row that sees no key here giving O = 0, LSE = -inf. The query heads that share a kv
+/// head are rows of one matrix against its keys, so the keys and values are not
+/// copied out per query head.
+///
+/// # Shapes
+/// - q: `[rows, heads, 1, head_dim]`; k, v: `[rows, kv_heads, len, head_dim]`
+/// - outputs: O like q, LSE `[rows, heads, 1]`
+fn padded_partial(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    padding: Tensor<2, Bool>,
+    scale: f64,
+) -> (Tensor<4>, Tensor<3>) {
+    let [rows, heads, one, head_dim] = q.dims();
+    let [_, kv_heads, len, _] = k.dims();
+    let group = heads / kv_heads * one;
+    // Query head h reads kv head h / (heads / kv_heads): the group's heads are
+    // consecutive.
+    let q = q
+        .cast(DType::F32)
+        .reshape([rows, kv_heads, group, head_dim]);
+    let scores = q
+        .matmul(k.cast(DType::F32).swap_dims(2, 3))
+        .mul_scalar(scale);
+    let masked = padding
+        .reshape([rows, 1, 1, len])
+        .expand([rows, kv_heads, group, len]);
+    let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+    let max = scores.clone().max_dim(3);
+    // Rows with every key masked: shift by 0 so that p = 0, total = 0, LSE = -inf.
+    let empty = max.clone().equal_elem(f32::NEG_INFINITY);
+    let max = max.mask_fill(empty, 0.0);
+    let p = (scores - max.clone()).exp();
+    let total = p.clone().sum_dim(3);
+    let lse = (max + total.clone().log()).reshape([rows, heads, one]);
+    let o = (p / total.clamp_min(f32::MIN_POSITIVE))
+        .matmul(v.cast(DType::F32))
+        .reshape([rows, heads, one, head_dim]);
+    (o, lse)
 }
