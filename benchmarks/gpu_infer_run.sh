@@ -9,7 +9,8 @@
 #   LONG=0 ... skips the 3600-frame steps; LONG=only runs just them; CHUNKS="8192"
 #   also times longview with those prefill chunks; RUNS=N (default 2) runs each side's
 #   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then);
-#   PROFILE=1 adds a profiled run (below).
+#   PROFILE=1 adds a profiled run (below); SAMPLES="5" also times G sampled answers
+#   decoded as one batch over the one prefill (what a GRPO rollout decodes).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -28,6 +29,11 @@ if [ "${LONG:-1}" != only ]; then
       # CHUNKS="8192 ...": the same with other prefill chunks (2048 is the default).
       for c in ${CHUNKS:-}; do
         step "longview-$f-chunk$c" timeout 240 $lv --frames "$f" --prefill-chunk "$c"
+      done
+      # SAMPLES="5": G answers sampled over the one prefill and decoded as one batch
+      # (a GRPO rollout's decode: top-p 0.99, temperature 1), warm second run.
+      for g in ${SAMPLES:-}; do
+        step "longview-$f-g$g" timeout 300 $lv --frames "$f" --samples "$g" --runs 2
       done
       step "hf-$f" timeout 300 $PY benchmarks/hf_infer_reference.py --size 1.5b --frames "$f" --new-tokens 64 --runs "${RUNS:-2}"
     done

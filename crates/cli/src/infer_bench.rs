@@ -80,6 +80,11 @@ pub struct InferBenchArgs {
     /// With --parallel: the prefill's attention: `ring` (zigzag), `ulysses` or `2d:U`.
     #[arg(long, default_value = "ring", value_name = "SCHEME")]
     pub sp_scheme: longview_parallel::inference::SpScheme,
+    /// Sample this many answers over the one prefill, decoded as one batch with GRPO's
+    /// sampling (top-p 0.99, temperature 1.0, a seed each), as a GRPO rollout does
+    /// (single device); decode tok/s then counts every sample's tokens. 1: greedy.
+    #[arg(long, default_value_t = 1, value_name = "G")]
+    pub samples: usize,
 }
 
 /// One run's phases: what the table row and the JSON line report.
@@ -96,8 +101,20 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     if crate::ranks::launch_here(args.nproc)? {
         return Ok(());
     }
-    if args.new_tokens == 0 || args.frames == 0 || args.parallel == 0 || args.runs == 0 {
-        bail!("--frames, --new-tokens, --parallel and --runs must be at least 1");
+    if args.new_tokens == 0
+        || args.frames == 0
+        || args.parallel == 0
+        || args.runs == 0
+        || args.samples == 0
+    {
+        bail!("--frames, --new-tokens, --parallel, --runs and --samples must be at least 1");
+    }
+    if args.samples > 1 && args.parallel > 1 {
+        bail!(
+            "--samples {} with --parallel {}: sampled groups are timed on one device only",
+            args.samples,
+            args.parallel
+        );
     }
     if args.runs > 1 && args.parallel > 1 {
         bail!(
@@ -211,7 +228,7 @@ fn measure(
     // Refused with the numbers when the KV cache and a prefill chunk would not fit.
     longview_infer::prefill::check_request_fits(
         model,
-        (ids.len(), args.new_tokens, 1),
+        (ids.len(), args.new_tokens, args.samples),
         args.prefill_chunk,
         None,
         device,
@@ -231,9 +248,25 @@ fn measure(
     let first = next_token_rows(model, last)?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
 
+    let samples: Vec<Decoding> = match args.samples {
+        1 => vec![Decoding::Greedy],
+        g => (0..g as u64)
+            .map(|seed| Decoding::TopP {
+                top_p: 0.99,
+                temperature: 1.0,
+                seed,
+            })
+            .collect(),
+    };
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
     let start = Instant::now();
-    let generated = decode_group(first, &[Decoding::Greedy], &options, |tokens, _| {
+    if samples.len() > 1 {
+        cache = cache.repeat(samples.len());
+    }
+    let generated = decode_group(first, &samples, &options, |tokens, kept| {
+        if kept.len() != cache.batch() {
+            cache = cache.select(kept);
+        }
         Ok(decode_step(model, &mut cache, tokens, device)?)
     })?;
     sync()?;
@@ -243,7 +276,7 @@ fn measure(
         encode_s,
         prefill_s,
         decode_s,
-        decoded: generated[0].tokens.len(),
+        decoded: generated.iter().map(|g| g.tokens.len()).sum(),
         reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
     })
 }
@@ -284,7 +317,7 @@ fn report(
             "prompt_tokens": m.prompt, "prefill_chunk": args.prefill_chunk,
             "frame_batch": args.frame_batch, "encode_s": m.encode_s, "prefill_s": m.prefill_s,
             "prefill_tokens_per_s": m.prompt as f64 / m.prefill_s,
-            "decoded_tokens": m.decoded, "decode_s": m.decode_s,
+            "samples": args.samples, "decoded_tokens": m.decoded, "decode_s": m.decode_s,
             "decode_tokens_per_s": m.decoded as f64 / m.decode_s,
             "reserved_bytes": m.reserved,
         });
