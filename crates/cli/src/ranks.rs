@@ -118,10 +118,14 @@ fn in_process<J: RankJob>(world: usize, job: &J) -> Result<J::Output> {
                 // A failed collective inside an autodiff backward can only panic: its
                 // message names the rank and the collective.
                 h.join().unwrap_or_else(|payload| {
-                    Err(TrainError::Parallel(format!(
-                        "panicked: {}",
-                        panic_message(&*payload)
-                    )))
+                    let message = panic_message(&*payload);
+                    Err(TrainError::Parallel(
+                        if crate::out_of_memory::is_out_of_memory(&message) {
+                            crate::out_of_memory::explain(&message)
+                        } else {
+                            format!("panicked: {message}")
+                        },
+                    ))
                 })
             })
             .collect()
