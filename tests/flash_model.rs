@@ -227,3 +227,25 @@ fn grpo_shared_prefix_passes_with_flash_match_the_whole_sequences() {
         }
     }
 }
+
+/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms as one fused kernel
+/// each (`longview_kernels::fused`); with autodiff, Burn's ops. Same weights (the
+/// autodiff model's `valid()` copy), same logits.
+#[test]
+fn fused_rms_norm_in_the_llm_gives_the_burn_logits() {
+    use burn::module::Module;
+    let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    let model = TextConfig::debug().init(&device);
+    let (batch, seq) = (2, 37);
+    let ids: Vec<i64> = (0..(batch * seq) as i64)
+        .map(|i| (i * 17 + 3) % 300)
+        .collect();
+    let ids = || Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
+    let positions = default_position_ids(batch, seq, &device);
+    let burn_ops = model.forward(ids(), positions.clone());
+    let plain = model.valid();
+    let fused = plain.forward(ids().inner(), positions.inner());
+    let error = relative_error(fused, burn_ops.inner());
+    // f32; the fused kernel sums the squares in another order.
+    assert!(error <= 1e-5, "logits: relative error {error:.2e}");
+}

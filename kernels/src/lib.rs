@@ -10,6 +10,8 @@ pub mod burn_op;
 #[cfg(all(feature = "burn", feature = "cuda"))]
 pub mod device_memory;
 pub mod flash;
+#[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
+pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 pub mod reference;

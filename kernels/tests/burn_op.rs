@@ -180,3 +180,57 @@ fn burn_op_reads_strided_views_as_they_are() {
     let (o_ref, _) = reference(q, k, v, &opts);
     assert_close("O strided", &values(o), &values(o_ref), 2e-5);
 }
+
+/// RMSNorm in f64 on the host: the reference for the fused kernel.
+fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
+    let d = gamma.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (mean + eps).sqrt();
+            row.iter()
+                .zip(gamma)
+                .map(move |(&v, &g)| (v as f64 * inv * g as f64) as f32)
+        })
+        .collect()
+}
+
+/// The fused RMSNorm (one launch) against the f64 host formula on wgpu: rows of 37
+/// (fewer than the cube's units) and 1,536 (the 1.5B's width) elements, more rows
+/// than one grid row holds, a transposed (non-contiguous) input; refused (`None`) on
+/// an autodiff device and off CubeCL devices.
+#[test]
+fn fused_rms_norm_matches_the_f64_formula() {
+    use longview_kernels::fused::rms_norm;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let eps = 1e-6;
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    for [a, b, d] in [[3, 5, 37], [2, 4, 1536], [70_000, 1, 8]] {
+        let x = Tensor::<3>::random([a, b, d], Distribution::Normal(0.5, 2.0), &device);
+        let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device);
+        let want = rms_norm_f64(
+            &host(x.clone()),
+            &gamma.clone().into_data().to_vec::<f32>().unwrap(),
+            eps,
+        );
+        let got = host(rms_norm(x, gamma, eps).expect("wgpu f32 without autodiff"));
+        // f32 sums of squares over up to 1,536 values.
+        assert_close(&format!("rms_norm [{a}, {b}, {d}]"), &got, &want, 2e-6);
+    }
+    // A transposed view is read in its logical order.
+    let x = Tensor::<3>::random([4, 6, 16], Distribution::Normal(0.0, 1.0), &device);
+    let gamma = Tensor::<1>::random([6], Distribution::Normal(1.0, 0.3), &device);
+    let view = x.swap_dims(1, 2);
+    let want = rms_norm_f64(
+        &host(view.clone()),
+        &gamma.clone().into_data().to_vec::<f32>().unwrap(),
+        eps,
+    );
+    let got = host(rms_norm(view, gamma.clone(), eps).unwrap());
+    assert_close("rms_norm of a transposed view", &got, &want, 2e-6);
+    // No backward: refused on an autodiff device; refused off CubeCL devices.
+    let tracked = Tensor::<3>::ones([1, 2, 6], &device.clone().autodiff());
+    assert!(rms_norm(tracked, gamma.clone().autodiff(), eps).is_none());
+    let cpu = Tensor::<3>::ones([1, 2, 6], &Device::flex());
+    assert!(rms_norm(cpu, Tensor::<1>::ones([6], &Device::flex()), eps).is_none());
+}

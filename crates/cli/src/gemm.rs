@@ -80,6 +80,14 @@ pub fn run(args: GemmArgs) -> Result<()> {
                 if worst > tolerance {
                     bail!("gemm check failed: patch embedding {worst:.2e} > {tolerance:.1e}");
                 }
+                let norm = check_fused_rms_norm(&device)?;
+                println!(
+                    "check fused RMSNorm (the inference path's one-launch kernel, [3, 37, 1536] \
+                     against f64 on the host): {norm:.2e}"
+                );
+                if norm > tolerance {
+                    bail!("gemm check failed: fused RMSNorm {norm:.2e} > {tolerance:.1e}");
+                }
                 println!("check passed: every case within {tolerance:.1e}");
             }
             Err(e) => bail!("gemm check failed: {e}"),
@@ -133,6 +141,40 @@ pub fn run(args: GemmArgs) -> Result<()> {
         crate::device::append_json_lines(&path, &lines)?;
     }
     Ok(())
+}
+
+/// The fused RMSNorm kernel (`longview_kernels::fused`, what inference runs for every
+/// Qwen2 norm) in the device's dtype against the f64 formula on the host over the same
+/// rounded inputs: the largest `max|difference| / max|reference|`.
+#[cfg(feature = "cuda")]
+fn check_fused_rms_norm(device: &burn::tensor::Device) -> Result<f32> {
+    use burn::tensor::{Distribution, Tensor};
+    let device = device.clone().without_autodiff();
+    let d = 1536;
+    let x = Tensor::<3>::random([3, 37, d], Distribution::Normal(0.5, 2.0), &device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device);
+    let host = |t: burn::tensor::TensorData| t.convert::<f32>().try_to_vec::<f32>().unwrap();
+    let (xs, gs) = (host(x.clone().into_data()), host(gamma.clone().into_data()));
+    let got = longview_kernels::fused::rms_norm(x, gamma, 1e-6)
+        .ok_or_else(|| anyhow::anyhow!("the fused RMSNorm did not run on {device:?}"))?;
+    let got = host(got.into_data());
+    let want: Vec<f64> = xs
+        .chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (mean + 1e-6).sqrt();
+            row.iter()
+                .zip(&gs)
+                .map(move |(&v, &g)| v as f64 * inv * g as f64)
+        })
+        .collect();
+    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+        .fold(0.0f64, f64::max);
+    Ok(worst as f32)
 }
 
 /// The patch embedding as one GEMM (`longview_models::linear::patch_embed`) and

@@ -138,13 +138,16 @@ impl Qwen2DecoderLayer {
         let x = x.clone()
             + self
                 .self_attn
-                .forward_cached(self.input_layernorm.forward(x), rope, cache);
+                .forward_cached(rms_norm(&self.input_layernorm, x), rope, cache);
         self.mlp_block(x)
     }
 
     /// `x + mlp(post_attention_layernorm(x))`.
     fn mlp_block(&self, x: Tensor<3>) -> Tensor<3> {
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        x.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, x))
     }
 }
 
@@ -152,7 +155,7 @@ impl SplitAtAttention for Qwen2DecoderLayer {
     type Context = Rope;
 
     fn attention_input(&self, x: Tensor<3>, rope: &Rope) -> AttentionInput {
-        self.self_attn.qkv(self.input_layernorm.forward(x), rope)
+        self.self_attn.qkv(rms_norm(&self.input_layernorm, x), rope)
     }
 
     fn after_attention(&self, x: Tensor<3>, attention: Tensor<4>) -> Tensor<3> {
@@ -162,6 +165,20 @@ impl SplitAtAttention for Qwen2DecoderLayer {
     fn attention_impl(&self) -> AttentionImpl {
         self.self_attn.attention
     }
+}
+
+/// RMSNorm of `x` in one fused kernel where that can run (a CubeCL device, a
+/// tensor without autodiff: decoding, prefill, untracked log-prob passes), else
+/// Burn's `RmsNorm` ops (the same formula; training keeps their autodiff).
+pub(crate) fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+    if !x.is_autodiff()
+        && let Some(y) =
+            longview_kernels::fused::rms_norm(x.clone(), norm.gamma.val(), norm.epsilon)
+    {
+        return y;
+    }
+    norm.forward(x)
 }
 
 /// The decoder stack (`Qwen2Model`).
@@ -313,7 +330,7 @@ impl Qwen2 {
     /// - hidden: `[batch, seq, hidden]` (the last layer's output); output:
     ///   `[batch, seq, vocab]`
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.lm_head(self.model.norm.forward(hidden))
+        self.lm_head(rms_norm(&self.model.norm, hidden))
     }
 
     /// Runs the decoder on input embeddings.
@@ -336,7 +353,7 @@ impl Qwen2 {
             }
             x = layer.forward(x, &rope);
         }
-        let x = self.model.norm.forward(x);
+        let x = rms_norm(&self.model.norm, x);
         if keep_hidden {
             hidden_states.push(x.clone());
         }
