@@ -10,7 +10,8 @@
 #   also times longview with those prefill chunks; RUNS=N (default 2) runs each side's
 #   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then);
 #   PROFILE=1 adds a profiled run (below); SAMPLES="5" also times G sampled answers
-#   decoded as one batch over the one prefill (what a GRPO rollout decodes).
+#   decoded as one batch over the one prefill (what a GRPO rollout decodes); UNFUSED=1
+#   also runs longview with its fused kernels off (LONGVIEW_FUSED=off).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -30,6 +31,11 @@ if [ "${LONG:-1}" != only ]; then
       for c in ${CHUNKS:-}; do
         step "longview-$f-chunk$c" timeout 240 $lv --frames "$f" --prefill-chunk "$c"
       done
+      # UNFUSED=1: the same request with the fused kernels off (LONGVIEW_FUSED=off),
+      # their effect in the same call.
+      if [ "${UNFUSED:-0}" = 1 ]; then
+        step "longview-$f-unfused" env LONGVIEW_FUSED=off timeout 300 $lv --frames "$f" --runs 2
+      fi
       # SAMPLES="5": G answers sampled over the one prefill and decoded as one batch
       # (a GRPO rollout's decode: top-p 0.99, temperature 1), warm second run.
       for g in ${SAMPLES:-}; do

@@ -147,14 +147,28 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     }
 }
 
+/// Whether the fused kernels run (`LONGVIEW_FUSED`, read once).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("LONGVIEW_FUSED").as_deref(),
+            Ok("off") | Ok("0") | Ok("false")
+        )
+    })
+}
+
 /// RMSNorm of `x` (`[..., d]`) over its last dimension with `gamma` (`[d]`) in one
 /// kernel launch; `None` where it cannot run (not a CubeCL device, a tensor on an
 /// autodiff device, a dtype other than f32/f16/bf16): the caller keeps Burn's ops.
 /// Same formula as `burn::nn::RmsNorm` (mean of squares in f32), the product with
 /// the inverse root formed in f32 before rounding to x's dtype.
+/// `LONGVIEW_FUSED=off` (or `0`) turns the fused kernels off (A/B timing in one
+/// binary; a way around a suspected kernel fault).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
     let dtype = x.dtype();
-    if x.is_autodiff()
+    if !enabled()
+        || x.is_autodiff()
         || !crate::burn_op::supported(&x.device())
         || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     {
