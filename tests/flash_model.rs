@@ -228,11 +228,11 @@ fn grpo_shared_prefix_passes_with_flash_match_the_whole_sequences() {
     }
 }
 
-/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms as one fused kernel
-/// each (`longview_kernels::fused`); with autodiff, Burn's ops. Same weights (the
-/// autodiff model's `valid()` copy), same logits.
+/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms and rotary embeddings
+/// as one fused kernel each (`longview_kernels::fused`); with autodiff, Burn's ops.
+/// Same weights (the autodiff model's `valid()` copy), same logits.
 #[test]
-fn fused_rms_norm_in_the_llm_gives_the_burn_logits() {
+fn fused_kernels_in_the_llm_give_the_burn_logits() {
     use burn::module::Module;
     let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
     let model = TextConfig::debug().init(&device);

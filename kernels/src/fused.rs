@@ -16,6 +16,8 @@ use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
 
 /// Units per cube of the row kernels.
 const UNITS: usize = 128;
+/// Units per cube of the elementwise kernels.
+const ELEMENTWISE_UNITS: usize = 256;
 
 mod kernel {
     use cubecl::prelude::*;
@@ -69,8 +71,47 @@ mod kernel {
             }
         }
     }
+
+    /// Rotary embedding in the rotate-half layout:
+    /// `y[b, h, s, i] = x[b, h, s, i] * cos[b', 0, s, i] + x[b, h, s, other(i)] *
+    /// signed_sin[b', 0, s, i]` (`other(i)`: the same place in the other half; `b' = 0`
+    /// when the tables have one batch row). `x` and the tables at any strides; `y`
+    /// contiguous. One unit per element on a 2-D grid of `units`-unit cubes.
+    #[cube(launch)]
+    pub fn rope_kernel<F: Float>(
+        x: &Tensor<F>,
+        cos: &Tensor<F>,
+        sin: &Tensor<F>,
+        y: &mut Tensor<F>,
+        #[comptime] units: usize,
+    ) {
+        let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * units + UNIT_POS_X as usize;
+        let heads = x.shape(1);
+        let seq = x.shape(2);
+        let dim = x.shape(3);
+        if pos < x.shape(0) * heads * seq * dim {
+            let i = pos % dim;
+            let s = (pos / dim) % seq;
+            let h = (pos / (dim * seq)) % heads;
+            let b = pos / (dim * seq * heads);
+            let half = dim / 2;
+            let mut other = i + half;
+            if i >= half {
+                other = i - half;
+            }
+            let row = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
+            let mut tb = b;
+            if cos.shape(0) == 1 {
+                tb = 0;
+            }
+            let at_c = tb * cos.stride(0) + s * cos.stride(2) + i * cos.stride(3);
+            let at_s = tb * sin.stride(0) + s * sin.stride(2) + i * sin.stride(3);
+            y[pos] =
+                x[row + i * x.stride(3)] * cos[at_c] + x[row + other * x.stride(3)] * sin[at_s];
+        }
+    }
 }
-use kernel::rms_norm_kernel;
+use kernel::{rms_norm_kernel, rope_kernel};
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedBackend: burn::backend::Backend {
@@ -80,10 +121,18 @@ pub trait FusedBackend: burn::backend::Backend {
         gamma: FloatTensor<Self>,
         eps: f32,
     ) -> FloatTensor<Self>;
+
+    /// Rotary embedding of `x` (`[B, H, S, D]`) with the tables `cos` and `signed_sin`
+    /// (`[B or 1, 1, S, D]`, x's dtype).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        signed_sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 fn arg(t: &CubeTensor) -> TensorArg {
-    // SAFETY: a contiguous tensor whose handle holds as many elements as its shape.
+    // SAFETY: the handle holds every element the shape and strides address.
     unsafe {
         TensorArg::from_raw_parts(
             t.handle.clone(),
@@ -137,9 +186,63 @@ impl FusedBackend for CubeBackend {
         }
         y
     }
+
+    fn fused_rope(x: CubeTensor, cos: CubeTensor, signed_sin: CubeTensor) -> CubeTensor {
+        launch_rope(x, cos, signed_sin)
+    }
+}
+
+fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
+    let client = x.client.clone();
+    let shape = x.meta.shape().to_vec();
+    let n: usize = shape.iter().product();
+    let y = CubeTensor::new_contiguous(
+        client.clone(),
+        x.device.clone(),
+        Shape::from(shape),
+        client.empty((n * x.dtype.size()).max(1)),
+        x.dtype,
+    );
+    let cubes = n.div_ceil(ELEMENTWISE_UNITS).max(1);
+    let (gx, gy) = if cubes > 65535 {
+        (65535, cubes.div_ceil(65535))
+    } else {
+        (cubes, 1)
+    };
+    let count = CubeCount::Static(gx as u32, gy as u32, 1);
+    let dim = CubeDim::new_1d(ELEMENTWISE_UNITS as u32);
+    macro_rules! launch {
+        ($f:ty) => {
+            rope_kernel::launch::<$f>(
+                &client,
+                count,
+                dim,
+                arg(&x),
+                arg(&cos),
+                arg(&sin),
+                arg(&y),
+                ELEMENTWISE_UNITS,
+            )
+        };
+    }
+    match x.dtype {
+        DType::F32 => launch!(f32),
+        DType::F16 => launch!(half::f16),
+        DType::BF16 => launch!(half::bf16),
+        other => panic!("fused RoPE: unsupported dtype {other:?}"),
+    }
+    y
 }
 
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn fused_rope(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        panic!("fused RoPE has no backward: call it on tensors without autodiff")
+    }
+
     fn fused_rms_norm(_: FloatTensor<Self>, _: FloatTensor<Self>, _: f32) -> FloatTensor<Self> {
         // `rms_norm` refuses tensors on an autodiff device before they get here: the
         // fused kernels have no backward.
@@ -189,4 +292,36 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Opt
         eps as f32,
     );
     Some(Tensor::<2>::from_dispatch(y).reshape(dims))
+}
+
+/// Rotary embedding (rotate-half layout) of `x` (`[B, H, S, D]`, D even) with the
+/// tables `cos` and `signed_sin` (`[B or 1, 1, S, D]`, the first half of the sine
+/// negated) in one kernel launch; `None` where it cannot run (as [`rms_norm`]).
+/// `x cos + swap_halves(x) signed_sin` in x's dtype.
+pub fn rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Option<Tensor<4>> {
+    let dtype = x.dtype();
+    let [b, _, s, d] = x.dims();
+    let [tb, one, ts, td] = cos.dims();
+    if !enabled()
+        || x.is_autodiff()
+        || !crate::burn_op::supported(&x.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || d % 2 != 0
+        || one != 1
+        || (tb != b && tb != 1)
+        || ts != s
+        || td != d
+        || signed_sin.dims() != cos.dims()
+    {
+        return None;
+    }
+    if x.shape().num_elements() == 0 {
+        return Some(x);
+    }
+    let y = <Dispatch as FusedBackend>::fused_rope(
+        x.into_dispatch(),
+        cos.clone().cast(dtype).into_dispatch(),
+        signed_sin.clone().cast(dtype).into_dispatch(),
+    );
+    Some(Tensor::from_dispatch(y))
 }

@@ -234,3 +234,65 @@ fn fused_rms_norm_matches_the_f64_formula() {
     let cpu = Tensor::<3>::ones([1, 2, 6], &Device::flex());
     assert!(rms_norm(cpu, Tensor::<1>::ones([6], &Device::flex()), eps).is_none());
 }
+
+/// The fused rotary embedding against the rotate-half formula on the host (f64):
+/// contiguous input with a table per batch row, a `[B, S, H, D]` projection viewed as
+/// `[B, H, S, D]` (strided, as the model's q and k are) with one table row for the
+/// batch; refused for an odd head dim and on an autodiff device.
+#[test]
+fn fused_rope_matches_the_rotate_half_formula() {
+    use longview_kernels::fused::rope;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let host = |t: Tensor<4>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let reference = |x: &[f32], cos: &[f32], sin: &[f32], [b, h, s, d]: [usize; 4], tb: usize| {
+        let mut y = vec![0.0f32; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    for i in 0..d {
+                        let other = if i < d / 2 { i + d / 2 } else { i - d / 2 };
+                        let row = ((bi * h + hi) * s + si) * d;
+                        let t = ((if tb == 1 { 0 } else { bi }) * s + si) * d + i;
+                        y[row + i] = (x[row + i] as f64 * cos[t] as f64
+                            + x[row + other] as f64 * sin[t] as f64)
+                            as f32;
+                    }
+                }
+            }
+        }
+        y
+    };
+    for (batch_tables, strided) in [(true, false), (false, true)] {
+        let [b, h, s, d] = [2, 3, 5, 8];
+        let x = if strided {
+            Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), &device)
+                .swap_dims(1, 2)
+        } else {
+            Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device)
+        };
+        let tb = if batch_tables { b } else { 1 };
+        let cos = Tensor::<4>::random([tb, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let sin = Tensor::<4>::random([tb, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let want = reference(
+            &host(x.clone()),
+            &host(cos.clone()),
+            &host(sin.clone()),
+            [b, h, s, d],
+            tb,
+        );
+        let got = host(rope(x, &cos, &sin).expect("wgpu f32 without autodiff"));
+        assert_close(
+            &format!("rope (tables per row {batch_tables}, strided {strided})"),
+            &got,
+            &want,
+            1e-6,
+        );
+    }
+    let odd = Tensor::<4>::ones([1, 1, 2, 7], &device);
+    let table = Tensor::<4>::ones([1, 1, 2, 7], &device);
+    assert!(rope(odd, &table, &table).is_none());
+    let ad = device.clone().autodiff();
+    let tracked = Tensor::<4>::ones([1, 1, 2, 8], &ad);
+    let table = Tensor::<4>::ones([1, 1, 2, 8], &ad);
+    assert!(rope(tracked, &table, &table).is_none());
+}

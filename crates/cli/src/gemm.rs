@@ -88,6 +88,14 @@ pub fn run(args: GemmArgs) -> Result<()> {
                 if norm > tolerance {
                     bail!("gemm check failed: fused RMSNorm {norm:.2e} > {tolerance:.1e}");
                 }
+                let rope = check_fused_rope(&device)?;
+                println!(
+                    "check fused RoPE ([2, 12, 37, 128] viewed from [2, 37, 12, 128], against \
+                     f64 on the host): {rope:.2e}"
+                );
+                if rope > tolerance {
+                    bail!("gemm check failed: fused RoPE {rope:.2e} > {tolerance:.1e}");
+                }
                 println!("check passed: every case within {tolerance:.1e}");
             }
             Err(e) => bail!("gemm check failed: {e}"),
@@ -141,6 +149,47 @@ pub fn run(args: GemmArgs) -> Result<()> {
         crate::device::append_json_lines(&path, &lines)?;
     }
     Ok(())
+}
+
+/// The fused rotary embedding (`longview_kernels::fused::rope`) in the device's dtype
+/// on a strided `[B, H, S, D]` view against the rotate-half formula in f64 on the
+/// host over the same rounded inputs: the largest `max|difference| / max|reference|`.
+#[cfg(feature = "cuda")]
+fn check_fused_rope(device: &burn::tensor::Device) -> Result<f32> {
+    use burn::tensor::{Distribution, Tensor};
+    let device = device.clone().without_autodiff();
+    let [b, h, s, d] = [2, 12, 37, 128];
+    let x =
+        Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), &device).swap_dims(1, 2);
+    let cos = Tensor::<4>::random([b, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
+    let sin = Tensor::<4>::random([b, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
+    let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let (xs, cs, ss) = (host(x.clone()), host(cos.clone()), host(sin.clone()));
+    let got = longview_kernels::fused::rope(x, &cos, &sin)
+        .ok_or_else(|| anyhow::anyhow!("the fused RoPE did not run on {device:?}"))?;
+    let got = host(got);
+    let mut worst = 0.0f64;
+    let mut scale = 1e-6f64;
+    let mut diffs = Vec::with_capacity(got.len());
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                for i in 0..d {
+                    let other = if i < d / 2 { i + d / 2 } else { i - d / 2 };
+                    let row = ((bi * h + hi) * s + si) * d;
+                    let t = (bi * s + si) * d + i;
+                    let want =
+                        xs[row + i] as f64 * cs[t] as f64 + xs[row + other] as f64 * ss[t] as f64;
+                    scale = scale.max(want.abs());
+                    diffs.push((got[row + i] as f64 - want).abs());
+                }
+            }
+        }
+    }
+    for diff in diffs {
+        worst = worst.max(diff / scale);
+    }
+    Ok(worst as f32)
 }
 
 /// The fused RMSNorm kernel (`longview_kernels::fused`, what inference runs for every
