@@ -228,8 +228,8 @@ fn grpo_shared_prefix_passes_with_flash_match_the_whole_sequences() {
     }
 }
 
-/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms and rotary embeddings
-/// as one fused kernel each (`longview_kernels::fused`); with autodiff, Burn's ops.
+/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms, rotary embeddings and
+/// SwiGLU activations as one fused kernel each (`longview_kernels::fused`); with autodiff, Burn's ops.
 /// Same weights (the autodiff model's `valid()` copy), same logits.
 #[test]
 fn fused_kernels_in_the_llm_give_the_burn_logits() {

@@ -110,8 +110,26 @@ mod kernel {
                 x[row + i * x.stride(3)] * cos[at_c] + x[row + other * x.stride(3)] * sin[at_s];
         }
     }
+
+    /// `y = silu(gate) * up` elementwise (Qwen2's SwiGLU), the SiLU in f32; all three
+    /// contiguous and of one shape. One unit per element on a 2-D grid.
+    #[cube(launch)]
+    pub fn swiglu_kernel<F: Float>(
+        gate: &Tensor<F>,
+        up: &Tensor<F>,
+        y: &mut Tensor<F>,
+        n: u32,
+        #[comptime] units: usize,
+    ) {
+        let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * units + UNIT_POS_X as usize;
+        if pos < n as usize {
+            let g = f32::cast_from(gate[pos]);
+            let silu = g / (1.0f32 + (-g).exp());
+            y[pos] = F::cast_from(silu) * up[pos];
+        }
+    }
 }
-use kernel::{rms_norm_kernel, rope_kernel};
+use kernel::{rms_norm_kernel, rope_kernel, swiglu_kernel};
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedBackend: burn::backend::Backend {
@@ -129,6 +147,8 @@ pub trait FusedBackend: burn::backend::Backend {
         cos: FloatTensor<Self>,
         signed_sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// `silu(gate) * up` (same shape, same dtype).
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 fn arg(t: &CubeTensor) -> TensorArg {
@@ -190,6 +210,56 @@ impl FusedBackend for CubeBackend {
     fn fused_rope(x: CubeTensor, cos: CubeTensor, signed_sin: CubeTensor) -> CubeTensor {
         launch_rope(x, cos, signed_sin)
     }
+
+    fn fused_swiglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+        let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+        let client = gate.client.clone();
+        let shape = gate.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let y = CubeTensor::new_contiguous(
+            client.clone(),
+            gate.device.clone(),
+            Shape::from(shape),
+            client.empty((n * gate.dtype.size()).max(1)),
+            gate.dtype,
+        );
+        let (count, dim) = elementwise_grid(n);
+        macro_rules! launch {
+            ($f:ty) => {
+                swiglu_kernel::launch::<$f>(
+                    &client,
+                    count,
+                    dim,
+                    arg(&gate),
+                    arg(&up),
+                    arg(&y),
+                    n as u32,
+                    ELEMENTWISE_UNITS,
+                )
+            };
+        }
+        match gate.dtype {
+            DType::F32 => launch!(f32),
+            DType::F16 => launch!(half::f16),
+            DType::BF16 => launch!(half::bf16),
+            other => panic!("fused SwiGLU: unsupported dtype {other:?}"),
+        }
+        y
+    }
+}
+
+/// The 2-D grid of [`ELEMENTWISE_UNITS`]-unit cubes over `n` elements.
+fn elementwise_grid(n: usize) -> (CubeCount, CubeDim) {
+    let cubes = n.div_ceil(ELEMENTWISE_UNITS).max(1);
+    let (gx, gy) = if cubes > 65535 {
+        (65535, cubes.div_ceil(65535))
+    } else {
+        (cubes, 1)
+    };
+    (
+        CubeCount::Static(gx as u32, gy as u32, 1),
+        CubeDim::new_1d(ELEMENTWISE_UNITS as u32),
+    )
 }
 
 fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
@@ -203,14 +273,7 @@ fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
         client.empty((n * x.dtype.size()).max(1)),
         x.dtype,
     );
-    let cubes = n.div_ceil(ELEMENTWISE_UNITS).max(1);
-    let (gx, gy) = if cubes > 65535 {
-        (65535, cubes.div_ceil(65535))
-    } else {
-        (cubes, 1)
-    };
-    let count = CubeCount::Static(gx as u32, gy as u32, 1);
-    let dim = CubeDim::new_1d(ELEMENTWISE_UNITS as u32);
+    let (count, dim) = elementwise_grid(n);
     macro_rules! launch {
         ($f:ty) => {
             rope_kernel::launch::<$f>(
@@ -241,6 +304,10 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         _: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         panic!("fused RoPE has no backward: call it on tensors without autodiff")
+    }
+
+    fn fused_swiglu(_: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        panic!("fused SwiGLU has no backward: call it on tensors without autodiff")
     }
 
     fn fused_rms_norm(_: FloatTensor<Self>, _: FloatTensor<Self>, _: f32) -> FloatTensor<Self> {
@@ -323,5 +390,26 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Option<Ten
         cos.clone().cast(dtype).into_dispatch(),
         signed_sin.clone().cast(dtype).into_dispatch(),
     );
+    Some(Tensor::from_dispatch(y))
+}
+
+/// `silu(gate) * up` (Qwen2's MLP activation) in one kernel launch, the SiLU in f32;
+/// `None` where it cannot run (as [`rms_norm`], or shapes or dtypes that differ).
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Option<Tensor<D>> {
+    let dtype = gate.dtype();
+    if !enabled()
+        || gate.is_autodiff()
+        || up.is_autodiff()
+        || !crate::burn_op::supported(&gate.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || up.dtype() != dtype
+        || gate.dims() != up.dims()
+    {
+        return None;
+    }
+    if gate.shape().num_elements() == 0 {
+        return Some(gate);
+    }
+    let y = <Dispatch as FusedBackend>::fused_swiglu(gate.into_dispatch(), up.into_dispatch());
     Some(Tensor::from_dispatch(y))
 }

@@ -296,3 +296,37 @@ fn fused_rope_matches_the_rotate_half_formula() {
     let table = Tensor::<4>::ones([1, 1, 2, 8], &ad);
     assert!(rope(tracked, &table, &table).is_none());
 }
+
+/// The fused SwiGLU (`silu(gate) * up`) against the formula in f64 on the host, over
+/// more elements than one grid row of cubes; refused for mismatched shapes and on an
+/// autodiff device.
+#[test]
+fn fused_swiglu_matches_the_formula() {
+    use longview_kernels::fused::swiglu;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    for shape in [[2, 3, 37], [1, 70_000, 300]] {
+        let gate = Tensor::<3>::random(shape, Distribution::Normal(0.0, 4.0), &device);
+        let up = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let want: Vec<f32> = host(gate.clone())
+            .iter()
+            .zip(host(up.clone()))
+            .map(|(&g, u)| {
+                let g = g as f64;
+                (g / (1.0 + (-g).exp()) * u as f64) as f32
+            })
+            .collect();
+        let got = host(swiglu(gate, up).expect("wgpu f32 without autodiff"));
+        assert_close(&format!("swiglu {shape:?}"), &got, &want, 1e-6);
+    }
+    let a = Tensor::<3>::ones([1, 2, 3], &device);
+    assert!(swiglu(a.clone(), Tensor::<3>::ones([1, 3, 2], &device)).is_none());
+    let ad = device.clone().autodiff();
+    assert!(
+        swiglu(
+            Tensor::<3>::ones([1, 2, 3], &ad),
+            Tensor::<3>::ones([1, 2, 3], &ad)
+        )
+        .is_none()
+    );
+}

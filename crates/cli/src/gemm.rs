@@ -96,6 +96,13 @@ pub fn run(args: GemmArgs) -> Result<()> {
                 if rope > tolerance {
                     bail!("gemm check failed: fused RoPE {rope:.2e} > {tolerance:.1e}");
                 }
+                let swiglu = check_fused_swiglu(&device)?;
+                println!(
+                    "check fused SwiGLU ([4, 37, 8960] against f64 on the host): {swiglu:.2e}"
+                );
+                if swiglu > tolerance {
+                    bail!("gemm check failed: fused SwiGLU {swiglu:.2e} > {tolerance:.1e}");
+                }
                 println!("check passed: every case within {tolerance:.1e}");
             }
             Err(e) => bail!("gemm check failed: {e}"),
@@ -149,6 +156,33 @@ pub fn run(args: GemmArgs) -> Result<()> {
         crate::device::append_json_lines(&path, &lines)?;
     }
     Ok(())
+}
+
+/// The fused SwiGLU (`longview_kernels::fused::swiglu`) in the device's dtype at the
+/// 1.5B's MLP width against `silu(gate) * up` in f64 on the host over the same
+/// rounded inputs: the largest `max|difference| / max|reference|`.
+#[cfg(feature = "cuda")]
+fn check_fused_swiglu(device: &burn::tensor::Device) -> Result<f32> {
+    use burn::tensor::{Distribution, Tensor};
+    let device = device.clone().without_autodiff();
+    let gate = Tensor::<3>::random([4, 37, 8960], Distribution::Normal(0.0, 4.0), &device);
+    let up = Tensor::<3>::random([4, 37, 8960], Distribution::Normal(0.0, 1.0), &device);
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let (gs, us) = (host(gate.clone()), host(up.clone()));
+    let got = longview_kernels::fused::swiglu(gate, up)
+        .ok_or_else(|| anyhow::anyhow!("the fused SwiGLU did not run on {device:?}"))?;
+    let want: Vec<f64> = gs
+        .iter()
+        .zip(&us)
+        .map(|(&g, &u)| g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64)
+        .collect();
+    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+    let worst = host(got)
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+        .fold(0.0f64, f64::max);
+    Ok(worst as f32)
 }
 
 /// The fused rotary embedding (`longview_kernels::fused::rope`) in the device's dtype

@@ -111,8 +111,9 @@ pub struct Qwen2Mlp {
 
 impl Qwen2Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(linear(&self.gate_proj, x.clone()));
-        linear(&self.down_proj, gate * linear(&self.up_proj, x))
+        let gate = linear(&self.gate_proj, x.clone());
+        let up = linear(&self.up_proj, x);
+        linear(&self.down_proj, swiglu(gate, up))
     }
 }
 
@@ -179,6 +180,18 @@ pub(crate) fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
         return y;
     }
     norm.forward(x)
+}
+
+/// `silu(gate) * up` in one fused kernel where that can run (as [`rms_norm`]), else
+/// Burn's ops.
+fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
+    #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+    if !gate.is_autodiff()
+        && let Some(y) = longview_kernels::fused::swiglu(gate.clone(), up.clone())
+    {
+        return y;
+    }
+    silu(gate) * up
 }
 
 /// The decoder stack (`Qwen2Model`).
