@@ -267,7 +267,7 @@ fn measure(
         if kept.len() != cache.batch() {
             cache = cache.select(kept);
         }
-        Ok(decode_step(model, &mut cache, tokens, device)?)
+        decode_step(model, &mut cache, tokens, device)
     })?;
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();

@@ -57,7 +57,7 @@ impl Shape {
     /// `None` when there is nothing to score (no prompt, or every response empty).
     fn of(rollout: &Rollout<'_>) -> Option<Self> {
         let longest = rollout.longest();
-        (longest > 0 && !rollout.prompt.is_empty()).then(|| Shape {
+        (longest > 0 && !rollout.prompt.is_empty()).then_some(Shape {
             responses: rollout.responses.len(),
             prompt: rollout.prompt.len(),
             longest,
