@@ -162,19 +162,27 @@ fn arg(t: &CubeTensor) -> TensorArg {
     }
 }
 
+/// A new contiguous tensor shaped and typed like `like`'s `shape` (not initialised:
+/// the kernels write every element).
+fn output(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
+    let n: usize = shape.iter().product();
+    let client = like.client.clone();
+    let handle = client.empty((n * like.dtype.size()).max(1));
+    CubeTensor::new_contiguous(
+        client,
+        like.device.clone(),
+        Shape::from(shape),
+        handle,
+        like.dtype,
+    )
+}
+
 impl FusedBackend for CubeBackend {
     fn fused_rms_norm(x: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
         let (x, gamma) = (into_contiguous(x), into_contiguous(gamma));
         let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
         let client = x.client.clone();
-        let bytes = rows * d * x.dtype.size();
-        let y = CubeTensor::new_contiguous(
-            client.clone(),
-            x.device.clone(),
-            Shape::new([rows, d]),
-            client.empty(bytes.max(1)),
-            x.dtype,
-        );
+        let y = output(&x, vec![rows, d]);
         let (gx, gy) = if rows > 65535 {
             (65535, rows.div_ceil(65535))
         } else {
@@ -214,15 +222,8 @@ impl FusedBackend for CubeBackend {
     fn fused_swiglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
         let (gate, up) = (into_contiguous(gate), into_contiguous(up));
         let client = gate.client.clone();
-        let shape = gate.meta.shape().to_vec();
-        let n: usize = shape.iter().product();
-        let y = CubeTensor::new_contiguous(
-            client.clone(),
-            gate.device.clone(),
-            Shape::from(shape),
-            client.empty((n * gate.dtype.size()).max(1)),
-            gate.dtype,
-        );
+        let n: usize = gate.meta.shape().iter().product();
+        let y = output(&gate, gate.meta.shape().to_vec());
         let (count, dim) = elementwise_grid(n);
         macro_rules! launch {
             ($f:ty) => {
@@ -264,15 +265,8 @@ fn elementwise_grid(n: usize) -> (CubeCount, CubeDim) {
 
 fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
     let client = x.client.clone();
-    let shape = x.meta.shape().to_vec();
-    let n: usize = shape.iter().product();
-    let y = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::from(shape),
-        client.empty((n * x.dtype.size()).max(1)),
-        x.dtype,
-    );
+    let n: usize = x.meta.shape().iter().product();
+    let y = output(&x, x.meta.shape().to_vec());
     let (count, dim) = elementwise_grid(n);
     macro_rules! launch {
         ($f:ty) => {

@@ -158,6 +158,18 @@ pub fn run(args: GemmArgs) -> Result<()> {
     Ok(())
 }
 
+/// `max|got - want| / max|want|` (f64 reference).
+#[cfg(feature = "cuda")]
+fn worst_relative(got: &[f32], want: &[f64]) -> f32 {
+    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+        .fold(0.0f64, f64::max);
+    worst as f32
+}
+
 /// The fused SwiGLU (`longview_kernels::fused::swiglu`) in the device's dtype at the
 /// 1.5B's MLP width against `silu(gate) * up` in f64 on the host over the same
 /// rounded inputs: the largest `max|difference| / max|reference|`.
@@ -176,13 +188,7 @@ fn check_fused_swiglu(device: &burn::tensor::Device) -> Result<f32> {
         .zip(&us)
         .map(|(&g, &u)| g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64)
         .collect();
-    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
-    let worst = host(got)
-        .iter()
-        .zip(&want)
-        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
-        .fold(0.0f64, f64::max);
-    Ok(worst as f32)
+    Ok(worst_relative(&host(got), &want))
 }
 
 /// The fused rotary embedding (`longview_kernels::fused::rope`) in the device's dtype
@@ -202,9 +208,7 @@ fn check_fused_rope(device: &burn::tensor::Device) -> Result<f32> {
     let got = longview_kernels::fused::rope(x, &cos, &sin)
         .ok_or_else(|| anyhow::anyhow!("the fused RoPE did not run on {device:?}"))?;
     let got = host(got);
-    let mut worst = 0.0f64;
-    let mut scale = 1e-6f64;
-    let mut diffs = Vec::with_capacity(got.len());
+    let mut want = vec![0.0f64; got.len()];
     for bi in 0..b {
         for hi in 0..h {
             for si in 0..s {
@@ -212,18 +216,13 @@ fn check_fused_rope(device: &burn::tensor::Device) -> Result<f32> {
                     let other = if i < d / 2 { i + d / 2 } else { i - d / 2 };
                     let row = ((bi * h + hi) * s + si) * d;
                     let t = (bi * s + si) * d + i;
-                    let want =
+                    want[row + i] =
                         xs[row + i] as f64 * cs[t] as f64 + xs[row + other] as f64 * ss[t] as f64;
-                    scale = scale.max(want.abs());
-                    diffs.push((got[row + i] as f64 - want).abs());
                 }
             }
         }
     }
-    for diff in diffs {
-        worst = worst.max(diff / scale);
-    }
-    Ok(worst as f32)
+    Ok(worst_relative(&got, &want))
 }
 
 /// The fused RMSNorm kernel (`longview_kernels::fused`, what inference runs for every
@@ -251,13 +250,7 @@ fn check_fused_rms_norm(device: &burn::tensor::Device) -> Result<f32> {
                 .map(move |(&v, &g)| v as f64 * inv * g as f64)
         })
         .collect();
-    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
-        .fold(0.0f64, f64::max);
-    Ok(worst as f32)
+    Ok(worst_relative(&got, &want))
 }
 
 /// The patch embedding as one GEMM (`longview_models::linear::patch_embed`) and
