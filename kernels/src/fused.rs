@@ -4,7 +4,8 @@
 //! RMSNorm alone is eight (cast, square, mean, add, sqrt, cast, divide, scale).
 //!
 //! Forward only, on tensors without autodiff (decoding, prefill, GRPO's untracked
-//! log-prob passes); training keeps Burn's ops and their autodiff.
+//! log-prob passes); training keeps Burn's ops and their autodiff. The arithmetic is
+//! f32 throughout, rounded once to the tensor's dtype (Burn rounds after each op).
 
 use burn::backend::autodiff::{Autodiff, checkpoint::strategy::CheckpointStrategy};
 use burn::backend::{Dispatch, backend_extension, tensor::FloatTensor};
@@ -66,7 +67,8 @@ mod kernel {
             let inv = 1.0f32 / (partial[0] / f32::cast_from(d) + eps).sqrt();
             let mut i = u;
             while i < d {
-                y[base + i] = F::cast_from(f32::cast_from(x[base + i]) * inv) * gamma[i];
+                y[base + i] =
+                    F::cast_from(f32::cast_from(x[base + i]) * inv * f32::cast_from(gamma[i]));
                 i += units;
             }
         }
@@ -106,8 +108,10 @@ mod kernel {
             }
             let at_c = tb * cos.stride(0) + s * cos.stride(2) + i * cos.stride(3);
             let at_s = tb * sin.stride(0) + s * sin.stride(2) + i * sin.stride(3);
-            y[pos] =
-                x[row + i * x.stride(3)] * cos[at_c] + x[row + other * x.stride(3)] * sin[at_s];
+            y[pos] = F::cast_from(
+                f32::cast_from(x[row + i * x.stride(3)]) * f32::cast_from(cos[at_c])
+                    + f32::cast_from(x[row + other * x.stride(3)]) * f32::cast_from(sin[at_s]),
+            );
         }
     }
 
@@ -125,7 +129,7 @@ mod kernel {
         if pos < n as usize {
             let g = f32::cast_from(gate[pos]);
             let silu = g / (1.0f32 + (-g).exp());
-            y[pos] = F::cast_from(silu) * up[pos];
+            y[pos] = F::cast_from(silu * f32::cast_from(up[pos]));
         }
     }
 }
@@ -325,8 +329,8 @@ pub fn enabled() -> bool {
 /// RMSNorm of `x` (`[..., d]`) over its last dimension with `gamma` (`[d]`) in one
 /// kernel launch; `None` where it cannot run (not a CubeCL device, a tensor on an
 /// autodiff device, a dtype other than f32/f16/bf16): the caller keeps Burn's ops.
-/// Same formula as `burn::nn::RmsNorm` (mean of squares in f32), the product with
-/// the inverse root formed in f32 before rounding to x's dtype.
+/// Same formula as `burn::nn::RmsNorm` (mean of squares in f32), the whole row's
+/// arithmetic in f32 and rounded once to x's dtype.
 /// `LONGVIEW_FUSED=off` (or `0`) turns the fused kernels off (A/B timing in one
 /// binary; a way around a suspected kernel fault).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
