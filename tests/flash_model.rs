@@ -228,24 +228,63 @@ fn grpo_shared_prefix_passes_with_flash_match_the_whole_sequences() {
     }
 }
 
-/// The debug Qwen2 on wgpu without autodiff runs its RMSNorms, rotary embeddings and
-/// SwiGLU activations as one fused kernel each (`longview_kernels::fused`); with autodiff, Burn's ops.
-/// Same weights (the autodiff model's `valid()` copy), same logits.
+/// The debug Qwen2 on wgpu runs its RMSNorms, rotary embeddings and SwiGLU
+/// activations as one fused kernel each (`longview_kernels::fused`, forward and
+/// backward); the same weights on the CPU backend run Burn's ops. Logits and
+/// parameter gradients agree, with and without autodiff.
 #[test]
-fn fused_kernels_in_the_llm_give_the_burn_logits() {
+fn fused_kernels_in_the_llm_give_the_burn_logits_and_gradients() {
     use burn::module::Module;
     let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    let cpu = Device::flex().autodiff();
     let model = TextConfig::debug().init(&device);
+    let reference = model.clone().fork(&cpu);
     let (batch, seq) = (2, 37);
     let ids: Vec<i64> = (0..(batch * seq) as i64)
         .map(|i| (i * 17 + 3) % 300)
         .collect();
-    let ids = || Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
-    let positions = default_position_ids(batch, seq, &device);
-    let burn_ops = model.forward(ids(), positions.clone());
-    let plain = model.valid();
-    let fused = plain.forward(ids().inner(), positions.inner());
-    let error = relative_error(fused, burn_ops.inner());
-    // f32; the fused kernel sums the squares in another order.
+    let ids = |device: &Device| {
+        Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), device)
+    };
+    let weights = Tensor::<3>::random([batch, seq, 300], Distribution::Normal(0.0, 1.0), &device);
+    let cpu_weights = Tensor::<3>::from_data(weights.to_data(), &cpu);
+
+    let got = model.forward(ids(&device), default_position_ids(batch, seq, &device));
+    let want = reference.forward(ids(&cpu), default_position_ids(batch, seq, &cpu));
+    let error = relative_error(Tensor::<3>::from_data(got.to_data(), &cpu), want.clone());
+    // f32; the fused kernels and the CPU sum in other orders.
     assert!(error <= 1e-5, "logits: relative error {error:.2e}");
+    // Without autodiff (inference) as well.
+    let plain = model.valid().forward(
+        ids(&device).inner(),
+        default_position_ids(batch, seq, &device).inner(),
+    );
+    let error = relative_error(Tensor::<3>::from_data(plain.to_data(), &cpu), want.clone());
+    assert!(
+        error <= 1e-5,
+        "logits without autodiff: relative error {error:.2e}"
+    );
+
+    let grads = (got * weights).sum().backward();
+    let grads_ref = (want * cpu_weights).sum().backward();
+    for ((name, p), (_, p_ref)) in watched(&model).into_iter().zip(watched(&reference)) {
+        let g = p.grad(&grads).unwrap();
+        let g = Tensor::<2>::from_data(g.to_data(), &Device::flex());
+        let error = relative_error(g, p_ref.grad(&grads_ref).unwrap());
+        assert!(
+            error <= 1e-4,
+            "gradient of {name}: relative error {error:.2e}"
+        );
+    }
+    let norm =
+        |m: &longview_models::vila::Qwen2| m.model.layers[1].post_attention_layernorm.gamma.val();
+    let g = norm(&model).grad(&grads).unwrap();
+    let error = relative_error(
+        Tensor::<1>::from_data(g.to_data(), &Device::flex()),
+        norm(&reference).grad(&grads_ref).unwrap(),
+    );
+    assert!(
+        error <= 1e-4,
+        "gradient of a norm's gamma: relative error {error:.2e}"
+    );
 }

@@ -197,8 +197,8 @@ fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
 
 /// The fused RMSNorm (one launch) against the f64 host formula on wgpu: rows of 37
 /// (fewer than the cube's units) and 1,536 (the 1.5B's width) elements, more rows
-/// than one grid row holds, a transposed (non-contiguous) input; refused (`None`) on
-/// an autodiff device and off CubeCL devices.
+/// than one grid row holds, a transposed (non-contiguous) input; refused (`None`) off
+/// CubeCL devices.
 #[test]
 fn fused_rms_norm_matches_the_f64_formula() {
     use longview_kernels::fused::rms_norm;
@@ -228,9 +228,7 @@ fn fused_rms_norm_matches_the_f64_formula() {
     );
     let got = host(rms_norm(view, gamma.clone(), eps).unwrap());
     assert_close("rms_norm of a transposed view", &got, &want, 2e-6);
-    // No backward: refused on an autodiff device; refused off CubeCL devices.
-    let tracked = Tensor::<3>::ones([1, 2, 6], &device.clone().autodiff());
-    assert!(rms_norm(tracked, gamma.clone().autodiff(), eps).is_none());
+    // Refused off CubeCL devices.
     let cpu = Tensor::<3>::ones([1, 2, 6], &Device::flex());
     assert!(rms_norm(cpu, Tensor::<1>::ones([6], &Device::flex()), eps).is_none());
 }
@@ -238,7 +236,7 @@ fn fused_rms_norm_matches_the_f64_formula() {
 /// The fused rotary embedding against the rotate-half formula on the host (f64):
 /// contiguous input with a table per batch row, a `[B, S, H, D]` projection viewed as
 /// `[B, H, S, D]` (strided, as the model's q and k are) with one table row for the
-/// batch; refused for an odd head dim and on an autodiff device.
+/// batch; refused for an odd head dim.
 #[test]
 fn fused_rope_matches_the_rotate_half_formula() {
     use longview_kernels::fused::rope;
@@ -291,15 +289,10 @@ fn fused_rope_matches_the_rotate_half_formula() {
     let odd = Tensor::<4>::ones([1, 1, 2, 7], &device);
     let table = Tensor::<4>::ones([1, 1, 2, 7], &device);
     assert!(rope(odd, &table, &table).is_none());
-    let ad = device.clone().autodiff();
-    let tracked = Tensor::<4>::ones([1, 1, 2, 8], &ad);
-    let table = Tensor::<4>::ones([1, 1, 2, 8], &ad);
-    assert!(rope(tracked, &table, &table).is_none());
 }
 
 /// The fused SwiGLU (`silu(gate) * up`) against the formula in f64 on the host, over
-/// more elements than one grid row of cubes; refused for mismatched shapes and on an
-/// autodiff device.
+/// more elements than one grid row of cubes; refused for mismatched shapes.
 #[test]
 fn fused_swiglu_matches_the_formula() {
     use longview_kernels::fused::swiglu;
@@ -321,12 +314,109 @@ fn fused_swiglu_matches_the_formula() {
     }
     let a = Tensor::<3>::ones([1, 2, 3], &device);
     assert!(swiglu(a.clone(), Tensor::<3>::ones([1, 3, 2], &device)).is_none());
-    let ad = device.clone().autodiff();
-    assert!(
-        swiglu(
-            Tensor::<3>::ones([1, 2, 3], &ad),
-            Tensor::<3>::ones([1, 2, 3], &ad)
-        )
-        .is_none()
+}
+
+/// The fused ops' backward on a wgpu autodiff device against autodiff of the same
+/// formulas written in Burn's tensor ops (f32), each on its own copy of the inputs:
+/// the gradients of every input under a random upstream gradient, and the forward
+/// values.
+#[test]
+fn fused_ops_backward_matches_burn_autodiff() {
+    use burn::tensor::activation::silu;
+    use longview_kernels::fused::{rms_norm, rope, swiglu};
+    let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+    // Two independent leaves holding the same values.
+    fn twins<const D: usize>(t: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
+        (t.clone().detach().require_grad(), t.detach().require_grad())
+    }
+    let normal3 = |shape: [usize; 3], mean: f64, std: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(mean, std), &device)
+    };
+
+    // RMSNorm: x and gamma.
+    let (shape, d, eps) = ([3, 5, 300], 300, 1e-6);
+    let (x_a, x_b) = twins(normal3(shape, 0.5, 2.0));
+    let (g_a, g_b) = twins(Tensor::<1>::random(
+        [d],
+        Distribution::Normal(1.0, 0.3),
+        &device,
+    ));
+    let w = normal3(shape, 0.0, 1.0);
+    let fused = rms_norm(x_a.clone(), g_a.clone(), eps).expect("wgpu");
+    let grads = (fused.clone() * w.clone()).sum().backward();
+    let (dx, dg) = (x_a.grad(&grads).unwrap(), g_a.grad(&grads).unwrap());
+    let rms = (x_b.clone().square().mean_dim(2) + eps).sqrt();
+    let want = x_b.clone() / rms * g_b.clone().unsqueeze::<3>();
+    let grads = (want.clone() * w).sum().backward();
+    assert_close("rms_norm forward", &host(fused), &host(want), 2e-6);
+    assert_close(
+        "rms_norm dx",
+        &host(dx),
+        &host(x_b.grad(&grads).unwrap()),
+        1e-5,
+    );
+    assert_close(
+        "rms_norm dgamma",
+        &host(dg),
+        &host(g_b.grad(&grads).unwrap()),
+        1e-5,
+    );
+
+    // RoPE: x (strided, as the model's q and k), the tables constant.
+    let [b, h, s, hd] = [2, 3, 5, 8];
+    let (base_a, base_b) = twins(Tensor::<4>::random(
+        [b, s, h, hd],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ));
+    let cos = Tensor::<4>::random([b, 1, s, hd], Distribution::Uniform(-1.0, 1.0), &device);
+    let sin = Tensor::<4>::random([b, 1, s, hd], Distribution::Uniform(-1.0, 1.0), &device);
+    let w = Tensor::<4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &device);
+    let fused = rope(base_a.clone().swap_dims(1, 2), &cos, &sin).expect("wgpu");
+    let grads = (fused.clone() * w.clone()).sum().backward();
+    let got = base_a.grad(&grads).unwrap();
+    let x = base_b.clone().swap_dims(1, 2);
+    let swapped = Tensor::cat(
+        vec![
+            x.clone().narrow(3, hd / 2, hd / 2),
+            x.clone().narrow(3, 0, hd / 2),
+        ],
+        3,
+    );
+    let want = x * cos + swapped * sin;
+    let grads = (want.clone() * w).sum().backward();
+    assert_close("rope forward", &host(fused), &host(want), 1e-6);
+    assert_close(
+        "rope dx",
+        &host(got),
+        &host(base_b.grad(&grads).unwrap()),
+        1e-6,
+    );
+
+    // SwiGLU: gate and up.
+    let shape = [2, 7, 301];
+    let (gate_a, gate_b) = twins(normal3(shape, 0.0, 4.0));
+    let (up_a, up_b) = twins(normal3(shape, 0.0, 1.0));
+    let w = normal3(shape, 0.0, 1.0);
+    let fused = swiglu(gate_a.clone(), up_a.clone()).expect("wgpu");
+    let grads = (fused.clone() * w.clone()).sum().backward();
+    let (d_gate, d_up) = (gate_a.grad(&grads).unwrap(), up_a.grad(&grads).unwrap());
+    let want = silu(gate_b.clone()) * up_b.clone();
+    let grads = (want.clone() * w).sum().backward();
+    assert_close("swiglu forward", &host(fused), &host(want), 1e-6);
+    assert_close(
+        "swiglu d_gate",
+        &host(d_gate),
+        &host(gate_b.grad(&grads).unwrap()),
+        1e-5,
+    );
+    assert_close(
+        "swiglu d_up",
+        &host(d_up),
+        &host(up_b.grad(&grads).unwrap()),
+        1e-5,
     );
 }

@@ -103,6 +103,14 @@ pub fn run(args: GemmArgs) -> Result<()> {
                 if swiglu > tolerance {
                     bail!("gemm check failed: fused SwiGLU {swiglu:.2e} > {tolerance:.1e}");
                 }
+                let backward = check_fused_backward(&device)?;
+                println!(
+                    "check fused RMSNorm / RoPE / SwiGLU gradients (autodiff on this device \
+                     against Burn's ops in f32 on the CPU, same rounded inputs): {backward:.2e}"
+                );
+                if backward > tolerance {
+                    bail!("gemm check failed: fused backward {backward:.2e} > {tolerance:.1e}");
+                }
                 println!("check passed: every case within {tolerance:.1e}");
             }
             Err(e) => bail!("gemm check failed: {e}"),
@@ -156,6 +164,93 @@ pub fn run(args: GemmArgs) -> Result<()> {
         crate::device::append_json_lines(&path, &lines)?;
     }
     Ok(())
+}
+
+/// The fused ops' backward on `device` (autodiff, its dtype) against the same formulas
+/// in Burn's ops in f32 on the CPU over the same rounded inputs: every input's gradient
+/// under a random upstream gradient; the largest `max|difference| / max|reference|`.
+#[cfg(feature = "cuda")]
+fn check_fused_backward(device: &burn::tensor::Device) -> Result<f32> {
+    use burn::tensor::activation::silu;
+    use burn::tensor::{Distribution, Tensor};
+    use longview_kernels::fused::{rms_norm, rope, swiglu};
+    let device = device.clone().without_autodiff().autodiff();
+    let cpu = burn::tensor::Device::flex().autodiff();
+    fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+    // The GPU leaf and an f32 CPU leaf with its (rounded) values.
+    let pair = |t: Tensor<3>| {
+        let cpu_t = Tensor::<3>::from_data(t.to_data().convert::<f32>(), &cpu).require_grad();
+        (t.require_grad(), cpu_t)
+    };
+    let normal = |shape: [usize; 3], std: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(0.0, std), &device)
+    };
+    let mut worst = 0.0f32;
+    let mut compare = |got: Tensor<3>, want: Tensor<3>| {
+        let want64: Vec<f64> = host(want).iter().map(|&x| x as f64).collect();
+        worst = worst.max(worst_relative(&host(got), &want64));
+    };
+
+    // RMSNorm (x; gamma's gradient is a sum over rows, compared via x's path).
+    let (x, x_cpu) = pair(normal([2, 37, 1536], 2.0));
+    let gamma = Tensor::<1>::random([1536], Distribution::Normal(1.0, 0.3), &device);
+    let gamma_cpu = Tensor::<1>::from_data(gamma.to_data().convert::<f32>(), &cpu);
+    let (w, w_cpu) = pair(normal([2, 37, 1536], 1.0));
+    let y = rms_norm(x.clone(), gamma, 1e-6)
+        .ok_or_else(|| anyhow::anyhow!("the fused RMSNorm did not run on {device:?}"))?;
+    let grads = (y * w.detach()).sum().backward();
+    let rms = (x_cpu.clone().square().mean_dim(2) + 1e-6).sqrt();
+    let y_cpu = x_cpu.clone() / rms * gamma_cpu.unsqueeze::<3>();
+    let grads_cpu = (y_cpu * w_cpu.detach()).sum().backward();
+    compare(x.grad(&grads).unwrap(), x_cpu.grad(&grads_cpu).unwrap());
+
+    // SwiGLU.
+    let (gate, gate_cpu) = pair(normal([2, 37, 8960], 4.0));
+    let (up, up_cpu) = pair(normal([2, 37, 8960], 1.0));
+    let (w, w_cpu) = pair(normal([2, 37, 8960], 1.0));
+    let y = swiglu(gate.clone(), up.clone())
+        .ok_or_else(|| anyhow::anyhow!("the fused SwiGLU did not run on {device:?}"))?;
+    let grads = (y * w.detach()).sum().backward();
+    let y_cpu = silu(gate_cpu.clone()) * up_cpu.clone();
+    let grads_cpu = (y_cpu * w_cpu.detach()).sum().backward();
+    compare(
+        gate.grad(&grads).unwrap(),
+        gate_cpu.grad(&grads_cpu).unwrap(),
+    );
+    compare(up.grad(&grads).unwrap(), up_cpu.grad(&grads_cpu).unwrap());
+
+    // RoPE on a strided view, [2, 37, 12, 128] seen as [2, 12, 37, 128].
+    let (base, base_cpu) = pair(normal([2 * 37, 12, 128], 1.0));
+    let view = |t: Tensor<3>| t.reshape([2, 37, 12, 128]).swap_dims(1, 2);
+    let table = |seed_std: f64| {
+        Tensor::<4>::random(
+            [2, 1, 37, 128],
+            Distribution::Normal(0.0, seed_std),
+            &device,
+        )
+    };
+    let (cos, sin) = (table(0.7), table(0.7));
+    let to_cpu = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data().convert::<f32>(), &cpu);
+    let (cos_cpu, sin_cpu) = (to_cpu(&cos), to_cpu(&sin));
+    let w = Tensor::<4>::random([2, 12, 37, 128], Distribution::Normal(0.0, 1.0), &device);
+    let w_cpu = to_cpu(&w);
+    let y = rope(view(base.clone()), &cos, &sin)
+        .ok_or_else(|| anyhow::anyhow!("the fused RoPE did not run on {device:?}"))?;
+    let grads = (y * w).sum().backward();
+    let x = view(base_cpu.clone());
+    let swapped = Tensor::cat(
+        vec![x.clone().narrow(3, 64, 64), x.clone().narrow(3, 0, 64)],
+        3,
+    );
+    let y_cpu = x * cos_cpu + swapped * sin_cpu;
+    let grads_cpu = (y_cpu * w_cpu).sum().backward();
+    compare(
+        base.grad(&grads).unwrap(),
+        base_cpu.grad(&grads_cpu).unwrap(),
+    );
+    Ok(worst)
 }
 
 /// `max|got - want| / max|want|` (f64 reference).

@@ -61,12 +61,10 @@ impl Rope {
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        // One fused kernel where it can run (a CubeCL device, no autodiff); the same
-        // formula in Burn's ops elsewhere.
+        // One fused kernel (backward: the transposed rotation) where it can run (a
+        // CubeCL device); the same formula in Burn's ops elsewhere.
         #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
-        if !x.is_autodiff()
-            && let Some(y) = longview_kernels::fused::rope(x.clone(), &self.cos, &self.signed_sin)
-        {
+        if let Some(y) = longview_kernels::fused::rope(x.clone(), &self.cos, &self.signed_sin) {
             return y;
         }
         let dtype = x.dtype();

@@ -168,27 +168,21 @@ impl SplitAtAttention for Qwen2DecoderLayer {
     }
 }
 
-/// RMSNorm of `x` in one fused kernel where that can run (a CubeCL device, a
-/// tensor without autodiff: decoding, prefill, untracked log-prob passes), else
-/// Burn's `RmsNorm` ops (the same formula; training keeps their autodiff).
+/// RMSNorm of `x` in one fused kernel (with its backward) where that can run (a
+/// CubeCL device), else Burn's `RmsNorm` ops (the same formula).
 pub(crate) fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
     #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
-    if !x.is_autodiff()
-        && let Some(y) =
-            longview_kernels::fused::rms_norm(x.clone(), norm.gamma.val(), norm.epsilon)
-    {
+    if let Some(y) = longview_kernels::fused::rms_norm(x.clone(), norm.gamma.val(), norm.epsilon) {
         return y;
     }
     norm.forward(x)
 }
 
-/// `silu(gate) * up` in one fused kernel where that can run (as [`rms_norm`]), else
-/// Burn's ops.
+/// `silu(gate) * up` in one fused kernel (with its backward) where that can run (as
+/// [`rms_norm`]), else Burn's ops.
 fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
     #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
-    if !gate.is_autodiff()
-        && let Some(y) = longview_kernels::fused::swiglu(gate.clone(), up.clone())
-    {
+    if let Some(y) = longview_kernels::fused::swiglu(gate.clone(), up.clone()) {
         return y;
     }
     silu(gate) * up

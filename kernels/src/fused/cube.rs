@@ -1,0 +1,224 @@
+//! The fused ops on the CubeCL backend (CUDA, wgpu): output allocation and launches.
+
+use burn::backend::ops::FloatTensorOps;
+use burn::tensor::{DType, FloatDType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
+
+use super::FusedBackend;
+use super::kernels::{
+    rms_norm_backward_kernel, rms_norm_kernel, rope_kernel, swiglu_backward_kernel, swiglu_kernel,
+};
+
+/// Units per cube of the row kernels (a power of two: the cube sums halve it).
+const ROW_UNITS: usize = 128;
+/// Units per cube of the elementwise kernels.
+const ELEMENTWISE_UNITS: usize = 256;
+
+fn arg(t: &CubeTensor) -> TensorArg {
+    // SAFETY: the handle holds every element the shape and strides address.
+    unsafe {
+        TensorArg::from_raw_parts(
+            t.handle.clone(),
+            t.meta.strides().to_vec().into(),
+            t.meta.shape().to_vec().into(),
+        )
+    }
+}
+
+/// A new contiguous tensor of `shape` and `dtype` on `like`'s device (not
+/// initialised: the kernels write every element).
+fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
+    let n: usize = shape.iter().product();
+    let client = like.client.clone();
+    let handle = client.empty((n * dtype.size()).max(1));
+    CubeTensor::new_contiguous(
+        client,
+        like.device.clone(),
+        Shape::from(shape),
+        handle,
+        dtype,
+    )
+}
+
+/// A 2-D grid of `count` cubes (the y axis past 65,535).
+fn grid(count: usize, units: usize) -> (CubeCount, CubeDim) {
+    let count = count.max(1);
+    let (x, y) = if count > 65535 {
+        (65535, count.div_ceil(65535))
+    } else {
+        (count, 1)
+    };
+    (
+        CubeCount::Static(x as u32, y as u32, 1),
+        CubeDim::new_1d(units as u32),
+    )
+}
+
+/// Launches `$kernel::<F>` with the float type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $what:literal, $kernel:ident, $($args:expr),* $(,)?) => {
+        match $dtype {
+            DType::F32 => $kernel::launch::<f32>($($args),*),
+            DType::F16 => $kernel::launch::<half::f16>($($args),*),
+            DType::BF16 => $kernel::launch::<half::bf16>($($args),*),
+            other => panic!("fused {}: unsupported dtype {other:?}", $what),
+        }
+    };
+}
+
+fn rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, transpose: bool) -> CubeTensor {
+    let client = x.client.clone();
+    let shape = x.meta.shape().to_vec();
+    let n: usize = shape.iter().product();
+    let y = output(&x, shape, x.dtype);
+    let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+    by_dtype!(
+        x.dtype,
+        "RoPE",
+        rope_kernel,
+        &client,
+        count,
+        dim,
+        arg(&x),
+        arg(&cos),
+        arg(&sin),
+        arg(&y),
+        transpose,
+        ELEMENTWISE_UNITS,
+    );
+    y
+}
+
+impl FusedBackend for CubeBackend {
+    fn fused_rms_norm(x: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
+        let (x, gamma) = (into_contiguous(x), into_contiguous(gamma));
+        let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let client = x.client.clone();
+        let y = output(&x, vec![rows, d], x.dtype);
+        let (count, dim) = grid(rows, ROW_UNITS);
+        by_dtype!(
+            x.dtype,
+            "RMSNorm",
+            rms_norm_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&gamma),
+            arg(&y),
+            rows as u32,
+            d as u32,
+            eps,
+            ROW_UNITS,
+        );
+        y
+    }
+
+    fn fused_rms_norm_backward(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        dy: CubeTensor,
+        eps: f32,
+    ) -> (CubeTensor, CubeTensor) {
+        let [x, gamma, dy] = [x, gamma, dy].map(into_contiguous);
+        let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let client = x.client.clone();
+        let dx = output(&x, vec![rows, d], x.dtype);
+        let rows_share = output(&x, vec![rows, d], DType::F32);
+        let (count, dim) = grid(rows, ROW_UNITS);
+        by_dtype!(
+            x.dtype,
+            "RMSNorm backward",
+            rms_norm_backward_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&gamma),
+            arg(&dy),
+            arg(&dx),
+            arg(&rows_share),
+            rows as u32,
+            d as u32,
+            eps,
+            ROW_UNITS,
+        );
+        // gamma's gradient: the rows' shares summed (Burn's reduction), in gamma's dtype.
+        let dgamma = CubeBackend::float_sum_dim(rows_share, 0);
+        let dgamma = CubeBackend::float_reshape(dgamma, Shape::new([d]));
+        let dtype = match gamma.dtype {
+            DType::F16 => FloatDType::F16,
+            DType::BF16 => FloatDType::BF16,
+            _ => FloatDType::F32,
+        };
+        (dx, CubeBackend::float_cast(dgamma, dtype))
+    }
+
+    fn fused_rope(x: CubeTensor, cos: CubeTensor, signed_sin: CubeTensor) -> CubeTensor {
+        rope(x, cos, signed_sin, false)
+    }
+
+    fn fused_rope_transposed(
+        dy: CubeTensor,
+        cos: CubeTensor,
+        signed_sin: CubeTensor,
+    ) -> CubeTensor {
+        rope(dy, cos, signed_sin, true)
+    }
+
+    fn fused_swiglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+        let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+        let client = gate.client.clone();
+        let shape = gate.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let y = output(&gate, shape, gate.dtype);
+        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        by_dtype!(
+            gate.dtype,
+            "SwiGLU",
+            swiglu_kernel,
+            &client,
+            count,
+            dim,
+            arg(&gate),
+            arg(&up),
+            arg(&y),
+            n as u32,
+            ELEMENTWISE_UNITS,
+        );
+        y
+    }
+
+    fn fused_swiglu_backward(
+        gate: CubeTensor,
+        up: CubeTensor,
+        dy: CubeTensor,
+    ) -> (CubeTensor, CubeTensor) {
+        let [gate, up, dy] = [gate, up, dy].map(into_contiguous);
+        let client = gate.client.clone();
+        let shape = gate.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let d_gate = output(&gate, shape.clone(), gate.dtype);
+        let d_up = output(&gate, shape, gate.dtype);
+        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        by_dtype!(
+            gate.dtype,
+            "SwiGLU backward",
+            swiglu_backward_kernel,
+            &client,
+            count,
+            dim,
+            arg(&gate),
+            arg(&up),
+            arg(&dy),
+            arg(&d_gate),
+            arg(&d_up),
+            n as u32,
+            ELEMENTWISE_UNITS,
+        );
+        (d_gate, d_up)
+    }
+}

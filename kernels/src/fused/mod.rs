@@ -1,0 +1,153 @@
+//! Fused kernels for Qwen2's elementwise work: what Burn runs as a chain of tensor
+//! ops, each its own kernel launch, done in one launch. A decoding step of the 1.5B
+//! model is mostly such small kernels (`benchmarks/inference.md`: ~40 per layer);
+//! by Burn 0.22's op definitions RMSNorm is about nine launches (casts, square, mean,
+//! add, sqrt, divide, scale), the rotary embedding five per tensor, SwiGLU ten (the
+//! sigmoid alone is eight).
+//!
+//! Each op has its backward (`autodiff`): RMSNorm and SwiGLU through backward kernels
+//! from the saved inputs, the rotary embedding through the transposed rotation. The
+//! arithmetic is f32 throughout, each output rounded once to the tensor's dtype (Burn
+//! rounds after each op). `LONGVIEW_FUSED=off` turns them off (A/B timing in one
+//! binary; a way around a suspected kernel fault).
+
+use burn::backend::{Dispatch, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Tensor};
+
+mod autodiff;
+mod cube;
+mod kernels;
+
+#[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
+pub trait FusedBackend: burn::backend::Backend {
+    /// RMSNorm of the rows of `x` (`[rows, d]`) with `gamma` (`[d]`, x's dtype).
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+
+    /// `(dx, dgamma)` of [`FusedBackend::fused_rms_norm`] given the output's gradient.
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Rotary embedding of `x` (`[B, H, S, D]`) with the tables `cos` and `signed_sin`
+    /// (`[B or 1, 1, S, D]`, x's dtype).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        signed_sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The transposed rotation (the rotary embedding's backward, `dy` to `dx`).
+    fn fused_rope_transposed(
+        dy: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        signed_sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `silu(gate) * up` (same shape, same dtype).
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `(d_gate, d_up)` of [`FusedBackend::fused_swiglu`] given the output's gradient.
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Whether the fused kernels run (`LONGVIEW_FUSED`, read once).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("LONGVIEW_FUSED").as_deref(),
+            Ok("off") | Ok("0") | Ok("false")
+        )
+    })
+}
+
+/// RMSNorm of `x` (`[..., d]`) over its last dimension with `gamma` (`[d]`) in one
+/// kernel launch (differentiable in both); `None` where it cannot run (not a CubeCL
+/// device, a dtype other than f32/f16/bf16): the caller keeps Burn's ops.
+/// Same formula as `burn::nn::RmsNorm` (mean of squares in f32), the whole row's
+/// arithmetic in f32 and rounded once to x's dtype.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    let dtype = x.dtype();
+    if !enabled()
+        || !crate::burn_op::supported(&x.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    {
+        return None;
+    }
+    let dims = x.dims();
+    let d = dims[D - 1];
+    if gamma.dims() != [d] || d == 0 {
+        return None;
+    }
+    let rows = dims[..D - 1].iter().product::<usize>();
+    if rows == 0 {
+        return Some(x);
+    }
+    let y = <Dispatch as FusedBackend>::fused_rms_norm(
+        x.reshape([rows, d]).into_dispatch(),
+        gamma.cast(dtype).into_dispatch(),
+        eps as f32,
+    );
+    Some(Tensor::<2>::from_dispatch(y).reshape(dims))
+}
+
+/// Rotary embedding (rotate-half layout) of `x` (`[B, H, S, D]`, D even) with the
+/// tables `cos` and `signed_sin` (`[B or 1, 1, S, D]`, the first half of the sine
+/// negated) in one kernel launch, differentiable in `x` (the tables are constants);
+/// `None` where it cannot run (as [`rms_norm`]). `x cos + swap_halves(x) signed_sin`.
+pub fn rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Option<Tensor<4>> {
+    let dtype = x.dtype();
+    let [b, _, s, d] = x.dims();
+    let [tb, one, ts, td] = cos.dims();
+    if !enabled()
+        || !crate::burn_op::supported(&x.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || d % 2 != 0
+        || one != 1
+        || (tb != b && tb != 1)
+        || ts != s
+        || td != d
+        || signed_sin.dims() != cos.dims()
+    {
+        return None;
+    }
+    if x.shape().num_elements() == 0 {
+        return Some(x);
+    }
+    let y = <Dispatch as FusedBackend>::fused_rope(
+        x.into_dispatch(),
+        cos.clone().cast(dtype).into_dispatch(),
+        signed_sin.clone().cast(dtype).into_dispatch(),
+    );
+    Some(Tensor::from_dispatch(y))
+}
+
+/// `silu(gate) * up` (Qwen2's MLP activation) in one kernel launch, differentiable in
+/// both; `None` where it cannot run (as [`rms_norm`], or shapes or dtypes that differ).
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Option<Tensor<D>> {
+    let dtype = gate.dtype();
+    if !enabled()
+        || !crate::burn_op::supported(&gate.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || up.dtype() != dtype
+        || gate.dims() != up.dims()
+    {
+        return None;
+    }
+    if gate.shape().num_elements() == 0 {
+        return Some(gate);
+    }
+    let y = <Dispatch as FusedBackend>::fused_swiglu(gate.into_dispatch(), up.into_dispatch());
+    Some(Tensor::from_dispatch(y))
+}
