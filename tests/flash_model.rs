@@ -288,3 +288,72 @@ fn fused_kernels_in_the_llm_give_the_burn_logits_and_gradients() {
         "gradient of a norm's gamma: relative error {error:.2e}"
     );
 }
+
+/// Batched decoding with each prompt's KV cache shared by its samples
+/// (`longview_infer::shared_prefix`) on the flash kernels (wgpu, no autodiff: the
+/// split-key decode kernels for the prompt's rows, LSE merge with the rows' own keys):
+/// the same tokens as each prompt's samples decoded alone over a repeated cache, the
+/// log-probs within 1e-4.
+#[test]
+fn shared_prompt_batches_with_flash_equal_separate_runs() {
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::{Decoding, GenerateOptions, Limits, generate_group};
+    use longview_models::VisualInput;
+    use longview_models::vila::VlmConfig;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = VlmConfig::debug()
+        .init(&device)
+        .with_attention(AttentionImpl::Flash, AttentionImpl::Flash);
+    let sampled = |seed| Decoding::TopP {
+        top_p: 0.95,
+        temperature: 1.0,
+        seed,
+    };
+    let cases: Vec<(Vec<u32>, Vec<Decoding>)> = vec![
+        (
+            (0..83).map(|i| 10 + (i * 7) % 250).collect(),
+            vec![Decoding::Greedy, sampled(1), sampled(2)],
+        ),
+        (
+            (0..21).map(|i| 12 + (i * 5) % 250).collect(),
+            vec![sampled(3)],
+        ),
+    ];
+    let limits = Limits {
+        max_new_tokens: 9,
+        stop: vec![],
+    };
+    let requests = cases
+        .iter()
+        .map(|(prompt, samples)| BatchRequest {
+            prompt: prompt.clone(),
+            visual: VisualInput::None,
+            samples: samples.clone(),
+            limits: limits.clone(),
+        })
+        .collect();
+    let batch = generate_batch(&model, requests, &BatchOptions::default(), &device).unwrap();
+    for ((prompt, samples), got) in cases.iter().zip(&batch) {
+        let options = GenerateOptions::new(limits.max_new_tokens, Decoding::Greedy, vec![]);
+        let alone = generate_group(
+            &model,
+            prompt,
+            VisualInput::None,
+            samples,
+            &options,
+            &device,
+        )
+        .unwrap();
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.tokens, a.tokens, "prompt of {} tokens", prompt.len());
+            let worst = g
+                .logprobs
+                .iter()
+                .zip(&a.logprobs)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            // f32; the merge sums the two key sets in another order.
+            assert!(worst < 1e-4, "log-probs differ by {worst}");
+        }
+    }
+}

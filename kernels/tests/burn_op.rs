@@ -204,13 +204,13 @@ fn fused_rms_norm_matches_the_f64_formula() {
     use longview_kernels::fused::rms_norm;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let eps = 1e-6;
-    let host = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     for [a, b, d] in [[3, 5, 37], [2, 4, 1536], [70_000, 1, 8]] {
         let x = Tensor::<3>::random([a, b, d], Distribution::Normal(0.5, 2.0), &device);
         let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device);
         let want = rms_norm_f64(
             &host(x.clone()),
-            &gamma.clone().into_data().to_vec::<f32>().unwrap(),
+            &gamma.clone().into_data().try_to_vec::<f32>().unwrap(),
             eps,
         );
         let got = host(rms_norm(x, gamma, eps).expect("wgpu f32 without autodiff"));
@@ -223,7 +223,7 @@ fn fused_rms_norm_matches_the_f64_formula() {
     let view = x.swap_dims(1, 2);
     let want = rms_norm_f64(
         &host(view.clone()),
-        &gamma.clone().into_data().to_vec::<f32>().unwrap(),
+        &gamma.clone().into_data().try_to_vec::<f32>().unwrap(),
         eps,
     );
     let got = host(rms_norm(view, gamma.clone(), eps).unwrap());
@@ -241,7 +241,7 @@ fn fused_rms_norm_matches_the_f64_formula() {
 fn fused_rope_matches_the_rotate_half_formula() {
     use longview_kernels::fused::rope;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
-    let host = |t: Tensor<4>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     let reference = |x: &[f32], cos: &[f32], sin: &[f32], [b, h, s, d]: [usize; 4], tb: usize| {
         let mut y = vec![0.0f32; x.len()];
         for bi in 0..b {
@@ -297,7 +297,7 @@ fn fused_rope_matches_the_rotate_half_formula() {
 fn fused_swiglu_matches_the_formula() {
     use longview_kernels::fused::swiglu;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
-    let host = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     for shape in [[2, 3, 37], [1, 70_000, 300]] {
         let gate = Tensor::<3>::random(shape, Distribution::Normal(0.0, 4.0), &device);
         let up = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
@@ -326,7 +326,7 @@ fn fused_ops_backward_matches_burn_autodiff() {
     use longview_kernels::fused::{rms_norm, rope, swiglu};
     let device = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
     fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
     // Two independent leaves holding the same values.
     fn twins<const D: usize>(t: Tensor<D>) -> (Tensor<D>, Tensor<D>) {

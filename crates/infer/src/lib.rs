@@ -9,7 +9,8 @@
 //!   in batches, the memory estimate that refuses requests too large.
 //! - [`generate`]: KV-cache generation, greedy or top-p, one sample or a group of
 //!   samples over one shared prefill, with sampling log-probabilities.
-//! - [`batch`]: different prompts decoded as one batch over a left-padded KV cache.
+//! - [`batch`]: different prompts decoded as one batch, each prompt's KV cache held
+//!   once for all its samples ([`shared_prefix`]).
 //! - [`needle`]: LongVILA's teacher-forced needle scoring.
 
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod load;
 pub mod needle;
 pub mod prefill;
 pub mod sample;
+pub mod shared_prefix;
 
 pub use error::InferError;
 pub use load::{LoadedModel, load, resolve_model_dir};

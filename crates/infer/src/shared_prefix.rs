@@ -1,0 +1,191 @@
+//! The KV cache of a decoding batch whose rows continue shared prompts: each prompt's
+//! keys and values are held once (`[1, kv_heads, prompt, head_dim]`, as its prefill
+//! left them) and only the tokens decoded since are held per row. A GRPO rollout's G
+//! samples of one 50k-token prompt then keep one copy of its cache instead of G (the
+//! 1.5B's cache is 28 KiB a token: 1.4 GB per copy at 50k tokens, 5.8 GB at 202k),
+//! and each decoding step reads the prompt's keys once for all its rows.
+//!
+//! A step's attention for row `r` (prompt `p`) is split in two over disjoint keys and
+//! merged by log-sum-exp: the rows of prompt `p` as the query rows of one sequence
+//! against its prompt's keys (no mask: the new tokens come after every prompt key),
+//! and each row against its own decoded keys (the new one included). The merge
+//! `O = (e^(L1 - M) O1 + e^(L2 - M) O2) / (e^(L1 - M) + e^(L2 - M))` gives the
+//! attention over the concatenated keys. Prompts of different lengths need no padding.
+//! Tested against one [`crate::generate::generate_group`] per prompt
+//! (`tests/generation.rs`).
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use longview_models::attention::{
+    AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse,
+};
+use longview_models::vila::kv_cache::{LayerCache, row_index};
+use longview_models::{KvCache, Vlm};
+
+use crate::error::InferError;
+use crate::generate::next_token_rows;
+
+/// Attention output and log-sum-exp, both f32: `[rows, heads, 1, head_dim]` and
+/// `[rows, heads, 1]`.
+type Partial = (Tensor<4>, Tensor<3>);
+
+pub(crate) struct SharedPrefixBatch {
+    /// Per prompt, per layer: the prompt's keys and values.
+    prefixes: Vec<Vec<(Tensor<4>, Tensor<4>)>>,
+    /// Per row, the prompt it continues (a prompt's rows are consecutive).
+    prompt_of: Vec<usize>,
+    /// Per layer, the keys and values of the tokens decoded so far,
+    /// `[rows, kv_heads, decoded, head_dim]`.
+    own: Vec<LayerCache>,
+    /// Per row, the position of its next token.
+    next_position: Vec<usize>,
+}
+
+impl SharedPrefixBatch {
+    /// `caches`: each prompt's prefilled cache (batch 1) and its number of rows;
+    /// room for `answer` decoded tokens per row.
+    pub(crate) fn new(
+        caches: Vec<(KvCache, usize)>,
+        layers: usize,
+        next_position: Vec<usize>,
+        answer: usize,
+    ) -> Self {
+        let mut prompt_of = Vec::new();
+        let mut prefixes = Vec::with_capacity(caches.len());
+        for (p, (cache, rows)) in caches.into_iter().enumerate() {
+            prompt_of.extend(std::iter::repeat_n(p, rows));
+            prefixes.push(
+                (0..layers)
+                    .map(|l| cache.layer(l).expect("every layer is prefilled"))
+                    .collect(),
+            );
+        }
+        SharedPrefixBatch {
+            prefixes,
+            prompt_of,
+            own: (0..layers).map(|_| LayerCache::reserved(answer)).collect(),
+            next_position,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.prompt_of.len()
+    }
+
+    /// Keeps the rows `kept` (in that order, increasing).
+    pub(crate) fn select(&mut self, kept: &[usize], device: &Device) {
+        let index = row_index(kept, device);
+        for layer in &mut self.own {
+            *layer = layer.select_rows(&index);
+        }
+        self.prompt_of = kept.iter().map(|&r| self.prompt_of[r]).collect();
+        self.next_position = kept.iter().map(|&r| self.next_position[r]).collect();
+    }
+
+    /// `tokens[r]` (one per row) through the text layers; every row's next-token
+    /// logits on the host.
+    pub(crate) fn step(
+        &mut self,
+        model: &Vlm,
+        tokens: &[i64],
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>, InferError> {
+        let n = tokens.len();
+        assert_eq!(n, self.rows(), "one token per row");
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
+        let positions: Vec<i64> = self.next_position.iter().map(|&p| p as i64).collect();
+        let rope = model.text_context(Tensor::from_data(
+            TensorData::new(positions, [n, 1]),
+            device,
+        ));
+        let runs = runs(&self.prompt_of);
+        let mut x = model.embed_tokens(ids);
+        for (l, (layer, own)) in model.text_layers().iter().zip(&mut self.own).enumerate() {
+            let input = layer.attention_input(x.clone(), &rope);
+            let implementation = layer.attention_impl();
+            let dtype = input.q.dtype();
+            let (k, v) = own.append(input.k, input.v);
+            let mine = partial(implementation, input.q.clone(), k, v, input.scale);
+            let mut outs = Vec::with_capacity(runs.len());
+            let mut lses = Vec::with_capacity(runs.len());
+            for &(p, start, rows) in &runs {
+                let (k, v) = &self.prefixes[p][l];
+                // The prompt's rows as the query positions of one sequence.
+                let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
+                let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);
+                outs.push(o.swap_dims(0, 2));
+                lses.push(lse.swap_dims(0, 2));
+            }
+            let shared = (Tensor::cat(outs, 0), Tensor::cat(lses, 0));
+            x = layer.after_attention(x, merge(shared, mine).cast(dtype));
+        }
+        for p in &mut self.next_position {
+            *p += 1;
+        }
+        next_token_rows(model, x)
+    }
+}
+
+/// `(prompt, first row, rows)` of each run of consecutive rows of one prompt.
+fn runs(prompt_of: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (row, &p) in prompt_of.iter().enumerate() {
+        match runs.last_mut() {
+            Some((q, _, rows)) if *q == p => *rows += 1,
+            _ => runs.push((p, row, 1)),
+        }
+    }
+    runs
+}
+
+/// Every query row of `q` (`[batch, heads, rows, head_dim]`) against every key of
+/// `k`/`v` (`[batch, kv_heads, keys, head_dim]`, grouped-query heads): O and LSE in
+/// f32. The flash kernels where the layer runs them (the split-key decode kernels
+/// for a few rows per kv head), else tensor ops with the query heads of a kv head as
+/// rows of one matrix.
+fn partial(
+    implementation: AttentionImpl,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+) -> Partial {
+    if implementation == AttentionImpl::Flash {
+        let input = AttentionInput {
+            q,
+            k,
+            v,
+            mask: AttentionMask::Full,
+            scale,
+        };
+        let (o, lse) = attend_with_lse(implementation, input);
+        return (
+            o.cast(DType::F32),
+            lse.expect("the flash kernels give the LSE"),
+        );
+    }
+    let [batch, heads, rows, head_dim] = q.dims();
+    let [_, kv_heads, _, _] = k.dims();
+    let group = heads / kv_heads * rows;
+    let q = q
+        .cast(DType::F32)
+        .reshape([batch, kv_heads, group, head_dim]);
+    let scores = q
+        .matmul(k.cast(DType::F32).swap_dims(2, 3))
+        .mul_scalar(scale);
+    let max = scores.clone().max_dim(3);
+    let p = (scores - max.clone()).exp();
+    let total = p.clone().sum_dim(3);
+    let lse = (max + total.clone().log()).reshape([batch, heads, rows]);
+    let o = (p / total)
+        .matmul(v.cast(DType::F32))
+        .reshape([batch, heads, rows, head_dim]);
+    (o, lse)
+}
+
+/// The attention over both key sets from their partial results.
+fn merge((o1, l1): Partial, (o2, l2): Partial) -> Tensor<4> {
+    let m = l1.clone().max_pair(l2.clone());
+    let w1 = (l1 - m.clone()).exp().unsqueeze_dim::<4>(3);
+    let w2 = (l2 - m).exp().unsqueeze_dim::<4>(3);
+    (o1 * w1.clone() + o2 * w2.clone()) / (w1 + w2)
+}
