@@ -14,7 +14,7 @@
 //! Tested against one [`crate::generate::generate_group`] per prompt
 //! (`tests/generation.rs`).
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_models::attention::{
     AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse,
 };
@@ -140,8 +140,7 @@ fn runs(prompt_of: &[usize]) -> Vec<(usize, usize, usize)> {
 /// Every query row of `q` (`[batch, heads, rows, head_dim]`) against every key of
 /// `k`/`v` (`[batch, kv_heads, keys, head_dim]`, grouped-query heads): O and LSE in
 /// f32. The flash kernels where the layer runs them (the split-key decode kernels
-/// for a few rows per kv head), else tensor ops with the query heads of a kv head as
-/// rows of one matrix.
+/// for a few rows per kv head), else [`grouped_attention`].
 fn partial(
     implementation: AttentionImpl,
     q: Tensor<4>,
@@ -163,20 +162,46 @@ fn partial(
             lse.expect("the flash kernels give the LSE"),
         );
     }
+    grouped_attention(q, k, v, None, scale)
+}
+
+/// Every query row of `q` (`[batch, heads, rows, head_dim]`) against the keys of
+/// `k`/`v` (`[batch, kv_heads, keys, head_dim]`) not marked in `padding` (`[batch,
+/// keys]`, true for a masked key), in f32 tensor ops: O and LSE (`[batch, heads,
+/// rows]`). The query heads that share a kv head are rows of one matrix against its
+/// keys, so the keys are never copied out per query head. A row with every key masked
+/// gets O = 0 and LSE = -inf (it then weighs nothing in an LSE merge).
+pub fn grouped_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    padding: Option<Tensor<2, Bool>>,
+    scale: f64,
+) -> (Tensor<4>, Tensor<3>) {
     let [batch, heads, rows, head_dim] = q.dims();
-    let [_, kv_heads, _, _] = k.dims();
+    let [_, kv_heads, keys, _] = k.dims();
+    // Query head h reads kv head h / (heads / kv_heads): a group's heads are consecutive.
     let group = heads / kv_heads * rows;
     let q = q
         .cast(DType::F32)
         .reshape([batch, kv_heads, group, head_dim]);
-    let scores = q
+    let mut scores = q
         .matmul(k.cast(DType::F32).swap_dims(2, 3))
         .mul_scalar(scale);
+    if let Some(padding) = padding {
+        let masked = padding
+            .reshape([batch, 1, 1, keys])
+            .expand([batch, kv_heads, group, keys]);
+        scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+    }
     let max = scores.clone().max_dim(3);
+    // Rows with every key masked: shift by 0 so that p = 0, total = 0, LSE = -inf.
+    let empty = max.clone().equal_elem(f32::NEG_INFINITY);
+    let max = max.mask_fill(empty, 0.0);
     let p = (scores - max.clone()).exp();
     let total = p.clone().sum_dim(3);
     let lse = (max + total.clone().log()).reshape([batch, heads, rows]);
-    let o = (p / total)
+    let o = (p / total.clamp_min(f32::MIN_POSITIVE))
         .matmul(v.cast(DType::F32))
         .reshape([batch, heads, rows, head_dim]);
     (o, lse)

@@ -15,12 +15,13 @@
 //! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's batched generation: the same
 //! tokens, log-probs within 1e-4 (`tests/inference.rs`).
 
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
 use longview_infer::batch::{BatchRequest, check_requests, regroup};
 use longview_infer::generate::{Generation, decode_rows, next_token_rows};
 use longview_infer::prefill::check_request_fits;
+use longview_infer::shared_prefix::grouped_attention;
 use longview_models::Vlm;
 use longview_models::attention::SplitAtAttention;
 use longview_models::vila::kv_cache::{LayerCache, row_index};
@@ -113,8 +114,10 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             }
             let [_, heads, _, head_dim] = input.q.dims();
             let (o, lse) = match (cached.get(), &padding) {
+                // This rank's padding keys masked (a row with only padding here: O = 0,
+                // LSE = -inf).
                 (Some((k, v)), Some(padding)) => {
-                    padded_partial(input.q.clone(), k, v, padding.clone(), input.scale)
+                    grouped_attention(input.q.clone(), k, v, Some(padding.clone()), input.scale)
                 }
                 // No padding on this rank: one query row sees every key (the flash
                 // kernels on a GPU).
@@ -249,48 +252,4 @@ impl ShardBatch {
             .collect();
         Tensor::from_data(TensorData::new(masked, [self.rows(), len]), device)
     }
-}
-
-/// One query row per row against this rank's keys with the padding keys (`padding`,
-/// `[rows, len]`, true) masked: `(O, LSE)` in f32 as [`block_forward`] gives them, a
-/// row that sees no key here giving O = 0, LSE = -inf. The query heads that share a kv
-/// head are rows of one matrix against its keys, so the keys and values are not
-/// copied out per query head.
-///
-/// # Shapes
-/// - q: `[rows, heads, 1, head_dim]`; k, v: `[rows, kv_heads, len, head_dim]`
-/// - outputs: O like q, LSE `[rows, heads, 1]`
-fn padded_partial(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    padding: Tensor<2, Bool>,
-    scale: f64,
-) -> (Tensor<4>, Tensor<3>) {
-    let [rows, heads, one, head_dim] = q.dims();
-    let [_, kv_heads, len, _] = k.dims();
-    let group = heads / kv_heads * one;
-    // Query head h reads kv head h / (heads / kv_heads): the group's heads are
-    // consecutive.
-    let q = q
-        .cast(DType::F32)
-        .reshape([rows, kv_heads, group, head_dim]);
-    let scores = q
-        .matmul(k.cast(DType::F32).swap_dims(2, 3))
-        .mul_scalar(scale);
-    let masked = padding
-        .reshape([rows, 1, 1, len])
-        .expand([rows, kv_heads, group, len]);
-    let scores = scores.mask_fill(masked, f32::NEG_INFINITY);
-    let max = scores.clone().max_dim(3);
-    // Rows with every key masked: shift by 0 so that p = 0, total = 0, LSE = -inf.
-    let empty = max.clone().equal_elem(f32::NEG_INFINITY);
-    let max = max.mask_fill(empty, 0.0);
-    let p = (scores - max.clone()).exp();
-    let total = p.clone().sum_dim(3);
-    let lse = (max + total.clone().log()).reshape([rows, heads, one]);
-    let o = (p / total.clamp_min(f32::MIN_POSITIVE))
-        .matmul(v.cast(DType::F32))
-        .reshape([rows, heads, one, head_dim]);
-    (o, lse)
 }
