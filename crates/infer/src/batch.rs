@@ -6,7 +6,7 @@
 //! length plus the tokens decoded), so a row sees exactly what it would see alone. A
 //! sequence that finishes leaves the batch. Tested against one
 //! [`crate::generate::generate_group`] per prompt: the same tokens, log-probs within
-//! 1e-5 (`tests/generation.rs`).
+//! 1e-5 (`tests/batch.rs`).
 
 use burn::tensor::{DType, Device};
 use longview_models::{VisualInput, Vlm};

@@ -12,7 +12,7 @@
 //! `O = (e^(L1 - M) O1 + e^(L2 - M) O2) / (e^(L1 - M) + e^(L2 - M))` gives the
 //! attention over the concatenated keys. Prompts of different lengths need no padding.
 //! Tested against one [`crate::generate::generate_group`] per prompt
-//! (`tests/generation.rs`).
+//! (`tests/batch.rs`).
 
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_models::attention::{

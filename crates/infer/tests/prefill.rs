@@ -1,0 +1,161 @@
+//! Prefill and its memory checks on the debug VLM (random weights, CPU): chunked
+//! prefill gives the one-pass logits, a video encoded in pieces pools its frames as
+//! when encoded whole, and requests too large for the memory are refused with the
+//! numbers before they run.
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use longview_infer::generate::{Decoding, GenerateOptions, generate};
+use longview_infer::prefill::{check_fits, embed_prompt, estimate, prefill};
+use longview_models::vila::default_position_ids;
+use longview_models::{KvCache, VisualInput, VlmConfig, VlmInput};
+
+mod common;
+use common::{host, ids_tensor, model_and_prompt, worst_error};
+
+#[test]
+fn chunked_prefill_gives_the_one_pass_logits() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    let expected = host(
+        model
+            .forward(VlmInput {
+                input_ids: ids_tensor(&ids, &device),
+                position_ids: default_position_ids(1, ids.len(), &device),
+                visual: VisualInput::Pixels(pixels.clone()),
+            })
+            .unwrap(),
+    );
+    let vocab = expected.len() / ids.len();
+    // Chunks smaller than a frame, straddling the visual tokens, one row, and one
+    // pass; frames encoded one at a time.
+    for chunk in [1, 3, 5, ids.len() - 1, 0] {
+        let embeds = embed_prompt(
+            &model,
+            &ids,
+            VisualInput::Pixels(pixels.clone()),
+            1,
+            &device,
+        )
+        .unwrap();
+        let mut cache = KvCache::new();
+        let keep_from = 2;
+        let hidden = prefill(&model, embeds, chunk, &mut cache, keep_from);
+        assert_eq!(cache.len(), ids.len());
+        let got = host(model.logits(hidden));
+        let worst = worst_error(&got, &expected[keep_from * vocab..]);
+        // Same f32 arithmetic split at other row boundaries: summation order in the
+        // attention's softmax differs, nothing else.
+        assert!(worst < 1e-5, "chunk {chunk}: worst error {worst}");
+    }
+}
+
+#[test]
+fn a_video_encoded_in_pieces_pools_the_frames_it_pools_whole() {
+    use longview_infer::prefill::encode_in_batches;
+    use longview_infer::sample::pad_to_pool;
+    let device = Device::flex();
+    device.seed(5);
+    let mut config = VlmConfig::debug();
+    config.projector.temporal_pool = Some(3);
+    let model = config.init(&device);
+    let side = config.vision.image_size;
+    let frames = 7;
+    let pixels = Tensor::<4>::random(
+        [frames, 3, side, side],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let whole = model.encode_frames(pixels.clone());
+    assert_eq!(whole.dims()[0], config.visual_frames(frames));
+    assert_eq!(config.visual_frames(frames), 3);
+    // Batches of 1, 2 and 4 frames are rounded up to whole groups of 3.
+    for batch in [1, 2, 4] {
+        let pieces = encode_in_batches(&model, pixels.clone(), batch);
+        let worst = worst_error(&host(pieces), &host(whole.clone()));
+        assert!(worst < 1e-6, "batches of {batch}: {worst}");
+    }
+    // Padding the frames to whole groups by hand (what the sample encoder does for
+    // batched samples) gives the same tokens.
+    let frame_len = 3 * side * side;
+    let flat = pixels
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let (padded, media) = pad_to_pool(
+        flat,
+        &[longview_data::Media::Video { frames }],
+        3,
+        frame_len,
+    );
+    assert_eq!(padded.len(), 9 * frame_len);
+    assert_eq!(media, vec![longview_data::Media::Video { frames: 3 }]);
+    let padded = Tensor::<4>::from_data(TensorData::new(padded, [9, 3, side, side]), &device);
+    let worst = worst_error(&host(model.encode_frames(padded)), &host(whole));
+    assert!(worst < 1e-6, "padded by hand: {worst}");
+}
+
+#[test]
+fn requests_too_large_for_memory_are_refused_with_the_numbers() {
+    let config = VlmConfig::named("1.5b").unwrap();
+    // An hour of video at 197 tokens a frame, 5 samples, in bf16.
+    let prompt = 3600 * config.tokens_per_frame() + 64;
+    let need = estimate(&config.text, prompt, 512, 5, 2048, 2);
+    assert!(need.kv_cache > 1e9, "{need:?}");
+    let err = check_fits(&need, 8.0 * (1u64 << 30) as f64, prompt, 2048).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("KV cache") && message.contains("GiB"),
+        "{message}"
+    );
+    assert!(message.contains(&prompt.to_string()), "{message}");
+    // Enough memory: accepted.
+    check_fits(&need, need.total() * 1.01, prompt, 2048).unwrap();
+}
+
+/// The flash kernels keep no score matrix, so the estimate of a model that calls them
+/// has no `heads x chunk x prompt` term: an hour of video without a token budget
+/// (1.5B, ~706k tokens, one sample, bf16) needs about 21 GiB, which an 80 GB GPU has,
+/// where the reference attention's estimate (about 90 GiB) would refuse it.
+#[test]
+fn the_estimate_follows_the_attention_the_model_calls() {
+    use longview_models::attention::AttentionImpl;
+    let mut config = VlmConfig::named("1.5b").unwrap();
+    let prompt = 3600 * config.tokens_per_frame() + 64;
+    let gib = (1u64 << 30) as f64;
+    let reference = estimate(&config.text, prompt, 64, 1, 2048, 2);
+    config.text.attention = AttentionImpl::Flash;
+    let flash = estimate(&config.text, prompt, 64, 1, 2048, 2);
+    assert_eq!(flash.kv_cache, reference.kv_cache);
+    assert!(reference.total() > 80.0 * gib, "{reference:?}");
+    assert!(flash.total() < 25.0 * gib, "{flash:?}");
+    check_fits(&flash, 78.0 * gib, prompt, 2048).unwrap();
+    // Linear in the prompt: the activations do not depend on it.
+    let longer = estimate(&config.text, 2 * prompt, 64, 1, 2048, 2);
+    assert_eq!(longer.activations, flash.activations);
+}
+
+#[test]
+fn generation_refuses_a_request_over_its_memory_budget_before_running() {
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    let shape = model.text_shape();
+    assert_eq!(shape.num_layers, VlmConfig::debug().text.num_layers);
+    assert_eq!(shape.head_dim(), VlmConfig::debug().text.head_dim());
+    // The shape the request check reads says which attention the model calls (the
+    // estimate depends on it).
+    {
+        use longview_models::attention::AttentionImpl;
+        assert_eq!(shape.attention, AttentionImpl::Reference);
+        let flash = model
+            .clone()
+            .with_attention(AttentionImpl::Reference, AttentionImpl::Flash);
+        assert_eq!(flash.text_shape().attention, AttentionImpl::Flash);
+    }
+    let options = GenerateOptions {
+        memory_budget: Some(1000.0),
+        ..GenerateOptions::new(4, Decoding::Greedy, vec![])
+    };
+    let err = generate(&model, &ids, VisualInput::Pixels(pixels), &options, &device).unwrap_err();
+    assert!(err.to_string().contains("available"), "{err}");
+}
