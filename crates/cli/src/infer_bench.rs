@@ -26,6 +26,7 @@ use longview_infer::generate::{
 use longview_infer::prefill::{
     DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, encode_in_batches, prefill,
 };
+use longview_infer::shared_prefix::SharedPrefixBatch;
 use longview_models::attention::{AttentionImpl, flash_available};
 use longview_models::{KvCache, VisualInput};
 
@@ -81,8 +82,9 @@ pub struct InferBenchArgs {
     #[arg(long, default_value = "ring", value_name = "SCHEME")]
     pub sp_scheme: longview_parallel::inference::SpScheme,
     /// Sample this many answers over the one prefill, decoded as one batch with GRPO's
-    /// sampling (top-p 0.99, temperature 1.0, a seed each), as a GRPO rollout does
-    /// (single device); decode tok/s then counts every sample's tokens. 1: greedy.
+    /// sampling (top-p 0.99, temperature 1.0, a seed each) over the prompt's cache held
+    /// once, as a GRPO rollout does (single device); decode tok/s then counts every
+    /// sample's tokens. 1: greedy.
     #[arg(long, default_value_t = 1, value_name = "G")]
     pub samples: usize,
 }
@@ -243,7 +245,13 @@ fn measure(
         device,
     )?;
     let mut cache = KvCache::new();
-    cache.reserve(ids.len() + args.new_tokens);
+    // One sample appends its answer to this cache; several keep theirs apart.
+    let answer_room = if args.samples == 1 {
+        args.new_tokens
+    } else {
+        0
+    };
+    cache.reserve(ids.len() + answer_room);
     let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
     let first = next_token_rows(model, last)?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
@@ -260,15 +268,27 @@ fn measure(
     };
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
     let start = Instant::now();
-    if samples.len() > 1 {
-        cache = cache.repeat(samples.len());
-    }
-    let generated = decode_group(first, &samples, &options, |tokens, kept| {
-        if kept.len() != cache.batch() {
-            cache = cache.select(kept);
-        }
-        decode_step(model, &mut cache, tokens, device)
-    })?;
+    let generated = if samples.len() > 1 {
+        // As a GRPO rollout decodes: the prompt's cache held once for all samples.
+        let g = samples.len();
+        let layers = model.text_layers().len();
+        let mut batch = SharedPrefixBatch::new(
+            vec![(cache, g)],
+            layers,
+            vec![ids.len(); g],
+            args.new_tokens,
+        );
+        decode_group(first, &samples, &options, |tokens, kept| {
+            if kept.len() != batch.rows() {
+                batch.select(kept, device);
+            }
+            batch.step(model, tokens, device)
+        })?
+    } else {
+        decode_group(first, &samples, &options, |tokens, _| {
+            decode_step(model, &mut cache, tokens, device)
+        })?
+    };
     sync()?;
     let decode_s = start.elapsed().as_secs_f64();
     Ok(Measured {

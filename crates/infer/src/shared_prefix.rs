@@ -28,7 +28,7 @@ use crate::generate::next_token_rows;
 /// `[rows, heads, 1]`.
 type Partial = (Tensor<4>, Tensor<3>);
 
-pub(crate) struct SharedPrefixBatch {
+pub struct SharedPrefixBatch {
     /// Per prompt, per layer: the prompt's keys and values.
     prefixes: Vec<Vec<(Tensor<4>, Tensor<4>)>>,
     /// Per row, the prompt it continues (a prompt's rows are consecutive).
@@ -43,7 +43,7 @@ pub(crate) struct SharedPrefixBatch {
 impl SharedPrefixBatch {
     /// `caches`: each prompt's prefilled cache (batch 1) and its number of rows;
     /// room for `answer` decoded tokens per row.
-    pub(crate) fn new(
+    pub fn new(
         caches: Vec<(KvCache, usize)>,
         layers: usize,
         next_position: Vec<usize>,
@@ -67,12 +67,12 @@ impl SharedPrefixBatch {
         }
     }
 
-    pub(crate) fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.prompt_of.len()
     }
 
     /// Keeps the rows `kept` (in that order, increasing).
-    pub(crate) fn select(&mut self, kept: &[usize], device: &Device) {
+    pub fn select(&mut self, kept: &[usize], device: &Device) {
         let index = row_index(kept, device);
         for layer in &mut self.own {
             *layer = layer.select_rows(&index);
@@ -83,7 +83,7 @@ impl SharedPrefixBatch {
 
     /// `tokens[r]` (one per row) through the text layers; every row's next-token
     /// logits on the host.
-    pub(crate) fn step(
+    pub fn step(
         &mut self,
         model: &Vlm,
         tokens: &[i64],
