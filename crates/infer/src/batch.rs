@@ -13,7 +13,7 @@ use longview_models::{VisualInput, Vlm};
 
 use crate::error::InferError;
 use crate::generate::{Decoding, Generation, Limits, check_request, decode_rows, prefill_prompt};
-use crate::prefill::{DEFAULT_CHUNK, available_bytes, check_fits, estimate};
+use crate::prefill::{DEFAULT_CHUNK, available_bytes, check_fits, estimate, kv_cache_bytes};
 use crate::shared_prefix::SharedPrefixBatch;
 
 /// One prompt of a batch and how its samples decode.
@@ -153,6 +153,6 @@ fn check_batch_memory(
         options.prefill_chunk,
         bytes_per_value,
     );
-    need.kv_cache = estimate(&shape, prompts + sequences * new, 0, 1, 1, bytes_per_value).kv_cache;
+    need.kv_cache = kv_cache_bytes(&shape, prompts + sequences * new, bytes_per_value);
     check_fits(&need, available, longest, options.prefill_chunk)
 }

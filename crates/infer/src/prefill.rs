@@ -180,6 +180,12 @@ impl MemoryEstimate {
     }
 }
 
+/// Bytes of `tokens` tokens' keys and values over every layer.
+pub fn kv_cache_bytes(t: &TextConfig, tokens: usize, bytes_per_value: usize) -> f64 {
+    let per_token = 2.0 * t.num_layers as f64 * t.num_kv_heads as f64 * t.head_dim() as f64;
+    per_token * tokens as f64 * bytes_per_value as f64
+}
+
 /// Estimates the device memory of a request at `bytes_per_value` (4 for f32, 2 for
 /// bf16/f16): the KV cache (every layer's keys and values of `prompt + new` tokens,
 /// for `sequences` sequences) plus one prefill chunk's activations (hidden states,
@@ -195,9 +201,7 @@ pub fn estimate(
     chunk: usize,
     bytes_per_value: usize,
 ) -> MemoryEstimate {
-    let head_dim = t.head_dim() as f64;
-    let per_token_kv = 2.0 * t.num_layers as f64 * t.num_kv_heads as f64 * head_dim;
-    let kv_cache = per_token_kv * (prompt + new) as f64 * sequences as f64 * bytes_per_value as f64;
+    let kv_cache = kv_cache_bytes(t, (prompt + new) * sequences, bytes_per_value);
     let rows = if chunk == 0 {
         prompt
     } else {

@@ -206,3 +206,44 @@ fn batch_equals_separate_runs(
     }
     lengths
 }
+
+/// A batch over its memory budget is refused before anything runs; the budget counts
+/// each prompt's cache once, so a group that fits with one copy of its prompt's cache
+/// runs although G copies would not fit.
+#[test]
+fn a_batch_over_its_memory_budget_is_refused_before_running() {
+    use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+    use longview_infer::generate::Limits;
+    use longview_infer::prefill::{estimate, kv_cache_bytes};
+    let device = Device::flex();
+    let (model, prompt, pixels) = model_and_prompt(&device);
+    let samples = decodings();
+    let (g, new) = (samples.len(), 3);
+    let request = || {
+        vec![BatchRequest {
+            prompt: prompt.clone(),
+            visual: VisualInput::Pixels(pixels.clone()),
+            samples: samples.clone(),
+            limits: Limits {
+                max_new_tokens: new,
+                stop: vec![],
+            },
+        }]
+    };
+    let shape = model.text_shape();
+    let chunk = 4;
+    let activations = estimate(&shape, prompt.len(), new, g, chunk, 4).activations;
+    let shared = kv_cache_bytes(&shape, prompt.len() + g * new, 4) + activations;
+    let repeated = kv_cache_bytes(&shape, g * (prompt.len() + new), 4) + activations;
+    let options = |budget: f64| BatchOptions {
+        prefill_chunk: chunk,
+        memory_budget: Some(budget),
+    };
+    let error = generate_batch(&model, request(), &options(1000.0), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("available"), "{error}");
+    let budget = (shared + repeated) / 2.0;
+    let out = generate_batch(&model, request(), &options(budget), &device).unwrap();
+    assert_eq!(out[0].len(), g);
+}

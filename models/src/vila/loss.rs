@@ -138,7 +138,10 @@ impl Qwen2 {
         let [n, width] = rows.dims();
         assert_eq!(n, targets.len(), "{n} rows but {} targets", targets.len());
         let device = rows.device();
-        let logits = self.lm_head(self.model.norm.forward(rows.reshape([1, n, width])));
+        let logits = self.lm_head(super::text::rms_norm(
+            &self.model.norm,
+            rows.reshape([1, n, width]),
+        ));
         let targets =
             Tensor::<2, Int>::from_data(TensorData::new(targets.to_vec(), [1, n]), &device);
         token_cross_entropy_sum(logits, targets).0
