@@ -147,6 +147,34 @@ fn grpo_raises_the_mean_reward_on_a_tiny_task() {
     assert!(summary.checkpoint.is_some());
 }
 
+/// Two optimizer steps per rollout batch: the old policy's log-probs come from a
+/// separate untracked pass before the first; that pass matches the rollout's sampling
+/// log-probs, and the run trains.
+#[test]
+fn several_minibatches_score_the_old_policy_in_a_pass_of_its_own() {
+    let _serial = serial();
+    let tmp = TempDir::new("minibatches");
+    let mut config = tiny(tmp.0.join("run"), tmp.0.join("cache"), 3);
+    config.grpo.minibatches = 2;
+    let device = Device::flex().autodiff();
+    let summary = train_grpo_with(&config, &no_progress(), &device, &mut |_| {}, &Digits).unwrap();
+    assert_eq!(summary.reports.len(), 3);
+    for r in &summary.reports {
+        assert!(
+            r.logprob_mismatch < 1e-4,
+            "log-prob mismatch {}",
+            r.logprob_mismatch
+        );
+        assert!(r.loss.is_finite() && r.kl.is_finite());
+    }
+    // The policy moved away from the reference.
+    assert!(
+        summary.reports.iter().any(|r| r.kl > 0.0),
+        "{:?}",
+        summary.reports
+    );
+}
+
 #[test]
 fn a_resumed_grpo_run_repeats_the_uninterrupted_one() {
     let _serial = serial();

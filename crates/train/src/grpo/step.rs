@@ -223,8 +223,7 @@ pub fn update(
         } else {
             let old = passes.whole_logprobs(&plain, &rollout, &inner)?;
             if let Some(old) = &old {
-                let mask = Tensor::<2>::ones(old.dims(), &inner);
-                report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old, &mask));
+                report.logprob_mismatch = report.logprob_mismatch.max(mismatch(group, old, None));
             }
             old.map(Old::Pass)
         };
@@ -283,8 +282,11 @@ pub fn update(
                     Old::Pass(old) => old.clone().autodiff(),
                     Old::Actor => {
                         let taken = actor.logp.clone().detach();
-                        worst =
-                            mismatch(group, &taken.clone().inner(), &actor.mask.clone().inner());
+                        worst = mismatch(
+                            group,
+                            &taken.clone().inner(),
+                            Some(&actor.mask.clone().inner()),
+                        );
                         taken
                     }
                 };
@@ -359,10 +361,10 @@ enum Old {
     Actor,
 }
 
-/// Largest |sampling log-prob - recomputed log-prob| over a group's tokens where
-/// `mask` (`[responses, width]`, untracked) is 1: every token, or a sequence-parallel
-/// rank's share of them.
-fn mismatch(group: &Group, recomputed: &Tensor<2>, mask: &Tensor<2>) -> f32 {
+/// Largest |sampling log-prob - recomputed log-prob| over a group's tokens: every
+/// token, or those where `mask` (`[responses, width]`, untracked) is 1 (a
+/// sequence-parallel rank's share of them).
+fn mismatch(group: &Group, recomputed: &Tensor<2>, mask: Option<&Tensor<2>>) -> f32 {
     let [_, width] = recomputed.dims();
     let host = |t: &Tensor<2>| {
         t.clone()
@@ -371,11 +373,15 @@ fn mismatch(group: &Group, recomputed: &Tensor<2>, mask: &Tensor<2>) -> f32 {
             .try_to_vec::<f32>()
             .unwrap_or_default()
     };
-    let (values, mask) = (host(recomputed), host(mask));
+    let values = host(recomputed);
+    let mask = mask.map(host);
     let mut worst = 0.0f32;
     for (i, generation) in group.generations.iter().enumerate() {
         for (k, &sampled) in generation.logprobs.iter().enumerate() {
-            if mask.get(i * width + k).is_some_and(|&m| m > 0.0) {
+            let counted = mask
+                .as_ref()
+                .is_none_or(|m| m.get(i * width + k).is_some_and(|&x| x > 0.0));
+            if counted {
                 worst = worst.max((values[i * width + k] - sampled).abs());
             }
         }
