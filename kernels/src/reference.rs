@@ -1,5 +1,7 @@
 //! Attention from its definition, in f64 on the host: the one reference every kernel
-//! test, the GPU check binary and the model tests compare against.
+//! test, the GPU check binary and the model tests compare against. Also the fused
+//! kernels' formulas (RMSNorm, rotary embedding, SwiGLU), for their tests and the GPU
+//! checks of `longview gemm --check`.
 //!
 //! Forward: `S = scale q k^T` over the keys `visible(b, i, j)` allows, `P =
 //! softmax(S)`, `O = P v`, `LSE = log sum exp S`. Backward for an upstream `dO`:
@@ -131,6 +133,61 @@ pub fn max_relative_error(got: &[f32], want: &[f64]) -> f64 {
             if e.is_nan() { f64::INFINITY } else { e }
         })
         .fold(0.0, f64::max)
+}
+
+/// RMSNorm in f64 of the rows of `x` (length a multiple of `gamma`'s):
+/// `x / sqrt(mean(x^2) + eps) * gamma`.
+pub fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f64> {
+    let d = gamma.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (mean + eps).sqrt();
+            row.iter()
+                .zip(gamma)
+                .map(move |(&v, &g)| v as f64 * inv * g as f64)
+        })
+        .collect()
+}
+
+/// The rotary embedding in the rotate-half layout, in f64: `x` row-major
+/// `[b, h, s, d]`, the tables `cos` and `signed_sin` row-major `[tb, 1, s, d]` with
+/// `tb` = `b` or 1; `y_i = x_i cos_i + x_o(i) signed_sin_i`, `o(i)` the same place in
+/// the other half.
+pub fn rope_f64(
+    x: &[f32],
+    cos: &[f32],
+    signed_sin: &[f32],
+    [b, h, s, d]: [usize; 4],
+    table_batch: usize,
+) -> Vec<f64> {
+    let mut y = vec![0.0f64; x.len()];
+    for bi in 0..b {
+        let tb = if table_batch == 1 { 0 } else { bi };
+        for hi in 0..h {
+            for si in 0..s {
+                let row = ((bi * h + hi) * s + si) * d;
+                for i in 0..d {
+                    let other = if i < d / 2 { i + d / 2 } else { i - d / 2 };
+                    let t = (tb * s + si) * d + i;
+                    y[row + i] = x[row + i] as f64 * cos[t] as f64
+                        + x[row + other] as f64 * signed_sin[t] as f64;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Qwen2's SwiGLU in f64: `silu(gate) * up` elementwise.
+pub fn swiglu_f64(gate: &[f32], up: &[f32]) -> Vec<f64> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            g / (1.0 + (-g).exp()) * u as f64
+        })
+        .collect()
 }
 
 #[cfg(test)]

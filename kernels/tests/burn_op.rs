@@ -181,18 +181,9 @@ fn burn_op_reads_strided_views_as_they_are() {
     assert_close("O strided", &values(o), &values(o_ref), 2e-5);
 }
 
-/// RMSNorm in f64 on the host: the reference for the fused kernel.
-fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
-    let d = gamma.len();
-    x.chunks(d)
-        .flat_map(|row| {
-            let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
-            let inv = 1.0 / (mean + eps).sqrt();
-            row.iter()
-                .zip(gamma)
-                .map(move |(&v, &g)| (v as f64 * inv * g as f64) as f32)
-        })
-        .collect()
+/// An f64 reference as the f32 values `assert_close` compares.
+fn f32s(values: Vec<f64>) -> Vec<f32> {
+    values.into_iter().map(|x| x as f32).collect()
 }
 
 /// The fused RMSNorm (one launch) against the f64 host formula on wgpu: rows of 37
@@ -202,17 +193,18 @@ fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
 #[test]
 fn fused_rms_norm_matches_the_f64_formula() {
     use longview_kernels::fused::rms_norm;
+    use longview_kernels::reference::rms_norm_f64;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let eps = 1e-6;
     let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     for [a, b, d] in [[3, 5, 37], [2, 4, 1536], [70_000, 1, 8]] {
         let x = Tensor::<3>::random([a, b, d], Distribution::Normal(0.5, 2.0), &device);
         let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device);
-        let want = rms_norm_f64(
+        let want = f32s(rms_norm_f64(
             &host(x.clone()),
             &gamma.clone().into_data().try_to_vec::<f32>().unwrap(),
             eps,
-        );
+        ));
         let got = host(rms_norm(x, gamma, eps).expect("wgpu f32 without autodiff"));
         // f32 sums of squares over up to 1,536 values.
         assert_close(&format!("rms_norm [{a}, {b}, {d}]"), &got, &want, 2e-6);
@@ -221,11 +213,11 @@ fn fused_rms_norm_matches_the_f64_formula() {
     let x = Tensor::<3>::random([4, 6, 16], Distribution::Normal(0.0, 1.0), &device);
     let gamma = Tensor::<1>::random([6], Distribution::Normal(1.0, 0.3), &device);
     let view = x.swap_dims(1, 2);
-    let want = rms_norm_f64(
+    let want = f32s(rms_norm_f64(
         &host(view.clone()),
         &gamma.clone().into_data().try_to_vec::<f32>().unwrap(),
         eps,
-    );
+    ));
     let got = host(rms_norm(view, gamma.clone(), eps).unwrap());
     assert_close("rms_norm of a transposed view", &got, &want, 2e-6);
     // Refused off CubeCL devices.
@@ -240,26 +232,9 @@ fn fused_rms_norm_matches_the_f64_formula() {
 #[test]
 fn fused_rope_matches_the_rotate_half_formula() {
     use longview_kernels::fused::rope;
+    use longview_kernels::reference::rope_f64;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    let reference = |x: &[f32], cos: &[f32], sin: &[f32], [b, h, s, d]: [usize; 4], tb: usize| {
-        let mut y = vec![0.0f32; x.len()];
-        for bi in 0..b {
-            for hi in 0..h {
-                for si in 0..s {
-                    for i in 0..d {
-                        let other = if i < d / 2 { i + d / 2 } else { i - d / 2 };
-                        let row = ((bi * h + hi) * s + si) * d;
-                        let t = ((if tb == 1 { 0 } else { bi }) * s + si) * d + i;
-                        y[row + i] = (x[row + i] as f64 * cos[t] as f64
-                            + x[row + other] as f64 * sin[t] as f64)
-                            as f32;
-                    }
-                }
-            }
-        }
-        y
-    };
     for (batch_tables, strided) in [(true, false), (false, true)] {
         let [b, h, s, d] = [2, 3, 5, 8];
         let x = if strided {
@@ -271,13 +246,13 @@ fn fused_rope_matches_the_rotate_half_formula() {
         let tb = if batch_tables { b } else { 1 };
         let cos = Tensor::<4>::random([tb, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
         let sin = Tensor::<4>::random([tb, 1, s, d], Distribution::Uniform(-1.0, 1.0), &device);
-        let want = reference(
+        let want = f32s(rope_f64(
             &host(x.clone()),
             &host(cos.clone()),
             &host(sin.clone()),
             [b, h, s, d],
             tb,
-        );
+        ));
         let got = host(rope(x, &cos, &sin).expect("wgpu f32 without autodiff"));
         assert_close(
             &format!("rope (tables per row {batch_tables}, strided {strided})"),
@@ -296,19 +271,13 @@ fn fused_rope_matches_the_rotate_half_formula() {
 #[test]
 fn fused_swiglu_matches_the_formula() {
     use longview_kernels::fused::swiglu;
+    use longview_kernels::reference::swiglu_f64;
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     for shape in [[2, 3, 37], [1, 70_000, 300]] {
         let gate = Tensor::<3>::random(shape, Distribution::Normal(0.0, 4.0), &device);
         let up = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-        let want: Vec<f32> = host(gate.clone())
-            .iter()
-            .zip(host(up.clone()))
-            .map(|(&g, u)| {
-                let g = g as f64;
-                (g / (1.0 + (-g).exp()) * u as f64) as f32
-            })
-            .collect();
+        let want = f32s(swiglu_f64(&host(gate.clone()), &host(up.clone())));
         let got = host(swiglu(gate, up).expect("wgpu f32 without autodiff"));
         assert_close(&format!("swiglu {shape:?}"), &got, &want, 1e-6);
     }

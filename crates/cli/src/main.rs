@@ -6,6 +6,8 @@ mod demo;
 mod device;
 mod eval;
 mod eval_parallel;
+#[cfg(feature = "cuda")]
+mod fused_check;
 mod gemm;
 mod infer_bench;
 mod infer_bench_sp;

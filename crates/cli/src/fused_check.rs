@@ -1,0 +1,154 @@
+//! `longview gemm --check`'s checks of the fused kernels (`longview_kernels::fused`)
+//! on the GPU, in the device's dtype: the forward against the f64 formulas of
+//! `longview_kernels::reference` over the same rounded inputs, the backward against
+//! Burn's ops in f32 on the CPU. Each figure is `max|difference| / max(max|reference|,
+//! 1)` (`reference::max_relative_error`).
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Distribution, Tensor};
+use longview_kernels::fused::{rms_norm, rope, swiglu};
+use longview_kernels::reference::{max_relative_error, rms_norm_f64, rope_f64, swiglu_f64};
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn missing(what: &str, device: &Device) -> anyhow::Error {
+    anyhow!("the fused {what} did not run on {device:?}")
+}
+
+/// Runs every check, printing each figure; an error past `tolerance`.
+pub fn run(device: &Device, tolerance: f32) -> Result<()> {
+    let device = device.clone().without_autodiff();
+    let checks: [(&str, fn(&Device) -> Result<f64>); 4] = [
+        ("RMSNorm, [3, 37, 1536], against f64", forward_rms_norm),
+        (
+            "RoPE, [2, 12, 37, 128] viewed from [2, 37, 12, 128], against f64",
+            forward_rope,
+        ),
+        ("SwiGLU, [4, 37, 8960], against f64", forward_swiglu),
+        (
+            "RMSNorm / RoPE / SwiGLU gradients against Burn's ops in f32 on the CPU",
+            backward,
+        ),
+    ];
+    for (what, check) in checks {
+        let worst = check(&device)?;
+        println!("check fused {what}: {worst:.2e}");
+        if worst > tolerance as f64 {
+            bail!("gemm check failed: fused {what}: {worst:.2e} > {tolerance:.1e}");
+        }
+    }
+    Ok(())
+}
+
+fn forward_rms_norm(device: &Device) -> Result<f64> {
+    let d = 1536;
+    let x = Tensor::<3>::random([3, 37, d], Distribution::Normal(0.5, 2.0), device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), device);
+    let want = rms_norm_f64(&host(x.clone()), &host(gamma.clone()), 1e-6);
+    let got = rms_norm(x, gamma, 1e-6).ok_or_else(|| missing("RMSNorm", device))?;
+    Ok(max_relative_error(&host(got), &want))
+}
+
+fn forward_rope(device: &Device) -> Result<f64> {
+    let [b, h, s, d] = [2, 12, 37, 128];
+    let x =
+        Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), device).swap_dims(1, 2);
+    let cos = Tensor::<4>::random([b, 1, s, d], Distribution::Uniform(-1.0, 1.0), device);
+    let sin = Tensor::<4>::random([b, 1, s, d], Distribution::Uniform(-1.0, 1.0), device);
+    let want = rope_f64(
+        &host(x.clone()),
+        &host(cos.clone()),
+        &host(sin.clone()),
+        [b, h, s, d],
+        b,
+    );
+    let got = rope(x, &cos, &sin).ok_or_else(|| missing("RoPE", device))?;
+    Ok(max_relative_error(&host(got), &want))
+}
+
+fn forward_swiglu(device: &Device) -> Result<f64> {
+    let gate = Tensor::<3>::random([4, 37, 8960], Distribution::Normal(0.0, 4.0), device);
+    let up = Tensor::<3>::random([4, 37, 8960], Distribution::Normal(0.0, 1.0), device);
+    let want = swiglu_f64(&host(gate.clone()), &host(up.clone()));
+    let got = swiglu(gate, up).ok_or_else(|| missing("SwiGLU", device))?;
+    Ok(max_relative_error(&host(got), &want))
+}
+
+/// The fused ops' backward on `device` (autodiff, its dtype) against the same formulas
+/// in Burn's ops in f32 on the CPU over the same rounded inputs: every input's gradient
+/// under a random upstream gradient; the largest `max|difference| / max|reference|`.
+fn backward(device: &Device) -> Result<f64> {
+    let device = device.clone().without_autodiff().autodiff();
+    let cpu = Device::flex().autodiff();
+    // The GPU leaf and an f32 CPU leaf with its (rounded) values.
+    let pair = |t: Tensor<3>| {
+        let cpu_t = Tensor::<3>::from_data(t.to_data().convert::<f32>(), &cpu).require_grad();
+        (t.require_grad(), cpu_t)
+    };
+    let normal = |shape: [usize; 3], std: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(0.0, std), &device)
+    };
+    let mut worst = 0.0f64;
+    let mut compare = |got: Tensor<3>, want: Tensor<3>| {
+        let want64: Vec<f64> = host(want).iter().map(|&x| x as f64).collect();
+        worst = worst.max(max_relative_error(&host(got), &want64));
+    };
+
+    // RMSNorm: x and gamma (a [1, 1, d] leaf, as the kernel's [d] reshaped).
+    let (x, x_cpu) = pair(normal([2, 37, 1536], 2.0));
+    let (gamma, gamma_cpu) = pair(normal([1, 1, 1536], 0.3).add_scalar(1.0));
+    let (w, w_cpu) = pair(normal([2, 37, 1536], 1.0));
+    let y = rms_norm(x.clone(), gamma.clone().reshape([1536]), 1e-6)
+        .ok_or_else(|| missing("RMSNorm", &device))?;
+    let grads = (y * w.detach()).sum().backward();
+    let rms = (x_cpu.clone().square().mean_dim(2) + 1e-6).sqrt();
+    let y_cpu = x_cpu.clone() / rms * gamma_cpu.clone();
+    let grads_cpu = (y_cpu * w_cpu.detach()).sum().backward();
+    compare(x.grad(&grads).unwrap(), x_cpu.grad(&grads_cpu).unwrap());
+    compare(
+        gamma.grad(&grads).unwrap(),
+        gamma_cpu.grad(&grads_cpu).unwrap(),
+    );
+
+    // SwiGLU.
+    let (gate, gate_cpu) = pair(normal([2, 37, 8960], 4.0));
+    let (up, up_cpu) = pair(normal([2, 37, 8960], 1.0));
+    let (w, w_cpu) = pair(normal([2, 37, 8960], 1.0));
+    let y = swiglu(gate.clone(), up.clone()).ok_or_else(|| missing("SwiGLU", &device))?;
+    let grads = (y * w.detach()).sum().backward();
+    let y_cpu = silu(gate_cpu.clone()) * up_cpu.clone();
+    let grads_cpu = (y_cpu * w_cpu.detach()).sum().backward();
+    compare(
+        gate.grad(&grads).unwrap(),
+        gate_cpu.grad(&grads_cpu).unwrap(),
+    );
+    compare(up.grad(&grads).unwrap(), up_cpu.grad(&grads_cpu).unwrap());
+
+    // RoPE on a strided view, [2, 37, 12, 128] seen as [2, 12, 37, 128].
+    let (base, base_cpu) = pair(normal([2 * 37, 12, 128], 1.0));
+    let view = |t: Tensor<3>| t.reshape([2, 37, 12, 128]).swap_dims(1, 2);
+    let table =
+        |std: f64| Tensor::<4>::random([2, 1, 37, 128], Distribution::Normal(0.0, std), &device);
+    let (cos, sin) = (table(0.7), table(0.7));
+    let to_cpu = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data().convert::<f32>(), &cpu);
+    let (cos_cpu, sin_cpu) = (to_cpu(&cos), to_cpu(&sin));
+    let w = Tensor::<4>::random([2, 12, 37, 128], Distribution::Normal(0.0, 1.0), &device);
+    let w_cpu = to_cpu(&w);
+    let y = rope(view(base.clone()), &cos, &sin).ok_or_else(|| missing("RoPE", &device))?;
+    let grads = (y * w).sum().backward();
+    let x = view(base_cpu.clone());
+    let swapped = Tensor::cat(
+        vec![x.clone().narrow(3, 64, 64), x.clone().narrow(3, 0, 64)],
+        3,
+    );
+    let y_cpu = x * cos_cpu + swapped * sin_cpu;
+    let grads_cpu = (y_cpu * w_cpu).sum().backward();
+    compare(
+        base.grad(&grads).unwrap(),
+        base_cpu.grad(&grads_cpu).unwrap(),
+    );
+    Ok(worst)
+}
