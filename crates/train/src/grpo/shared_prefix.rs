@@ -19,7 +19,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::Vlm;
 use longview_models::attention::{
-    AttentionInput, AttentionMask, SplitAtAttention, attend, attend_with_lse, attention_input_grads,
+    AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse, attention_input_grads,
 };
 use longview_models::vila::rope::Rope;
 
@@ -153,20 +153,15 @@ fn over_prefix(prefix: &AttentionInput, own: AttentionInput) -> AttentionInput {
     }
 }
 
-/// Both parts through one layer.
+/// Both parts through one layer (tracked when the inputs are: one device runs the
+/// flash or the reference attention, whose output from `attend_with_lse` is
+/// differentiable).
 fn layer_forward<L: SplitAtAttention<Context = Rope>>(
     layer: &L,
     x: GroupRows,
     rope: &GroupRope,
 ) -> GroupRows {
-    let prompt_input = layer.attention_input(x.prompt.clone(), &rope.prompt);
-    let responses = x.responses.map(|rows| {
-        let own = layer.attention_input(rows.clone(), rope.responses.as_ref().unwrap());
-        let joined = over_prefix(&prompt_input, own);
-        layer.after_attention(rows, attend(layer.attention_impl(), joined))
-    });
-    let prompt = layer.after_attention(x.prompt, attend(layer.attention_impl(), prompt_input));
-    GroupRows { prompt, responses }
+    layer_forward_keeping(layer, x, rope).0
 }
 
 /// The responses' log-probs at the rollout's temperature (tracked when `model` is);
@@ -242,10 +237,7 @@ pub fn shared_prefix_grads_recomputed(
     drop((rope, plain));
 
     // The head and the loss under autodiff, from the last layer's output.
-    let leaves = GroupRows {
-        prompt: x.prompt.autodiff().require_grad(),
-        responses: x.responses.map(|r| r.autodiff().require_grad()),
-    };
+    let leaves = track(x);
     let (loss, stats) = loss_of(shape.logprobs(model, rollout, leaves.clone(), device))?;
     let mut into = GradientsParams::new();
     let mut grads = loss.backward();
@@ -277,7 +269,7 @@ pub fn shared_prefix_grads_recomputed(
     Ok(Some((stats, into)))
 }
 
-/// [`layer_forward`], also returning both parts' attention output and LSE.
+/// Both parts through one layer, also returning their attention outputs and LSEs.
 fn layer_forward_keeping<L: SplitAtAttention<Context = Rope>>(
     layer: &L,
     x: GroupRows,
