@@ -12,8 +12,8 @@
 //! the rank whose padded share is the shortest, for all rows, and the partial
 //! `(O, LSE)` of every rank are gathered and merged in rank order as in
 //! [`SpInference::extend`]. The owner writes them into buffers with room for the
-//! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's batched generation: the same
-//! tokens, log-probs within 1e-4 (`tests/inference.rs`).
+//! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's
+//! batched generation: the same tokens, log-probs within 1e-4 (`tests/inference.rs`).
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
