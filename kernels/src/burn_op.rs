@@ -119,6 +119,7 @@ impl FlashMask {
             q_offset: self.q_offset,
             k_offset: self.k_offset,
             cu_seqlens: None,
+            unroll_decode: crate::flash::unroll_decode_default(),
         }
     }
 }

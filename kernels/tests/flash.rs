@@ -274,6 +274,8 @@ fn decode_kernels_match_the_f64_reference() {
         Case::new(1, 16, 1, 2, 77, 72),
         // Fewer keys than one tile.
         Case::new(1, 7, 1, 1, 5, 64),
+        // A head dim that is not a multiple of 4 (the score's remainder loop).
+        Case::new(1, 6, 2, 1, 90, 70).with(|o| o.causal(true).offsets(89, 0)),
     ];
     for (n, case) in cases.iter().enumerate() {
         run_case(&client, case, 500 + 10 * n as u64);
@@ -301,6 +303,38 @@ fn decode_kernels_match_the_f64_reference() {
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&auto.0), bits(&decode.0), "O of case {n}");
         assert_eq!(bits(&auto.1), bits(&decode.1), "LSE of case {n}");
+        // The inner loops kept as loops (`LONGVIEW_DECODE_UNROLL=0`): the same sums in
+        // the same order, but the shader compiler may contract them differently, so
+        // within f32 rounding rather than bit for bit.
+        let looped = case.options.clone().unroll_decode(false);
+        let o = DeviceTensor::filled(&client, f32::NAN, &q.shape);
+        let lse = DeviceTensor::filled(&client, f32::NAN, &q.shape[..3]);
+        flash_forward_with::<f32>(
+            &client,
+            &q,
+            &kv,
+            &kv,
+            &o,
+            &lse,
+            &looped,
+            FlashKernel::Decode,
+        )
+        .unwrap();
+        let o = o.to_vec::<f32>(&client).unwrap();
+        let lse = lse.to_vec::<f32>(&client).unwrap();
+        let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        assert_close(
+            &format!("O of case {n}, loops"),
+            &o,
+            &wide(&decode.0),
+            TOL_F32,
+        );
+        assert_close(
+            &format!("LSE of case {n}, loops"),
+            &lse,
+            &wide(&decode.1),
+            TOL_F32,
+        );
     }
     // 33 rows per kv head: not for the decode kernels.
     let q = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);

@@ -262,6 +262,13 @@ fn recomputed_input_grads(
     (grad(q), grad(k), grad(v))
 }
 
+/// Most query rows per kv head (query heads per kv head x query positions) that
+/// [`AttentionImpl::Flash`] runs on its split-key decode kernels; a bigger call runs
+/// the tensor-core forward, which gives each query head its own pass over every key.
+/// Callers that batch decoding rows split their calls to stay under it. No limit in
+/// a build without the kernels.
+pub const FLASH_DECODE_MAX_ROWS: usize = flash::DECODE_MAX_ROWS;
+
 /// Whether [`AttentionImpl::Flash`] can run on `device` in this build.
 pub fn flash_available(device: &burn::tensor::Device) -> bool {
     flash::available(device)
@@ -269,6 +276,8 @@ pub fn flash_available(device: &burn::tensor::Device) -> bool {
 
 #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
 mod flash {
+    pub use longview_kernels::flash::DECODE_MAX_ROWS;
+
     use super::{AttentionInput, AttentionMask};
     use burn::tensor::{DType, Tensor};
     use longview_kernels::FlashOptions;
@@ -321,6 +330,8 @@ mod flash {
 mod flash {
     use super::AttentionInput;
     use burn::tensor::Tensor;
+
+    pub const DECODE_MAX_ROWS: usize = usize::MAX;
 
     pub fn available(_device: &burn::tensor::Device) -> bool {
         false

@@ -232,17 +232,20 @@ pub fn decode_rows(
     let mut rows = firsts;
     loop {
         let (mut still, mut tokens, mut kept) = (Vec::new(), Vec::new(), Vec::new());
-        for (row, &seq) in active.iter().enumerate() {
+        // (cache row, sequence) of every sequence below its length limit.
+        let pending: Vec<(usize, usize)> = active
+            .iter()
+            .enumerate()
+            .filter(|&(_, &seq)| out[seq].tokens.len() < limits[seq].max_new_tokens)
+            .map(|(row, &seq)| (row, seq))
+            .collect();
+        let picked = pick_rows(&mut samplers, samples, &rows, &pending);
+        for (&(row, seq), (token, logprob)) in pending.iter().zip(picked) {
             let limit = &limits[seq];
-            if out[seq].tokens.len() >= limit.max_new_tokens {
-                continue;
-            }
-            let token = samplers[seq].pick(&rows[row]);
             if limit.stop.contains(&token) {
                 out[seq].stopped = true;
                 continue;
             }
-            let logprob = log_prob(&rows[row], token, samples[seq].temperature());
             out[seq].tokens.push(token);
             out[seq].logprobs.push(logprob);
             // No forward pass after the last allowed token.
@@ -258,6 +261,51 @@ pub fn decode_rows(
         rows = step(&tokens, &kept)?;
         active = still;
     }
+}
+
+/// Vocabulary size from which a step's rows are sampled on several threads.
+const THREADED_VOCAB: usize = 16_384;
+
+/// The next token of each `pending` `(cache row, sequence)` and its log-prob under
+/// the sequence's temperature, in `pending` order. With several rows over a large
+/// vocabulary the rows are sampled on scoped threads (top-p over a flat 151,936-token
+/// row takes about 12 ms on one core); every sequence draws from its own sampler, so
+/// the tokens do not depend on the thread count.
+fn pick_rows(
+    samplers: &mut [Sampler],
+    samples: &[Decoding],
+    rows: &[Vec<f32>],
+    pending: &[(usize, usize)],
+) -> Vec<(u32, f32)> {
+    let mut slots: Vec<Option<&mut Sampler>> = samplers.iter_mut().map(Some).collect();
+    let mut work: Vec<(&mut Sampler, &[f32], f64)> = pending
+        .iter()
+        .map(|&(row, seq)| {
+            let sampler = slots[seq].take().expect("one cache row per sequence");
+            (sampler, rows[row].as_slice(), samples[seq].temperature())
+        })
+        .collect();
+    let pick = |(sampler, row, temperature): &mut (&mut Sampler, &[f32], f64)| {
+        let token = sampler.pick(row);
+        (token, log_prob(row, token, *temperature))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(work.len());
+    if threads < 2 || rows.first().map_or(0, Vec::len) < THREADED_VOCAB {
+        return work.iter_mut().map(pick).collect();
+    }
+    let per_thread = work.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .chunks_mut(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter_mut().map(pick).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a sampling thread panicked"))
+            .collect()
+    })
 }
 
 /// Refuses a request with an empty prompt or a bad decoding setting.

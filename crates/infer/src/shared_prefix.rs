@@ -16,7 +16,8 @@
 
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_models::attention::{
-    AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse,
+    AttentionImpl, AttentionInput, AttentionMask, FLASH_DECODE_MAX_ROWS, SplitAtAttention,
+    attend_with_lse,
 };
 use longview_models::vila::kv_cache::{LayerCache, row_index};
 use longview_models::{KvCache, Vlm};
@@ -109,11 +110,17 @@ impl SharedPrefixBatch {
             let mut lses = Vec::with_capacity(runs.len());
             for &(p, start, rows) in &runs {
                 let (k, v) = &self.prefixes[p][l];
-                // The prompt's rows as the query positions of one sequence.
-                let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
-                let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);
-                outs.push(o.swap_dims(0, 2));
-                lses.push(lse.swap_dims(0, 2));
+                // The prompt's rows as the query positions of one sequence, in calls
+                // the decode kernels take whole: each row is a position of every
+                // query head, `heads / kv_heads` rows a kv head.
+                let group = input.q.dims()[1] / k.dims()[1];
+                let per_call = (FLASH_DECODE_MAX_ROWS / group).max(1);
+                for (start, rows) in calls(start, rows, per_call) {
+                    let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
+                    let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);
+                    outs.push(o.swap_dims(0, 2));
+                    lses.push(lse.swap_dims(0, 2));
+                }
             }
             let shared = (Tensor::cat(outs, 0), Tensor::cat(lses, 0));
             x = layer.after_attention(x, merge(shared, mine).cast(dtype));
@@ -123,6 +130,25 @@ impl SharedPrefixBatch {
         }
         next_token_rows(model, x)
     }
+}
+
+/// `rows` rows from `start` cut into `(first row, rows)` calls of at most `per_call`
+/// rows, as even as possible (7B, 7 query heads a kv head: a group of 5 runs as 3 + 2
+/// rows, 21 and 14 rows a kv head, not 4 + 1).
+fn calls(start: usize, rows: usize, per_call: usize) -> Vec<(usize, usize)> {
+    if rows == 0 {
+        return Vec::new();
+    }
+    let count = rows.div_ceil(per_call.max(1));
+    let (base, extra) = (rows / count, rows % count);
+    let mut at = start;
+    (0..count)
+        .map(|i| {
+            let n = base + usize::from(i < extra);
+            at += n;
+            (at - n, n)
+        })
+        .collect()
 }
 
 /// `(prompt, first row, rows)` of each run of consecutive rows of one prompt.
@@ -213,4 +239,32 @@ fn merge((o1, l1): Partial, (o2, l2): Partial) -> Tensor<4> {
     let w1 = (l1 - m.clone()).exp().unsqueeze_dim::<4>(3);
     let w2 = (l2 - m).exp().unsqueeze_dim::<4>(3);
     (o1 * w1.clone() + o2 * w2.clone()) / (w1 + w2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::calls;
+
+    /// Calls cover the rows in order, once each, none over the limit, as even as
+    /// possible.
+    #[test]
+    fn calls_split_rows_evenly_under_the_limit() {
+        // The 1.5B (6 query heads a kv head, 5 rows a call): one call.
+        assert_eq!(calls(0, 5, 32 / 6), [(0, 5)]);
+        // The 7B (7 query heads a kv head, 4 rows a call): 3 + 2.
+        assert_eq!(calls(10, 5, 32 / 7), [(10, 3), (13, 2)]);
+        assert_eq!(calls(0, 9, 4), [(0, 3), (3, 3), (6, 3)]);
+        assert_eq!(calls(2, 3, 1), [(2, 1), (3, 1), (4, 1)]);
+        assert_eq!(calls(0, 0, 4), []);
+        for rows in 1..40 {
+            for limit in 1..12 {
+                let got = calls(7, rows, limit);
+                assert_eq!(got.iter().map(|c| c.1).sum::<usize>(), rows);
+                assert!(got.iter().all(|&(_, n)| n >= 1 && n <= limit));
+                assert_eq!(got.len(), rows.div_ceil(limit));
+                assert!(got.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+                assert_eq!(got[0].0, 7);
+            }
+        }
+    }
 }

@@ -311,3 +311,72 @@ fn the_nucleus_equals_a_full_sort() {
         }
     }
 }
+
+/// Rows sampled together (on threads: the vocabulary is past the threaded size) give
+/// each sequence exactly what it gets decoded alone: same tokens, log-probs, stops.
+/// The "model" is a hash of the sequence's last token and its length, so the logits
+/// depend only on the sequence's own history.
+#[test]
+fn threaded_sampling_equals_one_sequence_at_a_time() {
+    use longview_infer::generate::{Limits, decode_rows};
+    let vocab = 40_000;
+    let logits = |token: i64, len: usize| -> Vec<f32> {
+        (0..vocab)
+            .map(|i| {
+                let h = longview_infer::sample::mix(token as u64 ^ (len as u64) << 32, i as u64);
+                // Flat rows with a few peaks: the nucleus keeps many tokens.
+                ((h >> 40) as f32 / (1u64 << 24) as f32) * if h % 97 == 0 { 6.0 } else { 1.0 }
+            })
+            .collect()
+    };
+    let samples: Vec<Decoding> = (0..5)
+        .map(|seed| Decoding::TopP {
+            top_p: if seed == 3 { 0.5 } else { 0.99 },
+            temperature: 1.0 + seed as f64 * 0.1,
+            seed,
+        })
+        .collect();
+    // Sequence 2 stops early on any token below 400; the others run to their limits.
+    let limits: Vec<Limits> = (0..5)
+        .map(|i| Limits {
+            max_new_tokens: 6 + i,
+            stop: if i == 2 {
+                (0..400).collect()
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    let run = |which: &[usize]| {
+        let mut lens: Vec<usize> = vec![0; which.len()];
+        let mut seqs: Vec<usize> = (0..which.len()).collect();
+        decode_rows(
+            which.iter().map(|_| logits(-1, 0)).collect(),
+            &which.iter().map(|&i| samples[i]).collect::<Vec<_>>(),
+            &which.iter().map(|&i| limits[i].clone()).collect::<Vec<_>>(),
+            |tokens, kept| {
+                seqs = kept.iter().map(|&r| seqs[r]).collect();
+                Ok(tokens
+                    .iter()
+                    .zip(&seqs)
+                    .map(|(&t, &s)| {
+                        lens[s] += 1;
+                        logits(t, lens[s])
+                    })
+                    .collect())
+            },
+        )
+        .unwrap()
+    };
+    let together = run(&[0, 1, 2, 3, 4]);
+    for (i, grouped) in together.iter().enumerate() {
+        let alone = run(&[i]).remove(0);
+        assert_eq!(grouped.tokens, alone.tokens, "tokens of sequence {i}");
+        assert_eq!(
+            grouped.logprobs, alone.logprobs,
+            "log-probs of sequence {i}"
+        );
+        assert_eq!(grouped.stopped, alone.stopped, "stop of sequence {i}");
+    }
+    assert!(together.iter().map(|g| g.tokens.len()).sum::<usize>() > 20);
+}

@@ -29,6 +29,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("parallel training: {0}")]
     Parallel(String),
+    /// The device failed outside a model call (a synchronisation).
+    #[error("device: {0}")]
+    Device(String),
     /// A training row that cannot be used (line 0: the file as a whole).
     #[error("{}:{line}: {message}", path.display())]
     Row {

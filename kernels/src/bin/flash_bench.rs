@@ -363,10 +363,13 @@ fn bench(
     );
 }
 
-/// One decoding step's attention (one query row per head against `sk` cached keys,
-/// bf16): the split-key decode kernels against the tensor-core forward, ms per call
-/// and the K/V bytes read per second.
-fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usize) {
+/// One decoding step's attention (`sq` query rows per head against `sk` cached keys,
+/// all visible, bf16: `sq` = 1 is one sequence's step, `sq` = G the G samples of a
+/// GRPO group over their shared prompt, as `SharedPrefixBatch` asks): the split-key
+/// decode kernels with their inner loops unrolled and kept as loops
+/// (`FlashOptions::unroll_decode`), and the tensor-core forward; ms per call and the
+/// K/V bytes read per second.
+fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: usize, reps: usize) {
     let d = 128;
     let data = |seed, heads, len| -> Vec<f32> {
         random(heads * len * d, seed)
@@ -374,19 +377,25 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
             .map(|&v| bf16::from_f32(v).to_f32())
             .collect()
     };
-    let (qh, kh, vh) = (data(1, hq, 1), data(2, hkv, sk), data(3, hkv, sk));
+    let (qh, kh, vh) = (data(1, hq, sq), data(2, hkv, sk), data(3, hkv, sk));
     let up = |x: &[f32], heads, len| {
         let x: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         DeviceTensor::from_slice(client, &x, &[1, heads, len, d])
     };
-    let (q, k, v) = (up(&qh, hq, 1), up(&kh, hkv, sk), up(&vh, hkv, sk));
-    let opts = FlashOptions::new(d).causal(true).offsets(sk - 1, 0);
+    let (q, k, v) = (up(&qh, hq, sq), up(&kh, hkv, sk), up(&vh, hkv, sk));
+    // One row: causal at the end of the keys (every key visible), as the decoder
+    // calls it; several: no mask, as the group's prompt keys are called.
+    let opts = if sq == 1 {
+        FlashOptions::new(d).causal(true).offsets(sk - 1, 0)
+    } else {
+        FlashOptions::new(d)
+    };
     // The f64 reference of this step (every key visible to the last position).
     let geometry = Geometry {
         batch: 1,
         q_heads: hq,
         kv_heads: hkv,
-        q_len: 1,
+        q_len: sq,
         kv_len: sk,
         head_dim: d,
         scale: opts.scale as f64,
@@ -394,13 +403,19 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
     };
     let want = attention_f64(&geometry, &qh, &kh, &vh, None, |_, _, _| true);
     let bytes = (2 * hkv * sk * d * 2) as f64;
-    let mut line = format!("| decode | B1 H{hq}:{hkv} Sq1 Sk{sk} D{d} |");
-    for kernel in [FlashKernel::Decode, FlashKernel::TensorCore] {
-        let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, 1, d]);
-        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, 1]);
+    let mut line = format!("| decode | B1 H{hq}:{hkv} Sq{sq} Sk{sk} D{d} |");
+    let variants = [
+        (FlashKernel::Decode, true, "Decode"),
+        (FlashKernel::Decode, false, "Decode (loops)"),
+        (FlashKernel::TensorCore, true, "TensorCore"),
+    ];
+    for (kernel, unroll, name) in variants {
+        let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, sq, d]);
+        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, sq]);
+        let opts = opts.clone().unroll_decode(unroll);
         let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
         if let Err(e) = run() {
-            line += &format!(" {kernel:?}: {e} |");
+            line += &format!(" {name}: {e} |");
             continue;
         }
         // Checked before timing against the f64 values: O within 1e-2 of its largest
@@ -414,7 +429,7 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
             .collect();
         assert!(
             got.iter().all(|x| x.is_finite()),
-            "{kernel:?} decode step Sk {sk}: O holds NaN or infinities (unwritten?)"
+            "{name} decode step Sq {sq} Sk {sk}: O holds NaN or infinities (unwritten?)"
         );
         let largest = want.o.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
         let e_o = got
@@ -425,7 +440,7 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
         let e_l = max_rel(&lse.to_vec::<f32>(client).unwrap(), &want.lse);
         assert!(
             e_o <= 1e-2 && e_l <= 1e-3,
-            "{kernel:?} decode step Sk {sk}: O error {e_o:.1e}, LSE error {e_l:.1e}"
+            "{name} decode step Sq {sq} Sk {sk}: O error {e_o:.1e}, LSE error {e_l:.1e}"
         );
         sync(client);
         let t = Instant::now();
@@ -435,7 +450,7 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sk: usize, reps: usi
         sync(client);
         let s = t.elapsed().as_secs_f64() / reps as f64;
         line += &format!(
-            " {kernel:?} {:.3} ms, {:.0} GB/s (O err {e_o:.1e}) |",
+            " {name} {:.3} ms, {:.0} GB/s (O err {e_o:.1e}) |",
             s * 1e3,
             bytes / s / 1e9
         );
@@ -451,12 +466,17 @@ fn main() {
     let with_scalar = !has("--no-scalar");
     let client = client();
     if has("--decode") {
-        // `--decode`: the decoding step alone (no checks), the 1.5B and 7B groupings.
-        println!("| scenario | shape | split-key decode | tensor-core forward |");
-        println!("|---|---|---|---|");
+        // `--decode`: the decoding step alone, the 1.5B and 7B groupings, one row a
+        // head and a GRPO group of five (the 7B's 35 rows a kv head exceed the decode
+        // kernels' 32, so `SharedPrefixBatch` runs its group as 3 + 2 samples: 21 and
+        // 14 rows; the 3 is timed).
+        println!(
+            "| scenario | shape | split-key decode | split-key decode, loops | tensor-core forward |"
+        );
+        println!("|---|---|---|---|---|");
         for sk in [4096, 50_000, 200_000] {
-            for heads in [(12, 2), (28, 4)] {
-                bench_decode(&client, heads, sk, 20);
+            for (heads, sq) in [((12, 2), 1), ((28, 4), 1), ((12, 2), 5), ((28, 4), 3)] {
+                bench_decode(&client, heads, sq, sk, 20);
             }
         }
         return;

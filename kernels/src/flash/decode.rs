@@ -46,6 +46,7 @@ pub fn flash_decode_kernel<F: Float>(
     #[comptime] max_rows: usize,
     #[comptime] block_k: usize,
     #[comptime] units: usize,
+    #[comptime] unrolled: bool,
 ) {
     let split = CUBE_POS_X as usize;
     let hq = q.shape(1);
@@ -150,11 +151,25 @@ pub fn flash_decode_kernel<F: Float>(
             }
             let mut s = f32::new(NO_KEYS);
             if visible {
-                let mut dot = 0.0f32;
-                for d in 0..head_dim {
-                    dot += q_s[r * head_dim + d] * k_s[j * pitch + d];
+                // Four partial sums: independent multiply-add chains.
+                let (q_at, k_at) = (r * head_dim, j * pitch);
+                let mut dot = Array::<f32>::new(4usize);
+                #[unroll]
+                for c in 0..4usize {
+                    dot[c] = 0.0f32;
                 }
-                s = dot;
+                #[unroll(unrolled)]
+                for d4 in 0..comptime!(head_dim / 4) {
+                    #[unroll]
+                    for c in 0..4usize {
+                        let d = d4 * 4 + c;
+                        dot[c] += q_s[q_at + d] * k_s[k_at + d];
+                    }
+                }
+                for d in comptime!(head_dim / 4 * 4)..head_dim {
+                    dot[0] += q_s[q_at + d] * k_s[k_at + d];
+                }
+                s = (dot[0] + dot[1]) + (dot[2] + dot[3]);
             }
             p_s[idx] = s;
             idx += units;
@@ -164,6 +179,7 @@ pub fn flash_decode_kernel<F: Float>(
         // the row's accumulators in row_s.
         if u < rows {
             let mut tile_max = f32::new(NO_KEYS);
+            #[unroll(unrolled)]
             for j in 0..block_k {
                 tile_max = max(tile_max, p_s[u * block_k + j]);
             }
@@ -172,6 +188,7 @@ pub fn flash_decode_kernel<F: Float>(
                 let m_new = max(m, tile_max);
                 corr = (m - m_new).exp();
                 l *= corr;
+                #[unroll(unrolled)]
                 for j in 0..block_k {
                     let s = p_s[u * block_k + j];
                     let mut p = 0.0f32;
@@ -195,11 +212,23 @@ pub fn flash_decode_kernel<F: Float>(
             if e < rows * head_dim {
                 let r = e / head_dim;
                 let d = e % head_dim;
-                let mut x = acc[jj] * row_s[r];
-                for j in 0..block_k {
-                    x += p_s[r * block_k + j] * v_s[j * head_dim + d];
+                // Four partial sums over the tile's keys (block_k is a power of two
+                // of at least 4).
+                let p_at = r * block_k;
+                let mut x = Array::<f32>::new(4usize);
+                #[unroll]
+                for c in 0..4usize {
+                    x[c] = 0.0f32;
                 }
-                acc[jj] = x;
+                #[unroll(unrolled)]
+                for j4 in 0..comptime!(block_k / 4) {
+                    #[unroll]
+                    for c in 0..4usize {
+                        let j = j4 * 4 + c;
+                        x[c] += p_s[p_at + j] * v_s[j * head_dim + d];
+                    }
+                }
+                acc[jj] = acc[jj] * row_s[r] + ((x[0] + x[1]) + (x[2] + x[3]));
             }
         }
         tile += block_k;
@@ -384,6 +413,7 @@ pub(super) fn forward<F: Float + CubeElement>(
         max_rows,
         block_k,
         UNITS,
+        options.unroll_decode,
     );
     let rows_out = g.b * g.hq * g.sq;
     let (x, y) = if rows_out > 65535 {

@@ -17,6 +17,8 @@ mod tensor_core;
 pub use decode::DECODE_MAX_ROWS;
 pub use device_tensor::DeviceTensor;
 pub use options::FlashOptions;
+#[cfg(feature = "burn")]
+pub(crate) use options::unroll_decode_default;
 pub use tc_tiles::{TC_MAX_HEAD_DIM, tensor_cores_unsupported};
 
 use device_tensor::elementwise_cubes;

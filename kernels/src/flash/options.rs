@@ -16,6 +16,9 @@ pub struct FlashOptions {
     /// Packed variable-length sequences: boundaries `[0, s1, ..., S]` over the
     /// sequence axis (B = 1, Sq == Sk, offsets 0); no attention across sequences.
     pub cu_seqlens: Option<Vec<u32>>,
+    /// Whether the split-key decode kernel's inner loops are unrolled (the default;
+    /// `LONGVIEW_DECODE_UNROLL=0` keeps them as loops, an A/B switch for benchmarks).
+    pub unroll_decode: bool,
 }
 
 impl FlashOptions {
@@ -27,7 +30,13 @@ impl FlashOptions {
             q_offset: 0,
             k_offset: 0,
             cu_seqlens: None,
+            unroll_decode: unroll_decode_default(),
         }
+    }
+
+    pub fn unroll_decode(mut self, unroll: bool) -> Self {
+        self.unroll_decode = unroll;
+        self
     }
 
     pub fn causal(mut self, causal: bool) -> Self {
@@ -45,6 +54,11 @@ impl FlashOptions {
         self.cu_seqlens = Some(cu_seqlens);
         self
     }
+}
+
+/// `LONGVIEW_DECODE_UNROLL` unset or anything but `0`.
+pub(crate) fn unroll_decode_default() -> bool {
+    std::env::var("LONGVIEW_DECODE_UNROLL").map_or(true, |v| v != "0")
 }
 
 /// Checked geometry of one call.

@@ -227,7 +227,7 @@ pub fn train_grpo_on(
 /// The log line of a finished step.
 fn step_line(step: usize, total: usize, r: &StepReport) -> String {
     format!(
-        "step {step}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s update {:.1}s",
+        "step {step}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s (encode {:.1}s) update {:.1}s",
         r.reward_mean,
         r.reward_std,
         100.0 * r.accuracy,
@@ -236,6 +236,7 @@ fn step_line(step: usize, total: usize, r: &StepReport) -> String {
         r.clip_fraction,
         r.response_tokens_mean,
         r.rollout_s,
+        r.encode_s,
         r.update_s,
     )
 }
@@ -259,7 +260,7 @@ fn grpo_step(
     let mut working = run.compute_copy(&run.model);
     let policy = working.valid();
     let inner = device.clone().inner();
-    let groups = rollouts(
+    let (groups, times) = rollouts(
         passes,
         &policy,
         batch,
@@ -301,7 +302,10 @@ fn grpo_step(
     )?;
     run.model = master_weights.unwrap_or(working);
     report.rollout_s = rollout_s;
-    report.decode_tokens_per_s = generated as f64 / rollout_s.max(1e-9);
+    report.encode_s = times.encode_s;
+    report.generate_s = times.generate_s;
+    report.generated_tokens_per_s = generated as f64 / times.generate_s.max(1e-9);
+    report.reserved_bytes = device.memory_pool_usage().map(|m| m.bytes_reserved);
     Ok(report)
 }
 

@@ -57,9 +57,26 @@ pub struct StepReport {
     /// Largest |rollout log-prob - recomputed old log-prob| over the step's tokens: a
     /// rollout/training layout mismatch shows here.
     pub logprob_mismatch: f32,
+    /// Encoding, prefill and sampling of the step's rollouts.
     pub rollout_s: f64,
+    /// Of `rollout_s`: the videos' encoding (device synchronised after it).
+    pub encode_s: f64,
+    /// Of `rollout_s`: prefill and decoding of every response.
+    pub generate_s: f64,
     pub update_s: f64,
-    pub decode_tokens_per_s: f64,
+    /// Response tokens over `generate_s` (prefill included: the rollout engine does
+    /// not time the two apart).
+    pub generated_tokens_per_s: f64,
+    /// The device allocator's reservation after the step (bytes), where the backend
+    /// reports it: the step's high-water mark, as the pool does not shrink.
+    pub reserved_bytes: Option<u64>,
+}
+
+/// Where a step's rollout time went (seconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RolloutTimes {
+    pub encode_s: f64,
+    pub generate_s: f64,
 }
 
 /// Samples `config.group_size` responses for each sample's prompt with `policy`
@@ -76,7 +93,8 @@ pub fn rollouts(
     seed: u64,
     step: usize,
     device: &Device,
-) -> Result<Vec<Group>, TrainError> {
+) -> Result<(Vec<Group>, RolloutTimes), TrainError> {
+    let timer = Instant::now();
     let options = GenerateOptions {
         prefill_chunk: config.prefill_chunk,
         ..GenerateOptions::new(config.max_response_tokens, Decoding::Greedy, stop.to_vec())
@@ -112,7 +130,15 @@ pub fn rollouts(
         });
         encoded.push((prompt, pixels, visual));
     }
+    device
+        .sync()
+        .map_err(|e| TrainError::Device(format!("synchronising after encoding: {e:?}")))?;
+    let encode_s = timer.elapsed().as_secs_f64();
     let generated = passes.generate(policy, prompts, &options, device)?;
+    let times = RolloutTimes {
+        encode_s,
+        generate_s: timer.elapsed().as_secs_f64() - encode_s,
+    };
     let mut groups = Vec::with_capacity(samples.len());
     for ((sample, (prompt, pixels, visual)), generations) in
         samples.iter().zip(encoded).zip(generated)
@@ -131,7 +157,7 @@ pub fn rollouts(
             advantages: Vec::new(),
         });
     }
-    Ok(groups)
+    Ok((groups, times))
 }
 
 /// The visual tokens of a group's passes under `model`: the rollout's, or the frames
