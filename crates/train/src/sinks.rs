@@ -177,7 +177,7 @@ impl Sinks {
     }
 }
 
-fn wall_s() -> f64 {
+pub(crate) fn wall_s() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

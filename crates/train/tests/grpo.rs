@@ -145,6 +145,17 @@ fn grpo_raises_the_mean_reward_on_a_tiny_task() {
         assert!(r.kl.is_finite() && r.kl >= 0.0);
     }
     assert!(summary.checkpoint.is_some());
+    // metrics.jsonl has a row a step; TensorBoard one reward scalar a step (the tag is
+    // stored verbatim in each event).
+    let rows = std::fs::read_to_string(config.run.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 30);
+    let mut events = Vec::new();
+    for entry in std::fs::read_dir(config.run.out.join("tensorboard")).unwrap() {
+        events.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let tag = b"grpo/reward_mean";
+    let count = events.windows(tag.len()).filter(|w| w == tag).count();
+    assert_eq!(count, 30, "reward scalars in the event files");
 }
 
 /// Two optimizer steps per rollout batch: the old policy's log-probs come from a

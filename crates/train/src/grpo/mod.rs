@@ -16,13 +16,13 @@ pub mod actor;
 pub mod config;
 pub mod logprobs;
 pub mod loss;
+mod metrics;
 pub mod passes;
 pub mod reward;
 pub mod shared_prefix;
 pub mod sp_logprobs;
 pub mod step;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -41,6 +41,7 @@ use crate::prepare::{Prepared, init_dir, prepare};
 use crate::skips::SkipLog;
 use crate::trainer::{SingleDevice, StepRunner, TrainOptions, start_data};
 use crate::zero::{CheckpointOf, save_checkpoint};
+use metrics::GrpoSinks;
 use passes::{OneDevice, Passes};
 use reward::{Reward, ground_truth, is_correct};
 use step::{StepReport, rollouts, token_count, update};
@@ -127,21 +128,10 @@ pub fn train_grpo_on(
             100.0 * acc
         ));
     }
-    let metrics_path = config.run.out.join("metrics.jsonl");
-    let mut metrics = match runner.writes() {
-        true => {
-            // Rows a crashed run wrote after its last checkpoint go; resumed steps
-            // write them again.
-            crate::sinks::truncate_metrics(&metrics_path, first)?;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(TrainError::io(&metrics_path))?;
-            Some(file)
-        }
-        false => None,
-    };
+    let mut sinks = GrpoSinks::open(&config.run.out, runner.writes(), first)?;
+    if let Some(acc) = eval_before {
+        sinks.held_out(first, acc)?;
+    }
     let mut skips = SkipLog::open(
         &config.run.out,
         runner.writes(),
@@ -179,20 +169,13 @@ pub fn train_grpo_on(
         run.state.elapsed_s += report.rollout_s + report.update_s;
         let lr = learning_rate(&config.optim, step, total);
         let skipped = skips.total;
-        let row = serde_json::json!({
-            "step": step + 1, "stage": "grpo", "lr": lr, "skipped": skipped, "report": report
-        });
-        if let Some(metrics) = metrics.as_mut() {
-            writeln!(metrics, "{row}").map_err(TrainError::io(&metrics_path))?;
-        }
+        sinks.step(step + 1, lr, skipped, &report)?;
         log(&step_line(step + 1, total, &report));
         reports.push(report);
         let done = step + 1;
         let due = done % config.run.checkpoint_every == 0 || done == last;
         if due {
-            if let Some(metrics) = metrics.as_mut() {
-                metrics.flush().map_err(TrainError::io(&metrics_path))?;
-            }
+            sinks.flush()?;
             let of = CheckpointOf {
                 out: &config.run.out,
                 model: &run.model,
@@ -212,7 +195,9 @@ pub fn train_grpo_on(
             "held-out accuracy after step {last}: {:.1}%",
             100.0 * acc
         ));
+        sinks.held_out(last, acc)?;
     }
+    sinks.flush()?;
     Ok(GrpoSummary {
         first_step: first,
         last_step: run.state.step,
