@@ -289,52 +289,31 @@ fn decode_kernels_match_the_f64_reference() {
             &random(case.b * case.hkv * case.sk * case.d, 2),
             &[case.b, case.hkv, case.sk, case.d],
         );
-        let run = |kernel| {
+        let run = |kernel, options: &FlashOptions| {
             let o = DeviceTensor::filled(&client, f32::NAN, &q.shape);
             let lse = DeviceTensor::filled(&client, f32::NAN, &q.shape[..3]);
-            flash_forward_with::<f32>(&client, &q, &kv, &kv, &o, &lse, &case.options, kernel)
-                .unwrap();
+            flash_forward_with::<f32>(&client, &q, &kv, &kv, &o, &lse, options, kernel).unwrap();
             (
                 o.to_vec::<f32>(&client).unwrap(),
                 lse.to_vec::<f32>(&client).unwrap(),
             )
         };
-        let (auto, decode) = (run(FlashKernel::Auto), run(FlashKernel::Decode));
+        let auto = run(FlashKernel::Auto, &case.options);
+        let decode = run(FlashKernel::Decode, &case.options);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&auto.0), bits(&decode.0), "O of case {n}");
         assert_eq!(bits(&auto.1), bits(&decode.1), "LSE of case {n}");
         // The inner loops kept as loops (`LONGVIEW_DECODE_UNROLL=0`): the same sums in
         // the same order, but the shader compiler may contract them differently, so
         // within f32 rounding rather than bit for bit.
-        let looped = case.options.clone().unroll_decode(false);
-        let o = DeviceTensor::filled(&client, f32::NAN, &q.shape);
-        let lse = DeviceTensor::filled(&client, f32::NAN, &q.shape[..3]);
-        flash_forward_with::<f32>(
-            &client,
-            &q,
-            &kv,
-            &kv,
-            &o,
-            &lse,
-            &looped,
+        let looped = run(
             FlashKernel::Decode,
-        )
-        .unwrap();
-        let o = o.to_vec::<f32>(&client).unwrap();
-        let lse = lse.to_vec::<f32>(&client).unwrap();
+            &case.options.clone().unroll_decode(false),
+        );
         let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        assert_close(
-            &format!("O of case {n}, loops"),
-            &o,
-            &wide(&decode.0),
-            TOL_F32,
-        );
-        assert_close(
-            &format!("LSE of case {n}, loops"),
-            &lse,
-            &wide(&decode.1),
-            TOL_F32,
-        );
+        let name = |what| format!("{what} of case {n}, loops");
+        assert_close(&name("O"), &looped.0, &wide(&decode.0), TOL_F32);
+        assert_close(&name("LSE"), &looped.1, &wide(&decode.1), TOL_F32);
     }
     // 33 rows per kv head: not for the decode kernels.
     let q = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);

@@ -151,25 +151,16 @@ pub fn flash_decode_kernel<F: Float>(
             }
             let mut s = f32::new(NO_KEYS);
             if visible {
-                // Four partial sums: independent multiply-add chains.
-                let (q_at, k_at) = (r * head_dim, j * pitch);
-                let mut dot = Array::<f32>::new(4usize);
-                #[unroll]
-                for c in 0..4usize {
-                    dot[c] = 0.0f32;
-                }
-                #[unroll(unrolled)]
-                for d4 in 0..comptime!(head_dim / 4) {
-                    #[unroll]
-                    for c in 0..4usize {
-                        let d = d4 * 4 + c;
-                        dot[c] += q_s[q_at + d] * k_s[k_at + d];
-                    }
-                }
-                for d in comptime!(head_dim / 4 * 4)..head_dim {
-                    dot[0] += q_s[q_at + d] * k_s[k_at + d];
-                }
-                s = (dot[0] + dot[1]) + (dot[2] + dot[3]);
+                s = chained_dot(
+                    &q_s,
+                    r * head_dim,
+                    1usize,
+                    &k_s,
+                    j * pitch,
+                    1usize,
+                    head_dim,
+                    unrolled,
+                );
             }
             p_s[idx] = s;
             idx += units;
@@ -212,23 +203,17 @@ pub fn flash_decode_kernel<F: Float>(
             if e < rows * head_dim {
                 let r = e / head_dim;
                 let d = e % head_dim;
-                // Four partial sums over the tile's keys (block_k is a power of two
-                // of at least 4).
-                let p_at = r * block_k;
-                let mut x = Array::<f32>::new(4usize);
-                #[unroll]
-                for c in 0..4usize {
-                    x[c] = 0.0f32;
-                }
-                #[unroll(unrolled)]
-                for j4 in 0..comptime!(block_k / 4) {
-                    #[unroll]
-                    for c in 0..4usize {
-                        let j = j4 * 4 + c;
-                        x[c] += p_s[p_at + j] * v_s[j * head_dim + d];
-                    }
-                }
-                acc[jj] = acc[jj] * row_s[r] + ((x[0] + x[1]) + (x[2] + x[3]));
+                let pv = chained_dot(
+                    &p_s,
+                    r * block_k,
+                    1usize,
+                    &v_s,
+                    d,
+                    head_dim,
+                    block_k,
+                    unrolled,
+                );
+                acc[jj] = acc[jj] * row_s[r] + pv;
             }
         }
         tile += block_k;
@@ -268,6 +253,42 @@ pub fn flash_decode_kernel<F: Float>(
             o_part[at] = x;
         }
     }
+}
+
+/// `sum_i a[a_at + i * a_step] * b[b_at + i * b_step]` over `i < n`, as four
+/// independent multiply-add chains (every fourth term each) added pairwise at the
+/// end; the loop over groups of four is unrolled when `unrolled`. The decode kernel's
+/// score (a query row against a key over the head dim) and its P V (a row's
+/// probabilities against a value column over the tile's keys).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chained_dot(
+    a: &Shared<[f32]>,
+    a_at: usize,
+    #[comptime] a_step: usize,
+    b: &Shared<[f32]>,
+    b_at: usize,
+    #[comptime] b_step: usize,
+    #[comptime] n: usize,
+    #[comptime] unrolled: bool,
+) -> f32 {
+    let mut sum = Array::<f32>::new(4usize);
+    #[unroll]
+    for c in 0..4usize {
+        sum[c] = 0.0f32;
+    }
+    #[unroll(unrolled)]
+    for i4 in 0..comptime!(n / 4) {
+        #[unroll]
+        for c in 0..4usize {
+            let i = i4 * 4 + c;
+            sum[c] += a[a_at + i * a_step] * b[b_at + i * b_step];
+        }
+    }
+    for i in comptime!(n / 4 * 4)..n {
+        sum[0] += a[a_at + i * a_step] * b[b_at + i * b_step];
+    }
+    (sum[0] + sum[1]) + (sum[2] + sum[3])
 }
 
 /// The slices merged: `lse = log sum_s exp(lse_s)`, `o = sum_s exp(lse_s - lse) o_s`
