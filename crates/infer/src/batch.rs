@@ -8,6 +8,8 @@
 //! [`crate::generate::generate_group`] per prompt: the same tokens, log-probs within
 //! 1e-5 (`tests/batch.rs`).
 
+use std::time::Instant;
+
 use burn::tensor::{DType, Device};
 use longview_models::{VisualInput, Vlm};
 
@@ -46,6 +48,16 @@ impl Default for BatchOptions {
     }
 }
 
+/// Wall-clock seconds of a batch's phases. Each phase ends on the host (the first
+/// and the last logits are read back), so the device's work is inside them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchTimes {
+    /// Every prompt's prefill, to its first logits.
+    pub prefill_s: f64,
+    /// Every decoding step after that.
+    pub decode_s: f64,
+}
+
 /// The generations of every request (`out[i][j]`: request `i`'s sample `j`), decoded
 /// as one batch. Each equals what [`crate::generate::generate_group`] gives for that
 /// request alone.
@@ -55,6 +67,17 @@ pub fn generate_batch(
     options: &BatchOptions,
     device: &Device,
 ) -> Result<Vec<Vec<Generation>>, InferError> {
+    Ok(generate_batch_timed(model, requests, options, device)?.0)
+}
+
+/// [`generate_batch`] and how long its prefill and decoding took.
+pub fn generate_batch_timed(
+    model: &Vlm,
+    requests: Vec<BatchRequest>,
+    options: &BatchOptions,
+    device: &Device,
+) -> Result<(Vec<Vec<Generation>>, BatchTimes), InferError> {
+    let start = Instant::now();
     check_requests(&requests)?;
     check_batch_memory(model, &requests, options, device)?;
     let counts: Vec<usize> = requests.iter().map(|r| r.samples.len()).collect();
@@ -86,8 +109,12 @@ pub fn generate_batch(
         caches.push((cache, decodings.len()));
     }
     if caches.is_empty() {
-        return Ok(counts.iter().map(|_| Vec::new()).collect());
+        return Ok((
+            counts.iter().map(|_| Vec::new()).collect(),
+            BatchTimes::default(),
+        ));
     }
+    let prefill_s = start.elapsed().as_secs_f64();
     let layers = model.text_layers().len();
     let longest_answer = limits.iter().map(|l| l.max_new_tokens).max().unwrap_or(0);
     let mut batch = SharedPrefixBatch::new(caches, layers, positions, longest_answer);
@@ -97,7 +124,11 @@ pub fn generate_batch(
         }
         batch.step(model, tokens, device)
     })?;
-    Ok(regroup(flat, &counts))
+    let times = BatchTimes {
+        prefill_s,
+        decode_s: start.elapsed().as_secs_f64() - prefill_s,
+    };
+    Ok((regroup(flat, &counts), times))
 }
 
 /// Refuses a batch with an empty prompt or an invalid decoding, naming the request.

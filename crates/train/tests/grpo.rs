@@ -143,6 +143,14 @@ fn grpo_raises_the_mean_reward_on_a_tiny_task() {
             r.logprob_mismatch
         );
         assert!(r.kl.is_finite() && r.kl >= 0.0);
+        // The rollout's phases are timed apart and lie inside it.
+        assert!(r.prefill_s > 0.0 && r.decode_s > 0.0 && r.decode_tokens_per_s > 0.0);
+        let phases = r.encode_s + r.prefill_s + r.decode_s;
+        assert!(
+            phases <= r.rollout_s + 1e-6,
+            "{phases} s of phases in {} s",
+            r.rollout_s
+        );
     }
     assert!(summary.checkpoint.is_some());
     // metrics.jsonl has a row a step; TensorBoard one reward scalar a step (the tag is

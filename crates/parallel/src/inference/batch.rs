@@ -15,10 +15,12 @@
 //! longest answer ([`LayerCache`]), not by concatenation. Tested against one device's
 //! batched generation: the same tokens, log-probs within 1e-4 (`tests/inference.rs`).
 
+use std::time::Instant;
+
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use longview_comm::Communicator;
 use longview_infer::InferError;
-use longview_infer::batch::{BatchRequest, check_requests, regroup};
+use longview_infer::batch::{BatchRequest, BatchTimes, check_requests, regroup};
 use longview_infer::generate::{Generation, decode_rows, next_token_rows};
 use longview_infer::prefill::check_request_fits;
 use longview_infer::shared_prefix::grouped_attention;
@@ -40,6 +42,18 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         requests: Vec<BatchRequest>,
         device: &Device,
     ) -> Result<Vec<Vec<Generation>>, InferError> {
+        Ok(self.generate_batch_timed(model, requests, device)?.0)
+    }
+
+    /// [`SpInference::generate_batch`] and how long its prefill and decoding took
+    /// (on this rank).
+    pub fn generate_batch_timed(
+        &self,
+        model: &Vlm,
+        requests: Vec<BatchRequest>,
+        device: &Device,
+    ) -> Result<(Vec<Vec<Generation>>, BatchTimes), InferError> {
+        let start = Instant::now();
         let world = self.world();
         check_requests(&requests)?;
         // Each rank holds about 1/P of every cache; the estimate is per rank, for
@@ -66,8 +80,12 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             caches.push((cache, request.samples.len()));
         }
         if caches.is_empty() {
-            return Ok(counts.iter().map(|_| Vec::new()).collect());
+            return Ok((
+                counts.iter().map(|_| Vec::new()).collect(),
+                BatchTimes::default(),
+            ));
         }
+        let prefill_s = start.elapsed().as_secs_f64();
         let layers = model.text_layers().len();
         let answer = limits.iter().map(|l| l.max_new_tokens).max().unwrap_or(0);
         let rank = self.comm.rank();
@@ -79,7 +97,11 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
             }
             self.step_batch(model, &mut batch, tokens, device)
         })?;
-        Ok(regroup(flat, &counts))
+        let times = BatchTimes {
+            prefill_s,
+            decode_s: start.elapsed().as_secs_f64() - prefill_s,
+        };
+        Ok((regroup(flat, &counts), times))
     }
 
     /// `tokens[r]` (one per row) through the text layers against the sharded batch,

@@ -212,7 +212,7 @@ pub fn train_grpo_on(
 /// The log line of a finished step.
 fn step_line(step: usize, total: usize, r: &StepReport) -> String {
     format!(
-        "step {step}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s (encode {:.1}s) update {:.1}s",
+        "step {step}/{total}: reward {:.3} ± {:.3} acc {:.1}% format {:.1}% kl {:.4} clip {:.3} len {:.1} rollout {:.1}s (encode {:.1}s, prefill {:.1}s, decode {:.1}s at {:.0} tok/s) update {:.1}s",
         r.reward_mean,
         r.reward_std,
         100.0 * r.accuracy,
@@ -222,6 +222,9 @@ fn step_line(step: usize, total: usize, r: &StepReport) -> String {
         r.response_tokens_mean,
         r.rollout_s,
         r.encode_s,
+        r.prefill_s,
+        r.decode_s,
+        r.decode_tokens_per_s,
         r.update_s,
     )
 }
@@ -288,8 +291,9 @@ fn grpo_step(
     run.model = master_weights.unwrap_or(working);
     report.rollout_s = rollout_s;
     report.encode_s = times.encode_s;
-    report.generate_s = times.generate_s;
-    report.generated_tokens_per_s = generated as f64 / times.generate_s.max(1e-9);
+    report.prefill_s = times.prefill_s;
+    report.decode_s = times.decode_s;
+    report.decode_tokens_per_s = generated as f64 / times.decode_s.max(1e-9);
     report.reserved_bytes = device.memory_pool_usage().map(|m| m.bytes_reserved);
     Ok(report)
 }

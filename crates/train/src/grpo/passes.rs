@@ -7,7 +7,7 @@
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use longview_comm::{Communicator, ReduceOp};
-use longview_infer::batch::{BatchOptions, BatchRequest, generate_batch};
+use longview_infer::batch::{BatchOptions, BatchRequest, BatchTimes, generate_batch_timed};
 use longview_infer::generate::{Decoding, GenerateOptions, Generation, Limits};
 use longview_models::{VisualInput, Vlm};
 use longview_parallel::inference::{Heads, SpInference, SpScheme};
@@ -27,14 +27,15 @@ pub trait Passes {
     fn encode(&self, policy: &Vlm, pixels: Tensor<4>) -> Result<Tensor<3>, TrainError>;
 
     /// The responses to every prompt of a step (`out[p][g]`: prompt `p`'s sample
-    /// `g`), each prompt prefilled once for its samples.
+    /// `g`), each prompt prefilled once for its samples, and the time of the prefill
+    /// and of the decoding.
     fn generate(
         &self,
         policy: &Vlm,
         prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Vec<Generation>>, TrainError>;
+    ) -> Result<(Vec<Vec<Generation>>, BatchTimes), TrainError>;
 
     /// The responses' whole `[responses, max_len]` log-probs, untracked (old policy,
     /// reference); the same on every rank.
@@ -142,13 +143,13 @@ impl Passes for OneDevice {
         prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Vec<Generation>>, TrainError> {
+    ) -> Result<(Vec<Vec<Generation>>, BatchTimes), TrainError> {
         let requests = batch_requests(prompts, options);
         let batch = BatchOptions {
             prefill_chunk: options.prefill_chunk,
             memory_budget: options.memory_budget,
         };
-        Ok(generate_batch(policy, requests, &batch, device)?)
+        Ok(generate_batch_timed(policy, requests, &batch, device)?)
     }
 
     fn whole_logprobs(
@@ -260,10 +261,10 @@ impl<C: Communicator + Send + Sync + 'static> Passes for SpPasses<C> {
         prompts: Vec<PromptSamples>,
         options: &GenerateOptions,
         device: &Device,
-    ) -> Result<Vec<Vec<Generation>>, TrainError> {
+    ) -> Result<(Vec<Vec<Generation>>, BatchTimes), TrainError> {
         Ok(self
             .inference
-            .generate_batch(policy, batch_requests(prompts, options), device)?)
+            .generate_batch_timed(policy, batch_requests(prompts, options), device)?)
     }
 
     fn whole_logprobs(

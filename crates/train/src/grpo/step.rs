@@ -61,12 +61,13 @@ pub struct StepReport {
     pub rollout_s: f64,
     /// Of `rollout_s`: the videos' encoding (device synchronised after it).
     pub encode_s: f64,
-    /// Of `rollout_s`: prefill and decoding of every response.
-    pub generate_s: f64,
+    /// Of `rollout_s`: every prompt's prefill.
+    pub prefill_s: f64,
+    /// Of `rollout_s`: the decoding steps of every response (sampling included).
+    pub decode_s: f64,
     pub update_s: f64,
-    /// Response tokens over `generate_s` (prefill included: the rollout engine does
-    /// not time the two apart).
-    pub generated_tokens_per_s: f64,
+    /// Response tokens over `decode_s`, all rows of the batch together.
+    pub decode_tokens_per_s: f64,
     /// The device allocator's reservation after the step (bytes), where the backend
     /// reports it: the step's high-water mark, as the pool does not shrink.
     pub reserved_bytes: Option<u64>,
@@ -76,7 +77,8 @@ pub struct StepReport {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RolloutTimes {
     pub encode_s: f64,
-    pub generate_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
 }
 
 /// Samples `config.group_size` responses for each sample's prompt with `policy`
@@ -134,10 +136,11 @@ pub fn rollouts(
         .sync()
         .map_err(|e| TrainError::Device(format!("synchronising after encoding: {e:?}")))?;
     let encode_s = timer.elapsed().as_secs_f64();
-    let generated = passes.generate(policy, prompts, &options, device)?;
+    let (generated, batch) = passes.generate(policy, prompts, &options, device)?;
     let times = RolloutTimes {
         encode_s,
-        generate_s: timer.elapsed().as_secs_f64() - encode_s,
+        prefill_s: batch.prefill_s,
+        decode_s: batch.decode_s,
     };
     let mut groups = Vec::with_capacity(samples.len());
     for ((sample, (prompt, pixels, visual)), generations) in
