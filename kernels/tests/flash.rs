@@ -314,6 +314,37 @@ fn decode_kernels_match_the_f64_reference() {
         let name = |what| format!("{what} of case {n}, loops");
         assert_close(&name("O"), &looped.0, &wide(&decode.0), TOL_F32);
         assert_close(&name("LSE"), &looped.1, &wide(&decode.1), TOL_F32);
+        // Other cube sizes: the same sums, spread over more or fewer units.
+        for units in [64, 256] {
+            let other = run(
+                FlashKernel::Decode,
+                &case.options.clone().decode_units(Some(units)),
+            );
+            let name = |what| format!("{what} of case {n}, {units} units");
+            assert_close(&name("O"), &other.0, &wide(&decode.0), TOL_F32);
+            assert_close(&name("LSE"), &other.1, &wide(&decode.1), TOL_F32);
+        }
+    }
+    // Cube sizes the decode kernel cannot use are refused with the number.
+    for units in [16, 48, 2048] {
+        let q = DeviceTensor::filled(&client, 0f32, &[1, 4, 1, 64]);
+        let kv = DeviceTensor::filled(&client, 0f32, &[1, 1, 10, 64]);
+        let o = DeviceTensor::filled(&client, 0f32, &[1, 4, 1, 64]);
+        let lse = DeviceTensor::filled(&client, 0f32, &[1, 4, 1]);
+        let options = FlashOptions::new(64).decode_units(Some(units));
+        let e = flash_forward_with::<f32>(
+            &client,
+            &q,
+            &kv,
+            &kv,
+            &o,
+            &lse,
+            &options,
+            FlashKernel::Decode,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("decode_units {units}")), "{e}");
     }
     // 33 rows per kv head: not for the decode kernels.
     let q = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);

@@ -21,7 +21,7 @@ use super::{AttnError, Client, DeviceTensor, FlashOptions, Geometry};
 
 /// Most query rows per kv head (`Hq / Hkv * Sq`) the decode kernels take.
 pub const DECODE_MAX_ROWS: usize = 32;
-/// Units per cube of the split kernel.
+/// Units per cube of the split kernel unless `FlashOptions::decode_units` says.
 const UNITS: usize = 128;
 /// Units per cube of the merge kernel.
 const MERGE_UNITS: usize = 64;
@@ -413,13 +413,20 @@ pub(super) fn forward<F: Float + CubeElement>(
             g.d
         )));
     };
+    let units = options.decode_units.unwrap_or(UNITS);
+    if !units.is_power_of_two() || !(32..=1024).contains(&units) || units < max_rows {
+        return Err(AttnError::Options(format!(
+            "decode_units {units}: the decode kernel takes a power of two from 32 to 1024 \
+             units, at least the {max_rows} rows a kv head (padded)"
+        )));
+    }
     let (splits, per_split) = split_keys(client, g, options, block_k);
     let o_part = DeviceTensor::uninitialized::<f32>(client, &[splits * g.b, g.hq, g.sq, g.d]);
     let lse_part = DeviceTensor::uninitialized::<f32>(client, &[splits * g.b, g.hq, g.sq]);
     flash_decode_kernel::launch::<F>(
         client,
         CubeCount::Static(splits as u32, (g.b * g.hkv) as u32, 1),
-        CubeDim::new_1d(UNITS as u32),
+        CubeDim::new_1d(units as u32),
         q.arg(),
         k.arg(),
         v.arg(),
@@ -433,7 +440,7 @@ pub(super) fn forward<F: Float + CubeElement>(
         g.d,
         max_rows,
         block_k,
-        UNITS,
+        units,
         options.unroll_decode,
     );
     let rows_out = g.b * g.hq * g.sq;

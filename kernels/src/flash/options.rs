@@ -19,6 +19,11 @@ pub struct FlashOptions {
     /// Whether the split-key decode kernel's inner loops are unrolled (the default;
     /// `LONGVIEW_DECODE_UNROLL=0` keeps them as loops, an A/B switch for benchmarks).
     pub unroll_decode: bool,
+    /// Units (threads) per cube of the split-key decode kernel: a power of two from
+    /// 32 to 1024, at least the rows a kv head; `None`, 128. More units split a
+    /// tile's scores and P V over more threads (a GRPO group has 5x one row's work
+    /// a tile); an A/B setting for benchmarks until measured.
+    pub decode_units: Option<usize>,
 }
 
 impl FlashOptions {
@@ -31,7 +36,13 @@ impl FlashOptions {
             k_offset: 0,
             cu_seqlens: None,
             unroll_decode: unroll_decode_default(),
+            decode_units: None,
         }
+    }
+
+    pub fn decode_units(mut self, units: Option<usize>) -> Self {
+        self.decode_units = units;
+        self
     }
 
     pub fn unroll_decode(mut self, unroll: bool) -> Self {
