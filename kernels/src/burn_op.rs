@@ -120,7 +120,7 @@ impl FlashMask {
             k_offset: self.k_offset,
             cu_seqlens: None,
             unroll_decode: crate::flash::unroll_decode_default(),
-            decode_units: None,
+            decode_units: crate::flash::decode_units_default(),
         }
     }
 }

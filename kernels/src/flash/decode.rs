@@ -416,8 +416,9 @@ pub(super) fn forward<F: Float + CubeElement>(
     let units = options.decode_units.unwrap_or(UNITS);
     if !units.is_power_of_two() || !(32..=1024).contains(&units) || units < max_rows {
         return Err(AttnError::Options(format!(
-            "decode_units {units}: the decode kernel takes a power of two from 32 to 1024 \
-             units, at least the {max_rows} rows a kv head (padded)"
+            "decode_units {units} (FlashOptions, or LONGVIEW_DECODE_UNITS): the decode kernel \
+             takes a power of two from 32 to 1024 units, at least the {max_rows} rows a kv \
+             head (padded)"
         )));
     }
     let (splits, per_split) = split_keys(client, g, options, block_k);

@@ -22,7 +22,8 @@ pub struct FlashOptions {
     /// Units (threads) per cube of the split-key decode kernel: a power of two from
     /// 32 to 1024, at least the rows a kv head; `None`, 128. More units split a
     /// tile's scores and P V over more threads (a GRPO group has 5x one row's work
-    /// a tile); an A/B setting for benchmarks until measured.
+    /// a tile); an A/B setting for benchmarks until measured. `FlashOptions::new`
+    /// takes it from `LONGVIEW_DECODE_UNITS` when set.
     pub decode_units: Option<usize>,
 }
 
@@ -36,7 +37,7 @@ impl FlashOptions {
             k_offset: 0,
             cu_seqlens: None,
             unroll_decode: unroll_decode_default(),
-            decode_units: None,
+            decode_units: decode_units_default(),
         }
     }
 
@@ -65,6 +66,15 @@ impl FlashOptions {
         self.cu_seqlens = Some(cu_seqlens);
         self
     }
+}
+
+/// `LONGVIEW_DECODE_UNITS` as a number (checked at launch), else `None`.
+pub(crate) fn decode_units_default() -> Option<usize> {
+    std::env::var("LONGVIEW_DECODE_UNITS")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `LONGVIEW_DECODE_UNROLL` unset or anything but `0`.
