@@ -325,7 +325,8 @@ fn threaded_sampling_equals_one_sequence_at_a_time() {
             .map(|i| {
                 let h = longview_infer::sample::mix(token as u64 ^ (len as u64) << 32, i as u64);
                 // Flat rows with a few peaks: the nucleus keeps many tokens.
-                ((h >> 40) as f32 / (1u64 << 24) as f32) * if h % 97 == 0 { 6.0 } else { 1.0 }
+                ((h >> 40) as f32 / (1u64 << 24) as f32)
+                    * if h.is_multiple_of(97) { 6.0 } else { 1.0 }
             })
             .collect()
     };
