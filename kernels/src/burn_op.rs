@@ -121,6 +121,7 @@ impl FlashMask {
             cu_seqlens: None,
             unroll_decode: crate::flash::unroll_decode_default(),
             decode_units: crate::flash::decode_units_default(),
+            prefetch_decode: crate::flash::prefetch_decode_default(),
         }
     }
 }

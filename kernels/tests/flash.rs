@@ -208,7 +208,8 @@ fn forward_and_backward_match_the_f64_reference() {
 /// reference, over grouped heads, several key slices (lavapipe reports no
 /// multiprocessor count: 64 assumed, so about 128 / (B * Hkv) slices), a slice count
 /// that does not divide the keys, causal offsets with rows that see different key
-/// counts, a row block that sees no key, the largest row count, head dim 72. The
+/// counts, a row block that sees no key, the largest row count, head dim 72, cubes
+/// that walk several tiles. The
 /// explicit `FlashKernel::Decode` gives the same bits as `Auto`, and calls it cannot
 /// take are refused.
 ///
@@ -276,6 +277,10 @@ fn decode_kernels_match_the_f64_reference() {
         Case::new(1, 7, 1, 1, 5, 64),
         // A head dim that is not a multiple of 4 (the score's remainder loop).
         Case::new(1, 6, 2, 1, 90, 70).with(|o| o.causal(true).offsets(89, 0)),
+        // 128 kv heads: one slice a head (128 cubes already), so each cube walks
+        // several tiles (the next tile's loads overlap a tile's work), the last
+        // one partial.
+        Case::new(1, 128, 128, 1, 230, 32).with(|o| o.causal(true).offsets(229, 0)),
     ];
     for (n, case) in cases.iter().enumerate() {
         run_case(&client, case, 500 + 10 * n as u64);
@@ -314,13 +319,16 @@ fn decode_kernels_match_the_f64_reference() {
         let name = |what| format!("{what} of case {n}, loops");
         assert_close(&name("O"), &looped.0, &wide(&decode.0), TOL_F32);
         assert_close(&name("LSE"), &looped.1, &wide(&decode.1), TOL_F32);
-        // Other cube sizes: the same sums, spread over more or fewer units.
-        for units in [64, 256] {
-            let other = run(
-                FlashKernel::Decode,
-                &case.options.clone().decode_units(Some(units)),
-            );
-            let name = |what| format!("{what} of case {n}, {units} units");
+        // Other cube sizes (the same sums, spread over more or fewer units), and the
+        // next tile loaded after a tile's work instead of during it.
+        let variants = [
+            ("64 units", case.options.clone().decode_units(Some(64))),
+            ("256 units", case.options.clone().decode_units(Some(256))),
+            ("no prefetch", case.options.clone().prefetch_decode(false)),
+        ];
+        for (variant, options) in variants {
+            let other = run(FlashKernel::Decode, &options);
+            let name = |what| format!("{what} of case {n}, {variant}");
             assert_close(&name("O"), &other.0, &wide(&decode.0), TOL_F32);
             assert_close(&name("LSE"), &other.1, &wide(&decode.1), TOL_F32);
         }

@@ -366,9 +366,10 @@ fn bench(
 /// One decoding step's attention (`sq` query rows per head against `sk` cached keys,
 /// all visible, bf16: `sq` = 1 is one sequence's step, `sq` = G the G samples of a
 /// GRPO group over their shared prompt, as `SharedPrefixBatch` asks): the split-key
-/// decode kernels (inner loops unrolled, kept as loops: `FlashOptions::unroll_decode`;
-/// 128, 256 and 512 units a cube: `FlashOptions::decode_units`), and the tensor-core
-/// forward; ms per call and the K/V bytes read per second.
+/// decode kernels (inner loops unrolled or kept as loops: `unroll_decode`; the next
+/// tile loaded during a tile's work or after: `prefetch_decode`; 128, 256 and 512
+/// units a cube: `decode_units`), and the tensor-core forward; ms per call and the
+/// K/V bytes read per second.
 fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: usize, reps: usize) {
     let d = 128;
     let data = |seed, heads, len| -> Vec<f32> {
@@ -404,17 +405,41 @@ fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: usize
     let want = attention_f64(&geometry, &qh, &kh, &vh, None, |_, _, _| true);
     let bytes = (2 * hkv * sk * d * 2) as f64;
     let mut line = format!("| decode | B1 H{hq}:{hkv} Sq{sq} Sk{sk} D{d} |");
+    // (kernel, unrolled, units, prefetch, name)
     let variants = [
-        (FlashKernel::Decode, true, None, "Decode"),
-        (FlashKernel::Decode, false, None, "Decode (loops)"),
-        (FlashKernel::Decode, true, Some(256), "Decode (256 units)"),
-        (FlashKernel::Decode, true, Some(512), "Decode (512 units)"),
-        (FlashKernel::TensorCore, true, None, "TensorCore"),
+        (FlashKernel::Decode, true, None, true, "Decode"),
+        (FlashKernel::Decode, false, None, true, "Decode (loops)"),
+        (
+            FlashKernel::Decode,
+            true,
+            None,
+            false,
+            "Decode (no prefetch)",
+        ),
+        (
+            FlashKernel::Decode,
+            true,
+            Some(256),
+            true,
+            "Decode (256 units)",
+        ),
+        (
+            FlashKernel::Decode,
+            true,
+            Some(512),
+            true,
+            "Decode (512 units)",
+        ),
+        (FlashKernel::TensorCore, true, None, true, "TensorCore"),
     ];
-    for (kernel, unroll, units, name) in variants {
+    for (kernel, unroll, units, prefetch, name) in variants {
         let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, sq, d]);
         let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, sq]);
-        let opts = opts.clone().unroll_decode(unroll).decode_units(units);
+        let opts = opts
+            .clone()
+            .unroll_decode(unroll)
+            .decode_units(units)
+            .prefetch_decode(prefetch);
         let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
         if let Err(e) = run() {
             line += &format!(" {name}: {e} |");
@@ -473,9 +498,9 @@ fn main() {
         // kernels' 32, so `SharedPrefixBatch` runs its group as 3 + 2 samples: 21 and
         // 14 rows; the 3 is timed).
         println!(
-            "| scenario | shape | split-key decode | loops | 256 units | 512 units | tensor-core forward |"
+            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for sk in [4096, 50_000, 200_000] {
             for (heads, sq) in [((12, 2), 1), ((28, 4), 1), ((12, 2), 5), ((28, 4), 3)] {
                 bench_decode(&client, heads, sq, sk, 20);

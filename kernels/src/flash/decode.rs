@@ -47,6 +47,7 @@ pub fn flash_decode_kernel<F: Float>(
     #[comptime] block_k: usize,
     #[comptime] units: usize,
     #[comptime] unrolled: bool,
+    #[comptime] prefetch: bool,
 ) {
     let split = CUBE_POS_X as usize;
     let hq = q.shape(1);
@@ -107,26 +108,23 @@ pub fn flash_decode_kernel<F: Float>(
 
     let k_base = b * k.stride(0) + hk * k.stride(1);
     let v_base = b * v.stride(0) + hk * v.stride(1);
+    // A tile's keys and values travel through registers: every load of a tile is
+    // issued before the first store (keys past the slice clamped to its last key and
+    // zeroed when stored), one memory latency a tile. With `prefetch` the next tile's
+    // loads are issued before this tile's scores, so they are in flight while it is
+    // computed; without, after its P V.
+    let staged = comptime!((block_k * head_dim).div_ceil(units));
+    let mut k_r = Array::<f32>::new(staged);
+    let mut v_r = Array::<f32>::new(staged);
+    if lo < hi {
+        load_tile(
+            k, v, &mut k_r, &mut v_r, k_base, v_base, lo, hi, head_dim, staged, units,
+        );
+    }
     let mut tile = lo;
     while tile < hi {
         // The previous tile's readers are done (and the query rows staged).
         sync_cube();
-        // Every load of the tile is issued before the first store (unrolled into
-        // registers, keys past the slice clamped to its last key and zeroed after):
-        // one memory latency a tile, where a loop of dependent load-store pairs paid
-        // one per element.
-        let staged = comptime!((block_k * head_dim).div_ceil(units));
-        let mut k_r = Array::<f32>::new(staged);
-        let mut v_r = Array::<f32>::new(staged);
-        #[unroll]
-        for t in 0..staged {
-            let idx = u + t * units;
-            let j = idx / head_dim;
-            let d = idx % head_dim;
-            let key = min(tile + j, hi - 1);
-            k_r[t] = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
-            v_r[t] = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
-        }
         #[unroll]
         for t in 0..staged {
             let idx = u + t * units;
@@ -139,6 +137,12 @@ pub fn flash_decode_kernel<F: Float>(
             }
         }
         sync_cube();
+        let next = tile + block_k;
+        if prefetch && next < hi {
+            load_tile(
+                k, v, &mut k_r, &mut v_r, k_base, v_base, next, hi, head_dim, staged, units,
+            );
+        }
         // Scores, masked ones NO_KEYS.
         let mut idx = u;
         while idx < rows * block_k {
@@ -216,7 +220,12 @@ pub fn flash_decode_kernel<F: Float>(
                 acc[jj] = acc[jj] * row_s[r] + pv;
             }
         }
-        tile += block_k;
+        if !prefetch && next < hi {
+            load_tile(
+                k, v, &mut k_r, &mut v_r, k_base, v_base, next, hi, head_dim, staged, units,
+            );
+        }
+        tile = next;
     }
 
     // This slice's LSE, and O / l.
@@ -252,6 +261,36 @@ pub fn flash_decode_kernel<F: Float>(
                 + d * o_part.stride(3);
             o_part[at] = x;
         }
+    }
+}
+
+/// Unit `u`'s share of the keys and values of the tile starting at key `tile` into
+/// registers: element `u + t * units` of the `block_k x head_dim` tile (row `j`,
+/// column `d`), keys at or past `hi` read as key `hi - 1` (the caller zeroes them).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    k_r: &mut Array<f32>,
+    v_r: &mut Array<f32>,
+    k_base: usize,
+    v_base: usize,
+    tile: usize,
+    hi: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] staged: usize,
+    #[comptime] units: usize,
+) {
+    let u = UNIT_POS_X as usize;
+    #[unroll]
+    for t in 0..staged {
+        let idx = u + t * units;
+        let j = idx / head_dim;
+        let d = idx % head_dim;
+        let key = min(tile + j, hi - 1);
+        k_r[t] = f32::cast_from(k[k_base + key * k.stride(2) + d * k.stride(3)]);
+        v_r[t] = f32::cast_from(v[v_base + key * v.stride(2) + d * v.stride(3)]);
     }
 }
 
@@ -443,6 +482,7 @@ pub(super) fn forward<F: Float + CubeElement>(
         block_k,
         units,
         options.unroll_decode,
+        options.prefetch_decode,
     );
     let rows_out = g.b * g.hq * g.sq;
     let (x, y) = if rows_out > 65535 {

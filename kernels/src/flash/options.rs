@@ -25,6 +25,10 @@ pub struct FlashOptions {
     /// a tile); an A/B setting for benchmarks until measured. `FlashOptions::new`
     /// takes it from `LONGVIEW_DECODE_UNITS` when set.
     pub decode_units: Option<usize>,
+    /// Whether the split-key decode kernel loads the next key tile while it computes
+    /// the current one (the default; `LONGVIEW_DECODE_PREFETCH=0` loads it after, an
+    /// A/B switch for benchmarks).
+    pub prefetch_decode: bool,
 }
 
 impl FlashOptions {
@@ -38,7 +42,13 @@ impl FlashOptions {
             cu_seqlens: None,
             unroll_decode: unroll_decode_default(),
             decode_units: decode_units_default(),
+            prefetch_decode: prefetch_decode_default(),
         }
+    }
+
+    pub fn prefetch_decode(mut self, prefetch: bool) -> Self {
+        self.prefetch_decode = prefetch;
+        self
     }
 
     pub fn decode_units(mut self, units: Option<usize>) -> Self {
@@ -75,6 +85,11 @@ pub(crate) fn decode_units_default() -> Option<usize> {
         .trim()
         .parse()
         .ok()
+}
+
+/// `LONGVIEW_DECODE_PREFETCH` unset or anything but `0`.
+pub(crate) fn prefetch_decode_default() -> bool {
+    std::env::var("LONGVIEW_DECODE_PREFETCH").map_or(true, |v| v != "0")
 }
 
 /// `LONGVIEW_DECODE_UNROLL` unset or anything but `0`.
