@@ -333,44 +333,33 @@ fn decode_kernels_match_the_f64_reference() {
             assert_close(&name("LSE"), &other.1, &wide(&decode.1), TOL_F32);
         }
     }
-    // Cube sizes the decode kernel cannot use are refused with the number.
-    for units in [16, 48, 2048] {
-        let q = DeviceTensor::filled(&client, 0f32, &[1, 4, 1, 64]);
+    // Calls the decode kernels cannot take are refused with the numbers: `heads`
+    // query heads over one kv head, one position, ten keys.
+    let refusal = |heads: usize, options: &FlashOptions| {
+        let q = DeviceTensor::filled(&client, 0f32, &[1, heads, 1, 64]);
         let kv = DeviceTensor::filled(&client, 0f32, &[1, 1, 10, 64]);
-        let o = DeviceTensor::filled(&client, 0f32, &[1, 4, 1, 64]);
-        let lse = DeviceTensor::filled(&client, 0f32, &[1, 4, 1]);
-        let options = FlashOptions::new(64).decode_units(Some(units));
-        let e = flash_forward_with::<f32>(
+        let o = DeviceTensor::filled(&client, 0f32, &[1, heads, 1, 64]);
+        let lse = DeviceTensor::filled(&client, 0f32, &[1, heads, 1]);
+        flash_forward_with::<f32>(
             &client,
             &q,
             &kv,
             &kv,
             &o,
             &lse,
-            &options,
+            options,
             FlashKernel::Decode,
         )
         .unwrap_err()
-        .to_string();
+        .to_string()
+    };
+    // Cube sizes the kernel cannot use.
+    for units in [16, 48, 2048] {
+        let e = refusal(4, &FlashOptions::new(64).decode_units(Some(units)));
         assert!(e.contains(&format!("decode_units {units}")), "{e}");
     }
-    // 33 rows per kv head: not for the decode kernels.
-    let q = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);
-    let kv = DeviceTensor::filled(&client, 0f32, &[1, 1, 10, 64]);
-    let o = DeviceTensor::filled(&client, 0f32, &[1, 33, 1, 64]);
-    let lse = DeviceTensor::filled(&client, 0f32, &[1, 33, 1]);
-    let e = flash_forward_with::<f32>(
-        &client,
-        &q,
-        &kv,
-        &kv,
-        &o,
-        &lse,
-        &FlashOptions::new(64),
-        FlashKernel::Decode,
-    )
-    .unwrap_err()
-    .to_string();
+    // 33 rows per kv head.
+    let e = refusal(33, &FlashOptions::new(64));
     assert!(e.contains("at most 32 query rows per kv head"), "{e}");
 }
 
