@@ -39,6 +39,8 @@ pub struct SharedPrefixBatch {
     own: Vec<LayerCache>,
     /// Per row, the position of its next token.
     next_position: Vec<usize>,
+    /// Most query rows a kv head in one attention call over a prompt's keys.
+    kv_head_rows: usize,
 }
 
 impl SharedPrefixBatch {
@@ -65,7 +67,16 @@ impl SharedPrefixBatch {
             prompt_of,
             own: (0..layers).map(|_| LayerCache::reserved(answer)).collect(),
             next_position,
+            kv_head_rows: FLASH_DECODE_MAX_ROWS,
         }
+    }
+
+    /// Caps the query rows a kv head of each attention call over a prompt's keys (by
+    /// default the flash decode kernels' [`FLASH_DECODE_MAX_ROWS`]): a prompt's rows
+    /// then run in several calls whose results are concatenated. For tests (the
+    /// CPU build's attention has no cap) and benchmarks.
+    pub fn limit_kv_head_rows(&mut self, rows: usize) {
+        self.kv_head_rows = rows.max(1);
     }
 
     pub fn rows(&self) -> usize {
@@ -114,7 +125,7 @@ impl SharedPrefixBatch {
                 // the decode kernels take whole: each row is a position of every
                 // query head, `heads / kv_heads` rows a kv head.
                 let group = input.q.dims()[1] / k.dims()[1];
-                let per_call = (FLASH_DECODE_MAX_ROWS / group).max(1);
+                let per_call = (self.kv_head_rows / group).max(1);
                 for (start, rows) in calls(start, rows, per_call) {
                     let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
                     let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);

@@ -247,3 +247,52 @@ fn a_batch_over_its_memory_budget_is_refused_before_running() {
     let out = generate_batch(&model, request(), &options(budget), &device).unwrap();
     assert_eq!(out[0].len(), g);
 }
+
+/// A prompt's rows cut into several attention calls over its keys (one row a call,
+/// as a group over the decode kernels' 32 rows a kv head is cut on a GPU) decode as
+/// the group does in one call: the same tokens, log-probs within 1e-5.
+#[test]
+fn a_group_cut_into_several_calls_equals_one_call() {
+    use longview_infer::generate::{Limits, decode_rows, prefill_prompt};
+    use longview_infer::shared_prefix::SharedPrefixBatch;
+    let device = Device::flex();
+    let (model, prompt, pixels) = model_and_prompt(&device);
+    let samples = decodings();
+    let limits = vec![
+        Limits {
+            max_new_tokens: 8,
+            stop: vec![0, 1, 2],
+        };
+        samples.len()
+    ];
+    let run = |kv_head_rows: Option<usize>| {
+        let visual = VisualInput::Pixels(pixels.clone());
+        let (cache, first) =
+            prefill_prompt(&model, &prompt, visual, 4, prompt.len(), &device).unwrap();
+        let layers = model.text_layers().len();
+        let positions = vec![prompt.len(); samples.len()];
+        let mut batch = SharedPrefixBatch::new(vec![(cache, samples.len())], layers, positions, 8);
+        if let Some(rows) = kv_head_rows {
+            batch.limit_kv_head_rows(rows);
+        }
+        let firsts = vec![first; samples.len()];
+        decode_rows(firsts, &samples, &limits, |tokens, kept| {
+            if kept.len() != batch.rows() {
+                batch.select(kept, &device);
+            }
+            batch.step(&model, tokens, &device)
+        })
+        .unwrap()
+    };
+    let whole = run(None);
+    // One query row a kv head a call: every sample in a call of its own (the debug
+    // model's query heads per kv head are all one row's).
+    let cut = run(Some(1));
+    for (w, c) in whole.iter().zip(&cut) {
+        assert_eq!(w.tokens, c.tokens);
+        assert_eq!(w.stopped, c.stopped);
+        let worst = worst_error(&c.logprobs, &w.logprobs);
+        assert!(worst < 1e-5, "log-probs differ by {worst}");
+    }
+    assert!(whole.iter().map(|g| g.tokens.len()).sum::<usize>() > samples.len());
+}
