@@ -8,7 +8,13 @@
 //!   read once for the whole group;
 //! - the keys are split so that about two cubes per multiprocessor run;
 //! - each cube writes its slice's O (normalised) and LSE in f32, and a second kernel
-//!   merges the slices per row with weights `exp(lse_s - lse)`.
+//!   merges the slices per row with weights `exp(lse_s - lse)`;
+//! - inside a cube, key tiles go global -> registers -> shared memory, the next
+//!   tile's loads issued before the current tile's work (`prefetch_decode`); the
+//!   score and P V sums run as four independent multiply-add chains, unrolled
+//!   (`unroll_decode`); `decode_units` sets the threads a cube. The three are
+//!   [`FlashOptions`] settings (environment: `LONGVIEW_DECODE_PREFETCH=0`,
+//!   `LONGVIEW_DECODE_UNROLL=0`, `LONGVIEW_DECODE_UNITS`) kept for A/B timing.
 //!
 //! Masks: causal with offsets (key `j` visible to query row `i` iff
 //! `k_offset + j <= q_offset + i`) or none; packed sequences do not come here. A row
