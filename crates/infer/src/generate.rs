@@ -289,9 +289,11 @@ fn pick_rows(
         let token = sampler.pick(row);
         (token, log_prob(row, token, *temperature))
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(work.len());
+    // The host's thread count, read once (it reads cgroup files on Linux).
+    static HOST_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let host =
+        *HOST_THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let threads = host.min(work.len());
     if threads < 2 || rows.first().map_or(0, Vec::len) < THREADED_VOCAB {
         return work.iter_mut().map(pick).collect();
     }
