@@ -21,7 +21,11 @@ step() { name=$1; limit=$2; shift 2; echo "== $name" | tee -a "$OUT/log.txt"; st
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; rc=$?
   tail -n 12 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
-step checks "${CHECK_S:-240}" /tmp/fb --tc-only --check-only
-step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
-step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
-step decode "${DECODE_S:-60}" /tmp/fb --decode
+# STEPS picks the steps (default all four), e.g. STEPS="checks decode" for the decode
+# kernels' A/B alone (`flash_bench --decode` times every decode variant).
+wants() { [[ " ${STEPS:-checks torch longview decode} " == *" $1 "* ]]; }
+wants checks && step checks "${CHECK_S:-240}" /tmp/fb --tc-only --check-only
+wants torch && step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
+wants longview && step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
+wants decode && step decode "${DECODE_S:-120}" /tmp/fb --decode
+exit 0
