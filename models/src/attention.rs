@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use burn::config::Config;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{log_sigmoid, sigmoid, softmax};
 use burn::tensor::{Bool, DType, Tensor};
 
 /// Which attention implementation the model calls.
@@ -260,6 +260,36 @@ fn recomputed_input_grads(
             .unwrap_or_else(|| Tensor::zeros(t.dims(), (&t.device(), t.dtype())))
     };
     (grad(q), grad(k), grad(v))
+}
+
+/// Merges two partial results over disjoint key sets of the same query rows, in the
+/// logsigmoid form that cannot overflow:
+/// `L = L1 - logsigmoid(L1 - L2)`, `O = O1 - sigmoid(L2 - L1) * (O1 - O2)` (f32).
+/// A side whose rows saw no key (LSE = -inf, packed sequences) leaves the other as is.
+pub fn merge_partials(
+    (o1, l1): (Tensor<4>, Tensor<3>),
+    (o2, l2): (Tensor<4>, Tensor<3>),
+) -> (Tensor<4>, Tensor<3>) {
+    let o1 = o1.cast(DType::F32);
+    let o2 = o2.cast(DType::F32);
+    let dims = o1.dims();
+    let dead1 = l1.clone().equal_elem(f32::NEG_INFINITY);
+    let dead2 = l2.clone().equal_elem(f32::NEG_INFINITY);
+    // Finite stand-ins keep -inf - -inf (NaN) out of the formula; the selects below put
+    // the right values back for those rows.
+    let (f1, f2) = (
+        l1.clone().mask_fill(dead1.clone(), 0.0),
+        l2.clone().mask_fill(dead2.clone(), 0.0),
+    );
+    let weight2 = sigmoid(f2.clone() - f1.clone()).unsqueeze_dim::<4>(3);
+    let o = o1.clone() - weight2 * (o1.clone() - o2.clone());
+    let l = f1.clone() - log_sigmoid(f1 - f2);
+    let rows = |m: Tensor<3, Bool>| m.unsqueeze_dim::<4>(3).expand(dims);
+    let o = o
+        .mask_where(rows(dead1.clone()), o2)
+        .mask_where(rows(dead2.clone()), o1);
+    let l = l.mask_where(dead1, l2).mask_where(dead2, l1);
+    (o, l)
 }
 
 /// Most query rows per kv head (query heads per kv head x query positions) that

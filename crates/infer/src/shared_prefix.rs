@@ -9,7 +9,7 @@
 //! merged by log-sum-exp: the rows of prompt `p` as the query rows of one sequence
 //! against its prompt's keys (no mask: the new tokens come after every prompt key),
 //! and each row against its own decoded keys (the new one included). The merge
-//! `O = (e^(L1 - M) O1 + e^(L2 - M) O2) / (e^(L1 - M) + e^(L2 - M))` gives the
+//! (`longview_models::attention::merge_partials`, the ring attention's) gives the
 //! attention over the concatenated keys. Prompts of different lengths need no padding.
 //! Tested against one [`crate::generate::generate_group`] per prompt
 //! (`tests/batch.rs`).
@@ -17,7 +17,7 @@
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use longview_models::attention::{
     AttentionImpl, AttentionInput, AttentionMask, FLASH_DECODE_MAX_ROWS, SplitAtAttention,
-    attend_with_lse,
+    attend_with_lse, merge_partials,
 };
 use longview_models::vila::kv_cache::{LayerCache, row_index};
 use longview_models::{KvCache, Vlm};
@@ -134,7 +134,7 @@ impl SharedPrefixBatch {
                 }
             }
             let shared = (Tensor::cat(outs, 0), Tensor::cat(lses, 0));
-            x = layer.after_attention(x, merge(shared, mine).cast(dtype));
+            x = layer.after_attention(x, merge_partials(shared, mine).0.cast(dtype));
         }
         for p in &mut self.next_position {
             *p += 1;
@@ -242,14 +242,6 @@ pub fn grouped_attention(
         .matmul(v.cast(DType::F32))
         .reshape([batch, heads, rows, head_dim]);
     (o, lse)
-}
-
-/// The attention over both key sets from their partial results.
-fn merge((o1, l1): Partial, (o2, l2): Partial) -> Tensor<4> {
-    let m = l1.clone().max_pair(l2.clone());
-    let w1 = (l1 - m.clone()).exp().unsqueeze_dim::<4>(3);
-    let w2 = (l2 - m).exp().unsqueeze_dim::<4>(3);
-    (o1 * w1.clone() + o2 * w2.clone()) / (w1 + w2)
 }
 
 #[cfg(test)]

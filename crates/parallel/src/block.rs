@@ -1,6 +1,6 @@
 //! Attention over one (query block, key block) pair, returning the softmax statistics
 //! that let partial results be merged (FlashAttention-2's forward/backward with LSE,
-//! docs/algorithms.md section 1), and the merge itself.
+//! docs/algorithms.md section 1), and the merge itself (from `longview_models::attention`).
 //!
 //! These are plain tensor ops with f32 statistics and accumulation whatever the input
 //! dtype; they materialise one `[B, Hq, Sq, Sk]` block of scores, which is what the
@@ -9,7 +9,6 @@
 //! (same O and LSE, gradients from the final LSE and delta, no score block); packed
 //! sequences and f32 inputs keep the tensor ops.
 
-use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::{Bool, DType, Int, Tensor};
 
 /// Inputs of one block attention.
@@ -226,32 +225,7 @@ pub fn backward(
     (d_q, sum_heads(d_k, groups), sum_heads(d_v, groups))
 }
 
-/// Merges two partial results over disjoint key sets of the same query rows, in the
-/// logsigmoid form that cannot overflow:
-/// `L = L1 - logsigmoid(L1 - L2)`, `O = O1 - sigmoid(L2 - L1) * (O1 - O2)` (f32).
-/// A side whose rows saw no key (LSE = -inf, packed sequences) leaves the other as is.
-pub fn merge(
-    (o1, l1): (Tensor<4>, Tensor<3>),
-    (o2, l2): (Tensor<4>, Tensor<3>),
-) -> (Tensor<4>, Tensor<3>) {
-    let o1 = o1.cast(DType::F32);
-    let o2 = o2.cast(DType::F32);
-    let dims = o1.dims();
-    let dead1 = l1.clone().equal_elem(f32::NEG_INFINITY);
-    let dead2 = l2.clone().equal_elem(f32::NEG_INFINITY);
-    // Finite stand-ins keep -inf - -inf (NaN) out of the formula; the selects below put
-    // the right values back for those rows.
-    let (f1, f2) = (
-        l1.clone().mask_fill(dead1.clone(), 0.0),
-        l2.clone().mask_fill(dead2.clone(), 0.0),
-    );
-    let weight2 = sigmoid(f2.clone() - f1.clone()).unsqueeze_dim::<4>(3);
-    let o = o1.clone() - weight2 * (o1.clone() - o2.clone());
-    let l = f1.clone() - log_sigmoid(f1 - f2);
-    let rows = |m: Tensor<3, Bool>| m.unsqueeze_dim::<4>(3).expand(dims);
-    let o = o
-        .mask_where(rows(dead1.clone()), o2)
-        .mask_where(rows(dead2.clone()), o1);
-    let l = l.mask_where(dead1, l2).mask_where(dead2, l1);
-    (o, l)
-}
+/// Merges two partial results over disjoint key sets of the same query rows
+/// (`longview_models::attention::merge_partials`, shared with one-device batched
+/// decoding).
+pub use longview_models::attention::merge_partials as merge;
