@@ -260,11 +260,7 @@ pub fn shared_prefix_grads_recomputed(
     }
     drop(rope);
     let embeds = shape.embeds(model, rollout, device)?;
-    let mut total = surrogate(embeds.prompt, grad.prompt);
-    if let (Some(out), Some(g)) = (embeds.responses, grad.responses) {
-        total = total + surrogate(out, g);
-    }
-    let mut grads = total.backward();
+    let mut grads = surrogate_rows(embeds, grad).backward();
     take_grads(model, &mut grads, &mut into);
     Ok(Some((stats, into)))
 }
@@ -310,6 +306,15 @@ fn leaf_grads(leaves: &GroupRows, grads: &burn::tensor::Gradients) -> GroupRows 
     }
 }
 
+/// `surrogate` of both parts: its backward sends `grad` into the graph behind `out`.
+fn surrogate_rows(out: GroupRows, grad: GroupRows) -> Tensor<1> {
+    let total = surrogate(out.prompt, grad.prompt);
+    match (out.responses, grad.responses) {
+        (Some(out), Some(g)) => total + surrogate(out, g),
+        _ => total,
+    }
+}
+
 /// Backpropagates `grad` through `out` (built from the leaves `x`), moving the
 /// parameters' gradients into `into`; returns the gradient of `x`.
 fn backward_into(
@@ -319,11 +324,7 @@ fn backward_into(
     x: &GroupRows,
     into: &mut GradientsParams,
 ) -> GroupRows {
-    let mut total = surrogate(out.prompt, grad.prompt);
-    if let (Some(out), Some(g)) = (out.responses, grad.responses) {
-        total = total + surrogate(out, g);
-    }
-    let mut grads = total.backward();
+    let mut grads = surrogate_rows(out, grad).backward();
     take_grads(model, &mut grads, into);
     leaf_grads(x, &grads)
 }
@@ -359,11 +360,7 @@ fn replay_attention_aware<L: SplitAtAttention<Context = Rope>>(
             .zip(o_responses_leaf.clone())
             .map(|(rows, o)| layer.after_attention(rows, o)),
     };
-    let mut total = surrogate(out.prompt, grad.prompt);
-    if let (Some(out), Some(g)) = (out.responses, grad.responses) {
-        total = total + surrogate(out, g);
-    }
-    let mut grads = total.backward();
+    let mut grads = surrogate_rows(out, grad).backward();
     take_grads(model, &mut grads, into);
     let residual = leaf_grads(&leaves, &grads);
     let d_o_prompt = grad_or_zeros(&o_prompt_leaf, &grads);
