@@ -119,9 +119,7 @@ impl FlashMask {
             q_offset: self.q_offset,
             k_offset: self.k_offset,
             cu_seqlens: None,
-            unroll_decode: crate::flash::unroll_decode_default(),
-            decode_units: crate::flash::decode_units_default(),
-            prefetch_decode: crate::flash::prefetch_decode_default(),
+            decode: crate::flash::DecodeTuning::from_env(),
         }
     }
 }

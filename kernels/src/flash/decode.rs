@@ -10,11 +10,11 @@
 //! - each cube writes its slice's O (normalised) and LSE in f32, and a second kernel
 //!   merges the slices per row with weights `exp(lse_s - lse)`;
 //! - inside a cube, key tiles go global -> registers -> shared memory, the next
-//!   tile's loads issued before the current tile's work (`prefetch_decode`); the
-//!   score and P V sums run as four independent multiply-add chains, unrolled
-//!   (`unroll_decode`); `decode_units` sets the threads a cube. The three are
-//!   [`FlashOptions`] settings (environment: `LONGVIEW_DECODE_PREFETCH=0`,
-//!   `LONGVIEW_DECODE_UNROLL=0`, `LONGVIEW_DECODE_UNITS`) kept for A/B timing.
+//!   tile's loads issued before the current tile's work; the score and P V sums run
+//!   as four independent multiply-add chains, unrolled; the threads a cube are
+//!   settable. All three are [`super::DecodeTuning`] settings (environment:
+//!   `LONGVIEW_DECODE_PREFETCH=0`, `LONGVIEW_DECODE_UNROLL=0`,
+//!   `LONGVIEW_DECODE_UNITS`) kept for A/B timing.
 //!
 //! Masks: causal with offsets (key `j` visible to query row `i` iff
 //! `k_offset + j <= q_offset + i`) or none; packed sequences do not come here. A row
@@ -27,7 +27,7 @@ use super::{AttnError, Client, DeviceTensor, FlashOptions, Geometry};
 
 /// Most query rows per kv head (`Hq / Hkv * Sq`) the decode kernels take.
 pub const DECODE_MAX_ROWS: usize = 32;
-/// Units per cube of the split kernel unless `FlashOptions::decode_units` says.
+/// Units per cube of the split kernel unless `DecodeTuning::units` says.
 const UNITS: usize = 128;
 /// Units per cube of the merge kernel.
 const MERGE_UNITS: usize = 64;
@@ -458,7 +458,7 @@ pub(super) fn forward<F: Float + CubeElement>(
             g.d
         )));
     };
-    let units = options.decode_units.unwrap_or(UNITS);
+    let units = options.decode.units.unwrap_or(UNITS);
     if !units.is_power_of_two() || !(32..=1024).contains(&units) || units < max_rows {
         return Err(AttnError::Options(format!(
             "decode_units {units} (FlashOptions, or LONGVIEW_DECODE_UNITS): the decode kernel \
@@ -487,8 +487,8 @@ pub(super) fn forward<F: Float + CubeElement>(
         max_rows,
         block_k,
         units,
-        options.unroll_decode,
-        options.prefetch_decode,
+        options.decode.unroll,
+        options.decode.prefetch,
     );
     let rows_out = g.b * g.hq * g.sq;
     let (x, y) = if rows_out > 65535 {

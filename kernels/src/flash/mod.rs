@@ -16,9 +16,7 @@ mod tensor_core;
 
 pub use decode::DECODE_MAX_ROWS;
 pub use device_tensor::DeviceTensor;
-pub use options::FlashOptions;
-#[cfg(feature = "burn")]
-pub(crate) use options::{decode_units_default, prefetch_decode_default, unroll_decode_default};
+pub use options::{DecodeTuning, FlashOptions};
 pub use tc_tiles::{TC_MAX_HEAD_DIM, tensor_cores_unsupported};
 
 use device_tensor::elementwise_cubes;

@@ -16,19 +16,41 @@ pub struct FlashOptions {
     /// Packed variable-length sequences: boundaries `[0, s1, ..., S]` over the
     /// sequence axis (B = 1, Sq == Sk, offsets 0); no attention across sequences.
     pub cu_seqlens: Option<Vec<u32>>,
-    /// Whether the split-key decode kernel's inner loops are unrolled (the default;
-    /// `LONGVIEW_DECODE_UNROLL=0` keeps them as loops, an A/B switch for benchmarks).
-    pub unroll_decode: bool,
-    /// Units (threads) per cube of the split-key decode kernel: a power of two from
-    /// 32 to 1024, at least the rows a kv head; `None`, 128. More units split a
-    /// tile's scores and P V over more threads (a GRPO group has 5x one row's work
-    /// a tile); an A/B setting for benchmarks until measured. `FlashOptions::new`
-    /// takes it from `LONGVIEW_DECODE_UNITS` when set.
-    pub decode_units: Option<usize>,
-    /// Whether the split-key decode kernel loads the next key tile while it computes
-    /// the current one (the default; `LONGVIEW_DECODE_PREFETCH=0` loads it after, an
-    /// A/B switch for benchmarks).
-    pub prefetch_decode: bool,
+    /// How the split-key decode kernel runs (A/B settings until measured).
+    pub decode: DecodeTuning,
+}
+
+/// Settings of the split-key decode kernel, kept for A/B timing. The defaults come
+/// from the environment, read once per process ([`DecodeTuning::from_env`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeTuning {
+    /// Inner loops unrolled (the default; `LONGVIEW_DECODE_UNROLL=0` keeps loops).
+    pub unroll: bool,
+    /// Units (threads) per cube: a power of two from 32 to 1024, at least the rows a
+    /// kv head; `None`, 128. More units split a tile's scores and P V over more
+    /// threads (a GRPO group has 5x one row's work a tile). `LONGVIEW_DECODE_UNITS`;
+    /// a value that is not a number becomes 0, which the launch refuses by name.
+    pub units: Option<usize>,
+    /// The next key tile loaded while the current one is computed (the default;
+    /// `LONGVIEW_DECODE_PREFETCH=0` loads it after).
+    pub prefetch: bool,
+}
+
+impl DecodeTuning {
+    /// The environment's settings, read on the first call.
+    pub fn from_env() -> DecodeTuning {
+        static TUNING: std::sync::OnceLock<DecodeTuning> = std::sync::OnceLock::new();
+        *TUNING.get_or_init(|| {
+            let on = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
+            DecodeTuning {
+                unroll: on("LONGVIEW_DECODE_UNROLL"),
+                units: std::env::var("LONGVIEW_DECODE_UNITS")
+                    .ok()
+                    .map(|v| v.trim().parse().unwrap_or(0)),
+                prefetch: on("LONGVIEW_DECODE_PREFETCH"),
+            }
+        })
+    }
 }
 
 impl FlashOptions {
@@ -40,24 +62,22 @@ impl FlashOptions {
             q_offset: 0,
             k_offset: 0,
             cu_seqlens: None,
-            unroll_decode: unroll_decode_default(),
-            decode_units: decode_units_default(),
-            prefetch_decode: prefetch_decode_default(),
+            decode: DecodeTuning::from_env(),
         }
     }
 
     pub fn prefetch_decode(mut self, prefetch: bool) -> Self {
-        self.prefetch_decode = prefetch;
+        self.decode.prefetch = prefetch;
         self
     }
 
     pub fn decode_units(mut self, units: Option<usize>) -> Self {
-        self.decode_units = units;
+        self.decode.units = units;
         self
     }
 
     pub fn unroll_decode(mut self, unroll: bool) -> Self {
-        self.unroll_decode = unroll;
+        self.decode.unroll = unroll;
         self
     }
 
@@ -76,25 +96,6 @@ impl FlashOptions {
         self.cu_seqlens = Some(cu_seqlens);
         self
     }
-}
-
-/// `LONGVIEW_DECODE_UNITS` as a number (checked at launch), else `None`.
-pub(crate) fn decode_units_default() -> Option<usize> {
-    std::env::var("LONGVIEW_DECODE_UNITS")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// `LONGVIEW_DECODE_PREFETCH` unset or anything but `0`.
-pub(crate) fn prefetch_decode_default() -> bool {
-    std::env::var("LONGVIEW_DECODE_PREFETCH").map_or(true, |v| v != "0")
-}
-
-/// `LONGVIEW_DECODE_UNROLL` unset or anything but `0`.
-pub(crate) fn unroll_decode_default() -> bool {
-    std::env::var("LONGVIEW_DECODE_UNROLL").map_or(true, |v| v != "0")
 }
 
 /// Checked geometry of one call.
