@@ -291,9 +291,9 @@ fn grpo_step(
     run.model = master_weights.unwrap_or(working);
     report.rollout_s = rollout_s;
     report.encode_s = times.encode_s;
-    report.prefill_s = times.prefill_s;
-    report.decode_s = times.decode_s;
-    report.decode_tokens_per_s = generated as f64 / times.decode_s.max(1e-9);
+    report.prefill_s = times.generation.prefill_s;
+    report.decode_s = times.generation.decode_s;
+    report.decode_tokens_per_s = generated as f64 / report.decode_s.max(1e-9);
     report.reserved_bytes = device.memory_pool_usage().map(|m| m.bytes_reserved);
     Ok(report)
 }

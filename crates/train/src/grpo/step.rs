@@ -10,6 +10,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use longview_data::TextTokenizer;
+use longview_infer::batch::BatchTimes;
 use longview_infer::generate::{Decoding, GenerateOptions, Generation};
 use longview_models::{VisualInput, Vlm};
 
@@ -73,12 +74,12 @@ pub struct StepReport {
     pub reserved_bytes: Option<u64>,
 }
 
-/// Where a step's rollout time went (seconds).
+/// Where a step's rollout time went: the videos' encoding (seconds), then the
+/// prefill and decoding.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RolloutTimes {
     pub encode_s: f64,
-    pub prefill_s: f64,
-    pub decode_s: f64,
+    pub generation: BatchTimes,
 }
 
 /// Samples `config.group_size` responses for each sample's prompt with `policy`
@@ -136,11 +137,10 @@ pub fn rollouts(
         .sync()
         .map_err(|e| TrainError::Device(format!("synchronising after encoding: {e:?}")))?;
     let encode_s = timer.elapsed().as_secs_f64();
-    let (generated, batch) = passes.generate(policy, prompts, &options, device)?;
+    let (generated, generation) = passes.generate(policy, prompts, &options, device)?;
     let times = RolloutTimes {
         encode_s,
-        prefill_s: batch.prefill_s,
-        decode_s: batch.decode_s,
+        generation,
     };
     let mut groups = Vec::with_capacity(samples.len());
     for ((sample, (prompt, pixels, visual)), generations) in
