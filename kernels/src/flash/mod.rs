@@ -1,7 +1,7 @@
 //! Host side of the flash-attention kernels: which kernel runs and its launch. The
 //! tensors are in `device_tensor.rs`, the options and shape checks in `options.rs`,
 //! the tensor-core support test and tile sizes in `tc_tiles.rs`, the kernels in
-//! `kernels.rs` (scalar), `tensor_core.rs` and `decode.rs` (split keys).
+//! `kernels.rs` (scalar), `tensor_core/` (forward, dq, dkdv) and `decode.rs` (split keys).
 //!
 //! Layout: q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]` (any strides), o like q,
 //! lse `[B, Hq, Sq]` f32 (natural log, of the scaled scores). `Hkv` must divide `Hq`

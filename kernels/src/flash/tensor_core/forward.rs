@@ -1,0 +1,374 @@
+//! Tensor-core forward: O and LSE for one block of query rows per cube.
+
+// See the parent module: `#[cube]` bodies also exist as plain Rust, where the
+// builtins are placeholder constants; that code never runs.
+#![allow(arithmetic_overflow)]
+
+use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::*;
+
+use super::{acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, store_rows, zero};
+use crate::flash::kernels::{MASKED, NO_KEYS, key_hi, segment_lo};
+
+/// O and LSE. Cube: `(32, warps)` units, plane `w` owns query rows
+/// `[16 w, 16 w + 16)` of the cube's block; grid `(ceil(Sq / (16 warps)), B * Hq)`.
+/// Q is staged through the K buffer, which has `max(16 warps, block_k)` rows.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_tc_forward_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    cu: &[u32],
+    nseg: u32,
+    scale: f32,
+    q_offset: u32,
+    k_offset: u32,
+    #[comptime] causal: bool,
+    #[comptime] varlen: bool,
+    #[comptime] head_dim: usize,
+    #[comptime] warps: usize,
+    #[comptime] block_k: usize,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    let size!(NA) = def.vector_size(MatrixIdent::A);
+    let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let vc = def.vector_size(MatrixIdent::Accumulator);
+
+    let padded = comptime!(head_dim.div_ceil(16) * 16);
+    let width = q.vector_size();
+    let pitch_v = comptime!(padded / width + 1);
+    let kd = comptime!(padded / 16);
+    let od = comptime!(padded / 8);
+    let kn = comptime!(block_k / 8);
+    let block_q = comptime!(16 * warps);
+    let rows_k = comptime!(if block_q > 2 * block_k {
+        block_q
+    } else {
+        2 * block_k
+    });
+    let per_row = comptime!(padded / width);
+    let threads = comptime!(32 * warps);
+    let per_thread = comptime!((block_k * per_row).div_ceil(threads));
+
+    let lane = UNIT_POS_PLANE;
+    let warp = UNIT_POS as usize / 32;
+    let g = (lane / 4) as usize;
+
+    let bh = CUBE_POS_Y as usize;
+    let hq = q.shape(1);
+    let hkv = k.shape(1);
+    let b = bh / hq;
+    let h = bh % hq;
+    let hk = h / (hq / hkv);
+    let sq = q.shape(2);
+    let sk = k.shape(2);
+    // Last query blocks first: under a causal mask they have the most keys, and
+    // starting them early shortens the tail of the launch.
+    let first = (CUBE_COUNT_X - 1 - CUBE_POS_X) as usize * block_q;
+    let mut last = sq - 1;
+    if first + block_q < sq {
+        last = first + block_q - 1;
+    }
+    let block_lo = segment_lo(cu, nseg, first, varlen);
+    let block_hi = key_hi(cu, nseg, last, sk, q_offset, k_offset, causal, varlen);
+
+    // The two query rows of this lane and the keys each may see.
+    let row0 = first + warp * 16 + g;
+    let row1 = row0 + 8;
+    let mut lo0 = 0usize;
+    let mut hi0 = 0usize;
+    let mut lo1 = 0usize;
+    let mut hi1 = 0usize;
+    if row0 < sq {
+        lo0 = segment_lo(cu, nseg, row0, varlen);
+        hi0 = key_hi(cu, nseg, row0, sk, q_offset, k_offset, causal, varlen);
+    }
+    if row1 < sq {
+        lo1 = segment_lo(cu, nseg, row1, varlen);
+        hi1 = key_hi(cu, nseg, row1, sk, q_offset, k_offset, causal, varlen);
+    }
+
+    // K and V tiles are double-buffered: rows [0, block_k) and [block_k, 2 block_k).
+    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(comptime!(rows_k * pitch_v), 16usize);
+    let mut v_s =
+        Shared::<[Vector<F, N>]>::new_aligned_slice(comptime!(2 * block_k * pitch_v), 16usize);
+
+    // Q fragments, once, staged through k_s.
+    stage::<F, N>(
+        q,
+        b * q.stride(0) + h * q.stride(1),
+        q.stride(2),
+        first,
+        sq,
+        &mut k_s,
+        block_q,
+        head_dim,
+        padded,
+        threads,
+    );
+    sync_cube();
+    let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
+    load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut q_frag, kd, pitch_v);
+    sync_cube();
+
+    let mut acc = Array::<Vector<f32, NC>>::new(comptime!(od * c_vecs));
+    zero::<NC>(&mut acc, comptime!(od * c_vecs));
+    let mut s = Array::<Vector<f32, NC>>::new(comptime!(kn * c_vecs));
+    let mut p_frag = Array::<Vector<F, NA>>::new(comptime!(kn / 2 * a_vecs));
+    let mut m0 = f32::new(NO_KEYS);
+    let mut m1 = f32::new(NO_KEYS);
+    let mut l0 = 0.0f32;
+    let mut l1 = 0.0f32;
+    let k_base = b * k.stride(0) + hk * k.stride(1);
+    let v_base = b * v.stride(0) + hk * v.stride(1);
+
+    let mut k_next = Array::<Vector<F, N>>::new(per_thread);
+    let mut v_next = Array::<Vector<F, N>>::new(per_thread);
+    let mut tile = block_lo - block_lo % block_k;
+    if tile < block_hi {
+        prefetch::<F, N>(
+            k,
+            k_base,
+            k.stride(2),
+            tile,
+            sk,
+            &mut k_next,
+            block_k,
+            head_dim,
+            padded,
+            threads,
+        );
+        prefetch::<F, N>(
+            v,
+            v_base,
+            v.stride(2),
+            tile,
+            sk,
+            &mut v_next,
+            block_k,
+            head_dim,
+            padded,
+            threads,
+        );
+        commit::<F, N>(&k_next, &mut k_s, 0usize, block_k, per_row, threads);
+        commit::<F, N>(&v_next, &mut v_s, 0usize, block_k, per_row, threads);
+    }
+    sync_cube();
+    let mut buf = 0usize;
+    while tile < block_hi {
+        // The next tile's loads fly while this one is computed.
+        let next = tile + block_k;
+        if next < block_hi {
+            prefetch::<F, N>(
+                k,
+                k_base,
+                k.stride(2),
+                next,
+                sk,
+                &mut k_next,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+            prefetch::<F, N>(
+                v,
+                v_base,
+                v.stride(2),
+                next,
+                sk,
+                &mut v_next,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+        }
+        let row0 = buf * block_k;
+
+        let sees0 = lo0 < tile + block_k && hi0 > tile;
+        let sees1 = lo1 < tile + block_k && hi1 > tile;
+        if plane_any(sees0 || sees1) {
+            zero::<NC>(&mut s, comptime!(kn * c_vecs));
+            mma_abt::<F, N, NA, NA, NC>(&def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v);
+
+            // Scale and mask; row maxima over the quad.
+            let full0 = lo0 <= tile && hi0 >= tile + block_k;
+            let full1 = lo1 <= tile && hi1 >= tile + block_k;
+            let mut mx0 = f32::new(MASKED);
+            let mut mx1 = f32::new(MASKED);
+            #[unroll]
+            for nb in 0..kn {
+                #[unroll]
+                for i in 0..c_vecs {
+                    let mut x = s[nb * c_vecs + i];
+                    #[unroll]
+                    for e in 0..vc {
+                        let (r, c) = def.position_of_nth(
+                            lane,
+                            comptime!((i * vc + e) as u32),
+                            MatrixIdent::Accumulator,
+                        );
+                        let key = tile + nb * 8 + c as usize;
+                        let mut val = x.extract(e) * scale;
+                        if r as usize == g {
+                            if !full0 && (key < lo0 || key >= hi0) {
+                                val = f32::new(MASKED);
+                            }
+                            mx0 = max(mx0, val);
+                        } else {
+                            if !full1 && (key < lo1 || key >= hi1) {
+                                val = f32::new(MASKED);
+                            }
+                            mx1 = max(mx1, val);
+                        }
+                        x.insert(e, val);
+                    }
+                    s[nb * c_vecs + i] = x;
+                }
+            }
+            mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
+            mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
+            mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
+            mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
+            // A row with nothing visible yet keeps NO_KEYS.
+            let mut new0 = m0;
+            let mut new1 = m1;
+            if mx0 > f32::new(MASKED) {
+                new0 = max(m0, mx0);
+            }
+            if mx1 > f32::new(MASKED) {
+                new1 = max(m1, mx1);
+            }
+            let corr0 = (m0 - new0).exp();
+            let corr1 = (m1 - new1).exp();
+            m0 = new0;
+            m1 = new1;
+            l0 *= corr0;
+            l1 *= corr1;
+            #[unroll]
+            for nd in 0..od {
+                #[unroll]
+                for i in 0..c_vecs {
+                    let mut x = acc[nd * c_vecs + i];
+                    #[unroll]
+                    for e in 0..vc {
+                        let (r, _c) = def.position_of_nth(
+                            lane,
+                            comptime!((i * vc + e) as u32),
+                            MatrixIdent::Accumulator,
+                        );
+                        let mut f = corr1;
+                        if r as usize == g {
+                            f = corr0;
+                        }
+                        x.insert(e, x.extract(e) * f);
+                    }
+                    acc[nd * c_vecs + i] = x;
+                }
+            }
+            // P = exp(S - m), masked entries 0; lane-partial row sums.
+            #[unroll]
+            for nb in 0..kn {
+                #[unroll]
+                for i in 0..c_vecs {
+                    let mut x = s[nb * c_vecs + i];
+                    #[unroll]
+                    for e in 0..vc {
+                        let (r, _c) = def.position_of_nth(
+                            lane,
+                            comptime!((i * vc + e) as u32),
+                            MatrixIdent::Accumulator,
+                        );
+                        let val = x.extract(e);
+                        let mut p = 0.0f32;
+                        if r as usize == g {
+                            if val > f32::new(MASKED) {
+                                p = (val - m0).exp();
+                            }
+                            l0 += p;
+                        } else {
+                            if val > f32::new(MASKED) {
+                                p = (val - m1).exp();
+                            }
+                            l1 += p;
+                        }
+                        x.insert(e, p);
+                    }
+                    s[nb * c_vecs + i] = x;
+                }
+            }
+            acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, kn);
+            mma_ab::<F, N, NA, NA, NC>(
+                &def,
+                &p_frag,
+                &v_s,
+                row0,
+                &mut acc,
+                od,
+                comptime!(kn / 2),
+                pitch_v,
+                0usize,
+            );
+        }
+        if next < block_hi {
+            // The other buffer was last read before the previous barrier.
+            commit::<F, N>(
+                &k_next,
+                &mut k_s,
+                (1 - buf) * block_k,
+                block_k,
+                per_row,
+                threads,
+            );
+            commit::<F, N>(
+                &v_next,
+                &mut v_s,
+                (1 - buf) * block_k,
+                block_k,
+                per_row,
+                threads,
+            );
+        }
+        sync_cube();
+        buf = 1 - buf;
+        tile = next;
+    }
+
+    // Row sums over the quad, then O / l and LSE.
+    l0 += plane_shuffle_xor(l0, 1u32);
+    l0 += plane_shuffle_xor(l0, 2u32);
+    l1 += plane_shuffle_xor(l1, 1u32);
+    l1 += plane_shuffle_xor(l1, 2u32);
+    let mut inv0 = 0.0f32;
+    let mut inv1 = 0.0f32;
+    let mut lse0 = f32::new(NO_KEYS);
+    let mut lse1 = f32::new(NO_KEYS);
+    if l0 > 0.0f32 {
+        inv0 = 1.0f32 / l0;
+        lse0 = m0 + l0.ln();
+    }
+    if l1 > 0.0f32 {
+        inv1 = 1.0f32 / l1;
+        lse1 = m1 + l1.ln();
+    }
+    let o_base = b * o.stride(0) + h * o.stride(1);
+    store_rows::<F, NC>(
+        &def, &acc, o, o_base, row0, row1, inv0, inv1, sq, od, head_dim,
+    );
+    if lane % 4 == 0 {
+        let base = b * lse.stride(0) + h * lse.stride(1);
+        let step = lse.stride(2);
+        if row0 < sq {
+            lse[base + row0 * step] = lse0;
+        }
+        if row1 < sq {
+            lse[base + row1 * step] = lse1;
+        }
+    }
+}
