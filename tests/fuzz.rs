@@ -229,7 +229,7 @@ fn mutated_safetensors_headers_never_panic() {
     let (tried, panicked) = fuzz(&[header], 300, 4, |text| {
         // Half the inputs also lie about the header's length.
         let len = match rng.below(4) {
-            0 => rng.next() as u64,
+            0 => rng.next(),
             _ => text.len() as u64,
         };
         let mut file = len.to_le_bytes().to_vec();

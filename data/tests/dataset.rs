@@ -248,7 +248,7 @@ fn a_line_that_is_not_utf8_is_one_bad_row_not_a_failed_file() {
     let good = r#"{"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}"#;
     let mut bytes = format!("{good}\n").into_bytes();
     bytes.extend_from_slice(b"{\"id\": 2, \"bad\": \"\xff\xfe\"}\n");
-    bytes.extend_from_slice(format!("{good}").as_bytes()); // no final newline
+    bytes.extend_from_slice(good.to_string().as_bytes()); // no final newline
     let path = dir.0.join("mixed.jsonl");
     std::fs::write(&path, bytes).unwrap();
     let rows = read_conversations(&path, &ReadOptions::default()).unwrap();

@@ -67,8 +67,8 @@ fn readable(t: CubeTensor) -> CubeTensor {
     let strided_ok = !t.meta.is_tiled()
         && strides.len() == 4
         && strides[3] == 1
-        && strides[..3].iter().all(|s| s % 8 == 0)
-        && start % 16 == 0;
+        && strides[..3].iter().all(|s| s.is_multiple_of(8))
+        && start.is_multiple_of(16);
     if strided_ok { t } else { into_contiguous(t) }
 }
 

@@ -18,13 +18,15 @@ pub enum TrainError {
         source_name: String,
         message: String,
     },
+    // The wrapped errors are boxed so that every `Result<_, TrainError>` stays small
+    // (they carry paths and messages; the enum was 128 bytes with them inline).
     #[error(transparent)]
-    Data(#[from] DataError),
+    Data(Box<DataError>),
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(Box<ModelError>),
     /// Loading, samples, generation and scoring (`longview-infer`).
     #[error(transparent)]
-    Infer(#[from] InferError),
+    Infer(Box<InferError>),
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
     #[error("parallel training: {0}")]
@@ -47,6 +49,24 @@ pub enum TrainError {
          and resume from the last checkpoint with --resume"
     )]
     Diverged { step: usize, loss: f32 },
+}
+
+impl From<DataError> for TrainError {
+    fn from(error: DataError) -> Self {
+        TrainError::Data(Box::new(error))
+    }
+}
+
+impl From<ModelError> for TrainError {
+    fn from(error: ModelError) -> Self {
+        TrainError::Model(Box::new(error))
+    }
+}
+
+impl From<InferError> for TrainError {
+    fn from(error: InferError) -> Self {
+        TrainError::Infer(Box::new(error))
+    }
 }
 
 impl TrainError {

@@ -222,6 +222,7 @@ impl StepHooks for OneDevice {
 }
 
 /// The vision stage's forward: this rank's visual tokens, and what its backward needs.
+#[allow(clippy::large_enum_variant)] // one per step
 enum VisionForward {
     /// Plain autodiff: the tokens, tracked back to the parameters.
     Tracked(Tensor<3>),

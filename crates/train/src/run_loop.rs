@@ -163,7 +163,7 @@ impl<'a> RunLoop<'a> {
             log(&line);
         }
         let every = self.config.run.checkpoint_every;
-        if step % every == 0 || step == self.last_step {
+        if step.is_multiple_of(every) || step == self.last_step {
             if self.runner.writes() {
                 self.sinks.flush()?;
             }

@@ -123,7 +123,8 @@ impl Sinks {
             }
         }
         self.bar.set_position(step as u64);
-        let due = |every: &usize| step % every == 0 || self.last_line.elapsed() >= HEARTBEAT;
+        let due =
+            |every: &usize| step.is_multiple_of(*every) || self.last_line.elapsed() >= HEARTBEAT;
         let logged = self
             .log_every
             .filter(due)

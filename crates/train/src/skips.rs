@@ -68,7 +68,7 @@ pub fn draw(
     for attempt in 0..SUBSTITUTES {
         let substitute = index * SUBSTITUTES + attempt;
         match data
-            .sample(encoder, seed ^ 0x5ab5_717u64, substitute)
+            .sample(encoder, seed ^ 0x05ab_5717_u64, substitute)
             .and_then(check)
         {
             Ok(sample) => return Ok(sample),

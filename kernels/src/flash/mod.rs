@@ -308,9 +308,9 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
         let od = g.d.div_ceil(16) * 2;
         let row_blocks = t.dkdv_block_q / 16;
         let fuse = std::env::var("LONGVIEW_FLASH_FUSED_DQ").map_or(true, |v| v != "0")
-            && t.dkdv_warps % row_blocks == 0
-            && od % (t.dkdv_warps / row_blocks) == 0
-            && (od / (t.dkdv_warps / row_blocks)) % 2 == 0;
+            && t.dkdv_warps.is_multiple_of(row_blocks)
+            && od.is_multiple_of(t.dkdv_warps / row_blocks)
+            && (od / (t.dkdv_warps / row_blocks)).is_multiple_of(2);
         let dq_acc = if fuse {
             DeviceTensor::poisoned::<f32>(client, 0.0, &q.shape)
         } else {

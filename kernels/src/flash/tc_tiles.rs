@@ -82,9 +82,9 @@ fn tc_tiles_requested() -> TcTiles {
         .collect();
     let ok = v.len() == 5
         && v.iter().all(|&x| x > 0)
-        && v[1] % 16 == 0
-        && v[2] % 16 == 0
-        && v[4] % 16 == 0;
+        && v[1].is_multiple_of(16)
+        && v[2].is_multiple_of(16)
+        && v[4].is_multiple_of(16);
     if !ok {
         eprintln!(
             "LONGVIEW_FLASH_TILES={text:?} ignored: want 5 positive numbers fw,fk,qk,kw,kq with fk, qk, kq multiples of 16"
@@ -134,7 +134,7 @@ pub fn tensor_cores_unsupported<F: Float + CubeElement>(
         .first()
         .and_then(|t| t.1.shape.last().copied())
         .unwrap_or(0);
-    if d % 8 != 0 || d > TC_MAX_HEAD_DIM {
+    if !d.is_multiple_of(8) || d > TC_MAX_HEAD_DIM {
         return Some(format!(
             "head_dim {d} (needs a multiple of 8 up to {TC_MAX_HEAD_DIM})"
         ));

@@ -12,6 +12,7 @@ fn grid_row() -> usize {
 
 /// Sums `partial[0..units]` into `partial[0]` (every unit of the cube calls it).
 #[cube]
+#[allow(clippy::assign_op_pattern)] // written as the expansion the kernel compiles to
 fn cube_sum(partial: &mut Shared<[f32]>) {
     let u = UNIT_POS_X as usize;
     let mut stride = CUBE_DIM_X as usize / 2;

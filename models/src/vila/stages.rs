@@ -223,6 +223,32 @@ impl Vlm {
     }
 }
 
+/// The logit [`Vlm::generation_logits`] gives the visual placeholder: finite (so that
+/// `p log p` stays 0 in an entropy) and far below any real logit, so its probability
+/// is exactly 0 in f32 at any temperature the decoders accept.
+pub const MASKED_LOGIT: f32 = -1.0e9;
+
+/// `logits` (`[batch, rows, vocab]`) with the columns from `first` on set to
+/// [`MASKED_LOGIT`].
+pub fn mask_from(logits: Tensor<3>, first: usize) -> Tensor<3> {
+    let [b, s, vocab] = logits.dims();
+    if first >= vocab {
+        return logits;
+    }
+    logits.slice_fill([0..b, 0..s, first..vocab], MASKED_LOGIT)
+}
+
+/// `logits` (`[batch, rows, vocab]`) with column `token` set to [`MASKED_LOGIT`]
+/// (unchanged when `token` is past the vocabulary).
+pub fn mask_token(logits: Tensor<3>, token: u32) -> Tensor<3> {
+    let [b, s, vocab] = logits.dims();
+    let token = token as usize;
+    if token >= vocab {
+        return logits;
+    }
+    logits.slice_fill([0..b, 0..s, token..token + 1], MASKED_LOGIT)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::{Device, Distribution, TensorData};
@@ -303,30 +329,4 @@ mod tests {
             "layer -2 feature"
         );
     }
-}
-
-/// The logit [`Vlm::generation_logits`] gives the visual placeholder: finite (so that
-/// `p log p` stays 0 in an entropy) and far below any real logit, so its probability
-/// is exactly 0 in f32 at any temperature the decoders accept.
-pub const MASKED_LOGIT: f32 = -1.0e9;
-
-/// `logits` (`[batch, rows, vocab]`) with the columns from `first` on set to
-/// [`MASKED_LOGIT`].
-pub fn mask_from(logits: Tensor<3>, first: usize) -> Tensor<3> {
-    let [b, s, vocab] = logits.dims();
-    if first >= vocab {
-        return logits;
-    }
-    logits.slice_fill([0..b, 0..s, first..vocab], MASKED_LOGIT)
-}
-
-/// `logits` (`[batch, rows, vocab]`) with column `token` set to [`MASKED_LOGIT`]
-/// (unchanged when `token` is past the vocabulary).
-pub fn mask_token(logits: Tensor<3>, token: u32) -> Tensor<3> {
-    let [b, s, vocab] = logits.dims();
-    let token = token as usize;
-    if token >= vocab {
-        return logits;
-    }
-    logits.slice_fill([0..b, 0..s, token..token + 1], MASKED_LOGIT)
 }

@@ -138,7 +138,7 @@ impl GrpoConfig {
                 ),
             );
         }
-        if !(0.0..1.0).contains(&self.clip_low) || !(self.clip_high >= 0.0) {
+        if !(0.0..1.0).contains(&self.clip_low) || self.clip_high.is_nan() || self.clip_high < 0.0 {
             return bad(
                 "clip_low",
                 format!(

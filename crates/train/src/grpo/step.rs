@@ -85,6 +85,7 @@ pub struct RolloutTimes {
 /// Samples `config.group_size` responses for each sample's prompt with `policy`
 /// (untracked), scores them and computes the group advantages. Sample seeds are a
 /// function of `(seed, step, prompt, sample)`, so a resumed run repeats them.
+#[allow(clippy::too_many_arguments)]
 pub fn rollouts(
     passes: &dyn Passes,
     policy: &Vlm,
@@ -385,6 +386,7 @@ pub(crate) fn token_count(group: &Group) -> usize {
 
 /// The old policy's log-probs of a group: a pass of their own, or the actor's taken
 /// before the rollout batch's only optimizer step.
+#[allow(clippy::large_enum_variant)] // one per group, never moved in a hot loop
 enum Old {
     Pass(Tensor<2>),
     Actor,

@@ -57,7 +57,7 @@ fn head_backward_in_slices(
         .iter()
         .find(|&&row| row < 0 || row as usize >= total)
     {
-        return Err(TrainError::Model(ModelError::Input(format!(
+        return Err(TrainError::from(ModelError::Input(format!(
             "supervised row {bad} is outside the {batch}x{seq} hidden states"
         ))));
     }

@@ -3,6 +3,8 @@
 // See the parent module: `#[cube]` bodies also exist as plain Rust, where the
 // builtins are placeholder constants; that code never runs.
 #![allow(arithmetic_overflow)]
+// `is_multiple_of` has no expansion inside `#[cube]` code; `%` does.
+#![allow(clippy::manual_is_multiple_of)]
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
