@@ -18,6 +18,7 @@ pub mod logprobs;
 pub mod loss;
 mod metrics;
 pub mod passes;
+mod prefix_attention;
 pub mod reward;
 pub mod shared_prefix;
 pub mod sp_logprobs;

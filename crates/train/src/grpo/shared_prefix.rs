@@ -10,6 +10,10 @@
 //! activations of running prompt + response G times ([`super::logprobs::response_logprobs`],
 //! the layout the tests hold these passes to).
 //!
+//! Untracked, the responses' attention is split at the prompt (two partial attentions
+//! merged by LSE, `prefix_attention`), so the prompt's keys and values are not copied
+//! per response; tracked, they are concatenated G times (`over_prefix`).
+//!
 //! The response rows fed in are tokens `0..longest - 1`: the prompt's last row predicts
 //! token 0, response row `k - 1` predicts token `k`, and the last token predicts
 //! nothing that is scored.
@@ -19,12 +23,14 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::Vlm;
 use longview_models::attention::{
-    AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse, attention_input_grads,
+    AttentionImpl, AttentionInput, AttentionMask, SplitAtAttention, attend_with_lse,
+    attention_input_grads,
 };
 use longview_models::vila::rope::Rope;
 
 use super::actor::ActorLoss;
 use super::logprobs::{ResponseLogprobs, Rollout, token_logprobs};
+use super::prefix_attention::{PrefixGrads, attend_over_prefix, prefix_input_grads};
 use crate::error::TrainError;
 use crate::remat::Recompute;
 use crate::remat::stack::{grad_or_zeros, surrogate, take_grads};
@@ -136,8 +142,18 @@ impl Shape {
     }
 }
 
+/// Whether the responses' attention runs as two merged parts without copies of the
+/// prompt's K/V (`prefix_attention`): untracked inputs on one device.
+fn split_at_prompt(implementation: AttentionImpl, own: &AttentionInput) -> bool {
+    matches!(
+        implementation,
+        AttentionImpl::Flash | AttentionImpl::Reference
+    ) && !own.q.is_autodiff()
+}
+
 /// The responses' attention input over the prompt's keys and values, then their own:
-/// `[G, kv_heads, prompt + fed, head_dim]`, causal with the queries at the end.
+/// `[G, kv_heads, prompt + fed, head_dim]`, causal with the queries at the end. The
+/// tracked passes' layout: G copies of the prompt's K/V.
 fn over_prefix(prefix: &AttentionInput, own: AttentionInput) -> AttentionInput {
     let g = own.q.dims()[0];
     let widen = |shared: &Tensor<4>, own: Tensor<4>| {
@@ -275,7 +291,12 @@ fn layer_forward_keeping<L: SplitAtAttention<Context = Rope>>(
     let prompt_input = layer.attention_input(x.prompt.clone(), &rope.prompt);
     let responses = x.responses.map(|rows| {
         let own = layer.attention_input(rows.clone(), rope.responses.as_ref().unwrap());
-        let (o, lse) = attend_with_lse(implementation, over_prefix(&prompt_input, own));
+        let (o, lse) = if split_at_prompt(implementation, &own) {
+            let (o, lse) = attend_over_prefix(implementation, &prompt_input, own);
+            (o, Some(lse))
+        } else {
+            attend_with_lse(implementation, over_prefix(&prompt_input, own))
+        };
         (layer.after_attention(rows, o.clone()), (o, lse))
     });
     let (o, lse) = attend_with_lse(implementation, prompt_input);
@@ -384,17 +405,52 @@ fn replay_attention_aware<L: SplitAtAttention<Context = Rope>>(
         (leaves.responses.clone(), kept_responses, d_o_responses)
     {
         let own = layer.attention_input(rows, rope.responses.as_ref().unwrap());
-        let joined = over_prefix(&prompt_input, own);
-        let (dq, dk, dv) = attention_input_grads(
+        // The kept forward ran untracked: split at the prompt wherever the
+        // implementation allows it (it then kept an LSE).
+        let split = matches!(
             implementation,
-            joined.clone(),
-            o.autodiff(),
-            lse.map(|l| l.autodiff()),
-            d_o,
+            AttentionImpl::Flash | AttentionImpl::Reference
         );
-        // Through the concatenation: dK and dV of the prompt's rows summed over the
-        // responses into the prompt's projections.
-        total = total + surrogate(joined.q, dq) + surrogate(joined.k, dk) + surrogate(joined.v, dv);
+        match lse {
+            Some(lse) if split => {
+                let PrefixGrads {
+                    dq,
+                    dk_own,
+                    dv_own,
+                    dk_prompt,
+                    dv_prompt,
+                } = prefix_input_grads(
+                    implementation,
+                    &prompt_input,
+                    own.clone(),
+                    o.autodiff(),
+                    lse.autodiff(),
+                    d_o,
+                );
+                total = total
+                    + surrogate(own.q, dq)
+                    + surrogate(own.k, dk_own)
+                    + surrogate(own.v, dv_own)
+                    + surrogate(prompt_input.k.clone(), dk_prompt)
+                    + surrogate(prompt_input.v.clone(), dv_prompt);
+            }
+            lse => {
+                let joined = over_prefix(&prompt_input, own);
+                let (dq, dk, dv) = attention_input_grads(
+                    implementation,
+                    joined.clone(),
+                    o.autodiff(),
+                    lse.map(|l| l.autodiff()),
+                    d_o,
+                );
+                // Through the concatenation: dK and dV of the prompt's rows summed over
+                // the responses into the prompt's projections.
+                total = total
+                    + surrogate(joined.q, dq)
+                    + surrogate(joined.k, dk)
+                    + surrogate(joined.v, dv);
+            }
+        }
     }
     let mut grads = total.backward();
     take_grads(model, &mut grads, into);
