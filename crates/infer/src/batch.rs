@@ -134,8 +134,12 @@ pub fn generate_batch_timed(
 /// Refuses a batch with an empty prompt or an invalid decoding, naming the request.
 pub fn check_requests(requests: &[BatchRequest]) -> Result<(), InferError> {
     for (i, request) in requests.iter().enumerate() {
-        check_request(&request.prompt, &request.samples)
-            .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
+        check_request(
+            &request.prompt,
+            &request.samples,
+            request.limits.max_new_tokens,
+        )
+        .map_err(|e| InferError::Request(format!("request {i}: {e}")))?;
     }
     Ok(())
 }

@@ -137,7 +137,7 @@ pub fn generate_group(
     options: &GenerateOptions,
     device: &Device,
 ) -> Result<Vec<Generation>, InferError> {
-    check_request(prompt, samples)?;
+    check_request(prompt, samples, options.max_new_tokens)?;
     check_memory(model, prompt.len(), samples.len(), options, device)?;
     let room = prompt.len() + options.max_new_tokens;
     let (cache, first) =
@@ -311,7 +311,11 @@ fn pick_rows(
 }
 
 /// Refuses a request with an empty prompt or a bad decoding setting.
-pub fn check_request(prompt: &[u32], samples: &[Decoding]) -> Result<(), InferError> {
+pub fn check_request(
+    prompt: &[u32],
+    samples: &[Decoding],
+    max_new_tokens: usize,
+) -> Result<(), InferError> {
     for decoding in samples {
         decoding.validate().map_err(InferError::Request)?;
     }
@@ -320,8 +324,21 @@ pub fn check_request(prompt: &[u32], samples: &[Decoding]) -> Result<(), InferEr
             "generation needs a non-empty prompt".into(),
         ));
     }
+    let room = MAX_SEQUENCE_TOKENS.saturating_sub(prompt.len());
+    if max_new_tokens > room {
+        return Err(InferError::Request(format!(
+            "max_new_tokens {max_new_tokens} is too large: a {}-token prompt leaves room for \
+             {room} new tokens (positions past {MAX_SEQUENCE_TOKENS} have no exact f32 RoPE \
+             angle); generation stops at a stop token anyway, so ask for a length you expect",
+            prompt.len()
+        )));
+    }
     Ok(())
 }
+
+/// Most positions a sequence (prompt and answer) may have: RoPE computes its angles in
+/// f32 from the positions, which are exact integers only up to 2^24.
+pub const MAX_SEQUENCE_TOKENS: usize = 1 << 24;
 
 /// Refuses a request whose KV cache and prefill activations would not fit the budget.
 pub fn check_memory(

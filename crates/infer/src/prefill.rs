@@ -201,7 +201,10 @@ pub fn estimate(
     chunk: usize,
     bytes_per_value: usize,
 ) -> MemoryEstimate {
-    let kv_cache = kv_cache_bytes(t, (prompt + new) * sequences, bytes_per_value);
+    // In f64: a request too large to count in usize is refused by size, not by an
+    // overflow.
+    let per_token = kv_cache_bytes(t, 1, bytes_per_value);
+    let kv_cache = per_token * (prompt as f64 + new as f64) * sequences as f64;
     let rows = if chunk == 0 {
         prompt
     } else {

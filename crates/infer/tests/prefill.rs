@@ -159,3 +159,33 @@ fn generation_refuses_a_request_over_its_memory_budget_before_running() {
     let err = generate(&model, &ids, VisualInput::Pixels(pixels), &options, &device).unwrap_err();
     assert!(err.to_string().contains("available"), "{err}");
 }
+
+/// "Until the stop token" asked as `usize::MAX` new tokens is refused with the room
+/// left, not an overflow or an allocation failure.
+#[test]
+fn an_answer_length_past_the_position_limit_is_refused_with_the_room_left() {
+    use longview_infer::generate::MAX_SEQUENCE_TOKENS;
+    let device = Device::flex();
+    let (model, ids, pixels) = model_and_prompt(&device);
+    for max_new_tokens in [usize::MAX, MAX_SEQUENCE_TOKENS] {
+        let options = GenerateOptions::new(max_new_tokens, Decoding::Greedy, vec![]);
+        let err = generate(
+            &model,
+            &ids,
+            VisualInput::Pixels(pixels.clone()),
+            &options,
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
+        let room = MAX_SEQUENCE_TOKENS - ids.len();
+        assert!(
+            err.contains(&format!("max_new_tokens {max_new_tokens}"))
+                && err.contains(&format!("room for {room} new tokens")),
+            "{err}"
+        );
+    }
+    // The estimate itself counts such sizes without overflowing.
+    let need = estimate(&model.text_shape(), 10, usize::MAX, 4, 0, 2);
+    assert!(need.kv_cache.is_finite() && need.kv_cache > 1e20);
+}

@@ -383,7 +383,7 @@ impl<C: Communicator + Send + Sync + 'static> SpInference<C> {
         options: &GenerateOptions,
         device: &Device,
     ) -> Result<Vec<Generation>, InferError> {
-        check_request(prompt, samples)?;
+        check_request(prompt, samples, options.max_new_tokens)?;
         // Each rank holds about 1/P of the cache; the estimate is per rank.
         let per_rank = prompt.len().div_ceil(self.world());
         check_memory(model, per_rank, samples.len(), options, device)?;

@@ -124,6 +124,16 @@ pub(crate) fn prepare(
                     ),
                 ));
             }
+            if loaded.state.step > config.run.steps {
+                return Err(TrainError::checkpoint(
+                    dir,
+                    format!(
+                        "is at step {} but run.steps is {}: a resumed run cannot end before \
+                         its checkpoint; set run.steps (or --steps) to {} or more",
+                        loaded.state.step, config.run.steps, loaded.state.step
+                    ),
+                ));
+            }
             let changed = config_changes(&loaded.state.config, config);
             if !changed.is_empty() {
                 if !options.allow_config_change {

@@ -242,6 +242,17 @@ fn resuming_with_a_config_that_changes_the_run_is_refused_unless_allowed() {
         "{message}"
     );
     assert!(!message.contains("checkpoint_every"), "{message}");
+    // Fewer steps than the checkpoint has done: refused, naming both numbers.
+    let mut shorter = config.clone();
+    shorter.run.steps = 1;
+    shorter.optim.warmup_steps = 1;
+    let message = train(&shorter, &resume, &device(), &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("at step 2 but run.steps is 1"),
+        "{message}"
+    );
     let allowed = TrainOptions {
         allow_config_change: true,
         ..resume
