@@ -504,10 +504,39 @@ impl TrainConfig {
                 format!("{} must be in [0, 1]", d.max_skipped_fraction),
             );
         }
-        if self.model.stage == Stage::Grpo
-            && let Err((key, message)) = self.grpo.check(r.batch_size)
-        {
-            return bad(&key, message);
+        if self.model.stage == Stage::Grpo {
+            if let Err((key, message)) = self.grpo.check(r.batch_size) {
+                return bad(&key, message);
+            }
+            if d.kind == DataKind::Text {
+                return bad(
+                    "data.kind",
+                    "\"text\" has no question and answer to reward; GRPO takes \"haystack\", \
+                     \"cot\" or \"conversations\" rows"
+                        .into(),
+                );
+            }
+            let trainable = self.trainable();
+            let frozen_input = [Part::Vision, Part::Projector]
+                .into_iter()
+                .find(|part| trainable.contains(part));
+            if let Some(part) = frozen_input
+                && !self.grpo.reencode_video
+            {
+                return bad(
+                    "model.trainable",
+                    format!(
+                        "\"{}\" is trainable, but GRPO's passes reuse the rollout's cached \
+                         visual tokens, which carry no gradient to it; set \
+                         grpo.reencode_video = true to train it, or leave it out",
+                        if part == Part::Vision {
+                            "vision"
+                        } else {
+                            "projector"
+                        }
+                    ),
+                );
+            }
         }
         for (key, value) in [("data.width", d.width), ("data.height", d.height)] {
             if let Some(v) = value

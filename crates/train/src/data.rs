@@ -295,6 +295,8 @@ pub struct RowSet {
     frames: usize,
     /// What the reader reported (rows read, lines skipped and why).
     pub summary: String,
+    /// Rows with several assistant turns are refused ([`RowSet::one_answer_per_row`]).
+    one_answer: bool,
 }
 
 impl RowSet {
@@ -357,7 +359,16 @@ impl RowSet {
             rows,
             frames,
             summary,
+            one_answer: false,
         })
+    }
+
+    /// Refuses (as a bad row, skipped and counted) a row with more than one assistant
+    /// turn: GRPO's prompt ends before the first answer while its reward reads the
+    /// last one, so such a row would be scored against the wrong turn.
+    pub fn one_answer_per_row(mut self) -> Self {
+        self.one_answer = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -377,6 +388,21 @@ impl RowSet {
     ) -> Result<Sample, TrainError> {
         let row = &self.rows[stream_index(seed, self.rows.len(), index)];
         let fail = |e: TrainError| TrainError::row(&self.path, row.line, e.to_string());
+        let answers = row
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        if self.one_answer && answers > 1 {
+            return Err(TrainError::row(
+                &self.path,
+                row.line,
+                format!(
+                    "{answers} assistant turns: GRPO takes one question and one answer a row \
+                     (split the conversation into rows)"
+                ),
+            ));
+        }
         let pre = Preprocess::siglip(encoder.side() as u32);
         let mut pixels = Vec::new();
         let mut media = Vec::with_capacity(row.media.len());

@@ -65,6 +65,10 @@ pub(crate) fn load_data(
         DataKind::Conversations | DataKind::Cot => {
             let path = data_path(config)?;
             let rows = RowSet::read(config.data.kind, path, config.data.frames)?;
+            let rows = match config.model.stage {
+                crate::config::Stage::Grpo => rows.one_answer_per_row(),
+                _ => rows,
+            };
             log(&format!(
                 "data: {}; {} frames a video",
                 rows.summary, config.data.frames

@@ -129,11 +129,12 @@ impl GrpoConfig {
         if self.max_response_tokens == 0 {
             return bad("max_response_tokens", "must be at least 1".into());
         }
-        if self.minibatches == 0 || self.minibatches > prompts_per_step {
+        if self.minibatches == 0 || !prompts_per_step.is_multiple_of(self.minibatches) {
             return bad(
                 "minibatches",
                 format!(
-                    "{} must be in 1..=run.batch_size ({prompts_per_step} prompts a step)",
+                    "{} must divide run.batch_size ({prompts_per_step} prompts a step) so \
+                     that every rollout batch takes that many optimizer steps",
                     self.minibatches
                 ),
             );

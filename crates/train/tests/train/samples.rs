@@ -115,6 +115,7 @@ fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
         [
             r#"{"id": "v", "video": "a.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat is shown?"}, {"from": "gpt", "value": "The number 42."}]}"#,
             r#"{"id": "i", "image": "still.png", "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A gradient."}]}"#,
+            r#"{"id": "m", "image": "still.png", "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A gradient."}, {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]}"#,
         ]
         .join("\n"),
     )
@@ -170,12 +171,25 @@ fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
 
     // Conversations: a video row and an image row (one frame, SigLIP-resized).
     let rows = RowSet::read(DataKind::Conversations, &conversations, 4).unwrap();
-    let frames: Vec<usize> = (0..2)
+    let frames: Vec<usize> = (0..3)
         .map(|i| rows.sample(&encoder, 0, i).unwrap().frames)
         .collect();
     let mut sorted = frames.clone();
     sorted.sort();
-    assert_eq!(sorted, vec![1, 4]);
+    assert_eq!(sorted, vec![1, 1, 4]);
+    // For GRPO (one answer a row) the two-turn row is a bad row, named by its line.
+    let rows = RowSet::read(DataKind::Conversations, &conversations, 4)
+        .unwrap()
+        .one_answer_per_row();
+    let errors: Vec<String> = (0..3)
+        .filter_map(|i| rows.sample(&encoder, 0, i).err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("conversations.jsonl:3") && errors[0].contains("2 assistant turns"),
+        "{errors:?}"
+    );
 
     // A short CoT-SFT run on the file.
     let mut config = TrainConfig::default();

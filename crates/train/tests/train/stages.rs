@@ -26,6 +26,18 @@ fn configs_fail_with_the_key_and_value_named() {
         ("[data]\nwidth = 15\n", "data.width"),
         ("[run]\nstpes = 3\n", "stpes"),
         ("[optim]\nlr = \"fast\"\n", "lr"),
+        (
+            "[model]\nstage = \"grpo\"\n[data]\nkind = \"text\"\n",
+            "data.kind",
+        ),
+        (
+            "[model]\nstage = \"grpo\"\ntrainable = [\"projector\", \"llm\"]\n",
+            "grpo.reencode_video",
+        ),
+        (
+            "[model]\nstage = \"grpo\"\n[run]\nbatch_size = 5\n[grpo]\nminibatches = 2\n",
+            "grpo.minibatches",
+        ),
     ];
     for (text, needle) in cases {
         let err = TrainConfig::from_toml(text, "bad.toml").unwrap_err();
