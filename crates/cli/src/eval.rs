@@ -8,11 +8,39 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use longview_train::AnswerFormat;
+use longview_train::eval::EvalModel;
 use longview_train::generate::Decoding;
 
 use crate::DeviceArgs;
 use crate::eval_parallel;
 use crate::ranks::Ranks;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnswerFormatArg {
+    Auto,
+    Plain,
+    Think,
+}
+
+/// What the headers say of a think-format evaluation.
+fn format_label(format: AnswerFormat) -> &'static str {
+    match format {
+        AnswerFormat::Plain => "",
+        AnswerFormat::Think => ", answers as <think>...</think><answer>NN</answer>",
+    }
+}
+
+/// The answer format `--answer-format` resolves to for `model`.
+pub fn answer_format(args: &EvalArgs, model: &EvalModel) -> Result<AnswerFormat> {
+    Ok(match args.answer_format {
+        AnswerFormatArg::Plain => AnswerFormat::Plain,
+        AnswerFormatArg::Think => AnswerFormat::Think,
+        AnswerFormatArg::Auto => {
+            longview_train::eval::trained_answer_format(&model.dir)?.unwrap_or_default()
+        }
+    })
+}
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -41,6 +69,13 @@ pub struct EvalArgs {
     /// Where results go (default: `<checkpoint>/eval`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// How the needle answers are written: `plain` (the number), `think`
+    /// (`<think>...</think><answer>NN</answer>`, CoT-SFT and GRPO runs: `needle`
+    /// teacher-forces that whole reply, `open` scores the number inside `<answer>`),
+    /// or `auto`: the `data.answer_format` the checkpoint's run trained with (its
+    /// trainer.json), plain for a folder without one.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub answer_format: AnswerFormatArg,
     /// `--task open`: sample from the smallest set of tokens whose probability
     /// reaches P (nucleus sampling, seeded by --seed) instead of greedy decoding.
     #[arg(long, value_name = "P")]
@@ -80,6 +115,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.frames.is_empty() || args.frames.contains(&0) || args.per_depth == 0 {
         bail!("--frames needs positive lengths and --per-depth at least 1");
     }
+    if args.parallel == 0 {
+        bail!("--parallel 0: evaluation runs on at least 1 rank");
+    }
     let choice_data = match args.task.as_str() {
         "needle" | "open" => None,
         "choice" => match &args.data {
@@ -111,15 +149,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Ranks::InProcess { .. } => args.device.device()?,
     }
     .without_autodiff();
-    let model = longview_train::eval::load(&args.checkpoint, &device)?;
+    // The output folder first: a read-only checkpoint fails before the model loads.
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| args.checkpoint.join("eval"));
-    std::fs::create_dir_all(&out)?;
-    if args.parallel == 0 {
-        bail!("--parallel 0: evaluation runs on at least 1 rank");
-    }
+    std::fs::create_dir_all(&out).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the output folder {} ({e}); pass --out DIR",
+            out.display()
+        )
+    })?;
+    let model = longview_train::eval::load(&args.checkpoint, &device)?;
     // Sequence-parallel ranks (threads, or this process as one of a launch), or one
     // device.
     let parallel = (args.parallel > 1 || ranks.process_rank().is_some()).then_some(&ranks);
@@ -131,9 +172,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     if ranks.prints() {
         println!(
-            "longview eval: needle in a haystack, {} ({})",
+            "longview eval: needle in a haystack, {} ({}){}",
             model.dir.display(),
-            grid_label(&args)
+            grid_label(&args),
+            format_label(answer_format(&args, &model)?)
         );
     }
     // The eval videos use their own seed, never the training set's.
@@ -147,10 +189,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         longview_train::eval::needle_grid_with(
             &model,
-            &args.frames,
-            args.per_depth,
-            seed,
-            &videos,
+            (&args.frames, args.per_depth, seed, &videos),
+            answer_format(&args, &model)?,
             &mut |line| crate::logging::log(line),
             &mut |samples| {
                 let chunk = args.prefill_chunk;
@@ -269,10 +309,11 @@ fn open(
     let prints = parallel.is_none_or(Ranks::prints);
     if prints {
         println!(
-            "longview eval: open-ended needle answers ({decoding:?}), {} ({}{})",
+            "longview eval: open-ended needle answers ({decoding:?}), {} ({}{}){}",
             model.dir.display(),
             grid_label(args),
-            sequence_parallel_label(args, parallel)
+            sequence_parallel_label(args, parallel),
+            format_label(answer_format(args, model)?)
         );
     }
     let (seed, videos) = (args.device.seed() + 424_242, out.join("videos"));
@@ -288,6 +329,7 @@ fn open(
             seed,
             &videos,
             decoding,
+            answer_format(args, model)?,
             device,
             &mut |line| crate::logging::log(line),
         )?,

@@ -146,6 +146,8 @@ impl RankJob for EvalJob<'_> {
             args.sp_scheme,
         )?;
         let vlm = &model.model;
+        let format = crate::eval::answer_format(args, model)
+            .map_err(|e| TrainError::Request(format!("{e:#}")))?;
         let videos = (
             args.frames.as_slice(),
             args.per_depth,
@@ -161,18 +163,15 @@ impl RankJob for EvalJob<'_> {
                         |s, n| sp.teacher_forced_ids(vlm, s, n, &device),
                     )?)
                 };
-                let (frames, per_depth, seed, dir) = videos;
-                longview_train::eval::needle_grid_with(
-                    model, frames, per_depth, seed, dir, log, &mut score,
-                )
-                .map(Outcome::Needle)
+                longview_train::eval::needle_grid_with(model, videos, format, log, &mut score)
+                    .map(Outcome::Needle)
             }
             Task::Open(decoding) => {
                 let mut generate = |requests| Ok(sp.generate_batch(vlm, requests, &device)?);
                 longview_train::eval::open_needle_with(
                     model,
                     videos,
-                    *decoding,
+                    (*decoding, format),
                     &device,
                     log,
                     &mut generate,

@@ -7,13 +7,49 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::data::haystack;
+use crate::config::AnswerFormat;
+use crate::data::{haystack, reformat_answers};
 use crate::error::TrainError;
+use crate::grpo::reward::{is_correct, needle_cot_answer};
 use crate::needle;
 
 /// A model loaded for evaluation, with its tokenizer.
 pub use longview_infer::LoadedModel as EvalModel;
 pub use longview_infer::load::{load, resolve_model_dir};
+
+/// The answer format the run that wrote the checkpoint at `model_dir` trained with
+/// (`data.answer_format` of the config saved in the checkpoint's `trainer.json`);
+/// `None` when the folder is not in a longview checkpoint (a VILA export).
+pub fn trained_answer_format(model_dir: &Path) -> Result<Option<AnswerFormat>, TrainError> {
+    let Some(state) = model_dir
+        .parent()
+        .map(|checkpoint| checkpoint.join("trainer.json"))
+        .filter(|path| path.is_file())
+    else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&state).map_err(TrainError::io(&state))?;
+    let bad = |message: String| TrainError::checkpoint(&state, message);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let Some(config) = json.get("config").and_then(|c| c.as_str()) else {
+        return Ok(None);
+    };
+    let config: toml::Table = config
+        .parse()
+        .map_err(|e| bad(format!("its `config` is not TOML: {e}")))?;
+    let format = config
+        .get("data")
+        .and_then(|d| d.get("answer_format"))
+        .and_then(|f| f.as_str());
+    match format {
+        None | Some("plain") => Ok(Some(AnswerFormat::Plain)),
+        Some("think") => Ok(Some(AnswerFormat::Think)),
+        Some(other) => Err(bad(format!(
+            "data.answer_format = {other:?}: expected \"plain\" or \"think\""
+        ))),
+    }
+}
 
 /// Accuracy of every (depth, haystack length) cell.
 #[derive(Debug, Clone, Serialize)]
@@ -68,16 +104,21 @@ impl NeedleGrid {
 
 /// Scores `per_depth` generated videos for every haystack length in `frames` and every
 /// depth of LongVILA's grid {0, .2, .4, .6, .8, 1}; videos are cached under `cache`.
+/// The answers are written in `format` (a think-format model is teacher-forced on the
+/// whole `<think>...</think><answer>NN</answer>` reply it was trained to give).
+#[allow(clippy::too_many_arguments)]
 pub fn needle_grid(
     model: &EvalModel,
     frames: &[usize],
     per_depth: usize,
     seed: u64,
     cache: &Path,
+    format: AnswerFormat,
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<NeedleGrid, TrainError> {
-    needle_grid_with(model, frames, per_depth, seed, cache, log, &mut |samples| {
+    let videos = (frames, per_depth, seed, cache);
+    needle_grid_with(model, videos, format, log, &mut |samples| {
         Ok(needle::score(
             &model.model,
             samples,
@@ -94,22 +135,22 @@ pub type NeedleScorer<'a> =
 /// [`needle_grid`] with the samples of each length scored by `score` (e.g. on
 /// sequence-parallel ranks).
 #[allow(clippy::too_many_arguments)]
+/// `videos`: the haystack lengths, videos per depth, seed and video folder.
 pub fn needle_grid_with(
     model: &EvalModel,
-    frames: &[usize],
-    per_depth: usize,
-    seed: u64,
-    cache: &Path,
+    videos: (&[usize], usize, u64, &Path),
+    format: AnswerFormat,
     log: &mut dyn FnMut(&str),
     score: &mut NeedleScorer<'_>,
 ) -> Result<NeedleGrid, TrainError> {
+    let (frames, per_depth, seed, cache) = videos;
     let encoder = model.encoder();
     let depths: Vec<f64> = (0..=5).map(|i| i as f64 / 5.0).collect();
     let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
     let (mut correct, mut total) = (0, 0);
     for (f, &n) in frames.iter().enumerate() {
         let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
-        let report = score(&data.eval)?;
+        let report = score(&reformat_answers(&encoder, data.eval, format)?)?;
         for (depth, c, t) in report.per_depth {
             let d = depths
                 .iter()
@@ -314,7 +355,8 @@ pub struct OpenAnswer {
 }
 
 /// Open-ended needle answers: free generation (KV cache, greedy or top-p), scored by
-/// exact match of the generated text (case and spaces folded).
+/// exact match of the generated text (case and spaces folded), or for a think-format
+/// model by the number inside its `<answer>` tags (GRPO's accuracy reward).
 #[derive(Debug, Clone, Serialize)]
 pub struct OpenReport {
     pub correct: usize,
@@ -350,6 +392,7 @@ pub fn open_needle(
     seed: u64,
     cache: &Path,
     decoding: crate::generate::Decoding,
+    format: AnswerFormat,
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<OpenReport, TrainError> {
@@ -363,15 +406,23 @@ pub fn open_needle(
         )?)
     };
     let videos = (frames, per_depth, seed, cache);
-    open_needle_with(model, videos, decoding, device, log, &mut one_batch)
+    open_needle_with(
+        model,
+        videos,
+        (decoding, format),
+        device,
+        log,
+        &mut one_batch,
+    )
 }
 
 /// [`open_needle`] with every batch of [`OPEN_BATCH`] prompts run by `generate`;
-/// `videos`: the haystack lengths, videos per depth, seed and video folder.
+/// `videos`: the haystack lengths, videos per depth, seed and video folder; `answers`:
+/// the decoding and the answer format.
 pub fn open_needle_with(
     model: &EvalModel,
     videos: (&[usize], usize, u64, &Path),
-    decoding: crate::generate::Decoding,
+    (decoding, format): (crate::generate::Decoding, AnswerFormat),
     device: &Device,
     log: &mut dyn FnMut(&str),
     generate: GenerateAnswers<'_>,
@@ -382,8 +433,13 @@ pub fn open_needle_with(
     use longview_models::VisualInput;
     let (frames, per_depth, seed, cache) = videos;
     let encoder = model.encoder();
+    // A two-digit number, or the think-format reply around one (with room to spare).
+    let max_new_tokens = match format {
+        AnswerFormat::Plain => 8,
+        AnswerFormat::Think => model.tokenizer.encode(&needle_cot_answer("99"))?.len() + 16,
+    };
     let limits = Limits {
-        max_new_tokens: 8,
+        max_new_tokens,
         stop: crate::generate::stop_tokens(&model.tokenizer),
     };
     let mut answers = Vec::new();
@@ -410,7 +466,10 @@ pub fn open_needle_with(
         }
         for (s, ids) in data.eval.iter().zip(generations) {
             let generated = model.tokenizer.decode(&ids, true)?;
-            let ok = needle::fold(&generated) == needle::fold(&s.answer);
+            let ok = match format {
+                AnswerFormat::Plain => needle::fold(&generated) == needle::fold(&s.answer),
+                AnswerFormat::Think => is_correct(&generated, &s.answer),
+            };
             correct += usize::from(ok);
             answers.push(OpenAnswer {
                 frames: n,

@@ -47,7 +47,9 @@ pub mod tensorboard;
 pub mod trainer;
 pub mod zero;
 
-pub use config::{DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig};
+pub use config::{
+    AnswerFormat, DataConfig, ModelConfig, OptimConfig, Part, RunConfig, Stage, TrainConfig,
+};
 pub use error::TrainError;
 pub use needle::NeedleReport;
 pub use trainer::{SteadyRate, TrainOptions, TrainSummary, learning_rate, train};

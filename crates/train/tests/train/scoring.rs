@@ -273,3 +273,109 @@ fn top_p_keeps_the_nucleus_and_samples_its_renormalised_probabilities() {
         .contains("top-p 0")
     );
 }
+
+/// `eval` of a CoT-SFT / GRPO checkpoint: the answer format is read from the
+/// checkpoint's trainer.json, and open answers in the think format are scored by the
+/// number inside `<answer>` (a plain-format score of the same replies is 0).
+#[test]
+fn think_format_checkpoints_are_scored_by_the_number_in_their_answer_tags() {
+    let _serial = serial();
+    use longview_infer::batch::BatchRequest;
+    use longview_infer::generate::{Decoding, Generation};
+    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
+    use longview_train::AnswerFormat;
+    use longview_train::eval::{open_needle_with, trained_answer_format};
+    use longview_train::grpo::reward::needle_cot_answer;
+
+    let tmp = TempDir::new("think-eval");
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    let device = Device::flex();
+    let checkpoint = tmp.0.join("step-000001");
+    let model_dir = checkpoint.join("model");
+    save_vila(&vlm.init(&device), &vlm, &model_dir, SaveOptions::default()).unwrap();
+    std::fs::write(
+        model_dir.join("llm/tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    let model = longview_train::eval::load(&model_dir, &device).unwrap();
+
+    // No trainer.json (a VILA export): no trained format.
+    assert_eq!(trained_answer_format(&model.dir).unwrap(), None);
+    let state = checkpoint.join("trainer.json");
+    let with_config = |config: &str| {
+        std::fs::write(&state, serde_json::json!({ "config": config }).to_string()).unwrap();
+        trained_answer_format(&model.dir)
+    };
+    assert_eq!(
+        with_config("[data]\nanswer_format = \"think\"\n").unwrap(),
+        Some(AnswerFormat::Think)
+    );
+    assert_eq!(
+        with_config("[run]\nsteps = 3\n").unwrap(),
+        Some(AnswerFormat::Plain)
+    );
+    let err = with_config("[data]\nanswer_format = \"cot\"\n").unwrap_err();
+    assert!(
+        err.to_string().contains("trainer.json") && err.to_string().contains("\"cot\""),
+        "{err}"
+    );
+
+    // The held-out answers in the order the evaluation asks them.
+    let videos = tmp.0.join("videos");
+    let truth: Vec<String> = haystack(&model.encoder(), &videos, 4, 4, 0, 1, 3)
+        .unwrap()
+        .eval
+        .into_iter()
+        .map(|s| s.answer)
+        .collect();
+    assert_eq!(truth.len(), 6);
+    // A generator that answers every other prompt right, in the think format.
+    let replies: Vec<Vec<u32>> = truth
+        .iter()
+        .enumerate()
+        .map(|(i, answer)| {
+            let number = if i % 2 == 0 { answer.as_str() } else { "100" };
+            tokenizer.encode(&needle_cot_answer(number)).unwrap()
+        })
+        .collect();
+    for format in [AnswerFormat::Think, AnswerFormat::Plain] {
+        let mut next = 0;
+        let mut generate = |requests: Vec<BatchRequest>| {
+            Ok(requests
+                .iter()
+                .map(|r| {
+                    let tokens = replies[next].clone();
+                    next += 1;
+                    if format == AnswerFormat::Think {
+                        assert!(r.limits.max_new_tokens >= tokens.len());
+                    }
+                    vec![Generation {
+                        tokens,
+                        ..Generation::default()
+                    }]
+                })
+                .collect())
+        };
+        let report = open_needle_with(
+            &model,
+            (&[4], 1, 3, &videos),
+            (Decoding::Greedy, format),
+            &device,
+            &mut |_: &str| {},
+            &mut generate,
+        )
+        .unwrap();
+        assert_eq!(report.total, 6);
+        let expected = match format {
+            AnswerFormat::Think => 3,
+            AnswerFormat::Plain => 0,
+        };
+        assert_eq!(report.correct, expected, "{format:?}: {:?}", report.answers);
+        for (i, a) in report.answers.iter().enumerate() {
+            assert_eq!(a.answer, truth[i]);
+            assert!(a.generated.contains("</answer>"), "{:?}", a.generated);
+        }
+    }
+}
