@@ -9,6 +9,7 @@
 pub mod burn_op;
 #[cfg(all(feature = "burn", feature = "cuda"))]
 pub mod device_memory;
+pub mod env_switch;
 pub mod flash;
 #[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
 pub mod fused;

@@ -307,7 +307,7 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
         // evenly: LONGVIEW_FLASH_FUSED_DQ=0 turns it off (benchmarks).
         let od = g.d.div_ceil(16) * 2;
         let row_blocks = t.dkdv_block_q / 16;
-        let fuse = std::env::var("LONGVIEW_FLASH_FUSED_DQ").map_or(true, |v| v != "0")
+        let fuse = crate::env_switch::switch("LONGVIEW_FLASH_FUSED_DQ", true)
             && t.dkdv_warps.is_multiple_of(row_blocks)
             && od.is_multiple_of(t.dkdv_warps / row_blocks)
             && (od / (t.dkdv_warps / row_blocks)).is_multiple_of(2);

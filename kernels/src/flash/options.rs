@@ -41,7 +41,7 @@ impl DecodeTuning {
     pub fn from_env() -> DecodeTuning {
         static TUNING: std::sync::OnceLock<DecodeTuning> = std::sync::OnceLock::new();
         *TUNING.get_or_init(|| {
-            let on = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
+            let on = |name: &str| crate::env_switch::switch(name, true);
             DecodeTuning {
                 unroll: on("LONGVIEW_DECODE_UNROLL"),
                 units: std::env::var("LONGVIEW_DECODE_UNITS")

@@ -61,15 +61,11 @@ pub trait FusedBackend: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// Whether the fused kernels run (`LONGVIEW_FUSED`, read once).
+/// Whether the fused kernels run (`LONGVIEW_FUSED`, a switch, on by default; read
+/// once).
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("LONGVIEW_FUSED").as_deref(),
-            Ok("off") | Ok("0") | Ok("false")
-        )
-    })
+    *ENABLED.get_or_init(|| crate::env_switch::switch("LONGVIEW_FUSED", true))
 }
 
 /// RMSNorm of `x` (`[..., d]`) over its last dimension with `gamma` (`[d]`) in one

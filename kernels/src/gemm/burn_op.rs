@@ -351,14 +351,18 @@ impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
 }
 
 /// Whether [`linear`] and [`matmul_2d`] run cuBLASLt for `dtype` tensors on `device`:
-/// a CUDA device, bf16 or f16, `LONGVIEW_GEMM` not `burn`, and cuBLASLt loaded (the
+/// a CUDA device, bf16 or f16, `LONGVIEW_GEMM` not `burn` (or `off`), and cuBLASLt loaded (the
 /// first failure to load is printed once, then Burn's matmul is used).
 pub fn applies(device: &Device, dtype: DType) -> bool {
     static PROBED: Mutex<Option<HashMap<usize, bool>>> = Mutex::new(None);
     // Read once: every linear layer of every step asks.
     static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let burn_only =
-        *BURN_ONLY.get_or_init(|| std::env::var("LONGVIEW_GEMM").is_ok_and(|v| v == "burn"));
+    let burn_only = *BURN_ONLY.get_or_init(|| match std::env::var("LONGVIEW_GEMM") {
+        Ok(v) if v.trim() == "burn" => true,
+        Ok(v) if v.trim() == "cublaslt" => false,
+        // Otherwise a switch of cuBLASLt: `off` / `0` is Burn's matmul.
+        _ => !crate::env_switch::switch("LONGVIEW_GEMM", true),
+    });
     if gemm_dtype(dtype).is_none() || burn_only {
         return false;
     }

@@ -270,7 +270,7 @@ pub unsafe fn run(
         let flops = 2.0 * gemm.m as f64 * gemm.n as f64 * gemm.k as f64;
         if candidates.len() > 1
             && flops >= TUNE_MIN_FLOPS
-            && std::env::var("LONGVIEW_GEMM_TUNE").map_or(true, |v| v != "0")
+            && crate::env_switch::switch("LONGVIEW_GEMM_TUNE", true)
         {
             // The first call of a large shape times the candidates on its own operands
             // (the output is written again by the real call below) and keeps the
