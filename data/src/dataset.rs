@@ -455,12 +455,31 @@ pub struct ChoiceSample {
 pub const CHOICE_INSTRUCTION: &str = "Respond with only the letter of the correct option.";
 
 impl ChoiceSample {
-    /// The user turn: video marker, question, options, instruction.
+    /// The user turn: video marker, question, options, instruction. An option that
+    /// does not start with its letter (`"cat"` rather than `"A. cat"`) is shown as
+    /// `"A. cat"`: the instruction asks for a letter, so every option shows one.
     pub fn prompt(&self) -> String {
+        let options: Vec<String> = self
+            .options
+            .iter()
+            .zip(option_letters(self.options.len()))
+            .map(|(option, letter)| {
+                let text = option.trim_start();
+                let labelled = [".", ")", ":"]
+                    .iter()
+                    .any(|end| text.starts_with(&format!("{letter}{end}")))
+                    || text.starts_with(&format!("({letter})"));
+                if labelled {
+                    option.clone()
+                } else {
+                    format!("{letter}. {option}")
+                }
+            })
+            .collect();
         format!(
             "{VIDEO_MARKER}\n{}\n{}\n{CHOICE_INSTRUCTION}",
             self.question,
-            self.options.join("\n")
+            options.join("\n")
         )
     }
 

@@ -214,6 +214,15 @@ fn multiple_choice_rows_prompt_and_score() {
         s.prompt(),
         "<video>\nWhat colour is the car?\nA. Red\nB. Blue\nC. Green\nD. Black\nRespond with only the letter of the correct option."
     );
+    // Options given without their letters get them in the prompt.
+    let bare = longview_data::dataset::ChoiceSample {
+        options: vec!["Red".into(), "(B) Blue".into(), "Cat".into()],
+        ..s.clone()
+    };
+    assert_eq!(
+        bare.prompt(),
+        "<video>\nWhat colour is the car?\nA. Red\n(B) Blue\nC. Cat\nRespond with only the letter of the correct option."
+    );
     for (reply, chosen) in [
         ("C", Some('C')),
         (" (C) Green", Some('C')),
