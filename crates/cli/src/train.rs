@@ -142,9 +142,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             println!("{line}")
         }
     };
+    // `model.size` only names the shape of a random start.
+    let model = match &config.model.init_from {
+        Some(dir) => format!("model from {}", dir.display()),
+        None => format!("{} model", config.model.size),
+    };
     say(&format!(
-        "longview train: {} model, stage {:?}, {} steps of {} x {} samples, lr {} on {} ({})",
-        config.model.size,
+        "longview train: {model}, stage {:?}, {} steps of {} x {} samples, lr {} on {} ({})",
         config.model.stage,
         config.run.steps,
         config.run.batch_size,

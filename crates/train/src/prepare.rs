@@ -325,6 +325,14 @@ fn fresh_model(
     let (mut model, mut vlm_config) = match init_dir(config)? {
         Some(dir) => {
             let (mut model, mut vlm) = load_vila(&dir, device)?;
+            log(&format!(
+                "initialised from {}: LLM {} layers x {} hidden, vision {} layers (model.size \
+                 is not used)",
+                dir.display(),
+                vlm.text.num_layers,
+                vlm.text.hidden_size,
+                vlm.vision.num_layers
+            ));
             longview_infer::load::check_vocabulary(&dir, tokenizer, &vlm)?;
             longview_infer::load::limit_generation(&mut model, &mut vlm, tokenizer);
             (model, vlm)
