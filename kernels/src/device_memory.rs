@@ -21,3 +21,12 @@ pub fn available_bytes(device: &Device) -> Option<f64> {
         .map_or(0, |m| m.bytes_reserved.saturating_sub(m.bytes_in_use));
     Some(free as f64 + pooled as f64)
 }
+
+/// The GPUs the CUDA driver sees (after `CUDA_VISIBLE_DEVICES`), or why it cannot
+/// say (no driver, no GPU): what a GPU index given by a user is checked against
+/// before CubeCL opens it (it panics on an index past the last GPU).
+pub fn gpu_count() -> Result<usize, String> {
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| format!("the CUDA driver cannot count the GPUs: {e:?}"))
+}

@@ -191,6 +191,17 @@ fn cuda_device(name: &str) -> Result<Device> {
             .with_context(|| format!("--device `{name}`: `{i}` is not a GPU index"))?,
         None => 0,
     };
+    // CubeCL panics on a GPU that does not exist; say which flag asked for it.
+    let count = longview_kernels::device_memory::gpu_count()
+        .map_err(|e| anyhow::anyhow!("--device `{name}`: {e}"))?;
+    if index >= count {
+        bail!(
+            "--device `{name}`: GPU {index} does not exist, the CUDA driver sees {count} \
+             (CUDA_VISIBLE_DEVICES={}); under --nproc or a launcher each process takes GPU \
+             LOCAL_RANK, so start at most {count} processes on this machine",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        );
+    }
     Ok(Device::cuda(index))
 }
 
