@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::config::AnswerFormat;
-use crate::data::{haystack, reformat_answers};
+use crate::data::{Sample, held_out_videos, reformat_answers};
 use crate::error::TrainError;
 use crate::grpo::reward::{is_correct, needle_cot_answer};
 use crate::needle;
@@ -128,6 +128,65 @@ pub fn needle_grid(
     })
 }
 
+/// Host bytes of decoded frames one scoring call holds at most (at least one video
+/// whatever its length): the held-out videos of a length are decoded a few at a time,
+/// so a 1024-frame grid (1.8 GB of f32 pixels a video at 384x384) never holds them
+/// all.
+const DECODED_BYTES: usize = 2 << 30;
+
+/// The held-out `frames`-frame needle videos (`per_depth` per depth, `seed`) under
+/// `cache`, decoded into samples `at_most` at a time (fewer when the frames of that
+/// many would pass [`DECODED_BYTES`]), each batch handed to `each`.
+fn held_out_in_batches(
+    model: &EvalModel,
+    (frames, per_depth, seed, cache): (usize, usize, u64, &Path),
+    at_most: usize,
+    each: &mut dyn FnMut(Vec<Sample>) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let encoder = model.encoder();
+    let size = (encoder.width, encoder.height);
+    let (dir, rows) = held_out_videos(cache, size, frames, per_depth, seed)?;
+    let video_bytes = frames * 3 * encoder.side() * encoder.side() * 4;
+    let batch = (DECODED_BYTES / video_bytes.max(1)).clamp(1, at_most.max(1));
+    for part in rows.chunks(batch) {
+        let samples = part
+            .iter()
+            .map(|r| {
+                encoder.sample(
+                    &dir.join(&r.video),
+                    r.frames,
+                    longview_infer::sample::NEEDLE_QUESTION,
+                    &r.answer,
+                    r.depth,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        each(samples)?;
+    }
+    Ok(())
+}
+
+/// Adds `part`'s counts to `total` (depths kept ascending).
+fn add_report(total: &mut needle::NeedleReport, part: needle::NeedleReport) {
+    for (depth, c, t) in part.per_depth {
+        match total
+            .per_depth
+            .iter_mut()
+            .find(|(d, _, _)| (d - depth).abs() < 1e-9)
+        {
+            Some(entry) => {
+                entry.1 += c;
+                entry.2 += t;
+            }
+            None => total.per_depth.push((depth, c, t)),
+        }
+    }
+    total.per_depth.sort_by(|a, b| a.0.total_cmp(&b.0));
+    total.correct += part.correct;
+    total.total += part.total;
+    total.chance = part.chance;
+}
+
 /// Scores of one haystack length's samples.
 pub type NeedleScorer<'a> =
     dyn FnMut(&[crate::data::Sample]) -> Result<needle::NeedleReport, TrainError> + 'a;
@@ -149,8 +208,19 @@ pub fn needle_grid_with(
     let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
     let (mut correct, mut total) = (0, 0);
     for (f, &n) in frames.iter().enumerate() {
-        let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
-        let report = score(&reformat_answers(&encoder, data.eval, format)?)?;
+        let mut report = needle::NeedleReport {
+            per_depth: Vec::new(),
+            correct: 0,
+            total: 0,
+            chance: 0.0,
+        };
+        held_out_in_batches(model, (n, per_depth, seed, cache), 8, &mut |samples| {
+            add_report(
+                &mut report,
+                score(&reformat_answers(&encoder, samples, format)?)?,
+            );
+            Ok(())
+        })?;
         for (depth, c, t) in report.per_depth {
             let d = depths
                 .iter()
@@ -432,7 +502,6 @@ pub fn open_needle_with(
     use longview_infer::generate::Limits;
     use longview_models::VisualInput;
     let (frames, per_depth, seed, cache) = videos;
-    let encoder = model.encoder();
     // A two-digit number, or the think-format reply around one (with room to spare).
     let max_new_tokens = match format {
         AnswerFormat::Plain => 8,
@@ -444,44 +513,48 @@ pub fn open_needle_with(
     };
     let mut answers = Vec::new();
     for &n in frames {
-        let data = haystack(&encoder, cache, n, n, 0, per_depth, seed)?;
-        let mut correct = 0;
-        // The videos of a haystack length decode as batches of OPEN_BATCH prompts.
-        let mut generations = Vec::with_capacity(data.eval.len());
-        for part in data.eval.chunks(OPEN_BATCH) {
-            let requests = part
-                .iter()
-                .map(|s| BatchRequest {
-                    prompt: s.ids[..s.prompt_len].to_vec(),
-                    visual: VisualInput::Pixels(Tensor::from_data(
-                        TensorData::new(s.pixels.clone(), [s.frames, 3, s.side, s.side]),
-                        device,
-                    )),
-                    samples: vec![decoding],
-                    limits: limits.clone(),
-                })
-                .collect();
-            let out = generate(requests)?;
-            generations.extend(out.into_iter().map(|mut g| g.remove(0).tokens));
-        }
-        for (s, ids) in data.eval.iter().zip(generations) {
-            let generated = model.tokenizer.decode(&ids, true)?;
-            let ok = match format {
-                AnswerFormat::Plain => needle::fold(&generated) == needle::fold(&s.answer),
-                AnswerFormat::Think => is_correct(&generated, &s.answer),
-            };
-            correct += usize::from(ok);
-            answers.push(OpenAnswer {
-                frames: n,
-                depth: s.depth,
-                answer: s.answer.clone(),
-                generated,
-                correct: ok,
-            });
-        }
+        let (mut correct, mut asked) = (0, 0);
+        // The videos of a haystack length decode and generate as batches of
+        // OPEN_BATCH prompts.
+        held_out_in_batches(
+            model,
+            (n, per_depth, seed, cache),
+            OPEN_BATCH,
+            &mut |part| {
+                let requests = part
+                    .iter()
+                    .map(|s| BatchRequest {
+                        prompt: s.ids[..s.prompt_len].to_vec(),
+                        visual: VisualInput::Pixels(Tensor::from_data(
+                            TensorData::new(s.pixels.clone(), [s.frames, 3, s.side, s.side]),
+                            device,
+                        )),
+                        samples: vec![decoding],
+                        limits: limits.clone(),
+                    })
+                    .collect();
+                let generations = generate(requests)?;
+                for (s, mut g) in part.iter().zip(generations) {
+                    let generated = model.tokenizer.decode(&g.remove(0).tokens, true)?;
+                    let ok = match format {
+                        AnswerFormat::Plain => needle::fold(&generated) == needle::fold(&s.answer),
+                        AnswerFormat::Think => is_correct(&generated, &s.answer),
+                    };
+                    correct += usize::from(ok);
+                    asked += 1;
+                    answers.push(OpenAnswer {
+                        frames: n,
+                        depth: s.depth,
+                        answer: s.answer.clone(),
+                        generated,
+                        correct: ok,
+                    });
+                }
+                Ok(())
+            },
+        )?;
         log(&format!(
-            "{n} frames: {correct}/{} generated answers exact",
-            data.eval.len()
+            "{n} frames: {correct}/{asked} generated answers exact"
         ));
     }
     Ok(OpenReport {
