@@ -10,7 +10,8 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::video::{DecodeOptions, Sampling, decode};
+use longview_data::video::{DecodeOptions, Sampling, decode, probe};
+use longview_models::VlmConfig;
 use longview_models::attention::AttentionImpl;
 use longview_models::vila::config::TextConfig;
 use longview_models::{KvCache, VisualInput, Vlm};
@@ -83,19 +84,38 @@ pub fn encode_in_batches(model: &Vlm, pixels: Tensor<4>, batch: usize) -> Tensor
 /// `frame_batch` frames at a time as the decoder delivers them: only the tokens are
 /// kept, each batch's pixels are dropped once encoded (an hour of video never holds
 /// all its pixels at once). Returns the tokens (`[frames, tokens_per_frame,
-/// text_hidden]`) and the source frame indices.
+/// text_hidden]`) and the source frame indices. A request whose tokens would not fit
+/// the memory available ([`check_video_fits`]) is refused before any frame is
+/// decoded.
 pub fn encode_video(
     model: &Vlm,
+    config: &VlmConfig,
     video: &Path,
     sampling: &Sampling,
-    side: usize,
     frame_batch: usize,
     device: &Device,
 ) -> Result<(Tensor<3>, Vec<usize>), InferError> {
+    let side = config.vision.image_size;
     let options = DecodeOptions {
         batch_size: pool_aligned(model, frame_batch),
         ..DecodeOptions::siglip(side as u32)
     };
+    if let Some(available) = available_bytes(None, device) {
+        let info = probe(video)?;
+        let picked = sampling
+            .indices(info.frames, info.fps, options.short_video)
+            .map_err(|e| e.in_file(video))?
+            .len();
+        let bytes_per_value = burn::tensor::DType::from(device.settings().float_dtype).size();
+        check_video_fits(
+            config,
+            picked,
+            options.batch_size,
+            bytes_per_value,
+            available,
+        )
+        .map_err(|e| InferError::Request(format!("{}: {e}", video.display())))?;
+    }
     let mut parts = Vec::new();
     let mut indices = Vec::new();
     decode(video, sampling, &options, |batch| {
@@ -114,6 +134,41 @@ pub fn encode_video(
         )));
     }
     Ok((Tensor::cat(parts, 0), indices))
+}
+
+/// Refuses (with the numbers and what would fit) encoding `frames` frames whose
+/// visual tokens would not fit `available` bytes: the tokens at `bytes_per_value`,
+/// twice (the batches' parts and their concatenation), plus one batch of
+/// `frame_batch` f32 frames. A lower bound: the vision encoder's own activations
+/// for one batch come on top.
+pub fn check_video_fits(
+    config: &VlmConfig,
+    frames: usize,
+    frame_batch: usize,
+    bytes_per_value: usize,
+    available: f64,
+) -> Result<(), String> {
+    let groups = frames.div_ceil(config.temporal_pool());
+    let tokens = groups as f64 * config.tokens_per_frame() as f64;
+    let side = config.vision.image_size as f64;
+    let need = 2.0 * tokens * config.text.hidden_size as f64 * bytes_per_value as f64
+        + frame_batch as f64 * 3.0 * side * side * 4.0;
+    if need <= available {
+        return Ok(());
+    }
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    Err(format!(
+        "{frames} frames make {tokens:.0} visual tokens ({} a frame{}), about {:.2} GiB, but \
+         {:.2} GiB is available: sample fewer frames, or pool the tokens \
+         (model.token_pool, model.temporal_pool)",
+        config.tokens_per_frame(),
+        match config.temporal_pool() {
+            1 => String::new(),
+            k => format!(" group of {k}"),
+        },
+        gib(need),
+        gib(available)
+    ))
 }
 
 /// `batch` frames (at least 1) rounded up to whole groups of the model's temporal

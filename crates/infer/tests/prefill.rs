@@ -189,3 +189,25 @@ fn an_answer_length_past_the_position_limit_is_refused_with_the_room_left() {
     let need = estimate(&model.text_shape(), 10, usize::MAX, 4, 0, 2);
     assert!(need.kv_cache.is_finite() && need.kv_cache > 1e20);
 }
+
+/// A video whose visual tokens would not fit is refused before decoding, naming the
+/// frames, the tokens and the settings that shrink them; the boundary is the tokens
+/// (twice: parts and their concatenation) plus one batch of f32 frames.
+#[test]
+fn a_video_too_large_for_memory_is_refused_with_the_numbers() {
+    use longview_infer::prefill::check_video_fits;
+    let config = VlmConfig::debug();
+    let (frames, batch, bytes) = (3600, 16, 2);
+    let tokens = (frames * config.tokens_per_frame()) as f64;
+    let side = config.vision.image_size as f64;
+    let need = 2.0 * tokens * config.text.hidden_size as f64 * bytes as f64
+        + batch as f64 * 3.0 * side * side * 4.0;
+    assert!(check_video_fits(&config, frames, batch, bytes, need).is_ok());
+    let err = check_video_fits(&config, frames, batch, bytes, need - 1.0).unwrap_err();
+    assert!(
+        err.contains("3600 frames")
+            && err.contains(&format!("{tokens:.0} visual tokens"))
+            && err.contains("model.token_pool"),
+        "{err}"
+    );
+}

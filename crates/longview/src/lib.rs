@@ -113,9 +113,9 @@ impl Vlm {
     ) -> Result<VideoEmbedding, Error> {
         let (tokens, frame_indices) = encode_video(
             &self.model,
+            &self.config,
             path.as_ref(),
             sampling,
-            self.config.vision.image_size,
             DEFAULT_FRAME_BATCH,
             &self.device,
         )?;
