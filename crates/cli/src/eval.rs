@@ -126,6 +126,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
         },
         other => bail!("--task `{other}`: expected `needle`, `open` or `choice`"),
     };
+    // Settings that would be silently ignored are refused.
+    if args.top_p.is_some() && args.task != "open" {
+        bail!(
+            "--top-p samples the answers of --task open; `{}` scores without sampling",
+            args.task
+        );
+    }
+    if args.top_p.is_none() && args.temperature != 1.0 {
+        bail!(
+            "--temperature {} divides the logits of top-p sampling: add --top-p P (greedy \
+             decoding ignores it)",
+            args.temperature
+        );
+    }
+    if args.parallel > 1 && args.prefill_chunk != longview_infer::prefill::DEFAULT_CHUNK {
+        bail!(
+            "--prefill-chunk is for one device; with --parallel {} every prompt is sharded \
+             over the ranks instead",
+            args.parallel
+        );
+    }
     let decoding = match args.top_p {
         None => Decoding::Greedy,
         Some(top_p) => Decoding::TopP {
