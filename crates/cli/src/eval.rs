@@ -170,7 +170,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Ranks::InProcess { .. } => args.device.device()?,
     }
     .without_autodiff();
-    // The output folder first: a read-only checkpoint fails before the model loads.
+    // The checkpoint's folder is checked, then the output folder made, before the
+    // model loads (a read-only checkpoint fails in seconds, not after the load).
+    longview_train::eval::resolve_model_dir(&args.checkpoint)?;
     let out = args
         .out
         .clone()
