@@ -7,7 +7,10 @@
 //! gradient is cast to f32 for the master update) and AdamW's two f32 moments (8
 //! bytes, divided by the ranks with `run.shard_optimizer`); with 16-bit compute, every
 //! parameter's working copy (2 bytes). Activations are not counted, so a run that
-//! passes may still need more: the check only refuses what cannot fit at all.
+//! passes may still need more: the check only refuses what cannot fit at all. The
+//! one activation checked is the tensor-op reference attention's score matrix (before
+//! every step on one device, [`check_reference_attention`]): quadratic in the
+//! sequence, it is what kills long CPU runs.
 
 use burn::tensor::Device;
 
@@ -98,9 +101,46 @@ pub fn check_states(
     }
 }
 
+/// Refuses a micro-batch whose tensor-op reference attention cannot fit even one
+/// layer's score matrices: `[batch, heads, longest, longest]` f32 scores and their
+/// softmax, 8 bytes a (query, key) pair a head. A lower bound (every other
+/// activation comes on top; without recomputation every layer keeps its softmax
+/// for the backward), so a run refused here would be killed inside its first step.
+pub fn check_reference_attention(
+    (batch, heads, longest): (usize, usize, usize),
+    available: f64,
+) -> Result<(), String> {
+    let need = 8.0 * batch as f64 * heads as f64 * (longest as f64).powi(2);
+    if need <= available {
+        return Ok(());
+    }
+    Err(format!(
+        "a micro-batch of {batch} samples of up to {longest} tokens needs {:.1} GiB for one \
+         layer's attention scores with the tensor-op reference attention ([{batch}, {heads}, \
+         {longest}, {longest}] f32 scores and softmax) but {:.1} GiB is available: use fewer \
+         frames (data.frames) or a smaller run.batch_size, or a GPU, whose flash kernels \
+         keep no score matrix (--device cuda)",
+        need / GIB,
+        available / GIB
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_attention_scores_past_the_memory_are_refused() {
+        // 2 x 12 x 50,000^2 x 8 bytes = 447 GiB.
+        let shape = (2, 12, 50_000);
+        let need = 8.0 * 2.0 * 12.0 * 50_000f64.powi(2);
+        check_reference_attention(shape, need).unwrap();
+        let err = check_reference_attention(shape, need - 1.0).unwrap_err();
+        assert!(
+            err.contains("447.0 GiB") && err.contains("data.frames"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_estimate_counts_gradients_moments_and_the_working_copy() {

@@ -342,6 +342,19 @@ fn one_step(
         .chunks(config.run.batch_size)
         .map(|chunk| chunk.iter().collect())
         .collect();
+    if run.plan.text == longview_models::attention::AttentionImpl::Reference
+        && let Some(available) = longview_infer::prefill::available_bytes(None, device)
+    {
+        let heads = run.vlm_config.text.num_heads;
+        for batch in &micro {
+            let longest = batch.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            crate::states_memory::check_reference_attention(
+                (batch.len(), heads, longest),
+                available,
+            )
+            .map_err(|e| TrainError::Request(format!("step {}: {e}", step + 1)))?;
+        }
+    }
     let seq_lens: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
     let frames: usize = samples.iter().map(|s| s.frames).sum();
     let flops = train_flops(&run.model, &run.vlm_config, &seq_lens, frames);
