@@ -55,26 +55,32 @@ fn needle_scoring_reads_the_answer_positions() {
     }
 }
 
+/// A random debug VLM saved as a VILA folder at `dir` with the debug tokenizer, and
+/// loaded back as `eval` loads a checkpoint.
+fn saved_debug_model(dir: &Path, device: &Device) -> longview_train::eval::EvalModel {
+    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
+    let tokenizer = TextTokenizer::debug();
+    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
+    save_vila(&vlm.init(device), &vlm, dir, SaveOptions::default()).unwrap();
+    std::fs::write(
+        dir.join("llm/tokenizer.json"),
+        tokenizer.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    longview_train::eval::load(dir, device).unwrap()
+}
+
 #[test]
 fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
     let _serial = serial();
     use longview_data::dataset::{ReadOptions, read_multiple_choice};
     use longview_data::synthetic::{HaystackSpec, write_haystack_set};
     use longview_data::{DecodeOptions, Media, Message, Sampling};
-    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
 
     let tmp = TempDir::new("choice");
     let tokenizer = TextTokenizer::debug();
-    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
     let device = Device::flex();
-    let model_dir = tmp.0.join("model");
-    save_vila(&vlm.init(&device), &vlm, &model_dir, SaveOptions::default()).unwrap();
-    std::fs::write(
-        model_dir.join("llm/tokenizer.json"),
-        tokenizer.inner().to_string(false).unwrap(),
-    )
-    .unwrap();
-    let model = longview_train::eval::load(&model_dir, &device).unwrap();
+    let model = saved_debug_model(&tmp.0.join("model"), &device);
 
     // VideoMME-style rows over generated videos.
     let spec = HaystackSpec {
@@ -132,7 +138,7 @@ fn multiple_choice_picks_the_option_letter_with_the_largest_logit() {
                 &tokenizer,
                 &[Message::user(sample.prompt())],
                 &[Media::Video { frames: 6 }],
-                vlm.tokens_per_frame(),
+                model.config.tokens_per_frame(),
                 true,
             )
             .unwrap();
@@ -282,24 +288,15 @@ fn think_format_checkpoints_are_scored_by_the_number_in_their_answer_tags() {
     let _serial = serial();
     use longview_infer::batch::BatchRequest;
     use longview_infer::generate::{Decoding, Generation};
-    use longview_models::hf::checkpoint::{SaveOptions, save_vila};
     use longview_train::AnswerFormat;
     use longview_train::eval::{open_needle_with, trained_answer_format};
     use longview_train::grpo::reward::needle_cot_answer;
 
     let tmp = TempDir::new("think-eval");
     let tokenizer = TextTokenizer::debug();
-    let vlm = model_config(&TrainConfig::default(), &tokenizer).unwrap();
     let device = Device::flex();
     let checkpoint = tmp.0.join("step-000001");
-    let model_dir = checkpoint.join("model");
-    save_vila(&vlm.init(&device), &vlm, &model_dir, SaveOptions::default()).unwrap();
-    std::fs::write(
-        model_dir.join("llm/tokenizer.json"),
-        tokenizer.inner().to_string(false).unwrap(),
-    )
-    .unwrap();
-    let model = longview_train::eval::load(&model_dir, &device).unwrap();
+    let model = saved_debug_model(&checkpoint.join("model"), &device);
 
     // No trainer.json (a VILA export): no trained format.
     assert_eq!(trained_answer_format(&model.dir).unwrap(), None);
