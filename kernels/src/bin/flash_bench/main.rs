@@ -18,6 +18,9 @@
 use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
 use std::time::Instant;
 
+mod decode;
+use decode::bench_decode;
+
 use cubecl::prelude::*;
 use half::bf16;
 use longview_kernels::{
@@ -363,128 +366,6 @@ fn bench(
     );
 }
 
-/// One decoding step's attention (`sq` query rows per head against `sk` cached keys,
-/// all visible, bf16: `sq` = 1 is one sequence's step, `sq` = G the G samples of a
-/// GRPO group over their shared prompt, as `SharedPrefixBatch` asks): the split-key
-/// decode kernels (inner loops unrolled or kept as loops: `unroll_decode`; the next
-/// tile loaded during a tile's work or after: `prefetch_decode`; 128, 256 and 512
-/// units a cube: `decode_units`), and the tensor-core forward; ms per call and the
-/// K/V bytes read per second.
-fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: usize, reps: usize) {
-    let d = 128;
-    let data = |seed, heads, len| -> Vec<f32> {
-        random(heads * len * d, seed)
-            .iter()
-            .map(|&v| bf16::from_f32(v).to_f32())
-            .collect()
-    };
-    let (qh, kh, vh) = (data(1, hq, sq), data(2, hkv, sk), data(3, hkv, sk));
-    let up = |x: &[f32], heads, len| {
-        let x: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-        DeviceTensor::from_slice(client, &x, &[1, heads, len, d])
-    };
-    let (q, k, v) = (up(&qh, hq, sq), up(&kh, hkv, sk), up(&vh, hkv, sk));
-    // One row: causal at the end of the keys (every key visible), as the decoder
-    // calls it; several: no mask, as the group's prompt keys are called.
-    let opts = if sq == 1 {
-        FlashOptions::new(d).causal(true).offsets(sk - 1, 0)
-    } else {
-        FlashOptions::new(d)
-    };
-    // The f64 reference of this step (every key visible to the last position).
-    let geometry = Geometry {
-        batch: 1,
-        q_heads: hq,
-        kv_heads: hkv,
-        q_len: sq,
-        kv_len: sk,
-        head_dim: d,
-        scale: opts.scale as f64,
-        empty_lse: longview_kernels::flash::NO_KEYS as f64,
-    };
-    let want = attention_f64(&geometry, &qh, &kh, &vh, None, |_, _, _| true);
-    let bytes = (2 * hkv * sk * d * 2) as f64;
-    let mut line = format!("| decode | B1 H{hq}:{hkv} Sq{sq} Sk{sk} D{d} |");
-    // (kernel, unrolled, units, prefetch, name)
-    let variants = [
-        (FlashKernel::Decode, true, None, true, "Decode"),
-        (FlashKernel::Decode, false, None, true, "Decode (loops)"),
-        (
-            FlashKernel::Decode,
-            true,
-            None,
-            false,
-            "Decode (no prefetch)",
-        ),
-        (
-            FlashKernel::Decode,
-            true,
-            Some(256),
-            true,
-            "Decode (256 units)",
-        ),
-        (
-            FlashKernel::Decode,
-            true,
-            Some(512),
-            true,
-            "Decode (512 units)",
-        ),
-        (FlashKernel::TensorCore, true, None, true, "TensorCore"),
-    ];
-    for (kernel, unroll, units, prefetch, name) in variants {
-        let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, sq, d]);
-        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, sq]);
-        let opts = opts
-            .clone()
-            .unroll_decode(unroll)
-            .decode_units(units)
-            .prefetch_decode(prefetch);
-        let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
-        if let Err(e) = run() {
-            line += &format!(" {name}: {e} |");
-            continue;
-        }
-        // Checked before timing against the f64 values: O within 1e-2 of its largest
-        // value (an average over many keys is small, so not against max(|ref|, 1)),
-        // LSE within 1e-3.
-        let got: Vec<f32> = o
-            .to_vec::<bf16>(client)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_f32())
-            .collect();
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "{name} decode step Sq {sq} Sk {sk}: O holds NaN or infinities (unwritten?)"
-        );
-        let largest = want.o.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
-        let e_o = got
-            .iter()
-            .zip(&want.o)
-            .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()))
-            / largest;
-        let e_l = max_rel(&lse.to_vec::<f32>(client).unwrap(), &want.lse);
-        assert!(
-            e_o <= 1e-2 && e_l <= 1e-3,
-            "{name} decode step Sq {sq} Sk {sk}: O error {e_o:.1e}, LSE error {e_l:.1e}"
-        );
-        sync(client);
-        let t = Instant::now();
-        for _ in 0..reps {
-            run().unwrap();
-        }
-        sync(client);
-        let s = t.elapsed().as_secs_f64() / reps as f64;
-        line += &format!(
-            " {name} {:.3} ms, {:.0} GB/s (O err {e_o:.1e}) |",
-            s * 1e3,
-            bytes / s / 1e9
-        );
-    }
-    println!("{line}");
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let has = |flag: &str| args.iter().any(|a| a == flag);
@@ -498,9 +379,9 @@ fn main() {
         // kernels' 32, so `SharedPrefixBatch` runs its group as 3 + 2 samples: 21 and
         // 14 rows; the 3 is timed).
         println!(
-            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward |"
+            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward | tensor-core, keys split into the batch |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for sk in [4096, 50_000, 200_000] {
             for (heads, sq) in [((12, 2), 1), ((28, 4), 1), ((12, 2), 5), ((28, 4), 3)] {
                 bench_decode(&client, heads, sq, sk, 20);
