@@ -136,11 +136,13 @@ const DECODED_BYTES: usize = 2 << 30;
 
 /// The held-out `frames`-frame needle videos (`per_depth` per depth, `seed`) under
 /// `cache`, decoded into samples `at_most` at a time (fewer when the frames of that
-/// many would pass [`DECODED_BYTES`]), each batch handed to `each`.
+/// many would pass [`DECODED_BYTES`]), each batch handed to `each`. A length that
+/// takes several batches logs its progress after each (long videos take minutes).
 fn held_out_in_batches(
     model: &EvalModel,
     (frames, per_depth, seed, cache): (usize, usize, u64, &Path),
     at_most: usize,
+    log: &mut dyn FnMut(&str),
     each: &mut dyn FnMut(Vec<Sample>) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
     let encoder = model.encoder();
@@ -148,6 +150,7 @@ fn held_out_in_batches(
     let (dir, rows) = held_out_videos(cache, size, frames, per_depth, seed)?;
     let video_bytes = frames * 3 * encoder.side() * encoder.side() * 4;
     let batch = (DECODED_BYTES / video_bytes.max(1)).clamp(1, at_most.max(1));
+    let mut done = 0;
     for part in rows.chunks(batch) {
         let samples = part
             .iter()
@@ -162,6 +165,10 @@ fn held_out_in_batches(
             })
             .collect::<Result<Vec<_>, _>>()?;
         each(samples)?;
+        done += part.len();
+        if rows.len() > batch && done < rows.len() {
+            log(&format!("{frames} frames: {done}/{} videos", rows.len()));
+        }
     }
     Ok(())
 }
@@ -214,7 +221,7 @@ pub fn needle_grid_with(
             total: 0,
             chance: 0.0,
         };
-        held_out_in_batches(model, (n, per_depth, seed, cache), 8, &mut |samples| {
+        held_out_in_batches(model, (n, per_depth, seed, cache), 8, log, &mut |samples| {
             add_report(
                 &mut report,
                 score(&reformat_answers(&encoder, samples, format)?)?,
@@ -520,6 +527,7 @@ pub fn open_needle_with(
             model,
             (n, per_depth, seed, cache),
             OPEN_BATCH,
+            log,
             &mut |part| {
                 let requests = part
                     .iter()
