@@ -19,6 +19,6 @@ pub mod reference;
 
 pub use flash::{
     AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_from_delta,
-    flash_backward_with, flash_forward, flash_forward_with, merge_partials,
+    flash_backward_with, flash_decode_sliced, flash_forward, flash_forward_with, merge_partials,
     tensor_cores_unsupported,
 };

@@ -338,10 +338,11 @@ fn chained_dot(
 
 /// The slices merged: `lse = log sum_s exp(lse_s)`, `o = sum_s exp(lse_s - lse) o_s`
 /// (slices without keys weigh 0; a row no slice saw gets O = 0, LSE = NO_KEYS). One
-/// cube per row `(b, h, i)`, rows along x then y.
+/// cube per row `(b, h, i)`, rows along x then y. The slices' O in `P` (f32 from the
+/// split-key kernel, the input type from the tensor-core forward).
 #[cube(launch)]
-pub fn flash_decode_merge_kernel<F: Float>(
-    o_part: &Tensor<f32>,
+pub fn flash_decode_merge_kernel<F: Float, P: Float>(
+    o_part: &Tensor<P>,
     lse_part: &Tensor<f32>,
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
@@ -397,7 +398,7 @@ pub fn flash_decode_merge_kernel<F: Float>(
                             + h * o_part.stride(1)
                             + i * o_part.stride(2)
                             + d * o_part.stride(3);
-                        x += (ls - row_lse).exp() * o_part[at];
+                        x += (ls - row_lse).exp() * f32::cast_from(o_part[at]);
                     }
                     s += 1;
                 }
@@ -490,13 +491,25 @@ pub(super) fn forward<F: Float + CubeElement>(
         options.decode.unroll,
         options.decode.prefetch,
     );
+    merge::<F, f32>(client, (&o_part, &lse_part), (o, lse), splits, g);
+    Ok(())
+}
+
+/// `splits` slices' O (`P`) and LSE merged into `o` / `lse` ([`flash_decode_merge_kernel`]).
+pub(super) fn merge<F: Float + CubeElement, P: Float + CubeElement>(
+    client: &Client,
+    (o_part, lse_part): (&DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    splits: usize,
+    g: &Geometry,
+) {
     let rows_out = g.b * g.hq * g.sq;
     let (x, y) = if rows_out > 65535 {
         (65535, rows_out.div_ceil(65535))
     } else {
         (rows_out, 1)
     };
-    flash_decode_merge_kernel::launch::<F>(
+    flash_decode_merge_kernel::launch::<F, P>(
         client,
         CubeCount::Static(x as u32, y as u32, 1),
         CubeDim::new_1d(MERGE_UNITS as u32),
@@ -508,7 +521,6 @@ pub(super) fn forward<F: Float + CubeElement>(
         g.d,
         MERGE_UNITS,
     );
-    Ok(())
 }
 
 /// `(slices, keys per slice)`: about two cubes per multiprocessor over the `B * Hkv`

@@ -8,6 +8,7 @@
 //! (grouped-query attention: query head `h` uses kv head `h / (Hq / Hkv)`).
 
 mod decode;
+mod decode_tc;
 mod device_tensor;
 mod kernels;
 mod options;
@@ -137,6 +138,27 @@ pub fn flash_forward_into<F: Float + CubeElement>(
     flash_forward_with::<F>(client, q, k, v, o, lse, options, FlashKernel::Auto)
 }
 
+/// A decoding step with the keys sliced into the batch of `inner`'s forward and the
+/// slices merged (what `FlashOptions::tensor_core_decode` runs with `inner` =
+/// `TensorCore`; tests run it with `Scalar`), over `slices` slices (`None`: about two
+/// cubes per multiprocessor). An error for calls other than one sequence whose query
+/// rows all see every key.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_decode_sliced<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    options: &FlashOptions,
+    inner: FlashKernel,
+    slices: Option<usize>,
+) -> Result<(), AttnError> {
+    let g = check(q, k, v, options)?;
+    decode_tc::forward::<F>(client, &g, (q, k, v), (o, lse), options, inner, slices)
+}
+
 /// [`flash_forward_into`] with the kernel chosen by the caller (benchmarks and tests
 /// compare the two).
 #[allow(clippy::too_many_arguments)]
@@ -163,6 +185,15 @@ pub fn flash_forward_with<F: Float + CubeElement>(
     if kernel == FlashKernel::Decode
         || (kernel == FlashKernel::Auto && decode::applies(&g, options))
     {
+        let tensors = [("q", q), ("k", k), ("v", v)];
+        if options.decode.tensor_cores
+            && decode_tc::applies(&g, options)
+            && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?
+        {
+            let (q_k_v, out) = ((q, k, v), (o, lse));
+            let tc = FlashKernel::TensorCore;
+            return decode_tc::forward::<F>(client, &g, q_k_v, out, options, tc, None);
+        }
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options);
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);

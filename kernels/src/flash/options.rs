@@ -34,6 +34,11 @@ pub struct DecodeTuning {
     /// The next key tile loaded while the current one is computed (the default;
     /// `LONGVIEW_DECODE_PREFETCH=0` loads it after).
     pub prefetch: bool,
+    /// Decoding steps that qualify run on the tensor-core forward with the keys
+    /// sliced into the batch (`decode_tc`) instead of the split-key kernel, where the
+    /// device has tensor cores (off by default until measured;
+    /// `LONGVIEW_DECODE_TENSOR_CORES=1`).
+    pub tensor_cores: bool,
 }
 
 impl DecodeTuning {
@@ -48,6 +53,7 @@ impl DecodeTuning {
                     .ok()
                     .map(|v| v.trim().parse().unwrap_or(0)),
                 prefetch: on("LONGVIEW_DECODE_PREFETCH"),
+                tensor_cores: crate::env_switch::switch("LONGVIEW_DECODE_TENSOR_CORES", false),
             }
         })
     }
@@ -73,6 +79,11 @@ impl FlashOptions {
 
     pub fn decode_units(mut self, units: Option<usize>) -> Self {
         self.decode.units = units;
+        self
+    }
+
+    pub fn tensor_core_decode(mut self, tensor_cores: bool) -> Self {
+        self.decode.tensor_cores = tensor_cores;
         self
     }
 

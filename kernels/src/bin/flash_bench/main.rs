@@ -379,7 +379,7 @@ fn main() {
         // kernels' 32, so `SharedPrefixBatch` runs its group as 3 + 2 samples: 21 and
         // 14 rows; the 3 is timed).
         println!(
-            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward | tensor-core, keys split into the batch |"
+            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward | tensor-core, keys sliced into the batch |"
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         for sk in [4096, 50_000, 200_000] {

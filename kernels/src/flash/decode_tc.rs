@@ -1,0 +1,136 @@
+//! Decoding on the tensor cores (opt-in, `LONGVIEW_DECODE_TENSOR_CORES=1` or
+//! [`FlashOptions::tensor_core_decode`]): the keys cut into equal slices folded into
+//! the batch, so that one launch of the tensor-core forward runs `slices x Hq` cubes
+//! where a plain launch runs `Hq` (a decoding step has one block of query rows, and
+//! a plain launch walks every key in one cube per head).
+//!
+//! No copy is made: k and v are read through a strided view `[slices, Hkv, sk /
+//! slices, d]` of their buffer (the slice index steps `sk / slices` keys), q through
+//! a view that repeats it with a zero batch stride. The slices' O and LSE are merged
+//! by the split-key kernels' merge ([`super::decode::merge`]) into the outputs; the
+//! keys past the last whole slice run as one more launch on a view offset into the
+//! same K/V buffers (a whole number of key rows: 16-byte aligned for 16-bit head
+//! dims that are multiples of 8), merged last ([`super::merge_partials`]).
+//!
+//! Only calls where every query row sees every key qualify (no mask, or a causal mask
+//! whose first row already sees the last key: a decoding step at the end of its
+//! cache), with one sequence (B = 1) and no packed sequences; the others keep the
+//! split-key kernels.
+
+use cubecl::prelude::*;
+
+use super::decode::merge;
+use super::options::Geometry;
+use super::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
+
+/// Fewest keys a slice gets (one tile of the tensor-core forward is 64 keys).
+const MIN_SLICE_KEYS: usize = 256;
+
+/// Whether every query row of the call sees every key, for one sequence.
+pub(super) fn applies(g: &Geometry, options: &FlashOptions) -> bool {
+    let all_visible = !options.causal || options.q_offset + 1 >= options.k_offset + g.sk;
+    g.b == 1 && options.cu_seqlens.is_none() && all_visible
+}
+
+/// Slices for `g`: `wanted` (at most one a key), else about two cubes per
+/// multiprocessor over the `Hq` query heads with at least [`MIN_SLICE_KEYS`] keys
+/// each.
+fn slices(client: &Client, g: &Geometry, wanted: Option<usize>) -> usize {
+    if let Some(n) = wanted {
+        return n.clamp(1, g.sk);
+    }
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(64) as usize;
+    (2 * sms)
+        .div_ceil(g.hq)
+        .clamp(1, (g.sk / MIN_SLICE_KEYS).max(1))
+}
+
+/// `t` (`[1, heads, len, d]`) as `slices` batch entries of `len / slices` keys.
+fn folded(t: &DeviceTensor, slices: usize) -> DeviceTensor {
+    let chunk = t.shape[2] / slices;
+    DeviceTensor {
+        handle: t.handle.clone(),
+        shape: vec![slices, t.shape[1], chunk, t.shape[3]],
+        strides: vec![
+            chunk * t.strides[2],
+            t.strides[1],
+            t.strides[2],
+            t.strides[3],
+        ],
+    }
+}
+
+/// Keys `[from, len)` of `t` (`[1, heads, len, d]`, elements of `bytes` bytes).
+fn tail(t: &DeviceTensor, from: usize, bytes: usize) -> DeviceTensor {
+    DeviceTensor {
+        handle: t
+            .handle
+            .clone()
+            .offset_start((from * t.strides[2] * bytes) as u64),
+        shape: vec![1, t.shape[1], t.shape[2] - from, t.shape[3]],
+        strides: t.strides.clone(),
+    }
+}
+
+/// The decoding step's O and LSE into `o` / `lse`, the slices computed by `inner`
+/// (`TensorCore` on CUDA; `Scalar` lets the slicing and merging be tested where
+/// there are no tensor cores) over `wanted` slices (`None`: [`slices`]'s choice).
+/// An error for a call that does not qualify ([`applies`]).
+pub(super) fn forward<F: Float + CubeElement>(
+    client: &Client,
+    g: &Geometry,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    options: &FlashOptions,
+    inner: FlashKernel,
+    wanted: Option<usize>,
+) -> Result<(), AttnError> {
+    if !applies(g, options) {
+        return Err(AttnError::Options(format!(
+            "decoding on the tensor cores takes one sequence whose query rows all see \
+             every key (batch {}, causal {}, q_offset {}, k_offset {}, {} keys)",
+            g.b, options.causal, options.q_offset, options.k_offset, g.sk
+        )));
+    }
+    let slices = slices(client, g, wanted);
+    let whole = g.sk / slices * slices;
+    // Every key is visible to every row: the slices run without a mask.
+    let full = FlashOptions {
+        causal: false,
+        q_offset: 0,
+        k_offset: 0,
+        ..options.clone()
+    };
+    let repeated = DeviceTensor {
+        handle: q.handle.clone(),
+        shape: vec![slices, g.hq, g.sq, g.d],
+        strides: vec![0, q.strides[1], q.strides[2], q.strides[3]],
+    };
+    let whole_keys = |t: &DeviceTensor| {
+        let keys = DeviceTensor {
+            shape: vec![1, t.shape[1], whole, t.shape[3]],
+            ..t.clone()
+        };
+        folded(&keys, slices)
+    };
+    let o_part = DeviceTensor::uninitialized::<F>(client, &[slices, g.hq, g.sq, g.d]);
+    let lse_part = DeviceTensor::uninitialized::<f32>(client, &[slices, g.hq, g.sq]);
+    let (k_whole, v_whole) = (whole_keys(k), whole_keys(v));
+    super::flash_forward_with::<F>(
+        client, &repeated, &k_whole, &v_whole, &o_part, &lse_part, &full, inner,
+    )?;
+    merge::<F, F>(client, (&o_part, &lse_part), (o, lse), slices, g);
+    if whole < g.sk {
+        let bytes = std::mem::size_of::<F>();
+        let o_tail = DeviceTensor::uninitialized::<F>(client, &[1, g.hq, g.sq, g.d]);
+        let lse_tail = DeviceTensor::uninitialized::<f32>(client, &[1, g.hq, g.sq]);
+        let (k, v) = (tail(k, whole, bytes), tail(v, whole, bytes));
+        super::flash_forward_with::<F>(client, q, &k, &v, &o_tail, &lse_tail, &full, inner)?;
+        super::merge_partials::<F>(client, o, lse, &o_tail, &lse_tail)?;
+    }
+    Ok(())
+}
