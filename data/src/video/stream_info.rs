@@ -124,6 +124,45 @@ fn rotation_of(stream: &ff::Stream<'_>) -> u32 {
     0
 }
 
+/// What the container says about the video stream's length.
+struct Declared {
+    /// The stream's sample count (0: not given).
+    nb_frames: i64,
+    /// Packets the demuxer marked as discard (an MP4 edit list hiding frames): in
+    /// `nb_frames`, never shown.
+    discarded: usize,
+    /// The video stream's own duration.
+    stream_seconds: Option<f64>,
+    /// The whole file's duration (every stream).
+    container_seconds: Option<f64>,
+    /// Streams in the file (video, audio, subtitles...).
+    streams: usize,
+    fps: f64,
+}
+
+/// Frames the container declares for the video stream: its sample count less the
+/// hidden ones, else its duration times the frame rate, else, for a file holding
+/// only the video stream, the file's duration times the frame rate (with an audio
+/// track, the file's duration is the longer of the two: a WebM whose audio outlasts
+/// its video would look truncated). `None` when nothing says.
+fn declared_frames(d: &Declared) -> Option<usize> {
+    let frames = |seconds: f64| (seconds * d.fps).round() as usize;
+    if d.nb_frames > 0 {
+        Some((d.nb_frames as usize).saturating_sub(d.discarded))
+    } else if d.fps > 0.0
+        && let Some(seconds) = d.stream_seconds
+    {
+        Some(frames(seconds))
+    } else if d.fps > 0.0
+        && d.streams == 1
+        && let Some(seconds) = d.container_seconds
+    {
+        Some(frames(seconds))
+    } else {
+        None
+    }
+}
+
 /// Lists the video's frames (no decoding): from the container's sample index when
 /// that is complete and trustworthy (MP4/MOV without reordered frames), otherwise by
 /// reading every packet.
@@ -150,6 +189,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
         )
     };
     let container_duration = input.duration();
+    let streams = input.streams().count();
     let decoder = ff::codec::context::Context::from_parameters(params)
         .and_then(|c| c.decoder().video())
         .map_err(|e| DataError::NotAVideo {
@@ -160,6 +200,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
     let mut frame_pts = Vec::new();
     let mut keyframe_pts = Vec::new();
     let mut damaged = None;
+    let mut discarded = 0usize;
     let mut packet = Packet::empty();
     let mut source = ProbeSource::Demux;
     match use_index
@@ -197,6 +238,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
         // are decoded but never shown: they are not frames of the video.
         let flags = unsafe { (*ff::packet::Ref::as_ptr(&packet)).flags };
         if flags & ff::ffi::AV_PKT_FLAG_DISCARD != 0 {
+            discarded += 1;
             continue;
         }
         frame_pts.push(pts);
@@ -220,15 +262,16 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
     } else {
         0.0
     };
-    let declared_frames = if nb_frames > 0 {
-        Some(nb_frames as usize)
-    } else if fps > 0.0 && stream_duration > 0 && stream_duration != ff::ffi::AV_NOPTS_VALUE {
-        Some((stream_duration as f64 * f64::from(time_base) * fps).round() as usize)
-    } else if fps > 0.0 && container_duration > 0 {
-        Some((container_duration as f64 / ff::ffi::AV_TIME_BASE as f64 * fps).round() as usize)
-    } else {
-        None
-    };
+    let declared_frames = declared_frames(&Declared {
+        nb_frames,
+        discarded,
+        stream_seconds: (stream_duration > 0 && stream_duration != ff::ffi::AV_NOPTS_VALUE)
+            .then(|| stream_duration as f64 * f64::from(time_base)),
+        container_seconds: (container_duration > 0)
+            .then(|| container_duration as f64 / ff::ffi::AV_TIME_BASE as f64),
+        streams,
+        fps,
+    });
     if damaged.is_none()
         && let Some(declared) = declared_frames
         && declared > frame_pts.len() + 1
@@ -332,4 +375,42 @@ fn frames_from_index(
         checked += 1;
     }
     agrees.then_some((frame_pts, keyframe_pts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Declared, declared_frames};
+
+    #[test]
+    fn the_declared_length_comes_from_the_video_stream_only() {
+        let base = Declared {
+            nb_frames: 0,
+            discarded: 0,
+            stream_seconds: None,
+            container_seconds: Some(10.2),
+            streams: 1,
+            fps: 30.0,
+        };
+        // A file holding only the video: its duration is the video's.
+        assert_eq!(declared_frames(&base), Some(306));
+        // With an audio track the file's duration may be the audio's: not used.
+        let with_audio = Declared { streams: 2, ..base };
+        assert_eq!(declared_frames(&with_audio), None);
+        // The video stream's own duration is.
+        let own = Declared {
+            stream_seconds: Some(10.0),
+            ..with_audio
+        };
+        assert_eq!(declared_frames(&own), Some(300));
+        // A sample count wins, less the samples an edit list hides.
+        let counted = Declared {
+            nb_frames: 302,
+            discarded: 2,
+            ..own
+        };
+        assert_eq!(declared_frames(&counted), Some(300));
+        // No frame rate: nothing to convert a duration with.
+        let no_rate = Declared { fps: 0.0, ..own };
+        assert_eq!(declared_frames(&no_rate), None);
+    }
 }
