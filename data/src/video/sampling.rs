@@ -1,8 +1,9 @@
 //! Which frames to take from a video (LongVILA samples uniformly:
 //! `round(linspace(0, n-1, N))`; LongVILA-R1 also samples every 1/fps seconds).
 //!
-//! Frame indices count frames in presentation order from 0. Rounding is numpy's
-//! (half to even), so the indices equal those of the Python reference exactly.
+//! Frame indices count frames in presentation order from 0. Uniform sampling rounds
+//! as numpy does (half to even), so its indices equal those of the Python reference
+//! exactly; `Fps` sampling rounds a time's frame position half up (12.5 -> 13).
 
 use crate::error::DataError;
 
@@ -12,11 +13,18 @@ pub enum Sampling {
     /// `count` frames spread uniformly over the whole video, first and last included.
     Uniform { count: usize },
     /// One frame every `1 / fps` seconds from the start, at most `max` frames (spread
-    /// uniformly over the video when there would be more).
+    /// uniformly over the video when there would be more). Asking for more frames a
+    /// second than the video has follows the [`ShortVideo`] policy.
     Fps { fps: f64, max: usize },
-    /// The frames shown at these times (seconds from the first frame).
+    /// The frames shown at these times (seconds from the first frame, at the video's
+    /// average frame rate: exact for constant-rate video), returned in time order
+    /// whatever the order asked; a time asked twice gives its frame twice.
     Timestamps(Vec<f64>),
 }
+
+/// Most frames one request may sample (an hour at 30 fps is 108,000): a larger count
+/// is refused rather than allocated.
+pub const MAX_SAMPLED_FRAMES: usize = 1 << 20;
 
 /// What to do when a video has fewer frames than asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +86,16 @@ impl Sampling {
         if frames == 0 {
             return Err(DataError::Empty);
         }
+        let asked = match self {
+            Sampling::Uniform { count } => *count,
+            Sampling::Fps { max, .. } => *max,
+            Sampling::Timestamps(times) => times.len(),
+        };
+        if asked > MAX_SAMPLED_FRAMES {
+            return Err(DataError::Sampling(format!(
+                "{asked} frames asked for; at most {MAX_SAMPLED_FRAMES} are sampled from one video"
+            )));
+        }
         let indices = match self {
             Sampling::Uniform { count } => {
                 if *count == 0 {
@@ -113,12 +131,24 @@ impl Sampling {
                 }
                 let duration = frames as f64 / fps;
                 let wanted = ((duration * every).floor() as usize).max(1);
-                if wanted > *max {
-                    uniform_indices(frames, *max)
-                } else {
+                let at_rate = || -> Vec<usize> {
                     (0..wanted)
                         .map(|i| ((i as f64 / every * fps).round() as usize).min(frames - 1))
                         .collect()
+                };
+                let count = wanted.min(*max);
+                match short {
+                    // More samples than the video has frames (faster than its frame
+                    // rate, or a `max` past its length): the short-video policy.
+                    ShortVideo::Truncate if count > frames => (0..frames).collect(),
+                    ShortVideo::Error if count > frames => {
+                        return Err(DataError::TooFewFrames {
+                            asked: count,
+                            available: frames,
+                        });
+                    }
+                    _ if wanted > *max => uniform_indices(frames, *max),
+                    _ => at_rate(),
                 }
             }
             Sampling::Timestamps(times) => {
@@ -191,6 +221,37 @@ mod tests {
             .indices(300, 30.0, ShortVideo::Repeat)
             .unwrap();
         assert_eq!(idx, vec![0, 100, 199, 299]);
+        // Faster than the video's frames (60 a second from 30): the short-video policy.
+        let fast = Sampling::Fps {
+            fps: 60.0,
+            max: 1000,
+        };
+        let repeated = fast.indices(300, 30.0, ShortVideo::Repeat).unwrap();
+        assert_eq!(repeated.len(), 600);
+        assert_eq!(&repeated[..5], &[0, 1, 1, 2, 2]);
+        assert_eq!(
+            fast.indices(300, 30.0, ShortVideo::Truncate).unwrap(),
+            (0..300).collect::<Vec<_>>()
+        );
+        let err = fast.indices(300, 30.0, ShortVideo::Error).unwrap_err();
+        assert!(matches!(
+            err,
+            DataError::TooFewFrames {
+                asked: 600,
+                available: 300
+            }
+        ));
+        // Counts past the limit are refused before anything is allocated.
+        for s in [
+            Sampling::Uniform { count: usize::MAX },
+            Sampling::Fps {
+                fps: 1e6,
+                max: usize::MAX,
+            },
+        ] {
+            let err = s.indices(300, 30.0, ShortVideo::Repeat).unwrap_err();
+            assert!(err.to_string().contains("at most 1048576"), "{err}");
+        }
         let idx = Sampling::Timestamps(vec![2.0, 0.5])
             .indices(300, 30.0, ShortVideo::Repeat)
             .unwrap();
