@@ -351,6 +351,23 @@ fn bad_inputs_give_clear_errors() {
         "{err}"
     );
 
+    // A name FFmpeg would read as a protocol, and one that is not UTF-8.
+    let plain = write(&dir, "plain.mp4", SyntheticVideo::new(64, 64, 30, 20, 10));
+    let colon = dir.file("10:30.mp4");
+    std::fs::copy(&plain, &colon).unwrap();
+    let (_, batch) = decode_all(&colon, &one, &opts).unwrap();
+    assert_eq!(batch.frames.len(), 4);
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = dir.0.join(std::ffi::OsStr::from_bytes(b"clip-\xff.mp4"));
+        std::fs::copy(&plain, &odd).unwrap();
+        let err = expect_err(decode_all(&odd, &one, &opts));
+        assert!(
+            matches!(err, DataError::NotAVideo { .. }) && err.to_string().contains("UTF-8"),
+            "{err}"
+        );
+    }
+
     let empty = dir.file("empty.mp4");
     std::fs::write(&empty, b"").unwrap();
     let err = expect_err(decode_all(&empty, &one, &opts));

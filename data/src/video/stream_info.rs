@@ -90,7 +90,20 @@ pub(super) fn open(path: &Path) -> Result<(format::context::Input, usize), DataE
     if !path.exists() {
         return Err(DataError::NotFound { path: path.into() });
     }
-    let input = format::input(path).map_err(|e| DataError::NotAVideo {
+    // FFmpeg takes UTF-8 paths, and reads `name:rest` as a protocol (`10:30.mp4`
+    // would be "protocol not found"): such a path goes through `file:`.
+    let Some(text) = path.to_str() else {
+        return Err(DataError::NotAVideo {
+            path: path.into(),
+            reason: "the path is not valid UTF-8 (FFmpeg takes UTF-8 paths)".into(),
+        });
+    };
+    let url = if text.contains(':') {
+        format!("file:{text}")
+    } else {
+        text.to_string()
+    };
+    let input = format::input(&url).map_err(|e| DataError::NotAVideo {
         path: path.into(),
         reason: e.to_string(),
     })?;
