@@ -43,6 +43,9 @@ pub enum Error {
     Request(String),
 }
 
+/// Qwen2's chat control tokens, refused inside a question.
+const CONTROL_TOKENS: [&str; 3] = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
+
 /// A loaded vision-language model with its tokenizer and chat template.
 pub struct Vlm {
     model: longview_models::Vlm,
@@ -141,6 +144,14 @@ impl Vlm {
     /// The prompt ids of `question` about `video` (chat template, visual tokens
     /// expanded, assistant turn opened).
     pub fn prompt(&self, video: &VideoEmbedding, question: &str) -> Result<Vec<u32>, Error> {
+        // The chat template's control tokens in a question would end the user's turn
+        // and open others the model never sees as text.
+        if let Some(token) = CONTROL_TOKENS.iter().find(|t| question.contains(*t)) {
+            return Err(Error::Request(format!(
+                "the question contains the chat template's control token {token}: it would \
+                 open or end a turn of the conversation, not be read as text"
+            )));
+        }
         let encoded = self.template.encode(
             &self.tokenizer,
             &[Message::user(format!("<video>\n{question}"))],
