@@ -21,7 +21,9 @@ impl ProcessEnv {
     /// Reads the process environment; `None` when neither torchrun's nor SLURM's
     /// variables are present (a single-process run).
     pub fn from_env() -> Result<Option<Self>, LaunchError> {
-        Self::from_vars(|name| std::env::var(name).ok())
+        // A value that is not UTF-8 is read lossily, so that it fails to parse with the
+        // variable named instead of passing as unset.
+        Self::from_vars(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
     }
 
     /// As [`ProcessEnv::from_env`], reading variables through `get` (for tests).
@@ -56,9 +58,17 @@ impl ProcessEnv {
                 hint: "SLURM_PROCID is set; run the job with srun so SLURM sets both".into(),
             })?;
             let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
-            // "4" or "4(x2)": tasks on each node.
+            // "4" or "4(x2),3": tasks on each node (this node's count first). SLURM sets
+            // SLURM_NTASKS_PER_NODE only under --ntasks-per-node; SLURM_TASKS_PER_NODE
+            // always.
+            let first = |v: String| {
+                v.split([',', '('])
+                    .next()
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+            };
             let per_node = get("SLURM_NTASKS_PER_NODE")
-                .and_then(|v| v.split('(').next().and_then(|n| n.trim().parse().ok()))
+                .and_then(first)
+                .or_else(|| get("SLURM_TASKS_PER_NODE").and_then(first))
                 .unwrap_or(world);
             (rank, world, local_rank, per_node)
         } else {
@@ -89,7 +99,9 @@ impl ProcessEnv {
         let master_port = port
             .trim()
             .parse::<u16>()
-            .map_err(|_| LaunchError::Variable {
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| LaunchError::Variable {
                 name: "MASTER_PORT",
                 value: port.clone(),
                 reason: "expected a TCP port (1-65535)".into(),

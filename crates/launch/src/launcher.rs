@@ -55,6 +55,11 @@ pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
         options.master_port
     };
     let job_id = launch_job_id(port);
+    // The ranks sit in their own process groups, out of reach of the terminal's Ctrl-C:
+    // the launcher catches it (and SIGTERM) and stops them itself, from before the
+    // first rank starts (a Ctrl-C while they start would otherwise leave them running).
+    #[cfg(unix)]
+    install_stop_handlers();
     let mut children: Vec<Child> = Vec::new();
     let mut pipes = Vec::new();
     for rank in 0..options.nproc {
@@ -94,10 +99,6 @@ pub fn launch_local(options: &LaunchOptions) -> Result<i32, LaunchError> {
     }
     let mut running: Vec<Option<Child>> = children.into_iter().map(Some).collect();
     let mut failure: Option<(usize, i32)> = None;
-    // The ranks sit in their own process groups, out of reach of the terminal's Ctrl-C:
-    // the launcher catches it (and SIGTERM) and stops them itself.
-    #[cfg(unix)]
-    install_stop_handlers();
     while running.iter().any(Option::is_some) {
         if STOP_REQUESTED.load(Ordering::SeqCst) {
             eprintln!("[launcher] interrupted; stopping every rank");

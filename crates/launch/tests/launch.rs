@@ -86,6 +86,26 @@ fn torchrun_and_slurm_variables_are_read_and_bad_ones_named() {
         ("MASTER_PORT", "99999"),
     ]);
     assert!(e.contains("MASTER_PORT=\"99999\""), "{e}");
+    // Port 0 is no port a peer can dial.
+    let e = err(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "h"),
+        ("MASTER_PORT", "0"),
+    ]);
+    assert!(e.contains("MASTER_PORT=\"0\""), "{e}");
+    // Without --ntasks-per-node SLURM sets only SLURM_TASKS_PER_NODE ("3(x2),2").
+    let slurm = ProcessEnv::from_vars(vars(&[
+        ("SLURM_PROCID", "4"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_TASKS_PER_NODE", "3(x2),2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29501"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(slurm.local_world_size, 3);
 }
 
 #[test]
