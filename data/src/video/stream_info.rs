@@ -137,13 +137,23 @@ fn rotation_of(stream: &ff::Stream<'_>) -> u32 {
     0
 }
 
+/// Drops the frames shown before the first keyframe (a stream cut mid-GOP, an open
+/// GOP's leading frames): they reference pictures the file does not hold, so no
+/// decoder can produce them, and a request for one could only fail. Nothing is
+/// dropped when the container marks no keyframe at all.
+fn drop_leading_undecodable(frame_pts: &mut Vec<i64>, keyframe_pts: &[i64]) {
+    if let Some(&first) = keyframe_pts.first() {
+        frame_pts.retain(|&pts| pts >= first);
+    }
+}
+
 /// What the container says about the video stream's length.
 struct Declared {
     /// The stream's sample count (0: not given).
     nb_frames: i64,
-    /// Packets the demuxer marked as discard (an MP4 edit list hiding frames): in
-    /// `nb_frames`, never shown.
-    discarded: usize,
+    /// Frames the container counts that are never shown: packets the demuxer marked
+    /// as discard (an MP4 edit list), frames before the first keyframe.
+    hidden: usize,
     /// The video stream's own duration.
     stream_seconds: Option<f64>,
     /// The whole file's duration (every stream).
@@ -153,15 +163,15 @@ struct Declared {
     fps: f64,
 }
 
-/// Frames the container declares for the video stream: its sample count less the
-/// hidden ones, else its duration times the frame rate, else, for a file holding
+/// Frames the container declares for the video stream: its sample count, else its
+/// duration times the frame rate, less the hidden ones; else, for a file holding
 /// only the video stream, the file's duration times the frame rate (with an audio
 /// track, the file's duration is the longer of the two: a WebM whose audio outlasts
 /// its video would look truncated). `None` when nothing says.
 fn declared_frames(d: &Declared) -> Option<usize> {
-    let frames = |seconds: f64| (seconds * d.fps).round() as usize;
+    let frames = |seconds: f64| ((seconds * d.fps).round() as usize).saturating_sub(d.hidden);
     if d.nb_frames > 0 {
-        Some((d.nb_frames as usize).saturating_sub(d.discarded))
+        Some((d.nb_frames as usize).saturating_sub(d.hidden))
     } else if d.fps > 0.0
         && let Some(seconds) = d.stream_seconds
     {
@@ -262,6 +272,10 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
     frame_pts.sort_unstable();
     frame_pts.dedup();
     keyframe_pts.sort_unstable();
+    let listed = frame_pts.len();
+    drop_leading_undecodable(&mut frame_pts, &keyframe_pts);
+    // The container counts those frames too.
+    let hidden = discarded + (listed - frame_pts.len());
     if frame_pts.is_empty() {
         return Err(DataError::Empty.in_file(path));
     }
@@ -277,7 +291,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
     };
     let declared_frames = declared_frames(&Declared {
         nb_frames,
-        discarded,
+        hidden,
         stream_seconds: (stream_duration > 0 && stream_duration != ff::ffi::AV_NOPTS_VALUE)
             .then(|| stream_duration as f64 * f64::from(time_base)),
         container_seconds: (container_duration > 0)
@@ -392,13 +406,24 @@ fn frames_from_index(
 
 #[cfg(test)]
 mod tests {
-    use super::{Declared, declared_frames};
+    use super::{Declared, declared_frames, drop_leading_undecodable};
+
+    #[test]
+    fn frames_before_the_first_keyframe_are_not_listed() {
+        let mut frames = vec![-2, -1, 0, 1, 2, 3];
+        drop_leading_undecodable(&mut frames, &[0, 3]);
+        assert_eq!(frames, vec![0, 1, 2, 3]);
+        // No keyframe marked: every frame stays.
+        let mut frames = vec![5, 6];
+        drop_leading_undecodable(&mut frames, &[]);
+        assert_eq!(frames, vec![5, 6]);
+    }
 
     #[test]
     fn the_declared_length_comes_from_the_video_stream_only() {
         let base = Declared {
             nb_frames: 0,
-            discarded: 0,
+            hidden: 0,
             stream_seconds: None,
             container_seconds: Some(10.2),
             streams: 1,
@@ -418,10 +443,13 @@ mod tests {
         // A sample count wins, less the samples an edit list hides.
         let counted = Declared {
             nb_frames: 302,
-            discarded: 2,
+            hidden: 2,
             ..own
         };
         assert_eq!(declared_frames(&counted), Some(300));
+        // A duration counts the hidden frames too.
+        let cut = Declared { hidden: 4, ..own };
+        assert_eq!(declared_frames(&cut), Some(296));
         // No frame rate: nothing to convert a duration with.
         let no_rate = Declared { fps: 0.0, ..own };
         assert_eq!(declared_frames(&no_rate), None);
