@@ -353,9 +353,20 @@ fn bad_inputs_give_clear_errors() {
 
     // A name FFmpeg would read as a protocol, and one that is not UTF-8.
     let plain = write(&dir, "plain.mp4", SyntheticVideo::new(64, 64, 30, 20, 10));
-    let colon = dir.file("10:30.mp4");
-    std::fs::copy(&plain, &colon).unwrap();
-    let (_, batch) = decode_all(&colon, &one, &opts).unwrap();
+    // Relative, so that the text before the colon is all scheme characters (an
+    // absolute path's `/` already keeps FFmpeg from reading a protocol).
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let colon = Removed(PathBuf::from(format!(
+        "lv-colon-{}:clip.mp4",
+        std::process::id()
+    )));
+    std::fs::copy(&plain, &colon.0).unwrap();
+    let (_, batch) = decode_all(&colon.0, &one, &opts).unwrap();
     assert_eq!(batch.frames.len(), 4);
     {
         use std::os::unix::ffi::OsStrExt;

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use longview_data::video::{DecodeOptions, Sampling, decode, probe};
+use longview_data::video::{DecodeOptions, Sampling, decode_probed, probe, sampled_indices};
 use longview_models::VlmConfig;
 use longview_models::attention::AttentionImpl;
 use longview_models::vila::config::TextConfig;
@@ -100,12 +100,9 @@ pub fn encode_video(
         batch_size: pool_aligned(model, frame_batch),
         ..DecodeOptions::siglip(side as u32)
     };
+    let info = probe(video)?;
     if let Some(available) = available_bytes(None, device) {
-        let info = probe(video)?;
-        let picked = sampling
-            .indices(info.frames, info.fps, options.short_video)
-            .map_err(|e| e.in_file(video))?
-            .len();
+        let picked = sampled_indices(&info, sampling, options.short_video)?.len();
         let bytes_per_value = burn::tensor::DType::from(device.settings().float_dtype).size();
         check_video_fits(
             config,
@@ -118,7 +115,7 @@ pub fn encode_video(
     }
     let mut parts = Vec::new();
     let mut indices = Vec::new();
-    decode(video, sampling, &options, |batch| {
+    decode_probed(info, sampling, &options, |batch| {
         let frames = batch.frames.len();
         let pixels = Tensor::<4>::from_data(
             TensorData::new(batch.pixels, [frames, 3, side, side]),

@@ -17,6 +17,23 @@ const MASTER_HINT: &str = "set it to rank 0's host and a free port (torchrun set
                            SLURM use e.g. MASTER_ADDR=$(scontrol show hostnames \
                            $SLURM_JOB_NODELIST | head -n1) MASTER_PORT=29500)";
 
+/// Node `node`'s entry of a SLURM task-count list (`4`, `3(x2),2`: 3, 3, 2).
+fn tasks_on_node(spec: &str, node: usize) -> Option<usize> {
+    let mut seen = 0;
+    for part in spec.split(',') {
+        let (count, repeat) = match part.trim().split_once("(x") {
+            Some((count, rest)) => (count, rest.trim_end_matches(')').trim().parse().ok()?),
+            None => (part, 1),
+        };
+        let count: usize = count.trim().parse().ok()?;
+        if node < seen + repeat {
+            return Some(count);
+        }
+        seen += repeat;
+    }
+    None
+}
+
 impl ProcessEnv {
     /// Reads the process environment; `None` when neither torchrun's nor SLURM's
     /// variables are present (a single-process run).
@@ -58,17 +75,13 @@ impl ProcessEnv {
                 hint: "SLURM_PROCID is set; run the job with srun so SLURM sets both".into(),
             })?;
             let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
-            // "4" or "4(x2),3": tasks on each node (this node's count first). SLURM sets
-            // SLURM_NTASKS_PER_NODE only under --ntasks-per-node; SLURM_TASKS_PER_NODE
-            // always.
-            let first = |v: String| {
-                v.split([',', '('])
-                    .next()
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-            };
+            // Tasks on this node: SLURM_NTASKS_PER_NODE (set under --ntasks-per-node,
+            // the same on every node), else SLURM_TASKS_PER_NODE ("3(x2),2": the
+            // counts of the nodes in order) at SLURM_NODEID, else every task.
+            let node = number("SLURM_NODEID")?.unwrap_or(0);
             let per_node = get("SLURM_NTASKS_PER_NODE")
-                .and_then(first)
-                .or_else(|| get("SLURM_TASKS_PER_NODE").and_then(first))
+                .and_then(|v| tasks_on_node(&v, 0))
+                .or_else(|| get("SLURM_TASKS_PER_NODE").and_then(|v| tasks_on_node(&v, node)))
                 .unwrap_or(world);
             (rank, world, local_rank, per_node)
         } else {

@@ -94,18 +94,22 @@ fn torchrun_and_slurm_variables_are_read_and_bad_ones_named() {
         ("MASTER_PORT", "0"),
     ]);
     assert!(e.contains("MASTER_PORT=\"0\""), "{e}");
-    // Without --ntasks-per-node SLURM sets only SLURM_TASKS_PER_NODE ("3(x2),2").
-    let slurm = ProcessEnv::from_vars(vars(&[
-        ("SLURM_PROCID", "4"),
-        ("SLURM_NTASKS", "8"),
-        ("SLURM_LOCALID", "1"),
-        ("SLURM_TASKS_PER_NODE", "3(x2),2"),
-        ("MASTER_ADDR", "node0"),
-        ("MASTER_PORT", "29501"),
-    ]))
-    .unwrap()
-    .unwrap();
-    assert_eq!(slurm.local_world_size, 3);
+    // Without --ntasks-per-node SLURM sets only SLURM_TASKS_PER_NODE ("3(x2),2": 3
+    // tasks on nodes 0 and 1, 2 on node 2).
+    for (rank, node, local, per_node) in [("4", "1", "1", 3), ("7", "2", "1", 2)] {
+        let slurm = ProcessEnv::from_vars(vars(&[
+            ("SLURM_PROCID", rank),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_NODEID", node),
+            ("SLURM_LOCALID", local),
+            ("SLURM_TASKS_PER_NODE", "3(x2),2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29501"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(slurm.local_world_size, per_node, "rank {rank}");
+    }
 }
 
 #[test]

@@ -163,19 +163,38 @@ pub fn decode(
     path: impl AsRef<Path>,
     sampling: &Sampling,
     options: &DecodeOptions,
-    mut sink: impl FnMut(FrameBatch),
+    sink: impl FnMut(FrameBatch),
 ) -> Result<(VideoInfo, DecodeStats), DataError> {
-    let path = path.as_ref();
-    let info = probe(path)?;
-    // A damaged stream is sampled as the video it claims to be, so the frames before
-    // the damage are the ones the caller meant; the rest are reported missing.
+    decode_probed(probe(path)?, sampling, options, sink)
+}
+
+/// The frame indices `sampling` picks from the video `info` describes (what
+/// [`decode`] decodes): a damaged stream is sampled as the video it claims to be, so
+/// the frames before the damage are the ones the caller meant and the rest are
+/// reported missing.
+pub fn sampled_indices(
+    info: &VideoInfo,
+    sampling: &Sampling,
+    short: ShortVideo,
+) -> Result<Vec<usize>, DataError> {
     let frames = match (&info.damaged, info.declared_frames) {
         (Some(_), Some(declared)) => declared.max(info.frames),
         _ => info.frames,
     };
-    let indices = sampling
-        .indices(frames, info.fps, options.short_video)
-        .map_err(|e| e.in_file(path))?;
+    sampling
+        .indices(frames, info.fps, short)
+        .map_err(|e| e.in_file(&info.path))
+}
+
+/// [`decode`] of a video already probed (a caller that checked the request against
+/// `info` first does not read the file twice).
+pub fn decode_probed(
+    info: VideoInfo,
+    sampling: &Sampling,
+    options: &DecodeOptions,
+    mut sink: impl FnMut(FrameBatch),
+) -> Result<(VideoInfo, DecodeStats), DataError> {
+    let indices = sampled_indices(&info, sampling, options.short_video)?;
     let batch_size = options.batch_size.max(1);
     let mut batch = FrameBatch::new();
     let pre = options.preprocess;

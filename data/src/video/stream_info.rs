@@ -137,22 +137,12 @@ fn rotation_of(stream: &ff::Stream<'_>) -> u32 {
     0
 }
 
-/// Drops the frames shown before the first keyframe (a stream cut mid-GOP, an open
-/// GOP's leading frames): they reference pictures the file does not hold, so no
-/// decoder can produce them, and a request for one could only fail. Nothing is
-/// dropped when the container marks no keyframe at all.
-fn drop_leading_undecodable(frame_pts: &mut Vec<i64>, keyframe_pts: &[i64]) {
-    if let Some(&first) = keyframe_pts.first() {
-        frame_pts.retain(|&pts| pts >= first);
-    }
-}
-
 /// What the container says about the video stream's length.
 struct Declared {
     /// The stream's sample count (0: not given).
     nb_frames: i64,
-    /// Frames the container counts that are never shown: packets the demuxer marked
-    /// as discard (an MP4 edit list), frames before the first keyframe.
+    /// Frames the container counts that are never shown: packets or index entries
+    /// marked as discard (an MP4 edit list).
     hidden: usize,
     /// The video stream's own duration.
     stream_seconds: Option<f64>,
@@ -230,8 +220,9 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
         .then(|| frames_from_index(&mut input, index, path))
         .flatten()
     {
-        Some((pts, keys)) => {
-            (frame_pts, keyframe_pts, source) = (pts, keys, ProbeSource::ContainerIndex)
+        Some((pts, keys, hidden)) => {
+            (frame_pts, keyframe_pts, source) = (pts, keys, ProbeSource::ContainerIndex);
+            discarded = hidden;
         }
         // The check may have read packets: demux from a fresh start.
         None if use_index => input = open(path)?.0,
@@ -272,10 +263,7 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
     frame_pts.sort_unstable();
     frame_pts.dedup();
     keyframe_pts.sort_unstable();
-    let listed = frame_pts.len();
-    drop_leading_undecodable(&mut frame_pts, &keyframe_pts);
-    // The container counts those frames too.
-    let hidden = discarded + (listed - frame_pts.len());
+    let hidden = discarded;
     if frame_pts.is_empty() {
         return Err(DataError::Empty.in_file(path));
     }
@@ -327,7 +315,8 @@ fn probe_impl(path: &Path, use_index: bool) -> Result<VideoInfo, DataError> {
 /// Packets [`frames_from_index`] reads to confirm the index.
 const INDEX_CHECK_PACKETS: usize = 16;
 
-/// Every frame's pts and the keyframes' from an MP4/MOV sample index, when that index
+/// Every shown frame's pts, the keyframes' and the count of entries an edit list
+/// discards, from an MP4/MOV sample index, when that index
 /// can stand in for a demuxing pass: the stream has no reordered frames (so the
 /// index's decode timestamps are the presentation timestamps), every sample's bytes
 /// lie inside the file (not truncated), and the first packets read agree with it.
@@ -336,7 +325,7 @@ fn frames_from_index(
     input: &mut format::context::Input,
     index: usize,
     path: &Path,
-) -> Option<(Vec<i64>, Vec<i64>)> {
+) -> Option<(Vec<i64>, Vec<i64>, usize)> {
     if !input
         .format()
         .name()
@@ -348,6 +337,7 @@ fn frames_from_index(
     let file_len = std::fs::metadata(path).ok()?.len();
     let mut frame_pts = Vec::new();
     let mut keyframe_pts = Vec::new();
+    let mut discarded = 0;
     // SAFETY: the stream pointer comes from the open context and stays valid while
     // `input` lives; entries are read before any other call on the context.
     unsafe {
@@ -367,6 +357,7 @@ fn frames_from_index(
                 return None;
             }
             if entry.flags() & ff::ffi::AVINDEX_DISCARD_FRAME != 0 {
+                discarded += 1;
                 continue;
             }
             frame_pts.push(entry.timestamp);
@@ -401,23 +392,12 @@ fn frames_from_index(
         }
         checked += 1;
     }
-    agrees.then_some((frame_pts, keyframe_pts))
+    agrees.then_some((frame_pts, keyframe_pts, discarded))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Declared, declared_frames, drop_leading_undecodable};
-
-    #[test]
-    fn frames_before_the_first_keyframe_are_not_listed() {
-        let mut frames = vec![-2, -1, 0, 1, 2, 3];
-        drop_leading_undecodable(&mut frames, &[0, 3]);
-        assert_eq!(frames, vec![0, 1, 2, 3]);
-        // No keyframe marked: every frame stays.
-        let mut frames = vec![5, 6];
-        drop_leading_undecodable(&mut frames, &[]);
-        assert_eq!(frames, vec![5, 6]);
-    }
+    use super::{Declared, declared_frames};
 
     #[test]
     fn the_declared_length_comes_from_the_video_stream_only() {
