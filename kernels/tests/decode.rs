@@ -264,4 +264,24 @@ fn sliced_decoding_matches_the_f64_reference() {
     assert!(e.contains("see every key"), "{e}");
     let e = refused(2, 1, &FlashOptions::new(64));
     assert!(e.contains("batch 2"), "{e}");
+    // Outputs of the wrong shape (the merge would size its launch by them).
+    let q = DeviceTensor::filled(&client, 0f32, &[1, 4, 1, 64]);
+    let kv = DeviceTensor::filled(&client, 0f32, &[1, 1, 300, 64]);
+    let o = DeviceTensor::filled(&client, 0f32, &[1, 8, 1, 64]);
+    let lse = DeviceTensor::filled(&client, 0f32, &[1, 8, 1]);
+    let options = FlashOptions::new(64);
+    let e = flash_decode_sliced::<f32>(
+        &client,
+        &q,
+        &kv,
+        &kv,
+        &o,
+        &lse,
+        &options,
+        FlashKernel::Scalar,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("outputs o"), "{e}");
 }

@@ -133,6 +133,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.task
         );
     }
+    if args.answer_format != AnswerFormatArg::Auto && args.task == "choice" {
+        bail!(
+            "--answer-format is for the needle videos (needle, open); --task choice ranks \
+             the option letters"
+        );
+    }
     if args.top_p.is_none() && args.temperature != 1.0 {
         bail!(
             "--temperature {} divides the logits of top-p sampling: add --top-p P (greedy \

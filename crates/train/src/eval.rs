@@ -529,12 +529,16 @@ pub fn open_needle_with(
             OPEN_BATCH,
             log,
             &mut |part| {
+                // The frames move into the requests (no second copy of the batch's
+                // pixels); what scoring needs is kept aside.
+                let asked_about: Vec<(f64, String)> =
+                    part.iter().map(|s| (s.depth, s.answer.clone())).collect();
                 let requests = part
-                    .iter()
+                    .into_iter()
                     .map(|s| BatchRequest {
                         prompt: s.ids[..s.prompt_len].to_vec(),
                         visual: VisualInput::Pixels(Tensor::from_data(
-                            TensorData::new(s.pixels.clone(), [s.frames, 3, s.side, s.side]),
+                            TensorData::new(s.pixels, [s.frames, 3, s.side, s.side]),
                             device,
                         )),
                         samples: vec![decoding],
@@ -542,18 +546,18 @@ pub fn open_needle_with(
                     })
                     .collect();
                 let generations = generate(requests)?;
-                for (s, mut g) in part.iter().zip(generations) {
+                for ((depth, answer), mut g) in asked_about.into_iter().zip(generations) {
                     let generated = model.tokenizer.decode(&g.remove(0).tokens, true)?;
                     let ok = match format {
-                        AnswerFormat::Plain => needle::fold(&generated) == needle::fold(&s.answer),
-                        AnswerFormat::Think => is_correct(&generated, &s.answer),
+                        AnswerFormat::Plain => needle::fold(&generated) == needle::fold(&answer),
+                        AnswerFormat::Think => is_correct(&generated, &answer),
                     };
                     correct += usize::from(ok);
                     asked += 1;
                     answers.push(OpenAnswer {
                         frames: n,
-                        depth: s.depth,
-                        answer: s.answer.clone(),
+                        depth,
+                        answer,
                         generated,
                         correct: ok,
                     });

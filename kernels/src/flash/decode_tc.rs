@@ -6,11 +6,13 @@
 //!
 //! No copy is made: k and v are read through a strided view `[slices, Hkv, sk /
 //! slices, d]` of their buffer (the slice index steps `sk / slices` keys), q through
-//! a view that repeats it with a zero batch stride. The slices' O and LSE are merged
-//! by the split-key kernels' merge ([`super::decode::merge`]) into the outputs; the
-//! keys past the last whole slice run as one more launch on a view offset into the
-//! same K/V buffers (a whole number of key rows: 16-byte aligned for 16-bit head
-//! dims that are multiples of 8), merged last ([`super::merge_partials`]).
+//! a view that repeats it with a zero batch stride. The keys past the last whole
+//! slice run as one more launch on a view offset into the same K/V buffers (a whole
+//! number of key rows: 16-byte aligned for 16-bit head dims that are multiples of 8)
+//! into one more entry of the slices' outputs, whose entries start 32-byte aligned;
+//! then the split-key kernels' merge ([`super::decode::merge`]) combines every entry
+//! into the outputs. The slices' O is kept in the input type (the tensor-core
+//! forward writes it so), one rounding more than the split-key kernels' f32 slices.
 //!
 //! Only calls where every query row sees every key qualify (no mask, or a causal mask
 //! whose first row already sees the last key: a decoding step at the end of its
@@ -36,8 +38,10 @@ pub(super) fn applies(g: &Geometry, options: &FlashOptions) -> bool {
 /// multiprocessor over the `Hq` query heads with at least [`MIN_SLICE_KEYS`] keys
 /// each.
 fn slices(client: &Client, g: &Geometry, wanted: Option<usize>) -> usize {
+    // The launch's grid y is `slices x Hq`.
+    let most = (65_535 / g.hq).clamp(1, g.sk);
     if let Some(n) = wanted {
-        return n.clamp(1, g.sk);
+        return n.clamp(1, most);
     }
     let sms = client
         .properties()
@@ -46,7 +50,42 @@ fn slices(client: &Client, g: &Geometry, wanted: Option<usize>) -> usize {
         .unwrap_or(64) as usize;
     (2 * sms)
         .div_ceil(g.hq)
-        .clamp(1, (g.sk / MIN_SLICE_KEYS).max(1))
+        .clamp(1, (g.sk / MIN_SLICE_KEYS).clamp(1, most))
+}
+
+/// `parts` entries of `shape` (`[heads, rows, ...]`) in one buffer of `bytes`-byte
+/// elements, each entry starting 32 bytes after a multiple of 32 (wgpu binds
+/// storage at such offsets).
+fn entries(client: &Client, parts: usize, shape: &[usize], bytes: usize) -> DeviceTensor {
+    let per_entry: usize = shape.iter().product();
+    let stride = per_entry.next_multiple_of(32 / bytes.min(32));
+    let mut strides = vec![stride];
+    let mut inner = per_entry;
+    for &n in shape {
+        inner /= n.max(1);
+        strides.push(inner);
+    }
+    let mut full = vec![parts];
+    full.extend_from_slice(shape);
+    DeviceTensor {
+        handle: client.empty((parts * stride * bytes).max(1)),
+        shape: full,
+        strides,
+    }
+}
+
+/// Entries `[first, first + count)` of `parts` (elements of `bytes` bytes).
+fn entry_range(parts: &DeviceTensor, first: usize, count: usize, bytes: usize) -> DeviceTensor {
+    let mut shape = parts.shape.clone();
+    shape[0] = count;
+    DeviceTensor {
+        handle: parts
+            .handle
+            .clone()
+            .offset_start((first * parts.strides[0] * bytes) as u64),
+        shape,
+        strides: parts.strides.clone(),
+    }
 }
 
 /// `t` (`[1, heads, len, d]`) as `slices` batch entries of `len / slices` keys.
@@ -117,20 +156,34 @@ pub(super) fn forward<F: Float + CubeElement>(
         };
         folded(&keys, slices)
     };
-    let o_part = DeviceTensor::uninitialized::<F>(client, &[slices, g.hq, g.sq, g.d]);
-    let lse_part = DeviceTensor::uninitialized::<f32>(client, &[slices, g.hq, g.sq]);
+    let parts = slices + usize::from(whole < g.sk);
+    let (bytes, lse_bytes) = (std::mem::size_of::<F>(), std::mem::size_of::<f32>());
+    let o_part = entries(client, parts, &[g.hq, g.sq, g.d], bytes);
+    let lse_part = entries(client, parts, &[g.hq, g.sq], lse_bytes);
     let (k_whole, v_whole) = (whole_keys(k), whole_keys(v));
     super::flash_forward_with::<F>(
-        client, &repeated, &k_whole, &v_whole, &o_part, &lse_part, &full, inner,
+        client,
+        &repeated,
+        &k_whole,
+        &v_whole,
+        &entry_range(&o_part, 0, slices, bytes),
+        &entry_range(&lse_part, 0, slices, lse_bytes),
+        &full,
+        inner,
     )?;
-    merge::<F, F>(client, (&o_part, &lse_part), (o, lse), slices, g);
     if whole < g.sk {
-        let bytes = std::mem::size_of::<F>();
-        let o_tail = DeviceTensor::uninitialized::<F>(client, &[1, g.hq, g.sq, g.d]);
-        let lse_tail = DeviceTensor::uninitialized::<f32>(client, &[1, g.hq, g.sq]);
         let (k, v) = (tail(k, whole, bytes), tail(v, whole, bytes));
-        super::flash_forward_with::<F>(client, q, &k, &v, &o_tail, &lse_tail, &full, inner)?;
-        super::merge_partials::<F>(client, o, lse, &o_tail, &lse_tail)?;
+        super::flash_forward_with::<F>(
+            client,
+            q,
+            &k,
+            &v,
+            &entry_range(&o_part, slices, 1, bytes),
+            &entry_range(&lse_part, slices, 1, lse_bytes),
+            &full,
+            inner,
+        )?;
     }
+    merge::<F, F>(client, (&o_part, &lse_part), (o, lse), parts, g);
     Ok(())
 }

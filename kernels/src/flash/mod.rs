@@ -156,7 +156,27 @@ pub fn flash_decode_sliced<F: Float + CubeElement>(
     slices: Option<usize>,
 ) -> Result<(), AttnError> {
     let g = check(q, k, v, options)?;
+    check_outputs(&g, q, o, lse)?;
     decode_tc::forward::<F>(client, &g, (q, k, v), (o, lse), options, inner, slices)
+}
+
+/// `o` shaped like q and `lse` `[B, Hq, Sq]`, or an error naming both.
+fn check_outputs(
+    g: &Geometry,
+    q: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Result<(), AttnError> {
+    if o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
+        return Err(AttnError::Shape(format!(
+            "outputs o {:?} / lse {:?} must be {:?} / {:?}",
+            o.shape,
+            lse.shape,
+            q.shape,
+            [g.b, g.hq, g.sq]
+        )));
+    }
+    Ok(())
 }
 
 /// [`flash_forward_into`] with the kernel chosen by the caller (benchmarks and tests
@@ -173,15 +193,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
     kernel: FlashKernel,
 ) -> Result<(), AttnError> {
     let g = check(q, k, v, options)?;
-    if o.shape != q.shape || lse.shape != [g.b, g.hq, g.sq] {
-        return Err(AttnError::Shape(format!(
-            "outputs o {:?} / lse {:?} must be {:?} / {:?}",
-            o.shape,
-            lse.shape,
-            q.shape,
-            [g.b, g.hq, g.sq]
-        )));
-    }
+    check_outputs(&g, q, o, lse)?;
     if kernel == FlashKernel::Decode
         || (kernel == FlashKernel::Auto && decode::applies(&g, options))
     {

@@ -80,8 +80,9 @@ fn as_block(input: &AttentionInput) -> Block {
     }
 }
 
-/// One part's output (f32) and LSE: the flash kernels where the layer runs them, the
-/// tensor-op block attention otherwise (the reference materialises its scores anyway).
+/// One part's output (q's dtype from the flash kernels, f32 from the tensor ops) and
+/// LSE: the flash kernels where the layer runs them, the tensor-op block attention
+/// otherwise (the reference materialises its scores anyway).
 fn part_forward(implementation: AttentionImpl, input: AttentionInput) -> (Tensor<4>, Tensor<3>) {
     match implementation {
         AttentionImpl::Flash => {

@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use half::bf16;
 use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
-use longview_kernels::{DeviceTensor, FlashKernel, FlashOptions, flash_forward_with};
+use longview_kernels::{
+    DeviceTensor, FlashKernel, FlashOptions, flash_decode_sliced, flash_forward_with,
+};
 
 use cubecl::prelude::*;
 
@@ -56,11 +58,14 @@ pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: u
     let mut line = format!("| decode | B1 H{hq}:{hkv} Sq{sq} Sk{sk} D{d} |");
     // (kernel, unrolled, units, prefetch, name)
     // (kernel, options, name)
+    // The split-key variants never take the tensor-core path, whatever
+    // LONGVIEW_DECODE_TENSOR_CORES says.
     let tuned = |unroll, units, prefetch| {
         opts.clone()
             .unroll_decode(unroll)
             .decode_units(units)
             .prefetch_decode(prefetch)
+            .tensor_core_decode(false)
     };
     let variants = [
         (FlashKernel::Decode, tuned(true, None, true), "Decode"),
@@ -89,16 +94,25 @@ pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: u
             tuned(true, None, true),
             "TensorCore",
         ),
+        // Run through flash_decode_sliced below (an error where tensor cores cannot
+        // run, not a silent fallback to the split-key kernels).
         (
-            FlashKernel::Decode,
-            tuned(true, None, true).tensor_core_decode(true),
+            FlashKernel::TensorCore,
+            tuned(true, None, true),
             "TensorCore sliced",
         ),
     ];
     for (kernel, opts, name) in variants {
         let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, sq, d]);
         let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, sq]);
-        let run = || flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel);
+        let sliced = name == "TensorCore sliced";
+        let run = || {
+            if sliced {
+                flash_decode_sliced::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel, None)
+            } else {
+                flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel)
+            }
+        };
         if let Err(e) = run() {
             line += &format!(" {name}: {e} |");
             continue;
