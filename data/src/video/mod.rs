@@ -181,9 +181,33 @@ pub fn sampled_indices(
         (Some(_), Some(declared)) => declared.max(info.frames),
         _ => info.frames,
     };
-    sampling
+    // Times are looked up in the frames' own timestamps (exact on variable-rate video,
+    // where the average frame rate puts a time on the wrong frame), once the request
+    // itself is known to be valid.
+    let indices = sampling
         .indices(frames, info.fps, short)
-        .map_err(|e| e.in_file(&info.path))
+        .map_err(|e| e.in_file(&info.path))?;
+    match sampling {
+        Sampling::Timestamps(times) if info.damaged.is_none() => {
+            let mut shown: Vec<usize> = times.iter().map(|&t| frame_shown_at(info, t)).collect();
+            shown.sort_unstable();
+            Ok(shown)
+        }
+        _ => Ok(indices),
+    }
+}
+
+/// The frame on screen `seconds` after the first one: the last whose timestamp is at
+/// or before that time.
+fn frame_shown_at(info: &VideoInfo, seconds: f64) -> usize {
+    let first = info.frame_pts[0];
+    let (num, den) = info.time_base;
+    // A hair of tolerance: a time given exactly on a frame's timestamp stays on it
+    // despite f64 rounding.
+    let ticks = (seconds * den as f64 / num as f64 + 1e-6).floor() as i64;
+    info.frame_pts
+        .partition_point(|&pts| pts - first <= ticks)
+        .saturating_sub(1)
 }
 
 /// [`decode`] of a video already probed (a caller that checked the request against
@@ -261,4 +285,34 @@ pub fn decode_all(
         all.pixels.extend(b.pixels);
     })?;
     Ok((info, all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_pick_the_frame_on_screen_by_its_timestamp() {
+        // Variable rate: frames at 0, 100, 300, 310 and 600 ms.
+        let info = VideoInfo {
+            path: "vfr.mp4".into(),
+            frames: 5,
+            fps: 5.0 / 0.7,
+            width: 8,
+            height: 8,
+            rotation: 0,
+            time_base: (1, 1000),
+            frame_pts: vec![0, 100, 300, 310, 600],
+            keyframe_pts: vec![0],
+            declared_frames: Some(5),
+            damaged: None,
+            source: ProbeSource::Demux,
+        };
+        let times = Sampling::Timestamps(vec![0.65, 0.0, 0.15, 0.3, 0.305, 0.599]);
+        let got = sampled_indices(&info, &times, ShortVideo::Repeat).unwrap();
+        // 0.65 -> 4, 0.0 -> 0, 0.15 -> 1, 0.3 -> 2 (on its timestamp), 0.305 -> 2,
+        // 0.599 -> 3; in time order. The average rate would say 0.3 s is frame 2
+        // and 0.599 s frame 4.
+        assert_eq!(got, vec![0, 1, 2, 2, 3, 4]);
+    }
 }

@@ -16,9 +16,11 @@ pub enum Sampling {
     /// uniformly over the video when there would be more). Asking for more frames a
     /// second than the video has follows the [`ShortVideo`] policy.
     Fps { fps: f64, max: usize },
-    /// The frames shown at these times (seconds from the first frame, at the video's
-    /// average frame rate: exact for constant-rate video), returned in time order
-    /// whatever the order asked; a time asked twice gives its frame twice.
+    /// The frames shown at these times (seconds from the first frame), returned in
+    /// time order whatever the order asked; a time asked twice gives its frame twice.
+    /// [`decode`](super::decode) looks the times up in the frames' timestamps (exact
+    /// on variable-rate video); [`Sampling::indices`] alone has only the average
+    /// frame rate (exact for constant-rate video).
     Timestamps(Vec<f64>),
 }
 
