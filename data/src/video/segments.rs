@@ -444,6 +444,19 @@ impl<'a> SegmentDecoder<'a> {
         } else {
             (pre.width, pre.height)
         };
+        // A stream whose size or pixel format changes midway (concatenated clips,
+        // screen recordings) gets a scaler for its new frames.
+        let decoded = (
+            self.decoded.format(),
+            self.decoded.width(),
+            self.decoded.height(),
+        );
+        if self.scaler.as_ref().is_some_and(|s| {
+            let input = s.input();
+            (input.format, input.width, input.height) != decoded
+        }) {
+            self.scaler = None;
+        }
         let scaler = match &mut self.scaler {
             Some(s) => s,
             None => self.scaler.insert(
