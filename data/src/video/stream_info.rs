@@ -107,14 +107,27 @@ pub(super) fn open(path: &Path) -> Result<(format::context::Input, usize), DataE
         path: path.into(),
         reason: e.to_string(),
     })?;
-    let stream = input
-        .streams()
-        .best(media::Type::Video)
-        .ok_or_else(|| DataError::NotAVideo {
-            path: path.into(),
-            reason: "no video stream".into(),
-        })?;
-    let index = stream.index();
+    // A cover picture (an audio file's album art) is a video stream of one frame:
+    // not a video. The best stream that is not one.
+    let cover = |s: &ff::Stream<'_>| {
+        s.disposition()
+            .contains(ff::format::stream::Disposition::ATTACHED_PIC)
+    };
+    let best = input.streams().best(media::Type::Video);
+    let index = match best {
+        Some(s) if !cover(&s) => s.index(),
+        _ => input
+            .streams()
+            .find(|s| s.parameters().medium() == media::Type::Video && !cover(s))
+            .map(|s| s.index())
+            .ok_or_else(|| DataError::NotAVideo {
+                path: path.into(),
+                reason: match best {
+                    Some(_) => "no video stream, only a cover picture (an audio file?)".into(),
+                    None => "no video stream".into(),
+                },
+            })?,
+    };
     Ok((input, index))
 }
 
