@@ -68,6 +68,11 @@ pub struct VideoEmbedding {
     pub frame_indices: Vec<usize>,
     /// Mean of all visual tokens: one vector per video (for search or clustering).
     pub pooled: Vec<f32>,
+    /// The model folder whose vision tower and projector made these tokens: another
+    /// model's questions about them are refused (its LLM reads other tokens). Set it
+    /// to another folder to reuse the tokens with a checkpoint that shares this one's
+    /// vision tower and projector.
+    pub model_dir: PathBuf,
 }
 
 impl Vlm {
@@ -134,6 +139,7 @@ impl Vlm {
             .try_to_vec::<f32>()
             .map_err(|e| Error::Request(format!("reading the pooled vector: {e:?}")))?;
         Ok(VideoEmbedding {
+            model_dir: self.dir.clone(),
             tokens,
             frames,
             frame_indices,
@@ -144,6 +150,15 @@ impl Vlm {
     /// The prompt ids of `question` about `video` (chat template, visual tokens
     /// expanded, assistant turn opened).
     pub fn prompt(&self, video: &VideoEmbedding, question: &str) -> Result<Vec<u32>, Error> {
+        if video.model_dir != self.dir {
+            return Err(Error::Request(format!(
+                "the video was embedded by the model in {}, not this one ({}): embed it \
+                 again with this model (or set VideoEmbedding::model_dir when both share \
+                 the vision tower and projector)",
+                video.model_dir.display(),
+                self.dir.display()
+            )));
+        }
         // The chat template's control tokens in a question would end the user's turn
         // and open others the model never sees as text.
         if let Some(token) = CONTROL_TOKENS.iter().find(|t| question.contains(*t)) {
