@@ -4,7 +4,6 @@
 //! (checked here with the scalar forward in its place: lavapipe has no tensor cores).
 //! Outputs are poisoned with NaN before every launch.
 
-use cubecl::prelude::*;
 use longview_kernels::{DeviceTensor, FlashKernel, FlashOptions, flash_forward_with};
 
 mod common;

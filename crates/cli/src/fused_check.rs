@@ -18,10 +18,13 @@ fn missing(what: &str, device: &Device) -> anyhow::Error {
     anyhow!("the fused {what} did not run on {device:?}")
 }
 
+/// One check: its worst error.
+type Check = fn(&Device) -> Result<f64>;
+
 /// Runs every check, printing each figure; an error past `tolerance`.
 pub fn run(device: &Device, tolerance: f32) -> Result<()> {
     let device = device.clone().without_autodiff();
-    let checks: [(&str, fn(&Device) -> Result<f64>); 4] = [
+    let checks: [(&str, Check); 4] = [
         ("RMSNorm, [3, 37, 1536], against f64", forward_rms_norm),
         (
             "RoPE, [2, 12, 37, 128] viewed from [2, 37, 12, 128], against f64",

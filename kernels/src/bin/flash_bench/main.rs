@@ -133,7 +133,7 @@ fn reference_general(c: &Case, [q, k, v, g]: [&[f32]; 4], scale: f64) -> [Vec<f6
 /// (bf16) / 2e-3 (f16), LSE 1e-3.
 fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
     #[rustfmt::skip]
-    let cases = vec![
+    let cases = [
         Case { b: 1, hq: 2, hkv: 2, sq: 256, sk: 256, d: 128, causal: true, q_offset: 0, k_offset: 0, cu: None },
         Case { b: 2, hq: 4, hkv: 1, sq: 200, sk: 333, d: 64, causal: false, q_offset: 0, k_offset: 0, cu: None },
         Case { b: 1, hq: 4, hkv: 2, sq: 190, sk: 190, d: 80, causal: true, q_offset: 0, k_offset: 0, cu: None },
@@ -202,11 +202,10 @@ fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
             for &kernel in &kernels {
                 let started = Instant::now();
                 let got = if dtype == "bf16" {
-                    let conv: (fn(f32) -> bf16, fn(bf16) -> f32) = (bf16::from_f32, bf16::to_f32);
+                    let conv: Conversions<bf16> = (bf16::from_f32, bf16::to_f32);
                     run_both::<bf16>(client, [&q, &k, &v, &g], &qs, &ks, &opts, kernel, conv)
                 } else {
-                    let conv: (fn(f32) -> half::f16, fn(half::f16) -> f32) =
-                        (half::f16::from_f32, half::f16::to_f32);
+                    let conv: Conversions<half::f16> = (half::f16::from_f32, half::f16::to_f32);
                     run_both::<half::f16>(client, [&q, &k, &v, &g], &qs, &ks, &opts, kernel, conv)
                 };
                 let tol = if dtype == "bf16" { 1e-2 } else { 2e-3 };
@@ -228,6 +227,9 @@ fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
     println!("kernel checks: all {checks} run passed");
 }
 
+/// f32 to the element type and back.
+type Conversions<E> = (fn(f32) -> E, fn(E) -> f32);
+
 /// Forward then backward with `kernel`; returns O, LSE, dQ, dK, dV as f32.
 #[allow(clippy::too_many_arguments)]
 fn run_both<E: Float + CubeElement>(
@@ -237,7 +239,7 @@ fn run_both<E: Float + CubeElement>(
     ks: &[usize],
     opts: &FlashOptions,
     kernel: FlashKernel,
-    (to, from): (fn(f32) -> E, fn(E) -> f32),
+    (to, from): Conversions<E>,
 ) -> [Vec<f32>; 5] {
     let up = |x: &[f32], shape: &[usize]| {
         let e: Vec<E> = x.iter().map(|&v| to(v)).collect();
