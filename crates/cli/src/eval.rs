@@ -23,6 +23,37 @@ pub enum AnswerFormatArg {
     Think,
 }
 
+/// The record of the haystack lengths `task` has finished under `out`
+/// (`<task>.progress.json`), from which an interrupted evaluation resumes; keyed by
+/// the checkpoint folder, its weight files' sizes and times, the videos per depth,
+/// the seed and `settings`. `writes`: whether this process records it (one rank).
+pub fn progress(
+    args: &EvalArgs,
+    model: &EvalModel,
+    task: &str,
+    settings: &str,
+    out: &std::path::Path,
+    writes: bool,
+) -> longview_train::eval::EvalProgress {
+    let key = format!(
+        "{task} | {} | {} | {} per depth | seed {} | {settings}",
+        model.dir.display(),
+        longview_train::eval_progress::weights_identity(&model.dir),
+        args.per_depth,
+        args.device.seed()
+    );
+    let path = out.join(format!("{task}.progress.json"));
+    let progress = longview_train::eval::EvalProgress::open(&path, key, writes);
+    let done = progress.lengths();
+    if writes && !done.is_empty() {
+        println!(
+            "  resuming: {done:?} frames scored before, in {} (delete it to score them again)",
+            path.display()
+        );
+    }
+    progress
+}
+
 /// What the headers say of a think-format evaluation.
 fn format_label(format: AnswerFormat) -> &'static str {
     match format {
@@ -216,10 +247,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
             None => return Ok(()),
         }
     } else {
+        let format = answer_format(&args, &model)?;
+        let mut progress = progress(&args, &model, "needle", &format!("{format:?}"), &out, true);
         longview_train::eval::needle_grid_with(
             &model,
             (&args.frames, args.per_depth, seed, &videos),
-            answer_format(&args, &model)?,
+            format,
+            Some(&mut progress),
             &mut |line| crate::logging::log(line),
             &mut |samples| {
                 let chunk = args.prefill_chunk;
@@ -359,6 +393,14 @@ fn open(
             &videos,
             decoding,
             answer_format(args, model)?,
+            Some(&mut progress(
+                args,
+                model,
+                "open",
+                &format!("{:?} {decoding:?}", answer_format(args, model)?),
+                out,
+                true,
+            )),
             device,
             &mut |line| crate::logging::log(line),
         )?,

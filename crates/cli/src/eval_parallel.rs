@@ -137,6 +137,9 @@ impl RankJob for EvalJob<'_> {
         if !matches!(self.task, Task::Choice(_)) {
             self.videos_on_rank0(&comm, &device)?;
         }
+        // Rank 0 records the finished lengths; every rank reads them at the start.
+        let writes = comm.rank() == 0;
+        let out = self.videos.parent().unwrap_or(Path::new("."));
         let text = &model.config.text;
         let sp = SpInference::with_scheme(
             comm,
@@ -163,15 +166,25 @@ impl RankJob for EvalJob<'_> {
                         |s, n| sp.teacher_forced_ids(vlm, s, n, &device),
                     )?)
                 };
-                longview_train::eval::needle_grid_with(model, videos, format, log, &mut score)
-                    .map(Outcome::Needle)
+                let settings = format!("{format:?}");
+                let mut progress =
+                    crate::eval::progress(args, model, "needle", &settings, out, writes);
+                let progress = Some(&mut progress);
+                longview_train::eval::needle_grid_with(
+                    model, videos, format, progress, log, &mut score,
+                )
+                .map(Outcome::Needle)
             }
             Task::Open(decoding) => {
                 let mut generate = |requests| Ok(sp.generate_batch(vlm, requests, &device)?);
+                let settings = format!("{format:?} {decoding:?}");
+                let mut progress =
+                    crate::eval::progress(args, model, "open", &settings, out, writes);
                 longview_train::eval::open_needle_with(
                     model,
                     videos,
                     (*decoding, format),
+                    Some(&mut progress),
                     &device,
                     log,
                     &mut generate,

@@ -14,7 +14,7 @@ use crate::prefill::{
 use crate::sample::Sample;
 
 /// Accuracy per needle depth and overall.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct NeedleReport {
     /// `(depth, correct, total)`, depths ascending.
     pub per_depth: Vec<(f64, usize, usize)>,

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::config::AnswerFormat;
 use crate::data::{Sample, held_out_videos, reformat_answers};
 use crate::error::TrainError;
+pub use crate::eval_progress::EvalProgress;
 use crate::grpo::reward::{is_correct, needle_cot_answer};
 use crate::needle;
 
@@ -118,7 +119,7 @@ pub fn needle_grid(
     log: &mut dyn FnMut(&str),
 ) -> Result<NeedleGrid, TrainError> {
     let videos = (frames, per_depth, seed, cache);
-    needle_grid_with(model, videos, format, log, &mut |samples| {
+    needle_grid_with(model, videos, format, None, log, &mut |samples| {
         Ok(needle::score(
             &model.model,
             samples,
@@ -199,13 +200,14 @@ pub type NeedleScorer<'a> =
     dyn FnMut(&[crate::data::Sample]) -> Result<needle::NeedleReport, TrainError> + 'a;
 
 /// [`needle_grid`] with the samples of each length scored by `score` (e.g. on
-/// sequence-parallel ranks).
-#[allow(clippy::too_many_arguments)]
-/// `videos`: the haystack lengths, videos per depth, seed and video folder.
+/// sequence-parallel ranks); `videos`: the haystack lengths, videos per depth, seed
+/// and video folder. With `progress`, lengths it holds are taken from it and each
+/// length scored is recorded in it (an interrupted run resumes).
 pub fn needle_grid_with(
     model: &EvalModel,
     videos: (&[usize], usize, u64, &Path),
     format: AnswerFormat,
+    mut progress: Option<&mut EvalProgress>,
     log: &mut dyn FnMut(&str),
     score: &mut NeedleScorer<'_>,
 ) -> Result<NeedleGrid, TrainError> {
@@ -215,19 +217,33 @@ pub fn needle_grid_with(
     let mut cells = vec![vec![(0, 0); frames.len()]; depths.len()];
     let (mut correct, mut total) = (0, 0);
     for (f, &n) in frames.iter().enumerate() {
-        let mut report = needle::NeedleReport {
-            per_depth: Vec::new(),
-            correct: 0,
-            total: 0,
-            chance: 0.0,
+        let saved = progress
+            .as_deref()
+            .and_then(|p| p.get::<needle::NeedleReport>(n));
+        let report = match saved {
+            Some(report) => {
+                log(&format!("{n} frames: scored before (resumed)"));
+                report
+            }
+            None => {
+                let mut report = needle::NeedleReport {
+                    per_depth: Vec::new(),
+                    correct: 0,
+                    total: 0,
+                    chance: 0.0,
+                };
+                let videos = (n, per_depth, seed, cache);
+                held_out_in_batches(model, videos, 8, log, &mut |samples| {
+                    let samples = reformat_answers(&encoder, samples, format)?;
+                    add_report(&mut report, score(&samples)?);
+                    Ok(())
+                })?;
+                if let Some(p) = progress.as_deref_mut() {
+                    p.put(n, &report)?;
+                }
+                report
+            }
         };
-        held_out_in_batches(model, (n, per_depth, seed, cache), 8, log, &mut |samples| {
-            add_report(
-                &mut report,
-                score(&reformat_answers(&encoder, samples, format)?)?,
-            );
-            Ok(())
-        })?;
         for (depth, c, t) in report.per_depth {
             let d = depths
                 .iter()
@@ -422,7 +438,7 @@ pub fn multiple_choice_with(
 }
 
 /// One open-ended answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct OpenAnswer {
     pub frames: usize,
     pub depth: f64,
@@ -470,6 +486,7 @@ pub fn open_needle(
     cache: &Path,
     decoding: crate::generate::Decoding,
     format: AnswerFormat,
+    progress: Option<&mut EvalProgress>,
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<OpenReport, TrainError> {
@@ -487,6 +504,7 @@ pub fn open_needle(
         model,
         videos,
         (decoding, format),
+        progress,
         device,
         log,
         &mut one_batch,
@@ -500,6 +518,7 @@ pub fn open_needle_with(
     model: &EvalModel,
     videos: (&[usize], usize, u64, &Path),
     (decoding, format): (crate::generate::Decoding, AnswerFormat),
+    mut progress: Option<&mut EvalProgress>,
     device: &Device,
     log: &mut dyn FnMut(&str),
     generate: GenerateAnswers<'_>,
@@ -520,7 +539,16 @@ pub fn open_needle_with(
     };
     let mut answers = Vec::new();
     for &n in frames {
+        if let Some(saved) = progress
+            .as_deref()
+            .and_then(|p| p.get::<Vec<OpenAnswer>>(n))
+        {
+            log(&format!("{n} frames: answered before (resumed)"));
+            answers.extend(saved);
+            continue;
+        }
         let (mut correct, mut asked) = (0, 0);
+        let mut mine = Vec::new();
         // The videos of a haystack length decode and generate as batches of
         // OPEN_BATCH prompts.
         held_out_in_batches(
@@ -554,7 +582,7 @@ pub fn open_needle_with(
                     };
                     correct += usize::from(ok);
                     asked += 1;
-                    answers.push(OpenAnswer {
+                    mine.push(OpenAnswer {
                         frames: n,
                         depth,
                         answer,
@@ -568,6 +596,10 @@ pub fn open_needle_with(
         log(&format!(
             "{n} frames: {correct}/{asked} generated answers exact"
         ));
+        if let Some(p) = progress.as_deref_mut() {
+            p.put(n, &mine)?;
+        }
+        answers.extend(mine);
     }
     Ok(OpenReport {
         correct: answers.iter().filter(|a| a.correct).count(),

@@ -25,6 +25,7 @@ pub mod data;
 mod data_feed;
 pub mod error;
 pub mod eval;
+pub mod eval_progress;
 pub mod grad_sync;
 pub mod grads;
 pub mod grpo;

@@ -359,6 +359,7 @@ fn think_format_checkpoints_are_scored_by_the_number_in_their_answer_tags() {
             &model,
             (&[4], 1, 3, &videos),
             (Decoding::Greedy, format),
+            None,
             &device,
             &mut |_: &str| {},
             &mut generate,
@@ -375,4 +376,67 @@ fn think_format_checkpoints_are_scored_by_the_number_in_their_answer_tags() {
             assert!(a.generated.contains("</answer>"), "{:?}", a.generated);
         }
     }
+}
+
+/// An interrupted needle evaluation resumes: the lengths it finished are read back
+/// (not scored again) under the same key, the grid equals an uninterrupted run's,
+/// and a record written under another key is ignored.
+#[test]
+fn an_interrupted_needle_grid_resumes_at_the_first_unscored_length() {
+    let _serial = serial();
+    use longview_train::AnswerFormat;
+    use longview_train::eval::{EvalProgress, needle_grid_with};
+
+    let tmp = TempDir::new("eval-resume");
+    let device = Device::flex();
+    let model = saved_debug_model(&tmp.0.join("model"), &device);
+    let videos = tmp.0.join("videos");
+    let record = tmp.0.join("needle.progress.json");
+    let lengths = [4, 6];
+    let grid = |progress: Option<&mut EvalProgress>, fail_at: Option<usize>| {
+        let mut scored = Vec::new();
+        let result = needle_grid_with(
+            &model,
+            (&lengths, 1, 3, &videos),
+            AnswerFormat::Plain,
+            progress,
+            &mut |_: &str| {},
+            &mut |samples| {
+                let frames = samples[0].frames;
+                if Some(frames) == fail_at {
+                    return Err(TrainError::Request("interrupted".into()));
+                }
+                scored.push(frames);
+                Ok(longview_train::needle::score(
+                    &model.model,
+                    samples,
+                    &model.tokenizer,
+                    &device,
+                )?)
+            },
+        );
+        (result, scored)
+    };
+    let (whole, _) = grid(None, None);
+    let whole = whole.unwrap();
+
+    // Interrupted while scoring the 6-frame videos: the 4-frame result is on disk.
+    let mut progress = EvalProgress::open(&record, "k".into(), true);
+    let (cut, scored) = grid(Some(&mut progress), Some(6));
+    assert!(cut.is_err());
+    assert_eq!(scored, vec![4]);
+    // Resumed: only the 6-frame videos are scored, and the grid is the whole run's.
+    let mut progress = EvalProgress::open(&record, "k".into(), true);
+    assert_eq!(progress.lengths(), vec![4]);
+    let (resumed, scored) = grid(Some(&mut progress), None);
+    let resumed = resumed.unwrap();
+    assert_eq!(scored, vec![6]);
+    assert_eq!(resumed.cells, whole.cells);
+    assert_eq!(
+        (resumed.correct, resumed.total),
+        (whole.correct, whole.total)
+    );
+    // Another key (another checkpoint or settings) starts afresh.
+    let other = EvalProgress::open(&record, "other".into(), true);
+    assert!(other.lengths().is_empty());
 }
