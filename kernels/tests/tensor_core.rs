@@ -14,6 +14,7 @@
 
 use cubecl::prelude::*;
 use longview_kernels::flash::NO_KEYS;
+use longview_kernels::reference::random_values as random;
 use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
 use longview_kernels::{
     DeviceTensor, FlashKernel, FlashOptions, flash_backward_with, flash_forward_with,
@@ -21,21 +22,6 @@ use longview_kernels::{
 
 fn client() -> Client {
     cubecl::Device::cuda(0).expect("CUDA device 0").client()
-}
-
-/// Deterministic values in [-1, 1).
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
 }
 
 struct Case {

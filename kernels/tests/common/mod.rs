@@ -7,6 +7,7 @@ use cubecl::Device;
 use cubecl::device::WgpuDeviceKind;
 use cubecl::prelude::*;
 use longview_kernels::flash::{NO_KEYS, flash_backward, flash_forward_into};
+pub use longview_kernels::reference::random_values as random;
 use longview_kernels::reference::{AttentionF64, Geometry, attention_f64};
 use longview_kernels::{DeviceTensor, FlashOptions};
 
@@ -14,21 +15,6 @@ pub fn client() -> Client {
     Device::wgpu(WgpuDeviceKind::DefaultDevice)
         .expect("a wgpu device (CI: Mesa lavapipe, `apt-get install mesa-vulkan-drivers`)")
         .client()
-}
-
-/// Deterministic values in [-1, 1).
-pub fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
 }
 
 #[derive(Clone, Debug)]

@@ -23,6 +23,7 @@ use decode::bench_decode;
 
 use cubecl::prelude::*;
 use half::bf16;
+use longview_kernels::reference::random_values as random;
 use longview_kernels::{
     DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_with, flash_forward,
     flash_forward_with,
@@ -39,20 +40,6 @@ fn client() -> Client {
             .expect("a wgpu device")
             .client()
     }
-}
-
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
 }
 
 fn sync(client: &Client) {
