@@ -227,27 +227,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = choice_data {
         return choice(&args, &model, &path, &out, &device, parallel);
     }
+    // Read once (from the checkpoint's trainer.json under `auto`).
+    let format = answer_format(&args, &model)?;
     if args.task == "open" {
-        return open(&args, &model, decoding, &out, &device, parallel);
+        return open(&args, &model, (decoding, format), &out, &device, parallel);
     }
     if ranks.prints() {
         println!(
             "longview eval: needle in a haystack, {} ({}){}",
             model.dir.display(),
             grid_label(&args),
-            format_label(answer_format(&args, &model)?)
+            format_label(format)
         );
     }
     // The eval videos use their own seed, never the training set's.
     let seed = args.device.seed() + 424_242;
     let videos = out.join("videos");
     let grid = if let Some(ranks) = parallel {
-        match eval_parallel::needle(&args, &model, seed, &videos, ranks)? {
+        match eval_parallel::needle(&args, &model, format, seed, &videos, ranks)? {
             Some(grid) => grid,
             None => return Ok(()),
         }
     } else {
-        let format = answer_format(&args, &model)?;
         let mut progress = progress(&args, &model, "needle", &format!("{format:?}"), &out, true);
         longview_train::eval::needle_grid_with(
             &model,
@@ -364,7 +365,7 @@ fn choice(
 fn open(
     args: &EvalArgs,
     model: &longview_train::eval::EvalModel,
-    decoding: Decoding,
+    (decoding, format): (Decoding, AnswerFormat),
     out: &std::path::Path,
     device: &burn::tensor::Device,
     parallel: Option<&Ranks>,
@@ -376,15 +377,17 @@ fn open(
             model.dir.display(),
             grid_label(args),
             sequence_parallel_label(args, parallel),
-            format_label(answer_format(args, model)?)
+            format_label(format)
         );
     }
     let (seed, videos) = (args.device.seed() + 424_242, out.join("videos"));
     let report = match parallel {
-        Some(ranks) => match eval_parallel::open(args, model, decoding, seed, &videos, ranks)? {
-            Some(report) => report,
-            None => return Ok(()),
-        },
+        Some(ranks) => {
+            match eval_parallel::open(args, model, (decoding, format), seed, &videos, ranks)? {
+                Some(report) => report,
+                None => return Ok(()),
+            }
+        }
         None => longview_train::eval::open_needle(
             model,
             &args.frames,
@@ -392,12 +395,12 @@ fn open(
             seed,
             &videos,
             decoding,
-            answer_format(args, model)?,
+            format,
             Some(&mut progress(
                 args,
                 model,
                 "open",
-                &format!("{:?} {decoding:?}", answer_format(args, model)?),
+                &format!("{format:?} {decoding:?}"),
                 out,
                 true,
             )),

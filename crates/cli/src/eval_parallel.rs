@@ -15,18 +15,18 @@ use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
 use longview_comm::{Communicator, ReduceOp};
 use longview_parallel::inference::SpInference;
-use longview_train::TrainError;
 use longview_train::data::Sample;
 use longview_train::eval::{ChoiceReport, EvalModel, NeedleGrid, OpenReport};
 use longview_train::generate::Decoding;
+use longview_train::{AnswerFormat, TrainError};
 
 use crate::eval::EvalArgs;
 use crate::ranks::{RankJob, Ranks};
 
 /// What the ranks of a sequence-parallel evaluation run.
 enum Task<'a> {
-    Needle,
-    Open(Decoding),
+    Needle(AnswerFormat),
+    Open(Decoding, AnswerFormat),
     Choice(&'a [longview_data::dataset::ChoiceSample]),
 }
 
@@ -41,27 +41,37 @@ enum Outcome {
 pub fn needle(
     args: &EvalArgs,
     model: &EvalModel,
+    format: AnswerFormat,
     seed: u64,
     videos: &Path,
     ranks: &Ranks,
 ) -> Result<Option<NeedleGrid>> {
-    Ok(match run(args, model, Task::Needle, seed, videos, ranks)? {
-        Outcome::Needle(grid) => ranks.prints().then_some(grid),
-        _ => unreachable!("the needle task gives a grid"),
-    })
+    Ok(
+        match run(args, model, Task::Needle(format), seed, videos, ranks)? {
+            Outcome::Needle(grid) => ranks.prints().then_some(grid),
+            _ => unreachable!("the needle task gives a grid"),
+        },
+    )
 }
 
 /// The open-ended answers on the ranks; `None` on a process that does not report.
 pub fn open(
     args: &EvalArgs,
     model: &EvalModel,
-    decoding: Decoding,
+    (decoding, format): (Decoding, AnswerFormat),
     seed: u64,
     videos: &Path,
     ranks: &Ranks,
 ) -> Result<Option<OpenReport>> {
     Ok(
-        match run(args, model, Task::Open(decoding), seed, videos, ranks)? {
+        match run(
+            args,
+            model,
+            Task::Open(decoding, format),
+            seed,
+            videos,
+            ranks,
+        )? {
             Outcome::Open(report) => ranks.prints().then_some(report),
             _ => unreachable!("the open task gives a report"),
         },
@@ -149,8 +159,6 @@ impl RankJob for EvalJob<'_> {
             args.sp_scheme,
         )?;
         let vlm = &model.model;
-        let format = crate::eval::answer_format(args, model)
-            .map_err(|e| TrainError::Request(format!("{e:#}")))?;
         let videos = (
             args.frames.as_slice(),
             args.per_depth,
@@ -158,7 +166,7 @@ impl RankJob for EvalJob<'_> {
             self.videos,
         );
         match &self.task {
-            Task::Needle => {
+            &Task::Needle(format) => {
                 let mut score = |samples: &[Sample]| {
                     Ok(longview_train::needle::score_by(
                         samples,
@@ -175,7 +183,7 @@ impl RankJob for EvalJob<'_> {
                 )
                 .map(Outcome::Needle)
             }
-            Task::Open(decoding) => {
+            &Task::Open(decoding, format) => {
                 let mut generate = |requests| Ok(sp.generate_batch(vlm, requests, &device)?);
                 let settings = format!("{format:?} {decoding:?}");
                 let mut progress =
@@ -183,7 +191,7 @@ impl RankJob for EvalJob<'_> {
                 longview_train::eval::open_needle_with(
                     model,
                     videos,
-                    (*decoding, format),
+                    (decoding, format),
                     Some(&mut progress),
                     &device,
                     log,
