@@ -37,6 +37,15 @@ pub(super) struct PrefixGrads {
     pub dv_prompt: Tensor<4>,
 }
 
+/// The one-device implementations the split runs on (the flash kernels, or the
+/// tensor-op block attention in the reference's place).
+pub(super) fn splits_at_prompt(implementation: AttentionImpl) -> bool {
+    matches!(
+        implementation,
+        AttentionImpl::Flash | AttentionImpl::Reference
+    )
+}
+
 /// `[G, H, rows, d]` -> `[1, H, G x rows, d]` (response-major within each head).
 fn fold(x: Tensor<4>) -> Tensor<4> {
     let [g, h, rows, d] = x.dims();

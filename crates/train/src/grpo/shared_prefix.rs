@@ -30,7 +30,9 @@ use longview_models::vila::rope::Rope;
 
 use super::actor::ActorLoss;
 use super::logprobs::{ResponseLogprobs, Rollout, token_logprobs};
-use super::prefix_attention::{PrefixGrads, attend_over_prefix, prefix_input_grads};
+use super::prefix_attention::{
+    PrefixGrads, attend_over_prefix, prefix_input_grads, splits_at_prompt,
+};
 use crate::error::TrainError;
 use crate::remat::Recompute;
 use crate::remat::stack::{grad_or_zeros, surrogate, take_grads};
@@ -145,10 +147,7 @@ impl Shape {
 /// Whether the responses' attention runs as two merged parts without copies of the
 /// prompt's K/V (`prefix_attention`): untracked inputs on one device.
 fn split_at_prompt(implementation: AttentionImpl, own: &AttentionInput) -> bool {
-    matches!(
-        implementation,
-        AttentionImpl::Flash | AttentionImpl::Reference
-    ) && !own.q.is_autodiff()
+    splits_at_prompt(implementation) && !own.q.is_autodiff()
 }
 
 /// The responses' attention input over the prompt's keys and values, then their own:
@@ -407,12 +406,8 @@ fn replay_attention_aware<L: SplitAtAttention<Context = Rope>>(
         let own = layer.attention_input(rows, rope.responses.as_ref().unwrap());
         // The kept forward ran untracked: split at the prompt wherever the
         // implementation allows it (it then kept an LSE).
-        let split = matches!(
-            implementation,
-            AttentionImpl::Flash | AttentionImpl::Reference
-        );
         match lse {
-            Some(lse) if split => {
+            Some(lse) if splits_at_prompt(implementation) => {
                 let PrefixGrads {
                     dq,
                     dk_own,
