@@ -187,18 +187,26 @@ pub fn haystack(
     } else {
         let (eval_dir, rows) = held_out_videos(dir, (w, h), frames, eval_per_depth, seed)?;
         rows.iter()
-            .map(|r| {
-                encoder.sample(
-                    &eval_dir.join(&r.video),
-                    r.frames,
-                    NEEDLE_QUESTION,
-                    &r.answer,
-                    r.depth,
-                )
-            })
+            .map(|r| held_out_sample(encoder, &eval_dir, r))
             .collect::<Result<_, _>>()?
     };
     Ok(HaystackData { train, eval })
+}
+
+/// One held-out row of [`held_out_videos`] (its video under `dir`) decoded and asked
+/// the needle question.
+pub fn held_out_sample(
+    encoder: &Encoder<'_>,
+    dir: &Path,
+    row: &HaystackSample,
+) -> Result<Sample, TrainError> {
+    Ok(encoder.sample(
+        &dir.join(&row.video),
+        row.frames,
+        NEEDLE_QUESTION,
+        &row.answer,
+        row.depth,
+    )?)
 }
 
 /// The held-out set of `frames`-frame haystacks under `dir` (`per_depth` videos per

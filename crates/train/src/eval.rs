@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::config::AnswerFormat;
-use crate::data::{Sample, held_out_videos, reformat_answers};
+use crate::data::{Sample, held_out_sample, held_out_videos, reformat_answers};
 use crate::error::TrainError;
 pub use crate::eval_progress::EvalProgress;
 use crate::grpo::reward::{is_correct, needle_cot_answer};
@@ -155,15 +155,7 @@ fn held_out_in_batches(
     for part in rows.chunks(batch) {
         let samples = part
             .iter()
-            .map(|r| {
-                encoder.sample(
-                    &dir.join(&r.video),
-                    r.frames,
-                    longview_infer::sample::NEEDLE_QUESTION,
-                    &r.answer,
-                    r.depth,
-                )
-            })
+            .map(|r| held_out_sample(&encoder, &dir, r))
             .collect::<Result<Vec<_>, _>>()?;
         each(samples)?;
         done += part.len();
