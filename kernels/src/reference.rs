@@ -190,6 +190,22 @@ pub fn swiglu_f64(gate: &[f32], up: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// Deterministic test inputs in [-1, 1): a 64-bit LCG's top 24 bits per value, the
+/// same for every test, check binary and benchmark that asks for `(n, seed)`.
+pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let step = |s: u64| {
+        s.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    };
+    let mut s = step(seed);
+    (0..n)
+        .map(|_| {
+            s = step(s);
+            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,20 +249,4 @@ mod tests {
         );
         assert_eq!((none.o, none.lse[0]), (vec![0.0, 0.0], f64::NEG_INFINITY));
     }
-}
-
-/// Deterministic test inputs in [-1, 1): a 64-bit LCG's top 24 bits per value, the
-/// same for every test, check binary and benchmark that asks for `(n, seed)`.
-pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
-    let step = |s: u64| {
-        s.wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407)
-    };
-    let mut s = step(seed);
-    (0..n)
-        .map(|_| {
-            s = step(s);
-            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
 }
