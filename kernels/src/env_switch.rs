@@ -3,28 +3,31 @@
 //! case); anything else is not guessed at: it is reported once on stderr, naming the
 //! variable and the accepted values, and the default is kept.
 
-/// `name`'s setting: unset or empty gives `default`.
+/// `name`'s setting: unset, empty or not a switch gives `default`.
 pub fn switch(name: &str, default: bool) -> bool {
-    parse(name, std::env::var(name).ok().as_deref(), default)
+    optional_switch(name).unwrap_or(default)
 }
 
-fn parse(name: &str, value: Option<&str>, default: bool) -> bool {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
-        return default;
-    };
+/// `name`'s setting, `None` when unset, empty or not a switch (the caller's default
+/// then applies; a value that is not a switch is reported once).
+pub fn optional_switch(name: &str) -> Option<bool> {
+    parse(name, std::env::var(name).ok().as_deref())
+}
+
+fn parse(name: &str, value: Option<&str>) -> Option<bool> {
+    let value = value.map(str::trim).filter(|v| !v.is_empty())?;
     match value.to_ascii_lowercase().as_str() {
-        "1" | "on" | "true" | "yes" => true,
-        "0" | "off" | "false" | "no" => false,
+        "1" | "on" | "true" | "yes" => Some(true),
+        "0" | "off" | "false" | "no" => Some(false),
         _ => {
             warn_once(
                 name,
                 &format!(
                     "{name}=`{value}` is not a switch (1/on/true/yes or 0/off/false/no); \
-                     keeping the default ({})",
-                    if default { "on" } else { "off" }
+                     ignored, the default applies"
                 ),
             );
-            default
+            None
         }
     }
 }
@@ -44,17 +47,15 @@ mod tests {
     use super::parse;
 
     #[test]
-    fn switches_accept_the_usual_spellings_and_keep_the_default_otherwise() {
+    fn switches_accept_the_usual_spellings_and_leave_anything_else_to_the_default() {
         for on in ["1", "on", "ON", "True", " yes "] {
-            assert!(parse("T", Some(on), false), "{on}");
+            assert_eq!(parse("T", Some(on)), Some(true), "{on}");
         }
         for off in ["0", "off", "OFF", "false", "No"] {
-            assert!(!parse("T", Some(off), true), "{off}");
+            assert_eq!(parse("T", Some(off)), Some(false), "{off}");
         }
-        for default in [true, false] {
-            assert_eq!(parse("T", None, default), default);
-            assert_eq!(parse("T", Some(""), default), default);
-            assert_eq!(parse("T", Some("disabled"), default), default);
+        for unset in [None, Some(""), Some("  "), Some("disabled")] {
+            assert_eq!(parse("T", unset), None, "{unset:?}");
         }
     }
 }

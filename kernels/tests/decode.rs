@@ -126,10 +126,12 @@ fn decode_kernels_match_the_f64_reference() {
         assert_close(&name("O"), &looped.0, &wide(&decode.0), TOL_F32);
         assert_close(&name("LSE"), &looped.1, &wide(&decode.1), TOL_F32);
         // Other cube sizes (the same sums, spread over more or fewer units), and the
-        // next tile loaded after a tile's work instead of during it.
+        // next tile loaded during a tile's work or after it (both named: the default
+        // comes from the environment).
         let variants = [
             ("64 units", case.options.clone().decode_units(Some(64))),
             ("256 units", case.options.clone().decode_units(Some(256))),
+            ("prefetch", case.options.clone().prefetch_decode(true)),
             ("no prefetch", case.options.clone().prefetch_decode(false)),
         ];
         for (variant, options) in variants {

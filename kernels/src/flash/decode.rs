@@ -9,12 +9,13 @@
 //! - the keys are split so that about two cubes per multiprocessor run;
 //! - each cube writes its slice's O (normalised) and LSE in f32, and a second kernel
 //!   merges the slices per row with weights `exp(lse_s - lse)`;
-//! - inside a cube, key tiles go global -> registers -> shared memory, the next
-//!   tile's loads issued before the current tile's work; the score and P V sums run
-//!   as four independent multiply-add chains, unrolled; the threads a cube are
-//!   settable. All three are [`super::DecodeTuning`] settings (environment:
-//!   `LONGVIEW_DECODE_PREFETCH=0`, `LONGVIEW_DECODE_UNROLL=0`,
-//!   `LONGVIEW_DECODE_UNITS`) kept for A/B timing.
+//! - inside a cube, key tiles go global -> registers -> shared memory (the next
+//!   tile's loads optionally issued before the current tile's work); the score and
+//!   P V sums run as four independent multiply-add chains, unrolled; the threads a
+//!   cube are settable. All three are [`super::DecodeTuning`] settings (environment:
+//!   `LONGVIEW_DECODE_PREFETCH=1`, `LONGVIEW_DECODE_UNROLL=0`,
+//!   `LONGVIEW_DECODE_UNITS`) kept for A/B timing; the defaults (no prefetch,
+//!   unrolled, 128 units) are the fastest of `flash_bench --decode` on an H100.
 //!
 //! Masks: causal with offsets (key `j` visible to query row `i` iff
 //! `k_offset + j <= q_offset + i`) or none; packed sequences do not come here. A row

@@ -1,5 +1,7 @@
-//! Decoding on the tensor cores (opt-in, `LONGVIEW_DECODE_TENSOR_CORES=1` or
-//! [`FlashOptions::tensor_core_decode`]): the keys cut into equal slices folded into
+//! Decoding on the tensor cores (by default for steps with at least
+//! [`DECODE_TC_MIN_ROWS`] query rows a kv head; forced either way by
+//! `LONGVIEW_DECODE_TENSOR_CORES=1`/`0` or [`FlashOptions::tensor_core_decode`]): the
+//! keys cut into equal slices folded into
 //! the batch, so that one launch of the tensor-core forward runs `slices x Hq` cubes
 //! where a plain launch runs `Hq` (a decoding step has one block of query rows, and
 //! a plain launch walks every key in one cube per head).
@@ -27,6 +29,24 @@ use super::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
 
 /// Fewest keys a slice gets (one tile of the tensor-core forward is 64 keys).
 const MIN_SLICE_KEYS: usize = 256;
+
+/// Query rows a kv head from which a decoding step runs here by default. Measured with
+/// `flash_bench --decode` on an H100 (2026-12-06, `benchmarks/flash_attention.md`):
+/// at 30 rows (12:2 heads, a GRPO group of five) this path took 0.66 ms against the
+/// split-key kernel's 0.84 ms at 200k keys (0.20 vs 0.29 ms at 50k); at 21 rows (28:4,
+/// three rows) 1.98 vs 1.13 ms, and at 6-7 rows (one sequence) 0.64 vs 0.33 ms. This
+/// path reads the keys once a query head, the split-key kernel once a kv head with
+/// work that grows with its rows, hence a crossover in rows a kv head.
+pub const DECODE_TC_MIN_ROWS: usize = 30;
+
+/// Whether the options ask for this path for `g`: forced by
+/// `DecodeTuning::tensor_cores`, else at [`DECODE_TC_MIN_ROWS`] rows a kv head.
+pub(super) fn wanted(g: &Geometry, options: &FlashOptions) -> bool {
+    options
+        .decode
+        .tensor_cores
+        .unwrap_or(g.hq / g.hkv * g.sq >= DECODE_TC_MIN_ROWS)
+}
 
 /// Whether every query row of the call sees every key, for one sequence.
 pub(super) fn applies(g: &Geometry, options: &FlashOptions) -> bool {
@@ -186,4 +206,38 @@ pub(super) fn forward<F: Float + CubeElement>(
     }
     merge::<F, F>(client, (&o_part, &lse_part), (o, lse), parts, g);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One decoding step of `sq` rows a query head against 4096 cached keys.
+    fn step(hq: usize, hkv: usize, sq: usize) -> Geometry {
+        Geometry {
+            b: 1,
+            hq,
+            hkv,
+            sq,
+            sk: 4096,
+            d: 128,
+        }
+    }
+
+    #[test]
+    fn groups_with_thirty_rows_a_kv_head_decode_on_the_tensor_cores_unless_forced() {
+        let mut auto = FlashOptions::new(128);
+        auto.decode.tensor_cores = None;
+        // The 1.5B's 12:2 heads: a group of five is 30 rows a kv head, one sequence 6;
+        // the 7B's 28:4: three rows are 21, five are 35.
+        assert!(wanted(&step(12, 2, 5), &auto));
+        assert!(!wanted(&step(12, 2, 1), &auto));
+        assert!(!wanted(&step(28, 4, 3), &auto));
+        assert!(wanted(&step(28, 4, 5), &auto));
+        assert!(wanted(
+            &step(12, 2, 1),
+            &auto.clone().tensor_core_decode(true)
+        ));
+        assert!(!wanted(&step(12, 2, 5), &auto.tensor_core_decode(false)));
+    }
 }

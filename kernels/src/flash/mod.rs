@@ -16,6 +16,7 @@ mod tc_tiles;
 mod tensor_core;
 
 pub use decode::DECODE_MAX_ROWS;
+pub use decode_tc::DECODE_TC_MIN_ROWS;
 pub use device_tensor::DeviceTensor;
 pub use options::{DecodeTuning, FlashOptions};
 pub use tc_tiles::{TC_MAX_HEAD_DIM, tensor_cores_unsupported};
@@ -198,7 +199,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         || (kernel == FlashKernel::Auto && decode::applies(&g, options))
     {
         let tensors = [("q", q), ("k", k), ("v", v)];
-        if options.decode.tensor_cores
+        if decode_tc::wanted(&g, options)
             && decode_tc::applies(&g, options)
             && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?
         {

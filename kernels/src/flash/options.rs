@@ -20,8 +20,9 @@ pub struct FlashOptions {
     pub decode: DecodeTuning,
 }
 
-/// Settings of the split-key decode kernel, kept for A/B timing. The defaults come
-/// from the environment, read once per process ([`DecodeTuning::from_env`]).
+/// Settings of the decode kernels, kept for A/B timing. The defaults were chosen by
+/// `flash_bench --decode` on an H100 (`benchmarks/flash_attention.md`, 2026-12-06);
+/// the environment overrides them, read once per process ([`DecodeTuning::from_env`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeTuning {
     /// Inner loops unrolled (the default; `LONGVIEW_DECODE_UNROLL=0` keeps loops).
@@ -31,14 +32,18 @@ pub struct DecodeTuning {
     /// threads (a GRPO group has 5x one row's work a tile). `LONGVIEW_DECODE_UNITS`;
     /// a value that is not a number becomes 0, which the launch refuses by name.
     pub units: Option<usize>,
-    /// The next key tile loaded while the current one is computed (the default;
-    /// `LONGVIEW_DECODE_PREFETCH=0` loads it after).
+    /// The next key tile loaded while the current one is computed
+    /// (`LONGVIEW_DECODE_PREFETCH=1`); by default it is loaded after the tile's work,
+    /// which `flash_bench --decode` measured 1-6% faster in 10 of its 12 shapes on an
+    /// H100 (the prefetch holds a second tile in registers).
     pub prefetch: bool,
-    /// Decoding steps that qualify run on the tensor-core forward with the keys
-    /// sliced into the batch (`decode_tc`) instead of the split-key kernel, where the
-    /// device has tensor cores (off by default until measured;
-    /// `LONGVIEW_DECODE_TENSOR_CORES=1`).
-    pub tensor_cores: bool,
+    /// Whether decoding steps that qualify run on the tensor-core forward with the
+    /// keys sliced into the batch (`decode_tc`) instead of the split-key kernel, where
+    /// the device has tensor cores. `None` (the default): when a step has at least
+    /// [`super::DECODE_TC_MIN_ROWS`] query rows a kv head (a GRPO group of five at the
+    /// 1.5B's 12:2 heads), the measured crossover; `Some(_)` forces it either way
+    /// (`LONGVIEW_DECODE_TENSOR_CORES=1` / `=0`).
+    pub tensor_cores: Option<bool>,
 }
 
 impl DecodeTuning {
@@ -52,8 +57,8 @@ impl DecodeTuning {
                 units: std::env::var("LONGVIEW_DECODE_UNITS")
                     .ok()
                     .map(|v| v.trim().parse().unwrap_or(0)),
-                prefetch: on("LONGVIEW_DECODE_PREFETCH"),
-                tensor_cores: crate::env_switch::switch("LONGVIEW_DECODE_TENSOR_CORES", false),
+                prefetch: crate::env_switch::switch("LONGVIEW_DECODE_PREFETCH", false),
+                tensor_cores: crate::env_switch::optional_switch("LONGVIEW_DECODE_TENSOR_CORES"),
             }
         })
     }
@@ -82,8 +87,10 @@ impl FlashOptions {
         self
     }
 
+    /// Forces decoding steps onto the tensor cores (`true`) or the split-key kernel
+    /// (`false`) instead of choosing by the rows a kv head.
     pub fn tensor_core_decode(mut self, tensor_cores: bool) -> Self {
-        self.decode.tensor_cores = tensor_cores;
+        self.decode.tensor_cores = Some(tensor_cores);
         self
     }
 
