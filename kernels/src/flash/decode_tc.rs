@@ -1,10 +1,11 @@
-//! Decoding on the tensor cores (by default for steps with at least
-//! [`DECODE_TC_MIN_ROWS`] query rows a kv head; forced either way by
-//! `LONGVIEW_DECODE_TENSOR_CORES=1`/`0` or [`FlashOptions::tensor_core_decode`]): the
-//! keys cut into equal slices folded into
-//! the batch, so that one launch of the tensor-core forward runs `slices x Hq` cubes
-//! where a plain launch runs `Hq` (a decoding step has one block of query rows, and
-//! a plain launch walks every key in one cube per head).
+//! Decoding on the tensor cores: the keys cut into equal slices folded into the
+//! batch, so that one launch of the tensor-core forward runs `slices x Hq` cubes where
+//! a plain launch runs `Hq` (a decoding step has one block of query rows, and a plain
+//! launch walks every key in one cube per head). Of the calls the decode kernels
+//! take (at most [`super::DECODE_MAX_ROWS`] query rows a kv head), those with at least
+//! [`DECODE_TC_MIN_ROWS`] come here by default, so 30 to 32 rows; larger calls run
+//! the plain tensor-core forward as before. `LONGVIEW_DECODE_TENSOR_CORES=1`/`0` or
+//! [`FlashOptions::tensor_core_decode`] forces the choice for the decode kernels' calls.
 //!
 //! No copy is made: k and v are read through a strided view `[slices, Hkv, sk /
 //! slices, d]` of their buffer (the slice index steps `sk / slices` keys), q through
@@ -229,7 +230,8 @@ mod tests {
         let mut auto = FlashOptions::new(128);
         auto.decode.tensor_cores = None;
         // The 1.5B's 12:2 heads: a group of five is 30 rows a kv head, one sequence 6;
-        // the 7B's 28:4: three rows are 21, five are 35.
+        // the 7B's 28:4: three rows are 21, five are 35 (the predicate alone: 35 rows
+        // exceed the decode kernels' 32, so the dispatch never asks it for them).
         assert!(wanted(&step(12, 2, 5), &auto));
         assert!(!wanted(&step(12, 2, 1), &auto));
         assert!(!wanted(&step(28, 4, 3), &auto));

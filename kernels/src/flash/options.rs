@@ -41,7 +41,8 @@ pub struct DecodeTuning {
     /// keys sliced into the batch (`decode_tc`) instead of the split-key kernel, where
     /// the device has tensor cores. `None` (the default): when a step has at least
     /// [`super::DECODE_TC_MIN_ROWS`] query rows a kv head (a GRPO group of five at the
-    /// 1.5B's 12:2 heads), the measured crossover; `Some(_)` forces it either way
+    /// 1.5B's 12:2 heads), the measured crossover, up to the decode kernels'
+    /// [`super::DECODE_MAX_ROWS`]; `Some(_)` forces it either way for those calls
     /// (`LONGVIEW_DECODE_TENSOR_CORES=1` / `=0`).
     pub tensor_cores: Option<bool>,
 }
