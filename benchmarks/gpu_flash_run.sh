@@ -26,6 +26,26 @@ step() { name=$1; limit=$2; shift 2; echo "== $name" | tee -a "$OUT/log.txt"; st
 wants() { [[ " ${STEPS:-checks torch longview decode} " == *" $1 "* ]]; }
 wants checks && step checks "${CHECK_S:-240}" /tmp/fb --tc-only --check-only
 wants torch && step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
-wants longview && step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
+# STEPS="sweep": each tile setting of TILES (LONGVIEW_FLASH_TILES values, space
+# separated) checked against f64 first, then timed at 32k causal, with the registers
+# and spill bytes the driver gave each kernel (CUBECL_CUDA_KERNEL_REGS); a later
+# "longview" step runs with the setting of the fastest forward+backward.
+BEST=${LONGVIEW_FLASH_TILES:-}
+if wants sweep; then
+  best_tf=0
+  for t in ${TILES:-8,64,32,8,32}; do
+    LONGVIEW_FLASH_TILES=$t step "check-$t" "${SWEEP_CHECK_S:-90}" /tmp/fb --tc-only --check-only
+    [ "$rc" = 0 ] || { echo "tiles $t failed its checks: not timed" | tee -a "$OUT/log.txt"; continue; }
+    LONGVIEW_FLASH_TILES=$t CUBECL_CUDA_KERNEL_REGS=1 step "sweep-$t" "${SWEEP_S:-60}" /tmp/fb --sweep
+    grep -h "kernel regs" "$OUT/sweep-$t.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
+    tf=$(grep -h '^tiles ' "$OUT/sweep-$t.txt" | awk -F'|' '{print $(NF-1)+0}')
+    if awk -v a="${tf:-0}" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best_tf=$tf; BEST=$t; fi
+  done
+  echo "fastest fwd+bwd: tiles ${BEST:-default} ($best_tf TFLOP/s)" | tee -a "$OUT/log.txt"
+fi
+if wants longview; then
+  if [ -n "$BEST" ]; then export LONGVIEW_FLASH_TILES=$BEST; fi
+  step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
+fi
 wants decode && step decode "${DECODE_S:-120}" /tmp/fb --decode
 exit 0

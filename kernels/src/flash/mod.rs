@@ -215,7 +215,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         flash_tc_forward_kernel::launch::<F>(
             client,
             CubeCount::Static(
-                g.sq.div_ceil(16 * t.fwd_warps) as u32,
+                g.sq.div_ceil(16 * t.fwd_m_tiles * t.fwd_warps) as u32,
                 (g.b * g.hq) as u32,
                 1,
             ),
@@ -236,6 +236,8 @@ pub fn flash_forward_with<F: Float + CubeElement>(
             g.d,
             t.fwd_warps,
             t.fwd_block_k,
+            t.fwd_m_tiles,
+            t.fwd_late_prefetch,
         );
         return Ok(());
     }

@@ -7,13 +7,17 @@ use cubecl::prelude::*;
 use super::DeviceTensor;
 
 /// Tile sizes of the tensor-core kernels: planes per cube of the forward / dQ
-/// (16 query rows each), keys per shared tile of the forward and of dQ, planes per
-/// cube of dK/dV (16 key rows each) and query rows per tile of dK/dV.
-/// `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq"` overrides them (benchmark exploration).
+/// (16 query rows each for dQ, `16 fwd_m_tiles` for the forward), keys per shared tile
+/// of the forward and of dQ, planes per cube of dK/dV (16 key rows each) and query rows
+/// per tile of dK/dV; whether the forward issues the next tile's loads after its
+/// scores. `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq[,fm[,late]]"` overrides them
+/// (benchmark exploration; `fm` row blocks of 16 a forward plane, `late` 0 or 1).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct TcTiles {
     pub(super) fwd_warps: usize,
     pub(super) fwd_block_k: usize,
+    pub(super) fwd_m_tiles: usize,
+    pub(super) fwd_late_prefetch: bool,
     pub(super) dq_block_k: usize,
     pub(super) dkdv_warps: usize,
     pub(super) dkdv_block_q: usize,
@@ -25,8 +29,8 @@ impl TcTiles {
     fn shared_bytes(&self, d: usize) -> usize {
         // K/V (forward, dQ) and Q/dO/LSE/delta (dK/dV) tiles are double-buffered.
         let row = (d.div_ceil(16) * 16 + 8) * 2;
-        let fwd =
-            (self.fwd_warps * 16).max(2 * self.fwd_block_k) * row + 2 * self.fwd_block_k * row;
+        let fwd = (self.fwd_warps * 16 * self.fwd_m_tiles).max(2 * self.fwd_block_k) * row
+            + 2 * self.fwd_block_k * row;
         let dq = 2 * (self.fwd_warps * 16).max(2 * self.dq_block_k) * row;
         // dK/dV also holds the fused dQ's dS tile (block_q x (keys + 8) elements).
         let dkdv = 2 * self.dkdv_warps * 16 * row
@@ -69,6 +73,8 @@ fn tc_tiles_requested() -> TcTiles {
     let default = TcTiles {
         fwd_warps: 8,
         fwd_block_k: 64,
+        fwd_m_tiles: 1,
+        fwd_late_prefetch: false,
         dq_block_k: 32,
         dkdv_warps: 8,
         dkdv_block_q: 32,
@@ -80,20 +86,24 @@ fn tc_tiles_requested() -> TcTiles {
         .split(',')
         .filter_map(|x| x.trim().parse().ok())
         .collect();
-    let ok = v.len() == 5
-        && v.iter().all(|&x| x > 0)
+    let ok = (5..=7).contains(&v.len())
+        && v[..5].iter().all(|&x| x > 0)
         && v[1].is_multiple_of(16)
         && v[2].is_multiple_of(16)
-        && v[4].is_multiple_of(16);
+        && v[4].is_multiple_of(16)
+        && v.get(5).is_none_or(|&m| (1..=2).contains(&m))
+        && v.get(6).is_none_or(|&late| late <= 1);
     if !ok {
         eprintln!(
-            "LONGVIEW_FLASH_TILES={text:?} ignored: want 5 positive numbers fw,fk,qk,kw,kq with fk, qk, kq multiples of 16"
+            "LONGVIEW_FLASH_TILES={text:?} ignored: want fw,fk,qk,kw,kq[,fm[,late]]: positive numbers with fk, qk, kq multiples of 16, fm 1 or 2, late 0 or 1"
         );
         return default;
     }
     TcTiles {
         fwd_warps: v[0],
         fwd_block_k: v[1],
+        fwd_m_tiles: v.get(5).copied().unwrap_or(default.fwd_m_tiles),
+        fwd_late_prefetch: v.get(6).map_or(default.fwd_late_prefetch, |&x| x == 1),
         dq_block_k: v[2],
         dkdv_warps: v[3],
         dkdv_block_q: v[4],

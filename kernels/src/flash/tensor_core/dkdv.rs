@@ -289,10 +289,14 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
             if active {
                 zero::<NC>(&mut s, comptime!(qn * c_vecs));
                 zero::<NC>(&mut dp, comptime!(qn * c_vecs));
-                load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut a_frag, kd, pitch_v);
-                mma_abt::<F, N, NA, NA, NC>(&def, &a_frag, &q_s, row0, &mut s, qn, kd, pitch_v);
-                load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut a_frag, kd, pitch_v);
-                mma_abt::<F, N, NA, NA, NC>(&def, &a_frag, &g_s, row0, &mut dp, qn, kd, pitch_v);
+                load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut a_frag, kd, pitch_v, 1usize);
+                mma_abt::<F, N, NA, NA, NC>(
+                    &def, &a_frag, &q_s, row0, &mut s, qn, kd, pitch_v, 1usize,
+                );
+                load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut a_frag, kd, pitch_v, 1usize);
+                mma_abt::<F, N, NA, NA, NC>(
+                    &def, &a_frag, &g_s, row0, &mut dp, qn, kd, pitch_v, 1usize,
+                );
                 // P^T (into s) and dS^T (into dp), masked entries 0.
                 #[unroll]
                 for nb in 0..qn {
@@ -329,7 +333,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                         dp[nb * c_vecs + i] = y;
                     }
                 }
-                acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, qn);
+                acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, qn, 1usize);
                 mma_ab::<F, N, NA, NA, NC>(
                     &def,
                     &p_frag,
@@ -340,8 +344,9 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     comptime!(qn / 2),
                     pitch_v,
                     0usize,
+                    1usize,
                 );
-                acc_to_a::<F, NA, NC>(&def, &dp, &mut p_frag, qn);
+                acc_to_a::<F, NA, NC>(&def, &dp, &mut p_frag, qn, 1usize);
                 mma_ab::<F, N, NA, NA, NC>(
                     &def,
                     &p_frag,
@@ -352,6 +357,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     comptime!(qn / 2),
                     pitch_v,
                     0usize,
+                    1usize,
                 );
                 if fuse_dq {
                     // dS^T (keys x queries in registers) into shared memory as dS.
@@ -402,6 +408,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     comptime!(block_k / 16),
                     pitch_v,
                     ct,
+                    1usize,
                 );
                 let q_first = (b * hq + h) * sq + tile + rb * 16;
                 #[unroll]
@@ -442,10 +449,10 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     }
     let kb = b * dk.stride(0) + hk * dk.stride(1);
     store_rows::<F, NC>(
-        &def, &dk_acc, dk, kb, key0, key1, scale, scale, sk, od, head_dim,
+        &def, &dk_acc, dk, kb, key0, key1, scale, scale, sk, od, head_dim, 0usize,
     );
     let vb = b * dv.stride(0) + hk * dv.stride(1);
     store_rows::<F, NC>(
-        &def, &dv_acc, dv, vb, key0, key1, 1.0f32, 1.0f32, sk, od, head_dim,
+        &def, &dv_acc, dv, vb, key0, key1, 1.0f32, 1.0f32, sk, od, head_dim, 0usize,
     );
 }

@@ -141,8 +141,8 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     sync_cube();
     let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
     let mut g_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
-    load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut q_frag, kd, pitch_v);
-    load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut g_frag, kd, pitch_v);
+    load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut q_frag, kd, pitch_v, 1usize);
+    load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut g_frag, kd, pitch_v, 1usize);
     sync_cube();
 
     let mut acc = Array::<Vector<f32, NC>>::new(comptime!(od * c_vecs));
@@ -220,8 +220,10 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
         if plane_any(sees0 || sees1) {
             zero::<NC>(&mut s, comptime!(kn * c_vecs));
             zero::<NC>(&mut dp, comptime!(kn * c_vecs));
-            mma_abt::<F, N, NA, NA, NC>(&def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v);
-            mma_abt::<F, N, NA, NA, NC>(&def, &g_frag, &v_s, row0, &mut dp, kn, kd, pitch_v);
+            mma_abt::<F, N, NA, NA, NC>(&def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v, 1usize);
+            mma_abt::<F, N, NA, NA, NC>(
+                &def, &g_frag, &v_s, row0, &mut dp, kn, kd, pitch_v, 1usize,
+            );
             // dS = P (dP - delta), P = exp(scale S - LSE), masked entries 0.
             #[unroll]
             for nb in 0..kn {
@@ -257,7 +259,7 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
                     s[nb * c_vecs + i] = x;
                 }
             }
-            acc_to_a::<F, NA, NC>(&def, &s, &mut ds_frag, kn);
+            acc_to_a::<F, NA, NC>(&def, &s, &mut ds_frag, kn, 1usize);
             mma_ab::<F, N, NA, NA, NC>(
                 &def,
                 &ds_frag,
@@ -268,6 +270,7 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
                 comptime!(kn / 2),
                 pitch_v,
                 0usize,
+                1usize,
             );
         }
         if next < block_hi {
@@ -294,6 +297,6 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     }
     let base = b * dq.stride(0) + h * dq.stride(1);
     store_rows::<F, NC>(
-        &def, &acc, dq, base, row0, row1, scale, scale, sq, od, head_dim,
+        &def, &acc, dq, base, row0, row1, scale, scale, sq, od, head_dim, 0usize,
     );
 }

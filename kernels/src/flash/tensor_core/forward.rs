@@ -12,9 +12,13 @@ use cubecl::prelude::*;
 use super::{acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, store_rows, zero};
 use crate::flash::kernels::{MASKED, NO_KEYS, key_hi, segment_lo};
 
-/// O and LSE. Cube: `(32, warps)` units, plane `w` owns query rows
-/// `[16 w, 16 w + 16)` of the cube's block; grid `(ceil(Sq / (16 warps)), B * Hq)`.
-/// Q is staged through the K buffer, which has `max(16 warps, block_k)` rows.
+/// O and LSE. Cube: `(32, warps)` units, plane `w` owns the `16 m_tiles` query rows
+/// `[16 m_tiles w, 16 m_tiles (w + 1))` of the cube's block (`m_tiles` row blocks of
+/// 16, which share every K and V fragment a plane loads from shared memory); grid
+/// `(ceil(Sq / (16 m_tiles warps)), B * Hq)`. Q is staged through the K buffer, which
+/// has `max(16 m_tiles warps, 2 block_k)` rows. With `late_prefetch` the next tile's
+/// loads are issued after the scores are computed rather than before, so the
+/// registers they land in are not live during the `Q K^T` product.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_forward_kernel<F: Float, N: Size>(
@@ -33,13 +37,14 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] warps: usize,
     #[comptime] block_k: usize,
+    #[comptime] m_tiles: usize,
+    #[comptime] late_prefetch: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
     let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-    let vc = def.vector_size(MatrixIdent::Accumulator);
 
     let padded = comptime!(head_dim.div_ceil(16) * 16);
     let width = q.vector_size();
@@ -47,7 +52,8 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let kd = comptime!(padded / 16);
     let od = comptime!(padded / 8);
     let kn = comptime!(block_k / 8);
-    let block_q = comptime!(16 * warps);
+    let plane_rows = comptime!(16 * m_tiles);
+    let block_q = comptime!(plane_rows * warps);
     let rows_k = comptime!(if block_q > 2 * block_k {
         block_q
     } else {
@@ -79,20 +85,21 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let block_lo = segment_lo(cu, nseg, first, varlen);
     let block_hi = key_hi(cu, nseg, last, sk, q_offset, k_offset, causal, varlen);
 
-    // The two query rows of this lane and the keys each may see.
-    let row0 = first + warp * 16 + g;
-    let row1 = row0 + 8;
-    let mut lo0 = 0usize;
-    let mut hi0 = 0usize;
-    let mut lo1 = 0usize;
-    let mut hi1 = 0usize;
-    if row0 < sq {
-        lo0 = segment_lo(cu, nseg, row0, varlen);
-        hi0 = key_hi(cu, nseg, row0, sk, q_offset, k_offset, causal, varlen);
-    }
-    if row1 < sq {
-        lo1 = segment_lo(cu, nseg, row1, varlen);
-        hi1 = key_hi(cu, nseg, row1, sk, q_offset, k_offset, causal, varlen);
+    // The query rows of this lane, two a row block (g and g + 8; entry 2 mi + 1 is
+    // the second), and the keys each may see.
+    let mut lo = Array::<u32>::new(comptime!(2 * m_tiles));
+    let mut hi = Array::<u32>::new(comptime!(2 * m_tiles));
+    #[unroll]
+    for r in 0..comptime!(2 * m_tiles) {
+        let row = first + warp * plane_rows + comptime!(r / 2 * 16 + r % 2 * 8) + g;
+        let mut row_lo = 0usize;
+        let mut row_hi = 0usize;
+        if row < sq {
+            row_lo = segment_lo(cu, nseg, row, varlen);
+            row_hi = key_hi(cu, nseg, row, sk, q_offset, k_offset, causal, varlen);
+        }
+        lo[r] = row_lo as u32;
+        hi[r] = row_hi as u32;
     }
 
     // K and V tiles are double-buffered: rows [0, block_k) and [block_k, 2 block_k).
@@ -114,18 +121,30 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
         threads,
     );
     sync_cube();
-    let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
-    load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut q_frag, kd, pitch_v);
+    let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(m_tiles * kd * a_vecs));
+    load_a::<F, N, NA>(
+        &def,
+        &k_s,
+        warp * plane_rows,
+        &mut q_frag,
+        kd,
+        pitch_v,
+        m_tiles,
+    );
     sync_cube();
 
-    let mut acc = Array::<Vector<f32, NC>>::new(comptime!(od * c_vecs));
-    zero::<NC>(&mut acc, comptime!(od * c_vecs));
-    let mut s = Array::<Vector<f32, NC>>::new(comptime!(kn * c_vecs));
-    let mut p_frag = Array::<Vector<F, NA>>::new(comptime!(kn / 2 * a_vecs));
-    let mut m0 = f32::new(NO_KEYS);
-    let mut m1 = f32::new(NO_KEYS);
-    let mut l0 = 0.0f32;
-    let mut l1 = 0.0f32;
+    let mut acc = Array::<Vector<f32, NC>>::new(comptime!(m_tiles * od * c_vecs));
+    zero::<NC>(&mut acc, comptime!(m_tiles * od * c_vecs));
+    let mut s = Array::<Vector<f32, NC>>::new(comptime!(m_tiles * kn * c_vecs));
+    let mut p_frag = Array::<Vector<F, NA>>::new(comptime!(m_tiles * kn / 2 * a_vecs));
+    // Running row maxima and (lane-partial) row sums, indexed like `lo`.
+    let mut m = Array::<f32>::new(comptime!(2 * m_tiles));
+    let mut l = Array::<f32>::new(comptime!(2 * m_tiles));
+    #[unroll]
+    for r in 0..comptime!(2 * m_tiles) {
+        m[r] = f32::new(NO_KEYS);
+        l[r] = 0.0f32;
+    }
     let k_base = b * k.stride(0) + hk * k.stride(1);
     let v_base = b * v.stride(0) + hk * v.stride(1);
 
@@ -163,9 +182,17 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     sync_cube();
     let mut buf = 0usize;
     while tile < block_hi {
-        // The next tile's loads fly while this one is computed.
         let next = tile + block_k;
-        if next < block_hi {
+        let row0 = buf * block_k;
+        let mut sees = false;
+        #[unroll]
+        for r in 0..comptime!(2 * m_tiles) {
+            sees = sees || ((lo[r] as usize) < tile + block_k && (hi[r] as usize) > tile);
+        }
+        let any = plane_any(sees);
+
+        // The next tile's loads fly while this one is computed.
+        if !late_prefetch && next < block_hi {
             prefetch::<F, N>(
                 k,
                 k_base,
@@ -191,121 +218,46 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                 threads,
             );
         }
-        let row0 = buf * block_k;
-
-        let sees0 = lo0 < tile + block_k && hi0 > tile;
-        let sees1 = lo1 < tile + block_k && hi1 > tile;
-        if plane_any(sees0 || sees1) {
-            zero::<NC>(&mut s, comptime!(kn * c_vecs));
-            mma_abt::<F, N, NA, NA, NC>(&def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v);
-
-            // Scale and mask; row maxima over the quad.
-            let full0 = lo0 <= tile && hi0 >= tile + block_k;
-            let full1 = lo1 <= tile && hi1 >= tile + block_k;
-            let mut mx0 = f32::new(MASKED);
-            let mut mx1 = f32::new(MASKED);
+        if any {
+            zero::<NC>(&mut s, comptime!(m_tiles * kn * c_vecs));
+            mma_abt::<F, N, NA, NA, NC>(
+                &def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v, m_tiles,
+            );
+        }
+        if late_prefetch && next < block_hi {
+            prefetch::<F, N>(
+                k,
+                k_base,
+                k.stride(2),
+                next,
+                sk,
+                &mut k_next,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+            prefetch::<F, N>(
+                v,
+                v_base,
+                v.stride(2),
+                next,
+                sk,
+                &mut v_next,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+        }
+        if any {
             #[unroll]
-            for nb in 0..kn {
-                #[unroll]
-                for i in 0..c_vecs {
-                    let mut x = s[nb * c_vecs + i];
-                    #[unroll]
-                    for e in 0..vc {
-                        let (r, c) = def.position_of_nth(
-                            lane,
-                            comptime!((i * vc + e) as u32),
-                            MatrixIdent::Accumulator,
-                        );
-                        let key = tile + nb * 8 + c as usize;
-                        let mut val = x.extract(e) * scale;
-                        if r as usize == g {
-                            if !full0 && (key < lo0 || key >= hi0) {
-                                val = f32::new(MASKED);
-                            }
-                            mx0 = max(mx0, val);
-                        } else {
-                            if !full1 && (key < lo1 || key >= hi1) {
-                                val = f32::new(MASKED);
-                            }
-                            mx1 = max(mx1, val);
-                        }
-                        x.insert(e, val);
-                    }
-                    s[nb * c_vecs + i] = x;
-                }
+            for mi in 0..m_tiles {
+                online_softmax::<F, NC>(
+                    &def, &mut s, &mut acc, &lo, &hi, &mut m, &mut l, tile, scale, kn, od, mi,
+                );
             }
-            mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
-            mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
-            mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
-            mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
-            // A row with nothing visible yet keeps NO_KEYS.
-            let mut new0 = m0;
-            let mut new1 = m1;
-            if mx0 > f32::new(MASKED) {
-                new0 = max(m0, mx0);
-            }
-            if mx1 > f32::new(MASKED) {
-                new1 = max(m1, mx1);
-            }
-            let corr0 = (m0 - new0).exp();
-            let corr1 = (m1 - new1).exp();
-            m0 = new0;
-            m1 = new1;
-            l0 *= corr0;
-            l1 *= corr1;
-            #[unroll]
-            for nd in 0..od {
-                #[unroll]
-                for i in 0..c_vecs {
-                    let mut x = acc[nd * c_vecs + i];
-                    #[unroll]
-                    for e in 0..vc {
-                        let (r, _c) = def.position_of_nth(
-                            lane,
-                            comptime!((i * vc + e) as u32),
-                            MatrixIdent::Accumulator,
-                        );
-                        let mut f = corr1;
-                        if r as usize == g {
-                            f = corr0;
-                        }
-                        x.insert(e, x.extract(e) * f);
-                    }
-                    acc[nd * c_vecs + i] = x;
-                }
-            }
-            // P = exp(S - m), masked entries 0; lane-partial row sums.
-            #[unroll]
-            for nb in 0..kn {
-                #[unroll]
-                for i in 0..c_vecs {
-                    let mut x = s[nb * c_vecs + i];
-                    #[unroll]
-                    for e in 0..vc {
-                        let (r, _c) = def.position_of_nth(
-                            lane,
-                            comptime!((i * vc + e) as u32),
-                            MatrixIdent::Accumulator,
-                        );
-                        let val = x.extract(e);
-                        let mut p = 0.0f32;
-                        if r as usize == g {
-                            if val > f32::new(MASKED) {
-                                p = (val - m0).exp();
-                            }
-                            l0 += p;
-                        } else {
-                            if val > f32::new(MASKED) {
-                                p = (val - m1).exp();
-                            }
-                            l1 += p;
-                        }
-                        x.insert(e, p);
-                    }
-                    s[nb * c_vecs + i] = x;
-                }
-            }
-            acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, kn);
+            acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, kn, m_tiles);
             mma_ab::<F, N, NA, NA, NC>(
                 &def,
                 &p_frag,
@@ -316,6 +268,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                 comptime!(kn / 2),
                 pitch_v,
                 0usize,
+                m_tiles,
             );
         }
         if next < block_hi {
@@ -343,34 +296,197 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     }
 
     // Row sums over the quad, then O / l and LSE.
-    l0 += plane_shuffle_xor(l0, 1u32);
-    l0 += plane_shuffle_xor(l0, 2u32);
-    l1 += plane_shuffle_xor(l1, 1u32);
-    l1 += plane_shuffle_xor(l1, 2u32);
-    let mut inv0 = 0.0f32;
-    let mut inv1 = 0.0f32;
-    let mut lse0 = f32::new(NO_KEYS);
-    let mut lse1 = f32::new(NO_KEYS);
-    if l0 > 0.0f32 {
-        inv0 = 1.0f32 / l0;
-        lse0 = m0 + l0.ln();
-    }
-    if l1 > 0.0f32 {
-        inv1 = 1.0f32 / l1;
-        lse1 = m1 + l1.ln();
-    }
     let o_base = b * o.stride(0) + h * o.stride(1);
-    store_rows::<F, NC>(
-        &def, &acc, o, o_base, row0, row1, inv0, inv1, sq, od, head_dim,
-    );
-    if lane % 4 == 0 {
-        let base = b * lse.stride(0) + h * lse.stride(1);
-        let step = lse.stride(2);
-        if row0 < sq {
-            lse[base + row0 * step] = lse0;
+    #[unroll]
+    for mi in 0..m_tiles {
+        let row0 = first + warp * plane_rows + mi * 16 + g;
+        let row1 = row0 + 8;
+        let mut l0 = l[comptime!(2 * mi)];
+        let mut l1 = l[comptime!(2 * mi + 1)];
+        l0 += plane_shuffle_xor(l0, 1u32);
+        l0 += plane_shuffle_xor(l0, 2u32);
+        l1 += plane_shuffle_xor(l1, 1u32);
+        l1 += plane_shuffle_xor(l1, 2u32);
+        let mut inv0 = 0.0f32;
+        let mut inv1 = 0.0f32;
+        let mut lse0 = f32::new(NO_KEYS);
+        let mut lse1 = f32::new(NO_KEYS);
+        if l0 > 0.0f32 {
+            inv0 = 1.0f32 / l0;
+            lse0 = m[comptime!(2 * mi)] + l0.ln();
         }
-        if row1 < sq {
-            lse[base + row1 * step] = lse1;
+        if l1 > 0.0f32 {
+            inv1 = 1.0f32 / l1;
+            lse1 = m[comptime!(2 * mi + 1)] + l1.ln();
+        }
+        store_rows::<F, NC>(
+            &def,
+            &acc,
+            o,
+            o_base,
+            row0,
+            row1,
+            inv0,
+            inv1,
+            sq,
+            od,
+            head_dim,
+            comptime!(mi * od),
+        );
+        if lane % 4 == 0 {
+            let base = b * lse.stride(0) + h * lse.stride(1);
+            let step = lse.stride(2);
+            if row0 < sq {
+                lse[base + row0 * step] = lse0;
+            }
+            if row1 < sq {
+                lse[base + row1 * step] = lse1;
+            }
         }
     }
+}
+
+/// One step of the online softmax for row block `mi` of a plane: scales and masks
+/// its scores `s` (keys `[tile, tile + 8 kn)`), updates the running maxima `m` and
+/// lane-partial sums `l` of its two rows (entries `2 mi`, `2 mi + 1`), rescales its
+/// accumulator tiles and leaves `P = exp(S - m)` in `s` (masked entries 0).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn online_softmax<F: Float, NC: Size>(
+    def: &MmaDefinition<F, F, f32>,
+    s: &mut Array<Vector<f32, NC>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    lo: &Array<u32>,
+    hi: &Array<u32>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    tile: usize,
+    scale: f32,
+    #[comptime] kn: usize,
+    #[comptime] od: usize,
+    #[comptime] mi: usize,
+) {
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let vc = def.vector_size(MatrixIdent::Accumulator);
+    let lane = UNIT_POS_PLANE;
+    let g = (lane / 4) as usize;
+    let block_k = comptime!(kn * 8);
+    let lo0 = lo[comptime!(2 * mi)] as usize;
+    let hi0 = hi[comptime!(2 * mi)] as usize;
+    let lo1 = lo[comptime!(2 * mi + 1)] as usize;
+    let hi1 = hi[comptime!(2 * mi + 1)] as usize;
+
+    // Scale and mask; row maxima over the quad.
+    let full0 = lo0 <= tile && hi0 >= tile + block_k;
+    let full1 = lo1 <= tile && hi1 >= tile + block_k;
+    let mut mx0 = f32::new(MASKED);
+    let mut mx1 = f32::new(MASKED);
+    #[unroll]
+    for nb in 0..kn {
+        #[unroll]
+        for i in 0..c_vecs {
+            let at = comptime!((mi * kn + nb) * c_vecs + i);
+            let mut x = s[at];
+            #[unroll]
+            for e in 0..vc {
+                let (r, c) = def.position_of_nth(
+                    lane,
+                    comptime!((i * vc + e) as u32),
+                    MatrixIdent::Accumulator,
+                );
+                let key = tile + nb * 8 + c as usize;
+                let mut val = x.extract(e) * scale;
+                if r as usize == g {
+                    if !full0 && (key < lo0 || key >= hi0) {
+                        val = f32::new(MASKED);
+                    }
+                    mx0 = max(mx0, val);
+                } else {
+                    if !full1 && (key < lo1 || key >= hi1) {
+                        val = f32::new(MASKED);
+                    }
+                    mx1 = max(mx1, val);
+                }
+                x.insert(e, val);
+            }
+            s[at] = x;
+        }
+    }
+    mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
+    mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
+    mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
+    mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
+    // A row with nothing visible yet keeps NO_KEYS.
+    let m0 = m[comptime!(2 * mi)];
+    let m1 = m[comptime!(2 * mi + 1)];
+    let mut new0 = m0;
+    let mut new1 = m1;
+    if mx0 > f32::new(MASKED) {
+        new0 = max(m0, mx0);
+    }
+    if mx1 > f32::new(MASKED) {
+        new1 = max(m1, mx1);
+    }
+    let corr0 = (m0 - new0).exp();
+    let corr1 = (m1 - new1).exp();
+    m[comptime!(2 * mi)] = new0;
+    m[comptime!(2 * mi + 1)] = new1;
+    let mut l0 = l[comptime!(2 * mi)] * corr0;
+    let mut l1 = l[comptime!(2 * mi + 1)] * corr1;
+    #[unroll]
+    for nd in 0..od {
+        #[unroll]
+        for i in 0..c_vecs {
+            let at = comptime!((mi * od + nd) * c_vecs + i);
+            let mut x = acc[at];
+            #[unroll]
+            for e in 0..vc {
+                let (r, _c) = def.position_of_nth(
+                    lane,
+                    comptime!((i * vc + e) as u32),
+                    MatrixIdent::Accumulator,
+                );
+                let mut f = corr1;
+                if r as usize == g {
+                    f = corr0;
+                }
+                x.insert(e, x.extract(e) * f);
+            }
+            acc[at] = x;
+        }
+    }
+    // P = exp(S - m), masked entries 0; lane-partial row sums.
+    #[unroll]
+    for nb in 0..kn {
+        #[unroll]
+        for i in 0..c_vecs {
+            let at = comptime!((mi * kn + nb) * c_vecs + i);
+            let mut x = s[at];
+            #[unroll]
+            for e in 0..vc {
+                let (r, _c) = def.position_of_nth(
+                    lane,
+                    comptime!((i * vc + e) as u32),
+                    MatrixIdent::Accumulator,
+                );
+                let val = x.extract(e);
+                let mut p = 0.0f32;
+                if r as usize == g {
+                    if val > f32::new(MASKED) {
+                        p = (val - new0).exp();
+                    }
+                    l0 += p;
+                } else {
+                    if val > f32::new(MASKED) {
+                        p = (val - new1).exp();
+                    }
+                    l1 += p;
+                }
+                x.insert(e, p);
+            }
+            s[at] = x;
+        }
+    }
+    l[comptime!(2 * mi)] = l0;
+    l[comptime!(2 * mi + 1)] = l1;
 }

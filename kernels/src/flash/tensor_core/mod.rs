@@ -126,9 +126,11 @@ fn commit<F: Float, N: Size>(
     }
 }
 
-/// A fragments of 16 rows `[row0, row0 + 16)` of a shared tile, all `kd` k-blocks of
-/// 16 columns: `frags[kb * vectors_per_lane(A) + i]`.
+/// A fragments of `16 m_tiles` rows `[row0, row0 + 16 m_tiles)` of a shared tile, all
+/// `kd` k-blocks of 16 columns: `frags[(mi * kd + kb) * vectors_per_lane(A) + i]` for
+/// row block `mi`.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn load_a<F: Float, N: Size, NA: Size>(
     def: &MmaDefinition<F, F, f32>,
     src: &Shared<[Vector<F, N>]>,
@@ -136,26 +138,36 @@ fn load_a<F: Float, N: Size, NA: Size>(
     frags: &mut Array<Vector<F, NA>>,
     #[comptime] kd: usize,
     #[comptime] pitch_v: usize,
+    #[comptime] m_tiles: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let lane = UNIT_POS_PLANE as usize;
-    let row = row0 + lane % 16;
     let col = lane / 16;
     #[unroll]
-    for kb in 0..kd {
-        let at = row * pitch_v + kb * 2 + col;
-        let regs =
-            def.load_matrix::<Vector<F, N>, NA>(&src[at..at + 1], MatrixIdent::A, 4usize, false);
+    for mi in 0..m_tiles {
+        let row = row0 + mi * 16 + lane % 16;
         #[unroll]
-        for i in 0..a_vecs {
-            frags[kb * a_vecs + i] = regs[i];
+        for kb in 0..kd {
+            let at = row * pitch_v + kb * 2 + col;
+            let regs = def.load_matrix::<Vector<F, N>, NA>(
+                &src[at..at + 1],
+                MatrixIdent::A,
+                4usize,
+                false,
+            );
+            #[unroll]
+            for i in 0..a_vecs {
+                frags[(mi * kd + kb) * a_vecs + i] = regs[i];
+            }
         }
     }
 }
 
-/// `acc += A B^T`: A is 16 x (16 kd) in registers (`load_a` layout); B^T's columns
-/// are the shared-tile rows `[row0, row0 + 8 n_tiles)` (columns `[0, 16 kd)`), so
-/// `acc` holds `n_tiles` 16x8 tiles.
+/// `acc += A B^T` for `m_tiles` blocks of 16 rows: A block `mi` is 16 x (16 kd) in
+/// registers (`load_a` layout); B^T's columns are the shared-tile rows
+/// `[row0, row0 + 8 n_tiles)` (columns `[0, 16 kd)`), so `acc` holds `n_tiles` 16x8
+/// tiles a row block (`acc[(mi * n_tiles + nb) * vectors_per_lane(C) + i]`). Each B
+/// fragment is loaded once for all row blocks.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_abt<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
@@ -167,6 +179,7 @@ fn mma_abt<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     #[comptime] n_tiles: usize,
     #[comptime] kd: usize,
     #[comptime] pitch_v: usize,
+    #[comptime] m_tiles: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let b_vecs = def.vectors_per_lane(MatrixIdent::B);
@@ -185,37 +198,41 @@ fn mma_abt<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
                 4usize,
                 false,
             );
-            let mut af = Array::<Vector<F, NA>>::new(a_vecs);
             #[unroll]
-            for i in 0..a_vecs {
-                af[i] = a[kb * a_vecs + i];
-            }
-            #[unroll]
-            for half in 0..2usize {
-                let nb = nb2 * 2 + half;
-                let mut bf = Array::<Vector<F, NB>>::new(b_vecs);
+            for mi in 0..m_tiles {
+                let mut af = Array::<Vector<F, NA>>::new(a_vecs);
                 #[unroll]
-                for i in 0..b_vecs {
-                    bf[i] = regs[half * b_vecs + i];
+                for i in 0..a_vecs {
+                    af[i] = a[(mi * kd + kb) * a_vecs + i];
                 }
-                let mut c = Array::<Vector<f32, NC>>::new(c_vecs);
                 #[unroll]
-                for i in 0..c_vecs {
-                    c[i] = acc[nb * c_vecs + i];
-                }
-                def.execute_inplace(&af, &bf, &mut c);
-                #[unroll]
-                for i in 0..c_vecs {
-                    acc[nb * c_vecs + i] = c[i];
+                for half in 0..2usize {
+                    let nb = mi * n_tiles + nb2 * 2 + half;
+                    let mut bf = Array::<Vector<F, NB>>::new(b_vecs);
+                    #[unroll]
+                    for i in 0..b_vecs {
+                        bf[i] = regs[half * b_vecs + i];
+                    }
+                    let mut c = Array::<Vector<f32, NC>>::new(c_vecs);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        c[i] = acc[nb * c_vecs + i];
+                    }
+                    def.execute_inplace(&af, &bf, &mut c);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        acc[nb * c_vecs + i] = c[i];
+                    }
                 }
             }
         }
     }
 }
 
-/// `acc += A B`: A is 16 x (16 kk) in registers; B is the shared-tile rows
-/// `[row0, row0 + 16 kk)` (the k index) by columns `[0, 8 n_tiles)`, read
-/// transposed; `acc` holds `n_tiles` 16x8 tiles.
+/// `acc += A B` for `m_tiles` blocks of 16 rows: A block `mi` is 16 x (16 kk) in
+/// registers (`a[(mi * kk + kb) * vectors_per_lane(A) + i]`); B is the shared-tile
+/// rows `[row0, row0 + 16 kk)` (the k index) by columns `[0, 8 n_tiles)`, read
+/// transposed once for all row blocks; `acc` holds `n_tiles` 16x8 tiles a row block.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_ab<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
@@ -228,6 +245,7 @@ fn mma_ab<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     #[comptime] kk: usize,
     #[comptime] pitch_v: usize,
     col0_v: usize,
+    #[comptime] m_tiles: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let b_vecs = def.vectors_per_lane(MatrixIdent::B);
@@ -237,67 +255,75 @@ fn mma_ab<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     let col = col0_v + lane / 16;
     #[unroll]
     for kb in 0..kk {
-        let mut af = Array::<Vector<F, NA>>::new(a_vecs);
-        #[unroll]
-        for i in 0..a_vecs {
-            af[i] = a[kb * a_vecs + i];
-        }
         #[unroll]
         for nd2 in 0..comptime!(n_tiles / 2) {
             let at = (row + kb * 16) * pitch_v + nd2 * 2 + col;
             let regs =
                 def.load_matrix::<Vector<F, N>, NB>(&b_s[at..at + 1], MatrixIdent::B, 4usize, true);
             #[unroll]
-            for half in 0..2usize {
-                let nd = nd2 * 2 + half;
-                let mut bf = Array::<Vector<F, NB>>::new(b_vecs);
+            for mi in 0..m_tiles {
+                let mut af = Array::<Vector<F, NA>>::new(a_vecs);
                 #[unroll]
-                for i in 0..b_vecs {
-                    bf[i] = regs[half * b_vecs + i];
+                for i in 0..a_vecs {
+                    af[i] = a[(mi * kk + kb) * a_vecs + i];
                 }
-                let mut c = Array::<Vector<f32, NC>>::new(c_vecs);
                 #[unroll]
-                for i in 0..c_vecs {
-                    c[i] = acc[nd * c_vecs + i];
-                }
-                def.execute_inplace(&af, &bf, &mut c);
-                #[unroll]
-                for i in 0..c_vecs {
-                    acc[nd * c_vecs + i] = c[i];
+                for half in 0..2usize {
+                    let nd = mi * n_tiles + nd2 * 2 + half;
+                    let mut bf = Array::<Vector<F, NB>>::new(b_vecs);
+                    #[unroll]
+                    for i in 0..b_vecs {
+                        bf[i] = regs[half * b_vecs + i];
+                    }
+                    let mut c = Array::<Vector<f32, NC>>::new(c_vecs);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        c[i] = acc[nd * c_vecs + i];
+                    }
+                    def.execute_inplace(&af, &bf, &mut c);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        acc[nd * c_vecs + i] = c[i];
+                    }
                 }
             }
         }
     }
 }
 
-/// The accumulators of `n_tiles` 16x8 tiles as the A fragments of `n_tiles / 2`
-/// 16x16 k-blocks, cast to `F`: A element `n` of block `kb` is element `n % 4` of
-/// tile `2 kb + n / 4` (rows g / g+8, columns 2t, 2t+1 in both layouts).
+/// The accumulators of `n_tiles` 16x8 tiles a row block (`m_tiles` blocks) as the A
+/// fragments of `n_tiles / 2` 16x16 k-blocks a row block, cast to `F`: A element `n`
+/// of block `kb` is element `n % 4` of tile `2 kb + n / 4` (rows g / g+8, columns 2t,
+/// 2t+1 in both layouts).
 #[cube]
 fn acc_to_a<F: Float, NA: Size, NC: Size>(
     def: &MmaDefinition<F, F, f32>,
     acc: &Array<Vector<f32, NC>>,
     out: &mut Array<Vector<F, NA>>,
     #[comptime] n_tiles: usize,
+    #[comptime] m_tiles: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let va = def.vector_size(MatrixIdent::A);
     let vc = def.vector_size(MatrixIdent::Accumulator);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
     #[unroll]
-    for kb in 0..comptime!(n_tiles / 2) {
+    for mi in 0..m_tiles {
         #[unroll]
-        for i in 0..a_vecs {
-            let mut x = Vector::empty();
+        for kb in 0..comptime!(n_tiles / 2) {
             #[unroll]
-            for e in 0..va {
-                let n = comptime!(i * va + e);
-                let tile = comptime!(kb * 2 + n / 4);
-                let ce = comptime!(n % 4);
-                let cv = acc[tile * c_vecs + ce / vc];
-                x.insert(e, F::cast_from(cv.extract(comptime!(ce % vc))));
+            for i in 0..a_vecs {
+                let mut x = Vector::empty();
+                #[unroll]
+                for e in 0..va {
+                    let n = comptime!(i * va + e);
+                    let tile = comptime!(mi * n_tiles + kb * 2 + n / 4);
+                    let ce = comptime!(n % 4);
+                    let cv = acc[tile * c_vecs + ce / vc];
+                    x.insert(e, F::cast_from(cv.extract(comptime!(ce % vc))));
+                }
+                out[(mi * (n_tiles / 2) + kb) * a_vecs + i] = x;
             }
-            out[kb * a_vecs + i] = x;
         }
     }
 }
@@ -311,9 +337,9 @@ fn zero<NC: Size>(acc: &mut Array<Vector<f32, NC>>, #[comptime] len: usize) {
     }
 }
 
-/// Writes `od` 16x8 accumulator tiles times a per-row factor to rows `row0` / `row1`
-/// (this lane's g / g+8) of `out` (element offset `base`), skipping rows past `len`
-/// and columns past `head_dim`.
+/// Writes `od` 16x8 accumulator tiles (from tile `tile0` on) times a per-row factor to
+/// rows `row0` / `row1` (this lane's g / g+8) of `out` (element offset `base`),
+/// skipping rows past `len` and columns past `head_dim`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_rows<F: Float, NC: Size>(
@@ -328,6 +354,7 @@ fn store_rows<F: Float, NC: Size>(
     len: usize,
     #[comptime] od: usize,
     #[comptime] head_dim: usize,
+    #[comptime] tile0: usize,
 ) {
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
     let vc = def.vector_size(MatrixIdent::Accumulator);
@@ -339,7 +366,7 @@ fn store_rows<F: Float, NC: Size>(
     for nd in 0..od {
         #[unroll]
         for i in 0..c_vecs {
-            let x = acc[nd * c_vecs + i];
+            let x = acc[(tile0 + nd) * c_vecs + i];
             #[unroll]
             for e in 0..vc {
                 let (r, c) = def.position_of_nth(
