@@ -67,25 +67,38 @@ pub(super) fn tc_tiles(client: &Client, d: usize) -> TcTiles {
     tc_tiles_requested().fitting(d, budget)
 }
 
+/// The default tiles, chosen by a sweep on an H100 (B1 H16 S32768 D128 causal bf16,
+/// benchmarks/flash_attention.md).
+const DEFAULT_TILES: TcTiles = TcTiles {
+    fwd_warps: 8,
+    fwd_block_k: 64,
+    fwd_m_tiles: 1,
+    fwd_late_prefetch: false,
+    dq_block_k: 32,
+    dkdv_warps: 8,
+    dkdv_block_q: 32,
+};
+
 fn tc_tiles_requested() -> TcTiles {
-    // Chosen by a sweep on an H100 (B1 H16 S32768 D128 causal bf16,
-    // benchmarks/flash_attention.md).
-    let default = TcTiles {
-        fwd_warps: 8,
-        fwd_block_k: 64,
-        fwd_m_tiles: 1,
-        fwd_late_prefetch: false,
-        dq_block_k: 32,
-        dkdv_warps: 8,
-        dkdv_block_q: 32,
-    };
     let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
-        return default;
+        return DEFAULT_TILES;
     };
-    let v: Vec<usize> = text
+    parse_tiles(&text).unwrap_or_else(|why| {
+        eprintln!("LONGVIEW_FLASH_TILES={text:?} ignored: {why}");
+        DEFAULT_TILES
+    })
+}
+
+/// `fw,fk,qk,kw,kq[,fm[,late]]` (see [`TcTiles`]); the forward's row blocks and load
+/// order default to [`DEFAULT_TILES`]' when left out.
+fn parse_tiles(text: &str) -> Result<TcTiles, String> {
+    const WANT: &str = "want fw,fk,qk,kw,kq[,fm[,late]]: positive numbers with fk, qk, kq \
+                        multiples of 16, fm 1 or 2, late 0 or 1";
+    let v = text
         .split(',')
-        .filter_map(|x| x.trim().parse().ok())
-        .collect();
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| WANT.to_string())?;
     let ok = (5..=7).contains(&v.len())
         && v[..5].iter().all(|&x| x > 0)
         && v[1].is_multiple_of(16)
@@ -94,20 +107,19 @@ fn tc_tiles_requested() -> TcTiles {
         && v.get(5).is_none_or(|&m| (1..=2).contains(&m))
         && v.get(6).is_none_or(|&late| late <= 1);
     if !ok {
-        eprintln!(
-            "LONGVIEW_FLASH_TILES={text:?} ignored: want fw,fk,qk,kw,kq[,fm[,late]]: positive numbers with fk, qk, kq multiples of 16, fm 1 or 2, late 0 or 1"
-        );
-        return default;
+        return Err(WANT.to_string());
     }
-    TcTiles {
+    Ok(TcTiles {
         fwd_warps: v[0],
         fwd_block_k: v[1],
-        fwd_m_tiles: v.get(5).copied().unwrap_or(default.fwd_m_tiles),
-        fwd_late_prefetch: v.get(6).map_or(default.fwd_late_prefetch, |&x| x == 1),
+        fwd_m_tiles: v.get(5).copied().unwrap_or(DEFAULT_TILES.fwd_m_tiles),
+        fwd_late_prefetch: v
+            .get(6)
+            .map_or(DEFAULT_TILES.fwd_late_prefetch, |&x| x == 1),
         dq_block_k: v[2],
         dkdv_warps: v[3],
         dkdv_block_q: v[4],
-    }
+    })
 }
 
 /// Largest head dimension of the tensor-core kernels (registers per lane).
@@ -158,4 +170,51 @@ pub fn tensor_cores_unsupported<F: Float + CubeElement>(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_settings_parse_strictly() {
+        let t = parse_tiles("4, 32,32,8,32,2,1").unwrap();
+        assert_eq!((t.fwd_warps, t.fwd_block_k, t.dq_block_k), (4, 32, 32));
+        assert_eq!((t.dkdv_warps, t.dkdv_block_q), (8, 32));
+        assert_eq!((t.fwd_m_tiles, t.fwd_late_prefetch), (2, true));
+        let t = parse_tiles("8,64,32,8,32").unwrap();
+        assert_eq!(
+            (t.fwd_m_tiles, t.fwd_late_prefetch),
+            (DEFAULT_TILES.fwd_m_tiles, DEFAULT_TILES.fwd_late_prefetch)
+        );
+        for bad in [
+            "8,64,32,8",          // too few
+            "8,64,32,8,32,1,0,1", // too many
+            "8,64,32,8,32,foo",   // not a number
+            "8,60,32,8,32",       // keys not a multiple of 16
+            "0,64,32,8,32",       // no planes
+            "8,64,32,8,32,3",     // three row blocks
+            "8,64,32,8,32,1,2",   // load order 2
+        ] {
+            assert!(parse_tiles(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn shrinking_keeps_the_forward_row_blocks_inside_the_budget() {
+        for m_tiles in [1, 2] {
+            let tiles = TcTiles {
+                fwd_warps: 16,
+                fwd_m_tiles: m_tiles,
+                ..DEFAULT_TILES
+            };
+            // 16 planes of 32 rows stage 512 Q rows of 272 bytes: 139 KiB alone.
+            assert!(tiles.shared_bytes(128) >= 16 * 16 * m_tiles * 272 + 2 * 64 * 272);
+            for budget in [48 << 10, 100 << 10, 228 << 10] {
+                let fitted = tiles.fitting(128, budget);
+                assert!(fitted.shared_bytes(128) <= budget, "{m_tiles} {budget}");
+                assert_eq!(fitted.fwd_m_tiles, m_tiles);
+            }
+        }
+    }
 }
