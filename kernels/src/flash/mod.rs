@@ -238,6 +238,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
             t.fwd_block_k,
             t.fwd_m_tiles,
             t.fwd_late_prefetch,
+            t.fwd_q_shared,
         );
         return Ok(());
     }

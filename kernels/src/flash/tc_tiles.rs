@@ -10,14 +10,16 @@ use super::DeviceTensor;
 /// (16 query rows each for dQ, `16 fwd_m_tiles` for the forward), keys per shared tile
 /// of the forward and of dQ, planes per cube of dK/dV (16 key rows each) and query rows
 /// per tile of dK/dV; whether the forward issues the next tile's loads after its
-/// scores. `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq[,fm[,late]]"` overrides them
-/// (benchmark exploration; `fm` row blocks of 16 a forward plane, `late` 0 or 1).
+/// scores, and whether it keeps Q in shared memory rather than registers.
+/// `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq[,fm[,late[,qs]]]"` overrides them (benchmark
+/// exploration; `fm` row blocks of 16 a forward plane, `late` and `qs` 0 or 1).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct TcTiles {
     pub(super) fwd_warps: usize,
     pub(super) fwd_block_k: usize,
     pub(super) fwd_m_tiles: usize,
     pub(super) fwd_late_prefetch: bool,
+    pub(super) fwd_q_shared: bool,
     pub(super) dq_block_k: usize,
     pub(super) dkdv_warps: usize,
     pub(super) dkdv_block_q: usize,
@@ -29,8 +31,12 @@ impl TcTiles {
     fn shared_bytes(&self, d: usize) -> usize {
         // K/V (forward, dQ) and Q/dO/LSE/delta (dK/dV) tiles are double-buffered.
         let row = (d.div_ceil(16) * 16 + 8) * 2;
-        let fwd = (self.fwd_warps * 16 * self.fwd_m_tiles).max(2 * self.fwd_block_k) * row
-            + 2 * self.fwd_block_k * row;
+        let q_rows = self.fwd_warps * 16 * self.fwd_m_tiles;
+        let fwd = if self.fwd_q_shared {
+            q_rows * row + 4 * self.fwd_block_k * row
+        } else {
+            q_rows.max(2 * self.fwd_block_k) * row + 2 * self.fwd_block_k * row
+        };
         let dq = 2 * (self.fwd_warps * 16).max(2 * self.dq_block_k) * row;
         // dK/dV also holds the fused dQ's dS tile (block_q x (keys + 8) elements).
         let dkdv = 2 * self.dkdv_warps * 16 * row
@@ -74,6 +80,7 @@ const DEFAULT_TILES: TcTiles = TcTiles {
     fwd_block_k: 64,
     fwd_m_tiles: 1,
     fwd_late_prefetch: false,
+    fwd_q_shared: false,
     dq_block_k: 32,
     dkdv_warps: 8,
     dkdv_block_q: 32,
@@ -89,23 +96,23 @@ fn tc_tiles_requested() -> TcTiles {
     })
 }
 
-/// `fw,fk,qk,kw,kq[,fm[,late]]` (see [`TcTiles`]); the forward's row blocks and load
-/// order default to [`DEFAULT_TILES`]' when left out.
+/// `fw,fk,qk,kw,kq[,fm[,late[,qs]]]` (see [`TcTiles`]); the forward's row blocks, load
+/// order and Q placement default to [`DEFAULT_TILES`]' when left out.
 fn parse_tiles(text: &str) -> Result<TcTiles, String> {
-    const WANT: &str = "want fw,fk,qk,kw,kq[,fm[,late]]: positive numbers with fk, qk, kq \
-                        multiples of 16, fm 1 or 2, late 0 or 1";
+    const WANT: &str = "want fw,fk,qk,kw,kq[,fm[,late[,qs]]]: positive numbers with fk, qk, \
+                        kq multiples of 16, fm 1 or 2, late and qs 0 or 1";
     let v = text
         .split(',')
         .map(|x| x.trim().parse::<usize>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| WANT.to_string())?;
-    let ok = (5..=7).contains(&v.len())
+    let ok = (5..=8).contains(&v.len())
         && v[..5].iter().all(|&x| x > 0)
         && v[1].is_multiple_of(16)
         && v[2].is_multiple_of(16)
         && v[4].is_multiple_of(16)
         && v.get(5).is_none_or(|&m| (1..=2).contains(&m))
-        && v.get(6).is_none_or(|&late| late <= 1);
+        && v.iter().skip(6).all(|&flag| flag <= 1);
     if !ok {
         return Err(WANT.to_string());
     }
@@ -116,6 +123,7 @@ fn parse_tiles(text: &str) -> Result<TcTiles, String> {
         fwd_late_prefetch: v
             .get(6)
             .map_or(DEFAULT_TILES.fwd_late_prefetch, |&x| x == 1),
+        fwd_q_shared: v.get(7).map_or(DEFAULT_TILES.fwd_q_shared, |&x| x == 1),
         dq_block_k: v[2],
         dkdv_warps: v[3],
         dkdv_block_q: v[4],
@@ -178,7 +186,10 @@ mod tests {
 
     #[test]
     fn tile_settings_parse_strictly() {
+        let t = parse_tiles("4, 32,32,8,32,2,1,1").unwrap();
+        assert!(t.fwd_q_shared);
         let t = parse_tiles("4, 32,32,8,32,2,1").unwrap();
+        assert!(!t.fwd_q_shared);
         assert_eq!((t.fwd_warps, t.fwd_block_k, t.dq_block_k), (4, 32, 32));
         assert_eq!((t.dkdv_warps, t.dkdv_block_q), (8, 32));
         assert_eq!((t.fwd_m_tiles, t.fwd_late_prefetch), (2, true));
@@ -188,13 +199,14 @@ mod tests {
             (DEFAULT_TILES.fwd_m_tiles, DEFAULT_TILES.fwd_late_prefetch)
         );
         for bad in [
-            "8,64,32,8",          // too few
-            "8,64,32,8,32,1,0,1", // too many
-            "8,64,32,8,32,foo",   // not a number
-            "8,60,32,8,32",       // keys not a multiple of 16
-            "0,64,32,8,32",       // no planes
-            "8,64,32,8,32,3",     // three row blocks
-            "8,64,32,8,32,1,2",   // load order 2
+            "8,64,32,8",            // too few
+            "8,64,32,8,32,1,0,1,1", // too many
+            "8,64,32,8,32,1,0,2",   // Q placement 2
+            "8,64,32,8,32,foo",     // not a number
+            "8,60,32,8,32",         // keys not a multiple of 16
+            "0,64,32,8,32",         // no planes
+            "8,64,32,8,32,3",       // three row blocks
+            "8,64,32,8,32,1,2",     // load order 2
         ] {
             assert!(parse_tiles(bad).is_err(), "{bad} was accepted");
         }

@@ -289,11 +289,29 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
             if active {
                 zero::<NC>(&mut s, comptime!(qn * c_vecs));
                 zero::<NC>(&mut dp, comptime!(qn * c_vecs));
-                load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut a_frag, kd, pitch_v, 1usize);
+                load_a::<F, N, NA>(
+                    &def,
+                    &k_s,
+                    warp * 16,
+                    &mut a_frag,
+                    kd,
+                    pitch_v,
+                    1usize,
+                    0usize,
+                );
                 mma_abt::<F, N, NA, NA, NC>(
                     &def, &a_frag, &q_s, row0, &mut s, qn, kd, pitch_v, 1usize,
                 );
-                load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut a_frag, kd, pitch_v, 1usize);
+                load_a::<F, N, NA>(
+                    &def,
+                    &v_s,
+                    warp * 16,
+                    &mut a_frag,
+                    kd,
+                    pitch_v,
+                    1usize,
+                    0usize,
+                );
                 mma_abt::<F, N, NA, NA, NC>(
                     &def, &a_frag, &g_s, row0, &mut dp, qn, kd, pitch_v, 1usize,
                 );

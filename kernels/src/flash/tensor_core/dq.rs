@@ -141,8 +141,26 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     sync_cube();
     let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
     let mut g_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
-    load_a::<F, N, NA>(&def, &k_s, warp * 16, &mut q_frag, kd, pitch_v, 1usize);
-    load_a::<F, N, NA>(&def, &v_s, warp * 16, &mut g_frag, kd, pitch_v, 1usize);
+    load_a::<F, N, NA>(
+        &def,
+        &k_s,
+        warp * 16,
+        &mut q_frag,
+        kd,
+        pitch_v,
+        1usize,
+        0usize,
+    );
+    load_a::<F, N, NA>(
+        &def,
+        &v_s,
+        warp * 16,
+        &mut g_frag,
+        kd,
+        pitch_v,
+        1usize,
+        0usize,
+    );
     sync_cube();
 
     let mut acc = Array::<Vector<f32, NC>>::new(comptime!(od * c_vecs));

@@ -9,7 +9,9 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::{acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, store_rows, zero};
+use super::{
+    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, store_rows, zero,
+};
 use crate::flash::kernels::{MASKED, NO_KEYS, key_hi, segment_lo};
 
 /// O and LSE. Cube: `(32, warps)` units, plane `w` owns the `16 m_tiles` query rows
@@ -18,7 +20,9 @@ use crate::flash::kernels::{MASKED, NO_KEYS, key_hi, segment_lo};
 /// `(ceil(Sq / (16 m_tiles warps)), B * Hq)`. Q is staged through the K buffer, which
 /// has `max(16 m_tiles warps, 2 block_k)` rows. With `late_prefetch` the next tile's
 /// loads are issued after the scores are computed rather than before, so the
-/// registers they land in are not live during the `Q K^T` product.
+/// registers they land in are not live during the `Q K^T` product. With `q_shared`
+/// Q stays in its own shared buffer and its fragments are loaded for each product
+/// (registers for larger row blocks) instead of being held in registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_forward_kernel<F: Float, N: Size>(
@@ -39,6 +43,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] block_k: usize,
     #[comptime] m_tiles: usize,
     #[comptime] late_prefetch: bool,
+    #[comptime] q_shared: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -54,11 +59,13 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let kn = comptime!(block_k / 8);
     let plane_rows = comptime!(16 * m_tiles);
     let block_q = comptime!(plane_rows * warps);
-    let rows_k = comptime!(if block_q > 2 * block_k {
-        block_q
+    let q_in_k = comptime!(if q_shared { 0 } else { block_q });
+    let rows_k = comptime!(if q_in_k > 2 * block_k {
+        q_in_k
     } else {
         2 * block_k
     });
+    let rows_q = comptime!(if q_shared { block_q } else { 1 });
     let per_row = comptime!(padded / width);
     let threads = comptime!(32 * warps);
     let per_thread = comptime!((block_k * per_row).div_ceil(threads));
@@ -107,30 +114,49 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let mut v_s =
         Shared::<[Vector<F, N>]>::new_aligned_slice(comptime!(2 * block_k * pitch_v), 16usize);
 
-    // Q fragments, once, staged through k_s.
-    stage::<F, N>(
-        q,
-        b * q.stride(0) + h * q.stride(1),
-        q.stride(2),
-        first,
-        sq,
-        &mut k_s,
-        block_q,
-        head_dim,
-        padded,
-        threads,
-    );
-    sync_cube();
-    let mut q_frag = Array::<Vector<F, NA>>::new(comptime!(m_tiles * kd * a_vecs));
-    load_a::<F, N, NA>(
-        &def,
-        &k_s,
-        warp * plane_rows,
-        &mut q_frag,
-        kd,
-        pitch_v,
-        m_tiles,
-    );
+    // Q: its own shared buffer, or fragments in registers staged through k_s.
+    let mut q_s = Shared::<[Vector<F, N>]>::new_aligned_slice(comptime!(rows_q * pitch_v), 16usize);
+    let q_base = b * q.stride(0) + h * q.stride(1);
+    let q_frags = comptime!(if q_shared { 1 } else { m_tiles * kd * a_vecs });
+    let mut q_frag = Array::<Vector<F, NA>>::new(q_frags);
+    if q_shared {
+        stage::<F, N>(
+            q,
+            q_base,
+            q.stride(2),
+            first,
+            sq,
+            &mut q_s,
+            block_q,
+            head_dim,
+            padded,
+            threads,
+        );
+    } else {
+        stage::<F, N>(
+            q,
+            q_base,
+            q.stride(2),
+            first,
+            sq,
+            &mut k_s,
+            block_q,
+            head_dim,
+            padded,
+            threads,
+        );
+        sync_cube();
+        load_a::<F, N, NA>(
+            &def,
+            &k_s,
+            warp * plane_rows,
+            &mut q_frag,
+            kd,
+            pitch_v,
+            m_tiles,
+            0usize,
+        );
+    }
     sync_cube();
 
     let mut acc = Array::<Vector<f32, NC>>::new(comptime!(m_tiles * od * c_vecs));
@@ -220,9 +246,24 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
         }
         if any {
             zero::<NC>(&mut s, comptime!(m_tiles * kn * c_vecs));
-            mma_abt::<F, N, NA, NA, NC>(
-                &def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v, m_tiles,
-            );
+            if q_shared {
+                mma_abt_shared_a::<F, N, NA, NA, NC>(
+                    &def,
+                    &q_s,
+                    warp * plane_rows,
+                    &k_s,
+                    row0,
+                    &mut s,
+                    kn,
+                    kd,
+                    pitch_v,
+                    m_tiles,
+                );
+            } else {
+                mma_abt::<F, N, NA, NA, NC>(
+                    &def, &q_frag, &k_s, row0, &mut s, kn, kd, pitch_v, m_tiles,
+                );
+            }
         }
         if late_prefetch && next < block_hi {
             prefetch::<F, N>(

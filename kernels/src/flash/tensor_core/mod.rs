@@ -126,9 +126,9 @@ fn commit<F: Float, N: Size>(
     }
 }
 
-/// A fragments of `16 m_tiles` rows `[row0, row0 + 16 m_tiles)` of a shared tile, all
-/// `kd` k-blocks of 16 columns: `frags[(mi * kd + kb) * vectors_per_lane(A) + i]` for
-/// row block `mi`.
+/// A fragments of `16 m_tiles` rows `[row0, row0 + 16 m_tiles)` of a shared tile, the
+/// `kd` k-blocks of 16 columns from block `kb0` on:
+/// `frags[(mi * kd + kb) * vectors_per_lane(A) + i]` for row block `mi`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_a<F: Float, N: Size, NA: Size>(
@@ -139,6 +139,7 @@ fn load_a<F: Float, N: Size, NA: Size>(
     #[comptime] kd: usize,
     #[comptime] pitch_v: usize,
     #[comptime] m_tiles: usize,
+    #[comptime] kb0: usize,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
     let lane = UNIT_POS_PLANE as usize;
@@ -148,7 +149,7 @@ fn load_a<F: Float, N: Size, NA: Size>(
         let row = row0 + mi * 16 + lane % 16;
         #[unroll]
         for kb in 0..kd {
-            let at = row * pitch_v + kb * 2 + col;
+            let at = row * pitch_v + (kb0 + kb) * 2 + col;
             let regs = def.load_matrix::<Vector<F, N>, NA>(
                 &src[at..at + 1],
                 MatrixIdent::A,
@@ -219,6 +220,74 @@ fn mma_abt<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
                         c[i] = acc[nb * c_vecs + i];
                     }
                     def.execute_inplace(&af, &bf, &mut c);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        acc[nb * c_vecs + i] = c[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`mma_abt`] with A read from shared memory: rows `[a_row0, a_row0 + 16 m_tiles)`
+/// of `a_s` (columns `[0, 16 kd)`), one k-block at a time, so A costs no registers
+/// between products. Per k-block, the A fragments of every row block are loaded first
+/// and every B fragment once.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_abt_shared_a<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    def: &MmaDefinition<F, F, f32>,
+    a_s: &Shared<[Vector<F, N>]>,
+    a_row0: usize,
+    b_s: &Shared<[Vector<F, N>]>,
+    row0: usize,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] n_tiles: usize,
+    #[comptime] kd: usize,
+    #[comptime] pitch_v: usize,
+    #[comptime] m_tiles: usize,
+) {
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let lane = UNIT_POS_PLANE as usize;
+    let row = row0 + (lane / 16) * 8 + lane % 8;
+    let col = (lane / 8) % 2;
+    #[unroll]
+    for kb in 0..kd {
+        let mut af = Array::<Vector<F, NA>>::new(comptime!(m_tiles * a_vecs));
+        load_a::<F, N, NA>(def, a_s, a_row0, &mut af, 1usize, pitch_v, m_tiles, kb);
+        #[unroll]
+        for nb2 in 0..comptime!(n_tiles / 2) {
+            let at = (row + nb2 * 16) * pitch_v + kb * 2 + col;
+            let regs = def.load_matrix::<Vector<F, N>, NB>(
+                &b_s[at..at + 1],
+                MatrixIdent::B,
+                4usize,
+                false,
+            );
+            #[unroll]
+            for mi in 0..m_tiles {
+                let mut a1 = Array::<Vector<F, NA>>::new(a_vecs);
+                #[unroll]
+                for i in 0..a_vecs {
+                    a1[i] = af[mi * a_vecs + i];
+                }
+                #[unroll]
+                for half in 0..2usize {
+                    let nb = mi * n_tiles + nb2 * 2 + half;
+                    let mut bf = Array::<Vector<F, NB>>::new(b_vecs);
+                    #[unroll]
+                    for i in 0..b_vecs {
+                        bf[i] = regs[half * b_vecs + i];
+                    }
+                    let mut c = Array::<Vector<f32, NC>>::new(c_vecs);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        c[i] = acc[nb * c_vecs + i];
+                    }
+                    def.execute_inplace(&a1, &bf, &mut c);
                     #[unroll]
                     for i in 0..c_vecs {
                         acc[nb * c_vecs + i] = c[i];
