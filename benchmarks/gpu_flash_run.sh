@@ -34,11 +34,11 @@ BEST=${LONGVIEW_FLASH_TILES:-}
 if wants sweep; then
   best_tf=0
   for t in ${TILES:-8,64,32,8,32}; do
-    LONGVIEW_FLASH_TILES=$t step "check-$t" "${SWEEP_CHECK_S:-90}" /tmp/fb --tc-only --check-only
+    LONGVIEW_FLASH_TILES=$t step "check-${t//,/_}" "${SWEEP_CHECK_S:-90}" /tmp/fb --tc-only --check-only
     [ "$rc" = 0 ] || { echo "tiles $t failed its checks: not timed" | tee -a "$OUT/log.txt"; continue; }
-    LONGVIEW_FLASH_TILES=$t CUBECL_CUDA_KERNEL_REGS=1 step "sweep-$t" "${SWEEP_S:-60}" /tmp/fb --sweep
-    grep -h "kernel regs" "$OUT/sweep-$t.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
-    tf=$(grep -h '^tiles ' "$OUT/sweep-$t.txt" | awk -F'|' '{print $(NF-1)+0}')
+    LONGVIEW_FLASH_TILES=$t CUBECL_CUDA_KERNEL_REGS=1 step "sweep-${t//,/_}" "${SWEEP_S:-60}" /tmp/fb --sweep
+    grep -h "kernel regs" "$OUT/sweep-${t//,/_}.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
+    tf=$(grep -h '^tiles ' "$OUT/sweep-${t//,/_}.txt" | awk -F'|' '{print $(NF-1)+0}')
     if awk -v a="${tf:-0}" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best_tf=$tf; BEST=$t; fi
   done
   echo "fastest fwd+bwd: tiles ${BEST:-default} ($best_tf TFLOP/s)" | tee -a "$OUT/log.txt"
