@@ -23,7 +23,7 @@ pub use tc_tiles::{TC_MAX_HEAD_DIM, tensor_cores_unsupported};
 
 use device_tensor::elementwise_cubes;
 use options::{Geometry, check, dims};
-use tc_tiles::{TcTiles, tc_tiles};
+use tc_tiles::{TcTiles, tc_forward_tiles, tc_tiles};
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -211,7 +211,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
     if use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])? {
-        let t = tc_tiles(client, g.d);
+        let t = tc_forward_tiles(client, g.d, g.sq, g.b * g.hq);
         flash_tc_forward_kernel::launch::<F>(
             client,
             CubeCount::Static(

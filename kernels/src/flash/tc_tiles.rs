@@ -74,19 +74,71 @@ pub(super) fn tc_tiles(client: &Client, d: usize) -> TcTiles {
 }
 
 /// The default tiles, chosen by sweeps on an H100 (B1 H16 S32768 D128 causal bf16,
-/// benchmarks/flash_attention.md). The forward's late loads: 173.2 against 164.5
-/// TFLOP/s in one call (2026-12-06); two row blocks a plane spilled registers and were
-/// slower (100-150 TFLOP/s).
+/// benchmarks/flash_attention.md, 2026-12-06): the forward runs 4 planes of two row
+/// blocks (128 query rows a cube) with Q in shared memory, 32 keys a tile and the next
+/// tile's loads issued after the scores: 185.1 TFLOP/s against 164.5 for the tiles
+/// before (8 planes of one block, 64 keys, Q in registers, early loads) in one call.
+/// With Q in registers two row blocks spilled and were slower (100-150 TFLOP/s).
 const DEFAULT_TILES: TcTiles = TcTiles {
+    fwd_warps: 4,
+    fwd_block_k: 32,
+    fwd_m_tiles: 2,
+    fwd_late_prefetch: true,
+    fwd_q_shared: true,
+    dq_block_k: 32,
+    dkdv_warps: 8,
+    dkdv_block_q: 32,
+};
+
+/// The forward's tiles for launches of fewer cubes than the device has
+/// multiprocessors (one decoding row a head walking the whole cache, a few short
+/// sequences): twice the planes a cube, one row block each. In the same call as
+/// above, the plain tensor-core forward of one decoding row over 200k keys (12 cubes)
+/// took 12.4 ms with [`DEFAULT_TILES`] against 6.8 ms with these tiles in the run
+/// before (flash_attention.md).
+const FEW_CUBES_FORWARD: TcTiles = TcTiles {
     fwd_warps: 8,
     fwd_block_k: 64,
     fwd_m_tiles: 1,
     fwd_late_prefetch: true,
     fwd_q_shared: false,
-    dq_block_k: 32,
-    dkdv_warps: 8,
-    dkdv_block_q: 32,
+    ..DEFAULT_TILES
 };
+
+/// The forward's tiles for `sq` query rows in each of `heads` (`B * Hq`) sequences:
+/// [`tc_tiles`], unless that launch would have fewer cubes than the device has
+/// multiprocessors and `LONGVIEW_FLASH_TILES` is not set; then [`FEW_CUBES_FORWARD`].
+pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usize) -> TcTiles {
+    let budget = client.properties().hardware.max_shared_memory_size;
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(64) as usize;
+    let explicit = std::env::var_os("LONGVIEW_FLASH_TILES").is_some();
+    forward_tiles_for(tc_tiles_requested(), explicit, sq, heads, sms).fitting(d, budget)
+}
+
+fn forward_tiles_for(
+    requested: TcTiles,
+    explicit: bool,
+    sq: usize,
+    heads: usize,
+    sms: usize,
+) -> TcTiles {
+    let cubes = sq.div_ceil(16 * requested.fwd_m_tiles * requested.fwd_warps) * heads;
+    if explicit || cubes >= sms {
+        return requested;
+    }
+    TcTiles {
+        fwd_warps: FEW_CUBES_FORWARD.fwd_warps,
+        fwd_block_k: FEW_CUBES_FORWARD.fwd_block_k,
+        fwd_m_tiles: FEW_CUBES_FORWARD.fwd_m_tiles,
+        fwd_late_prefetch: FEW_CUBES_FORWARD.fwd_late_prefetch,
+        fwd_q_shared: FEW_CUBES_FORWARD.fwd_q_shared,
+        ..requested
+    }
+}
 
 fn tc_tiles_requested() -> TcTiles {
     let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
@@ -98,8 +150,10 @@ fn tc_tiles_requested() -> TcTiles {
     })
 }
 
-/// `fw,fk,qk,kw,kq[,fm[,late[,qs]]]` (see [`TcTiles`]); the forward's row blocks, load
-/// order and Q placement default to [`DEFAULT_TILES`]' when left out.
+/// `fw,fk,qk,kw,kq[,fm[,late[,qs]]]` (see [`TcTiles`]). Left out, the forward's
+/// options are those of the kernel before they existed (one row block, early loads,
+/// Q in registers: `fm=1, late=0, qs=0`), so that five-value settings written down
+/// earlier keep their meaning.
 fn parse_tiles(text: &str) -> Result<TcTiles, String> {
     const WANT: &str = "want fw,fk,qk,kw,kq[,fm[,late[,qs]]]: positive numbers with fk, qk, \
                         kq multiples of 16, fm 1 or 2, late and qs 0 or 1";
@@ -121,11 +175,9 @@ fn parse_tiles(text: &str) -> Result<TcTiles, String> {
     Ok(TcTiles {
         fwd_warps: v[0],
         fwd_block_k: v[1],
-        fwd_m_tiles: v.get(5).copied().unwrap_or(DEFAULT_TILES.fwd_m_tiles),
-        fwd_late_prefetch: v
-            .get(6)
-            .map_or(DEFAULT_TILES.fwd_late_prefetch, |&x| x == 1),
-        fwd_q_shared: v.get(7).map_or(DEFAULT_TILES.fwd_q_shared, |&x| x == 1),
+        fwd_m_tiles: v.get(5).copied().unwrap_or(1),
+        fwd_late_prefetch: v.get(6).is_some_and(|&x| x == 1),
+        fwd_q_shared: v.get(7).is_some_and(|&x| x == 1),
         dq_block_k: v[2],
         dkdv_warps: v[3],
         dkdv_block_q: v[4],
@@ -197,8 +249,8 @@ mod tests {
         assert_eq!((t.fwd_m_tiles, t.fwd_late_prefetch), (2, true));
         let t = parse_tiles("8,64,32,8,32").unwrap();
         assert_eq!(
-            (t.fwd_m_tiles, t.fwd_late_prefetch),
-            (DEFAULT_TILES.fwd_m_tiles, DEFAULT_TILES.fwd_late_prefetch)
+            (t.fwd_m_tiles, t.fwd_late_prefetch, t.fwd_q_shared),
+            (1, false, false)
         );
         for bad in [
             "8,64,32,8",            // too few
@@ -212,6 +264,26 @@ mod tests {
         ] {
             assert!(parse_tiles(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn few_cubes_take_the_wider_forward_tiles() {
+        let sms = 132;
+        // 32k causal, 16 heads: 256 blocks of 128 rows a head.
+        let t = forward_tiles_for(DEFAULT_TILES, false, 32768, 16, sms);
+        assert_eq!((t.fwd_warps, t.fwd_m_tiles, t.fwd_q_shared), (4, 2, true));
+        // A decoding row a head over the whole cache: 12 cubes.
+        let t = forward_tiles_for(DEFAULT_TILES, false, 1, 12, sms);
+        assert_eq!((t.fwd_warps, t.fwd_m_tiles, t.fwd_q_shared), (8, 1, false));
+        assert_eq!(t.fwd_block_k, 64);
+        // The other kernels' tiles are left alone.
+        assert_eq!((t.dq_block_k, t.dkdv_warps), (32, 8));
+        // An explicit LONGVIEW_FLASH_TILES is taken as given.
+        let t = forward_tiles_for(DEFAULT_TILES, true, 1, 12, sms);
+        assert_eq!((t.fwd_warps, t.fwd_m_tiles), (4, 2));
+        // Exactly one cube a multiprocessor keeps the default.
+        let t = forward_tiles_for(DEFAULT_TILES, false, 128 * 11, 12, sms);
+        assert_eq!(t.fwd_warps, 4);
     }
 
     #[test]
