@@ -3,8 +3,9 @@
 //! LLVM/NVPTX path, so no cp.async: tiles are staged with plain 16-byte loads). Same
 //! masks, outputs and conventions as the scalar kernels in `kernels.rs`.
 //!
-//! Every kernel works per plane (warp) on 16 rows, with the tile it iterates over
-//! staged in shared memory by the whole cube:
+//! Every kernel works per plane (warp) on blocks of 16 rows (the forward on one or two,
+//! which then share each B fragment a plane loads; the others on one), with the tile
+//! it iterates over staged in shared memory by the whole cube:
 //! - shared tiles are rows of `padded` elements (head dim rounded up to 16, zeros
 //!   past it) stored as 16-byte vectors, one spare vector per row so that the eight
 //!   row addresses of an `ldmatrix` fall on distinct banks;
