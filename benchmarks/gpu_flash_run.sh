@@ -17,9 +17,12 @@ python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/fb/flash_benc
   && chmod +x /tmp/fb || { echo "carry dist/fb (see the top of this script)"; exit 1; }
 PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Each step's whole output goes to $DIR/<name>.txt ($OUT unless a step sets DIR), its
+# last lines to $OUT/log.txt.
 step() { name=$1; limit=$2; shift 2; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; rc=$?
-  tail -n 12 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
+  dir=${DIR:-$OUT}; mkdir -p "$dir"
+  timeout "$limit" "$@" > "$dir/$name.txt" 2>&1; rc=$?
+  tail -n 12 "$dir/$name.txt" | tee -a "$OUT/log.txt"
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
 # STEPS picks the steps (default all four), e.g. STEPS="checks decode" for the decode
 # kernels' A/B alone (`flash_bench --decode` times every decode variant).
@@ -33,15 +36,20 @@ wants torch && step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
 BEST=${LONGVIEW_FLASH_TILES:-}
 if wants sweep; then
   best_tf=0
+  # The device tool returns a limited number of files: the sweep's per-setting outputs
+  # go to one folder, packed into $OUT/sweep.tar.gz at the end.
+  DIR=$OUT/sweep
   for t in ${TILES:-8,64,32,8,32}; do
     LONGVIEW_FLASH_TILES=$t step "check-${t//,/_}" "${SWEEP_CHECK_S:-90}" /tmp/fb --tc-only --check-only
     [ "$rc" = 0 ] || { echo "tiles $t failed its checks: not timed" | tee -a "$OUT/log.txt"; continue; }
     LONGVIEW_FLASH_TILES=$t CUBECL_CUDA_KERNEL_REGS=1 step "sweep-${t//,/_}" "${SWEEP_S:-60}" /tmp/fb --sweep
-    grep -h "kernel regs" "$OUT/sweep-${t//,/_}.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
-    tf=$(grep -h '^tiles ' "$OUT/sweep-${t//,/_}.txt" | awk -F'|' '{print $(NF-1)+0}')
+    grep -h "kernel regs" "$DIR/sweep-${t//,/_}.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
+    tf=$(grep -h '^tiles ' "$DIR/sweep-${t//,/_}.txt" | awk -F'|' '{print $(NF-1)+0}')
     if awk -v a="${tf:-0}" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best_tf=$tf; BEST=$t; fi
   done
   echo "fastest fwd+bwd: tiles ${BEST:-default} ($best_tf TFLOP/s)" | tee -a "$OUT/log.txt"
+  tar -czf "$OUT/sweep.tar.gz" -C "$OUT" sweep && rm -rf "$OUT/sweep"
+  unset DIR
 fi
 if wants longview; then
   if [ -n "$BEST" ]; then export LONGVIEW_FLASH_TILES=$BEST; fi

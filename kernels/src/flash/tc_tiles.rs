@@ -107,7 +107,8 @@ const FEW_CUBES_FORWARD: TcTiles = TcTiles {
 
 /// The forward's tiles for `sq` query rows in each of `heads` (`B * Hq`) sequences:
 /// [`tc_tiles`], unless that launch would have fewer cubes than the device has
-/// multiprocessors and `LONGVIEW_FLASH_TILES` is not set; then [`FEW_CUBES_FORWARD`].
+/// multiprocessors and no valid `LONGVIEW_FLASH_TILES` is set; then
+/// [`FEW_CUBES_FORWARD`].
 pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usize) -> TcTiles {
     let budget = client.properties().hardware.max_shared_memory_size;
     let sms = client
@@ -115,7 +116,8 @@ pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usiz
         .hardware
         .num_streaming_multiprocessors
         .unwrap_or(64) as usize;
-    let explicit = std::env::var_os("LONGVIEW_FLASH_TILES").is_some();
+    // A setting that does not parse was reported and ignored: the defaults apply whole.
+    let explicit = std::env::var("LONGVIEW_FLASH_TILES").is_ok_and(|t| parse_tiles(&t).is_ok());
     forward_tiles_for(tc_tiles_requested(), explicit, sq, heads, sms).fitting(d, budget)
 }
 
