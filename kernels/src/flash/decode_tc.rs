@@ -38,8 +38,8 @@ const MIN_SLICE_KEYS: usize = 256;
 /// three rows) 1.98 vs 1.13 ms, and at 6-7 rows (one sequence) 0.64 vs 0.33 ms. This
 /// path reads the keys once a query head, the split-key kernel once a kv head with
 /// work that grows with its rows, hence a crossover in rows a kv head. With the
-/// forward's tiles of the next day's sweep (two row blocks a plane), 30 rows took 0.60
-/// against 0.83 ms at 200k keys, and 21 rows 2.42 against 1.13 ms.
+/// forward's tiles of the later sweep that day (two row blocks a plane), 30 rows took
+/// 0.60 against 0.83 ms at 200k keys, and 21 rows 2.42 against 1.13 ms.
 pub const DECODE_TC_MIN_ROWS: usize = 30;
 
 /// Whether the options ask for this path for `g`: forced by
