@@ -70,7 +70,7 @@ impl TcTiles {
 
 pub(super) fn tc_tiles(client: &Client, d: usize) -> TcTiles {
     let budget = client.properties().hardware.max_shared_memory_size;
-    tc_tiles_requested().fitting(d, budget)
+    tc_tiles_requested().0.fitting(d, budget)
 }
 
 /// The default tiles, chosen by sweeps on an H100 (B1 H16 S32768 D128 causal bf16,
@@ -94,8 +94,8 @@ const DEFAULT_TILES: TcTiles = TcTiles {
 /// multiprocessors (one decoding row a head walking the whole cache, a few short
 /// sequences): twice the planes a cube, one row block each. In the same call as
 /// above, the plain tensor-core forward of one decoding row over 200k keys (12 cubes)
-/// took 12.4 ms with [`DEFAULT_TILES`] against 6.8 ms with these tiles in the run
-/// before (flash_attention.md).
+/// took 12.4 ms with [`DEFAULT_TILES`], against 6.8 ms for the 8-plane, one-block
+/// kernel (early loads) in the earlier run that day (flash_attention.md).
 const FEW_CUBES_FORWARD: TcTiles = TcTiles {
     fwd_warps: 8,
     fwd_block_k: 64,
@@ -116,9 +116,8 @@ pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usiz
         .hardware
         .num_streaming_multiprocessors
         .unwrap_or(64) as usize;
-    // A setting that does not parse was reported and ignored: the defaults apply whole.
-    let explicit = std::env::var("LONGVIEW_FLASH_TILES").is_ok_and(|t| parse_tiles(&t).is_ok());
-    forward_tiles_for(tc_tiles_requested(), explicit, sq, heads, sms).fitting(d, budget)
+    let (requested, explicit) = tc_tiles_requested();
+    forward_tiles_for(requested, explicit, sq, heads, sms).fitting(d, budget)
 }
 
 fn forward_tiles_for(
@@ -132,24 +131,28 @@ fn forward_tiles_for(
     if explicit || cubes >= sms {
         return requested;
     }
+    // The other kernels keep their tiles.
     TcTiles {
-        fwd_warps: FEW_CUBES_FORWARD.fwd_warps,
-        fwd_block_k: FEW_CUBES_FORWARD.fwd_block_k,
-        fwd_m_tiles: FEW_CUBES_FORWARD.fwd_m_tiles,
-        fwd_late_prefetch: FEW_CUBES_FORWARD.fwd_late_prefetch,
-        fwd_q_shared: FEW_CUBES_FORWARD.fwd_q_shared,
-        ..requested
+        dq_block_k: requested.dq_block_k,
+        dkdv_warps: requested.dkdv_warps,
+        dkdv_block_q: requested.dkdv_block_q,
+        ..FEW_CUBES_FORWARD
     }
 }
 
-fn tc_tiles_requested() -> TcTiles {
+/// The tiles asked for, and whether `LONGVIEW_FLASH_TILES` set them (a setting that
+/// does not parse is reported and ignored: the defaults apply whole).
+fn tc_tiles_requested() -> (TcTiles, bool) {
     let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
-        return DEFAULT_TILES;
+        return (DEFAULT_TILES, false);
     };
-    parse_tiles(&text).unwrap_or_else(|why| {
-        eprintln!("LONGVIEW_FLASH_TILES={text:?} ignored: {why}");
-        DEFAULT_TILES
-    })
+    match parse_tiles(&text) {
+        Ok(tiles) => (tiles, true),
+        Err(why) => {
+            eprintln!("LONGVIEW_FLASH_TILES={text:?} ignored: {why}");
+            (DEFAULT_TILES, false)
+        }
+    }
 }
 
 /// `fw,fk,qk,kw,kq[,fm[,late[,qs]]]` (see [`TcTiles`]). Left out, the forward's
@@ -279,7 +282,17 @@ mod tests {
         assert_eq!((t.fwd_warps, t.fwd_m_tiles, t.fwd_q_shared), (8, 1, false));
         assert_eq!(t.fwd_block_k, 64);
         // The other kernels' tiles are left alone.
-        assert_eq!((t.dq_block_k, t.dkdv_warps), (32, 8));
+        let asked = TcTiles {
+            dq_block_k: 64,
+            dkdv_warps: 4,
+            dkdv_block_q: 16,
+            ..DEFAULT_TILES
+        };
+        let few = forward_tiles_for(asked, false, 1, 12, sms);
+        assert_eq!(
+            (few.dq_block_k, few.dkdv_warps, few.dkdv_block_q),
+            (64, 4, 16)
+        );
         // An explicit LONGVIEW_FLASH_TILES is taken as given.
         let t = forward_tiles_for(DEFAULT_TILES, true, 1, 12, sms);
         assert_eq!((t.fwd_warps, t.fwd_m_tiles), (4, 2));
