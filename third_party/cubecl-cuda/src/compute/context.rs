@@ -494,7 +494,8 @@ impl CudaContext {
             })?
         };
 
-        report_registers(&kernel_id, func);
+        // longview patch: see `kernel_report`.
+        super::kernel_report::report_registers(&kernel_id, func);
 
         self.modules.insert(
             kernel_id.clone(),
@@ -579,27 +580,6 @@ impl CudaContext {
 /// Both backends end up here, so the two can be diffed instruction for instruction. That is the
 /// comparison worth making: the PTX is deterministic, where a wall-clock measurement on a laptop
 /// GPU is not.
-/// longview patch: with `CUBECL_CUDA_KERNEL_REGS` set, prints what the driver's PTX
-/// compiler gave a freshly loaded kernel (registers a thread, local-memory bytes a
-/// thread, which are register spills, and static shared memory), so that tile settings
-/// can be judged by their occupancy.
-fn report_registers(kernel_id: &KernelId, func: cudarc::driver::sys::CUfunction) {
-    use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
-    if std::env::var_os("CUBECL_CUDA_KERNEL_REGS").is_none() {
-        return;
-    }
-    // SAFETY: `func` was just fetched from a loaded module.
-    let read = |attr| unsafe {
-        cudarc::driver::result::function::get_function_attribute(func, attr).unwrap_or(-1)
-    };
-    let regs = read(Attr::CU_FUNC_ATTRIBUTE_NUM_REGS);
-    let local = read(Attr::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES);
-    let shared = read(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
-    let name = kernel_id.to_string();
-    let name = &name[..name.len().min(400)];
-    eprintln!("[kernel regs] {regs} registers, {local} B local, {shared} B static shared: {name}");
-}
-
 fn dump_ptx(kernel_id: &KernelId, ptx: &[c_char]) {
     let Some(dir) = std::env::var_os("CUBECL_CUDA_DUMP_PTX") else {
         return;

@@ -3,6 +3,8 @@ pub(crate) mod communication;
 pub(crate) mod context;
 pub(crate) mod driver;
 pub(crate) mod events;
+// longview patch: see PATCH.md.
+mod kernel_report;
 pub(crate) mod storage;
 pub(crate) mod stream;
 
