@@ -29,30 +29,40 @@ step() { name=$1; limit=$2; shift 2; echo "== $name" | tee -a "$OUT/log.txt"; st
 wants() { [[ " ${STEPS:-checks torch longview decode} " == *" $1 "* ]]; }
 wants checks && step checks "${CHECK_S:-240}" /tmp/fb --tc-only --check-only
 wants torch && step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
-# STEPS="sweep": each tile setting of TILES (LONGVIEW_FLASH_TILES values, space
-# separated) checked against f64 first, then timed at 32k causal, with the registers
-# and spill bytes the driver gave each kernel (CUBECL_CUDA_KERNEL_REGS); a later
-# "longview" step runs with the setting of the fastest forward+backward.
-BEST=${LONGVIEW_FLASH_TILES:-}
+# STEPS="sweep": each setting checked against f64 first, then timed at 32k causal, with
+# the registers and spill bytes the driver gave each kernel (CUBECL_CUDA_KERNEL_REGS); a
+# later "longview" step runs with the setting of the fastest forward+backward. A setting
+# is a `+`-joined list of VAR=VALUE: SETTINGS="CUBECL_CUDA_CPP_KERNELS=tensor_core ..."
+# (an empty entry, `-`, is the defaults); TILES="fw,fk,..." adds LONGVIEW_FLASH_TILES
+# settings.
+BEST=""
+[ -n "${LONGVIEW_FLASH_TILES:-}" ] && BEST="LONGVIEW_FLASH_TILES=$LONGVIEW_FLASH_TILES"
 if wants sweep; then
   best_tf=0
   # The device tool returns a limited number of files: the sweep's per-setting outputs
   # go to one folder, packed into $OUT/sweep.tar.gz at the end.
   DIR=$OUT/sweep
-  for t in ${TILES:-8,64,32,8,32}; do
-    LONGVIEW_FLASH_TILES=$t step "check-${t//,/_}" "${SWEEP_CHECK_S:-90}" /tmp/fb --tc-only --check-only
-    [ "$rc" = 0 ] || { echo "tiles $t failed its checks: not timed" | tee -a "$OUT/log.txt"; continue; }
-    LONGVIEW_FLASH_TILES=$t CUBECL_CUDA_KERNEL_REGS=1 step "sweep-${t//,/_}" "${SWEEP_S:-60}" /tmp/fb --sweep
-    grep -h "kernel regs" "$DIR/sweep-${t//,/_}.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
-    tf=$(grep -h '^tiles ' "$DIR/sweep-${t//,/_}.txt" | awk -F'|' '{print $(NF-1)+0}')
-    if awk -v a="${tf:-0}" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best_tf=$tf; BEST=$t; fi
+  all="${SETTINGS:-}"
+  for t in ${TILES:-}; do all="$all LONGVIEW_FLASH_TILES=$t"; done
+  [ -n "${all// /}" ] || all="LONGVIEW_FLASH_TILES=8,64,32,8,32"
+  for setting in $all; do
+    vars=""; [ "$setting" = - ] || vars="${setting//+/ }"
+    tag=$(echo "$setting" | tr -c 'A-Za-z0-9_\n-' '_' | cut -c1-100)
+    step "check-$tag" "${SWEEP_CHECK_S:-90}" env $vars /tmp/fb --tc-only --check-only
+    [ "$rc" = 0 ] || { echo "setting $setting failed its checks: not timed" | tee -a "$OUT/log.txt"; continue; }
+    step "sweep-$tag" "${SWEEP_S:-60}" env $vars CUBECL_CUDA_KERNEL_REGS=1 /tmp/fb --sweep
+    grep -h "kernel regs" "$DIR/sweep-$tag.txt" | cut -c1-240 | sort -u | tee -a "$OUT/log.txt"
+    tf=$(grep -h '^tiles ' "$DIR/sweep-$tag.txt" | awk -F'|' '{print $(NF-1)+0}')
+    if awk -v a="${tf:-0}" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best_tf=$tf; BEST=$setting; fi
   done
-  echo "fastest fwd+bwd: tiles ${BEST:-default} ($best_tf TFLOP/s)" | tee -a "$OUT/log.txt"
+  echo "fastest fwd+bwd: ${BEST:-defaults} ($best_tf TFLOP/s)" | tee -a "$OUT/log.txt"
   tar -czf "$OUT/sweep.tar.gz" -C "$OUT" sweep && rm -rf "$OUT/sweep"
   unset DIR
 fi
 if wants longview; then
-  if [ -n "$BEST" ]; then export LONGVIEW_FLASH_TILES=$BEST; fi
+  # The fastest setting's variables, exported (a following decode step uses them too).
+  if [ -n "$BEST" ] && [ "$BEST" != - ]; then export ${BEST//+/ }; fi
+  echo "longview settings: ${BEST:-defaults}" | tee -a "$OUT/log.txt"
   step longview "${BENCH_S:-240}" /tmp/fb --no-checks --no-scalar
 fi
 wants decode && step decode "${DECODE_S:-120}" /tmp/fb --decode

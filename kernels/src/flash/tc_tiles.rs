@@ -38,10 +38,12 @@ impl TcTiles {
             q_rows.max(2 * self.fwd_block_k) * row + 2 * self.fwd_block_k * row
         };
         let dq = 2 * (self.fwd_warps * 16).max(2 * self.dq_block_k) * row;
-        // dK/dV also holds the fused dQ's dS tile (block_q x (keys + 8) elements).
+        // dK/dV also holds the fused dQ's dS tile (block_q x (keys + 8) elements) and
+        // its f32 dQ tile (block_q x (padded + 4)).
         let dkdv = 2 * self.dkdv_warps * 16 * row
             + 4 * self.dkdv_block_q * (row + 4)
-            + self.dkdv_block_q * (self.dkdv_warps * 16 + 8) * 2;
+            + self.dkdv_block_q * (self.dkdv_warps * 16 + 8) * 2
+            + self.dkdv_block_q * (d.div_ceil(16) * 16 + 4) * 4;
         fwd.max(dq).max(dkdv)
     }
 

@@ -177,6 +177,11 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
         16usize,
     );
     let mut dq_t = Array::<Vector<f32, NC>>::new(comptime!(dq_tiles * c_vecs));
+    // The fused dQ tile in f32 (rows of `padded + 4`: the mma layout's stores of 8 rows
+    // by 4 column pairs fall in distinct banks but for one pair of rows).
+    let dq_pitch = comptime!(padded + 4);
+    let mut dq_s =
+        Shared::<[f32]>::new_slice(comptime!(if fuse_dq { block_q * dq_pitch } else { 1 }));
     let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(block_k / 16 * a_vecs));
 
     for gi in 0..group {
@@ -338,14 +343,15 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                                 hi = qhi0;
                             }
                             let row_lse = lse_s[row0 + ql];
-                            let mut p = 0.0f32;
-                            let mut ds = 0.0f32;
-                            if qi >= lo && qi < hi && row_lse > f32::new(MASKED) {
-                                p = (x.extract(e) * scale - row_lse).exp();
-                                ds = p * (y.extract(e) - delta_s[row0 + ql]);
-                            }
+                            // Selected, not branched on (see the forward's softmax): a
+                            // masked entry's exponential is computed and discarded.
+                            let p = select(
+                                qi >= lo && qi < hi && row_lse > f32::new(MASKED),
+                                (x.extract(e) * scale - row_lse).exp(),
+                                0.0f32,
+                            );
                             x.insert(e, p);
-                            y.insert(e, ds);
+                            y.insert(e, p * (y.extract(e) - delta_s[row0 + ql]));
                         }
                         s[nb * c_vecs + i] = x;
                         dp[nb * c_vecs + i] = y;
@@ -428,28 +434,9 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     ct,
                     1usize,
                 );
-                let q_first = (b * hq + h) * sq + tile + rb * 16;
-                #[unroll]
-                for nd in 0..dq_tiles {
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        let x = dq_t[nd * c_vecs + i];
-                        #[unroll]
-                        for e in 0..vc {
-                            let (r, c) = def.position_of_nth(
-                                lane,
-                                comptime!((i * vc + e) as u32),
-                                MatrixIdent::Accumulator,
-                            );
-                            let qi = tile + rb * 16 + r as usize;
-                            let col = (ct + nd) * 8 + c as usize;
-                            if qi < sq && col < head_dim {
-                                let at = (q_first + r as usize) * head_dim + col;
-                                dq_acc[at].fetch_add(x.extract(e));
-                            }
-                        }
-                    }
-                }
+                // Into shared memory; the cube adds the whole tile with coalesced
+                // atomics after the barrier that ends the tile.
+                store_dq_tile::<F, NC>(&def, &dq_t, &mut dq_s, rb * 16, ct, dq_tiles, dq_pitch);
             }
             if next < block_hi {
                 let other = (1 - buf) * block_q;
@@ -461,6 +448,29 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                 }
             }
             sync_cube();
+            if fuse_dq {
+                // One row segment of the tile per plane and instruction: the atomics of
+                // the mma layout touched 8 rows per instruction, and the memory queue
+                // stalled on them (2026-12-06 profile).
+                let base = ((b * hq + h) * sq + tile) * head_dim;
+                if tile + block_q <= sq && comptime!((block_q * head_dim).is_multiple_of(threads)) {
+                    add_dq_shared(
+                        &dq_s, dq_acc, base, block_q, block_q, head_dim, dq_pitch, threads, false,
+                    );
+                } else {
+                    add_dq_shared(
+                        &dq_s,
+                        dq_acc,
+                        base,
+                        sq - tile,
+                        block_q,
+                        head_dim,
+                        dq_pitch,
+                        threads,
+                        true,
+                    );
+                }
+            }
             buf = 1 - buf;
             tile = next;
         }
@@ -473,4 +483,70 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     store_rows::<F, NC>(
         &def, &dv_acc, dv, vb, key0, key1, 1.0f32, 1.0f32, sk, od, head_dim, 0usize,
     );
+}
+
+/// Stores a plane's dQ tiles (16 rows from tile row `row0`, column tiles `[ct, ct +
+/// dq_tiles)` of 8, `mma` accumulator layout) into the f32 shared tile `dq_s`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_dq_tile<F: Float, NC: Size>(
+    def: &MmaDefinition<F, F, f32>,
+    dq_t: &Array<Vector<f32, NC>>,
+    dq_s: &mut Shared<[f32]>,
+    row0: usize,
+    ct: usize,
+    #[comptime] dq_tiles: usize,
+    #[comptime] pitch: usize,
+) {
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let vc = def.vector_size(MatrixIdent::Accumulator);
+    let lane = UNIT_POS_PLANE;
+    #[unroll]
+    for nd in 0..dq_tiles {
+        #[unroll]
+        for i in 0..c_vecs {
+            let x = dq_t[nd * c_vecs + i];
+            #[unroll]
+            for e in 0..vc {
+                let (r, c) = def.position_of_nth(
+                    lane,
+                    comptime!((i * vc + e) as u32),
+                    MatrixIdent::Accumulator,
+                );
+                dq_s[(row0 + r as usize) * pitch + (ct + nd) * 8 + c as usize] = x.extract(e);
+            }
+        }
+    }
+}
+
+/// Adds the cube's dQ tile (`dq_s`, `block_q` rows of `head_dim` in rows of `pitch`)
+/// to the f32 buffer from element `base` with atomics, consecutive units on
+/// consecutive elements. `checked`: only the first `rows` rows.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn add_dq_shared(
+    dq_s: &Shared<[f32]>,
+    dq_acc: &mut Tensor<Atomic<f32>>,
+    base: usize,
+    rows: usize,
+    #[comptime] block_q: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] pitch: usize,
+    #[comptime] threads: usize,
+    #[comptime] checked: bool,
+) {
+    let count = comptime!(block_q * head_dim);
+    #[unroll]
+    for j in 0..comptime!(count.div_ceil(threads)) {
+        let idx = UNIT_POS as usize + j * threads;
+        let row = idx / head_dim;
+        let at = row * pitch + idx % head_dim;
+        if checked {
+            if idx < count && row < rows {
+                dq_acc[base + idx].fetch_add(dq_s[at]);
+            }
+        } else {
+            dq_acc[base + idx].fetch_add(dq_s[at]);
+        }
+    }
 }

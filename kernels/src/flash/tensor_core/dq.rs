@@ -267,12 +267,15 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
                             row_lse = lse0;
                             row_delta = delta0;
                         }
-                        let mut ds = 0.0f32;
-                        if key >= lo && key < hi {
-                            let p = (x.extract(e) * scale - row_lse).exp();
-                            ds = p * (y.extract(e) - row_delta);
-                        }
-                        x.insert(e, ds);
+                        // Computed for every element and selected, not branched on:
+                        // one branch per element kept the exponentials from
+                        // overlapping (a masked entry's exp is discarded).
+                        let p = select(
+                            key >= lo && key < hi,
+                            (x.extract(e) * scale - row_lse).exp(),
+                            0.0f32,
+                        );
+                        x.insert(e, p * (y.extract(e) - row_delta));
                     }
                     s[nb * c_vecs + i] = x;
                 }

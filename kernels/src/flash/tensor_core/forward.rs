@@ -510,20 +510,21 @@ fn online_softmax<F: Float, NC: Size>(
                     comptime!((i * vc + e) as u32),
                     MatrixIdent::Accumulator,
                 );
+                // Masked entries: the exponential is computed and discarded by a
+                // select rather than skipped by a branch, so that the exponentials of
+                // a tile overlap (one branch each serialised them: 2026-12-06
+                // profile, benchmarks/flash_attention.md).
                 let val = x.extract(e);
-                let mut p = 0.0f32;
+                let visible = val > f32::new(MASKED);
                 if r as usize == g {
-                    if val > f32::new(MASKED) {
-                        p = (val - new0).exp();
-                    }
+                    let p = select(visible, (val - new0).exp(), 0.0f32);
                     l0 += p;
+                    x.insert(e, p);
                 } else {
-                    if val > f32::new(MASKED) {
-                        p = (val - new1).exp();
-                    }
+                    let p = select(visible, (val - new1).exp(), 0.0f32);
                     l1 += p;
+                    x.insert(e, p);
                 }
-                x.insert(e, p);
             }
             s[at] = x;
         }

@@ -211,7 +211,8 @@ impl CudaContext {
         let jitc_kernel = CompiledKernel::compile(
             &*kernel,
             definition,
-            &mut CudaCompiler::default(),
+            // longview patch: see `backend_choice`.
+            &mut CudaCompiler::new(super::backend_choice::backend_for_kernel(kernel.name())),
             &self.compilation_options,
         )?;
 
@@ -420,6 +421,10 @@ impl CudaContext {
         let mut options = vec![arch.as_str(), include_option.as_str(), "-lineinfo"];
         if cccl_include_path.exists() {
             options.push(&cccl_include_option);
+        }
+        // longview patch: see `backend_choice`.
+        if super::backend_choice::nvrtc_fast_math() {
+            options.push("--use_fast_math");
         }
 
         // SAFETY: Calling NVRTC FFI to create, compile, and extract PTX from a program.

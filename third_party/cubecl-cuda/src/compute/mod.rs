@@ -4,6 +4,7 @@ pub(crate) mod context;
 pub(crate) mod driver;
 pub(crate) mod events;
 // longview patch: see PATCH.md.
+mod backend_choice;
 mod kernel_report;
 pub(crate) mod storage;
 pub(crate) mod stream;
