@@ -147,7 +147,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Release build with CUDA, then `dist/longview-cuda.xz` (the device tool carries at
+/// Release build with CUDA and NCCL, then `dist/bin/longview-cuda.xz`, where the GPU
+/// scripts (`benchmarks/gpu_prelude.sh`) look for it (the device tool carries at
 /// most 64 MiB; the GPU machine unpacks it with python3's lzma module).
 fn package() -> ExitCode {
     let mut cmd = cargo();
@@ -157,14 +158,14 @@ fn package() -> ExitCode {
         "-p",
         "longview-cli",
         "--features",
-        "cuda",
+        "nccl",
     ]);
     let code = run(cmd);
     if code != ExitCode::SUCCESS {
         return code;
     }
     let binary = root().join("target/release/longview");
-    let dist = root().join("dist");
+    let dist = root().join("dist/bin");
     if let Err(e) = std::fs::create_dir_all(&dist) {
         eprintln!("xtask: {}: {e}", dist.display());
         return ExitCode::FAILURE;
@@ -187,7 +188,7 @@ fn package() -> ExitCode {
                 size as f64 / (1 << 20) as f64
             );
             println!(
-                "on the GPU machine: python3 -c \"import lzma,sys;open('longview','wb').write(lzma.open('dist/longview-cuda.xz').read())\" && chmod +x longview"
+                "carry dist/libs (benchmarks/pack_ffmpeg_libs.sh) in one device call and dist/bin in the next; benchmarks/gpu_prelude.sh unpacks both"
             );
             ExitCode::SUCCESS
         }
