@@ -3,8 +3,9 @@
 # 1.5B forward+backward step at a given length and recompute mode (bench JSON lines
 # into $OUT/bench.jsonl), and optionally the PyTorch reference in the same call.
 #   bash benchmarks/gpu_train_bench.sh "--frames 162 --recompute attention-aware" ...
-# Carry the packaged binary (dist/bin/longview-cuda.xz, `cargo xtask package` then
-# move it there) and the FFmpeg libraries the GPU machine lacks
+# ("torch:<args>" runs benchmarks/hf_reference.py instead, "profile:<args>" a profiled
+# step, below.)
+# Carry the packaged binary (dist/bin/longview-cuda.xz, `cargo xtask package`) and the FFmpeg libraries the GPU machine lacks
 # (dist/libs/lvlibs.tar.xz, `bash benchmarks/pack_ffmpeg_libs.sh`). Together they pass
 # the device tool's 64 MiB carry limit, so carry dist/libs in one call and dist/bin
 # in the next (the machine keeps /tmp/libs while it stays warm; it is released after
@@ -22,6 +23,17 @@ for shape in "$@"; do
   case "$shape" in
     torch:*) timeout 250 $PY benchmarks/hf_reference.py --size 1.5b --text-tokens 64 --dtype bf16 ${shape#torch:} \
                2>&1 | tail -n 1 | tee -a "$OUT/log.txt" ;;
+    # "profile:<bench args>": one warm-up and one timed step under CubeCL's profiler,
+    # the device time of its kernels summed by name per step ($OUT/profile.txt; the
+    # cuBLASLt GEMMs are not CubeCL kernels and do not appear). Written 2026-12-06, not
+    # yet run on a GPU.
+    profile:*) echo "== profiled: ${shape#profile:}" | tee -a "$OUT/log.txt"
+       rm -f /tmp/cubecl.log
+       CUBECL_DEBUG_LOG=1 CUBECL_DEBUG_OPTION=profile timeout 400 /tmp/lv bench --device cuda \
+         --dtype bf16 --size 1.5b --text-tokens 64 --attention flash ${shape#profile:} \
+         --warmup 1 --iters 1 > "$OUT/profiled.txt" 2>&1
+       python3 benchmarks/cubecl_profile.py /tmp/cubecl.log 2 > "$OUT/profile.txt"
+       head -n 25 "$OUT/profile.txt" | tee -a "$OUT/log.txt" ;;
     *) echo "== $shape" | tee -a "$OUT/log.txt"
        timeout 300 /tmp/lv bench --device cuda --dtype bf16 --size 1.5b --text-tokens 64 --attention flash \
          $shape --json "$OUT/bench.jsonl" 2>&1 | grep -v "^\s*$" | tail -n 4 | tee -a "$OUT/log.txt" ;;
