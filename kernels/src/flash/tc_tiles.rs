@@ -304,6 +304,28 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_fit_an_h100_or_h200_unshrunk() {
+        // 227 KiB of shared memory a cube on both (sm_90). The tiles were chosen by
+        // sweeps there: a kernel that grows its shared memory past this budget would
+        // silently run smaller tiles.
+        let budget = 227 << 10;
+        for d in [64, 72, 80, 128] {
+            let fitted = DEFAULT_TILES.fitting(d, budget);
+            let fields = |t: TcTiles| {
+                (
+                    (t.fwd_warps, t.fwd_block_k, t.fwd_m_tiles),
+                    (t.fwd_late_prefetch, t.fwd_q_shared),
+                    (t.dq_block_k, t.dkdv_warps, t.dkdv_block_q),
+                )
+            };
+            assert_eq!(fields(fitted), fields(DEFAULT_TILES), "head dim {d}");
+        }
+        // dK/dV at D128 took 113,664 bytes before its f32 dQ tile (Nsight Compute,
+        // 2026-12-06); the estimate must count that tile (32 x 128 f32) on top.
+        assert!(DEFAULT_TILES.shared_bytes(128) >= 113_664 + 32 * 128 * 4);
+    }
+
+    #[test]
     fn shrinking_keeps_the_forward_row_blocks_inside_the_budget() {
         for m_tiles in [1, 2] {
             let tiles = TcTiles {
