@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu_rl_run.sh [frames ...]     (STEPS=2 steps a run, LIMIT=280 s a run)
 #   MODES=cached / MODES=reencode: one side per device call, when both do not fit in
 #   one call's 600 s (512 frames: ~100k prompt tokens a rollout).
+#   DECODE_AB=1 also runs `infer-bench --samples 5` at each frame count in the same
+#   call (the group of five decoded over one prefill, as a rollout decodes), to compare
+#   its decode rate with the rollout's `decode_tokens_per_s` (the rollout measured 2x
+#   slower on 2026-12-06, cause unknown). Written 2026-12-06, not yet run on a GPU.
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/log.txt,
 # $OUT/<run>.txt (console) and $OUT/metrics-<run>.jsonl (rollout_s, update_s, ...).
 set -u
@@ -15,6 +19,13 @@ set -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for frames in "${@:-256 512}"; do
   for f in $frames; do
+    if [ "${DECODE_AB:-0}" = 1 ]; then
+      echo "== infer-bench-$f-g5" | tee -a "$OUT/log.txt"
+      timeout ${LIMIT:-280} /tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --frames "$f" \
+        --samples 5 --new-tokens 128 --runs 2 --json "$OUT/infer.jsonl" > "$OUT/infer-bench-$f-g5.txt" 2>&1
+      echo "-- exit $?" | tee -a "$OUT/log.txt"
+      grep "^| " "$OUT/infer-bench-$f-g5.txt" | tail -n 1 | tee -a "$OUT/log.txt"
+    fi
     for mode in ${MODES:-cached reencode}; do
       cfg=/tmp/rl-$mode.toml
       sed -e 's/^batch_size = .*/batch_size = 1/' -e 's/^max_response_tokens = .*/max_response_tokens = 128/' \
