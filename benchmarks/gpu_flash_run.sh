@@ -33,8 +33,8 @@ wants torch && step torch "${TORCH_S:-150}" $PY benchmarks/flash_reference.py
 # the registers and spill bytes the driver gave each kernel (CUBECL_CUDA_KERNEL_REGS); a
 # later "longview" step runs with the setting of the fastest forward+backward. A setting
 # is a `+`-joined list of VAR=VALUE: SETTINGS="CUBECL_CUDA_CPP_KERNELS=tensor_core ..."
-# (an empty entry, `-`, is the defaults); TILES="fw,fk,..." adds LONGVIEW_FLASH_TILES
-# settings.
+# (`-` is the defaults, and what is swept when neither is given); TILES="fw,fk,..."
+# adds LONGVIEW_FLASH_TILES settings.
 BEST=""
 [ -n "${LONGVIEW_FLASH_TILES:-}" ] && BEST="LONGVIEW_FLASH_TILES=$LONGVIEW_FLASH_TILES"
 if wants sweep; then
@@ -44,7 +44,7 @@ if wants sweep; then
   DIR=$OUT/sweep
   all="${SETTINGS:-}"
   for t in ${TILES:-}; do all="$all LONGVIEW_FLASH_TILES=$t"; done
-  [ -n "${all// /}" ] || all="LONGVIEW_FLASH_TILES=8,64,32,8,32"
+  [ -n "${all// /}" ] || all="-"
   for setting in $all; do
     vars=""; [ "$setting" = - ] || vars="${setting//+/ }"
     tag=$(echo "$setting" | tr -c 'A-Za-z0-9_\n-' '_' | cut -c1-100)

@@ -5,18 +5,15 @@
 #   bash benchmarks/gpu_train_bench.sh "--frames 162 --recompute attention-aware" ...
 # ("torch:<args>" runs benchmarks/hf_reference.py instead, "profile:<args>" a profiled
 # step, below.)
-# Carry the packaged binary (dist/bin/longview-cuda.xz, `cargo xtask package`) and the FFmpeg libraries the GPU machine lacks
-# (dist/libs/lvlibs.tar.xz, `bash benchmarks/pack_ffmpeg_libs.sh`). Together they pass
-# the device tool's 64 MiB carry limit, so carry dist/libs in one call and dist/bin
-# in the next (the machine keeps /tmp/libs while it stays warm; it is released after
+# Carry the packaged binary (dist/bin/longview-cuda.xz, `cargo xtask package`) and the
+# FFmpeg libraries the GPU machine lacks (dist/libs/lvlibs.tar.xz, `bash
+# benchmarks/pack_ffmpeg_libs.sh`), both unpacked by benchmarks/gpu_prelude.sh.
+# Together they pass the device tool's 64 MiB carry limit, so carry dist/libs in one
+# call and dist/bin in the next (the machine keeps /tmp/libs while it stays warm; it
+# is released after
 # 30 s idle).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/tmp/libs/lvmiss
-[ -d /tmp/libs/lvmiss ] || { mkdir -p /tmp/libs && tar -C /tmp/libs -xJf dist/libs/lvlibs.tar.xz; } \
-  || { echo "no FFmpeg libraries: carry dist/libs first"; exit 1; }
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/bin/longview-cuda.xz'), open('/tmp/lv','wb'))" \
-  && chmod +x /tmp/lv
+. benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
 for shape in "$@"; do

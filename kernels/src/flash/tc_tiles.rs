@@ -13,7 +13,7 @@ use super::DeviceTensor;
 /// scores, and whether it keeps Q in shared memory rather than registers.
 /// `LONGVIEW_FLASH_TILES="fw,fk,qk,kw,kq[,fm[,late[,qs]]]"` overrides them (benchmark
 /// exploration; `fm` row blocks of 16 a forward plane, `late` and `qs` 0 or 1).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct TcTiles {
     pub(super) fwd_warps: usize,
     pub(super) fwd_block_k: usize,
@@ -310,15 +310,11 @@ mod tests {
         // silently run smaller tiles.
         let budget = 227 << 10;
         for d in [64, 72, 80, 128] {
-            let fitted = DEFAULT_TILES.fitting(d, budget);
-            let fields = |t: TcTiles| {
-                (
-                    (t.fwd_warps, t.fwd_block_k, t.fwd_m_tiles),
-                    (t.fwd_late_prefetch, t.fwd_q_shared),
-                    (t.dq_block_k, t.dkdv_warps, t.dkdv_block_q),
-                )
-            };
-            assert_eq!(fields(fitted), fields(DEFAULT_TILES), "head dim {d}");
+            assert_eq!(
+                DEFAULT_TILES.fitting(d, budget),
+                DEFAULT_TILES,
+                "head dim {d}"
+            );
         }
         // dK/dV at D128 took 113,664 bytes before its f32 dQ tile (Nsight Compute,
         // 2026-12-06); the estimate must count that tile (32 x 128 f32) on top.

@@ -177,8 +177,9 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
         16usize,
     );
     let mut dq_t = Array::<Vector<f32, NC>>::new(comptime!(dq_tiles * c_vecs));
-    // The fused dQ tile in f32 (rows of `padded + 4`: the mma layout's stores of 8 rows
-    // by 4 column pairs fall in distinct banks but for one pair of rows).
+    // The fused dQ tile in f32, rows of `padded + 4` words. One store instruction of the
+    // mma layout writes 8 rows x 4 columns of one parity, so it touches 16 of the 32
+    // banks: 2-way conflicts at best, which this pitch gets.
     let dq_pitch = comptime!(padded + 4);
     let mut dq_s =
         Shared::<[f32]>::new_slice(comptime!(if fuse_dq { block_q * dq_pitch } else { 1 }));
