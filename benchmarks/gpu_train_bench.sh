@@ -10,8 +10,7 @@
 # benchmarks/pack_ffmpeg_libs.sh`), both unpacked by benchmarks/gpu_prelude.sh.
 # Together they pass the device tool's 64 MiB carry limit, so carry dist/libs in one
 # call and dist/bin in the next (the machine keeps /tmp/libs while it stays warm; it
-# is released after
-# 30 s idle).
+# is released after 30 s idle).
 set -u
 . benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
