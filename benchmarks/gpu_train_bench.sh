@@ -21,15 +21,17 @@ for shape in "$@"; do
                2>&1 | tail -n 1 | tee -a "$OUT/log.txt" ;;
     # "profile:<bench args>": one warm-up and one timed step under CubeCL's profiler,
     # the device time of its kernels summed by name per step ($OUT/profile.txt; the
-    # cuBLASLt GEMMs are not CubeCL kernels and do not appear). Written 2026-12-06, not
-    # yet run on a GPU.
+    # cuBLASLt GEMMs are not CubeCL kernels and do not appear), and the last step split
+    # into its phases ($OUT/phases.txt, benchmarks/cubecl_step_phases.py).
     profile:*) echo "== profiled: ${shape#profile:}" | tee -a "$OUT/log.txt"
        rm -f /tmp/cubecl.log
        CUBECL_DEBUG_LOG=1 CUBECL_DEBUG_OPTION=profile timeout 400 /tmp/lv bench --device cuda \
          --dtype bf16 --size 1.5b --text-tokens 64 --attention flash ${shape#profile:} \
          --warmup 1 --iters 1 > "$OUT/profiled.txt" 2>&1
        python3 benchmarks/cubecl_profile.py /tmp/cubecl.log 2 > "$OUT/profile.txt"
-       head -n 25 "$OUT/profile.txt" | tee -a "$OUT/log.txt" ;;
+       python3 benchmarks/cubecl_step_phases.py /tmp/cubecl.log 30 > "$OUT/phases.txt" 2>&1
+       tail -n 3 "$OUT/profiled.txt" | tee -a "$OUT/log.txt"
+       head -n 20 "$OUT/phases.txt" | tee -a "$OUT/log.txt" ;;
     *) echo "== $shape" | tee -a "$OUT/log.txt"
        timeout 300 /tmp/lv bench --device cuda --dtype bf16 --size 1.5b --text-tokens 64 --attention flash \
          $shape --json "$OUT/bench.jsonl" 2>&1 | grep -v "^\s*$" | tail -n 4 | tee -a "$OUT/log.txt" ;;

@@ -150,6 +150,33 @@ pub fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f64> {
         .collect()
 }
 
+/// LayerNorm over rows of `gamma.len()` values, in f64: `(x - mean) / sqrt(var + eps)
+/// * gamma + beta` with the biased variance (`torch.nn.LayerNorm`).
+pub fn layer_norm_f64(x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> Vec<f64> {
+    let d = gamma.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            row.iter()
+                .zip(gamma.iter().zip(beta))
+                .map(move |(&v, (&g, &b))| (v as f64 - mean) * inv * g as f64 + b as f64)
+        })
+        .collect()
+}
+
+/// GELU's tanh approximation in f64: `x / 2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh_f64(x: &[f32]) -> Vec<f64> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    x.iter()
+        .map(|&v| {
+            let v = v as f64;
+            0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())
+        })
+        .collect()
+}
+
 /// The rotary embedding in the rotate-half layout, in f64: `x` row-major
 /// `[b, h, s, d]`, the tables `cos` and `signed_sin` row-major `[tb, 1, s, d]` with
 /// `tb` = `b` or 1; `y_i = x_i cos_i + x_o(i) signed_sin_i`, `o(i)` the same place in

@@ -5,10 +5,12 @@
 //! 1)` (`reference::max_relative_error`).
 
 use anyhow::{Result, anyhow, bail};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{gelu_approximate, silu};
 use burn::tensor::{Device, Distribution, Tensor};
-use longview_kernels::fused::{rms_norm, rope, swiglu};
-use longview_kernels::reference::{max_relative_error, rms_norm_f64, rope_f64, swiglu_f64};
+use longview_kernels::fused::{gelu_tanh, layer_norm, rms_norm, rope, swiglu};
+use longview_kernels::reference::{
+    gelu_tanh_f64, layer_norm_f64, max_relative_error, rms_norm_f64, rope_f64, swiglu_f64,
+};
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -24,7 +26,7 @@ type Check = fn(&Device) -> Result<f64>;
 /// Runs every check, printing each figure; an error past `tolerance`.
 pub fn run(device: &Device, tolerance: f32) -> Result<()> {
     let device = device.clone().without_autodiff();
-    let checks: [(&str, Check); 4] = [
+    let checks: [(&str, Check); 7] = [
         ("RMSNorm, [3, 37, 1536], against f64", forward_rms_norm),
         (
             "RoPE, [2, 12, 37, 128] viewed from [2, 37, 12, 128], against f64",
@@ -34,6 +36,12 @@ pub fn run(device: &Device, tolerance: f32) -> Result<()> {
         (
             "RMSNorm / RoPE / SwiGLU gradients against Burn's ops in f32 on the CPU",
             backward,
+        ),
+        ("LayerNorm, [3, 37, 1152], against f64", forward_layer_norm),
+        ("tanh GELU, [4, 37, 4304], against f64", forward_gelu),
+        (
+            "LayerNorm / tanh GELU gradients against Burn's ops in f32 on the CPU",
+            backward_layer_norm_gelu,
         ),
     ];
     for (what, check) in checks {
@@ -52,6 +60,28 @@ fn forward_rms_norm(device: &Device) -> Result<f64> {
     let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), device);
     let want = rms_norm_f64(&host(x.clone()), &host(gamma.clone()), 1e-6);
     let got = rms_norm(x, gamma, 1e-6).ok_or_else(|| missing("RMSNorm", device))?;
+    Ok(max_relative_error(&host(got), &want))
+}
+
+fn forward_layer_norm(device: &Device) -> Result<f64> {
+    let d = 1152;
+    let x = Tensor::<3>::random([3, 37, d], Distribution::Normal(3.0, 2.0), device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), device);
+    let beta = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.5), device);
+    let want = layer_norm_f64(
+        &host(x.clone()),
+        &host(gamma.clone()),
+        &host(beta.clone()),
+        1e-6,
+    );
+    let got = layer_norm(x, gamma, Some(beta), 1e-6).ok_or_else(|| missing("LayerNorm", device))?;
+    Ok(max_relative_error(&host(got), &want))
+}
+
+fn forward_gelu(device: &Device) -> Result<f64> {
+    let x = Tensor::<3>::random([4, 37, 4304], Distribution::Normal(0.0, 3.0), device);
+    let want = gelu_tanh_f64(&host(x.clone()));
+    let got = gelu_tanh(x).ok_or_else(|| missing("tanh GELU", device))?;
     Ok(max_relative_error(&host(got), &want))
 }
 
@@ -153,5 +183,63 @@ fn backward(device: &Device) -> Result<f64> {
         base.grad(&grads).unwrap(),
         base_cpu.grad(&grads_cpu).unwrap(),
     );
+    Ok(worst)
+}
+
+/// LayerNorm's (x, gamma, beta) and the tanh GELU's gradients on `device` (autodiff,
+/// its dtype) against Burn's ops in f32 on the CPU over the same rounded inputs, as
+/// [`backward`]; 74 LayerNorm rows (two full blocks of the backward's 32 and a part).
+fn backward_layer_norm_gelu(device: &Device) -> Result<f64> {
+    let device = device.clone().without_autodiff().autodiff();
+    let cpu = Device::flex().autodiff();
+    let pair = |t: Tensor<3>| {
+        let cpu_t = Tensor::<3>::from_data(t.to_data().convert::<f32>(), &cpu).require_grad();
+        (t.require_grad(), cpu_t)
+    };
+    let normal = |shape: [usize; 3], mean: f64, std: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(mean, std), &device)
+    };
+    let mut worst = 0.0f64;
+    let mut compare = |got: Tensor<3>, want: Tensor<3>| {
+        let want64: Vec<f64> = host(want).iter().map(|&x| x as f64).collect();
+        worst = worst.max(max_relative_error(&host(got), &want64));
+    };
+
+    let (d, eps) = (1152, 1e-6);
+    let (x, x_cpu) = pair(normal([2, 37, d], 3.0, 2.0));
+    let (gamma, gamma_cpu) = pair(normal([1, 1, d], 1.0, 0.3));
+    let (beta, beta_cpu) = pair(normal([1, 1, d], 0.0, 0.5));
+    let (w, w_cpu) = pair(normal([2, 37, d], 0.0, 1.0));
+    let y = layer_norm(
+        x.clone(),
+        gamma.clone().reshape([d]),
+        Some(beta.clone().reshape([d])),
+        eps,
+    )
+    .ok_or_else(|| missing("LayerNorm", &device))?;
+    let grads = (y * w.detach()).sum().backward();
+    let mean = x_cpu.clone().mean_dim(2);
+    let centred = x_cpu.clone() - mean;
+    let var = centred.clone().square().mean_dim(2);
+    let y_cpu = centred / (var + eps).sqrt() * gamma_cpu.clone() + beta_cpu.clone();
+    let grads_cpu = (y_cpu * w_cpu.detach()).sum().backward();
+    compare(x.grad(&grads).unwrap(), x_cpu.grad(&grads_cpu).unwrap());
+    compare(
+        gamma.grad(&grads).unwrap(),
+        gamma_cpu.grad(&grads_cpu).unwrap(),
+    );
+    compare(
+        beta.grad(&grads).unwrap(),
+        beta_cpu.grad(&grads_cpu).unwrap(),
+    );
+
+    let (x, x_cpu) = pair(normal([2, 37, 4304], 0.0, 3.0));
+    let (w, w_cpu) = pair(normal([2, 37, 4304], 0.0, 1.0));
+    let y = gelu_tanh(x.clone()).ok_or_else(|| missing("tanh GELU", &device))?;
+    let grads = (y * w.detach()).sum().backward();
+    let grads_cpu = (gelu_approximate(x_cpu.clone()) * w_cpu.detach())
+        .sum()
+        .backward();
+    compare(x.grad(&grads).unwrap(), x_cpu.grad(&grads_cpu).unwrap());
     Ok(worst)
 }

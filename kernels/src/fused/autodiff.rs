@@ -1,5 +1,5 @@
 //! The fused ops on an autodiff device: each records its backward, which runs the
-//! backward kernels (RMSNorm, SwiGLU) or the transposed rotation (RoPE) from the
+//! backward kernels (RMSNorm, LayerNorm, SwiGLU, GELU) or the transposed rotation (RoPE) from the
 //! saved inputs. The rotary tables are constants (position functions, never trained):
 //! no gradient flows to them.
 
@@ -183,5 +183,114 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
             dy.into_primitive(),
         );
         (Self::from_inner(d_gate), Self::from_inner(d_up))
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: FusedBackend> Backward<B, 3> for LayerNormBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, gamma, eps) = ops.state;
+                let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(x, gamma, dy, eps);
+                for (node, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
+                let y = B::fused_layer_norm(x.clone(), gamma.clone(), beta.into_primitive(), eps);
+                prep.finish((x, gamma, eps), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(
+            x.into_primitive(),
+            gamma.into_primitive(),
+            dy.into_primitive(),
+            eps,
+        );
+        (
+            Self::from_inner(dx),
+            Self::from_inner(dgamma),
+            Self::from_inner(dbeta),
+        )
+    }
+
+    fn fused_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluTanhBackward;
+
+        impl<B: FusedBackend> Backward<B, 1> for GeluTanhBackward {
+            type State = FloatTensor<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::fused_gelu_tanh_backward(ops.state, dy));
+                }
+            }
+        }
+
+        match GeluTanhBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let y = B::fused_gelu_tanh(x.clone());
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_gelu_tanh(x.into_primitive())),
+        }
+    }
+
+    fn fused_gelu_tanh_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_gelu_tanh_backward(
+            x.into_primitive(),
+            dy.into_primitive(),
+        ))
     }
 }

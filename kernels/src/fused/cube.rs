@@ -11,11 +11,33 @@ use super::FusedBackend;
 use super::kernels::{
     rms_norm_backward_kernel, rms_norm_kernel, rope_kernel, swiglu_backward_kernel, swiglu_kernel,
 };
+use super::layer_norm_gelu::{
+    gelu_tanh_backward_kernel, gelu_tanh_kernel, layer_norm_backward_kernel, layer_norm_kernel,
+};
 
 /// Units per cube of the row kernels (a power of two: the cube sums halve it).
 const ROW_UNITS: usize = 128;
 /// Units per cube of the elementwise kernels.
 const ELEMENTWISE_UNITS: usize = 256;
+/// Rows a cube of LayerNorm's backward takes (its gamma/beta sums cover them, so the
+/// partial sums are `rows / 32` rows instead of one a row).
+const LAYER_NORM_BACKWARD_ROWS: usize = 32;
+
+/// The float dtype of a gradient in `like`'s dtype.
+fn float_dtype(like: DType) -> FloatDType {
+    match like {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
+    }
+}
+
+/// The rows of `parts` (`[n, d]` f32) summed into `[d]`, in `dtype`.
+fn sum_rows(parts: CubeTensor, d: usize, dtype: DType) -> CubeTensor {
+    let sum = CubeBackend::float_sum_dim(parts, 0);
+    let sum = CubeBackend::float_reshape(sum, Shape::new([d]));
+    CubeBackend::float_cast(sum, float_dtype(dtype))
+}
 
 fn arg(t: &CubeTensor) -> TensorArg {
     // SAFETY: the handle holds every element the shape and strides address.
@@ -147,14 +169,7 @@ impl FusedBackend for CubeBackend {
             ROW_UNITS,
         );
         // gamma's gradient: the rows' shares summed (Burn's reduction), in gamma's dtype.
-        let dgamma = CubeBackend::float_sum_dim(rows_share, 0);
-        let dgamma = CubeBackend::float_reshape(dgamma, Shape::new([d]));
-        let dtype = match gamma.dtype {
-            DType::F16 => FloatDType::F16,
-            DType::BF16 => FloatDType::BF16,
-            _ => FloatDType::F32,
-        };
-        (dx, CubeBackend::float_cast(dgamma, dtype))
+        (dx, sum_rows(rows_share, d, gamma.dtype))
     }
 
     fn fused_rope(x: CubeTensor, cos: CubeTensor, signed_sin: CubeTensor) -> CubeTensor {
@@ -220,5 +235,120 @@ impl FusedBackend for CubeBackend {
             ELEMENTWISE_UNITS,
         );
         (d_gate, d_up)
+    }
+
+    fn fused_layer_norm(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        eps: f32,
+    ) -> CubeTensor {
+        let [x, gamma, beta] = [x, gamma, beta].map(into_contiguous);
+        let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let client = x.client.clone();
+        let y = output(&x, vec![rows, d], x.dtype);
+        let (count, dim) = grid(rows, ROW_UNITS);
+        by_dtype!(
+            x.dtype,
+            "LayerNorm",
+            layer_norm_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&gamma),
+            arg(&beta),
+            arg(&y),
+            rows as u32,
+            d as u32,
+            eps,
+            ROW_UNITS,
+        );
+        y
+    }
+
+    fn fused_layer_norm_backward(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        dy: CubeTensor,
+        eps: f32,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let [x, gamma, dy] = [x, gamma, dy].map(into_contiguous);
+        let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let client = x.client.clone();
+        let cubes = rows.div_ceil(LAYER_NORM_BACKWARD_ROWS);
+        let dx = output(&x, vec![rows, d], x.dtype);
+        let dgamma_parts = output(&x, vec![cubes, d], DType::F32);
+        let dbeta_parts = output(&x, vec![cubes, d], DType::F32);
+        let (count, dim) = grid(cubes, ROW_UNITS);
+        by_dtype!(
+            x.dtype,
+            "LayerNorm backward",
+            layer_norm_backward_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&gamma),
+            arg(&dy),
+            arg(&dx),
+            arg(&dgamma_parts),
+            arg(&dbeta_parts),
+            rows as u32,
+            eps,
+            ROW_UNITS,
+            LAYER_NORM_BACKWARD_ROWS,
+            d,
+        );
+        (
+            dx,
+            sum_rows(dgamma_parts, d, gamma.dtype),
+            sum_rows(dbeta_parts, d, gamma.dtype),
+        )
+    }
+
+    fn fused_gelu_tanh(x: CubeTensor) -> CubeTensor {
+        let x = into_contiguous(x);
+        let client = x.client.clone();
+        let shape = x.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let y = output(&x, shape, x.dtype);
+        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        by_dtype!(
+            x.dtype,
+            "GELU",
+            gelu_tanh_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&y),
+            n as u32,
+            ELEMENTWISE_UNITS,
+        );
+        y
+    }
+
+    fn fused_gelu_tanh_backward(x: CubeTensor, dy: CubeTensor) -> CubeTensor {
+        let [x, dy] = [x, dy].map(into_contiguous);
+        let client = x.client.clone();
+        let shape = x.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let dx = output(&x, shape, x.dtype);
+        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        by_dtype!(
+            x.dtype,
+            "GELU backward",
+            gelu_tanh_backward_kernel,
+            &client,
+            count,
+            dim,
+            arg(&x),
+            arg(&dy),
+            arg(&dx),
+            n as u32,
+            ELEMENTWISE_UNITS,
+        );
+        dx
     }
 }

@@ -6,14 +6,14 @@ use cubecl::prelude::*;
 
 /// The cube's row on a 2-D grid of cubes.
 #[cube]
-fn grid_row() -> usize {
+pub(super) fn grid_row() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
 /// Sums `partial[0..units]` into `partial[0]` (every unit of the cube calls it).
 #[cube]
 #[allow(clippy::assign_op_pattern)] // written as the expansion the kernel compiles to
-fn cube_sum(partial: &mut Shared<[f32]>) {
+pub(super) fn cube_sum(partial: &mut Shared<[f32]>) {
     let u = UNIT_POS_X as usize;
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {

@@ -1,11 +1,11 @@
-//! Fused kernels for Qwen2's elementwise work: what Burn runs as a chain of tensor
+//! Fused kernels for Qwen2's and SigLIP's elementwise work: what Burn runs as a chain of tensor
 //! ops, each its own kernel launch, done in one launch. A decoding step of the 1.5B
 //! model is mostly such small kernels (`benchmarks/inference.md`: ~40 per layer);
 //! by Burn 0.22's op definitions RMSNorm is about nine launches (casts, square, mean,
 //! add, sqrt, divide, scale), the rotary embedding five per tensor, SwiGLU ten (the
-//! sigmoid alone is eight).
+//! sigmoid alone is eight); SigLIP's LayerNorm about ten and its tanh GELU eight.
 //!
-//! Each op has its backward (`autodiff`): RMSNorm and SwiGLU through backward kernels
+//! Each op has its backward (`autodiff`): RMSNorm, LayerNorm, SwiGLU and GELU through backward kernels
 //! from the saved inputs, the rotary embedding through the transposed rotation. The
 //! arithmetic is f32 throughout, each output rounded once to the tensor's dtype (Burn
 //! rounds after each op). `LONGVIEW_FUSED=off` turns them off (A/B timing in one
@@ -17,6 +17,7 @@ use burn::tensor::{DType, Tensor};
 mod autodiff;
 mod cube;
 mod kernels;
+mod layer_norm_gelu;
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedBackend: burn::backend::Backend {
@@ -59,6 +60,30 @@ pub trait FusedBackend: burn::backend::Backend {
         up: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// LayerNorm of the rows of `x` (`[rows, d]`) with `gamma` and `beta` (`[d]`, x's
+    /// dtype), biased variance.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+
+    /// `(dx, dgamma, dbeta)` of [`FusedBackend::fused_layer_norm`] given the output's
+    /// gradient.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The tanh approximation of GELU, elementwise.
+    fn fused_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `dx` of [`FusedBackend::fused_gelu_tanh`] given the output's gradient.
+    fn fused_gelu_tanh_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Whether the fused kernels run (`LONGVIEW_FUSED`, a switch, on by default; read
@@ -145,5 +170,64 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Option<Tensor<D
         return Some(gate);
     }
     let y = <Dispatch as FusedBackend>::fused_swiglu(gate.into_dispatch(), up.into_dispatch());
+    Some(Tensor::from_dispatch(y))
+}
+
+/// The widest row [`layer_norm`] takes: its backward keeps two f32 sums a column in
+/// shared memory (32 KiB at 4096, within what wgpu and CUDA give a cube).
+pub const LAYER_NORM_MAX_WIDTH: usize = 4096;
+
+/// LayerNorm of `x` (`[..., d]`) over its last dimension with `gamma` and `beta`
+/// (`[d]`) in one kernel launch, differentiable in all three; `None` where it cannot
+/// run (as [`rms_norm`], or no `beta`, or `d` past [`LAYER_NORM_MAX_WIDTH`]): the
+/// caller keeps Burn's ops. Same formula as `burn::nn::LayerNorm` and
+/// `torch.nn.LayerNorm` (biased variance), the row's arithmetic in f32 (two passes for
+/// the variance), rounded once to x's dtype.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+) -> Option<Tensor<D>> {
+    let dtype = x.dtype();
+    let beta = beta?;
+    if !enabled()
+        || !crate::burn_op::supported(&x.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    {
+        return None;
+    }
+    let dims = x.dims();
+    let d = dims[D - 1];
+    if gamma.dims() != [d] || beta.dims() != [d] || d == 0 || d > LAYER_NORM_MAX_WIDTH {
+        return None;
+    }
+    let rows = dims[..D - 1].iter().product::<usize>();
+    if rows == 0 {
+        return Some(x);
+    }
+    let y = <Dispatch as FusedBackend>::fused_layer_norm(
+        x.reshape([rows, d]).into_dispatch(),
+        gamma.cast(dtype).into_dispatch(),
+        beta.cast(dtype).into_dispatch(),
+        eps as f32,
+    );
+    Some(Tensor::<2>::from_dispatch(y).reshape(dims))
+}
+
+/// GELU's tanh approximation (`gelu_pytorch_tanh`, Burn's `gelu_approximate`) in one
+/// kernel launch, differentiable; `None` where it cannot run (as [`rms_norm`]).
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Option<Tensor<D>> {
+    let dtype = x.dtype();
+    if !enabled()
+        || !crate::burn_op::supported(&x.device())
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    {
+        return None;
+    }
+    if x.shape().num_elements() == 0 {
+        return Some(x);
+    }
+    let y = <Dispatch as FusedBackend>::fused_gelu_tanh(x.into_dispatch());
     Some(Tensor::from_dispatch(y))
 }

@@ -136,8 +136,34 @@ pub struct SiglipMlp {
 
 impl SiglipMlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(&self.fc2, gelu_approximate(linear(&self.fc1, x)))
+        linear(&self.fc2, gelu_tanh(linear(&self.fc1, x)))
     }
+}
+
+/// LayerNorm of `x` in one fused kernel (with its backward) where that can run (a
+/// CubeCL device), else Burn's `LayerNorm` ops (the same formula).
+fn layer_norm(norm: &LayerNorm, eps: f64, x: Tensor<3>) -> Tensor<3> {
+    #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+    if let Some(y) = longview_kernels::fused::layer_norm(
+        x.clone(),
+        norm.gamma.val(),
+        norm.beta.as_ref().map(|b| b.val()),
+        eps,
+    ) {
+        return y;
+    }
+    let _ = eps;
+    norm.forward(x)
+}
+
+/// GELU's tanh approximation (SigLIP's `gelu_pytorch_tanh`) in one fused kernel (with
+/// its backward) where that can run (as [`layer_norm`]), else Burn's ops.
+fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
+    #[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+    if let Some(y) = longview_kernels::fused::gelu_tanh(x.clone()) {
+        return y;
+    }
+    gelu_approximate(x)
 }
 
 /// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
@@ -147,6 +173,9 @@ pub struct SiglipEncoderLayer {
     pub layer_norm1: LayerNorm,
     pub mlp: SiglipMlp,
     pub layer_norm2: LayerNorm,
+    /// Both norms' epsilon (Burn's `LayerNorm` keeps its own private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 impl SiglipEncoderLayer {
@@ -159,12 +188,14 @@ impl SplitAtAttention for SiglipEncoderLayer {
     type Context = ();
 
     fn attention_input(&self, x: Tensor<3>, _: &()) -> AttentionInput {
-        self.self_attn.qkv(self.layer_norm1.forward(x))
+        self.self_attn
+            .qkv(layer_norm(&self.layer_norm1, self.layer_norm_eps, x))
     }
 
     fn after_attention(&self, x: Tensor<3>, attention: Tensor<4>) -> Tensor<3> {
         let x = x + self.self_attn.project_out(attention);
-        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+        let normed = layer_norm(&self.layer_norm2, self.layer_norm_eps, x.clone());
+        x + self.mlp.forward(normed)
     }
 
     fn attention_impl(&self) -> AttentionImpl {
@@ -210,6 +241,7 @@ impl VisionConfig {
                     fc2: linear(self.intermediate_size, h),
                 },
                 layer_norm2: ln(),
+                layer_norm_eps: self.layer_norm_eps,
             })
             .collect();
         let side = self.grid_side();

@@ -6,6 +6,8 @@ pub mod compiler;
 mod compute;
 mod device;
 mod runtime;
+// longview patch: see PATCH.md.
+mod row_layout;
 
 pub use compiler::{CudaCompilationOptions, CudaCompiler, CudaRepresentation};
 pub use device::*;

@@ -39,7 +39,6 @@ use cubecl_llvm::nvptx::ptx_version::PtxVersion;
 use cubecl_llvm::shared::lowered_features::{GpuTarget, restrict_features};
 use cubecl_monitoring::{DeviceUtilization, UtilizationUnavailable, gpu_utilization::CardCounters};
 use cubecl_server::{
-    allocator::PitchedMemoryLayoutPolicy,
     config::{CubeClRuntimeConfig, RuntimeConfig},
     logging::ServerLogger,
     runtime::Runtime,
@@ -397,7 +396,9 @@ impl DeviceService for CudaServer {
             comm_stream,
         );
         let logger = Arc::new(ServerLogger::default());
-        let policy = PitchedMemoryLayoutPolicy::new(device_props.memory.alignment as usize);
+        // longview patch: dense rows unless CUBECL_CUDA_PITCHED_ROWS=1 (src/row_layout.rs).
+        let policy =
+            crate::row_layout::RowLayoutPolicy::from_env(device_props.memory.alignment as usize);
         let (mut utilities, captures) = ServerUtilities::init(
             cubecl_common::device::ServiceId::of::<Self>(device_id),
             "cuda",
