@@ -80,7 +80,8 @@ fn fused_layer_norm_matches_the_f64_formula() {
     assert!(layer_norm(x, g, Some(b), eps).is_none());
 }
 
-/// Over more elements than one grid row of cubes; values out to +-40, where `tanh`
+/// Over more elements than one grid row of cubes, read 2 and 4 values at a time, and
+/// from a view whose start is not aligned to 4 values; values out to +-40, where `tanh`
 /// saturates (a form through `exp` must give +-1 there, not NaN).
 #[test]
 fn fused_gelu_tanh_matches_the_f64_formula() {
@@ -91,6 +92,17 @@ fn fused_gelu_tanh_matches_the_f64_formula() {
         let got = gelu_tanh(x).expect("wgpu f32 without autodiff");
         assert_within(&format!("gelu_tanh {shape:?}"), host(got), &want, 1e-6);
     }
+    // A view starting 37 values into its buffer (148 bytes: the kernel cannot read it
+    // four values at a time from there).
+    let whole = Tensor::<2>::random([3, 37], Distribution::Normal(0.0, 3.0), &device);
+    let view = whole.narrow(0, 1, 2);
+    let want = gelu_tanh_f64(&host(view.clone()));
+    assert_within(
+        "gelu_tanh of an offset view",
+        host(gelu_tanh(view).unwrap()),
+        &want,
+        1e-6,
+    );
     let edges = [-40.0f32, -12.0, -1e-4, 0.0, 1e-4, 12.0, 40.0];
     let x = Tensor::<1>::from_data(TensorData::new(edges.to_vec(), [edges.len()]), &device);
     let got = host(gelu_tanh(x).unwrap());

@@ -2,9 +2,9 @@
 
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, FloatDType, Shape};
-use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeDevice};
 use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
 
 use super::FusedBackend;
@@ -63,6 +63,27 @@ fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
         handle,
         dtype,
     )
+}
+
+/// Values a unit of the elementwise kernels reads at once: 16 bytes on CUDA, at most 4
+/// values elsewhere (wgpu's widest vector); fewer where `n` or a buffer's start is not
+/// a multiple of the width.
+fn vector_width(tensors: &[&CubeTensor], n: usize) -> usize {
+    let bytes = tensors[0].dtype.size();
+    let cap = match tensors[0].device {
+        CubeDevice::Cuda(_) => 16 / bytes,
+        _ => 4,
+    };
+    let aligned = |w: usize| {
+        tensors.iter().all(|t| {
+            let start = t.handle.offset_start.unwrap_or(0);
+            start.is_multiple_of((w * bytes) as u64)
+        })
+    };
+    [8, 4, 2, 1]
+        .into_iter()
+        .find(|&w| w <= cap && n.is_multiple_of(w) && aligned(w))
+        .unwrap_or(1)
 }
 
 /// A 2-D grid of `count` cubes (the y axis past 65,535).
@@ -190,7 +211,9 @@ impl FusedBackend for CubeBackend {
         let shape = gate.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let y = output(&gate, shape, gate.dtype);
-        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let width = vector_width(&[&gate, &up], n);
+        let vectors = n / width;
+        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
         by_dtype!(
             gate.dtype,
             "SwiGLU",
@@ -198,10 +221,11 @@ impl FusedBackend for CubeBackend {
             &client,
             count,
             dim,
+            width,
             arg(&gate),
             arg(&up),
             arg(&y),
-            n as u32,
+            vectors as u32,
             ELEMENTWISE_UNITS,
         );
         y
@@ -218,7 +242,9 @@ impl FusedBackend for CubeBackend {
         let n: usize = shape.iter().product();
         let d_gate = output(&gate, shape.clone(), gate.dtype);
         let d_up = output(&gate, shape, gate.dtype);
-        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let width = vector_width(&[&gate, &up, &dy], n);
+        let vectors = n / width;
+        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
         by_dtype!(
             gate.dtype,
             "SwiGLU backward",
@@ -226,12 +252,13 @@ impl FusedBackend for CubeBackend {
             &client,
             count,
             dim,
+            width,
             arg(&gate),
             arg(&up),
             arg(&dy),
             arg(&d_gate),
             arg(&d_up),
-            n as u32,
+            vectors as u32,
             ELEMENTWISE_UNITS,
         );
         (d_gate, d_up)
@@ -313,7 +340,9 @@ impl FusedBackend for CubeBackend {
         let shape = x.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let y = output(&x, shape, x.dtype);
-        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let width = vector_width(&[&x], n);
+        let vectors = n / width;
+        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
         by_dtype!(
             x.dtype,
             "GELU",
@@ -321,9 +350,10 @@ impl FusedBackend for CubeBackend {
             &client,
             count,
             dim,
+            width,
             arg(&x),
             arg(&y),
-            n as u32,
+            vectors as u32,
             ELEMENTWISE_UNITS,
         );
         y
@@ -335,7 +365,9 @@ impl FusedBackend for CubeBackend {
         let shape = x.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let dx = output(&x, shape, x.dtype);
-        let (count, dim) = grid(n.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let width = vector_width(&[&x, &dy], n);
+        let vectors = n / width;
+        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
         by_dtype!(
             x.dtype,
             "GELU backward",
@@ -343,10 +375,11 @@ impl FusedBackend for CubeBackend {
             &client,
             count,
             dim,
+            width,
             arg(&x),
             arg(&dy),
             arg(&dx),
-            n as u32,
+            vectors as u32,
             ELEMENTWISE_UNITS,
         );
         dx

@@ -164,42 +164,62 @@ pub fn rope_kernel<F: Float>(
     }
 }
 
-/// `y = silu(gate) * up` elementwise (Qwen2's SwiGLU); all contiguous, one shape.
+/// `y = silu(gate) * up` elementwise (Qwen2's SwiGLU); all contiguous, one shape, read
+/// and written `N` values at a time (`vectors` of them).
 #[cube(launch)]
-pub fn swiglu_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    y: &mut Tensor<F>,
-    n: u32,
+pub fn swiglu_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    y: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[comptime] units: usize,
 ) {
     let pos = grid_row() * units + UNIT_POS_X as usize;
-    if pos < n as usize {
-        let g = f32::cast_from(gate[pos]);
-        let silu = g / (1.0f32 + (-g).exp());
-        y[pos] = F::cast_from(silu * f32::cast_from(up[pos]));
+    if pos < vectors as usize {
+        let width = gate.vector_size();
+        let (g_v, u_v) = (gate[pos], up[pos]);
+        let mut out = Vector::empty();
+        #[unroll]
+        for e in 0..width {
+            let g = f32::cast_from(g_v.extract(e));
+            let silu = g / (1.0f32 + (-g).exp());
+            out.insert(e, F::cast_from(silu * f32::cast_from(u_v.extract(e))));
+        }
+        y[pos] = out;
     }
 }
 
 /// SwiGLU's backward: with `s = sigmoid(gate)`, `d_up = dy gate s` and
-/// `d_gate = dy up s (1 + gate (1 - s))`.
+/// `d_gate = dy up s (1 + gate (1 - s))`; `N` values at a time.
 #[cube(launch)]
-pub fn swiglu_backward_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    dy: &Tensor<F>,
-    d_gate: &mut Tensor<F>,
-    d_up: &mut Tensor<F>,
-    n: u32,
+pub fn swiglu_backward_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
+    d_gate: &mut Tensor<Vector<F, N>>,
+    d_up: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[comptime] units: usize,
 ) {
     let pos = grid_row() * units + UNIT_POS_X as usize;
-    if pos < n as usize {
-        let g = f32::cast_from(gate[pos]);
-        let s = 1.0f32 / (1.0f32 + (-g).exp());
-        let grad = f32::cast_from(dy[pos]);
-        d_up[pos] = F::cast_from(grad * g * s);
-        d_gate[pos] =
-            F::cast_from(grad * f32::cast_from(up[pos]) * s * (1.0f32 + g * (1.0f32 - s)));
+    if pos < vectors as usize {
+        let width = gate.vector_size();
+        let (g_v, u_v, dy_v) = (gate[pos], up[pos], dy[pos]);
+        let mut out_gate = Vector::empty();
+        let mut out_up = Vector::empty();
+        #[unroll]
+        for e in 0..width {
+            let g = f32::cast_from(g_v.extract(e));
+            let s = 1.0f32 / (1.0f32 + (-g).exp());
+            let grad = f32::cast_from(dy_v.extract(e));
+            out_up.insert(e, F::cast_from(grad * g * s));
+            let up_e = f32::cast_from(u_v.extract(e));
+            out_gate.insert(
+                e,
+                F::cast_from(grad * up_e * s * (1.0f32 + g * (1.0f32 - s))),
+            );
+        }
+        d_gate[pos] = out_gate;
+        d_up[pos] = out_up;
     }
 }

@@ -22,40 +22,64 @@ fn tanh_of(u: f32) -> f32 {
     1.0f32 - 2.0f32 / ((2.0f32 * u).exp() + 1.0f32)
 }
 
+/// GELU's tanh approximation of one value, in f32.
+#[cube]
+fn gelu_of(v: f32) -> f32 {
+    0.5f32 * v * (1.0f32 + tanh_of(SQRT_2_OVER_PI * (v + CUBIC * v * v * v)))
+}
+
+/// Its derivative: with `t = tanh(k (x + c x^3))`,
+/// `0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)`.
+#[cube]
+fn gelu_slope(v: f32) -> f32 {
+    let t = tanh_of(SQRT_2_OVER_PI * (v + CUBIC * v * v * v));
+    0.5f32 * (1.0f32 + t)
+        + 0.5f32 * v * (1.0f32 - t * t) * SQRT_2_OVER_PI * (1.0f32 + 3.0f32 * CUBIC * v * v)
+}
+
 /// `y = x / 2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` elementwise (SigLIP's
-/// `gelu_pytorch_tanh`); `x`, `y` contiguous, `n` elements.
+/// `gelu_pytorch_tanh`); `x`, `y` contiguous, read and written `N` values at a time
+/// (`vectors` of them).
 #[cube(launch)]
-pub fn gelu_tanh_kernel<F: Float>(
-    x: &Tensor<F>,
-    y: &mut Tensor<F>,
-    n: u32,
+pub fn gelu_tanh_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    y: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[comptime] units: usize,
 ) {
     let pos = grid_row() * units + UNIT_POS_X as usize;
-    if pos < n as usize {
-        let v = f32::cast_from(x[pos]);
-        let t = tanh_of(SQRT_2_OVER_PI * (v + CUBIC * v * v * v));
-        y[pos] = F::cast_from(0.5f32 * v * (1.0f32 + t));
+    if pos < vectors as usize {
+        let width = x.vector_size();
+        let x_v = x[pos];
+        let mut out = Vector::empty();
+        #[unroll]
+        for e in 0..width {
+            out.insert(e, F::cast_from(gelu_of(f32::cast_from(x_v.extract(e)))));
+        }
+        y[pos] = out;
     }
 }
 
-/// The tanh GELU's backward: with `t = tanh(k (x + c x^3))`,
-/// `dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2))`.
+/// The tanh GELU's backward, `dx = dy gelu'(x)`, `N` values at a time.
 #[cube(launch)]
-pub fn gelu_tanh_backward_kernel<F: Float>(
-    x: &Tensor<F>,
-    dy: &Tensor<F>,
-    dx: &mut Tensor<F>,
-    n: u32,
+pub fn gelu_tanh_backward_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
+    dx: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[comptime] units: usize,
 ) {
     let pos = grid_row() * units + UNIT_POS_X as usize;
-    if pos < n as usize {
-        let v = f32::cast_from(x[pos]);
-        let t = tanh_of(SQRT_2_OVER_PI * (v + CUBIC * v * v * v));
-        let slope = 0.5f32 * (1.0f32 + t)
-            + 0.5f32 * v * (1.0f32 - t * t) * SQRT_2_OVER_PI * (1.0f32 + 3.0f32 * CUBIC * v * v);
-        dx[pos] = F::cast_from(f32::cast_from(dy[pos]) * slope);
+    if pos < vectors as usize {
+        let width = x.vector_size();
+        let (x_v, dy_v) = (x[pos], dy[pos]);
+        let mut out = Vector::empty();
+        #[unroll]
+        for e in 0..width {
+            let slope = gelu_slope(f32::cast_from(x_v.extract(e)));
+            out.insert(e, F::cast_from(f32::cast_from(dy_v.extract(e)) * slope));
+        }
+        dx[pos] = out;
     }
 }
 
