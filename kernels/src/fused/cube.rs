@@ -86,6 +86,15 @@ fn vector_width(tensors: &[&CubeTensor], n: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// The vector width, the number of vectors and the grid of an elementwise kernel over
+/// the `n` values of `tensors`.
+fn elementwise_launch(tensors: &[&CubeTensor], n: usize) -> (usize, usize, CubeCount, CubeDim) {
+    let width = vector_width(tensors, n);
+    let vectors = n / width;
+    let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+    (width, vectors, count, dim)
+}
+
 /// A 2-D grid of `count` cubes (the y axis past 65,535).
 fn grid(count: usize, units: usize) -> (CubeCount, CubeDim) {
     let count = count.max(1);
@@ -211,9 +220,7 @@ impl FusedBackend for CubeBackend {
         let shape = gate.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let y = output(&gate, shape, gate.dtype);
-        let width = vector_width(&[&gate, &up], n);
-        let vectors = n / width;
-        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let (width, vectors, count, dim) = elementwise_launch(&[&gate, &up], n);
         by_dtype!(
             gate.dtype,
             "SwiGLU",
@@ -242,9 +249,7 @@ impl FusedBackend for CubeBackend {
         let n: usize = shape.iter().product();
         let d_gate = output(&gate, shape.clone(), gate.dtype);
         let d_up = output(&gate, shape, gate.dtype);
-        let width = vector_width(&[&gate, &up, &dy], n);
-        let vectors = n / width;
-        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let (width, vectors, count, dim) = elementwise_launch(&[&gate, &up, &dy], n);
         by_dtype!(
             gate.dtype,
             "SwiGLU backward",
@@ -340,9 +345,7 @@ impl FusedBackend for CubeBackend {
         let shape = x.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let y = output(&x, shape, x.dtype);
-        let width = vector_width(&[&x], n);
-        let vectors = n / width;
-        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let (width, vectors, count, dim) = elementwise_launch(&[&x], n);
         by_dtype!(
             x.dtype,
             "GELU",
@@ -365,9 +368,7 @@ impl FusedBackend for CubeBackend {
         let shape = x.meta.shape().to_vec();
         let n: usize = shape.iter().product();
         let dx = output(&x, shape, x.dtype);
-        let width = vector_width(&[&x, &dy], n);
-        let vectors = n / width;
-        let (count, dim) = grid(vectors.div_ceil(ELEMENTWISE_UNITS), ELEMENTWISE_UNITS);
+        let (width, vectors, count, dim) = elementwise_launch(&[&x, &dy], n);
         by_dtype!(
             x.dtype,
             "GELU backward",

@@ -93,6 +93,14 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| crate::env_switch::switch("LONGVIEW_FUSED", true))
 }
 
+/// Whether the fused kernels run for `dtype` tensors on `device`: switched on, a CubeCL
+/// device, f32, f16 or bf16.
+fn runs_on(device: &burn::tensor::Device, dtype: DType) -> bool {
+    enabled()
+        && crate::burn_op::supported(device)
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// RMSNorm of `x` (`[..., d]`) over its last dimension with `gamma` (`[d]`) in one
 /// kernel launch (differentiable in both); `None` where it cannot run (not a CubeCL
 /// device, a dtype other than f32/f16/bf16): the caller keeps Burn's ops.
@@ -100,10 +108,7 @@ pub fn enabled() -> bool {
 /// arithmetic in f32 and rounded once to x's dtype.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
     let dtype = x.dtype();
-    if !enabled()
-        || !crate::burn_op::supported(&x.device())
-        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-    {
+    if !runs_on(&x.device(), dtype) {
         return None;
     }
     let dims = x.dims();
@@ -131,9 +136,7 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Option<Ten
     let dtype = x.dtype();
     let [b, _, s, d] = x.dims();
     let [tb, one, ts, td] = cos.dims();
-    if !enabled()
-        || !crate::burn_op::supported(&x.device())
-        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    if !runs_on(&x.device(), dtype)
         || d % 2 != 0
         || one != 1
         || (tb != b && tb != 1)
@@ -158,12 +161,7 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Option<Ten
 /// both; `None` where it cannot run (as [`rms_norm`], or shapes or dtypes that differ).
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Option<Tensor<D>> {
     let dtype = gate.dtype();
-    if !enabled()
-        || !crate::burn_op::supported(&gate.device())
-        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-        || up.dtype() != dtype
-        || gate.dims() != up.dims()
-    {
+    if !runs_on(&gate.device(), dtype) || up.dtype() != dtype || gate.dims() != up.dims() {
         return None;
     }
     if gate.shape().num_elements() == 0 {
@@ -191,10 +189,7 @@ pub fn layer_norm<const D: usize>(
 ) -> Option<Tensor<D>> {
     let dtype = x.dtype();
     let beta = beta?;
-    if !enabled()
-        || !crate::burn_op::supported(&x.device())
-        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-    {
+    if !runs_on(&x.device(), dtype) {
         return None;
     }
     let dims = x.dims();
@@ -219,10 +214,7 @@ pub fn layer_norm<const D: usize>(
 /// kernel launch, differentiable; `None` where it cannot run (as [`rms_norm`]).
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Option<Tensor<D>> {
     let dtype = x.dtype();
-    if !enabled()
-        || !crate::burn_op::supported(&x.device())
-        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-    {
+    if !runs_on(&x.device(), dtype) {
         return None;
     }
     if x.shape().num_elements() == 0 {
