@@ -10,8 +10,8 @@
 #   one call's 600 s (512 frames: ~100k prompt tokens a rollout).
 #   DECODE_AB=1 also runs `infer-bench --samples 5` at each frame count in the same
 #   call (the group of five decoded over one prefill, as a rollout decodes), to compare
-#   its decode rate with the rollout's `decode_tokens_per_s` (the rollout measured 2x
-#   slower on 2026-12-06, cause unknown). Written 2026-12-06, not yet run on a GPU.
+#   its decode rate with the rollout's `decode_tokens_per_s` (first run 2026-12-06 at
+#   256 frames: the warm rollout at 0.77x, benchmarks/grpo.md).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/log.txt,
 # $OUT/<run>.txt (console) and $OUT/metrics-<run>.jsonl (rollout_s, update_s, ...).
 set -u

@@ -23,20 +23,12 @@ const ELEMENTWISE_UNITS: usize = 256;
 /// partial sums are `rows / 32` rows instead of one a row).
 const LAYER_NORM_BACKWARD_ROWS: usize = 32;
 
-/// The float dtype of a gradient in `like`'s dtype.
-fn float_dtype(like: DType) -> FloatDType {
-    match like {
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    }
-}
-
-/// The rows of `parts` (`[n, d]` f32) summed into `[d]`, in `dtype`.
+/// The rows of `parts` (`[n, d]` f32) summed into `[d]`, in `dtype` (a float dtype).
 fn sum_rows(parts: CubeTensor, d: usize, dtype: DType) -> CubeTensor {
     let sum = CubeBackend::float_sum_dim(parts, 0);
     let sum = CubeBackend::float_reshape(sum, Shape::new([d]));
-    CubeBackend::float_cast(sum, float_dtype(dtype))
+    let dtype: FloatDType = dtype.into();
+    CubeBackend::float_cast(sum, dtype)
 }
 
 fn arg(t: &CubeTensor) -> TensorArg {
