@@ -12,7 +12,7 @@
 #   PROFILE=1 adds a profiled run (below); SAMPLES="5" also times G sampled answers
 #   decoded as one batch over the one prefill (what a GRPO rollout decodes); UNFUSED=1
 #   also runs longview with its fused kernels off (LONGVIEW_FUSED=off); DECODE_TC=1
-#   also decodes with the other decode path forced (LONGVIEW_DECODE_TENSOR_CORES).
+#   also decodes on the split-key kernel (LONGVIEW_DECODE_TENSOR_CORES=0).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -42,13 +42,12 @@ if [ "${LONG:-1}" != only ]; then
       for g in ${SAMPLES:-}; do
         step "longview-$f-g$g" timeout 300 $lv --frames "$f" --samples "$g" --runs 2
       done
-      # DECODE_TC=1: the decoding steps once more with the other decode path forced,
-      # their effect in the same call: one answer on the tensor cores
-      # (LONGVIEW_DECODE_TENSOR_CORES=1: keys sliced into the batch), the SAMPLES
-      # groups on the split-key kernel (=0; groups of 30+ rows a kv head take the
-      # tensor cores by default).
+      # DECODE_TC=1: the decoding steps once more on the split-key kernel
+      # (LONGVIEW_DECODE_TENSOR_CORES=0), one answer and the SAMPLES groups, their
+      # effect in the same call (by default a step whose query heads fold into its kv
+      # heads' rows decodes on the tensor cores with the keys sliced into the batch).
       if [ "${DECODE_TC:-0}" = 1 ]; then
-        step "longview-$f-decode-tc" env LONGVIEW_DECODE_TENSOR_CORES=1 timeout 300 $lv --frames "$f" --runs 2
+        step "longview-$f-decode-split" env LONGVIEW_DECODE_TENSOR_CORES=0 timeout 300 $lv --frames "$f" --runs 2
         for g in ${SAMPLES:-}; do
           step "longview-$f-g$g-decode-split" env LONGVIEW_DECODE_TENSOR_CORES=0 timeout 300 $lv --frames "$f" --samples "$g" --runs 2
         done

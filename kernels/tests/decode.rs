@@ -176,8 +176,9 @@ fn decode_kernels_match_the_f64_reference() {
 /// forward in its place: keys folded into the batch through strided views, q
 /// repeated at batch stride 0, the keys past the last whole slice run on views offset
 /// into the same buffers, the slices merged. Against the f64 reference, including
-/// slice counts that leave a remainder and one slice; calls whose rows do not all see
-/// every key, or with two sequences, are refused.
+/// slice counts that leave a remainder and one slice; a kv head's query heads folded
+/// into its rows (every contiguous case) and a q whose layout does not allow that; calls
+/// whose rows do not all see every key, or with two sequences, are refused.
 #[test]
 fn sliced_decoding_matches_the_f64_reference() {
     use longview_kernels::flash_decode_sliced;
@@ -238,6 +239,53 @@ fn sliced_decoding_matches_the_f64_reference() {
             &want.lse,
             TOL_F32,
         );
+    }
+    // q laid out positions-major (`[1, Sq, Hq, D]` read as `[1, Hq, Sq, D]`, what a
+    // projection followed by `swap_dims(1, 2)` gives): with 5 positions its query heads
+    // cannot be folded into the kv heads' rows by a view, so the call runs a head at a
+    // time; with 1 position they can.
+    for (n, sq) in [(0usize, 5usize), (1, 1)] {
+        let case = Case::new(1, 12, 2, sq, 300, 64);
+        let seed = 960 + 10 * n as u64;
+        let q = random(case.hq * sq * case.d, seed);
+        let k = random(case.hkv * case.sk * case.d, seed + 1);
+        let v = random(case.hkv * case.sk * case.d, seed + 2);
+        let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
+        // q[h][i][:] stored at position-major index (i * Hq + h) * D.
+        let mut stored = vec![0f32; q.len()];
+        for h in 0..case.hq {
+            for i in 0..sq {
+                let (from, to) = ((h * sq + i) * case.d, (i * case.hq + h) * case.d);
+                stored[to..to + case.d].copy_from_slice(&q[from..from + case.d]);
+            }
+        }
+        let physical = DeviceTensor::from_slice(&client, &stored, &[1, sq, case.hq, case.d]);
+        let qt = DeviceTensor {
+            shape: vec![1, case.hq, sq, case.d],
+            strides: vec![sq * case.hq * case.d, case.d, case.hq * case.d, 1],
+            ..physical
+        };
+        let up = |x: &[f32]| DeviceTensor::from_slice(&client, x, &[1, case.hkv, case.sk, case.d]);
+        let (kt, vt) = (up(&k), up(&v));
+        let o = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, sq, case.d]);
+        let lse = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, sq]);
+        flash_decode_sliced::<f32>(
+            &client,
+            &qt,
+            &kt,
+            &vt,
+            &o,
+            &lse,
+            &case.options,
+            FlashKernel::Scalar,
+            Some(3),
+        )
+        .unwrap();
+        let name = |what| format!("{what} of the positions-major q, {sq} positions");
+        let got_o = o.to_vec::<f32>(&client).unwrap();
+        assert_close(&name("O"), &got_o, &want.o, TOL_F32);
+        let got_lse = lse.to_vec::<f32>(&client).unwrap();
+        assert_close(&name("LSE"), &got_lse, &want.lse, TOL_F32);
     }
     // Refused: rows that do not all see every key (three rows at the end of the
     // keys), and two sequences.

@@ -31,24 +31,28 @@ use super::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
 /// Fewest keys a slice gets (one tile of the tensor-core forward is 64 keys).
 const MIN_SLICE_KEYS: usize = 256;
 
-/// Query rows a kv head from which a decoding step runs here by default. Measured with
-/// `flash_bench --decode` on an H100 (2026-12-06, `benchmarks/flash_attention.md`):
-/// at 30 rows (12:2 heads, a GRPO group of five) this path took 0.66 ms against the
-/// split-key kernel's 0.84 ms at 200k keys (0.20 vs 0.29 ms at 50k); at 21 rows (28:4,
-/// three rows) 1.98 vs 1.13 ms, and at 6-7 rows (one sequence) 0.64 vs 0.33 ms. This
-/// path reads the keys once a query head, the split-key kernel once a kv head with
-/// work that grows with its rows, hence a crossover in rows a kv head. With the
-/// forward's tiles of the later sweep that day (two row blocks a plane), 30 rows took
-/// 0.60 against 0.83 ms at 200k keys, and 21 rows 2.42 against 1.13 ms.
+/// Query rows a kv head from which a decoding step whose query heads cannot be folded
+/// into its kv heads' rows ([`grouped`]) runs here by default. Measured with
+/// `flash_bench --decode` on an H100 (2026-12-06, `benchmarks/flash_attention.md`),
+/// before the folding: at 30 rows (12:2 heads, a GRPO group of five) this path took
+/// 0.66 ms against the split-key kernel's 0.84 ms at 200k keys, at 21 rows 1.98 vs
+/// 1.13 ms, at 6-7 rows 0.64 vs 0.33 ms: unfolded, it reads the keys once a query head.
 pub const DECODE_TC_MIN_ROWS: usize = 30;
 
-/// Whether the options ask for this path for `g`: forced by
-/// `DecodeTuning::tensor_cores`, else at [`DECODE_TC_MIN_ROWS`] rows a kv head.
-pub(super) fn wanted(g: &Geometry, options: &FlashOptions) -> bool {
-    options
-        .decode
-        .tensor_cores
-        .unwrap_or(g.hq / g.hkv * g.sq >= DECODE_TC_MIN_ROWS)
+/// Whether the options ask for this path for this call: forced by
+/// `DecodeTuning::tensor_cores`; else when its query heads fold into the kv heads' rows
+/// (every key then read once a kv head: 0.19 against the split-key kernel's 0.33 ms for
+/// one 1.5B decoding step at 200k keys, 0.19 against 0.83 ms for a group of five, H100,
+/// 2026-12-06), or at [`DECODE_TC_MIN_ROWS`] rows a kv head.
+pub(super) fn wanted(
+    g: &Geometry,
+    options: &FlashOptions,
+    (q, o, lse): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+) -> bool {
+    options.decode.tensor_cores.unwrap_or_else(|| {
+        let folds = |t: &DeviceTensor| folded_layout(g, &t.shape, &t.strides).is_some();
+        g.hq / g.hkv * g.sq >= DECODE_TC_MIN_ROWS || (folds(q) && folds(o) && folds(lse))
+    })
 }
 
 /// Whether every query row of the call sees every key, for one sequence.
@@ -57,12 +61,19 @@ pub(super) fn applies(g: &Geometry, options: &FlashOptions) -> bool {
     g.b == 1 && options.cu_seqlens.is_none() && all_visible
 }
 
-/// Slices for `g`: `wanted` (at most one a key), else about two cubes per
-/// multiprocessor over the `Hq` query heads with at least [`MIN_SLICE_KEYS`] keys
-/// each.
+/// Slices for `g`: `wanted` (at most one a key), else `LONGVIEW_DECODE_SPLITS` (the
+/// split-key kernels' setting, for benchmarks), else about two cubes per
+/// multiprocessor over the `Hq` query heads (`Hkv` once [`grouped`]) with at least
+/// [`MIN_SLICE_KEYS`] keys each.
 fn slices(client: &Client, g: &Geometry, wanted: Option<usize>) -> usize {
     // The launch's grid y is `slices x Hq`.
     let most = (65_535 / g.hq).clamp(1, g.sk);
+    let wanted = wanted.or_else(|| {
+        std::env::var("LONGVIEW_DECODE_SPLITS")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    });
     if let Some(n) = wanted {
         return n.clamp(1, most);
     }
@@ -158,6 +169,76 @@ pub(super) fn forward<F: Float + CubeElement>(
             g.b, options.causal, options.q_offset, options.k_offset, g.sk
         )));
     }
+    match grouped(g, q, o, lse) {
+        Some((g, q, o, lse)) => {
+            sliced::<F>(client, &g, (&q, k, v), (&o, &lse), options, inner, wanted)
+        }
+        None => sliced::<F>(client, g, (q, k, v), (o, lse), options, inner, wanted),
+    }
+}
+
+/// The call with the query heads of each kv head folded into that head's rows: `q`
+/// `[1, Hq, Sq, D]` read as `[1, Hkv, Hq / Hkv * Sq, D]` (row `g Sq + i` is position
+/// `i` of the group's query head `g`), `o` and `lse` alike, so that every key is read
+/// once a kv head rather than once a query head, and a slice's rows share one tile of
+/// the tensor-core forward. Every row sees every key here, so the rows' order does not
+/// matter to the mask. A view, no copy: `None` where a tensor's strides do not allow it
+/// (positions not laid out one row stride apart within a head, with more than one
+/// position), or where each kv head has one query head.
+fn grouped(
+    g: &Geometry,
+    q: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Option<(Geometry, DeviceTensor, DeviceTensor, DeviceTensor)> {
+    let fold = |t: &DeviceTensor| -> Option<DeviceTensor> {
+        let (shape, strides) = folded_layout(g, &t.shape, &t.strides)?;
+        Some(DeviceTensor {
+            handle: t.handle.clone(),
+            shape,
+            strides,
+        })
+    };
+    let folded = Geometry {
+        hq: g.hkv,
+        sq: g.hq / g.hkv * g.sq,
+        ..*g
+    };
+    Some((folded, fold(q)?, fold(o)?, fold(lse)?))
+}
+
+/// The shape and strides of a `[B, Hq, Sq, ...]` tensor read as `[B, Hkv, Hq / Hkv *
+/// Sq, ...]` ([`grouped`]), or `None`.
+fn folded_layout(g: &Geometry, shape: &[usize], s: &[usize]) -> Option<(Vec<usize>, Vec<usize>)> {
+    let group = g.hq / g.hkv;
+    if group == 1 || s.len() < 3 || shape.len() != s.len() {
+        return None;
+    }
+    let row = if g.sq == 1 {
+        s[1]
+    } else if s[1] == g.sq * s[2] {
+        s[2]
+    } else {
+        return None;
+    };
+    let mut folded_shape = vec![g.b, g.hkv, group * g.sq];
+    let mut strides = vec![s[0], group * s[1], row];
+    folded_shape.extend_from_slice(&shape[3..]);
+    strides.extend_from_slice(&s[3..]);
+    Some((folded_shape, strides))
+}
+
+/// The keys sliced into the batch of `inner`'s forward, the slices merged into `o` /
+/// `lse` (the body of [`forward`], on the call as given or folded by [`grouped`]).
+fn sliced<F: Float + CubeElement>(
+    client: &Client,
+    g: &Geometry,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    options: &FlashOptions,
+    inner: FlashKernel,
+    wanted: Option<usize>,
+) -> Result<(), AttnError> {
     let slices = slices(client, g, wanted);
     let whole = g.sk / slices * slices;
     // Every key is visible to every row: the slices run without a mask.
@@ -228,20 +309,29 @@ mod tests {
     }
 
     #[test]
-    fn groups_with_thirty_rows_a_kv_head_decode_on_the_tensor_cores_unless_forced() {
-        let mut auto = FlashOptions::new(128);
-        auto.decode.tensor_cores = None;
-        // The 1.5B's 12:2 heads: a group of five is 30 rows a kv head, one sequence 6;
-        // the 7B's 28:4: three rows are 21, five are 35 (the predicate alone: 35 rows
-        // exceed the decode kernels' 32, so the dispatch never asks it for them).
-        assert!(wanted(&step(12, 2, 5), &auto));
-        assert!(!wanted(&step(12, 2, 1), &auto));
-        assert!(!wanted(&step(28, 4, 3), &auto));
-        assert!(wanted(&step(28, 4, 5), &auto));
-        assert!(wanted(
-            &step(12, 2, 1),
-            &auto.clone().tensor_core_decode(true)
-        ));
-        assert!(!wanted(&step(12, 2, 5), &auto.tensor_core_decode(false)));
+    fn query_heads_fold_into_the_kv_heads_rows_where_the_strides_allow() {
+        // Contiguous q of `sq` rows a head folds by a view at any row count.
+        let dense =
+            |hq: usize, sq: usize| (vec![1, hq, sq, 128], vec![hq * sq * 128, sq * 128, 128, 1]);
+        let (shape, strides) = dense(12, 5);
+        let (folded_shape, folded) = folded_layout(&step(12, 2, 5), &shape, &strides).unwrap();
+        assert_eq!(folded_shape, [1, 2, 30, 128]);
+        // Row 7 = query head 1 (of the kv head's 6), position 2: element 1 * 640 + 2 * 128.
+        assert_eq!(folded, [12 * 5 * 128, 6 * 5 * 128, 128, 1]);
+        assert_eq!(7 * folded[2], 5 * 128 + 2 * 128);
+        // One position: the row stride is the head stride, whatever the position stride.
+        let positions_major =
+            |hq: usize, sq: usize| (vec![1, hq, sq, 128], vec![sq * hq * 128, 128, hq * 128, 1]);
+        let (shape, strides) = positions_major(12, 1);
+        let (_, folded) = folded_layout(&step(12, 2, 1), &shape, &strides).unwrap();
+        assert_eq!(folded, [12 * 128, 6 * 128, 128, 1]);
+        // Positions-major with 3 positions does not fold; one query head a kv head has
+        // nothing to fold; LSE ([B, Hq, Sq]) folds like q.
+        let (shape, strides) = positions_major(28, 3);
+        assert!(folded_layout(&step(28, 4, 3), &shape, &strides).is_none());
+        let (shape, strides) = dense(4, 1);
+        assert!(folded_layout(&step(4, 4, 1), &shape, &strides).is_none());
+        let lse = folded_layout(&step(12, 2, 5), &[1, 12, 5], &[60, 5, 1]).unwrap();
+        assert_eq!(lse, (vec![1, 2, 30], vec![60, 30, 1]));
     }
 }

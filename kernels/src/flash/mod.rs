@@ -199,8 +199,8 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         || (kernel == FlashKernel::Auto && decode::applies(&g, options))
     {
         let tensors = [("q", q), ("k", k), ("v", v)];
-        if decode_tc::wanted(&g, options)
-            && decode_tc::applies(&g, options)
+        if decode_tc::applies(&g, options)
+            && decode_tc::wanted(&g, options, (q, o, lse))
             && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?
         {
             let (q_k_v, out) = ((q, k, v), (o, lse));

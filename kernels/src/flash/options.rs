@@ -118,6 +118,7 @@ impl FlashOptions {
 }
 
 /// Checked geometry of one call.
+#[derive(Clone, Copy, Debug)]
 pub(super) struct Geometry {
     pub(super) b: usize,
     pub(super) hq: usize,

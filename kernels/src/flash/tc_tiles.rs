@@ -107,10 +107,30 @@ const FEW_CUBES_FORWARD: TcTiles = TcTiles {
     ..DEFAULT_TILES
 };
 
+/// Most query rows a head of a launch that takes [`FEW_ROWS_FORWARD`]: a decoding step
+/// on the tensor cores, whose rows are one kv head's query heads times the step's
+/// positions (at most the decode kernels' 32).
+const FEW_ROWS: usize = 32;
+
+/// The forward's tiles for launches of at most [`FEW_ROWS`] query rows a head and at
+/// least one cube a multiprocessor (decoding with the keys sliced into the batch): one
+/// cube's rows are a block of 32, not the 128 of [`DEFAULT_TILES`], whose other planes
+/// would compute on padding; two planes share each K/V tile's loads.
+const FEW_ROWS_FORWARD: TcTiles = TcTiles {
+    fwd_warps: 2,
+    fwd_block_k: 32,
+    fwd_m_tiles: 1,
+    fwd_late_prefetch: true,
+    fwd_q_shared: false,
+    ..DEFAULT_TILES
+};
+
 /// The forward's tiles for `sq` query rows in each of `heads` (`B * Hq`) sequences:
 /// [`tc_tiles`], unless that launch would have fewer cubes than the device has
 /// multiprocessors and no valid `LONGVIEW_FLASH_TILES` is set; then
-/// [`FEW_CUBES_FORWARD`].
+/// [`FEW_CUBES_FORWARD`]; at most [`FEW_ROWS`] rows a head otherwise,
+/// [`FEW_ROWS_FORWARD`], or the forward's part of `LONGVIEW_DECODE_TC_TILES` (the same
+/// format as `LONGVIEW_FLASH_TILES`, for benchmarks of the decoding step alone).
 pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usize) -> TcTiles {
     let budget = client.properties().hardware.max_shared_memory_size;
     let sms = client
@@ -119,7 +139,26 @@ pub(super) fn tc_forward_tiles(client: &Client, d: usize, sq: usize, heads: usiz
         .num_streaming_multiprocessors
         .unwrap_or(64) as usize;
     let (requested, explicit) = tc_tiles_requested();
-    forward_tiles_for(requested, explicit, sq, heads, sms).fitting(d, budget)
+    let few_rows = if sq <= FEW_ROWS {
+        decode_tiles_requested()
+    } else {
+        None
+    };
+    let tiles = match few_rows {
+        Some(asked) => with_forward_of(requested, asked),
+        None => forward_tiles_for(requested, explicit, sq, heads, sms),
+    };
+    tiles.fitting(d, budget)
+}
+
+/// `tiles` with the forward's settings of `forward`.
+fn with_forward_of(tiles: TcTiles, forward: TcTiles) -> TcTiles {
+    TcTiles {
+        dq_block_k: tiles.dq_block_k,
+        dkdv_warps: tiles.dkdv_warps,
+        dkdv_block_q: tiles.dkdv_block_q,
+        ..forward
+    }
 }
 
 fn forward_tiles_for(
@@ -130,15 +169,27 @@ fn forward_tiles_for(
     sms: usize,
 ) -> TcTiles {
     let cubes = sq.div_ceil(16 * requested.fwd_m_tiles * requested.fwd_warps) * heads;
-    if explicit || cubes >= sms {
+    if explicit {
         return requested;
     }
-    // The other kernels keep their tiles.
-    TcTiles {
-        dq_block_k: requested.dq_block_k,
-        dkdv_warps: requested.dkdv_warps,
-        dkdv_block_q: requested.dkdv_block_q,
-        ..FEW_CUBES_FORWARD
+    if cubes < sms {
+        return with_forward_of(requested, FEW_CUBES_FORWARD);
+    }
+    if sq <= FEW_ROWS {
+        return with_forward_of(requested, FEW_ROWS_FORWARD);
+    }
+    requested
+}
+
+/// `LONGVIEW_DECODE_TC_TILES`, parsed (reported and ignored when it does not parse).
+fn decode_tiles_requested() -> Option<TcTiles> {
+    let text = std::env::var("LONGVIEW_DECODE_TC_TILES").ok()?;
+    match parse_tiles(&text) {
+        Ok(tiles) => Some(tiles),
+        Err(why) => {
+            eprintln!("LONGVIEW_DECODE_TC_TILES={text:?} ignored: {why}");
+            None
+        }
     }
 }
 
@@ -301,6 +352,32 @@ mod tests {
         // Exactly one cube a multiprocessor keeps the default.
         let t = forward_tiles_for(DEFAULT_TILES, false, 128 * 11, 12, sms);
         assert_eq!(t.fwd_warps, 4);
+    }
+
+    #[test]
+    fn decoding_slices_take_the_few_rows_tiles() {
+        let sms = 132;
+        // The 1.5B's decoding step folded to 2 kv heads of 6 rows, 132 slices each.
+        let t = forward_tiles_for(DEFAULT_TILES, false, 6, 264, sms);
+        assert_eq!(t, with_forward_of(DEFAULT_TILES, FEW_ROWS_FORWARD));
+        assert_eq!(16 * t.fwd_warps * t.fwd_m_tiles, FEW_ROWS);
+        // 33 rows are a prefill chunk's business: the defaults.
+        assert_eq!(
+            forward_tiles_for(DEFAULT_TILES, false, 33, 264, sms),
+            DEFAULT_TILES
+        );
+        // Few cubes win over few rows; an explicit setting over both.
+        let t = forward_tiles_for(DEFAULT_TILES, false, 6, 12, sms);
+        assert_eq!(t.fwd_warps, FEW_CUBES_FORWARD.fwd_warps);
+        assert_eq!(
+            forward_tiles_for(DEFAULT_TILES, true, 6, 264, sms),
+            DEFAULT_TILES
+        );
+        // The few-rows tiles fit at every head dim unshrunk.
+        let few = with_forward_of(DEFAULT_TILES, FEW_ROWS_FORWARD);
+        for d in [64, 72, 80, 128] {
+            assert_eq!(few.fitting(d, 227 << 10), few, "head dim {d}");
+        }
     }
 
     #[test]

@@ -34,16 +34,27 @@ impl Default for CudaBackend {
 #[derive(Clone, Debug)]
 pub enum CudaCompiler {
     Cpp(CppCompiler<Cuda>),
-    Llvm(cubecl_llvm::PlironCompiler),
+    /// longview patch: the flag says whether `exp` lowers to the approximate `ex2` route
+    /// (`crate::compute::backend_choice::approximate_exp_for_kernel`).
+    Llvm(cubecl_llvm::PlironCompiler, bool),
 }
 
 impl CudaCompiler {
     pub fn new(backend: CudaBackend) -> Self {
+        Self::with_exp(backend, false)
+    }
+
+    /// longview patch: `approximate_exp` is read by the LLVM backend only (the C++ backend
+    /// has `CUBECL_CUDA_NVRTC_FAST_MATH` for the same purpose, for every kernel).
+    pub fn with_exp(backend: CudaBackend, approximate_exp: bool) -> Self {
         match backend {
             CudaBackend::Cpp => CudaCompiler::Cpp(CppCompiler::default()),
-            CudaBackend::Llvm => CudaCompiler::Llvm(cubecl_llvm::PlironCompiler {
-                target: cubecl_llvm::LlvmTarget::Nvptx,
-            }),
+            CudaBackend::Llvm => CudaCompiler::Llvm(
+                cubecl_llvm::PlironCompiler {
+                    target: cubecl_llvm::LlvmTarget::Nvptx,
+                },
+                approximate_exp,
+            ),
         }
     }
 }
@@ -128,8 +139,9 @@ impl Compiler for CudaCompiler {
             CudaCompiler::Cpp(compiler) => Ok(CudaRepresentation::Cpp(
                 compiler.compile(kernel, &options.cpp)?,
             )),
-            CudaCompiler::Llvm(compiler) => {
+            CudaCompiler::Llvm(compiler, approximate_exp) => {
                 let pliron_options = cubecl_llvm::PlironOptions {
+                    approximate_exp: *approximate_exp,
                     arch: None,
                     sm_arch: options.arch,
                     ptx_version: options.ptx_version,
@@ -151,14 +163,14 @@ impl Compiler for CudaCompiler {
     fn extension(&self) -> &'static str {
         match self {
             CudaCompiler::Cpp(compiler) => compiler.extension(),
-            CudaCompiler::Llvm(_) => "ll",
+            CudaCompiler::Llvm(..) => "ll",
         }
     }
 
     fn lang_tag(&self) -> &'static str {
         match self {
             CudaCompiler::Cpp(compiler) => compiler.lang_tag(),
-            CudaCompiler::Llvm(compiler) => compiler.lang_tag(),
+            CudaCompiler::Llvm(compiler, _) => compiler.lang_tag(),
         }
     }
 }

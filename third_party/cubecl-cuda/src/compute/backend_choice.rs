@@ -28,3 +28,37 @@ fn names_match(list: &str, name: &str) -> bool {
 pub(crate) fn nvrtc_fast_math() -> bool {
     std::env::var("CUBECL_CUDA_NVRTC_FAST_MATH").is_ok_and(|v| v == "1")
 }
+
+/// longview patch: the kernels whose `exp` the LLVM backend lowers to libdevice's
+/// approximate `__nv_fast_expf` when `CUBECL_CUDA_APPROX_EXP_KERNELS` is not set: longview's
+/// tensor-core flash-attention kernels, whose softmax takes an exponential of every score
+/// and whose results are bf16/f16 (FlashAttention builds with `--use_fast_math` for the same
+/// reason).
+const APPROX_EXP_DEFAULT: &str = "::flash::tensor_core::";
+
+/// longview patch: whether the kernel whose Rust type name is `name` gets the approximate
+/// exponential. `CUBECL_CUDA_APPROX_EXP_KERNELS` is a comma-separated list of substrings
+/// (`*`: every kernel; empty: none) and replaces the default list.
+pub(crate) fn approximate_exp_for_kernel(name: &str) -> bool {
+    match std::env::var("CUBECL_CUDA_APPROX_EXP_KERNELS") {
+        Ok(list) => names_match(&list, name),
+        Err(_) => names_match(APPROX_EXP_DEFAULT, name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_match;
+
+    #[test]
+    fn an_empty_list_matches_nothing_and_a_star_everything() {
+        let flash = "longview_kernels::flash::tensor_core::forward::flash_forward::Kernel<R>";
+        assert!(!names_match("", flash));
+        assert!(names_match("*", flash));
+        assert!(names_match(super::APPROX_EXP_DEFAULT, flash));
+        assert!(!names_match(
+            super::APPROX_EXP_DEFAULT,
+            "longview_kernels::fused::swiglu::Kernel<R>"
+        ));
+    }
+}

@@ -212,7 +212,10 @@ impl CudaContext {
             &*kernel,
             definition,
             // longview patch: see `backend_choice`.
-            &mut CudaCompiler::new(super::backend_choice::backend_for_kernel(kernel.name())),
+            &mut CudaCompiler::with_exp(
+                super::backend_choice::backend_for_kernel(kernel.name()),
+                super::backend_choice::approximate_exp_for_kernel(kernel.name()),
+            ),
             &self.compilation_options,
         )?;
 
