@@ -2,8 +2,9 @@
 //! batch, so that one launch of the tensor-core forward runs `slices x Hq` cubes where
 //! a plain launch runs `Hq` (a decoding step has one block of query rows, and a plain
 //! launch walks every key in one cube per head). Of the calls the decode kernels
-//! take (at most [`super::DECODE_MAX_ROWS`] query rows a kv head), those with at least
-//! [`DECODE_TC_MIN_ROWS`] come here by default, so 30 to 32 rows; larger calls run
+//! take (at most [`super::DECODE_MAX_ROWS`] query rows a kv head), those whose query
+//! heads fold into the kv heads' rows ([`grouped`]: each key then read once a kv head)
+//! or with at least [`DECODE_TC_MIN_ROWS`] rows come here by default; larger calls run
 //! the plain tensor-core forward as before. `LONGVIEW_DECODE_TENSOR_CORES=1`/`0` or
 //! [`FlashOptions::tensor_core_decode`] forces the choice for the decode kernels' calls.
 //!

@@ -39,11 +39,12 @@ pub struct DecodeTuning {
     pub prefetch: bool,
     /// Whether decoding steps that qualify run on the tensor-core forward with the
     /// keys sliced into the batch (`decode_tc`) instead of the split-key kernel, where
-    /// the device has tensor cores. `None` (the default): when a step has at least
-    /// [`super::DECODE_TC_MIN_ROWS`] query rows a kv head (a GRPO group of five at the
-    /// 1.5B's 12:2 heads), the measured crossover, up to the decode kernels'
-    /// [`super::DECODE_MAX_ROWS`]; `Some(_)` forces it either way for those calls
-    /// (`LONGVIEW_DECODE_TENSOR_CORES=1` / `=0`).
+    /// the device has tensor cores. `None` (the default): when the step's query heads
+    /// fold into its kv heads' rows by a view (any contiguous q; one position of any
+    /// layout), or else from [`super::DECODE_TC_MIN_ROWS`] query rows a kv head, up
+    /// to the decode kernels' [`super::DECODE_MAX_ROWS`] (both measured crossovers,
+    /// `benchmarks/flash_attention.md`); `Some(_)` forces it either way for those
+    /// calls (`LONGVIEW_DECODE_TENSOR_CORES=1` / `=0`).
     pub tensor_cores: Option<bool>,
 }
 
