@@ -136,7 +136,10 @@ impl FlashAttentionBackend for CubeBackend {
         d_o: CubeTensor,
         mask: FlashMask,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let [q, k, v, lse, delta, d_o] = [q, k, v, lse, delta, d_o].map(into_contiguous);
+        // q, k, v and dO are read where they are, as the forward reads its inputs (the
+        // model's are heads split by a transpose); LSE and delta come dense.
+        let [q, k, v, d_o] = [q, k, v, d_o].map(readable);
+        let [lse, delta] = [lse, delta].map(into_contiguous);
         let client = q.client.clone();
         let opts = mask.options();
         let a = [&q, &k, &v, &lse, &delta, &d_o].map(view);
@@ -218,7 +221,8 @@ impl FlashAttentionBackend for CubeBackend {
         d_o: CubeTensor,
         mask: FlashMask,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let [q, k, v, o, lse, d_o] = [q, k, v, o, lse, d_o].map(into_contiguous);
+        let [q, k, v, o, d_o] = [q, k, v, o, d_o].map(readable);
+        let lse = into_contiguous(lse);
         let client = q.client.clone();
         let opts = mask.options();
         let args = (

@@ -157,7 +157,7 @@ fn burn_op_refuses_what_it_cannot_do() {
 /// The forward reads strided inputs where they are: heads split by a transpose (q)
 /// and the filled part of larger buffers (k, v, as a KV cache holds them). The
 /// result equals the same call on contiguous copies bit for bit, and the plain-ops
-/// reference within the tolerance above.
+/// reference within the tolerance above; so do the backward's gradients.
 #[test]
 fn burn_op_reads_strided_views_as_they_are() {
     let device = Device::wgpu(DeviceKind::DefaultDevice);
@@ -175,10 +175,37 @@ fn burn_op_reads_strided_views_as_they_are() {
     assert_eq!(values(o.clone()), values(o_dense));
     assert_eq!(
         lse.into_data().try_to_vec::<f32>().unwrap(),
-        lse_dense.into_data().try_to_vec::<f32>().unwrap()
+        lse_dense.clone().into_data().try_to_vec::<f32>().unwrap()
     );
-    let (o_ref, _) = reference(q, k, v, &opts);
-    assert_close("O strided", &values(o), &values(o_ref), 2e-5);
+    let (o_ref, _) = reference(q.clone(), k.clone(), v.clone(), &opts);
+    assert_close("O strided", &values(o.clone()), &values(o_ref), 2e-5);
+    // The backward from (LSE, delta) reads q, k, v and dO as strided too (dO split by a
+    // transpose, as the model's gradient arrives), with the same bits as on dense copies.
+    let d_o = random([b, sq, hq, d]).swap_dims(1, 2);
+    let delta = (d_o.clone() * o).sum_dim(3).squeeze_dim(3);
+    let grads = |q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, d_o: &Tensor<4>| {
+        let (dq, dk, dv) = flash_attention_backward_delta(
+            (q.clone(), k.clone(), v.clone()),
+            lse_dense.clone(),
+            delta.clone(),
+            d_o.clone(),
+            &opts,
+        )
+        .unwrap();
+        [dq, dk, dv].map(values)
+    };
+    let strided = grads(&q, &k, &v, &d_o);
+    let dense_grads = grads(&dense(&q), &dense(&k), &dense(&v), &dense(&d_o));
+    for (name, (got, want)) in ["dQ", "dK", "dV"]
+        .iter()
+        .zip(strided.iter().zip(&dense_grads))
+    {
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name} strided: not finite"
+        );
+        assert_eq!(got, want, "{name} from strided inputs");
+    }
 }
 
 /// An f64 reference as the f32 values `assert_close` compares.

@@ -26,7 +26,7 @@ type Check = fn(&Device) -> Result<f64>;
 /// Runs every check, printing each figure; an error past `tolerance`.
 pub fn run(device: &Device, tolerance: f32) -> Result<()> {
     let device = device.clone().without_autodiff();
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 8] = [
         ("RMSNorm, [3, 37, 1536], against f64", forward_rms_norm),
         (
             "RoPE, [2, 12, 37, 128] viewed from [2, 37, 12, 128], against f64",
@@ -42,6 +42,10 @@ pub fn run(device: &Device, tolerance: f32) -> Result<()> {
         (
             "LayerNorm / tanh GELU gradients against Burn's ops in f32 on the CPU",
             backward_layer_norm_gelu,
+        ),
+        (
+            "flash backward from strided q/k/v/dO (heads split by a transpose) against dense copies, 12:2 heads x 300 x 128",
+            flash_backward_strided,
         ),
     ];
     for (what, check) in checks {
@@ -241,5 +245,43 @@ fn backward_layer_norm_gelu(device: &Device) -> Result<f64> {
         .sum()
         .backward();
     compare(x.grad(&grads).unwrap(), x_cpu.grad(&grads_cpu).unwrap());
+    Ok(worst)
+}
+
+/// The flash backward (from LSE and delta, as training calls it) on q, k, v and dO laid
+/// out `[B, S, H, D]` and read as `[B, H, S, D]` views, against the same call on dense
+/// copies (whose kernels `flash_bench`'s checks hold to the f64 reference). Not bit for
+/// bit: the tensor-core dQ is summed with atomics in no fixed order.
+fn flash_backward_strided(device: &Device) -> Result<f64> {
+    use longview_kernels::FlashOptions;
+    use longview_kernels::burn_op::{flash_attention, flash_attention_backward_delta};
+    let (hq, hkv, s, d) = (12, 2, 300, 128);
+    let split = |heads: usize| {
+        Tensor::<4>::random([1, s, heads, d], Distribution::Normal(0.0, 1.0), device)
+            .swap_dims(1, 2)
+    };
+    let (q, k, v, d_o) = (split(hq), split(hkv), split(hkv), split(hq));
+    let dense = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), device);
+    let opts = FlashOptions::new(d).causal(true);
+    let (o, lse) = flash_attention(dense(&q), dense(&k), dense(&v), &opts)?;
+    let delta = (dense(&d_o).cast(burn::tensor::DType::F32) * o.cast(burn::tensor::DType::F32))
+        .sum_dim(3)
+        .squeeze_dim(3);
+    let grads =
+        |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, d_o: Tensor<4>| -> Result<Vec<Vec<f32>>> {
+            let (dq, dk, dv) =
+                flash_attention_backward_delta((q, k, v), lse.clone(), delta.clone(), d_o, &opts)?;
+            Ok([dq, dk, dv].map(host).to_vec())
+        };
+    let strided = grads(q.clone(), k.clone(), v.clone(), d_o.clone())?;
+    let want = grads(dense(&q), dense(&k), dense(&v), dense(&d_o))?;
+    let mut worst = 0f64;
+    for (got, want) in strided.iter().zip(&want) {
+        if got.iter().any(|x| !x.is_finite()) {
+            bail!("flash backward from strided inputs: a gradient is not finite");
+        }
+        let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        worst = worst.max(max_relative_error(got, &want));
+    }
     Ok(worst)
 }
