@@ -334,3 +334,13 @@ fn sliced_decoding_matches_the_f64_reference() {
     .to_string();
     assert!(e.contains("outputs o"), "{e}");
 }
+
+/// The outputs the kernels allocate start NaN-filled in test builds (release builds
+/// leave them uninitialised), so every test here sees an element a kernel forgot to
+/// write.
+#[test]
+fn test_builds_poison_the_kernels_outputs() {
+    if std::env::var_os("LONGVIEW_FLASH_POISON").is_none() {
+        assert!(longview_kernels::flash::poison_outputs());
+    }
+}

@@ -15,6 +15,37 @@ pub struct DeviceTensor {
     pub strides: Vec<usize>,
 }
 
+/// Whether the flash kernels' outputs start NaN-filled: 0 not decided yet, 1 yes, 2 no.
+static POISON: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether [`DeviceTensor::output`] fills outputs with NaN: as set by
+/// [`set_poison_outputs`], else with debug assertions or `LONGVIEW_FLASH_POISON=1`
+/// (`=0` turns it off in a debug build), decided on the first call.
+pub fn poison_outputs() -> bool {
+    use std::sync::atomic::Ordering;
+    match POISON.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = crate::env_switch::switch("LONGVIEW_FLASH_POISON", cfg!(debug_assertions));
+            // A concurrent `set_poison_outputs` wins over the environment.
+            let _ = POISON.compare_exchange(
+                0,
+                if on { 1 } else { 2 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            POISON.load(Ordering::Relaxed) == 1
+        }
+    }
+}
+
+/// Makes every later flash output start NaN-filled (`true`) or uninitialised, whatever
+/// the build and the environment say: checks against a reference turn it on.
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A 2-D grid of 256-unit cubes covering `n` elements (the y axis past 65,535 cubes).
 pub(super) fn elementwise_cubes(n: usize) -> CubeCount {
     let cubes = n.div_ceil(256);
@@ -75,6 +106,21 @@ impl DeviceTensor {
             handle,
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
+        }
+    }
+
+    /// A kernel's output of `shape`, which the kernel writes whole: [`Self::poisoned`]
+    /// with NaN while [`poison_outputs`] holds (builds with debug assertions, so every
+    /// test; `LONGVIEW_FLASH_POISON=1`; the checks of `flash_bench` and `longview gemm
+    /// --check`), so that an element a kernel forgets to write never passes as a value;
+    /// otherwise left uninitialised, as release builds run the model: the fill is one
+    /// more launch per output, two of the twenty or so operations a decoding layer runs
+    /// (`benchmarks/inference.md`, 2026-12-06).
+    pub(super) fn output<E: Float + CubeElement>(client: &Client, shape: &[usize]) -> Self {
+        if poison_outputs() {
+            Self::poisoned::<E>(client, f32::NAN, shape)
+        } else {
+            Self::uninitialized::<E>(client, shape)
         }
     }
 

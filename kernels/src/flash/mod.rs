@@ -17,7 +17,7 @@ mod tensor_core;
 
 pub use decode::DECODE_MAX_ROWS;
 pub use decode_tc::DECODE_TC_MIN_ROWS;
-pub use device_tensor::DeviceTensor;
+pub use device_tensor::{DeviceTensor, poison_outputs, set_poison_outputs};
 pub use options::{DecodeTuning, FlashOptions};
 pub use tc_tiles::{TC_MAX_HEAD_DIM, tensor_cores_unsupported};
 
@@ -98,9 +98,10 @@ pub fn flash_forward<F: Float + CubeElement>(
     options: &FlashOptions,
 ) -> Result<(DeviceTensor, DeviceTensor), AttnError> {
     let g = check(q, k, v, options)?;
-    // NaN until written: a row a kernel skipped shows up instead of passing as 0.
-    let o = DeviceTensor::poisoned::<F>(client, f32::NAN, &[g.b, g.hq, g.sq, g.d]);
-    let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    // NaN until written where outputs are poisoned (tests, checks): a row a kernel
+    // skipped shows up instead of passing as 0.
+    let o = DeviceTensor::output::<F>(client, &[g.b, g.hq, g.sq, g.d]);
+    let lse = DeviceTensor::output::<f32>(client, &[g.b, g.hq, g.sq]);
     flash_forward_into::<F>(client, q, k, v, &o, &lse, options)?;
     Ok((o, lse))
 }
@@ -307,7 +308,7 @@ pub fn flash_backward_with<F: Float + CubeElement>(
         )));
     }
     let rows = g.b * g.hq * g.sq;
-    let delta = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[g.b, g.hq, g.sq]);
+    let delta = DeviceTensor::output::<f32>(client, &[g.b, g.hq, g.sq]);
     flash_delta_kernel::launch::<F>(
         client,
         CubeCount::Static(rows.div_ceil(UNITS) as u32, 1, 1),
@@ -344,9 +345,9 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
             d_o.shape, q.shape, lse.shape, delta.shape
         )));
     }
-    let dq = DeviceTensor::poisoned::<F>(client, f32::NAN, &q.shape);
-    let dk = DeviceTensor::poisoned::<F>(client, f32::NAN, &k.shape);
-    let dv = DeviceTensor::poisoned::<F>(client, f32::NAN, &v.shape);
+    let dq = DeviceTensor::output::<F>(client, &q.shape);
+    let dk = DeviceTensor::output::<F>(client, &k.shape);
+    let dv = DeviceTensor::output::<F>(client, &v.shape);
     let tensors = [("q", q), ("k", k), ("v", v), ("dO", d_o)];
     if use_tensor_cores::<F>(client, kernel, &tensors)? {
         let t = tc_tiles(client, g.d);

@@ -356,6 +356,9 @@ fn bench(
 }
 
 fn main() {
+    // Every output the kernels allocate starts NaN-filled here, as in the tests: the
+    // checks below must see an element a kernel forgot to write.
+    longview_kernels::flash::set_poison_outputs(true);
     let args: Vec<String> = std::env::args().collect();
     let has = |flag: &str| args.iter().any(|a| a == flag);
     let quick = has("--quick");
