@@ -4,6 +4,7 @@
 //! (checked here with the scalar forward in its place: lavapipe has no tensor cores).
 //! Outputs are poisoned with NaN before every launch.
 
+use cubecl::prelude::Client;
 use longview_kernels::{DeviceTensor, FlashKernel, FlashOptions, flash_forward_with};
 
 mod common;
@@ -212,33 +213,8 @@ fn sliced_decoding_matches_the_f64_reference() {
             up(&k, case.hkv, case.sk),
             up(&v, case.hkv, case.sk),
         );
-        let o = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, case.sq, case.d]);
-        let lse = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, case.sq]);
-        flash_decode_sliced::<f32>(
-            &client,
-            &qt,
-            &kt,
-            &vt,
-            &o,
-            &lse,
-            &case.options,
-            FlashKernel::Scalar,
-            *slices,
-        )
-        .unwrap();
-        let name = |what| format!("{what} of sliced case {n} ({slices:?} slices)");
-        assert_close(
-            &name("O"),
-            &o.to_vec::<f32>(&client).unwrap(),
-            &want.o,
-            TOL_F32,
-        );
-        assert_close(
-            &name("LSE"),
-            &lse.to_vec::<f32>(&client).unwrap(),
-            &want.lse,
-            TOL_F32,
-        );
+        let label = format!("sliced case {n} ({slices:?} slices)");
+        check_sliced(&client, case, (&qt, &kt, &vt), *slices, &want, &label);
     }
     // q laid out positions-major (`[1, Sq, Hq, D]` read as `[1, Hq, Sq, D]`, what a
     // projection followed by `swap_dims(1, 2)` gives): with 5 positions its query heads
@@ -267,25 +243,8 @@ fn sliced_decoding_matches_the_f64_reference() {
         };
         let up = |x: &[f32]| DeviceTensor::from_slice(&client, x, &[1, case.hkv, case.sk, case.d]);
         let (kt, vt) = (up(&k), up(&v));
-        let o = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, sq, case.d]);
-        let lse = DeviceTensor::filled(&client, f32::NAN, &[1, case.hq, sq]);
-        flash_decode_sliced::<f32>(
-            &client,
-            &qt,
-            &kt,
-            &vt,
-            &o,
-            &lse,
-            &case.options,
-            FlashKernel::Scalar,
-            Some(3),
-        )
-        .unwrap();
-        let name = |what| format!("{what} of the positions-major q, {sq} positions");
-        let got_o = o.to_vec::<f32>(&client).unwrap();
-        assert_close(&name("O"), &got_o, &want.o, TOL_F32);
-        let got_lse = lse.to_vec::<f32>(&client).unwrap();
-        assert_close(&name("LSE"), &got_lse, &want.lse, TOL_F32);
+        let label = format!("the positions-major q, {sq} positions");
+        check_sliced(&client, &case, (&qt, &kt, &vt), Some(3), &want, &label);
     }
     // Refused: rows that do not all see every key (three rows at the end of the
     // keys), and two sequences.
@@ -333,6 +292,36 @@ fn sliced_decoding_matches_the_f64_reference() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("outputs o"), "{e}");
+}
+
+/// `flash_decode_sliced` over `slices` slices with the scalar forward, into NaN-filled
+/// outputs, against `want` (O and LSE within `TOL_F32`).
+fn check_sliced(
+    client: &Client,
+    case: &Case,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    slices: Option<usize>,
+    want: &longview_kernels::reference::AttentionF64,
+    label: &str,
+) {
+    let o = DeviceTensor::filled(client, f32::NAN, &[1, case.hq, case.sq, case.d]);
+    let lse = DeviceTensor::filled(client, f32::NAN, &[1, case.hq, case.sq]);
+    longview_kernels::flash_decode_sliced::<f32>(
+        client,
+        q,
+        k,
+        v,
+        &o,
+        &lse,
+        &case.options,
+        FlashKernel::Scalar,
+        slices,
+    )
+    .unwrap();
+    let got_o = o.to_vec::<f32>(client).unwrap();
+    assert_close(&format!("O of {label}"), &got_o, &want.o, TOL_F32);
+    let got_lse = lse.to_vec::<f32>(client).unwrap();
+    assert_close(&format!("LSE of {label}"), &got_lse, &want.lse, TOL_F32);
 }
 
 /// The outputs the kernels allocate start NaN-filled in test builds (release builds
