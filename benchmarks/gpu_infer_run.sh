@@ -5,7 +5,7 @@
 # SDPA, the same phases) at growing frame counts, then an hour of video (3600 frames)
 # with the token budgets (per frame: --token-pool 8 = 64 tokens; over time:
 # --temporal-pool 8).
-#   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024]
+#   bash benchmarks/gpu_infer_run.sh [frame counts, default: 64 256 1024; "" for none]
 #   LONG=0 ... skips the 3600-frame steps; LONG=only runs just them; CHUNKS="8192"
 #   also times longview with those prefill chunks; RUNS=N (default 2) runs each side's
 #   request N times, the first cold (longview compiles kernels and tunes cuBLASLt then);
@@ -25,7 +25,9 @@ step() { name=$1; shift; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
 lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 --json $OUT/infer.jsonl"
 if [ "${LONG:-1}" != only ]; then
-  for frames in "${@:-64 256 1024}"; do
+  # No arguments: the default lengths; an empty argument ("") runs none of them
+  # (PROFILE=1 alone).
+  for frames in "${@-64 256 1024}"; do
     for f in $frames; do
       step "longview-$f" timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
       # CHUNKS="8192 ...": the same with other prefill chunks (2048 is the default).

@@ -21,7 +21,7 @@ use crate::demo::named_config;
 use crate::ranks::Ranks;
 use crate::{DeviceArgs, synthetic};
 use longview_infer::generate::{
-    Decoding, GenerateOptions, decode_group, decode_step, next_token_rows,
+    Decoding, GenerateOptions, decode_group, decode_logits, next_token_rows, next_token_rows_of,
 };
 use longview_infer::prefill::{
     DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, encode_in_batches, prefill,
@@ -97,6 +97,20 @@ pub struct Measured {
     pub decode_s: f64,
     pub decoded: usize,
     pub reserved: Option<u64>,
+    /// Where one greedy row's decoding time went (single device), `None` elsewhere.
+    pub decode_split: Option<DecodeSplit>,
+}
+
+/// A greedy decode's seconds, summed over its steps: queueing each step's operations
+/// (embedding, text layers, LM head: what the host does before anything waits for
+/// the device), then waiting for and reading the logits back; the rest of `decode_s`
+/// is the host's sampling and log-probs between steps. When queueing takes most of a
+/// step, the device runs behind the host: the step is bound by the host's work per
+/// operation, not by the device's.
+#[derive(Clone, Copy, Default)]
+pub struct DecodeSplit {
+    pub queue_s: f64,
+    pub read_s: f64,
 }
 
 pub fn run(args: InferBenchArgs) -> Result<()> {
@@ -267,6 +281,7 @@ fn measure(
             .collect(),
     };
     let options = GenerateOptions::new(args.new_tokens, Decoding::Greedy, Vec::new());
+    let mut decode_split = DecodeSplit::default();
     let start = Instant::now();
     let generated = if samples.len() > 1 {
         // As a GRPO rollout decodes: the prompt's cache held once for all samples.
@@ -285,8 +300,15 @@ fn measure(
             batch.step(model, tokens, device)
         })?
     } else {
+        let split = &mut decode_split;
         decode_group(first, &samples, &options, |tokens, _| {
-            decode_step(model, &mut cache, tokens, device)
+            let start = Instant::now();
+            let logits = decode_logits(model, &mut cache, tokens, device);
+            let queued = start.elapsed().as_secs_f64();
+            let rows = next_token_rows_of(model, logits);
+            split.queue_s += queued;
+            split.read_s += start.elapsed().as_secs_f64() - queued;
+            rows
         })?
     };
     sync()?;
@@ -298,6 +320,7 @@ fn measure(
         decode_s,
         decoded: generated.iter().map(|g| g.tokens.len()).sum(),
         reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
+        decode_split: (samples.len() == 1).then_some(decode_split),
     })
 }
 
@@ -329,6 +352,17 @@ fn report(
             b as f64 / (1u64 << 30) as f64
         )),
     );
+    // Steps after the first token (the first comes with the prefill).
+    let steps = m.decoded.saturating_sub(1).max(1) as f64;
+    if let Some(split) = m.decode_split {
+        println!(
+            "decode per step: {:.2} ms queueing its operations, {:.2} ms waiting for and reading \
+             the logits, {:.2} ms sampling on the host",
+            1e3 * split.queue_s / steps,
+            1e3 * split.read_s / steps,
+            1e3 * (m.decode_s - split.queue_s - split.read_s) / steps,
+        );
+    }
     if let Some(path) = &args.json {
         let mut line = json!({
             "size": args.size, "device": args.device.device, "dtype": args.device.dtype,
@@ -341,10 +375,63 @@ fn report(
             "decode_tokens_per_s": m.decoded as f64 / m.decode_s,
             "reserved_bytes": m.reserved,
         });
+        if let (Some(line), Some(split)) = (line.as_object_mut(), m.decode_split) {
+            line.insert("decode_queue_s".into(), json!(split.queue_s));
+            line.insert("decode_read_s".into(), json!(split.read_s));
+        }
         if let (Some(line), Some(extra)) = (line.as_object_mut(), extra.as_object()) {
             line.extend(extra.clone());
         }
         crate::device::append_json_lines(path, &[line])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InferBenchArgs, run};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: InferBenchArgs,
+    }
+
+    /// A greedy run's JSON line says where its decoding time went: queueing and
+    /// reading back within the decode's wall time, one line per run.
+    #[test]
+    fn greedy_runs_report_the_decode_split() {
+        let path = std::env::temp_dir().join(format!("infer_bench_{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let cli = Cli::parse_from([
+            "infer-bench",
+            "--frames",
+            "2",
+            "--new-tokens",
+            "4",
+            "--runs",
+            "2",
+            "--json",
+            path.to_str().unwrap(),
+        ]);
+        run(cli.args).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for line in lines {
+            let at = |key: &str| {
+                line[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{key}: {line}"))
+            };
+            let (queue, read, total) = (at("decode_queue_s"), at("decode_read_s"), at("decode_s"));
+            assert!(queue > 0.0 && read >= 0.0, "{line}");
+            assert!(queue + read <= total, "{line}");
+        }
+    }
 }

@@ -139,6 +139,7 @@ impl RankJob for BenchJob<'_> {
             decode_s,
             decoded: generated[0].tokens.len(),
             reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
+            decode_split: None,
         })
     }
 }

@@ -180,12 +180,24 @@ pub fn decode_step(
     tokens: &[i64],
     device: &Device,
 ) -> Result<Vec<Vec<f32>>, InferError> {
+    let logits = decode_logits(model, cache, tokens, device);
+    next_token_rows_of(model, logits)
+}
+
+/// The device side of [`decode_step`]: every row's logits `[rows, 1, vocab]`, as the
+/// operations that compute them are queued (on an asynchronous device nothing waits
+/// for them here; reading them back does).
+pub fn decode_logits(
+    model: &Vlm,
+    cache: &mut KvCache,
+    tokens: &[i64],
+    device: &Device,
+) -> Tensor<3> {
     let n = tokens.len();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [n, 1]), device);
     let embeds = model.embed_tokens(ids);
     let positions = positions(n, cache.len(), 1, device);
-    let hidden = model.text_layers_cached(embeds, positions, cache);
-    next_token_rows(model, hidden)
+    model.logits(model.text_layers_cached(embeds, positions, cache))
 }
 
 /// Where one sequence stops: after `max_new_tokens`, or at a token of `stop` (not
@@ -374,8 +386,13 @@ pub fn host_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
 /// `Vlm::emittable_vocab` on at `MASKED_LOGIT`, as `Vlm::generation_logits` masks
 /// them on the device (here on the host rows, no device work in the decoding loop).
 pub fn next_token_rows(model: &Vlm, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
+    next_token_rows_of(model, model.logits(hidden))
+}
+
+/// [`next_token_rows`] from the logits `[batch, rows, vocab]` already computed.
+pub fn next_token_rows_of(model: &Vlm, logits: Tensor<3>) -> Result<Vec<Vec<f32>>, InferError> {
     use longview_models::vila::MASKED_LOGIT;
-    let mut rows = host_rows(model.logits(hidden))?;
+    let mut rows = host_rows(logits)?;
     let emittable = model.emittable_vocab();
     for row in &mut rows {
         if let Some(x) = row.get_mut(model.placeholder_token_id as usize) {
