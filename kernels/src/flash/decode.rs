@@ -526,7 +526,7 @@ pub(super) fn merge<F: Float + CubeElement, P: Float + CubeElement>(
 
 /// `(slices, keys per slice)`: about two cubes per multiprocessor over the `B * Hkv`
 /// heads, slices a whole number of tiles, over the keys the last query row may see.
-/// `LONGVIEW_DECODE_SPLITS=N` fixes the slice count (tests, benchmarks).
+/// `DecodeTuning::splits` (`LONGVIEW_DECODE_SPLITS`) fixes the slice count.
 fn split_keys(
     client: &Client,
     g: &Geometry,
@@ -548,10 +548,9 @@ fn split_keys(
         .hardware
         .num_streaming_multiprocessors
         .unwrap_or(64) as usize;
-    let wanted = std::env::var("LONGVIEW_DECODE_SPLITS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&n| n > 0)
+    let wanted = options
+        .decode
+        .splits
         .unwrap_or_else(|| (2 * sms).div_ceil(g.b * g.hkv));
     let splits = wanted.clamp(1, visible.div_ceil(block_k)).min(65535);
     let per_split = visible.div_ceil(splits).div_ceil(block_k) * block_k;

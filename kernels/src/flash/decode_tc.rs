@@ -62,19 +62,12 @@ pub(super) fn applies(g: &Geometry, options: &FlashOptions) -> bool {
     g.b == 1 && options.cu_seqlens.is_none() && all_visible
 }
 
-/// Slices for `g`: `wanted` (at most one a key), else `LONGVIEW_DECODE_SPLITS` (the
-/// split-key kernels' setting, for benchmarks), else about two cubes per
-/// multiprocessor over the `Hq` query heads (`Hkv` once [`grouped`]) with at least
-/// [`MIN_SLICE_KEYS`] keys each.
+/// Slices for `g`: `wanted` (at most one a key; the caller's, else
+/// `DecodeTuning::splits`), else about two cubes per multiprocessor over the `Hq`
+/// query heads (`Hkv` once [`grouped`]) with at least [`MIN_SLICE_KEYS`] keys each.
 fn slices(client: &Client, g: &Geometry, wanted: Option<usize>) -> usize {
     // The launch's grid y is `slices x Hq`.
     let most = (65_535 / g.hq).clamp(1, g.sk);
-    let wanted = wanted.or_else(|| {
-        std::env::var("LONGVIEW_DECODE_SPLITS")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-    });
     if let Some(n) = wanted {
         return n.clamp(1, most);
     }
@@ -240,7 +233,7 @@ fn sliced<F: Float + CubeElement>(
     inner: FlashKernel,
     wanted: Option<usize>,
 ) -> Result<(), AttnError> {
-    let slices = slices(client, g, wanted);
+    let slices = slices(client, g, wanted.or(options.decode.splits));
     let whole = g.sk / slices * slices;
     // Every key is visible to every row: the slices run without a mask.
     let full = FlashOptions {

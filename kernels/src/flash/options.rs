@@ -46,6 +46,10 @@ pub struct DecodeTuning {
     /// `benchmarks/flash_attention.md`); `Some(_)` forces it either way for those
     /// calls (`LONGVIEW_DECODE_TENSOR_CORES=1` / `=0`).
     pub tensor_cores: Option<bool>,
+    /// Key slices of a decoding step, fixed (`LONGVIEW_DECODE_SPLITS=N`, a positive
+    /// number; tests and benchmarks), for the split-key kernels and the sliced
+    /// tensor-core path alike; `None`: about two cubes per multiprocessor.
+    pub splits: Option<usize>,
 }
 
 impl DecodeTuning {
@@ -61,6 +65,10 @@ impl DecodeTuning {
                     .map(|v| v.trim().parse().unwrap_or(0)),
                 prefetch: crate::env_switch::switch("LONGVIEW_DECODE_PREFETCH", false),
                 tensor_cores: crate::env_switch::optional_switch("LONGVIEW_DECODE_TENSOR_CORES"),
+                splits: std::env::var("LONGVIEW_DECODE_SPLITS")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .filter(|&n| n > 0),
             }
         })
     }

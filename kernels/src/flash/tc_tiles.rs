@@ -181,29 +181,31 @@ fn forward_tiles_for(
     requested
 }
 
-/// `LONGVIEW_DECODE_TC_TILES`, parsed (reported and ignored when it does not parse).
+/// `LONGVIEW_DECODE_TC_TILES`, parsed once.
 fn decode_tiles_requested() -> Option<TcTiles> {
-    let text = std::env::var("LONGVIEW_DECODE_TC_TILES").ok()?;
-    match parse_tiles(&text) {
-        Ok(tiles) => Some(tiles),
-        Err(why) => {
-            eprintln!("LONGVIEW_DECODE_TC_TILES={text:?} ignored: {why}");
-            None
-        }
-    }
+    static REQUESTED: std::sync::OnceLock<Option<TcTiles>> = std::sync::OnceLock::new();
+    *REQUESTED.get_or_init(|| tiles_from_env("LONGVIEW_DECODE_TC_TILES"))
 }
 
 /// The tiles asked for, and whether `LONGVIEW_FLASH_TILES` set them (a setting that
 /// does not parse is reported and ignored: the defaults apply whole).
 fn tc_tiles_requested() -> (TcTiles, bool) {
-    let Ok(text) = std::env::var("LONGVIEW_FLASH_TILES") else {
-        return (DEFAULT_TILES, false);
-    };
+    static REQUESTED: std::sync::OnceLock<(TcTiles, bool)> = std::sync::OnceLock::new();
+    *REQUESTED.get_or_init(|| match tiles_from_env("LONGVIEW_FLASH_TILES") {
+        Some(tiles) => (tiles, true),
+        None => (DEFAULT_TILES, false),
+    })
+}
+
+/// A tile setting from the environment variable `name`, read once per process by the
+/// callers; one that does not parse is reported and ignored (`None`, as when unset).
+fn tiles_from_env(name: &str) -> Option<TcTiles> {
+    let text = std::env::var(name).ok()?;
     match parse_tiles(&text) {
-        Ok(tiles) => (tiles, true),
+        Ok(tiles) => Some(tiles),
         Err(why) => {
-            eprintln!("LONGVIEW_FLASH_TILES={text:?} ignored: {why}");
-            (DEFAULT_TILES, false)
+            eprintln!("{name}={text:?} ignored: {why}");
+            None
         }
     }
 }

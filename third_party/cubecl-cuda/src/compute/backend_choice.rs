@@ -46,19 +46,3 @@ pub(crate) fn approximate_exp_for_kernel(name: &str) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::names_match;
-
-    #[test]
-    fn an_empty_list_matches_nothing_and_a_star_everything() {
-        let flash = "longview_kernels::flash::tensor_core::forward::flash_forward::Kernel<R>";
-        assert!(!names_match("", flash));
-        assert!(names_match("*", flash));
-        assert!(names_match(super::APPROX_EXP_DEFAULT, flash));
-        assert!(!names_match(
-            super::APPROX_EXP_DEFAULT,
-            "longview_kernels::fused::swiglu::Kernel<R>"
-        ));
-    }
-}
