@@ -12,7 +12,9 @@
 #   PROFILE=1 adds a profiled run (below); SAMPLES="5" also times G sampled answers
 #   decoded as one batch over the one prefill (what a GRPO rollout decodes); UNFUSED=1
 #   also runs longview with its fused kernels off (LONGVIEW_FUSED=off); DECODE_TC=1
-#   also decodes on the split-key kernel (LONGVIEW_DECODE_TENSOR_CORES=0).
+#   also decodes on the split-key kernel (LONGVIEW_DECODE_TENSOR_CORES=0); EAGER=1
+#   also decodes without device graphs (LONGVIEW_DECODE_GRAPH=0); CHECK=1 first runs
+#   `infer-bench --check-graph-decode` (graph against eager logits) at 64 frames.
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -24,6 +26,10 @@ step() { name=$1; shift; echo "== $name" | tee -a "$OUT/log.txt"; start=$(date +
   tail -n 6 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
   echo "-- exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"; }
 lv="/tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b --new-tokens 64 --json $OUT/infer.jsonl"
+if [ "${CHECK:-0}" = 1 ]; then
+  step "check-graph-decode" timeout 200 /tmp/lv infer-bench --device cuda --dtype bf16 --size 1.5b \
+    --frames 64 --new-tokens 32 --check-graph-decode
+fi
 if [ "${LONG:-1}" != only ]; then
   # No arguments: the default lengths; an empty argument ("") runs none of them
   # (PROFILE=1 alone).
@@ -44,6 +50,12 @@ if [ "${LONG:-1}" != only ]; then
       for g in ${SAMPLES:-}; do
         step "longview-$f-g$g" timeout 300 $lv --frames "$f" --samples "$g" --runs 2
       done
+      # EAGER=1: the same request decoded without device graphs
+      # (LONGVIEW_DECODE_GRAPH=0: every step's operations launched one by one), their
+      # effect in the same call.
+      if [ "${EAGER:-0}" = 1 ]; then
+        step "longview-$f-eager" env LONGVIEW_DECODE_GRAPH=0 timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
+      fi
       # DECODE_TC=1: the decoding steps once more on the split-key kernel
       # (LONGVIEW_DECODE_TENSOR_CORES=0), one answer and the SAMPLES groups, their
       # effect in the same call (by default a step whose query heads fold into its kv

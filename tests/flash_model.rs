@@ -357,3 +357,93 @@ fn shared_prompt_batches_with_flash_equal_separate_runs() {
         }
     }
 }
+
+/// Decoding steps captured as a device graph (`longview_infer::graph_decode`: token
+/// ids and position in device buffers, the KV cache written and read up to a length
+/// the device holds) against eager steps of the reference attention (`decode_step`
+/// over `KvCache`), on the debug VLM with frames in the prompt, on wgpu: three rows
+/// fed different tokens, then the first row dropped (its cache row keeps running
+/// unread), every step's logits compared. The capture, or the re-run where wgpu
+/// cannot capture, runs the same operations.
+#[test]
+fn captured_decoding_steps_match_eager_steps() {
+    use longview_infer::generate::{decode_step, prefill_prompt};
+    use longview_infer::graph_decode::GraphDecoder;
+    use longview_models::vila::{MASKED_LOGIT, VisualInput, VlmConfig};
+
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let config = VlmConfig::debug();
+    let reference = config.init(&device);
+    let flash = reference
+        .clone()
+        .with_attention(AttentionImpl::Flash, AttentionImpl::Flash);
+    assert!(flash.counted_decoding_applies(&device));
+    assert!(!reference.counted_decoding_applies(&device));
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let visual = reference.encode_frames(pixels);
+    let mut prompt: Vec<u32> = vec![4, 9];
+    prompt.extend(std::iter::repeat_n(
+        config.placeholder_token_id,
+        2 * config.tokens_per_frame(),
+    ));
+    prompt.extend((0..23).map(|i| 20 + (i * 37) % 200));
+    let (steps, rows) = (6, 3);
+    let room = prompt.len() + steps;
+    let prefilled = |model| {
+        let embeddings = VisualInput::Embeddings(visual.clone());
+        let (cache, _) = prefill_prompt(model, &prompt, embeddings, 16, room, &device).unwrap();
+        cache.repeat(rows)
+    };
+    let tokens_at = |step: usize, kept: &[usize]| -> Vec<i64> {
+        kept.iter()
+            .map(|&r| (50 + 17 * step + 31 * r) as i64 % 250)
+            .collect()
+    };
+    let kept_at = |step: usize| -> Vec<usize> {
+        if step == 3 {
+            vec![1, 2]
+        } else if step > 3 {
+            vec![0, 1]
+        } else {
+            vec![0, 1, 2]
+        }
+    };
+
+    let mut cache = prefilled(&reference);
+    let mut decoder = GraphDecoder::new(&flash, prefilled(&flash), room, &device).unwrap();
+    for step in 0..steps {
+        let kept = kept_at(step);
+        let tokens = tokens_at(step, &kept);
+        if kept.len() != cache.batch() {
+            cache = cache.select(&kept);
+        }
+        let want = decode_step(&reference, &mut cache, &tokens, &device).unwrap();
+        let got = decoder.step(&tokens, &kept).unwrap();
+        assert_eq!(got.len(), want.len(), "step {step}: rows");
+        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+            // Over the logits generation can pick (the masked ones are MASKED_LOGIT on
+            // both sides).
+            let open: Vec<(f32, f32)> = g
+                .iter()
+                .zip(w)
+                .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
+                .map(|(&a, &b)| (a, b))
+                .collect();
+            assert!(
+                open.len() > 100,
+                "step {step}, row {row}: {} open logits",
+                open.len()
+            );
+            let scale = open.iter().fold(1f32, |m, &(_, b)| m.max(b.abs()));
+            let error = open.iter().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            // f32 throughout, the two attentions summing the softmax in different
+            // orders: about 3e-7 here (a key count one short gives 9e-3).
+            assert!(
+                error <= 1e-5,
+                "step {step}, row {row}: relative error {error:.2e}"
+            );
+        }
+    }
+    assert_eq!(decoder.len(), prompt.len() + steps);
+}

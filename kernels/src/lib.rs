@@ -7,6 +7,8 @@
 
 #[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
 pub mod burn_op;
+#[cfg(all(feature = "burn", any(feature = "wgpu", feature = "cuda")))]
+pub mod decode_graph;
 #[cfg(all(feature = "burn", feature = "cuda"))]
 pub mod device_memory;
 pub mod env_switch;

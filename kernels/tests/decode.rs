@@ -333,3 +333,64 @@ fn test_builds_poison_the_kernels_outputs() {
         assert!(longview_kernels::flash::poison_outputs());
     }
 }
+
+/// Counted decoding (`flash_decode_counted`: what a decoding step captured as a device
+/// graph runs) reads only the first `count` rows of buffers longer than that: rows
+/// past the count hold NaN, and O and LSE still match the f64 reference over the
+/// counted keys. Counts that end inside a slice, on a tile edge, at the capacity;
+/// the 1.5B and 7B groupings; several rows a sequence (a GRPO group is batch rows).
+#[test]
+fn counted_decoding_reads_only_the_counted_keys() {
+    use longview_kernels::flash::flash_decode_counted;
+    let client = client();
+    // (case over the counted keys, buffer capacity)
+    let cases = [
+        (Case::new(2, 12, 2, 1, 300, 64), 512),
+        (Case::new(1, 12, 2, 1, 256, 128), 700),
+        (Case::new(3, 28, 4, 1, 77, 64), 77),
+        (Case::new(1, 4, 1, 1, 1, 72), 40),
+    ];
+    for (index, (case, capacity)) in cases.into_iter().enumerate() {
+        let seed = 90 + 4 * index as u64;
+        let (q, k, v) = (
+            random(case.b * case.hq * case.d, seed),
+            random(case.b * case.hkv * case.sk * case.d, seed + 1),
+            random(case.b * case.hkv * case.sk * case.d, seed + 2),
+        );
+        let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
+        // The counted rows first in each (sequence, kv head), NaN after them.
+        let padded = |x: &[f32]| {
+            let mut out = vec![f32::NAN; case.b * case.hkv * capacity * case.d];
+            for (head, rows) in x.chunks(case.sk * case.d).enumerate() {
+                let at = head * capacity * case.d;
+                out[at..at + rows.len()].copy_from_slice(rows);
+            }
+            out
+        };
+        let kv_shape = [case.b, case.hkv, capacity, case.d];
+        let kt = DeviceTensor::from_slice(&client, &padded(&k), &kv_shape);
+        let vt = DeviceTensor::from_slice(&client, &padded(&v), &kv_shape);
+        let qt = DeviceTensor::from_slice(&client, &q, &[case.b, case.hq, 1, case.d]);
+        let count = DeviceTensor::from_slice(&client, &[case.sk as u32], &[1]);
+        let o = DeviceTensor::filled(&client, f32::NAN, &[case.b, case.hq, 1, case.d]);
+        let lse = DeviceTensor::filled(&client, f32::NAN, &[case.b, case.hq, 1]);
+        flash_decode_counted::<f32>(&client, &qt, &kt, &vt, &o, &lse, &count, &case.options)
+            .unwrap();
+        let name = format!("case {index} ({} of {capacity} rows)", case.sk);
+        let o = o.to_vec::<f32>(&client).unwrap();
+        assert_close(&format!("O, {name}"), &o, &want.o, TOL_F32);
+        let lse = lse.to_vec::<f32>(&client).unwrap();
+        assert_close(&format!("LSE, {name}"), &lse, &want.lse, TOL_F32);
+    }
+    // A mask is refused (the counted keys are all visible).
+    let case = Case::new(1, 2, 1, 1, 8, 64).with(|o| o.causal(true));
+    let t = |heads| DeviceTensor::filled(&client, 0f32, &[1, heads, 8, 64]);
+    let (q, k) = (DeviceTensor::filled(&client, 0f32, &[1, 2, 1, 64]), t(1));
+    let (o, lse) = (
+        DeviceTensor::filled(&client, 0f32, &[1, 2, 1, 64]),
+        DeviceTensor::filled(&client, 0f32, &[1, 2, 1]),
+    );
+    let count = DeviceTensor::from_slice(&client, &[8u32], &[1]);
+    let refused = flash_decode_counted::<f32>(&client, &q, &k, &k, &o, &lse, &count, &case.options);
+    assert!(refused.is_err());
+}

@@ -23,6 +23,7 @@ use crate::{DeviceArgs, synthetic};
 use longview_infer::generate::{
     Decoding, GenerateOptions, decode_group, decode_logits, next_token_rows, next_token_rows_of,
 };
+use longview_infer::graph_decode::{GraphDecoder, graph_decoding};
 use longview_infer::prefill::{
     DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, embed_prompt, encode_in_batches, prefill,
 };
@@ -87,6 +88,11 @@ pub struct InferBenchArgs {
     /// sample's tokens. 1: greedy.
     #[arg(long, default_value_t = 1, value_name = "G")]
     pub samples: usize,
+    /// Instead of timing: decode --new-tokens steps both as captured device graphs
+    /// and eagerly from the same prompt and tokens, and fail when their logits differ
+    /// by more than bf16 allows (single device, flash kernels).
+    #[arg(long)]
+    pub check_graph_decode: bool,
 }
 
 /// One run's phases: what the table row and the JSON line report.
@@ -104,13 +110,19 @@ pub struct Measured {
 /// A greedy decode's seconds, summed over its steps: queueing each step's operations
 /// (embedding, text layers, LM head: what the host does before anything waits for
 /// the device), then waiting for and reading the logits back; the rest of `decode_s`
-/// is the host's sampling and log-probs between steps. When queueing takes most of a
+/// is the host's sampling between steps (the tokens' log-probs are computed while
+/// the next step runs). When queueing takes most of a
 /// step, the device runs behind the host: the step is bound by the host's work per
 /// operation, not by the device's.
+/// With `graph`, the steps were captured once as a device graph and replayed
+/// (`longview_infer::graph_decode`): queueing is then writing the step's inputs and
+/// one replay, and `capture_s` (in `queue_s`) the first step's capture.
 #[derive(Clone, Copy, Default)]
 pub struct DecodeSplit {
     pub queue_s: f64,
     pub read_s: f64,
+    pub graph: bool,
+    pub capture_s: f64,
 }
 
 pub fn run(args: InferBenchArgs) -> Result<()> {
@@ -198,6 +210,9 @@ pub fn run(args: InferBenchArgs) -> Result<()> {
     let VisualInput::Pixels(pixels) = sample.input.visual else {
         bail!("the generated prompt has no frames");
     };
+    if args.check_graph_decode {
+        return crate::graph_decode_check::run(&model, &ids, pixels, &args, &device);
+    }
     for run in 1..=args.runs {
         let measured = measure(&model, &ids, pixels.clone(), &args, &device)?;
         let extra = if args.runs > 1 {
@@ -299,6 +314,21 @@ fn measure(
             }
             batch.step(model, tokens, device)
         })?
+    } else if graph_decoding(model, device) {
+        let mut decoder = GraphDecoder::new(model, cache, ids.len() + args.new_tokens, device)?;
+        let split = &mut decode_split;
+        let generated = decode_group(first, &samples, &options, |tokens, kept| {
+            let start = Instant::now();
+            let logits = decoder.queue(tokens, kept)?;
+            let queued = start.elapsed().as_secs_f64();
+            let rows = decoder.rows_of(logits);
+            split.queue_s += queued;
+            split.read_s += start.elapsed().as_secs_f64() - queued;
+            rows
+        })?;
+        split.graph = decoder.is_captured();
+        split.capture_s = decoder.capture_seconds();
+        generated
     } else {
         let split = &mut decode_split;
         decode_group(first, &samples, &options, |tokens, _| {
@@ -362,6 +392,12 @@ fn report(
             1e3 * split.read_s / steps,
             1e3 * (m.decode_s - split.queue_s - split.read_s) / steps,
         );
+        if split.graph {
+            println!(
+                "decode steps replayed as one device graph (captured in {:.1} ms, counted above)",
+                1e3 * split.capture_s
+            );
+        }
     }
     if let Some(path) = &args.json {
         let mut line = json!({
@@ -378,6 +414,8 @@ fn report(
         if let (Some(line), Some(split)) = (line.as_object_mut(), m.decode_split) {
             line.insert("decode_queue_s".into(), json!(split.queue_s));
             line.insert("decode_read_s".into(), json!(split.read_s));
+            line.insert("decode_graph".into(), json!(split.graph));
+            line.insert("decode_capture_s".into(), json!(split.capture_s));
         }
         if let (Some(line), Some(extra)) = (line.as_object_mut(), extra.as_object()) {
             line.extend(extra.clone());

@@ -9,6 +9,7 @@ mod eval_parallel;
 #[cfg(feature = "cuda")]
 mod fused_check;
 mod gemm;
+mod graph_decode_check;
 mod infer_bench;
 mod infer_bench_sp;
 mod logging;

@@ -8,6 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use longview_models::{KvCache, VisualInput, Vlm};
 
 use crate::error::InferError;
+use crate::graph_decode::{GraphDecoder, graph_decoding};
 use crate::prefill::{
     DEFAULT_CHUNK, DEFAULT_FRAME_BATCH, check_request_fits, embed_prompt, positions, prefill,
 };
@@ -143,6 +144,12 @@ pub fn generate_group(
     let (cache, first) =
         prefill_prompt(model, prompt, visual, options.prefill_chunk, room, device)?;
     let mut cache = cache.repeat(samples.len());
+    if graph_decoding(model, device) {
+        let mut decoder = GraphDecoder::new(model, cache, room, device)?;
+        return decode_group(first, samples, options, |tokens, kept| {
+            decoder.step(tokens, kept)
+        });
+    }
     decode_group(first, samples, options, |tokens, kept| {
         if kept.len() != cache.batch() {
             cache = cache.select(kept);
@@ -251,15 +258,17 @@ pub fn decode_rows(
             .filter(|&(_, &seq)| out[seq].tokens.len() < limits[seq].max_new_tokens)
             .map(|(row, &seq)| (row, seq))
             .collect();
-        let picked = pick_rows(&mut samplers, samples, &rows, &pending);
-        for (&(row, seq), (token, logprob)) in pending.iter().zip(picked) {
+        let picked = pick_rows(&mut samplers, &rows, &pending);
+        // (sequence, cache row, token) of the tokens kept, whose log-probs follow.
+        let mut scored = Vec::new();
+        for (&(row, seq), token) in pending.iter().zip(picked) {
             let limit = &limits[seq];
             if limit.stop.contains(&token) {
                 out[seq].stopped = true;
                 continue;
             }
             out[seq].tokens.push(token);
-            out[seq].logprobs.push(logprob);
+            scored.push((seq, row, token));
             // No forward pass after the last allowed token.
             if out[seq].tokens.len() < limit.max_new_tokens {
                 still.push(seq);
@@ -267,10 +276,25 @@ pub fn decode_rows(
                 kept.push(row);
             }
         }
-        if still.is_empty() {
-            return Ok(out);
+        // The kept tokens' log-probs (a pass over the vocabulary each, ~1-2 ms a row
+        // on one core) are computed on other threads while this thread queues the
+        // next step and waits for its logits.
+        let (logprobs, next) = std::thread::scope(|scope| {
+            let jobs: Vec<(&[f32], u32, f64)> = scored
+                .iter()
+                .map(|&(seq, row, token)| (rows[row].as_slice(), token, samples[seq].temperature()))
+                .collect();
+            let logprobs = scope.spawn(move || log_probs(&jobs));
+            let next = (!still.is_empty()).then(|| step(&tokens, &kept));
+            (logprobs.join().expect("a log-prob thread panicked"), next)
+        });
+        for (&(seq, _, _), logprob) in scored.iter().zip(logprobs) {
+            out[seq].logprobs.push(logprob);
         }
-        rows = step(&tokens, &kept)?;
+        match next {
+            None => return Ok(out),
+            Some(next) => rows = next?,
+        }
         active = still;
     }
 }
@@ -278,47 +302,61 @@ pub fn decode_rows(
 /// Vocabulary size from which a step's rows are sampled on several threads.
 const THREADED_VOCAB: usize = 16_384;
 
-/// The next token of each `pending` `(cache row, sequence)` and its log-prob under
-/// the sequence's temperature, in `pending` order. With several rows over a large
-/// vocabulary the rows are sampled on scoped threads (top-p over a flat 151,936-token
-/// row takes about 12 ms on one core); every sequence draws from its own sampler, so
-/// the tokens do not depend on the thread count.
-fn pick_rows(
-    samplers: &mut [Sampler],
-    samples: &[Decoding],
-    rows: &[Vec<f32>],
-    pending: &[(usize, usize)],
-) -> Vec<(u32, f32)> {
-    let mut slots: Vec<Option<&mut Sampler>> = samplers.iter_mut().map(Some).collect();
-    let mut work: Vec<(&mut Sampler, &[f32], f64)> = pending
-        .iter()
-        .map(|&(row, seq)| {
-            let sampler = slots[seq].take().expect("one cache row per sequence");
-            (sampler, rows[row].as_slice(), samples[seq].temperature())
-        })
-        .collect();
-    let pick = |(sampler, row, temperature): &mut (&mut Sampler, &[f32], f64)| {
-        let token = sampler.pick(row);
-        (token, log_prob(row, token, *temperature))
-    };
-    // The host's thread count, read once (it reads cgroup files on Linux).
+/// The host's thread count, read once (it reads cgroup files on Linux).
+fn host_threads() -> usize {
     static HOST_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let host =
-        *HOST_THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let threads = host.min(work.len());
-    if threads < 2 || rows.first().map_or(0, Vec::len) < THREADED_VOCAB {
-        return work.iter_mut().map(pick).collect();
+    *HOST_THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
+}
+
+/// `f` over `work`, in order: on scoped threads when there are several items over a
+/// large vocabulary (`vocab`), else on this thread.
+fn over_rows<T: Send, R: Send>(
+    work: &mut [T],
+    vocab: usize,
+    f: impl Fn(&mut T) -> R + Sync,
+) -> Vec<R> {
+    let threads = host_threads().min(work.len());
+    if threads < 2 || vocab < THREADED_VOCAB {
+        return work.iter_mut().map(f).collect();
     }
     let per_thread = work.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|scope| {
         let handles: Vec<_> = work
             .chunks_mut(per_thread)
-            .map(|chunk| scope.spawn(move || chunk.iter_mut().map(pick).collect::<Vec<_>>()))
+            .map(|chunk| scope.spawn(move || chunk.iter_mut().map(f).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().expect("a sampling thread panicked"))
             .collect()
+    })
+}
+
+/// The next token of each `pending` `(cache row, sequence)`, in `pending` order. With
+/// several rows over a large vocabulary the rows are sampled on scoped threads (top-p
+/// over a flat 151,936-token row takes about 12 ms on one core); every sequence draws
+/// from its own sampler, so the tokens do not depend on the thread count.
+fn pick_rows(samplers: &mut [Sampler], rows: &[Vec<f32>], pending: &[(usize, usize)]) -> Vec<u32> {
+    let mut slots: Vec<Option<&mut Sampler>> = samplers.iter_mut().map(Some).collect();
+    let mut work: Vec<(&mut Sampler, &[f32])> = pending
+        .iter()
+        .map(|&(row, seq)| {
+            let sampler = slots[seq].take().expect("one cache row per sequence");
+            (sampler, rows[row].as_slice())
+        })
+        .collect();
+    let vocab = rows.first().map_or(0, Vec::len);
+    over_rows(&mut work, vocab, |(sampler, row)| sampler.pick(row))
+}
+
+/// [`log_prob`] of each `(logits, token, temperature)`, in order (on scoped threads
+/// as [`pick_rows`] samples).
+fn log_probs(jobs: &[(&[f32], u32, f64)]) -> Vec<f32> {
+    let mut work = jobs.to_vec();
+    let vocab = jobs.first().map_or(0, |j| j.0.len());
+    over_rows(&mut work, vocab, |&mut (row, token, temperature)| {
+        log_prob(row, token, temperature)
     })
 }
 

@@ -9,6 +9,8 @@
 //!   in batches, the memory estimate that refuses requests too large.
 //! - [`generate`]: KV-cache generation, greedy or top-p, one sample or a group of
 //!   samples over one shared prefill, with sampling log-probabilities.
+//! - [`graph_decode`]: those decoding steps captured once as a device graph and
+//!   replayed (CUDA graphs), where the flash kernels run.
 //! - [`batch`]: different prompts decoded as one batch, each prompt's KV cache held
 //!   once for all its samples ([`shared_prefix`]).
 //! - [`needle`]: LongVILA's teacher-forced needle scoring.
@@ -16,6 +18,7 @@
 pub mod batch;
 pub mod error;
 pub mod generate;
+pub mod graph_decode;
 pub mod load;
 pub mod needle;
 pub mod prefill;

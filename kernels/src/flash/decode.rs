@@ -35,7 +35,9 @@ const MERGE_UNITS: usize = 64;
 
 /// Partial attention of one key slice. Grid: `(splits, B * Hkv)`; cube: `units`
 /// units. `o_part` is `[splits * B, Hq, Sq, D]`, `lse_part` `[splits * B, Hq, Sq]`
-/// (slice `s` of batch row `b` at `s * B + b`).
+/// (slice `s` of batch row `b` at `s * B + b`). With `counted`, the keys are the
+/// first `keys[0]` rows of k and v (slices past them write no keys: O = 0, LSE =
+/// [`NO_KEYS`]); otherwise `keys` is not read.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_decode_kernel<F: Float>(
@@ -44,11 +46,13 @@ pub fn flash_decode_kernel<F: Float>(
     v: &Tensor<F>,
     o_part: &mut Tensor<f32>,
     lse_part: &mut Tensor<f32>,
+    keys: &Tensor<u32>,
     scale: f32,
     q_offset: u32,
     k_offset: u32,
     per_split: u32,
     #[comptime] causal: bool,
+    #[comptime] counted: bool,
     #[comptime] head_dim: usize,
     #[comptime] max_rows: usize,
     #[comptime] block_k: usize,
@@ -64,7 +68,15 @@ pub fn flash_decode_kernel<F: Float>(
     let hk = CUBE_POS_Y as usize % hkv;
     let batch = q.shape(0);
     let sq = q.shape(2);
-    let sk = k.shape(2);
+    // `counted`: only the first `keys[0]` rows of k and v hold keys (a KV cache's
+    // buffers read by a captured decoding step, whose length lives on the device).
+    let mut sk = k.shape(2);
+    if counted {
+        let filled = usize::cast_from(keys[0]);
+        if filled < sk {
+            sk = filled;
+        }
+    }
     let rows = group * sq;
     let u = UNIT_POS_X as usize;
     let pitch = comptime!(head_dim + 1);
@@ -430,8 +442,10 @@ fn block_k(client: &Client, d: usize, max_rows: usize) -> Option<usize> {
     (bytes(bk) <= budget).then_some(bk)
 }
 
-/// Runs the split-key kernels into `o` / `lse` (any strides). An error when
-/// [`applies`] does not hold or the tiles do not fit in shared memory.
+/// Runs the split-key kernels into `o` / `lse` (any strides). With `keys` (a u32
+/// tensor of one element on the device), only the first `keys[0]` rows of k and v
+/// are keys; the slices are cut over all `Sk` rows. An error when [`applies`] does
+/// not hold or the tiles do not fit in shared memory.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward<F: Float + CubeElement>(
     client: &Client,
@@ -442,6 +456,7 @@ pub(super) fn forward<F: Float + CubeElement>(
     o: &DeviceTensor,
     lse: &DeviceTensor,
     options: &FlashOptions,
+    keys: Option<&DeviceTensor>,
 ) -> Result<(), AttnError> {
     let rows = g.hq / g.hkv * g.sq;
     if !applies(g, options) {
@@ -480,11 +495,14 @@ pub(super) fn forward<F: Float + CubeElement>(
         v.arg(),
         o_part.arg(),
         lse_part.arg(),
+        // Not read unless counted: any 4-byte buffer stands in.
+        keys.unwrap_or(&lse_part).arg(),
         options.scale,
         options.q_offset as u32,
         options.k_offset as u32,
         per_split as u32,
         options.causal,
+        keys.is_some(),
         g.d,
         max_rows,
         block_k,

@@ -181,6 +181,39 @@ fn check_outputs(
     Ok(())
 }
 
+/// Attention of a few query rows (a decoding step) over the first `keys[0]` rows of
+/// `k` and `v`, where `keys` is a u32 tensor of one element on the device: a KV
+/// cache's whole buffers, read up to a length the device holds, so that a step
+/// captured once as a device graph attends to the right keys at every replay
+/// (`crate::decode_graph`). No mask (every counted key is visible to every row);
+/// the split-key kernel ([`FlashKernel::Decode`]), its slices cut over all `Sk` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_decode_counted<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    keys: &DeviceTensor,
+    options: &FlashOptions,
+) -> Result<(), AttnError> {
+    if options.causal || options.cu_seqlens.is_some() {
+        return Err(AttnError::Options(
+            "counted decoding takes no mask and no packed sequences".into(),
+        ));
+    }
+    if keys.shape.iter().product::<usize>() != 1 {
+        return Err(AttnError::Shape(format!(
+            "the key count is one element, not {:?}",
+            keys.shape
+        )));
+    }
+    let g = check(q, k, v, options)?;
+    check_outputs(&g, q, o, lse)?;
+    decode::forward::<F>(client, &g, q, k, v, o, lse, options, Some(keys))
+}
+
 /// [`flash_forward_into`] with the kernel chosen by the caller (benchmarks and tests
 /// compare the two).
 #[allow(clippy::too_many_arguments)]
@@ -208,7 +241,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
             let tc = FlashKernel::TensorCore;
             return decode_tc::forward::<F>(client, &g, q_k_v, out, options, tc, None);
         }
-        return decode::forward::<F>(client, &g, q, k, v, o, lse, options);
+        return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
     if use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])? {

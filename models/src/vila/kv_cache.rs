@@ -179,6 +179,31 @@ impl KvCache {
             .map_or(0, |(k, _)| k.dims()[0])
     }
 
+    /// Every layer's key and value buffers, `[batch, kv_heads, capacity, head_dim]`
+    /// with the cached tokens first and room for at least `capacity` tokens: the
+    /// buffers themselves where they hold that much, else copies that do. What a
+    /// decoding step whose length lives on the device writes and reads
+    /// (`Vlm::decode_counted`). `None` while a layer holds nothing.
+    pub fn into_buffers(self, capacity: usize) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        let len = self.len;
+        self.layers
+            .into_iter()
+            .map(|layer| {
+                let (k, v) = layer.buffers?;
+                if k.dims()[2] >= capacity.max(len) {
+                    return Some((k, v));
+                }
+                let grown = |t: Tensor<4>| {
+                    let [b, h, _, d] = t.dims();
+                    let room =
+                        Tensor::<4>::zeros([b, h, capacity.max(len), d], (&t.device(), t.dtype()));
+                    room.slice_assign([0..b, 0..h, 0..len, 0..d], t.narrow(2, 0, len))
+                };
+                Some((grown(k), grown(v)))
+            })
+            .collect()
+    }
+
     /// The cache of every sequence repeated `times` (sequence `i` becomes rows
     /// `i * times .. (i + 1) * times`): one prompt's prefill shared by `times` samples.
     /// Consumes the cache, so that with `times == 1` its buffers stay singly owned and

@@ -8,6 +8,7 @@
 //! encoded: the sequence-parallel layer can shard ids, labels and positions up front.
 
 pub mod config;
+pub mod decode_graph;
 pub mod kv_cache;
 pub mod lora;
 pub mod loss;

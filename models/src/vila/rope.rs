@@ -2,7 +2,7 @@
 //! Face's Qwen2, over arbitrary per-token positions (packed, shifted or sharded
 //! sequences all carry their own position ids).
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 /// Rotary position embedding tables for a batch of position ids, in the dtype of the
 /// tensors they rotate ([`Rope::cast`]: once per forward, not once per layer).
@@ -23,16 +23,27 @@ impl Rope {
     /// # Shapes
     /// - position_ids: `[batch, seq]`
     pub fn new(position_ids: Tensor<2, Int>, head_dim: usize, theta: f64) -> Self {
-        let device = position_ids.device();
-        let [batch, seq] = position_ids.dims();
+        let inv_freq = Self::inv_freq(head_dim, theta, &position_ids.device());
+        Self::from_inv_freq(position_ids, &inv_freq)
+    }
+
+    /// `inv_freq[i] = theta^(-2i/d)` for `i < d / 2`, f32 on `device`: the one host
+    /// upload of [`Rope::new`], kept apart so that a device graph of a decoding step
+    /// ([`Rope::from_inv_freq`] inside it) uploads nothing.
+    pub fn inv_freq(head_dim: usize, theta: f64, device: &Device) -> Tensor<1> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
+        Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (device, DType::F32))
+    }
+
+    /// [`Rope::new`] from the table of [`Rope::inv_freq`]: device operations only.
+    pub fn from_inv_freq(position_ids: Tensor<2, Int>, inv_freq: &Tensor<1>) -> Self {
+        let [batch, seq] = position_ids.dims();
+        let [half] = inv_freq.dims();
         // Angles in f32 whatever the model dtype: bf16 cannot even represent positions > 256.
-        let inv_freq =
-            Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), (&device, DType::F32))
-                .reshape([1, 1, half]);
+        let inv_freq = inv_freq.clone().reshape([1, 1, half]);
         let positions = position_ids
             .float()
             .cast(DType::F32)

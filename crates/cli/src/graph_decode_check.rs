@@ -1,0 +1,122 @@
+//! `longview infer-bench --check-graph-decode`: the decoding steps captured as a
+//! device graph (`longview_infer::graph_decode`) against the eager steps
+//! (`generate::decode_step`: the cache appended by Burn's ops, the flash attention's
+//! own decode kernels) on the same prompt and the same tokens, every step's logits
+//! compared. The CUDA counterpart of the wgpu test in `tests/flash_model.rs`, which
+//! cannot show that a CUDA graph captures and replays the step.
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Device, Tensor};
+use longview_infer::generate::{decode_step, next_token_rows};
+use longview_infer::graph_decode::GraphDecoder;
+use longview_infer::prefill::{embed_prompt, encode_in_batches, prefill};
+use longview_models::vila::MASKED_LOGIT;
+use longview_models::{KvCache, VisualInput, Vlm};
+
+use crate::infer_bench::InferBenchArgs;
+
+/// Largest difference allowed between the two paths' logits, relative to the largest
+/// logit: f32, and 16-bit activations (two attention kernels that round differently;
+/// on the 1.5B shape with random weights consecutive steps' logits differ by about
+/// as much, so only f32 or an eager run on the same kernel
+/// (`LONGVIEW_DECODE_TENSOR_CORES=0`) tells a wrong key count apart).
+fn tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 { 1e-4 } else { 3e-2 }
+}
+
+/// The largest `|a - b|` over the logits generation can pick, relative to the largest
+/// `|b|` there.
+fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    let open = || {
+        got.iter()
+            .zip(want)
+            .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
+    };
+    let scale = open().fold(1e-6f32, |m, (_, b)| m.max(b.abs()));
+    open().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+}
+
+fn argmax(row: &[f32]) -> i64 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+pub fn run(
+    model: &Vlm,
+    ids: &[u32],
+    pixels: Tensor<4>,
+    args: &InferBenchArgs,
+    device: &Device,
+) -> Result<()> {
+    if !model.counted_decoding_applies(device) {
+        bail!(
+            "--check-graph-decode: graph decoding does not apply here (it needs the flash kernels on a CUDA or wgpu device)"
+        );
+    }
+    let tolerance = tolerance(model.llm.model.embed_tokens.weight.val().dtype());
+    let visual = encode_in_batches(model, pixels, args.frame_batch);
+    let steps = args.new_tokens;
+    let room = ids.len() + steps;
+    let prefilled = || -> Result<(KvCache, Vec<f32>)> {
+        let embeds = embed_prompt(
+            model,
+            ids,
+            VisualInput::Embeddings(visual.clone()),
+            args.frame_batch,
+            device,
+        )?;
+        let mut cache = KvCache::new();
+        cache.reserve(room);
+        let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
+        Ok((cache, next_token_rows(model, last)?.remove(0)))
+    };
+    // The eager steps first, greedy; the graph then decodes the same tokens.
+    let (mut cache, first) = prefilled()?;
+    let (mut tokens, mut want) = (Vec::new(), Vec::new());
+    let mut token = argmax(&first);
+    for _ in 0..steps {
+        tokens.push(token);
+        let row = decode_step(model, &mut cache, &[token], device)?.remove(0);
+        token = argmax(&row);
+        want.push(row);
+    }
+    drop(cache);
+    let (cache, _) = prefilled()?;
+    let mut decoder = GraphDecoder::new(model, cache, room, device)?;
+    let mut worst = 0f32;
+    for (step, (&token, want)) in tokens.iter().zip(&want).enumerate() {
+        let got = decoder.step(&[token], &[0])?.remove(0);
+        let error = relative_error(&got, want);
+        println!("step {step}: relative error {error:.2e}");
+        worst = if error.is_nan() {
+            f32::NAN
+        } else {
+            worst.max(error)
+        };
+    }
+    // What a wrong answer looks like here: consecutive eager steps against each other.
+    let apart = want
+        .windows(2)
+        .map(|w| relative_error(&w[1], &w[0]))
+        .fold(f32::INFINITY, f32::min);
+    println!(
+        "graph decode check ({} tokens of prompt, {steps} steps, the graph {}): worst relative \
+         error {worst:.2e} (tolerance {tolerance:.0e}); consecutive steps' logits differ by at \
+         least {apart:.2e}",
+        ids.len(),
+        if decoder.is_captured() {
+            "captured on the device"
+        } else {
+            "re-run at each step: this backend cannot capture"
+        }
+    );
+    if !(worst <= tolerance) {
+        bail!("graph decode check failed: relative error {worst:.2e} above {tolerance:.0e}");
+    }
+    Ok(())
+}

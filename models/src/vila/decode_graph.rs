@@ -1,0 +1,148 @@
+//! A decoding step whose varying inputs live in device buffers, so that it can be
+//! captured once as a device graph and replayed for every new token
+//! (`longview-infer`'s `graph_decode`; on CUDA one graph launch instead of some twenty
+//! kernel launches a layer, each dispatched by the host). The token ids and the
+//! position are tensors the host overwrites in place between replays; the KV cache
+//! is every layer's whole buffers, written at the position and read up to it by the
+//! kernels of `longview_kernels::decode_graph`. Same function as
+//! [`Vlm::text_layers_cached`] followed by [`Vlm::logits`] (tests: `tests/flash_model.rs`).
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::Vlm;
+use super::rope::Rope;
+use crate::attention::{AttentionImpl, SplitAtAttention, flash_available};
+
+/// Most query heads a kv head the split-key decode kernel takes
+/// (`longview_kernels::flash::DECODE_MAX_ROWS`, one row each).
+const DECODE_MAX_ROWS: usize = 32;
+
+/// What one decoding step of [`Vlm::decode_counted`] reads and writes.
+#[derive(Debug, Clone)]
+pub struct DecodeBuffers {
+    /// `[rows, 1]`: each row's new token.
+    pub ids: Tensor<2, Int>,
+    /// `[1]`: the new tokens' position (the tokens cached before them).
+    pub position: Tensor<1, Int>,
+    /// Every layer's keys and values, `[rows, kv_heads, capacity, head_dim]`
+    /// ([`super::KvCache::into_buffers`]).
+    pub layers: Vec<(Tensor<4>, Tensor<4>)>,
+    /// RoPE's frequencies ([`Rope::inv_freq`]).
+    pub inv_freq: Tensor<1>,
+}
+
+impl Vlm {
+    /// Whether [`Vlm::decode_counted`] runs here: the text layers on the flash kernels,
+    /// on a CubeCL device, each kv head's query heads few enough for the decode kernel.
+    pub fn counted_decoding_applies(&self, device: &Device) -> bool {
+        let layers = self.llm.layers();
+        let Some(first) = layers.first() else {
+            return false;
+        };
+        let attention = &first.self_attn;
+        cfg!(any(feature = "flash-cuda", feature = "flash-wgpu"))
+            && self.text_attention() == AttentionImpl::Flash
+            && flash_available(device)
+            && !device.is_autodiff()
+            && attention.num_heads / attention.num_kv_heads.max(1) <= DECODE_MAX_ROWS
+    }
+
+    /// The buffers of a decoding step over `cache` (consumed) for `rows` sequences,
+    /// with room for `capacity` tokens; `None` when the cache is empty.
+    pub fn decode_buffers(
+        &self,
+        cache: super::KvCache,
+        rows: usize,
+        capacity: usize,
+        device: &Device,
+    ) -> Option<DecodeBuffers> {
+        let ids = Tensor::<2, Int>::zeros([rows, 1], device);
+        let position = Tensor::<1, Int>::zeros([1], device);
+        Some(DecodeBuffers {
+            ids,
+            position,
+            layers: cache.into_buffers(capacity)?,
+            inv_freq: Rope::inv_freq(self.llm.head_dim, self.llm.rope_theta, device),
+        })
+    }
+
+    /// One decoding step from `buffers`: every row's token at `position` through the
+    /// text layers (its keys and values written into the buffers at `position`, the
+    /// attention over the first `position + 1` of them), then the final norm and the
+    /// LM head. Returns the logits `[rows, 1, vocab]`. Only device operations (no
+    /// upload, no read, no shape that depends on the position): what a device graph
+    /// can capture.
+    ///
+    /// # Panics
+    /// Where [`Vlm::counted_decoding_applies`] does not hold.
+    pub fn decode_counted(&self, buffers: &DecodeBuffers) -> Tensor<3> {
+        use kernels::{attention_counted, key_count, write_rows_at};
+        let rows = buffers.ids.dims()[0];
+        let embeds = self.embed_tokens(buffers.ids.clone());
+        let positions = buffers.position.clone().reshape([1, 1]).expand([rows, 1]);
+        let rope = Rope::from_inv_freq(positions, &buffers.inv_freq).cast(embeds.dtype());
+        let count = key_count(&buffers.position, 1);
+        let mut x = embeds;
+        for (layer, (k, v)) in self.llm.layers().iter().zip(&buffers.layers) {
+            let input = layer.attention_input(x.clone(), &rope);
+            write_rows_at(k, input.k, &count);
+            write_rows_at(v, input.v, &count);
+            let o = attention_counted(input.q, k, v, &count, input.scale);
+            x = layer.after_attention(x, o);
+        }
+        self.logits(x)
+    }
+}
+
+impl DecodeBuffers {
+    /// Sets the next step's inputs in place (the buffers a captured graph reads):
+    /// row `i`'s token `tokens[i]`, at `position`.
+    ///
+    /// # Panics
+    /// On a token count other than the rows.
+    pub fn set_step(&self, tokens: &[i64], position: usize) {
+        let rows = self.ids.dims()[0];
+        assert_eq!(tokens.len(), rows, "one token a row");
+        let device = self.ids.device();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [rows, 1]), &device);
+        let at = Tensor::<1, Int>::from_data(TensorData::new(vec![position as i64], [1]), &device);
+        kernels::overwrite(&self.ids, ids);
+        kernels::overwrite(&self.position, at);
+    }
+}
+
+#[cfg(any(feature = "flash-cuda", feature = "flash-wgpu"))]
+mod kernels {
+    pub use longview_kernels::decode_graph::{
+        attention_counted, key_count, overwrite, write_rows_at,
+    };
+}
+
+/// Builds without the flash kernels: [`Vlm::counted_decoding_applies`] is false there,
+/// so nothing calls these.
+#[cfg(not(any(feature = "flash-cuda", feature = "flash-wgpu")))]
+mod kernels {
+    use burn::tensor::{Int, Tensor};
+
+    const NO_KERNELS: &str = "counted decoding needs a build with the flash kernels \
+                              (feature flash-cuda or flash-wgpu)";
+
+    pub fn overwrite<const D: usize>(_: &Tensor<D, Int>, _: Tensor<D, Int>) {
+        panic!("{NO_KERNELS}")
+    }
+    pub fn key_count(_: &Tensor<1, Int>, _: usize) -> Tensor<1, Int> {
+        panic!("{NO_KERNELS}")
+    }
+    pub fn write_rows_at(_: &Tensor<4>, _: Tensor<4>, _: &Tensor<1, Int>) {
+        panic!("{NO_KERNELS}")
+    }
+    pub fn attention_counted(
+        _: Tensor<4>,
+        _: &Tensor<4>,
+        _: &Tensor<4>,
+        _: &Tensor<1, Int>,
+        _: f64,
+    ) -> Tensor<4> {
+        panic!("{NO_KERNELS}")
+    }
+}
