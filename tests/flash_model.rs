@@ -446,4 +446,9 @@ fn captured_decoding_steps_match_eager_steps() {
         }
     }
     assert_eq!(decoder.len(), prompt.len() + steps);
+    // The buffers are full: one more step is refused, as is a row that is gone.
+    let full = decoder.step(&[1, 2], &[0, 1]).unwrap_err().to_string();
+    assert!(full.contains("full"), "{full}");
+    let gone = decoder.step(&[1], &[2]).unwrap_err().to_string();
+    assert!(gone.contains("rows [2] of 2"), "{gone}");
 }
