@@ -23,9 +23,10 @@ use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
+use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::flash::{self, DeviceTensor, FlashOptions};
+use crate::fused::cube::arg;
 use device::{copy_kernel, key_count_kernel, write_rows_kernel};
 
 /// Units per cube of the kernels below.
@@ -117,17 +118,6 @@ pub trait DecodeGraphBackend: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-fn arg(t: &CubeTensor) -> TensorArg {
-    // SAFETY: the handle holds every element the shape and strides address.
-    unsafe {
-        TensorArg::from_raw_parts(
-            t.handle.clone(),
-            t.meta.strides().to_vec().into(),
-            t.meta.shape().to_vec().into(),
-        )
-    }
-}
-
 fn view(t: &CubeTensor) -> DeviceTensor {
     DeviceTensor {
         handle: t.handle.clone(),
@@ -136,15 +126,9 @@ fn view(t: &CubeTensor) -> DeviceTensor {
     }
 }
 
-/// A grid of 256-unit cubes over `n` elements (the y axis past 65,535 cubes).
-fn grid(n: usize) -> CubeCount {
-    let cubes = n.div_ceil(UNITS).max(1);
-    let (x, y) = if cubes > 65535 {
-        (65535, cubes.div_ceil(65535))
-    } else {
-        (cubes, 1)
-    };
-    CubeCount::Static(x as u32, y as u32, 1)
+/// A grid of 256-unit cubes over `n` elements (the kernels index them as such).
+fn grid(n: usize) -> (CubeCount, CubeDim) {
+    crate::fused::cube::grid(n.div_ceil(UNITS), UNITS)
 }
 
 fn is_dense(t: &CubeTensor) -> bool {
@@ -165,13 +149,12 @@ impl DecodeGraphBackend for CubeBackend {
         assert!(is_dense(&dst), "overwrite: the destination must be dense");
         let src = into_contiguous(src);
         let client = dst.client.clone();
-        let n = src.meta.shape().num_elements();
-        let dim = CubeDim::new_1d(UNITS as u32);
+        let (count, dim) = grid(src.meta.shape().num_elements());
         let (d, s) = (arg(&dst), arg(&src));
         match dst.dtype {
-            DType::I64 => copy_kernel::launch::<i64>(&client, grid(n), dim, d, s),
-            DType::I32 => copy_kernel::launch::<i32>(&client, grid(n), dim, d, s),
-            DType::U32 => copy_kernel::launch::<u32>(&client, grid(n), dim, d, s),
+            DType::I64 => copy_kernel::launch::<i64>(&client, count, dim, d, s),
+            DType::I32 => copy_kernel::launch::<i32>(&client, count, dim, d, s),
+            DType::U32 => copy_kernel::launch::<u32>(&client, count, dim, d, s),
             other => panic!("overwrite: unsupported int dtype {other:?}"),
         }
         dst
@@ -199,13 +182,12 @@ impl DecodeGraphBackend for CubeBackend {
 
     fn write_rows_at(dst: CubeTensor, src: CubeTensor, count: CubeTensor) -> CubeTensor {
         let client = dst.client.clone();
-        let n = src.meta.shape().num_elements();
-        let dim = CubeDim::new_1d(UNITS as u32);
+        let (cubes, dim) = grid(src.meta.shape().num_elements());
         let (d, s, c) = (arg(&dst), arg(&src), arg(&count));
         match dst.dtype {
-            DType::F32 => write_rows_kernel::launch::<f32>(&client, grid(n), dim, d, s, c),
-            DType::F16 => write_rows_kernel::launch::<half::f16>(&client, grid(n), dim, d, s, c),
-            DType::BF16 => write_rows_kernel::launch::<half::bf16>(&client, grid(n), dim, d, s, c),
+            DType::F32 => write_rows_kernel::launch::<f32>(&client, cubes, dim, d, s, c),
+            DType::F16 => write_rows_kernel::launch::<half::f16>(&client, cubes, dim, d, s, c),
+            DType::BF16 => write_rows_kernel::launch::<half::bf16>(&client, cubes, dim, d, s, c),
             other => panic!("write rows: unsupported dtype {other:?}"),
         }
         dst

@@ -31,7 +31,7 @@ fn sum_rows(parts: CubeTensor, d: usize, dtype: DType) -> CubeTensor {
     CubeBackend::float_cast(sum, dtype)
 }
 
-fn arg(t: &CubeTensor) -> TensorArg {
+pub(crate) fn arg(t: &CubeTensor) -> TensorArg {
     // SAFETY: the handle holds every element the shape and strides address.
     unsafe {
         TensorArg::from_raw_parts(
@@ -88,7 +88,7 @@ fn elementwise_launch(tensors: &[&CubeTensor], n: usize) -> (usize, usize, CubeC
 }
 
 /// A 2-D grid of `count` cubes (the y axis past 65,535).
-fn grid(count: usize, units: usize) -> (CubeCount, CubeDim) {
+pub(crate) fn grid(count: usize, units: usize) -> (CubeCount, CubeDim) {
     let count = count.max(1);
     let (x, y) = if count > 65535 {
         (65535, count.div_ceil(65535))

@@ -15,7 +15,7 @@ use burn::backend::{Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
 
 mod autodiff;
-mod cube;
+pub(crate) mod cube;
 mod kernels;
 mod layer_norm_gelu;
 
