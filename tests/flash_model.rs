@@ -452,3 +452,89 @@ fn captured_decoding_steps_match_eager_steps() {
     let gone = decoder.step(&[1], &[2]).unwrap_err().to_string();
     assert!(gone.contains("rows [2] of 2"), "{gone}");
 }
+
+/// A shared-prefix batch (GRPO's rollouts: prompts' caches held once, each row's
+/// decoded keys its own) decoded as captured steps
+/// (`SharedPrefixBatch::into_graph`) against its eager steps, on wgpu with the flash
+/// kernels: two prompts of different lengths, two rows each, fed different tokens,
+/// then a row dropped; every step's logits compared.
+#[test]
+fn captured_shared_prefix_steps_match_eager_steps() {
+    use longview_infer::generate::prefill_prompt;
+    use longview_infer::shared_prefix::SharedPrefixBatch;
+    use longview_models::vila::{MASKED_LOGIT, VisualInput, VlmConfig};
+
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let config = VlmConfig::debug();
+    let model = config
+        .init(&device)
+        .with_attention(AttentionImpl::Flash, AttentionImpl::Flash);
+    let side = config.vision.image_size;
+    let pixels = Tensor::<4>::random([1, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let visual = model.encode_frames(pixels);
+    let mut long: Vec<u32> = vec![4, 9];
+    long.extend(std::iter::repeat_n(
+        config.placeholder_token_id,
+        config.tokens_per_frame(),
+    ));
+    long.extend((0..29).map(|i| 20 + (i * 37) % 200));
+    let short: Vec<u32> = (0..11).map(|i| 30 + (i * 53) % 200).collect();
+    let steps = 5;
+    let (long_cache, _) = prefill_prompt(
+        &model,
+        &long,
+        VisualInput::Embeddings(visual),
+        16,
+        long.len(),
+        &device,
+    )
+    .unwrap();
+    let (short_cache, _) =
+        prefill_prompt(&model, &short, VisualInput::None, 16, short.len(), &device).unwrap();
+    let layers = model.text_layers().len();
+    let batch = || {
+        SharedPrefixBatch::new(
+            vec![(long_cache.clone(), 2), (short_cache.clone(), 2)],
+            layers,
+            vec![long.len(), long.len(), short.len(), short.len()],
+            steps + 1,
+        )
+    };
+    let mut eager = batch();
+    let mut decoder = batch().into_graph(&model, &device).unwrap();
+    let kept_at = |step: usize| -> Vec<usize> {
+        match step {
+            0..=1 => vec![0, 1, 2, 3],
+            2 => vec![0, 2, 3],
+            _ => vec![0, 1, 2],
+        }
+    };
+    for step in 0..steps {
+        let kept = kept_at(step);
+        let tokens: Vec<i64> = kept
+            .iter()
+            .map(|&r| (40 + 13 * step + 29 * r) as i64 % 250)
+            .collect();
+        if kept.len() != eager.rows() {
+            eager.select(&kept, &device);
+        }
+        let want = eager.step(&model, &tokens, &device).unwrap();
+        let got = decoder.step(&tokens, &kept).unwrap();
+        assert_eq!(got.len(), want.len(), "step {step}: rows");
+        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+            let open: Vec<(f32, f32)> = g
+                .iter()
+                .zip(w)
+                .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
+                .map(|(&a, &b)| (a, b))
+                .collect();
+            let scale = open.iter().fold(1f32, |m, &(_, b)| m.max(b.abs()));
+            let error = open.iter().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            eprintln!("step {step} row {row} error {error:.2e}");
+            assert!(
+                error <= 1e-5,
+                "step {step}, row {row}: relative error {error:.2e}"
+            );
+        }
+    }
+}

@@ -108,14 +108,14 @@ pub trait DecodeGraphBackend: burn::backend::Backend {
         count: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// O of the decode attention over the first `count[0]` keys.
+    /// `(O, LSE)` of the decode attention over the first `count[0]` keys.
     fn attention_counted(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         count: IntTensor<Self>,
         scale: f32,
-    ) -> FloatTensor<Self>;
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 fn view(t: &CubeTensor) -> DeviceTensor {
@@ -199,7 +199,7 @@ impl DecodeGraphBackend for CubeBackend {
         v: CubeTensor,
         count: CubeTensor,
         scale: f32,
-    ) -> CubeTensor {
+    ) -> (CubeTensor, CubeTensor) {
         let client = q.client.clone();
         let shape = q.meta.shape().to_vec();
         let [b, hq, sq, _] = [shape[0], shape[1], shape[2], shape[3]];
@@ -234,7 +234,7 @@ impl DecodeGraphBackend for CubeBackend {
             other => panic!("counted attention: unsupported dtype {other:?}"),
         };
         done.unwrap_or_else(|e| panic!("counted attention: {e}"));
-        o
+        (o, lse)
     }
 }
 
@@ -285,20 +285,21 @@ pub fn write_rows_at(buffer: &Tensor<4>, rows: Tensor<4>, count: &Tensor<1, Int>
 
 /// Attention of q (`[B, Hq, Sq, D]`, few rows: `Hq / Hkv * Sq` at most
 /// [`flash::DECODE_MAX_ROWS`]) over the first `count` rows of k and v (`[B, Hkv,
-/// capacity, D]`), no mask. Returns O shaped like q.
+/// capacity, D]`), no mask. Returns O shaped like q and the LSE `[B, Hq, Sq]` (f32).
 pub fn attention_counted(
     q: Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
     count: &Tensor<1, Int>,
     scale: f64,
-) -> Tensor<4> {
+) -> (Tensor<4>, Tensor<3>) {
     let dtype = q.dtype();
-    Tensor::from_dispatch(<Dispatch as DecodeGraphBackend>::attention_counted(
+    let (o, lse) = <Dispatch as DecodeGraphBackend>::attention_counted(
         q.into_dispatch(),
         k.clone().cast(dtype).into_dispatch(),
         v.clone().cast(dtype).into_dispatch(),
         count.clone().into_dispatch(),
         scale as f32,
-    ))
+    );
+    (Tensor::from_dispatch(o), Tensor::from_dispatch(lse))
 }

@@ -103,7 +103,8 @@ pub struct Measured {
     pub decode_s: f64,
     pub decoded: usize,
     pub reserved: Option<u64>,
-    /// Where one greedy row's decoding time went (single device), `None` elsewhere.
+    /// Single device: whether the steps were captured, and for one greedy row where
+    /// its decoding time went (`queue_s` 0 for groups); `None` sequence-parallel.
     pub decode_split: Option<DecodeSplit>,
 }
 
@@ -308,12 +309,22 @@ fn measure(
             vec![ids.len(); g],
             args.new_tokens,
         );
-        decode_group(first, &samples, &options, |tokens, kept| {
-            if kept.len() != batch.rows() {
-                batch.select(kept, device);
-            }
-            batch.step(model, tokens, device)
-        })?
+        if graph_decoding(model, device) {
+            let mut decoder = batch.into_graph(model, device)?;
+            let generated = decode_group(first, &samples, &options, |tokens, kept| {
+                decoder.step(tokens, kept)
+            })?;
+            decode_split.graph = decoder.is_captured();
+            decode_split.capture_s = decoder.capture_seconds();
+            generated
+        } else {
+            decode_group(first, &samples, &options, |tokens, kept| {
+                if kept.len() != batch.rows() {
+                    batch.select(kept, device);
+                }
+                batch.step(model, tokens, device)
+            })?
+        }
     } else if graph_decoding(model, device) {
         let mut decoder = GraphDecoder::new(model, cache, ids.len() + args.new_tokens, device)?;
         let split = &mut decode_split;
@@ -350,7 +361,7 @@ fn measure(
         decode_s,
         decoded: generated.iter().map(|g| g.tokens.len()).sum(),
         reserved: device.memory_pool_usage().map(|m| m.bytes_reserved),
-        decode_split: (samples.len() == 1).then_some(decode_split),
+        decode_split: Some(decode_split),
     })
 }
 
@@ -385,16 +396,20 @@ fn report(
     // Steps after the first token (the first comes with the prefill).
     let steps = m.decoded.saturating_sub(1).max(1) as f64;
     if let Some(split) = m.decode_split {
-        println!(
-            "decode per step: {:.2} ms queueing its operations, {:.2} ms waiting for and reading \
-             the logits, {:.2} ms sampling on the host",
-            1e3 * split.queue_s / steps,
-            1e3 * split.read_s / steps,
-            1e3 * (m.decode_s - split.queue_s - split.read_s) / steps,
-        );
+        // Only one greedy row's decode is split (queue_s > 0).
+        if split.queue_s > 0.0 {
+            println!(
+                "decode per step: {:.2} ms queueing its operations, {:.2} ms waiting for and \
+                 reading the logits, {:.2} ms sampling on the host",
+                1e3 * split.queue_s / steps,
+                1e3 * split.read_s / steps,
+                1e3 * (m.decode_s - split.queue_s - split.read_s) / steps,
+            );
+        }
         if split.graph {
             println!(
-                "decode steps replayed as one device graph (captured in {:.1} ms, counted above)",
+                "decode steps replayed as one device graph (captured in {:.1} ms, counted in the \
+                 decode rate)",
                 1e3 * split.capture_s
             );
         }
@@ -412,8 +427,10 @@ fn report(
             "reserved_bytes": m.reserved,
         });
         if let (Some(line), Some(split)) = (line.as_object_mut(), m.decode_split) {
-            line.insert("decode_queue_s".into(), json!(split.queue_s));
-            line.insert("decode_read_s".into(), json!(split.read_s));
+            if split.queue_s > 0.0 {
+                line.insert("decode_queue_s".into(), json!(split.queue_s));
+                line.insert("decode_read_s".into(), json!(split.read_s));
+            }
             line.insert("decode_graph".into(), json!(split.graph));
             line.insert("decode_capture_s".into(), json!(split.capture_s));
         }

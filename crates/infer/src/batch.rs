@@ -15,6 +15,7 @@ use longview_models::{VisualInput, Vlm};
 
 use crate::error::InferError;
 use crate::generate::{Decoding, Generation, Limits, check_request, decode_rows, prefill_prompt};
+use crate::graph_decode::graph_decoding;
 use crate::prefill::{DEFAULT_CHUNK, available_bytes, check_fits, estimate, kv_cache_bytes};
 use crate::shared_prefix::SharedPrefixBatch;
 
@@ -118,12 +119,20 @@ pub fn generate_batch_timed(
     let layers = model.text_layers().len();
     let longest_answer = limits.iter().map(|l| l.max_new_tokens).max().unwrap_or(0);
     let mut batch = SharedPrefixBatch::new(caches, layers, positions, longest_answer);
-    let flat = decode_rows(firsts, &samples, &limits, |tokens, kept| {
-        if kept.len() != batch.rows() {
-            batch.select(kept, device);
-        }
-        batch.step(model, tokens, device)
-    })?;
+    // Steps exist from two tokens an answer on (the first comes with the prefill).
+    let flat = if longest_answer > 1 && graph_decoding(model, device) {
+        let mut decoder = batch.into_graph(model, device)?;
+        decode_rows(firsts, &samples, &limits, |tokens, kept| {
+            decoder.step(tokens, kept)
+        })?
+    } else {
+        decode_rows(firsts, &samples, &limits, |tokens, kept| {
+            if kept.len() != batch.rows() {
+                batch.select(kept, device);
+            }
+            batch.step(model, tokens, device)
+        })?
+    };
     let times = BatchTimes {
         prefill_s,
         decode_s: start.elapsed().as_secs_f64() - prefill_s,

@@ -18,7 +18,8 @@ use longview_models::{KvCache, Vlm};
 use crate::error::InferError;
 use crate::generate::next_token_rows_of;
 
-type Step<'a> = Box<dyn FnMut() -> Tensor<3> + 'a>;
+/// A decoding step's device operations, returning the logits `[rows, 1, vocab]`.
+pub type Step<'a> = Box<dyn FnMut() -> Tensor<3> + 'a>;
 
 /// Whether decoding runs as captured steps where it can (`LONGVIEW_DECODE_GRAPH`, a
 /// switch, on unless set to `0`/`off`/`false`; read once).
@@ -39,7 +40,7 @@ pub fn graph_decoding(model: &Vlm, device: &Device) -> bool {
     graph_decoding_enabled() && model.counted_decoding_applies(device)
 }
 
-/// The decoding steps of `rows` sequences over one KV cache, captured at the first
+/// The decoding steps of `rows` sequences over KV buffers, captured at the first
 /// step and replayed after. Sequences that finish keep their cache row (their step
 /// runs on token 0 and nobody reads it): the captured graph's shapes never change.
 /// Not `Send`: the replays, the input writes and the reads must all come from the
@@ -47,11 +48,15 @@ pub fn graph_decoding(model: &Vlm, device: &Device) -> bool {
 pub struct GraphDecoder<'a> {
     model: &'a Vlm,
     buffers: DecodeBuffers,
+    /// The step's operations until the first step captures them.
+    step: Option<Step<'a>>,
     graph: Option<Graph<Tensor<3>, Step<'a>>>,
     /// The cache row of each sequence still decoding, in the caller's order.
     live: Vec<usize>,
-    /// Tokens cached.
-    len: usize,
+    /// Per cache row, the position of its next token.
+    positions: Vec<usize>,
+    /// Tokens in the buffers.
+    cached: usize,
     capacity: usize,
     /// Host seconds the capture took (its warm-up runs and the recording).
     capture_s: f64,
@@ -59,8 +64,8 @@ pub struct GraphDecoder<'a> {
 
 impl<'a> GraphDecoder<'a> {
     /// Takes over `cache` (its `batch` rows, all of one length) for decoding up to
-    /// `capacity` tokens in all. An error when the cache is empty or already past the
-    /// capacity.
+    /// `capacity` tokens in all (`Vlm::decode_counted`). An error when the cache is
+    /// empty or already past the capacity.
     pub fn new(
         model: &'a Vlm,
         cache: KvCache,
@@ -77,24 +82,42 @@ impl<'a> GraphDecoder<'a> {
         let buffers = model
             .decode_buffers(cache, rows, capacity, device)
             .ok_or_else(|| InferError::Request("graph decoding: an empty KV cache".into()))?;
-        Ok(GraphDecoder {
-            model,
-            buffers,
-            graph: None,
-            live: (0..rows).collect(),
-            len,
-            capacity,
-            capture_s: 0.0,
-        })
+        let step_buffers = buffers.clone();
+        let step: Step<'a> = Box::new(move || model.decode_counted(&step_buffers));
+        Ok(Self::with_step(model, buffers, vec![len; rows], len, step))
     }
 
-    /// Tokens cached (prompt and decoded).
+    /// A decoder whose step is `step` (device operations that read and write
+    /// `buffers`, e.g. `Vlm::decode_counted_with`): the buffers hold `cached` tokens
+    /// and cache row `r`'s next token is at `positions[r]`.
+    pub fn with_step(
+        model: &'a Vlm,
+        buffers: DecodeBuffers,
+        positions: Vec<usize>,
+        cached: usize,
+        step: Step<'a>,
+    ) -> Self {
+        let capacity = buffers.layers.first().map_or(0, |(k, _)| k.dims()[2]);
+        GraphDecoder {
+            model,
+            buffers,
+            step: Some(step),
+            graph: None,
+            live: (0..positions.len()).collect(),
+            positions,
+            cached,
+            capacity,
+            capture_s: 0.0,
+        }
+    }
+
+    /// Tokens in the buffers (for [`GraphDecoder::new`]: prompt and decoded).
     pub fn len(&self) -> usize {
-        self.len
+        self.cached
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.cached == 0
     }
 
     /// Host seconds the first step spent capturing the graph (three warm-up runs of
@@ -120,35 +143,39 @@ impl<'a> GraphDecoder<'a> {
                 self.live.len()
             )));
         }
-        if self.len >= self.capacity {
+        if self.cached >= self.capacity {
             return Err(InferError::Request(format!(
-                "graph decoding: the KV cache's {} positions are full",
+                "graph decoding: the KV buffers' {} positions are full",
                 self.capacity
             )));
         }
         self.live = kept.iter().map(|&r| self.live[r]).collect();
-        let mut all = vec![0i64; self.buffers.ids.dims()[0]];
+        let mut all = vec![0i64; self.positions.len()];
         for (&row, &token) in self.live.iter().zip(tokens) {
             all[row] = token;
         }
-        self.buffers.set_step(&all, self.len);
-        if self.graph.is_none() {
-            // The warm-up runs and the recording write this step's keys and values at
-            // `len`, as every replay with these inputs does: the same values.
-            let (model, buffers) = (self.model, self.buffers.clone());
-            let device = buffers.ids.device();
-            let step: Step<'a> = Box::new(move || model.decode_counted(&buffers));
+        let positions: Vec<i64> = self.positions.iter().map(|&p| p as i64).collect();
+        self.buffers.set_step(&all, &positions, self.cached);
+        if let Some(step) = self.step.take() {
+            // The warm-up runs and the recording write this step's keys and values
+            // after the cached ones, as every replay with these inputs does: the same
+            // values.
+            let device = self.buffers.ids.device();
             let start = std::time::Instant::now();
             self.graph = Some(capture(&device, step));
             self.capture_s = start.elapsed().as_secs_f64();
         }
-        let graph = self.graph.as_mut().expect("captured above");
-        // SAFETY: the graph's closure owns every buffer it reads or writes (the
-        // decode buffers' tensors, cloned into it) and borrows the model for 'a,
-        // which outlives this decoder; the buffers are written and the output read
-        // on this thread (the decoder is not Send), so on the capture's stream.
+        let graph = self.graph.as_mut().expect("captured at the first step");
+        // SAFETY: the graph's closure owns every buffer it reads or writes (clones of
+        // the decode buffers' tensors and whatever else the step holds) and borrows
+        // the model for 'a, which outlives this decoder; the buffers are written and
+        // the output read on this thread (the decoder is not Send), so on the
+        // capture's stream.
         let logits = unsafe { graph.replay() }.clone();
-        self.len += 1;
+        self.cached += 1;
+        for p in &mut self.positions {
+            *p += 1;
+        }
         Ok(logits)
     }
 

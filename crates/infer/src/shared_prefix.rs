@@ -24,6 +24,7 @@ use longview_models::{KvCache, Vlm};
 
 use crate::error::InferError;
 use crate::generate::next_token_rows;
+use crate::graph_decode::{GraphDecoder, Step};
 
 /// Attention output and log-sum-exp, both f32: `[rows, heads, 1, head_dim]` and
 /// `[rows, heads, 1]`.
@@ -41,6 +42,8 @@ pub struct SharedPrefixBatch {
     next_position: Vec<usize>,
     /// Most query rows a kv head in one attention call over a prompt's keys.
     kv_head_rows: usize,
+    /// Decoded tokens each row's own cache has room for.
+    answer: usize,
 }
 
 impl SharedPrefixBatch {
@@ -68,6 +71,7 @@ impl SharedPrefixBatch {
             own: (0..layers).map(|_| LayerCache::reserved(answer)).collect(),
             next_position,
             kv_head_rows: FLASH_DECODE_MAX_ROWS,
+            answer,
         }
     }
 
@@ -114,33 +118,99 @@ impl SharedPrefixBatch {
         for (l, (layer, own)) in model.text_layers().iter().zip(&mut self.own).enumerate() {
             let input = layer.attention_input(x.clone(), &rope);
             let implementation = layer.attention_impl();
-            let dtype = input.q.dtype();
-            let (k, v) = own.append(input.k, input.v);
+            let (k, v) = own.append(input.k.clone(), input.v.clone());
             let mine = partial(implementation, input.q.clone(), k, v, input.scale);
-            let mut outs = Vec::with_capacity(runs.len());
-            let mut lses = Vec::with_capacity(runs.len());
-            for &(p, start, rows) in &runs {
-                let (k, v) = &self.prefixes[p][l];
-                // The prompt's rows as the query positions of one sequence, in calls
-                // the decode kernels take whole: each row is a position of every
-                // query head, `heads / kv_heads` rows a kv head.
-                let group = input.q.dims()[1] / k.dims()[1];
-                let per_call = (self.kv_head_rows / group).max(1);
-                for (start, rows) in calls(start, rows, per_call) {
-                    let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
-                    let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);
-                    outs.push(o.swap_dims(0, 2));
-                    lses.push(lse.swap_dims(0, 2));
-                }
-            }
-            let shared = (Tensor::cat(outs, 0), Tensor::cat(lses, 0));
-            x = layer.after_attention(x, merge_partials(shared, mine).0.cast(dtype));
+            let shared = prefix_partials(
+                &self.prefixes,
+                &runs,
+                self.kv_head_rows,
+                l,
+                &input,
+                implementation,
+            );
+            x = layer.after_attention(x, merge_partials(shared, mine).0.cast(input.q.dtype()));
         }
         for p in &mut self.next_position {
             *p += 1;
         }
         next_token_rows(model, x)
     }
+
+    /// This batch's decoding steps captured once as a device graph and replayed
+    /// ([`GraphDecoder`]): each row's own keys in buffers with room for the answer,
+    /// the prompts' keys as the prefill left them (their attention has the same shapes
+    /// at every step). Before any step (the rows' own caches empty); where
+    /// `Vlm::counted_decoding_applies`.
+    pub fn into_graph<'a>(
+        self,
+        model: &'a Vlm,
+        device: &Device,
+    ) -> Result<GraphDecoder<'a>, InferError> {
+        if self.own.iter().any(|layer| !layer.is_empty()) || self.answer == 0 {
+            return Err(InferError::Request(
+                "a shared-prefix batch becomes a graph before its first step, with room for \
+                 an answer"
+                    .into(),
+            ));
+        }
+        let rows = self.rows();
+        let layers = model.empty_decode_layers(rows, self.answer, device);
+        let buffers = model.decode_buffers_over(layers, rows, device);
+        let step_buffers = buffers.clone();
+        let runs = runs(&self.prompt_of);
+        let (prefixes, kv_head_rows) = (self.prefixes, self.kv_head_rows);
+        let step: Step<'a> = Box::new(move || {
+            model.decode_counted_with(&step_buffers, |l, input, (o, lse)| {
+                let shared = prefix_partials(
+                    &prefixes,
+                    &runs,
+                    kv_head_rows,
+                    l,
+                    input,
+                    AttentionImpl::Flash,
+                );
+                merge_partials(shared, (o.cast(DType::F32), lse))
+                    .0
+                    .cast(input.q.dtype())
+            })
+        });
+        Ok(GraphDecoder::with_step(
+            model,
+            buffers,
+            self.next_position,
+            0,
+            step,
+        ))
+    }
+}
+
+/// Layer `l`'s attention of every row's query (`input.q`) over its prompt's keys:
+/// each run of one prompt's rows as the query positions of one sequence, in calls the
+/// decode kernels take whole (each row a position of every query head, `heads /
+/// kv_heads` rows a kv head, at most `kv_head_rows` rows a kv head). O and LSE in f32,
+/// rows in order.
+fn prefix_partials(
+    prefixes: &[Vec<(Tensor<4>, Tensor<4>)>],
+    runs: &[(usize, usize, usize)],
+    kv_head_rows: usize,
+    l: usize,
+    input: &AttentionInput,
+    implementation: AttentionImpl,
+) -> Partial {
+    let mut outs = Vec::with_capacity(runs.len());
+    let mut lses = Vec::with_capacity(runs.len());
+    for &(p, start, rows) in runs {
+        let (k, v) = &prefixes[p][l];
+        let group = input.q.dims()[1] / k.dims()[1];
+        let per_call = (kv_head_rows / group).max(1);
+        for (start, rows) in calls(start, rows, per_call) {
+            let q = input.q.clone().narrow(0, start, rows).swap_dims(0, 2);
+            let (o, lse) = partial(implementation, q, k.clone(), v.clone(), input.scale);
+            outs.push(o.swap_dims(0, 2));
+            lses.push(lse.swap_dims(0, 2));
+        }
+    }
+    (Tensor::cat(outs, 0), Tensor::cat(lses, 0))
 }
 
 /// `rows` rows from `start` cut into `(first row, rows)` calls of at most `per_call`

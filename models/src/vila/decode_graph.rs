@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::Vlm;
 use super::rope::Rope;
-use crate::attention::{AttentionImpl, SplitAtAttention, flash_available};
+use crate::attention::{AttentionImpl, AttentionInput, SplitAtAttention, flash_available};
 
 /// Most query heads a kv head the split-key decode kernel takes
 /// (`longview_kernels::flash::DECODE_MAX_ROWS`, one row each).
@@ -22,8 +22,11 @@ const DECODE_MAX_ROWS: usize = 32;
 pub struct DecodeBuffers {
     /// `[rows, 1]`: each row's new token.
     pub ids: Tensor<2, Int>,
-    /// `[1]`: the new tokens' position (the tokens cached before them).
-    pub position: Tensor<1, Int>,
+    /// `[rows, 1]`: each row's new token's position (its RoPE angle).
+    pub positions: Tensor<2, Int>,
+    /// `[1]`: the tokens in the layers' buffers before this step (where the step's
+    /// keys and values go).
+    pub cached: Tensor<1, Int>,
     /// Every layer's keys and values, `[rows, kv_heads, capacity, head_dim]`
     /// ([`super::KvCache::into_buffers`]).
     pub layers: Vec<(Tensor<4>, Tensor<4>)>,
@@ -56,38 +59,85 @@ impl Vlm {
         capacity: usize,
         device: &Device,
     ) -> Option<DecodeBuffers> {
-        let ids = Tensor::<2, Int>::zeros([rows, 1], device);
-        let position = Tensor::<1, Int>::zeros([1], device);
-        Some(DecodeBuffers {
-            ids,
-            position,
-            layers: cache.into_buffers(capacity)?,
-            inv_freq: Rope::inv_freq(self.llm.head_dim, self.llm.rope_theta, device),
-        })
+        let layers = cache.into_buffers(capacity)?;
+        Some(self.decode_buffers_over(layers, rows, device))
     }
 
-    /// One decoding step from `buffers`: every row's token at `position` through the
-    /// text layers (its keys and values written into the buffers at `position`, the
-    /// attention over the first `position + 1` of them), then the final norm and the
-    /// LM head. Returns the logits `[rows, 1, vocab]`. Only device operations (no
-    /// upload, no read, no shape that depends on the position): what a device graph
-    /// can capture.
+    /// The buffers of a decoding step over `layers` (`[rows, kv_heads, capacity,
+    /// head_dim]` each), e.g. new empty ones ([`Vlm::empty_decode_layers`]).
+    pub fn decode_buffers_over(
+        &self,
+        layers: Vec<(Tensor<4>, Tensor<4>)>,
+        rows: usize,
+        device: &Device,
+    ) -> DecodeBuffers {
+        DecodeBuffers {
+            ids: Tensor::<2, Int>::zeros([rows, 1], device),
+            positions: Tensor::<2, Int>::zeros([rows, 1], device),
+            cached: Tensor::<1, Int>::zeros([1], device),
+            layers,
+            inv_freq: Rope::inv_freq(self.llm.head_dim, self.llm.rope_theta, device),
+        }
+    }
+
+    /// Every text layer's key and value buffers for `rows` sequences of `capacity`
+    /// tokens, zeros in the embedding table's dtype.
+    pub fn empty_decode_layers(
+        &self,
+        rows: usize,
+        capacity: usize,
+        device: &Device,
+    ) -> Vec<(Tensor<4>, Tensor<4>)> {
+        let dtype = self.llm.model.embed_tokens.weight.val().dtype();
+        self.llm
+            .layers()
+            .iter()
+            .map(|layer| {
+                let shape = [
+                    rows,
+                    layer.self_attn.num_kv_heads,
+                    capacity,
+                    self.llm.head_dim,
+                ];
+                let empty = || Tensor::<4>::zeros(shape, (device, dtype));
+                (empty(), empty())
+            })
+            .collect()
+    }
+
+    /// One decoding step from `buffers`: every row's token (at its position) through
+    /// the text layers, its keys and values written into the buffers after the
+    /// `cached` tokens and attended to with them, then the final norm and the LM head.
+    /// Returns the logits `[rows, 1, vocab]`. Only device operations (no upload, no
+    /// read, no shape that depends on the position): what a device graph can capture.
     ///
     /// # Panics
     /// Where [`Vlm::counted_decoding_applies`] does not hold.
     pub fn decode_counted(&self, buffers: &DecodeBuffers) -> Tensor<3> {
+        self.decode_counted_with(buffers, |_, _, (o, _)| o)
+    }
+
+    /// [`Vlm::decode_counted`] with each layer's attention output chosen by
+    /// `attend(layer, q, (O, LSE))` from the attention over the buffers' keys (O in
+    /// the model's dtype, LSE f32), e.g. merged with an attention over other keys
+    /// (a shared prompt's: `longview-infer`'s `shared_prefix`).
+    pub fn decode_counted_with(
+        &self,
+        buffers: &DecodeBuffers,
+        mut attend: impl FnMut(usize, &AttentionInput, (Tensor<4>, Tensor<3>)) -> Tensor<4>,
+    ) -> Tensor<3> {
         use kernels::{attention_counted, key_count, write_rows_at};
-        let rows = buffers.ids.dims()[0];
         let embeds = self.embed_tokens(buffers.ids.clone());
-        let positions = buffers.position.clone().reshape([1, 1]).expand([rows, 1]);
-        let rope = Rope::from_inv_freq(positions, &buffers.inv_freq).cast(embeds.dtype());
-        let count = key_count(&buffers.position, 1);
+        let rope =
+            Rope::from_inv_freq(buffers.positions.clone(), &buffers.inv_freq).cast(embeds.dtype());
+        let count = key_count(&buffers.cached, 1);
         let mut x = embeds;
-        for (layer, (k, v)) in self.llm.layers().iter().zip(&buffers.layers) {
+        for (l, (layer, (k, v))) in self.llm.layers().iter().zip(&buffers.layers).enumerate() {
             let input = layer.attention_input(x.clone(), &rope);
-            write_rows_at(k, input.k, &count);
-            write_rows_at(v, input.v, &count);
-            let o = attention_counted(input.q, k, v, &count, input.scale);
+            write_rows_at(k, input.k.clone(), &count);
+            write_rows_at(v, input.v.clone(), &count);
+            let own = attention_counted(input.q.clone(), k, v, &count, input.scale);
+            let o = attend(l, &input, own);
             x = layer.after_attention(x, o);
         }
         self.logits(x)
@@ -96,18 +146,25 @@ impl Vlm {
 
 impl DecodeBuffers {
     /// Sets the next step's inputs in place (the buffers a captured graph reads):
-    /// row `i`'s token `tokens[i]`, at `position`.
+    /// row `i`'s token `tokens[i]` at position `positions[i]`, its keys and values
+    /// after the first `cached` of the buffers.
     ///
     /// # Panics
-    /// On a token count other than the rows.
-    pub fn set_step(&self, tokens: &[i64], position: usize) {
+    /// On a token or position count other than the rows.
+    pub fn set_step(&self, tokens: &[i64], positions: &[i64], cached: usize) {
         let rows = self.ids.dims()[0];
-        assert_eq!(tokens.len(), rows, "one token a row");
+        assert!(
+            tokens.len() == rows && positions.len() == rows,
+            "one token and position a row"
+        );
         let device = self.ids.device();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [rows, 1]), &device);
-        let at = Tensor::<1, Int>::from_data(TensorData::new(vec![position as i64], [1]), &device);
-        kernels::overwrite(&self.ids, ids);
-        kernels::overwrite(&self.position, at);
+        let column = |values: &[i64]| {
+            Tensor::<2, Int>::from_data(TensorData::new(values.to_vec(), [rows, 1]), &device)
+        };
+        let at = Tensor::<1, Int>::from_data(TensorData::new(vec![cached as i64], [1]), &device);
+        kernels::overwrite(&self.ids, column(tokens));
+        kernels::overwrite(&self.positions, column(positions));
+        kernels::overwrite(&self.cached, at);
     }
 }
 
@@ -142,7 +199,7 @@ mod kernels {
         _: &Tensor<4>,
         _: &Tensor<1, Int>,
         _: f64,
-    ) -> Tensor<4> {
+    ) -> (Tensor<4>, Tensor<3>) {
         panic!("{NO_KERNELS}")
     }
 }
