@@ -10,6 +10,7 @@ use burn::tensor::{DType, Device, Tensor};
 use longview_infer::generate::{decode_step, next_token_rows};
 use longview_infer::graph_decode::GraphDecoder;
 use longview_infer::prefill::{embed_prompt, encode_in_batches, prefill};
+use longview_infer::shared_prefix::SharedPrefixBatch;
 use longview_models::vila::MASKED_LOGIT;
 use longview_models::{KvCache, VisualInput, Vlm};
 
@@ -22,6 +23,68 @@ use crate::infer_bench::InferBenchArgs;
 /// (`LONGVIEW_DECODE_TENSOR_CORES=0`) tells a wrong key count apart).
 fn tolerance(dtype: DType) -> f32 {
     if dtype == DType::F32 { 1e-4 } else { 3e-2 }
+}
+
+/// `worst` and step `step`'s largest error over its rows (printed), NaN once any is.
+fn worse(worst: f32, step: usize, got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    let error = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| relative_error(g, w))
+        .fold(0f32, |m, e| {
+            if m.is_nan() || e.is_nan() {
+                f32::NAN
+            } else {
+                m.max(e)
+            }
+        });
+    println!("step {step}: relative error {error:.2e}");
+    if worst.is_nan() || error.is_nan() {
+        f32::NAN
+    } else {
+        worst.max(error)
+    }
+}
+
+/// `samples` rows over one prompt's `cache` as a GRPO rollout decodes them
+/// (`SharedPrefixBatch`), eager and captured, fed the same tokens (each row its
+/// eager logits' argmax, the rows started on different tokens): the worst relative
+/// error of the captured steps' logits.
+fn check_group(
+    model: &Vlm,
+    prompt: usize,
+    cache: KvCache,
+    first: &[f32],
+    samples: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<f32> {
+    let layers = model.text_layers().len();
+    let batch = |cache| {
+        SharedPrefixBatch::new(
+            vec![(cache, samples)],
+            layers,
+            vec![prompt; samples],
+            steps + 1,
+        )
+    };
+    // The captured steps write only each row's own buffers: the prompt's stay shared.
+    let mut eager = batch(cache.clone());
+    let mut decoder = batch(cache).into_graph(model, device)?;
+    let vocab = first.len() as i64;
+    let rows: Vec<usize> = (0..samples).collect();
+    let mut tokens: Vec<i64> = rows
+        .iter()
+        .map(|&r| (argmax(first) + 7 * r as i64) % vocab)
+        .collect();
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let want = eager.step(model, &tokens, device)?;
+        let got = decoder.step(&tokens, &rows)?;
+        worst = worse(worst, step, &got, &want);
+        tokens = want.iter().map(|row| argmax(row)).collect();
+    }
+    Ok(worst)
 }
 
 /// The largest `|a - b|` over the logits generation can pick, relative to the largest
@@ -75,6 +138,20 @@ pub fn run(
         let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
         Ok((cache, next_token_rows(model, last)?.remove(0)))
     };
+    if args.samples > 1 {
+        let (cache, first) = prefilled()?;
+        let worst = check_group(model, ids.len(), cache, &first, args.samples, steps, device)?;
+        println!(
+            "graph decode check, a group of {} over a shared prefix ({} tokens of prompt, \
+             {steps} steps): worst relative error {worst:.2e} (tolerance {tolerance:.0e})",
+            args.samples,
+            ids.len()
+        );
+        if worst.is_nan() || worst > tolerance {
+            bail!("graph decode check failed: relative error {worst:.2e} above {tolerance:.0e}");
+        }
+        return Ok(());
+    }
     // The eager steps first, greedy; the graph then decodes the same tokens.
     let (mut cache, first) = prefilled()?;
     let (mut tokens, mut want) = (Vec::new(), Vec::new());
@@ -91,13 +168,7 @@ pub fn run(
     let mut worst = 0f32;
     for (step, (&token, want)) in tokens.iter().zip(&want).enumerate() {
         let got = decoder.step(&[token], &[0])?.remove(0);
-        let error = relative_error(&got, want);
-        println!("step {step}: relative error {error:.2e}");
-        worst = if worst.is_nan() || error.is_nan() {
-            f32::NAN
-        } else {
-            worst.max(error)
-        };
+        worst = worse(worst, step, &[got], std::slice::from_ref(want));
     }
     // What a wrong answer looks like here: consecutive eager steps against each other.
     let apart = want
