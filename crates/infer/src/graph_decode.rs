@@ -9,7 +9,9 @@
 //! every replay, with the same result.
 //!
 //! `LONGVIEW_DECODE_GRAPH=0` turns it off ([`graph_decoding_enabled`]); it applies
-//! where `Vlm::counted_decoding_applies` holds (flash attention on a CubeCL device).
+//! where `Vlm::counted_decoding_applies` holds (flash attention on a CubeCL device):
+//! `generate_group` (one prompt's cache, [`GraphDecoder::new`]) and shared-prefix
+//! batches (`SharedPrefixBatch::into_graph`: GRPO rollouts, `generate_batch`).
 
 use burn::tensor::{Device, Graph, Tensor, capture};
 use longview_models::vila::decode_graph::DecodeBuffers;
