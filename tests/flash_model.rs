@@ -369,7 +369,7 @@ fn shared_prompt_batches_with_flash_equal_separate_runs() {
 fn captured_decoding_steps_match_eager_steps() {
     use longview_infer::generate::{decode_step, prefill_prompt};
     use longview_infer::graph_decode::GraphDecoder;
-    use longview_models::vila::{MASKED_LOGIT, VisualInput, VlmConfig};
+    use longview_models::vila::{VisualInput, VlmConfig};
 
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let config = VlmConfig::debug();
@@ -422,21 +422,7 @@ fn captured_decoding_steps_match_eager_steps() {
         let got = decoder.step(&tokens, &kept).unwrap();
         assert_eq!(got.len(), want.len(), "step {step}: rows");
         for (row, (g, w)) in got.iter().zip(&want).enumerate() {
-            // Over the logits generation can pick (the masked ones are MASKED_LOGIT on
-            // both sides).
-            let open: Vec<(f32, f32)> = g
-                .iter()
-                .zip(w)
-                .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
-                .map(|(&a, &b)| (a, b))
-                .collect();
-            assert!(
-                open.len() > 100,
-                "step {step}, row {row}: {} open logits",
-                open.len()
-            );
-            let scale = open.iter().fold(1f32, |m, &(_, b)| m.max(b.abs()));
-            let error = open.iter().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            let error = open_logits_error(g, w);
             // f32 throughout, the two attentions summing the softmax in different
             // orders: about 3e-7 here (a key count one short gives 9e-3).
             assert!(
@@ -462,7 +448,7 @@ fn captured_decoding_steps_match_eager_steps() {
 fn captured_shared_prefix_steps_match_eager_steps() {
     use longview_infer::generate::prefill_prompt;
     use longview_infer::shared_prefix::SharedPrefixBatch;
-    use longview_models::vila::{MASKED_LOGIT, VisualInput, VlmConfig};
+    use longview_models::vila::{VisualInput, VlmConfig};
 
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let config = VlmConfig::debug();
@@ -522,19 +508,26 @@ fn captured_shared_prefix_steps_match_eager_steps() {
         let got = decoder.step(&tokens, &kept).unwrap();
         assert_eq!(got.len(), want.len(), "step {step}: rows");
         for (row, (g, w)) in got.iter().zip(&want).enumerate() {
-            let open: Vec<(f32, f32)> = g
-                .iter()
-                .zip(w)
-                .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
-                .map(|(&a, &b)| (a, b))
-                .collect();
-            let scale = open.iter().fold(1f32, |m, &(_, b)| m.max(b.abs()));
-            let error = open.iter().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
-            eprintln!("step {step} row {row} error {error:.2e}");
+            let error = open_logits_error(g, w);
             assert!(
                 error <= 1e-5,
                 "step {step}, row {row}: relative error {error:.2e}"
             );
         }
     }
+}
+
+/// The largest |got - want| over the logits generation can pick (the masked ones are
+/// `MASKED_LOGIT` on both sides), relative to the largest |want| there.
+fn open_logits_error(got: &[f32], want: &[f32]) -> f32 {
+    use longview_models::vila::MASKED_LOGIT;
+    let open: Vec<(f32, f32)> = got
+        .iter()
+        .zip(want)
+        .filter(|&(_, &b)| b > MASKED_LOGIT / 2.0)
+        .map(|(&a, &b)| (a, b))
+        .collect();
+    assert!(open.len() > 100, "{} open logits", open.len());
+    let scale = open.iter().fold(1f32, |m, &(_, b)| m.max(b.abs()));
+    open.iter().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
