@@ -72,7 +72,7 @@ fn readable(t: CubeTensor) -> CubeTensor {
     if strided_ok { t } else { into_contiguous(t) }
 }
 
-fn view(t: &CubeTensor) -> DeviceTensor {
+pub(crate) fn view(t: &CubeTensor) -> DeviceTensor {
     DeviceTensor {
         handle: t.handle.clone(),
         shape: t.meta.shape().to_vec(),

@@ -19,14 +19,15 @@ use burn::backend::{
     Dispatch, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::tensor::{DType, Int, Shape, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use crate::flash::{self, DeviceTensor, FlashOptions};
-use crate::fused::cube::arg;
+use crate::burn_op::view;
+use crate::flash::{self, FlashOptions};
+use crate::fused::cube::{arg, output};
 use device::{copy_kernel, key_count_kernel, write_rows_kernel};
 
 /// Units per cube of the kernels below.
@@ -118,35 +119,17 @@ pub trait DecodeGraphBackend: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
-fn view(t: &CubeTensor) -> DeviceTensor {
-    DeviceTensor {
-        handle: t.handle.clone(),
-        shape: t.meta.shape().to_vec(),
-        strides: t.meta.strides().to_vec(),
-    }
-}
-
 /// A grid of 256-unit cubes over `n` elements (the kernels index them as such).
 fn grid(n: usize) -> (CubeCount, CubeDim) {
     crate::fused::cube::grid(n.div_ceil(UNITS), UNITS)
 }
 
-fn is_dense(t: &CubeTensor) -> bool {
-    let shape = t.meta.shape();
-    let strides = t.meta.strides();
-    let mut expected = 1;
-    for i in (0..shape.len()).rev() {
-        if shape[i] > 1 && strides[i] != expected {
-            return false;
-        }
-        expected *= shape[i];
-    }
-    true
-}
-
 impl DecodeGraphBackend for CubeBackend {
     fn overwrite_int(dst: CubeTensor, src: CubeTensor) -> CubeTensor {
-        assert!(is_dense(&dst), "overwrite: the destination must be dense");
+        assert!(
+            dst.is_contiguous(),
+            "overwrite: the destination must be dense"
+        );
         let src = into_contiguous(src);
         let client = dst.client.clone();
         let (count, dim) = grid(src.meta.shape().num_elements());
@@ -162,13 +145,7 @@ impl DecodeGraphBackend for CubeBackend {
 
     fn key_count(position: CubeTensor, new: u32) -> CubeTensor {
         let client = position.client.clone();
-        let count = CubeTensor::new_contiguous(
-            client.clone(),
-            position.device.clone(),
-            Shape::new([1]),
-            client.empty(4),
-            DType::U32,
-        );
+        let count = output(&position, vec![1], DType::U32);
         let (one, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(32));
         let (p, c) = (arg(&position), arg(&count));
         match position.dtype {
@@ -203,18 +180,8 @@ impl DecodeGraphBackend for CubeBackend {
         let client = q.client.clone();
         let shape = q.meta.shape().to_vec();
         let [b, hq, sq, _] = [shape[0], shape[1], shape[2], shape[3]];
-        let new = |dims: &[usize], dtype: DType| {
-            let n: usize = dims.iter().product();
-            CubeTensor::new_contiguous(
-                client.clone(),
-                q.device.clone(),
-                Shape::from(dims.to_vec()),
-                client.empty((n * dtype.size()).max(1)),
-                dtype,
-            )
-        };
-        let o = new(&shape, q.dtype);
-        let lse = new(&[b, hq, sq], DType::F32);
+        let o = output(&q, shape.clone(), q.dtype);
+        let lse = output(&q, vec![b, hq, sq], DType::F32);
         let options = FlashOptions {
             scale,
             ..FlashOptions::new(shape[3])

@@ -7,9 +7,9 @@
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor};
-use longview_infer::generate::{decode_step, next_token_rows};
+use longview_infer::generate::{decode_step, prefill_prompt};
 use longview_infer::graph_decode::GraphDecoder;
-use longview_infer::prefill::{embed_prompt, encode_in_batches, prefill};
+use longview_infer::prefill::encode_in_batches;
 use longview_infer::shared_prefix::SharedPrefixBatch;
 use longview_models::vila::MASKED_LOGIT;
 use longview_models::{KvCache, VisualInput, Vlm};
@@ -125,18 +125,9 @@ pub fn run(
     let visual = encode_in_batches(model, pixels, args.frame_batch);
     let steps = args.new_tokens;
     let room = ids.len() + steps;
-    let prefilled = || -> Result<(KvCache, Vec<f32>)> {
-        let embeds = embed_prompt(
-            model,
-            ids,
-            VisualInput::Embeddings(visual.clone()),
-            args.frame_batch,
-            device,
-        )?;
-        let mut cache = KvCache::new();
-        cache.reserve(room);
-        let last = prefill(model, embeds, args.prefill_chunk, &mut cache, ids.len() - 1);
-        Ok((cache, next_token_rows(model, last)?.remove(0)))
+    let prefilled = || {
+        let embeddings = VisualInput::Embeddings(visual.clone());
+        prefill_prompt(model, ids, embeddings, args.prefill_chunk, room, device)
     };
     if args.samples > 1 {
         let (cache, first) = prefilled()?;

@@ -159,16 +159,11 @@ impl SharedPrefixBatch {
         let step_buffers = buffers.clone();
         let runs = runs(&self.prompt_of);
         let (prefixes, kv_head_rows) = (self.prefixes, self.kv_head_rows);
+        let implementation = model.text_attention();
         let step: Step<'a> = Box::new(move || {
             model.decode_counted_with(&step_buffers, |l, input, (o, lse)| {
-                let shared = prefix_partials(
-                    &prefixes,
-                    &runs,
-                    kv_head_rows,
-                    l,
-                    input,
-                    AttentionImpl::Flash,
-                );
+                let shared =
+                    prefix_partials(&prefixes, &runs, kv_head_rows, l, input, implementation);
                 merge_partials(shared, (o.cast(DType::F32), lse))
                     .0
                     .cast(input.q.dtype())

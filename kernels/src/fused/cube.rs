@@ -44,7 +44,7 @@ pub(crate) fn arg(t: &CubeTensor) -> TensorArg {
 
 /// A new contiguous tensor of `shape` and `dtype` on `like`'s device (not
 /// initialised: the kernels write every element).
-fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
+pub(crate) fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
     let n: usize = shape.iter().product();
     let client = like.client.clone();
     let handle = client.empty((n * dtype.size()).max(1));

@@ -11,11 +11,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::Vlm;
 use super::rope::Rope;
-use crate::attention::{AttentionImpl, AttentionInput, SplitAtAttention, flash_available};
-
-/// Most query heads a kv head the split-key decode kernel takes
-/// (`longview_kernels::flash::DECODE_MAX_ROWS`, one row each).
-const DECODE_MAX_ROWS: usize = 32;
+use crate::attention::{
+    AttentionImpl, AttentionInput, FLASH_DECODE_MAX_ROWS, SplitAtAttention, flash_available,
+};
 
 /// What one decoding step of [`Vlm::decode_counted`] reads and writes.
 #[derive(Debug, Clone)]
@@ -43,11 +41,10 @@ impl Vlm {
             return false;
         };
         let attention = &first.self_attn;
-        cfg!(any(feature = "flash-cuda", feature = "flash-wgpu"))
-            && self.text_attention() == AttentionImpl::Flash
+        self.text_attention() == AttentionImpl::Flash
             && flash_available(device)
             && !device.is_autodiff()
-            && attention.num_heads / attention.num_kv_heads.max(1) <= DECODE_MAX_ROWS
+            && attention.num_heads / attention.num_kv_heads.max(1) <= FLASH_DECODE_MAX_ROWS
     }
 
     /// The buffers of a decoding step over `cache` (consumed) for `rows` sequences,
