@@ -11,6 +11,10 @@
 # PART=groups instead: the checks for a GRPO-like group of five over a shared prefix
 # (bf16, f32), then `infer-bench --samples 5` at 256 and 1024 (FRAMES)
 # frames captured and eager (LONGVIEW_DECODE_GRAPH=0), two runs each.
+# PART=checks: checks only: the tensor-core kernel tests (`tensor_core` test binary,
+# carried as dist/tc/tensor_core.xz, when present), the single row's graph check on the
+# default kernels (the counted tensor-core slices in bf16), on the split-key kernel
+# (bit-equal) and in f32, then the group checks in bf16 and f32.
 # Results under $OUT (log.txt, infer.jsonl, one file per step).
 set -u
 . benchmarks/gpu_prelude.sh
@@ -18,6 +22,19 @@ check="/tmp/lv infer-bench --device cuda --size 1.5b --frames 64 --new-tokens 32
 run() { name=$1; shift; echo "== $name" | tee -a "$OUT/log.txt"
   "$@" > "$OUT/$name.txt" 2>&1; echo "-- exit $?" | tee -a "$OUT/log.txt"
   tail -n 3 "$OUT/$name.txt" | tee -a "$OUT/log.txt"; }
+if [ "${PART:-single}" = checks ]; then
+  if [ -f dist/tc/tensor_core.xz ]; then
+    python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('dist/tc/tensor_core.xz'), open('/tmp/tc','wb'))"
+    chmod +x /tmp/tc
+    run tensor-core-tests timeout 300 /tmp/tc --ignored --test-threads 1
+  fi
+  run check-bf16 timeout 120 $check --dtype bf16
+  run check-bf16-split env LONGVIEW_DECODE_TENSOR_CORES=0 timeout 120 $check --dtype bf16
+  run check-f32 timeout 120 $check --dtype f32
+  run check-group5-bf16 timeout 120 $check --dtype bf16 --samples 5
+  run check-group5-f32 timeout 120 $check --dtype f32 --samples 5
+  exit 0
+fi
 if [ "${PART:-single}" = groups ]; then
   run check-group5-bf16 timeout 200 $check --dtype bf16 --samples 5
   run check-group5-f32 timeout 200 $check --dtype f32 --samples 5

@@ -10,7 +10,8 @@
 //! - [`write_rows_at`]: the step's keys or values written into a KV cache buffer at
 //!   that position, in place;
 //! - [`attention_counted`]: the step's queries against the first `count` rows of the
-//!   cache buffers (`flash::flash_decode_counted`, the split-key decode kernel).
+//!   cache buffers (`flash::flash_decode_counted`: the tensor-core slices where an
+//!   eager step would take them, else the split-key decode kernel).
 //!
 //! Inference only: none of these is differentiable, and they take tensors of a device
 //! without autodiff.

@@ -394,3 +394,61 @@ fn counted_decoding_reads_only_the_counted_keys() {
     let refused = flash_decode_counted::<f32>(&client, &q, &k, &k, &o, &lse, &count, &case.options);
     assert!(refused.is_err());
 }
+
+/// Counted decoding on the sliced path (what a captured step runs where an eager step
+/// would take the tensor-core slices: `flash_decode_counted_with`, here with the
+/// scalar forward as the inner kernel, as lavapipe has no tensor cores): the keys are
+/// cut into slices over the whole buffer, each slice reads only its rows before the
+/// count, slices past the count and a tail past the last whole slice merge in as
+/// empty. Rows past the count hold keys of 0 and values of 1e6 rather than NaN (the
+/// scalar forward treats a NaN score as masked): a row read by mistake weighs about
+/// as much as a real key and moves O by far more than the tolerance. Counts inside the first slice, inside a later one with empty
+/// slices after it, with a tail; one key; the 1.5B grouping folded and a 1:1 grouping.
+#[test]
+fn counted_sliced_decoding_reads_only_the_counted_keys() {
+    use longview_kernels::flash::flash_decode_counted_with;
+    let client = client();
+    // (heads, kv heads, counted keys, head dim, buffer capacity, slices); at most
+    // about 150 keys a slice at head dim 128 and 300 at 64, under lavapipe's cap on a
+    // shader's loop iterations (see the first test).
+    let cases = [
+        (12, 2, 150, 128, 400, 2),
+        (12, 2, 256, 64, 700, 3),
+        (12, 2, 256, 64, 700, 64),
+        (4, 4, 130, 64, 300, 7),
+        (4, 1, 1, 72, 40, 4),
+    ];
+    for (index, (hq, hkv, sk, d, capacity, slices)) in cases.into_iter().enumerate() {
+        let case = Case::new(1, hq, hkv, 1, sk, d).with(|mut o| {
+            o.decode.splits = Some(slices);
+            o
+        });
+        let seed = 130 + 4 * index as u64;
+        let (q, k, v) = (
+            random(hq * d, seed),
+            random(hkv * sk * d, seed + 1),
+            random(hkv * sk * d, seed + 2),
+        );
+        let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
+        let padded = |x: &[f32], past: f32| {
+            let mut out = vec![past; hkv * capacity * d];
+            for (head, rows) in x.chunks(sk * d).enumerate() {
+                out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
+            }
+            DeviceTensor::from_slice(&client, &out, &[1, hkv, capacity, d])
+        };
+        let (kt, vt) = (padded(&k, 0.0), padded(&v, 1e6));
+        let qt = DeviceTensor::from_slice(&client, &q, &[1, hq, 1, d]);
+        let count = DeviceTensor::from_slice(&client, &[sk as u32], &[1]);
+        let o = DeviceTensor::filled(&client, f32::NAN, &[1, hq, 1, d]);
+        let lse = DeviceTensor::filled(&client, f32::NAN, &[1, hq, 1]);
+        let (scalar, opts) = (FlashKernel::Scalar, &case.options);
+        flash_decode_counted_with::<f32>(&client, &qt, &kt, &vt, &o, &lse, &count, opts, scalar)
+            .unwrap();
+        let name = format!("case {index} ({sk} of {capacity} rows, {slices} slices)");
+        let o = o.to_vec::<f32>(&client).unwrap();
+        assert_close(&format!("O, {name}"), &o, &want.o, TOL_F32);
+        let lse = lse.to_vec::<f32>(&client).unwrap();
+        assert_close(&format!("LSE, {name}"), &lse, &want.lse, TOL_F32);
+    }
+}

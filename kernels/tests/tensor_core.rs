@@ -1,7 +1,8 @@
 //! The tensor-core flash kernels (`mma.sync` + `ldmatrix`, bf16/f16 on CUDA sm_80+),
 //! the CUDA default, against the shared f64 reference (`longview_kernels::reference`)
 //! on the 16-bit-rounded inputs: O, LSE, dQ, dK, dV over causal/full masks, ring
-//! offsets, GQA, packed sequences and head dims 64/72/80/128. Every output starts as
+//! offsets, GQA, packed sequences and head dims 64/72/80/128, and counted decoding
+//! steps on the tensor-core slices. Every output starts as
 //! NaN, so an element no kernel writes fails. Tolerances relative to max(|ref|, 1):
 //! O and gradients 1e-2 (bf16) / 2e-3 (f16), LSE 1e-3.
 //!
@@ -14,6 +15,7 @@
 
 use cubecl::prelude::*;
 use longview_kernels::flash::NO_KEYS;
+use longview_kernels::flash::flash_decode_counted_with;
 use longview_kernels::reference::random_values as random;
 use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
 use longview_kernels::{
@@ -158,5 +160,95 @@ fn tensor_core_kernels_match_the_f64_reference() {
             1e-2,
         );
         run::<half::f16>(&client, case, half::f16::from_f32, half::f16::to_f32, 2e-3);
+    }
+}
+
+/// Counted decoding on the tensor cores (what a decoding step captured as a device
+/// graph runs where an eager step takes the tensor-core slices): the first `sk` rows
+/// of buffers of `capacity` rows are keys, the rows after them hold keys of 0 and
+/// values of 1e6 (a row read by mistake moves O by far more than the tolerance).
+/// bf16 against the f64 reference of the counted keys: O within 1e-2 of its largest
+/// value (a decoding step's O is an average over many keys, so small), LSE within
+/// 1e-3 relative (a slice left out moves it by the log of the share it held).
+#[test]
+#[ignore = "needs an NVIDIA GPU (sm_80+); run on the device machine, see the module docs"]
+fn counted_tensor_core_decoding_matches_the_f64_reference() {
+    use half::bf16;
+    let client = client();
+    // (heads, kv heads, rows a head, counted keys, capacity, head dim, slices)
+    let cases = [
+        (12, 2, 1, 1000, 1100, 128, None),
+        (12, 2, 1, 1000, 1100, 128, Some(3)),
+        (28, 4, 1, 517, 600, 128, Some(8)),
+        (12, 2, 5, 333, 400, 64, Some(4)),
+        (4, 4, 1, 64, 64, 80, None),
+    ];
+    for (index, (hq, hkv, sq, sk, capacity, d, slices)) in cases.into_iter().enumerate() {
+        let seed = 200 + 4 * index as u64;
+        let round = |x: Vec<f32>| -> Vec<f32> {
+            x.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect()
+        };
+        let (q, k, v) = (
+            round(random(hq * sq * d, seed)),
+            round(random(hkv * sk * d, seed + 1)),
+            round(random(hkv * sk * d, seed + 2)),
+        );
+        let mut options = FlashOptions::new(d);
+        options.decode.splits = slices;
+        let geometry = Geometry {
+            batch: 1,
+            q_heads: hq,
+            kv_heads: hkv,
+            q_len: sq,
+            kv_len: sk,
+            head_dim: d,
+            scale: options.scale as f64,
+            empty_lse: NO_KEYS as f64,
+        };
+        let want = attention_f64(&geometry, &q, &k, &v, None, |_, _, _| true);
+        let up = |x: &[f32], shape: &[usize]| {
+            let x: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            DeviceTensor::from_slice(&client, &x, shape)
+        };
+        let padded = |x: &[f32], past: f32| {
+            let mut out = vec![past; hkv * capacity * d];
+            for (head, rows) in x.chunks(sk * d).enumerate() {
+                out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
+            }
+            up(&out, &[1, hkv, capacity, d])
+        };
+        let (qt, kt, vt) = (up(&q, &[1, hq, sq, d]), padded(&k, 0.0), padded(&v, 1e6));
+        let count = DeviceTensor::from_slice(&client, &[sk as u32], &[1]);
+        let ot = DeviceTensor::filled(&client, bf16::NAN, &[1, hq, sq, d]);
+        let lt = DeviceTensor::filled(&client, f32::NAN, &[1, hq, sq]);
+        let tc = FlashKernel::TensorCore;
+        flash_decode_counted_with::<bf16>(&client, &qt, &kt, &vt, &ot, &lt, &count, &options, tc)
+            .unwrap();
+        let label = format!("case {index} ({sk} of {capacity} rows, slices {slices:?})");
+        let got: Vec<f32> = ot
+            .to_vec::<bf16>(&client)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "O {label}: NaN or infinite (unwritten?)"
+        );
+        let largest = want.o.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+        let e_o = got
+            .iter()
+            .zip(&want.o)
+            .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()))
+            / largest;
+        assert!(
+            e_o <= 1e-2,
+            "O {label}: error {e_o:.2e} of the largest value > 1e-2"
+        );
+        let e_l = max_rel(&lt.to_vec::<f32>(&client).unwrap(), &want.lse);
+        assert!(
+            e_l <= 1e-3,
+            "LSE {label}: max relative error {e_l:.2e} > 1e-3"
+        );
     }
 }

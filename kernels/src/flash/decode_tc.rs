@@ -146,7 +146,12 @@ fn tail(t: &DeviceTensor, from: usize, bytes: usize) -> DeviceTensor {
 /// The decoding step's O and LSE into `o` / `lse`, the slices computed by `inner`
 /// (`TensorCore` on CUDA; `Scalar` lets the slicing and merging be tested where
 /// there are no tensor cores) over `wanted` slices (`None`: [`slices`]'s choice).
-/// An error for a call that does not qualify ([`applies`]).
+/// With `keys` (a u32 tensor of one element on the device), only the first `keys[0]`
+/// rows of k and v are keys: the slices are cut over all `Sk` rows of the buffers and
+/// each reads only its rows before the count (a decoding step captured as a device
+/// graph, `crate::decode_graph`). An error for a call that does not qualify
+/// ([`applies`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward<F: Float + CubeElement>(
     client: &Client,
     g: &Geometry,
@@ -155,6 +160,7 @@ pub(super) fn forward<F: Float + CubeElement>(
     options: &FlashOptions,
     inner: FlashKernel,
     wanted: Option<usize>,
+    keys: Option<&DeviceTensor>,
 ) -> Result<(), AttnError> {
     if !applies(g, options) {
         return Err(AttnError::Options(format!(
@@ -165,9 +171,17 @@ pub(super) fn forward<F: Float + CubeElement>(
     }
     match grouped(g, q, o, lse) {
         Some((g, q, o, lse)) => {
-            sliced::<F>(client, &g, (&q, k, v), (&o, &lse), options, inner, wanted)
+            let (q_k_v, out) = ((&q, k, v), (&o, &lse));
+            sliced::<F>(client, &g, q_k_v, out, options, (inner, wanted, keys))
         }
-        None => sliced::<F>(client, g, (q, k, v), (o, lse), options, inner, wanted),
+        None => sliced::<F>(
+            client,
+            g,
+            (q, k, v),
+            (o, lse),
+            options,
+            (inner, wanted, keys),
+        ),
     }
 }
 
@@ -230,8 +244,7 @@ fn sliced<F: Float + CubeElement>(
     (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
     (o, lse): (&DeviceTensor, &DeviceTensor),
     options: &FlashOptions,
-    inner: FlashKernel,
-    wanted: Option<usize>,
+    (inner, wanted, keys): (FlashKernel, Option<usize>, Option<&DeviceTensor>),
 ) -> Result<(), AttnError> {
     let slices = slices(client, g, wanted.or(options.decode.splits));
     let whole = g.sk / slices * slices;
@@ -258,28 +271,41 @@ fn sliced<F: Float + CubeElement>(
     let (bytes, lse_bytes) = (std::mem::size_of::<F>(), std::mem::size_of::<f32>());
     let o_part = entries(client, parts, &[g.hq, g.sq, g.d], bytes);
     let lse_part = entries(client, parts, &[g.hq, g.sq], lse_bytes);
+    // Counted: slice `s` is batch entry `s` from key 0 (`k_offset`), the tail one
+    // entry from key `whole`.
+    type Inputs<'a> = (&'a DeviceTensor, &'a DeviceTensor, &'a DeviceTensor);
+    type Outputs<'a> = (&'a DeviceTensor, &'a DeviceTensor);
+    let run = |q_k_v: Inputs, (o, lse): Outputs, first_key: usize| match keys {
+        None => {
+            let (q, k, v) = q_k_v;
+            super::flash_forward_with::<F>(client, q, k, v, o, lse, &full, inner)
+        }
+        Some(keys) => {
+            let from = FlashOptions {
+                k_offset: first_key,
+                ..full.clone()
+            };
+            super::forward_counted::<F>(client, q_k_v, (o, lse), keys, &from, inner)
+        }
+    };
     let (k_whole, v_whole) = (whole_keys(k), whole_keys(v));
-    super::flash_forward_with::<F>(
-        client,
-        &repeated,
-        &k_whole,
-        &v_whole,
-        &entry_range(&o_part, 0, slices, bytes),
-        &entry_range(&lse_part, 0, slices, lse_bytes),
-        &full,
-        inner,
+    run(
+        (&repeated, &k_whole, &v_whole),
+        (
+            &entry_range(&o_part, 0, slices, bytes),
+            &entry_range(&lse_part, 0, slices, lse_bytes),
+        ),
+        0,
     )?;
     if whole < g.sk {
         let (k, v) = (tail(k, whole, bytes), tail(v, whole, bytes));
-        super::flash_forward_with::<F>(
-            client,
-            q,
-            &k,
-            &v,
-            &entry_range(&o_part, slices, 1, bytes),
-            &entry_range(&lse_part, slices, 1, lse_bytes),
-            &full,
-            inner,
+        run(
+            (q, &k, &v),
+            (
+                &entry_range(&o_part, slices, 1, bytes),
+                &entry_range(&lse_part, slices, 1, lse_bytes),
+            ),
+            whole,
         )?;
     }
     merge::<F, F>(client, (&o_part, &lse_part), (o, lse), parts, g);

@@ -136,8 +136,26 @@ fn stage_rows<F: Float>(
     }
 }
 
+/// Keys of batch entry `b` of a counted call (`counted` in the forward kernels): the
+/// first `cu[0]` rows of the whole key buffer hold keys, and entry `b` (a slice of it,
+/// `sk` rows) starts at row `k_offset + b sk`; its keys are the rows before the count.
+#[cube]
+pub(super) fn counted_keys(cu: &[u32], sk: usize, k_offset: u32, b: usize) -> usize {
+    let base = k_offset as usize + b * sk;
+    let filled = usize::cast_from(cu[0]);
+    let mut here = 0usize;
+    if filled > base {
+        here = filled - base;
+    }
+    if here > sk {
+        here = sk;
+    }
+    here
+}
+
 /// O and LSE. Cube: `block_q` units (one query row each); grid:
-/// `(ceil(Sq / block_q), B * Hq)`.
+/// `(ceil(Sq / block_q), B * Hq)`. With `counted` (no mask, no packed sequences),
+/// only [`counted_keys`] of the entry's rows are keys.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_forward_kernel<F: Float>(
@@ -156,6 +174,7 @@ pub fn flash_forward_kernel<F: Float>(
     #[comptime] head_dim: usize,
     #[comptime] block_q: usize,
     #[comptime] block_k: usize,
+    #[comptime] counted: bool,
 ) {
     let bh = CUBE_POS_Y as usize;
     let hq = q.shape(1);
@@ -164,7 +183,10 @@ pub fn flash_forward_kernel<F: Float>(
     let h = bh % hq;
     let hk = h / (hq / hkv);
     let sq = q.shape(2);
-    let sk = k.shape(2);
+    let mut sk = k.shape(2);
+    if counted {
+        sk = counted_keys(cu, sk, k_offset, b);
+    }
     let first = CUBE_POS_X as usize * block_q;
     let row = first + UNIT_POS_X as usize;
     let valid = row < sq;

@@ -159,7 +159,16 @@ pub fn flash_decode_sliced<F: Float + CubeElement>(
 ) -> Result<(), AttnError> {
     let g = check(q, k, v, options)?;
     check_outputs(&g, q, o, lse)?;
-    decode_tc::forward::<F>(client, &g, (q, k, v), (o, lse), options, inner, slices)
+    decode_tc::forward::<F>(
+        client,
+        &g,
+        (q, k, v),
+        (o, lse),
+        options,
+        inner,
+        slices,
+        None,
+    )
 }
 
 /// `o` shaped like q and `lse` `[B, Hq, Sq]`, or an error naming both.
@@ -185,8 +194,9 @@ fn check_outputs(
 /// `k` and `v`, where `keys` is a u32 tensor of one element on the device: a KV
 /// cache's whole buffers, read up to a length the device holds, so that a step
 /// captured once as a device graph attends to the right keys at every replay
-/// (`crate::decode_graph`). No mask (every counted key is visible to every row);
-/// the split-key kernel ([`FlashKernel::Decode`]), its slices cut over all `Sk` rows.
+/// (`crate::decode_graph`). No mask (every counted key is visible to every row).
+/// The kernels are chosen as for an eager step of as many keys as the buffers hold
+/// ([`flash_decode_counted_with`] with [`FlashKernel::Auto`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_decode_counted<F: Float + CubeElement>(
     client: &Client,
@@ -197,6 +207,28 @@ pub fn flash_decode_counted<F: Float + CubeElement>(
     lse: &DeviceTensor,
     keys: &DeviceTensor,
     options: &FlashOptions,
+) -> Result<(), AttnError> {
+    let kernel = FlashKernel::Auto;
+    flash_decode_counted_with::<F>(client, q, k, v, o, lse, keys, options, kernel)
+}
+
+/// [`flash_decode_counted`] with the kernels chosen by the caller: `Decode`, the
+/// split-key kernel with its slices cut over all `Sk` rows; `TensorCore` (or `Scalar`,
+/// for tests where there are no tensor cores), the keys sliced into the batch of that
+/// forward (`decode_tc`, one sequence only), each slice reading its rows before the
+/// count; `Auto`, the tensor-core slices where an eager step would take them, else
+/// the split-key kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_decode_counted_with<F: Float + CubeElement>(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    keys: &DeviceTensor,
+    options: &FlashOptions,
+    kernel: FlashKernel,
 ) -> Result<(), AttnError> {
     if options.causal || options.cu_seqlens.is_some() {
         return Err(AttnError::Options(
@@ -211,6 +243,24 @@ pub fn flash_decode_counted<F: Float + CubeElement>(
     }
     let g = check(q, k, v, options)?;
     check_outputs(&g, q, o, lse)?;
+    let sliced = match kernel {
+        FlashKernel::Decode => false,
+        FlashKernel::TensorCore | FlashKernel::Scalar => true,
+        FlashKernel::Auto => {
+            let tensors = [("q", q), ("k", k), ("v", v)];
+            decode_tc::applies(&g, options)
+                && decode_tc::wanted(&g, options, (q, o, lse))
+                && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?
+        }
+    };
+    if sliced {
+        let inner = match kernel {
+            FlashKernel::Scalar => FlashKernel::Scalar,
+            _ => FlashKernel::TensorCore,
+        };
+        let (q_k_v, out) = ((q, k, v), (o, lse));
+        return decode_tc::forward::<F>(client, &g, q_k_v, out, options, inner, None, Some(keys));
+    }
     decode::forward::<F>(client, &g, q, k, v, o, lse, options, Some(keys))
 }
 
@@ -239,12 +289,57 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         {
             let (q_k_v, out) = ((q, k, v), (o, lse));
             let tc = FlashKernel::TensorCore;
-            return decode_tc::forward::<F>(client, &g, q_k_v, out, options, tc, None);
+            return decode_tc::forward::<F>(client, &g, q_k_v, out, options, tc, None, None);
         }
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
-    if use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])? {
+    let tensor_cores = use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])?;
+    let segments = Segments {
+        cu,
+        nseg,
+        varlen,
+        counted: false,
+    };
+    launch_forward::<F>(
+        client,
+        &g,
+        (q, k, v),
+        (o, lse),
+        options,
+        tensor_cores,
+        segments,
+    );
+    Ok(())
+}
+
+/// What a forward kernel's `cu` buffer holds: packed sequences' boundaries
+/// (`varlen`), a key count (`counted`, see [`kernels::counted_keys`]), or nothing.
+struct Segments {
+    cu: BufferArg,
+    nseg: u32,
+    varlen: bool,
+    counted: bool,
+}
+
+/// Launches the forward kernel (`tensor_cores`: the tensor-core one, else the scalar
+/// one) on checked tensors.
+fn launch_forward<F: Float + CubeElement>(
+    client: &Client,
+    g: &Geometry,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    options: &FlashOptions,
+    tensor_cores: bool,
+    segments: Segments,
+) {
+    let Segments {
+        cu,
+        nseg,
+        varlen,
+        counted,
+    } = segments;
+    if tensor_cores {
         let t = tc_forward_tiles(client, g.d, g.sq, g.b * g.hq);
         flash_tc_forward_kernel::launch::<F>(
             client,
@@ -273,8 +368,9 @@ pub fn flash_forward_with<F: Float + CubeElement>(
             t.fwd_m_tiles,
             t.fwd_late_prefetch,
             t.fwd_q_shared,
+            counted,
         );
-        return Ok(());
+        return;
     }
     let block_k = tile_rows(client, g.d, 0);
     flash_forward_kernel::launch::<F>(
@@ -296,6 +392,50 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         g.d,
         UNITS,
         block_k,
+        counted,
+    );
+}
+
+/// The forward (`inner`: tensor-core or scalar) over the keys of `k` and `v` that a
+/// device-held count says are filled: batch entry `b` holds rows `[k_offset + b Sk,
+/// k_offset + (b + 1) Sk)` of a buffer whose first `keys[0]` rows are keys
+/// ([`kernels::counted_keys`]). No mask. For `decode_tc`'s captured decoding steps.
+#[allow(clippy::too_many_arguments)]
+fn forward_counted<F: Float + CubeElement>(
+    client: &Client,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    keys: &DeviceTensor,
+    options: &FlashOptions,
+    inner: FlashKernel,
+) -> Result<(), AttnError> {
+    let g = check(q, k, v, options)?;
+    check_outputs(&g, q, o, lse)?;
+    let tensors = [("q", q), ("k", k), ("v", v)];
+    let tensor_cores = match inner {
+        FlashKernel::Scalar => false,
+        FlashKernel::TensorCore => use_tensor_cores::<F>(client, inner, &tensors)?,
+        other => {
+            return Err(AttnError::Options(format!(
+                "counted slices run the tensor-core or scalar forward, not {other:?}"
+            )));
+        }
+    };
+    let segments = Segments {
+        // SAFETY: `keys` is a u32 buffer of one element (checked by the callers).
+        cu: unsafe { BufferArg::from_raw_parts(keys.handle.clone(), 1) },
+        nseg: 1,
+        varlen: false,
+        counted: true,
+    };
+    launch_forward::<F>(
+        client,
+        &g,
+        (q, k, v),
+        (o, lse),
+        options,
+        tensor_cores,
+        segments,
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use half::bf16;
+use longview_kernels::flash::flash_decode_counted_with;
 use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as max_rel};
 use longview_kernels::{
     DeviceTensor, FlashKernel, FlashOptions, flash_decode_sliced, flash_forward_with,
@@ -12,6 +13,10 @@ use cubecl::prelude::*;
 
 use super::{random, sync};
 
+/// Rows past the counted keys in the counted variants' buffers (a KV cache sized for
+/// a whole answer holds its later tokens' rows).
+const CAPACITY_SLACK: usize = 64;
+
 /// One decoding step's attention (`sq` query rows per head against `sk` cached keys,
 /// all visible, bf16: `sq` = 1 is one sequence's step, `sq` = G the G samples of a
 /// GRPO group over their shared prompt, as `SharedPrefixBatch` asks): the split-key
@@ -19,8 +24,11 @@ use super::{random, sync};
 /// tile loaded during a tile's work or after: `prefetch_decode`; 128, 256 and 512
 /// units a cube: `decode_units`), the tensor-core forward, and the tensor-core forward
 /// with the keys sliced into the batch and merged (`tensor_core_decode`, what
-/// `LONGVIEW_DECODE_TENSOR_CORES=1` runs); ms per call and the K/V bytes read per
-/// second.
+/// `LONGVIEW_DECODE_TENSOR_CORES=1` runs), then the counted variants a step captured
+/// as a device graph runs (`flash_decode_counted_with`: the keys are the first `sk`
+/// rows of buffers [`CAPACITY_SLACK`] rows longer, whose later rows hold keys of 0 and
+/// values of 1e6, so that a row read by mistake fails the check; split-key and
+/// tensor-core slices); ms per call and the K/V bytes read per second.
 pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: usize, reps: usize) {
     let d = 128;
     let data = |seed, heads, len| -> Vec<f32> {
@@ -35,6 +43,17 @@ pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: u
         DeviceTensor::from_slice(client, &x, &[1, heads, len, d])
     };
     let (q, k, v) = (up(&qh, hq, sq), up(&kh, hkv, sk), up(&vh, hkv, sk));
+    // The counted variants' buffers: each kv head's `sk` keys, then rows of `past`.
+    let capacity = sk + CAPACITY_SLACK;
+    let padded = |x: &[f32], past: f32| {
+        let mut out = vec![past; hkv * capacity * d];
+        for (head, rows) in x.chunks(sk * d).enumerate() {
+            out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
+        }
+        up(&out, hkv, capacity)
+    };
+    let (k_cap, v_cap) = (padded(&kh, 0.0), padded(&vh, 1e6));
+    let count = DeviceTensor::from_slice(client, &[sk as u32], &[1]);
     // One row: causal at the end of the keys (every key visible), as the decoder
     // calls it; several: no mask, as the group's prompt keys are called.
     let opts = if sq == 1 {
@@ -101,13 +120,26 @@ pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: u
             tuned(true, None, true),
             "TensorCore sliced",
         ),
+        // Through flash_decode_counted_with (no mask: the counted keys are all visible).
+        (FlashKernel::Decode, FlashOptions::new(d), "Decode counted"),
+        (
+            FlashKernel::TensorCore,
+            FlashOptions::new(d),
+            "TensorCore counted",
+        ),
     ];
     for (kernel, opts, name) in variants {
         let o = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, hq, sq, d]);
         let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, hq, sq]);
         let sliced = name == "TensorCore sliced";
+        let counted = name.ends_with("counted");
         let run = || {
-            if sliced {
+            if counted {
+                let (o_lse, kv) = ((&o, &lse), (&k_cap, &v_cap));
+                flash_decode_counted_with::<bf16>(
+                    client, &q, kv.0, kv.1, o_lse.0, o_lse.1, &count, &opts, kernel,
+                )
+            } else if sliced {
                 flash_decode_sliced::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel, None)
             } else {
                 flash_forward_with::<bf16>(client, &q, &k, &v, &o, &lse, &opts, kernel)

@@ -371,9 +371,9 @@ fn main() {
         // kernels' 32, so `SharedPrefixBatch` runs its group as 3 + 2 samples: 21 and
         // 14 rows; the 3 is timed).
         println!(
-            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward | tensor-core, keys sliced into the batch |"
+            "| scenario | shape | split-key decode | loops | no prefetch | 256 units | 512 units | tensor-core forward | tensor-core, keys sliced into the batch | split-key, counted | tensor-core slices, counted |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for sk in [4096, 50_000, 200_000] {
             for (heads, sq) in [((12, 2), 1), ((28, 4), 1), ((12, 2), 5), ((28, 4), 3)] {
                 bench_decode(&client, heads, sq, sk, 20);

@@ -12,7 +12,7 @@ use cubecl::prelude::*;
 use super::{
     acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, store_rows, zero,
 };
-use crate::flash::kernels::{MASKED, NO_KEYS, key_hi, segment_lo};
+use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
 
 /// O and LSE. Cube: `(32, warps)` units, plane `w` owns the `16 m_tiles` query rows
 /// `[16 m_tiles w, 16 m_tiles (w + 1))` of the cube's block (`m_tiles` row blocks of
@@ -44,6 +44,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] m_tiles: usize,
     #[comptime] late_prefetch: bool,
     #[comptime] q_shared: bool,
+    #[comptime] counted: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -81,7 +82,10 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let h = bh % hq;
     let hk = h / (hq / hkv);
     let sq = q.shape(2);
-    let sk = k.shape(2);
+    let mut sk = k.shape(2);
+    if counted {
+        sk = counted_keys(cu, sk, k_offset, b);
+    }
     // Last query blocks first: under a causal mask they have the most keys, and
     // starting them early shortens the tail of the launch.
     let first = (CUBE_COUNT_X - 1 - CUBE_POS_X) as usize * block_q;
