@@ -336,8 +336,10 @@ fn test_builds_poison_the_kernels_outputs() {
 
 /// Counted decoding (`flash_decode_counted`: what a decoding step captured as a device
 /// graph runs) reads only the first `count` rows of buffers longer than that: rows
-/// past the count hold NaN, and O and LSE still match the f64 reference over the
-/// counted keys. Counts that end inside a slice, on a tile edge, at the capacity;
+/// past the count hold keys of 0 and values of 1e6 (a row read by mistake weighs
+/// about as much as a real key and moves O far past the tolerance; NaN would not
+/// show, as the kernels treat a NaN score as masked), and O and LSE still match the
+/// f64 reference over the counted keys. Counts that end inside a slice, on a tile edge, at the capacity;
 /// the 1.5B and 7B groupings; several rows a sequence (a GRPO group is batch rows).
 #[test]
 fn counted_decoding_reads_only_the_counted_keys() {
@@ -358,9 +360,9 @@ fn counted_decoding_reads_only_the_counted_keys() {
             random(case.b * case.hkv * case.sk * case.d, seed + 2),
         );
         let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
-        // The counted rows first in each (sequence, kv head), NaN after them.
-        let padded = |x: &[f32]| {
-            let mut out = vec![f32::NAN; case.b * case.hkv * capacity * case.d];
+        // The counted rows first in each (sequence, kv head), `past` after them.
+        let padded = |x: &[f32], past: f32| {
+            let mut out = vec![past; case.b * case.hkv * capacity * case.d];
             for (head, rows) in x.chunks(case.sk * case.d).enumerate() {
                 let at = head * capacity * case.d;
                 out[at..at + rows.len()].copy_from_slice(rows);
@@ -368,8 +370,8 @@ fn counted_decoding_reads_only_the_counted_keys() {
             out
         };
         let kv_shape = [case.b, case.hkv, capacity, case.d];
-        let kt = DeviceTensor::from_slice(&client, &padded(&k), &kv_shape);
-        let vt = DeviceTensor::from_slice(&client, &padded(&v), &kv_shape);
+        let kt = DeviceTensor::from_slice(&client, &padded(&k, 0.0), &kv_shape);
+        let vt = DeviceTensor::from_slice(&client, &padded(&v, 1e6), &kv_shape);
         let qt = DeviceTensor::from_slice(&client, &q, &[case.b, case.hq, 1, case.d]);
         let count = DeviceTensor::from_slice(&client, &[case.sk as u32], &[1]);
         let o = DeviceTensor::filled(&client, f32::NAN, &[case.b, case.hq, 1, case.d]);
