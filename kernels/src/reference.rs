@@ -135,6 +135,20 @@ pub fn max_relative_error(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Largest `|got - want|` over the largest `|want|` (for outputs that are small
+/// averages, such as a decoding step's O over many keys, where `max(|want|, 1)` would
+/// hide errors); infinite when any element of `got` is NaN or infinite.
+pub fn error_of_largest(got: &[f32], want: &[f64]) -> f64 {
+    if got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let largest = want.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()))
+        / largest
+}
+
 /// RMSNorm in f64 of the rows of `x` (length a multiple of `gamma`'s):
 /// `x / sqrt(mean(x^2) + eps) * gamma`.
 pub fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f64> {
@@ -236,6 +250,21 @@ pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_of_largest_scales_by_the_largest_value_and_fails_unwritten_elements() {
+        let want = [0.1, -0.25, 0.05];
+        let e = error_of_largest(&[0.1, -0.2, 0.05], &want);
+        assert!((e - 0.2).abs() < 1e-6, "{e}");
+        assert_eq!(
+            error_of_largest(&[0.1, f32::NAN, 0.05], &want),
+            f64::INFINITY
+        );
+        assert_eq!(
+            error_of_largest(&[f32::INFINITY, 0.0, 0.0], &want),
+            f64::INFINITY
+        );
+    }
 
     #[test]
     fn one_query_two_keys_by_hand() {
