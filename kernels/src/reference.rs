@@ -149,6 +149,18 @@ pub fn error_of_largest(got: &[f32], want: &[f64]) -> f64 {
         / largest
 }
 
+/// A KV cache buffer for counted decoding tests: `x` holds heads of `rows` rows of
+/// `d` values each; every head is followed by `capacity - rows` rows of `past` (rows a
+/// kernel must not read).
+pub fn cache_rows_then(x: &[f32], rows: usize, capacity: usize, d: usize, past: f32) -> Vec<f32> {
+    let heads = x.len() / (rows * d).max(1);
+    let mut out = vec![past; heads * capacity * d];
+    for (head, values) in x.chunks(rows * d).enumerate() {
+        out[head * capacity * d..][..values.len()].copy_from_slice(values);
+    }
+    out
+}
+
 /// RMSNorm in f64 of the rows of `x` (length a multiple of `gamma`'s):
 /// `x / sqrt(mean(x^2) + eps) * gamma`.
 pub fn rms_norm_f64(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f64> {

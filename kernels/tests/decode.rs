@@ -5,6 +5,7 @@
 //! Outputs are poisoned with NaN before every launch.
 
 use cubecl::prelude::Client;
+use longview_kernels::reference::cache_rows_then;
 use longview_kernels::{DeviceTensor, FlashKernel, FlashOptions, flash_forward_with};
 
 mod common;
@@ -361,14 +362,7 @@ fn counted_decoding_reads_only_the_counted_keys() {
         );
         let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
         // The counted rows first in each (sequence, kv head), `past` after them.
-        let padded = |x: &[f32], past: f32| {
-            let mut out = vec![past; case.b * case.hkv * capacity * case.d];
-            for (head, rows) in x.chunks(case.sk * case.d).enumerate() {
-                let at = head * capacity * case.d;
-                out[at..at + rows.len()].copy_from_slice(rows);
-            }
-            out
-        };
+        let padded = |x: &[f32], past| cache_rows_then(x, case.sk, capacity, case.d, past);
         let kv_shape = [case.b, case.hkv, capacity, case.d];
         let kt = DeviceTensor::from_slice(&client, &padded(&k, 0.0), &kv_shape);
         let vt = DeviceTensor::from_slice(&client, &padded(&v, 1e6), &kv_shape);
@@ -432,12 +426,9 @@ fn counted_sliced_decoding_reads_only_the_counted_keys() {
             random(hkv * sk * d, seed + 2),
         );
         let want = reference(&case, &q, &k, &v, &random(q.len(), seed + 3));
-        let padded = |x: &[f32], past: f32| {
-            let mut out = vec![past; hkv * capacity * d];
-            for (head, rows) in x.chunks(sk * d).enumerate() {
-                out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
-            }
-            DeviceTensor::from_slice(&client, &out, &[1, hkv, capacity, d])
+        let padded = |x: &[f32], past| {
+            let rows = cache_rows_then(x, sk, capacity, d, past);
+            DeviceTensor::from_slice(&client, &rows, &[1, hkv, capacity, d])
         };
         let (kt, vt) = (padded(&k, 0.0), padded(&v, 1e6));
         let qt = DeviceTensor::from_slice(&client, &q, &[1, hq, 1, d]);

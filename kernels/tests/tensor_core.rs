@@ -18,7 +18,7 @@ use longview_kernels::flash::NO_KEYS;
 use longview_kernels::flash::flash_decode_counted_with;
 use longview_kernels::reference::random_values as random;
 use longview_kernels::reference::{
-    Geometry, attention_f64, error_of_largest, max_relative_error as max_rel,
+    Geometry, attention_f64, cache_rows_then, error_of_largest, max_relative_error as max_rel,
 };
 use longview_kernels::{
     DeviceTensor, FlashKernel, FlashOptions, flash_backward_with, flash_forward_with,
@@ -212,12 +212,11 @@ fn counted_tensor_core_decoding_matches_the_f64_reference() {
             let x: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             DeviceTensor::from_slice(&client, &x, shape)
         };
-        let padded = |x: &[f32], past: f32| {
-            let mut out = vec![past; hkv * capacity * d];
-            for (head, rows) in x.chunks(sk * d).enumerate() {
-                out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
-            }
-            up(&out, &[1, hkv, capacity, d])
+        let padded = |x: &[f32], past| {
+            up(
+                &cache_rows_then(x, sk, capacity, d, past),
+                &[1, hkv, capacity, d],
+            )
         };
         let (qt, kt, vt) = (up(&q, &[1, hq, sq, d]), padded(&k, 0.0), padded(&v, 1e6));
         let count = DeviceTensor::from_slice(&client, &[sk as u32], &[1]);

@@ -5,7 +5,7 @@ use std::time::Instant;
 use half::bf16;
 use longview_kernels::flash::flash_decode_counted_with;
 use longview_kernels::reference::{
-    Geometry, attention_f64, error_of_largest, max_relative_error as max_rel,
+    Geometry, attention_f64, cache_rows_then, error_of_largest, max_relative_error as max_rel,
 };
 use longview_kernels::{
     DeviceTensor, FlashKernel, FlashOptions, flash_decode_sliced, flash_forward_with,
@@ -47,13 +47,7 @@ pub fn bench_decode(client: &Client, (hq, hkv): (usize, usize), sq: usize, sk: u
     let (q, k, v) = (up(&qh, hq, sq), up(&kh, hkv, sk), up(&vh, hkv, sk));
     // The counted variants' buffers: each kv head's `sk` keys, then rows of `past`.
     let capacity = sk + CAPACITY_SLACK;
-    let padded = |x: &[f32], past: f32| {
-        let mut out = vec![past; hkv * capacity * d];
-        for (head, rows) in x.chunks(sk * d).enumerate() {
-            out[head * capacity * d..][..rows.len()].copy_from_slice(rows);
-        }
-        up(&out, hkv, capacity)
-    };
+    let padded = |x: &[f32], past| up(&cache_rows_then(x, sk, capacity, d, past), hkv, capacity);
     let (k_cap, v_cap) = (padded(&kh, 0.0), padded(&vh, 1e6));
     let count = DeviceTensor::from_slice(client, &[sk as u32], &[1]);
     // One row: causal at the end of the keys (every key visible), as the decoder
