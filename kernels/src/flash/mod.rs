@@ -243,21 +243,19 @@ pub fn flash_decode_counted_with<F: Float + CubeElement>(
     }
     let g = check(q, k, v, options)?;
     check_outputs(&g, q, o, lse)?;
-    let sliced = match kernel {
-        FlashKernel::Decode => false,
-        FlashKernel::TensorCore | FlashKernel::Scalar => true,
+    // The forward the keys are sliced into, or `None` for the split-key kernel.
+    let sliced_into = match kernel {
+        FlashKernel::Decode => None,
+        FlashKernel::TensorCore | FlashKernel::Scalar => Some(kernel),
         FlashKernel::Auto => {
             let tensors = [("q", q), ("k", k), ("v", v)];
-            decode_tc::applies(&g, options)
+            let tensor_cores = decode_tc::applies(&g, options)
                 && decode_tc::wanted(&g, options, (q, o, lse))
-                && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?
+                && use_tensor_cores::<F>(client, FlashKernel::Auto, &tensors)?;
+            tensor_cores.then_some(FlashKernel::TensorCore)
         }
     };
-    if sliced {
-        let inner = match kernel {
-            FlashKernel::Scalar => FlashKernel::Scalar,
-            _ => FlashKernel::TensorCore,
-        };
+    if let Some(inner) = sliced_into {
         let (q_k_v, out) = ((q, k, v), (o, lse));
         return decode_tc::forward::<F>(client, &g, q_k_v, out, options, inner, None, Some(keys));
     }
