@@ -167,6 +167,7 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
             g.d,
             t.fwd_warps,
             t.dq_block_k,
+            super::tc_async_copy(),
         );
         tc_dkdv_launch::<F>(
             client,
@@ -273,6 +274,7 @@ fn tc_dkdv_launch<F: Float + CubeElement>(
         t.dkdv_warps,
         t.dkdv_block_q,
         fuse_dq,
+        super::tc_async_copy(),
     );
     Ok(())
 }

@@ -367,6 +367,7 @@ fn launch_forward<F: Float + CubeElement>(
             t.fwd_late_prefetch,
             t.fwd_q_shared,
             counted,
+            tc_async_copy(),
         );
         return;
     }
@@ -392,6 +393,14 @@ fn launch_forward<F: Float + CubeElement>(
         block_k,
         counted,
     );
+}
+
+/// Whether the tensor-core forward and dK/dV kernels stage their streamed tiles (K/V,
+/// Q/dO) with `cp.async` (the default) rather than through registers
+/// (`LONGVIEW_FLASH_ASYNC_COPY=0`, for A/B timing).
+fn tc_async_copy() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_ASYNC_COPY", true))
 }
 
 /// The forward (`inner`: tensor-core or scalar) over the keys of `k` and `v` that a

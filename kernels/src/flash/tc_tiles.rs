@@ -81,6 +81,9 @@ pub(super) fn tc_tiles(client: &Client, d: usize) -> TcTiles {
 /// tile's loads issued after the scores: 185.1 TFLOP/s against 164.5 for the tiles
 /// before (8 planes of one block, 64 keys, Q in registers, early loads) in one call.
 /// With Q in registers two row blocks spilled and were slower (100-150 TFLOP/s).
+/// dK/dV takes query tiles of 64 rows since its tiles are staged by `cp.async`
+/// (session 26, same shape, H100, one call: 230.3 TFLOP/s fwd+bwd against 223.7 with
+/// tiles of 32 and 224.5 with 48; 211.8 for tiles of 32 staged through registers).
 const DEFAULT_TILES: TcTiles = TcTiles {
     fwd_warps: 4,
     fwd_block_k: 32,
@@ -89,7 +92,7 @@ const DEFAULT_TILES: TcTiles = TcTiles {
     fwd_q_shared: true,
     dq_block_k: 32,
     dkdv_warps: 8,
-    dkdv_block_q: 32,
+    dkdv_block_q: 64,
 };
 
 /// The forward's tiles for launches of fewer cubes than the device has

@@ -8,14 +8,19 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::{acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, store_rows, zero};
+use super::{
+    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_pair_async, store_rows,
+    wait_async_copies, zero,
+};
 use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 
 /// dK and dV. Cube: `(32, warps)` units of one kv head, plane `w` owns key rows
 /// `[16 w, 16 w + 16)` of the cube's block; grid `(ceil(Sk / (16 warps)), B * Hkv)`.
 /// Loops over the query heads of the kv group (GQA sums without atomics) and over
 /// query tiles of `block_q` rows: `S^T = K Q^T`, `dP^T = V dO^T`,
-/// `dS^T = P^T (dP^T - delta)`, `dV += P^T dO`, `dK += dS^T Q`.
+/// `dS^T = P^T (dP^T - delta)`, `dV += P^T dO`, `dK += dS^T Q`. With `async_copy` the
+/// next Q and dO tiles go to shared memory by `cp.async` ([`stage_pair_async`]) instead of
+/// through registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
@@ -39,6 +44,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     #[comptime] warps: usize,
     #[comptime] block_q: usize,
     #[comptime] fuse_dq: bool,
+    #[comptime] async_copy: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -135,7 +141,11 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     let mut lse_s = Shared::<[f32]>::new_slice(comptime!(2 * block_q));
     let mut delta_s = Shared::<[f32]>::new_slice(comptime!(2 * block_q));
     let per_row = comptime!(padded / width);
-    let per_thread = comptime!((block_q * per_row).div_ceil(threads));
+    let per_thread = comptime!(if async_copy {
+        1
+    } else {
+        (block_q * per_row).div_ceil(threads)
+    });
     let mut q_next = Array::<Vector<F, N>>::new(per_thread);
     let mut g_next = Array::<Vector<F, N>>::new(per_thread);
 
@@ -195,33 +205,42 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
         // LSE and delta of one row of the next tile per unit (block_q <= threads).
         let mut l_next = f32::new(NO_KEYS);
         let mut d_next = 0.0f32;
+        if async_copy && tile < block_hi {
+            stage_pair_async::<F, N>(
+                q, q_head, &mut q_s, d_o, g_head, &mut g_s, tile, sq, 0usize, block_q, head_dim,
+                padded, threads,
+            );
+            wait_async_copies();
+        }
         if tile < block_hi {
-            prefetch::<F, N>(
-                q,
-                q_head,
-                q.stride(2),
-                tile,
-                sq,
-                &mut q_next,
-                block_q,
-                head_dim,
-                padded,
-                threads,
-            );
-            prefetch::<F, N>(
-                d_o,
-                g_head,
-                d_o.stride(2),
-                tile,
-                sq,
-                &mut g_next,
-                block_q,
-                head_dim,
-                padded,
-                threads,
-            );
-            commit::<F, N>(&q_next, &mut q_s, 0usize, block_q, per_row, threads);
-            commit::<F, N>(&g_next, &mut g_s, 0usize, block_q, per_row, threads);
+            if !async_copy {
+                prefetch::<F, N>(
+                    q,
+                    q_head,
+                    q.stride(2),
+                    tile,
+                    sq,
+                    &mut q_next,
+                    block_q,
+                    head_dim,
+                    padded,
+                    threads,
+                );
+                prefetch::<F, N>(
+                    d_o,
+                    g_head,
+                    d_o.stride(2),
+                    tile,
+                    sq,
+                    &mut g_next,
+                    block_q,
+                    head_dim,
+                    padded,
+                    threads,
+                );
+                commit::<F, N>(&q_next, &mut q_s, 0usize, block_q, per_row, threads);
+                commit::<F, N>(&g_next, &mut g_s, 0usize, block_q, per_row, threads);
+            }
             let r = UNIT_POS as usize;
             if r < block_q {
                 let qi = tile + r;
@@ -239,7 +258,15 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
         let mut buf = 0usize;
         while tile < block_hi {
             let next = tile + block_q;
-            if next < block_hi {
+            if async_copy && next < block_hi {
+                // The other buffers were last read before the previous barrier.
+                let other = (1 - buf) * block_q;
+                stage_pair_async::<F, N>(
+                    q, q_head, &mut q_s, d_o, g_head, &mut g_s, next, sq, other, block_q, head_dim,
+                    padded, threads,
+                );
+            }
+            if !async_copy && next < block_hi {
                 prefetch::<F, N>(
                     q,
                     q_head,
@@ -264,6 +291,8 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     padded,
                     threads,
                 );
+            }
+            if next < block_hi {
                 let qi = next + UNIT_POS as usize;
                 l_next = f32::new(NO_KEYS);
                 d_next = 0.0f32;
@@ -439,10 +468,15 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                 // atomics after the barrier that ends the tile.
                 store_dq_tile::<F, NC>(&def, &dq_t, &mut dq_s, rb * 16, ct, dq_tiles, dq_pitch);
             }
+            if async_copy {
+                wait_async_copies();
+            }
             if next < block_hi {
                 let other = (1 - buf) * block_q;
-                commit::<F, N>(&q_next, &mut q_s, other, block_q, per_row, threads);
-                commit::<F, N>(&g_next, &mut g_s, other, block_q, per_row, threads);
+                if !async_copy {
+                    commit::<F, N>(&q_next, &mut q_s, other, block_q, per_row, threads);
+                    commit::<F, N>(&g_next, &mut g_s, other, block_q, per_row, threads);
+                }
                 if (UNIT_POS as usize) < block_q {
                     lse_s[other + UNIT_POS as usize] = l_next;
                     delta_s[other + UNIT_POS as usize] = d_next;

@@ -7,13 +7,17 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::{acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, store_rows, zero};
+use super::{
+    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_pair_async, store_rows,
+    wait_async_copies, zero,
+};
 use crate::flash::kernels::{MASKED, key_hi, segment_lo};
 
 /// dQ. Cube: `(32, warps)` units, plane `w` owns query rows `[16 w, 16 w + 16)`;
 /// grid `(ceil(Sq / (16 warps)), B * Hq)`. Per key tile: `S = Q K^T`, `dP = dO V^T`,
 /// `dS = P (dP - delta)`, `dQ += dS K`. Needs `16 warps <= tile_rows`, the rows
-/// of each shared buffer (`max(16 warps, block_k)`).
+/// of each shared buffer (`max(16 warps, block_k)`). With `async_copy` the next K and
+/// V tiles go to shared memory by `cp.async` ([`stage_pair_async`]) instead of registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dq_kernel<F: Float, N: Size>(
@@ -34,6 +38,7 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] warps: usize,
     #[comptime] block_k: usize,
+    #[comptime] async_copy: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -56,7 +61,11 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     });
     let per_row = comptime!(padded / width);
     let threads = comptime!(32 * warps);
-    let per_thread = comptime!((block_k * per_row).div_ceil(threads));
+    let per_thread = comptime!(if async_copy {
+        1
+    } else {
+        (block_k * per_row).div_ceil(threads)
+    });
 
     let lane = UNIT_POS_PLANE;
     let warp = UNIT_POS as usize / 32;
@@ -174,7 +183,14 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     let mut k_next = Array::<Vector<F, N>>::new(per_thread);
     let mut v_next = Array::<Vector<F, N>>::new(per_thread);
     let mut tile = block_lo - block_lo % block_k;
-    if tile < block_hi {
+    if async_copy && tile < block_hi {
+        stage_pair_async::<F, N>(
+            k, k_base, &mut k_s, v, v_base, &mut v_s, tile, sk, 0usize, block_k, head_dim, padded,
+            threads,
+        );
+        wait_async_copies();
+    }
+    if !async_copy && tile < block_hi {
         prefetch::<F, N>(
             k,
             k_base,
@@ -206,7 +222,15 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     let mut buf = 0usize;
     while tile < block_hi {
         let next = tile + block_k;
-        if next < block_hi {
+        if async_copy && next < block_hi {
+            // The other buffer was last read before the previous barrier.
+            let row1 = (1 - buf) * block_k;
+            stage_pair_async::<F, N>(
+                k, k_base, &mut k_s, v, v_base, &mut v_s, next, sk, row1, block_k, head_dim,
+                padded, threads,
+            );
+        }
+        if !async_copy && next < block_hi {
             prefetch::<F, N>(
                 k,
                 k_base,
@@ -294,7 +318,9 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
                 1usize,
             );
         }
-        if next < block_hi {
+        if async_copy {
+            wait_async_copies();
+        } else if next < block_hi {
             commit::<F, N>(
                 &k_next,
                 &mut k_s,

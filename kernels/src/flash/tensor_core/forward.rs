@@ -10,7 +10,8 @@ use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
 use super::{
-    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, store_rows, zero,
+    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_pair_async,
+    store_rows, wait_async_copies, zero,
 };
 use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
 
@@ -22,7 +23,10 @@ use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
 /// loads are issued after the scores are computed rather than before, so the
 /// registers they land in are not live during the `Q K^T` product. With `q_shared`
 /// Q stays in its own shared buffer and its fragments are loaded for each product
-/// (registers for larger row blocks) instead of being held in registers.
+/// (registers for larger row blocks) instead of being held in registers. With
+/// `async_copy` the K and V tiles go from global to shared memory by `cp.async`
+/// ([`stage_pair_async`]), issued at the top of a tile for the next one and waited for at
+/// its end, so no registers hold them in flight (`late_prefetch` is then moot).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_forward_kernel<F: Float, N: Size>(
@@ -45,6 +49,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] late_prefetch: bool,
     #[comptime] q_shared: bool,
     #[comptime] counted: bool,
+    #[comptime] async_copy: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -69,7 +74,11 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let rows_q = comptime!(if q_shared { block_q } else { 1 });
     let per_row = comptime!(padded / width);
     let threads = comptime!(32 * warps);
-    let per_thread = comptime!((block_k * per_row).div_ceil(threads));
+    let per_thread = comptime!(if async_copy {
+        1
+    } else {
+        (block_k * per_row).div_ceil(threads)
+    });
 
     let lane = UNIT_POS_PLANE;
     let warp = UNIT_POS as usize / 32;
@@ -181,7 +190,14 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let mut k_next = Array::<Vector<F, N>>::new(per_thread);
     let mut v_next = Array::<Vector<F, N>>::new(per_thread);
     let mut tile = block_lo - block_lo % block_k;
-    if tile < block_hi {
+    if async_copy && tile < block_hi {
+        stage_pair_async::<F, N>(
+            k, k_base, &mut k_s, v, v_base, &mut v_s, tile, sk, 0usize, block_k, head_dim, padded,
+            threads,
+        );
+        wait_async_copies();
+    }
+    if !async_copy && tile < block_hi {
         prefetch::<F, N>(
             k,
             k_base,
@@ -221,8 +237,16 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
         }
         let any = plane_any(sees);
 
-        // The next tile's loads fly while this one is computed.
-        if !late_prefetch && next < block_hi {
+        // The next tile's loads fly while this one is computed. The other buffer was
+        // last read before the previous barrier.
+        if async_copy && next < block_hi {
+            let row1 = (1 - buf) * block_k;
+            stage_pair_async::<F, N>(
+                k, k_base, &mut k_s, v, v_base, &mut v_s, next, sk, row1, block_k, head_dim,
+                padded, threads,
+            );
+        }
+        if !async_copy && !late_prefetch && next < block_hi {
             prefetch::<F, N>(
                 k,
                 k_base,
@@ -269,7 +293,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                 );
             }
         }
-        if late_prefetch && next < block_hi {
+        if !async_copy && late_prefetch && next < block_hi {
             prefetch::<F, N>(
                 k,
                 k_base,
@@ -316,7 +340,9 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                 m_tiles,
             );
         }
-        if next < block_hi {
+        if async_copy {
+            wait_async_copies();
+        } else if next < block_hi {
             // The other buffer was last read before the previous barrier.
             commit::<F, N>(
                 &k_next,

@@ -1,7 +1,9 @@
 //! Tensor-core flash attention: `mma.sync` m16n8k16 with f16/bf16 operands and f32
-//! accumulators through CubeCL's register-level `MmaDefinition` (CUDA sm_80+; the
-//! LLVM/NVPTX path, so no cp.async: tiles are staged with plain 16-byte loads). Same
-//! masks, outputs and conventions as the scalar kernels in `kernels.rs`.
+//! accumulators through CubeCL's register-level `MmaDefinition` (CUDA sm_80+). Tiles
+//! are staged with 16-byte loads through registers ([`prefetch`] / [`commit`]) or, in
+//! the forward, with asynchronous copies straight to shared memory ([`stage_pair_async`];
+//! `cp.async`, lowered by the patched cubecl-llvm). Same masks, outputs and
+//! conventions as the scalar kernels in `kernels.rs`.
 //!
 //! Every kernel works per plane (warp) on blocks of 16 rows (the forward on one or two,
 //! which then share each B fragment a plane loads; the others on one), with the tile
@@ -26,6 +28,7 @@
 #![allow(arithmetic_overflow)]
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 mod dkdv;
@@ -125,6 +128,65 @@ fn commit<F: Float, N: Size>(
             dst[(row0 + idx / per_row) * (per_row + 1) + idx % per_row] = regs[i];
         }
     }
+}
+
+/// [`stage`] of two slices through asynchronous copies (`cp.async`, 16 bytes each,
+/// straight from global to shared memory without registers): rows `[first, first +
+/// rows)` of `a` (element offset `a_base`) and of `b` (`b_base`), each with its own row
+/// stride, into rows `[row0, row0 + rows)` of `a_dst` and `b_dst` (K and V, or Q and
+/// dO). Vectors past `len` or past `head_dim` are stored as zeros directly. The copies
+/// are in flight on return: each unit must run [`wait_async_copies`], then the cube a
+/// barrier, before any unit reads the tiles. CUDA sm_80+ only (the tensor-core
+/// kernels' devices); the vectors must be 16 bytes (`N` = 8 of a 16-bit float).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_pair_async<F: Float, N: Size>(
+    a: &Tensor<Vector<F, N>>,
+    a_base: usize,
+    a_dst: &mut Shared<[Vector<F, N>]>,
+    b: &Tensor<Vector<F, N>>,
+    b_base: usize,
+    b_dst: &mut Shared<[Vector<F, N>]>,
+    first: usize,
+    len: usize,
+    row0: usize,
+    #[comptime] rows: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] padded: usize,
+    #[comptime] threads: usize,
+) {
+    let width = a.vector_size();
+    let per_row = comptime!(padded / width);
+    let total = comptime!(rows * per_row);
+    let a_stride = a.stride(2);
+    let b_stride = b.stride(2);
+    #[unroll]
+    for i in 0..comptime!(total.div_ceil(threads)) {
+        let idx = UNIT_POS as usize + i * threads;
+        if idx < total {
+            let r = idx / per_row;
+            let c = idx % per_row;
+            let row = first + r;
+            let at = (row0 + r) * (per_row + 1) + c;
+            if row < len && c * width < head_dim {
+                let from_a = (a_base + row * a_stride) / width + c;
+                let from_b = (b_base + row * b_stride) / width + c;
+                let size = comptime!(width as u32);
+                copy_async(&a[from_a..from_a + 1], &mut a_dst[at..at + 1], size);
+                copy_async(&b[from_b..from_b + 1], &mut b_dst[at..at + 1], size);
+            } else {
+                a_dst[at] = Vector::new(F::new(0.0));
+                b_dst[at] = Vector::new(F::new(0.0));
+            }
+        }
+    }
+}
+
+/// Waits until this unit's [`stage_pair_async`] copies have landed in shared memory
+/// (`cp.async.wait_all`). Other units see them after a cube barrier that follows.
+#[cube]
+fn wait_async_copies() {
+    gpu_asm!("cp.async.wait_all;");
 }
 
 /// A fragments of `16 m_tiles` rows `[row0, row0 + 16 m_tiles)` of a shared tile, the

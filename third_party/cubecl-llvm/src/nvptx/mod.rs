@@ -1,6 +1,8 @@
 //! NVPTX target.
 
 pub mod abi;
+/// longview patch: `cp.async` and operand-free inline PTX (see the module).
+pub mod async_copy;
 pub mod builtins;
 pub mod codegen;
 pub mod libdevice;
