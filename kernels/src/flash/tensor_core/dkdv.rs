@@ -8,8 +8,9 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
+use super::dq_atomics::{add_dq_shared, store_dq_tile};
 use super::{
-    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_pair_async, store_rows,
+    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_async, store_rows,
     wait_async_copies, zero,
 };
 use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
@@ -19,7 +20,7 @@ use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 /// Loops over the query heads of the kv group (GQA sums without atomics) and over
 /// query tiles of `block_q` rows: `S^T = K Q^T`, `dP^T = V dO^T`,
 /// `dS^T = P^T (dP^T - delta)`, `dV += P^T dO`, `dK += dS^T Q`. With `async_copy` the
-/// next Q and dO tiles go to shared memory by `cp.async` ([`stage_pair_async`]) instead of
+/// next Q and dO tiles go to shared memory by `cp.async` ([`stage_async`]) instead of
 /// through registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -206,9 +207,31 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
         let mut l_next = f32::new(NO_KEYS);
         let mut d_next = 0.0f32;
         if async_copy && tile < block_hi {
-            stage_pair_async::<F, N>(
-                q, q_head, &mut q_s, d_o, g_head, &mut g_s, tile, sq, 0usize, block_q, head_dim,
-                padded, threads,
+            stage_async::<F, N>(
+                q,
+                q_head,
+                q.stride(2),
+                tile,
+                sq,
+                &mut q_s,
+                0usize,
+                block_q,
+                head_dim,
+                padded,
+                threads,
+            );
+            stage_async::<F, N>(
+                d_o,
+                g_head,
+                d_o.stride(2),
+                tile,
+                sq,
+                &mut g_s,
+                0usize,
+                block_q,
+                head_dim,
+                padded,
+                threads,
             );
             wait_async_copies();
         }
@@ -261,9 +284,31 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
             if async_copy && next < block_hi {
                 // The other buffers were last read before the previous barrier.
                 let other = (1 - buf) * block_q;
-                stage_pair_async::<F, N>(
-                    q, q_head, &mut q_s, d_o, g_head, &mut g_s, next, sq, other, block_q, head_dim,
-                    padded, threads,
+                stage_async::<F, N>(
+                    q,
+                    q_head,
+                    q.stride(2),
+                    next,
+                    sq,
+                    &mut q_s,
+                    other,
+                    block_q,
+                    head_dim,
+                    padded,
+                    threads,
+                );
+                stage_async::<F, N>(
+                    d_o,
+                    g_head,
+                    d_o.stride(2),
+                    next,
+                    sq,
+                    &mut g_s,
+                    other,
+                    block_q,
+                    head_dim,
+                    padded,
+                    threads,
                 );
             }
             if !async_copy && next < block_hi {
@@ -518,70 +563,4 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     store_rows::<F, NC>(
         &def, &dv_acc, dv, vb, key0, key1, 1.0f32, 1.0f32, sk, od, head_dim, 0usize,
     );
-}
-
-/// Stores a plane's dQ tiles (16 rows from tile row `row0`, column tiles `[ct, ct +
-/// dq_tiles)` of 8, `mma` accumulator layout) into the f32 shared tile `dq_s`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_dq_tile<F: Float, NC: Size>(
-    def: &MmaDefinition<F, F, f32>,
-    dq_t: &Array<Vector<f32, NC>>,
-    dq_s: &mut Shared<[f32]>,
-    row0: usize,
-    ct: usize,
-    #[comptime] dq_tiles: usize,
-    #[comptime] pitch: usize,
-) {
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-    let vc = def.vector_size(MatrixIdent::Accumulator);
-    let lane = UNIT_POS_PLANE;
-    #[unroll]
-    for nd in 0..dq_tiles {
-        #[unroll]
-        for i in 0..c_vecs {
-            let x = dq_t[nd * c_vecs + i];
-            #[unroll]
-            for e in 0..vc {
-                let (r, c) = def.position_of_nth(
-                    lane,
-                    comptime!((i * vc + e) as u32),
-                    MatrixIdent::Accumulator,
-                );
-                dq_s[(row0 + r as usize) * pitch + (ct + nd) * 8 + c as usize] = x.extract(e);
-            }
-        }
-    }
-}
-
-/// Adds the cube's dQ tile (`dq_s`, `block_q` rows of `head_dim` in rows of `pitch`)
-/// to the f32 buffer from element `base` with atomics, consecutive units on
-/// consecutive elements. `checked`: only the first `rows` rows.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn add_dq_shared(
-    dq_s: &Shared<[f32]>,
-    dq_acc: &mut Tensor<Atomic<f32>>,
-    base: usize,
-    rows: usize,
-    #[comptime] block_q: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] pitch: usize,
-    #[comptime] threads: usize,
-    #[comptime] checked: bool,
-) {
-    let count = comptime!(block_q * head_dim);
-    #[unroll]
-    for j in 0..comptime!(count.div_ceil(threads)) {
-        let idx = UNIT_POS as usize + j * threads;
-        let row = idx / head_dim;
-        let at = row * pitch + idx % head_dim;
-        if checked {
-            if idx < count && row < rows {
-                dq_acc[base + idx].fetch_add(dq_s[at]);
-            }
-        } else {
-            dq_acc[base + idx].fetch_add(dq_s[at]);
-        }
-    }
 }

@@ -8,7 +8,7 @@ use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
 use super::{
-    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_pair_async, store_rows,
+    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_async, store_rows,
     wait_async_copies, zero,
 };
 use crate::flash::kernels::{MASKED, key_hi, segment_lo};
@@ -17,7 +17,7 @@ use crate::flash::kernels::{MASKED, key_hi, segment_lo};
 /// grid `(ceil(Sq / (16 warps)), B * Hq)`. Per key tile: `S = Q K^T`, `dP = dO V^T`,
 /// `dS = P (dP - delta)`, `dQ += dS K`. Needs `16 warps <= tile_rows`, the rows
 /// of each shared buffer (`max(16 warps, block_k)`). With `async_copy` the next K and
-/// V tiles go to shared memory by `cp.async` ([`stage_pair_async`]) instead of registers.
+/// V tiles go to shared memory by `cp.async` ([`stage_async`]) instead of registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dq_kernel<F: Float, N: Size>(
@@ -184,8 +184,30 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
     let mut v_next = Array::<Vector<F, N>>::new(per_thread);
     let mut tile = block_lo - block_lo % block_k;
     if async_copy && tile < block_hi {
-        stage_pair_async::<F, N>(
-            k, k_base, &mut k_s, v, v_base, &mut v_s, tile, sk, 0usize, block_k, head_dim, padded,
+        stage_async::<F, N>(
+            k,
+            k_base,
+            k.stride(2),
+            tile,
+            sk,
+            &mut k_s,
+            0usize,
+            block_k,
+            head_dim,
+            padded,
+            threads,
+        );
+        stage_async::<F, N>(
+            v,
+            v_base,
+            v.stride(2),
+            tile,
+            sk,
+            &mut v_s,
+            0usize,
+            block_k,
+            head_dim,
+            padded,
             threads,
         );
         wait_async_copies();
@@ -225,9 +247,31 @@ pub fn flash_tc_dq_kernel<F: Float, N: Size>(
         if async_copy && next < block_hi {
             // The other buffer was last read before the previous barrier.
             let row1 = (1 - buf) * block_k;
-            stage_pair_async::<F, N>(
-                k, k_base, &mut k_s, v, v_base, &mut v_s, next, sk, row1, block_k, head_dim,
-                padded, threads,
+            stage_async::<F, N>(
+                k,
+                k_base,
+                k.stride(2),
+                next,
+                sk,
+                &mut k_s,
+                row1,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+            stage_async::<F, N>(
+                v,
+                v_base,
+                v.stride(2),
+                next,
+                sk,
+                &mut v_s,
+                row1,
+                block_k,
+                head_dim,
+                padded,
+                threads,
             );
         }
         if !async_copy && next < block_hi {

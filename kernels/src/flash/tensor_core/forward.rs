@@ -10,7 +10,7 @@ use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
 use super::{
-    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_pair_async,
+    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_async,
     store_rows, wait_async_copies, zero,
 };
 use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
@@ -25,7 +25,7 @@ use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
 /// Q stays in its own shared buffer and its fragments are loaded for each product
 /// (registers for larger row blocks) instead of being held in registers. With
 /// `async_copy` the K and V tiles go from global to shared memory by `cp.async`
-/// ([`stage_pair_async`]), issued at the top of a tile for the next one and waited for at
+/// ([`stage_async`]), issued at the top of a tile for the next one and waited for at
 /// its end, so no registers hold them in flight (`late_prefetch` is then moot).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -191,8 +191,30 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     let mut v_next = Array::<Vector<F, N>>::new(per_thread);
     let mut tile = block_lo - block_lo % block_k;
     if async_copy && tile < block_hi {
-        stage_pair_async::<F, N>(
-            k, k_base, &mut k_s, v, v_base, &mut v_s, tile, sk, 0usize, block_k, head_dim, padded,
+        stage_async::<F, N>(
+            k,
+            k_base,
+            k.stride(2),
+            tile,
+            sk,
+            &mut k_s,
+            0usize,
+            block_k,
+            head_dim,
+            padded,
+            threads,
+        );
+        stage_async::<F, N>(
+            v,
+            v_base,
+            v.stride(2),
+            tile,
+            sk,
+            &mut v_s,
+            0usize,
+            block_k,
+            head_dim,
+            padded,
             threads,
         );
         wait_async_copies();
@@ -241,9 +263,31 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
         // last read before the previous barrier.
         if async_copy && next < block_hi {
             let row1 = (1 - buf) * block_k;
-            stage_pair_async::<F, N>(
-                k, k_base, &mut k_s, v, v_base, &mut v_s, next, sk, row1, block_k, head_dim,
-                padded, threads,
+            stage_async::<F, N>(
+                k,
+                k_base,
+                k.stride(2),
+                next,
+                sk,
+                &mut k_s,
+                row1,
+                block_k,
+                head_dim,
+                padded,
+                threads,
+            );
+            stage_async::<F, N>(
+                v,
+                v_base,
+                v.stride(2),
+                next,
+                sk,
+                &mut v_s,
+                row1,
+                block_k,
+                head_dim,
+                padded,
+                threads,
             );
         }
         if !async_copy && !late_prefetch && next < block_hi {

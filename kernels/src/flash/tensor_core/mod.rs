@@ -1,7 +1,7 @@
 //! Tensor-core flash attention: `mma.sync` m16n8k16 with f16/bf16 operands and f32
 //! accumulators through CubeCL's register-level `MmaDefinition` (CUDA sm_80+). Tiles
 //! are staged with 16-byte loads through registers ([`prefetch`] / [`commit`]) or, in
-//! the forward, with asynchronous copies straight to shared memory ([`stage_pair_async`];
+//! the forward, with asynchronous copies straight to shared memory ([`stage_async`];
 //! `cp.async`, lowered by the patched cubecl-llvm). Same masks, outputs and
 //! conventions as the scalar kernels in `kernels.rs`.
 //!
@@ -33,6 +33,7 @@ use cubecl::prelude::*;
 
 mod dkdv;
 mod dq;
+mod dq_atomics;
 mod forward;
 
 pub use dkdv::flash_tc_dkdv_kernel;
@@ -130,36 +131,31 @@ fn commit<F: Float, N: Size>(
     }
 }
 
-/// [`stage`] of two slices through asynchronous copies (`cp.async`, 16 bytes each,
-/// straight from global to shared memory without registers): rows `[first, first +
-/// rows)` of `a` (element offset `a_base`) and of `b` (`b_base`), each with its own row
-/// stride, into rows `[row0, row0 + rows)` of `a_dst` and `b_dst` (K and V, or Q and
-/// dO). Vectors past `len` or past `head_dim` are stored as zeros directly. The copies
-/// are in flight on return: each unit must run [`wait_async_copies`], then the cube a
-/// barrier, before any unit reads the tiles. CUDA sm_80+ only (the tensor-core
-/// kernels' devices); the vectors must be 16 bytes (`N` = 8 of a 16-bit float).
+/// [`stage`] through asynchronous copies (`cp.async`, 16 bytes each, straight from
+/// global to shared memory without registers): rows `[first, first + rows)` of the
+/// slice into rows `[row0, row0 + rows)` of `dst`. Vectors past `len` or past
+/// `head_dim` are stored as zeros directly. The copies are in flight on return: each
+/// unit must run [`wait_async_copies`], then the cube a barrier, before any unit reads
+/// the tile. CUDA sm_80+ only (the tensor-core kernels' devices); the vectors must be
+/// 16 bytes (`N` = 8 of a 16-bit float).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_pair_async<F: Float, N: Size>(
-    a: &Tensor<Vector<F, N>>,
-    a_base: usize,
-    a_dst: &mut Shared<[Vector<F, N>]>,
-    b: &Tensor<Vector<F, N>>,
-    b_base: usize,
-    b_dst: &mut Shared<[Vector<F, N>]>,
+fn stage_async<F: Float, N: Size>(
+    src: &Tensor<Vector<F, N>>,
+    base: usize,
+    row_stride: usize,
     first: usize,
     len: usize,
+    dst: &mut Shared<[Vector<F, N>]>,
     row0: usize,
     #[comptime] rows: usize,
     #[comptime] head_dim: usize,
     #[comptime] padded: usize,
     #[comptime] threads: usize,
 ) {
-    let width = a.vector_size();
+    let width = src.vector_size();
     let per_row = comptime!(padded / width);
     let total = comptime!(rows * per_row);
-    let a_stride = a.stride(2);
-    let b_stride = b.stride(2);
     #[unroll]
     for i in 0..comptime!(total.div_ceil(threads)) {
         let idx = UNIT_POS as usize + i * threads;
@@ -169,20 +165,20 @@ fn stage_pair_async<F: Float, N: Size>(
             let row = first + r;
             let at = (row0 + r) * (per_row + 1) + c;
             if row < len && c * width < head_dim {
-                let from_a = (a_base + row * a_stride) / width + c;
-                let from_b = (b_base + row * b_stride) / width + c;
-                let size = comptime!(width as u32);
-                copy_async(&a[from_a..from_a + 1], &mut a_dst[at..at + 1], size);
-                copy_async(&b[from_b..from_b + 1], &mut b_dst[at..at + 1], size);
+                let from = (base + row * row_stride) / width + c;
+                copy_async(
+                    &src[from..from + 1],
+                    &mut dst[at..at + 1],
+                    comptime!(width as u32),
+                );
             } else {
-                a_dst[at] = Vector::new(F::new(0.0));
-                b_dst[at] = Vector::new(F::new(0.0));
+                dst[at] = Vector::new(F::new(0.0));
             }
         }
     }
 }
 
-/// Waits until this unit's [`stage_pair_async`] copies have landed in shared memory
+/// Waits until this unit's [`stage_async`] copies have landed in shared memory
 /// (`cp.async.wait_all`). Other units see them after a cube barrier that follows.
 #[cube]
 fn wait_async_copies() {
