@@ -395,8 +395,8 @@ fn launch_forward<F: Float + CubeElement>(
     );
 }
 
-/// Whether the tensor-core forward and dK/dV kernels stage their streamed tiles (K/V,
-/// Q/dO) with `cp.async` (the default) rather than through registers
+/// Whether the tensor-core forward, dQ and dK/dV kernels stage their streamed tiles
+/// (K/V, Q/dO) with `cp.async` (the default) rather than through registers
 /// (`LONGVIEW_FLASH_ASYNC_COPY=0`, for A/B timing).
 fn tc_async_copy() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

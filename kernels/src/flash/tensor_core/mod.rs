@@ -1,9 +1,11 @@
 //! Tensor-core flash attention: `mma.sync` m16n8k16 with f16/bf16 operands and f32
 //! accumulators through CubeCL's register-level `MmaDefinition` (CUDA sm_80+). Tiles
-//! are staged with 16-byte loads through registers ([`prefetch`] / [`commit`]) or, in
-//! the forward, with asynchronous copies straight to shared memory ([`stage_async`];
-//! `cp.async`, lowered by the patched cubecl-llvm). Same masks, outputs and
-//! conventions as the scalar kernels in `kernels.rs`.
+//! streamed by the forward, dQ and dK/dV kernels (K/V, or Q/dO) go to shared memory
+//! by asynchronous copies ([`stage_async`]; `cp.async`, lowered by the patched
+//! cubecl-llvm), or through registers ([`prefetch`] / [`commit`]) with
+//! `LONGVIEW_FLASH_ASYNC_COPY=0`; the tiles staged once (Q of the forward, Q/dO of dQ, K/V
+//! of dK/dV) by [`stage`]. Same masks, outputs and conventions as the scalar kernels in
+//! `kernels.rs`.
 //!
 //! Every kernel works per plane (warp) on blocks of 16 rows (the forward on one or two,
 //! which then share each B fragment a plane loads; the others on one), with the tile
