@@ -368,6 +368,7 @@ fn launch_forward<F: Float + CubeElement>(
             t.fwd_q_shared,
             counted,
             tc_async_copy(),
+            tc_lazy_rescale(),
         );
         return;
     }
@@ -401,6 +402,25 @@ fn launch_forward<F: Float + CubeElement>(
 fn tc_async_copy() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_ASYNC_COPY", true))
+}
+
+/// Whether the tensor-core dK/dV kernel reads its K and V rows from shared memory inside
+/// the `S^T` / `dP^T` products (`LONGVIEW_FLASH_DKDV_SHARED_KV=1`) rather than loading
+/// them whole into registers first. Off by default: written 2026-12-07 and not yet run
+/// on a GPU (no device machine started that session); `benchmarks/flash_attention.md`
+/// has the command that checks and times it.
+fn tc_dkdv_shared_kv() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_DKDV_SHARED_KV", false))
+}
+
+/// Whether the tensor-core forward skips rescaling a row block's output accumulators
+/// when no row of it has a new running maximum (the factor is then exactly 1;
+/// `LONGVIEW_FLASH_LAZY_RESCALE=1`) rather than rescaling after every key tile. Off by
+/// default for the same reason as [`tc_dkdv_shared_kv`].
+fn tc_lazy_rescale() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_LAZY_RESCALE", false))
 }
 
 /// The forward (`inner`: tensor-core or scalar) over the keys of `k` and `v` that a

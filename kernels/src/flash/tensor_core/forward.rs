@@ -9,11 +9,12 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
+use super::online_softmax::online_softmax;
 use super::{
     acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_async,
     store_rows, wait_async_copies, zero,
 };
-use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
+use crate::flash::kernels::{NO_KEYS, counted_keys, key_hi, segment_lo};
 
 /// O and LSE. Cube: `(32, warps)` units, plane `w` owns the `16 m_tiles` query rows
 /// `[16 m_tiles w, 16 m_tiles (w + 1))` of the cube's block (`m_tiles` row blocks of
@@ -26,7 +27,9 @@ use crate::flash::kernels::{MASKED, NO_KEYS, counted_keys, key_hi, segment_lo};
 /// (registers for larger row blocks) instead of being held in registers. With
 /// `async_copy` the K and V tiles go from global to shared memory by `cp.async`
 /// ([`stage_async`]), issued at the top of a tile for the next one and waited for at
-/// its end, so no registers hold them in flight (`late_prefetch` is then moot).
+/// its end, so no registers hold them in flight (`late_prefetch` is then moot). With
+/// `lazy_rescale` a row block's accumulators are rescaled only after a tile that gave
+/// one of its rows a new maximum ([`online_softmax`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_forward_kernel<F: Float, N: Size>(
@@ -50,6 +53,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] q_shared: bool,
     #[comptime] counted: bool,
     #[comptime] async_copy: bool,
+    #[comptime] lazy_rescale: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -367,7 +371,19 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
             #[unroll]
             for mi in 0..m_tiles {
                 online_softmax::<F, NC>(
-                    &def, &mut s, &mut acc, &lo, &hi, &mut m, &mut l, tile, scale, kn, od, mi,
+                    &def,
+                    &mut s,
+                    &mut acc,
+                    &lo,
+                    &hi,
+                    &mut m,
+                    &mut l,
+                    tile,
+                    scale,
+                    kn,
+                    od,
+                    mi,
+                    lazy_rescale,
                 );
             }
             acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, kn, m_tiles);
@@ -459,150 +475,4 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
             }
         }
     }
-}
-
-/// One step of the online softmax for row block `mi` of a plane: scales and masks
-/// its scores `s` (keys `[tile, tile + 8 kn)`), updates the running maxima `m` and
-/// lane-partial sums `l` of its two rows (entries `2 mi`, `2 mi + 1`), rescales its
-/// accumulator tiles and leaves `P = exp(S - m)` in `s` (masked entries 0).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn online_softmax<F: Float, NC: Size>(
-    def: &MmaDefinition<F, F, f32>,
-    s: &mut Array<Vector<f32, NC>>,
-    acc: &mut Array<Vector<f32, NC>>,
-    lo: &Array<u32>,
-    hi: &Array<u32>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    tile: usize,
-    scale: f32,
-    #[comptime] kn: usize,
-    #[comptime] od: usize,
-    #[comptime] mi: usize,
-) {
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-    let vc = def.vector_size(MatrixIdent::Accumulator);
-    let lane = UNIT_POS_PLANE;
-    let g = (lane / 4) as usize;
-    let block_k = comptime!(kn * 8);
-    let lo0 = lo[comptime!(2 * mi)] as usize;
-    let hi0 = hi[comptime!(2 * mi)] as usize;
-    let lo1 = lo[comptime!(2 * mi + 1)] as usize;
-    let hi1 = hi[comptime!(2 * mi + 1)] as usize;
-
-    // Scale and mask; row maxima over the quad.
-    let full0 = lo0 <= tile && hi0 >= tile + block_k;
-    let full1 = lo1 <= tile && hi1 >= tile + block_k;
-    let mut mx0 = f32::new(MASKED);
-    let mut mx1 = f32::new(MASKED);
-    #[unroll]
-    for nb in 0..kn {
-        #[unroll]
-        for i in 0..c_vecs {
-            let at = comptime!((mi * kn + nb) * c_vecs + i);
-            let mut x = s[at];
-            #[unroll]
-            for e in 0..vc {
-                let (r, c) = def.position_of_nth(
-                    lane,
-                    comptime!((i * vc + e) as u32),
-                    MatrixIdent::Accumulator,
-                );
-                let key = tile + nb * 8 + c as usize;
-                let mut val = x.extract(e) * scale;
-                if r as usize == g {
-                    if !full0 && (key < lo0 || key >= hi0) {
-                        val = f32::new(MASKED);
-                    }
-                    mx0 = max(mx0, val);
-                } else {
-                    if !full1 && (key < lo1 || key >= hi1) {
-                        val = f32::new(MASKED);
-                    }
-                    mx1 = max(mx1, val);
-                }
-                x.insert(e, val);
-            }
-            s[at] = x;
-        }
-    }
-    mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
-    mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
-    mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
-    mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
-    // A row with nothing visible yet keeps NO_KEYS.
-    let m0 = m[comptime!(2 * mi)];
-    let m1 = m[comptime!(2 * mi + 1)];
-    let mut new0 = m0;
-    let mut new1 = m1;
-    if mx0 > f32::new(MASKED) {
-        new0 = max(m0, mx0);
-    }
-    if mx1 > f32::new(MASKED) {
-        new1 = max(m1, mx1);
-    }
-    let corr0 = (m0 - new0).exp();
-    let corr1 = (m1 - new1).exp();
-    m[comptime!(2 * mi)] = new0;
-    m[comptime!(2 * mi + 1)] = new1;
-    let mut l0 = l[comptime!(2 * mi)] * corr0;
-    let mut l1 = l[comptime!(2 * mi + 1)] * corr1;
-    #[unroll]
-    for nd in 0..od {
-        #[unroll]
-        for i in 0..c_vecs {
-            let at = comptime!((mi * od + nd) * c_vecs + i);
-            let mut x = acc[at];
-            #[unroll]
-            for e in 0..vc {
-                let (r, _c) = def.position_of_nth(
-                    lane,
-                    comptime!((i * vc + e) as u32),
-                    MatrixIdent::Accumulator,
-                );
-                let mut f = corr1;
-                if r as usize == g {
-                    f = corr0;
-                }
-                x.insert(e, x.extract(e) * f);
-            }
-            acc[at] = x;
-        }
-    }
-    // P = exp(S - m), masked entries 0; lane-partial row sums.
-    #[unroll]
-    for nb in 0..kn {
-        #[unroll]
-        for i in 0..c_vecs {
-            let at = comptime!((mi * kn + nb) * c_vecs + i);
-            let mut x = s[at];
-            #[unroll]
-            for e in 0..vc {
-                let (r, _c) = def.position_of_nth(
-                    lane,
-                    comptime!((i * vc + e) as u32),
-                    MatrixIdent::Accumulator,
-                );
-                // Masked entries: the exponential is computed and discarded by a
-                // select rather than skipped by a branch, so that the exponentials of
-                // a tile overlap (one branch each serialised them: 2026-12-06
-                // profile, benchmarks/flash_attention.md).
-                let val = x.extract(e);
-                let visible = val > f32::new(MASKED);
-                if r as usize == g {
-                    let p = select(visible, (val - new0).exp(), 0.0f32);
-                    l0 += p;
-                    x.insert(e, p);
-                } else {
-                    let p = select(visible, (val - new1).exp(), 0.0f32);
-                    l1 += p;
-                    x.insert(e, p);
-                }
-            }
-            s[at] = x;
-        }
-    }
-    l[comptime!(2 * mi)] = l0;
-    l[comptime!(2 * mi + 1)] = l1;
 }

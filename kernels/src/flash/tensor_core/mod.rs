@@ -37,6 +37,7 @@ mod dkdv;
 mod dq;
 mod dq_atomics;
 mod forward;
+mod online_softmax;
 
 pub use dkdv::flash_tc_dkdv_kernel;
 pub use dq::flash_tc_dq_kernel;
