@@ -369,6 +369,7 @@ fn launch_forward<F: Float + CubeElement>(
             counted,
             tc_async_copy(),
             tc_lazy_rescale(),
+            tc_fold_scale(),
         );
         return;
     }
@@ -421,6 +422,15 @@ fn tc_dkdv_shared_kv() -> bool {
 fn tc_lazy_rescale() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_LAZY_RESCALE", false))
+}
+
+/// Whether the tensor-core forward applies the softmax scale inside the exponential's
+/// argument by a fused multiply-add (`LONGVIEW_FLASH_FOLD_SCALE=1`) rather than
+/// multiplying every score before the mask and the row maximum. Off by default until
+/// it has been checked and timed on a GPU (written 2026-12-07).
+fn tc_fold_scale() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_FOLD_SCALE", false))
 }
 
 /// The forward (`inner`: tensor-core or scalar) over the keys of `k` and `v` that a

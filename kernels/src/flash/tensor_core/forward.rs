@@ -29,7 +29,8 @@ use crate::flash::kernels::{NO_KEYS, counted_keys, key_hi, segment_lo};
 /// ([`stage_async`]), issued at the top of a tile for the next one and waited for at
 /// its end, so no registers hold them in flight (`late_prefetch` is then moot). With
 /// `lazy_rescale` a row block's accumulators are rescaled only after a tile that gave
-/// one of its rows a new maximum ([`online_softmax`]).
+/// one of its rows a new maximum; with `fold_scale` the softmax scale is applied inside
+/// the exponential's argument ([`online_softmax`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_forward_kernel<F: Float, N: Size>(
@@ -54,6 +55,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
     #[comptime] counted: bool,
     #[comptime] async_copy: bool,
     #[comptime] lazy_rescale: bool,
+    #[comptime] fold_scale: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -384,6 +386,7 @@ pub fn flash_tc_forward_kernel<F: Float, N: Size>(
                     od,
                     mi,
                     lazy_rescale,
+                    fold_scale,
                 );
             }
             acc_to_a::<F, NA, NC>(&def, &s, &mut p_frag, kn, m_tiles);

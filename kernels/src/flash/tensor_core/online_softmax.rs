@@ -16,7 +16,11 @@ use crate::flash::kernels::MASKED;
 /// accumulator tiles and leaves `P = exp(S - m)` in `s` (masked entries 0). With
 /// `lazy_rescale` the accumulators are left alone when no row of the row block (in the
 /// whole plane) has a new maximum: every factor is then `exp(0)`, exactly 1, and after
-/// the first tiles of a long row most tiles do not move its maximum.
+/// the first tiles of a long row most tiles do not move its maximum. With `fold_scale`
+/// the scores stay unscaled through the mask and the row maximum (the scale is
+/// positive, so the maximum is the same element), and the scale is applied inside the
+/// exponential's argument by one fused multiply-add, `exp(fma(s, scale, -m))`, instead
+/// of a multiply of every score before it (`m` is kept scaled either way).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn online_softmax<F: Float, NC: Size>(
@@ -33,6 +37,7 @@ pub(super) fn online_softmax<F: Float, NC: Size>(
     #[comptime] od: usize,
     #[comptime] mi: usize,
     #[comptime] lazy_rescale: bool,
+    #[comptime] fold_scale: bool,
 ) {
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
     let vc = def.vector_size(MatrixIdent::Accumulator);
@@ -63,7 +68,10 @@ pub(super) fn online_softmax<F: Float, NC: Size>(
                     MatrixIdent::Accumulator,
                 );
                 let key = tile + nb * 8 + c as usize;
-                let mut val = x.extract(e) * scale;
+                let mut val = x.extract(e);
+                if !fold_scale {
+                    val *= scale;
+                }
                 if r as usize == g {
                     if !full0 && (key < lo0 || key >= hi0) {
                         val = f32::new(MASKED);
@@ -84,6 +92,16 @@ pub(super) fn online_softmax<F: Float, NC: Size>(
     mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
     mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
     mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
+    if fold_scale {
+        // The maxima of the unscaled scores, scaled once (a masked MASKED stays below
+        // the visibility test below, which looks at the unscaled value).
+        if mx0 > f32::new(MASKED) {
+            mx0 *= scale;
+        }
+        if mx1 > f32::new(MASKED) {
+            mx1 *= scale;
+        }
+    }
     // A row with nothing visible yet keeps NO_KEYS.
     let m0 = m[comptime!(2 * mi)];
     let m1 = m[comptime!(2 * mi + 1)];
@@ -130,11 +148,19 @@ pub(super) fn online_softmax<F: Float, NC: Size>(
                 let val = x.extract(e);
                 let visible = val > f32::new(MASKED);
                 if r as usize == g {
-                    let p = select(visible, (val - new0).exp(), 0.0f32);
+                    let mut arg = val - new0;
+                    if fold_scale {
+                        arg = fma(val, scale, -new0);
+                    }
+                    let p = select(visible, arg.exp(), 0.0f32);
                     l0 += p;
                     x.insert(e, p);
                 } else {
-                    let p = select(visible, (val - new1).exp(), 0.0f32);
+                    let mut arg = val - new1;
+                    if fold_scale {
+                        arg = fma(val, scale, -new1);
+                    }
+                    let p = select(visible, arg.exp(), 0.0f32);
                     l1 += p;
                     x.insert(e, p);
                 }
