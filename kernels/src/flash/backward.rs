@@ -276,6 +276,7 @@ fn tc_dkdv_launch<F: Float + CubeElement>(
         fuse_dq,
         super::tc_async_copy(),
         super::tc_dkdv_shared_kv(),
+        super::tc_dq_shared_ds(),
     );
     Ok(())
 }

@@ -8,7 +8,7 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::dq_atomics::{add_dq_shared, store_dq_tile};
+use super::dq_atomics::{add_dq_shared, dq_product_loaded_ds, dq_product_shared_ds, store_dq_tile};
 use super::{
     acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_async,
     store_rows, wait_async_copies, zero,
@@ -25,7 +25,10 @@ use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 /// and `dP^T`) are read from shared memory one 16-column block at a time inside the
 /// products ([`mma_abt_shared_a`]) instead of being loaded whole into registers for
 /// each query tile: the same loads, about 28 fewer registers live during the products,
-/// and the products walk the k blocks outermost.
+/// and the products walk the k blocks outermost. With `dq_shared_ds` the fused dQ's
+/// product reads dS from shared memory one k-block at a time
+/// ([`dq_product_shared_ds`]) instead of loading all of the plane's dS fragments
+/// first: 28 fewer registers live in the dQ phase.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
@@ -51,6 +54,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     #[comptime] fuse_dq: bool,
     #[comptime] async_copy: bool,
     #[comptime] shared_kv: bool,
+    #[comptime] dq_shared_ds: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -200,7 +204,6 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     let dq_pitch = comptime!(padded + 4);
     let mut dq_s =
         Shared::<[f32]>::new_slice(comptime!(if fuse_dq { block_q * dq_pitch } else { 1 }));
-    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(block_k / 16 * a_vecs));
 
     for gi in 0..group {
         let h = hk * group + gi;
@@ -519,29 +522,32 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                 let ct = (warp / row_blocks) * dq_tiles;
                 let a_row = rb * 16 + (lane % 16) as usize;
                 let a_col = (lane / 16) as usize * 8;
-                #[unroll]
-                for kb in 0..comptime!(block_k / 16) {
-                    let at = a_row * ds_pitch + kb * 16 + a_col;
-                    let regs =
-                        def.load_matrix::<F, NA>(&ds_s[at..at + 8], MatrixIdent::A, 4usize, false);
-                    #[unroll]
-                    for i in 0..a_vecs {
-                        ds_frag[kb * a_vecs + i] = regs[i];
-                    }
-                }
                 zero::<NC>(&mut dq_t, comptime!(dq_tiles * c_vecs));
-                mma_ab::<F, N, NA, NA, NC>(
-                    &def,
-                    &ds_frag,
-                    &k_s,
-                    0usize,
-                    &mut dq_t,
-                    dq_tiles,
-                    comptime!(block_k / 16),
-                    pitch_v,
-                    ct,
-                    1usize,
-                );
+                if dq_shared_ds {
+                    dq_product_shared_ds::<F, N, NA, NC>(
+                        &def,
+                        &ds_s,
+                        a_row * ds_pitch + a_col,
+                        &k_s,
+                        &mut dq_t,
+                        dq_tiles,
+                        comptime!(block_k / 16),
+                        pitch_v,
+                        ct,
+                    );
+                } else {
+                    dq_product_loaded_ds::<F, N, NA, NC>(
+                        &def,
+                        &ds_s,
+                        a_row * ds_pitch + a_col,
+                        &k_s,
+                        &mut dq_t,
+                        dq_tiles,
+                        comptime!(block_k / 16),
+                        pitch_v,
+                        ct,
+                    );
+                }
                 // Into shared memory; the cube adds the whole tile with coalesced
                 // atomics after the barrier that ends the tile.
                 store_dq_tile::<F, NC>(&def, &dq_t, &mut dq_s, rb * 16, ct, dq_tiles, dq_pitch);
