@@ -8,7 +8,7 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::dq_atomics::{add_dq_shared, dq_product_loaded_ds, dq_product_shared_ds, store_dq_tile};
+use super::dq_atomics::{add_dq_shared, dq_product, store_dq_tile};
 use super::{
     acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_async,
     store_rows, wait_async_copies, zero,
@@ -27,7 +27,7 @@ use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 /// each query tile: the same loads, about 28 fewer registers live during the products,
 /// and the products walk the k blocks outermost. With `dq_shared_ds` the fused dQ's
 /// product reads dS from shared memory one k-block at a time
-/// ([`dq_product_shared_ds`]) instead of loading all of the plane's dS fragments
+/// ([`dq_product`]) instead of loading all of the plane's dS fragments
 /// first: 28 fewer registers live in the dQ phase.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -523,31 +523,18 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                 let a_row = rb * 16 + (lane % 16) as usize;
                 let a_col = (lane / 16) as usize * 8;
                 zero::<NC>(&mut dq_t, comptime!(dq_tiles * c_vecs));
-                if dq_shared_ds {
-                    dq_product_shared_ds::<F, N, NA, NC>(
-                        &def,
-                        &ds_s,
-                        a_row * ds_pitch + a_col,
-                        &k_s,
-                        &mut dq_t,
-                        dq_tiles,
-                        comptime!(block_k / 16),
-                        pitch_v,
-                        ct,
-                    );
-                } else {
-                    dq_product_loaded_ds::<F, N, NA, NC>(
-                        &def,
-                        &ds_s,
-                        a_row * ds_pitch + a_col,
-                        &k_s,
-                        &mut dq_t,
-                        dq_tiles,
-                        comptime!(block_k / 16),
-                        pitch_v,
-                        ct,
-                    );
-                }
+                dq_product::<F, N, NA, NC>(
+                    &def,
+                    &ds_s,
+                    a_row * ds_pitch + a_col,
+                    &k_s,
+                    &mut dq_t,
+                    dq_tiles,
+                    comptime!(block_k / 16),
+                    pitch_v,
+                    ct,
+                    dq_shared_ds,
+                );
                 // Into shared memory; the cube adds the whole tile with coalesced
                 // atomics after the barrier that ends the tile.
                 store_dq_tile::<F, NC>(&def, &dq_t, &mut dq_s, rb * 16, ct, dq_tiles, dq_pitch);

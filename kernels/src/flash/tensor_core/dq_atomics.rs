@@ -15,12 +15,13 @@ use super::mma_ab;
 /// `ds_s` (bf16/f16 elements; this lane's `ldmatrix` row starts at element `a_at` and
 /// the 16-column k-blocks follow every 16 elements), K the shared tile `k_s` (rows are
 /// the k index, `kk` blocks of 16 from row 0; `n_tiles` column tiles of 8 from vector
-/// column `col0_v`). Each k-block's A fragment is loaded just before its products, so
-/// 4 registers hold dS rather than `4 kk`, and the `n_tiles` products of a k-block
-/// accumulate into independent tiles.
+/// column `col0_v`). With `one_block_at_a_time` each k-block's A fragment is loaded
+/// just before its products (4 registers hold dS rather than `4 kk`, and the `n_tiles`
+/// products of a k-block accumulate into independent tiles); otherwise all `kk`
+/// fragments are loaded first and one product runs over them.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn dq_product_shared_ds<F: Float, N: Size, NA: Size, NC: Size>(
+pub(super) fn dq_product<F: Float, N: Size, NA: Size, NC: Size>(
     def: &MmaDefinition<F, F, f32>,
     ds_s: &Shared<[F]>,
     a_at: usize,
@@ -30,61 +31,40 @@ pub(super) fn dq_product_shared_ds<F: Float, N: Size, NA: Size, NC: Size>(
     #[comptime] kk: usize,
     #[comptime] pitch_v: usize,
     col0_v: usize,
+    #[comptime] one_block_at_a_time: bool,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let blocks_held = comptime!(if one_block_at_a_time { 1 } else { kk });
+    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(blocks_held * a_vecs));
     #[unroll]
     for kb in 0..kk {
         let at = a_at + kb * 16;
         let regs = def.load_matrix::<F, NA>(&ds_s[at..at + 8], MatrixIdent::A, 4usize, false);
-        let mut af = Array::<Vector<F, NA>>::new(a_vecs);
+        let slot = comptime!(if one_block_at_a_time { 0 } else { kb });
         #[unroll]
         for i in 0..a_vecs {
-            af[i] = regs[i];
+            ds_frag[slot * a_vecs + i] = regs[i];
         }
+        if one_block_at_a_time {
+            mma_ab::<F, N, NA, NA, NC>(
+                def,
+                &ds_frag,
+                k_s,
+                kb * 16,
+                acc,
+                n_tiles,
+                1usize,
+                pitch_v,
+                col0_v,
+                1usize,
+            );
+        }
+    }
+    if !one_block_at_a_time {
         mma_ab::<F, N, NA, NA, NC>(
-            def,
-            &af,
-            k_s,
-            kb * 16,
-            acc,
-            n_tiles,
-            1usize,
-            pitch_v,
-            col0_v,
-            1usize,
+            def, &ds_frag, k_s, 0usize, acc, n_tiles, kk, pitch_v, col0_v, 1usize,
         );
     }
-}
-
-/// [`dq_product_shared_ds`] with all `kk` of the plane's dS A fragments loaded into
-/// registers first (`4 kk` registers), then one product over them.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dq_product_loaded_ds<F: Float, N: Size, NA: Size, NC: Size>(
-    def: &MmaDefinition<F, F, f32>,
-    ds_s: &Shared<[F]>,
-    a_at: usize,
-    k_s: &Shared<[Vector<F, N>]>,
-    acc: &mut Array<Vector<f32, NC>>,
-    #[comptime] n_tiles: usize,
-    #[comptime] kk: usize,
-    #[comptime] pitch_v: usize,
-    col0_v: usize,
-) {
-    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(kk * a_vecs));
-    #[unroll]
-    for kb in 0..kk {
-        let at = a_at + kb * 16;
-        let regs = def.load_matrix::<F, NA>(&ds_s[at..at + 8], MatrixIdent::A, 4usize, false);
-        #[unroll]
-        for i in 0..a_vecs {
-            ds_frag[kb * a_vecs + i] = regs[i];
-        }
-    }
-    mma_ab::<F, N, NA, NA, NC>(
-        def, &ds_frag, k_s, 0usize, acc, n_tiles, kk, pitch_v, col0_v, 1usize,
-    );
 }
 
 /// Stores a plane's dQ tiles (16 rows from tile row `row0`, column tiles `[ct, ct +
