@@ -405,16 +405,6 @@ fn tc_async_copy() -> bool {
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_ASYNC_COPY", true))
 }
 
-/// Whether the tensor-core dK/dV kernel reads its K and V rows from shared memory inside
-/// the `S^T` / `dP^T` products (`LONGVIEW_FLASH_DKDV_SHARED_KV=1`) rather than loading
-/// them whole into registers first. Off by default: written 2026-12-07 and not yet run
-/// on a GPU (no device machine started that session); `benchmarks/flash_attention.md`
-/// has the command that checks and times it.
-fn tc_dkdv_shared_kv() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_DKDV_SHARED_KV", false))
-}
-
 /// Whether the tensor-core dK/dV kernel's fused dQ reads dS from shared memory one
 /// k-block at a time inside its product (`LONGVIEW_FLASH_DQ_SHARED_DS=1`) rather than
 /// loading all of a plane's dS fragments first. Off by default until it has been
@@ -427,7 +417,8 @@ fn tc_dq_shared_ds() -> bool {
 /// Whether the tensor-core forward skips rescaling a row block's output accumulators
 /// when no row of it has a new running maximum (the factor is then exactly 1;
 /// `LONGVIEW_FLASH_LAZY_RESCALE=1`) rather than rescaling after every key tile. Off by
-/// default for the same reason as [`tc_dkdv_shared_kv`].
+/// default: it passed the f64 checks on an H100 but timed no faster (2026-12-07,
+/// `benchmarks/flash_attention.md`); kept for A/B runs.
 fn tc_lazy_rescale() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_LAZY_RESCALE", false))
@@ -435,8 +426,8 @@ fn tc_lazy_rescale() -> bool {
 
 /// Whether the tensor-core forward applies the softmax scale inside the exponential's
 /// argument by a fused multiply-add (`LONGVIEW_FLASH_FOLD_SCALE=1`) rather than
-/// multiplying every score before the mask and the row maximum. Off by default until
-/// it has been checked and timed on a GPU (written 2026-12-07).
+/// multiplying every score before the mask and the row maximum. Off by default for the
+/// same reason as [`tc_lazy_rescale`].
 fn tc_fold_scale() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_FOLD_SCALE", false))

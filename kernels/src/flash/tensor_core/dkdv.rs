@@ -10,8 +10,8 @@ use cubecl::prelude::*;
 
 use super::dq_atomics::{add_dq_shared, dq_product, store_dq_tile};
 use super::{
-    acc_to_a, commit, load_a, mma_ab, mma_abt, mma_abt_shared_a, prefetch, stage, stage_async,
-    store_rows, wait_async_copies, zero,
+    acc_to_a, commit, load_a, mma_ab, mma_abt, prefetch, stage, stage_async, store_rows,
+    wait_async_copies, zero,
 };
 use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 
@@ -21,14 +21,9 @@ use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 /// query tiles of `block_q` rows: `S^T = K Q^T`, `dP^T = V dO^T`,
 /// `dS^T = P^T (dP^T - delta)`, `dV += P^T dO`, `dK += dS^T Q`. With `async_copy` the
 /// next Q and dO tiles go to shared memory by `cp.async` ([`stage_async`]) instead of
-/// through registers. With `shared_kv` the plane's K and V rows (the A operand of `S^T`
-/// and `dP^T`) are read from shared memory one 16-column block at a time inside the
-/// products ([`mma_abt_shared_a`]) instead of being loaded whole into registers for
-/// each query tile: the same loads, about 28 fewer registers live during the products,
-/// and the products walk the k blocks outermost. With `dq_shared_ds` the fused dQ's
-/// product reads dS from shared memory one k-block at a time
-/// ([`dq_product`]) instead of loading all of the plane's dS fragments
-/// first: 28 fewer registers live in the dQ phase.
+/// through registers. With `dq_shared_ds` the fused dQ's product reads dS from shared
+/// memory one k-block at a time ([`dq_product`]) instead of loading all of the plane's
+/// dS fragments first: 28 fewer registers live in the dQ phase.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
@@ -53,7 +48,6 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     #[comptime] block_q: usize,
     #[comptime] fuse_dq: bool,
     #[comptime] async_copy: bool,
-    #[comptime] shared_kv: bool,
     #[comptime] dq_shared_ds: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
@@ -190,8 +184,7 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     zero::<NC>(&mut dv_acc, comptime!(od * c_vecs));
     let mut s = Array::<Vector<f32, NC>>::new(comptime!(qn * c_vecs));
     let mut dp = Array::<Vector<f32, NC>>::new(comptime!(qn * c_vecs));
-    let mut a_frag =
-        Array::<Vector<F, NA>>::new(comptime!(if shared_kv { 1 } else { kd * a_vecs }));
+    let mut a_frag = Array::<Vector<F, NA>>::new(comptime!(kd * a_vecs));
     let mut p_frag = Array::<Vector<F, NA>>::new(comptime!(qn / 2 * a_vecs));
     let mut ds_s = Shared::<[F]>::new_aligned_slice(
         comptime!(if fuse_dq { block_q * ds_pitch } else { 8 }),
@@ -378,59 +371,32 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
             if active {
                 zero::<NC>(&mut s, comptime!(qn * c_vecs));
                 zero::<NC>(&mut dp, comptime!(qn * c_vecs));
-                if shared_kv {
-                    mma_abt_shared_a::<F, N, NA, NA, NC>(
-                        &def,
-                        &k_s,
-                        warp * 16,
-                        &q_s,
-                        row0,
-                        &mut s,
-                        qn,
-                        kd,
-                        pitch_v,
-                        1usize,
-                    );
-                    mma_abt_shared_a::<F, N, NA, NA, NC>(
-                        &def,
-                        &v_s,
-                        warp * 16,
-                        &g_s,
-                        row0,
-                        &mut dp,
-                        qn,
-                        kd,
-                        pitch_v,
-                        1usize,
-                    );
-                } else {
-                    load_a::<F, N, NA>(
-                        &def,
-                        &k_s,
-                        warp * 16,
-                        &mut a_frag,
-                        kd,
-                        pitch_v,
-                        1usize,
-                        0usize,
-                    );
-                    mma_abt::<F, N, NA, NA, NC>(
-                        &def, &a_frag, &q_s, row0, &mut s, qn, kd, pitch_v, 1usize,
-                    );
-                    load_a::<F, N, NA>(
-                        &def,
-                        &v_s,
-                        warp * 16,
-                        &mut a_frag,
-                        kd,
-                        pitch_v,
-                        1usize,
-                        0usize,
-                    );
-                    mma_abt::<F, N, NA, NA, NC>(
-                        &def, &a_frag, &g_s, row0, &mut dp, qn, kd, pitch_v, 1usize,
-                    );
-                }
+                load_a::<F, N, NA>(
+                    &def,
+                    &k_s,
+                    warp * 16,
+                    &mut a_frag,
+                    kd,
+                    pitch_v,
+                    1usize,
+                    0usize,
+                );
+                mma_abt::<F, N, NA, NA, NC>(
+                    &def, &a_frag, &q_s, row0, &mut s, qn, kd, pitch_v, 1usize,
+                );
+                load_a::<F, N, NA>(
+                    &def,
+                    &v_s,
+                    warp * 16,
+                    &mut a_frag,
+                    kd,
+                    pitch_v,
+                    1usize,
+                    0usize,
+                );
+                mma_abt::<F, N, NA, NA, NC>(
+                    &def, &a_frag, &g_s, row0, &mut dp, qn, kd, pitch_v, 1usize,
+                );
                 // P^T (into s) and dS^T (into dp), masked entries 0.
                 #[unroll]
                 for nb in 0..qn {
