@@ -18,6 +18,8 @@ pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 pub mod reference;
+#[cfg(feature = "cuda")]
+pub mod wgmma;
 
 pub use flash::{
     AttnError, DeviceTensor, FlashKernel, FlashOptions, flash_backward, flash_backward_from_delta,

@@ -381,6 +381,28 @@ fn main() {
         }
         return;
     }
+    if has("--wgmma") {
+        // `--wgmma`: the warpgroup MMA's own rate (`longview_kernels::wgmma::throughput`:
+        // m64n128k128 repeated on shared-memory operands, no memory traffic), by cubes of
+        // 1 to 3 warpgroups over 132 x 1..8 cubes.
+        println!("| cubes | warpgroups a cube | products a warpgroup | ms | TFLOP/s |");
+        println!("|---|---|---|---|---|");
+        for warpgroups in [1usize, 2, 3] {
+            for per_sm in [1u32, 2, 4, 8] {
+                let cubes = 132 * per_sm;
+                match longview_kernels::wgmma::throughput(&client, cubes, warpgroups, 4000) {
+                    Ok(run) => println!(
+                        "| {cubes} | {warpgroups} | {} | {:.2} | {:.1} |",
+                        run.iterations,
+                        run.seconds * 1e3,
+                        run.tflops
+                    ),
+                    Err(e) => println!("| {cubes} | {warpgroups} | failed: {e} | | |"),
+                }
+            }
+        }
+        return;
+    }
     if has("--sweep") {
         // One scenario, no checks: compares tile sizes (LONGVIEW_FLASH_TILES) run to run.
         let tiles = std::env::var("LONGVIEW_FLASH_TILES").unwrap_or_else(|_| "default".into());

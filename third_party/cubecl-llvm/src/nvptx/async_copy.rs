@@ -1,14 +1,11 @@
-//! longview patch: asynchronous global-to-shared copies (`cp.async`, sm_80 and later) and
-//! operand-free inline PTX on the NVPTX target.
+//! longview patch: asynchronous global-to-shared copies (`cp.async`, sm_80 and later) on the
+//! NVPTX target. Inline PTX (`gpu_asm!`, used for the copies' group waits) is lowered in
+//! [`super::inline_asm`].
 //!
 //! * [`CopyAsyncOp`] (the kernel API's `copy_async`) lowers to
 //!   `llvm.nvvm.cp.async.{ca,cg}.shared.global.{4,8,16}`: 16-byte copies bypass L1 (`cg`),
 //!   smaller ones go through it (`ca`, the only form PTX has for them). The checked form
 //!   (`copy_async_checked`, zero-filling past the source length) is refused by name.
-//! * The inline-assembly op of `gpu_asm!` (`cube.asm`) lowers to LLVM inline assembly when it
-//!   has no operands and no results: `cp.async.commit_group;`, `cp.async.wait_group N;`,
-//!   `cp.async.wait_all;` and the like. It is volatile unless the op is marked pure, and
-//!   clobbers memory unless it says `nomem`. Forms with operands are refused by name.
 //!
 //! Completion is the kernel's business: a copy's bytes are in shared memory for the unit that
 //! issued it after a `cp.async.wait_group` / `cp.async.wait_all` of its own, and for the other
@@ -18,7 +15,7 @@
 //! this path up.
 
 use crate::prelude::*;
-use cubecl_core::ir::dialect::{InlineAsmOp as CubeAsmOp, MemoryClobbers, barrier::CopyAsyncOp};
+use cubecl_core::ir::dialect::barrier::CopyAsyncOp;
 
 const SHARED_ADDRESS_SPACE: u32 = 3;
 const GLOBAL_ADDRESS_SPACE: u32 = 1;
@@ -40,17 +37,6 @@ pub struct CopyAsyncSize(usize);
      copy in-bounds elements with `copy_async` and store zeros for the rest"
 )]
 pub struct CopyAsyncChecked;
-
-#[derive(Debug, Error)]
-#[error(
-    "`gpu_asm!(\"{template}\")` has {operands} operand(s) and {results} result(s): the LLVM path \
-     lowers inline assembly without operands or results only"
-)]
-pub struct InlineAsmOperands {
-    template: String,
-    operands: usize,
-    results: usize,
-}
 
 /// The LLVM intrinsic one `cp.async` of `bytes` bytes calls.
 pub fn cp_async_intrinsic(bytes: usize) -> Option<&'static str> {
@@ -105,40 +91,6 @@ impl ToLLVMDialect for CopyAsyncOp {
         let fn_ty = FuncType::get(ctx, void_ty, arg_tys, false);
         let call = llvm::CallIntrinsicOp::new(ctx, name.into(), fn_ty, args);
         rw.insert_op(ctx, &call);
-        rw.erase_operation(ctx, self.get_operation());
-        Ok(())
-    }
-}
-
-#[op_interface_impl]
-impl ToLLVMDialect for CubeAsmOp {
-    fn rewrite(
-        &self,
-        ctx: &mut Context,
-        rw: &mut DialectConversionRewriter,
-        _operands_info: &OperandsInfo,
-    ) -> Result<()> {
-        let template = self.asm(ctx).as_str().to_owned();
-        let operands = self.inputs(ctx).len();
-        let results = self.results(ctx).len();
-        if operands != 0 || results != 0 {
-            return input_err!(
-                self.loc(ctx),
-                InlineAsmOperands {
-                    template,
-                    operands,
-                    results
-                }
-            );
-        }
-        let constraints = match &*self.memory_clobbers(ctx) {
-            MemoryClobbers::Nomem => "",
-            _ => "~{memory}",
-        };
-        let side_effects = !self.pure(ctx);
-        let void_ty = VoidType::get(ctx).into();
-        let asm = llvm::InlineAsmOp::new(ctx, void_ty, vec![], &template, constraints, side_effects);
-        rw.insert_op(ctx, &asm);
         rw.erase_operation(ctx, self.get_operation());
         Ok(())
     }
