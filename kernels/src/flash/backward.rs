@@ -275,7 +275,6 @@ fn tc_dkdv_launch<F: Float + CubeElement>(
         t.dkdv_block_q,
         fuse_dq,
         super::tc_async_copy(),
-        super::tc_dq_shared_ds(),
     );
     Ok(())
 }

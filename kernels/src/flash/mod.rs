@@ -405,15 +405,6 @@ fn tc_async_copy() -> bool {
     *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_ASYNC_COPY", true))
 }
 
-/// Whether the tensor-core dK/dV kernel's fused dQ reads dS from shared memory one
-/// k-block at a time inside its product (`LONGVIEW_FLASH_DQ_SHARED_DS=1`) rather than
-/// loading all of a plane's dS fragments first. Off by default until it has been
-/// checked and timed on a GPU (written 2026-12-07).
-fn tc_dq_shared_ds() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::env_switch::switch("LONGVIEW_FLASH_DQ_SHARED_DS", false))
-}
-
 /// Whether the tensor-core forward skips rescaling a row block's output accumulators
 /// when no row of it has a new running maximum (the factor is then exactly 1;
 /// `LONGVIEW_FLASH_LAZY_RESCALE=1`) rather than rescaling after every key tile. Off by

@@ -21,9 +21,7 @@ use crate::flash::kernels::{MASKED, NO_KEYS, segment_hi, segment_lo};
 /// query tiles of `block_q` rows: `S^T = K Q^T`, `dP^T = V dO^T`,
 /// `dS^T = P^T (dP^T - delta)`, `dV += P^T dO`, `dK += dS^T Q`. With `async_copy` the
 /// next Q and dO tiles go to shared memory by `cp.async` ([`stage_async`]) instead of
-/// through registers. With `dq_shared_ds` the fused dQ's product reads dS from shared
-/// memory one k-block at a time ([`dq_product`]) instead of loading all of the plane's
-/// dS fragments first: 28 fewer registers live in the dQ phase.
+/// through registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
@@ -48,7 +46,6 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
     #[comptime] block_q: usize,
     #[comptime] fuse_dq: bool,
     #[comptime] async_copy: bool,
-    #[comptime] dq_shared_ds: bool,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -499,7 +496,6 @@ pub fn flash_tc_dkdv_kernel<F: Float, N: Size>(
                     comptime!(block_k / 16),
                     pitch_v,
                     ct,
-                    dq_shared_ds,
                 );
                 // Into shared memory; the cube adds the whole tile with coalesced
                 // atomics after the barrier that ends the tile.

@@ -15,10 +15,10 @@ use super::mma_ab;
 /// `ds_s` (bf16/f16 elements; this lane's `ldmatrix` row starts at element `a_at` and
 /// the 16-column k-blocks follow every 16 elements), K the shared tile `k_s` (rows are
 /// the k index, `kk` blocks of 16 from row 0; `n_tiles` column tiles of 8 from vector
-/// column `col0_v`). With `one_block_at_a_time` each k-block's A fragment is loaded
-/// just before its products (4 registers hold dS rather than `4 kk`, and the `n_tiles`
-/// products of a k-block accumulate into independent tiles); otherwise all `kk`
-/// fragments are loaded first and one product runs over them.
+/// column `col0_v`). All `kk` A fragments are loaded first, then one product runs over
+/// them. (Loading one k-block at a time just before its products was measured on an H100
+/// on 2026-12-07 as `LONGVIEW_FLASH_DQ_SHARED_DS`: the same registers, spill and
+/// instruction count, so the compiler had already scheduled it that way; removed.)
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dq_product<F: Float, N: Size, NA: Size, NC: Size>(
@@ -31,40 +31,21 @@ pub(super) fn dq_product<F: Float, N: Size, NA: Size, NC: Size>(
     #[comptime] kk: usize,
     #[comptime] pitch_v: usize,
     col0_v: usize,
-    #[comptime] one_block_at_a_time: bool,
 ) {
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let blocks_held = comptime!(if one_block_at_a_time { 1 } else { kk });
-    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(blocks_held * a_vecs));
+    let mut ds_frag = Array::<Vector<F, NA>>::new(comptime!(kk * a_vecs));
     #[unroll]
     for kb in 0..kk {
         let at = a_at + kb * 16;
         let regs = def.load_matrix::<F, NA>(&ds_s[at..at + 8], MatrixIdent::A, 4usize, false);
-        let slot = comptime!(if one_block_at_a_time { 0 } else { kb });
         #[unroll]
         for i in 0..a_vecs {
-            ds_frag[slot * a_vecs + i] = regs[i];
-        }
-        if one_block_at_a_time {
-            mma_ab::<F, N, NA, NA, NC>(
-                def,
-                &ds_frag,
-                k_s,
-                kb * 16,
-                acc,
-                n_tiles,
-                1usize,
-                pitch_v,
-                col0_v,
-                1usize,
-            );
+            ds_frag[kb * a_vecs + i] = regs[i];
         }
     }
-    if !one_block_at_a_time {
-        mma_ab::<F, N, NA, NA, NC>(
-            def, &ds_frag, k_s, 0usize, acc, n_tiles, kk, pitch_v, col0_v, 1usize,
-        );
-    }
+    mma_ab::<F, N, NA, NA, NC>(
+        def, &ds_frag, k_s, 0usize, acc, n_tiles, kk, pitch_v, col0_v, 1usize,
+    );
 }
 
 /// Stores a plane's dQ tiles (16 rows from tile row `row0`, column tiles `[ct, ct +
