@@ -5,8 +5,10 @@
 //!
 //! **Status: first building block, not used by the attention kernels yet.** What is here: the
 //! `m64n64k16` / `m64n128k16` bf16 products with f32 accumulators, both operands in shared
-//! memory without swizzling, each product waited for before the next ([`tile_product`] and
-//! its GPU test, `kernels/tests/wgmma.rs`).
+//! memory without swizzling (one step, or 64/128 deep chained in one asm statement), and the
+//! form with A in registers and B N-major (`register_a.rs`, what `P V` needs); each product
+//! is waited for before the next. [`check::check_tile_products`] compares them with an f64
+//! product (`kernels/tests/wgmma.rs`, `flash_bench --wgmma`).
 //!
 //! ## Operands in shared memory (no swizzle, both K-major)
 //!
@@ -29,10 +31,16 @@
 
 use cubecl::prelude::*;
 
+pub mod check;
 mod generated;
+mod register_a;
 mod throughput;
 
 pub use generated::*;
+pub use register_a::{
+    n_major_offset, n_major_offsets, pack_bf16x2, tile_product_register_a,
+    tile_product_register_a_kernel,
+};
 pub use throughput::{ThroughputRun, throughput};
 
 /// Bytes between core matrices adjacent in K in [`core_matrix_offset`]'s layout.
@@ -180,22 +188,7 @@ pub fn tile_product(
     offsets: DescriptorOffsets,
     chained: bool,
 ) -> Result<Vec<f32>, crate::AttnError> {
-    use crate::AttnError;
-    if n != 64 && n != 128 {
-        return Err(AttnError::Shape(format!("wgmma tile product: n = {n}, expected 64 or 128")));
-    }
-    if depth == 0 || depth % 16 != 0 || depth > 128 {
-        return Err(AttnError::Shape(format!(
-            "wgmma tile product: depth = {depth}, expected a multiple of 16 up to 128"
-        )));
-    }
-    if a.len() != 64 * depth || b.len() != n * depth {
-        return Err(AttnError::Shape(format!(
-            "wgmma tile product: a has {} elements and b {}, expected 64 x {depth} and {n} x {depth}",
-            a.len(),
-            b.len()
-        )));
-    }
+    check_tile_shape(a.len(), b.len(), n, depth)?;
     let (leading, stride) = match offsets {
         DescriptorOffsets::Documented => (LEADING_BYTES, stride_bytes_of(depth)),
         DescriptorOffsets::Exchanged => (stride_bytes_of(depth), LEADING_BYTES),
@@ -219,4 +212,30 @@ pub fn tile_product(
         );
     }
     c.to_vec::<f32>(client)
+}
+
+/// The shapes [`tile_product`] and [`tile_product_register_a`] take: `n` 64 or 128, `depth` a
+/// multiple of 16 up to 128, `a` 64 x `depth` and `b` `n` x `depth` elements.
+pub(crate) fn check_tile_shape(
+    a_len: usize,
+    b_len: usize,
+    n: usize,
+    depth: usize,
+) -> Result<(), crate::AttnError> {
+    use crate::AttnError;
+    if n != 64 && n != 128 {
+        return Err(AttnError::Shape(format!("wgmma tile product: n = {n}, expected 64 or 128")));
+    }
+    if depth == 0 || depth % 16 != 0 || depth > 128 {
+        return Err(AttnError::Shape(format!(
+            "wgmma tile product: depth = {depth}, expected a multiple of 16 up to 128"
+        )));
+    }
+    if a_len != 64 * depth || b_len != n * depth {
+        return Err(AttnError::Shape(format!(
+            "wgmma tile product: a has {a_len} elements and b {b_len}, expected 64 x {depth} \
+             and {n} x {depth}"
+        )));
+    }
+    Ok(())
 }

@@ -384,7 +384,16 @@ fn main() {
     if has("--wgmma") {
         // `--wgmma`: the warpgroup MMA's own rate (`longview_kernels::wgmma::throughput`:
         // m64n128k128 repeated on shared-memory operands, no memory traffic), by cubes of
-        // 1 to 3 warpgroups over 132 x 1..8 cubes.
+        // 1 to 3 warpgroups over 132 x 1..8 cubes; every helper checked against f64 first.
+        match longview_kernels::wgmma::check::check_tile_products(&client) {
+            Ok((passed, failed)) => {
+                for line in passed.iter().chain(&failed) {
+                    println!("{line}");
+                }
+                println!("wgmma checks: {} passed, {} failed", passed.len(), failed.len());
+            }
+            Err(e) => println!("wgmma checks did not run: {e}"),
+        }
         println!("| cubes | warpgroups a cube | products a warpgroup | ms | TFLOP/s |");
         println!("|---|---|---|---|---|");
         for warpgroups in [1usize, 2, 3] {

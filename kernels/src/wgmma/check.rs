@@ -1,0 +1,97 @@
+//! Every wgmma helper against an f64 product of the same bf16 inputs, on the device: the
+//! K-major tile products (step by step and chained) and the register-A / N-major-B products,
+//! 64 x n x depth for n = 64, 128 and depth 16 to 128, outputs NaN-poisoned. Tolerance:
+//! |c - ref| <= 1e-5 * sum_k |a_ik b_kj| + 1e-6 (f32 accumulation of exact bf16 products).
+//! Used by `kernels/tests/wgmma.rs` (which asserts) and `flash_bench --wgmma` (which prints).
+
+use half::bf16;
+
+use super::{DescriptorOffsets, tile_product, tile_product_register_a};
+use crate::reference::random_values;
+
+/// The largest violation of the tolerance as (row, col, got, want), or `None`; `b_at(col, k)`
+/// is the product's B element.
+fn worst_violation(
+    got: &[f32],
+    a: &[bf16],
+    b_at: impl Fn(usize, usize) -> f64,
+    n: usize,
+    depth: usize,
+) -> Option<(usize, usize, f32, f64)> {
+    let mut worst: Option<(f64, (usize, usize, f32, f64))> = None;
+    for row in 0..64 {
+        for col in 0..n {
+            let (mut want, mut magnitude) = (0.0f64, 0.0f64);
+            for kk in 0..depth {
+                let p = a[row * depth + kk].to_f64() * b_at(col, kk);
+                want += p;
+                magnitude += p.abs();
+            }
+            let value = got[row * n + col];
+            let excess = if value.is_nan() {
+                f64::INFINITY
+            } else {
+                (value as f64 - want).abs() - (1e-5 * magnitude + 1e-6)
+            };
+            if excess > 0.0 && worst.is_none_or(|w| excess > w.0) {
+                worst = Some((excess, (row, col, value, want)));
+            }
+        }
+    }
+    worst.map(|w| w.1)
+}
+
+fn bf16s(n: usize, seed: u64) -> Vec<bf16> {
+    random_values(n, seed).into_iter().map(bf16::from_f32).collect()
+}
+
+/// Runs every case; returns one line per case that passed and one per case that failed
+/// (with the worst element and whether exchanging the descriptor's two byte offsets fixes
+/// it, which tells a layout mix-up from any other mistake).
+pub fn check_tile_products(
+    client: &cubecl::prelude::Client,
+) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    for n in [64usize, 128] {
+        for depth in [16usize, 32, 64, 128] {
+            let seed = (n * 1000 + depth) as u64;
+            let a = bf16s(64 * depth, seed);
+            // K-major B (n x depth): the product is a b^T.
+            let b = bf16s(n * depth, seed + 1);
+            let b_kmajor = |col: usize, kk: usize| b[col * depth + kk].to_f64();
+            // N-major B (depth x n): the product is a b.
+            let b_nmajor = |col: usize, kk: usize| b[kk * n + col].to_f64();
+            let chains = depth == 128 || (depth == 64 && n == 64);
+            let mut cases: Vec<(String, bool, bool)> = vec![("k-major".into(), false, false)];
+            if chains {
+                cases.push(("k-major chained".into(), true, false));
+            }
+            cases.push(("register a, n-major b".into(), false, true));
+            for (name, chained, register_a) in cases {
+                let run = |offsets| {
+                    if register_a {
+                        tile_product_register_a(client, &a, &b, n, depth, offsets)
+                    } else {
+                        tile_product(client, &a, &b, n, depth, offsets, chained)
+                    }
+                };
+                let reference: &dyn Fn(usize, usize) -> f64 =
+                    if register_a { &b_nmajor } else { &b_kmajor };
+                let label = format!("{name} n {n} depth {depth}");
+                let Some((row, col, got, want)) =
+                    worst_violation(&run(DescriptorOffsets::Documented)?, &a, reference, n, depth)
+                else {
+                    passed.push(format!("{label}: within tolerance"));
+                    continue;
+                };
+                let exchanged = run(DescriptorOffsets::Exchanged)?;
+                let hint = match worst_violation(&exchanged, &a, reference, n, depth) {
+                    None => "with the two descriptor offsets exchanged it matches",
+                    Some(_) => "exchanging the descriptor offsets does not fix it",
+                };
+                failed.push(format!("{label}: c[{row}][{col}] = {got} against {want} ({hint})"));
+            }
+        }
+    }
+    Ok((passed, failed))
+}
