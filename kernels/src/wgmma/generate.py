@@ -10,121 +10,96 @@ STEPS = {64: (1, 4, 8), 128: (1, 8)}
 STEP_UNITS = 16
 
 
+def template_lines(regs, scale_pos, extra_regs, products):
+    """The asm template: copy the accumulator inputs to the outputs, fence, the products,
+    commit and wait. Placeholders: outputs 0..regs, accumulator inputs regs..2 regs."""
+    lines = ["{{", ".reg .pred accumulate;"] + extra_regs
+    lines.append(f"setp.ne.b32 accumulate, {{{scale_pos}}}, 0;")
+    lines += [f"mov.b32 {{{i}}}, {{{regs + i}}};" for i in range(regs)]
+    lines.append("wgmma.fence.sync.aligned;")
+    lines += products
+    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
+    return lines
+
+
+def rust_function(docs, signature, regs, lines, inputs):
+    """A `#[cube]` function around one `gpu_asm!`: accumulators read into scalars, passed in,
+    the outputs written back; `inputs` are the operands after the accumulators."""
+    template = "\\n\\\n         ".join(lines)
+    out = [f"/// {line}" for line in docs] + ["#[cube]"] + signature
+    out += [f"    let c{i} = acc[{i}];" for i in range(regs)]
+    out += [f"    let d{i}: f32;" for i in range(regs)]
+    out += ["    gpu_asm!(", f"        \"{template}\","]
+    out += [f"        out(_) d{i}," for i in range(regs)]
+    out += [f"        in(_) c{i}," for i in range(regs)]
+    out += [f"        in(_) {name}," for name in inputs]
+    out += ["    );"]
+    out += [f"    acc[{i}] = d{i};" for i in range(regs)]
+    out.append("}")
+    return "\n".join(out)
+
+
+def accumulators(regs):
+    return ", ".join(f"{{{i}}}" for i in range(regs))
+
+
 def helper(n, steps):
     regs = n // 2
-    pos_in0 = regs
-    pos_da = 2 * regs
-    pos_db = pos_da + 1
-    pos_scale = pos_da + 2
-    lines = ["{{", ".reg .pred accumulate;"]
-    if steps > 1:
-        lines.append(f".reg .b64 da<{steps}>, db<{steps}>;")
-    lines.append(f"setp.ne.b32 accumulate, {{{pos_scale}}}, 0;")
-    for i in range(regs):
-        lines.append(f"mov.b32 {{{i}}}, {{{pos_in0 + i}}};")
-    lines.append("wgmma.fence.sync.aligned;")
-    dlist = ", ".join(f"{{{i}}}" for i in range(regs))
+    pos_da, pos_db = 2 * regs, 2 * regs + 1
+    extra = [f".reg .b64 da<{steps}>, db<{steps}>;"] if steps > 1 else []
+    products = []
     for s in range(steps):
         if steps == 1:
             da, db = f"{{{pos_da}}}", f"{{{pos_db}}}"
         else:
             da, db = f"da{s}", f"db{s}"
-            lines.append(f"add.s64 da{s}, {{{pos_da}}}, {s * STEP_UNITS};")
-            lines.append(f"add.s64 db{s}, {{{pos_db}}}, {s * STEP_UNITS};")
+            products.append(f"add.s64 da{s}, {{{pos_da}}}, {s * STEP_UNITS};")
+            products.append(f"add.s64 db{s}, {{{pos_db}}}, {s * STEP_UNITS};")
         scale = "accumulate" if s == 0 else "1"
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{dlist}}}}}, {da}, {db}, {scale}, 1, 1, 0, 0;"
+        products.append(
+            f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{accumulators(regs)}}}}}, {da}, {db}, {scale}, 1, 1, 0, 0;"
         )
-    lines.append("wgmma.commit_group.sync.aligned;")
-    lines.append("wgmma.wait_group.sync.aligned 0;")
-    lines.append("}}")
-    template = "\\n\\\n         ".join(lines)
     depth = 16 * steps
-    out = []
-    out.append(f"/// `acc[0..{regs}] (+)= A B^T` for 64 x {n} x {depth} (`m64n{n}k16` x {steps}, bf16 in, f32")
-    out.append("/// accumulators), A and B K-major in shared memory from `desc_a` / `desc_b`, each")
-    out.append("/// 16-deep step 256 bytes further along K (the module's layout); `accumulate = 0`")
-    out.append("/// overwrites the accumulators. The steps chain in one asm statement and are waited")
-    out.append("/// for before it returns. Every unit of the warpgroup calls it with the same descriptors.")
-    out.append("#[cube]")
-    out.append(f"pub fn mma_m64n{n}k{depth}_bf16(acc: &mut Array<f32>, desc_a: u64, desc_b: u64, accumulate: u32) {{")
-    for i in range(regs):
-        out.append(f"    let c{i} = acc[{i}];")
-    for i in range(regs):
-        out.append(f"    let d{i}: f32;")
-    out.append("    gpu_asm!(")
-    out.append(f"        \"{template}\",")
-    for i in range(regs):
-        out.append(f"        out(_) d{i},")
-    for i in range(regs):
-        out.append(f"        in(_) c{i},")
-    out.append("        in(_) desc_a,")
-    out.append("        in(_) desc_b,")
-    out.append("        in(_) accumulate,")
-    out.append("    );")
-    for i in range(regs):
-        out.append(f"    acc[{i}] = d{i};")
-    out.append("}")
-    return "\n".join(out)
+    docs = [
+        f"`acc[0..{regs}] (+)= A B^T` for 64 x {n} x {depth} (`m64n{n}k16` x {steps}, bf16 in, f32",
+        "accumulators), A and B K-major in shared memory from `desc_a` / `desc_b`, each",
+        "16-deep step 256 bytes further along K (the module's layout); `accumulate = 0`",
+        "overwrites the accumulators. The steps chain in one asm statement and are waited",
+        "for before it returns. Every unit of the warpgroup calls it with the same descriptors.",
+    ]
+    signature = [
+        f"pub fn mma_m64n{n}k{depth}_bf16(acc: &mut Array<f32>, desc_a: u64, desc_b: u64, accumulate: u32) {{"
+    ]
+    lines = template_lines(regs, pos_da + 2, extra, products)
+    return rust_function(docs, signature, regs, lines, ["desc_a", "desc_b", "accumulate"])
 
 
 def helper_register_a(n):
     """`acc (+)= A B` with A's 64 x 16 fragment in registers and B N-major in shared memory."""
     regs = n // 2
-    pos_in0 = regs
     pos_a = 2 * regs
     pos_db = pos_a + 4
-    pos_scale = pos_db + 1
-    lines = ["{{", ".reg .pred accumulate;", f"setp.ne.b32 accumulate, {{{pos_scale}}}, 0;"]
-    for i in range(regs):
-        lines.append(f"mov.b32 {{{i}}}, {{{pos_in0 + i}}};")
-    lines.append("wgmma.fence.sync.aligned;")
-    dlist = ", ".join(f"{{{i}}}" for i in range(regs))
-    alist = ", ".join(f"{{{pos_a + i}}}" for i in range(4))
-    lines.append(
-        f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{dlist}}}}}, {{{{{alist}}}}}, {{{pos_db}}}, accumulate, 1, 1, 1;"
-    )
-    lines.append("wgmma.commit_group.sync.aligned;")
-    lines.append("wgmma.wait_group.sync.aligned 0;")
-    lines.append("}}")
-    template = "\\n\\\n         ".join(lines)
-    out = []
-    out.append(f"/// `acc[0..{regs}] (+)= A B` for 64 x {n} x 16 (`m64n{n}k16`, bf16 in, f32 accumulators) with")
-    out.append("/// A's fragment in registers (`a0..a3`, two bf16 each, the lower column in the low half:")
-    out.append("/// rows `16 w + g` / `+ 8` and columns `2 q`, `8 + 2 q` of warp `w`, lane `4 g + q`)")
-    out.append("/// and B (16 x n) N-major in shared memory from `desc_b` (the transpose bit set).")
-    out.append("/// `accumulate = 0` overwrites the accumulators. Waits for the product before it")
-    out.append("/// returns. Every unit of the warpgroup calls it.")
-    out.append("#[cube]")
-    out.append("#[allow(clippy::too_many_arguments)]")
-    out.append(f"pub fn mma_m64n{n}k16_bf16_register_a(")
-    out.append("    acc: &mut Array<f32>,")
-    out.append("    a0: u32,")
-    out.append("    a1: u32,")
-    out.append("    a2: u32,")
-    out.append("    a3: u32,")
-    out.append("    desc_b: u64,")
-    out.append("    accumulate: u32,")
-    out.append(") {")
-    for i in range(regs):
-        out.append(f"    let c{i} = acc[{i}];")
-    for i in range(regs):
-        out.append(f"    let d{i}: f32;")
-    out.append("    gpu_asm!(")
-    out.append(f"        \"{template}\",")
-    for i in range(regs):
-        out.append(f"        out(_) d{i},")
-    for i in range(regs):
-        out.append(f"        in(_) c{i},")
-    for i in range(4):
-        out.append(f"        in(_) a{i},")
-    out.append("        in(_) desc_b,")
-    out.append("        in(_) accumulate,")
-    out.append("    );")
-    for i in range(regs):
-        out.append(f"    acc[{i}] = d{i};")
-    out.append("}")
-    return "\n".join(out)
+    a_regs = ", ".join(f"{{{pos_a + i}}}" for i in range(4))
+    products = [
+        f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{accumulators(regs)}}}}}, {{{{{a_regs}}}}}, {{{pos_db}}}, accumulate, 1, 1, 1;"
+    ]
+    docs = [
+        f"`acc[0..{regs}] (+)= A B` for 64 x {n} x 16 (`m64n{n}k16`, bf16 in, f32 accumulators) with",
+        "A's fragment in registers (`a0..a3`, two bf16 each, the lower column in the low half:",
+        "rows `16 w + g` / `+ 8` and columns `2 q`, `8 + 2 q` of warp `w`, lane `4 g + q`)",
+        "and B (16 x n) N-major in shared memory from `desc_b` (the transpose bit set).",
+        "`accumulate = 0` overwrites the accumulators. Waits for the product before it",
+        "returns. Every unit of the warpgroup calls it.",
+    ]
+    signature = ["#[allow(clippy::too_many_arguments)]", f"pub fn mma_m64n{n}k16_bf16_register_a("]
+    signature += [
+        f"    {arg},"
+        for arg in ["acc: &mut Array<f32>", "a0: u32", "a1: u32", "a2: u32", "a3: u32", "desc_b: u64", "accumulate: u32"]
+    ]
+    signature.append(") {")
+    lines = template_lines(regs, pos_db + 1, [], products)
+    inputs = ["a0", "a1", "a2", "a3", "desc_b", "accumulate"]
+    return rust_function(docs, signature, regs, lines, inputs)
 
 
 HEADER = """//! Generated by `kernels/src/wgmma/generate.py` (do not edit by hand): the helper of one
@@ -139,22 +114,19 @@ use cubecl::prelude::*;
 
 OUT = os.path.join(HERE, "generated")
 os.makedirs(OUT, exist_ok=True)
-names = []
+files = []
 for n, counts in STEPS.items():
     for steps in counts:
         name = f"m64n{n}k{16 * steps}"
-        names.append(name)
-        with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
-            f.write(HEADER + "\n" + helper(n, steps) + "\n")
+        files.append((name, f"mma_{name}_bf16", helper(n, steps)))
 for n in (64, 128):
     name = f"m64n{n}k16_register_a"
+    files.append((name, f"mma_m64n{n}k16_bf16_register_a", helper_register_a(n)))
+for name, _, body in files:
     with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
-        f.write(HEADER + "\n" + helper_register_a(n) + "\n")
-    names.append(name)
+        f.write(HEADER + "\n" + body + "\n")
 with open(os.path.join(OUT, "mod.rs"), "w") as f:
     f.write("//! Generated by `kernels/src/wgmma/generate.py` (do not edit by hand).\n\n")
-    f.writelines(f"mod {name};\n" for name in names)
+    f.writelines(f"mod {name};\n" for name, _, _ in files)
     f.write("\n")
-    for name in names:
-        function = name.replace("_register_a", "_bf16_register_a") if "register_a" in name else f"{name}_bf16"
-        f.write(f"pub use {name}::mma_{function};\n")
+    f.writelines(f"pub use {name}::{function};\n" for name, function, _ in files)
