@@ -32,6 +32,7 @@
 use cubecl::prelude::*;
 
 pub mod check;
+pub mod forward;
 mod generated;
 mod register_a;
 mod throughput;

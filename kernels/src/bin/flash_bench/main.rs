@@ -19,6 +19,7 @@ use longview_kernels::reference::{Geometry, attention_f64, max_relative_error as
 use std::time::Instant;
 
 mod decode;
+mod wgmma;
 use decode::bench_decode;
 
 use cubecl::prelude::*;
@@ -382,34 +383,12 @@ fn main() {
         return;
     }
     if has("--wgmma") {
-        // `--wgmma`: the warpgroup MMA's own rate (`longview_kernels::wgmma::throughput`:
-        // m64n128k128 repeated on shared-memory operands, no memory traffic), by cubes of
-        // 1 to 3 warpgroups over 132 x 1..8 cubes; every helper checked against f64 first.
-        match longview_kernels::wgmma::check::check_tile_products(&client) {
-            Ok((passed, failed)) => {
-                for line in passed.iter().chain(&failed) {
-                    println!("{line}");
-                }
-                println!("wgmma checks: {} passed, {} failed", passed.len(), failed.len());
-            }
-            Err(e) => println!("wgmma checks did not run: {e}"),
-        }
-        println!("| cubes | warpgroups a cube | products a warpgroup | ms | TFLOP/s |");
-        println!("|---|---|---|---|---|");
-        for warpgroups in [1usize, 2, 3] {
-            for per_sm in [1u32, 2, 4, 8] {
-                let cubes = 132 * per_sm;
-                match longview_kernels::wgmma::throughput(&client, cubes, warpgroups, 4000) {
-                    Ok(run) => println!(
-                        "| {cubes} | {warpgroups} | {} | {:.2} | {:.1} |",
-                        run.iterations,
-                        run.seconds * 1e3,
-                        run.tflops
-                    ),
-                    Err(e) => println!("| {cubes} | {warpgroups} | failed: {e} | | |"),
-                }
-            }
-        }
+        wgmma::run(&client);
+        // The mma.sync kernels on the same shape, for comparison in the same process.
+        println!("| scenario | shape | mask | scalar fwd (ms, TFLOP/s) | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |");
+        println!("|---|---|---|---|---|---|---|---|");
+        bench(&client, "LLM", 1, (16, 16), 32768, 128, true, 3, false);
+        bench(&client, "LLM", 1, (16, 16), 32768, 128, false, 3, false);
         return;
     }
     if has("--sweep") {

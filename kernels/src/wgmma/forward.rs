@@ -1,0 +1,287 @@
+//! A first flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE),
+//! to learn what the instruction gives attention before the model's kernels move to it.
+//! **Experimental**: not used by the model or `flash_forward`; checked and timed by
+//! `flash_bench --wgmma` only.
+//!
+//! Cube: two warpgroups, 64 query rows each (128 rows a cube); grid `(ceil(Sq / 128),
+//! B * H)`. Q is staged once into shared memory, then for each tile of 128 keys: K and V
+//! staged (single-buffered, through registers, 4 bytes a load), `S = Q K^T` as one chained
+//! `m64n128k128` into 64 accumulators, the online softmax on the accumulator layout (each
+//! unit holds rows `g` and `g + 8` of its warp's 16, reduced over the quad with two
+//! shuffles), P packed into bf16 A fragments, `O += P V` as eight register-A `m64n128k16`
+//! steps. K and V use the same core-matrix layout ((row, 8-column group) -> 128 bytes);
+//! only their descriptors differ: K-major for K, N-major with the transpose bit for V.
+//! Causal masking assumes `Sq = Sk` (no block offsets); GQA by `group` query heads a kv head.
+
+use cubecl::prelude::*;
+
+use super::{
+    accumulator_col, mma_m64n128k16_bf16_register_a, mma_m64n128k128_bf16, pack_bf16x2,
+    shared_address, shared_descriptor,
+};
+
+/// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
+const MASKED: f32 = -1.0e38;
+/// The head dimension this kernel handles.
+pub const HEAD_DIM: usize = 128;
+/// Query rows a cube handles (two warpgroups of 64).
+pub const ROWS_A_CUBE: usize = 128;
+
+/// Word (u32, two bf16) offset of word `word` (0..64) of row `row` in the core-matrix layout of
+/// a 128-wide bf16 tile: 8-row groups 2048 bytes apart, 8-column groups 128 bytes apart.
+#[cube]
+fn tile_word(row: usize, word: usize) -> usize {
+    ((row / 8) * 16 + word / 4) * 32 + (row % 8) * 4 + word % 4
+}
+
+/// Copies rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (as u32 words from
+/// `base`) into `tile`, zeros past row `rows`.
+#[cube]
+fn stage_tile(src: &[u32], base: usize, first: usize, rows: usize, tile: &mut Shared<[u32]>) {
+    let mut i = UNIT_POS as usize;
+    while i < 8192usize {
+        let row = i / 64;
+        let word = i % 64;
+        let mut value = 0u32;
+        if first + row < rows {
+            value = src[base + (first + row) * 64 + word];
+        }
+        tile[tile_word(row, word)] = value;
+        i += 256usize;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn forward_kernel(
+    q: &[u32],
+    k: &[u32],
+    v: &[u32],
+    o: &mut [half::bf16],
+    lse: &mut [f32],
+    sq: u32,
+    sk: u32,
+    heads: u32,
+    group: u32,
+    scale: f32,
+    #[comptime] causal: bool,
+) {
+    let unit = UNIT_POS as usize;
+    let warpgroup = unit / 128;
+    let t = unit % 128;
+    let lane = t % 32;
+    let g = lane / 4;
+    let (sq, sk) = (sq as usize, sk as usize);
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / heads as usize;
+    let h = bh % heads as usize;
+    let kv_heads = (heads / group) as usize;
+    let kv = b * kv_heads + h / group as usize;
+    let first = CUBE_POS_X as usize * 128;
+    let row0 = first + warpgroup * 64 + (t / 32) * 16 + g;
+    let row1 = row0 + 8;
+
+    let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
+    let mut k_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
+    let mut v_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
+    stage_tile(q, bh * sq * 64, first, sq, &mut q_s);
+    let q_address = shared_address::<u32>(&q_s) + (warpgroup * 16384) as u32;
+    let desc_q = shared_descriptor(q_address, 128u32, 2048u32);
+    let k_address = shared_address::<u32>(&k_s);
+    let desc_k = shared_descriptor(k_address, 128u32, 2048u32);
+    let v_address = shared_address::<u32>(&v_s);
+
+    let mut s = Array::<f32>::new(64usize);
+    let mut acc = Array::<f32>::new(64usize);
+    #[unroll]
+    for i in 0..64usize {
+        acc[i] = 0.0f32;
+    }
+    let mut m0 = f32::new(MASKED);
+    let mut m1 = f32::new(MASKED);
+    let mut l0 = 0.0f32;
+    let mut l1 = 0.0f32;
+    let mut end = sk;
+    if causal && first + 128 < sk {
+        end = first + 128;
+    }
+    let mut tile = 0usize;
+    while tile < end {
+        sync_cube();
+        stage_tile(k, kv * sk * 64, tile, sk, &mut k_s);
+        stage_tile(v, kv * sk * 64, tile, sk, &mut v_s);
+        sync_cube();
+        mma_m64n128k128_bf16(&mut s, desc_q, desc_k, 0u32);
+
+        // Scale and mask; row maxima over the quad.
+        let mut mx0 = f32::new(MASKED);
+        let mut mx1 = f32::new(MASKED);
+        #[unroll]
+        for i in 0..64usize {
+            let col = tile + accumulator_col(t, i);
+            let upper = comptime!((i / 2) % 2 == 0);
+            let row = if upper { row0 } else { row1 };
+            let mut x = s[i] * scale;
+            if col >= sk || (causal && col > row) {
+                x = f32::new(MASKED);
+            }
+            s[i] = x;
+            if upper {
+                mx0 = max(mx0, x);
+            } else {
+                mx1 = max(mx1, x);
+            }
+        }
+        mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
+        mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
+        mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
+        mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
+        let new0 = max(m0, mx0);
+        let new1 = max(m1, mx1);
+        let alpha0 = (m0 - new0).exp();
+        let alpha1 = (m1 - new1).exp();
+        m0 = new0;
+        m1 = new1;
+
+        // P = exp(S - m) (masked entries 0), row sums, rescaled accumulators.
+        let mut sum0 = 0.0f32;
+        let mut sum1 = 0.0f32;
+        #[unroll]
+        for i in 0..64usize {
+            let upper = comptime!((i / 2) % 2 == 0);
+            let m = if upper { m0 } else { m1 };
+            let mut p = 0.0f32;
+            if s[i] > f32::new(MASKED) {
+                p = (s[i] - m).exp();
+            }
+            s[i] = p;
+            if upper {
+                sum0 += p;
+                acc[i] *= alpha0;
+            } else {
+                sum1 += p;
+                acc[i] *= alpha1;
+            }
+        }
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
+
+        // O += P V, 16 keys a step: accumulators 8j..8j+8 are step j's A fragment.
+        #[unroll]
+        for j in 0..8usize {
+            let a0 = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
+            let a1 = pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
+            let a2 = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
+            let a3 = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
+            let step = comptime!((j * 4096) as u32);
+            let desc_v = shared_descriptor(v_address + step, 2048u32, 128u32);
+            mma_m64n128k16_bf16_register_a(&mut acc, a0, a1, a2, a3, desc_v, 1u32);
+        }
+        tile += 128;
+    }
+
+    // Row sums over the quad, then O / l and LSE.
+    l0 += plane_shuffle_xor(l0, 1u32);
+    l0 += plane_shuffle_xor(l0, 2u32);
+    l1 += plane_shuffle_xor(l1, 1u32);
+    l1 += plane_shuffle_xor(l1, 2u32);
+    let mut inv0 = 0.0f32;
+    let mut inv1 = 0.0f32;
+    let mut lse0 = f32::new(MASKED);
+    let mut lse1 = f32::new(MASKED);
+    if l0 > 0.0f32 {
+        inv0 = 1.0f32 / l0;
+        lse0 = m0 + l0.ln();
+    }
+    if l1 > 0.0f32 {
+        inv1 = 1.0f32 / l1;
+        lse1 = m1 + l1.ln();
+    }
+    #[unroll]
+    for i in 0..64usize {
+        let upper = comptime!((i / 2) % 2 == 0);
+        let row = if upper { row0 } else { row1 };
+        let inv = if upper { inv0 } else { inv1 };
+        if row < sq {
+            o[(bh * sq + row) * 128 + accumulator_col(t, i)] = half::bf16::cast_from(acc[i] * inv);
+        }
+    }
+    if lane % 4 == 0 {
+        if row0 < sq {
+            lse[bh * sq + row0] = lse0;
+        }
+        if row1 < sq {
+            lse[bh * sq + row1] = lse1;
+        }
+    }
+}
+
+/// Shape of one [`forward`] call: `[batch, heads, seq, 128]` bf16 inputs, `kv_heads` dividing
+/// `heads`; causal needs `seq_q == seq_k`.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub causal: bool,
+}
+
+/// O (`[batch, heads, seq_q, 128]` bf16) and LSE (`[batch, heads, seq_q]` f32, natural log;
+/// `-1e38` for a row that sees no key) of softmax(Q K^T / sqrt(128)) V on the device. Needs a
+/// CUDA device of compute capability 9.0.
+pub fn forward(
+    client: &Client,
+    q: &crate::DeviceTensor,
+    k: &crate::DeviceTensor,
+    v: &crate::DeviceTensor,
+    shape: ForwardShape,
+) -> Result<(crate::DeviceTensor, crate::DeviceTensor), crate::AttnError> {
+    use crate::AttnError;
+    let ForwardShape { batch, heads, kv_heads, seq_q, seq_k, causal } = shape;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(AttnError::Shape(format!(
+            "wgmma forward: {kv_heads} kv heads do not divide {heads} query heads"
+        )));
+    }
+    if causal && seq_q != seq_k {
+        return Err(AttnError::Options(format!(
+            "wgmma forward: causal needs seq_q == seq_k (got {seq_q} and {seq_k})"
+        )));
+    }
+    let expect = |t: &crate::DeviceTensor, name: &str, dims: [usize; 4]| {
+        if t.shape != dims {
+            return Err(AttnError::Shape(format!(
+                "wgmma forward: {name} has shape {:?}, expected {dims:?}",
+                t.shape
+            )));
+        }
+        Ok(())
+    };
+    expect(q, "q", [batch, heads, seq_q, HEAD_DIM])?;
+    expect(k, "k", [batch, kv_heads, seq_k, HEAD_DIM])?;
+    expect(v, "v", [batch, kv_heads, seq_k, HEAD_DIM])?;
+    let o = crate::DeviceTensor::poisoned::<half::bf16>(client, f32::NAN, &[batch, heads, seq_q, HEAD_DIM]);
+    let lse = crate::DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
+    let words = |n: usize| n * HEAD_DIM / 2;
+    unsafe {
+        forward_kernel::launch(
+            client,
+            CubeCount::Static(seq_q.div_ceil(ROWS_A_CUBE) as u32, (batch * heads) as u32, 1),
+            CubeDim::new_1d(256),
+            BufferArg::from_raw_parts(q.handle.clone(), words(batch * heads * seq_q)),
+            BufferArg::from_raw_parts(k.handle.clone(), words(batch * kv_heads * seq_k)),
+            BufferArg::from_raw_parts(v.handle.clone(), words(batch * kv_heads * seq_k)),
+            BufferArg::from_raw_parts(o.handle.clone(), batch * heads * seq_q * HEAD_DIM),
+            BufferArg::from_raw_parts(lse.handle.clone(), batch * heads * seq_q),
+            seq_q as u32,
+            seq_k as u32,
+            heads as u32,
+            (heads / kv_heads) as u32,
+            1.0 / (HEAD_DIM as f32).sqrt(),
+            causal,
+        );
+    }
+    Ok((o, lse))
+}
