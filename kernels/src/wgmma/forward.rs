@@ -4,8 +4,9 @@
 //! `flash_bench --wgmma` only.
 //!
 //! Cube: two warpgroups, 64 query rows each (128 rows a cube); grid `(ceil(Sq / 128),
-//! B * H)`. Q is staged once into shared memory, then for each tile of 128 keys: K and V
-//! staged (single-buffered, through registers, 4 bytes a load), `S = Q K^T` as one chained
+//! B * H)`. Q is staged once into shared memory, then for each tile of 128 keys (K and V
+//! double-buffered: the next tile's `cp.async` copies, 16 bytes each, run under this
+//! tile's products): `S = Q K^T` as one chained
 //! `m64n128k128` into 64 accumulators, the online softmax on the accumulator layout (each
 //! unit holds rows `g` and `g + 8` of its warp's 16, reduced over the quad with two
 //! shuffles), P packed into bf16 A fragments, `O += P V` as eight register-A `m64n128k16`
@@ -13,6 +14,7 @@
 //! only their descriptors differ: K-major for K, N-major with the transpose bit for V.
 //! Causal masking assumes `Sq = Sk` (no block offsets); GQA by `group` query heads a kv head.
 
+use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::{
@@ -51,6 +53,44 @@ fn stage_tile(src: &[u32], base: usize, first: usize, rows: usize, tile: &mut Sh
     }
 }
 
+/// Starts copying rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (u32 words from
+/// `base`) into the tile buffer at word `at` of `tile` with `cp.async`, 16 bytes (one
+/// core-matrix row) a copy; rows past `rows` are stored as zeros directly. In flight on
+/// return: each unit waits (`cp.async.wait_all`), then the cube syncs, before a read.
+#[cube]
+fn stage_tile_async(
+    src: &[u32],
+    base: usize,
+    first: usize,
+    rows: usize,
+    tile: &mut Shared<[u32]>,
+    at: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < 2048usize {
+        let row = i / 16;
+        let word = (i % 16) * 4;
+        let to = at + tile_word(row, word);
+        if first + row < rows {
+            let from = base + (first + row) * 64 + word;
+            copy_async(&src[from..from + 4], &mut tile[to..to + 4], 4u32);
+        } else {
+            tile[to] = 0u32;
+            tile[to + 1] = 0u32;
+            tile[to + 2] = 0u32;
+            tile[to + 3] = 0u32;
+        }
+        i += 256usize;
+    }
+}
+
+/// Orders this unit's generic-proxy writes to shared memory (stores, landed `cp.async`
+/// copies) before the warpgroup MMA's reads of it through the async proxy.
+#[cube]
+fn fence_for_wgmma() {
+    gpu_asm!("cp.async.wait_all;\nfence.proxy.async.shared::cta;");
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn forward_kernel(
@@ -82,13 +122,13 @@ pub fn forward_kernel(
     let row1 = row0 + 8;
 
     let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
-    let mut k_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
-    let mut v_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
+    // K and V tiles double-buffered: words [0, 8192) and [8192, 16384).
+    let mut k_s = Shared::<[u32]>::new_aligned_slice(16384usize, 128usize);
+    let mut v_s = Shared::<[u32]>::new_aligned_slice(16384usize, 128usize);
     stage_tile(q, bh * sq * 64, first, sq, &mut q_s);
     let q_address = shared_address::<u32>(&q_s) + (warpgroup * 16384) as u32;
     let desc_q = shared_descriptor(q_address, 128u32, 2048u32);
     let k_address = shared_address::<u32>(&k_s);
-    let desc_k = shared_descriptor(k_address, 128u32, 2048u32);
     let v_address = shared_address::<u32>(&v_s);
 
     let mut s = Array::<f32>::new(64usize);
@@ -105,12 +145,23 @@ pub fn forward_kernel(
     if causal && first + 128 < sk {
         end = first + 128;
     }
+    let kv_base = kv * sk * 64;
+    stage_tile_async(k, kv_base, 0usize, sk, &mut k_s, 0usize);
+    stage_tile_async(v, kv_base, 0usize, sk, &mut v_s, 0usize);
+    fence_for_wgmma();
+    sync_cube();
+    let mut buf = 0usize;
     let mut tile = 0usize;
     while tile < end {
-        sync_cube();
-        stage_tile(k, kv * sk * 64, tile, sk, &mut k_s);
-        stage_tile(v, kv * sk * 64, tile, sk, &mut v_s);
-        sync_cube();
+        // The next tile's copies go to the other buffer, which the barrier that ended the
+        // previous tile freed.
+        let next = tile + 128;
+        if next < end {
+            stage_tile_async(k, kv_base, next, sk, &mut k_s, (1 - buf) * 8192);
+            stage_tile_async(v, kv_base, next, sk, &mut v_s, (1 - buf) * 8192);
+        }
+        let desc_k = shared_descriptor(k_address + (buf * 32768) as u32, 128u32, 2048u32);
+        let v_tile = v_address + (buf * 32768) as u32;
         mma_m64n128k128_bf16(&mut s, desc_q, desc_k, 0u32);
 
         // Scale and mask; row maxima over the quad.
@@ -174,10 +225,13 @@ pub fn forward_kernel(
             let a2 = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
             let a3 = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
             let step = comptime!((j * 4096) as u32);
-            let desc_v = shared_descriptor(v_address + step, 2048u32, 128u32);
+            let desc_v = shared_descriptor(v_tile + step, 2048u32, 128u32);
             mma_m64n128k16_bf16_register_a(&mut acc, a0, a1, a2, a3, desc_v, 1u32);
         }
-        tile += 128;
+        fence_for_wgmma();
+        sync_cube();
+        buf = 1 - buf;
+        tile = next;
     }
 
     // Row sums over the quad, then O / l and LSE.
