@@ -10,7 +10,7 @@
 //! `m64n128k128` into 64 accumulators, the online softmax on the accumulator layout (each
 //! unit holds rows `g` and `g + 8` of its warp's 16, reduced over the quad with two
 //! shuffles), P packed into bf16 A fragments, `O += P V` as eight register-A `m64n128k16`
-//! steps. K and V use the same core-matrix layout ((row, 8-column group) -> 128 bytes);
+//! steps chained in one asm statement. K and V use the same core-matrix layout ((row, 8-column group) -> 128 bytes);
 //! only their descriptors differ: K-major for K, N-major with the transpose bit for V.
 //! Causal masking assumes `Sq = Sk` (no block offsets); GQA by `group` query heads a kv head.
 
@@ -18,7 +18,7 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::{
-    accumulator_col, mma_m64n128k16_bf16_register_a, mma_m64n128k128_bf16, pack_bf16x2,
+    accumulator_col, mma_m64n128k128_bf16, mma_m64n128k128_bf16_register_a, pack_bf16x2,
     shared_address, shared_descriptor,
 };
 
@@ -133,6 +133,7 @@ pub fn forward_kernel(
 
     let mut s = Array::<f32>::new(64usize);
     let mut acc = Array::<f32>::new(64usize);
+    let mut p_frag = Array::<u32>::new(32usize);
     #[unroll]
     for i in 0..64usize {
         acc[i] = 0.0f32;
@@ -217,17 +218,17 @@ pub fn forward_kernel(
         l0 = l0 * alpha0 + sum0;
         l1 = l1 * alpha1 + sum1;
 
-        // O += P V, 16 keys a step: accumulators 8j..8j+8 are step j's A fragment.
+        // O += P V, 16 keys a step (all eight in one asm statement): accumulators
+        // 8j..8j+8 are step j's A fragment.
         #[unroll]
         for j in 0..8usize {
-            let a0 = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
-            let a1 = pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
-            let a2 = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
-            let a3 = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
-            let step = comptime!((j * 4096) as u32);
-            let desc_v = shared_descriptor(v_tile + step, 2048u32, 128u32);
-            mma_m64n128k16_bf16_register_a(&mut acc, a0, a1, a2, a3, desc_v, 1u32);
+            p_frag[comptime!(4 * j)] = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
+            p_frag[comptime!(4 * j + 1)] = pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
+            p_frag[comptime!(4 * j + 2)] = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
+            p_frag[comptime!(4 * j + 3)] = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
         }
+        let desc_v = shared_descriptor(v_tile, 2048u32, 128u32);
+        mma_m64n128k128_bf16_register_a(&mut acc, &p_frag, desc_v, 1u32);
         fence_for_wgmma();
         sync_cube();
         buf = 1 - buf;

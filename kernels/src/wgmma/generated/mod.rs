@@ -7,6 +7,7 @@ mod m64n128k16;
 mod m64n128k128;
 mod m64n64k16_register_a;
 mod m64n128k16_register_a;
+mod m64n128k128_register_a;
 
 pub use m64n64k16::mma_m64n64k16_bf16;
 pub use m64n64k64::mma_m64n64k64_bf16;
@@ -15,3 +16,4 @@ pub use m64n128k16::mma_m64n128k16_bf16;
 pub use m64n128k128::mma_m64n128k128_bf16;
 pub use m64n64k16_register_a::mma_m64n64k16_bf16_register_a;
 pub use m64n128k16_register_a::mma_m64n128k16_bf16_register_a;
+pub use m64n128k128_register_a::mma_m64n128k128_bf16_register_a;
