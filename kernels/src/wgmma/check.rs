@@ -42,7 +42,10 @@ fn worst_violation(
 }
 
 fn bf16s(n: usize, seed: u64) -> Vec<bf16> {
-    random_values(n, seed).into_iter().map(bf16::from_f32).collect()
+    random_values(n, seed)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
 }
 
 /// Runs every case; returns one line per case that passed and one per case that failed
@@ -78,9 +81,13 @@ pub fn check_tile_products(
                 let reference: &dyn Fn(usize, usize) -> f64 =
                     if register_a { &b_nmajor } else { &b_kmajor };
                 let label = format!("{name} n {n} depth {depth}");
-                let Some((row, col, got, want)) =
-                    worst_violation(&run(DescriptorOffsets::Documented)?, &a, reference, n, depth)
-                else {
+                let Some((row, col, got, want)) = worst_violation(
+                    &run(DescriptorOffsets::Documented)?,
+                    &a,
+                    reference,
+                    n,
+                    depth,
+                ) else {
                     passed.push(format!("{label}: within tolerance"));
                     continue;
                 };
@@ -89,7 +96,9 @@ pub fn check_tile_products(
                     None => "with the two descriptor offsets exchanged it matches",
                     Some(_) => "exchanging the descriptor offsets does not fix it",
                 };
-                failed.push(format!("{label}: c[{row}][{col}] = {got} against {want} ({hint})"));
+                failed.push(format!(
+                    "{label}: c[{row}][{col}] = {got} against {want} ({hint})"
+                ));
             }
         }
     }
@@ -112,16 +121,41 @@ pub fn check_forward(
     ];
     for (case, &(batch, heads, kv_heads, seq, causal)) in cases.iter().enumerate() {
         let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
-        let q = round(random_values(batch * heads * seq * HEAD_DIM, 10 + case as u64));
-        let k = round(random_values(batch * kv_heads * seq * HEAD_DIM, 20 + case as u64));
-        let v = round(random_values(batch * kv_heads * seq * HEAD_DIM, 30 + case as u64));
-        let shape = ForwardShape { batch, heads, kv_heads, seq_q: seq, seq_k: seq, causal };
+        let q = round(random_values(
+            batch * heads * seq * HEAD_DIM,
+            10 + case as u64,
+        ));
+        let k = round(random_values(
+            batch * kv_heads * seq * HEAD_DIM,
+            20 + case as u64,
+        ));
+        let v = round(random_values(
+            batch * kv_heads * seq * HEAD_DIM,
+            30 + case as u64,
+        ));
+        let shape = ForwardShape {
+            batch,
+            heads,
+            kv_heads,
+            seq_q: seq,
+            seq_k: seq,
+            causal,
+        };
         let upload = |x: &[bf16], h: usize| {
             crate::DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM])
         };
-        let (o, lse) =
-            forward(client, &upload(&q, heads), &upload(&k, kv_heads), &upload(&v, kv_heads), shape)?;
-        let o: Vec<f32> = o.to_vec::<bf16>(client)?.into_iter().map(f32::from).collect();
+        let (o, lse) = forward(
+            client,
+            &upload(&q, heads),
+            &upload(&k, kv_heads),
+            &upload(&v, kv_heads),
+            shape,
+        )?;
+        let o: Vec<f32> = o
+            .to_vec::<bf16>(client)?
+            .into_iter()
+            .map(f32::from)
+            .collect();
         let lse = lse.to_vec::<f32>(client)?;
         let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
         let geometry = Geometry {
@@ -134,14 +168,26 @@ pub fn check_forward(
             scale: 1.0 / (HEAD_DIM as f64).sqrt(),
             empty_lse: -1.0e38,
         };
-        let want = attention_f64(&geometry, &wide(&q), &wide(&k), &wide(&v), None, |_, i, j| {
-            !causal || j <= i
-        });
-        let (o_err, lse_err) = (max_relative_error(&o, &want.o), max_relative_error(&lse, &want.lse));
+        let want = attention_f64(
+            &geometry,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            None,
+            |_, i, j| !causal || j <= i,
+        );
+        let (o_err, lse_err) = (
+            max_relative_error(&o, &want.o),
+            max_relative_error(&lse, &want.lse),
+        );
         let line = format!(
             "wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}: O {o_err:.1e} LSE {lse_err:.1e}"
         );
-        if o_err <= 1e-2 && lse_err <= 1e-3 { passed.push(line) } else { failed.push(line) }
+        if o_err <= 1e-2 && lse_err <= 1e-3 {
+            passed.push(line)
+        } else {
+            failed.push(line)
+        }
     }
     Ok((passed, failed))
 }

@@ -223,9 +223,12 @@ pub fn forward_kernel(
         #[unroll]
         for j in 0..8usize {
             p_frag[comptime!(4 * j)] = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
-            p_frag[comptime!(4 * j + 1)] = pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
-            p_frag[comptime!(4 * j + 2)] = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
-            p_frag[comptime!(4 * j + 3)] = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
+            p_frag[comptime!(4 * j + 1)] =
+                pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
+            p_frag[comptime!(4 * j + 2)] =
+                pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
+            p_frag[comptime!(4 * j + 3)] =
+                pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
         }
         let desc_v = shared_descriptor(v_tile, 2048u32, 128u32);
         mma_m64n128k128_bf16_register_a(&mut acc, &p_frag, desc_v, 1u32);
@@ -294,7 +297,14 @@ pub fn forward(
     shape: ForwardShape,
 ) -> Result<(crate::DeviceTensor, crate::DeviceTensor), crate::AttnError> {
     use crate::AttnError;
-    let ForwardShape { batch, heads, kv_heads, seq_q, seq_k, causal } = shape;
+    let ForwardShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        causal,
+    } = shape;
     if kv_heads == 0 || heads % kv_heads != 0 {
         return Err(AttnError::Shape(format!(
             "wgmma forward: {kv_heads} kv heads do not divide {heads} query heads"
@@ -317,13 +327,21 @@ pub fn forward(
     expect(q, "q", [batch, heads, seq_q, HEAD_DIM])?;
     expect(k, "k", [batch, kv_heads, seq_k, HEAD_DIM])?;
     expect(v, "v", [batch, kv_heads, seq_k, HEAD_DIM])?;
-    let o = crate::DeviceTensor::poisoned::<half::bf16>(client, f32::NAN, &[batch, heads, seq_q, HEAD_DIM]);
+    let o = crate::DeviceTensor::poisoned::<half::bf16>(
+        client,
+        f32::NAN,
+        &[batch, heads, seq_q, HEAD_DIM],
+    );
     let lse = crate::DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
     let words = |n: usize| n * HEAD_DIM / 2;
     unsafe {
         forward_kernel::launch(
             client,
-            CubeCount::Static(seq_q.div_ceil(ROWS_A_CUBE) as u32, (batch * heads) as u32, 1),
+            CubeCount::Static(
+                seq_q.div_ceil(ROWS_A_CUBE) as u32,
+                (batch * heads) as u32,
+                1,
+            ),
             CubeDim::new_1d(256),
             BufferArg::from_raw_parts(q.handle.clone(), words(batch * heads * seq_q)),
             BufferArg::from_raw_parts(k.handle.clone(), words(batch * kv_heads * seq_k)),

@@ -1,6 +1,8 @@
 # Generates kernels/src/wgmma/generated/: one file per inline-PTX helper of a warpgroup MMA
-# shape, and their mod.rs (run from anywhere: python3 kernels/src/wgmma/generate.py).
+# shape, and their mod.rs, formatted by rustfmt as `cargo fmt` would (run from anywhere:
+# python3 kernels/src/wgmma/generate.py).
 import os
+import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 16-deep steps per helper, for each n: one step, and whole 64- or 128-deep products.
@@ -74,62 +76,51 @@ def helper(n, steps):
     return rust_function(docs, signature, regs, lines, ["desc_a", "desc_b", "accumulate"])
 
 
-def helper_register_a(n):
-    """`acc (+)= A B` with A's 64 x 16 fragment in registers and B N-major in shared memory."""
-    regs = n // 2
-    pos_a = 2 * regs
-    pos_db = pos_a + 4
-    a_regs = ", ".join(f"{{{pos_a + i}}}" for i in range(4))
-    products = [
-        f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{accumulators(regs)}}}}}, {{{{{a_regs}}}}}, {{{pos_db}}}, accumulate, 1, 1, 1;"
-    ]
-    docs = [
-        f"`acc[0..{regs}] (+)= A B` for 64 x {n} x 16 (`m64n{n}k16`, bf16 in, f32 accumulators) with",
-        "A's fragment in registers (`a0..a3`, two bf16 each, the lower column in the low half:",
-        "rows `16 w + g` / `+ 8` and columns `2 q`, `8 + 2 q` of warp `w`, lane `4 g + q`)",
-        "and B (16 x n) N-major in shared memory from `desc_b` (the transpose bit set).",
-        "`accumulate = 0` overwrites the accumulators. Waits for the product before it",
-        "returns. Every unit of the warpgroup calls it.",
-    ]
-    signature = ["#[allow(clippy::too_many_arguments)]", f"pub fn mma_m64n{n}k16_bf16_register_a("]
-    signature += [
-        f"    {arg},"
-        for arg in ["acc: &mut Array<f32>", "a0: u32", "a1: u32", "a2: u32", "a3: u32", "desc_b: u64", "accumulate: u32"]
-    ]
-    signature.append(") {")
-    lines = template_lines(regs, pos_db + 1, [], products)
-    inputs = ["a0", "a1", "a2", "a3", "desc_b", "accumulate"]
-    return rust_function(docs, signature, regs, lines, inputs)
-
-
-def helper_register_a_chained(n, steps, step_units):
-    """`acc (+)= A B` over `steps` 16-deep steps in one asm statement: A's fragments in
-    registers (`a[4 s .. 4 s + 4]` for step s), B N-major, step s `step_units` descriptor
-    units (16 bytes) past `desc_b`."""
+def helper_register_a(n, steps=1, step_units=0):
+    """`acc (+)= A B` with A's fragments in registers (4 a 16-deep step) and B N-major in
+    shared memory; several steps chain in one asm statement, step s `step_units` descriptor
+    units (16 bytes) past `desc_b`. One step takes A as four scalars, several as an array."""
     regs = n // 2
     pos_a = 2 * regs
     pos_db = pos_a + 4 * steps
-    extra = [f".reg .b64 db<{steps}>;"]
+    extra = [f".reg .b64 db<{steps}>;"] if steps > 1 else []
     products = []
     for s in range(steps):
         a_regs = ", ".join(f"{{{pos_a + 4 * s + i}}}" for i in range(4))
-        products.append(f"add.s64 db{s}, {{{pos_db}}}, {s * step_units};")
+        if steps == 1:
+            db = f"{{{pos_db}}}"
+        else:
+            db = f"db{s}"
+            products.append(f"add.s64 db{s}, {{{pos_db}}}, {s * step_units};")
         scale = "accumulate" if s == 0 else "1"
         products.append(
-            f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{accumulators(regs)}}}}}, {{{{{a_regs}}}}}, db{s}, {scale}, 1, 1, 1;"
+            f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{accumulators(regs)}}}}}, {{{{{a_regs}}}}}, {db}, {scale}, 1, 1, 1;"
         )
     depth = 16 * steps
-    docs = [
-        f"`acc[0..{regs}] (+)= A B` for 64 x {n} x {depth} (`m64n{n}k16` x {steps} in one asm statement)",
-        f"with A's fragments in registers (`a[4 s..4 s + 4]` for step s, as the single-step",
-        f"helper takes them) and B N-major in shared memory from `desc_b`, each step {step_units * 16}",
-        "bytes further (two 8-row K groups of a 128-wide operand). `accumulate = 0` overwrites",
-        "the accumulators. Waits for the products before it returns.",
-    ]
-    signature = [
-        f"pub fn mma_m64n{n}k{depth}_bf16_register_a(acc: &mut Array<f32>, a: &Array<u32>, desc_b: u64, accumulate: u32) {{"
-    ]
-    signature += [f"    let a{i} = a[{i}];" for i in range(4 * steps)]
+    if steps == 1:
+        docs = [
+            f"`acc[0..{regs}] (+)= A B` for 64 x {n} x 16 (`m64n{n}k16`, bf16 in, f32 accumulators) with",
+            "A's fragment in registers (`a0..a3`, two bf16 each, the lower column in the low half:",
+            "rows `16 w + g` / `+ 8` and columns `2 q`, `8 + 2 q` of warp `w`, lane `4 g + q`)",
+            "and B (16 x n) N-major in shared memory from `desc_b` (the transpose bit set).",
+            "`accumulate = 0` overwrites the accumulators. Waits for the product before it",
+            "returns. Every unit of the warpgroup calls it.",
+        ]
+        args = ["acc: &mut Array<f32>", "a0: u32", "a1: u32", "a2: u32", "a3: u32", "desc_b: u64", "accumulate: u32"]
+        signature = ["#[allow(clippy::too_many_arguments)]", f"pub fn mma_m64n{n}k16_bf16_register_a("]
+        signature += [f"    {arg}," for arg in args] + [") {"]
+    else:
+        docs = [
+            f"`acc[0..{regs}] (+)= A B` for 64 x {n} x {depth} (`m64n{n}k16` x {steps} in one asm statement)",
+            "with A's fragments in registers (`a[4 s..4 s + 4]` for step s, as the single-step",
+            f"helper takes them) and B N-major in shared memory from `desc_b`, each step {step_units * 16}",
+            "bytes further (two 8-row K groups of a 128-wide operand). `accumulate = 0` overwrites",
+            "the accumulators. Waits for the products before it returns.",
+        ]
+        signature = [
+            f"pub fn mma_m64n{n}k{depth}_bf16_register_a(acc: &mut Array<f32>, a: &Array<u32>, desc_b: u64, accumulate: u32) {{"
+        ]
+        signature += [f"    let a{i} = a[{i}];" for i in range(4 * steps)]
     lines = template_lines(regs, pos_db + 1, extra, products)
     inputs = [f"a{i}" for i in range(4 * steps)] + ["desc_b", "accumulate"]
     return rust_function(docs, signature, regs, lines, inputs)
@@ -156,7 +147,7 @@ for n in (64, 128):
     name = f"m64n{n}k16_register_a"
     files.append((name, f"mma_m64n{n}k16_bf16_register_a", helper_register_a(n)))
 files.append(
-    ("m64n128k128_register_a", "mma_m64n128k128_bf16_register_a", helper_register_a_chained(128, 8, 256))
+    ("m64n128k128_register_a", "mma_m64n128k128_bf16_register_a", helper_register_a(128, 8, 256))
 )
 for name, _, body in files:
     with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
@@ -166,3 +157,5 @@ with open(os.path.join(OUT, "mod.rs"), "w") as f:
     f.writelines(f"mod {name};\n" for name, _, _ in files)
     f.write("\n")
     f.writelines(f"pub use {name}::{function};\n" for name, function, _ in files)
+written = [os.path.join(OUT, f"{name}.rs") for name, _, _ in files] + [os.path.join(OUT, "mod.rs")]
+subprocess.run(["rustfmt", "--edition", "2024", *written], check=True)

@@ -225,7 +225,9 @@ pub(crate) fn check_tile_shape(
 ) -> Result<(), crate::AttnError> {
     use crate::AttnError;
     if n != 64 && n != 128 {
-        return Err(AttnError::Shape(format!("wgmma tile product: n = {n}, expected 64 or 128")));
+        return Err(AttnError::Shape(format!(
+            "wgmma tile product: n = {n}, expected 64 or 128"
+        )));
     }
     if depth == 0 || depth % 16 != 0 || depth > 128 {
         return Err(AttnError::Shape(format!(

@@ -13,8 +13,7 @@ use cubecl::prelude::*;
 
 use super::{
     DescriptorOffsets, accumulator_col, accumulator_row, mma_m64n64k16_bf16_register_a,
-    mma_m64n128k16_bf16_register_a,
-    shared_address, shared_descriptor,
+    mma_m64n128k16_bf16_register_a, shared_address, shared_descriptor,
 };
 
 /// Element offset of `(kk, col)` of an N-major operand `n` columns wide.

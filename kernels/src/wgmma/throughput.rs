@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use cubecl::prelude::*;
 
-use super::{LEADING_BYTES, mma_m64n128k128_bf16, shared_address, shared_descriptor, stride_bytes_of};
+use super::{
+    LEADING_BYTES, mma_m64n128k128_bf16, shared_address, shared_descriptor, stride_bytes_of,
+};
 
 /// Floating-point operations of one `m64n128k128` product.
 const PRODUCT_FLOPS: f64 = 2.0 * 64.0 * 128.0 * 128.0;

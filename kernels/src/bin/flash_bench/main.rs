@@ -385,7 +385,9 @@ fn main() {
     if has("--wgmma") {
         wgmma::run(&client);
         // The mma.sync kernels on the same shape, for comparison in the same process.
-        println!("| scenario | shape | mask | scalar fwd (ms, TFLOP/s) | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |");
+        println!(
+            "| scenario | shape | mask | scalar fwd (ms, TFLOP/s) | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |"
+        );
         println!("|---|---|---|---|---|---|---|---|");
         bench(&client, "LLM", 1, (16, 16), 32768, 128, true, 3, false);
         bench(&client, "LLM", 1, (16, 16), 32768, 128, false, 3, false);

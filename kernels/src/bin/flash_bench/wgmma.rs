@@ -25,16 +25,28 @@ fn report(what: &str, result: Result<(Vec<String>, Vec<String>), longview_kernel
 /// Times the wgmma forward (`reps` calls after one untimed) at B1 `heads` S `seq` D128.
 fn time_forward(client: &Client, (heads, kv_heads): (usize, usize), seq: usize, causal: bool) {
     let upload = |h: usize, seed: u64| {
-        let x: Vec<bf16> = random_values(h * seq * 128, seed).into_iter().map(bf16::from_f32).collect();
+        let x: Vec<bf16> = random_values(h * seq * 128, seed)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         DeviceTensor::from_slice(client, &x, &[1, h, seq, 128])
     };
     let (q, k, v) = (upload(heads, 1), upload(kv_heads, 2), upload(kv_heads, 3));
-    let shape = forward::ForwardShape { batch: 1, heads, kv_heads, seq_q: seq, seq_k: seq, causal };
+    let shape = forward::ForwardShape {
+        batch: 1,
+        heads,
+        kv_heads,
+        seq_q: seq,
+        seq_k: seq,
+        causal,
+    };
     let sync = || cubecl::future::block_on(client.sync()).expect("device sync");
     let reps = 3;
     let run = || forward::forward(client, &q, &k, &v, shape).map(|_| ());
     if let Err(e) = run() {
-        println!("| wgmma forward | B1 H{heads}/{kv_heads} S{seq} | causal {causal} | failed: {e} |");
+        println!(
+            "| wgmma forward | B1 H{heads}/{kv_heads} S{seq} | causal {causal} | failed: {e} |"
+        );
         return;
     }
     sync();

@@ -13,7 +13,12 @@ use cubecl::prelude::*;
 /// bytes further (two 8-row K groups of a 128-wide operand). `accumulate = 0` overwrites
 /// the accumulators. Waits for the products before it returns.
 #[cube]
-pub fn mma_m64n128k128_bf16_register_a(acc: &mut Array<f32>, a: &Array<u32>, desc_b: u64, accumulate: u32) {
+pub fn mma_m64n128k128_bf16_register_a(
+    acc: &mut Array<f32>,
+    a: &Array<u32>,
+    desc_b: u64,
+    accumulate: u32,
+) {
     let a0 = a[0];
     let a1 = a[1];
     let a2 = a[2];
