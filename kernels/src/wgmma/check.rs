@@ -65,11 +65,11 @@ pub fn check_tile_products(
             // N-major B (depth x n): the product is a b.
             let b_nmajor = |col: usize, kk: usize| b[kk * n + col].to_f64();
             let chains = depth == 128 || (depth == 64 && n == 64);
-            let mut cases: Vec<(String, bool, bool)> = vec![("k-major".into(), false, false)];
+            let mut cases = vec![("k-major", false, false)];
             if chains {
-                cases.push(("k-major chained".into(), true, false));
+                cases.push(("k-major chained", true, false));
             }
-            cases.push(("register a, n-major b".into(), false, true));
+            cases.push(("register a, n-major b", false, true));
             for (name, chained, register_a) in cases {
                 let run = |offsets| {
                     if register_a {
