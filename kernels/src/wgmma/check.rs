@@ -118,6 +118,7 @@ pub fn check_forward(
         (1, 2, 2, 300, true),
         (2, 4, 2, 256, true),
         (1, 2, 1, 1000, true),
+        (1, 2, 1, 1000, false),
     ];
     for (case, &(batch, heads, kv_heads, seq, causal)) in cases.iter().enumerate() {
         let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };

@@ -18,8 +18,8 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::{
-    accumulator_col, mma_m64n128k128_bf16, mma_m64n128k128_bf16_register_a, pack_bf16x2,
-    shared_address, shared_descriptor,
+    accumulator_col, mma_m64n128k128_bf16, mma_m64n128k128_bf16_register_a,
+    mma_pv_then_qk_m64n128k128_bf16, pack_bf16x2, shared_address, shared_descriptor,
 };
 
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
@@ -94,6 +94,126 @@ fn fence_for_wgmma() {
     gpu_asm!("cp.async.wait_all;\nfence.proxy.async.shared::cta;");
 }
 
+/// `2^x` by the special-function unit (`ex2.approx.ftz`: relative error about 2^-22; large
+/// negative `x` gives 0).
+#[cube]
+fn exp2_approx(x: f32) -> f32 {
+    let y: f32;
+    gpu_asm!("ex2.approx.ftz.f32 {}, {};", out(_) y, in(_) x, options(pure, nomem));
+    y
+}
+
+/// One tile's online softmax on the accumulator layout, in place: the scores `s` (raw
+/// `Q K^T`, keys from `tile`) masked where this unit's rows `row0` / `row1` must not see a
+/// key, the running maxima `m` (raw units) and sums `l` updated, `o` rescaled, and
+/// `P = exp((S - m) scale)` packed into bf16 A fragments in `p`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn softmax_tile(
+    s: &mut Array<f32>,
+    o: &mut Array<f32>,
+    p: &mut Array<u32>,
+    state: &mut Array<f32>,
+    tile: usize,
+    row0: usize,
+    sk: usize,
+    scale_log2: f32,
+    #[comptime] causal: bool,
+) {
+    let t = UNIT_POS as usize % 128;
+    let row1 = row0 + 8;
+    // Mask only where this unit's rows see part of the tile (the diagonal, the end of the
+    // keys). Masked entries give exactly 0 below: every row sees key 0 in the first tile
+    // (causal or not), so `m` is real from then on and `exp2(-1e38 c - m c)` underflows.
+    let full = tile + 128 <= sk && (!causal || tile + 127 <= row0);
+    if !full {
+        #[unroll]
+        for i in 0..64usize {
+            let col = tile + accumulator_col(t, i);
+            let row = if comptime!((i / 2) % 2 == 0) {
+                row0
+            } else {
+                row1
+            };
+            if col >= sk || (causal && col > row) {
+                s[i] = f32::new(MASKED);
+            }
+        }
+    }
+    let mut mx0 = f32::new(MASKED);
+    let mut mx1 = f32::new(MASKED);
+    #[unroll]
+    for i in 0..64usize {
+        if comptime!((i / 2) % 2 == 0) {
+            mx0 = max(mx0, s[i]);
+        } else {
+            mx1 = max(mx1, s[i]);
+        }
+    }
+    mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
+    mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
+    mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
+    mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
+    let new0 = max(state[0], mx0);
+    let new1 = max(state[1], mx1);
+    let alpha0 = exp2_approx((state[0] - new0) * scale_log2);
+    let alpha1 = exp2_approx((state[1] - new1) * scale_log2);
+    state[0] = new0;
+    state[1] = new1;
+    let shift0 = new0 * scale_log2;
+    let shift1 = new1 * scale_log2;
+    let mut sum0 = 0.0f32;
+    let mut sum1 = 0.0f32;
+    #[unroll]
+    for i in 0..64usize {
+        if comptime!((i / 2) % 2 == 0) {
+            let e = exp2_approx(s[i] * scale_log2 - shift0);
+            s[i] = e;
+            sum0 += e;
+            o[i] *= alpha0;
+        } else {
+            let e = exp2_approx(s[i] * scale_log2 - shift1);
+            s[i] = e;
+            sum1 += e;
+            o[i] *= alpha1;
+        }
+    }
+    state[2] = state[2] * alpha0 + sum0;
+    state[3] = state[3] * alpha1 + sum1;
+    // Accumulators 8j..8j+8 are the A fragment of `P V`'s 16-key step j.
+    #[unroll]
+    for j in 0..8usize {
+        p[comptime!(4 * j)] = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
+        p[comptime!(4 * j + 1)] = pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
+        p[comptime!(4 * j + 2)] = pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
+        p[comptime!(4 * j + 3)] = pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
+    }
+}
+
+/// Tile `j`'s `O += P V` and, when there is a next tile, its scores `S = Q K^T`, in one
+/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn products_tile(
+    o: &mut Array<f32>,
+    p: &Array<u32>,
+    s: &mut Array<f32>,
+    j: usize,
+    tiles: usize,
+    desc_q: u64,
+    k_address: u32,
+    v_address: u32,
+) {
+    let desc_v = shared_descriptor(v_address + ((j % 3) * 32768) as u32, 2048u32, 128u32);
+    if j + 1 < tiles {
+        let k_stage = k_address + (((j + 1) % 3) * 32768) as u32;
+        let desc_k = shared_descriptor(k_stage, 128u32, 2048u32);
+        mma_pv_then_qk_m64n128k128_bf16(o, p, desc_v, s, desc_q, desc_k);
+    } else {
+        mma_m64n128k128_bf16_register_a(o, p, desc_v, 1u32);
+    }
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn forward_kernel(
@@ -123,11 +243,12 @@ pub fn forward_kernel(
     let first = CUBE_POS_X as usize * 128;
     let row0 = first + warpgroup * 64 + (t / 32) * 16 + g;
     let row1 = row0 + 8;
+    let scale_log2 = scale * 1.442_695_f32;
 
     let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
-    // K and V tiles double-buffered: words [0, 8192) and [8192, 16384).
-    let mut k_s = Shared::<[u32]>::new_aligned_slice(16384usize, 128usize);
-    let mut v_s = Shared::<[u32]>::new_aligned_slice(16384usize, 128usize);
+    // K and V tiles, three stages each (tile j at words [(j % 3) 8192, +8192)).
+    let mut k_s = Shared::<[u32]>::new_aligned_slice(24576usize, 128usize);
+    let mut v_s = Shared::<[u32]>::new_aligned_slice(24576usize, 128usize);
     stage_tile(q, bh * sq * 64, first, sq, &mut q_s);
     let q_address = shared_address::<u32>(&q_s) + (warpgroup * 16384) as u32;
     let desc_q = shared_descriptor(q_address, 128u32, 2048u32);
@@ -137,118 +258,91 @@ pub fn forward_kernel(
     let mut s = Array::<f32>::new(64usize);
     let mut acc = Array::<f32>::new(64usize);
     let mut p_frag = Array::<u32>::new(32usize);
+    // Running maxima (raw scores) and sums of rows row0 and row1.
+    let mut state = Array::<f32>::new(4usize);
+    state[0] = f32::new(MASKED);
+    state[1] = f32::new(MASKED);
+    state[2] = 0.0f32;
+    state[3] = 0.0f32;
     #[unroll]
     for i in 0..64usize {
         acc[i] = 0.0f32;
     }
-    let mut m0 = f32::new(MASKED);
-    let mut m1 = f32::new(MASKED);
-    let mut l0 = 0.0f32;
-    let mut l1 = 0.0f32;
     let mut end = sk;
     if causal && first + 128 < sk {
         end = first + 128;
     }
+    let tiles = end.div_ceil(128usize);
     let kv_base = kv * sk * 64;
     stage_tile_async(k, kv_base, 0usize, sk, &mut k_s, 0usize);
+    if tiles > 1 {
+        stage_tile_async(k, kv_base, 128usize, sk, &mut k_s, 8192usize);
+    }
     stage_tile_async(v, kv_base, 0usize, sk, &mut v_s, 0usize);
     fence_for_wgmma();
     sync_cube();
-    let mut buf = 0usize;
-    let mut tile = 0usize;
-    while tile < end {
-        // The next tile's copies go to the other buffer, which the barrier that ended the
-        // previous tile freed.
-        let next = tile + 128;
-        if next < end {
-            stage_tile_async(k, kv_base, next, sk, &mut k_s, (1 - buf) * 8192);
-            stage_tile_async(v, kv_base, next, sk, &mut v_s, (1 - buf) * 8192);
-        }
-        let desc_k = shared_descriptor(k_address + (buf * 32768) as u32, 128u32, 2048u32);
-        let v_tile = v_address + (buf * 32768) as u32;
-        mma_m64n128k128_bf16(&mut s, desc_q, desc_k, 0u32);
+    mma_m64n128k128_bf16(
+        &mut s,
+        desc_q,
+        shared_descriptor(k_address, 128u32, 2048u32),
+        0u32,
+    );
 
-        // Scale; mask only where this unit's rows see part of the tile (the diagonal, the
-        // end of the keys); row maxima over the quad.
-        #[unroll]
-        for i in 0..64usize {
-            s[i] *= scale;
+    // Interval `step` (between two cube barriers): warpgroup 0 runs tile `step`'s softmax,
+    // then its products (P V of this tile, S of the next); warpgroup 1 runs the products of
+    // tile `step - 1`, then tile `step`'s softmax. So one warpgroup's softmax overlaps the
+    // other's products. Tiles in use in interval `step`: K `step` and `step + 1`, V `step - 1`
+    // and `step`; K `step + 2` and V `step + 1` are copied for the next interval into the
+    // third stage of each.
+    let mut step = 0usize;
+    while step <= tiles {
+        if step + 2 < tiles {
+            let at = ((step + 2) % 3) * 8192;
+            stage_tile_async(k, kv_base, (step + 2) * 128, sk, &mut k_s, at);
         }
-        let full = tile + 128 <= sk && (!causal || tile + 127 <= row0);
-        if !full {
-            #[unroll]
-            for i in 0..64usize {
-                let col = tile + accumulator_col(t, i);
-                let row = if comptime!((i / 2) % 2 == 0) { row0 } else { row1 };
-                if col >= sk || (causal && col > row) {
-                    s[i] = f32::new(MASKED);
-                }
-            }
+        if step + 1 < tiles {
+            let at = ((step + 1) % 3) * 8192;
+            stage_tile_async(v, kv_base, (step + 1) * 128, sk, &mut v_s, at);
         }
-        let mut mx0 = f32::new(MASKED);
-        let mut mx1 = f32::new(MASKED);
-        #[unroll]
-        for i in 0..64usize {
-            if comptime!((i / 2) % 2 == 0) {
-                mx0 = max(mx0, s[i]);
-            } else {
-                mx1 = max(mx1, s[i]);
-            }
+        if warpgroup == 1 && step >= 1 {
+            products_tile(
+                &mut acc,
+                &p_frag,
+                &mut s,
+                step - 1,
+                tiles,
+                desc_q,
+                k_address,
+                v_address,
+            );
         }
-        mx0 = max(mx0, plane_shuffle_xor(mx0, 1u32));
-        mx0 = max(mx0, plane_shuffle_xor(mx0, 2u32));
-        mx1 = max(mx1, plane_shuffle_xor(mx1, 1u32));
-        mx1 = max(mx1, plane_shuffle_xor(mx1, 2u32));
-        let new0 = max(m0, mx0);
-        let new1 = max(m1, mx1);
-        let alpha0 = (m0 - new0).exp();
-        let alpha1 = (m1 - new1).exp();
-        m0 = new0;
-        m1 = new1;
-
-        // P = exp(S - m), row sums, rescaled accumulators. Masked entries give exactly 0:
-        // every row sees key 0 in the first tile (causal or not), so `m` is real from
-        // then on and `exp(-1e38 - m)` underflows.
-        let mut sum0 = 0.0f32;
-        let mut sum1 = 0.0f32;
-        #[unroll]
-        for i in 0..64usize {
-            let upper = comptime!((i / 2) % 2 == 0);
-            let m = if upper { m0 } else { m1 };
-            let p = (s[i] - m).exp();
-            s[i] = p;
-            if upper {
-                sum0 += p;
-                acc[i] *= alpha0;
-            } else {
-                sum1 += p;
-                acc[i] *= alpha1;
-            }
+        if step < tiles {
+            softmax_tile(
+                &mut s,
+                &mut acc,
+                &mut p_frag,
+                &mut state,
+                step * 128,
+                row0,
+                sk,
+                scale_log2,
+                causal,
+            );
         }
-        l0 = l0 * alpha0 + sum0;
-        l1 = l1 * alpha1 + sum1;
-
-        // O += P V, 16 keys a step (all eight in one asm statement): accumulators
-        // 8j..8j+8 are step j's A fragment.
-        #[unroll]
-        for j in 0..8usize {
-            p_frag[comptime!(4 * j)] = pack_bf16x2(s[comptime!(8 * j)], s[comptime!(8 * j + 1)]);
-            p_frag[comptime!(4 * j + 1)] =
-                pack_bf16x2(s[comptime!(8 * j + 2)], s[comptime!(8 * j + 3)]);
-            p_frag[comptime!(4 * j + 2)] =
-                pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
-            p_frag[comptime!(4 * j + 3)] =
-                pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
+        if warpgroup == 0 && step < tiles {
+            products_tile(
+                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address,
+            );
         }
-        let desc_v = shared_descriptor(v_tile, 2048u32, 128u32);
-        mma_m64n128k128_bf16_register_a(&mut acc, &p_frag, desc_v, 1u32);
         fence_for_wgmma();
         sync_cube();
-        buf = 1 - buf;
-        tile = next;
+        step += 1;
     }
 
-    // Row sums over the quad, then O / l and LSE.
+    // Row sums over the quad, then O / l and LSE (natural log: m scale + ln l).
+    let (m0, m1) = (state[0], state[1]);
+    let mut l0 = state[2];
+    let mut l1 = state[3];
     l0 += plane_shuffle_xor(l0, 1u32);
     l0 += plane_shuffle_xor(l0, 2u32);
     l1 += plane_shuffle_xor(l1, 1u32);
@@ -259,11 +353,11 @@ pub fn forward_kernel(
     let mut lse1 = f32::new(MASKED);
     if l0 > 0.0f32 {
         inv0 = 1.0f32 / l0;
-        lse0 = m0 + l0.ln();
+        lse0 = m0 * scale + l0.ln();
     }
     if l1 > 0.0f32 {
         inv1 = 1.0f32 / l1;
-        lse1 = m1 + l1.ln();
+        lse1 = m1 * scale + l1.ln();
     }
     #[unroll]
     for i in 0..64usize {
