@@ -19,7 +19,8 @@ use cubecl::prelude::*;
 
 use super::{
     accumulator_col, mma_m64n128k128_bf16, mma_m64n128k128_bf16_register_a,
-    mma_pv_then_qk_m64n128k128_bf16, pack_bf16x2, shared_address, shared_descriptor,
+    mma_pv_then_qk_m64n128k128_bf16, mma_pv_then_qk_m64n128k128_bf16_with_copies, pack_bf16x2,
+    shared_address, shared_descriptor,
 };
 
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
@@ -84,6 +85,68 @@ fn stage_tile_async(
             tile[to + 2] = 0u32;
             tile[to + 3] = 0u32;
         }
+    }
+}
+
+/// The global address (what `cvta.to.global` gives) of word `offset` of `slice`, a kernel
+/// argument in global memory.
+#[cube]
+fn global_address(slice: &[u32], offset: usize) -> u64 {
+    let base = slice.as_ptr();
+    let address: u64;
+    gpu_asm!(
+        "cvta.to.global.u64 {}, {};",
+        out(_) address,
+        in(_) base,
+        options(pure, nomem)
+    );
+    address + u64::cast_from(offset) * 4u64
+}
+
+/// This unit's eight `cp.async` copies (16 bytes each) of a whole 128-row tile: copy `i`
+/// reads `from + 4096 i` and writes `to + 4096 i`, where `from` is the global address of
+/// (row `u / 16`, bytes `16 (u % 16)`) of the tile for unit `u` and `to` its place in the
+/// core-matrix layout ([`tile_word`]: 16 rows further is 4096 bytes further in both). One asm
+/// statement with the offsets as immediates, so a tile costs eight instructions a unit.
+#[cube]
+fn copy_tile_async(from: u64, to: u32) {
+    gpu_asm!(
+        "cp.async.cg.shared.global [{1}], [{0}], 16;\n\
+         cp.async.cg.shared.global [{1}+4096], [{0}+4096], 16;\n\
+         cp.async.cg.shared.global [{1}+8192], [{0}+8192], 16;\n\
+         cp.async.cg.shared.global [{1}+12288], [{0}+12288], 16;\n\
+         cp.async.cg.shared.global [{1}+16384], [{0}+16384], 16;\n\
+         cp.async.cg.shared.global [{1}+20480], [{0}+20480], 16;\n\
+         cp.async.cg.shared.global [{1}+24576], [{0}+24576], 16;\n\
+         cp.async.cg.shared.global [{1}+28672], [{0}+28672], 16;",
+        in(_) from,
+        in(_) to,
+    );
+}
+
+/// Tile `j` of K or V (a `[rows, 128]` bf16 matrix from word `base` of `src`) into stage
+/// `j % 3` of `stage` (shared address `stage_address`): whole tiles by [`copy_tile_async`]
+/// from this unit's precomputed addresses, the last partial tile by [`stage_tile_async`]
+/// (zeros past `rows`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile(
+    src: &[u32],
+    base: usize,
+    from: u64,
+    to: u32,
+    j: usize,
+    rows: usize,
+    stage: &mut Shared<[u32]>,
+) {
+    let first = j * 128;
+    if first + 128 <= rows {
+        copy_tile_async(
+            from + u64::cast_from(first) * 256u64,
+            to + ((j % 3) * 32768) as u32,
+        );
+    } else {
+        stage_tile_async(src, base, first, rows, stage, (j % 3) * 8192);
     }
 }
 
@@ -191,7 +254,9 @@ fn softmax_tile(
 }
 
 /// Tile `j`'s `O += P V` and, when there is a next tile, its scores `S = Q K^T`, in one
-/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each).
+/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each). With `copies` (only
+/// when there is a next tile), this unit's whole-tile copies (`copy_tile_async`'s, from the
+/// given addresses) are issued between the products and the wait for them.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn products_tile(
@@ -203,12 +268,29 @@ fn products_tile(
     desc_q: u64,
     k_address: u32,
     v_address: u32,
+    copies: bool,
+    copy_addresses: &Array<u64>,
 ) {
     let desc_v = shared_descriptor(v_address + ((j % 3) * 32768) as u32, 2048u32, 128u32);
     if j + 1 < tiles {
         let k_stage = k_address + (((j + 1) % 3) * 32768) as u32;
         let desc_k = shared_descriptor(k_stage, 128u32, 2048u32);
-        mma_pv_then_qk_m64n128k128_bf16(o, p, desc_v, s, desc_q, desc_k);
+        if copies {
+            mma_pv_then_qk_m64n128k128_bf16_with_copies(
+                o,
+                p,
+                desc_v,
+                s,
+                desc_q,
+                desc_k,
+                copy_addresses[0],
+                u32::cast_from(copy_addresses[1]),
+                copy_addresses[2],
+                u32::cast_from(copy_addresses[3]),
+            );
+        } else {
+            mma_pv_then_qk_m64n128k128_bf16(o, p, desc_v, s, desc_q, desc_k);
+        }
     } else {
         mma_m64n128k128_bf16_register_a(o, p, desc_v, 1u32);
     }
@@ -228,6 +310,7 @@ pub fn forward_kernel(
     group: u32,
     scale: f32,
     #[comptime] causal: bool,
+    #[comptime] copies_in_products: bool,
 ) {
     let unit = UNIT_POS as usize;
     let warpgroup = unit / 128;
@@ -274,11 +357,19 @@ pub fn forward_kernel(
     }
     let tiles = end.div_ceil(128usize);
     let kv_base = kv * sk * 64;
-    stage_tile_async(k, kv_base, 0usize, sk, &mut k_s, 0usize);
+    // This unit's copy addresses (see `copy_tile_async`).
+    let own = kv_base + (unit / 16) * 64 + (unit % 16) * 4;
+    let (k_from, v_from) = (global_address(k, own), global_address(v, own));
+    let own_word = ((unit / 128) * 16 + unit % 16) * 32 + ((unit / 16) % 8) * 4;
+    let (k_to, v_to) = (
+        k_address + (own_word * 4) as u32,
+        v_address + (own_word * 4) as u32,
+    );
+    load_tile(k, kv_base, k_from, k_to, 0usize, sk, &mut k_s);
     if tiles > 1 {
-        stage_tile_async(k, kv_base, 128usize, sk, &mut k_s, 8192usize);
+        load_tile(k, kv_base, k_from, k_to, 1usize, sk, &mut k_s);
     }
-    stage_tile_async(v, kv_base, 0usize, sk, &mut v_s, 0usize);
+    load_tile(v, kv_base, v_from, v_to, 0usize, sk, &mut v_s);
     fence_for_wgmma();
     sync_cube();
     mma_m64n128k128_bf16(
@@ -295,14 +386,26 @@ pub fn forward_kernel(
     // and `step`; K `step + 2` and V `step + 1` are copied for the next interval into the
     // third stage of each.
     let mut step = 0usize;
+    let mut copy_addresses = Array::<u64>::new(4usize);
     while step <= tiles {
-        if step + 2 < tiles {
-            let at = ((step + 2) % 3) * 8192;
-            stage_tile_async(k, kv_base, (step + 2) * 128, sk, &mut k_s, at);
-        }
-        if step + 1 < tiles {
-            let at = ((step + 1) % 3) * 8192;
-            stage_tile_async(v, kv_base, (step + 1) * 128, sk, &mut v_s, at);
+        // With `copies_in_products`, a warpgroup with products this interval issues its
+        // units' copies of the next whole K and V tiles inside them; otherwise (and for
+        // partial tiles) they are issued here, before anything else.
+        let has_products = (warpgroup == 0 && step < tiles) || (warpgroup == 1 && step >= 1);
+        let inside =
+            copies_in_products && has_products && step + 2 < tiles && (step + 3) * 128 <= sk;
+        if inside {
+            copy_addresses[0] = k_from + u64::cast_from((step + 2) * 128) * 256u64;
+            copy_addresses[1] = u64::cast_from(k_to + (((step + 2) % 3) * 32768) as u32);
+            copy_addresses[2] = v_from + u64::cast_from((step + 1) * 128) * 256u64;
+            copy_addresses[3] = u64::cast_from(v_to + (((step + 1) % 3) * 32768) as u32);
+        } else {
+            if step + 2 < tiles {
+                load_tile(k, kv_base, k_from, k_to, step + 2, sk, &mut k_s);
+            }
+            if step + 1 < tiles {
+                load_tile(v, kv_base, v_from, v_to, step + 1, sk, &mut v_s);
+            }
         }
         if warpgroup == 1 && step >= 1 {
             products_tile(
@@ -314,6 +417,8 @@ pub fn forward_kernel(
                 desc_q,
                 k_address,
                 v_address,
+                inside,
+                &copy_addresses,
             );
         }
         if step < tiles {
@@ -331,7 +436,16 @@ pub fn forward_kernel(
         }
         if warpgroup == 0 && step < tiles {
             products_tile(
-                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address,
+                &mut acc,
+                &p_frag,
+                &mut s,
+                step,
+                tiles,
+                desc_q,
+                k_address,
+                v_address,
+                inside,
+                &copy_addresses,
             );
         }
         fence_for_wgmma();
@@ -388,6 +502,18 @@ pub struct ForwardShape {
     pub seq_q: usize,
     pub seq_k: usize,
     pub causal: bool,
+    /// Where the next tiles' `cp.async` copies are issued (a tuning choice under test).
+    pub copies: CopySchedule,
+}
+
+/// Where each unit issues its copies of the next K and V tiles in an interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopySchedule {
+    /// First thing in the interval, before the softmax and the products.
+    IntervalStart,
+    /// Inside the warpgroup's products (after they are committed, before the wait), so the
+    /// copies queue while the tensor cores work; partial tiles still at the start.
+    InsideProducts,
 }
 
 /// O (`[batch, heads, seq_q, 128]` bf16) and LSE (`[batch, heads, seq_q]` f32, natural log;
@@ -408,6 +534,7 @@ pub fn forward(
         seq_q,
         seq_k,
         causal,
+        copies,
     } = shape;
     if kv_heads == 0 || heads % kv_heads != 0 {
         return Err(AttnError::Shape(format!(
@@ -458,6 +585,7 @@ pub fn forward(
             (heads / kv_heads) as u32,
             1.0 / (HEAD_DIM as f32).sqrt(),
             causal,
+            copies == CopySchedule::InsideProducts,
         );
     }
     Ok((o, lse))

@@ -126,11 +126,13 @@ def helper_register_a(n, steps=1, step_units=0):
     return rust_function(docs, signature, regs, lines, inputs)
 
 
-def helper_pv_then_qk():
+def helper_pv_then_qk(copies=False):
     """The two products of an attention step in one asm statement: `O += P V` (register A,
     V N-major, eight 16-deep steps 4096 bytes apart) and then `S = Q K^T` for the next key
     tile (both K-major, eight steps 256 bytes apart, the first overwriting S). Operands:
-    outputs O 0..64 and S 64..128; inputs O 128..192, P 192..224, desc_v, desc_q, desc_k."""
+    outputs O 0..64 and S 64..128; inputs O 128..192, P 192..224, desc_v, desc_q, desc_k;
+    with `copies`, then k_from, k_to, v_from, v_to: sixteen `cp.async` copies issued after the
+    products are committed and before they are waited for."""
     pos_c, pos_a = 128, 192
     pos_dv, pos_dq, pos_dk = 224, 225, 226
     o_list = ", ".join(f"{{{i}}}" for i in range(64))
@@ -151,7 +153,14 @@ def helper_pv_then_qk():
         lines.append(
             f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{s_list}}}}}, dq{s}, dk{s}, {scale}, 1, 1, 0, 0;"
         )
-    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
+    lines.append("wgmma.commit_group.sync.aligned;")
+    if copies:
+        for name, (src, dst) in (("k", (227, 228)), ("v", (229, 230))):
+            for i in range(8):
+                lines.append(
+                    f"cp.async.cg.shared.global [{{{dst}}}+{4096 * i}], [{{{src}}}+{4096 * i}], 16;"
+                )
+    lines += ["wgmma.wait_group.sync.aligned 0;", "}}"]
     template = "\\n\\\n         ".join(lines)
     docs = [
         "One attention step's products, issued back to back and waited for together:",
@@ -161,17 +170,29 @@ def helper_pv_then_qk():
         "next key tile's scores), Q and K K-major in shared memory from `desc_q` / `desc_k` as",
         "[`mma_m64n128k128_bf16`] takes them. Every unit of the warpgroup calls it.",
     ]
+    if copies:
+        docs += [
+            "Between issuing the products and waiting for them, this unit's 16 `cp.async` copies",
+            "of 16 bytes: eight from `k_from + 4096 i` to shared `k_to + 4096 i`, eight the same",
+            "for V (the next tiles' whole-tile copies, so that the copies queue while the",
+            "tensor cores work instead of delaying the softmax).",
+        ]
+    suffix = "_with_copies" if copies else ""
     out = [f"/// {line}" for line in docs] + ["#[cube]"]
+    if copies:
+        out.append("#[allow(clippy::too_many_arguments)]")
     out += [
-        "pub fn mma_pv_then_qk_m64n128k128_bf16(",
+        f"pub fn mma_pv_then_qk_m64n128k128_bf16{suffix}(",
         "    o: &mut Array<f32>,",
         "    p: &Array<u32>,",
         "    desc_v: u64,",
         "    s: &mut Array<f32>,",
         "    desc_q: u64,",
         "    desc_k: u64,",
-        ") {",
     ]
+    if copies:
+        out += ["    k_from: u64,", "    k_to: u32,", "    v_from: u64,", "    v_to: u32,"]
+    out += [") {"]
     out += [f"    let c{i} = o[{i}];" for i in range(64)]
     out += [f"    let a{i} = p[{i}];" for i in range(32)]
     out += [f"    let d{i}: f32;" for i in range(64)]
@@ -181,7 +202,10 @@ def helper_pv_then_qk():
     out += [f"        out(_) e{i}," for i in range(64)]
     out += [f"        in(_) c{i}," for i in range(64)]
     out += [f"        in(_) a{i}," for i in range(32)]
-    out += ["        in(_) desc_v,", "        in(_) desc_q,", "        in(_) desc_k,", "    );"]
+    out += ["        in(_) desc_v,", "        in(_) desc_q,", "        in(_) desc_k,"]
+    if copies:
+        out += [f"        in(_) {name}," for name in ("k_from", "k_to", "v_from", "v_to")]
+    out += ["    );"]
     out += [f"    o[{i}] = d{i};" for i in range(64)]
     out += [f"    s[{i}] = e{i};" for i in range(64)]
     out.append("}")
@@ -212,6 +236,13 @@ files.append(
     ("m64n128k128_register_a", "mma_m64n128k128_bf16_register_a", helper_register_a(128, 8, 256))
 )
 files.append(("pv_then_qk", "mma_pv_then_qk_m64n128k128_bf16", helper_pv_then_qk()))
+files.append(
+    (
+        "pv_then_qk_with_copies",
+        "mma_pv_then_qk_m64n128k128_bf16_with_copies",
+        helper_pv_then_qk(copies=True),
+    )
+)
 for name, _, body in files:
     with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
         f.write(HEADER + "\n" + body + "\n")

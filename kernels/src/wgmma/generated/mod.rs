@@ -9,6 +9,7 @@ mod m64n64k16;
 mod m64n64k16_register_a;
 mod m64n64k64;
 mod pv_then_qk;
+mod pv_then_qk_with_copies;
 
 pub use m64n64k16::mma_m64n64k16_bf16;
 pub use m64n64k16_register_a::mma_m64n64k16_bf16_register_a;
@@ -19,3 +20,4 @@ pub use m64n128k16_register_a::mma_m64n128k16_bf16_register_a;
 pub use m64n128k128::mma_m64n128k128_bf16;
 pub use m64n128k128_register_a::mma_m64n128k128_bf16_register_a;
 pub use pv_then_qk::mma_pv_then_qk_m64n128k128_bf16;
+pub use pv_then_qk_with_copies::mma_pv_then_qk_m64n128k128_bf16_with_copies;
