@@ -110,7 +110,7 @@ pub fn check_tile_products(
 pub fn check_forward(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
-    use super::forward::{CopySchedule, ForwardShape, HEAD_DIM, forward};
+    use super::forward::{ForwardShape, HEAD_DIM, forward};
     use crate::reference::{Geometry, attention_f64, max_relative_error};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     let cases = [
@@ -120,78 +120,74 @@ pub fn check_forward(
         (1, 2, 1, 1000, true),
         (1, 2, 1, 1000, false),
     ];
-    let schedules = [CopySchedule::IntervalStart, CopySchedule::InsideProducts];
     for (case, &(batch, heads, kv_heads, seq, causal)) in cases.iter().enumerate() {
-        for copies in schedules {
-            let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
-            let q = round(random_values(
-                batch * heads * seq * HEAD_DIM,
-                10 + case as u64,
-            ));
-            let k = round(random_values(
-                batch * kv_heads * seq * HEAD_DIM,
-                20 + case as u64,
-            ));
-            let v = round(random_values(
-                batch * kv_heads * seq * HEAD_DIM,
-                30 + case as u64,
-            ));
-            let shape = ForwardShape {
-                batch,
-                heads,
-                kv_heads,
-                seq_q: seq,
-                seq_k: seq,
-                causal,
-                copies,
-            };
-            let upload = |x: &[bf16], h: usize| {
-                crate::DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM])
-            };
-            let (o, lse) = forward(
-                client,
-                &upload(&q, heads),
-                &upload(&k, kv_heads),
-                &upload(&v, kv_heads),
-                shape,
-            )?;
-            let o: Vec<f32> = o
-                .to_vec::<bf16>(client)?
-                .into_iter()
-                .map(f32::from)
-                .collect();
-            let lse = lse.to_vec::<f32>(client)?;
-            let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-            let geometry = Geometry {
-                batch,
-                q_heads: heads,
-                kv_heads,
-                q_len: seq,
-                kv_len: seq,
-                head_dim: HEAD_DIM,
-                scale: 1.0 / (HEAD_DIM as f64).sqrt(),
-                empty_lse: -1.0e38,
-            };
-            let want = attention_f64(
-                &geometry,
-                &wide(&q),
-                &wide(&k),
-                &wide(&v),
-                None,
-                |_, i, j| !causal || j <= i,
-            );
-            let (o_err, lse_err) = (
-                max_relative_error(&o, &want.o),
-                max_relative_error(&lse, &want.lse),
-            );
-            let line = format!(
-                "wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal} copies {copies:?}: O {o_err:.1e} LSE {lse_err:.1e}"
-            );
-            if o_err <= 1e-2 && lse_err <= 1e-3 {
-                passed.push(line)
-            } else {
-                failed.push(line)
-            }
+        let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
+        let q = round(random_values(
+            batch * heads * seq * HEAD_DIM,
+            10 + case as u64,
+        ));
+        let k = round(random_values(
+            batch * kv_heads * seq * HEAD_DIM,
+            20 + case as u64,
+        ));
+        let v = round(random_values(
+            batch * kv_heads * seq * HEAD_DIM,
+            30 + case as u64,
+        ));
+        let shape = ForwardShape {
+            batch,
+            heads,
+            kv_heads,
+            seq_q: seq,
+            seq_k: seq,
+            causal,
+        };
+        let upload = |x: &[bf16], h: usize| {
+            crate::DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM])
+        };
+        let (o, lse) = forward(
+            client,
+            &upload(&q, heads),
+            &upload(&k, kv_heads),
+            &upload(&v, kv_heads),
+            shape,
+        )?;
+        let o: Vec<f32> = o
+            .to_vec::<bf16>(client)?
+            .into_iter()
+            .map(f32::from)
+            .collect();
+        let lse = lse.to_vec::<f32>(client)?;
+        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+        let geometry = Geometry {
+            batch,
+            q_heads: heads,
+            kv_heads,
+            q_len: seq,
+            kv_len: seq,
+            head_dim: HEAD_DIM,
+            scale: 1.0 / (HEAD_DIM as f64).sqrt(),
+            empty_lse: -1.0e38,
+        };
+        let want = attention_f64(
+            &geometry,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            None,
+            |_, i, j| !causal || j <= i,
+        );
+        let (o_err, lse_err) = (
+            max_relative_error(&o, &want.o),
+            max_relative_error(&lse, &want.lse),
+        );
+        let line = format!(
+            "wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}: O {o_err:.1e} LSE {lse_err:.1e}"
+        );
+        if o_err <= 1e-2 && lse_err <= 1e-3 {
+            passed.push(line)
+        } else {
+            failed.push(line)
         }
     }
     Ok((passed, failed))

@@ -18,9 +18,8 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::{
-    accumulator_col, mma_m64n128k128_bf16, mma_m64n128k128_bf16_register_a,
-    mma_pv_then_qk_m64n128k128_bf16, mma_pv_then_qk_m64n128k128_bf16_with_copies, pack_bf16x2,
-    shared_address, shared_descriptor,
+    accumulator_col, mma_pv_m64n128k128_bf16_sw128, mma_pv_then_qk_m64n128k128_bf16_sw128,
+    mma_qk_m64n128k128_bf16_sw128, pack_bf16x2, shared_address, shared_descriptor,
 };
 
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
@@ -30,11 +29,23 @@ pub const HEAD_DIM: usize = 128;
 /// Query rows a cube handles (two warpgroups of 64).
 pub const ROWS_A_CUBE: usize = 128;
 
-/// Word (u32, two bf16) offset of word `word` (0..64) of row `row` in the core-matrix layout of
-/// a 128-wide bf16 tile: 8-row groups 2048 bytes apart, 8-column groups 128 bytes apart.
+/// Word (u32, two bf16) offset of word `word` (0..64) of row `row` in the 128-byte-swizzled
+/// layout of a 128-row, 128-wide bf16 tile (32 KB, 1024-byte aligned): columns 0..64 are the
+/// first 16 KB, 64..128 the second; in each half row `r` is 128 bytes at `128 r`, its eight
+/// 16-byte chunks stored in the order `c ^ (r % 8)` (the hardware's 128-byte swizzle).
 #[cube]
 fn tile_word(row: usize, word: usize) -> usize {
-    ((row / 8) * 16 + word / 4) * 32 + (row % 8) * 4 + word % 4
+    let chunk = word / 4;
+    (chunk / 8) * 4096 + row * 32 + ((chunk % 8) ^ (row % 8)) * 4 + word % 4
+}
+
+/// The descriptor of a 128-byte-swizzled operand starting at shared `address` (its 8-row
+/// atoms 1024-byte aligned): `leading_bytes` / `stride_bytes` as the warpgroup MMA reads them
+/// for that swizzle (K-major: leading unused, stride 1024 between 8-row groups; N-major:
+/// leading between 64-wide halves, stride 1024 between 8-row groups along K).
+#[cube]
+fn swizzled_descriptor(address: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
+    shared_descriptor(address, leading_bytes, stride_bytes) | (1u64 << 62u64)
 }
 
 /// Copies rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (as u32 words from
@@ -104,21 +115,23 @@ fn global_address(slice: &[u32], offset: usize) -> u64 {
 }
 
 /// This unit's eight `cp.async` copies (16 bytes each) of a whole 128-row tile: copy `i`
-/// reads `from + 4096 i` and writes `to + 4096 i`, where `from` is the global address of
+/// reads `from + 4096 i` and writes `to + 2048 i`, where `from` is the global address of
 /// (row `u / 16`, bytes `16 (u % 16)`) of the tile for unit `u` and `to` its place in the
-/// core-matrix layout ([`tile_word`]: 16 rows further is 4096 bytes further in both). One asm
-/// statement with the offsets as immediates, so a tile costs eight instructions a unit.
+/// swizzled layout ([`tile_word`]: 16 rows further is 4096 bytes further in global memory and
+/// 2048 in the tile). Eight consecutive units write one 128-byte row of a half, in swizzled
+/// order, so the shared-memory writes do not conflict. One asm statement with the offsets as
+/// immediates, so a tile costs eight instructions a unit.
 #[cube]
 fn copy_tile_async(from: u64, to: u32) {
     gpu_asm!(
         "cp.async.cg.shared.global [{1}], [{0}], 16;\n\
-         cp.async.cg.shared.global [{1}+4096], [{0}+4096], 16;\n\
-         cp.async.cg.shared.global [{1}+8192], [{0}+8192], 16;\n\
-         cp.async.cg.shared.global [{1}+12288], [{0}+12288], 16;\n\
-         cp.async.cg.shared.global [{1}+16384], [{0}+16384], 16;\n\
-         cp.async.cg.shared.global [{1}+20480], [{0}+20480], 16;\n\
-         cp.async.cg.shared.global [{1}+24576], [{0}+24576], 16;\n\
-         cp.async.cg.shared.global [{1}+28672], [{0}+28672], 16;",
+         cp.async.cg.shared.global [{1}+2048], [{0}+4096], 16;\n\
+         cp.async.cg.shared.global [{1}+4096], [{0}+8192], 16;\n\
+         cp.async.cg.shared.global [{1}+6144], [{0}+12288], 16;\n\
+         cp.async.cg.shared.global [{1}+8192], [{0}+16384], 16;\n\
+         cp.async.cg.shared.global [{1}+10240], [{0}+20480], 16;\n\
+         cp.async.cg.shared.global [{1}+12288], [{0}+24576], 16;\n\
+         cp.async.cg.shared.global [{1}+14336], [{0}+28672], 16;",
         in(_) from,
         in(_) to,
     );
@@ -254,9 +267,8 @@ fn softmax_tile(
 }
 
 /// Tile `j`'s `O += P V` and, when there is a next tile, its scores `S = Q K^T`, in one
-/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each). With `copies` (only
-/// when there is a next tile), this unit's whole-tile copies (`copy_tile_async`'s, from the
-/// given addresses) are issued between the products and the wait for them.
+/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each); `v_offsets` are V's
+/// descriptor offsets (leading, stride).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn products_tile(
@@ -268,31 +280,17 @@ fn products_tile(
     desc_q: u64,
     k_address: u32,
     v_address: u32,
-    copies: bool,
-    copy_addresses: &Array<u64>,
+    v_leading: u32,
+    v_stride: u32,
 ) {
-    let desc_v = shared_descriptor(v_address + ((j % 3) * 32768) as u32, 2048u32, 128u32);
+    let v_stage = v_address + ((j % 3) * 32768) as u32;
+    let desc_v = swizzled_descriptor(v_stage, v_leading, v_stride);
     if j + 1 < tiles {
         let k_stage = k_address + (((j + 1) % 3) * 32768) as u32;
-        let desc_k = shared_descriptor(k_stage, 128u32, 2048u32);
-        if copies {
-            mma_pv_then_qk_m64n128k128_bf16_with_copies(
-                o,
-                p,
-                desc_v,
-                s,
-                desc_q,
-                desc_k,
-                copy_addresses[0],
-                u32::cast_from(copy_addresses[1]),
-                copy_addresses[2],
-                u32::cast_from(copy_addresses[3]),
-            );
-        } else {
-            mma_pv_then_qk_m64n128k128_bf16(o, p, desc_v, s, desc_q, desc_k);
-        }
+        let desc_k = swizzled_descriptor(k_stage, 16u32, 1024u32);
+        mma_pv_then_qk_m64n128k128_bf16_sw128(o, p, desc_v, s, desc_q, desc_k);
     } else {
-        mma_m64n128k128_bf16_register_a(o, p, desc_v, 1u32);
+        mma_pv_m64n128k128_bf16_sw128(o, p, desc_v);
     }
 }
 
@@ -309,8 +307,9 @@ pub fn forward_kernel(
     heads: u32,
     group: u32,
     scale: f32,
+    v_leading: u32,
+    v_stride: u32,
     #[comptime] causal: bool,
-    #[comptime] copies_in_products: bool,
 ) {
     let unit = UNIT_POS as usize;
     let warpgroup = unit / 128;
@@ -328,13 +327,14 @@ pub fn forward_kernel(
     let row1 = row0 + 8;
     let scale_log2 = scale * 1.442_695_f32;
 
-    let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 128usize);
+    let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 1024usize);
     // K and V tiles, three stages each (tile j at words [(j % 3) 8192, +8192)).
-    let mut k_s = Shared::<[u32]>::new_aligned_slice(24576usize, 128usize);
-    let mut v_s = Shared::<[u32]>::new_aligned_slice(24576usize, 128usize);
+    let mut k_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
+    let mut v_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
     stage_tile(q, bh * sq * 64, first, sq, &mut q_s);
-    let q_address = shared_address::<u32>(&q_s) + (warpgroup * 16384) as u32;
-    let desc_q = shared_descriptor(q_address, 128u32, 2048u32);
+    // This warpgroup's 64 rows: 8192 bytes into each half of the swizzled Q tile.
+    let q_address = shared_address::<u32>(&q_s) + (warpgroup * 8192) as u32;
+    let desc_q = swizzled_descriptor(q_address, 16u32, 1024u32);
     let k_address = shared_address::<u32>(&k_s);
     let v_address = shared_address::<u32>(&v_s);
 
@@ -360,7 +360,7 @@ pub fn forward_kernel(
     // This unit's copy addresses (see `copy_tile_async`).
     let own = kv_base + (unit / 16) * 64 + (unit % 16) * 4;
     let (k_from, v_from) = (global_address(k, own), global_address(v, own));
-    let own_word = ((unit / 128) * 16 + unit % 16) * 32 + ((unit / 16) % 8) * 4;
+    let own_word = tile_word(unit / 16, (unit % 16) * 4);
     let (k_to, v_to) = (
         k_address + (own_word * 4) as u32,
         v_address + (own_word * 4) as u32,
@@ -372,11 +372,10 @@ pub fn forward_kernel(
     load_tile(v, kv_base, v_from, v_to, 0usize, sk, &mut v_s);
     fence_for_wgmma();
     sync_cube();
-    mma_m64n128k128_bf16(
+    mma_qk_m64n128k128_bf16_sw128(
         &mut s,
         desc_q,
-        shared_descriptor(k_address, 128u32, 2048u32),
-        0u32,
+        swizzled_descriptor(k_address, 16u32, 1024u32),
     );
 
     // Interval `step` (between two cube barriers): warpgroup 0 runs tile `step`'s softmax,
@@ -386,26 +385,12 @@ pub fn forward_kernel(
     // and `step`; K `step + 2` and V `step + 1` are copied for the next interval into the
     // third stage of each.
     let mut step = 0usize;
-    let mut copy_addresses = Array::<u64>::new(4usize);
     while step <= tiles {
-        // With `copies_in_products`, a warpgroup with products this interval issues its
-        // units' copies of the next whole K and V tiles inside them; otherwise (and for
-        // partial tiles) they are issued here, before anything else.
-        let has_products = (warpgroup == 0 && step < tiles) || (warpgroup == 1 && step >= 1);
-        let inside =
-            copies_in_products && has_products && step + 2 < tiles && (step + 3) * 128 <= sk;
-        if inside {
-            copy_addresses[0] = k_from + u64::cast_from((step + 2) * 128) * 256u64;
-            copy_addresses[1] = u64::cast_from(k_to + (((step + 2) % 3) * 32768) as u32);
-            copy_addresses[2] = v_from + u64::cast_from((step + 1) * 128) * 256u64;
-            copy_addresses[3] = u64::cast_from(v_to + (((step + 1) % 3) * 32768) as u32);
-        } else {
-            if step + 2 < tiles {
-                load_tile(k, kv_base, k_from, k_to, step + 2, sk, &mut k_s);
-            }
-            if step + 1 < tiles {
-                load_tile(v, kv_base, v_from, v_to, step + 1, sk, &mut v_s);
-            }
+        if step + 2 < tiles {
+            load_tile(k, kv_base, k_from, k_to, step + 2, sk, &mut k_s);
+        }
+        if step + 1 < tiles {
+            load_tile(v, kv_base, v_from, v_to, step + 1, sk, &mut v_s);
         }
         if warpgroup == 1 && step >= 1 {
             products_tile(
@@ -417,8 +402,8 @@ pub fn forward_kernel(
                 desc_q,
                 k_address,
                 v_address,
-                inside,
-                &copy_addresses,
+                v_leading,
+                v_stride,
             );
         }
         if step < tiles {
@@ -436,16 +421,8 @@ pub fn forward_kernel(
         }
         if warpgroup == 0 && step < tiles {
             products_tile(
-                &mut acc,
-                &p_frag,
-                &mut s,
-                step,
-                tiles,
-                desc_q,
-                k_address,
-                v_address,
-                inside,
-                &copy_addresses,
+                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address, v_leading,
+                v_stride,
             );
         }
         fence_for_wgmma();
@@ -502,18 +479,6 @@ pub struct ForwardShape {
     pub seq_q: usize,
     pub seq_k: usize,
     pub causal: bool,
-    /// Where the next tiles' `cp.async` copies are issued (a tuning choice under test).
-    pub copies: CopySchedule,
-}
-
-/// Where each unit issues its copies of the next K and V tiles in an interval.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopySchedule {
-    /// First thing in the interval, before the softmax and the products.
-    IntervalStart,
-    /// Inside the warpgroup's products (after they are committed, before the wait), so the
-    /// copies queue while the tensor cores work; partial tiles still at the start.
-    InsideProducts,
 }
 
 /// O (`[batch, heads, seq_q, 128]` bf16) and LSE (`[batch, heads, seq_q]` f32, natural log;
@@ -534,7 +499,6 @@ pub fn forward(
         seq_q,
         seq_k,
         causal,
-        copies,
     } = shape;
     if kv_heads == 0 || heads % kv_heads != 0 {
         return Err(AttnError::Shape(format!(
@@ -565,6 +529,14 @@ pub fn forward(
     );
     let lse = crate::DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
     let words = |n: usize| n * HEAD_DIM / 2;
+    // V's descriptor offsets for the N-major swizzled layout: leading = between the two
+    // 64-wide halves (16384 bytes), stride = between 8-key groups (1024). A diagnostic switch
+    // (`LONGVIEW_WGMMA_V_OFFSETS=exchanged`) swaps them, to tell a field mix-up from a layout
+    // mistake if the f64 check fails.
+    let (v_leading, v_stride) = match std::env::var("LONGVIEW_WGMMA_V_OFFSETS").as_deref() {
+        Ok("exchanged") => (1024u32, 16384u32),
+        _ => (16384u32, 1024u32),
+    };
     unsafe {
         forward_kernel::launch(
             client,
@@ -584,8 +556,9 @@ pub fn forward(
             heads as u32,
             (heads / kv_heads) as u32,
             1.0 / (HEAD_DIM as f32).sqrt(),
+            v_leading,
+            v_stride,
             causal,
-            copies == CopySchedule::InsideProducts,
         );
     }
     Ok((o, lse))

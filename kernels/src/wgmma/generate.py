@@ -126,88 +126,123 @@ def helper_register_a(n, steps=1, step_units=0):
     return rust_function(docs, signature, regs, lines, inputs)
 
 
-def helper_pv_then_qk(copies=False):
-    """The two products of an attention step in one asm statement: `O += P V` (register A,
-    V N-major, eight 16-deep steps 4096 bytes apart) and then `S = Q K^T` for the next key
-    tile (both K-major, eight steps 256 bytes apart, the first overwriting S). Operands:
-    outputs O 0..64 and S 64..128; inputs O 128..192, P 192..224, desc_v, desc_q, desc_k;
-    with `copies`, then k_from, k_to, v_from, v_to: sixteen `cp.async` copies issued after the
-    products are committed and before they are waited for."""
-    pos_c, pos_a = 128, 192
-    pos_dv, pos_dq, pos_dk = 224, 225, 226
+# 128-byte-swizzled operands of a 128-wide (D = 128) bf16 tile (see `forward.rs`): a K-major
+# operand's 16-deep step s starts 32 bytes further within a 64-wide half and the second half
+# 16384 bytes on (descriptor units of 16 bytes); an N-major operand's step (16 rows of K)
+# starts 2048 bytes further.
+SW128_K_UNITS = [(s // 4) * 1024 + (s % 4) * 2 for s in range(8)]
+SW128_N_UNITS = [s * 128 for s in range(8)]
+
+
+def sw128_qk_lines(out_regs, first_scale):
+    """Eight K-major `m64n128k16` steps of `S = Q K^T` on swizzled operands (descriptor
+    placeholders `{dq}` / `{dk}` given as `dq`/`dk` base registers)."""
+    lines = []
+    for s, units in enumerate(SW128_K_UNITS):
+        lines.append(f"add.s64 dq{s}, {{Q}}, {units};")
+        lines.append(f"add.s64 dk{s}, {{K}}, {units};")
+        scale = first_scale if s == 0 else "1"
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{out_regs}}}}}, dq{s}, dk{s}, {scale}, 1, 1, 0, 0;"
+        )
+    return lines
+
+
+def sw128_pv_lines(out_regs, pos_a):
+    """Eight register-A `m64n128k16` steps of `O += P V`, V N-major and swizzled."""
+    lines = []
+    for s, units in enumerate(SW128_N_UNITS):
+        a_regs = ", ".join(f"{{{pos_a + 4 * s + i}}}" for i in range(4))
+        lines.append(f"add.s64 dv{s}, {{V}}, {units};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{out_regs}}}}}, {{{{{a_regs}}}}}, dv{s}, 1, 1, 1, 1;"
+        )
+    return lines
+
+
+def finish(lines):
+    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
+    return "\\n\\\n         ".join(lines)
+
+
+def helper_sw128_qk():
+    """`s = Q K^T` (overwriting s) on swizzled operands. Operands: outputs 0..64, desc_q 64,
+    desc_k 65."""
+    regs = ", ".join(f"{{{i}}}" for i in range(64))
+    lines = ["{{", ".reg .b64 dq<8>, dk<8>;", "wgmma.fence.sync.aligned;"]
+    lines += [x.replace("{Q}", "{64}").replace("{K}", "{65}") for x in sw128_qk_lines(regs, "0")]
+    docs = [
+        "`s[0..64] = Q K^T` for 64 x 128 x 128 (`m64n128k16` x 8 in one asm statement), Q and K",
+        "K-major in shared memory in the 128-byte-swizzled layout of `forward.rs` (`desc_q` /",
+        "`desc_k` from `swizzled_descriptor`), each 16-deep step 32 bytes further within a",
+        "64-wide half, the second half 16384 bytes on. Waits for the products before it returns.",
+    ]
+    out = [f"/// {line}" for line in docs] + ["#[cube]"]
+    out += ["pub fn mma_qk_m64n128k128_bf16_sw128(s: &mut Array<f32>, desc_q: u64, desc_k: u64) {"]
+    out += [f"    let e{i}: f32;" for i in range(64)]
+    out += ["    gpu_asm!(", f"        \"{finish(lines)}\","]
+    out += [f"        out(_) e{i}," for i in range(64)]
+    out += ["        in(_) desc_q,", "        in(_) desc_k,", "    );"]
+    out += [f"    s[{i}] = e{i};" for i in range(64)]
+    out.append("}")
+    return "\n".join(out)
+
+
+def helper_pv_then_qk(next_scores):
+    """`O += P V` (register A, V N-major, swizzled) and, with `next_scores`, then `S = Q K^T`
+    for the next key tile (swizzled K-major, the first step overwriting S), in one asm
+    statement. Operands: outputs O 0..64 (and S 64..128); inputs O, P, desc_v (desc_q,
+    desc_k)."""
+    out_count = 128 if next_scores else 64
+    pos_c, pos_a = out_count, out_count + 64
+    pos_dv = pos_a + 32
     o_list = ", ".join(f"{{{i}}}" for i in range(64))
     s_list = ", ".join(f"{{{64 + i}}}" for i in range(64))
-    lines = ["{{", ".reg .b64 dv<8>, dq<8>, dk<8>;"]
+    lines = ["{{", ".reg .b64 dv<8>, dq<8>, dk<8>;" if next_scores else ".reg .b64 dv<8>;"]
     lines += [f"mov.b32 {{{i}}}, {{{pos_c + i}}};" for i in range(64)]
     lines.append("wgmma.fence.sync.aligned;")
-    for s in range(8):
-        a_regs = ", ".join(f"{{{pos_a + 4 * s + i}}}" for i in range(4))
-        lines.append(f"add.s64 dv{s}, {{{pos_dv}}}, {s * 256};")
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{o_list}}}}}, {{{{{a_regs}}}}}, dv{s}, 1, 1, 1, 1;"
-        )
-    for s in range(8):
-        lines.append(f"add.s64 dq{s}, {{{pos_dq}}}, {s * STEP_UNITS};")
-        lines.append(f"add.s64 dk{s}, {{{pos_dk}}}, {s * STEP_UNITS};")
-        scale = "0" if s == 0 else "1"
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{s_list}}}}}, dq{s}, dk{s}, {scale}, 1, 1, 0, 0;"
-        )
-    lines.append("wgmma.commit_group.sync.aligned;")
-    if copies:
-        for name, (src, dst) in (("k", (227, 228)), ("v", (229, 230))):
-            for i in range(8):
-                lines.append(
-                    f"cp.async.cg.shared.global [{{{dst}}}+{4096 * i}], [{{{src}}}+{4096 * i}], 16;"
-                )
-    lines += ["wgmma.wait_group.sync.aligned 0;", "}}"]
-    template = "\\n\\\n         ".join(lines)
-    docs = [
-        "One attention step's products, issued back to back and waited for together:",
-        "`o[0..64] += P V` with P's bf16 fragments in registers (`p[4 j..4 j + 4]` for the",
-        "16 keys of step j, as [`mma_m64n128k128_bf16_register_a`] takes them) and V (128 x 128)",
-        "N-major in shared memory from `desc_v`; then `s[0..64] = Q K^T` (64 x 128 x 128, the",
-        "next key tile's scores), Q and K K-major in shared memory from `desc_q` / `desc_k` as",
-        "[`mma_m64n128k128_bf16`] takes them. Every unit of the warpgroup calls it.",
-    ]
-    if copies:
-        docs += [
-            "Between issuing the products and waiting for them, this unit's 16 `cp.async` copies",
-            "of 16 bytes: eight from `k_from + 4096 i` to shared `k_to + 4096 i`, eight the same",
-            "for V (the next tiles' whole-tile copies, so that the copies queue while the",
-            "tensor cores work instead of delaying the softmax).",
+    lines += [x.replace("{V}", f"{{{pos_dv}}}") for x in sw128_pv_lines(o_list, pos_a)]
+    if next_scores:
+        qk = sw128_qk_lines(s_list, "0")
+        lines += [x.replace("{Q}", f"{{{pos_dv + 1}}}").replace("{K}", f"{{{pos_dv + 2}}}") for x in qk]
+    if next_scores:
+        docs = [
+            "One attention step's products, issued back to back and waited for together:",
+            "`o[0..64] += P V` with P's bf16 fragments in registers (`p[4 j..4 j + 4]` for the",
+            "16 keys of step j) and V (128 keys x 128) N-major and 128-byte-swizzled in shared",
+            "memory from `desc_v`, each 16-key step 2048 bytes further; then `s[0..64] = Q K^T`",
+            "for the next key tile as [`mma_qk_m64n128k128_bf16_sw128`] computes it. Every unit",
+            "of the warpgroup calls it.",
         ]
-    suffix = "_with_copies" if copies else ""
-    out = [f"/// {line}" for line in docs] + ["#[cube]"]
-    if copies:
-        out.append("#[allow(clippy::too_many_arguments)]")
-    out += [
-        f"pub fn mma_pv_then_qk_m64n128k128_bf16{suffix}(",
-        "    o: &mut Array<f32>,",
-        "    p: &Array<u32>,",
-        "    desc_v: u64,",
-        "    s: &mut Array<f32>,",
-        "    desc_q: u64,",
-        "    desc_k: u64,",
-    ]
-    if copies:
-        out += ["    k_from: u64,", "    k_to: u32,", "    v_from: u64,", "    v_to: u32,"]
-    out += [") {"]
+        name = "mma_pv_then_qk_m64n128k128_bf16_sw128"
+        args = ["o: &mut Array<f32>", "p: &Array<u32>", "desc_v: u64", "s: &mut Array<f32>", "desc_q: u64", "desc_k: u64"]
+    else:
+        docs = [
+            "`o[0..64] += P V` alone, as [`mma_pv_then_qk_m64n128k128_bf16_sw128`] computes it",
+            "(the last key tile, when there are no next scores).",
+        ]
+        name = "mma_pv_m64n128k128_bf16_sw128"
+        args = ["o: &mut Array<f32>", "p: &Array<u32>", "desc_v: u64"]
+    out = [f"/// {line}" for line in docs] + ["#[cube]", f"pub fn {name}("]
+    out += [f"    {arg}," for arg in args] + [") {"]
     out += [f"    let c{i} = o[{i}];" for i in range(64)]
     out += [f"    let a{i} = p[{i}];" for i in range(32)]
     out += [f"    let d{i}: f32;" for i in range(64)]
-    out += [f"    let e{i}: f32;" for i in range(64)]
-    out += ["    gpu_asm!(", f"        \"{template}\","]
+    if next_scores:
+        out += [f"    let e{i}: f32;" for i in range(64)]
+    out += ["    gpu_asm!(", f"        \"{finish(lines)}\","]
     out += [f"        out(_) d{i}," for i in range(64)]
-    out += [f"        out(_) e{i}," for i in range(64)]
+    if next_scores:
+        out += [f"        out(_) e{i}," for i in range(64)]
     out += [f"        in(_) c{i}," for i in range(64)]
     out += [f"        in(_) a{i}," for i in range(32)]
-    out += ["        in(_) desc_v,", "        in(_) desc_q,", "        in(_) desc_k,"]
-    if copies:
-        out += [f"        in(_) {name}," for name in ("k_from", "k_to", "v_from", "v_to")]
+    out += ["        in(_) desc_v,"]
+    if next_scores:
+        out += ["        in(_) desc_q,", "        in(_) desc_k,"]
     out += ["    );"]
     out += [f"    o[{i}] = d{i};" for i in range(64)]
-    out += [f"    s[{i}] = e{i};" for i in range(64)]
+    if next_scores:
+        out += [f"    s[{i}] = e{i};" for i in range(64)]
     out.append("}")
     return "\n".join(out)
 
@@ -235,13 +270,10 @@ for n in (64, 128):
 files.append(
     ("m64n128k128_register_a", "mma_m64n128k128_bf16_register_a", helper_register_a(128, 8, 256))
 )
-files.append(("pv_then_qk", "mma_pv_then_qk_m64n128k128_bf16", helper_pv_then_qk()))
+files.append(("qk_sw128", "mma_qk_m64n128k128_bf16_sw128", helper_sw128_qk()))
+files.append(("pv_sw128", "mma_pv_m64n128k128_bf16_sw128", helper_pv_then_qk(False)))
 files.append(
-    (
-        "pv_then_qk_with_copies",
-        "mma_pv_then_qk_m64n128k128_bf16_with_copies",
-        helper_pv_then_qk(copies=True),
-    )
+    ("pv_then_qk_sw128", "mma_pv_then_qk_m64n128k128_bf16_sw128", helper_pv_then_qk(True))
 )
 for name, _, body in files:
     with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
