@@ -90,4 +90,5 @@ pub fn run(client: &Client) {
         time_forward(client, (16, 16), 32768, causal);
     }
     time_forward(client, (12, 2), 32768, true);
+    time_forward(client, (28, 4), 32768, true);
 }
