@@ -1,17 +1,30 @@
-//! A first flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE),
-//! to learn what the instruction gives attention before the model's kernels move to it.
-//! **Experimental**: not used by the model or `flash_forward`; checked and timed by
-//! `flash_bench --wgmma` only.
+//! A flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE).
+//! **Experimental**: not used by the model or `flash_forward` (no causal block offsets, no
+//! packed sequences, contiguous `[B, H, S, 128]` inputs only, no backward); checked against
+//! f64 and timed by `flash_bench --wgmma` (`benchmarks/flash_attention.md`).
 //!
 //! Cube: two warpgroups, 64 query rows each (128 rows a cube); grid `(ceil(Sq / 128),
-//! B * H)`. Q is staged once into shared memory, then for each tile of 128 keys (K and V
-//! double-buffered: the next tile's `cp.async` copies, 16 bytes each, run under this
-//! tile's products): `S = Q K^T` as one chained
-//! `m64n128k128` into 64 accumulators, the online softmax on the accumulator layout (each
-//! unit holds rows `g` and `g + 8` of its warp's 16, reduced over the quad with two
-//! shuffles), P packed into bf16 A fragments, `O += P V` as eight register-A `m64n128k16`
-//! steps chained in one asm statement. K and V use the same core-matrix layout ((row, 8-column group) -> 128 bytes);
-//! only their descriptors differ: K-major for K, N-major with the transpose bit for V.
+//! B * H)`. Q is staged once into shared memory; K and V go through three 32 KB stages each
+//! (224 KB of shared memory with Q, one cube an SM), copied by `cp.async` one interval ahead.
+//! Per tile of 128 keys: `S = Q K^T` as eight chained `m64n128k16` steps into 64
+//! accumulators, the online softmax on the accumulator layout (each unit holds rows `g` and
+//! `g + 8` of its warp's 16, reduced over the quad with two shuffles; `exp2` with the scale
+//! folded in), P packed into bf16 A fragments, `O += P V` as eight register-A steps.
+//!
+//! **Schedule.** The loop runs intervals between cube barriers. In interval `t` warpgroup 0
+//! runs tile `t`'s softmax, then one asm statement with tile `t`'s `P V` and tile `t + 1`'s
+//! `Q K^T`; warpgroup 1 runs that asm statement for tile `t - 1` first, then tile `t`'s
+//! softmax. So each warpgroup's softmax runs while the other's products are on the tensor
+//! cores. In interval `t` the tiles in use are K `t`, `t + 1` and V `t - 1`, `t`; K `t + 2`
+//! and V `t + 1` are copied into the third stage of each.
+//!
+//! **Layout.** Q, K and V tiles are stored 128-byte swizzled (see [`tile_word`]): each
+//! 64-column half of the tile is 128 rows of 128 bytes whose 16-byte chunks are permuted by
+//! the row (`c ^ (r % 8)`), which is what the descriptors' swizzle mode 1 reads. Eight
+//! consecutive units copy one row's eight chunks, so their shared-memory writes hit distinct
+//! banks; in the earlier non-swizzled core-matrix layout they all hit the same four banks,
+//! the copies were split into one-sector L2 requests, and the kernel was bound by L2 tag
+//! lookups at half this speed. K is read K-major, V N-major (the transpose bit).
 //! Causal masking assumes `Sq = Sk` (no block offsets); GQA by `group` query heads a kv head.
 
 use cubecl::prelude::barrier::copy_async;
@@ -67,8 +80,9 @@ fn stage_tile(src: &[u32], base: usize, first: usize, rows: usize, tile: &mut Sh
 
 /// Starts copying rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (u32 words from
 /// `base`) into the tile buffer at word `at` of `tile` with `cp.async`, 16 bytes (one
-/// core-matrix row) a copy; rows past `rows` are stored as zeros directly. In flight on
-/// return: each unit waits (`cp.async.wait_all`), then the cube syncs, before a read.
+/// swizzled chunk) a copy; rows past `rows` are stored as zeros directly (the partial last
+/// tile; whole tiles go through [`copy_tile_async`]). In flight on return: each unit waits
+/// (`cp.async.wait_all`), then the cube syncs, before a read.
 #[cube]
 fn stage_tile_async(
     src: &[u32],

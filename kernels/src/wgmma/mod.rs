@@ -3,12 +3,14 @@
 //! (`third_party/cubecl-llvm/src/nvptx/inline_asm.rs`). CUDA only, and only devices of compute
 //! capability 9.0 (the kernels compile for `sm_90a` there); nothing else may launch these.
 //!
-//! **Status: first building block, not used by the attention kernels yet.** What is here: the
+//! **Status: experimental, not used by the model's attention kernels.** What is here: the
 //! `m64n64k16` / `m64n128k16` bf16 products with f32 accumulators, both operands in shared
 //! memory without swizzling (one step, or 64/128 deep chained in one asm statement), and the
 //! form with A in registers and B N-major (`register_a.rs`, what `P V` needs); each product
 //! is waited for before the next. [`check::check_tile_products`] compares them with an f64
-//! product (`kernels/tests/wgmma.rs`, `flash_bench --wgmma`).
+//! product (`kernels/tests/wgmma.rs`, `flash_bench --wgmma`). The flash forward in
+//! [`forward`] uses the 128-byte-swizzled variants (`*_sw128`, generated too), checked
+//! through that forward's own f64 check ([`check::check_forward`]).
 //!
 //! ## Operands in shared memory (no swizzle, both K-major)
 //!
