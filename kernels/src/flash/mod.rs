@@ -291,6 +291,16 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         }
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
+    // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, D128, no packed
+    // sequences or shifted causal blocks; `crate::wgmma::forward::routes`).
+    #[cfg(feature = "cuda")]
+    if kernel == FlashKernel::Auto {
+        let bf16 = F::cube_type() == half::bf16::cube_type();
+        if crate::wgmma::forward::routes(client, bf16, (q, k, v), (o, lse), options) {
+            let (scale, causal) = (options.scale, options.causal);
+            return crate::wgmma::forward::forward_into(client, (q, k, v), (o, lse), scale, causal);
+        }
+    }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);
     let tensor_cores = use_tensor_cores::<F>(client, kernel, &[("q", q), ("k", k), ("v", v)])?;
     let segments = Segments {

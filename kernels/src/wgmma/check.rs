@@ -192,3 +192,124 @@ pub fn check_forward(
     }
     Ok((passed, failed))
 }
+
+/// `[b, h, s, 128]` row-major data reordered as `[b, s, h, 128]` (the model's layout).
+fn heads_inside(x: &[bf16], h: usize, s: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; x.len()];
+    for (i, chunk) in x.chunks(128).enumerate() {
+        let (bi, hi, si) = (i / (h * s), (i / s) % h, i % s);
+        let to = ((bi * s + si) * h + hi) * 128;
+        out[to..to + 128].copy_from_slice(chunk);
+    }
+    out
+}
+
+/// The wgmma forward as `flash_forward` (kernel `Auto`) runs it for the model: Q, K, V and O
+/// stored `[B, S, H, 128]` and passed as strided `[B, H, S, 128]` views, a scale other than
+/// 1/sqrt(128), causal with equal block offsets and full attention, GQA. Each case first
+/// asserts that the call routes to this kernel (`routes`), then compares O and LSE with the
+/// f64 reference (O within 1e-2 of max(|ref|, 1), LSE 1e-3). Returns (passed, failed).
+pub fn check_forward_routed(
+    client: &cubecl::prelude::Client,
+) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
+    use super::forward::{HEAD_DIM, routes};
+    use crate::reference::{Geometry, attention_f64, max_relative_error};
+    use crate::{DeviceTensor, FlashKernel, FlashOptions, flash::flash_forward_with};
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    let cases = [
+        (2usize, 4usize, 2usize, 300usize, true, 64usize),
+        (1, 3, 1, 200, false, 0),
+    ];
+    for (case, &(batch, heads, kv_heads, seq, causal, offset)) in cases.iter().enumerate() {
+        let data = |h: usize, seed: u64| -> Vec<bf16> {
+            random_values(batch * h * seq * HEAD_DIM, seed)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        };
+        let (q, k, v) = (
+            data(heads, 40 + case as u64),
+            data(kv_heads, 50),
+            data(kv_heads, 60),
+        );
+        // A [B, S, H, 128] buffer seen as [B, H, S, 128].
+        let view = |t: &DeviceTensor, h: usize| DeviceTensor {
+            handle: t.handle.clone(),
+            shape: vec![batch, h, seq, HEAD_DIM],
+            strides: vec![seq * h * HEAD_DIM, HEAD_DIM, h * HEAD_DIM, 1],
+        };
+        let upload = |x: &[bf16], h: usize| {
+            DeviceTensor::from_slice(client, &heads_inside(x, h, seq), &[batch, seq, h, HEAD_DIM])
+        };
+        let (qb, kb, vb) = (
+            upload(&q, heads),
+            upload(&k, kv_heads),
+            upload(&v, kv_heads),
+        );
+        let ob = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[batch, seq, heads, HEAD_DIM]);
+        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq]);
+        let mut opts = FlashOptions::new(HEAD_DIM).causal(causal);
+        opts.scale = 0.05;
+        opts.q_offset = offset;
+        opts.k_offset = offset;
+        let (qv, kv, vv, ov) = (
+            view(&qb, heads),
+            view(&kb, kv_heads),
+            view(&vb, kv_heads),
+            view(&ob, heads),
+        );
+        let label = format!(
+            "flash_forward (Auto) B{batch} H{heads}/{kv_heads} S{seq} causal {causal} offsets {offset}, [B, S, H, D] views"
+        );
+        if !routes(client, true, (&qv, &kv, &vv), (&ov, &lse), &opts) {
+            failed.push(format!("{label}: not routed to the wgmma forward"));
+            continue;
+        }
+        flash_forward_with::<bf16>(client, &qv, &kv, &vv, &ov, &lse, &opts, FlashKernel::Auto)?;
+        let o_bshd = ob.to_vec::<bf16>(client)?;
+        // Back to [B, H, S, 128] for the comparison.
+        let mut o = vec![0f32; o_bshd.len()];
+        for bi in 0..batch {
+            for hi in 0..heads {
+                for si in 0..seq {
+                    let from = ((bi * seq + si) * heads + hi) * HEAD_DIM;
+                    let to = ((bi * heads + hi) * seq + si) * HEAD_DIM;
+                    for d in 0..HEAD_DIM {
+                        o[to + d] = o_bshd[from + d].to_f32();
+                    }
+                }
+            }
+        }
+        let lse = lse.to_vec::<f32>(client)?;
+        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+        let geometry = Geometry {
+            batch,
+            q_heads: heads,
+            kv_heads,
+            q_len: seq,
+            kv_len: seq,
+            head_dim: HEAD_DIM,
+            scale: f64::from(opts.scale),
+            empty_lse: -1.0e38,
+        };
+        let want = attention_f64(
+            &geometry,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            None,
+            |_, i, j| !causal || j <= i,
+        );
+        let (o_err, lse_err) = (
+            max_relative_error(&o, &want.o),
+            max_relative_error(&lse, &want.lse),
+        );
+        let line = format!("{label}: O {o_err:.1e} LSE {lse_err:.1e}");
+        if o_err <= 1e-2 && lse_err <= 1e-3 {
+            passed.push(line)
+        } else {
+            failed.push(line)
+        }
+    }
+    Ok((passed, failed))
+}

@@ -30,6 +30,8 @@
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
+pub use super::forward_launch::{ForwardShape, forward, forward_into, layout_unsupported, routes};
+
 use super::{
     accumulator_col, mma_pv_m64n128k128_bf16_sw128, mma_pv_then_qk_m64n128k128_bf16_sw128,
     mma_qk_m64n128k128_bf16_sw128, pack_bf16x2, shared_address, shared_descriptor,
@@ -64,14 +66,21 @@ fn swizzled_descriptor(address: u32, leading_bytes: u32, stride_bytes: u32) -> u
 /// Copies rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (as u32 words from
 /// `base`) into `tile`, zeros past row `rows`.
 #[cube]
-fn stage_tile(src: &[u32], base: usize, first: usize, rows: usize, tile: &mut Shared<[u32]>) {
+fn stage_tile(
+    src: &[u32],
+    base: usize,
+    row_words: usize,
+    first: usize,
+    rows: usize,
+    tile: &mut Shared<[u32]>,
+) {
     let mut i = UNIT_POS as usize;
     while i < 8192usize {
         let row = i / 64;
         let word = i % 64;
         let mut value = 0u32;
         if first + row < rows {
-            value = src[base + (first + row) * 64 + word];
+            value = src[base + (first + row) * row_words + word];
         }
         tile[tile_word(row, word)] = value;
         i += 256usize;
@@ -87,6 +96,7 @@ fn stage_tile(src: &[u32], base: usize, first: usize, rows: usize, tile: &mut Sh
 fn stage_tile_async(
     src: &[u32],
     base: usize,
+    row_words: usize,
     first: usize,
     rows: usize,
     tile: &mut Shared<[u32]>,
@@ -102,7 +112,7 @@ fn stage_tile_async(
         let word = (i % 16) * 4;
         let to = at + tile_word(row, word);
         if first + row < rows {
-            let from = base + (first + row) * 64 + word;
+            let from = base + (first + row) * row_words + word;
             copy_async(&src[from..from + 4], &mut tile[to..to + 4], 4u32);
         } else {
             tile[to] = 0u32;
@@ -129,29 +139,41 @@ fn global_address(slice: &[u32], offset: usize) -> u64 {
 }
 
 /// This unit's eight `cp.async` copies (16 bytes each) of a whole 128-row tile: copy `i`
-/// reads `from + 4096 i` and writes `to + 2048 i`, where `from` is the global address of
-/// (row `u / 16`, bytes `16 (u % 16)`) of the tile for unit `u` and `to` its place in the
-/// swizzled layout ([`tile_word`]: 16 rows further is 4096 bytes further in global memory and
-/// 2048 in the tile). Eight consecutive units write one 128-byte row of a half, in swizzled
-/// order, so the shared-memory writes do not conflict. One asm statement with the offsets as
-/// immediates, so a tile costs eight instructions a unit.
+/// reads `from + i rows16` and writes `to + 2048 i`, where `from` is the global address of
+/// (row `u / 16`, bytes `16 (u % 16)`) of the tile for unit `u`, `rows16` the bytes of 16
+/// rows, and `to` the chunk's place in the swizzled layout ([`tile_word`]: 16 rows further is
+/// 2048 bytes further in the tile). Eight consecutive units write one 128-byte row of a half,
+/// in swizzled order, so the shared-memory writes do not conflict, and sixteen read one
+/// 256-byte row. One asm statement, so a tile costs eight copies and seven adds a unit.
 #[cube]
-fn copy_tile_async(from: u64, to: u32) {
+fn copy_tile_async(from: u64, to: u32, rows16: u64) {
     gpu_asm!(
-        "cp.async.cg.shared.global [{1}], [{0}], 16;\n\
-         cp.async.cg.shared.global [{1}+2048], [{0}+4096], 16;\n\
-         cp.async.cg.shared.global [{1}+4096], [{0}+8192], 16;\n\
-         cp.async.cg.shared.global [{1}+6144], [{0}+12288], 16;\n\
-         cp.async.cg.shared.global [{1}+8192], [{0}+16384], 16;\n\
-         cp.async.cg.shared.global [{1}+10240], [{0}+20480], 16;\n\
-         cp.async.cg.shared.global [{1}+12288], [{0}+24576], 16;\n\
-         cp.async.cg.shared.global [{1}+14336], [{0}+28672], 16;",
+        "{{\n\
+         .reg .b64 g<8>;\n\
+         add.s64 g1, {0}, {2};\n\
+         add.s64 g2, g1, {2};\n\
+         add.s64 g3, g2, {2};\n\
+         add.s64 g4, g3, {2};\n\
+         add.s64 g5, g4, {2};\n\
+         add.s64 g6, g5, {2};\n\
+         add.s64 g7, g6, {2};\n\
+         cp.async.cg.shared.global [{1}], [{0}], 16;\n\
+         cp.async.cg.shared.global [{1}+2048], [g1], 16;\n\
+         cp.async.cg.shared.global [{1}+4096], [g2], 16;\n\
+         cp.async.cg.shared.global [{1}+6144], [g3], 16;\n\
+         cp.async.cg.shared.global [{1}+8192], [g4], 16;\n\
+         cp.async.cg.shared.global [{1}+10240], [g5], 16;\n\
+         cp.async.cg.shared.global [{1}+12288], [g6], 16;\n\
+         cp.async.cg.shared.global [{1}+14336], [g7], 16;\n\
+         }}",
         in(_) from,
         in(_) to,
+        in(_) rows16,
     );
 }
 
-/// Tile `j` of K or V (a `[rows, 128]` bf16 matrix from word `base` of `src`) into stage
+/// Tile `j` of K or V (a `[rows, 128]` bf16 matrix from word `base` of `src`, rows
+/// `row_words` words apart) into stage
 /// `j % 3` of `stage` (shared address `stage_address`): whole tiles by [`copy_tile_async`]
 /// from this unit's precomputed addresses, the last partial tile by [`stage_tile_async`]
 /// (zeros past `rows`).
@@ -160,6 +182,7 @@ fn copy_tile_async(from: u64, to: u32) {
 fn load_tile(
     src: &[u32],
     base: usize,
+    row_words: usize,
     from: u64,
     to: u32,
     j: usize,
@@ -168,12 +191,14 @@ fn load_tile(
 ) {
     let first = j * 128;
     if first + 128 <= rows {
+        let row_bytes = u64::cast_from(row_words) * 4u64;
         copy_tile_async(
-            from + u64::cast_from(first) * 256u64,
+            from + u64::cast_from(first) * row_bytes,
             to + ((j % 3) * 32768) as u32,
+            row_bytes * 16u64,
         );
     } else {
-        stage_tile_async(src, base, first, rows, stage, (j % 3) * 8192);
+        stage_tile_async(src, base, row_words, first, rows, stage, (j % 3) * 8192);
     }
 }
 
@@ -281,8 +306,8 @@ fn softmax_tile(
 }
 
 /// Tile `j`'s `O += P V` and, when there is a next tile, its scores `S = Q K^T`, in one
-/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each); `v_offsets` are V's
-/// descriptor offsets (leading, stride).
+/// asm statement. K and V tile `j` live in stage `j % 3` (32 KB each); V's descriptor has
+/// leading = 16384 bytes (between its 64-wide halves) and stride = 1024 (8-key groups).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn products_tile(
@@ -294,11 +319,9 @@ fn products_tile(
     desc_q: u64,
     k_address: u32,
     v_address: u32,
-    v_leading: u32,
-    v_stride: u32,
 ) {
     let v_stage = v_address + ((j % 3) * 32768) as u32;
-    let desc_v = swizzled_descriptor(v_stage, v_leading, v_stride);
+    let desc_v = swizzled_descriptor(v_stage, 16384u32, 1024u32);
     if j + 1 < tiles {
         let k_stage = k_address + (((j + 1) % 3) * 32768) as u32;
         let desc_k = swizzled_descriptor(k_stage, 16u32, 1024u32);
@@ -316,13 +339,12 @@ pub fn forward_kernel(
     v: &[u32],
     o: &mut [half::bf16],
     lse: &mut [f32],
+    strides: &[u32],
     sq: u32,
     sk: u32,
     heads: u32,
     group: u32,
     scale: f32,
-    v_leading: u32,
-    v_stride: u32,
     #[comptime] causal: bool,
 ) {
     let unit = UNIT_POS as usize;
@@ -334,8 +356,16 @@ pub fn forward_kernel(
     let bh = CUBE_POS_Y as usize;
     let b = bh / heads as usize;
     let h = bh % heads as usize;
-    let kv_heads = (heads / group) as usize;
-    let kv = b * kv_heads + h / group as usize;
+    let kv_head = h / group as usize;
+    // Element strides (batch, head, row) of Q, K, V and O; Q, K and V read as u32 words.
+    let q_row = strides[2] as usize / 2;
+    let k_row = strides[5] as usize / 2;
+    let v_row = strides[8] as usize / 2;
+    let q_base = (b * strides[0] as usize + h * strides[1] as usize) / 2;
+    let k_base = (b * strides[3] as usize + kv_head * strides[4] as usize) / 2;
+    let v_base = (b * strides[6] as usize + kv_head * strides[7] as usize) / 2;
+    let o_base = b * strides[9] as usize + h * strides[10] as usize;
+    let o_row = strides[11] as usize;
     let first = CUBE_POS_X as usize * 128;
     let row0 = first + warpgroup * 64 + (t / 32) * 16 + g;
     let row1 = row0 + 8;
@@ -345,7 +375,7 @@ pub fn forward_kernel(
     // K and V tiles, three stages each (tile j at words [(j % 3) 8192, +8192)).
     let mut k_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
     let mut v_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
-    stage_tile(q, bh * sq * 64, first, sq, &mut q_s);
+    stage_tile(q, q_base, q_row, first, sq, &mut q_s);
     // This warpgroup's 64 rows: 8192 bytes into each half of the swizzled Q tile.
     let q_address = shared_address::<u32>(&q_s) + (warpgroup * 8192) as u32;
     let desc_q = swizzled_descriptor(q_address, 16u32, 1024u32);
@@ -370,20 +400,19 @@ pub fn forward_kernel(
         end = first + 128;
     }
     let tiles = end.div_ceil(128usize);
-    let kv_base = kv * sk * 64;
     // This unit's copy addresses (see `copy_tile_async`).
-    let own = kv_base + (unit / 16) * 64 + (unit % 16) * 4;
-    let (k_from, v_from) = (global_address(k, own), global_address(v, own));
+    let k_from = global_address(k, k_base + (unit / 16) * k_row + (unit % 16) * 4);
+    let v_from = global_address(v, v_base + (unit / 16) * v_row + (unit % 16) * 4);
     let own_word = tile_word(unit / 16, (unit % 16) * 4);
     let (k_to, v_to) = (
         k_address + (own_word * 4) as u32,
         v_address + (own_word * 4) as u32,
     );
-    load_tile(k, kv_base, k_from, k_to, 0usize, sk, &mut k_s);
+    load_tile(k, k_base, k_row, k_from, k_to, 0usize, sk, &mut k_s);
     if tiles > 1 {
-        load_tile(k, kv_base, k_from, k_to, 1usize, sk, &mut k_s);
+        load_tile(k, k_base, k_row, k_from, k_to, 1usize, sk, &mut k_s);
     }
-    load_tile(v, kv_base, v_from, v_to, 0usize, sk, &mut v_s);
+    load_tile(v, v_base, v_row, v_from, v_to, 0usize, sk, &mut v_s);
     fence_for_wgmma();
     sync_cube();
     mma_qk_m64n128k128_bf16_sw128(
@@ -401,10 +430,10 @@ pub fn forward_kernel(
     let mut step = 0usize;
     while step <= tiles {
         if step + 2 < tiles {
-            load_tile(k, kv_base, k_from, k_to, step + 2, sk, &mut k_s);
+            load_tile(k, k_base, k_row, k_from, k_to, step + 2, sk, &mut k_s);
         }
         if step + 1 < tiles {
-            load_tile(v, kv_base, v_from, v_to, step + 1, sk, &mut v_s);
+            load_tile(v, v_base, v_row, v_from, v_to, step + 1, sk, &mut v_s);
         }
         if warpgroup == 1 && step >= 1 {
             products_tile(
@@ -416,8 +445,6 @@ pub fn forward_kernel(
                 desc_q,
                 k_address,
                 v_address,
-                v_leading,
-                v_stride,
             );
         }
         if step < tiles {
@@ -435,8 +462,7 @@ pub fn forward_kernel(
         }
         if warpgroup == 0 && step < tiles {
             products_tile(
-                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address, v_leading,
-                v_stride,
+                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address,
             );
         }
         fence_for_wgmma();
@@ -470,7 +496,7 @@ pub fn forward_kernel(
         let row = if upper { row0 } else { row1 };
         let inv = if upper { inv0 } else { inv1 };
         if row < sq {
-            o[(bh * sq + row) * 128 + accumulator_col(t, i)] = half::bf16::cast_from(acc[i] * inv);
+            o[o_base + row * o_row + accumulator_col(t, i)] = half::bf16::cast_from(acc[i] * inv);
         }
     }
     if lane % 4 == 0 {
@@ -481,99 +507,4 @@ pub fn forward_kernel(
             lse[bh * sq + row1] = lse1;
         }
     }
-}
-
-/// Shape of one [`forward`] call: `[batch, heads, seq, 128]` bf16 inputs, `kv_heads` dividing
-/// `heads`; causal needs `seq_q == seq_k`.
-#[derive(Clone, Copy, Debug)]
-pub struct ForwardShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub seq_q: usize,
-    pub seq_k: usize,
-    pub causal: bool,
-}
-
-/// O (`[batch, heads, seq_q, 128]` bf16) and LSE (`[batch, heads, seq_q]` f32, natural log;
-/// `-1e38` for a row that sees no key) of softmax(Q K^T / sqrt(128)) V on the device. Needs a
-/// CUDA device of compute capability 9.0.
-pub fn forward(
-    client: &Client,
-    q: &crate::DeviceTensor,
-    k: &crate::DeviceTensor,
-    v: &crate::DeviceTensor,
-    shape: ForwardShape,
-) -> Result<(crate::DeviceTensor, crate::DeviceTensor), crate::AttnError> {
-    use crate::AttnError;
-    let ForwardShape {
-        batch,
-        heads,
-        kv_heads,
-        seq_q,
-        seq_k,
-        causal,
-    } = shape;
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(AttnError::Shape(format!(
-            "wgmma forward: {kv_heads} kv heads do not divide {heads} query heads"
-        )));
-    }
-    if causal && seq_q != seq_k {
-        return Err(AttnError::Options(format!(
-            "wgmma forward: causal needs seq_q == seq_k (got {seq_q} and {seq_k})"
-        )));
-    }
-    let expect = |t: &crate::DeviceTensor, name: &str, dims: [usize; 4]| {
-        if t.shape != dims {
-            return Err(AttnError::Shape(format!(
-                "wgmma forward: {name} has shape {:?}, expected {dims:?}",
-                t.shape
-            )));
-        }
-        Ok(())
-    };
-    expect(q, "q", [batch, heads, seq_q, HEAD_DIM])?;
-    expect(k, "k", [batch, kv_heads, seq_k, HEAD_DIM])?;
-    expect(v, "v", [batch, kv_heads, seq_k, HEAD_DIM])?;
-    let o = crate::DeviceTensor::poisoned::<half::bf16>(
-        client,
-        f32::NAN,
-        &[batch, heads, seq_q, HEAD_DIM],
-    );
-    let lse = crate::DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
-    let words = |n: usize| n * HEAD_DIM / 2;
-    // V's descriptor offsets for the N-major swizzled layout: leading = between the two
-    // 64-wide halves (16384 bytes), stride = between 8-key groups (1024). A diagnostic switch
-    // (`LONGVIEW_WGMMA_V_OFFSETS=exchanged`) swaps them, to tell a field mix-up from a layout
-    // mistake if the f64 check fails.
-    let (v_leading, v_stride) = match std::env::var("LONGVIEW_WGMMA_V_OFFSETS").as_deref() {
-        Ok("exchanged") => (1024u32, 16384u32),
-        _ => (16384u32, 1024u32),
-    };
-    unsafe {
-        forward_kernel::launch(
-            client,
-            CubeCount::Static(
-                seq_q.div_ceil(ROWS_A_CUBE) as u32,
-                (batch * heads) as u32,
-                1,
-            ),
-            CubeDim::new_1d(256),
-            BufferArg::from_raw_parts(q.handle.clone(), words(batch * heads * seq_q)),
-            BufferArg::from_raw_parts(k.handle.clone(), words(batch * kv_heads * seq_k)),
-            BufferArg::from_raw_parts(v.handle.clone(), words(batch * kv_heads * seq_k)),
-            BufferArg::from_raw_parts(o.handle.clone(), batch * heads * seq_q * HEAD_DIM),
-            BufferArg::from_raw_parts(lse.handle.clone(), batch * heads * seq_q),
-            seq_q as u32,
-            seq_k as u32,
-            heads as u32,
-            (heads / kv_heads) as u32,
-            1.0 / (HEAD_DIM as f32).sqrt(),
-            v_leading,
-            v_stride,
-            causal,
-        );
-    }
-    Ok((o, lse))
 }

@@ -35,6 +35,7 @@ use cubecl::prelude::*;
 
 pub mod check;
 pub mod forward;
+pub mod forward_launch;
 mod generated;
 mod register_a;
 mod throughput;

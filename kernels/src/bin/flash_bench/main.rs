@@ -187,6 +187,11 @@ fn check_tensor_cores(client: &Client, only: Option<&[usize]>) {
             if c.cu.is_none() && c.hq / c.hkv * c.sq <= longview_kernels::flash::DECODE_MAX_ROWS {
                 kernels.push(FlashKernel::Decode);
             }
+            // bf16 D128: `Auto` too, which on an sm_90 device runs the wgmma forward
+            // where it applies (the backward then starts from its O and LSE).
+            if dtype == "bf16" && c.d == 128 {
+                kernels.push(FlashKernel::Auto);
+            }
             for &kernel in &kernels {
                 let started = Instant::now();
                 let got = if dtype == "bf16" {

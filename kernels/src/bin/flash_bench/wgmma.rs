@@ -68,6 +68,10 @@ fn time_forward(client: &Client, (heads, kv_heads): (usize, usize), seq: usize, 
 pub fn run(client: &Client) {
     report("wgmma checks", check::check_tile_products(client));
     report("wgmma forward checks", check::check_forward(client));
+    report(
+        "flash_forward routed to wgmma checks",
+        check::check_forward_routed(client),
+    );
     println!("| cubes | warpgroups a cube | products a warpgroup | ms | TFLOP/s |");
     println!("|---|---|---|---|---|");
     for warpgroups in [1usize, 2, 3] {

@@ -1,0 +1,214 @@
+//! Host side of the wgmma flash forward ([`super::forward`]): the shape and layout checks,
+//! when [`crate::flash::flash_forward`] hands a call to it ([`routes`]), and the launch.
+
+use cubecl::prelude::*;
+
+use super::forward::{HEAD_DIM, ROWS_A_CUBE, forward_kernel};
+use crate::{AttnError, DeviceTensor, FlashOptions};
+
+/// Shape of one [`forward`] call: `[batch, heads, seq, 128]` bf16 inputs, `kv_heads` dividing
+/// `heads`; causal needs `seq_q == seq_k`.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub causal: bool,
+}
+
+/// Why the kernel cannot read or write these tensors as laid out (`None`: it can): Q, K, V
+/// and O need unit stride along the head dimension, other strides a multiple of 8 elements
+/// (16 bytes: each copy moves 16 aligned bytes) that fit in 32 bits, and a start 16-byte
+/// aligned; LSE must be contiguous.
+pub fn layout_unsupported(
+    tensors: [(&str, &DeviceTensor); 4],
+    lse: &DeviceTensor,
+) -> Option<String> {
+    for (name, t) in tensors {
+        let start = t.handle.offset_start.unwrap_or(0);
+        if t.strides.len() != 4 || t.strides[3] != 1 {
+            return Some(format!(
+                "{name} has strides {:?} (the head dim must be contiguous)",
+                t.strides
+            ));
+        }
+        if t.strides[..3]
+            .iter()
+            .any(|&s| s % 8 != 0 || s > u32::MAX as usize)
+        {
+            return Some(format!(
+                "{name} has strides {:?} (multiples of 8 needed)",
+                t.strides
+            ));
+        }
+        if start % 16 != 0 {
+            return Some(format!(
+                "{name} starts at byte {start} (16-byte alignment needed)"
+            ));
+        }
+    }
+    match lse.shape[..] {
+        [_, h, s] if lse.strides == [h * s, s, 1] => None,
+        _ => Some(format!(
+            "lse (shape {:?}, strides {:?}) is not contiguous",
+            lse.shape, lse.strides
+        )),
+    }
+}
+
+/// Whether [`crate::flash::flash_forward`] (kernel `Auto`) runs a call on this kernel: a
+/// CUDA device of compute capability 9.0 compiling kernels with the LLVM backend
+/// (`CUBECL_CUDA_CPP_KERNELS` unset), bf16, head dim 128, no packed sequences, causal only
+/// where the query and key blocks start at the same position with as many rows, and a
+/// layout [`layout_unsupported`] accepts. `LONGVIEW_FLASH_WGMMA=0` turns it off (the
+/// `mma.sync` kernel then runs).
+#[allow(clippy::too_many_arguments)]
+pub fn routes(
+    client: &Client,
+    bf16: bool,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    options: &FlashOptions,
+) -> bool {
+    if std::env::var("LONGVIEW_FLASH_WGMMA").is_ok_and(|v| v == "0")
+        || std::env::var_os("CUBECL_CUDA_CPP_KERNELS").is_some()
+        || client.properties().identity.fingerprint != "ptx_sm90"
+    {
+        return false;
+    }
+    let (sq, sk) = (q.shape[2], k.shape[2]);
+    let same_blocks = options.q_offset == options.k_offset && sq == sk;
+    bf16 && q.shape[3] == HEAD_DIM
+        && options.cu_seqlens.is_none()
+        && (!options.causal || same_blocks)
+        && sq > 0
+        && sk > 0
+        && layout_unsupported([("q", q), ("k", k), ("v", v), ("o", o)], lse).is_none()
+}
+
+/// Launches the forward into `o` (like `q`) and `lse` (`[batch, heads, seq_q]` f32, natural
+/// log) for bf16 `q` `[batch, heads, seq_q, 128]` and `k`, `v` `[batch, kv_heads, seq_k,
+/// 128]` (any layout [`layout_unsupported`] accepts), scores scaled by `scale`. Needs a CUDA
+/// device of compute capability 9.0.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into(
+    client: &Client,
+    (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    scale: f32,
+    causal: bool,
+) -> Result<(), AttnError> {
+    let dims = |t: &DeviceTensor, name: &str| -> Result<[usize; 4], AttnError> {
+        match t.shape[..] {
+            [a, b, c, d] if d == HEAD_DIM => Ok([a, b, c, d]),
+            _ => Err(AttnError::Shape(format!(
+                "wgmma forward: {name} has shape {:?}, expected [batch, heads, seq, {HEAD_DIM}]",
+                t.shape
+            ))),
+        }
+    };
+    let [batch, heads, seq_q, _] = dims(q, "q")?;
+    let [kb, kv_heads, seq_k, _] = dims(k, "k")?;
+    if kb != batch || v.shape != k.shape || o.shape != q.shape || lse.shape != [batch, heads, seq_q]
+    {
+        return Err(AttnError::Shape(format!(
+            "wgmma forward: shapes q {:?} k {:?} v {:?} o {:?} lse {:?} do not agree",
+            q.shape, k.shape, v.shape, o.shape, lse.shape
+        )));
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(AttnError::Shape(format!(
+            "wgmma forward: {kv_heads} kv heads do not divide {heads} query heads"
+        )));
+    }
+    if causal && seq_q != seq_k {
+        return Err(AttnError::Options(format!(
+            "wgmma forward: causal needs seq_q == seq_k (got {seq_q} and {seq_k})"
+        )));
+    }
+    if let Some(why) = layout_unsupported([("q", q), ("k", k), ("v", v), ("o", o)], lse) {
+        return Err(AttnError::Shape(format!("wgmma forward: {why}")));
+    }
+    if seq_q == 0 || batch * heads == 0 {
+        return Ok(());
+    }
+    let strides: Vec<u32> = [q, k, v, o]
+        .iter()
+        .flat_map(|t| t.strides[..3].iter().map(|&s| s as u32))
+        .collect();
+    let strides_handle = client.create_from_slice(u32::as_bytes(&strides));
+    // The extent each binding may address (elements, or u32 words for Q, K, V).
+    let extent = |t: &DeviceTensor| {
+        1 + t
+            .shape
+            .iter()
+            .zip(&t.strides)
+            .map(|(&n, &s)| (n.max(1) - 1) * s)
+            .sum::<usize>()
+    };
+    unsafe {
+        forward_kernel::launch(
+            client,
+            CubeCount::Static(
+                seq_q.div_ceil(ROWS_A_CUBE) as u32,
+                (batch * heads) as u32,
+                1,
+            ),
+            CubeDim::new_1d(256),
+            BufferArg::from_raw_parts(q.handle.clone(), extent(q).div_ceil(2)),
+            BufferArg::from_raw_parts(k.handle.clone(), extent(k).div_ceil(2)),
+            BufferArg::from_raw_parts(v.handle.clone(), extent(v).div_ceil(2)),
+            BufferArg::from_raw_parts(o.handle.clone(), extent(o)),
+            BufferArg::from_raw_parts(lse.handle.clone(), batch * heads * seq_q),
+            BufferArg::from_raw_parts(strides_handle.clone(), strides.len()),
+            seq_q as u32,
+            seq_k as u32,
+            heads as u32,
+            (heads / kv_heads) as u32,
+            scale,
+            causal,
+        );
+    }
+    drop(strides_handle);
+    Ok(())
+}
+
+/// O (`[batch, heads, seq_q, 128]` bf16) and LSE (`[batch, heads, seq_q]` f32, natural log)
+/// of softmax(Q K^T / sqrt(128)) V for contiguous or strided inputs, into new (NaN-poisoned)
+/// outputs. Needs a CUDA device of compute capability 9.0.
+pub fn forward(
+    client: &Client,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    shape: ForwardShape,
+) -> Result<(DeviceTensor, DeviceTensor), AttnError> {
+    let ForwardShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        causal,
+    } = shape;
+    let expect = |t: &DeviceTensor, name: &str, dims: [usize; 4]| {
+        if t.shape != dims {
+            return Err(AttnError::Shape(format!(
+                "wgmma forward: {name} has shape {:?}, expected {dims:?}",
+                t.shape
+            )));
+        }
+        Ok(())
+    };
+    expect(q, "q", [batch, heads, seq_q, HEAD_DIM])?;
+    expect(k, "k", [batch, kv_heads, seq_k, HEAD_DIM])?;
+    expect(v, "v", [batch, kv_heads, seq_k, HEAD_DIM])?;
+    let o =
+        DeviceTensor::poisoned::<half::bf16>(client, f32::NAN, &[batch, heads, seq_q, HEAD_DIM]);
+    let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    forward_into(client, (q, k, v), (&o, &lse), scale, causal)?;
+    Ok((o, lse))
+}
