@@ -1,7 +1,8 @@
-//! A flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE).
-//! **Experimental**: not used by the model or `flash_forward` (no causal block offsets, no
-//! packed sequences, contiguous `[B, H, S, 128]` inputs only, no backward); checked against
-//! f64 and timed by `flash_bench --wgmma` (`benchmarks/flash_attention.md`).
+//! A flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE): what
+//! `flash_forward` runs on a compute-capability-9.0 device for the calls
+//! [`forward_launch::routes`](super::forward_launch::routes) accepts (no packed sequences,
+//! causal only with aligned blocks; strided inputs). Checked against f64 by
+//! `flash_bench --wgmma` and `flash_bench --checks` (`benchmarks/flash_attention.md`).
 //!
 //! Cube: two warpgroups, 64 query rows each (128 rows a cube); grid `(ceil(Sq / 128),
 //! B * H)`. Q is staged once into shared memory; K and V go through three 32 KB stages each
