@@ -105,13 +105,49 @@ pub fn check_tile_products(
     Ok((passed, failed))
 }
 
+/// O and LSE of a forward (`[B, H, S, 128]`, O widened from bf16) against the f64 reference
+/// on the same bf16 inputs: the line to print, `Ok` when O is within 1e-2 of max(|ref|, 1)
+/// and LSE within 1e-3.
+fn against_f64(
+    (batch, heads, kv_heads, seq, causal): (usize, usize, usize, usize, bool),
+    scale: f64,
+    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    (o, lse): (&[f32], &[f32]),
+    label: String,
+) -> Result<String, String> {
+    use crate::reference::{Geometry, attention_f64, max_relative_error};
+    let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+    let geometry = Geometry {
+        batch,
+        q_heads: heads,
+        kv_heads,
+        q_len: seq,
+        kv_len: seq,
+        head_dim: super::forward::HEAD_DIM,
+        scale,
+        empty_lse: -1.0e38,
+    };
+    let want = attention_f64(&geometry, &wide(q), &wide(k), &wide(v), None, |_, i, j| {
+        !causal || j <= i
+    });
+    let (o_err, lse_err) = (
+        max_relative_error(o, &want.o),
+        max_relative_error(lse, &want.lse),
+    );
+    let line = format!("{label}: O {o_err:.1e} LSE {lse_err:.1e}");
+    if o_err <= 1e-2 && lse_err <= 1e-3 {
+        Ok(line)
+    } else {
+        Err(line)
+    }
+}
+
 /// The wgmma forward ([`super::forward`]) against the f64 reference on bf16-rounded inputs:
 /// O within 1e-2 of max(|ref|, 1) (bf16 output), LSE within 1e-3. Returns (passed, failed).
 pub fn check_forward(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
     use super::forward::{ForwardShape, HEAD_DIM, forward};
-    use crate::reference::{Geometry, attention_f64, max_relative_error};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     let cases = [
         (1usize, 2usize, 2usize, 300usize, false),
@@ -158,36 +194,12 @@ pub fn check_forward(
             .map(f32::from)
             .collect();
         let lse = lse.to_vec::<f32>(client)?;
-        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-        let geometry = Geometry {
-            batch,
-            q_heads: heads,
-            kv_heads,
-            q_len: seq,
-            kv_len: seq,
-            head_dim: HEAD_DIM,
-            scale: 1.0 / (HEAD_DIM as f64).sqrt(),
-            empty_lse: -1.0e38,
-        };
-        let want = attention_f64(
-            &geometry,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            None,
-            |_, i, j| !causal || j <= i,
-        );
-        let (o_err, lse_err) = (
-            max_relative_error(&o, &want.o),
-            max_relative_error(&lse, &want.lse),
-        );
-        let line = format!(
-            "wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}: O {o_err:.1e} LSE {lse_err:.1e}"
-        );
-        if o_err <= 1e-2 && lse_err <= 1e-3 {
-            passed.push(line)
-        } else {
-            failed.push(line)
+        let label = format!("wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}");
+        let shape = (batch, heads, kv_heads, seq, causal);
+        let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+        match against_f64(shape, scale, (&q, &k, &v), (&o, &lse), label) {
+            Ok(line) => passed.push(line),
+            Err(line) => failed.push(line),
         }
     }
     Ok((passed, failed))
@@ -213,7 +225,6 @@ pub fn check_forward_routed(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
     use super::forward::{HEAD_DIM, routes};
-    use crate::reference::{Geometry, attention_f64, max_relative_error};
     use crate::{DeviceTensor, FlashKernel, FlashOptions, flash::flash_forward_with};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     let cases = [
@@ -281,34 +292,11 @@ pub fn check_forward_routed(
             }
         }
         let lse = lse.to_vec::<f32>(client)?;
-        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-        let geometry = Geometry {
-            batch,
-            q_heads: heads,
-            kv_heads,
-            q_len: seq,
-            kv_len: seq,
-            head_dim: HEAD_DIM,
-            scale: f64::from(opts.scale),
-            empty_lse: -1.0e38,
-        };
-        let want = attention_f64(
-            &geometry,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            None,
-            |_, i, j| !causal || j <= i,
-        );
-        let (o_err, lse_err) = (
-            max_relative_error(&o, &want.o),
-            max_relative_error(&lse, &want.lse),
-        );
-        let line = format!("{label}: O {o_err:.1e} LSE {lse_err:.1e}");
-        if o_err <= 1e-2 && lse_err <= 1e-3 {
-            passed.push(line)
-        } else {
-            failed.push(line)
+        let shape = (batch, heads, kv_heads, seq, causal);
+        let scale = f64::from(opts.scale);
+        match against_f64(shape, scale, (&q, &k, &v), (&o, &lse), label) {
+            Ok(line) => passed.push(line),
+            Err(line) => failed.push(line),
         }
     }
     Ok((passed, failed))
