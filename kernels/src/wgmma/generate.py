@@ -12,30 +12,47 @@ STEPS = {64: (1, 4, 8), 128: (1, 8)}
 STEP_UNITS = 16
 
 
+def copy_lines(regs, pos_in):
+    """Template lines copying accumulator inputs `{pos_in}..` to the outputs `{0}..{regs}`
+    (`gpu_asm!` has no in-out operands; `ptxas` folds the moves away)."""
+    return [f"mov.b32 {{{i}}}, {{{pos_in + i}}};" for i in range(regs)]
+
+
+def finish(lines):
+    """`lines` with the commit and the wait appended, joined into the Rust string literal's
+    body (one PTX line per source line)."""
+    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
+    return "\\n\\\n         ".join(lines)
+
+
+def asm_call(template, outputs, inputs):
+    """The `gpu_asm!` statement: `template` (from `finish`), then the output and input
+    operands in placeholder order, eight a line (rustfmt leaves the macro's operands as
+    written)."""
+    operands = [f"out(_) {name}," for name in outputs] + [f"in(_) {name}," for name in inputs]
+    lines = ["    gpu_asm!(", f"        \"{template}\","]
+    lines += ["        " + " ".join(operands[i : i + 8]) for i in range(0, len(operands), 8)]
+    return lines + ["    );"]
+
+
 def template_lines(regs, scale_pos, extra_regs, products):
     """The asm template: copy the accumulator inputs to the outputs, fence, the products,
     commit and wait. Placeholders: outputs 0..regs, accumulator inputs regs..2 regs."""
     lines = ["{{", ".reg .pred accumulate;"] + extra_regs
     lines.append(f"setp.ne.b32 accumulate, {{{scale_pos}}}, 0;")
-    lines += [f"mov.b32 {{{i}}}, {{{regs + i}}};" for i in range(regs)]
+    lines += copy_lines(regs, regs)
     lines.append("wgmma.fence.sync.aligned;")
-    lines += products
-    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
-    return lines
+    return finish(lines + products)
 
 
-def rust_function(docs, signature, regs, lines, inputs):
+def rust_function(docs, signature, regs, template, inputs):
     """A `#[cube]` function around one `gpu_asm!`: accumulators read into scalars, passed in,
     the outputs written back; `inputs` are the operands after the accumulators."""
-    template = "\\n\\\n         ".join(lines)
     out = [f"/// {line}" for line in docs] + ["#[cube]"] + signature
     out += [f"    let c{i} = acc[{i}];" for i in range(regs)]
     out += [f"    let d{i}: f32;" for i in range(regs)]
-    out += ["    gpu_asm!(", f"        \"{template}\","]
-    out += [f"        out(_) d{i}," for i in range(regs)]
-    out += [f"        in(_) c{i}," for i in range(regs)]
-    out += [f"        in(_) {name}," for name in inputs]
-    out += ["    );"]
+    outputs = [f"d{i}" for i in range(regs)]
+    out += asm_call(template, outputs, [f"c{i}" for i in range(regs)] + inputs)
     out += [f"    acc[{i}] = d{i};" for i in range(regs)]
     out.append("}")
     return "\n".join(out)
@@ -72,8 +89,8 @@ def helper(n, steps):
     signature = [
         f"pub fn mma_m64n{n}k{depth}_bf16(acc: &mut Array<f32>, desc_a: u64, desc_b: u64, accumulate: u32) {{"
     ]
-    lines = template_lines(regs, pos_da + 2, extra, products)
-    return rust_function(docs, signature, regs, lines, ["desc_a", "desc_b", "accumulate"])
+    template = template_lines(regs, pos_da + 2, extra, products)
+    return rust_function(docs, signature, regs, template, ["desc_a", "desc_b", "accumulate"])
 
 
 def helper_register_a(n, steps=1, step_units=0):
@@ -121,9 +138,9 @@ def helper_register_a(n, steps=1, step_units=0):
             f"pub fn mma_m64n{n}k{depth}_bf16_register_a(acc: &mut Array<f32>, a: &Array<u32>, desc_b: u64, accumulate: u32) {{"
         ]
         signature += [f"    let a{i} = a[{i}];" for i in range(4 * steps)]
-    lines = template_lines(regs, pos_db + 1, extra, products)
+    template = template_lines(regs, pos_db + 1, extra, products)
     inputs = [f"a{i}" for i in range(4 * steps)] + ["desc_b", "accumulate"]
-    return rust_function(docs, signature, regs, lines, inputs)
+    return rust_function(docs, signature, regs, template, inputs)
 
 
 # 128-byte-swizzled operands of a 128-wide (D = 128) bf16 tile (see `forward.rs`): a K-major
@@ -160,11 +177,6 @@ def sw128_pv_lines(out_regs, pos_a):
     return lines
 
 
-def finish(lines):
-    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;", "}}"]
-    return "\\n\\\n         ".join(lines)
-
-
 def helper_sw128_qk():
     """`s = Q K^T` (overwriting s) on swizzled operands. Operands: outputs 0..64, desc_q 64,
     desc_k 65."""
@@ -180,9 +192,7 @@ def helper_sw128_qk():
     out = [f"/// {line}" for line in docs] + ["#[cube]"]
     out += ["pub fn mma_qk_m64n128k128_bf16_sw128(s: &mut Array<f32>, desc_q: u64, desc_k: u64) {"]
     out += [f"    let e{i}: f32;" for i in range(64)]
-    out += ["    gpu_asm!(", f"        \"{finish(lines)}\","]
-    out += [f"        out(_) e{i}," for i in range(64)]
-    out += ["        in(_) desc_q,", "        in(_) desc_k,", "    );"]
+    out += asm_call(finish(lines), [f"e{i}" for i in range(64)], ["desc_q", "desc_k"])
     out += [f"    s[{i}] = e{i};" for i in range(64)]
     out.append("}")
     return "\n".join(out)
@@ -199,7 +209,7 @@ def helper_pv_then_qk(next_scores):
     o_list = ", ".join(f"{{{i}}}" for i in range(64))
     s_list = ", ".join(f"{{{64 + i}}}" for i in range(64))
     lines = ["{{", ".reg .b64 dv<8>, dq<8>, dk<8>;" if next_scores else ".reg .b64 dv<8>;"]
-    lines += [f"mov.b32 {{{i}}}, {{{pos_c + i}}};" for i in range(64)]
+    lines += copy_lines(64, pos_c)
     lines.append("wgmma.fence.sync.aligned;")
     lines += [x.replace("{V}", f"{{{pos_dv}}}") for x in sw128_pv_lines(o_list, pos_a)]
     if next_scores:
@@ -230,16 +240,10 @@ def helper_pv_then_qk(next_scores):
     out += [f"    let d{i}: f32;" for i in range(64)]
     if next_scores:
         out += [f"    let e{i}: f32;" for i in range(64)]
-    out += ["    gpu_asm!(", f"        \"{finish(lines)}\","]
-    out += [f"        out(_) d{i}," for i in range(64)]
-    if next_scores:
-        out += [f"        out(_) e{i}," for i in range(64)]
-    out += [f"        in(_) c{i}," for i in range(64)]
-    out += [f"        in(_) a{i}," for i in range(32)]
-    out += ["        in(_) desc_v,"]
-    if next_scores:
-        out += ["        in(_) desc_q,", "        in(_) desc_k,"]
-    out += ["    );"]
+    outputs = [f"d{i}" for i in range(64)] + ([f"e{i}" for i in range(64)] if next_scores else [])
+    inputs = [f"c{i}" for i in range(64)] + [f"a{i}" for i in range(32)] + ["desc_v"]
+    inputs += ["desc_q", "desc_k"] if next_scores else []
+    out += asm_call(finish(lines), outputs, inputs)
     out += [f"    o[{i}] = d{i};" for i in range(64)]
     if next_scores:
         out += [f"    s[{i}] = e{i};" for i in range(64)]
