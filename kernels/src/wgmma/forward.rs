@@ -40,6 +40,8 @@ use super::{
 
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
 const MASKED: f32 = -1.0e38;
+/// `log2(e)`: `exp(x) = exp2(x log2(e))`.
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// The head dimension this kernel handles.
 pub const HEAD_DIM: usize = 128;
 /// Query rows a cube handles (two warpgroups of 64).
@@ -174,10 +176,9 @@ fn copy_tile_async(from: u64, to: u32, rows16: u64) {
 }
 
 /// Tile `j` of K or V (a `[rows, 128]` bf16 matrix from word `base` of `src`, rows
-/// `row_words` words apart) into stage
-/// `j % 3` of `stage` (shared address `stage_address`): whole tiles by [`copy_tile_async`]
-/// from this unit's precomputed addresses, the last partial tile by [`stage_tile_async`]
-/// (zeros past `rows`).
+/// `row_words` words apart) into stage `j % 3` of `stage`: whole tiles by [`copy_tile_async`]
+/// from this unit's addresses for tile 0 / stage 0 (`from` in global memory, `to` in shared
+/// memory), the last partial tile by [`stage_tile_async`] (zeros past `rows`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_tile(
@@ -370,7 +371,7 @@ pub fn forward_kernel(
     let first = CUBE_POS_X as usize * 128;
     let row0 = first + warpgroup * 64 + (t / 32) * 16 + g;
     let row1 = row0 + 8;
-    let scale_log2 = scale * 1.442_695_f32;
+    let scale_log2 = scale * f32::new(LOG2_E);
 
     let mut q_s = Shared::<[u32]>::new_aligned_slice(8192usize, 1024usize);
     // K and V tiles, three stages each (tile j at words [(j % 3) 8192, +8192)).

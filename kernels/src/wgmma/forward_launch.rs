@@ -64,7 +64,6 @@ pub fn layout_unsupported(
 /// where the query and key blocks start at the same position with as many rows, and a
 /// layout [`layout_unsupported`] accepts. `LONGVIEW_FLASH_WGMMA=0` turns it off (the
 /// `mma.sync` kernel then runs).
-#[allow(clippy::too_many_arguments)]
 pub fn routes(
     client: &Client,
     bf16: bool,
@@ -76,6 +75,9 @@ pub fn routes(
         || std::env::var_os("CUBECL_CUDA_CPP_KERNELS").is_some()
         || client.properties().identity.fingerprint != "ptx_sm90"
     {
+        return false;
+    }
+    if q.shape.len() != 4 || k.shape.len() != 4 {
         return false;
     }
     let (sq, sk) = (q.shape[2], k.shape[2]);
@@ -92,7 +94,6 @@ pub fn routes(
 /// log) for bf16 `q` `[batch, heads, seq_q, 128]` and `k`, `v` `[batch, kv_heads, seq_k,
 /// 128]` (any layout [`layout_unsupported`] accepts), scores scaled by `scale`. Needs a CUDA
 /// device of compute capability 9.0.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_into(
     client: &Client,
     (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),

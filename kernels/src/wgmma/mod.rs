@@ -233,7 +233,7 @@ pub(crate) fn check_tile_shape(
             "wgmma tile product: n = {n}, expected 64 or 128"
         )));
     }
-    if depth == 0 || depth % 16 != 0 || depth > 128 {
+    if depth == 0 || !depth.is_multiple_of(16) || depth > 128 {
         return Err(AttnError::Shape(format!(
             "wgmma tile product: depth = {depth}, expected a multiple of 16 up to 128"
         )));

@@ -31,11 +31,10 @@ pub(crate) fn nvrtc_fast_math() -> bool {
 
 /// longview patch: the kernels whose `exp` the LLVM backend lowers to libdevice's
 /// approximate `__nv_fast_expf` when `CUBECL_CUDA_APPROX_EXP_KERNELS` is not set: longview's
-/// tensor-core flash-attention kernels and the experimental wgmma forward, whose softmax takes
-/// an exponential of every score and whose results are bf16/f16 (FlashAttention builds with
-/// `--use_fast_math` for the same reason). The wgmma forward: 150.1 -> 199.5 TFLOP/s at 32k
-/// causal on an H100 with it, its f64 checks passing either way (2026-12-07).
-const APPROX_EXP_DEFAULT: &str = "::flash::tensor_core::,::wgmma::forward::";
+/// tensor-core flash-attention kernels, whose softmax takes an exponential of every score and
+/// whose results are bf16/f16 (FlashAttention builds with `--use_fast_math` for the same
+/// reason). (longview's wgmma forward issues `ex2.approx` itself and calls no `exp`.)
+const APPROX_EXP_DEFAULT: &str = "::flash::tensor_core::";
 
 /// longview patch: whether the kernel whose Rust type name is `name` gets the approximate
 /// exponential. `CUBECL_CUDA_APPROX_EXP_KERNELS` is a comma-separated list of substrings
