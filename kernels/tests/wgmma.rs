@@ -2,7 +2,10 @@
 //! the patched cubecl-llvm) against an f64 product of the same bf16 inputs
 //! (`wgmma::check::check_tile_products`: 64 x n x depth for n = 64, 128 and depth 16 to 128;
 //! K-major operands step by step and chained, and A in registers with B N-major; outputs
-//! poisoned with NaN; |error| <= 1e-5 * sum |a b| + 1e-6).
+//! poisoned with NaN; |error| <= 1e-5 * sum |a b| + 1e-6), and the flash forward built on it
+//! (`check_forward`: O within 1e-2 of max(|ref|, 1), LSE 1e-3 against f64 attention; and
+//! `check_forward_routed`: the same through `flash_forward` on strided `[B, S, H, D]` views,
+//! asserting the call is routed to it).
 //!
 //! Needs a GPU of compute capability 9.0 (H100/H200), so ignored by default. Build here:
 //!     cargo test -p longview-kernels --no-default-features --features cuda --test wgmma --no-run --release
@@ -11,15 +14,35 @@
 
 #![cfg(feature = "cuda")]
 
-use longview_kernels::wgmma::check::check_tile_products;
+use longview_kernels::wgmma::check::{check_forward, check_forward_routed, check_tile_products};
 
-#[test]
-#[ignore = "needs an H100/H200: see the top of the file"]
-fn warpgroup_products_match_the_f64_reference() {
+type Check =
+    fn(&cubecl::prelude::Client) -> Result<(Vec<String>, Vec<String>), longview_kernels::AttnError>;
+
+/// Runs `check` on CUDA device 0, prints what passed and asserts nothing failed.
+fn assert_passes(check: Check) {
     let client = cubecl::Device::cuda(0).expect("CUDA device 0").client();
-    let (passed, failed) = check_tile_products(&client).expect("the products run");
+    let (passed, failed) = check(&client).expect("the check runs");
     for line in &passed {
         println!("{line}");
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn warpgroup_products_match_the_f64_reference() {
+    assert_passes(check_tile_products);
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn wgmma_forward_matches_the_f64_reference() {
+    assert_passes(check_forward);
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn flash_forward_routes_to_wgmma_and_matches_the_f64_reference() {
+    assert_passes(check_forward_routed);
 }
