@@ -38,6 +38,6 @@ for _ in range(3):
 print(f"torch {torch.__version__} matmul bf16 8192^3: {best * 1e3:.3f} ms, {2 * 8192**3 / best / 1e12:.1f} TFLOP/s (best of 3 x 20)")
 PYEOF
 cat "$OUT/cublas.txt"
-timeout 180 /tmp/fb --wgmma > "$OUT/wgmma_rate.txt" 2>&1
+timeout ${WGMMA_S:-300} /tmp/fb --wgmma > "$OUT/wgmma_rate.txt" 2>&1
 echo "flash_bench --wgmma: exit $?" | tee -a "$OUT/wgmma_rate.txt"
 cat "$OUT/wgmma_rate.txt"

@@ -5,7 +5,9 @@
 //! poisoned with NaN; |error| <= 1e-5 * sum |a b| + 1e-6), and the flash forward built on it
 //! (`check_forward`: O within 1e-2 of max(|ref|, 1), LSE 1e-3 against f64 attention; and
 //! `check_forward_routed`: the same through `flash_forward` on strided `[B, S, H, D]` views,
-//! asserting the call is routed to it).
+//! asserting the call is routed to it), and the backward (`check_backward`: `flash_forward`
+//! then `flash_backward` routed to the wgmma kernels, dQ/dK/dV within 1e-2 of max(|ref|, 1)
+//! against f64 attention, full/causal, GQA, strided views).
 //!
 //! Needs a GPU of compute capability 9.0 (H100/H200), so ignored by default. Build here:
 //!     cargo test -p longview-kernels --no-default-features --features cuda --test wgmma --no-run --release
@@ -15,6 +17,7 @@
 #![cfg(feature = "cuda")]
 
 use longview_kernels::wgmma::check::{check_forward, check_forward_routed, check_tile_products};
+use longview_kernels::wgmma::check_backward::check_backward;
 
 type Check =
     fn(&cubecl::prelude::Client) -> Result<(Vec<String>, Vec<String>), longview_kernels::AttnError>;
@@ -45,4 +48,10 @@ fn wgmma_forward_matches_the_f64_reference() {
 #[ignore = "needs an H100/H200: see the top of the file"]
 fn flash_forward_routes_to_wgmma_and_matches_the_f64_reference() {
     assert_passes(check_forward_routed);
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn flash_backward_routes_to_wgmma_and_matches_the_f64_reference() {
+    assert_passes(check_backward);
 }

@@ -95,6 +95,21 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
     let dq = DeviceTensor::output::<F>(client, &q.shape);
     let dk = DeviceTensor::output::<F>(client, &k.shape);
     let dv = DeviceTensor::output::<F>(client, &v.shape);
+    // Hopper: the warpgroup-MMA backward for the calls the wgmma forward takes (bf16, D128,
+    // no packed sequences or shifted causal blocks; `crate::wgmma::backward_launch::routes`).
+    #[cfg(feature = "cuda")]
+    if kernel == FlashKernel::Auto {
+        use crate::wgmma::backward_launch::{backward_into, routes};
+        let bf16 = F::cube_type() == half::bf16::cube_type();
+        if routes(client, bf16, (q, k, v, d_o), (lse, delta), options) {
+            let dq_acc = DeviceTensor::poisoned::<f32>(client, 0.0, &q.shape);
+            let (scale, causal) = (options.scale, options.causal);
+            let outputs = (&dk, &dv, &dq_acc);
+            backward_into(client, (q, k, v, d_o), (lse, delta), outputs, scale, causal)?;
+            scale_cast::<F>(client, &dq_acc, &dq, scale);
+            return Ok((dq, dk, dv));
+        }
+    }
     let tensors = [("q", q), ("k", k), ("v", v), ("dO", d_o)];
     if use_tensor_cores::<F>(client, kernel, &tensors)? {
         let t = tc_tiles(client, g.d);
@@ -123,21 +138,7 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
                 true,
             )
             .map(|()| {
-                scale_cast_kernel::launch::<F>(
-                    client,
-                    elementwise_cubes(dq_acc.shape.iter().product()),
-                    CubeDim::new_1d(256),
-                    unsafe {
-                        BufferArg::from_raw_parts(
-                            dq_acc.handle.clone(),
-                            dq_acc.shape.iter().product(),
-                        )
-                    },
-                    unsafe {
-                        BufferArg::from_raw_parts(dq.handle.clone(), dq.shape.iter().product())
-                    },
-                    options.scale,
-                );
+                scale_cast::<F>(client, &dq_acc, &dq, options.scale);
                 (dq, dk, dv)
             });
         }
@@ -277,4 +278,22 @@ fn tc_dkdv_launch<F: Float + CubeElement>(
         super::tc_async_copy(),
     );
     Ok(())
+}
+
+/// `out = acc * scale` cast to `F` (both contiguous, as many elements).
+fn scale_cast<F: Float + CubeElement>(
+    client: &Client,
+    acc: &DeviceTensor,
+    out: &DeviceTensor,
+    scale: f32,
+) {
+    let count = acc.shape.iter().product();
+    scale_cast_kernel::launch::<F>(
+        client,
+        elementwise_cubes(count),
+        CubeDim::new_1d(256),
+        unsafe { BufferArg::from_raw_parts(acc.handle.clone(), count) },
+        unsafe { BufferArg::from_raw_parts(out.handle.clone(), count) },
+        scale,
+    );
 }

@@ -152,7 +152,7 @@ impl DeviceTensor {
         Ok(values[..n].to_vec())
     }
 
-    pub(super) fn arg(&self) -> TensorArg {
+    pub(crate) fn arg(&self) -> TensorArg {
         unsafe {
             TensorArg::from_raw_parts(
                 self.handle.clone(),

@@ -206,7 +206,7 @@ pub fn check_forward(
 }
 
 /// `[b, h, s, 128]` row-major data reordered as `[b, s, h, 128]` (the model's layout).
-fn heads_inside(x: &[bf16], h: usize, s: usize) -> Vec<bf16> {
+pub(super) fn heads_inside(x: &[bf16], h: usize, s: usize) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; x.len()];
     for (i, chunk) in x.chunks(128).enumerate() {
         let (bi, hi, si) = (i / (h * s), (i / s) % h, i % s);

@@ -52,7 +52,7 @@ pub const ROWS_A_CUBE: usize = 128;
 /// first 16 KB, 64..128 the second; in each half row `r` is 128 bytes at `128 r`, its eight
 /// 16-byte chunks stored in the order `c ^ (r % 8)` (the hardware's 128-byte swizzle).
 #[cube]
-fn tile_word(row: usize, word: usize) -> usize {
+pub(super) fn tile_word(row: usize, word: usize) -> usize {
     let chunk = word / 4;
     (chunk / 8) * 4096 + row * 32 + ((chunk % 8) ^ (row % 8)) * 4 + word % 4
 }
@@ -62,7 +62,7 @@ fn tile_word(row: usize, word: usize) -> usize {
 /// for that swizzle (K-major: leading unused, stride 1024 between 8-row groups; N-major:
 /// leading between 64-wide halves, stride 1024 between 8-row groups along K).
 #[cube]
-fn swizzled_descriptor(address: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
+pub(super) fn swizzled_descriptor(address: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
     shared_descriptor(address, leading_bytes, stride_bytes) | (1u64 << 62u64)
 }
 
@@ -96,7 +96,7 @@ fn stage_tile(
 /// tile; whole tiles go through [`copy_tile_async`]). In flight on return: each unit waits
 /// (`cp.async.wait_all`), then the cube syncs, before a read.
 #[cube]
-fn stage_tile_async(
+pub(super) fn stage_tile_async(
     src: &[u32],
     base: usize,
     row_words: usize,
@@ -129,7 +129,7 @@ fn stage_tile_async(
 /// The global address (what `cvta.to.global` gives) of word `offset` of `slice`, a kernel
 /// argument in global memory.
 #[cube]
-fn global_address(slice: &[u32], offset: usize) -> u64 {
+pub(super) fn global_address(slice: &[u32], offset: usize) -> u64 {
     let base = slice.as_ptr();
     let address: u64;
     gpu_asm!(
@@ -149,7 +149,7 @@ fn global_address(slice: &[u32], offset: usize) -> u64 {
 /// in swizzled order, so the shared-memory writes do not conflict, and sixteen read one
 /// 256-byte row. One asm statement, so a tile costs eight copies and seven adds a unit.
 #[cube]
-fn copy_tile_async(from: u64, to: u32, rows16: u64) {
+pub(super) fn copy_tile_async(from: u64, to: u32, rows16: u64) {
     gpu_asm!(
         "{{\n\
          .reg .b64 g<8>;\n\
@@ -207,14 +207,14 @@ fn load_tile(
 /// Orders this unit's generic-proxy writes to shared memory (stores, landed `cp.async`
 /// copies) before the warpgroup MMA's reads of it through the async proxy.
 #[cube]
-fn fence_for_wgmma() {
+pub(super) fn fence_for_wgmma() {
     gpu_asm!("cp.async.wait_all;\nfence.proxy.async.shared::cta;");
 }
 
 /// `2^x` by the special-function unit (`ex2.approx.ftz`: relative error about 2^-22; large
 /// negative `x` gives 0).
 #[cube]
-fn exp2_approx(x: f32) -> f32 {
+pub(super) fn exp2_approx(x: f32) -> f32 {
     let y: f32;
     gpu_asm!("ex2.approx.ftz.f32 {}, {};", out(_) y, in(_) x, options(pure, nomem));
     y

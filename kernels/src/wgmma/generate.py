@@ -251,6 +251,126 @@ def helper_pv_then_qk(next_scores):
     return "\n".join(out)
 
 
+# The backward's operands (see `backward.rs`): K and V tiles of 128 rows (second 64-wide half
+# 16384 bytes on), Q, dO and dS tiles of 64 rows (second half 8192 bytes on).
+SW128_K_UNITS_64ROWS = [(s // 4) * 512 + (s % 4) * 2 for s in range(8)]
+
+
+def reg_list(first, count):
+    return ", ".join(f"{{{first + i}}}" for i in range(count))
+
+
+def generic_helper(name, docs, args, outputs, out_arrays, in_arrays, inputs, lines):
+    """A `#[cube]` function around one asm statement: `out_arrays` are (array, count, prefix)
+    written back from scalar outputs, `in_arrays` (array, count, prefix) read into scalars."""
+    out = [f"/// {line}" for line in docs] + ["#[cube]", "#[allow(clippy::too_many_arguments)]"]
+    out += [f"pub fn {name}("] + [f"    {arg}," for arg in args] + [") {"]
+    for array, count, prefix in in_arrays:
+        out += [f"    let {prefix}{i} = {array}[{i}];" for i in range(count)]
+    for array, count, prefix in out_arrays:
+        out += [f"    let {prefix}{i}: f32;" for i in range(count)]
+    out += asm_call(finish(lines), outputs, inputs)
+    for array, count, prefix in out_arrays:
+        out += [f"    {array}[{i}] = {prefix}{i};" for i in range(count)]
+    out.append("}")
+    return "\n".join(out)
+
+
+def helper_bwd_scores():
+    """`S^T = K Q^T` and `dP^T = V dO^T` (each 64 keys x 64 queries x 128, overwriting),
+    one asm statement. Operands: outputs s 0..32, dp 32..64; inputs desc_k 64, desc_q 65,
+    desc_v 66, desc_do 67."""
+    lines = ["{{", ".reg .b64 da<8>, db<8>, dc<8>, dd<8>;", "wgmma.fence.sync.aligned;"]
+    for s in range(8):
+        a_units, b_units = SW128_K_UNITS[s], SW128_K_UNITS_64ROWS[s]
+        scale = "0" if s == 0 else "1"
+        lines.append(f"add.s64 da{s}, {{64}}, {a_units};")
+        lines.append(f"add.s64 db{s}, {{65}}, {b_units};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(0, 32)}}}}}, da{s}, db{s}, {scale}, 1, 1, 0, 0;"
+        )
+    for s in range(8):
+        a_units, b_units = SW128_K_UNITS[s], SW128_K_UNITS_64ROWS[s]
+        scale = "0" if s == 0 else "1"
+        lines.append(f"add.s64 dc{s}, {{66}}, {a_units};")
+        lines.append(f"add.s64 dd{s}, {{67}}, {b_units};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(32, 32)}}}}}, dc{s}, dd{s}, {scale}, 1, 1, 0, 0;"
+        )
+    docs = [
+        "The backward's two score products for one warpgroup's 64 keys and a 64-query tile,",
+        "issued back to back and waited for together: `s[0..32] = K Q^T` and `dp[0..32] = V dO^T`",
+        "(64 x 64 x 128 each, `m64n64k16` x 8), all operands K-major and 128-byte-swizzled in",
+        "shared memory: K / V rows of a 128-row tile (`desc_k` / `desc_v`, the second 64-wide half",
+        "16384 bytes on), Q / dO a 64-row tile (`desc_q` / `desc_do`, second half 8192 bytes on).",
+    ]
+    args = ["s: &mut Array<f32>", "dp: &mut Array<f32>", "desc_k: u64", "desc_q: u64", "desc_v: u64", "desc_do: u64"]
+    outputs = [f"e{i}" for i in range(32)] + [f"f{i}" for i in range(32)]
+    return generic_helper(
+        "mma_scores_m64n64k128_bf16_sw128", docs, args, outputs,
+        [("s", 32, "e"), ("dp", 32, "f")], [], ["desc_k", "desc_q", "desc_v", "desc_do"], lines,
+    )
+
+
+def helper_bwd_dv_dk():
+    """`dV += P^T dO` and `dK += dS^T Q` (64 keys x 128 x 64 queries each, register A, B
+    N-major swizzled 64-row tiles), one asm statement. Operands: outputs dv 0..64, dk 64..128;
+    inputs dv 128..192, dk 192..256, p 256..272, ds 272..288, desc_do 288, desc_q 289."""
+    lines = ["{{", ".reg .b64 dv<4>, dq<4>;"]
+    lines += copy_lines(128, 128)
+    lines.append("wgmma.fence.sync.aligned;")
+    for s in range(4):
+        lines.append(f"add.s64 dv{s}, {{288}}, {SW128_N_UNITS[s]};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{reg_list(0, 64)}}}}}, {{{{{reg_list(256 + 4 * s, 4)}}}}}, dv{s}, 1, 1, 1, 1;"
+        )
+    for s in range(4):
+        lines.append(f"add.s64 dq{s}, {{289}}, {SW128_N_UNITS[s]};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{reg_list(64, 64)}}}}}, {{{{{reg_list(272 + 4 * s, 4)}}}}}, dq{s}, 1, 1, 1, 1;"
+        )
+    docs = [
+        "The backward's two gradient products for one warpgroup's 64 keys, issued back to back",
+        "and waited for together: `dv[0..64] += P^T dO` and `dk[0..64] += dS^T Q` (64 x 128 x 64",
+        "each, `m64n128k16` x 4), `P^T` and `dS^T` as bf16 A fragments in registers (`p` / `ds`,",
+        "four words a 16-query step, as the forward's `P` is packed), dO and Q N-major (the",
+        "transpose bit) in their 64-row 128-byte-swizzled tiles (`desc_do` / `desc_q`: leading",
+        "8192 bytes between 64-wide halves, each 16-query step 2048 bytes further).",
+    ]
+    args = ["dv: &mut Array<f32>", "p: &Array<u32>", "desc_do: u64", "dk: &mut Array<f32>", "ds: &Array<u32>", "desc_q: u64"]
+    outputs = [f"d{i}" for i in range(64)] + [f"e{i}" for i in range(64)]
+    inputs = [f"c{i}" for i in range(64)] + [f"h{i}" for i in range(64)]
+    inputs += [f"a{i}" for i in range(16)] + [f"b{i}" for i in range(16)] + ["desc_do", "desc_q"]
+    ins = [("dv", 64, "c"), ("dk", 64, "h"), ("p", 16, "a"), ("ds", 16, "b")]
+    return generic_helper(
+        "mma_dv_dk_m64n128k64_bf16_sw128", docs, args, outputs, [("dv", 64, "d"), ("dk", 64, "e")], ins, inputs, lines,
+    )
+
+
+def helper_bwd_dq():
+    """`dQ = dS K` for 64 queries x 64 of the head dim x 128 keys (overwriting), dS K-major
+    in a 64-row tile, K N-major. Operands: outputs 0..32; inputs desc_ds 32, desc_k 33."""
+    lines = ["{{", ".reg .b64 da<8>, db<8>;", "wgmma.fence.sync.aligned;"]
+    for s in range(8):
+        scale = "0" if s == 0 else "1"
+        lines.append(f"add.s64 da{s}, {{32}}, {SW128_K_UNITS_64ROWS[s]};")
+        lines.append(f"add.s64 db{s}, {{33}}, {SW128_N_UNITS[s]};")
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(0, 32)}}}}}, da{s}, db{s}, {scale}, 1, 1, 0, 1;"
+        )
+    docs = [
+        "`dq[0..32] = dS K` for 64 queries x 64 head-dim columns x 128 keys (`m64n64k16` x 8,",
+        "overwriting): dS K-major in a 64-row 128-byte-swizzled tile (`desc_ds`, the second",
+        "64-key half 8192 bytes on), K N-major (the transpose bit) from `desc_k` at one 64-wide",
+        "half of the 128-row K tile, each 16-key step 2048 bytes further. Waits before it returns.",
+    ]
+    args = ["dq: &mut Array<f32>", "desc_ds: u64", "desc_k: u64"]
+    return generic_helper(
+        "mma_dq_m64n64k128_bf16_sw128", docs, args, [f"e{i}" for i in range(32)],
+        [("dq", 32, "e")], [], ["desc_ds", "desc_k"], lines,
+    )
+
+
 HEADER = """//! Generated by `kernels/src/wgmma/generate.py` (do not edit by hand): the helper of one
 //! warpgroup MMA shape. `gpu_asm!` has no in-out operands and its outputs must be plain
 //! variables, so each helper reads the accumulators into scalars, passes them in, copies
@@ -279,6 +399,9 @@ files.append(("pv_sw128", "mma_pv_m64n128k128_bf16_sw128", helper_pv_then_qk(Fal
 files.append(
     ("pv_then_qk_sw128", "mma_pv_then_qk_m64n128k128_bf16_sw128", helper_pv_then_qk(True))
 )
+files.append(("bwd_scores_sw128", "mma_scores_m64n64k128_bf16_sw128", helper_bwd_scores()))
+files.append(("bwd_dv_dk_sw128", "mma_dv_dk_m64n128k64_bf16_sw128", helper_bwd_dv_dk()))
+files.append(("bwd_dq_sw128", "mma_dq_m64n64k128_bf16_sw128", helper_bwd_dq()))
 for name, _, body in files:
     with open(os.path.join(OUT, f"{name}.rs"), "w") as f:
         f.write(HEADER + "\n" + body + "\n")

@@ -34,7 +34,10 @@
 
 use cubecl::prelude::*;
 
+pub mod backward;
+pub mod backward_launch;
 pub mod check;
+pub mod check_backward;
 pub mod forward;
 pub mod forward_launch;
 mod generated;

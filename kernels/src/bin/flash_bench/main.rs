@@ -394,8 +394,19 @@ fn main() {
             "| scenario | shape | mask | scalar fwd (ms, TFLOP/s) | fwd | fwd TFLOP/s | fwd+bwd | fwd+bwd TFLOP/s |"
         );
         println!("|---|---|---|---|---|---|---|---|");
-        bench(&client, "LLM", 1, (16, 16), 32768, 128, true, 3, false);
-        bench(&client, "LLM", 1, (16, 16), 32768, 128, false, 3, false);
+        // `Auto` (the wgmma forward and backward on sm_90), then with the `mma.sync`
+        // backward (LONGVIEW_FLASH_WGMMA_BACKWARD=0), in the same process.
+        for label in ["LLM", "LLM, mma.sync backward"] {
+            if label != "LLM" {
+                // SAFETY: single-threaded here; the switch is read at each backward call.
+                unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_BACKWARD", "0") };
+            }
+            bench(&client, label, 1, (16, 16), 32768, 128, true, 3, false);
+            bench(&client, label, 1, (16, 16), 32768, 128, false, 3, false);
+            bench(&client, label, 1, (12, 2), 32768, 128, true, 3, false);
+            bench(&client, label, 1, (28, 4), 32768, 128, true, 3, false);
+        }
+        unsafe { std::env::remove_var("LONGVIEW_FLASH_WGMMA_BACKWARD") };
         return;
     }
     if has("--sweep") {

@@ -1,4 +1,4 @@
-//! `flash_bench --wgmma`: the warpgroup MMA helpers and the experimental wgmma forward
+//! `flash_bench --wgmma`: the warpgroup MMA helpers and the wgmma forward and backward
 //! (`longview_kernels::wgmma`) checked against f64, then the instruction's own rate and the
 //! forward's speed at the benchmark shapes.
 
@@ -71,6 +71,10 @@ pub fn run(client: &Client) {
     report(
         "flash_forward routed to wgmma checks",
         check::check_forward_routed(client),
+    );
+    report(
+        "flash_backward routed to wgmma checks",
+        longview_kernels::wgmma::check_backward::check_backward(client),
     );
     println!("| cubes | warpgroups a cube | products a warpgroup | ms | TFLOP/s |");
     println!("|---|---|---|---|---|");
