@@ -143,7 +143,7 @@ pub fn backward_into(
             BufferArg::from_raw_parts(delta.handle.clone(), count(delta)),
             BufferArg::from_raw_parts(dk.handle.clone(), count(dk)),
             BufferArg::from_raw_parts(dv.handle.clone(), count(dv)),
-            dq_acc.arg(),
+            BufferArg::from_raw_parts(dq_acc.handle.clone(), count(dq_acc)),
             BufferArg::from_raw_parts(strides_handle.clone(), strides.len()),
             seq_q as u32,
             seq_k as u32,
