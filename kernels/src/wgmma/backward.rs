@@ -33,8 +33,7 @@ use super::forward::{
 };
 use super::{
     accumulator_col, accumulator_row, mma_dq_m64n64k128_bf16_sw128,
-    mma_dv_dk_m64n128k64_bf16_sw128, mma_scores_m64n64k128_bf16_sw128, pack_bf16x2,
-    shared_address,
+    mma_dv_dk_m64n128k64_bf16_sw128, mma_scores_m64n64k128_bf16_sw128, pack_bf16x2, shared_address,
 };
 
 /// `log2(e)`.
@@ -100,7 +99,10 @@ fn load_tile64(
 ) {
     let unit = UNIT_POS as usize;
     if first + 64 <= rows {
-        let from = global_address(src, base + (first + unit / 16) * row_words + (unit % 16) * 4);
+        let from = global_address(
+            src,
+            base + (first + unit / 16) * row_words + (unit % 16) * 4,
+        );
         let to = tile_address + ((at + tile_word64(unit / 16, (unit % 16) * 4)) * 4) as u32;
         copy_tile64_async(from, to, u64::cast_from(row_words) * 64u64);
     } else {
@@ -144,7 +146,14 @@ fn red_add_v4(address: u64, v0: f32, v1: f32, v2: f32, v3: f32) {
 /// row `g + 8`), then each adds them with one 16-byte reduction: 8 a unit instead of 32
 /// scalar atomics, whole 32-byte sectors.
 #[cube]
-fn add_dq_tile(dq: &Array<f32>, dq_acc: &[f32], row_base: usize, q0: usize, sq: usize, col0: usize) {
+fn add_dq_tile(
+    dq: &Array<f32>,
+    dq_acc: &[f32],
+    row_base: usize,
+    q0: usize,
+    sq: usize,
+    col0: usize,
+) {
     let t = UNIT_POS as usize % 128;
     let quad = t % 4;
     let odd = quad % 2 == 1;
@@ -275,7 +284,16 @@ pub fn backward_kernel(
     let o_base0 = (b * strides[9] as usize + head0 * strides[10] as usize) / 2;
     load_tile64(q, q_base0, q_row, q00, sq, &mut q_s, q_address, 0usize);
     load_tile64(d_o, o_base0, o_row, q00, sq, &mut do_s, do_address, 0usize);
-    load_rows_stats(lse, delta, &mut lse_s, &mut delta_s, b * heads + head0, q00, sq, 0usize);
+    load_rows_stats(
+        lse,
+        delta,
+        &mut lse_s,
+        &mut delta_s,
+        b * heads + head0,
+        q00,
+        sq,
+        0usize,
+    );
     fence_for_wgmma();
     sync_cube();
 
@@ -336,26 +354,46 @@ pub fn backward_kernel(
             desc_v,
             swizzled_descriptor(do_stage, 16u32, 1024u32),
         );
-        // P^T and dS^T on the accumulator layout (rows keys, columns queries).
+        // P^T and dS^T on the accumulator layout (rows keys, columns queries): value
+        // `i = 4 j + 2 r + e` is key row `g + 8 r`, query column `8 j + 2 (t % 4) + e`. The
+        // unit's 16 LSE / delta values are read first (no store in between, so each once).
+        let quad_col = 2 * (t % 4);
+        let stats_at = stage * 64 + quad_col;
+        let mut lse2 = Array::<f32>::new(16usize);
+        let mut dlt = Array::<f32>::new(16usize);
+        #[unroll]
+        for c in 0..16usize {
+            let at = stats_at + comptime!(8 * (c / 2) + c % 2);
+            lse2[c] = lse_s[at];
+            dlt[c] = delta_s[at];
+        }
         let partial = causal && q0 < last_key;
+        // dS goes to shared memory with queries as rows ([`tile_element64`]): for fixed
+        // (r, e) the eight values j are 512 elements apart, so four base indices suffice.
+        let key_lo = (t / 32) * 16 + (t % 32) / 4 + warpgroup * 64;
+        let mut ds_at = Array::<usize>::new(4usize);
+        #[unroll]
+        for re in 0..4usize {
+            ds_at[re] = tile_element64(
+                quad_col + comptime!(re % 2),
+                key_lo + comptime!((re / 2) * 8),
+            );
+        }
         #[unroll]
         for i in 0..32usize {
-            let col = accumulator_col(t, i);
-            let l2 = lse_s[stage * 64 + col];
-            let dl = delta_s[stage * 64 + col];
-            let mut p = exp2_approx(s[i] * scale_log2 - l2);
+            let c = comptime!((i / 4) * 2 + i % 2);
+            let re = comptime!(((i / 2) % 2) * 2 + i % 2);
+            let mut p = exp2_approx(s[i] * scale_log2 - lse2[c]);
             if partial {
                 let key = key0 + comptime!(((i / 2) % 2) * 8);
-                if q0 + col < key {
+                if q0 + quad_col + comptime!(8 * (i / 4) + i % 2) < key {
                     p = 0.0f32;
                 }
             }
-            let ds = p * (dp[i] - dl);
+            let ds = p * (dp[i] - dlt[c]);
             s[i] = p;
             dp[i] = ds;
-            // dS with queries as rows: this warpgroup's keys are the tile's half `w`.
-            let row_key = accumulator_row(t, i) + warpgroup * 64;
-            ds_s[tile_element64(col, row_key)] = half::bf16::cast_from(ds);
+            ds_s[ds_at[re] + comptime!((i / 4) * 512)] = half::bf16::cast_from(ds);
         }
         #[unroll]
         for j in 0..4usize {
@@ -366,8 +404,7 @@ pub fn backward_kernel(
                 pack_bf16x2(s[comptime!(8 * j + 4)], s[comptime!(8 * j + 5)]);
             p_frag[comptime!(4 * j + 3)] =
                 pack_bf16x2(s[comptime!(8 * j + 6)], s[comptime!(8 * j + 7)]);
-            ds_frag[comptime!(4 * j)] =
-                pack_bf16x2(dp[comptime!(8 * j)], dp[comptime!(8 * j + 1)]);
+            ds_frag[comptime!(4 * j)] = pack_bf16x2(dp[comptime!(8 * j)], dp[comptime!(8 * j + 1)]);
             ds_frag[comptime!(4 * j + 1)] =
                 pack_bf16x2(dp[comptime!(8 * j + 2)], dp[comptime!(8 * j + 3)]);
             ds_frag[comptime!(4 * j + 2)] =

@@ -20,8 +20,7 @@ pub fn routes(
     (lse, delta): (&DeviceTensor, &DeviceTensor),
     options: &FlashOptions,
 ) -> bool {
-    if std::env::var("LONGVIEW_FLASH_WGMMA_BACKWARD").is_ok_and(|v| v == "0")
-        || !contiguous(delta)
+    if std::env::var("LONGVIEW_FLASH_WGMMA_BACKWARD").is_ok_and(|v| v == "0") || !contiguous(delta)
     {
         return false;
     }

@@ -79,14 +79,15 @@ pub fn check_backward(
             }
         );
         let delta_like = DeviceTensor::poisoned::<f32>(client, 0.0, &[batch, heads, seq]);
-        let routed = crate::wgmma::forward::routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts)
-            && crate::wgmma::backward_launch::routes(
-                client,
-                true,
-                (&qt, &kt, &vt, &dot),
-                (&lse, &delta_like),
-                &opts,
-            );
+        let routed =
+            crate::wgmma::forward::routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts)
+                && crate::wgmma::backward_launch::routes(
+                    client,
+                    true,
+                    (&qt, &kt, &vt, &dot),
+                    (&lse, &delta_like),
+                    &opts,
+                );
         if !routed {
             failed.push(format!("{label}: not routed to the wgmma kernels"));
             continue;
@@ -96,7 +97,10 @@ pub fn check_backward(
         let (dq, dk, dv) =
             flash_backward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &dot, &opts, auto)?;
         let widen = |t: &DeviceTensor| -> Result<Vec<f32>, AttnError> {
-            Ok(t.to_vec::<bf16>(client)?.into_iter().map(f32::from).collect())
+            Ok(t.to_vec::<bf16>(client)?
+                .into_iter()
+                .map(f32::from)
+                .collect())
         };
         let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
         let geometry = Geometry {
