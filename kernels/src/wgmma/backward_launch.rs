@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 
 use super::backward::{KEYS_A_CUBE, backward_kernel};
 use super::forward::HEAD_DIM;
-use super::forward_launch::layout_unsupported;
+use super::forward_launch::{element_extent, layout_unsupported, stride_table};
 use crate::{AttnError, DeviceTensor, FlashOptions};
 
 /// Whether [`crate::flash::flash_backward`] (kernel `Auto`) runs a call on this kernel: the
@@ -110,20 +110,10 @@ pub fn backward_into(
     if seq_q == 0 || seq_k == 0 || batch * heads == 0 {
         return Ok(());
     }
-    let strides: Vec<u32> = [q, k, v, d_o]
-        .iter()
-        .flat_map(|t| t.strides[..3].iter().map(|&s| s as u32))
-        .collect();
+    let strides = stride_table([q, k, v, d_o]);
     let strides_handle = client.create_from_slice(u32::as_bytes(&strides));
-    // The extent each binding may address (u32 words for Q, K, V, dO).
-    let extent = |t: &DeviceTensor| {
-        1 + t
-            .shape
-            .iter()
-            .zip(&t.strides)
-            .map(|(&n, &s)| (n.max(1) - 1) * s)
-            .sum::<usize>()
-    };
+    // Q, K, V and dO are bound as u32 words.
+    let extent = |t: &DeviceTensor| element_extent(t).div_ceil(2);
     let count = |t: &DeviceTensor| t.shape.iter().product::<usize>();
     unsafe {
         backward_kernel::launch(
@@ -134,10 +124,10 @@ pub fn backward_into(
                 1,
             ),
             CubeDim::new_1d(256),
-            BufferArg::from_raw_parts(q.handle.clone(), extent(q).div_ceil(2)),
-            BufferArg::from_raw_parts(k.handle.clone(), extent(k).div_ceil(2)),
-            BufferArg::from_raw_parts(v.handle.clone(), extent(v).div_ceil(2)),
-            BufferArg::from_raw_parts(d_o.handle.clone(), extent(d_o).div_ceil(2)),
+            BufferArg::from_raw_parts(q.handle.clone(), extent(q)),
+            BufferArg::from_raw_parts(k.handle.clone(), extent(k)),
+            BufferArg::from_raw_parts(v.handle.clone(), extent(v)),
+            BufferArg::from_raw_parts(d_o.handle.clone(), extent(d_o)),
             BufferArg::from_raw_parts(lse.handle.clone(), count(lse)),
             BufferArg::from_raw_parts(delta.handle.clone(), count(delta)),
             BufferArg::from_raw_parts(dk.handle.clone(), count(dk)),

@@ -115,21 +115,13 @@ fn against_f64(
     (o, lse): (&[f32], &[f32]),
     label: String,
 ) -> Result<String, String> {
-    use crate::reference::{Geometry, attention_f64, max_relative_error};
-    let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-    let geometry = Geometry {
-        batch,
-        q_heads: heads,
-        kv_heads,
-        q_len: seq,
-        kv_len: seq,
-        head_dim: super::forward::HEAD_DIM,
+    use crate::reference::max_relative_error;
+    let want = reference_f64(
+        (batch, heads, kv_heads, seq, causal),
         scale,
-        empty_lse: -1.0e38,
-    };
-    let want = attention_f64(&geometry, &wide(q), &wide(k), &wide(v), None, |_, i, j| {
-        !causal || j <= i
-    });
+        (q, k, v),
+        None,
+    );
     let (o_err, lse_err) = (
         max_relative_error(o, &want.o),
         max_relative_error(lse, &want.lse),
@@ -203,6 +195,38 @@ pub fn check_forward(
         }
     }
     Ok((passed, failed))
+}
+
+/// Attention in f64 (`crate::reference::attention_f64`) over bf16 `[b, h, s, 128]` inputs,
+/// queries and keys of one length, causal or full; gradients when `d_o` is given. Rows that
+/// see no key get the kernels' LSE sentinel (-1e38).
+pub(super) fn reference_f64(
+    (batch, heads, kv_heads, seq, causal): (usize, usize, usize, usize, bool),
+    scale: f64,
+    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    d_o: Option<&[bf16]>,
+) -> crate::reference::AttentionF64 {
+    use crate::reference::{Geometry, attention_f64};
+    let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+    let geometry = Geometry {
+        batch,
+        q_heads: heads,
+        kv_heads,
+        q_len: seq,
+        kv_len: seq,
+        head_dim: super::forward::HEAD_DIM,
+        scale,
+        empty_lse: -1.0e38,
+    };
+    let d_o = d_o.map(wide);
+    attention_f64(
+        &geometry,
+        &wide(q),
+        &wide(k),
+        &wide(v),
+        d_o.as_deref(),
+        |_, i, j| !causal || j <= i,
+    )
 }
 
 /// `[b, h, s, 128]` row-major data reordered as `[b, s, h, 128]` (the model's layout).

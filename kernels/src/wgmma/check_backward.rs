@@ -8,9 +8,9 @@
 
 use half::bf16;
 
-use super::check::heads_inside;
+use super::check::{heads_inside, reference_f64};
 use super::forward::HEAD_DIM;
-use crate::reference::{Geometry, attention_f64, max_relative_error, random_values};
+use crate::reference::{max_relative_error, random_values};
 use crate::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
 
 /// Runs every case; returns one line per case that passed and one per case that failed.
@@ -102,25 +102,9 @@ pub fn check_backward(
                 .map(f32::from)
                 .collect())
         };
-        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-        let geometry = Geometry {
-            batch,
-            q_heads: heads,
-            kv_heads,
-            q_len: seq,
-            kv_len: seq,
-            head_dim: HEAD_DIM,
-            scale: f64::from(opts.scale),
-            empty_lse: -1.0e38,
-        };
-        let want = attention_f64(
-            &geometry,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            Some(&wide(&d_o)),
-            |_, i, j| !causal || j <= i,
-        );
+        let shape = (batch, heads, kv_heads, seq, causal);
+        let scale = f64::from(opts.scale);
+        let want = reference_f64(shape, scale, (&q, &k, &v), Some(&d_o));
         let errors = [
             max_relative_error(&widen(&dq)?, &want.dq),
             max_relative_error(&widen(&dk)?, &want.dk),

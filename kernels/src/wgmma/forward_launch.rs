@@ -58,6 +58,25 @@ pub fn layout_unsupported(
     }
 }
 
+/// The kernels' strides argument: the (batch, head, row) element strides of four
+/// `[batch, heads, seq, 128]` tensors, in order.
+pub(super) fn stride_table(tensors: [&DeviceTensor; 4]) -> Vec<u32> {
+    tensors
+        .iter()
+        .flat_map(|t| t.strides[..3].iter().map(|&s| s as u32))
+        .collect()
+}
+
+/// How many elements from its start a strided tensor's binding may address.
+pub(super) fn element_extent(t: &DeviceTensor) -> usize {
+    1 + t
+        .shape
+        .iter()
+        .zip(&t.strides)
+        .map(|(&n, &s)| (n.max(1) - 1) * s)
+        .sum::<usize>()
+}
+
 /// Whether [`crate::flash::flash_forward`] (kernel `Auto`) runs a call on this kernel: a
 /// CUDA device of compute capability 9.0 compiling kernels with the LLVM backend
 /// (`CUBECL_CUDA_CPP_KERNELS` unset), bf16, head dim 128, no packed sequences, causal only
@@ -135,20 +154,8 @@ pub fn forward_into(
     if seq_q == 0 || batch * heads == 0 {
         return Ok(());
     }
-    let strides: Vec<u32> = [q, k, v, o]
-        .iter()
-        .flat_map(|t| t.strides[..3].iter().map(|&s| s as u32))
-        .collect();
+    let strides = stride_table([q, k, v, o]);
     let strides_handle = client.create_from_slice(u32::as_bytes(&strides));
-    // The extent each binding may address (elements, or u32 words for Q, K, V).
-    let extent = |t: &DeviceTensor| {
-        1 + t
-            .shape
-            .iter()
-            .zip(&t.strides)
-            .map(|(&n, &s)| (n.max(1) - 1) * s)
-            .sum::<usize>()
-    };
     unsafe {
         forward_kernel::launch(
             client,
@@ -158,10 +165,10 @@ pub fn forward_into(
                 1,
             ),
             CubeDim::new_1d(256),
-            BufferArg::from_raw_parts(q.handle.clone(), extent(q).div_ceil(2)),
-            BufferArg::from_raw_parts(k.handle.clone(), extent(k).div_ceil(2)),
-            BufferArg::from_raw_parts(v.handle.clone(), extent(v).div_ceil(2)),
-            BufferArg::from_raw_parts(o.handle.clone(), extent(o)),
+            BufferArg::from_raw_parts(q.handle.clone(), element_extent(q).div_ceil(2)),
+            BufferArg::from_raw_parts(k.handle.clone(), element_extent(k).div_ceil(2)),
+            BufferArg::from_raw_parts(v.handle.clone(), element_extent(v).div_ceil(2)),
+            BufferArg::from_raw_parts(o.handle.clone(), element_extent(o)),
             BufferArg::from_raw_parts(lse.handle.clone(), batch * heads * seq_q),
             BufferArg::from_raw_parts(strides_handle.clone(), strides.len()),
             seq_q as u32,
