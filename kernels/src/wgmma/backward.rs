@@ -1,5 +1,5 @@
 //! A flash-attention backward on the warpgroup MMA (head dim 128, bf16): dK and dV of a
-//! block of 128 keys, and dQ added into an f32 buffer with atomics, from the forward's LSE
+//! block of 128 keys, and dQ added into an f32 buffer by reductions, from the forward's LSE
 //! and `delta = rowsum(dO * O)`. What `flash_backward` runs on a compute-capability-9.0
 //! device for the calls [`backward_launch::routes`](super::backward_launch::routes) accepts.
 //!
@@ -16,7 +16,8 @@
 //! - `dS` stored into shared memory (queries as rows), then `dV += P^T dO` and
 //!   `dK += dS^T Q` with `P^T` / `dS^T` as register A fragments (one asm statement);
 //! - after a cube barrier, `dQ = dS K` for 64 queries x its half of the head dimension
-//!   (128 keys deep, both warpgroups' dS), added to the f32 dQ buffer with atomics.
+//!   (128 keys deep, both warpgroups' dS), added to the f32 dQ buffer by 16-byte
+//!   `red.global.add.v4.f32` reductions ([`add_dq_tile`]).
 //!
 //! dK is scaled by `scale` at the end; the dQ buffer holds `dS K` (the caller multiplies by
 //! `scale` when it converts to bf16, as for the `mma.sync` kernel's fused dQ). Query rows
