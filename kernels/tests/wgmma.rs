@@ -22,8 +22,10 @@ use longview_kernels::wgmma::check_backward::check_backward;
 type Check =
     fn(&cubecl::prelude::Client) -> Result<(Vec<String>, Vec<String>), longview_kernels::AttnError>;
 
-/// Runs `check` on CUDA device 0, prints what passed and asserts nothing failed.
+/// Runs `check` on CUDA device 0 with every kernel output NaN-filled first (an element a
+/// kernel forgot to write fails), prints what passed and asserts nothing failed.
 fn assert_passes(check: Check) {
+    longview_kernels::flash::set_poison_outputs(true);
     let client = cubecl::Device::cuda(0).expect("CUDA device 0").client();
     let (passed, failed) = check(&client).expect("the check runs");
     for line in &passed {

@@ -152,6 +152,13 @@ impl DeviceTensor {
         Ok(values[..n].to_vec())
     }
 
+    /// Row-major without gaps, from the start of its buffer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(&self.shape)
+            && self.handle.offset_start.unwrap_or(0) == 0
+    }
+
     pub(crate) fn arg(&self) -> TensorArg {
         unsafe {
             TensorArg::from_raw_parts(

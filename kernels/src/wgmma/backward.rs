@@ -29,7 +29,7 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::forward::{
-    copy_tile_async, exp2_approx, fence_for_wgmma, global_address, stage_tile_async,
+    LOG2_E, copy_tile_async, exp2_approx, fence_for_wgmma, global_address, stage_tile_async,
     swizzled_descriptor, tile_word,
 };
 use super::{
@@ -37,13 +37,9 @@ use super::{
     mma_dv_dk_m64n128k64_bf16_sw128, mma_scores_m64n64k128_bf16_sw128, pack_bf16x2, shared_address,
 };
 
-/// `log2(e)`.
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// What a query row that contributes nothing stores as its LSE (times `log2 e`): every
 /// `exp2(s - NO_ROW)` is 0.
 const NO_ROW: f32 = 1.0e38;
-/// Query rows of a tile.
-pub const QUERY_TILE: usize = 64;
 /// Keys a cube handles (two warpgroups of 64).
 pub const KEYS_A_CUBE: usize = 128;
 
@@ -100,7 +96,7 @@ fn load_tile64(
 ) {
     let unit = UNIT_POS as usize;
     if first + 64 <= rows {
-        let from = global_address(
+        let from = global_address::<u32>(
             src,
             base + (first + unit / 16) * row_words + (unit % 16) * 4,
         );
@@ -159,7 +155,7 @@ fn add_dq_tile(
     let quad = t % 4;
     let odd = quad % 2 == 1;
     let row = q0 + (t / 32) * 16 + (t % 32) / 4 + if odd { 8usize } else { 0usize };
-    let base = global_address_f32(dq_acc, (row_base + row) * 128 + col0 + (quad / 2) * 4);
+    let base = global_address::<f32>(dq_acc, (row_base + row) * 128 + col0 + (quad / 2) * 4);
     #[unroll]
     for j in 0..8usize {
         let (x0, x1) = (dq[comptime!(4 * j)], dq[comptime!(4 * j + 1)]);
@@ -177,20 +173,6 @@ fn add_dq_tile(
             }
         }
     }
-}
-
-/// The global address of element `offset` of `slice`, an f32 kernel argument.
-#[cube]
-fn global_address_f32(slice: &[f32], offset: usize) -> u64 {
-    let base = slice.as_ptr();
-    let address: u64;
-    gpu_asm!(
-        "cvta.to.global.u64 {}, {};",
-        out(_) address,
-        in(_) base,
-        options(pure, nomem)
-    );
-    address + u64::cast_from(offset) * 4u64
 }
 
 /// Orders this unit's shared-memory stores before the warpgroup MMA's reads (async proxy),
@@ -259,10 +241,10 @@ pub fn backward_kernel(
     if first + 128 <= sk {
         let own = (tile_word(unit / 16, (unit % 16) * 4) * 4) as u32;
         let at = (unit / 16) * k_row + (unit % 16) * 4;
-        let k_from = global_address(k, k_base + first * k_row + at);
+        let k_from = global_address::<u32>(k, k_base + first * k_row + at);
         copy_tile_async(k_from, k_address + own, u64::cast_from(k_row) * 64u64);
         let at_v = (unit / 16) * v_row + (unit % 16) * 4;
-        let v_from = global_address(v, v_base + first * v_row + at_v);
+        let v_from = global_address::<u32>(v, v_base + first * v_row + at_v);
         copy_tile_async(v_from, v_address + own, u64::cast_from(v_row) * 64u64);
     } else {
         stage_tile_async(k, k_base, k_row, first, sk, &mut k_s, 0usize);

@@ -20,20 +20,12 @@ pub fn routes(
     (lse, delta): (&DeviceTensor, &DeviceTensor),
     options: &FlashOptions,
 ) -> bool {
-    if std::env::var("LONGVIEW_FLASH_WGMMA_BACKWARD").is_ok_and(|v| v == "0") || !contiguous(delta)
+    if std::env::var("LONGVIEW_FLASH_WGMMA_BACKWARD").is_ok_and(|v| v == "0")
+        || !delta.is_contiguous()
     {
         return false;
     }
     super::forward_launch::routes(client, bf16, (q, k, v), (d_o, lse), options)
-}
-
-/// Row-major without gaps, from the buffer's start.
-fn contiguous(t: &DeviceTensor) -> bool {
-    let mut expect = vec![1usize; t.shape.len()];
-    for i in (0..t.shape.len().saturating_sub(1)).rev() {
-        expect[i] = expect[i + 1] * t.shape[i + 1];
-    }
-    t.strides == expect && t.handle.offset_start.unwrap_or(0) == 0
 }
 
 /// Launches the backward for bf16 `q`, `d_o` `[batch, heads, seq_q, 128]` and `k`, `v`
@@ -100,7 +92,7 @@ pub fn backward_into(
         return Err(AttnError::Shape(format!("wgmma backward: {why}")));
     }
     for (name, t) in [("delta", delta), ("dk", dk), ("dv", dv), ("dq_acc", dq_acc)] {
-        if !contiguous(t) {
+        if !t.is_contiguous() {
             return Err(AttnError::Shape(format!(
                 "wgmma backward: {name} (shape {:?}, strides {:?}) must be contiguous",
                 t.shape, t.strides

@@ -229,6 +229,21 @@ pub(super) fn reference_f64(
     )
 }
 
+/// A `[b, s, h, 128]` buffer seen as `[b, h, s, 128]` (how the model passes its projections).
+pub(super) fn heads_inside_view(
+    t: &crate::DeviceTensor,
+    b: usize,
+    h: usize,
+    s: usize,
+) -> crate::DeviceTensor {
+    use super::forward::HEAD_DIM;
+    crate::DeviceTensor {
+        handle: t.handle.clone(),
+        shape: vec![b, h, s, HEAD_DIM],
+        strides: vec![s * h * HEAD_DIM, HEAD_DIM, h * HEAD_DIM, 1],
+    }
+}
+
 /// `[b, h, s, 128]` row-major data reordered as `[b, s, h, 128]` (the model's layout).
 pub(super) fn heads_inside(x: &[bf16], h: usize, s: usize) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; x.len()];
@@ -267,12 +282,7 @@ pub fn check_forward_routed(
             data(kv_heads, 50),
             data(kv_heads, 60),
         );
-        // A [B, S, H, 128] buffer seen as [B, H, S, 128].
-        let view = |t: &DeviceTensor, h: usize| DeviceTensor {
-            handle: t.handle.clone(),
-            shape: vec![batch, h, seq, HEAD_DIM],
-            strides: vec![seq * h * HEAD_DIM, HEAD_DIM, h * HEAD_DIM, 1],
-        };
+        let view = |t: &DeviceTensor, h: usize| heads_inside_view(t, batch, h, seq);
         let upload = |x: &[bf16], h: usize| {
             DeviceTensor::from_slice(client, &heads_inside(x, h, seq), &[batch, seq, h, HEAD_DIM])
         };

@@ -8,7 +8,7 @@
 
 use half::bf16;
 
-use super::check::{heads_inside, reference_f64};
+use super::check::{heads_inside, heads_inside_view, reference_f64};
 use super::forward::HEAD_DIM;
 use crate::reference::{max_relative_error, random_values};
 use crate::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
@@ -46,16 +46,9 @@ pub fn check_backward(
             if !strided {
                 return DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM]);
             }
-            let t = DeviceTensor::from_slice(
-                client,
-                &heads_inside(x, h, seq),
-                &[batch, seq, h, HEAD_DIM],
-            );
-            DeviceTensor {
-                handle: t.handle.clone(),
-                shape: vec![batch, h, seq, HEAD_DIM],
-                strides: vec![seq * h * HEAD_DIM, HEAD_DIM, h * HEAD_DIM, 1],
-            }
+            let bshd = [batch, seq, h, HEAD_DIM];
+            let t = DeviceTensor::from_slice(client, &heads_inside(x, h, seq), &bshd);
+            heads_inside_view(&t, batch, h, seq)
         };
         let (qt, kt, vt, dot) = (
             upload(&q, heads),

@@ -41,7 +41,7 @@ use super::{
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
 const MASKED: f32 = -1.0e38;
 /// `log2(e)`: `exp(x) = exp2(x log2(e))`.
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
+pub(super) const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// The head dimension this kernel handles.
 pub const HEAD_DIM: usize = 128;
 /// Query rows a cube handles (two warpgroups of 64).
@@ -126,10 +126,10 @@ pub(super) fn stage_tile_async(
     }
 }
 
-/// The global address (what `cvta.to.global` gives) of word `offset` of `slice`, a kernel
-/// argument in global memory.
+/// The global address (what `cvta.to.global` gives) of element `offset` of `slice`, a
+/// kernel argument in global memory of a 4-byte element type (`u32`, `f32`).
 #[cube]
-pub(super) fn global_address(slice: &[u32], offset: usize) -> u64 {
+pub(super) fn global_address<E: CubePrimitive>(slice: &[E], offset: usize) -> u64 {
     let base = slice.as_ptr();
     let address: u64;
     gpu_asm!(
@@ -403,8 +403,8 @@ pub fn forward_kernel(
     }
     let tiles = end.div_ceil(128usize);
     // This unit's copy addresses (see `copy_tile_async`).
-    let k_from = global_address(k, k_base + (unit / 16) * k_row + (unit % 16) * 4);
-    let v_from = global_address(v, v_base + (unit / 16) * v_row + (unit % 16) * 4);
+    let k_from = global_address::<u32>(k, k_base + (unit / 16) * k_row + (unit % 16) * 4);
+    let v_from = global_address::<u32>(v, v_base + (unit / 16) * v_row + (unit % 16) * 4);
     let own_word = tile_word(unit / 16, (unit % 16) * 4);
     let (k_to, v_to) = (
         k_address + (own_word * 4) as u32,

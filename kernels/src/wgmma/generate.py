@@ -58,8 +58,13 @@ def rust_function(docs, signature, regs, template, inputs):
     return "\n".join(out)
 
 
+def reg_list(first, count):
+    """Placeholders `{first}` .. `{first + count - 1}`, comma-separated."""
+    return ", ".join(f"{{{first + i}}}" for i in range(count))
+
+
 def accumulators(regs):
-    return ", ".join(f"{{{i}}}" for i in range(regs))
+    return reg_list(0, regs)
 
 
 def helper(n, steps):
@@ -151,16 +156,18 @@ SW128_K_UNITS = [(s // 4) * 1024 + (s % 4) * 2 for s in range(8)]
 SW128_N_UNITS = [s * 128 for s in range(8)]
 
 
-def sw128_qk_lines(out_regs, first_scale):
-    """Eight K-major `m64n128k16` steps of `S = Q K^T` on swizzled operands (descriptor
-    placeholders `{dq}` / `{dk}` given as `dq`/`dk` base registers)."""
+def descriptor_steps(n, out_first, pos_a, pos_b, a_units, b_units, names, trans_b):
+    """Eight chained `m64n{n}k16` steps, both operands from shared-memory descriptors (at
+    placeholders `pos_a` / `pos_b`, step s `a_units[s]` / `b_units[s]` descriptor units on,
+    in registers `names[0]{s}` / `names[1]{s}`), the first step overwriting the accumulators
+    `{out_first}..`; `trans_b` sets B's transpose bit."""
     lines = []
-    for s, units in enumerate(SW128_K_UNITS):
-        lines.append(f"add.s64 dq{s}, {{Q}}, {units};")
-        lines.append(f"add.s64 dk{s}, {{K}}, {units};")
-        scale = first_scale if s == 0 else "1"
+    for s in range(8):
+        scale = "0" if s == 0 else "1"
+        lines.append(f"add.s64 {names[0]}{s}, {{{pos_a}}}, {a_units[s]};")
+        lines.append(f"add.s64 {names[1]}{s}, {{{pos_b}}}, {b_units[s]};")
         lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{{{out_regs}}}}}, dq{s}, dk{s}, {scale}, 1, 1, 0, 0;"
+            f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{{{reg_list(out_first, n // 2)}}}}}, {names[0]}{s}, {names[1]}{s}, {scale}, 1, 1, 0, {trans_b};"
         )
     return lines
 
@@ -180,9 +187,8 @@ def sw128_pv_lines(out_regs, pos_a):
 def helper_sw128_qk():
     """`s = Q K^T` (overwriting s) on swizzled operands. Operands: outputs 0..64, desc_q 64,
     desc_k 65."""
-    regs = ", ".join(f"{{{i}}}" for i in range(64))
     lines = ["{{", ".reg .b64 dq<8>, dk<8>;", "wgmma.fence.sync.aligned;"]
-    lines += [x.replace("{Q}", "{64}").replace("{K}", "{65}") for x in sw128_qk_lines(regs, "0")]
+    lines += descriptor_steps(128, 0, 64, 65, SW128_K_UNITS, SW128_K_UNITS, ("dq", "dk"), 0)
     docs = [
         "`s[0..64] = Q K^T` for 64 x 128 x 128 (`m64n128k16` x 8 in one asm statement), Q and K",
         "K-major in shared memory in the 128-byte-swizzled layout of `forward.rs` (`desc_q` /",
@@ -206,15 +212,14 @@ def helper_pv_then_qk(next_scores):
     out_count = 128 if next_scores else 64
     pos_c, pos_a = out_count, out_count + 64
     pos_dv = pos_a + 32
-    o_list = ", ".join(f"{{{i}}}" for i in range(64))
-    s_list = ", ".join(f"{{{64 + i}}}" for i in range(64))
+    o_list = reg_list(0, 64)
     lines = ["{{", ".reg .b64 dv<8>, dq<8>, dk<8>;" if next_scores else ".reg .b64 dv<8>;"]
     lines += copy_lines(64, pos_c)
     lines.append("wgmma.fence.sync.aligned;")
     lines += [x.replace("{V}", f"{{{pos_dv}}}") for x in sw128_pv_lines(o_list, pos_a)]
     if next_scores:
-        qk = sw128_qk_lines(s_list, "0")
-        lines += [x.replace("{Q}", f"{{{pos_dv + 1}}}").replace("{K}", f"{{{pos_dv + 2}}}") for x in qk]
+        units = (SW128_K_UNITS, SW128_K_UNITS)
+        lines += descriptor_steps(128, 64, pos_dv + 1, pos_dv + 2, *units, ("dq", "dk"), 0)
     if next_scores:
         docs = [
             "One attention step's products, issued back to back and waited for together:",
@@ -256,10 +261,6 @@ def helper_pv_then_qk(next_scores):
 SW128_K_UNITS_64ROWS = [(s // 4) * 512 + (s % 4) * 2 for s in range(8)]
 
 
-def reg_list(first, count):
-    return ", ".join(f"{{{first + i}}}" for i in range(count))
-
-
 def generic_helper(name, docs, args, outputs, out_arrays, in_arrays, inputs, lines):
     """A `#[cube]` function around one asm statement: `out_arrays` are (array, count, prefix)
     written back from scalar outputs, `in_arrays` (array, count, prefix) read into scalars."""
@@ -281,22 +282,9 @@ def helper_bwd_scores():
     one asm statement. Operands: outputs s 0..32, dp 32..64; inputs desc_k 64, desc_q 65,
     desc_v 66, desc_do 67."""
     lines = ["{{", ".reg .b64 da<8>, db<8>, dc<8>, dd<8>;", "wgmma.fence.sync.aligned;"]
-    for s in range(8):
-        a_units, b_units = SW128_K_UNITS[s], SW128_K_UNITS_64ROWS[s]
-        scale = "0" if s == 0 else "1"
-        lines.append(f"add.s64 da{s}, {{64}}, {a_units};")
-        lines.append(f"add.s64 db{s}, {{65}}, {b_units};")
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(0, 32)}}}}}, da{s}, db{s}, {scale}, 1, 1, 0, 0;"
-        )
-    for s in range(8):
-        a_units, b_units = SW128_K_UNITS[s], SW128_K_UNITS_64ROWS[s]
-        scale = "0" if s == 0 else "1"
-        lines.append(f"add.s64 dc{s}, {{66}}, {a_units};")
-        lines.append(f"add.s64 dd{s}, {{67}}, {b_units};")
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(32, 32)}}}}}, dc{s}, dd{s}, {scale}, 1, 1, 0, 0;"
-        )
+    units = (SW128_K_UNITS, SW128_K_UNITS_64ROWS)
+    lines += descriptor_steps(64, 0, 64, 65, *units, ("da", "db"), 0)
+    lines += descriptor_steps(64, 32, 66, 67, *units, ("dc", "dd"), 0)
     docs = [
         "The backward's two score products for one warpgroup's 64 keys and a 64-query tile,",
         "issued back to back and waited for together: `s[0..32] = K Q^T` and `dp[0..32] = V dO^T`",
@@ -351,13 +339,7 @@ def helper_bwd_dq():
     """`dQ = dS K` for 64 queries x 64 of the head dim x 128 keys (overwriting), dS K-major
     in a 64-row tile, K N-major. Operands: outputs 0..32; inputs desc_ds 32, desc_k 33."""
     lines = ["{{", ".reg .b64 da<8>, db<8>;", "wgmma.fence.sync.aligned;"]
-    for s in range(8):
-        scale = "0" if s == 0 else "1"
-        lines.append(f"add.s64 da{s}, {{32}}, {SW128_K_UNITS_64ROWS[s]};")
-        lines.append(f"add.s64 db{s}, {{33}}, {SW128_N_UNITS[s]};")
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{{{reg_list(0, 32)}}}}}, da{s}, db{s}, {scale}, 1, 1, 0, 1;"
-        )
+    lines += descriptor_steps(64, 0, 32, 33, SW128_K_UNITS_64ROWS, SW128_N_UNITS, ("da", "db"), 1)
     docs = [
         "`dq[0..32] = dS K` for 64 queries x 64 head-dim columns x 128 keys (`m64n64k16` x 8,",
         "overwriting): dS K-major in a 64-row 128-byte-swizzled tile (`desc_ds`, the second",

@@ -396,16 +396,15 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|");
         // `Auto` (the wgmma forward and backward on sm_90), then with the `mma.sync`
         // backward (LONGVIEW_FLASH_WGMMA_BACKWARD=0), in the same process.
-        for label in ["LLM", "LLM, mma.sync backward"] {
-            if label != "LLM" {
-                // SAFETY: single-threaded here; the switch is read at each backward call.
-                unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_BACKWARD", "0") };
-            }
+        for (label, wgmma_backward) in [("LLM", "1"), ("LLM, mma.sync backward", "0")] {
+            // SAFETY: single-threaded here; the switch is read at each backward call.
+            unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_BACKWARD", wgmma_backward) };
             bench(&client, label, 1, (16, 16), 32768, 128, true, 3, false);
             bench(&client, label, 1, (16, 16), 32768, 128, false, 3, false);
             bench(&client, label, 1, (12, 2), 32768, 128, true, 3, false);
             bench(&client, label, 1, (28, 4), 32768, 128, true, 3, false);
         }
+        // SAFETY: as above.
         unsafe { std::env::remove_var("LONGVIEW_FLASH_WGMMA_BACKWARD") };
         return;
     }
