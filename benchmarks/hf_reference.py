@@ -113,10 +113,13 @@ def main():
         step()
     sec = (time.perf_counter() - t0) / a.iters
     tokens = a.batch * len(row)
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if dev == "cuda" else "n/a"
+    # Peak allocated, and the caching allocator's peak reservation (what longview's
+    # "reserved" column measures: its memory pool's reservation).
+    mem = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated, "
+           f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB") if dev == "cuda" else "n/a"
     ckpt = ", checkpointing" if a.checkpointing else ""
     print(f"| {a.size} (torch {torch.__version__}, {a.attn}{ckpt}) | {dev} | {a.dtype} | {a.batch}x{len(row)} | "
-          f"{a.batch * a.frames} | {sec:.3f} | {tokens / sec:.0f} | - | {mem} peak |")
+          f"{a.batch * a.frames} | {sec:.3f} | {tokens / sec:.0f} | - | {mem} peak reserved |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 //! `check_forward_routed`: the same through `flash_forward` on strided `[B, S, H, D]` views,
 //! asserting the call is routed to it), and the backward (`check_backward`: `flash_forward`
 //! then `flash_backward` routed to the wgmma kernels, dQ/dK/dV within 1e-2 of max(|ref|, 1)
-//! against f64 attention, full/causal, GQA, strided views).
+//! against f64 attention, full/causal, GQA, strided views). Forward and backward cases
+//! cover head dim 128 and the padded ones: 72 (SigLIP's B x H x 729, full), 64 and 80.
 //!
 //! Needs a GPU of compute capability 9.0 (H100/H200), so ignored by default. Build here:
 //!     cargo test -p longview-kernels --no-default-features --features cuda --test wgmma --no-run --release

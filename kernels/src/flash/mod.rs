@@ -291,7 +291,7 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         }
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
-    // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, D128, no packed
+    // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, head dim 64-128, no packed
     // sequences or shifted causal blocks; `crate::wgmma::forward::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {

@@ -1,4 +1,5 @@
-//! A flash-attention backward on the warpgroup MMA (head dim 128, bf16): dK and dV of a
+//! A flash-attention backward on the warpgroup MMA (bf16; head dim 128, and 64 to 120 in
+//! multiples of 8 padded with zero columns as in the forward): dK and dV of a
 //! block of 128 keys, and dQ added into an f32 buffer by reductions, from the forward's LSE
 //! and `delta = rowsum(dO * O)`. What `flash_backward` runs on a compute-capability-9.0
 //! device for the calls [`backward_launch::routes`](super::backward_launch::routes) accepts.
@@ -29,12 +30,13 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use super::forward::{
-    LOG2_E, copy_tile_async, exp2_approx, fence_for_wgmma, global_address, stage_tile_async,
-    swizzled_descriptor, tile_word,
+    LOG2_E, copy_tile_async, exp2_approx, fence_for_wgmma, global_address, past_head_dim,
+    stage_tile_async, swizzled_descriptor, tile_word,
 };
 use super::{
     accumulator_col, accumulator_row, mma_dq_m64n64k128_bf16_sw128,
-    mma_dv_dk_m64n128k64_bf16_sw128, mma_scores_m64n64k128_bf16_sw128, pack_bf16x2, shared_address,
+    mma_dv_dk_m64n128k64_bf16_sw128, mma_scores_m64n64k64_bf16_sw128,
+    mma_scores_m64n64k80_bf16_sw128, mma_scores_m64n64k128_bf16_sw128, pack_bf16x2, shared_address,
 };
 
 /// What a query row that contributes nothing stores as its LSE (times `log2 e`): every
@@ -79,9 +81,9 @@ fn copy_tile64_async(from: u64, to: u32, rows16: u64) {
     );
 }
 
-/// Rows `[first, first + 64)` of a `[rows, 128]` bf16 matrix (u32 words from `base`, rows
-/// `row_words` apart) into the 64-row tile at word `at` of `tile` by `cp.async`; zeros past
-/// `rows`.
+/// Rows `[first, first + 64)` of a `[rows, head_dim]` bf16 matrix (u32 words from `base`,
+/// rows `row_words` apart) into the 64-row tile at word `at` of `tile` by `cp.async`; zeros
+/// past `rows` and in the column chunks past `head_dim`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_tile64(
@@ -93,9 +95,11 @@ fn load_tile64(
     tile: &mut Shared<[u32]>,
     tile_address: u32,
     at: usize,
+    #[comptime] head_dim: usize,
 ) {
     let unit = UNIT_POS as usize;
-    if first + 64 <= rows {
+    let past = past_head_dim(head_dim);
+    if first + 64 <= rows && !past {
         let from = global_address::<u32>(
             src,
             base + (first + unit / 16) * row_words + (unit % 16) * 4,
@@ -105,11 +109,12 @@ fn load_tile64(
     } else {
         #[unroll]
         for step in 0..4usize {
+            // `i % 16 == unit % 16`: the same column chunk in every step.
             let i = unit + step * 256;
             let row = i / 16;
             let word = (i % 16) * 4;
             let to = at + tile_word64(row, word);
-            if first + row < rows {
+            if first + row < rows && !past {
                 let from = base + (first + row) * row_words + word;
                 copy_async(&src[from..from + 4], &mut tile[to..to + 4], 4u32);
             } else {
@@ -137,8 +142,8 @@ fn red_add_v4(address: u64, v0: f32, v1: f32, v2: f32, v3: f32) {
 }
 
 /// Adds a warpgroup's dQ tile (`dq`, 64 queries from `q0` x 64 columns from `col0` on the
-/// `m64n64` accumulator layout) into the f32 buffer `dq_acc` (rows of 128 from row block
-/// `row_base`), rows past `sq` skipped. Lanes `q` and `q ^ 1` of a quad exchange halves so
+/// `m64n64` accumulator layout) into the f32 buffer `dq_acc` (rows of `head_dim` from row
+/// block `row_base`), rows past `sq` and columns past `head_dim` skipped. Lanes `q` and `q ^ 1` of a quad exchange halves so
 /// that each holds four consecutive columns of one row (the even lane row `g`, the odd lane
 /// row `g + 8`), then each adds them with one 16-byte reduction: 8 a unit instead of 32
 /// scalar atomics, whole 32-byte sectors.
@@ -150,12 +155,13 @@ fn add_dq_tile(
     q0: usize,
     sq: usize,
     col0: usize,
+    #[comptime] head_dim: usize,
 ) {
     let t = UNIT_POS as usize % 128;
     let quad = t % 4;
     let odd = quad % 2 == 1;
     let row = q0 + (t / 32) * 16 + (t % 32) / 4 + if odd { 8usize } else { 0usize };
-    let base = global_address::<f32>(dq_acc, (row_base + row) * 128 + col0 + (quad / 2) * 4);
+    let base = global_address::<f32>(dq_acc, (row_base + row) * head_dim + col0 + (quad / 2) * 4);
     #[unroll]
     for j in 0..8usize {
         let (x0, x1) = (dq[comptime!(4 * j)], dq[comptime!(4 * j + 1)]);
@@ -164,7 +170,8 @@ fn add_dq_tile(
         let send1 = if odd { x1 } else { y1 };
         let got0 = plane_shuffle_xor(send0, 1u32);
         let got1 = plane_shuffle_xor(send1, 1u32);
-        if row < sq {
+        // Head dims are multiples of 8: columns 8 j.. of this tile are all inside or all past.
+        if row < sq && col0 + comptime!(8 * j) < head_dim {
             let address = base + comptime!((j * 32) as u64);
             if odd {
                 red_add_v4(address, got0, got1, y0, y1);
@@ -202,6 +209,7 @@ pub fn backward_kernel(
     group: u32,
     scale: f32,
     #[comptime] causal: bool,
+    #[comptime] head_dim: usize,
 ) {
     let unit = UNIT_POS as usize;
     let warpgroup = unit / 128;
@@ -237,8 +245,9 @@ pub fn backward_kernel(
     let do_address = shared_address::<u32>(&do_s);
     let ds_address = shared_address::<half::bf16>(&ds_s);
 
-    // K and V of the block (zeros past the keys).
-    if first + 128 <= sk {
+    // K and V of the block (zeros past the keys and the head dim: every tile of this kernel
+    // holds zeros in the columns past `head_dim`, so 128-wide products equal the narrower).
+    if first + 128 <= sk && !past_head_dim(head_dim) {
         let own = (tile_word(unit / 16, (unit % 16) * 4) * 4) as u32;
         let at = (unit / 16) * k_row + (unit % 16) * 4;
         let k_from = global_address::<u32>(k, k_base + first * k_row + at);
@@ -247,8 +256,8 @@ pub fn backward_kernel(
         let v_from = global_address::<u32>(v, v_base + first * v_row + at_v);
         copy_tile_async(v_from, v_address + own, u64::cast_from(v_row) * 64u64);
     } else {
-        stage_tile_async(k, k_base, k_row, first, sk, &mut k_s, 0usize);
-        stage_tile_async(v, v_base, v_row, first, sk, &mut v_s, 0usize);
+        stage_tile_async(k, k_base, k_row, first, sk, &mut k_s, 0usize, head_dim);
+        stage_tile_async(v, v_base, v_row, first, sk, &mut v_s, 0usize, head_dim);
     }
 
     // Query tiles of each head: causal blocks start at the diagonal (Sq = Sk, no offsets).
@@ -265,8 +274,12 @@ pub fn backward_kernel(
     let q00 = first_tile * 64;
     let q_base0 = (b * strides[0] as usize + head0 * strides[1] as usize) / 2;
     let o_base0 = (b * strides[9] as usize + head0 * strides[10] as usize) / 2;
-    load_tile64(q, q_base0, q_row, q00, sq, &mut q_s, q_address, 0usize);
-    load_tile64(d_o, o_base0, o_row, q00, sq, &mut do_s, do_address, 0usize);
+    load_tile64(
+        q, q_base0, q_row, q00, sq, &mut q_s, q_address, 0usize, head_dim,
+    );
+    load_tile64(
+        d_o, o_base0, o_row, q00, sq, &mut do_s, do_address, 0usize, head_dim,
+    );
     load_rows_stats(
         lse,
         delta,
@@ -312,8 +325,10 @@ pub fn backward_kernel(
             let q_base = (b * strides[0] as usize + head * strides[1] as usize) / 2;
             let o_base = (b * strides[9] as usize + head * strides[10] as usize) / 2;
             let at = (m % 2) * 4096;
-            load_tile64(q, q_base, q_row, q0, sq, &mut q_s, q_address, at);
-            load_tile64(d_o, o_base, o_row, q0, sq, &mut do_s, do_address, at);
+            load_tile64(q, q_base, q_row, q0, sq, &mut q_s, q_address, at, head_dim);
+            load_tile64(
+                d_o, o_base, o_row, q0, sq, &mut do_s, do_address, at, head_dim,
+            );
             load_rows_stats(
                 lse,
                 delta,
@@ -329,14 +344,16 @@ pub fn backward_kernel(
         let q0 = (first_tile + n % per_head) * 64;
         let q_stage = q_address + (stage * 16384) as u32;
         let do_stage = do_address + (stage * 16384) as u32;
-        mma_scores_m64n64k128_bf16_sw128(
-            &mut s,
-            &mut dp,
-            desc_k,
-            swizzled_descriptor(q_stage, 16u32, 1024u32),
-            desc_v,
-            swizzled_descriptor(do_stage, 16u32, 1024u32),
-        );
+        let desc_q = swizzled_descriptor(q_stage, 16u32, 1024u32);
+        let desc_do = swizzled_descriptor(do_stage, 16u32, 1024u32);
+        // As deep as the head dim needs: 64, 80 or 128 columns.
+        if comptime!(head_dim <= 64) {
+            mma_scores_m64n64k64_bf16_sw128(&mut s, &mut dp, desc_k, desc_q, desc_v, desc_do);
+        } else if comptime!(head_dim <= 80) {
+            mma_scores_m64n64k80_bf16_sw128(&mut s, &mut dp, desc_k, desc_q, desc_v, desc_do);
+        } else {
+            mma_scores_m64n64k128_bf16_sw128(&mut s, &mut dp, desc_k, desc_q, desc_v, desc_do);
+        }
         // P^T and dS^T on the accumulator layout (rows keys, columns queries): value
         // `i = 4 j + 2 r + e` is key row `g + 8 r`, query column `8 j + 2 (t % 4) + e`. The
         // unit's 16 LSE / delta values are read first (no store in between, so each once).
@@ -407,21 +424,26 @@ pub fn backward_kernel(
         // Both warpgroups' dS are in shared memory: dQ for this warpgroup's half of the
         // head dimension, over all 128 keys.
         sync_cube();
-        mma_dq_m64n64k128_bf16_sw128(&mut dq, desc_ds, desc_k_n);
-        add_dq_tile(&dq, dq_acc, (b * heads + head) * sq, q0, sq, warpgroup * 64);
+        // (Below head dim 65 the second warpgroup's half is all padding.)
+        if warpgroup * 64 < head_dim {
+            mma_dq_m64n64k128_bf16_sw128(&mut dq, desc_ds, desc_k_n);
+            let row_base = (b * heads + head) * sq;
+            add_dq_tile(&dq, dq_acc, row_base, q0, sq, warpgroup * 64, head_dim);
+        }
         // The next tile has landed; nobody reads this tile's stage or dS any more.
         fence_for_wgmma();
         sync_cube();
         n += 1;
     }
 
-    // dK (times scale) and dV of this warpgroup's keys, contiguous [B, Hkv, Sk, 128].
+    // dK (times scale) and dV of this warpgroup's keys, contiguous [B, Hkv, Sk, head_dim].
     let out_base = (b * kv_heads + kv_head) * sk;
     #[unroll]
     for i in 0..64usize {
         let key = first + warpgroup * 64 + accumulator_row(t, i);
-        if key < sk {
-            let at = (out_base + key) * 128 + accumulator_col(t, i);
+        let col = accumulator_col(t, i);
+        if key < sk && col < head_dim {
+            let at = (out_base + key) * head_dim + col;
             dk[at] = half::bf16::cast_from(dk_acc[i] * scale);
             dv[at] = half::bf16::cast_from(dv_acc[i]);
         }

@@ -4,13 +4,12 @@
 use cubecl::prelude::*;
 
 use super::backward::{KEYS_A_CUBE, backward_kernel};
-use super::forward::HEAD_DIM;
-use super::forward_launch::{element_extent, layout_unsupported, stride_table};
+use super::forward_launch::{element_extent, head_dim_supported, layout_unsupported, stride_table};
 use crate::{AttnError, DeviceTensor, FlashOptions};
 
 /// Whether [`crate::flash::flash_backward`] (kernel `Auto`) runs a call on this kernel: the
 /// calls the wgmma forward takes ([`super::forward_launch::routes`]: sm_90, bf16, head dim
-/// 128, no packed sequences, causal only with aligned blocks, Q/K/V strided as it reads
+/// a multiple of 8 from 64 to 128, no packed sequences, causal only with aligned blocks, Q/K/V strided as it reads
 /// them), with dO laid out the same way and a contiguous delta. `LONGVIEW_FLASH_WGMMA=0` or
 /// `LONGVIEW_FLASH_WGMMA_BACKWARD=0` turns it off (the `mma.sync` kernels then run).
 pub fn routes(
@@ -28,8 +27,8 @@ pub fn routes(
     super::forward_launch::routes(client, bf16, (q, k, v), (d_o, lse), options)
 }
 
-/// Launches the backward for bf16 `q`, `d_o` `[batch, heads, seq_q, 128]` and `k`, `v`
-/// `[batch, kv_heads, seq_k, 128]` (any layout [`layout_unsupported`] accepts), with the
+/// Launches the backward for bf16 `q`, `d_o` `[batch, heads, seq_q, head_dim]` and `k`, `v`
+/// `[batch, kv_heads, seq_k, head_dim]` (head dims as [`head_dim_supported`]; any layout [`layout_unsupported`] accepts), with the
 /// forward's `lse` and `delta = rowsum(dO * O)` (contiguous f32 `[batch, heads, seq_q]`):
 /// writes dK (scaled) and dV into contiguous `dk`, `dv` shaped like `k`, and adds `dS K`
 /// (unscaled) into the contiguous f32 `dq_acc` shaped like `q`, which must start zeroed.
@@ -46,7 +45,8 @@ pub fn backward_into(
     let shape_error = || {
         AttnError::Shape(format!(
             "wgmma backward: shapes q {:?} k {:?} v {:?} dO {:?} lse {:?} delta {:?} dk {:?} \
-             dv {:?} dq_acc {:?} do not agree (expected [batch, heads, seq, {HEAD_DIM}])",
+             dv {:?} dq_acc {:?} do not agree (expected [batch, heads, seq, head_dim], \
+             head_dim a multiple of 8 from 64 to 128)",
             q.shape,
             k.shape,
             v.shape,
@@ -65,8 +65,8 @@ pub fn backward_into(
         return Err(shape_error());
     };
     let rows = [batch, heads, seq_q];
-    if d != HEAD_DIM
-        || kd != HEAD_DIM
+    if !head_dim_supported(d)
+        || kd != d
         || kb != batch
         || v.shape != k.shape
         || d_o.shape != q.shape
@@ -132,6 +132,7 @@ pub fn backward_into(
             (heads / kv_heads) as u32,
             scale,
             causal,
+            d,
         );
     }
     drop(strides_handle);

@@ -105,11 +105,12 @@ pub fn check_tile_products(
     Ok((passed, failed))
 }
 
-/// O and LSE of a forward (`[B, H, S, 128]`, O widened from bf16) against the f64 reference
+/// O and LSE of a forward (`[B, H, S, D]`, O widened from bf16) against the f64 reference
 /// on the same bf16 inputs: the line to print, `Ok` when O is within 1e-2 of max(|ref|, 1)
 /// and LSE within 1e-3.
 fn against_f64(
     (batch, heads, kv_heads, seq, causal): (usize, usize, usize, usize, bool),
+    head_dim: usize,
     scale: f64,
     (q, k, v): (&[bf16], &[bf16], &[bf16]),
     (o, lse): (&[f32], &[f32]),
@@ -118,6 +119,7 @@ fn against_f64(
     use crate::reference::max_relative_error;
     let want = reference_f64(
         (batch, heads, kv_heads, seq, causal),
+        head_dim,
         scale,
         (q, k, v),
         None,
@@ -135,31 +137,36 @@ fn against_f64(
 }
 
 /// The wgmma forward ([`super::forward`]) against the f64 reference on bf16-rounded inputs:
-/// O within 1e-2 of max(|ref|, 1) (bf16 output), LSE within 1e-3. Returns (passed, failed).
+/// O within 1e-2 of max(|ref|, 1) (bf16 output), LSE within 1e-3. Head dim 128, and 72
+/// (SigLIP), 64 and 80 (padded to 128 inside). Returns (passed, failed).
 pub fn check_forward(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
-    use super::forward::{ForwardShape, HEAD_DIM, forward};
+    use super::forward::{ForwardShape, forward};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    // (batch, heads, kv_heads, seq, causal, head dim)
     let cases = [
-        (1usize, 2usize, 2usize, 300usize, false),
-        (1, 2, 2, 300, true),
-        (2, 4, 2, 256, true),
-        (1, 2, 1, 1000, true),
-        (1, 2, 1, 1000, false),
+        (1usize, 2usize, 2usize, 300usize, false, 128usize),
+        (1, 2, 2, 300, true, 128),
+        (2, 4, 2, 256, true, 128),
+        (1, 2, 1, 1000, true, 128),
+        (1, 2, 1, 1000, false, 128),
+        (2, 3, 3, 729, false, 72),
+        (1, 4, 2, 300, true, 64),
+        (1, 2, 1, 200, true, 80),
     ];
-    for (case, &(batch, heads, kv_heads, seq, causal)) in cases.iter().enumerate() {
+    for (case, &(batch, heads, kv_heads, seq, causal, head_dim)) in cases.iter().enumerate() {
         let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
         let q = round(random_values(
-            batch * heads * seq * HEAD_DIM,
+            batch * heads * seq * head_dim,
             10 + case as u64,
         ));
         let k = round(random_values(
-            batch * kv_heads * seq * HEAD_DIM,
+            batch * kv_heads * seq * head_dim,
             20 + case as u64,
         ));
         let v = round(random_values(
-            batch * kv_heads * seq * HEAD_DIM,
+            batch * kv_heads * seq * head_dim,
             30 + case as u64,
         ));
         let shape = ForwardShape {
@@ -168,10 +175,11 @@ pub fn check_forward(
             kv_heads,
             seq_q: seq,
             seq_k: seq,
+            head_dim,
             causal,
         };
         let upload = |x: &[bf16], h: usize| {
-            crate::DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM])
+            crate::DeviceTensor::from_slice(client, x, &[batch, h, seq, head_dim])
         };
         let (o, lse) = forward(
             client,
@@ -186,10 +194,12 @@ pub fn check_forward(
             .map(f32::from)
             .collect();
         let lse = lse.to_vec::<f32>(client)?;
-        let label = format!("wgmma forward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}");
+        let label = format!(
+            "wgmma forward B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal {causal}"
+        );
         let shape = (batch, heads, kv_heads, seq, causal);
-        let scale = 1.0 / (HEAD_DIM as f64).sqrt();
-        match against_f64(shape, scale, (&q, &k, &v), (&o, &lse), label) {
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        match against_f64(shape, head_dim, scale, (&q, &k, &v), (&o, &lse), label) {
             Ok(line) => passed.push(line),
             Err(line) => failed.push(line),
         }
@@ -197,11 +207,12 @@ pub fn check_forward(
     Ok((passed, failed))
 }
 
-/// Attention in f64 (`crate::reference::attention_f64`) over bf16 `[b, h, s, 128]` inputs,
-/// queries and keys of one length, causal or full; gradients when `d_o` is given. Rows that
-/// see no key get the kernels' LSE sentinel (-1e38).
+/// Attention in f64 (`crate::reference::attention_f64`) over bf16 `[b, h, s, head_dim]`
+/// inputs, queries and keys of one length, causal or full; gradients when `d_o` is given.
+/// Rows that see no key get the kernels' LSE sentinel (-1e38).
 pub(super) fn reference_f64(
     (batch, heads, kv_heads, seq, causal): (usize, usize, usize, usize, bool),
+    head_dim: usize,
     scale: f64,
     (q, k, v): (&[bf16], &[bf16], &[bf16]),
     d_o: Option<&[bf16]>,
@@ -214,7 +225,7 @@ pub(super) fn reference_f64(
         kv_heads,
         q_len: seq,
         kv_len: seq,
-        head_dim: super::forward::HEAD_DIM,
+        head_dim,
         scale,
         empty_lse: -1.0e38,
     };
@@ -229,50 +240,51 @@ pub(super) fn reference_f64(
     )
 }
 
-/// A `[b, s, h, 128]` buffer seen as `[b, h, s, 128]` (how the model passes its projections).
+/// A `[b, s, h, d]` buffer seen as `[b, h, s, d]` (how the model passes its projections).
 pub(super) fn heads_inside_view(
     t: &crate::DeviceTensor,
-    b: usize,
-    h: usize,
-    s: usize,
+    (b, h, s, d): (usize, usize, usize, usize),
 ) -> crate::DeviceTensor {
-    use super::forward::HEAD_DIM;
     crate::DeviceTensor {
         handle: t.handle.clone(),
-        shape: vec![b, h, s, HEAD_DIM],
-        strides: vec![s * h * HEAD_DIM, HEAD_DIM, h * HEAD_DIM, 1],
+        shape: vec![b, h, s, d],
+        strides: vec![s * h * d, d, h * d, 1],
     }
 }
 
-/// `[b, h, s, 128]` row-major data reordered as `[b, s, h, 128]` (the model's layout).
-pub(super) fn heads_inside(x: &[bf16], h: usize, s: usize) -> Vec<bf16> {
+/// `[b, h, s, d]` row-major data reordered as `[b, s, h, d]` (the model's layout).
+pub(super) fn heads_inside(x: &[bf16], h: usize, s: usize, d: usize) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; x.len()];
-    for (i, chunk) in x.chunks(128).enumerate() {
+    for (i, chunk) in x.chunks(d).enumerate() {
         let (bi, hi, si) = (i / (h * s), (i / s) % h, i % s);
-        let to = ((bi * s + si) * h + hi) * 128;
-        out[to..to + 128].copy_from_slice(chunk);
+        let to = ((bi * s + si) * h + hi) * d;
+        out[to..to + d].copy_from_slice(chunk);
     }
     out
 }
 
 /// The wgmma forward as `flash_forward` (kernel `Auto`) runs it for the model: Q, K, V and O
-/// stored `[B, S, H, 128]` and passed as strided `[B, H, S, 128]` views, a scale other than
-/// 1/sqrt(128), causal with equal block offsets and full attention, GQA. Each case first
+/// stored `[B, S, H, D]` and passed as strided `[B, H, S, D]` views, a scale other than
+/// 1/sqrt(D), causal with equal block offsets and full attention, GQA, head dims 128 and 72
+/// (SigLIP's shape). Each case first
 /// asserts that the call routes to this kernel (`routes`), then compares O and LSE with the
 /// f64 reference (O within 1e-2 of max(|ref|, 1), LSE 1e-3). Returns (passed, failed).
 pub fn check_forward_routed(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
-    use super::forward::{HEAD_DIM, routes};
+    use super::forward::routes;
     use crate::{DeviceTensor, FlashKernel, FlashOptions, flash::flash_forward_with};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    // (batch, heads, kv_heads, seq, causal, block offsets, head dim)
     let cases = [
-        (2usize, 4usize, 2usize, 300usize, true, 64usize),
-        (1, 3, 1, 200, false, 0),
+        (2usize, 4usize, 2usize, 300usize, true, 64usize, 128usize),
+        (1, 3, 1, 200, false, 0, 128),
+        (3, 2, 2, 729, false, 0, 72),
     ];
-    for (case, &(batch, heads, kv_heads, seq, causal, offset)) in cases.iter().enumerate() {
+    for (case, &(batch, heads, kv_heads, seq, causal, offset, head_dim)) in cases.iter().enumerate()
+    {
         let data = |h: usize, seed: u64| -> Vec<bf16> {
-            random_values(batch * h * seq * HEAD_DIM, seed)
+            random_values(batch * h * seq * head_dim, seed)
                 .into_iter()
                 .map(bf16::from_f32)
                 .collect()
@@ -282,18 +294,19 @@ pub fn check_forward_routed(
             data(kv_heads, 50),
             data(kv_heads, 60),
         );
-        let view = |t: &DeviceTensor, h: usize| heads_inside_view(t, batch, h, seq);
+        let view = |t: &DeviceTensor, h: usize| heads_inside_view(t, (batch, h, seq, head_dim));
         let upload = |x: &[bf16], h: usize| {
-            DeviceTensor::from_slice(client, &heads_inside(x, h, seq), &[batch, seq, h, HEAD_DIM])
+            let bshd = [batch, seq, h, head_dim];
+            DeviceTensor::from_slice(client, &heads_inside(x, h, seq, head_dim), &bshd)
         };
         let (qb, kb, vb) = (
             upload(&q, heads),
             upload(&k, kv_heads),
             upload(&v, kv_heads),
         );
-        let ob = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[batch, seq, heads, HEAD_DIM]);
+        let ob = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[batch, seq, heads, head_dim]);
         let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq]);
-        let mut opts = FlashOptions::new(HEAD_DIM).causal(causal);
+        let mut opts = FlashOptions::new(head_dim).causal(causal);
         opts.scale = 0.05;
         opts.q_offset = offset;
         opts.k_offset = offset;
@@ -304,7 +317,7 @@ pub fn check_forward_routed(
             view(&ob, heads),
         );
         let label = format!(
-            "flash_forward (Auto) B{batch} H{heads}/{kv_heads} S{seq} causal {causal} offsets {offset}, [B, S, H, D] views"
+            "flash_forward (Auto) B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal {causal} offsets {offset}, [B, S, H, D] views"
         );
         if !routes(client, true, (&qv, &kv, &vv), (&ov, &lse), &opts) {
             failed.push(format!("{label}: not routed to the wgmma forward"));
@@ -312,14 +325,14 @@ pub fn check_forward_routed(
         }
         flash_forward_with::<bf16>(client, &qv, &kv, &vv, &ov, &lse, &opts, FlashKernel::Auto)?;
         let o_bshd = ob.to_vec::<bf16>(client)?;
-        // Back to [B, H, S, 128] for the comparison.
+        // Back to [B, H, S, D] for the comparison.
         let mut o = vec![0f32; o_bshd.len()];
         for bi in 0..batch {
             for hi in 0..heads {
                 for si in 0..seq {
-                    let from = ((bi * seq + si) * heads + hi) * HEAD_DIM;
-                    let to = ((bi * heads + hi) * seq + si) * HEAD_DIM;
-                    for d in 0..HEAD_DIM {
+                    let from = ((bi * seq + si) * heads + hi) * head_dim;
+                    let to = ((bi * heads + hi) * seq + si) * head_dim;
+                    for d in 0..head_dim {
                         o[to + d] = o_bshd[from + d].to_f32();
                     }
                 }
@@ -328,7 +341,7 @@ pub fn check_forward_routed(
         let lse = lse.to_vec::<f32>(client)?;
         let shape = (batch, heads, kv_heads, seq, causal);
         let scale = f64::from(opts.scale);
-        match against_f64(shape, scale, (&q, &k, &v), (&o, &lse), label) {
+        match against_f64(shape, head_dim, scale, (&q, &k, &v), (&o, &lse), label) {
             Ok(line) => passed.push(line),
             Err(line) => failed.push(line),
         }

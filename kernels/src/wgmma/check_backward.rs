@@ -3,13 +3,13 @@
 //! (the wgmma forward's O and LSE, delta from them), each case first asserting that both
 //! calls route to the wgmma kernels. dQ, dK and dV within 1e-2 of max(|ref|, 1) (the
 //! bf16 tolerance of `flash_bench --checks`). Cases: full and causal, lengths that are not
-//! a multiple of the 64-query or 128-key tiles, GQA, and the model's `[B, S, H, 128]`
-//! buffers seen as strided `[B, H, S, 128]` with a scale other than 1/sqrt(128).
+//! a multiple of the 64-query or 128-key tiles, GQA, the model's `[B, S, H, D]` buffers
+//! seen as strided `[B, H, S, D]` with a scale other than 1/sqrt(D), and head dims 72
+//! (SigLIP's shape, full), 64 and 80 besides 128.
 
 use half::bf16;
 
 use super::check::{heads_inside, heads_inside_view, reference_f64};
-use super::forward::HEAD_DIM;
 use crate::reference::{max_relative_error, random_values};
 use crate::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
 
@@ -19,18 +19,23 @@ pub fn check_backward(
 ) -> Result<(Vec<String>, Vec<String>), AttnError> {
     use crate::flash::{flash_backward_with, flash_forward_with};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
-    // (batch, heads, kv_heads, seq, causal, [B, S, H, D] views with scale 0.05)
+    // (batch, heads, kv_heads, seq, causal, [B, S, H, D] views with scale 0.05, head dim)
     let cases = [
-        (1usize, 2usize, 2usize, 300usize, false, false),
-        (1, 2, 2, 300, true, false),
-        (2, 4, 2, 256, true, true),
-        (1, 2, 1, 1000, true, false),
-        (1, 3, 1, 200, false, true),
-        (1, 1, 1, 64, true, false),
+        (1usize, 2usize, 2usize, 300usize, false, false, 128usize),
+        (1, 2, 2, 300, true, false, 128),
+        (2, 4, 2, 256, true, true, 128),
+        (1, 2, 1, 1000, true, false, 128),
+        (1, 3, 1, 200, false, true, 128),
+        (1, 1, 1, 64, true, false, 128),
+        (3, 2, 2, 729, false, true, 72),
+        (1, 4, 2, 300, true, false, 64),
+        (1, 2, 1, 200, true, true, 80),
     ];
-    for (case, &(batch, heads, kv_heads, seq, causal, strided)) in cases.iter().enumerate() {
+    for (case, &(batch, heads, kv_heads, seq, causal, strided, head_dim)) in
+        cases.iter().enumerate()
+    {
         let data = |h: usize, seed: u64| -> Vec<bf16> {
-            random_values(batch * h * seq * HEAD_DIM, seed)
+            random_values(batch * h * seq * head_dim, seed)
                 .into_iter()
                 .map(bf16::from_f32)
                 .collect()
@@ -44,11 +49,11 @@ pub fn check_backward(
         );
         let upload = |x: &[bf16], h: usize| -> DeviceTensor {
             if !strided {
-                return DeviceTensor::from_slice(client, x, &[batch, h, seq, HEAD_DIM]);
+                return DeviceTensor::from_slice(client, x, &[batch, h, seq, head_dim]);
             }
-            let bshd = [batch, seq, h, HEAD_DIM];
-            let t = DeviceTensor::from_slice(client, &heads_inside(x, h, seq), &bshd);
-            heads_inside_view(&t, batch, h, seq)
+            let bshd = [batch, seq, h, head_dim];
+            let t = DeviceTensor::from_slice(client, &heads_inside(x, h, seq, head_dim), &bshd);
+            heads_inside_view(&t, (batch, h, seq, head_dim))
         };
         let (qt, kt, vt, dot) = (
             upload(&q, heads),
@@ -59,12 +64,12 @@ pub fn check_backward(
         let zeros = vec![bf16::ZERO; q.len()];
         let ot = upload(&zeros, heads);
         let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq]);
-        let mut opts = FlashOptions::new(HEAD_DIM).causal(causal);
+        let mut opts = FlashOptions::new(head_dim).causal(causal);
         if strided {
             opts.scale = 0.05;
         }
         let label = format!(
-            "wgmma backward B{batch} H{heads}/{kv_heads} S{seq} causal {causal}{}",
+            "wgmma backward B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal {causal}{}",
             if strided {
                 ", [B, S, H, D] views, scale 0.05"
             } else {
@@ -97,7 +102,7 @@ pub fn check_backward(
         };
         let shape = (batch, heads, kv_heads, seq, causal);
         let scale = f64::from(opts.scale);
-        let want = reference_f64(shape, scale, (&q, &k, &v), Some(&d_o));
+        let want = reference_f64(shape, head_dim, scale, (&q, &k, &v), Some(&d_o));
         let errors = [
             max_relative_error(&widen(&dq)?, &want.dq),
             max_relative_error(&widen(&dk)?, &want.dk),

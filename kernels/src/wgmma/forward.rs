@@ -1,5 +1,7 @@
-//! A flash-attention forward on the warpgroup MMA (head dim 128, bf16, O and LSE): what
-//! `flash_forward` runs on a compute-capability-9.0 device for the calls
+//! A flash-attention forward on the warpgroup MMA (bf16, O and LSE; head dim 128, and the
+//! multiples of 8 from 64 to 120 with the columns past the head dim held at zero in the
+//! 128-wide tiles, so they cost what 128 costs): what `flash_forward` runs on a
+//! compute-capability-9.0 device for the calls
 //! [`forward_launch::routes`](super::forward_launch::routes) accepts (no packed sequences,
 //! causal only with aligned blocks; strided inputs). Checked against f64 by
 //! `flash_bench --wgmma` and `flash_bench --checks` (`benchmarks/flash_attention.md`).
@@ -31,11 +33,15 @@
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
-pub use super::forward_launch::{ForwardShape, forward, forward_into, layout_unsupported, routes};
+pub use super::forward_launch::{
+    ForwardShape, forward, forward_into, head_dim_supported, layout_unsupported, routes,
+};
 
 use super::{
     accumulator_col, mma_pv_m64n128k128_bf16_sw128, mma_pv_then_qk_m64n128k128_bf16_sw128,
-    mma_qk_m64n128k128_bf16_sw128, pack_bf16x2, shared_address, shared_descriptor,
+    mma_pv_then_qk64_m64n128k128_bf16_sw128, mma_pv_then_qk80_m64n128k128_bf16_sw128,
+    mma_qk_m64n128k64_bf16_sw128, mma_qk_m64n128k80_bf16_sw128, mma_qk_m64n128k128_bf16_sw128,
+    pack_bf16x2, shared_address, shared_descriptor,
 };
 
 /// The score of a masked entry (finite: `exp(MASKED - m)` is 0 for any real `m`).
@@ -66,36 +72,13 @@ pub(super) fn swizzled_descriptor(address: u32, leading_bytes: u32, stride_bytes
     shared_descriptor(address, leading_bytes, stride_bytes) | (1u64 << 62u64)
 }
 
-/// Copies rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (as u32 words from
-/// `base`) into `tile`, zeros past row `rows`.
+/// Starts copying rows `[first, first + 128)` of a `[rows, head_dim]` bf16 matrix (u32 words
+/// from `base`) into the tile buffer at word `at` of `tile` with `cp.async`, 16 bytes (one
+/// swizzled chunk) a copy; rows past `rows` and columns past `head_dim` are stored as zeros
+/// directly (the partial last tile; whole tiles go through [`copy_tile_async`]). In flight
+/// on return: each unit waits (`cp.async.wait_all`), then the cube syncs, before a read.
 #[cube]
-fn stage_tile(
-    src: &[u32],
-    base: usize,
-    row_words: usize,
-    first: usize,
-    rows: usize,
-    tile: &mut Shared<[u32]>,
-) {
-    let mut i = UNIT_POS as usize;
-    while i < 8192usize {
-        let row = i / 64;
-        let word = i % 64;
-        let mut value = 0u32;
-        if first + row < rows {
-            value = src[base + (first + row) * row_words + word];
-        }
-        tile[tile_word(row, word)] = value;
-        i += 256usize;
-    }
-}
-
-/// Starts copying rows `[first, first + 128)` of a `[rows, 128]` bf16 matrix (u32 words from
-/// `base`) into the tile buffer at word `at` of `tile` with `cp.async`, 16 bytes (one
-/// swizzled chunk) a copy; rows past `rows` are stored as zeros directly (the partial last
-/// tile; whole tiles go through [`copy_tile_async`]). In flight on return: each unit waits
-/// (`cp.async.wait_all`), then the cube syncs, before a read.
-#[cube]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn stage_tile_async(
     src: &[u32],
     base: usize,
@@ -104,6 +87,7 @@ pub(super) fn stage_tile_async(
     rows: usize,
     tile: &mut Shared<[u32]>,
     at: usize,
+    #[comptime] head_dim: usize,
 ) {
     // Unrolled: each copy's shared address is a constant offset from one register. (A loop
     // that advanced one address register after each copy made every increment wait until
@@ -114,7 +98,7 @@ pub(super) fn stage_tile_async(
         let row = i / 16;
         let word = (i % 16) * 4;
         let to = at + tile_word(row, word);
-        if first + row < rows {
+        if first + row < rows && word < comptime!(head_dim / 2) {
             let from = base + (first + row) * row_words + word;
             copy_async(&src[from..from + 4], &mut tile[to..to + 4], 4u32);
         } else {
@@ -175,10 +159,12 @@ pub(super) fn copy_tile_async(from: u64, to: u32, rows16: u64) {
     );
 }
 
-/// Tile `j` of K or V (a `[rows, 128]` bf16 matrix from word `base` of `src`, rows
+/// Tile `j` of K or V (a `[rows, head_dim]` bf16 matrix from word `base` of `src`, rows
 /// `row_words` words apart) into stage `j % 3` of `stage`: whole tiles by [`copy_tile_async`]
 /// from this unit's addresses for tile 0 / stage 0 (`from` in global memory, `to` in shared
-/// memory), the last partial tile by [`stage_tile_async`] (zeros past `rows`).
+/// memory), the last partial tile by [`stage_tile_async`] (zeros past `rows`). Below head
+/// dim 128 the units whose 16-byte column chunk lies past `head_dim` store zeros there
+/// (through [`stage_tile_async`]) instead of copying.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_tile(
@@ -190,9 +176,10 @@ fn load_tile(
     j: usize,
     rows: usize,
     stage: &mut Shared<[u32]>,
+    #[comptime] head_dim: usize,
 ) {
     let first = j * 128;
-    if first + 128 <= rows {
+    if first + 128 <= rows && !past_head_dim(head_dim) {
         let row_bytes = u64::cast_from(row_words) * 4u64;
         copy_tile_async(
             from + u64::cast_from(first) * row_bytes,
@@ -200,7 +187,27 @@ fn load_tile(
             row_bytes * 16u64,
         );
     } else {
-        stage_tile_async(src, base, row_words, first, rows, stage, (j % 3) * 8192);
+        let at = (j % 3) * 8192;
+        stage_tile_async(src, base, row_words, first, rows, stage, at, head_dim);
+    }
+}
+
+/// Whether this unit's 16-byte column chunk of a tile row (`UNIT_POS % 16`, as the whole-tile
+/// copies assign them) lies past `head_dim` (never at head dim 128).
+#[cube]
+pub(super) fn past_head_dim(#[comptime] head_dim: usize) -> bool {
+    comptime!(head_dim < HEAD_DIM) && UNIT_POS as usize % 16 >= comptime!(head_dim / 8)
+}
+
+/// `s = Q K^T` over the first 64, 80 or 128 columns, the fewest that hold `head_dim`.
+#[cube]
+fn scores_first(s: &mut Array<f32>, desc_q: u64, desc_k: u64, #[comptime] head_dim: usize) {
+    if comptime!(head_dim <= 64) {
+        mma_qk_m64n128k64_bf16_sw128(s, desc_q, desc_k);
+    } else if comptime!(head_dim <= 80) {
+        mma_qk_m64n128k80_bf16_sw128(s, desc_q, desc_k);
+    } else {
+        mma_qk_m64n128k128_bf16_sw128(s, desc_q, desc_k);
     }
 }
 
@@ -321,13 +328,21 @@ fn products_tile(
     desc_q: u64,
     k_address: u32,
     v_address: u32,
+    #[comptime] head_dim: usize,
 ) {
     let v_stage = v_address + ((j % 3) * 32768) as u32;
     let desc_v = swizzled_descriptor(v_stage, 16384u32, 1024u32);
     if j + 1 < tiles {
         let k_stage = k_address + (((j + 1) % 3) * 32768) as u32;
         let desc_k = swizzled_descriptor(k_stage, 16u32, 1024u32);
-        mma_pv_then_qk_m64n128k128_bf16_sw128(o, p, desc_v, s, desc_q, desc_k);
+        // The scores as deep as the head dim needs (see `scores_first`).
+        if comptime!(head_dim <= 64) {
+            mma_pv_then_qk64_m64n128k128_bf16_sw128(o, p, desc_v, s, desc_q, desc_k);
+        } else if comptime!(head_dim <= 80) {
+            mma_pv_then_qk80_m64n128k128_bf16_sw128(o, p, desc_v, s, desc_q, desc_k);
+        } else {
+            mma_pv_then_qk_m64n128k128_bf16_sw128(o, p, desc_v, s, desc_q, desc_k);
+        }
     } else {
         mma_pv_m64n128k128_bf16_sw128(o, p, desc_v);
     }
@@ -348,6 +363,7 @@ pub fn forward_kernel(
     group: u32,
     scale: f32,
     #[comptime] causal: bool,
+    #[comptime] head_dim: usize,
 ) {
     let unit = UNIT_POS as usize;
     let warpgroup = unit / 128;
@@ -377,7 +393,11 @@ pub fn forward_kernel(
     // K and V tiles, three stages each (tile j at words [(j % 3) 8192, +8192)).
     let mut k_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
     let mut v_s = Shared::<[u32]>::new_aligned_slice(24576usize, 1024usize);
-    stage_tile(q, q_base, q_row, first, sq, &mut q_s);
+    // Q by `cp.async` too (waited for with K and V's first tiles): a plain copy loop waits
+    // for each load before the next, which short sequences (SigLIP's 729) feel. Columns past
+    // the head dim are stored as zeros in every tile, so the products over 128 columns (or
+    // the shallower score products) equal those over `head_dim`.
+    stage_tile_async(q, q_base, q_row, first, sq, &mut q_s, 0usize, head_dim);
     // This warpgroup's 64 rows: 8192 bytes into each half of the swizzled Q tile.
     let q_address = shared_address::<u32>(&q_s) + (warpgroup * 8192) as u32;
     let desc_q = swizzled_descriptor(q_address, 16u32, 1024u32);
@@ -410,18 +430,21 @@ pub fn forward_kernel(
         k_address + (own_word * 4) as u32,
         v_address + (own_word * 4) as u32,
     );
-    load_tile(k, k_base, k_row, k_from, k_to, 0usize, sk, &mut k_s);
+    load_tile(
+        k, k_base, k_row, k_from, k_to, 0usize, sk, &mut k_s, head_dim,
+    );
     if tiles > 1 {
-        load_tile(k, k_base, k_row, k_from, k_to, 1usize, sk, &mut k_s);
+        load_tile(
+            k, k_base, k_row, k_from, k_to, 1usize, sk, &mut k_s, head_dim,
+        );
     }
-    load_tile(v, v_base, v_row, v_from, v_to, 0usize, sk, &mut v_s);
+    load_tile(
+        v, v_base, v_row, v_from, v_to, 0usize, sk, &mut v_s, head_dim,
+    );
     fence_for_wgmma();
     sync_cube();
-    mma_qk_m64n128k128_bf16_sw128(
-        &mut s,
-        desc_q,
-        swizzled_descriptor(k_address, 16u32, 1024u32),
-    );
+    let desc_k0 = swizzled_descriptor(k_address, 16u32, 1024u32);
+    scores_first(&mut s, desc_q, desc_k0, head_dim);
 
     // Interval `step` (between two cube barriers): warpgroup 0 runs tile `step`'s softmax,
     // then its products (P V of this tile, S of the next); warpgroup 1 runs the products of
@@ -432,10 +455,30 @@ pub fn forward_kernel(
     let mut step = 0usize;
     while step <= tiles {
         if step + 2 < tiles {
-            load_tile(k, k_base, k_row, k_from, k_to, step + 2, sk, &mut k_s);
+            load_tile(
+                k,
+                k_base,
+                k_row,
+                k_from,
+                k_to,
+                step + 2,
+                sk,
+                &mut k_s,
+                head_dim,
+            );
         }
         if step + 1 < tiles {
-            load_tile(v, v_base, v_row, v_from, v_to, step + 1, sk, &mut v_s);
+            load_tile(
+                v,
+                v_base,
+                v_row,
+                v_from,
+                v_to,
+                step + 1,
+                sk,
+                &mut v_s,
+                head_dim,
+            );
         }
         if warpgroup == 1 && step >= 1 {
             products_tile(
@@ -447,6 +490,7 @@ pub fn forward_kernel(
                 desc_q,
                 k_address,
                 v_address,
+                head_dim,
             );
         }
         if step < tiles {
@@ -464,7 +508,7 @@ pub fn forward_kernel(
         }
         if warpgroup == 0 && step < tiles {
             products_tile(
-                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address,
+                &mut acc, &p_frag, &mut s, step, tiles, desc_q, k_address, v_address, head_dim,
             );
         }
         fence_for_wgmma();
@@ -497,8 +541,9 @@ pub fn forward_kernel(
         let upper = comptime!((i / 2) % 2 == 0);
         let row = if upper { row0 } else { row1 };
         let inv = if upper { inv0 } else { inv1 };
-        if row < sq {
-            o[o_base + row * o_row + accumulator_col(t, i)] = half::bf16::cast_from(acc[i] * inv);
+        let col = accumulator_col(t, i);
+        if row < sq && col < head_dim {
+            o[o_base + row * o_row + col] = half::bf16::cast_from(acc[i] * inv);
         }
     }
     if lane % 4 == 0 {

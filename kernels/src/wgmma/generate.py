@@ -7,6 +7,8 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 16-deep steps per helper, for each n: one step, and whole 64- or 128-deep products.
 STEPS = {64: (1, 4, 8), 128: (1, 8)}
+# The score products' shallower depths (16-deep steps) besides 128: head dims up to 64 and 80.
+SHALLOW_STEPS = (4, 5)
 # Descriptor units (16 bytes) between consecutive 16-deep steps in the module's layout:
 # two core matrices of 128 bytes along K.
 STEP_UNITS = 16
@@ -156,13 +158,13 @@ SW128_K_UNITS = [(s // 4) * 1024 + (s % 4) * 2 for s in range(8)]
 SW128_N_UNITS = [s * 128 for s in range(8)]
 
 
-def descriptor_steps(n, out_first, pos_a, pos_b, a_units, b_units, names, trans_b):
-    """Eight chained `m64n{n}k16` steps, both operands from shared-memory descriptors (at
-    placeholders `pos_a` / `pos_b`, step s `a_units[s]` / `b_units[s]` descriptor units on,
-    in registers `names[0]{s}` / `names[1]{s}`), the first step overwriting the accumulators
-    `{out_first}..`; `trans_b` sets B's transpose bit."""
+def descriptor_steps(n, out_first, pos_a, pos_b, a_units, b_units, names, trans_b, steps=8):
+    """`steps` (eight: 128 deep) chained `m64n{n}k16` steps, both operands from shared-memory
+    descriptors (at placeholders `pos_a` / `pos_b`, step s `a_units[s]` / `b_units[s]`
+    descriptor units on, in registers `names[0]{s}` / `names[1]{s}`), the first step
+    overwriting the accumulators `{out_first}..`; `trans_b` sets B's transpose bit."""
     lines = []
-    for s in range(8):
+    for s in range(steps):
         scale = "0" if s == 0 else "1"
         lines.append(f"add.s64 {names[0]}{s}, {{{pos_a}}}, {a_units[s]};")
         lines.append(f"add.s64 {names[1]}{s}, {{{pos_b}}}, {b_units[s]};")
@@ -184,19 +186,35 @@ def sw128_pv_lines(out_regs, pos_a):
     return lines
 
 
-def helper_sw128_qk():
-    """`s = Q K^T` (overwriting s) on swizzled operands. Operands: outputs 0..64, desc_q 64,
-    desc_k 65."""
-    lines = ["{{", ".reg .b64 dq<8>, dk<8>;", "wgmma.fence.sync.aligned;"]
-    lines += descriptor_steps(128, 0, 64, 65, SW128_K_UNITS, SW128_K_UNITS, ("dq", "dk"), 0)
+def depth_note(steps):
+    """A doc line for a helper that reads only the first `16 steps` columns of its 128-wide
+    score operands (head dims up to that depth, the columns after it zero)."""
+    if steps == 8:
+        return []
+    return [
+        f"Only the first {16 * steps} columns of the score operands are read (the product for",
+        f"head dims up to {16 * steps}, whose later columns are zero in the tiles).",
+    ]
+
+
+def qk_name(steps):
+    return f"mma_qk_m64n128k{16 * steps}_bf16_sw128"
+
+
+def helper_sw128_qk(steps=8):
+    """`s = Q K^T` (overwriting s) on swizzled operands, `16 steps` deep. Operands: outputs
+    0..64, desc_q 64, desc_k 65."""
+    lines = ["{{", f".reg .b64 dq<{steps}>, dk<{steps}>;", "wgmma.fence.sync.aligned;"]
+    units = (SW128_K_UNITS, SW128_K_UNITS)
+    lines += descriptor_steps(128, 0, 64, 65, *units, ("dq", "dk"), 0, steps)
     docs = [
-        "`s[0..64] = Q K^T` for 64 x 128 x 128 (`m64n128k16` x 8 in one asm statement), Q and K",
+        f"`s[0..64] = Q K^T` for 64 x 128 x {16 * steps} (`m64n128k16` x {steps} in one asm statement), Q and K",
         "K-major in shared memory in the 128-byte-swizzled layout of `forward.rs` (`desc_q` /",
         "`desc_k` from `swizzled_descriptor`), each 16-deep step 32 bytes further within a",
         "64-wide half, the second half 16384 bytes on. Waits for the products before it returns.",
-    ]
+    ] + depth_note(steps)
     out = [f"/// {line}" for line in docs] + ["#[cube]"]
-    out += ["pub fn mma_qk_m64n128k128_bf16_sw128(s: &mut Array<f32>, desc_q: u64, desc_k: u64) {"]
+    out += [f"pub fn {qk_name(steps)}(s: &mut Array<f32>, desc_q: u64, desc_k: u64) {{"]
     out += [f"    let e{i}: f32;" for i in range(64)]
     out += asm_call(finish(lines), [f"e{i}" for i in range(64)], ["desc_q", "desc_k"])
     out += [f"    s[{i}] = e{i};" for i in range(64)]
@@ -204,32 +222,38 @@ def helper_sw128_qk():
     return "\n".join(out)
 
 
-def helper_pv_then_qk(next_scores):
+def pv_then_qk_name(steps):
+    depth = "" if steps == 8 else str(16 * steps)
+    return f"mma_pv_then_qk{depth}_m64n128k128_bf16_sw128"
+
+
+def helper_pv_then_qk(next_scores, steps=8):
     """`O += P V` (register A, V N-major, swizzled) and, with `next_scores`, then `S = Q K^T`
-    for the next key tile (swizzled K-major, the first step overwriting S), in one asm
-    statement. Operands: outputs O 0..64 (and S 64..128); inputs O, P, desc_v (desc_q,
-    desc_k)."""
+    for the next key tile (swizzled K-major, `16 steps` deep, the first step overwriting S),
+    in one asm statement. Operands: outputs O 0..64 (and S 64..128); inputs O, P, desc_v
+    (desc_q, desc_k)."""
     out_count = 128 if next_scores else 64
     pos_c, pos_a = out_count, out_count + 64
     pos_dv = pos_a + 32
     o_list = reg_list(0, 64)
-    lines = ["{{", ".reg .b64 dv<8>, dq<8>, dk<8>;" if next_scores else ".reg .b64 dv<8>;"]
+    regs = f".reg .b64 dv<8>, dq<{steps}>, dk<{steps}>;"
+    lines = ["{{", regs if next_scores else ".reg .b64 dv<8>;"]
     lines += copy_lines(64, pos_c)
     lines.append("wgmma.fence.sync.aligned;")
     lines += [x.replace("{V}", f"{{{pos_dv}}}") for x in sw128_pv_lines(o_list, pos_a)]
     if next_scores:
         units = (SW128_K_UNITS, SW128_K_UNITS)
-        lines += descriptor_steps(128, 64, pos_dv + 1, pos_dv + 2, *units, ("dq", "dk"), 0)
+        lines += descriptor_steps(128, 64, pos_dv + 1, pos_dv + 2, *units, ("dq", "dk"), 0, steps)
     if next_scores:
         docs = [
             "One attention step's products, issued back to back and waited for together:",
             "`o[0..64] += P V` with P's bf16 fragments in registers (`p[4 j..4 j + 4]` for the",
             "16 keys of step j) and V (128 keys x 128) N-major and 128-byte-swizzled in shared",
             "memory from `desc_v`, each 16-key step 2048 bytes further; then `s[0..64] = Q K^T`",
-            "for the next key tile as [`mma_qk_m64n128k128_bf16_sw128`] computes it. Every unit",
+            f"for the next key tile as [`{qk_name(steps)}`] computes it. Every unit",
             "of the warpgroup calls it.",
-        ]
-        name = "mma_pv_then_qk_m64n128k128_bf16_sw128"
+        ] + depth_note(steps)
+        name = pv_then_qk_name(steps)
         args = ["o: &mut Array<f32>", "p: &Array<u32>", "desc_v: u64", "s: &mut Array<f32>", "desc_q: u64", "desc_k: u64"]
     else:
         docs = [
@@ -277,25 +301,30 @@ def generic_helper(name, docs, args, outputs, out_arrays, in_arrays, inputs, lin
     return "\n".join(out)
 
 
-def helper_bwd_scores():
-    """`S^T = K Q^T` and `dP^T = V dO^T` (each 64 keys x 64 queries x 128, overwriting),
-    one asm statement. Operands: outputs s 0..32, dp 32..64; inputs desc_k 64, desc_q 65,
-    desc_v 66, desc_do 67."""
-    lines = ["{{", ".reg .b64 da<8>, db<8>, dc<8>, dd<8>;", "wgmma.fence.sync.aligned;"]
+def scores_name(steps):
+    return f"mma_scores_m64n64k{16 * steps}_bf16_sw128"
+
+
+def helper_bwd_scores(steps=8):
+    """`S^T = K Q^T` and `dP^T = V dO^T` (each 64 keys x 64 queries x `16 steps`,
+    overwriting), one asm statement. Operands: outputs s 0..32, dp 32..64; inputs desc_k 64,
+    desc_q 65, desc_v 66, desc_do 67."""
+    regs = ", ".join(f"{x}<{steps}>" for x in ("da", "db", "dc", "dd"))
+    lines = ["{{", f".reg .b64 {regs};", "wgmma.fence.sync.aligned;"]
     units = (SW128_K_UNITS, SW128_K_UNITS_64ROWS)
-    lines += descriptor_steps(64, 0, 64, 65, *units, ("da", "db"), 0)
-    lines += descriptor_steps(64, 32, 66, 67, *units, ("dc", "dd"), 0)
+    lines += descriptor_steps(64, 0, 64, 65, *units, ("da", "db"), 0, steps)
+    lines += descriptor_steps(64, 32, 66, 67, *units, ("dc", "dd"), 0, steps)
     docs = [
         "The backward's two score products for one warpgroup's 64 keys and a 64-query tile,",
         "issued back to back and waited for together: `s[0..32] = K Q^T` and `dp[0..32] = V dO^T`",
-        "(64 x 64 x 128 each, `m64n64k16` x 8), all operands K-major and 128-byte-swizzled in",
+        f"(64 x 64 x {16 * steps} each, `m64n64k16` x {steps}), all operands K-major and 128-byte-swizzled in",
         "shared memory: K / V rows of a 128-row tile (`desc_k` / `desc_v`, the second 64-wide half",
         "16384 bytes on), Q / dO a 64-row tile (`desc_q` / `desc_do`, second half 8192 bytes on).",
-    ]
+    ] + depth_note(steps)
     args = ["s: &mut Array<f32>", "dp: &mut Array<f32>", "desc_k: u64", "desc_q: u64", "desc_v: u64", "desc_do: u64"]
     outputs = [f"e{i}" for i in range(32)] + [f"f{i}" for i in range(32)]
     return generic_helper(
-        "mma_scores_m64n64k128_bf16_sw128", docs, args, outputs,
+        scores_name(steps), docs, args, outputs,
         [("s", 32, "e"), ("dp", 32, "f")], [], ["desc_k", "desc_q", "desc_v", "desc_do"], lines,
     )
 
@@ -382,6 +411,12 @@ files.append(
     ("pv_then_qk_sw128", "mma_pv_then_qk_m64n128k128_bf16_sw128", helper_pv_then_qk(True))
 )
 files.append(("bwd_scores_sw128", "mma_scores_m64n64k128_bf16_sw128", helper_bwd_scores()))
+# Shallower score products for head dims 64 (4 steps) and 72 / 80 (5 steps).
+for steps in SHALLOW_STEPS:
+    depth = 16 * steps
+    files.append((f"qk{depth}_sw128", qk_name(steps), helper_sw128_qk(steps)))
+    files.append((f"pv_then_qk{depth}_sw128", pv_then_qk_name(steps), helper_pv_then_qk(True, steps)))
+    files.append((f"bwd_scores{depth}_sw128", scores_name(steps), helper_bwd_scores(steps)))
 files.append(("bwd_dv_dk_sw128", "mma_dv_dk_m64n128k64_bf16_sw128", helper_bwd_dv_dk()))
 files.append(("bwd_dq_sw128", "mma_dq_m64n64k128_bf16_sw128", helper_bwd_dq()))
 for name, _, body in files:

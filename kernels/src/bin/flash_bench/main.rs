@@ -406,6 +406,15 @@ fn main() {
         }
         // SAFETY: as above.
         unsafe { std::env::remove_var("LONGVIEW_FLASH_WGMMA_BACKWARD") };
+        // SigLIP's head dim 72 (padded to 128 inside the wgmma kernels), then both wgmma
+        // kernels off (LONGVIEW_FLASH_WGMMA=0: the `mma.sync` forward and backward).
+        for (label, wgmma) in [("SigLIP (16 frames)", "1"), ("SigLIP, mma.sync", "0")] {
+            // SAFETY: single-threaded; the switch is read at each call.
+            unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA", wgmma) };
+            bench(&client, label, 16, (16, 16), 729, 72, false, 10, false);
+        }
+        // SAFETY: as above.
+        unsafe { std::env::remove_var("LONGVIEW_FLASH_WGMMA") };
         return;
     }
     if has("--sweep") {

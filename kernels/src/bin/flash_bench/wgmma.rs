@@ -38,6 +38,7 @@ fn time_forward(client: &Client, (heads, kv_heads): (usize, usize), seq: usize, 
         kv_heads,
         seq_q: seq,
         seq_k: seq,
+        head_dim: 128,
         causal,
     };
     let sync = || cubecl::future::block_on(client.sync()).expect("device sync");

@@ -2,6 +2,8 @@
 
 mod bwd_dq_sw128;
 mod bwd_dv_dk_sw128;
+mod bwd_scores64_sw128;
+mod bwd_scores80_sw128;
 mod bwd_scores_sw128;
 mod m64n128k128;
 mod m64n128k128_register_a;
@@ -12,12 +14,18 @@ mod m64n64k16;
 mod m64n64k16_register_a;
 mod m64n64k64;
 mod pv_sw128;
+mod pv_then_qk64_sw128;
+mod pv_then_qk80_sw128;
 mod pv_then_qk_sw128;
+mod qk64_sw128;
+mod qk80_sw128;
 mod qk_sw128;
 
 pub use bwd_dq_sw128::mma_dq_m64n64k128_bf16_sw128;
 pub use bwd_dv_dk_sw128::mma_dv_dk_m64n128k64_bf16_sw128;
 pub use bwd_scores_sw128::mma_scores_m64n64k128_bf16_sw128;
+pub use bwd_scores64_sw128::mma_scores_m64n64k64_bf16_sw128;
+pub use bwd_scores80_sw128::mma_scores_m64n64k80_bf16_sw128;
 pub use m64n64k16::mma_m64n64k16_bf16;
 pub use m64n64k16_register_a::mma_m64n64k16_bf16_register_a;
 pub use m64n64k64::mma_m64n64k64_bf16;
@@ -28,4 +36,8 @@ pub use m64n128k128::mma_m64n128k128_bf16;
 pub use m64n128k128_register_a::mma_m64n128k128_bf16_register_a;
 pub use pv_sw128::mma_pv_m64n128k128_bf16_sw128;
 pub use pv_then_qk_sw128::mma_pv_then_qk_m64n128k128_bf16_sw128;
+pub use pv_then_qk64_sw128::mma_pv_then_qk64_m64n128k128_bf16_sw128;
+pub use pv_then_qk80_sw128::mma_pv_then_qk80_m64n128k128_bf16_sw128;
 pub use qk_sw128::mma_qk_m64n128k128_bf16_sw128;
+pub use qk64_sw128::mma_qk_m64n128k64_bf16_sw128;
+pub use qk80_sw128::mma_qk_m64n128k80_bf16_sw128;
