@@ -4,7 +4,8 @@
 //! capability 9.0 (the kernels compile for `sm_90a` there); nothing else may launch these.
 //!
 //! **Status:** the flash forward in [`forward`] is what `flash_forward` runs for bf16 head
-//! dim 128 on sm_90 ([`forward_launch::routes`]), and the backward in [`backward`] what
+//! dims 64-128 (multiples of 8; below 128 held in the 128-wide tiles with zero columns) on
+//! sm_90 ([`forward_launch::routes`]), and the backward in [`backward`] what
 //! `flash_backward` runs for the same calls ([`backward_launch::routes`]); the rest are
 //! building blocks. Here: the
 //! `m64n64k16` / `m64n128k16` bf16 products with f32 accumulators, both operands in shared
