@@ -95,8 +95,9 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
     let dq = DeviceTensor::output::<F>(client, &q.shape);
     let dk = DeviceTensor::output::<F>(client, &k.shape);
     let dv = DeviceTensor::output::<F>(client, &v.shape);
-    // Hopper: the warpgroup-MMA backward for the calls the wgmma forward takes (bf16, head dim
-    // 64-128, no packed sequences or shifted causal blocks; `crate::wgmma::backward_launch::routes`).
+    // Hopper: the warpgroup-MMA backward for the calls the wgmma forward takes (bf16, head
+    // dim 64-128, no packed sequences or shifted causal blocks;
+    // `crate::wgmma::backward_launch::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {
         use crate::wgmma::backward_launch::{backward_into, routes};

@@ -291,8 +291,8 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         }
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
-    // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, head dim 64-128, no packed
-    // sequences or shifted causal blocks; `crate::wgmma::forward::routes`).
+    // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, head dim 64-128, no
+    // packed sequences or shifted causal blocks; `crate::wgmma::forward::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {
         let bf16 = F::cube_type() == half::bf16::cube_type();

@@ -143,10 +143,10 @@ fn red_add_v4(address: u64, v0: f32, v1: f32, v2: f32, v3: f32) {
 
 /// Adds a warpgroup's dQ tile (`dq`, 64 queries from `q0` x 64 columns from `col0` on the
 /// `m64n64` accumulator layout) into the f32 buffer `dq_acc` (rows of `head_dim` from row
-/// block `row_base`), rows past `sq` and columns past `head_dim` skipped. Lanes `q` and `q ^ 1` of a quad exchange halves so
-/// that each holds four consecutive columns of one row (the even lane row `g`, the odd lane
-/// row `g + 8`), then each adds them with one 16-byte reduction: 8 a unit instead of 32
-/// scalar atomics, whole 32-byte sectors.
+/// block `row_base`), rows past `sq` and columns past `head_dim` skipped. Lanes `q` and
+/// `q ^ 1` of a quad exchange halves so that each holds four consecutive columns of one
+/// row (the even lane row `g`, the odd lane row `g + 8`), then each adds them with one
+/// 16-byte reduction: 8 a unit instead of 32 scalar atomics, whole 32-byte sectors.
 #[cube]
 fn add_dq_tile(
     dq: &Array<f32>,

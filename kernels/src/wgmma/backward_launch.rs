@@ -9,9 +9,10 @@ use crate::{AttnError, DeviceTensor, FlashOptions};
 
 /// Whether [`crate::flash::flash_backward`] (kernel `Auto`) runs a call on this kernel: the
 /// calls the wgmma forward takes ([`super::forward_launch::routes`]: sm_90, bf16, head dim
-/// a multiple of 8 from 64 to 128, no packed sequences, causal only with aligned blocks, Q/K/V strided as it reads
-/// them), with dO laid out the same way and a contiguous delta. `LONGVIEW_FLASH_WGMMA=0` or
-/// `LONGVIEW_FLASH_WGMMA_BACKWARD=0` turns it off (the `mma.sync` kernels then run).
+/// a multiple of 8 from 64 to 128, no packed sequences, causal only with aligned blocks,
+/// Q/K/V strided as it reads them), with dO laid out the same way and a contiguous delta.
+/// `LONGVIEW_FLASH_WGMMA=0` or `LONGVIEW_FLASH_WGMMA_BACKWARD=0` turns it off (the
+/// `mma.sync` kernels then run).
 pub fn routes(
     client: &Client,
     bf16: bool,
@@ -28,10 +29,11 @@ pub fn routes(
 }
 
 /// Launches the backward for bf16 `q`, `d_o` `[batch, heads, seq_q, head_dim]` and `k`, `v`
-/// `[batch, kv_heads, seq_k, head_dim]` (head dims as [`head_dim_supported`]; any layout [`layout_unsupported`] accepts), with the
-/// forward's `lse` and `delta = rowsum(dO * O)` (contiguous f32 `[batch, heads, seq_q]`):
-/// writes dK (scaled) and dV into contiguous `dk`, `dv` shaped like `k`, and adds `dS K`
-/// (unscaled) into the contiguous f32 `dq_acc` shaped like `q`, which must start zeroed.
+/// `[batch, kv_heads, seq_k, head_dim]` (head dims as [`head_dim_supported`]; any layout
+/// [`layout_unsupported`] accepts), with the forward's `lse` and `delta = rowsum(dO * O)`
+/// (contiguous f32 `[batch, heads, seq_q]`): writes dK (scaled) and dV into contiguous
+/// `dk`, `dv` shaped like `k`, and adds `dS K` (unscaled) into the contiguous f32 `dq_acc`
+/// shaped like `q`, which must start zeroed.
 /// Needs a CUDA device of compute capability 9.0.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(

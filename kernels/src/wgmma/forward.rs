@@ -1,7 +1,8 @@
 //! A flash-attention forward on the warpgroup MMA (bf16, O and LSE; head dim 128, and the
 //! multiples of 8 from 64 to 120 with the columns past the head dim held at zero in the
-//! 128-wide tiles, so they cost what 128 costs): what `flash_forward` runs on a
-//! compute-capability-9.0 device for the calls
+//! 128-wide tiles; `Q K^T` then goes only 64 or 80 deep where the head dim allows, `P V`
+//! stays 128 wide): what `flash_forward` runs on a compute-capability-9.0 device for the
+//! calls
 //! [`forward_launch::routes`](super::forward_launch::routes) accepts (no packed sequences,
 //! causal only with aligned blocks; strided inputs). Checked against f64 by
 //! `flash_bench --wgmma` and `flash_bench --checks` (`benchmarks/flash_attention.md`).

@@ -21,8 +21,9 @@ pub struct ForwardShape {
 }
 
 /// The head dims the wgmma kernels take: multiples of 8 from 64 to 128. Below 128 the
-/// tiles keep their 128-column layout with the columns past `head_dim` zero, so the
-/// products do the work of head dim 128 (1.78x the useful work at SigLIP's 72).
+/// tiles keep their 128-column layout with the columns past `head_dim` zero; the score
+/// products go only 64 or 80 deep where the head dim allows, the others stay 128 wide
+/// (at SigLIP's 72: `P V` and the gradient products do 1.78x the useful work).
 pub fn head_dim_supported(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (64..=HEAD_DIM).contains(&head_dim)
 }

@@ -406,7 +406,7 @@ fn main() {
         }
         // SAFETY: as above.
         unsafe { std::env::remove_var("LONGVIEW_FLASH_WGMMA_BACKWARD") };
-        // SigLIP's head dim 72 (padded to 128 inside the wgmma kernels), then both wgmma
+        // SigLIP's head dim 72 (zero columns to 128 in the wgmma kernels' tiles), then both wgmma
         // kernels off (LONGVIEW_FLASH_WGMMA=0: the `mma.sync` forward and backward).
         for (label, wgmma) in [("SigLIP (16 frames)", "1"), ("SigLIP, mma.sync", "0")] {
             // SAFETY: single-threaded; the switch is read at each call.
