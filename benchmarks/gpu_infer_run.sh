@@ -15,6 +15,9 @@
 #   also decodes on the split-key kernel (LONGVIEW_DECODE_TENSOR_CORES=0); EAGER=1
 #   also decodes without device graphs (LONGVIEW_DECODE_GRAPH=0); CHECK=1 first runs
 #   `infer-bench --check-graph-decode` (graph against eager logits) at 64 frames.
+#   SHIFTED=1 also runs each request with LONGVIEW_FLASH_WGMMA_SHIFTED=1 (the prefill
+#   chunks' attention on the wgmma forward; opt-in until its f64 checks have passed on a
+#   GPU: `flash_bench --wgmma`).
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -40,6 +43,11 @@ if [ "${LONG:-1}" != only ]; then
       for c in ${CHUNKS:-}; do
         step "longview-$f-chunk$c" timeout 240 $lv --frames "$f" --prefill-chunk "$c"
       done
+      # SHIFTED=1: the same request with the prefill chunks' causal attention (queries
+      # after their cached keys) on the wgmma forward, its effect in the same call.
+      if [ "${SHIFTED:-0}" = 1 ]; then
+        step "longview-$f-shifted" env LONGVIEW_FLASH_WGMMA_SHIFTED=1 timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
+      fi
       # UNFUSED=1: the same request with the fused kernels off (LONGVIEW_FUSED=off),
       # their effect in the same call.
       if [ "${UNFUSED:-0}" = 1 ]; then

@@ -56,9 +56,17 @@ def main():
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--checkpointing", action="store_true",
                    help="transformers' gradient checkpointing (per-layer recompute) in both towers")
+    p.add_argument("--adamw", action="store_true",
+                   help="a training step as `longview train` runs it: f32 weights (master copies) with the "
+                        "forward and backward under bf16 autocast, gradient-norm clipping at 1.0, then fused "
+                        "AdamW (lr 2e-5, weight decay 0) and the gradients zeroed")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    # --adamw: weights stay f32, autocast computes in `compute` (bf16 for --dtype bf16).
+    compute = dtype
+    if a.adamw:
+        dtype = torch.float32
     s = SIZES[a.size]
     torch.manual_seed(0)
     vision = SiglipVisionModel(SiglipVisionConfig(**s["vision"], vision_use_head=False,
@@ -88,19 +96,27 @@ def main():
     pixels = torch.rand(a.batch * a.frames, 3, side * s["vision"]["patch_size"], side * s["vision"]["patch_size"],
                         device=dev, dtype=dtype) * 2 - 1
 
+    params = [q for m in (vision, proj, llm) for q in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=dev == "cuda") if a.adamw else None
+
     def step():
-        feats = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-        n, t, c = feats.shape
-        visual = proj[1:](proj[0](flat_square(feats.reshape(n, side, side, c))))
-        emb = llm.get_input_embeddings()(ids)
-        emb = emb.masked_scatter((ids == placeholder).unsqueeze(-1), visual.reshape(-1, th))
-        # LM head on the supervised rows only, as longview's loss does.
-        hidden = llm.model(inputs_embeds=emb).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        rows = targets != -100
-        logits = llm.lm_head(hidden[rows])
-        loss = nn.functional.cross_entropy(logits.float(), targets[rows])
+        with torch.autocast(dev, dtype=compute, enabled=a.adamw and compute != torch.float32):
+            feats = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+            n, t, c = feats.shape
+            visual = proj[1:](proj[0](flat_square(feats.reshape(n, side, side, c))))
+            emb = llm.get_input_embeddings()(ids)
+            emb = emb.masked_scatter((ids == placeholder).unsqueeze(-1), visual.reshape(-1, th).to(emb.dtype))
+            # LM head on the supervised rows only, as longview's loss does.
+            hidden = llm.model(inputs_embeds=emb).last_hidden_state[:, :-1]
+            targets = labels[:, 1:]
+            rows = targets != -100
+            logits = llm.lm_head(hidden[rows])
+            loss = nn.functional.cross_entropy(logits.float(), targets[rows])
         loss.backward()
+        if opt is not None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.synchronize()
 
@@ -117,7 +133,7 @@ def main():
     # "reserved" column measures: its memory pool's reservation).
     mem = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated, "
            f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB") if dev == "cuda" else "n/a"
-    ckpt = ", checkpointing" if a.checkpointing else ""
+    ckpt = (", checkpointing" if a.checkpointing else "") + (", f32 weights + autocast, clip, AdamW" if a.adamw else "")
     print(f"| {a.size} (torch {torch.__version__}, {a.attn}{ckpt}) | {dev} | {a.dtype} | {a.batch}x{len(row)} | "
           f"{a.batch * a.frames} | {sec:.3f} | {tokens / sec:.0f} | - | {mem} peak reserved |")
 

@@ -5,7 +5,9 @@
 //! poisoned with NaN; |error| <= 1e-5 * sum |a b| + 1e-6), and the flash forward built on it
 //! (`check_forward`: O within 1e-2 of max(|ref|, 1), LSE 1e-3 against f64 attention; and
 //! `check_forward_routed`: the same through `flash_forward` on strided `[B, S, H, D]` views,
-//! asserting the call is routed to it), and the backward (`check_backward`: `flash_forward`
+//! asserting the call is routed to it; `check_forward_shifted`: causal queries after their
+//! keys' block as in chunked prefill, lengths apart, K/V views of a NaN-padded cache), and
+//! the backward (`check_backward`: `flash_forward`
 //! then `flash_backward` routed to the wgmma kernels, dQ/dK/dV within 1e-2 of max(|ref|, 1)
 //! against f64 attention, full/causal, GQA, strided views). Forward and backward cases
 //! cover head dim 128 and the padded ones: 72 (SigLIP's B x H x 729, full), 64 and 80.
@@ -17,8 +19,10 @@
 
 #![cfg(feature = "cuda")]
 
-use longview_kernels::wgmma::check::{check_forward, check_forward_routed, check_tile_products};
-use longview_kernels::wgmma::check_backward::check_backward;
+use longview_kernels::wgmma::check::{
+    check_forward, check_forward_routed, check_forward_shifted, check_tile_products,
+};
+use longview_kernels::wgmma::check_backward::{check_backward, check_backward_shifted};
 
 type Check =
     fn(&cubecl::prelude::Client) -> Result<(Vec<String>, Vec<String>), longview_kernels::AttnError>;
@@ -57,4 +61,25 @@ fn flash_forward_routes_to_wgmma_and_matches_the_f64_reference() {
 #[ignore = "needs an H100/H200: see the top of the file"]
 fn flash_backward_routes_to_wgmma_and_matches_the_f64_reference() {
     assert_passes(check_backward);
+}
+
+/// The shifted causal calls (chunked prefill, the causal ring's later blocks) are routed
+/// to the wgmma kernels only with `LONGVIEW_FLASH_WGMMA_SHIFTED=1`: set here.
+fn enable_shifted() {
+    // SAFETY: the tests run with `--test-threads 1` (top of the file).
+    unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_SHIFTED", "1") };
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn shifted_causal_forward_routes_to_wgmma_and_matches_the_f64_reference() {
+    enable_shifted();
+    assert_passes(check_forward_shifted);
+}
+
+#[test]
+#[ignore = "needs an H100/H200: see the top of the file"]
+fn shifted_causal_backward_routes_to_wgmma_and_matches_the_f64_reference() {
+    enable_shifted();
+    assert_passes(check_backward_shifted);
 }

@@ -96,15 +96,18 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
     let dk = DeviceTensor::output::<F>(client, &k.shape);
     let dv = DeviceTensor::output::<F>(client, &v.shape);
     // Hopper: the warpgroup-MMA backward for the calls the wgmma forward takes (bf16, head
-    // dim 64-128, no packed sequences or shifted causal blocks;
-    // `crate::wgmma::backward_launch::routes`).
+    // dim 64-128, no packed sequences; `crate::wgmma::backward_launch::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {
         use crate::wgmma::backward_launch::{backward_into, routes};
         let bf16 = F::cube_type() == half::bf16::cube_type();
         if routes(client, bf16, (q, k, v, d_o), (lse, delta), options) {
             let dq_acc = DeviceTensor::poisoned::<f32>(client, 0.0, &q.shape);
-            let (scale, causal) = (options.scale, options.causal);
+            let scale = options.scale;
+            let causal = options
+                .causal
+                .then(|| crate::wgmma::forward::causal_shift(options));
+            let causal = causal.flatten();
             let outputs = (&dk, &dv, &dq_acc);
             backward_into(client, (q, k, v, d_o), (lse, delta), outputs, scale, causal)?;
             scale_cast::<F>(client, &dq_acc, &dq, scale);

@@ -292,13 +292,15 @@ pub fn flash_forward_with<F: Float + CubeElement>(
         return decode::forward::<F>(client, &g, q, k, v, o, lse, options, None);
     }
     // Hopper: the warpgroup-MMA forward for the calls it takes (bf16, head dim 64-128, no
-    // packed sequences or shifted causal blocks; `crate::wgmma::forward::routes`).
+    // packed sequences, causal queries not before their keys, as in chunked prefill;
+    // `crate::wgmma::forward::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {
+        use crate::wgmma::forward::{causal_shift, forward_into, routes};
         let bf16 = F::cube_type() == half::bf16::cube_type();
-        if crate::wgmma::forward::routes(client, bf16, (q, k, v), (o, lse), options) {
-            let (scale, causal) = (options.scale, options.causal);
-            return crate::wgmma::forward::forward_into(client, (q, k, v), (o, lse), scale, causal);
+        if routes(client, bf16, (q, k, v), (o, lse), options) {
+            let causal = options.causal.then(|| causal_shift(options)).flatten();
+            return forward_into(client, (q, k, v), (o, lse), options.scale, causal);
         }
     }
     let (cu, nseg, varlen, _keep) = cu_buffer(client, options);

@@ -7,7 +7,8 @@
 //! Cube: two warpgroups; warpgroup `w` owns keys `[first + 64 w, first + 64 w + 64)` of the
 //! cube's block; grid `(ceil(Sk / 128), B * Hkv)`. K and V (128 rows each) are staged once;
 //! the loop runs over the query heads of the kv head's group and, for each, over query tiles
-//! of 64 rows (causal: from the block's diagonal on). Q and dO tiles are double-buffered,
+//! of 64 rows (causal: from the first query that sees the block, query `i` seeing keys
+//! `j <= i + shift`, `shift = q_offset - k_offset >= 0`). Q and dO tiles are double-buffered,
 //! copied by `cp.async` one tile ahead, with their LSE (times `log2 e`) and delta. Per tile,
 //! each warpgroup computes, with `S^T` and `dP^T` as 64 keys x 64 queries on the accumulator
 //! layout (keys are rows):
@@ -208,6 +209,7 @@ pub fn backward_kernel(
     heads: u32,
     group: u32,
     scale: f32,
+    shift: u32,
     #[comptime] causal: bool,
     #[comptime] head_dim: usize,
 ) {
@@ -215,6 +217,7 @@ pub fn backward_kernel(
     let warpgroup = unit / 128;
     let t = unit % 128;
     let (sq, sk) = (sq as usize, sk as usize);
+    let shift = shift as usize;
     let group = group as usize;
     let heads = heads as usize;
     let kv_heads = heads / group;
@@ -260,13 +263,17 @@ pub fn backward_kernel(
         stage_tile_async(v, v_base, v_row, first, sk, &mut v_s, 0usize, head_dim);
     }
 
-    // Query tiles of each head: causal blocks start at the diagonal (Sq = Sk, no offsets).
+    // Query tiles of each head: causal blocks start at the first query that sees the block's
+    // first key (query `i` sees keys up to `i + shift`); none when no query does.
     let q_tiles = sq.div_ceil(64usize);
     let mut first_tile = 0usize;
-    if causal {
-        first_tile = first / 64;
+    if causal && first > shift {
+        first_tile = (first - shift) / 64;
     }
-    let per_head = q_tiles - first_tile;
+    let mut per_head = 0usize;
+    if q_tiles > first_tile {
+        per_head = q_tiles - first_tile;
+    }
     let total = per_head * group;
 
     // Tile 0's Q, dO, LSE and delta into stage 0.
@@ -367,7 +374,7 @@ pub fn backward_kernel(
             lse2[c] = lse_s[at];
             dlt[c] = delta_s[at];
         }
-        let partial = causal && q0 < last_key;
+        let partial = causal && q0 + shift < last_key;
         // dS goes to shared memory with queries as rows ([`tile_element64`]): for fixed
         // (r, e) the eight values j are 512 elements apart, so four base indices suffice.
         let key_lo = (t / 32) * 16 + (t % 32) / 4 + warpgroup * 64;
@@ -386,7 +393,7 @@ pub fn backward_kernel(
             let mut p = exp2_approx(s[i] * scale_log2 - lse2[c]);
             if partial {
                 let key = key0 + comptime!(((i / 2) % 2) * 8);
-                if q0 + quad_col + comptime!(8 * (i / 4) + i % 2) < key {
+                if q0 + quad_col + comptime!(8 * (i / 4) + i % 2) + shift < key {
                     p = 0.0f32;
                 }
             }

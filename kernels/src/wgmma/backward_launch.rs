@@ -9,8 +9,9 @@ use crate::{AttnError, DeviceTensor, FlashOptions};
 
 /// Whether [`crate::flash::flash_backward`] (kernel `Auto`) runs a call on this kernel: the
 /// calls the wgmma forward takes ([`super::forward_launch::routes`]: sm_90, bf16, head dim
-/// a multiple of 8 from 64 to 128, no packed sequences, causal only with aligned blocks,
-/// Q/K/V strided as it reads them), with dO laid out the same way and a contiguous delta.
+/// a multiple of 8 from 64 to 128, no packed sequences, causal queries not before their
+/// keys' block, Q/K/V strided as it reads them), with dO laid out the same way and a
+/// contiguous delta.
 /// `LONGVIEW_FLASH_WGMMA=0` or `LONGVIEW_FLASH_WGMMA_BACKWARD=0` turns it off (the
 /// `mma.sync` kernels then run).
 pub fn routes(
@@ -42,7 +43,7 @@ pub fn backward_into(
     (lse, delta): (&DeviceTensor, &DeviceTensor),
     (dk, dv, dq_acc): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 ) -> Result<(), AttnError> {
     let shape_error = || {
         AttnError::Shape(format!(
@@ -85,9 +86,10 @@ pub fn backward_into(
             "wgmma backward: {kv_heads} kv heads do not divide {heads} query heads"
         )));
     }
-    if causal && seq_q != seq_k {
+    let shift = causal.unwrap_or(0);
+    if shift > u32::MAX as usize {
         return Err(AttnError::Options(format!(
-            "wgmma backward: causal needs seq_q == seq_k (got {seq_q} and {seq_k})"
+            "wgmma backward: causal shift {shift} does not fit in 32 bits"
         )));
     }
     if let Some(why) = layout_unsupported([("q", q), ("k", k), ("v", v), ("dO", d_o)], lse) {
@@ -133,7 +135,8 @@ pub fn backward_into(
             heads as u32,
             (heads / kv_heads) as u32,
             scale,
-            causal,
+            shift as u32,
+            causal.is_some(),
             d,
         );
     }

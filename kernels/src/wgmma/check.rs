@@ -348,3 +348,134 @@ pub fn check_forward_routed(
     }
     Ok((passed, failed))
 }
+
+/// The wgmma forward as chunked prefill and the causal ring's later blocks run it through
+/// `flash_forward` (kernel `Auto`): causal queries whose block starts `shift = q_offset -
+/// k_offset >= 0` keys after the keys' block (query `i` sees keys `j <= i + shift`), query
+/// and key lengths apart, GQA, head dims 128, 72 and 64; in one case K and V are views of
+/// the first `seq_k` rows of a longer cache whose rows past them hold NaN (a read past the
+/// keys fails). Each case asserts the call routes to this kernel, then compares O and LSE
+/// with f64 attention (O within 1e-2 of max(|ref|, 1), LSE 1e-3). A query block starting
+/// before its keys' must not route. Needs `LONGVIEW_FLASH_WGMMA_SHIFTED=1` (the routing is
+/// opt-in: [`super::forward_launch::shifted_enabled`]). Returns (passed, failed).
+pub fn check_forward_shifted(
+    client: &cubecl::prelude::Client,
+) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
+    use super::forward::{routes, shifted_enabled};
+    use crate::reference::{Geometry, attention_f64, max_relative_error};
+    use crate::{DeviceTensor, FlashKernel, FlashOptions, flash::flash_forward_with};
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    if !shifted_enabled() {
+        failed.push(SHIFTED_OFF.to_string());
+        return Ok((passed, failed));
+    }
+    // (heads, kv_heads, seq_q, seq_k, q_offset, k_offset, head dim, cache rows)
+    let cases = [
+        (
+            12usize, 2usize, 300usize, 1000usize, 700usize, 0usize, 128usize, 0usize,
+        ),
+        (4, 2, 256, 640, 384, 0, 128, 0),
+        (2, 1, 500, 500, 100, 0, 128, 0),
+        (2, 2, 200, 729, 529, 0, 72, 0),
+        (4, 2, 130, 400, 300, 30, 64, 0),
+        (6, 2, 100, 1000, 900, 0, 128, 1200),
+    ];
+    for (case, &(heads, kv_heads, seq_q, seq_k, q_offset, k_offset, head_dim, cache)) in
+        cases.iter().enumerate()
+    {
+        let data = |n: usize, seed: u64| -> Vec<bf16> {
+            random_values(n, seed)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        };
+        let seed = 70 + 3 * case as u64;
+        let q = data(heads * seq_q * head_dim, seed);
+        let k = data(kv_heads * seq_k * head_dim, seed + 1);
+        let v = data(kv_heads * seq_k * head_dim, seed + 2);
+        let keys = |x: &[bf16]| -> DeviceTensor {
+            if cache == 0 {
+                return DeviceTensor::from_slice(client, x, &[1, kv_heads, seq_k, head_dim]);
+            }
+            // `[1, kv_heads, cache, D]` with NaN past `seq_k`, seen as its first `seq_k` rows.
+            let mut full = vec![bf16::NAN; kv_heads * cache * head_dim];
+            for (h, rows) in x.chunks(seq_k * head_dim).enumerate() {
+                full[h * cache * head_dim..][..rows.len()].copy_from_slice(rows);
+            }
+            let buffer = DeviceTensor::from_slice(client, &full, &[1, kv_heads, cache, head_dim]);
+            DeviceTensor {
+                handle: buffer.handle,
+                shape: vec![1, kv_heads, seq_k, head_dim],
+                strides: vec![kv_heads * cache * head_dim, cache * head_dim, head_dim, 1],
+            }
+        };
+        let qt = DeviceTensor::from_slice(client, &q, &[1, heads, seq_q, head_dim]);
+        let (kt, vt) = (keys(&k), keys(&v));
+        let ot = DeviceTensor::poisoned::<bf16>(client, f32::NAN, &[1, heads, seq_q, head_dim]);
+        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, heads, seq_q]);
+        let opts = FlashOptions::new(head_dim)
+            .causal(true)
+            .offsets(q_offset, k_offset);
+        let label = format!(
+            "flash_forward (Auto) H{heads}/{kv_heads} Sq{seq_q} Sk{seq_k} D{head_dim} causal \
+             offsets q {q_offset} k {k_offset}{}",
+            if cache > 0 {
+                format!(", K/V views of a {cache}-row cache")
+            } else {
+                String::new()
+            }
+        );
+        if !routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts) {
+            failed.push(format!("{label}: not routed to the wgmma forward"));
+            continue;
+        }
+        flash_forward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &opts, FlashKernel::Auto)?;
+        let o: Vec<f32> = ot
+            .to_vec::<bf16>(client)?
+            .into_iter()
+            .map(f32::from)
+            .collect();
+        let lse = lse.to_vec::<f32>(client)?;
+        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+        let geometry = Geometry {
+            batch: 1,
+            q_heads: heads,
+            kv_heads,
+            q_len: seq_q,
+            kv_len: seq_k,
+            head_dim,
+            scale: f64::from(opts.scale),
+            empty_lse: -1.0e38,
+        };
+        let shift = q_offset - k_offset;
+        let visible = |_: usize, i: usize, j: usize| j <= i + shift;
+        let want = attention_f64(&geometry, &wide(&q), &wide(&k), &wide(&v), None, visible);
+        let (o_err, lse_err) = (
+            max_relative_error(&o, &want.o),
+            max_relative_error(&lse, &want.lse),
+        );
+        let line = format!("{label}: O {o_err:.1e} LSE {lse_err:.1e}");
+        if o_err <= 1e-2 && lse_err <= 1e-3 {
+            passed.push(line);
+        } else {
+            failed.push(line);
+        }
+    }
+    // Queries starting before their keys: the first rows see no key; not this kernel's.
+    let q = DeviceTensor::from_slice(client, &vec![bf16::ONE; 2 * 64 * 128], &[1, 2, 64, 128]);
+    let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, 2, 64]);
+    let opts = FlashOptions::new(128).causal(true).offsets(0, 10);
+    let label = "causal queries 10 keys before their keys' block";
+    if routes(client, true, (&q, &q, &q), (&q, &lse), &opts) {
+        failed.push(format!("{label}: routed to the wgmma forward"));
+    } else {
+        passed.push(format!(
+            "{label}: not routed (the mma.sync kernels take it)"
+        ));
+    }
+    Ok((passed, failed))
+}
+
+/// What the shifted checks report when the routing they check is off.
+pub(super) const SHIFTED_OFF: &str = "shifted causal calls are not routed to the wgmma kernels \
+     unless LONGVIEW_FLASH_WGMMA_SHIFTED=1: set it to run these checks";

@@ -120,3 +120,128 @@ pub fn check_backward(
     }
     Ok((passed, failed))
 }
+
+/// The wgmma backward for causal queries after their keys' block (`shift = q_offset -
+/// k_offset`, query `i` seeing keys `j <= i + shift`): the causal ring's later blocks,
+/// lengths apart, tile-aligned and not, GQA, head dims 128, 72 and 64, and one case whose
+/// last keys no query sees (their dK and dV must be zero). `flash_forward` then
+/// `flash_backward` with kernel `Auto`, each asserted to route to the wgmma kernels; dQ, dK
+/// and dV against f64 attention within 1e-2 of max(|ref|, 1). Needs
+/// `LONGVIEW_FLASH_WGMMA_SHIFTED=1` (the routing is opt-in). Returns (passed, failed).
+pub fn check_backward_shifted(
+    client: &cubecl::prelude::Client,
+) -> Result<(Vec<String>, Vec<String>), AttnError> {
+    use crate::flash::{flash_backward_with, flash_forward_with};
+    use crate::reference::{Geometry, attention_f64};
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    if !super::forward::shifted_enabled() {
+        failed.push(super::check::SHIFTED_OFF.to_string());
+        return Ok((passed, failed));
+    }
+    // (heads, kv_heads, seq_q, seq_k, q_offset, k_offset, head dim)
+    let cases = [
+        (
+            2usize, 1usize, 300usize, 1000usize, 700usize, 0usize, 128usize,
+        ),
+        (4, 2, 256, 512, 256, 0, 128),
+        (2, 2, 200, 200, 100, 0, 128),
+        (4, 2, 130, 400, 300, 30, 64),
+        (2, 2, 200, 729, 529, 0, 72),
+        (2, 1, 100, 600, 200, 0, 128),
+    ];
+    for (case, &(heads, kv_heads, seq_q, seq_k, q_offset, k_offset, head_dim)) in
+        cases.iter().enumerate()
+    {
+        let data = |n: usize, seed: u64| -> Vec<bf16> {
+            random_values(n, seed)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        };
+        let seed = 300 + 10 * case as u64;
+        let (q, k, v, d_o) = (
+            data(heads * seq_q * head_dim, seed),
+            data(kv_heads * seq_k * head_dim, seed + 1),
+            data(kv_heads * seq_k * head_dim, seed + 2),
+            data(heads * seq_q * head_dim, seed + 3),
+        );
+        let upload = |x: &[bf16], h: usize, s: usize| {
+            DeviceTensor::from_slice(client, x, &[1, h, s, head_dim])
+        };
+        let (qt, kt, vt, dot) = (
+            upload(&q, heads, seq_q),
+            upload(&k, kv_heads, seq_k),
+            upload(&v, kv_heads, seq_k),
+            upload(&d_o, heads, seq_q),
+        );
+        let ot = upload(&vec![bf16::ZERO; q.len()], heads, seq_q);
+        let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[1, heads, seq_q]);
+        let opts = FlashOptions::new(head_dim)
+            .causal(true)
+            .offsets(q_offset, k_offset);
+        let label = format!(
+            "wgmma backward H{heads}/{kv_heads} Sq{seq_q} Sk{seq_k} D{head_dim} causal offsets \
+             q {q_offset} k {k_offset}"
+        );
+        let delta_like = DeviceTensor::poisoned::<f32>(client, 0.0, &[1, heads, seq_q]);
+        let routed =
+            crate::wgmma::forward::routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts)
+                && crate::wgmma::backward_launch::routes(
+                    client,
+                    true,
+                    (&qt, &kt, &vt, &dot),
+                    (&lse, &delta_like),
+                    &opts,
+                );
+        if !routed {
+            failed.push(format!("{label}: not routed to the wgmma kernels"));
+            continue;
+        }
+        let auto = FlashKernel::Auto;
+        flash_forward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &opts, auto)?;
+        let (dq, dk, dv) =
+            flash_backward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &dot, &opts, auto)?;
+        let widen = |t: &DeviceTensor| -> Result<Vec<f32>, AttnError> {
+            Ok(t.to_vec::<bf16>(client)?
+                .into_iter()
+                .map(f32::from)
+                .collect())
+        };
+        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+        let geometry = Geometry {
+            batch: 1,
+            q_heads: heads,
+            kv_heads,
+            q_len: seq_q,
+            kv_len: seq_k,
+            head_dim,
+            scale: f64::from(opts.scale),
+            empty_lse: -1.0e38,
+        };
+        let shift = q_offset - k_offset;
+        let d_o_wide = wide(&d_o);
+        let want = attention_f64(
+            &geometry,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            Some(&d_o_wide),
+            |_, i, j| j <= i + shift,
+        );
+        let errors = [
+            max_relative_error(&widen(&dq)?, &want.dq),
+            max_relative_error(&widen(&dk)?, &want.dk),
+            max_relative_error(&widen(&dv)?, &want.dv),
+        ];
+        let line = format!(
+            "{label}: dQ {:.1e} dK {:.1e} dV {:.1e}",
+            errors[0], errors[1], errors[2]
+        );
+        if errors.iter().all(|&e| e <= 1e-2) {
+            passed.push(line);
+        } else {
+            failed.push(line);
+        }
+    }
+    Ok((passed, failed))
+}

@@ -3,8 +3,9 @@
 //! 128-wide tiles; `Q K^T` then goes only 64 or 80 deep where the head dim allows, `P V`
 //! stays 128 wide): what `flash_forward` runs on a compute-capability-9.0 device for the
 //! calls
-//! [`forward_launch::routes`](super::forward_launch::routes) accepts (no packed sequences,
-//! causal only with aligned blocks; strided inputs). Checked against f64 by
+//! [`forward_launch::routes`](super::forward_launch::routes) accepts (no packed sequences;
+//! causal with the queries' block at or after the keys' one, as in chunked prefill; strided
+//! inputs). Checked against f64 by
 //! `flash_bench --wgmma` and `flash_bench --checks` (`benchmarks/flash_attention.md`).
 //!
 //! Cube: two warpgroups, 64 query rows each (128 rows a cube); grid `(ceil(Sq / 128),
@@ -29,13 +30,16 @@
 //! banks; in the earlier non-swizzled core-matrix layout they all hit the same four banks,
 //! the copies were split into one-sector L2 requests, and the kernel was bound by L2 tag
 //! lookups at half this speed. K is read K-major, V N-major (the transpose bit).
-//! Causal masking assumes `Sq = Sk` (no block offsets); GQA by `group` query heads a kv head.
+//! Causal masking: query row `i` sees keys `j <= i + shift`, `shift = q_offset - k_offset >=
+//! 0` (0 for a sequence against itself; the cached length for a prefill chunk against its
+//! KV cache), so every row sees key 0. GQA by `group` query heads a kv head.
 
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 pub use super::forward_launch::{
-    ForwardShape, forward, forward_into, head_dim_supported, layout_unsupported, routes,
+    ForwardShape, causal_shift, forward, forward_into, head_dim_supported, layout_unsupported,
+    routes, shifted_enabled,
 };
 
 use super::{
@@ -230,8 +234,9 @@ pub(super) fn exp2_approx(x: f32) -> f32 {
 
 /// One tile's online softmax on the accumulator layout, in place: the scores `s` (raw
 /// `Q K^T`, keys from `tile`) masked where this unit's rows `row0` / `row1` must not see a
-/// key, the running maxima `m` (raw units) and sums `l` updated, `o` rescaled, and
-/// `P = exp((S - m) scale)` packed into bf16 A fragments in `p`.
+/// key (causal: row `r` sees keys up to `r + shift`), the running maxima `m` (raw units)
+/// and sums `l` updated, `o` rescaled, and `P = exp((S - m) scale)` packed into bf16 A
+/// fragments in `p`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tile(
@@ -242,6 +247,7 @@ fn softmax_tile(
     tile: usize,
     row0: usize,
     sk: usize,
+    shift: usize,
     scale_log2: f32,
     #[comptime] causal: bool,
 ) {
@@ -249,8 +255,9 @@ fn softmax_tile(
     let row1 = row0 + 8;
     // Mask only where this unit's rows see part of the tile (the diagonal, the end of the
     // keys). Masked entries give exactly 0 below: every row sees key 0 in the first tile
-    // (causal or not), so `m` is real from then on and `exp2(-1e38 c - m c)` underflows.
-    let full = tile + 128 <= sk && (!causal || tile + 127 <= row0);
+    // (causal or not; the shift is never negative), so `m` is real from then on and
+    // `exp2(-1e38 c - m c)` underflows.
+    let full = tile + 128 <= sk && (!causal || tile + 127 <= row0 + shift);
     if !full {
         #[unroll]
         for i in 0..64usize {
@@ -260,7 +267,7 @@ fn softmax_tile(
             } else {
                 row1
             };
-            if col >= sk || (causal && col > row) {
+            if col >= sk || (causal && col > row + shift) {
                 s[i] = f32::new(MASKED);
             }
         }
@@ -363,6 +370,7 @@ pub fn forward_kernel(
     heads: u32,
     group: u32,
     scale: f32,
+    shift: u32,
     #[comptime] causal: bool,
     #[comptime] head_dim: usize,
 ) {
@@ -370,6 +378,7 @@ pub fn forward_kernel(
     let warpgroup = unit / 128;
     let t = unit % 128;
     let lane = t % 32;
+    let shift = shift as usize;
     let g = lane / 4;
     let (sq, sk) = (sq as usize, sk as usize);
     let bh = CUBE_POS_Y as usize;
@@ -418,9 +427,10 @@ pub fn forward_kernel(
     for i in 0..64usize {
         acc[i] = 0.0f32;
     }
+    // Causal: the cube's last row sees keys up to `first + 127 + shift`.
     let mut end = sk;
-    if causal && first + 128 < sk {
-        end = first + 128;
+    if causal && first + 128 + shift < sk {
+        end = first + 128 + shift;
     }
     let tiles = end.div_ceil(128usize);
     // This unit's copy addresses (see `copy_tile_async`).
@@ -503,6 +513,7 @@ pub fn forward_kernel(
                 step * 128,
                 row0,
                 sk,
+                shift,
                 scale_log2,
                 causal,
             );

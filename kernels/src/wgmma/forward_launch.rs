@@ -7,8 +7,8 @@ use super::forward::{HEAD_DIM, ROWS_A_CUBE, forward_kernel};
 use crate::{AttnError, DeviceTensor, FlashOptions};
 
 /// Shape of one [`forward`] call: `[batch, heads, seq, head_dim]` bf16 inputs, `kv_heads`
-/// dividing `heads`, `head_dim` one [`head_dim_supported`] accepts; causal needs
-/// `seq_q == seq_k`.
+/// dividing `heads`, `head_dim` one [`head_dim_supported`] accepts; causal: query `i` sees
+/// keys `j <= i` (for other alignments, [`forward_into`]).
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardShape {
     pub batch: usize,
@@ -90,10 +90,11 @@ pub(super) fn element_extent(t: &DeviceTensor) -> usize {
 /// Whether [`crate::flash::flash_forward`] (kernel `Auto`) runs a call on this kernel: a
 /// CUDA device of compute capability 9.0 compiling kernels with the LLVM backend
 /// (`CUBECL_CUDA_CPP_KERNELS` unset), bf16, a head dim [`head_dim_supported`] accepts
-/// (the same for Q, K and V), no packed sequences, causal only
-/// where the query and key blocks start at the same position with as many rows, and a
-/// layout [`layout_unsupported`] accepts. `LONGVIEW_FLASH_WGMMA=0` turns it off (the
-/// `mma.sync` kernel then runs).
+/// (the same for Q, K and V), no packed sequences, causal where the query and key blocks
+/// start at the same position with as many rows (and, with [`shifted_enabled`], where the
+/// queries start at or after their keys: [`causal_shift`]), and a layout
+/// [`layout_unsupported`] accepts. `LONGVIEW_FLASH_WGMMA=0` turns it off (the `mma.sync`
+/// kernel then runs).
 pub fn routes(
     client: &Client,
     bf16: bool,
@@ -111,27 +112,51 @@ pub fn routes(
         return false;
     }
     let (sq, sk) = (q.shape[2], k.shape[2]);
-    let same_blocks = options.q_offset == options.k_offset && sq == sk;
+    let causal_taken = match causal_shift(options) {
+        _ if !options.causal => true,
+        Some(0) if sq == sk => true,
+        Some(_) => shifted_enabled(),
+        None => false,
+    };
     bf16 && head_dim_supported(q.shape[3])
         && k.shape.get(3) == Some(&q.shape[3])
         && options.cu_seqlens.is_none()
-        && (!options.causal || same_blocks)
+        && causal_taken
         && sq > 0
         && sk > 0
         && layout_unsupported([("q", q), ("k", k), ("v", v), ("o", o)], lse).is_none()
 }
 
+/// Whether causal calls other than a sequence against itself (a prefill chunk against its
+/// KV cache, the causal ring's later blocks: queries after their keys' block, or lengths
+/// apart) take the wgmma kernels. Opt-in with `LONGVIEW_FLASH_WGMMA_SHIFTED=1` until their
+/// f64 checks (`check::check_forward_shifted`, `check_backward::check_backward_shifted`)
+/// have run on a GPU: the kernels' shifted masks were written in a session without one.
+/// Off, those calls run the `mma.sync` kernels as before.
+pub fn shifted_enabled() -> bool {
+    std::env::var("LONGVIEW_FLASH_WGMMA_SHIFTED").is_ok_and(|v| v == "1")
+}
+
+/// How many keys past its own position a causal query sees, `q_offset - k_offset` (0 for a
+/// sequence against itself, the cached length for a prefill chunk against its KV cache);
+/// `None` when the queries' block starts before the keys' (some rows would see no key,
+/// which the kernel does not handle).
+pub fn causal_shift(options: &FlashOptions) -> Option<usize> {
+    options.q_offset.checked_sub(options.k_offset)
+}
+
 /// Launches the forward into `o` (like `q`) and `lse` (`[batch, heads, seq_q]` f32, natural
 /// log) for bf16 `q` `[batch, heads, seq_q, head_dim]` and `k`, `v` `[batch, kv_heads,
 /// seq_k, head_dim]` (any layout [`layout_unsupported`] accepts, a head dim
-/// [`head_dim_supported`] accepts), scores scaled by `scale`. Needs a CUDA device of
-/// compute capability 9.0.
+/// [`head_dim_supported`] accepts), scores scaled by `scale`; `causal = Some(shift)`: query
+/// row `i` sees keys `j <= i + shift` ([`causal_shift`]), `None`: every key. Needs a CUDA
+/// device of compute capability 9.0.
 pub fn forward_into(
     client: &Client,
     (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
     (o, lse): (&DeviceTensor, &DeviceTensor),
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 ) -> Result<(), AttnError> {
     let dims = |t: &DeviceTensor, name: &str| -> Result<[usize; 4], AttnError> {
         match t.shape[..] {
@@ -161,9 +186,10 @@ pub fn forward_into(
             "wgmma forward: {kv_heads} kv heads do not divide {heads} query heads"
         )));
     }
-    if causal && seq_q != seq_k {
+    let shift = causal.unwrap_or(0);
+    if shift > u32::MAX as usize {
         return Err(AttnError::Options(format!(
-            "wgmma forward: causal needs seq_q == seq_k (got {seq_q} and {seq_k})"
+            "wgmma forward: causal shift {shift} does not fit in 32 bits"
         )));
     }
     if let Some(why) = layout_unsupported([("q", q), ("k", k), ("v", v), ("o", o)], lse) {
@@ -194,7 +220,8 @@ pub fn forward_into(
             heads as u32,
             (heads / kv_heads) as u32,
             scale,
-            causal,
+            shift as u32,
+            causal.is_some(),
             head_dim,
         );
     }
@@ -237,6 +264,6 @@ pub fn forward(
         DeviceTensor::poisoned::<half::bf16>(client, f32::NAN, &[batch, heads, seq_q, head_dim]);
     let lse = DeviceTensor::poisoned::<f32>(client, f32::NAN, &[batch, heads, seq_q]);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    forward_into(client, (q, k, v), (&o, &lse), scale, causal)?;
+    forward_into(client, (q, k, v), (&o, &lse), scale, causal.then_some(0))?;
     Ok((o, lse))
 }
