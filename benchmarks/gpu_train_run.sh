@@ -10,6 +10,10 @@
 # lacks (dist/libs/lvlibs.tar.xz, benchmarks/pack_ffmpeg_libs.sh): together they pass
 # the device tool's 64 MiB carry limit, so carry dist/libs in one call (this script
 # unpacks it to /tmp/libs and exits when no binary came along) and dist/bin in the next.
+# TORCH=1: after each run, PyTorch + transformers' training step at the same shape in the
+# same call (`benchmarks/hf_reference.py --adamw --checkpointing`: f32 weights under bf16
+# autocast, SDPA, per-layer recompute, clipping, fused AdamW; 1 warm-up and 3 timed
+# steps), the reference for `train_step_1.5b_*`.
 set -u
 . benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -27,4 +31,10 @@ for frames in "$@"; do
   cp "$run/metrics.jsonl" "$OUT/metrics-$frames.jsonl" 2>/dev/null
   du -sh "$run"/checkpoints/* 2>/dev/null | tee -a "$OUT/log.txt"
   rm -rf "$run"
+  if [ "${TORCH:-0}" = 1 ]; then
+    PY=$(python3 -c "import torch" 2>/dev/null && echo python3 || echo /opt/torch/.venv/bin/python3)
+    echo "== torch, frames $frames" | tee -a "$OUT/log.txt"
+    timeout 250 $PY benchmarks/hf_reference.py --size 1.5b --text-tokens 64 --dtype bf16 --frames "$frames" \
+      --attn sdpa --checkpointing --adamw --warmup 1 --iters 3 2>&1 | tail -n 1 | tee -a "$OUT/log.txt"
+  fi
 done
