@@ -416,3 +416,77 @@ fn fused_ops_backward_matches_burn_autodiff() {
         1e-5,
     );
 }
+
+/// The fused AdamW update (one launch) against Burn's `AdamW` optimizer on the same wgpu
+/// device, three steps from no moments, a learning rate that changes between steps: the
+/// new parameter and both moments within 1e-6 of the largest reference value (both f32;
+/// they differ only in how the compiler contracts the products). A 37 x 29 tensor (not a
+/// multiple of any vector width) without weight decay and an 8 x 128 one with it;
+/// refused (`None`) off CubeCL devices and for bf16.
+#[test]
+fn fused_adamw_matches_burns_adamw() {
+    use burn::optim::{AdamWConfig, Optimizer};
+    use longview_kernels::fused::{AdamWStep, adamw_step};
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let host = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    let (beta_1, beta_2, epsilon) = (0.9f32, 0.95f32, 1e-8f32);
+    for (dims, weight_decay) in [([37usize, 29usize], 0.0f32), ([8, 128], 0.1)] {
+        let burn_adamw = AdamWConfig::new()
+            .with_beta_1(beta_1)
+            .with_beta_2(beta_2)
+            .with_epsilon(epsilon)
+            .with_weight_decay(weight_decay)
+            .build();
+        let start = Tensor::<2>::random(dims, Distribution::Normal(0.0, 0.5), &device);
+        let (mut want_param, mut state) = (start.clone(), None);
+        let (mut param, mut moments) = (start, None);
+        for time in 1..=3usize {
+            let grad = Tensor::<2>::random(dims, Distribution::Normal(0.0, 1e-2), &device);
+            let lr = 1e-3 * time as f64;
+            let (p, s) = burn_adamw.step(lr, want_param, grad.clone(), state);
+            (want_param, state) = (p, s);
+            let step = AdamWStep {
+                lr,
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+                time,
+            };
+            let (p, m, v) = adamw_step(param, grad, moments.take(), step).expect("wgpu f32");
+            let want = &state.as_ref().expect("AdamW keeps state").momentum;
+            let label = |what: &str| format!("{what} {dims:?} decay {weight_decay} step {time}");
+            assert_close(
+                &label("param"),
+                &host(p.clone()),
+                &host(want_param.clone()),
+                1e-6,
+            );
+            assert_close(
+                &label("m"),
+                &host(m.clone()),
+                &host(want.moment_1.clone()),
+                1e-6,
+            );
+            assert_close(
+                &label("v"),
+                &host(v.clone()),
+                &host(want.moment_2.clone()),
+                1e-6,
+            );
+            (param, moments) = (p, Some((m, v)));
+        }
+    }
+    let step = AdamWStep {
+        lr: 1e-3,
+        beta_1,
+        beta_2,
+        epsilon,
+        weight_decay: 0.0,
+        time: 1,
+    };
+    let cpu = Tensor::<2>::ones([2, 3], &Device::flex());
+    assert!(adamw_step(cpu.clone(), cpu, None, step).is_none());
+    let half = Tensor::<2>::ones([2, 3], &device).cast(burn::tensor::DType::BF16);
+    assert!(adamw_step(half.clone(), half, None, step).is_none());
+}

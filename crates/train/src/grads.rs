@@ -3,9 +3,10 @@
 //! precision (f32 master weights, bf16/f16 working copies).
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{DType, Tensor};
 
+use crate::adamw::TrainerAdamW;
 use crate::config::OptimConfig;
 
 /// Learning rate of step `step` (0-based): linear warmup to `lr`, then cosine decay to
@@ -28,17 +29,12 @@ pub const NO_DECAY: &str = r"\.(bias|gamma|beta)$";
 /// kernels, and no decay on [`NO_DECAY`] parameters (the usual split of
 /// transformers' Trainer and Megatron).
 pub fn optimizer(optim: &OptimConfig) -> ModuleOptimizer {
-    let adamw = |decay: f64| {
-        AdamWConfig::new()
-            .with_beta_1(optim.beta1 as f32)
-            .with_beta_2(optim.beta2 as f32)
-            .with_epsilon(optim.eps as f32)
-            .with_weight_decay(decay as f32)
-    };
     let no_decay = ParamGroup::from_regex(NO_DECAY).expect("NO_DECAY is a valid regex");
-    adamw(optim.weight_decay)
-        .init()
-        .with_group(no_decay, adamw(0.0).build(), None)
+    ModuleOptimizer::from(TrainerAdamW::new(optim, optim.weight_decay)).with_group(
+        no_decay,
+        TrainerAdamW::new(optim, 0.0),
+        None,
+    )
 }
 
 /// Global L2 norm of all gradients (one device sync).

@@ -4,7 +4,8 @@
 //! - [`data`]: generated haystack and needle videos decoded with FFmpeg, needles
 //!   inserted into haystacks for training, the chat template, and batching.
 //! - [`trainer`]: the loop (accumulation, global-norm clipping, AdamW, warmup +
-//!   cosine), metrics, progress, and resume.
+//!   cosine), metrics, progress, and resume; [`adamw`]: its AdamW (Burn's, or one fused
+//!   kernel a parameter on CUDA with `LONGVIEW_FUSED_ADAMW=1`).
 //! - [`tensorboard`]: scalar event files TensorBoard reads.
 //! - [`checkpoint`]: atomic checkpoints in VILA layout plus optimizer and trainer state.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring; [`eval`]: the depth x
@@ -19,6 +20,7 @@
 //! - [`grpo`]: LongVILA-R1's GRPO stage (rollouts over cached visual tokens, rewards,
 //!   the clipped objective with a KL to the reference).
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -8,6 +8,7 @@ use burn_cubecl::{CubeBackend, CubeDevice};
 use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
 
 use super::FusedBackend;
+use super::adamw::adamw_kernel;
 use super::kernels::{
     rms_norm_backward_kernel, rms_norm_kernel, rope_kernel, swiglu_backward_kernel, swiglu_kernel,
 };
@@ -376,5 +377,53 @@ impl FusedBackend for CubeBackend {
             ELEMENTWISE_UNITS,
         );
         dx
+    }
+
+    fn fused_adamw(
+        param: CubeTensor,
+        grad: CubeTensor,
+        m: CubeTensor,
+        v: CubeTensor,
+        fresh: bool,
+        step: super::AdamWStep,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let [param, grad, m, v] = [param, grad, m, v].map(into_contiguous);
+        let client = param.client.clone();
+        let shape = param.meta.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let param_out = output(&param, shape.clone(), param.dtype);
+        let m_out = output(&param, shape.clone(), param.dtype);
+        let v_out = output(&param, shape, param.dtype);
+        let (width, vectors, count, dim) = elementwise_launch(&[&param, &grad, &m, &v], n);
+        let [b1, one_b1, b2, one_b2, correct_1, correct_2, eps, keep, lr] = step.scalars();
+        by_dtype!(
+            param.dtype,
+            "AdamW",
+            adamw_kernel,
+            &client,
+            count,
+            dim,
+            width,
+            arg(&param),
+            arg(&grad),
+            arg(&m),
+            arg(&v),
+            arg(&param_out),
+            arg(&m_out),
+            arg(&v_out),
+            b1,
+            one_b1,
+            b2,
+            one_b2,
+            correct_1,
+            correct_2,
+            eps,
+            keep,
+            lr,
+            u32::from(fresh),
+            vectors as u32,
+            ELEMENTWISE_UNITS,
+        );
+        (param_out, m_out, v_out)
     }
 }

@@ -14,6 +14,7 @@
 use burn::backend::{Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
 
+mod adamw;
 mod autodiff;
 pub(crate) mod cube;
 mod kernels;
@@ -84,6 +85,62 @@ pub trait FusedBackend: burn::backend::Backend {
 
     /// `dx` of [`FusedBackend::fused_gelu_tanh`] given the output's gradient.
     fn fused_gelu_tanh_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// One AdamW update (`adamw::AdamWStep`): `(param', m', v')` from the parameter, its
+    /// gradient and the moments `m`, `v` (`fresh`: before the first step, when `m` and `v`
+    /// are not read). Not differentiable (an optimizer's update).
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        fresh: bool,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+pub use adamw::AdamWStep;
+
+/// One AdamW update of `param` with `grad` and the moments `(m, v)` of the steps before
+/// (`None` before the first) in one kernel launch: the new `(param, m, v)`, Burn's
+/// `AdamW` formula (`adamw` module docs) with every value f32; `None` where it cannot run
+/// (switched off with `LONGVIEW_FUSED`, not a CubeCL device, not all f32, shapes apart):
+/// the caller keeps Burn's optimizer. The tensors are plain (no autodiff graph).
+pub fn adamw_step<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moments: Option<(Tensor<D>, Tensor<D>)>,
+    step: AdamWStep,
+) -> Option<(Tensor<D>, Tensor<D>, Tensor<D>)> {
+    let all_f32 = param.dtype() == DType::F32
+        && grad.dtype() == DType::F32
+        && moments
+            .as_ref()
+            .is_none_or(|(m, v)| m.dtype() == DType::F32 && v.dtype() == DType::F32);
+    let dims = param.dims();
+    let same_shape = grad.dims() == dims
+        && moments
+            .as_ref()
+            .is_none_or(|(m, v)| m.dims() == dims && v.dims() == dims);
+    if !runs_on(&param.device(), DType::F32) || !all_f32 || !same_shape || step.time == 0 {
+        return None;
+    }
+    let fresh = moments.is_none();
+    // Before the first step the kernel does not read the moments: the gradient stands in.
+    let (m, v) = moments.unwrap_or_else(|| (grad.clone(), grad.clone()));
+    let (p, m, v) = <Dispatch as FusedBackend>::fused_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        fresh,
+        step,
+    );
+    Some((
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    ))
 }
 
 /// Whether the fused kernels run (`LONGVIEW_FUSED`, a switch, on by default; read
