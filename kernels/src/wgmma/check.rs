@@ -362,7 +362,7 @@ pub fn check_forward_shifted(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
     use super::forward::{routes, shifted_enabled};
-    use crate::reference::{Geometry, attention_f64, max_relative_error};
+    use crate::reference::max_relative_error;
     use crate::{DeviceTensor, FlashKernel, FlashOptions, flash::flash_forward_with};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     if !shifted_enabled() {
@@ -436,20 +436,13 @@ pub fn check_forward_shifted(
             .map(f32::from)
             .collect();
         let lse = lse.to_vec::<f32>(client)?;
-        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-        let geometry = Geometry {
-            batch: 1,
-            q_heads: heads,
-            kv_heads,
-            q_len: seq_q,
-            kv_len: seq_k,
-            head_dim,
-            scale: f64::from(opts.scale),
-            empty_lse: -1.0e38,
-        };
-        let shift = q_offset - k_offset;
-        let visible = |_: usize, i: usize, j: usize| j <= i + shift;
-        let want = attention_f64(&geometry, &wide(&q), &wide(&k), &wide(&v), None, visible);
+        let want = reference_shifted(
+            (heads, kv_heads, seq_q, seq_k),
+            q_offset - k_offset,
+            (head_dim, f64::from(opts.scale)),
+            (&q, &k, &v),
+            None,
+        );
         let (o_err, lse_err) = (
             max_relative_error(&o, &want.o),
             max_relative_error(&lse, &want.lse),
@@ -474,6 +467,38 @@ pub fn check_forward_shifted(
         ));
     }
     Ok((passed, failed))
+}
+
+/// Attention in f64 over bf16 `[1, h, s, head_dim]` inputs, `seq_q` queries and `seq_k`
+/// keys, query `i` seeing keys `j <= i + shift`; gradients when `d_o` is given.
+pub(super) fn reference_shifted(
+    (heads, kv_heads, seq_q, seq_k): (usize, usize, usize, usize),
+    shift: usize,
+    (head_dim, scale): (usize, f64),
+    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    d_o: Option<&[bf16]>,
+) -> crate::reference::AttentionF64 {
+    use crate::reference::{Geometry, attention_f64};
+    let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
+    let geometry = Geometry {
+        batch: 1,
+        q_heads: heads,
+        kv_heads,
+        q_len: seq_q,
+        kv_len: seq_k,
+        head_dim,
+        scale,
+        empty_lse: -1.0e38,
+    };
+    let d_o = d_o.map(wide);
+    attention_f64(
+        &geometry,
+        &wide(q),
+        &wide(k),
+        &wide(v),
+        d_o.as_deref(),
+        |_, i, j| j <= i + shift,
+    )
 }
 
 /// What the shifted checks report when the routing they check is off.

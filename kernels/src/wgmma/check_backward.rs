@@ -13,11 +13,38 @@ use super::check::{heads_inside, heads_inside_view, reference_f64};
 use crate::reference::{max_relative_error, random_values};
 use crate::{AttnError, DeviceTensor, FlashKernel, FlashOptions};
 
+/// `flash_forward` into `o` and `lse`, then `flash_backward` (kernel `Auto`): `(dQ, dK, dV)`,
+/// or `None` when either call would not run on the wgmma kernels.
+#[allow(clippy::type_complexity)]
+fn routed_forward_backward(
+    client: &cubecl::prelude::Client,
+    (q, k, v, d_o): (&DeviceTensor, &DeviceTensor, &DeviceTensor, &DeviceTensor),
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    opts: &FlashOptions,
+) -> Result<Option<(DeviceTensor, DeviceTensor, DeviceTensor)>, AttnError> {
+    use crate::flash::{flash_backward_with, flash_forward_with};
+    let delta_like = DeviceTensor::poisoned::<f32>(client, 0.0, &lse.shape);
+    let routed = crate::wgmma::forward::routes(client, true, (q, k, v), (o, lse), opts)
+        && crate::wgmma::backward_launch::routes(
+            client,
+            true,
+            (q, k, v, d_o),
+            (lse, &delta_like),
+            opts,
+        );
+    if !routed {
+        return Ok(None);
+    }
+    let auto = FlashKernel::Auto;
+    flash_forward_with::<bf16>(client, q, k, v, o, lse, opts, auto)?;
+    flash_backward_with::<bf16>(client, q, k, v, o, lse, d_o, opts, auto).map(Some)
+}
+
 /// Runs every case; returns one line per case that passed and one per case that failed.
 pub fn check_backward(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), AttnError> {
-    use crate::flash::{flash_backward_with, flash_forward_with};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     // (batch, heads, kv_heads, seq, causal, [B, S, H, D] views with scale 0.05, head dim)
     let cases = [
@@ -76,24 +103,12 @@ pub fn check_backward(
                 ""
             }
         );
-        let delta_like = DeviceTensor::poisoned::<f32>(client, 0.0, &[batch, heads, seq]);
-        let routed =
-            crate::wgmma::forward::routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts)
-                && crate::wgmma::backward_launch::routes(
-                    client,
-                    true,
-                    (&qt, &kt, &vt, &dot),
-                    (&lse, &delta_like),
-                    &opts,
-                );
-        if !routed {
+        let Some((dq, dk, dv)) =
+            routed_forward_backward(client, (&qt, &kt, &vt, &dot), &ot, &lse, &opts)?
+        else {
             failed.push(format!("{label}: not routed to the wgmma kernels"));
             continue;
-        }
-        let auto = FlashKernel::Auto;
-        flash_forward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &opts, auto)?;
-        let (dq, dk, dv) =
-            flash_backward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &dot, &opts, auto)?;
+        };
         let widen = |t: &DeviceTensor| -> Result<Vec<f32>, AttnError> {
             Ok(t.to_vec::<bf16>(client)?
                 .into_iter()
@@ -131,8 +146,6 @@ pub fn check_backward(
 pub fn check_backward_shifted(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), AttnError> {
-    use crate::flash::{flash_backward_with, flash_forward_with};
-    use crate::reference::{Geometry, attention_f64};
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     if !super::forward::shifted_enabled() {
         failed.push(super::check::SHIFTED_OFF.to_string());
@@ -183,50 +196,24 @@ pub fn check_backward_shifted(
             "wgmma backward H{heads}/{kv_heads} Sq{seq_q} Sk{seq_k} D{head_dim} causal offsets \
              q {q_offset} k {k_offset}"
         );
-        let delta_like = DeviceTensor::poisoned::<f32>(client, 0.0, &[1, heads, seq_q]);
-        let routed =
-            crate::wgmma::forward::routes(client, true, (&qt, &kt, &vt), (&ot, &lse), &opts)
-                && crate::wgmma::backward_launch::routes(
-                    client,
-                    true,
-                    (&qt, &kt, &vt, &dot),
-                    (&lse, &delta_like),
-                    &opts,
-                );
-        if !routed {
+        let Some((dq, dk, dv)) =
+            routed_forward_backward(client, (&qt, &kt, &vt, &dot), &ot, &lse, &opts)?
+        else {
             failed.push(format!("{label}: not routed to the wgmma kernels"));
             continue;
-        }
-        let auto = FlashKernel::Auto;
-        flash_forward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &opts, auto)?;
-        let (dq, dk, dv) =
-            flash_backward_with::<bf16>(client, &qt, &kt, &vt, &ot, &lse, &dot, &opts, auto)?;
+        };
         let widen = |t: &DeviceTensor| -> Result<Vec<f32>, AttnError> {
             Ok(t.to_vec::<bf16>(client)?
                 .into_iter()
                 .map(f32::from)
                 .collect())
         };
-        let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-        let geometry = Geometry {
-            batch: 1,
-            q_heads: heads,
-            kv_heads,
-            q_len: seq_q,
-            kv_len: seq_k,
-            head_dim,
-            scale: f64::from(opts.scale),
-            empty_lse: -1.0e38,
-        };
-        let shift = q_offset - k_offset;
-        let d_o_wide = wide(&d_o);
-        let want = attention_f64(
-            &geometry,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            Some(&d_o_wide),
-            |_, i, j| j <= i + shift,
+        let want = super::check::reference_shifted(
+            (heads, kv_heads, seq_q, seq_k),
+            q_offset - k_offset,
+            (head_dim, f64::from(opts.scale)),
+            (&q, &k, &v),
+            Some(&d_o),
         );
         let errors = [
             max_relative_error(&widen(&dq)?, &want.dq),
