@@ -104,10 +104,7 @@ pub fn flash_backward_from_delta<F: Float + CubeElement>(
         if routes(client, bf16, (q, k, v, d_o), (lse, delta), options) {
             let dq_acc = DeviceTensor::poisoned::<f32>(client, 0.0, &q.shape);
             let scale = options.scale;
-            let causal = options
-                .causal
-                .then(|| crate::wgmma::forward::causal_shift(options));
-            let causal = causal.flatten();
+            let causal = crate::wgmma::forward::causal_argument(options);
             let outputs = (&dk, &dv, &dq_acc);
             backward_into(client, (q, k, v, d_o), (lse, delta), outputs, scale, causal)?;
             scale_cast::<F>(client, &dq_acc, &dq, scale);

@@ -296,10 +296,10 @@ pub fn flash_forward_with<F: Float + CubeElement>(
     // `crate::wgmma::forward::routes`).
     #[cfg(feature = "cuda")]
     if kernel == FlashKernel::Auto {
-        use crate::wgmma::forward::{causal_shift, forward_into, routes};
+        use crate::wgmma::forward::{causal_argument, forward_into, routes};
         let bf16 = F::cube_type() == half::bf16::cube_type();
         if routes(client, bf16, (q, k, v), (o, lse), options) {
-            let causal = options.causal.then(|| causal_shift(options)).flatten();
+            let causal = causal_argument(options);
             return forward_into(client, (q, k, v), (o, lse), options.scale, causal);
         }
     }

@@ -217,14 +217,35 @@ pub(super) fn reference_f64(
     (q, k, v): (&[bf16], &[bf16], &[bf16]),
     d_o: Option<&[bf16]>,
 ) -> crate::reference::AttentionF64 {
+    let shape = (batch, heads, kv_heads, seq, seq);
+    reference_masked(
+        shape,
+        causal.then_some(0),
+        (head_dim, scale),
+        (q, k, v),
+        d_o,
+    )
+}
+
+/// Attention in f64 (`crate::reference::attention_f64`) over bf16 `[b, h, s, head_dim]`
+/// inputs, `seq_q` queries and `seq_k` keys; `causal = Some(shift)`: query `i` sees keys
+/// `j <= i + shift`, `None`: every key; gradients when `d_o` is given. Rows that see no key
+/// get the kernels' LSE sentinel (-1e38).
+pub(super) fn reference_masked(
+    (batch, heads, kv_heads, seq_q, seq_k): (usize, usize, usize, usize, usize),
+    causal: Option<usize>,
+    (head_dim, scale): (usize, f64),
+    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    d_o: Option<&[bf16]>,
+) -> crate::reference::AttentionF64 {
     use crate::reference::{Geometry, attention_f64};
     let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
     let geometry = Geometry {
         batch,
         q_heads: heads,
         kv_heads,
-        q_len: seq,
-        kv_len: seq,
+        q_len: seq_q,
+        kv_len: seq_k,
         head_dim,
         scale,
         empty_lse: -1.0e38,
@@ -236,7 +257,7 @@ pub(super) fn reference_f64(
         &wide(k),
         &wide(v),
         d_o.as_deref(),
-        |_, i, j| !causal || j <= i,
+        |_, i, j| causal.is_none_or(|shift| j <= i + shift),
     )
 }
 
@@ -436,9 +457,9 @@ pub fn check_forward_shifted(
             .map(f32::from)
             .collect();
         let lse = lse.to_vec::<f32>(client)?;
-        let want = reference_shifted(
-            (heads, kv_heads, seq_q, seq_k),
-            q_offset - k_offset,
+        let want = reference_masked(
+            (1, heads, kv_heads, seq_q, seq_k),
+            Some(q_offset - k_offset),
             (head_dim, f64::from(opts.scale)),
             (&q, &k, &v),
             None,
@@ -467,38 +488,6 @@ pub fn check_forward_shifted(
         ));
     }
     Ok((passed, failed))
-}
-
-/// Attention in f64 over bf16 `[1, h, s, head_dim]` inputs, `seq_q` queries and `seq_k`
-/// keys, query `i` seeing keys `j <= i + shift`; gradients when `d_o` is given.
-pub(super) fn reference_shifted(
-    (heads, kv_heads, seq_q, seq_k): (usize, usize, usize, usize),
-    shift: usize,
-    (head_dim, scale): (usize, f64),
-    (q, k, v): (&[bf16], &[bf16], &[bf16]),
-    d_o: Option<&[bf16]>,
-) -> crate::reference::AttentionF64 {
-    use crate::reference::{Geometry, attention_f64};
-    let wide = |x: &[bf16]| -> Vec<f32> { x.iter().map(|e| e.to_f32()).collect() };
-    let geometry = Geometry {
-        batch: 1,
-        q_heads: heads,
-        kv_heads,
-        q_len: seq_q,
-        kv_len: seq_k,
-        head_dim,
-        scale,
-        empty_lse: -1.0e38,
-    };
-    let d_o = d_o.map(wide);
-    attention_f64(
-        &geometry,
-        &wide(q),
-        &wide(k),
-        &wide(v),
-        d_o.as_deref(),
-        |_, i, j| j <= i + shift,
-    )
 }
 
 /// What the shifted checks report when the routing they check is off.

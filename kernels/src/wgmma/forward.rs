@@ -38,8 +38,8 @@ use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 pub use super::forward_launch::{
-    ForwardShape, causal_shift, forward, forward_into, head_dim_supported, layout_unsupported,
-    routes, shifted_enabled,
+    ForwardShape, causal_argument, causal_shift, forward, forward_into, head_dim_supported,
+    layout_unsupported, routes, shifted_enabled,
 };
 
 use super::{

@@ -145,6 +145,16 @@ pub fn causal_shift(options: &FlashOptions) -> Option<usize> {
     options.q_offset.checked_sub(options.k_offset)
 }
 
+/// The kernels' `causal` argument for a call [`routes`] accepted: `Some(shift)` when
+/// causal ([`causal_shift`]), `None` for full attention.
+pub fn causal_argument(options: &FlashOptions) -> Option<usize> {
+    if options.causal {
+        causal_shift(options)
+    } else {
+        None
+    }
+}
+
 /// Launches the forward into `o` (like `q`) and `lse` (`[batch, heads, seq_q]` f32, natural
 /// log) for bf16 `q` `[batch, heads, seq_q, head_dim]` and `k`, `v` `[batch, kv_heads,
 /// seq_k, head_dim]` (any layout [`layout_unsupported`] accepts, a head dim
