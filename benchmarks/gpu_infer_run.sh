@@ -16,11 +16,10 @@
 #   also decodes without device graphs (LONGVIEW_DECODE_GRAPH=0); CHECK=1 first runs
 #   `infer-bench --check-graph-decode` (graph against eager logits) at 64 frames.
 #   NOBUDGET=1 (with LONG=1 or only) also asks about 3600 frames without a token budget
-#   (NOBUDGET_S limits it, default 420 s; HF_LONG_S limits HF's, default 120 s; with
-#   SHIFTED=1 it runs with the switch on only).
-#   SHIFTED=1 also runs each request with LONGVIEW_FLASH_WGMMA_SHIFTED=1 (the prefill
-#   chunks' attention on the wgmma forward; opt-in until its f64 checks have passed on a
-#   GPU: `flash_bench --wgmma`).
+#   (NOBUDGET_S limits it, default 420 s; HF_LONG_S limits HF's, default 120 s).
+#   SHIFTED=1 also runs each request with LONGVIEW_FLASH_WGMMA_SHIFTED=0 (the prefill
+#   chunks' attention on the `mma.sync` forward instead of the wgmma one, the default
+#   since session 34), the switch's effect in the same call.
 # Carry dist/libs then dist/bin (benchmarks/gpu_prelude.sh). Results: $OUT/infer.jsonl
 # (longview), $OUT/log.txt (both), one file per step.
 set -u
@@ -47,9 +46,10 @@ if [ "${LONG:-1}" != only ]; then
         step "longview-$f-chunk$c" timeout 240 $lv --frames "$f" --prefill-chunk "$c"
       done
       # SHIFTED=1: the same request with the prefill chunks' causal attention (queries
-      # after their cached keys) on the wgmma forward, its effect in the same call.
+      # after their cached keys) on the mma.sync forward, the wgmma one's effect in the
+      # same call.
       if [ "${SHIFTED:-0}" = 1 ]; then
-        step "longview-$f-shifted" env LONGVIEW_FLASH_WGMMA_SHIFTED=1 timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
+        step "longview-$f-mma-sync-prefill" env LONGVIEW_FLASH_WGMMA_SHIFTED=0 timeout 300 $lv --frames "$f" --runs "${RUNS:-2}"
       fi
       # UNFUSED=1: the same request with the fused kernels off (LONGVIEW_FUSED=off),
       # their effect in the same call.
@@ -98,6 +98,6 @@ step "longview-3600-pool8-t8" timeout 200 $lv --frames 3600 --token-pool 8 --tem
 # NOBUDGET=1: longview's hour of video without a token budget too (3600 frames x 196
 # tokens, ~706k prompt tokens), the longest prompt issue 17 asks about.
 if [ "${NOBUDGET:-0}" = 1 ]; then
-  step "longview-3600-pool-none" env LONGVIEW_FLASH_WGMMA_SHIFTED="${SHIFTED:-0}" timeout "${NOBUDGET_S:-420}" $lv --frames 3600
+  step "longview-3600-pool-none" timeout "${NOBUDGET_S:-420}" $lv --frames 3600
 fi
 step "hf-3600-pool-none" timeout "${HF_LONG_S:-120}" $PY benchmarks/hf_infer_reference.py --size 1.5b --frames 3600 --new-tokens 64

@@ -64,7 +64,8 @@ fn flash_backward_routes_to_wgmma_and_matches_the_f64_reference() {
 }
 
 /// The shifted causal calls (chunked prefill, the causal ring's later blocks) are routed
-/// to the wgmma kernels only with `LONGVIEW_FLASH_WGMMA_SHIFTED=1`: set here.
+/// to the wgmma kernels unless `LONGVIEW_FLASH_WGMMA_SHIFTED=0`: set to 1 here so a
+/// caller's environment cannot turn off what these tests check.
 fn enable_shifted() {
     // SAFETY: the tests run with `--test-threads 1` (top of the file).
     unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_SHIFTED", "1") };

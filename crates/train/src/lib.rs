@@ -5,7 +5,7 @@
 //!   inserted into haystacks for training, the chat template, and batching.
 //! - [`trainer`]: the loop (accumulation, global-norm clipping, AdamW, warmup +
 //!   cosine), metrics, progress, and resume; [`adamw`]: its AdamW (Burn's, or one fused
-//!   kernel a parameter on CUDA with `LONGVIEW_FUSED_ADAMW=1`).
+//!   kernel a parameter on CUDA unless `LONGVIEW_FUSED_ADAMW=0`).
 //! - [`tensorboard`]: scalar event files TensorBoard reads.
 //! - [`checkpoint`]: atomic checkpoints in VILA layout plus optimizer and trainer state.
 //! - [`needle`]: LongVILA's teacher-forced needle scoring; [`eval`]: the depth x

@@ -377,8 +377,9 @@ pub fn check_forward_routed(
 /// the first `seq_k` rows of a longer cache whose rows past them hold NaN (a read past the
 /// keys fails). Each case asserts the call routes to this kernel, then compares O and LSE
 /// with f64 attention (O within 1e-2 of max(|ref|, 1), LSE 1e-3). A query block starting
-/// before its keys' must not route. Needs `LONGVIEW_FLASH_WGMMA_SHIFTED=1` (the routing is
-/// opt-in: [`super::forward_launch::shifted_enabled`]). Returns (passed, failed).
+/// before its keys' must not route. Fails at once with `LONGVIEW_FLASH_WGMMA_SHIFTED=0`
+/// (nothing routes then: [`super::forward_launch::shifted_enabled`]). Returns (passed,
+/// failed).
 pub fn check_forward_shifted(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), crate::AttnError> {
@@ -492,4 +493,4 @@ pub fn check_forward_shifted(
 
 /// What the shifted checks report when the routing they check is off.
 pub(super) const SHIFTED_OFF: &str = "shifted causal calls are not routed to the wgmma kernels \
-     unless LONGVIEW_FLASH_WGMMA_SHIFTED=1: set it to run these checks";
+     while LONGVIEW_FLASH_WGMMA_SHIFTED=0: unset it to run these checks";

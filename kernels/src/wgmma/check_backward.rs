@@ -155,8 +155,8 @@ pub fn check_backward(
 /// lengths apart, tile-aligned and not, GQA, head dims 128, 72 and 64, and one case whose
 /// last keys no query sees (their dK and dV must be zero). `flash_forward` then
 /// `flash_backward` with kernel `Auto`, each asserted to route to the wgmma kernels; dQ, dK
-/// and dV against f64 attention within 1e-2 of max(|ref|, 1). Needs
-/// `LONGVIEW_FLASH_WGMMA_SHIFTED=1` (the routing is opt-in). Returns (passed, failed).
+/// and dV against f64 attention within 1e-2 of max(|ref|, 1). Fails at once with
+/// `LONGVIEW_FLASH_WGMMA_SHIFTED=0` (nothing routes then). Returns (passed, failed).
 pub fn check_backward_shifted(
     client: &cubecl::prelude::Client,
 ) -> Result<(Vec<String>, Vec<String>), AttnError> {

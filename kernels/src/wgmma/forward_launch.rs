@@ -129,12 +129,12 @@ pub fn routes(
 
 /// Whether causal calls other than a sequence against itself (a prefill chunk against its
 /// KV cache, the causal ring's later blocks: queries after their keys' block, or lengths
-/// apart) take the wgmma kernels. Opt-in with `LONGVIEW_FLASH_WGMMA_SHIFTED=1` until their
-/// f64 checks (`check::check_forward_shifted`, `check_backward::check_backward_shifted`)
-/// have run on a GPU: the kernels' shifted masks were written in a session without one.
-/// Off, those calls run the `mma.sync` kernels as before.
+/// apart) take the wgmma kernels: yes unless `LONGVIEW_FLASH_WGMMA_SHIFTED=0`, which sends
+/// them to the `mma.sync` kernels (for an A/B). On since session 34, after their f64
+/// checks (`check::check_forward_shifted`, `check_backward::check_backward_shifted`)
+/// passed on an H100.
 pub fn shifted_enabled() -> bool {
-    std::env::var("LONGVIEW_FLASH_WGMMA_SHIFTED").is_ok_and(|v| v == "1")
+    std::env::var("LONGVIEW_FLASH_WGMMA_SHIFTED").map_or(true, |v| v != "0")
 }
 
 /// How many keys past its own position a causal query sees, `q_offset - k_offset` (0 for a

@@ -124,7 +124,7 @@ pub fn run(client: &Client) {
         "flash_forward routed to wgmma checks",
         check::check_forward_routed(client),
     );
-    // The shifted causal calls are opt-in (`wgmma::forward::shifted_enabled`): on for the
+    // The shifted causal calls can be turned off (`wgmma::forward::shifted_enabled`): on for the
     // checks and the prefill timings below, whatever the caller's environment.
     // SAFETY: single-threaded benchmark.
     unsafe { std::env::set_var("LONGVIEW_FLASH_WGMMA_SHIFTED", "1") };
