@@ -14,6 +14,9 @@
 # same call (`benchmarks/hf_reference.py --adamw --checkpointing`: f32 weights under bf16
 # autocast, SDPA, per-layer recompute, clipping, fused AdamW; 1 warm-up and 3 timed
 # steps), the reference for `train_step_1.5b_*`.
+# PHASES=1: `--phase-timings` (each step's parts between device syncs: master-weight
+# cast, forward+backward, gradient cast, clipping, update), printed a step a line; the
+# syncs slow the steps slightly, so time the rate in a run without it.
 set -u
 . benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -25,10 +28,20 @@ for frames in "$@"; do
   start=$(date +%s)
   timeout "$limit" /tmp/lv train --config benchmarks/train_h200_1.5b.toml --device cuda \
     --dtype bf16 --frames "$frames" ${STEPS:+--steps $STEPS} --out "$run" --no-progress \
+    $([ "${PHASES:-0}" = 1 ] && echo --phase-timings) \
     > "$OUT/train-$frames.txt" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
   tail -n 12 "$OUT/train-$frames.txt" | tee -a "$OUT/log.txt"
   cp "$run/metrics.jsonl" "$OUT/metrics-$frames.jsonl" 2>/dev/null
+  # PHASES=1: each step's parts (--phase-timings), one line a step.
+  if [ "${PHASES:-0}" = 1 ]; then
+    python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); p = r.get('phases') or {}
+    print('step', r['step'], 'step_s', round(r['step_s'], 3), {k: round(v, 3) for k, v in p.items()})
+" "$run/metrics.jsonl" | tee -a "$OUT/log.txt"
+  fi
   du -sh "$run"/checkpoints/* 2>/dev/null | tee -a "$OUT/log.txt"
   rm -rf "$run"
   if [ "${TORCH:-0}" = 1 ]; then

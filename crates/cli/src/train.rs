@@ -63,6 +63,12 @@ pub struct TrainArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Time each step's parts (master-weight cast, forward+backward, gradient cast,
+    /// clipping, optimizer update) between device synchronisations, into
+    /// metrics.jsonl's `phases` and the step lines; the syncs slow the step slightly.
+    /// Supervised stages only (a GRPO stage reports its own rollout and update times).
+    #[arg(long)]
+    pub phase_timings: bool,
 }
 
 pub fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
@@ -178,6 +184,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress: !args.no_progress,
         matmul_tflops,
         memory_budget: None,
+        phase_timings: args.phase_timings,
     };
     let where_ranks = match &ranks {
         Ranks::InProcess { .. } => "in-process ranks".to_string(),

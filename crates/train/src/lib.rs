@@ -38,6 +38,7 @@ pub use longview_infer::generate;
 /// Teacher-forced needle scoring (from `longview-infer`).
 pub use longview_infer::needle;
 pub mod mmsp;
+pub mod phases;
 pub mod plan;
 mod prepare;
 pub mod remat;

@@ -226,7 +226,7 @@ impl<'a> RunLoop<'a> {
             self.totals.peak_device_mib = Some(peak);
         }
         let message = format!(
-            "loss {:.4} lr {:.2e} |g| {:.2} {tokens_per_s:.0} tok/s {}{}",
+            "loss {:.4} lr {:.2e} |g| {:.2} {tokens_per_s:.0} tok/s {}{}{}",
             done.loss,
             done.lr,
             done.grad_norm,
@@ -237,7 +237,11 @@ impl<'a> RunLoop<'a> {
             match device_mib {
                 Some(m) => format!(" device {:.1} GiB", m / 1024.0),
                 None => rss.map_or(String::new(), |m| format!(" rss {:.0} MiB", m)),
-            }
+            },
+            done.phases.as_ref().map_or(String::new(), |p| format!(
+                " | step {step_s:.3} s: {}",
+                p.describe()
+            ))
         );
         let row = Metrics {
             step: 0,
@@ -255,6 +259,7 @@ impl<'a> RunLoop<'a> {
             needle_accuracy: None,
             skipped: 0,
             attention: None,
+            phases: done.phases.clone(),
         };
         (row, message)
     }

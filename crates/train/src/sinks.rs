@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::error::TrainError;
+use crate::phases::StepPhases;
 use crate::plan::PlanRecord;
 use crate::tensorboard::EventWriter;
 
@@ -220,6 +221,9 @@ pub(crate) struct Metrics {
     /// The run's attention plan, in the first row of every invocation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) attention: Option<PlanRecord>,
+    /// The step's parts in seconds (`--phase-timings`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) phases: Option<StepPhases>,
 }
 
 /// Resident memory of this process (Linux), MiB.

@@ -17,6 +17,7 @@ use crate::data::{Encoder, Sample, collate};
 use crate::data_feed::{SampleStream, load_data, prefetch};
 use crate::error::TrainError;
 use crate::needle::NeedleReport;
+use crate::phases::{PhaseClock, StepPhases};
 use crate::plan::AttentionPlan;
 use crate::prepare::{Prepared, prepare};
 use crate::remat::{Recompute, loss_and_grads};
@@ -49,6 +50,10 @@ pub struct TrainOptions {
     /// Bytes the run's model states may take beyond the loaded weights; `None`: what
     /// the device has available at the start ([`crate::states_memory`]).
     pub memory_budget: Option<f64>,
+    /// Time each step's parts (master-weight cast, forward+backward, gradient cast,
+    /// clipping, update) between device synchronisations: printed with each step and
+    /// written to its `metrics.jsonl` row as `phases` ([`crate::phases`]).
+    pub phase_timings: bool,
 }
 
 impl Default for TrainOptions {
@@ -61,6 +66,7 @@ impl Default for TrainOptions {
             progress: true,
             matmul_tflops: None,
             memory_budget: None,
+            phase_timings: false,
         }
     }
 }
@@ -252,11 +258,23 @@ pub fn train_with(
             .map_err(|_| TrainError::Request("the data worker stopped".into()))??;
         book.skipped(&run, step, &drawn.skipped, log)?;
         let step_timer = Instant::now();
-        let (done, grads) = one_step(&run, config, runner, &drawn.samples, step, device)?;
+        let mut clock = PhaseClock::new(device, options.phase_timings);
+        let (mut done, grads) = one_step(
+            &run,
+            config,
+            runner,
+            &drawn.samples,
+            step,
+            device,
+            &mut clock,
+        )?;
         if !done.loss.is_finite() {
             return Err(book.diverged(step, done.loss));
         }
         run.model = runner.update(&mut run.optim, done.lr, run.model, grads)?;
+        if let Some(phases) = done.phases.as_mut() {
+            phases.update_s = clock.lap()?;
+        }
         book.record(&mut run, &done, step_timer.elapsed().as_secs_f64(), log)?;
     }
     book.finish(run, data)
@@ -326,10 +344,13 @@ pub(crate) struct StepDone {
     pub grad_norm: f32,
     pub tokens: usize,
     pub flops: f64,
+    /// The step's parts, with `TrainOptions::phase_timings`.
+    pub phases: Option<StepPhases>,
 }
 
 /// Forward and backward (on the compute copy under 16-bit compute) and clipping of
 /// step `step` (0-based) over `samples`: the gradients for the AdamW update at `lr`.
+/// `clock` times the parts when it is on (the caller adds the update's).
 fn one_step(
     run: &Prepared,
     config: &TrainConfig,
@@ -337,6 +358,7 @@ fn one_step(
     samples: &[Sample],
     step: usize,
     device: &Device,
+    clock: &mut PhaseClock<'_>,
 ) -> Result<(StepDone, GradientsParams), TrainError> {
     let micro: Vec<Vec<&Sample>> = samples
         .chunks(config.run.batch_size)
@@ -360,19 +382,27 @@ fn one_step(
     let flops = train_flops(&run.model, &run.vlm_config, &seq_lens, frames);
     let supervised: usize = samples.iter().map(|s| s.supervised()).sum();
     let tokens: usize = seq_lens.iter().sum();
+    let mut phases = StepPhases::default();
+    clock.lap()?;
     let (loss, mut grads) = if run.master {
         let working = run.compute_copy(&run.model);
+        phases.compute_copy_s = clock.lap()?;
         let (loss, mut grads) = runner.step(&working, &micro, supervised, device)?;
+        phases.forward_backward_s = clock.lap()?;
         cast_grads(&run.model, &mut grads, DType::F32);
+        phases.grads_to_f32_s = clock.lap()?;
         (loss, grads)
     } else {
-        runner.step(&run.model, &micro, supervised, device)?
+        let stepped = runner.step(&run.model, &micro, supervised, device)?;
+        phases.forward_backward_s = clock.lap()?;
+        stepped
     };
     let grad_norm = global_grad_norm(&run.model, &grads);
     let clip = config.optim.clip_grad_norm as f32;
     if clip > 0.0 && grad_norm > clip {
         scale_grads(&run.model, &mut grads, clip / grad_norm);
     }
+    phases.clip_s = clock.lap()?;
     let lr = learning_rate(&config.optim, step, config.run.steps);
     Ok((
         StepDone {
@@ -381,6 +411,7 @@ fn one_step(
             grad_norm,
             tokens,
             flops,
+            phases: clock.on().then_some(phases),
         },
         grads,
     ))

@@ -105,6 +105,8 @@ fn tiny_run(tag: &str) -> (PathBuf, TrainConfig) {
     (tmp, config)
 }
 
+/// Also times the steps' parts (`phase_timings`): every part of the master-weight path
+/// is in each `metrics.jsonl` row, and together they fit in the step's wall time.
 #[test]
 fn a_bf16_run_trains_with_f32_master_weights() {
     let device = bf16_device();
@@ -116,6 +118,7 @@ fn a_bf16_run_trains_with_f32_master_weights() {
         &config,
         &TrainOptions {
             progress: false,
+            phase_timings: true,
             ..TrainOptions::default()
         },
         &device,
@@ -132,6 +135,34 @@ fn a_bf16_run_trains_with_f32_master_weights() {
         "{:?}",
         summary.losses
     );
+    let metrics = std::fs::read_to_string(config.run.out.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let parts = [
+            "compute_copy_s",
+            "forward_backward_s",
+            "grads_to_f32_s",
+            "clip_s",
+            "update_s",
+        ];
+        let mut sum = 0.0;
+        for part in parts {
+            let seconds = row["phases"][part]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no phases.{part} in {row}"));
+            assert!(seconds > 0.0, "phases.{part} = {seconds} in {row}");
+            sum += seconds;
+        }
+        let step_s = row["step_s"].as_f64().unwrap();
+        assert!(
+            sum <= step_s,
+            "the parts ({sum} s) exceed the step ({step_s} s): {row}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -72,6 +72,10 @@ fn a_resumed_run_repeats_the_uninterrupted_loss_curve() {
     }
     // The metrics file is one curve of 6 steps.
     let metrics = std::fs::read_to_string(split.run.out.join("metrics.jsonl")).unwrap();
+    assert!(
+        !metrics.contains("\"phases\""),
+        "steps are timed by part only with phase_timings"
+    );
     let steps: Vec<u64> = metrics
         .lines()
         .map(|l| {
