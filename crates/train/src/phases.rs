@@ -28,16 +28,6 @@ pub struct StepPhases {
 }
 
 impl StepPhases {
-    /// The parts' sum (at most the step's wall time: the rest is the host's own work
-    /// between them).
-    pub fn total_s(&self) -> f64 {
-        self.compute_copy_s
-            + self.forward_backward_s
-            + self.grads_to_f32_s
-            + self.clip_s
-            + self.update_s
-    }
-
     /// One line for the console: `copy 0.010 fwd+bwd 2.900 ...` in seconds.
     pub fn describe(&self) -> String {
         format!(
