@@ -3,6 +3,8 @@
 //!
 //! - [`load`]: a model and its tokenizer from a run folder (newest checkpoint), a
 //!   checkpoint folder or a VILA model folder.
+//! - [`pixels`]: decoded frames shared between samples and the tensors uploaded from
+//!   them (no host copy, cast to the float dtype on the device).
 //! - [`sample`]: conversations tokenized around decoded frames, right-padded batches,
 //!   and a video's frames at the encoder's input size.
 //! - [`prefill`]: chunked prefill (activations bounded by the chunk), frames encoded
@@ -21,6 +23,7 @@ pub mod generate;
 pub mod graph_decode;
 pub mod load;
 pub mod needle;
+pub mod pixels;
 pub mod prefill;
 pub mod sample;
 pub mod shared_prefix;

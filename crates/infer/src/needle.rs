@@ -2,7 +2,7 @@
 //! per sample; a sample is correct only if the argmax tokens at the answer positions
 //! decode to the answer exactly (case and spaces folded).
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use longview_data::TextTokenizer;
 use longview_models::{KvCache, VisualInput, Vlm};
 use serde::Serialize;
@@ -90,9 +90,10 @@ pub fn sample_visual(sample: &Sample, device: &Device) -> VisualInput {
     if sample.frames == 0 {
         return VisualInput::None;
     }
-    let side = sample.side;
-    VisualInput::Pixels(Tensor::from_data(
-        TensorData::new(sample.pixels.clone(), [sample.frames, 3, side, side]),
+    VisualInput::Pixels(crate::pixels::frames_tensor(
+        &[sample],
+        0,
+        sample.frames,
         device,
     ))
 }

@@ -117,7 +117,7 @@ pub fn encode_video(
     let mut indices = Vec::new();
     decode_probed(info, sampling, &options, |batch| {
         let frames = batch.frames.len();
-        let pixels = Tensor::<4>::from_data(
+        let pixels = crate::pixels::to_device::<4>(
             TensorData::new(batch.pixels, [frames, 3, side, side]),
             device,
         );

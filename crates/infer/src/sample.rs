@@ -13,6 +13,7 @@ use longview_models::vila::default_position_ids;
 use longview_models::{VisualInput, VlmConfig, VlmInput};
 
 use crate::error::InferError;
+pub use crate::pixels::{Pixels, frames_tensor, to_device};
 
 /// The question every haystack sample asks.
 pub const NEEDLE_QUESTION: &str = "What number appears in the video? Answer with the number only.";
@@ -26,8 +27,8 @@ pub struct Sample {
     pub labels: Vec<i64>,
     /// Length of the prompt (everything before the answer's first token).
     pub prompt_len: usize,
-    /// Planar `[frames, 3, height, width]` in `[-1, 1]`.
-    pub pixels: Vec<f32>,
+    /// Planar `[frames, 3, height, width]` in `[-1, 1]`, shared by clones and uploads.
+    pub pixels: Pixels,
     pub frames: usize,
     /// Frame side in pixels.
     pub side: usize,
@@ -89,7 +90,7 @@ impl Encoder<'_> {
     /// `pixels`.
     pub fn conversation(
         &self,
-        pixels: Vec<f32>,
+        pixels: impl Into<Pixels>,
         frames: usize,
         question: &str,
         answer: &str,
@@ -111,14 +112,15 @@ impl Encoder<'_> {
     /// across each other's frames.
     pub fn encode(
         &self,
-        pixels: Vec<f32>,
+        pixels: impl Into<Pixels>,
         messages: &[Message],
         media: &[Media],
         answer: &str,
         depth: f64,
     ) -> Result<Sample, InferError> {
         let frame_len = 3 * self.side() * self.side();
-        let (pixels, media) = pad_to_pool(pixels, media, self.model.temporal_pool(), frame_len);
+        let (pixels, media) =
+            pad_to_pool(pixels.into(), media, self.model.temporal_pool(), frame_len);
         let frames = pixels.len() / frame_len;
         let encoded = self.template.encode(
             self.tokenizer,
@@ -150,16 +152,28 @@ impl Encoder<'_> {
 /// and the media as the template must expand them: a video of `f` frames as one of
 /// `ceil(f / k)` (one frame's tokens per pooled group); images stay images.
 pub fn pad_to_pool(
-    pixels: Vec<f32>,
+    pixels: Pixels,
     media: &[Media],
     k: usize,
     frame_len: usize,
-) -> (Vec<f32>, Vec<Media>) {
+) -> (Pixels, Vec<Media>) {
     if k <= 1 {
         return (pixels, media.to_vec());
     }
+    let expanded = media
+        .iter()
+        .map(|m| match m {
+            Media::Video { frames } => Media::Video {
+                frames: frames.div_ceil(k),
+            },
+            Media::Image => Media::Image,
+        })
+        .collect();
+    if media.iter().all(|m| m.frames() % k == 0) {
+        // Whole groups already (a sample encoded again): the same buffer.
+        return (pixels, expanded);
+    }
     let mut out = Vec::with_capacity(pixels.len());
-    let mut expanded = Vec::with_capacity(media.len());
     let mut at = 0;
     for m in media {
         let f = m.frames();
@@ -172,14 +186,8 @@ pub fn pad_to_pool(
             }
         }
         at += f;
-        expanded.push(match m {
-            Media::Video { frames } => Media::Video {
-                frames: frames.div_ceil(k),
-            },
-            Media::Image => Media::Image,
-        });
     }
-    (out, expanded)
+    (out.into(), expanded)
 }
 
 /// The frames `sampling` picks from `video`, decoded at a square `side` x `side`
@@ -192,7 +200,7 @@ pub fn decode_frames(
 ) -> Result<(Tensor<4>, Vec<usize>), InferError> {
     let (_, batch) = decode_all(video, sampling, &DecodeOptions::siglip(side as u32))?;
     let frames = batch.frames.len();
-    let pixels = Tensor::from_data(
+    let pixels = to_device(
         TensorData::new(batch.pixels, [frames, 3, side, side]),
         device,
     );
@@ -220,30 +228,24 @@ pub struct Batch {
     pub supervised: usize,
 }
 
-/// Right-pads `samples` to one length (padding id 0, unsupervised) and stacks frames.
+/// Right-pads `samples` to one length (padding id 0, unsupervised) and stacks frames
+/// (read in place from a lone sample's buffer, [`frames_tensor`]).
 pub fn collate(samples: &[&Sample], device: &Device) -> Batch {
     let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(samples.len() * len);
     let mut labels = Vec::with_capacity(samples.len() * len);
-    let mut pixels = Vec::new();
-    let mut frames = 0;
-    let side = samples.first().map_or(0, |s| s.side);
     for s in samples {
         ids.extend(s.ids.iter().map(|&t| t as i64));
         ids.extend(std::iter::repeat_n(0, len - s.ids.len()));
         labels.extend(&s.labels);
         labels.extend(std::iter::repeat_n(IGNORE_INDEX, len - s.labels.len()));
-        pixels.extend_from_slice(&s.pixels);
-        frames += s.frames;
     }
+    let frames: usize = samples.iter().map(|s| s.frames).sum();
     let b = samples.len();
     let visual = if frames == 0 {
         VisualInput::None
     } else {
-        VisualInput::Pixels(Tensor::from_data(
-            TensorData::new(pixels, [frames, 3, side, side]),
-            device,
-        ))
+        VisualInput::Pixels(frames_tensor(samples, 0, frames, device))
     };
     Batch {
         input: VlmInput {

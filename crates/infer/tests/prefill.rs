@@ -83,14 +83,17 @@ fn a_video_encoded_in_pieces_pools_the_frames_it_pools_whole() {
         .try_to_vec::<f32>()
         .unwrap();
     let (padded, media) = pad_to_pool(
-        flat,
+        flat.into(),
         &[longview_data::Media::Video { frames }],
         3,
         frame_len,
     );
     assert_eq!(padded.len(), 9 * frame_len);
     assert_eq!(media, vec![longview_data::Media::Video { frames: 3 }]);
-    let padded = Tensor::<4>::from_data(TensorData::new(padded, [9, 3, side, side]), &device);
+    let padded = Tensor::<4>::from_data(
+        TensorData::new(padded.to_vec(), [9, 3, side, side]),
+        &device,
+    );
     let worst = worst_error(&host(model.encode_frames(padded)), &host(whole));
     assert!(worst < 1e-6, "padded by hand: {worst}");
 }
@@ -210,4 +213,76 @@ fn a_video_too_large_for_memory_is_refused_with_the_numbers() {
             && err.contains("model.token_pool"),
         "{err}"
     );
+}
+
+/// A sample of `frames` frames at side 2 whose every value names its sample and place.
+fn numbered_sample(id: usize, frames: usize) -> longview_infer::sample::Sample {
+    longview_infer::sample::Sample {
+        ids: Vec::new(),
+        labels: Vec::new(),
+        prompt_len: 0,
+        pixels: (0..frames * 12)
+            .map(|i| (id * 1000 + i) as f32)
+            .collect::<Vec<f32>>()
+            .into(),
+        frames,
+        side: 2,
+        answer: String::new(),
+        depth: 0.0,
+    }
+}
+
+#[test]
+fn frame_ranges_come_from_the_samples_in_order_with_zeros_past_the_end() {
+    use longview_infer::sample::{Sample, frames_tensor};
+    let device = Device::flex();
+    let samples = [
+        numbered_sample(1, 2),
+        numbered_sample(2, 3),
+        numbered_sample(3, 1),
+    ];
+    let refs: Vec<&Sample> = samples.iter().collect();
+    // Reference: the six frames concatenated by hand, then two zero frames.
+    let mut all: Vec<f32> = samples.iter().flat_map(|s| s.pixels.to_vec()).collect();
+    all.resize(8 * 12, 0.0);
+    // Inside one sample (read in place), across samples, and past the end (gathered).
+    for (first, count) in [
+        (0, 2),
+        (2, 3),
+        (3, 2),
+        (5, 1),
+        (0, 6),
+        (1, 3),
+        (4, 4),
+        (6, 2),
+    ] {
+        let got = frames_tensor(&refs, first, count, &device);
+        assert_eq!(got.dims(), [count, 3, 2, 2]);
+        let got = got
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(
+            got,
+            all[first * 12..(first + count) * 12],
+            "frames {first}..{}",
+            first + count
+        );
+    }
+}
+
+#[test]
+fn pixel_data_reads_the_sample_buffer_in_place() {
+    let sample = numbered_sample(4, 3);
+    let data = sample.pixels.data(12, 24, [2, 3, 2, 2]);
+    // The same memory, not a copy of it.
+    assert_eq!(
+        data.as_bytes().as_ptr(),
+        sample.pixels[12..].as_ptr() as *const u8
+    );
+    assert_eq!(data.try_to_vec::<f32>().unwrap(), sample.pixels[12..36]);
+    // Clones share the buffer too.
+    let clone = sample.clone();
+    assert_eq!(clone.pixels.as_ptr(), sample.pixels.as_ptr());
 }

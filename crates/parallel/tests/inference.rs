@@ -184,7 +184,8 @@ fn sequence_parallel_teacher_forced_answers_equal_one_device() {
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
-            .unwrap(),
+            .unwrap()
+            .into(),
         frames,
         side,
         answer: String::new(),

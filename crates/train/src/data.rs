@@ -16,7 +16,8 @@ use crate::config::{AnswerFormat, DataKind};
 use crate::error::TrainError;
 
 pub use longview_infer::sample::{
-    Batch, Encoder, NEEDLE_QUESTION, Sample, collate, decode_frames, mix, single_input,
+    Batch, Encoder, NEEDLE_QUESTION, Sample, collate, decode_frames, frames_tensor, mix,
+    single_input,
 };
 
 /// Training needles and held-out haystack samples.
@@ -519,7 +520,7 @@ impl TextSet {
             ids,
             labels,
             prompt_len: 0,
-            pixels: Vec::new(),
+            pixels: Default::default(),
             frames: 0,
             side: self.side,
             answer: String::new(),

@@ -515,7 +515,7 @@ pub fn open_needle_with(
     log: &mut dyn FnMut(&str),
     generate: GenerateAnswers<'_>,
 ) -> Result<OpenReport, TrainError> {
-    use burn::tensor::{Tensor, TensorData};
+    use crate::data::frames_tensor;
     use longview_infer::batch::BatchRequest;
     use longview_infer::generate::Limits;
     use longview_models::VisualInput;
@@ -549,18 +549,16 @@ pub fn open_needle_with(
             OPEN_BATCH,
             log,
             &mut |part| {
-                // The frames move into the requests (no second copy of the batch's
-                // pixels); what scoring needs is kept aside.
+                // The frames go into the requests read in place from the samples'
+                // buffers (no copy of the batch's pixels); what scoring needs is kept
+                // aside.
                 let asked_about: Vec<(f64, String)> =
                     part.iter().map(|s| (s.depth, s.answer.clone())).collect();
                 let requests = part
                     .into_iter()
                     .map(|s| BatchRequest {
                         prompt: s.ids[..s.prompt_len].to_vec(),
-                        visual: VisualInput::Pixels(Tensor::from_data(
-                            TensorData::new(s.pixels, [s.frames, 3, s.side, s.side]),
-                            device,
-                        )),
+                        visual: VisualInput::Pixels(frames_tensor(&[&s], 0, s.frames, device)),
                         samples: vec![decoding],
                         limits: limits.clone(),
                     })

@@ -45,6 +45,7 @@ use longview_parallel::model::install;
 use longview_parallel::ring::{RingAttention, RingBalance};
 
 use crate::data::Sample;
+use crate::data::frames_tensor;
 use crate::error::TrainError;
 use crate::remat::{Recompute, StepHooks, StepInput, run_step};
 use crate::trainer::StepRunner;
@@ -160,7 +161,8 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
 
     /// This rank's share of the micro-batch's frames (`[share, 3, side, side]`; zero
     /// frames pad the last share), `None` for text-only batches (the whole SP group
-    /// holds the same samples, so all of it skips the vision stage together).
+    /// holds the same samples, so all of it skips the vision stage together). A share
+    /// inside one sample is read from its buffer in place.
     fn local_pixels(
         &self,
         samples: &[&Sample],
@@ -168,28 +170,7 @@ impl<C: Communicator + Send + Sync + 'static> MmSp<C> {
         share: usize,
         device: &Device,
     ) -> Option<Tensor<4>> {
-        if frames == 0 {
-            return None;
-        }
-        let side = samples[0].side;
-        let frame_len = 3 * side * side;
-        let mut pixels = vec![0f32; share * frame_len];
-        let mut at = 0;
-        for s in samples {
-            for f in 0..s.frames {
-                let global = at + f;
-                if global / share == self.sp_rank {
-                    let local = global % share;
-                    pixels[local * frame_len..(local + 1) * frame_len]
-                        .copy_from_slice(&s.pixels[f * frame_len..(f + 1) * frame_len]);
-                }
-            }
-            at += s.frames;
-        }
-        Some(Tensor::from_data(
-            TensorData::new(pixels, [share, 3, side, side]),
-            device,
-        ))
+        (frames > 0).then(|| frames_tensor(samples, self.sp_rank * share, share, device))
     }
 
     /// Every rank's visual tokens, in frame order (`[frames, per_frame, hidden]`,

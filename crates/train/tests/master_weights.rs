@@ -280,3 +280,46 @@ fn a_bf16_grpo_run_updates_the_f32_master_weights() {
     assert!(summary.checkpoint.is_some());
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Frames travel as f32 and are cast on the device (not converted on the host):
+/// the batch's pixels are bf16, each value rounded to nearest-even as `half` rounds
+/// (the host conversion they replace), for a whole sample and a range across two.
+#[test]
+fn frames_reach_a_bf16_device_as_bf16_rounded_to_nearest() {
+    use burn::tensor::bf16;
+    use longview_train::data::{Sample, collate, frames_tensor};
+    let device = bf16_device();
+    let sample = |frames: usize, phase: f32| Sample {
+        ids: vec![1, 2, 3],
+        labels: vec![-100, 2, 3],
+        prompt_len: 1,
+        // Values bf16 cannot hold, spread over [-1, 1].
+        pixels: (0..frames * 12)
+            .map(|i| (i as f32 * 0.7391 + phase).sin())
+            .collect::<Vec<f32>>()
+            .into(),
+        frames,
+        side: 2,
+        answer: String::new(),
+        depth: 0.0,
+    };
+    let (a, b) = (sample(2, 0.0), sample(3, 0.5));
+    let rounded = |values: &[f32]| -> Vec<f32> {
+        values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+    };
+    let host = |t: Tensor<4>| -> Vec<f32> {
+        assert_eq!(t.dtype(), DType::BF16);
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    };
+    let batch = collate(&[&a], &device);
+    let longview_models::VisualInput::Pixels(pixels) = batch.input.visual else {
+        panic!("a sample with frames collates to pixels");
+    };
+    assert_eq!(host(pixels), rounded(&a.pixels));
+    let mut across = a.pixels[12..].to_vec();
+    across.extend_from_slice(&b.pixels[..24]);
+    assert_eq!(
+        host(frames_tensor(&[&a, &b], 1, 3, &device)),
+        rounded(&across)
+    );
+}

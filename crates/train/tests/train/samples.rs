@@ -150,7 +150,7 @@ fn jsonl_conversations_and_cot_rows_train_with_answer_only_labels() {
             &DecodeOptions::siglip(side as u32),
         )
         .unwrap();
-        assert_eq!(s.pixels, batch.pixels, "sample {i}");
+        assert_eq!(&s.pixels[..], &batch.pixels[..], "sample {i}");
         // Only the reply (reasoning and answer) and the turn's end are supervised.
         let supervised: Vec<u32> = s
             .ids
