@@ -299,6 +299,13 @@ pub fn merge_partials(
 /// a build without the kernels.
 pub const FLASH_DECODE_MAX_ROWS: usize = flash::DECODE_MAX_ROWS;
 
+/// Whether `rows` query rows per kv head fit [`FLASH_DECODE_MAX_ROWS`].
+pub fn fits_flash_decode(rows: usize) -> bool {
+    // Not `rows <= FLASH_DECODE_MAX_ROWS`: without the kernels the limit is usize::MAX
+    // and clippy rejects that comparison as always true.
+    FLASH_DECODE_MAX_ROWS.checked_sub(rows).is_some()
+}
+
 /// Whether [`AttentionImpl::Flash`] can run on `device` in this build.
 pub fn flash_available(device: &burn::tensor::Device) -> bool {
     flash::available(device)

@@ -19,7 +19,7 @@ pub use crate::pixels::{Pixels, frames_tensor, to_device};
 pub const NEEDLE_QUESTION: &str = "What number appears in the video? Answer with the number only.";
 
 /// One tokenized conversation with its frames.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Sample {
     /// Prompt and answer ids, visual placeholders expanded.
     pub ids: Vec<u32>,

@@ -217,18 +217,12 @@ fn a_video_too_large_for_memory_is_refused_with_the_numbers() {
 
 /// A sample of `frames` frames at side 2 whose every value names its sample and place.
 fn numbered_sample(id: usize, frames: usize) -> longview_infer::sample::Sample {
+    let values: Vec<f32> = (0..frames * 12).map(|i| (id * 1000 + i) as f32).collect();
     longview_infer::sample::Sample {
-        ids: Vec::new(),
-        labels: Vec::new(),
-        prompt_len: 0,
-        pixels: (0..frames * 12)
-            .map(|i| (id * 1000 + i) as f32)
-            .collect::<Vec<f32>>()
-            .into(),
+        pixels: values.into(),
         frames,
         side: 2,
-        answer: String::new(),
-        depth: 0.0,
+        ..Default::default()
     }
 }
 

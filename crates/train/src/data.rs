@@ -519,12 +519,8 @@ impl TextSet {
         Sample {
             ids,
             labels,
-            prompt_len: 0,
-            pixels: Default::default(),
-            frames: 0,
             side: self.side,
-            answer: String::new(),
-            depth: 0.0,
+            ..Default::default()
         }
     }
 }

@@ -289,19 +289,17 @@ fn frames_reach_a_bf16_device_as_bf16_rounded_to_nearest() {
     use burn::tensor::bf16;
     use longview_train::data::{Sample, collate, frames_tensor};
     let device = bf16_device();
+    // Values bf16 cannot hold, spread over [-1, 1].
     let sample = |frames: usize, phase: f32| Sample {
         ids: vec![1, 2, 3],
         labels: vec![-100, 2, 3],
-        prompt_len: 1,
-        // Values bf16 cannot hold, spread over [-1, 1].
         pixels: (0..frames * 12)
             .map(|i| (i as f32 * 0.7391 + phase).sin())
             .collect::<Vec<f32>>()
             .into(),
         frames,
         side: 2,
-        answer: String::new(),
-        depth: 0.0,
+        ..Default::default()
     };
     let (a, b) = (sample(2, 0.0), sample(3, 0.5));
     let rounded = |values: &[f32]| -> Vec<f32> {

@@ -12,7 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::Vlm;
 use super::rope::Rope;
 use crate::attention::{
-    AttentionImpl, AttentionInput, FLASH_DECODE_MAX_ROWS, SplitAtAttention, flash_available,
+    AttentionImpl, AttentionInput, SplitAtAttention, fits_flash_decode, flash_available,
 };
 
 /// What one decoding step of [`Vlm::decode_counted`] reads and writes.
@@ -44,7 +44,7 @@ impl Vlm {
         self.text_attention() == AttentionImpl::Flash
             && flash_available(device)
             && !device.is_autodiff()
-            && attention.num_heads / attention.num_kv_heads.max(1) <= FLASH_DECODE_MAX_ROWS
+            && fits_flash_decode(attention.num_heads / attention.num_kv_heads.max(1))
     }
 
     /// The buffers of a decoding step over `cache` (consumed) for `rows` sequences,
