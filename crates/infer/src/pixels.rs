@@ -3,8 +3,8 @@
 //! A 162-frame sample at SigLIP's 384 x 384 is 71.7 M f32 values (287 MB). The
 //! trainer used to gather a micro-batch's frames into a new buffer and, on a bf16
 //! device, let Burn convert every value to bf16 on the host before the upload: two
-//! passes over fresh memory in the training thread while the GPU waits (a fresh
-//! 287 MB copy alone took 0.24-0.76 s on the 2-core VM this was written on). Here a
+//! passes over fresh memory in the training thread while the GPU waits (their cost
+//! on the development VM: `crates/infer/README.md`). Here a
 //! sample's frames live in one shared buffer ([`Pixels`]) that an upload reads in
 //! place, the frames travel as f32, and the cast to the device's float dtype runs on
 //! the device ([`to_device`]).

@@ -44,8 +44,7 @@ use longview_parallel::layout::{SeqLayout, shard, shift_labels};
 use longview_parallel::model::install;
 use longview_parallel::ring::{RingAttention, RingBalance};
 
-use crate::data::Sample;
-use crate::data::frames_tensor;
+use crate::data::{Sample, frames_tensor};
 use crate::error::TrainError;
 use crate::remat::{Recompute, StepHooks, StepInput, run_step};
 use crate::trainer::StepRunner;
